@@ -1,0 +1,1 @@
+"""Core's default hookimpls, registered through the plugin manager like any plugin."""

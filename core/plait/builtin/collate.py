@@ -1,0 +1,28 @@
+"""Core's default collation: right-pad rows of a micro-batch."""
+
+from __future__ import annotations
+
+from plait.hookspecs import hookimpl
+
+
+def pad_rows(rows, pad_token_id: int, pad_to: int | None = None):
+    """Right-pad ``input_ids``/``labels`` of ``rows`` to the longest row (or ``pad_to``)."""
+    import torch
+
+    longest = max(len(r["input_ids"]) for r in rows)
+    width = max(longest, pad_to or 0)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(row["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(row["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@hookimpl(trylast=True)
+def collate(cfg, rows, tokenizer):
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pad_rows(rows, pad_id, cfg.sequence_len if cfg.pad_to_sequence_len else None)

@@ -1,0 +1,101 @@
+"""Core's default tokenizer and model loading (any Hugging Face causal LM)."""
+
+from __future__ import annotations
+
+from plait.hookspecs import hookimpl
+
+#: chat templates a config can name instead of writing jinja
+NAMED_CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(cfg, tokenizer) -> str | None:
+    """The jinja template ``chat_template``/``chat_template_jinja`` ask for."""
+    from plait.errors import ConfigError
+
+    if cfg.chat_template_jinja:
+        return cfg.chat_template_jinja
+    name = cfg.chat_template
+    if name in (None, "tokenizer_default"):
+        return tokenizer.chat_template
+    if name in NAMED_CHAT_TEMPLATES:
+        return NAMED_CHAT_TEMPLATES[name]
+    if "{%" in name or "{{" in name:
+        return name
+    raise ConfigError(
+        f"config key 'chat_template': {name!r} is not a known template; accepted: tokenizer_default, "
+        f"{', '.join(NAMED_CHAT_TEMPLATES)}, or a jinja string (or use chat_template_jinja)"
+    )
+
+
+@hookimpl(trylast=True)
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer_config or cfg.base_model
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code
+    )
+    if cfg.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.special_tokens))
+    if cfg.tokens:
+        tokenizer.add_tokens(list(cfg.tokens))
+    if tokenizer.pad_token is None:
+        # a pad token is needed to batch; the EOS is safe because padded labels are -100
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    template = resolve_chat_template(cfg, tokenizer)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def compute_dtype(cfg):
+    """The dtype weights are loaded in, from ``torch_dtype``/``bf16``/``fp16``."""
+    import torch
+
+    if cfg.torch_dtype and cfg.torch_dtype != "auto":
+        return getattr(torch, cfg.torch_dtype)
+    if cfg.fp16:
+        return torch.float16
+    if cfg.bf16 is True or cfg.bf16 == "full":
+        return torch.bfloat16
+    if cfg.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@hookimpl(trylast=True)
+def load_model(cfg, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if cfg.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model,
+        dtype=compute_dtype(cfg),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        multiple = 32 if cfg.resize_token_embeddings_to_32x else None
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
+    # a KV cache changes how transformers builds attention masks; never train with one
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           **cfg.gradient_checkpointing_kwargs})
+    return model

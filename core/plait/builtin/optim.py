@@ -1,0 +1,70 @@
+"""Core optimizers and learning-rate schedules (``build_optimizer``/``build_scheduler``)."""
+
+from __future__ import annotations
+
+import math
+
+from plait.hookspecs import hookimpl
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "sgd", "adafactor")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@hookimpl(trylast=True)
+def build_optimizer(cfg, params):
+    import torch
+
+    name = cfg.optimizer
+    if name in ("adamw_torch", "adamw", "adamw_torch_fused"):
+        return torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+            # fused needs every parameter on an accelerator; fall back to foreach elsewhere
+            fused=name == "adamw_torch_fused" and torch.cuda.is_available(),
+            **cfg.optim_args,
+        )
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                               **{"momentum": 0.9, **cfg.optim_args})
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **cfg.optim_args)
+    return None
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    if cfg.warmup_ratio is not None:
+        return int(math.ceil(cfg.warmup_ratio * total_steps))
+    return 0
+
+
+def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if name in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(max(progress, 0.0), 1.0)
+    if name == "linear":
+        return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    # cosine
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@hookimpl(trylast=True)
+def build_scheduler(cfg, optimizer, total_steps):
+    import torch
+
+    name = cfg.lr_scheduler
+    if name not in SCHEDULERS:
+        return None
+    warmup = warmup_steps(cfg, total_steps)
+    min_ratio = cfg.cosine_min_lr_ratio or 0.0
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(name, step, warmup, total_steps, min_ratio)
+    )

@@ -1,0 +1,73 @@
+"""The ``plait`` command line.
+
+Built with argparse; every subcommand lives in its own module under
+:mod:`plait.commands` with ``add_arguments(parser)`` and ``run(args, pm)``.
+Command modules import nothing heavy at module level, so ``plait --help``
+never imports torch. Plugins add subcommands through ``register_commands``.
+
+Bad input (:class:`plait.errors.PlaitError`) prints one message and exits 2;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module under plait.commands, one-line help)
+COMMANDS = {
+    "train": ("train", "fine-tune a model from a config"),
+    "preprocess": ("preprocess", "tokenize and cache the datasets of a config"),
+    "inspect": ("inspect", "show tokenized rows with trained and masked tokens apart"),
+    "evaluate": ("evaluate", "report eval loss and perplexity of a trained model"),
+    "inference": ("inference", "chat with a trained model"),
+    "merge-lora": ("merge_lora", "merge a LoRA adapter into its base model"),
+    "plugins": ("plugins", "list installed plugins, their versions and hooks"),
+    "config": ("config", "validate, explain or print the schema of a config"),
+}
+
+
+def build_parser(pm) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plait",
+        description="Fine-tune large language models from one YAML file.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(f"plait.commands.{module_name}")
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+    pm.hook.register_commands(subparsers=subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
+    from plait.errors import PlaitError
+    from plait.plugins import build_plugin_manager
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        pm = build_plugin_manager(extra=list(extra_plugins))
+        parser = build_parser(pm)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        args.extra_plugins = list(extra_plugins)
+        return int(args.func(args, pm) or 0)
+    except PlaitError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:  # console script
+    sys.exit(main())

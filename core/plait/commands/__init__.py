@@ -1,0 +1,1 @@
+"""One module per ``plait`` subcommand: ``add_arguments(parser)`` and ``run(args, pm)``."""

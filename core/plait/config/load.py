@@ -1,0 +1,78 @@
+"""Load a YAML config, apply command-line overrides, record where values came from.
+
+This step knows nothing about the schema: it produces a plain dict and a map
+``dotted key -> "file" | "override"``. :mod:`plait.config.build` validates it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from plait.errors import ConfigError
+
+
+def _leaf_paths(value: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf of a nested dict/list (``datasets.0.path``)."""
+    if isinstance(value, dict):
+        if not value and prefix:
+            return [prefix]
+        paths = []
+        for key, child in value.items():
+            paths.extend(_leaf_paths(child, f"{prefix}.{key}" if prefix else str(key)))
+        return paths
+    if isinstance(value, list):
+        if not value and prefix:
+            return [prefix]
+        paths = [prefix] if prefix else []
+        for index, child in enumerate(value):
+            paths.extend(_leaf_paths(child, f"{prefix}.{index}"))
+        return paths
+    return [prefix]
+
+
+def load_raw_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[dict, dict[str, str]]:
+    """Read ``path`` (YAML) and merge ``key=value`` overrides (OmegaConf dotlist).
+
+    Returns the resolved plain dict and the sources of every leaf that the file
+    or an override set. Interpolation (``${other_key}``) is resolved; no custom
+    resolvers are registered, so a config cannot run code.
+    """
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    sources: dict[str, str] = {}
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            file_cfg = OmegaConf.load(path)
+            if not isinstance(file_cfg, DictConfig):
+                raise ConfigError(f"{path}: the top level of a config must be a mapping of keys to values")
+        else:
+            file_cfg = OmegaConf.create({})
+        for path_key in _leaf_paths(OmegaConf.to_container(file_cfg, resolve=False)):
+            sources[path_key] = "file"
+
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(
+                    f"override {item!r} is not key=value; write e.g. learning_rate=1e-4 or datasets.0.path=data.jsonl"
+                )
+        override_cfg = OmegaConf.from_dotlist(list(overrides))
+        for path_key in _leaf_paths(OmegaConf.to_container(override_cfg, resolve=False)):
+            sources[path_key] = "override"
+        merged = OmegaConf.merge(file_cfg, override_cfg)
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}could not read the config: {exc}") from exc
+    except Exception as exc:  # yaml.YAMLError and friends
+        if isinstance(exc, ConfigError):
+            raise
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}could not parse the YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    return raw, sources

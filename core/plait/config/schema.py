@@ -1,0 +1,203 @@
+"""Core's configuration keys, named as in Axolotl so existing configs carry over.
+
+Plugins add their own keys through the ``config_schema`` hook; see
+:mod:`plait.config.build` for how the models are combined.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are rejected (core reports them
+    with a "did you mean" before pydantic sees them)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DatasetConfig(StrictModel):
+    """One entry of ``datasets:`` / ``test_datasets:``."""
+
+    path: str = Field(description="Local file or directory, or a hub dataset name.")
+    type: Optional[str] = Field(None, description="Format: alpaca, chat_template, completion, ...")
+    ds_type: Optional[str] = Field(None, description="File type when the extension does not tell: json, parquet, csv, arrow, text.")
+    data_files: Optional[Union[str, list[str]]] = None
+    split: str = "train"
+    name: Optional[str] = Field(None, description="Dataset configuration name on the hub.")
+    shards: Optional[int] = None
+    shards_idx: Optional[int] = None
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # field mappings
+    field: Optional[str] = Field(None, description="Text field (completion) or top-level JSON field holding the rows.")
+    field_instruction: Optional[str] = None
+    field_input: Optional[str] = None
+    field_output: Optional[str] = None
+    field_system: Optional[str] = None
+    system_prompt: Optional[str] = None
+    system_format: Optional[str] = None
+    format: Optional[str] = Field(None, description="user_defined: prompt format with {instruction} and {input}.")
+    no_input_format: Optional[str] = None
+    # chat_template
+    chat_template: Optional[str] = None
+    chat_template_jinja: Optional[str] = None
+    field_messages: Optional[str] = None
+    field_tools: Optional[str] = None
+    message_field_role: Optional[str] = None
+    message_field_content: Optional[str] = None
+    message_field_training: Optional[str] = None
+    message_property_mappings: Optional[dict[str, str]] = None
+    roles: Optional[dict[str, list[str]]] = None
+    roles_to_train: Optional[list[str]] = None
+    train_on_eos: Optional[Literal["all", "turn", "last", "none"]] = None
+    train_on_eot: Optional[Literal["all", "turn", "last", "none"]] = None
+    drop_system_message: Optional[bool] = None
+    train_on_inputs: Optional[bool] = None
+    train_on_split: Optional[str] = None
+    # input_output / pretraining
+    text_column: Optional[str] = None
+
+
+class CoreConfig(StrictModel):
+    """Keys core owns. Field descriptions show up in ``plait config schema``."""
+
+    # plugins
+    plugins: list[str] = Field(default_factory=list, description="Dotted import paths of extra plugin modules.")
+    disable_plugins: list[str] = Field(default_factory=list, description="Plugin names not to load.")
+
+    # model and tokenizer
+    base_model: str = Field(description="Hugging Face model id or local directory.")
+    base_model_config: Optional[str] = None
+    model_type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility (AutoModelForCausalLM is used).")
+    tokenizer_type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility (AutoTokenizer is used).")
+    tokenizer_config: Optional[str] = None
+    tokenizer_use_fast: bool = True
+    trust_remote_code: bool = False
+    revision_of_model: Optional[str] = None
+    special_tokens: dict[str, str] = Field(default_factory=dict)
+    tokens: list[str] = Field(default_factory=list, description="Extra tokens added to the vocabulary.")
+    chat_template: Optional[str] = Field(None, description="tokenizer_default, chatml, llama3, ... or a jinja string.")
+    chat_template_jinja: Optional[str] = None
+    resize_token_embeddings_to_32x: bool = False
+
+    # precision and attention
+    bf16: Union[bool, Literal["auto", "full"]] = "auto"
+    fp16: bool = False
+    tf32: bool = False
+    torch_dtype: Optional[Literal["float32", "bfloat16", "float16", "auto"]] = None
+    flash_attention: bool = False
+    sdp_attention: bool = False
+    flex_attention: bool = False
+    eager_attention: bool = False
+    gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = False
+    gradient_checkpointing_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    # adapters (the adapter plugin validates its own keys)
+    adapter: Optional[Literal["lora", "qlora"]] = None
+
+    # data
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+    test_datasets: list[DatasetConfig] = Field(default_factory=list)
+    val_set_size: float = Field(0.0, ge=0, description="Fraction (< 1) or row count (>= 1) held out for eval.")
+    dataset_prepared_path: Optional[str] = None
+    dataset_processes: Optional[int] = Field(None, ge=1)
+    shuffle_merged_datasets: bool = True
+    skip_bad_rows: bool = False
+    sequence_len: int = Field(2048, ge=8)
+    excess_length_strategy: Literal["drop", "truncate"] = "drop"
+    train_on_inputs: bool = False
+    sample_packing: bool = False
+    eval_sample_packing: Optional[bool] = None
+    pad_to_sequence_len: bool = False
+    sample_packing_bin_size: int = Field(200, ge=1)
+    seed: int = 42
+
+    # batch and schedule
+    micro_batch_size: int = Field(1, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1, description="Global batch; sets gradient_accumulation_steps when given.")
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: Optional[int] = Field(None, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: str = "adamw_torch"
+    optim_args: dict[str, Any] = Field(default_factory=dict)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "cosine"
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    warmup_ratio: Optional[float] = Field(None, ge=0, lt=1)
+    cosine_min_lr_ratio: Optional[float] = Field(None, ge=0, le=1)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    loss_watchdog_threshold: Optional[float] = None
+
+    # evaluation, logging, checkpoints
+    output_dir: str = "./outputs"
+    logging_steps: int = Field(1, ge=1)
+    eval_steps: Optional[Union[int, float]] = None
+    evals_per_epoch: Optional[int] = Field(None, ge=1)
+    save_steps: Optional[Union[int, float]] = None
+    saves_per_epoch: Optional[int] = Field(None, ge=1)
+    save_total_limit: Optional[int] = Field(None, ge=1)
+    save_safetensors: bool = True
+    resume_from_checkpoint: Optional[str] = None
+    auto_resume_from_checkpoints: bool = False
+    use_tensorboard: bool = False
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None
+    wandb_mode: Optional[str] = None
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_experiment_name: Optional[str] = None
+    strict: bool = False
+
+    # where each value came from: key path -> "default" | "file" | "override" | "plugin:<name>"
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16_strings(cls, value):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return value
+
+    @model_validator(mode="after")
+    def _cross_key_rules(self):
+        from plait.errors import ConfigError
+
+        if self.fp16 and self.bf16 is True:
+            raise ConfigError("bf16: true and fp16: true are both set; choose one (set the other to false).")
+        chosen = [k for k in ("flash_attention", "sdp_attention", "flex_attention", "eager_attention") if getattr(self, k)]
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)} are all true; enable at most one attention backend.")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
+        return self
+
+    # ------------------------------------------------------------ helpers
+
+    def source_of(self, key: str) -> str:
+        """Where the value of ``key`` (a dotted path) came from."""
+        return self._sources.get(key, "default")
+
+    def set_by_plugin(self, key: str, value: Any, plugin: str) -> None:
+        """Let a plugin fill in a key, recording that it did (``plait config explain``)."""
+        setattr(self, key, value)
+        self._sources[key] = f"plugin:{plugin}"
+
+    @property
+    def attn_implementation(self) -> str:
+        """The transformers ``attn_implementation`` these flags ask for."""
+        if self.flash_attention:
+            return "flash_attention_2"
+        if self.flex_attention:
+            return "flex_attention"
+        if self.eager_attention:
+            return "eager"
+        return "sdpa"

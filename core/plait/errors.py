@@ -1,0 +1,51 @@
+"""Errors a user can act on.
+
+Every error Plait raises for bad input derives from :class:`PlaitError`; the
+CLI prints its message and exits 2 without a traceback (``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+
+class PlaitError(Exception):
+    """A problem with the user's input that a person can fix."""
+
+
+class ConfigError(PlaitError):
+    """An invalid configuration: names the key, the value and what is accepted."""
+
+
+class PluginError(PlaitError):
+    """A plugin failed to load or declares hooks that do not exist."""
+
+
+class DataError(PlaitError):
+    """A dataset problem, with the file and the row where known."""
+
+    def __init__(self, message: str, *, path: str | None = None, row: int | None = None):
+        where = ""
+        if path is not None:
+            where = f"{path}"
+            if row is not None:
+                where += f", row {row}"
+            where += ": "
+        super().__init__(where + message)
+        self.path = path
+        self.row = row
+
+
+class BadRowError(PlaitError):
+    """Raised by a ``tokenize`` hookimpl for one bad row of a batch.
+
+    ``index`` is the row's position within the batch the hook received; core
+    translates it into the row number in the source file.
+    """
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
+class TrainingError(PlaitError):
+    """The run cannot go on (NaN loss, a failed rank); says which keys to change."""

@@ -1,0 +1,54 @@
+"""What Plait knows about one model family, and how to look it up.
+
+Plugins describe families through the ``model_families`` hook; other plugins
+(kernels, parallel, peft) ask :func:`find_family` instead of matching class
+names themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Per-family facts. Module names are attribute names inside a decoder layer
+    (``self_attn.q_proj``) or class names (``LlamaDecoderLayer``)."""
+
+    name: str
+    #: values of ``config.model_type`` this family covers
+    model_types: tuple[str, ...]
+    #: class name of the decoder layer (FSDP wrapping, activation checkpointing)
+    decoder_layer_class: str
+    #: linear modules LoRA targets for ``lora_target_linear`` (routers and the head excluded)
+    lora_target_linear: tuple[str, ...] = ()
+    #: class name of the RMSNorm module, for kernel swaps
+    norm_class: str | None = None
+    #: class name of the MLP module, and its activation kind ("swiglu", "geglu")
+    mlp_class: str | None = None
+    mlp_activation: str | None = None
+    #: tensor-parallel plan: module suffix -> "colwise" | "rowwise" | "sequence"
+    tp_plan: dict[str, str] = field(default_factory=dict)
+    #: jinja chat template used when the tokenizer has none
+    default_chat_template: str | None = None
+    #: tokens that end an assistant turn (the model must learn to emit them)
+    end_of_turn_tokens: tuple[str, ...] = ()
+    #: mixture of experts: config key holding the router aux-loss coefficient
+    router_aux_loss_coef_key: str | None = None
+    is_moe: bool = False
+
+
+def all_families(pm) -> list[ModelFamily]:
+    """Every family contributed by the installed plugins, later plugins first."""
+    families: list[ModelFamily] = []
+    for contributed in pm.hook.model_families():
+        families.extend(contributed or ())
+    return families
+
+
+def find_family(pm, model_type: str) -> ModelFamily | None:
+    """The family claiming ``model_type``, or ``None`` (generic path)."""
+    for family in all_families(pm):
+        if model_type in family.model_types:
+            return family
+    return None

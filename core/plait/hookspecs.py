@@ -1,0 +1,271 @@
+"""The Plait plugin API.
+
+Every hook a plugin may implement is declared here, with a docstring that says
+when it is called, what it receives and what it returns. This module is the
+reference for plugin authors; ``tests/test_hookspecs.py`` fails when a hook
+lacks a docstring or a test that exercises it.
+
+Hooks marked *firstresult* stop at the first plugin that returns something
+other than ``None``: a plugin that is not concerned returns ``None`` and lets
+the next one answer. Plugins registered later are asked first, so a third-party
+plugin overrides core's defaults, which are registered first.
+
+Arguments common to many hooks:
+
+``cfg``
+    The validated run configuration (a pydantic model; attribute access,
+    ``cfg.learning_rate``). Plugin keys live on the same object.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("plait")
+hookimpl = pluggy.HookimplMarker("plait")
+
+
+# ----------------------------------------------------------------- config
+
+
+@hookspec
+def config_schema():
+    """Contribute configuration keys.
+
+    Called once per run, before the config is validated.
+
+    Returns a pydantic ``BaseModel`` subclass whose fields are the keys this
+    plugin owns (flat, Axolotl style: ``lora_r``, not ``peft.lora_r``), with
+    defaults and validators, or ``None`` when the plugin adds no keys. Core
+    combines every contributed model with its own into one config class; two
+    plugins declaring the same key is an error that names both.
+    """
+
+
+@hookspec
+def dataset_types():
+    """Name the dataset ``type:`` values this plugin answers in :func:`tokenize`.
+
+    Called at config validation, so an unknown ``type`` fails before any model
+    or data is loaded. Returns a list of strings; results of all plugins are
+    combined. Prefixed types such as ``chat_template.default`` match the name
+    before the first dot.
+    """
+
+
+@hookspec
+def validate_config(cfg):
+    """Check rules that span keys of several plugins.
+
+    Called after pydantic validation, before anything is loaded. Raise
+    :class:`plait.errors.ConfigError` naming the keys; return value ignored.
+    Every plugin is called.
+    """
+
+
+# ------------------------------------------------------------------- data
+
+
+@hookspec(firstresult=True)
+def load_tokenizer(cfg):
+    """Load the tokenizer for ``cfg.tokenizer_config`` (or ``cfg.base_model``).
+
+    firstresult. Returns a ``transformers`` tokenizer with a pad token set and
+    the configured chat template, special tokens and added tokens applied.
+    """
+
+
+@hookspec(firstresult=True)
+def tokenize(cfg, dataset_cfg, tokenizer, batch):
+    """Turn a batch of raw rows of one dataset into token ids and labels.
+
+    firstresult; called once per batch of rows of every dataset entry.
+
+    ``dataset_cfg``
+        The entry of ``cfg.datasets`` being processed (``.type``, ``.path``,
+        field mappings, ...).
+    ``tokenizer``
+        The run's tokenizer from :func:`load_tokenizer`.
+    ``batch``
+        Columns of raw rows, as ``datasets`` gives them to a batched ``map``:
+        ``{"instruction": [...], "output": [...]}``.
+
+    Returns a dict of lists with at least ``input_ids`` and ``labels`` (labels
+    are ``-100`` where the token is not trained), one entry per input row, or
+    ``None`` when ``dataset_cfg.type`` is not this plugin's. A bad row raises
+    :class:`plait.errors.BadRowError` with its index in ``batch``; core turns
+    that into a message with the file and the row number.
+    """
+
+
+@hookspec(firstresult=True)
+def collate(cfg, rows, tokenizer):
+    """Assemble a micro-batch from tokenized rows.
+
+    firstresult. ``rows`` is a list of dicts with ``input_ids`` and ``labels``
+    (lists of ints); with ``sample_packing`` each element is one packed bin of
+    several rows. Returns a dict of tensors for the model: ``input_ids``,
+    ``labels``, and either ``attention_mask`` or the packing fields
+    (``position_ids`` plus the boundaries the attention backend needs).
+    """
+
+
+# ------------------------------------------------------------------ model
+
+
+@hookspec(firstresult=True)
+def load_model(cfg, tokenizer):
+    """Load the base model.
+
+    firstresult; called after the data is prepared. Returns a
+    ``transformers`` causal LM on the CPU or the run's device, in the
+    configured dtype, with its embeddings resized to ``len(tokenizer)``. A
+    quantization plugin answers only when ``load_in_4bit``/``load_in_8bit``
+    asks for it; core answers otherwise.
+    """
+
+
+@hookspec(firstresult=True)
+def load_adapter(cfg, model):
+    """Attach trainable adapters (LoRA, DoRA, ...) when ``cfg.adapter`` asks.
+
+    firstresult. Returns the wrapped model, or ``None`` when ``cfg.adapter``
+    is not this plugin's (core then trains all parameters).
+    """
+
+
+@hookspec
+def patch_model(cfg, model):
+    """Swap modules for faster kernels, after adapters are attached.
+
+    Every plugin is called. Mutates ``model`` in place through public
+    extension points (module replacement, attention registries). Returns a
+    dict ``{module description: kernel name}`` of what it changed, printed at
+    start, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
+def wrap_parallel(cfg, model, mesh):
+    """Shard or replicate the model over the run's ``DeviceMesh``.
+
+    firstresult; called once the model is patched, only when the run spans
+    more than one process. ``mesh`` is a ``torch.distributed.DeviceMesh`` (or
+    ``None`` for a single process). Returns the wrapped model.
+    """
+
+
+@hookspec(firstresult=True)
+def build_loss(cfg, model):
+    """Provide the loss step: hidden states to summed cross-entropy.
+
+    firstresult. Returns a callable ``loss(hidden, head_weight, labels) ->
+    (loss_sum, n_tokens)`` where ``hidden`` is ``[tokens, hidden]``, labels
+    are already shifted and ``-100`` marks untrained positions. A fused
+    linear + cross-entropy kernel answers here so ``[tokens, vocab]`` logits
+    never exist.
+    """
+
+
+# -------------------------------------------------------------- optimizer
+
+
+@hookspec(firstresult=True)
+def build_optimizer(cfg, params):
+    """Build the optimizer named by ``cfg.optimizer``.
+
+    firstresult. ``params`` is a list of parameter groups (dicts with
+    ``params`` and ``weight_decay``). Returns a ``torch.optim.Optimizer``, or
+    ``None`` when the name is not this plugin's.
+    """
+
+
+@hookspec(firstresult=True)
+def build_scheduler(cfg, optimizer, total_steps):
+    """Build the learning-rate schedule named by ``cfg.lr_scheduler``.
+
+    firstresult. ``total_steps`` is the number of optimizer steps of the run.
+    Returns a ``torch.optim.lr_scheduler.LRScheduler`` or ``None`` when the
+    name is not this plugin's.
+    """
+
+
+# ----------------------------------------------------------------- events
+
+
+@hookspec
+def on_train_start(run):
+    """The loop is about to take its first step.
+
+    Every plugin is called. ``run`` is the :class:`plait.train.loop.Run`
+    (config, model, output directory, total steps). Return value ignored.
+    """
+
+
+@hookspec
+def on_step_end(run, metrics):
+    """An optimizer step finished and was logged.
+
+    Every plugin is called, on the logging rank only. ``metrics`` is a dict:
+    ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``.
+    Return value ignored.
+    """
+
+
+@hookspec
+def on_eval_end(run, metrics):
+    """An evaluation finished. ``metrics``: ``step``, ``eval_loss``, ``eval_ppl``.
+
+    Every plugin is called, on the logging rank only. Return value ignored.
+    """
+
+
+@hookspec
+def on_train_end(run):
+    """Training finished and the final model was saved.
+
+    Every plugin is called. Return value ignored.
+    """
+
+
+# ------------------------------------------------------------------ save
+
+
+@hookspec(firstresult=True)
+def save_model(cfg, model, tokenizer, path):
+    """Write the trained model in Hugging Face format to ``path``.
+
+    firstresult. Returns the path written. A peft model saves its adapter, a
+    full fine-tune its weights, both as safetensors with the tokenizer.
+    """
+
+
+# ------------------------------------------------------------------- CLI
+
+
+@hookspec
+def register_commands(subparsers):
+    """Add subcommands to the ``plait`` command line.
+
+    Every plugin is called while the CLI is built, so keep imports inside the
+    command's function (``plait --help`` must not import torch). ``subparsers``
+    is the ``argparse`` subparsers action: call ``subparsers.add_parser(...)``
+    and ``set_defaults(func=...)``, where ``func(args, pm)`` returns an exit
+    code. Return value ignored.
+    """
+
+
+# --------------------------------------------------------- model families
+
+
+@hookspec
+def model_families():
+    """Describe the model families this plugin knows.
+
+    Every plugin is called (results combined) when a component needs per-family
+    facts: the decoder-layer class to wrap or checkpoint, LoRA targets for
+    ``lora_target_linear``, the tensor-parallel plan, modules a kernel plugin
+    swaps, the default chat template. Returns a list of
+    :class:`plait.families.ModelFamily`, or ``None``. A model whose
+    ``config.model_type`` no family claims trains through the generic path.
+    """

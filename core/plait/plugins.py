@@ -1,0 +1,159 @@
+"""Build the plugin manager for one run.
+
+Plugins come from three places, registered in this order (later ones are asked
+first by firstresult hooks, so they override earlier ones):
+
+1. core's own defaults (:data:`DEFAULT_PLUGINS`), hookimpls like any other;
+2. installed distributions with an entry point in the group ``plait``;
+3. dotted import paths listed under ``plugins:`` in the config.
+
+``PLAIT_LOAD_PLUGINS=name1,name2`` loads only those entry-point plugins (empty
+string: none); ``PLAIT_DISABLE_PLUGINS`` or the config's ``disable_plugins``
+skips the named ones. A plugin that fails to import or declares a hook that
+does not exist is an error naming the plugin and its distribution. There is no
+global manager: each run builds its own and passes it down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+
+import pluggy
+
+from plait import hookspecs
+from plait.errors import PluginError
+
+ENTRY_POINT_GROUP = "plait"
+
+DEFAULT_PLUGINS = (
+    "plait.builtin.model",
+    "plait.builtin.optim",
+    "plait.builtin.collate",
+    "plait.builtin.save",
+    "plait.builtin.loss",
+)
+
+
+@dataclass
+class PluginInfo:
+    """How one plugin got here, for ``plait plugins`` and error messages."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    source: str = "builtin"  # builtin | entrypoint | config | test
+    hooks: list[str] = field(default_factory=list)
+
+
+class PlaitPluginManager(pluggy.PluginManager):
+    """A pluggy manager that remembers where each plugin came from."""
+
+    def __init__(self) -> None:
+        super().__init__("plait")
+        self.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+
+    def register_plugin(self, plugin, name: str, *, source: str, distribution=None, version=None):
+        """Register ``plugin`` and validate its hooks now, so a bad hookimpl is
+        blamed on the plugin that declared it."""
+        owner = f"plugin {name!r}" + (f" (distribution {distribution} {version})" if distribution else "")
+        try:
+            self.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{owner} declares an invalid hook: {exc}") from None
+        except ValueError as exc:  # already registered
+            raise PluginError(f"{owner} cannot be registered: {exc}") from None
+        for impl_name in dir(plugin):
+            attr = getattr(plugin, impl_name, None)
+            if callable(attr) and hasattr(attr, "plait_impl") and not hasattr(self.hook, impl_name):
+                self.unregister(name=name)
+                raise PluginError(f"{owner} implements {impl_name!r}, which is not a Plait hook")
+        self.info[name] = PluginInfo(
+            name=name,
+            distribution=distribution,
+            version=version,
+            source=source,
+            hooks=sorted(impl.name for impl in self._hookimpls_of(name)),
+        )
+        return plugin
+
+    def _hookimpls_of(self, name: str):
+        plugin = self.get_plugin(name)
+        for caller in self.get_hookcallers(plugin) or ():
+            yield caller
+
+    def list_plugins(self) -> list[PluginInfo]:
+        return list(self.info.values())
+
+
+def _names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def build_plugin_manager(
+    config_plugins: list[str] = (),
+    *,
+    disable: list[str] = (),
+    env: dict[str, str] | None = None,
+    entry_points: bool = True,
+    extra: list = (),
+) -> PlaitPluginManager:
+    """Build the manager for one run.
+
+    ``config_plugins`` are dotted module paths from the config's ``plugins:``;
+    ``disable`` are plugin names to skip; ``extra`` are plugin objects to
+    register last (the test kit uses this).
+    """
+    env = os.environ if env is None else env
+    allow = _names(env.get("PLAIT_LOAD_PLUGINS"))
+    disabled = set(disable) | set(_names(env.get("PLAIT_DISABLE_PLUGINS")) or ())
+
+    pm = PlaitPluginManager()
+    for module_name in DEFAULT_PLUGINS:
+        if module_name in disabled:
+            continue
+        pm.register_plugin(importlib.import_module(module_name), module_name, source="builtin", distribution="plait",
+                           version=_version("plait"))
+
+    if entry_points:
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in disabled or (allow is not None and ep.name not in allow):
+                continue
+            dist = ep.dist.name if ep.dist else None
+            version = ep.dist.version if ep.dist else None
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r} (distribution {dist} {version}) failed to import {ep.value!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            pm.register_plugin(plugin, ep.name, source="entrypoint", distribution=dist, version=version)
+
+    for dotted in config_plugins:
+        if dotted in disabled:
+            continue
+        try:
+            plugin = importlib.import_module(dotted)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {dotted!r} listed under 'plugins:' failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
+        pm.register_plugin(plugin, dotted, source="config")
+
+    for plugin in extra:
+        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
+        pm.register_plugin(plugin, name, source="test")
+    return pm
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
