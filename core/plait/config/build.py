@@ -113,6 +113,7 @@ def build_config(
     except ValidationError as exc:
         raise ConfigError("\n".join(_describe_error(e) for e in exc.errors())) from None
     cfg._sources.update(sources or {})
+    cfg._pm = pm
     _check_dataset_types(pm, cfg)
     pm.hook.validate_config(cfg=cfg)
     return cfg

@@ -159,6 +159,9 @@ class CoreConfig(StrictModel):
 
     # where each value came from: key path -> "default" | "file" | "override" | "plugin:<name>"
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    # the run's plugin manager, like pytest's ``config.pluginmanager``: hookimpls
+    # that need other plugins' answers (model families, say) reach it from cfg
+    _pm: Any = PrivateAttr(default=None)
 
     @field_validator("bf16", mode="before")
     @classmethod
@@ -181,6 +184,11 @@ class CoreConfig(StrictModel):
         return self
 
     # ------------------------------------------------------------ helpers
+
+    @property
+    def plugin_manager(self):
+        """The plugin manager of the run this config belongs to."""
+        return self._pm
 
     def source_of(self, key: str) -> str:
         """Where the value of ``key`` (a dotted path) came from."""
