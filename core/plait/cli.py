@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
     try:
         pm = build_plugin_manager(extra=list(extra_plugins))
         parser = build_parser(pm)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, or argparse's own usage error (exit 2)
+            return int(exc.code or 0)
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
@@ -71,3 +74,7 @@ def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
 
 def entry_point() -> None:  # console script
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -68,7 +68,9 @@ class PlaitPluginManager(pluggy.PluginManager):
             raise PluginError(f"{owner} cannot be registered: {exc}") from None
         for impl_name in dir(plugin):
             attr = getattr(plugin, impl_name, None)
-            if callable(attr) and hasattr(attr, "plait_impl") and not hasattr(self.hook, impl_name):
+            caller = getattr(self.hook, impl_name, None)
+            # pluggy keeps hookimpls without a spec pending; we refuse them at once
+            if callable(attr) and hasattr(attr, "plait_impl") and (caller is None or not caller.has_spec()):
                 self.unregister(name=name)
                 raise PluginError(f"{owner} implements {impl_name!r}, which is not a Plait hook")
         self.info[name] = PluginInfo(
@@ -144,9 +146,12 @@ def build_plugin_manager(
             raise PluginError(
                 f"plugin {dotted!r} listed under 'plugins:' failed to import: {type(exc).__name__}: {exc}"
             ) from exc
-        pm.register_plugin(plugin, dotted, source="config")
+        if not pm.is_registered(plugin):  # already loaded through its entry point
+            pm.register_plugin(plugin, dotted, source="config")
 
     for plugin in extra:
+        if pm.is_registered(plugin):  # the test kit passing an installed plugin again
+            continue
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
         pm.register_plugin(plugin, name, source="test")
     return pm

@@ -143,9 +143,10 @@ def explain(cfg) -> list[tuple[str, Any, str]]:
     for key in type(cfg).model_fields:
         value = data[key]
         source = cfg.source_of(key)
-        if source == "default":
-            nested = [s for k, s in cfg._sources.items() if k.startswith(key + ".")]
-            if nested:
-                source = "override" if "override" in nested else nested[0]
+        nested = [s for k, s in cfg._sources.items() if k.startswith(key + ".")]
+        if "override" in nested:  # a list or mapping the command line reached into
+            source = "override"
+        elif source == "default" and nested:
+            source = nested[0]
         rows.append((key, value, source))
     return rows

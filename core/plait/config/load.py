@@ -38,7 +38,7 @@ def load_raw_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
     or an override set. Interpolation (``${other_key}``) is resolved; no custom
     resolvers are registered, so a config cannot run code.
     """
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, ListConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     sources: dict[str, str] = {}
@@ -55,15 +55,24 @@ def load_raw_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
         for path_key in _leaf_paths(OmegaConf.to_container(file_cfg, resolve=False)):
             sources[path_key] = "file"
 
+        merged = file_cfg
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(
                     f"override {item!r} is not key=value; write e.g. learning_rate=1e-4 or datasets.0.path=data.jsonl"
                 )
-        override_cfg = OmegaConf.from_dotlist(list(overrides))
-        for path_key in _leaf_paths(OmegaConf.to_container(override_cfg, resolve=False)):
-            sources[path_key] = "override"
-        merged = OmegaConf.merge(file_cfg, override_cfg)
+            key = item.split("=", 1)[0].strip()
+            # parse the value as OmegaConf does (YAML scalars, lists, dicts), then
+            # set it by path so `datasets.0.path=...` reaches into the list
+            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=False)
+            try:
+                OmegaConf.update(merged, key, value, merge=True, force_add=True)
+            except (OmegaConfBaseException, IndexError, KeyError) as exc:
+                raise ConfigError(f"override {item!r}: cannot set {key!r} here: {exc}") from None
+            for path_key in _leaf_paths(value, key):
+                sources[path_key] = "override"
         raw = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as exc:
         where = f"{path}: " if path else ""

@@ -1,0 +1,99 @@
+"""The command line: help without torch, one-line errors with exit 2, explain, plugins, schema."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from plait.testing import run_cli, write_config
+
+PLAIT = [sys.executable, "-m", "plait.cli"]
+
+
+def test_help_does_not_import_torch_and_is_fast():
+    code = (
+        "import contextlib, io, sys, time\n"
+        "start = time.time()\n"
+        "from plait import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    cli.main(['--help'])\n"
+        "print('torch' in sys.modules, time.time() - start)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False", "plait --help imported torch"
+    assert float(out[1]) < 0.5, f"plait --help took {out[1]} s"
+    start = time.time()
+    subprocess.run(PLAIT + ["--help"], capture_output=True, check=True)
+    assert time.time() - start < 2.0  # the interpreter start included; the import itself is checked above
+
+
+def test_misspelled_key_exits_2_with_suggestion_and_no_traceback(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m", lerning_rate=1e-4)
+    proc = subprocess.run(PLAIT + ["config", "validate", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "lerning_rate" in proc.stderr and "did you mean 'learning_rate'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m", lerning_rate=1e-4)
+    proc = subprocess.run(PLAIT + ["--debug", "config", "validate", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_explain_shows_override_and_default_sources(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m", micro_batch_size=2)
+    result = run_cli(["config", "explain", str(cfg), "micro_batch_size=4"])
+    assert result.exit_code == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert rows["micro_batch_size"][1:] == ["4", "override"]
+    assert rows["base_model"][-1] == "file"
+    assert rows["seed"][1:] == ["42", "default"]
+
+
+def test_validate_ok(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m")
+    assert run_cli(["config", "validate", str(cfg)]).exit_code == 0
+
+
+def test_plugins_json_lists_core_and_installed_packages():
+    result = run_cli(["plugins", "--json"])
+    plugins = {p["name"]: p for p in json.loads(result.stdout)}
+    assert plugins["plait.builtin.model"]["hooks"] == ["load_model", "load_tokenizer"]
+    # the contrib example is installed by `make install` and needs no other step
+    assert plugins["qa-format"]["distribution"] == "plait-qa-format"
+    assert plugins["qa-format"]["version"] == "0.1.0"
+
+
+def test_plugins_filtered_by_hook():
+    result = run_cli(["plugins", "--json", "--hook", "build_loss"])
+    assert [p["name"] for p in json.loads(result.stdout)][0] == "plait.builtin.loss"
+    bad = run_cli(["plugins", "--hook", "no_such_hook"])
+    assert bad.exit_code == 2 and "not a Plait hook" in bad.stderr
+
+
+def test_schema_includes_plugin_keys():
+    import plait_plugin_template
+
+    result = run_cli(["config", "schema"], plugins=[plait_plugin_template])
+    properties = json.loads(result.stdout)["properties"]
+    assert "learning_rate" in properties and "template_greeting" in properties
+
+
+def test_bad_override_is_one_line_error(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m")
+    result = run_cli(["config", "validate", str(cfg), "learning_rate"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: override 'learning_rate' is not key=value")
+
+
+def test_plugin_subcommand_is_available():
+    import plait_plugin_template
+
+    assert run_cli(["hello"], plugins=[plait_plugin_template]).stdout == "hello, world\n"
+
+
+def test_disabled_plugin_is_not_loaded(tmp_path):
+    env = dict(os.environ, PLAIT_DISABLE_PLUGINS="qa-format")
+    proc = subprocess.run(PLAIT + ["plugins", "--json"], capture_output=True, text=True, env=env, check=True)
+    assert "qa-format" not in {p["name"] for p in json.loads(proc.stdout)}

@@ -1,0 +1,125 @@
+"""The plugin manager: discovery, ordering, allow/deny lists, failing plugins."""
+
+import sys
+import textwrap
+import types
+
+import pytest
+
+from plait import hookimpl
+from plait.errors import PluginError
+from plait.plugins import DEFAULT_PLUGINS, build_plugin_manager
+
+
+@pytest.fixture
+def fake_distribution(tmp_path, monkeypatch):
+    """Install a real distribution on sys.path: a .dist-info with an entry point
+    and its module, found by importlib.metadata like any pip-installed package."""
+
+    def install(name: str, module_source: str, ep_name: str | None = None):
+        module = name.replace("-", "_")
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(module_source))
+        info = tmp_path / f"{module}-1.2.3.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
+        (info / "entry_points.txt").write_text(f"[plait]\n{ep_name or name} = {module}\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        return ep_name or name
+
+    return install
+
+
+def test_core_defaults_are_registered_as_plugins():
+    pm = build_plugin_manager(entry_points=False)
+    assert [p.name for p in pm.list_plugins()] == list(DEFAULT_PLUGINS)
+    assert all(p.distribution == "plait" for p in pm.list_plugins())
+
+
+def test_entry_point_plugin_is_discovered_with_distribution_and_version(fake_distribution):
+    name = fake_distribution("plait-fake-one", """
+        from plait import hookimpl
+        @hookimpl
+        def dataset_types():
+            return ["fake"]
+    """)
+    pm = build_plugin_manager()
+    info = pm.info[name]
+    assert (info.distribution, info.version, info.source, info.hooks) == ("plait-fake-one", "1.2.3", "entrypoint", ["dataset_types"])
+    assert ["fake"] in pm.hook.dataset_types()
+
+
+def test_later_plugins_answer_first_hooks_first_result_wins():
+    class Override:
+        @hookimpl
+        def build_optimizer(cfg, params):
+            return "override"
+
+    pm = build_plugin_manager(entry_points=False, extra=[Override])
+    assert pm.hook.build_optimizer(cfg=None, params=[]) == "override"
+
+
+def test_allow_list_env_loads_only_named_plugins(fake_distribution):
+    fake_distribution("plait-fake-a", "from plait import hookimpl\n")
+    fake_distribution("plait-fake-b", "from plait import hookimpl\n")
+    pm = build_plugin_manager(env={"PLAIT_LOAD_PLUGINS": "plait-fake-b"})
+    assert "plait-fake-b" in pm.info and "plait-fake-a" not in pm.info
+    pm = build_plugin_manager(env={"PLAIT_LOAD_PLUGINS": ""})
+    assert [p.source for p in pm.list_plugins()] == ["builtin"] * len(DEFAULT_PLUGINS)
+
+
+def test_disable_by_env_and_by_argument(fake_distribution):
+    fake_distribution("plait-fake-c", "from plait import hookimpl\n")
+    assert "plait-fake-c" not in build_plugin_manager(env={"PLAIT_DISABLE_PLUGINS": "plait-fake-c"}).info
+    assert "plait-fake-c" not in build_plugin_manager(disable=["plait-fake-c"], env={}).info
+    assert "plait.builtin.loss" not in build_plugin_manager(disable=["plait.builtin.loss"], env={}).info
+
+
+def test_plugin_that_fails_to_import_names_plugin_and_distribution(fake_distribution):
+    fake_distribution("plait-broken", "raise RuntimeError('boom at import')\n")
+    with pytest.raises(PluginError, match=r"plugin 'plait-broken' \(distribution plait-broken 1.2.3\) failed to import.*boom at import"):
+        build_plugin_manager(env={})
+
+
+def test_hookimpl_with_unknown_name_is_an_error(fake_distribution):
+    fake_distribution("plait-typo", """
+        from plait import hookimpl
+        @hookimpl
+        def load_modle(cfg):
+            return None
+    """)
+    with pytest.raises(PluginError, match=r"plugin 'plait-typo'.*plait-typo 1.2.3.*'load_modle', which is not a Plait hook"):
+        build_plugin_manager(env={})
+
+
+def test_hookimpl_with_unknown_argument_is_an_error():
+    plugin = types.ModuleType("bad_args_plugin")
+
+    @hookimpl
+    def load_model(cfg, tokeniser):
+        return None
+
+    plugin.load_model = load_model
+    with pytest.raises(PluginError, match="(?s)bad_args_plugin.*invalid hook.*tokeniser"):
+        build_plugin_manager(entry_points=False, extra=[plugin])
+
+
+def test_config_plugins_are_imported_by_dotted_path(tmp_path, monkeypatch):
+    (tmp_path / "my_local_plugin.py").write_text("from plait import hookimpl\n@hookimpl\ndef dataset_types():\n    return ['local']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = build_plugin_manager(["my_local_plugin"], entry_points=False)
+    assert pm.info["my_local_plugin"].source == "config"
+    with pytest.raises(PluginError, match="'no_such_plugin_mod' listed under 'plugins:' failed to import"):
+        build_plugin_manager(["no_such_plugin_mod"], entry_points=False)
+
+
+def test_each_manager_is_independent():
+    class One:
+        @hookimpl
+        def dataset_types():
+            return ["one"]
+
+    with_one = build_plugin_manager(entry_points=False, extra=[One])
+    without = build_plugin_manager(entry_points=False)
+    assert ["one"] in with_one.hook.dataset_types()
+    assert ["one"] not in without.hook.dataset_types()
