@@ -1,13 +1,43 @@
-"""`plait inspect`."""
+"""`plait inspect`: show tokenized rows with trained and masked tokens apart.
+
+Tokenizes through the same pipeline and cache as ``plait train``. Trained text
+is green and masked text dim on a terminal; elsewhere masked text is wrapped
+in ``[[...]]``.
+"""
 
 from __future__ import annotations
 
-from plait.commands.common import add_config_arguments, not_implemented
+import sys
+
+from plait.commands.common import add_config_arguments
 
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--rows", type=int, default=3, help="how many rows to show (default 3)")
+    parser.add_argument("--eval", action="store_true", help="show rows of the eval set instead of the train set")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour trained and masked text (default: when stdout is a terminal)")
 
 
 def run(args, pm) -> int:
-    return not_implemented("inspect")
+    from plait.commands.common import load_run_config
+    from plait.data.inspect_rows import format_row
+    from plait.data.prepare import prepare_datasets
+    from plait.errors import ConfigError
+
+    cfg, pm = load_run_config(args, pm)
+    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    prepared = prepare_datasets(cfg, pm, tokenizer, show_progress=False)
+    dataset = prepared.eval if args.eval else prepared.train
+    if dataset is None:
+        raise ConfigError("--eval: this config has no eval set (set val_set_size or test_datasets)")
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    legend = "trained text green, masked text dim" if color else "masked text in [[...]], trained text bare"
+    print(f"{len(dataset)} rows in {'eval' if args.eval else 'train'} ({legend}); data: {prepared.cache_path}")
+    for index in range(min(args.rows, len(dataset))):
+        row = dataset[index]
+        trained = sum(1 for label in row["labels"] if label != -100)
+        print(f"\n--- row {index}: {row['length']} tokens, {trained} trained")
+        print(format_row(row["input_ids"], row["labels"], tokenizer, color=color))
+    return 0

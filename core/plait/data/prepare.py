@@ -1,0 +1,388 @@
+"""Turn a run's ``datasets:`` into tokenized train and eval sets.
+
+For each entry: load it (:mod:`plait.data.sources`), call the ``tokenize`` hook
+in a batched ``Dataset.map``, then sort every output row into one status:
+
+``ok``          kept
+``truncated``   longer than ``sequence_len`` and cut to it (``excess_length_strategy: truncate``)
+``too_long``    longer than ``sequence_len`` and dropped (``excess_length_strategy: drop``)
+``no_trained``  no token is trained (every label after the first is -100), dropped
+``bad``         the hook rejected it and ``skip_bad_rows`` is set, dropped
+
+The entries are concatenated (shuffled with ``seed`` when
+``shuffle_merged_datasets``); the eval set is ``test_datasets`` when given,
+else ``val_set_size`` rows (a fraction below 1, a count from 1) split off with
+``seed``. The result is cached (:mod:`plait.data.cache`) and reused while the
+data, tokenizer and settings stay the same.
+
+"Trained tokens" counts labels other than -100 from the second position on:
+the first position has no preceding token to predict it from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import uuid
+import weakref
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from plait.data.cache import cache_key, cache_root, write_atomically
+from plait.data.sources import Source, load_source, resolve_path
+from plait.errors import BadRowError, ConfigError, DataError, PlaitError
+
+log = logging.getLogger("plait.data")
+
+IGNORE = -100
+KEEP = ("ok", "truncated")
+#: batch functions alive in this process, for workers forked from it (see TokenizeBatch)
+_LIVE: "weakref.WeakValueDictionary[str, TokenizeBatch]" = weakref.WeakValueDictionary()
+#: rows skipped by skip_bad_rows that the stats quote, per dataset
+BAD_EXAMPLES = 3
+
+
+@dataclass
+class DatasetStats:
+    """What happened to the rows of one dataset entry.
+
+    ``rows_in`` counts source rows; the other counts are output rows, which can
+    outnumber them when a format splits long texts (``completion``).
+    ``tokens`` and ``trained_tokens`` count the kept rows only.
+    """
+
+    name: str
+    split: str = "train"
+    rows_in: int = 0
+    kept: int = 0
+    dropped_too_long: int = 0
+    dropped_bad: int = 0
+    dropped_no_trained: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_too_long + self.dropped_bad + self.dropped_no_trained
+
+
+@dataclass
+class PreparedData:
+    """Tokenized rows (columns ``input_ids``, ``labels``, ``attention_mask``,
+    ``length``) ready for packing or collation."""
+
+    train: object  # datasets.Dataset
+    eval: object | None
+    stats: list[DatasetStats]
+    cache_path: Path
+    from_cache: bool
+
+
+# ------------------------------------------------------------- the batch step
+
+
+class TokenizeBatch:
+    """The function ``Dataset.map`` calls on each batch of one entry.
+
+    A class rather than a closure so that ``num_proc`` workers can unpickle
+    it. The run's config class and plugin manager cannot be pickled: a worker
+    forked after this object was made finds them in :data:`_LIVE`; any other
+    worker rebuilds them from the config's values and ``plugins:``.
+    """
+
+    def __init__(self, cfg, pm, tokenizer, entry, source: Source, label: str):
+        self.cfg, self.pm, self.tokenizer, self.entry = cfg, pm, tokenizer, entry
+        self.source, self.label = source, label
+        self.token = uuid.uuid4().hex
+        _LIVE[self.token] = self
+
+    def __getstate__(self):
+        state = {k: v for k, v in self.__dict__.items() if k not in ("cfg", "pm")}
+        state["raw_cfg"] = self.cfg.model_dump()
+        return state
+
+    def __setstate__(self, state):
+        raw = state.pop("raw_cfg")
+        self.__dict__.update(state)
+        live = _LIVE.get(self.token)
+        if live is not None:
+            self.cfg, self.pm = live.cfg, live.pm
+            return
+        from plait.config import build_config
+        from plait.plugins import build_plugin_manager
+
+        self.pm = build_plugin_manager(raw.get("plugins") or [], disable=raw.get("disable_plugins") or [])
+        self.cfg = build_config(self.pm, raw)
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        try:
+            out, bad = self._call_hook(batch, indices), []
+        except BadRowError as exc:
+            if not self.cfg.skip_bad_rows:
+                raise self._data_error(exc, indices) from None
+            out, bad = self._tokenize_row_by_row(batch, indices)
+        return self._sort_rows(out, bad)
+
+    def _call_hook(self, batch: dict, indices: list[int]) -> dict:
+        try:
+            out = self.pm.hook.tokenize(cfg=self.cfg, dataset_cfg=self.entry, tokenizer=self.tokenizer, batch=batch)
+        except PlaitError:
+            raise
+        except Exception as exc:  # a format's bug or data it did not expect: say where (--debug: traceback)
+            if not indices:
+                raise
+            (path, first), (_, last) = self.source.locate(indices[0]), self.source.locate(indices[-1])
+            raise DataError(f"tokenizing rows {first} to {last} (dataset {self.label}, type {self.entry.type}) "
+                            f"failed: {type(exc).__name__}: {exc}", path=path) from exc
+        if out is None:
+            if self.entry.type is None:
+                raise ConfigError(f"config key '{self.label}.type' is not set and the rows have no input_ids "
+                                  f"(columns: {sorted(batch)}); set a type such as alpaca or chat_template")
+            raise ConfigError(f"config key '{self.label}.type': no plugin tokenizes {self.entry.type!r}")
+        if not isinstance(out, dict) or "input_ids" not in out or "labels" not in out \
+                or len(out["input_ids"]) != len(out["labels"]):
+            raise ConfigError(f"the tokenize hook for type {self.entry.type!r} returned {_describe(out)}; it must "
+                              f"return lists 'input_ids' and 'labels' of the same length")
+        return out
+
+    def _tokenize_row_by_row(self, batch: dict, indices: list[int]) -> tuple[dict, list[str]]:
+        """After a bad row, tokenize one row at a time so only bad rows are lost."""
+        out, bad = {"input_ids": [], "labels": []}, []
+        for position, index in enumerate(indices):
+            row = {key: values[position:position + 1] for key, values in batch.items()}
+            try:
+                one = self._call_hook(row, [index])
+            except BadRowError as exc:
+                bad.append(str(self._data_error(exc, [index])))
+                continue
+            out["input_ids"] += one["input_ids"]
+            out["labels"] += one["labels"]
+        return out, bad
+
+    def _data_error(self, exc: BadRowError, indices: list[int]) -> DataError:
+        index = indices[exc.index] if 0 <= exc.index < len(indices) else indices[0]
+        path, row = self.source.locate(index)
+        return DataError(f"{exc.message} (dataset {self.label}, type {self.entry.type})", path=path, row=row)
+
+    def _sort_rows(self, out: dict, bad: list[str]) -> dict:
+        limit, truncate = self.cfg.sequence_len, self.cfg.excess_length_strategy == "truncate"
+        rows = {"input_ids": [], "labels": [], "attention_mask": [], "length": [], "_status": [], "_trained": [],
+                "_bad": []}
+
+        def add(ids, labels, status, trained=0, bad_message=""):
+            rows["input_ids"].append(ids)
+            rows["labels"].append(labels)
+            rows["attention_mask"].append([1] * len(ids))
+            rows["length"].append(len(ids))
+            rows["_status"].append(status)
+            rows["_trained"].append(trained)
+            rows["_bad"].append(bad_message)
+
+        for ids, labels in zip(out["input_ids"], out["labels"]):
+            ids, labels = list(ids), list(labels)
+            if len(ids) != len(labels):
+                raise ConfigError(f"the tokenize hook for type {self.entry.type!r} returned a row with "
+                                  f"{len(ids)} input_ids and {len(labels)} labels; they must be equal")
+            status = "ok"
+            if len(ids) > limit:
+                if not truncate:
+                    add([], [], "too_long")
+                    continue
+                ids, labels, status = ids[:limit], labels[:limit], "truncated"
+            trained = sum(1 for label in labels[1:] if label != IGNORE)
+            if trained == 0:
+                add([], [], "no_trained")
+                continue
+            add(ids, labels, status, trained)
+        for message in bad:
+            add([], [], "bad", bad_message=message)
+        return rows
+
+
+def _describe(out) -> str:
+    return f"keys {sorted(out)}" if isinstance(out, dict) else f"a {type(out).__name__}"
+
+
+def _features():
+    import datasets
+
+    ids = datasets.List(datasets.Value("int32"))
+    return datasets.Features({"input_ids": ids, "labels": ids, "attention_mask": datasets.List(datasets.Value("int8")),
+                              "length": datasets.Value("int32"), "_status": datasets.Value("string"),
+                              "_trained": datasets.Value("int32"), "_bad": datasets.Value("string")})
+
+
+# ------------------------------------------------------------------- entries
+
+
+def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, split: str = "train"):
+    """Tokenize and filter one dataset entry. Returns ``(dataset, stats)``."""
+    source = load_source(entry)
+    raw = source.dataset
+    workers = min(cfg.dataset_processes or 1, max(1, len(raw)))
+    mapped = raw.map(
+        TokenizeBatch(cfg, pm, tokenizer, entry, source, label),
+        batched=True,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        features=_features(),
+        num_proc=workers if workers > 1 else None,
+        load_from_cache_file=False,  # our own cache decides; the hook's code is not in datasets' fingerprint
+        new_fingerprint=f"{fingerprint[:24]}-{label}",
+        desc=f"tokenizing {label} ({entry.path})",
+    )
+    columns = mapped.select_columns(["_status", "length", "_trained", "_bad"]).to_dict()
+    counts = Counter(columns["_status"])
+    stats = DatasetStats(name=f"{label} {entry.path}", split=split, rows_in=len(raw),
+                         kept=counts["ok"] + counts["truncated"], dropped_too_long=counts["too_long"],
+                         dropped_bad=counts["bad"], dropped_no_trained=counts["no_trained"],
+                         truncated=counts["truncated"])
+    for status, length, trained, bad in zip(columns["_status"], columns["length"], columns["_trained"],
+                                            columns["_bad"]):
+        if status in KEEP:
+            stats.tokens += length
+            stats.trained_tokens += trained
+        elif bad and len(stats.bad_examples) < BAD_EXAMPLES:
+            stats.bad_examples.append(bad)
+    kept = mapped.filter(lambda statuses: [s in KEEP for s in statuses], input_columns=["_status"], batched=True,
+                         load_from_cache_file=False, desc=f"filtering {label}")
+    return kept.remove_columns(["_status", "_trained", "_bad"]), stats
+
+
+# ---------------------------------------------------------------------- run
+
+
+def prepare_datasets(cfg, pm, tokenizer, *, show_progress: bool = True) -> PreparedData:
+    """Tokenize, filter, mix, split and cache the run's datasets.
+
+    Reuses the cache entry when one exists for the same data, tokenizer and
+    settings. In a ``torch.distributed`` run only rank 0 tokenizes; the other
+    ranks wait on a barrier and load what it wrote.
+    """
+    if not cfg.datasets:
+        raise ConfigError("config key 'datasets' is empty; list at least one dataset (path and type)")
+    entries = [*cfg.datasets, *cfg.test_datasets]
+    key = cache_key(cfg, pm, tokenizer, {e.path: resolve_path(e.path) for e in entries})
+    path = cache_root(cfg) / key[:16]
+    dist = _distributed()
+
+    if _complete(path):
+        return _load(path, show_progress)
+    if dist is not None and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 is tokenizing
+        if not _complete(path):
+            raise DataError(f"rank 0 did not finish preparing the data in {path}; see its error above")
+        return _load(path, show_progress)
+    try:
+        with _progress(show_progress):
+            prepared = _build(cfg, pm, tokenizer, key, path)
+    finally:
+        if dist is not None:
+            dist.barrier()
+    return prepared
+
+
+def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
+    import datasets
+
+    stats, train_parts, eval_parts = [], [], []
+    for list_key, parts, split in (("datasets", train_parts, "train"), ("test_datasets", eval_parts, "eval")):
+        for index, entry in enumerate(getattr(cfg, list_key)):
+            dataset, entry_stats = prepare_entry(cfg, pm, tokenizer, entry, f"{list_key}.{index}",
+                                                 fingerprint=key, split=split)
+            parts.append(dataset)
+            stats.append(entry_stats)
+    train = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
+    if len(train) == 0:
+        raise DataError("no training rows are left after filtering: " + _summary(stats))
+    if cfg.shuffle_merged_datasets:
+        train = train.shuffle(seed=cfg.seed).flatten_indices()
+    eval_set = None
+    if eval_parts:
+        eval_set = datasets.concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
+    elif cfg.val_set_size > 0:
+        train, eval_set = _split(cfg, train)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        train.save_to_disk(str(tmp / "train"))
+        if eval_set is not None:
+            eval_set.save_to_disk(str(tmp / "eval"))
+        meta = {"key": key, "stats": [asdict(s) for s in stats]}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    write_atomically(path, write)
+    log.info("prepared data written to %s", path)
+    # reload from the cache so every rank trains on the same memory-mapped files
+    prepared = _load(path, show_progress=False)
+    prepared.from_cache = False
+    return prepared
+
+
+def _split(cfg, train):
+    size = cfg.val_set_size
+    size = size if size < 1 else int(size)
+    if isinstance(size, int) and size >= len(train):
+        raise ConfigError(f"config key 'val_set_size': {cfg.val_set_size} is not accepted; there are only "
+                          f"{len(train)} training rows (give a fraction below 1 or a smaller count)")
+    parts = train.train_test_split(test_size=size, seed=cfg.seed, shuffle=True)
+    return parts["train"].flatten_indices(), parts["test"].flatten_indices()
+
+
+def _complete(path: Path) -> bool:
+    return (path / "meta.json").exists() and (path / "train").exists()
+
+
+def _load(path: Path, show_progress: bool) -> PreparedData:
+    import datasets
+
+    meta = json.loads((path / "meta.json").read_text())
+    stats = [DatasetStats(**s) for s in meta["stats"]]
+    train = datasets.load_from_disk(str(path / "train"))
+    eval_set = datasets.load_from_disk(str(path / "eval")) if (path / "eval").exists() else None
+    if show_progress:
+        print(f"reusing prepared data at {path}", file=sys.stderr)
+    log.info("reusing prepared data at %s", path)
+    return PreparedData(train, eval_set, stats, path, from_cache=True)
+
+
+def _summary(stats: list[DatasetStats]) -> str:
+    return "; ".join(f"{s.name}: {s.rows_in} rows in, {s.dropped_too_long} too long, {s.dropped_bad} bad, "
+                     f"{s.dropped_no_trained} with nothing to train" for s in stats)
+
+
+def _distributed():
+    """``torch.distributed`` when a process group is running, else ``None``.
+
+    Looked up in ``sys.modules`` so a single-process run never imports torch
+    here: a group cannot be initialized without the module being imported.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+class _progress:
+    """Turn ``datasets``' progress bars off for a block when asked to."""
+
+    def __init__(self, show: bool):
+        self.show = show
+        self.was_enabled = True
+
+    def __enter__(self):
+        import datasets
+
+        self.was_enabled = not datasets.are_progress_bars_disabled()
+        if not self.show:
+            datasets.disable_progress_bars()
+
+    def __exit__(self, *exc):
+        import datasets
+
+        if self.was_enabled:
+            datasets.enable_progress_bars()

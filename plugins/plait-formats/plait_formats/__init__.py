@@ -1,0 +1,21 @@
+"""Dataset formats for Plait, with Axolotl's type names and prompt text.
+
+The entry point loads :mod:`plait_formats.plugin`, which answers the
+``tokenize`` hook for its own ``type:`` values only and imports the format
+module it needs on first use (``plait --help`` must stay light).
+
+==================  =====================================================
+type                module
+==================  =====================================================
+alpaca, alpaca_*    :mod:`plait_formats.alpaca`
+chat_template       :mod:`plait_formats.chat`
+completion          :mod:`plait_formats.text`
+pretraining         :mod:`plait_formats.text`
+input_output        :mod:`plait_formats.segments`
+user_defined        :mod:`plait_formats.user_defined`
+pretokenized        :mod:`plait_formats.pretokenized` (also rows with
+                    ``input_ids`` and no ``type``)
+==================  =====================================================
+"""
+
+__version__ = "0.1.0"

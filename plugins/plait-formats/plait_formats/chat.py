@@ -1,0 +1,272 @@
+"""``chat_template``: conversations rendered by a jinja chat template.
+
+Rows hold a list of messages (``messages`` by default; ``field_messages``
+names another column, and a ShareGPT ``conversations`` column is found on its
+own). Each message's keys are mapped with ``message_property_mappings``
+(``{role: from, content: value}``; ShareGPT's ``from``/``value`` are also
+recognised unmapped) and its role through ``roles`` (``{user: [human],
+assistant: [gpt]}``, added to the defaults below).
+
+How the mask is found. The whole conversation is rendered once and tokenized
+once with character offsets. The conversation prefix up to and including
+message *k* is rendered too; its length is where message *k* ends in the full
+text, so message *k* owns the characters between the end of message *k-1* and
+its own end. Inside that span the message's content is located, and:
+
+* tokens overlapping the content are trained when the role is in
+  ``roles_to_train`` (default ``["assistant"]``) or the message says
+  ``training: true``; ``training: false`` masks it whatever its role;
+* special tokens after the content inside the span (``<|im_end|>``,
+  ``<|eot_id|>``, the EOS) are the turn's end markers: trained by
+  ``train_on_eot`` (markers that are not the EOS) and ``train_on_eos`` (the
+  EOS), each ``turn`` (default: markers of trained turns), ``all``, ``last``
+  (the last trained turn only) or ``none``;
+* a trained message with no text but other keys (``tool_calls``: every key
+  besides role, content and the training flag reaches the template) is trained
+  from the end of the generation prompt (rendered for the messages before it)
+  to its end marker;
+* everything else (role headers, system and user text) is masked, unless
+  ``train_on_inputs``, which trains every token.
+
+A token belongs to a message when its first character lies in the message's
+span, and counts as content when it overlaps the content: in ``"Bot: the"``
+the token ``" the"`` carries the template's space and is trained, because the
+model has to produce it.
+
+A template whose rendering of a prefix is not a prefix of the full rendering
+cannot be masked this way; such a row is reported as bad.
+"""
+
+from __future__ import annotations
+
+import json
+
+from plait.errors import BadRowError, ConfigError
+
+from plait_formats.common import IGNORE, batch_size, train_on_inputs
+
+#: canonical role -> names accepted in data; ``roles:`` in the dataset config adds to these
+DEFAULT_ROLES = {
+    "system": ["system"],
+    "user": ["user", "human"],
+    "assistant": ["assistant", "gpt", "model"],
+    "tool": ["tool", "function", "ipython", "observation"],
+}
+
+
+def resolve_template(cfg, dataset_cfg, tokenizer) -> str:
+    """The dataset's own template when it names one, else the tokenizer's
+    (``load_tokenizer`` already applied the run's ``chat_template``)."""
+    from plait.builtin.model import NAMED_CHAT_TEMPLATES
+
+    if dataset_cfg.chat_template_jinja:
+        return dataset_cfg.chat_template_jinja
+    name = dataset_cfg.chat_template
+    if name and name != "tokenizer_default":
+        if name in NAMED_CHAT_TEMPLATES:
+            return NAMED_CHAT_TEMPLATES[name]
+        if "{%" in name or "{{" in name:
+            return name
+        raise ConfigError(f"config key 'chat_template' of dataset {dataset_cfg.path!r}: {name!r} is not a known "
+                          f"template; accepted: tokenizer_default, {', '.join(NAMED_CHAT_TEMPLATES)}, or jinja")
+    if not tokenizer.chat_template:
+        raise ConfigError(f"dataset {dataset_cfg.path!r} has type chat_template but the tokenizer has no chat "
+                          f"template; set chat_template (chatml, llama3, ...) or chat_template_jinja")
+    return tokenizer.chat_template
+
+
+def role_lookup(dataset_cfg) -> dict[str, str]:
+    """Name in the data -> canonical role."""
+    roles = {canonical: list(names) for canonical, names in DEFAULT_ROLES.items()}
+    for canonical, names in (dataset_cfg.roles or {}).items():
+        roles[canonical] = list(dict.fromkeys([canonical, *names]))
+    lookup = {}
+    for canonical, names in roles.items():
+        for name in names:
+            lookup[name] = canonical
+    return lookup
+
+
+def compile_template(template: str):
+    """The template compiled in transformers' own jinja environment (sandbox,
+    filters, globals), so rendering matches ``apply_chat_template`` without its
+    per-call overhead; ``None`` when that private helper is not there, and
+    rendering falls back to ``apply_chat_template``."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    return _compile_jinja_template(template)
+
+
+class ChatFormat:
+    """Settings of one ``chat_template`` dataset, resolved once per batch."""
+
+    def __init__(self, cfg, dataset_cfg, tokenizer):
+        self.tokenizer = tokenizer
+        self.template = resolve_template(cfg, dataset_cfg, tokenizer)
+        self.roles = role_lookup(dataset_cfg)
+        mappings = dict(dataset_cfg.message_property_mappings or {})
+        self.role_key = mappings.get("role") or dataset_cfg.message_field_role
+        self.content_key = mappings.get("content") or dataset_cfg.message_field_content
+        self.training_key = dataset_cfg.message_field_training or "training"
+        self.roles_to_train = set(dataset_cfg.roles_to_train or ["assistant"])
+        self.train_on_eos = dataset_cfg.train_on_eos or "turn"
+        self.train_on_eot = dataset_cfg.train_on_eot or dataset_cfg.train_on_eos or "turn"
+        self.drop_system = bool(dataset_cfg.drop_system_message)
+        self.train_all = train_on_inputs(cfg, dataset_cfg)
+        self.messages_key = dataset_cfg.field_messages
+        self.tools_key = dataset_cfg.field_tools or "tools"
+        # markers that may close a turn: special tokens other than BOS and pad. Llama 3's
+        # <|eot_id|> is a special added token but not in all_special_ids, hence both sources.
+        skip = {tokenizer.bos_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id}
+        special = set(tokenizer.all_special_ids)
+        special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+        self.marker_ids = special - skip
+        self.eos_id = tokenizer.eos_token_id
+        self.compiled = compile_template(self.template)
+        self.template_vars = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ... as transformers passes
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("type chat_template needs a fast tokenizer (character offsets); "
+                              "set tokenizer_use_fast: true")
+
+    # ---------------------------------------------------------- messages
+
+    def messages_column(self, batch) -> list:
+        key = self.messages_key
+        if key is None:
+            key = "messages" if "messages" in batch or "conversations" not in batch else "conversations"
+        if key not in batch:
+            raise BadRowError(0, f"missing field {key!r} with the conversation; the rows have {sorted(batch)} "
+                                 f"(set field_messages)")
+        return batch[key]
+
+    def normalise(self, index: int, raw) -> list[dict]:
+        """Raw messages of row ``index`` -> ``[{role, content, train}]``."""
+        if not raw:
+            raise BadRowError(index, "empty conversation")
+        messages = []
+        for number, message in enumerate(raw):
+            if not isinstance(message, dict):
+                raise BadRowError(index, f"message {number} is a {type(message).__name__}, expected an object")
+            role_key = self.role_key or ("role" if message.get("role") is not None else "from")
+            content_key = self.content_key or ("content" if message.get("content") is not None or
+                                               message.get("value") is None else "value")
+            name = message.get(role_key)
+            if name not in self.roles:
+                raise BadRowError(index, f"message {number} has unknown role {name!r} (key {role_key!r}); "
+                                         f"known: {sorted(self.roles)} (map others with roles:)")
+            role = self.roles[name]
+            if role == "system" and self.drop_system:
+                continue
+            content = message.get(content_key)
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise BadRowError(index, f"message {number} content is a {type(content).__name__}, expected text")
+            flag = message.get(self.training_key)
+            train = (role in self.roles_to_train) if flag is None else bool(flag)
+            # other keys (tool_calls, name, tool_call_id, ...) go to the template as they are
+            used = {role_key, content_key, self.training_key, "role", "content", "from", "value"}
+            extra = {k: v for k, v in message.items() if k not in used and v is not None}
+            messages.append({"role": role, "content": content, "train": train, "extra": extra})
+        if not messages:
+            raise BadRowError(index, "empty conversation (every message was dropped)")
+        return messages
+
+    def tools(self, batch, index):
+        value = batch.get(self.tools_key, [None] * (index + 1))[index]
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise BadRowError(index, f"field {self.tools_key!r} is not valid JSON: {exc}") from None
+        return value or None
+
+    # --------------------------------------------------------- rendering
+
+    def render(self, messages, tools, add_generation_prompt: bool = False) -> str:
+        plain = [{"role": m["role"], "content": m["content"], **m.get("extra", {})} for m in messages]
+        if self.compiled is not None:
+            return self.compiled.render(messages=plain, tools=tools, documents=None,
+                                        add_generation_prompt=add_generation_prompt, **self.template_vars)
+        return self.tokenizer.apply_chat_template(plain, tools=tools, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def render_with_ends(self, index: int, messages: list[dict], tools) -> tuple[str, list[int], dict]:
+        """The whole conversation's text, where each message ends in it (the
+        length of the rendering of the messages up to and including it), and
+        for trained assistant messages without text content (tool calls only)
+        where their body starts: after the generation prompt."""
+        full = self.render(messages, tools)
+        ends, bodies = [], {}
+        for k in range(1, len(messages)):
+            prefix = self.render(messages[:k], tools)
+            if not full.startswith(prefix):
+                raise BadRowError(index, f"the chat template renders the first {k} messages differently from the "
+                                         f"start of the whole conversation, so turns cannot be masked")
+            ends.append(len(prefix))
+        ends.append(len(full))
+        for k, message in enumerate(messages):
+            if message["train"] and not message["content"].strip() and message["extra"]:
+                start = ends[k - 1] if k else 0
+                prompt = self.render(messages[:k], tools, add_generation_prompt=True)
+                if full.startswith(prompt) and start <= len(prompt) <= ends[k]:
+                    bodies[k] = len(prompt)
+        return full, ends, bodies
+
+    def labels(self, index: int, messages: list[dict], full: str, ends: list[int], bodies: dict, ids,
+               offsets) -> list[int]:
+        """Labels for the tokens ``ids`` of ``full`` (``offsets``: their character spans)."""
+        if self.train_all:
+            return list(ids)
+        labels = [IGNORE] * len(ids)
+
+        spans, start = [], 0
+        for message, end in zip(messages, ends):
+            content = message["content"].strip()
+            found = full.find(content, start, end) if content else -1
+            if content and found < 0:
+                raise BadRowError(index, f"the chat template does not render the content of a {message['role']} "
+                                         f"message verbatim, so it cannot be masked")
+            c_start, c_end = (found, found + len(content)) if found >= 0 else (start, start)
+            if len(spans) in bodies:
+                # a tool-call message: its body runs from the generation prompt to its first marker
+                c_start = bodies[len(spans)]
+                markers = [a for (a, _), t in zip(offsets, ids) if c_start <= a < end and t in self.marker_ids]
+                c_end = markers[0] if markers else end
+            spans.append((start, c_start, c_end, end))
+            start = end
+
+        trained_turns = [k for k, m in enumerate(messages) if m["train"]]
+        last_trained = trained_turns[-1] if trained_turns else None
+        k = 0
+        for t, (t_start, t_end) in enumerate(offsets):
+            # a token belongs to the message whose span holds its first character
+            while k < len(spans) - 1 and t_start >= spans[k][3]:
+                k += 1
+            _, c_start, c_end, _ = spans[k]
+            train = messages[k]["train"]
+            if train and t_end > c_start and t_start < c_end:
+                labels[t] = ids[t]
+            elif t_start >= c_end and ids[t] in self.marker_ids:
+                mode = self.train_on_eos if ids[t] == self.eos_id else self.train_on_eot
+                if mode == "all" or (mode == "turn" and train) or (mode == "last" and k == last_trained):
+                    labels[t] = ids[t]
+        return labels
+
+
+def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:
+    fmt = ChatFormat(cfg, dataset_cfg, tokenizer)
+    conversations = fmt.messages_column(batch)
+    rows = []
+    for index in range(batch_size(batch)):
+        messages = fmt.normalise(index, conversations[index])
+        rows.append((messages, *fmt.render_with_ends(index, messages, fmt.tools(batch, index))))
+    # one tokenizer call for the batch: the Rust tokenizer works through it in parallel
+    encoded = tokenizer([full for _, full, _, _ in rows], add_special_tokens=False, return_offsets_mapping=True)
+    out = {"input_ids": encoded["input_ids"], "labels": []}
+    for index, (messages, full, ends, bodies) in enumerate(rows):
+        out["labels"].append(fmt.labels(index, messages, full, ends, bodies, encoded["input_ids"][index],
+                                        encoded["offset_mapping"][index]))
+    return out

@@ -1,0 +1,194 @@
+"""chat_template: masks follow where each message's tokens lie, for several templates."""
+
+import pytest
+
+from plait.errors import BadRowError
+
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "sort the words"},
+    {"role": "assistant", "content": "the words are sorted."},
+    {"role": "user", "content": "add 3 and 4"},
+    {"role": "assistant", "content": "the sum is 7"},
+]
+
+# a template whose assistant turns end with the EOS token (train_on_eos applies)
+EOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+                "{% else %}Bot: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}")
+
+
+def chatml_pieces(eot_user=False, eot_assistant=True, train_first=True, train_user=False):
+    return [
+        ("<|begin_of_text|><|im_start|>system\nbe brief", False),
+        ("<|im_end|>", eot_user),
+        ("\n<|im_start|>user\n", False),
+        ("sort the words", train_user),
+        ("<|im_end|>", eot_user or (train_user and eot_assistant)),
+        ("\n<|im_start|>assistant\n", False),
+        ("the words are sorted.", train_first),
+        ("<|im_end|>", eot_assistant and train_first),
+        ("\n<|im_start|>user\n", False),
+        ("add 3 and 4", train_user),
+        ("<|im_end|>", eot_user or (train_user and eot_assistant)),
+        ("\n<|im_start|>assistant\n", False),
+        ("the sum is 7", True),
+        ("<|im_end|>", eot_assistant),
+        ("\n", False),
+    ]
+
+
+def test_chatml_multi_turn_mask(tokenizer, run_format, reference):
+    out = run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template")
+    ids, labels = reference(tokenizer, chatml_pieces())
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
+    # the end-of-turn token of each assistant turn is trained, so the model learns to stop
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    trained_ends = [i for i, (t, label) in enumerate(zip(ids, labels)) if t == im_end and label == im_end]
+    assert len(trained_ends) == 2
+
+
+@pytest.mark.parametrize("template", ["tokenizer_default", "chatml", "llama3"])
+def test_rendering_matches_apply_chat_template(llama3_tokenizer, template):
+    # the format renders with the compiled template directly (fast); it must equal transformers' own rendering
+    from plait.builtin.model import NAMED_CHAT_TEMPLATES
+    from plait.testing import build_run_config
+    from plait_formats.chat import ChatFormat
+
+    cfg, _ = build_run_config({"base_model": "m", "datasets": [{"path": "x", "type": "chat_template",
+                                                                 "chat_template": template}]})
+    fmt = ChatFormat(cfg, cfg.datasets[0], llama3_tokenizer)
+    assert fmt.compiled is not None
+    jinja = NAMED_CHAT_TEMPLATES.get(template, llama3_tokenizer.chat_template)
+    messages = [dict(m, train=False) for m in CONVERSATION]
+    assert fmt.render(messages, None) == llama3_tokenizer.apply_chat_template(
+        CONVERSATION, chat_template=jinja, tokenize=False)
+
+
+def test_llama3_multi_turn_mask(llama3_tokenizer, run_format, reference):
+    tok = llama3_tokenizer
+    out = run_format(tok, {"messages": [CONVERSATION[1:]]}, type="chat_template")
+    ids, labels = reference(tok, [
+        ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nsort the words<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ("the words are sorted.<|eot_id|>", True),
+        ("<|start_header_id|>user<|end_header_id|>\n\nadd 3 and 4<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\n", False),
+        ("the sum is 7<|eot_id|>", True),
+    ])
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert labels[-1] == eot
+
+
+def test_named_template_on_the_dataset(tokenizer, run_format):
+    # chatml without a BOS, chosen on the dataset entry instead of the tokenizer's own
+    out = run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template", chat_template="chatml")
+    assert out["input_ids"][0][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+
+def test_sharegpt_conversations_with_role_mapping(tokenizer, run_format):
+    sharegpt = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                for m in CONVERSATION]
+    expected = run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template")
+    out = run_format(tokenizer, {"conversations": [sharegpt]}, type="chat_template", field_messages="conversations",
+                     message_property_mappings={"role": "from", "content": "value"},
+                     roles={"user": ["human"], "assistant": ["gpt"]})
+    assert out == expected
+    # found without any mapping too
+    assert run_format(tokenizer, {"conversations": [sharegpt]}, type="chat_template") == expected
+
+
+def test_custom_role_names(tokenizer, run_format):
+    rows = [[{"speaker": "asker", "text": "sort the words"}, {"speaker": "bot", "text": "sorted"}]]
+    out = run_format(tokenizer, {"dialog": rows}, type="chat_template", field_messages="dialog",
+                     message_property_mappings={"role": "speaker", "content": "text"},
+                     roles={"user": ["asker"], "assistant": ["bot"]})
+    trained = [t for t, label in zip(out["input_ids"][0], out["labels"][0]) if label != -100]
+    assert tokenizer.decode(trained) == "sorted<|im_end|>"
+
+
+def test_roles_to_train_includes_user(tokenizer, run_format, reference):
+    out = run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template",
+                     roles_to_train=["user", "assistant"])
+    assert out["labels"][0] == reference(tokenizer, chatml_pieces(train_user=True))[1]
+
+
+def test_training_false_masks_a_turn(tokenizer, run_format, reference):
+    conversation = [dict(m) for m in CONVERSATION]
+    conversation[2]["training"] = False
+    out = run_format(tokenizer, {"messages": [conversation]}, type="chat_template")
+    assert out["labels"][0] == reference(tokenizer, chatml_pieces(train_first=False))[1]
+
+
+@pytest.mark.parametrize("mode", ["none", "all", "last", "turn"])
+def test_train_on_eot_modes(tokenizer, run_format, mode):
+    out = run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template", train_on_eot=mode)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    ends = [label == im_end for t, label in zip(ids, labels) if t == im_end]  # one per message
+    assert ends == {"none": [False] * 5, "all": [True] * 5, "last": [False] * 4 + [True],
+                    "turn": [False, False, True, False, True]}[mode]
+
+
+@pytest.mark.parametrize("mode,expected", [("turn", [True, True]), ("none", [False, False]),
+                                           ("last", [False, True]), ("all", [True, True])])
+def test_train_on_eos_modes(tokenizer, run_format, mode, expected):
+    out = run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template",
+                     chat_template_jinja=EOS_TEMPLATE, train_on_eos=mode)
+    eos = tokenizer.eos_token_id
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert [label == eos for t, label in zip(ids, labels) if t == eos] == expected
+    trained = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100 and t != eos])
+    # "Bot: the" tokenizes as "Bot", ":", " the": the token holding the content's first
+    # character is trained, space included, since the model has to produce it
+    assert trained == " the words are sorted. the sum is 7"
+
+
+def test_drop_system_message(tokenizer, run_format, reference):
+    out = run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template", drop_system_message=True)
+    ids, labels = reference(tokenizer, [("<|begin_of_text|><|im_start|>user\n", False)] + chatml_pieces()[3:])
+    assert (out["input_ids"][0], out["labels"][0]) == (ids, labels)
+
+
+def test_tools_and_tool_role(tokenizer, run_format):
+    template = ("{{ bos_token }}{% if tools %}tools: {{ tools | tojson }}\n{% endif %}"
+                "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}")
+    conversation = [{"role": "user", "content": "sum 3 4"}, {"role": "assistant", "content": "call sum"},
+                    {"role": "tool", "content": "7"}, {"role": "assistant", "content": "it is 7"}]
+    tools = '[{"name": "sum", "description": "add numbers"}]'
+    out = run_format(tokenizer, {"messages": [conversation], "tools": [tools]}, type="chat_template",
+                     chat_template_jinja=template)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert '"name": "sum"' in tokenizer.decode(ids)
+    trained = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+    assert trained == " call sum<|im_end|> it is 7<|im_end|>"  # "assistant: call": " call" is one token
+
+
+def test_unknown_role_and_empty_conversation_are_bad_rows(tokenizer, run_format):
+    good = CONVERSATION[1:3]
+    with pytest.raises(BadRowError, match="unknown role 'narrator'") as info:
+        run_format(tokenizer, {"messages": [good, [{"role": "narrator", "content": "x"}]]}, type="chat_template")
+    assert info.value.index == 1
+    with pytest.raises(BadRowError, match="empty conversation") as info:
+        run_format(tokenizer, {"messages": [good, good, []]}, type="chat_template")
+    assert info.value.index == 2
+
+
+def test_assistant_tool_calls_are_trained(tokenizer, run_format):
+    # extra message keys (tool_calls) reach the template; a message made only of a tool call is trained
+    # from the end of the generation prompt to its end-of-turn marker
+    template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{% if m.get('tool_calls') %}{% for c in m['tool_calls'] %}call {{ c['name'] }}"
+                "({{ c['arguments'] | tojson }}){% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    conversation = [{"role": "user", "content": "sum 3 4"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"name": "sum", "arguments": {"a": 3}}]},
+                    {"role": "tool", "content": "7", "tool_calls": None},
+                    {"role": "assistant", "content": "it is 7"}]
+    out = run_format(tokenizer, {"messages": [conversation]}, type="chat_template", chat_template_jinja=template)
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert 'call sum({"a": 3})' in tokenizer.decode(ids)
+    trained = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
+    assert trained == 'call sum({"a": 3})<|im_end|>it is 7<|im_end|>'
