@@ -1,0 +1,335 @@
+"""Sample packing: plan which rows share a sequence, and build the model inputs
+that keep them apart.
+
+Packing puts several short tokenized rows into one sequence of at most
+``sequence_len`` tokens so a micro-batch holds real tokens instead of padding.
+Three rows of lengths 3, 2 and 2 packed into ``sequence_len = 8``::
+
+    input_ids     a0 a1 a2 b0 b1 c0 c1 <pad>
+    seq_lens      [3, 2, 2]            (+1 padding segment)
+    position_ids   0  1  2  0  1  0  1  0        restart per row
+    labels        -100 a1 a2 -100 b1 -100 c1 -100
+                  ^ first label of every row masked: after the loop's shift,
+                    position 2 (a2) would otherwise be trained to predict b0
+
+    attention (1 = may attend), block-diagonal causal:
+          a0 a1 a2 b0 b1 c0 c1 pad
+    a0     1
+    a1     1  1
+    a2     1  1  1
+    b0              1
+    b1              1  1
+    c0                    1
+    c1                    1  1
+    pad                         1     padding is its own segment, so no row of
+                                      the mask is empty (SDPA would give NaN)
+
+How the boundaries reach attention depends on the backend
+(:func:`packed_attention_inputs`): SDPA and eager get the 4D mask above
+(transformers uses a 4D mask as given, ``masking_utils._preprocess_mask_arguments``);
+flash attention gets ``cu_seq_lens_q/k`` and ``max_length_q/k`` for its varlen
+kernel; flex attention gets a ``BlockMask`` with a document mask. Nothing relies
+on transformers re-deriving boundaries from ``position_ids``.
+
+The plan (:func:`plan_packed_batches`) is best-fit-decreasing bin packing,
+recomputed every epoch from ``seed`` and ``epoch`` and split evenly over ranks.
+This module imports torch only inside the functions that build tensors.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from typing import Sequence
+
+from plait.errors import ConfigError, DataError
+
+#: attention backends whose packed rows this module can isolate
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+# -------------------------------------------------------------------- plan
+
+
+def pack_bins(lengths: Sequence[int], sequence_len: int, *, seed: int = 0,
+              max_rows_per_bin: int | None = None) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of row ``lengths`` into bins of ``sequence_len``.
+
+    Rows are taken longest first; each goes into the open bin with the least
+    room that still fits it (ties between equal lengths are broken by a
+    ``seed``-shuffled order, so different seeds give different neighbours).
+    Open bins are kept in buckets by remaining room, with a sorted list of the
+    distinct room values, so one placement costs a bisect, not a scan of all
+    bins: a million rows pack in seconds.
+
+    Returns bins as lists of row indices. Raises :class:`DataError` for a row
+    longer than ``sequence_len`` (the data step should have dropped or
+    truncated it) or of length 0.
+    """
+    for index, length in enumerate(lengths):
+        if length > sequence_len or length <= 0:
+            raise DataError(
+                f"row {index} has {length} tokens; packing needs 1..sequence_len={sequence_len} "
+                "(over-long rows are dropped or truncated by excess_length_strategy before packing)"
+            )
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: shuffled order breaks ties
+
+    bins: list[list[int]] = []
+    room_of: list[int] = []
+    buckets: dict[int, list[int]] = {}  # room left -> open bin ids
+    rooms: list[int] = []  # sorted distinct keys of ``buckets``
+
+    def open_bin_with(room: int, bin_id: int) -> None:
+        if room <= 0 or (max_rows_per_bin is not None and len(bins[bin_id]) >= max_rows_per_bin):
+            return  # full: never offered again
+        if room not in buckets:
+            buckets[room] = []
+            bisect.insort(rooms, room)
+        buckets[room].append(bin_id)
+
+    for index in order:
+        length = lengths[index]
+        at = bisect.bisect_left(rooms, length)
+        if at == len(rooms):
+            bin_id = len(bins)
+            bins.append([index])
+            room_of.append(sequence_len - length)
+        else:
+            room = rooms[at]
+            bucket = buckets[room]
+            bin_id = bucket.pop()
+            if not bucket:
+                del buckets[room]
+                rooms.pop(at)
+            bins[bin_id].append(index)
+            room_of[bin_id] = room - length
+        open_bin_with(room_of[bin_id], bin_id)
+    return bins
+
+
+def plan_packed_batches(lengths: Sequence[int], sequence_len: int, micro_batch_size: int, seed: int, epoch: int,
+                        rank: int = 0, world_size: int = 1, *,
+                        max_rows_per_bin: int | None = None) -> list[list[list[int]]]:
+    """This rank's packed micro-batches for one epoch.
+
+    Returns a list of micro-batches; each is a list of ``micro_batch_size``
+    bins (the last may have fewer); each bin is a list of row indices whose
+    lengths sum to at most ``sequence_len``.
+
+    - Deterministic: the same ``(lengths, seed, epoch)`` give the same plan on
+      every rank, so ranks agree without talking to each other.
+    - A new ``epoch`` reshuffles which equal-length rows share a bin and the
+      order of the bins.
+    - Ranks: the shuffled bins are dealt round robin (bin ``i`` goes to rank
+      ``i % world_size``). When the number of bins is not a multiple of
+      ``world_size``, the remainder (fewer than ``world_size`` bins) is
+      dropped so every rank takes the same number of steps; the dropped bins
+      are the least full ones, chosen before shuffling, so the loss is as few
+      tokens as possible, and the next epoch packs differently. A single
+      process drops nothing.
+    """
+    if micro_batch_size < 1:
+        raise ConfigError(f"micro_batch_size: {micro_batch_size} is not accepted; give an integer >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not within world_size {world_size}")
+    epoch_seed = (int(seed) * 1_000_003 + int(epoch)) & 0xFFFFFFFF
+    bins = pack_bins(lengths, sequence_len, seed=epoch_seed, max_rows_per_bin=max_rows_per_bin)
+    if len(bins) < world_size:
+        raise DataError(
+            f"{len(lengths)} rows pack into {len(bins)} sequences of sequence_len={sequence_len}, fewer than the "
+            f"{world_size} ranks; add data, lower sequence_len or run on fewer processes"
+        )
+    remainder = len(bins) % world_size
+    if remainder:
+        # drop the emptiest bins; ties by first row index so every rank agrees
+        fill = [sum(lengths[i] for i in b) for b in bins]
+        by_fill = sorted(range(len(bins)), key=lambda b: (fill[b], min(bins[b])))
+        dropped = set(by_fill[:remainder])
+        bins = [b for i, b in enumerate(bins) if i not in dropped]
+    random.Random(epoch_seed + 1).shuffle(bins)
+    mine = bins[rank::world_size]
+    return [mine[start:start + micro_batch_size] for start in range(0, len(mine), micro_batch_size)]
+
+
+def sample_packing_efficiency(plan, lengths: Sequence[int], sequence_len: int) -> float:
+    """Share of token slots that hold real tokens: ``sum(lengths) / (bins * sequence_len)``.
+
+    ``plan`` is what :func:`plan_packed_batches` returns (micro-batches of
+    bins) or a flat list of bins. 1.0 means no padding at all, when every
+    sequence is padded to ``sequence_len``.
+    """
+    bins = [b for item in plan for b in (item if item and isinstance(item[0], list) else [item])]
+    if not bins:
+        return 0.0
+    used = sum(lengths[i] for b in bins for i in b)
+    return used / (len(bins) * sequence_len)
+
+
+def use_packing(cfg, split: str = "train") -> bool:
+    """Whether rows of ``split`` ("train" or "eval") are packed.
+
+    Eval follows ``eval_sample_packing`` when it is set, otherwise
+    ``sample_packing`` (Axolotl's rule).
+    """
+    if split == "eval" and cfg.eval_sample_packing is not None:
+        return bool(cfg.eval_sample_packing)
+    return bool(cfg.sample_packing)
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def segment_lengths(row: dict) -> list[int]:
+    """Lengths of the rows packed into ``row`` (``seq_lens``), or one segment."""
+    n = len(row["input_ids"])
+    lens = list(row.get("seq_lens") or [n])
+    if sum(lens) != n or any(length <= 0 for length in lens):
+        raise ValueError(f"packed row has seq_lens {lens} (sum {sum(lens)}) but {n} input_ids")
+    return lens
+
+
+def packed_attention_inputs(seq_lens: list[list[int]], width: int, attn_implementation: str, *,
+                            dtype=None, device=None) -> dict:
+    """The attention fields for a packed micro-batch of ``width`` tokens per bin.
+
+    ``seq_lens[b]`` are the row lengths of bin ``b``; the tail up to
+    ``width`` is padding and is treated as one more segment. Returns what
+    the chosen backend needs to keep segments apart:
+
+    - ``sdpa``: ``attention_mask`` bool ``[B, 1, W, W]``, True = may attend;
+    - ``eager``: ``attention_mask`` additive float ``[B, 1, W, W]`` in
+      ``dtype`` (0 or the dtype's minimum), since eager adds the mask to the
+      scores;
+    - ``flash_attention_2``: ``cu_seq_lens_q/k`` (int32 offsets over the
+      flattened batch) and ``max_length_q/k`` (ints) for the varlen kernel;
+    - ``flex_attention``: ``attention_mask`` as a ``BlockMask`` on ``device``.
+
+    Everything is built on ``device`` (default: the CPU, or for flex the
+    current CUDA device); on a GPU that turns the ``W x W`` compare from tens
+    of milliseconds per micro-batch into microseconds and skips the copy.
+    """
+    import torch
+
+    if attn_implementation not in SUPPORTED_ATTENTION:
+        raise ConfigError(
+            f"sample_packing: attention {attn_implementation!r} cannot isolate packed rows; accepted: "
+            f"{', '.join(SUPPORTED_ATTENTION)} (set sdp_attention, eager_attention, flash_attention or flex_attention)"
+        )
+    segments = [list(lens) + ([width - sum(lens)] if width > sum(lens) else []) for lens in seq_lens]
+
+    if attn_implementation.startswith("flash_attention"):
+        flat = [length for lens in segments for length in lens]
+        offsets = torch.zeros(len(flat) + 1, dtype=torch.int32, device=device)
+        offsets[1:] = torch.cumsum(torch.tensor(flat, dtype=torch.int32, device=device), 0)
+        longest = max(flat)
+        return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets.clone(),
+                "max_length_q": longest, "max_length_k": longest}
+
+    if attn_implementation == "flex_attention":
+        return {"attention_mask": flex_document_mask(document_ids(segments, width), device=device)}
+
+    doc_ids = document_ids(segments, width).to(device)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril_()
+    allowed = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # [B, 1, W, W]
+    if attn_implementation == "sdpa":
+        return {"attention_mask": allowed}
+    dtype = dtype or torch.float32
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return {"attention_mask": additive}
+
+
+def document_ids(segments: list[list[int]], width: int):
+    """``[B, W]`` long tensor numbering the segments of each bin 0, 1, 2, ..."""
+    import torch
+
+    ids = torch.empty(len(segments), width, dtype=torch.long)
+    for b, lens in enumerate(segments):
+        ids[b] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    return ids
+
+
+def flex_document_mask(doc_ids, device=None):
+    """A flex-attention ``BlockMask``: causal within a document, nothing across.
+
+    Built on ``device`` (default: the current CUDA device when there is one),
+    because the mask function reads ``doc_ids`` on the device where the
+    attention kernel runs.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    doc_ids = doc_ids.to(device)
+
+    def document_causal(batch, head, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc_ids[batch, q_idx] == doc_ids[batch, kv_idx])
+
+    batch, width = doc_ids.shape
+    return create_block_mask(document_causal, B=batch, H=None, Q_LEN=width, KV_LEN=width, device=device)
+
+
+# ------------------------------------------------------------ config check
+
+
+def _model_config(base_model: str) -> dict:
+    """The model's ``config.json`` when ``base_model`` is a local directory, else {}."""
+    import json
+    from pathlib import Path
+
+    path = Path(base_model) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def windowed_attention(model_config: dict, sequence_len: int) -> str | None:
+    """Why the model's attention is not plain causal over the sequence, or None.
+
+    A sliding window (Mistral, Qwen2 with ``use_sliding_window``, Gemma's
+    alternating layers) or chunked attention (Llama 4) is built by
+    transformers' mask functions; a packed 4D mask or ``BlockMask`` replaces
+    them, which would silently widen the window.
+    """
+    text = model_config.get("text_config") or model_config
+    layer_types = set(text.get("layer_types") or ())
+    if layer_types - {"full_attention"}:
+        return f"layer_types {sorted(layer_types)}"
+    window = text.get("sliding_window")
+    if window and text.get("use_sliding_window", True) and window < sequence_len:
+        return f"sliding_window={window} < sequence_len={sequence_len}"
+    if text.get("attention_chunk_size"):
+        return f"attention_chunk_size={text['attention_chunk_size']}"
+    return None
+
+
+def check_packing_support(cfg) -> None:
+    """Raise :class:`ConfigError` when packed rows could not be kept apart.
+
+    Called from core's ``validate_config`` hookimpl when ``sample_packing``
+    or ``eval_sample_packing`` is on, before any model is loaded.
+    """
+    import importlib.util
+
+    attn = cfg.attn_implementation
+    keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
+    if attn not in SUPPORTED_ATTENTION:
+        raise ConfigError(f"{keys}: attention {attn!r} cannot isolate packed rows; accepted: "
+                          f"{', '.join(SUPPORTED_ATTENTION)}")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "flash_attention: true with sample_packing needs the flash-attn package, which is not installed; "
+            "install it, or set flex_attention: true (GPU) or sdp_attention: true instead"
+        )
+    if attn != "flash_attention_2":
+        why = windowed_attention(_model_config(cfg.base_model), cfg.sequence_len)
+        if why:
+            raise ConfigError(
+                f"{keys} with {attn} attention: the model uses windowed attention ({why}), which a packed "
+                "block-diagonal mask would override; set flash_attention: true (varlen keeps the window per "
+                "row) or sample_packing: false"
+            )
