@@ -21,7 +21,7 @@ $(VENV)/.installed: core/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(w
 install: $(VENV)/.installed
 
 quickstart: install
-	$(VENV)/bin/plait config explain examples/quickstart.yml
+	$(VENV)/bin/plait quickstart examples/quickstart.yml
 
 test: install
 	$(PY) -m pytest -q

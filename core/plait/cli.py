@@ -18,6 +18,7 @@ import sys
 #: subcommand -> (module under plait.commands, one-line help)
 COMMANDS = {
     "train": ("train", "fine-tune a model from a config"),
+    "quickstart": ("quickstart", "generate a tiny model and task, train it on the CPU, show accuracy before/after"),
     "preprocess": ("preprocess", "tokenize and cache the datasets of a config"),
     "inspect": ("inspect", "show tokenized rows with trained and masked tokens apart"),
     "evaluate": ("evaluate", "report eval loss and perplexity of a trained model"),

@@ -36,6 +36,14 @@ class ModelFamily:
     #: mixture of experts: config key holding the router aux-loss coefficient
     router_aux_loss_coef_key: str | None = None
     is_moe: bool = False
+    #: RMSNorm scales by ``weight + norm_offset`` (Gemma: 1.0), for kernel swaps
+    norm_offset: float = 0.0
+    #: fused 3D expert parameters (suffixes) that are not nn.Linear: LoRA reaches them via peft ``target_parameters``
+    expert_parameters: tuple[str, ...] = ()
+    #: special tokens the default chat template uses (added when the tokenizer lacks them)
+    chat_special_tokens: tuple[str, ...] = ()
+    #: dedicated pad tokens to prefer over EOS/end-of-turn, first one in the vocabulary wins
+    pad_token_candidates: tuple[str, ...] = ()
 
 
 def all_families(pm) -> list[ModelFamily]:

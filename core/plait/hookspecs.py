@@ -91,8 +91,10 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch):
         ``{"instruction": [...], "output": [...]}``.
 
     Returns a dict of lists with at least ``input_ids`` and ``labels`` (labels
-    are ``-100`` where the token is not trained), one entry per input row, or
-    ``None`` when ``dataset_cfg.type`` is not this plugin's. A bad row raises
+    are ``-100`` where the token is not trained), one entry per input row
+    (a format that splits long texts, such as ``completion``, may return
+    more), or ``None`` when ``dataset_cfg.type`` is not this plugin's.
+    Core drops or truncates rows over ``sequence_len``. A bad row raises
     :class:`plait.errors.BadRowError` with its index in ``batch``; core turns
     that into a message with the file and the row number.
     """
@@ -104,9 +106,12 @@ def collate(cfg, rows, tokenizer):
 
     firstresult. ``rows`` is a list of dicts with ``input_ids`` and ``labels``
     (lists of ints); with ``sample_packing`` each element is one packed bin of
-    several rows. Returns a dict of tensors for the model: ``input_ids``,
-    ``labels``, and either ``attention_mask`` or the packing fields
-    (``position_ids`` plus the boundaries the attention backend needs).
+    several rows, whose ``seq_lens`` lists the rows' lengths. Returns a dict
+    for the model backbone: ``input_ids``, ``labels``, and either a 2D
+    ``attention_mask`` or the packing fields (``position_ids`` restarting per
+    row plus the boundaries the attention backend needs: a 4D mask, a flex
+    ``BlockMask``, or flash's ``cu_seq_lens_q/k`` and ``max_length_q/k``,
+    which are ints). See :mod:`plait.data.packing`.
     """
 
 
@@ -236,7 +241,9 @@ def save_model(cfg, model, tokenizer, path):
     """Write the trained model in Hugging Face format to ``path``.
 
     firstresult. Returns the path written. A peft model saves its adapter, a
-    full fine-tune its weights, both as safetensors with the tokenizer.
+    full fine-tune its weights, both as safetensors with the tokenizer. In a
+    multi-process run every rank calls it (sharded weights are gathered
+    collectively) and only rank 0 writes.
     """
 
 

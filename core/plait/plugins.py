@@ -34,6 +34,7 @@ DEFAULT_PLUGINS = (
     "plait.builtin.collate",
     "plait.builtin.save",
     "plait.builtin.loss",
+    "plait.builtin.tracking",
 )
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 from plait.hookspecs import hookimpl
 
 
-def chunked_linear_cross_entropy(hidden, head_weight, labels, chunk_size: int = 4096, head_bias=None):
+def chunked_linear_cross_entropy(hidden, head_weight, labels, chunk_size: int = 4096, head_bias=None,
+                                 softcap: float | None = None):
     """Summed cross-entropy of ``hidden @ head_weight.T`` against ``labels``.
 
     ``hidden`` is ``[tokens, hidden]``, ``labels`` ``[tokens]`` with ``-100``
     for untrained positions (already shifted). Only trained rows go through the
-    head, chunk by chunk. Returns ``(loss_sum, n_trained_tokens)``.
+    head, chunk by chunk. ``softcap`` applies ``softcap * tanh(logits /
+    softcap)`` first (Gemma 2's ``final_logit_softcapping``). Returns
+    ``(loss_sum, n_trained_tokens)``.
     """
     import torch
     import torch.nn.functional as F
@@ -27,6 +30,8 @@ def chunked_linear_cross_entropy(hidden, head_weight, labels, chunk_size: int = 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n_tokens, chunk_size):
         logits = F.linear(hidden[start:start + chunk_size], head_weight, head_bias).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
         total = total + F.cross_entropy(logits, labels[start:start + chunk_size], reduction="sum")
     if n_tokens == 0:
         # keep the graph connected so backward works on a batch with nothing to train
@@ -34,6 +39,28 @@ def chunked_linear_cross_entropy(hidden, head_weight, labels, chunk_size: int = 
     return total, n_tokens
 
 
+def head_options(model) -> dict:
+    """What the model's head does beyond ``hidden @ W.T``: a bias, logit softcapping."""
+    if model is None:
+        return {}
+    from plait.train.forward import decoder_and_head, unwrap
+
+    options = {}
+    softcap = getattr(getattr(unwrap(model), "config", None), "final_logit_softcapping", None)
+    if softcap:
+        options["softcap"] = float(softcap)
+    try:
+        head = decoder_and_head(model)[1]
+    except (TypeError, AttributeError):
+        return options
+    if getattr(head, "bias", None) is not None:
+        options["head_bias"] = head.bias
+    return options
+
+
 @hookimpl(trylast=True)
 def build_loss(cfg, model):
-    return chunked_linear_cross_entropy
+    import functools
+
+    options = head_options(model)
+    return functools.partial(chunked_linear_cross_entropy, **options) if options else chunked_linear_cross_entropy

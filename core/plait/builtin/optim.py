@@ -10,6 +10,42 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "sgd", "adafactor")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: decayed matrices, and biases and
+    norm weights (1-D) without decay, since shrinking those only hurts."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def check_names(cfg, pm) -> None:
+    """Fail before any model work when no plugin builds ``optimizer`` or
+    ``lr_scheduler``: each hook is asked once with a throwaway parameter."""
+    import torch
+
+    from plait.errors import ConfigError
+
+    from plait.errors import PlaitError
+
+    probe = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        optimizer = pm.hook.build_optimizer(cfg=cfg, params=[{"params": [probe], "weight_decay": 0.0}])
+    except PlaitError:
+        raise
+    except Exception:  # a plugin's optimizer that needs a GPU parameter: the name is known
+        optimizer = True
+    if optimizer is None:
+        raise ConfigError(f"config key 'optimizer': {cfg.optimizer!r} is not a known optimizer; accepted: "
+                          f"{', '.join(OPTIMIZERS)} (plugins add more, e.g. plait-bnb's adamw_8bit)")
+    if pm.hook.build_scheduler(cfg=cfg, optimizer=torch.optim.SGD([probe], lr=1.0), total_steps=10) is None:
+        raise ConfigError(f"config key 'lr_scheduler': {cfg.lr_scheduler!r} is not a known schedule; accepted: "
+                          f"{', '.join(SCHEDULERS)}")
+
+
 @hookimpl(trylast=True)
 def build_optimizer(cfg, params):
     import torch

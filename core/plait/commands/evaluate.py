@@ -1,13 +1,53 @@
-"""`plait evaluate`."""
+"""`plait evaluate CONFIG`: eval loss and perplexity of the trained model.
+
+Scores the model saved in ``output_dir`` (``--model DIR`` for another one,
+``--base`` for the untrained base) on the eval split the config defines
+(``val_set_size`` or ``test_datasets``), or on the training set when there is
+none, saying so.
+"""
 
 from __future__ import annotations
 
-from plait.commands.common import add_config_arguments, not_implemented
+from plait.commands.common import add_config_arguments, load_run_config
 
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--model", metavar="DIR", help="a saved model or adapter (default: output_dir)")
+    parser.add_argument("--base", action="store_true", help="score the base model, not the trained one")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def run(args, pm) -> int:
-    return not_implemented("evaluate")
+    import json
+    import sys
+    from pathlib import Path
+
+    cfg, pm = load_run_config(args, pm)
+    from plait.train.distributed import World
+    from plait.train.loop import Run, evaluate
+    from plait.train.trained import load_trained
+
+    model, tokenizer, source = load_trained(cfg, pm, cfg.base_model if args.base else args.model)
+    from plait.data.prepare import prepare_datasets
+
+    data = prepare_datasets(cfg, pm, tokenizer)
+    split = "eval"
+    dataset = getattr(data, "eval", None)
+    if dataset is None or len(dataset) == 0:
+        print("no eval split (set val_set_size or test_datasets); scoring the training set", file=sys.stderr)
+        dataset, split = data.train, "train"
+    device = next(model.parameters()).device
+    run_ = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=World(device=device), tokenizer=tokenizer,
+               model=model, eval_data=dataset)
+    run_.loss_fn = pm.hook.build_loss(cfg=cfg, model=model)
+    metrics = evaluate(run_)
+    metrics.update(split=split, rows=len(dataset), model=str(source or cfg.base_model))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"model:      {metrics['model']}")
+        print(f"split:      {split} ({len(dataset)} rows, {metrics['eval_tokens']} trained tokens)")
+        print(f"eval_loss:  {metrics['eval_loss']:.4f}")
+        print(f"perplexity: {metrics['eval_ppl']:.4f}")
+    return 0

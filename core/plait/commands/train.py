@@ -1,8 +1,8 @@
-"""`plait train`."""
+"""`plait train CONFIG [key=value ...]`: fine-tune as the config says."""
 
 from __future__ import annotations
 
-from plait.commands.common import add_config_arguments, not_implemented
+from plait.commands.common import add_config_arguments, load_run_config
 
 
 def add_arguments(parser) -> None:
@@ -10,4 +10,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args, pm) -> int:
-    return not_implemented("train")
+    cfg, pm = load_run_config(args, pm)
+    from plait.train.loop import train
+
+    train(cfg, pm)
+    return 0

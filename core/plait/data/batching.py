@@ -1,0 +1,77 @@
+"""Which rows go into which micro-batch, and fetching them.
+
+The plan for one epoch is a list of micro-batches; each micro-batch is a list
+of *bins*; each bin is a list of row indices that become one sequence::
+
+    unpacked, micro_batch_size 2:   [[[7], [2]], [[5], [0]], [[3]]]
+    packed (sample_packing):        [[[7, 2, 9], [5, 0]], [[3, 1]]]
+
+Plans are a pure function of ``(seed, epoch, rank, world_size)`` so every
+rank agrees without talking, and a resumed run rebuilds the exact epoch plan
+and skips the micro-batches it already trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+
+def _epoch_rng(seed: int, epoch: int) -> random.Random:
+    # its own generator: the plan must not depend on (or disturb) the global RNGs
+    return random.Random((int(seed) * 1_000_003 + int(epoch)) & 0xFFFFFFFF)
+
+
+def plan_batches(cfg, lengths: Sequence[int], epoch: int, rank: int = 0, world_size: int = 1, *,
+                 split: str = "train", micro_batch_size: int | None = None) -> list[list[list[int]]]:
+    """This rank's micro-batches for ``epoch``.
+
+    Unpacked rows are shuffled (train split only) with ``cfg.seed`` and
+    ``epoch``; rows are dealt round robin to ranks after dropping fewer than
+    ``world_size`` rows, so every rank gets a disjoint part and the same number
+    of micro-batches (the last one may be smaller). With ``sample_packing``
+    (``eval_sample_packing`` for eval) the plan comes from
+    :func:`plait.data.packing.plan_packed_batches`.
+    """
+    if micro_batch_size is None:
+        micro_batch_size = (cfg.eval_batch_size or cfg.micro_batch_size) if split == "eval" else cfg.micro_batch_size
+    packed = cfg.sample_packing
+    if split == "eval" and cfg.eval_sample_packing is not None:
+        packed = cfg.eval_sample_packing
+    if packed:
+        from plait.data.packing import plan_packed_batches
+
+        return plan_packed_batches(lengths, cfg.sequence_len, micro_batch_size, cfg.seed, epoch, rank, world_size)
+
+    order = list(range(len(lengths)))
+    if split == "train":
+        _epoch_rng(cfg.seed, epoch).shuffle(order)
+    order = order[: len(order) - len(order) % world_size]
+    mine = order[rank::world_size]
+    return [[[i] for i in mine[start:start + micro_batch_size]] for start in range(0, len(mine), micro_batch_size)]
+
+
+def materialize(dataset, bin_indices: Sequence[int]) -> dict:
+    """The row dict of one bin.
+
+    One row: its ``input_ids`` and ``labels``. Several rows: their
+    concatenation plus ``seq_lens`` (the length of each row), which the packing
+    collator turns into position ids and a block-diagonal attention mask.
+    """
+    if len(bin_indices) == 1:
+        row = dataset[int(bin_indices[0])]
+        return {"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}
+    rows = dataset[[int(i) for i in bin_indices]]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, labs in zip(rows["input_ids"], rows["labels"]):
+        input_ids.extend(ids)
+        labels.extend(labs)
+    return {"input_ids": input_ids, "labels": labels, "seq_lens": [len(ids) for ids in rows["input_ids"]]}
+
+
+def row_lengths(dataset) -> list[int]:
+    """Token count of every row: the ``length`` column when present."""
+    if "length" in dataset.column_names:
+        return [int(n) for n in dataset["length"]]
+    return [len(ids) for ids in dataset["input_ids"]]

@@ -1,0 +1,54 @@
+"""One forward pass for training: the backbone's hidden states and the head.
+
+The loop computes the loss itself (:func:`plait.hookspecs.build_loss`), so it
+needs the final hidden states rather than logits. It still calls the *outer*
+model, because wrappers (peft, DDP, FSDP2) do their work in the outer
+``forward``; ``logits_to_keep=1`` makes the model's own head run on one
+position only, and a forward hook on the decoder captures its output.
+"""
+
+from __future__ import annotations
+
+
+def unwrap_data_parallel(model):
+    """The module inside DDP (which only replicates; FSDP2 keeps the class)."""
+    while hasattr(model, "module") and type(model).__name__ in ("DistributedDataParallel", "DataParallel"):
+        model = model.module
+    return model
+
+
+def unwrap(model):
+    """The transformers causal LM inside DDP / peft wrappers."""
+    model = unwrap_data_parallel(model)
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def decoder_and_head(model):
+    """``(decoder, head)``: the module producing final hidden states and the LM head."""
+    causal_lm = unwrap(model)
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    if decoder is None and hasattr(causal_lm, "get_decoder"):
+        decoder = causal_lm.get_decoder()
+    head = causal_lm.get_output_embeddings()
+    if decoder is None or head is None:
+        raise TypeError(f"{type(causal_lm).__name__} has no decoder/LM head that Plait can find")
+    return decoder, head
+
+
+def forward_hidden(model, inputs: dict):
+    """Run ``model`` on ``inputs`` (everything but labels) and return
+    ``(hidden [batch, seq, hidden], head module)``."""
+    decoder, head = decoder_and_head(model)
+    captured = {}
+
+    def keep_hidden(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder.register_forward_hook(keep_hidden)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured["hidden"], head

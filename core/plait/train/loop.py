@@ -1,0 +1,480 @@
+"""The training loop, readable top to bottom.
+
+:func:`train` is the whole recipe::
+
+    config -> process group, seeds, output_dir
+           -> tokenizer -> datasets (tokenized, split)
+           -> model -> adapters -> kernels -> device -> parallel wrapper
+           -> loss step, optimizer, schedule -> resume?
+           -> for each optimizer step: accumulate micro-batches, clip, step,
+              log, evaluate, checkpoint
+           -> final eval, save, loss plot
+
+Every component comes from a hook (see :mod:`plait.hookspecs`), so plugins
+replace the parts; nothing here knows about LoRA, quantization or sharding.
+
+Gradient accumulation divides every micro-batch's summed loss by the number of
+trained tokens of the *whole* accumulation window (all ranks), so training with
+``micro_batch_size=2, gradient_accumulation_steps=2`` is the same step as
+``micro_batch_size=4, gradient_accumulation_steps=1``.
+
+Several processes (``torchrun``/``accelerate launch`` set ``WORLD_SIZE``):
+the process group is initialised (NCCL on GPUs, gloo on the CPU) and
+``wrap_parallel`` is asked with ``mesh=None`` (plait-parallel builds the mesh
+from the config and leaves it on the model as ``plait_mesh``). When no plugin
+answers, the model is replicated with DDP. Data is dealt by the mesh's ``dp``
+dimension; only rank 0 prints and writes; logged metrics are summed over ranks.
+
+Precision: weights come in the dtype ``load_model`` chose (``bf16``/``fp16``
+on a GPU); on a GPU the forward runs under autocast, fp16 keeps float32
+master weights and a ``GradScaler``. The CPU trains in the weights' dtype
+(float32 unless ``bf16: true``/``full`` asks for pure bfloat16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plait.errors import TrainingError
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; what event hooks receive."""
+
+    cfg: Any
+    pm: Any
+    output_dir: Path
+    world: Any = None
+    tokenizer: Any = None
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    loss_fn: Any = None
+    train_data: Any = None
+    eval_data: Any = None
+    mesh: Any = None
+    dp_rank: int = 0
+    dp_size: int = 1
+    train_lengths: list = field(default_factory=list)
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    #: per-plugin state, e.g. a logger's writer: ``run.extras["tensorboard"]``
+    extras: dict = field(default_factory=dict)
+    metrics_log: Any = None
+    last_metrics: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.rank == 0
+
+    @property
+    def device(self):
+        return self.world.device
+
+    def position(self) -> dict:
+        """Where the run is; a checkpoint stores this to resume the data order."""
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "total_steps": self.total_steps}
+
+
+# ------------------------------------------------------------------ recipe
+
+
+def train(cfg, pm, *, data=None) -> Run:
+    """Train as ``cfg`` says and save the result in ``cfg.output_dir``.
+
+    ``data`` (an object with ``.train`` and ``.eval`` datasets of tokenized
+    rows) skips dataset preparation; tests use it.
+    """
+    from plait.builtin.optim import check_names
+    from transformers.utils import logging as hf_logging
+
+    from plait.train import checkpoint
+    from plait.train.distributed import close_distributed, init_distributed, set_seed
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
+    world = init_distributed()
+    run = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=world)
+    try:
+        set_seed(cfg.seed)
+        check_names(cfg, pm)  # an unknown optimizer/scheduler fails before any model work
+        resume_from = checkpoint.resume_path(cfg)
+        start_output(run, resume_from)
+
+        run.tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+        if data is None:
+            from plait.data.prepare import prepare_datasets
+
+            data = prepare_datasets(cfg, pm, run.tokenizer)
+        run.train_data, run.eval_data = data.train, getattr(data, "eval", None)
+        if run.train_data is None or len(run.train_data) == 0:
+            raise TrainingError("the training set is empty; check datasets: and val_set_size")
+
+        run.model = build_model(run)
+        run.loss_fn = pm.hook.build_loss(cfg=cfg, model=run.model)
+        plan_schedule(run)
+        run.optimizer, run.scheduler = build_optimizer_and_scheduler(run)
+        if cfg.fp16 and run.device.type == "cuda":
+            import torch
+
+            run.extras["grad_scaler"] = torch.amp.GradScaler("cuda")
+
+        if resume_from is not None:
+            position = checkpoint.load_checkpoint(run, resume_from)
+            run.step, run.epoch, run.step_in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
+            log(run, f"resumed from {resume_from} at step {run.step}")
+            if position.get("total_steps") not in (None, run.total_steps):
+                log(run, f"warning: the checkpoint planned {position['total_steps']} steps, this run "
+                         f"{run.total_steps}; the learning-rate schedule follows the new length from here")
+
+        from plait.output import MetricsLog
+
+        if run.is_main:
+            run.metrics_log = MetricsLog(run.output_dir, resume_step=run.step if resume_from else None)
+        pm.hook.on_train_start(run=run)
+        train_epochs(run)
+        finish(run)
+        return run
+    finally:
+        close_distributed(world)
+
+
+def start_output(run: Run, resume_from) -> None:
+    """Create ``output_dir`` with the resolved config and the environment."""
+    from plait.output import write_environment, write_resolved_config
+    from plait.train.checkpoint import list_checkpoints, remove_partial_saves
+
+    if not run.is_main:
+        return
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_saves(run.output_dir)
+    earlier = list_checkpoints(run.output_dir)
+    if earlier and resume_from is None:
+        log(run, f"warning: {run.output_dir} holds checkpoints of an earlier run ({earlier[-1].name}); starting over "
+                 f"(set auto_resume_from_checkpoints: true to continue it); they are overwritten as steps repeat")
+    write_resolved_config(run.cfg, run.output_dir)
+    write_environment(run.output_dir, run.pm, run.world_size)
+
+
+def build_model(run: Run):
+    """``load_model`` -> device -> ``load_adapter`` -> ``patch_model`` -> ``wrap_parallel``."""
+    import torch
+
+    from plait.train.distributed import data_parallel_rank_and_size
+
+    cfg, pm = run.cfg, run.pm
+    model = pm.hook.load_model(cfg=cfg, tokenizer=run.tokenizer)
+    if not _placed_by_loader(model):
+        model = model.to(run.device)
+    adapted = pm.hook.load_adapter(cfg=cfg, model=model)
+    model = adapted if adapted is not None else model
+    if cfg.fp16:
+        # fp16 needs float32 master weights: the GradScaler refuses to unscale fp16 gradients
+        for param in model.parameters():
+            if param.requires_grad and param.dtype == torch.float16:
+                param.data = param.data.float()
+    for changes in pm.hook.patch_model(cfg=cfg, model=model):
+        for target, kernel in (changes or {}).items():
+            log(run, f"kernel: {target} -> {kernel}")
+    if run.world_size > 1:
+        wrapped = pm.hook.wrap_parallel(cfg=cfg, model=model, mesh=None)
+        if wrapped is None:
+            # no parallel plugin answered: replicate with DDP (every rank holds the whole model)
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [run.device.index] if run.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(model, device_ids=ids)
+        model = wrapped
+        run.mesh = getattr(model, "plait_mesh", None)
+    run.dp_rank, run.dp_size = data_parallel_rank_and_size(run.mesh, run.world)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(run, f"model: {trainable:,} trainable of {total:,} parameters")
+    return model
+
+
+def _placed_by_loader(model) -> bool:
+    """Quantized or device-mapped models are already where they must be."""
+    return bool(getattr(model, "hf_device_map", None) or getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_quantized", False))
+
+
+def plan_schedule(run: Run) -> None:
+    """Optimizer steps per epoch and in total (``max_steps`` wins over ``num_epochs``)."""
+    from plait.data.batching import plan_batches, row_lengths
+
+    cfg = run.cfg
+    run.train_lengths = row_lengths(run.train_data)
+    micro_batches = len(plan_batches(cfg, run.train_lengths, 0, run.dp_rank, run.dp_size))
+    if micro_batches == 0:
+        raise TrainingError(f"{len(run.train_lengths)} training rows give no micro-batch on {run.dp_size} ranks")
+    run.steps_per_epoch = math.ceil(micro_batches / cfg.gradient_accumulation_steps)
+    run.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * run.steps_per_epoch))
+
+
+def build_optimizer_and_scheduler(run: Run):
+    from plait.builtin.optim import param_groups
+
+    cfg, pm = run.cfg, run.pm
+    optimizer = pm.hook.build_optimizer(cfg=cfg, params=param_groups(run.model, cfg.weight_decay))
+    scheduler = pm.hook.build_scheduler(cfg=cfg, optimizer=optimizer, total_steps=run.total_steps)
+    return optimizer, scheduler
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def train_epochs(run: Run) -> None:
+    """Step until ``total_steps``, epoch after epoch; resumes mid-epoch."""
+    from plait.data.batching import plan_batches
+    from plait.train.progress import Progress
+
+    cfg = run.cfg
+    eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, run.steps_per_epoch, run.total_steps)
+    save_every = interval(cfg.save_steps, cfg.saves_per_epoch, run.steps_per_epoch, run.total_steps)
+    progress = Progress(run)
+    try:
+        while run.step < run.total_steps:
+            plan = plan_batches(cfg, run.train_lengths, run.epoch, run.dp_rank, run.dp_size)
+            ga = cfg.gradient_accumulation_steps
+            windows = [plan[i:i + ga] for i in range(0, len(plan), ga)]
+            for index in range(run.step_in_epoch, len(windows)):
+                metrics = train_step(run, windows[index])
+                run.step_in_epoch = index + 1
+                log_step(run, metrics, progress)
+                if eval_every and run.step % eval_every == 0 and run.eval_data is not None:
+                    progress.write(format_eval(evaluate_and_log(run)))
+                if save_every and run.step % save_every == 0:
+                    from plait.train.checkpoint import save_checkpoint
+
+                    save_checkpoint(run)
+                if run.step >= run.total_steps:
+                    break
+            else:
+                run.epoch, run.step_in_epoch = run.epoch + 1, 0
+    finally:
+        progress.close()
+
+
+def interval(steps, per_epoch, steps_per_epoch: int, total_steps: int) -> int | None:
+    """Every how many steps: an int, a fraction (< 1) of the run, or N times per epoch."""
+    if steps:
+        return max(1, round(steps * total_steps)) if steps < 1 else int(steps)
+    if per_epoch:
+        return max(1, steps_per_epoch // per_epoch)
+    return None
+
+
+def train_step(run: Run, window) -> dict:
+    """One optimizer step over ``window`` (its micro-batches)."""
+    import torch
+
+    from plait.train.distributed import all_reduce_sum, loss_divisor
+
+    cfg, model = run.cfg, run.model
+    started = time.perf_counter()
+    batches = [collate(run, run.train_data, micro_batch) for micro_batch in window]
+    # count first, so every micro-batch's loss is divided by the window's trained tokens
+    local_tokens = sum(trained_tokens(batch) for batch in batches)
+    divisor = loss_divisor(run.mesh, run.world, local_tokens)
+
+    scaler = run.extras.get("grad_scaler")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    input_tokens = 0
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        # DDP: all-reduce gradients once per window, not after every micro-batch
+        no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync:
+            with autocast(run):
+                micro_loss, _ = loss_of(run, batch)
+            scaled = micro_loss / divisor
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        loss_sum += micro_loss.detach().double()  # no host sync per micro-batch
+        input_tokens += input_token_count(batch)
+    loss_sum = float(loss_sum)
+
+    loss_sum, tokens, input_tokens = all_reduce_sum([loss_sum, local_tokens, input_tokens], run.device)
+    loss = loss_sum / max(tokens, 1)
+    check_loss(run, loss)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if scaler:
+        scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 / TP
+        grad_norm = grad_norm.full_tensor()
+    lr = run.optimizer.param_groups[0]["lr"]
+    if scaler:
+        scaler.step(run.optimizer)  # skips the step when fp16 gradients overflowed
+        scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    elapsed = time.perf_counter() - started
+    return {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": int(tokens), "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
+
+
+def collate(run: Run, dataset, micro_batch) -> dict:
+    """Fetch the rows of one micro-batch and let the ``collate`` hook build tensors."""
+    from plait.data.batching import materialize
+
+    rows = [materialize(dataset, bin_indices) for bin_indices in micro_batch]
+    return run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer)
+
+
+def trained_tokens(batch) -> int:
+    """Positions that are trained after the shift (label of the *next* token)."""
+    if "shift_labels" in batch:  # a context-parallel shard: already shifted
+        return int((batch["shift_labels"] != -100).sum())
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def input_token_count(batch) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
+def loss_of(run: Run, batch):
+    """Summed cross-entropy of one micro-batch and its trained-token count.
+
+    The backbone gives hidden states; the loss step (``build_loss``) applies
+    the head only where labels are trained.
+    """
+    import torch
+
+    from plait.train.forward import forward_hidden
+
+    device = run.device
+    labels_key = "shift_labels" if "shift_labels" in batch else "labels"
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+              if k not in ("labels", "shift_labels")}
+    hidden, head = forward_hidden(run.model, inputs)
+    labels = batch[labels_key].to(device)
+    if labels_key == "labels":
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    return run.loss_fn(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
+
+
+def autocast(run: Run):
+    """Mixed precision on an accelerator when the config asks for bf16/fp16;
+    the CPU trains in the weights' own dtype."""
+    import torch
+
+    from plait.builtin.model import compute_dtype
+
+    dtype = compute_dtype(run.cfg)
+    if run.device.type == "cpu" or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=dtype)
+
+
+def check_loss(run: Run, loss: float) -> None:
+    """Stop on a NaN/inf loss (or one over ``loss_watchdog_threshold``) before it reaches the weights."""
+    cfg = run.cfg
+    if math.isfinite(loss) and not (cfg.loss_watchdog_threshold and loss > cfg.loss_watchdog_threshold):
+        return
+    what = f"loss is {loss}" if not math.isfinite(loss) else \
+        f"loss {loss:.4g} exceeds loss_watchdog_threshold {cfg.loss_watchdog_threshold}"
+    precision = "fp16: true" if cfg.fp16 else f"bf16: {cfg.bf16}"
+    raise TrainingError(
+        f"{what} at step {run.step + 1}; the weights were not updated. Try a lower learning_rate "
+        f"(now {cfg.learning_rate}), max_grad_norm (now {cfg.max_grad_norm}), or other precision ({precision}; "
+        f"bf16 is steadier than fp16), and check the data for empty or broken rows."
+    )
+
+
+# ------------------------------------------------------------------ logging and eval
+
+
+def log(run: Run, message: str) -> None:
+    if run.is_main:
+        import sys
+
+        print(message, file=sys.stderr, flush=True)
+
+
+def log_step(run: Run, metrics: dict, progress) -> None:
+    run.last_metrics = metrics
+    progress.update(metrics)
+    if not run.is_main or (run.step % run.cfg.logging_steps and run.step != run.total_steps):
+        return
+    run.metrics_log.append(metrics)
+    run.pm.hook.on_step_end(run=run, metrics=metrics)
+
+
+def evaluate(run: Run) -> dict:
+    """Mean loss per trained token over the eval set (all ranks), and its perplexity."""
+    import torch
+
+    from plait.data.batching import plan_batches, row_lengths
+    from plait.train.distributed import all_reduce_sum
+
+    model = run.model
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        plan = plan_batches(run.cfg, row_lengths(run.eval_data), 0, run.dp_rank, run.dp_size, split="eval")
+        with torch.no_grad():
+            for micro_batch in plan:
+                batch = collate(run, run.eval_data, micro_batch)
+                with autocast(run):
+                    loss_sum, n = loss_of(run, batch)
+                total += float(loss_sum)
+                tokens += int(n)
+    finally:
+        model.train(was_training)
+    total, tokens = all_reduce_sum([total, tokens], run.device)
+    loss = total / max(tokens, 1)
+    return {"step": run.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
+
+
+def evaluate_and_log(run: Run) -> dict:
+    metrics = evaluate(run)
+    run.last_eval = metrics
+    if run.is_main:
+        run.metrics_log.append(metrics)
+        run.pm.hook.on_eval_end(run=run, metrics=metrics)
+    return metrics
+
+
+def format_eval(metrics: dict) -> str:
+    return f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}  eval_ppl {metrics['eval_ppl']:.3f}"
+
+
+def finish(run: Run) -> None:
+    """Final evaluation, the saved model, the loss plot, ``on_train_end``."""
+    from plait.output import plot_loss, save_final, write_report
+
+    if run.eval_data is not None and len(run.eval_data) and run.last_eval.get("step") != run.step:
+        log(run, format_eval(evaluate_and_log(run)))
+    save_final(run)  # every rank: sharded weights are gathered collectively
+    if run.is_main:
+        plot_loss(run.metrics_log.read(), run.output_dir / "loss.png")
+        write_report(run)
+        log(run, f"saved to {run.output_dir}")
+    run.pm.hook.on_train_end(run=run)

@@ -1,0 +1,53 @@
+"""The adapter keys, named as in Axolotl, and the rules between them."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from plait.errors import ConfigError
+
+
+class PeftKeys(BaseModel):
+    """Keys plait-peft owns (``adapter`` itself is core's)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: Optional[Union[str, list[str]]] = Field(
+        None, description="Module names (or suffixes like self_attn.q_proj) to adapt; a string is a regex.")
+    lora_target_linear: bool = Field(False, description="Adapt every linear layer of the decoder (not the head).")
+    lora_modules_to_save: Optional[list[str]] = Field(
+        None, description="Modules trained and saved in full beside the adapter (embed_tokens, lm_head).")
+    lora_fan_in_fan_out: bool = False
+    peft_layers_to_transform: Optional[list[int]] = Field(None, description="Only adapt these layer indices.")
+    peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    peft_use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    lora_model_dir: Optional[str] = Field(None, description="A saved adapter to continue training from.")
+
+
+LORA_KEYS = tuple(PeftKeys.model_fields)
+
+
+def validate(cfg) -> None:
+    """Rules spanning keys; raised before any model is loaded."""
+    given = [k for k in LORA_KEYS if cfg.source_of(k) != "default" and k != "lora_model_dir"]
+    if cfg.adapter is None:
+        if given:
+            raise ConfigError(f"{', '.join(given)} set but 'adapter' is not; add adapter: lora (or qlora), "
+                              f"or remove these keys to train every weight")
+        return
+    if not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_model_dir:
+        raise ConfigError(f"config key 'adapter': {cfg.adapter!r} needs targets; set lora_target_linear: true "
+                          f"or lora_target_modules: [q_proj, v_proj, ...]")
+    if cfg.adapter == "qlora":
+        if not getattr(cfg, "load_in_4bit", False):
+            raise ConfigError("config key 'adapter': 'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true "
+                              "(plait-bnb), or use adapter: lora")
+        if cfg.peft_use_dora and getattr(cfg, "load_in_8bit", False):
+            raise ConfigError("peft_use_dora: true is not supported with load_in_8bit")
+    if cfg.adapter == "lora" and getattr(cfg, "load_in_4bit", False):
+        raise ConfigError("config key 'adapter': 'lora' with load_in_4bit: true is QLoRA; write adapter: qlora")

@@ -1,0 +1,33 @@
+"""Hookimpls of plait-peft (entry point ``peft``).
+
+* ``config_schema``: the LoRA keys (:class:`plait_peft.config.PeftKeys`).
+* ``validate_config``: LoRA keys without ``adapter``, an adapter without targets, qlora without 4-bit.
+* ``load_adapter``: wraps the model with peft when ``adapter`` is ``lora`` or ``qlora``.
+"""
+
+from __future__ import annotations
+
+from plait.hookspecs import hookimpl
+
+
+@hookimpl
+def config_schema():
+    from plait_peft.config import PeftKeys
+
+    return PeftKeys
+
+
+@hookimpl
+def validate_config(cfg):
+    from plait_peft.config import validate
+
+    validate(cfg)
+
+
+@hookimpl
+def load_adapter(cfg, model):
+    if cfg.adapter not in ("lora", "qlora"):
+        return None
+    from plait_peft.adapter import attach_lora
+
+    return attach_lora(cfg, model)

@@ -1,0 +1,105 @@
+"""plait-peft: config rules, target selection, adapter dtypes, continuing from an adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.errors import ConfigError
+from plait.testing import build_run_config, make_tiny_model
+
+ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("peft") / "model")
+
+
+def adapted(keys: dict):
+    cfg, pm = build_run_config(keys)
+    model = pm.hook.load_model(cfg=cfg, tokenizer=None)
+    return cfg, pm.hook.load_adapter(cfg=cfg, model=model)
+
+
+def adapted_modules(model) -> set[str]:
+    return {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A." in name}
+
+
+def test_lora_keys_without_adapter_are_an_error():
+    with pytest.raises(ConfigError, match=r"lora_r, lora_alpha set but 'adapter' is not; add adapter: lora"):
+        build_run_config({"base_model": "m", "lora_r": 16, "lora_alpha": 32})
+
+
+def test_adapter_without_targets_is_an_error():
+    with pytest.raises(ConfigError, match=r"'adapter': 'lora' needs targets; set lora_target_linear: true"):
+        build_run_config({"base_model": "m", "adapter": "lora"})
+
+
+def test_qlora_needs_a_4bit_base():
+    with pytest.raises(ConfigError, match=r"'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true"):
+        build_run_config({"base_model": "m", "adapter": "qlora", "lora_target_linear": True})
+
+
+def test_no_adapter_means_no_answer(tiny_model):
+    cfg, model = adapted({"base_model": str(tiny_model)})
+    assert model is None  # core then trains every weight
+
+
+def test_target_linear_adapts_every_decoder_linear_but_not_the_head(tiny_model):
+    _, model = adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "lora_r": 4})
+    assert adapted_modules(model) == ALL_LINEAR
+    assert not any("lm_head" in n and "lora" in n for n, _ in model.named_parameters())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    assert lora_a.shape[0] == 4
+
+
+def test_target_linear_without_model_families_falls_back_to_every_linear(tiny_model, monkeypatch):
+    monkeypatch.setenv("PLAIT_DISABLE_PLUGINS", "models")
+    _, model = adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True})
+    assert adapted_modules(model) == ALL_LINEAR
+
+
+def test_unknown_target_module_names_the_modules_there_are(tiny_model):
+    with pytest.raises(ConfigError, match=r"\['qkv_proj'\] match no module of this llama model.*q_proj"):
+        adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_modules": ["q_proj", "qkv_proj"]})
+
+
+def test_dora_rslora_dropout_and_modules_to_save_reach_peft(tiny_model):
+    _, model = adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_modules": ["q_proj", "v_proj"],
+                        "peft_use_dora": True, "peft_use_rslora": True, "lora_r": 4, "lora_alpha": 8,
+                        "lora_dropout": 0.1, "lora_modules_to_save": ["lm_head"]})
+    config = model.peft_config["default"]
+    assert config.use_dora and config.use_rslora and config.lora_dropout == 0.1
+    assert adapted_modules(model) == {"q_proj", "v_proj"}
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rsLoRA: alpha / sqrt(r)
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())  # DoRA
+    assert any("modules_to_save" in n and p.requires_grad for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("bf16,adapter_dtype", [(True, torch.float32), ("full", torch.bfloat16)])
+def test_adapter_dtype_follows_bf16(tiny_model, bf16, adapter_dtype):
+    _, model = adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_modules": ["q_proj"],
+                        "bf16": bf16})
+    base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    assert base.dtype == torch.bfloat16 and lora_a.dtype == adapter_dtype
+
+
+def test_lora_model_dir_continues_from_a_saved_adapter(tiny_model, tmp_path):
+    keys = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_modules": ["q_proj", "v_proj"]}
+    _, first = adapted(keys)
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # B starts at zero; make the adapter do something
+    first.save_pretrained(tmp_path / "adapter")
+    _, again = adapted({**keys, "lora_model_dir": str(tmp_path / "adapter")})
+    ids = torch.tensor([[3, 4, 5, 6]])
+    first.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, first(ids).logits)
+    assert any(p.requires_grad for n, p in again.named_parameters() if "lora_" in n)  # trainable again
