@@ -1,0 +1,139 @@
+"""The quantization keys, named as in Axolotl, and the rules between them.
+
+Every rule here runs in ``validate_config``, so a config that cannot work
+fails before the tokenizer, the data or the model is touched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from plait.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+#: optimizer name -> bitsandbytes.optim class; adamw_8bit is Axolotl's alias of adamw_bnb_8bit
+OPTIMIZERS = {
+    "adamw_bnb_8bit": "AdamW8bit",
+    "adamw_8bit": "AdamW8bit",
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "paged_adamw_32bit": "PagedAdamW32bit",
+}
+
+
+class BnbKeys(BaseModel):
+    """Keys plait-bnb owns."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    load_in_4bit: bool = Field(False, description="Load the base model's linear layers in 4 bits (QLoRA; needs adapter: qlora).")
+    load_in_8bit: bool = Field(False, description="Load the base model's linear layers in 8 bits (LLM.int8; needs adapter: lora).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (QLoRA's) or fp4.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the per-block scales too (about 0.4 bit per weight saved).")
+    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = Field(
+        None, description="dtype the 4-bit weights are dequantized to for matmuls; default: the run's compute dtype.")
+    bnb_4bit_quant_storage: Optional[Literal["uint8", "float32", "bfloat16", "float16"]] = Field(
+        None, description="dtype the packed 4-bit weights are stored in (uint8); bfloat16 lets FSDP2 shard them with the rest.")
+    bnb_config_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra transformers.BitsAndBytesConfig arguments (llm_int8_threshold, ...).")
+
+
+BNB_KEYS = tuple(BnbKeys.model_fields)
+FOUR_BIT_KEYS = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
+
+
+def _given(cfg, key: str) -> bool:
+    return cfg.source_of(key) != "default"
+
+
+def validate(cfg) -> None:
+    """Rules spanning keys of core, plait-peft and plait-bnb; raises ConfigError."""
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ConfigError("load_in_4bit: true and load_in_8bit: true are both set; choose one "
+                          "(4-bit for adapter: qlora, 8-bit for adapter: lora)")
+    if cfg.load_in_4bit and cfg.adapter != "qlora":
+        # 4-bit weights are packed integers without gradients: only adapters beside them can learn
+        raise ConfigError(f"load_in_4bit: true needs adapter: qlora (config key 'adapter' is {cfg.adapter!r}); "
+                          f"4-bit weights cannot be trained in full. Set adapter: qlora, or drop load_in_4bit")
+    if cfg.load_in_8bit and cfg.adapter is None:
+        raise ConfigError("load_in_8bit: true needs an adapter (config key 'adapter' is None); int8 weights cannot "
+                          "be trained in full. Set adapter: lora, or drop load_in_8bit")
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        raise ConfigError("config key 'adapter': 'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true, "
+                          "or use adapter: lora")
+    stray = [k for k in FOUR_BIT_KEYS if _given(cfg, k)]
+    if stray and not cfg.load_in_4bit:
+        raise ConfigError(f"{', '.join(stray)} set but load_in_4bit is not; set load_in_4bit: true "
+                          f"(with adapter: qlora) or remove these keys")
+    if cfg.bnb_config_kwargs:
+        _check_kwargs(cfg)
+    if uses_fsdp(cfg):
+        _check_fsdp(cfg)
+    _check_optimizer(cfg)
+
+
+def uses_fsdp(cfg) -> bool:
+    """Whether plait-parallel will shard with FSDP2 (its keys, when it is installed)."""
+    fsdp = getattr(cfg, "fsdp", None)
+    return bool(fsdp not in (None, False, "", [], "false") or getattr(cfg, "fsdp_version", None)
+                or getattr(cfg, "fsdp_config", None))
+
+
+def _check_fsdp(cfg) -> None:
+    """FSDP2 shards a layer's parameters as one flat buffer of one dtype."""
+    from plait_bnb.quantize import compute_dtype_name
+
+    if cfg.load_in_8bit:
+        raise ConfigError("load_in_8bit cannot be combined with FSDP (fsdp / fsdp_config / fsdp_version): int8 "
+                          "weights and their scales cannot be sharded; use load_in_4bit with adapter: qlora")
+    if not cfg.load_in_4bit:
+        return
+    if cfg.bnb_4bit_quant_storage == "uint8":
+        raise ConfigError("config key 'bnb_4bit_quant_storage': 'uint8' cannot be sharded with FSDP beside the "
+                          "model's float weights; set it to the compute dtype (bfloat16 or float16), or leave it "
+                          "unset and plait-bnb chooses it")
+    if cfg.bnb_4bit_quant_storage is None:
+        # what Axolotl does too: store the packed 4-bit data as the compute dtype so FSDP2 sees one dtype
+        cfg.set_by_plugin("bnb_4bit_quant_storage", compute_dtype_name(cfg), "bnb")
+
+
+def _check_kwargs(cfg) -> None:
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+
+    accepted = [p for p in inspect.signature(BitsAndBytesConfig.__init__).parameters if p not in ("self", "kwargs")]
+    unknown = [k for k in cfg.bnb_config_kwargs if k not in accepted]
+    if unknown:
+        raise ConfigError(f"config key 'bnb_config_kwargs': {unknown} are not BitsAndBytesConfig arguments; "
+                          f"accepted: {', '.join(accepted)}")
+    twice = [k for k in cfg.bnb_config_kwargs if k in BNB_KEYS]
+    if twice:
+        raise ConfigError(f"config key 'bnb_config_kwargs' repeats {twice}, which are top-level keys; set them there")
+
+
+def _check_optimizer(cfg) -> None:
+    name = cfg.optimizer
+    if name not in OPTIMIZERS:
+        return
+    if name.startswith("paged_"):
+        import torch
+
+        if not torch.cuda.is_available():
+            # bitsandbytes 0.50 falls back to ordinary (unpaged) state on the CPU; say so once, up front
+            warnings.warn(f"optimizer {name!r}: paging needs a CUDA device; on this machine the state "
+                          f"is kept in ordinary memory (bitsandbytes' fallback)", stacklevel=2)
+    if cfg.optim_args:
+        import inspect
+
+        import bitsandbytes.optim as bnb_optim
+
+        cls = getattr(bnb_optim, OPTIMIZERS[name])
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+        unknown = [k for k in cfg.optim_args if k not in accepted]
+        if unknown:
+            raise ConfigError(f"config key 'optim_args': {unknown} are not arguments of bitsandbytes "
+                              f"{cls.__name__} (optimizer {name!r}); accepted: {', '.join(accepted)}")

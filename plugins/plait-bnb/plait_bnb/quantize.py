@@ -1,0 +1,120 @@
+"""Load a causal LM with bitsandbytes-quantized linear layers, ready for adapters.
+
+k-bit preparation, and why it is not peft's ``prepare_model_for_kbit_training``
+------------------------------------------------------------------------------
+peft's helper casts every non-quantized floating parameter (embeddings, an
+untied head, norms) from fp16/bf16 to float32. Those weights are frozen under
+QLoRA, so float32 buys no optimizer precision; it only costs memory, and most
+of it sits in the embedding and head, whose size grows with the vocabulary.
+Measured on the CPU (``tests/test_bnb_memory.py``, bf16, 4-bit nf4 with double
+quant; Llama with vocab 32000, hidden 256, 2 layers, intermediate 512; bytes of
+parameters and buffers):
+
+=========================  =========  ============  ============
+model                      plait-bnb  peft helper   peft / plait
+=========================  =========  ============  ============
+untied head                33.4 MB    66.1 MB       1.98x
+tied head                  17.0 MB    33.4 MB       1.97x
+=========================  =========  ============  ============
+
+(The 4-bit linear layers are 0.6 MB of that; the rest is the 8.2 M-parameter
+embedding and head.)
+At Llama-3-8B's shapes the same cast adds 2 x 128256 x 4096 x 2 bytes = 2.1 GB.
+So :func:`prepare_for_kbit_training` keeps every non-quantized weight in the
+compute dtype (RMSNorm already computes its statistics in float32 internally),
+freezes the base, and only turns on what gradients to the adapters need:
+input gradients and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: set on a model this module prepared, so an adapter plugin can skip peft's upcasting helper
+PREPARED_FLAG = "_plait_kbit_prepared"
+
+
+def compute_dtype_name(cfg) -> str:
+    """``bnb_4bit_compute_dtype``, defaulting to the run's compute dtype."""
+    from plait.builtin.model import compute_dtype
+
+    if cfg.bnb_4bit_compute_dtype:
+        return cfg.bnb_4bit_compute_dtype
+    return str(compute_dtype(cfg)).removeprefix("torch.")
+
+
+def quantization_config(cfg):
+    """The ``transformers.BitsAndBytesConfig`` the keys describe."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
+    if cfg.load_in_4bit:
+        kwargs.update(
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype_name(cfg)),
+        )
+        if cfg.bnb_4bit_quant_storage:
+            kwargs["bnb_4bit_quant_storage"] = getattr(torch, cfg.bnb_4bit_quant_storage)
+    kwargs.update(cfg.bnb_config_kwargs)
+    return BitsAndBytesConfig(**kwargs)
+
+
+def device_map():
+    """bitsandbytes quantizes while weights move to their device: put the whole
+    model on this process's GPU (``LOCAL_RANK`` under torchrun), or keep it on
+    the CPU where bitsandbytes has CPU kernels."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return None
+
+
+def prepare_for_kbit_training(model, gradient_checkpointing: bool = False, checkpointing_kwargs: dict | None = None):
+    """Freeze the quantized base for adapter training without upcasting it.
+
+    See the module docstring for the measurement behind keeping embeddings,
+    head and norms in the compute dtype.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False, **(checkpointing_kwargs or {})}
+        # transformers 5 renamed the method (the old name warns); keep working with both
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # checkpointed blocks need an input that requires grad when the embeddings are frozen
+        model.enable_input_require_grads()
+    setattr(model, PREPARED_FLAG, True)
+    return model
+
+
+def load_quantized_model(cfg, tokenizer):
+    """``AutoModelForCausalLM.from_pretrained`` with the quantization config,
+    resized embeddings and the k-bit preparation above."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from plait.builtin.model import compute_dtype
+
+    if cfg.tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model,
+        dtype=compute_dtype(cfg),
+        quantization_config=quantization_config(cfg),
+        device_map=device_map(),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # embeddings are not quantized, so resizing works as on a plain model
+        multiple = 32 if cfg.resize_token_embeddings_to_32x else None
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
+    # a KV cache changes how transformers builds attention masks; never train with one
+    model.config.use_cache = False
+    return prepare_for_kbit_training(model, bool(cfg.gradient_checkpointing), cfg.gradient_checkpointing_kwargs)
