@@ -1,0 +1,25 @@
+"""The configuration keys this plugin owns (Axolotl names where Axolotl has them)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+
+
+class KernelsConfig(BaseModel):
+    plait_kernels: Literal["auto", "triton", "liger", "torch", "off"] = Field(
+        "auto",
+        description="Kernels for norm, rotary, GLU and loss: auto (Triton on CUDA, the model's PyTorch code "
+                    "otherwise), triton, liger (liger-kernel), torch (no swaps), off (this plugin does nothing).",
+    )
+    liger_rms_norm: Optional[bool] = Field(None, description="Use liger-kernel's RMSNorm.")
+    liger_rope: Optional[bool] = Field(None, description="Use liger-kernel's rotary embedding.")
+    liger_glu_activation: Optional[bool] = Field(None, description="Use liger-kernel's SwiGLU/GeGLU.")
+    liger_fused_linear_cross_entropy: Optional[bool] = Field(
+        None, description="Use liger-kernel's fused linear cross-entropy as the loss step.")
+    liger_cross_entropy: Optional[bool] = Field(
+        None, description="Accepted from Axolotl: Plait's loss step is always head + cross-entropy, so this "
+                          "selects liger's fused linear cross-entropy too.")
+    torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
+    torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")

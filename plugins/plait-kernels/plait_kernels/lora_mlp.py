@@ -1,0 +1,133 @@
+"""A LoRA GLU MLP in fewer passes over its activations than peft's separate modules.
+
+peft runs each LoRA projection as ``base(x) + lora_B(lora_A(dropout(x))) * s``:
+for the three projections of a GLU MLP that is three extra reads of ``x``-sized
+inputs, and for each output a LoRA product, a scaling pass and an add pass over
+``[tokens, intermediate]`` tensors, with autograd keeping the activation
+``h = act(gate) * up`` for the down projection's backward. Here:
+
+- gate's and up's ``A`` matrices are stacked, so ``x`` is read once for both
+  (``xa = x @ [A_g; A_u].T``), and in backward ``dx``'s two LoRA terms and both
+  ``dA`` are one matmul each;
+- each LoRA product is accumulated into its base output by ``addmm_(alpha=s)``:
+  no separate scaling or add passes, no ``[tokens, intermediate]`` temporaries;
+- ``h`` is not stored: the backward recomputes it with the GLU kernel.
+
+Frozen base weights only (LoRA training): a base weight that needs a gradient,
+a bias, dropout, DoRA, several active adapters or quantized bases take the
+module's ordinary path. Parameters stay peft's, so adapters save as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plait_kernels.modules import PlaitGLUMLP
+
+
+class LoRAGLUMLPFunction(torch.autograd.Function):
+    """``down(act(gate(x)) * up(x))`` with LoRA on all three; see the module docstring.
+
+    Inputs per projection: frozen base weight ``W``, LoRA ``A`` ``[r, in]``,
+    ``B`` ``[out, r]`` and scaling ``s``. ``x`` is ``[tokens, hidden]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_g, a_g, b_g, s_g, w_u, a_u, b_u, s_u, w_d, a_d, b_d, s_d, gelu):
+        from plait_kernels.ops.glu import glu_forward
+
+        dt = x.dtype
+        a_gu = torch.cat([a_g, a_u]).to(dt)
+        r_g = a_g.shape[0]
+        xa = x @ a_gu.t()  # one read of x for both LoRA A's
+        gate = x @ w_g.t()
+        gate.addmm_(xa[:, :r_g], b_g.to(dt).t(), alpha=s_g)
+        up = x @ w_u.t()
+        up.addmm_(xa[:, r_g:], b_u.to(dt).t(), alpha=s_u)
+        h = glu_forward(gate, up, gelu)
+        ha = h @ a_d.to(dt).t()
+        out = h @ w_d.t()
+        out.addmm_(ha, b_d.to(dt).t(), alpha=s_d)
+        ctx.save_for_backward(x, gate, up, xa, ha, w_g, a_gu, b_g, w_u, b_u, w_d, a_d, b_d)
+        ctx.scales, ctx.r_g, ctx.gelu = (s_g, s_u, s_d), r_g, gelu
+        ctx.param_dtypes = (a_g.dtype, b_g.dtype, a_u.dtype, b_u.dtype, a_d.dtype, b_d.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        from plait_kernels.ops.glu import glu_backward, glu_forward
+
+        x, gate, up, xa, ha, w_g, a_gu, b_g, w_u, b_u, w_d, a_d, b_d = ctx.saved_tensors
+        s_g, s_u, s_d = ctx.scales
+        dt = x.dtype
+        b_g, b_u, a_d, b_d = b_g.to(dt), b_u.to(dt), a_d.to(dt), b_d.to(dt)
+        d_out = d_out.contiguous()
+
+        # down projection
+        h = glu_forward(gate, up, ctx.gelu)  # recomputed rather than stored
+        d_out_b = d_out @ b_d  # [T, r_d]
+        d_b_d = (d_out.t() @ ha).mul_(s_d)
+        d_a_d = (d_out_b.t() @ h).mul_(s_d)
+        del h
+        d_h = d_out @ w_d
+        d_h.addmm_(d_out_b, a_d, alpha=s_d)
+
+        # activation, then gate and up together
+        d_gate, d_up = glu_backward(d_h, gate, up, ctx.gelu)
+        del d_h
+        r_g = ctx.r_g
+        d_b_g = (d_gate.t() @ xa[:, :r_g]).mul_(s_g)
+        d_b_u = (d_up.t() @ xa[:, r_g:]).mul_(s_u)
+        coef = torch.cat([(d_gate @ b_g).mul_(s_g), (d_up @ b_u).mul_(s_u)], dim=1)  # [T, r_g + r_u]
+        d_x = d_gate @ w_g
+        d_x.addmm_(d_up, w_u)
+        d_x.addmm_(coef, a_gu)  # both LoRA A terms in one matmul
+        d_a_gu = coef.t() @ x
+        dtypes = ctx.param_dtypes
+        return (d_x, None, d_a_gu[:r_g].to(dtypes[0]), d_b_g.to(dtypes[1]), None,
+                None, d_a_gu[r_g:].to(dtypes[2]), d_b_u.to(dtypes[3]), None,
+                None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None)
+
+
+def _lora_parts(layer):
+    """``(W, A, B, scaling)`` of a peft LoRA linear the fast path can run, else ``None``."""
+    if not (hasattr(layer, "lora_A") and hasattr(layer, "base_layer")):
+        return None
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return None
+    active = list(getattr(layer, "active_adapters", ()))
+    if len(active) != 1 or active[0] not in layer.lora_A or getattr(layer, "lora_variant", {}).get(active[0]):
+        return None
+    name = active[0]
+    base, dropout = layer.base_layer, layer.lora_dropout[name]
+    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+        return None
+    if not isinstance(dropout, nn.Identity) and not (isinstance(dropout, nn.Dropout) and
+                                                      (dropout.p == 0 or not dropout.training)):
+        return None
+    if getattr(layer, "fan_in_fan_out", False):
+        return None
+    return base.weight, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+
+
+def is_lora_mlp(mlp) -> bool:
+    """Whether ``mlp``'s three projections are peft LoRA layers."""
+    return all(hasattr(getattr(mlp, n, None), "lora_A") for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+class PlaitLoRAGLUMLP(PlaitGLUMLP):
+    """:class:`PlaitGLUMLP` with the fused LoRA path when the adapters allow it."""
+
+    def __init__(self, gate_proj, up_proj, down_proj, glu_fn, kernel_name: str, gelu: bool):
+        super().__init__(gate_proj, up_proj, down_proj, glu_fn, kernel_name)
+        self.gelu = gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [_lora_parts(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        if any(p is None for p in parts):
+            return super().forward(x)  # peft's own modules, with the GLU kernel
+        (w_g, a_g, b_g, s_g), (w_u, a_u, b_u, s_u), (w_d, a_d, b_d, s_d) = parts
+        flat = x.reshape(-1, x.shape[-1])
+        out = LoRAGLUMLPFunction.apply(flat, w_g, a_g, b_g, s_g, w_u, a_u, b_u, s_u, w_d, a_d, b_d, s_d, self.gelu)
+        return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,116 @@
+"""Drop-in modules that route a decoder's norm, MLP activation and rotary
+embedding through a kernel backend.
+
+Each replacement keeps the original parameters and submodules under the same
+attribute names, so ``state_dict`` keys, peft adapters and checkpoints are
+unchanged by patching.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+class PlaitRMSNorm(nn.Module):
+    """RMSNorm through a kernel backend; holds the replaced module's ``weight``.
+
+    ``offset`` is 1.0 for Gemma-style norms that scale by ``1 + weight``.
+    """
+
+    def __init__(self, weight: nn.Parameter, eps: float, offset: float, rms_norm_fn, kernel_name: str):
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+        self.offset = offset
+        self._rms_norm = rms_norm_fn
+        self.kernel_name = kernel_name
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None):
+        return self._rms_norm(hidden_states, self.weight, self.eps, self.offset, residual=residual)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, kernel={self.kernel_name}"
+
+
+class PlaitGLUMLP(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` with the gated activation fused.
+
+    Holds the replaced MLP's three projections (possibly peft LoRA layers).
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, glu_fn, kernel_name: str):
+        super().__init__()
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
+        self._glu = glu_fn
+        self.kernel_name = kernel_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._glu(self.gate_proj(x), self.up_proj(x)))
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel_name}"
+
+
+#: attention classes whose training forward is exactly the one below (checked
+#: against transformers 5.x): q/k/v/o projections, rotate-half rotary, the
+#: attention-function registry; Mistral/Qwen2/Qwen3 add a sliding window, Qwen3
+#: per-head q/k norms.
+ROPE_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+
+_rope_classes: dict[type, type] = {}
+
+
+def rope_attention_class(base: type) -> type:
+    """A subclass of attention class ``base`` whose forward rotates q and k with
+    ``self._plait_rope`` (one kernel for both) instead of the library function.
+
+    A subclass, not a wrapper: parameters keep their names and
+    ``isinstance(module, base)`` stays true for FSDP/peft code that checks it.
+    Calls with a KV cache (generation) go to the library's own forward.
+    """
+    if base in _rope_classes:
+        return _rope_classes[base]
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache=None, **kwargs):
+        if past_key_values is not None or cache is not None or position_embeddings is None:
+            kw = {"past_key_values": past_key_values} if past_key_values is not None else {}
+            if cache is not None:
+                kw["cache"] = cache
+            return base.forward(self, hidden_states, position_embeddings=position_embeddings,
+                                attention_mask=attention_mask, **kw, **kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before the rotation
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = self._plait_rope(query, key, cos, sin)
+
+        implementation = self.config._attn_implementation
+        if implementation in (None, "eager"):
+            attention = sys.modules[base.__module__].eager_attention_forward
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        if window is not None:
+            kwargs["sliding_window"] = window
+        output, weights = attention(self, query, key, value, attention_mask,
+                                    dropout=0.0 if not self.training else self.attention_dropout,
+                                    scaling=self.scaling, **kwargs)
+        output = output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(output), weights
+
+    cls = type(f"Plait{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
+    _rope_classes[base] = cls
+    return cls

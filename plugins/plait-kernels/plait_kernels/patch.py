@@ -1,0 +1,148 @@
+"""Swap a model's modules for kernel-backed ones, by family, through public means:
+module replacement (norm, MLP), a subclass of the attention module whose forward
+uses the fused rotary kernel, and ``nn.Module.compile`` per decoder layer.
+
+Class names come from the family registry (``plait.families.find_family``)
+when a plugin describes the model's family; otherwise from
+:data:`FALLBACK_FAMILIES`, so llama/mistral/qwen2 work without plait-models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from torch import nn
+
+from plait_kernels.backends import get_backend
+from plait_kernels.lora_mlp import PlaitLoRAGLUMLP, is_lora_mlp
+from plait_kernels.modules import ROPE_ATTENTION_CLASSES, PlaitGLUMLP, PlaitRMSNorm, rope_attention_class
+
+log = logging.getLogger(__name__)
+
+#: model_type -> (norm class, MLP class, activation, decoder layer class)
+FALLBACK_FAMILIES = {
+    "llama": ("LlamaRMSNorm", "LlamaMLP", "swiglu", "LlamaDecoderLayer"),
+    "mistral": ("MistralRMSNorm", "MistralMLP", "swiglu", "MistralDecoderLayer"),
+    "qwen2": ("Qwen2RMSNorm", "Qwen2MLP", "swiglu", "Qwen2DecoderLayer"),
+}
+
+#: transformers ``hidden_act`` values -> our gated activation
+ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_tanh": "geglu"}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What to swap in one model: class names, the norm's offset, the MLP activation."""
+
+    norm_class: str | None
+    norm_offset: float | None  # None: decide per module (Gemma-named norms use 1.0)
+    mlp_class: str | None
+    activation: str | None  # "swiglu" | "geglu" | None (not a gated MLP we fuse)
+    layer_class: str | None
+
+
+def find_targets(cfg, model) -> Targets:
+    """Ask the family registry; fall back to :data:`FALLBACK_FAMILIES`."""
+    model_type = getattr(model.config, "model_type", None)
+    hidden_act = ACTIVATIONS.get(getattr(model.config, "hidden_act", None))
+    family = None
+    pm = getattr(cfg, "plugin_manager", None)
+    if pm is not None and model_type:
+        from plait.families import find_family
+
+        family = find_family(pm, model_type)
+    if family is not None:
+        return Targets(family.norm_class, getattr(family, "norm_offset", None), family.mlp_class,
+                       family.mlp_activation or hidden_act, family.decoder_layer_class)
+    norm_class, mlp_class, _, layer_class = FALLBACK_FAMILIES.get(model_type, (None, None, None, None))
+    # the config says which activation the MLP really uses
+    return Targets(norm_class, None, mlp_class, hidden_act, layer_class)
+
+
+def _set_child(root, dotted: str, new) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+
+
+def _is_glu_mlp(module) -> bool:
+    """The three-projection layout PlaitGLUMLP computes (MoE experts and fused
+    gate_up projections have other layouts and are left alone)."""
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _norm_offset(module) -> float:
+    # without a registry answer: Gemma-family norms scale by (1 + weight)
+    return 1.0 if type(module).__name__.startswith("Gemma") else 0.0
+
+
+def _norm_eps(module) -> float:
+    for attr in ("variance_epsilon", "eps"):
+        if hasattr(module, attr):
+            return float(getattr(module, attr))
+    return 1e-6
+
+
+def kernel_label(backend: str, op: str) -> str:
+    """How the report names a kernel: ``plait triton rms_norm``, ``liger swiglu``."""
+    return f"plait {backend} {op}" if backend in ("triton", "torch") else f"{backend} {op}"
+
+
+def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
+    """Apply the backends in ``chosen`` to ``model`` in place; return what changed."""
+    targets = find_targets(cfg, model)
+    norm_class, offset, mlp_class, activation = (targets.norm_class, targets.norm_offset, targets.mlp_class,
+                                                 targets.activation)
+    report: Counter = Counter()
+    for name, module in list(model.named_modules()):
+        kind = type(module).__name__
+        if chosen["rms_norm"] and kind == norm_class and hasattr(module, "weight"):
+            backend = chosen["rms_norm"]
+            new = PlaitRMSNorm(module.weight, _norm_eps(module), _norm_offset(module) if offset is None else offset,
+                               get_backend(backend)["rms_norm"], f"{backend} rms_norm")
+            _set_child(model, name, new)
+            report[(kind, kernel_label(backend, "rms_norm"))] += 1
+        elif chosen["glu"] and kind == mlp_class and activation in ("swiglu", "geglu") and _is_glu_mlp(module):
+            backend = chosen["glu"]
+            glu = get_backend(backend)[activation]
+            if backend == "triton" and is_lora_mlp(module):
+                # LoRA on all three projections: the fused LoRA MLP (falls back per call when it cannot apply)
+                new = PlaitLoRAGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu,
+                                      f"{backend} lora_{activation}_mlp", gelu=activation == "geglu")
+                op = f"lora_{activation}_mlp"
+            else:
+                new = PlaitGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu, f"{backend} {activation}")
+                op = activation
+            _set_child(model, name, new)
+            report[(kind, kernel_label(backend, op))] += 1
+        elif chosen["rope"] and kind in ROPE_ATTENTION_CLASSES:
+            backend = chosen["rope"]
+            module.__class__ = rope_attention_class(type(module))
+            module._plait_rope = get_backend(backend)["rope"]
+            report[(kind, kernel_label(backend, "rope"))] += 1
+    if cfg.torch_compile:
+        compile_backend = cfg.torch_compile_backend or "inductor"
+        compiled = compile_layers(model, targets.layer_class, compile_backend)
+        if compiled:
+            report[(targets.layer_class, f"torch.compile ({compile_backend}), per layer")] = compiled
+    summary = {f"{kind} x{count}": kernel for (kind, kernel), count in report.items()}
+    for what, kernel in summary.items():
+        log.info("plait-kernels: %s -> %s", what, kernel)
+    return summary
+
+
+def compile_layers(model, layer_class: str | None, backend: str) -> int:
+    """Compile each decoder layer on its own (regional compilation).
+
+    Every layer has the same code, so after the first one compiles the rest
+    reuse its graph: cold start is one layer's compile, not the whole model's.
+    ``nn.Module.compile`` compiles in place, so parameter names do not change.
+    """
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if (layer_class and name == layer_class) or (not layer_class and name.endswith("DecoderLayer")):
+            module.compile(backend=backend)
+            count += 1
+    return count

@@ -1,0 +1,82 @@
+"""Which backend serves each piece (norm, rope, GLU, loss), from the config.
+
+``plait_kernels`` sets the default for every piece; a ``liger_*`` key set to
+true moves its piece to liger-kernel. ``off`` turns the plugin off entirely.
+"""
+
+from __future__ import annotations
+
+import os
+
+from plait.errors import ConfigError
+
+from plait_kernels.backends import PIECES, liger_installed
+
+#: piece -> the Axolotl key that asks liger-kernel for it
+LIGER_KEYS = {
+    "rms_norm": "liger_rms_norm",
+    "rope": "liger_rope",
+    "glu": "liger_glu_activation",
+    "loss": "liger_fused_linear_cross_entropy",
+}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def interpreter_enabled() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on the CPU (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def asked_for_liger(cfg) -> list[str]:
+    """The liger keys set to true (``liger_cross_entropy`` counts as the fused loss)."""
+    keys = [key for key in LIGER_KEYS.values() if getattr(cfg, key, None)]
+    if getattr(cfg, "liger_cross_entropy", None) and "liger_fused_linear_cross_entropy" not in keys:
+        keys.append("liger_cross_entropy")
+    return keys
+
+
+def check_config(cfg) -> None:
+    """Config-only checks (no torch): run at validation, before any model work."""
+    liger_keys = asked_for_liger(cfg)
+    if cfg.plait_kernels == "off" and (liger_keys or cfg.torch_compile):
+        extra = liger_keys + (["torch_compile"] if cfg.torch_compile else [])
+        raise ConfigError(
+            f"config key 'plait_kernels': 'off' disables this plugin, but {', '.join(extra)} ask(s) for it; "
+            f"remove those keys or set plait_kernels to auto, triton, liger or torch"
+        )
+    if (liger_keys or cfg.plait_kernels == "liger") and not liger_installed():
+        key = liger_keys[0] if liger_keys else "plait_kernels"
+        raise ConfigError(
+            f"config key {key!r} asks for liger-kernel, which is not installed; "
+            f"pip install liger-kernel, or remove the key (accepted without it: plait_kernels auto, triton, torch, off)"
+        )
+
+
+def choose(cfg) -> dict[str, str | None]:
+    """Backend name per piece; ``None`` leaves the model's own module in place."""
+    mode = cfg.plait_kernels
+    if mode == "off":
+        return dict.fromkeys(PIECES)
+    if mode == "auto":
+        mode = "triton" if _cuda_available() else "torch"
+    # "torch" means the model's own PyTorch modules: nothing to swap
+    default = None if mode == "torch" else mode
+    chosen = dict.fromkeys(PIECES, default)
+    for piece, key in LIGER_KEYS.items():
+        if getattr(cfg, key, None):
+            chosen[piece] = "liger"
+    if getattr(cfg, "liger_cross_entropy", None):
+        chosen["loss"] = "liger"
+    needs_device = sorted({name for name in chosen.values() if name in ("triton", "liger")})
+    if needs_device and not _cuda_available() and not interpreter_enabled():
+        raise ConfigError(
+            f"config key 'plait_kernels' / liger_*: the {' and '.join(needs_device)} kernels need a CUDA device and "
+            f"none is available; set plait_kernels: torch (or auto) and drop the liger_* keys on this machine "
+            f"(tests may set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
+        )
+    return chosen

@@ -1,0 +1,44 @@
+"""SwiGLU / GeGLU kernels vs float32 PyTorch, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plait_kernels.ops.glu import geglu, swiglu
+from plait_kernels.testing import gpu_test, outputs_and_grads
+
+# gate values reach +-16, so outputs and grads reach ~50: float32 rounding there is ~5e-6
+FP32 = dict(atol=1e-5, rtol=1e-5)
+BF16 = dict(atol=2e-2, rtol=2e-2)
+# float32 on a GPU: 67M values up to ~50 through exp; a handful differ by ~1e-5 (CUDA exp vs torch)
+
+KERNELS = {
+    "swiglu": (swiglu, lambda g, u: F.silu(g.float()) * u.float()),
+    "geglu": (geglu, lambda g, u: F.gelu(g.float(), approximate="tanh") * u.float()),
+}
+
+
+def _compare(name, shape, dtype, device, tol):
+    kernel, ref = KERNELS[name]
+    gen = torch.Generator().manual_seed(0)
+    # a wide range of gate values: the activations bend around 0 and saturate far from it
+    gate = (torch.randn(shape, generator=gen) * 4).to(device=device, dtype=dtype)
+    up = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    out, grads = outputs_and_grads(kernel, [gate, up])
+    ref_out, ref_grads = outputs_and_grads(lambda g, u: ref(g, u).to(dtype), [gate, up])
+    for got, want in zip(out + grads, ref_out + ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("shape", [(7, 33), (2, 3, 129), (1500,)])
+def test_glu_matches_reference_fp32(name, shape, device):
+    _compare(name, shape, torch.float32, device, FP32)
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@gpu_test
+def test_glu_gpu(name, dtype):
+    _compare(name, (4, 2048, 8192), dtype, "cuda", BF16 if dtype == torch.bfloat16 else dict(atol=3e-5, rtol=1e-5))

@@ -1,0 +1,127 @@
+"""The plugin's hooks: config keys, validation errors, patch_model, build_loss,
+regional torch.compile. Runs through core's real config and plugin manager."""
+
+import pytest
+
+pytest.importorskip("omegaconf")  # core's config stack (absent on bare GPU images)
+
+import torch  # noqa: E402
+
+import plait_kernels.plugin as kernels_plugin  # noqa: E402
+from plait.errors import ConfigError  # noqa: E402
+from plait.testing import build_run_config, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def only_this_plugin(monkeypatch):
+    # load no entry-point plugins and register this one explicitly, so the test
+    # sees the same manager whether or not the package is pip-installed
+    monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _cfg(model_dir, **keys):
+    cfg, pm = build_run_config({"base_model": str(model_dir), **keys}, plugins=[kernels_plugin])
+    return cfg, pm
+
+
+def _model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def test_keys_and_defaults(model_dir):
+    cfg, _ = _cfg(model_dir)
+    assert cfg.plait_kernels == "auto" and cfg.torch_compile is False and cfg.liger_rms_norm is None
+
+
+def test_bad_mode_names_the_key_and_choices(model_dir):
+    with pytest.raises(ConfigError, match=r"plait_kernels.*'fast'.*(auto|triton)"):
+        _cfg(model_dir, plait_kernels="fast")
+
+
+def test_off_with_liger_key_is_refused(model_dir):
+    with pytest.raises(ConfigError, match="'off' disables this plugin, but liger_rope"):
+        _cfg(model_dir, plait_kernels="off", liger_rope=True)
+
+
+def test_liger_key_without_liger_installed(model_dir, monkeypatch):
+    import plait_kernels.selection as selection
+
+    monkeypatch.setattr(selection, "liger_installed", lambda: False)
+    with pytest.raises(ConfigError, match="'liger_rms_norm' asks for liger-kernel, which is not installed"):
+        _cfg(model_dir, liger_rms_norm=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_triton_without_gpu_or_interpreter_is_refused(model_dir, monkeypatch):
+    cfg, pm = _cfg(model_dir, plait_kernels="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="need a CUDA device"):
+        pm.hook.patch_model(cfg=cfg, model=_model(model_dir))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU default")
+def test_auto_on_cpu_changes_nothing(model_dir):
+    cfg, pm = _cfg(model_dir)
+    model = _model(model_dir)
+    assert pm.hook.patch_model(cfg=cfg, model=model) == []
+    # core's chunked loss answers build_loss
+    from plait.builtin.loss import chunked_linear_cross_entropy
+
+    assert pm.hook.build_loss(cfg=cfg, model=model) is chunked_linear_cross_entropy
+
+
+def test_patch_model_hook_reports_and_build_loss_is_fused(model_dir, device):
+    cfg, pm = _cfg(model_dir, plait_kernels="triton")  # on the CPU: the interpreter (conftest)
+    model = _model(model_dir)
+    reports = pm.hook.patch_model(cfg=cfg, model=model)
+    assert reports == [{"LlamaRMSNorm x5": "plait triton rms_norm", "LlamaMLP x2": "plait triton swiglu",
+                        "LlamaAttention x2": "plait triton rope",
+                        "loss": "plait triton fused_linear_cross_entropy"}]
+    loss_fn = pm.hook.build_loss(cfg=cfg, model=model)
+    assert loss_fn.__name__ == "fused_linear_cross_entropy"
+    hidden = torch.randn(6, model.config.hidden_size, requires_grad=True)
+    labels = torch.tensor([1, 2, -100, 4, 5, -100])
+    loss, n = loss_fn(hidden, model.lm_head.weight, labels)
+    expected = torch.nn.functional.cross_entropy(hidden @ model.lm_head.weight.t(), labels, reduction="sum")
+    assert n == 4
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_family_registry_names_the_classes(model_dir):
+    """A family plugin's class names win over the built-in fallback table."""
+    from plait.families import ModelFamily
+    from plait.hookspecs import hookimpl
+
+    class OnlyNorms:
+        @hookimpl
+        def model_families(self):
+            return [ModelFamily(name="llama-test", model_types=("llama",), decoder_layer_class="LlamaDecoderLayer",
+                                norm_class="LlamaRMSNorm", mlp_class="NotAnMLP", mlp_activation="swiglu")]
+
+    cfg, pm = build_run_config({"base_model": str(model_dir), "plait_kernels": "triton"},
+                               plugins=[kernels_plugin, OnlyNorms()])
+    report = pm.hook.patch_model(cfg=cfg, model=_model(model_dir))[0]
+    assert "LlamaRMSNorm x5" in report and "LlamaMLP x2" not in report
+
+
+def test_regional_torch_compile(model_dir):
+    cfg, pm = _cfg(model_dir, plait_kernels="torch", torch_compile=True, torch_compile_backend="eager")
+    model = _model(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, model.config.vocab_size, (1, 9))
+    expected = model(input_ids=ids).logits
+    report = pm.hook.patch_model(cfg=cfg, model=model)
+    assert report == [{"LlamaDecoderLayer x2": "torch.compile (eager), per layer"}]
+    assert model.state_dict().keys() == before.keys()  # in-place compile keeps parameter names
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    torch._dynamo.reset()
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
