@@ -1,0 +1,46 @@
+"""Hookimpls of plait-parallel (entry point ``parallel``).
+
+* ``config_schema``: the parallelism keys (:class:`~plait_parallel.config.ParallelConfig`).
+* ``validate_config``: mesh sizes against ``WORLD_SIZE``, before any model work.
+* ``wrap_parallel``: TP -> context parallel -> FSDP2 on the given mesh, or on
+  one built from the config when ``mesh`` is ``None`` and a process group is
+  initialised (:func:`plait_parallel.mesh.build_mesh`). The mesh used is
+  left on the returned model as ``model.plait_mesh``.
+* ``register_commands``: ``plait merge-sharded``.
+
+Helpers for the training loop live beside: ``mesh.data_parallel_rank_and_size``,
+``mesh.loss_divisor``, ``context_parallel.shard_batch_for_context_parallel``,
+``checkpoint.save_sharded`` / ``load_sharded``.
+"""
+
+from __future__ import annotations
+
+from plait.hookspecs import hookimpl
+
+
+@hookimpl
+def config_schema():
+    from plait_parallel.config import ParallelConfig
+
+    return ParallelConfig
+
+
+@hookimpl
+def validate_config(cfg):
+    from plait_parallel.config import validate
+
+    validate(cfg)
+
+
+@hookimpl
+def wrap_parallel(cfg, model, mesh):
+    from plait_parallel.wrap import wrap_model
+
+    return wrap_model(cfg, model, mesh)
+
+
+@hookimpl
+def register_commands(subparsers):
+    from plait_parallel.commands import add_merge_sharded
+
+    add_merge_sharded(subparsers)
