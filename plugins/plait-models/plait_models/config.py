@@ -1,0 +1,129 @@
+"""The plugin's config keys and the checks that need the model's type.
+
+Checks run in ``validate_config``, before any model is loaded: the model type
+comes from ``model_config_type`` or from ``config.json`` of a local
+``base_model`` (read as plain JSON, no transformers import).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+
+from plait.config.schema import StrictModel
+from plait.errors import ConfigError
+
+log = logging.getLogger("plait.models")
+
+
+class ModelsConfig(StrictModel):
+    """Keys for model families and mixture-of-experts training."""
+
+    model_config_type: Optional[str] = Field(
+        None,
+        description="The checkpoint's config.model_type (Axolotl key); normally read from the checkpoint. "
+        "Set it to pick a family for a checkpoint whose config Plait cannot read before loading.",
+    )
+    router_aux_loss_coef: Optional[float] = Field(
+        None,
+        ge=0,
+        description="MoE only: weight of the router load-balancing loss added to the training loss. "
+        "Default: the model config's value (Mixtral, Qwen MoE: 0.001); 0 turns it off.",
+    )
+    lora_target_experts: bool = Field(
+        False,
+        description="MoE only: also put LoRA on the fused expert weights (peft target_parameters). "
+        "Off: experts stay frozen under LoRA, and the run log says so.",
+    )
+
+
+def model_type_of(cfg) -> str | None:
+    """``config.model_type`` of the run's model without loading it, or ``None``
+    when it cannot be known yet (a hub id without a local copy)."""
+    if getattr(cfg, "model_config_type", None):
+        return cfg.model_config_type
+    source = getattr(cfg, "base_model_config", None) or cfg.base_model
+    config_file = Path(source) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def validate(cfg, family) -> None:
+    """Cross-key rules of this plugin; ``family`` is the family of the run's
+    model type or ``None`` (unknown, or model type not readable yet)."""
+    if cfg.lora_target_experts and cfg.adapter not in ("lora", "qlora"):
+        raise ConfigError(
+            f"config key 'lora_target_experts': true needs adapter: lora or qlora (adapter is {cfg.adapter!r}); "
+            "a full fine-tune already trains every expert weight"
+        )
+    if family is None:
+        return
+    tp = getattr(cfg, "tensor_parallel_size", None)  # plait-parallel's key, when installed
+    if tp and tp > 1 and not family.tp_plan:
+        raise ConfigError(
+            f"config key 'tensor_parallel_size': {tp} is not supported for model type {family.model_types[0]!r} "
+            f"(family {family.name}: fused projections cannot be split column/row-wise); accepted: 1. "
+            "Shard with fsdp instead."
+        )
+    if not family.is_moe:
+        for key, unset in (("router_aux_loss_coef", None), ("lora_target_experts", False)):
+            value = getattr(cfg, key)
+            if value != unset:
+                raise ConfigError(
+                    f"config key {key!r}: {value!r} applies to mixture-of-experts models only; "
+                    f"model type {family.model_types[0]!r} (family {family.name}) has no experts. Remove the key."
+                )
+        return
+    if cfg.adapter in ("lora", "qlora") and not cfg.lora_target_experts and family.expert_parameters:
+        # not an error: attention-only LoRA on an MoE is a common choice; but never silent
+        log.warning(
+            "%s: the experts (%s) are fused 3D parameters, not nn.Linear, so LoRA leaves them frozen; "
+            "set lora_target_experts: true to adapt them too",
+            family.name, ", ".join(family.expert_parameters),
+        )
+
+
+def fill_tokenizer_defaults(cfg, family) -> None:
+    """Fill in what users otherwise set by hand, recorded as ``plugin:models``
+    in ``plait config explain``, and only when the tokenizer is a local
+    directory whose files say it is needed:
+
+    * ``chat_template_jinja``: the family's template when the tokenizer has
+      none and the config names none, and ``tokens``: the template's markers
+      the vocabulary lacks, so each is one id the model can learn to emit;
+    * ``special_tokens.pad_token``: the family's dedicated pad token when the
+      tokenizer has no pad token, or pads with EOS / an end-of-turn token.
+    """
+    from plait_models.tokenizer_files import TokenizerFiles
+
+    files = TokenizerFiles(getattr(cfg, "tokenizer_config", None) or cfg.base_model)
+    if family is None or not files.is_local:
+        return
+    if (family.default_chat_template and cfg.chat_template is None and cfg.chat_template_jinja is None
+            and not files.has_chat_template()):
+        cfg.set_by_plugin("chat_template_jinja", family.default_chat_template, "models")
+        log.info("%s: the tokenizer has no chat template; using the family's default", family.name)
+        vocabulary = files.vocabulary()
+        missing = [t for t in family.chat_special_tokens if vocabulary is not None and t not in vocabulary
+                   and t not in cfg.tokens]
+        if missing:
+            cfg.set_by_plugin("tokens", [*cfg.tokens, *missing], "models")
+    if "pad_token" in cfg.special_tokens:
+        return
+    reserved = {files.special_token("eos_token"), *family.end_of_turn_tokens}
+    if files.special_token("pad_token") not in reserved | {None}:
+        return
+    vocabulary = files.vocabulary() or set()
+    for candidate in family.pad_token_candidates:
+        if candidate in vocabulary and candidate not in reserved:
+            cfg.set_by_plugin("special_tokens", {**cfg.special_tokens, "pad_token": candidate}, "models")
+            log.info("%s: pad token %r (the tokenizer has none, or pads with EOS/end-of-turn)", family.name, candidate)
+            return

@@ -1,0 +1,128 @@
+"""The router aux loss and LoRA on fused experts, against transformers and peft."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from plait_models.moe import (aux_loss_coef, backbone_kwargs, describe_experts, load_balancing_loss,
+                              lora_expert_targets, moe_aux_loss)
+from plait_models.testing import build_model, fixed_batch
+
+MOE_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def _cfg(**keys):
+    return types.SimpleNamespace(**{"router_aux_loss_coef": None, "lora_target_experts": False, **keys})
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_aux_loss_equals_transformers(model_type, padded, pm):
+    """Backbone + moe_aux_loss gives the aux loss transformers' own forward adds."""
+    import torch
+
+    from plait.families import find_family
+
+    family = find_family(pm, model_type)
+    model = build_model(model_type)
+    batch = fixed_batch()
+    mask = torch.ones_like(batch)
+    if padded:
+        mask[1, 15:] = 0
+    reference = model(input_ids=batch, attention_mask=mask, labels=batch, output_router_logits=True)
+    cfg = _cfg()
+    outputs = model.model(input_ids=batch, attention_mask=mask, **backbone_kwargs(family, cfg, model.config))
+    ours = moe_aux_loss(outputs, cfg, model.config, mask)
+    expected = model.config.router_aux_loss_coef * reference.aux_loss
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-7), (float(ours), float(expected))
+
+
+def test_aux_loss_is_top_k_when_routing_is_uniform_and_grows_when_collapsed():
+    import torch
+
+    uniform = [torch.zeros(32, 4)]  # equal logits: topk picks ties, probs uniform
+    assert torch.isclose(load_balancing_loss(uniform, top_k=2), torch.tensor(2.0))
+    collapsed = [torch.tensor([[9.0, 8.0, 0.0, 0.0]]).repeat(32, 1)]
+    assert load_balancing_loss(collapsed, top_k=2) > 3.5
+
+
+def test_aux_loss_trains_the_router(pm):
+    from plait.families import find_family
+
+    family = find_family(pm, "mixtral")
+    model = build_model("mixtral")
+    cfg = _cfg(router_aux_loss_coef=0.5)
+    outputs = model.model(input_ids=fixed_batch(), **backbone_kwargs(family, cfg, model.config))
+    moe_aux_loss(outputs, cfg, model.config).backward()
+    router = model.model.layers[0].mlp.gate.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_coefficient_precedence_and_off_switch(pm):
+    from plait.families import find_family
+
+    model_config = types.SimpleNamespace(router_aux_loss_coef=0.001, num_experts_per_tok=2, model_type="mixtral")
+    assert aux_loss_coef(_cfg(), model_config) == 0.001
+    assert aux_loss_coef(_cfg(router_aux_loss_coef=0.02), model_config) == 0.02
+    mixtral, llama = find_family(pm, "mixtral"), find_family(pm, "llama")
+    assert backbone_kwargs(mixtral, _cfg(), model_config) == {"output_router_logits": True}
+    assert backbone_kwargs(mixtral, _cfg(router_aux_loss_coef=0.0), model_config) == {}
+    assert backbone_kwargs(llama, _cfg(), model_config) == {}
+    assert moe_aux_loss(types.SimpleNamespace(router_logits=None), _cfg(), model_config) is None
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_lora_on_experts_trains_them_and_the_log_says_so(model_type, pm):
+    """lora_target_experts: peft target_parameters wraps the fused 3D weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from plait.families import find_family
+
+    family = find_family(pm, model_type)
+    frozen = get_peft_model(build_model(model_type), LoraConfig(r=4, target_modules=list(family.lora_target_linear)))
+    assert "frozen with no adapters" in describe_experts(frozen, family)[0]
+
+    targets = lora_expert_targets(family, _cfg(lora_target_experts=True))
+    assert targets == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert lora_expert_targets(family, _cfg()) == []
+    model = get_peft_model(build_model(model_type), LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(family.lora_target_linear), target_parameters=targets))
+    assert "LoRA adapts them" in describe_experts(model, family)[0]
+    expert_lora = [p for n, p in model.named_parameters() if "lora_B" in n and ".experts." in n]
+    assert expert_lora
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    batch, losses = fixed_batch(), []
+    for _ in range(5):
+        loss = model(input_ids=batch, labels=batch).loss
+        losses.append(float(loss.detach()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(p.abs().sum() > 0 for p in expert_lora)  # B starts at zero: it moved
+
+
+def test_full_fine_tune_reports_trainable_experts(pm):
+    from plait.families import find_family
+
+    family = find_family(pm, "qwen3_moe")
+    line = describe_experts(build_model("qwen3_moe"), family)[0]
+    assert "4 trainable" in line  # two sparse layers: gate_up_proj and down_proj each
+
+
+def test_experts_requested_but_not_adapted_stops_the_run(pm):
+    from peft import LoraConfig, get_peft_model
+
+    from plait.errors import TrainingError
+    from plait.families import find_family
+
+    from plait_models.moe import check_expert_adapters
+
+    family = find_family(pm, "mixtral")
+    attention_only = get_peft_model(build_model("mixtral"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TrainingError, match="lora_target_experts: true, but the adapter attached no LoRA"):
+        check_expert_adapters(_cfg(lora_target_experts=True), attention_only, family)
+    check_expert_adapters(_cfg(), attention_only, family)  # not asked for: fine (and logged elsewhere)
