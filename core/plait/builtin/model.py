@@ -76,25 +76,34 @@ def compute_dtype(cfg):
     return torch.float32
 
 
-@hookimpl(trylast=True)
-def load_model(cfg, tokenizer):
+def pretrained_kwargs(cfg) -> dict:
+    """Arguments to ``from_pretrained`` every loader shares (dtype, attention,
+    remote code); turns TF32 on when asked. Quantizing loaders add theirs."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.base_model,
-        dtype=compute_dtype(cfg),
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    return dict(dtype=compute_dtype(cfg), attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code)
+
+
+def fit_to_tokenizer(cfg, model, tokenizer):
+    """Grow the embeddings to the tokenizer's added tokens and turn the KV cache off."""
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         multiple = 32 if cfg.resize_token_embeddings_to_32x else None
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
     # a KV cache changes how transformers builds attention masks; never train with one
     model.config.use_cache = False
+    return model
+
+
+@hookimpl(trylast=True)
+def load_model(cfg, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **pretrained_kwargs(cfg))
+    fit_to_tokenizer(cfg, model, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
                                                                            **cfg.gradient_checkpointing_kwargs})

@@ -96,25 +96,16 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool = False, check
 def load_quantized_model(cfg, tokenizer):
     """``AutoModelForCausalLM.from_pretrained`` with the quantization config,
     resized embeddings and the k-bit preparation above."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from plait.builtin.model import compute_dtype
+    from plait.builtin.model import fit_to_tokenizer, pretrained_kwargs
 
-    if cfg.tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
     model = AutoModelForCausalLM.from_pretrained(
         cfg.base_model,
-        dtype=compute_dtype(cfg),
         quantization_config=quantization_config(cfg),
         device_map=device_map(),
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
+        **pretrained_kwargs(cfg),
     )
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # embeddings are not quantized, so resizing works as on a plain model
-        multiple = 32 if cfg.resize_token_embeddings_to_32x else None
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
-    # a KV cache changes how transformers builds attention masks; never train with one
-    model.config.use_cache = False
+    # embeddings are not quantized, so resizing works as on a plain model
+    fit_to_tokenizer(cfg, model, tokenizer)
     return prepare_for_kbit_training(model, bool(cfg.gradient_checkpointing), cfg.gradient_checkpointing_kwargs)
