@@ -235,3 +235,88 @@ def test_hook_model_families():
     pm = plugin_manager(Families)
     assert find_family(pm, "toy_lm") is family
     assert find_family(pm, "unknown_type") is None
+
+
+def test_hook_tokenizer_loaded(tiny_model_dir, tmp_path):
+    # a plugin's change to the tokenizer is what the data is tokenized with
+    from datasets import load_from_disk
+
+    from plait.testing import run_cli, write_config, write_jsonl
+
+    class AddToken:
+        calls = 0
+
+        @hookimpl
+        def tokenizer_loaded(cfg, tokenizer):
+            AddToken.calls += 1
+            tokenizer.add_tokens(["<tool>"], special_tokens=True)
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model_dir)}, plugins=[AddToken])
+    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    assert pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer) == []  # return value ignored
+    tool_id = tokenizer.convert_tokens_to_ids("<tool>")
+    assert tool_id == len(tokenizer) - 1
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "call <tool> now"}, {"text": "and <tool> again"}])
+    config = write_config(tmp_path / "c.yml", base_model=str(tiny_model_dir), sequence_len=64,
+                          datasets=[{"path": str(data), "type": "completion"}],
+                          dataset_prepared_path=str(tmp_path / "prepared"), output_dir=str(tmp_path / "out"))
+    result = run_cli(["preprocess", str(config), "--no-progress"], plugins=[AddToken])
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert AddToken.calls == 2
+    cache = result.stdout.split("prepared data: ")[1].splitlines()[0].strip()
+    assert all(tool_id in row["input_ids"] for row in load_from_disk(f"{cache}/train"))
+
+
+def test_hook_shard_batch():
+    class FirstRowOnly:
+        @hookimpl
+        def shard_batch(cfg, batch, mesh):
+            return {key: value[:1] for key, value in batch.items()}
+
+    class NotConcerned:
+        @hookimpl
+        def shard_batch(cfg, batch, mesh):
+            return None
+
+    batch = {"input_ids": torch.arange(8).reshape(2, 4), "labels": torch.arange(8).reshape(2, 4)}
+    cfg, pm = build_run_config({"base_model": "m"}, plugins=[FirstRowOnly, NotConcerned])
+    part = pm.hook.shard_batch(cfg=cfg, batch=batch, mesh=None)
+    assert part["input_ids"].tolist() == [[0, 1, 2, 3]]
+    cfg, pm = build_run_config({"base_model": "m"}, plugins=[NotConcerned])
+    assert pm.hook.shard_batch(cfg=cfg, batch=batch, mesh=None) is None  # the loop keeps the batch whole
+    # plait-parallel (installed) answers only for a mesh with a cp dimension > 1
+    if pm.has_plugin("parallel"):
+        assert pm.hook.shard_batch(cfg=cfg, batch=batch, mesh=None) is None
+
+
+def test_hook_extra_loss(tiny_model_dir, tmp_path):
+    # a constant term c is added to the step's mean loss exactly once, however the
+    # step is split into micro-batches (token-weighted), and never to the eval loss
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from plait.train.loop import train
+
+    rows = [{"input_ids": list(range(10 + i, 20 + 2 * i)), "labels": [-100] * 3 + list(range(13 + i, 20 + 2 * i))}
+            for i in range(8)]
+    data = SimpleNamespace(train=Dataset.from_list(rows), eval=Dataset.from_list(rows[:2]))
+    seen = []
+
+    class Constant:
+        @hookimpl
+        def extra_loss(cfg, model, outputs, batch):
+            seen.append((hasattr(outputs, "logits"), "input_ids" in batch))
+            return torch.tensor(0.5)
+
+    first = {}
+    for name, plugins in (("plain", []), ("extra", [Constant])):
+        cfg, pm = build_run_config({"base_model": str(tiny_model_dir), "output_dir": str(tmp_path / name),
+                                    "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 1,
+                                    "eval_steps": 1, "bf16": False}, plugins=plugins)
+        run = train(cfg, pm, data=data)
+        first[name] = (run.last_metrics["loss"], run.last_eval["eval_loss"])
+    assert seen == [(True, True)] * 2  # once per training micro-batch, none in eval
+    assert first["extra"][0] == pytest.approx(first["plain"][0] + 0.5, abs=1e-5)
+    assert first["extra"][1] == pytest.approx(first["plain"][1], abs=1e-6)

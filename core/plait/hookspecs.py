@@ -212,7 +212,8 @@ def on_step_end(run, metrics):
     """An optimizer step finished and was logged.
 
     Every plugin is called, on the logging rank only. ``metrics`` is a dict:
-    ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``.
+    ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens`` (trained),
+    ``input_tokens`` (read, padding excluded), ``tokens_per_s``.
     Return value ignored.
     """
 
@@ -275,4 +276,50 @@ def model_families():
     swaps, the default chat template. Returns a list of
     :class:`plait.families.ModelFamily`, or ``None``. A model whose
     ``config.model_type`` no family claims trains through the generic path.
+    """
+
+
+# ------------------------------------------------------------ training loop
+
+
+@hookspec
+def tokenizer_loaded(cfg, tokenizer):
+    """Adjust the run's tokenizer once it is loaded.
+
+    Every plugin is called, right after :func:`load_tokenizer` and before any
+    data is tokenized (``plait train``, ``plait preprocess``, ``plait
+    inspect``), so a chat template installed or a pad token changed here is
+    what the data is built with. ``tokenizer`` is modified in place (tokens
+    added here make core's ``load_model`` resize the embeddings). Return value
+    ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def shard_batch(cfg, batch, mesh):
+    """This rank's part of a collated micro-batch.
+
+    firstresult; called by the loop on every micro-batch that :func:`collate`
+    built (training and evaluation), only when the run spans more than one
+    process. ``batch`` is the collated dict (tensors on the CPU or the
+    device), ``mesh`` the ``DeviceMesh`` :func:`wrap_parallel` left on the
+    model (``model.plait_mesh``, may be ``None``). Returns the dict this rank
+    trains on, e.g. a context-parallel slice of every sequence with
+    ``shift_labels`` (labels already shifted: the loop does not shift them
+    again) and ``position_ids``, or ``None`` to keep the batch whole.
+    """
+
+
+@hookspec
+def extra_loss(cfg, model, outputs, batch):
+    """Add a term to the training loss of a micro-batch.
+
+    Every plugin is called, once per training micro-batch (not in
+    evaluation), after the forward pass. ``outputs`` is what the model's
+    forward returned (e.g. ``router_logits`` of a mixture-of-experts model),
+    ``batch`` the micro-batch as the model saw it. Returns a scalar tensor to
+    add to the micro-batch's *mean* per-token loss (any coefficient already
+    applied), or ``None``. The loop weights each micro-batch's term by its
+    share of the step's trained tokens (all ranks), so with one micro-batch
+    the loss is ``mean cross-entropy + term``, as transformers computes it.
     """

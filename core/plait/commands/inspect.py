@@ -28,6 +28,7 @@ def run(args, pm) -> int:
 
     cfg, pm = load_run_config(args, pm)
     tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)  # plugins' fixes (chat template, pad)
     prepared = prepare_datasets(cfg, pm, tokenizer, show_progress=False)
     dataset = prepared.eval if args.eval else prepared.train
     if dataset is None:

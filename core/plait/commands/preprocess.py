@@ -36,6 +36,7 @@ def run(args, pm) -> int:
 
     cfg, pm = load_run_config(args, pm)
     tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)  # plugins' fixes (chat template, pad)
     prepared = prepare_datasets(cfg, pm, tokenizer, show_progress=not args.no_progress)
     verb = "reused" if prepared.from_cache else "wrote"
     print(f"{verb} prepared data: {prepared.cache_path}")

@@ -41,7 +41,8 @@ def plan_batches(cfg, lengths: Sequence[int], epoch: int, rank: int = 0, world_s
     if packed:
         from plait.data.packing import plan_packed_batches
 
-        return plan_packed_batches(lengths, cfg.sequence_len, micro_batch_size, cfg.seed, epoch, rank, world_size)
+        return plan_packed_batches(lengths, cfg.sequence_len, micro_batch_size, cfg.seed, epoch, rank, world_size,
+                                   max_rows_per_bin=cfg.sample_packing_bin_size)
 
     order = list(range(len(lengths)))
     if split == "train":

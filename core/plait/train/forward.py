@@ -39,7 +39,12 @@ def decoder_and_head(model):
 
 def forward_hidden(model, inputs: dict):
     """Run ``model`` on ``inputs`` (everything but labels) and return
-    ``(hidden [batch, seq, hidden], head module)``."""
+    ``(hidden [batch, seq, hidden], head module, outputs)``.
+
+    ``outputs`` is what the outer model returned (its logits cover one
+    position only); an ``extra_loss`` plugin reads e.g. ``router_logits``
+    from it when the model was configured to return them.
+    """
     decoder, head = decoder_and_head(model)
     captured = {}
 
@@ -48,7 +53,7 @@ def forward_hidden(model, inputs: dict):
 
     handle = decoder.register_forward_hook(keep_hidden)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
-    return captured["hidden"], head
+    return captured["hidden"], head, outputs

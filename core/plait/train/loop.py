@@ -3,10 +3,11 @@
 :func:`train` is the whole recipe::
 
     config -> process group, seeds, output_dir
-           -> tokenizer -> datasets (tokenized, split)
+           -> tokenizer (+ tokenizer_loaded fixes) -> datasets (tokenized, split)
            -> model -> adapters -> kernels -> device -> parallel wrapper
            -> loss step, optimizer, schedule -> resume?
-           -> for each optimizer step: accumulate micro-batches, clip, step,
+           -> for each optimizer step: collate + shard_batch each micro-batch,
+              forward, loss (+ extra_loss terms), backward; clip, step,
               log, evaluate, checkpoint
            -> final eval, save, loss plot
 
@@ -23,7 +24,16 @@ the process group is initialised (NCCL on GPUs, gloo on the CPU) and
 ``wrap_parallel`` is asked with ``mesh=None`` (plait-parallel builds the mesh
 from the config and leaves it on the model as ``plait_mesh``). When no plugin
 answers, the model is replicated with DDP. Data is dealt by the mesh's ``dp``
-dimension; only rank 0 prints and writes; logged metrics are summed over ranks.
+dimension; every micro-batch goes through ``shard_batch`` (context parallel:
+each rank keeps a slice of every sequence); only rank 0 prints and writes;
+logged metrics are summed over ranks, counting the tokens that tensor-parallel
+ranks share once. Under tensor parallel the head weight is a replicated
+DTensor, and the loss (computed outside the model) uses its local tensor.
+
+With ``sample_packing`` the share of packed token slots holding real tokens is
+printed and written to ``metrics.jsonl`` once per epoch
+(``sample_packing_efficiency``); ``input_tokens``/``tokens_per_s`` count real
+tokens only, from the rows' lengths, never pad slots.
 
 Precision: weights come in the dtype ``load_model`` chose (``bf16``/``fp16``
 on a GPU); on a GPU the forward runs under autocast, fp16 keeps float32
@@ -120,6 +130,8 @@ def train(cfg, pm, *, data=None) -> Run:
         start_output(run, resume_from)
 
         run.tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+        # plugins' fixes (a family's chat template, pad token) before any row is tokenized
+        pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=run.tokenizer)
         if data is None:
             from plait.data.prepare import prepare_datasets
 
@@ -140,6 +152,7 @@ def train(cfg, pm, *, data=None) -> Run:
         if resume_from is not None:
             position = checkpoint.load_checkpoint(run, resume_from)
             run.step, run.epoch, run.step_in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
+            run.extras["resumed_at_step"] = run.step
             log(run, f"resumed from {resume_from} at step {run.step}")
             if position.get("total_steps") not in (None, run.total_steps):
                 log(run, f"warning: the checkpoint planned {position['total_steps']} steps, this run "
@@ -255,6 +268,8 @@ def train_epochs(run: Run) -> None:
     try:
         while run.step < run.total_steps:
             plan = plan_batches(cfg, run.train_lengths, run.epoch, run.dp_rank, run.dp_size)
+            if cfg.sample_packing and run.step_in_epoch == 0:
+                log_packing_efficiency(run, plan)
             ga = cfg.gradient_accumulation_steps
             windows = [plan[i:i + ga] for i in range(0, len(plan), ga)]
             for index in range(run.step_in_epoch, len(windows)):
@@ -275,6 +290,49 @@ def train_epochs(run: Run) -> None:
         progress.close()
 
 
+def log_packing_efficiency(run: Run, plan) -> float:
+    """Share of the epoch's packed token slots holding real tokens (all data
+    ranks), printed and written to ``metrics.jsonl`` once per epoch."""
+    from plait.data.packing import sample_packing_efficiency
+    from plait.train.distributed import all_reduce_sum
+
+    bins = sum(len(micro_batch) for micro_batch in plan)
+    slots = bins * run.cfg.sequence_len
+    used = sample_packing_efficiency(plan, run.train_lengths, run.cfg.sequence_len) * slots
+    # every rank of a tensor/context-parallel group holds the same plan: count each data rank once
+    used, slots = (v / data_replicas(run) for v in all_reduce_sum([used, slots], run.device))
+    efficiency = used / slots if slots else 0.0
+    run.extras["sample_packing_efficiency"] = efficiency
+    if run.is_main:
+        log(run, f"epoch {run.epoch}: sample packing efficiency {efficiency:.1%} "
+                 f"({int(used):,} tokens in {int(slots):,} slots)")
+        # a resumed run's metrics.jsonl already holds the record of the epoch it resumed in
+        if run.metrics_log is not None and run.step > run.extras.get("resumed_at_step", -1):
+            run.metrics_log.append({"step": run.step, "epoch": run.epoch, "sample_packing_efficiency": efficiency})
+    return efficiency
+
+
+def data_replicas(run: Run) -> int:
+    """Ranks holding the same micro-batch before context-parallel sharding
+    (the tensor- and context-parallel ranks of one data rank)."""
+    return max(1, run.world_size // max(run.dp_size, 1))
+
+
+def token_replicas(run: Run) -> int:
+    """Ranks holding the same tokens after sharding (tensor-parallel ranks):
+    sums over all ranks are divided by this so every token counts once."""
+    return max(1, data_replicas(run) // mesh_size(run.mesh, "cp"))
+
+
+def mesh_size(mesh, name: str) -> int:
+    """Size of a named mesh dimension; 1 without a mesh or without that dimension."""
+    from plait.train.distributed import _dim_names
+
+    if mesh is None or name not in _dim_names(mesh):
+        return 1
+    return mesh[name].size()
+
+
 def interval(steps, per_epoch, steps_per_epoch: int, total_steps: int) -> int | None:
     """Every how many steps: an int, a fraction (< 1) of the run, or N times per epoch."""
     if steps:
@@ -292,28 +350,31 @@ def train_step(run: Run, window) -> dict:
 
     cfg, model = run.cfg, run.model
     started = time.perf_counter()
-    batches = [collate(run, run.train_data, micro_batch) for micro_batch in window]
+    batches = [shard(run, collate(run, run.train_data, micro_batch)) for micro_batch in window]
+    # tokens the model reads (pad slots excluded, packed or not), from the rows' lengths
+    input_tokens = sum(input_token_count(run.train_lengths, micro_batch) for micro_batch in window)
     # count first, so every micro-batch's loss is divided by the window's trained tokens
     local_tokens = sum(trained_tokens(batch) for batch in batches)
     divisor = loss_divisor(run.mesh, run.world, local_tokens)
 
     scaler = run.extras.get("grad_scaler")
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    input_tokens = 0
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         # DDP: all-reduce gradients once per window, not after every micro-batch
         no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync:
             with autocast(run):
-                micro_loss, _ = loss_of(run, batch)
+                micro_loss, _ = loss_of(run, batch, training=True)
             scaled = micro_loss / divisor
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += micro_loss.detach().double()  # no host sync per micro-batch
-        input_tokens += input_token_count(batch)
     loss_sum = float(loss_sum)
 
     loss_sum, tokens, input_tokens = all_reduce_sum([loss_sum, local_tokens, input_tokens], run.device)
+    # tensor-parallel ranks repeat their group's tokens (and loss): count them once
+    loss_sum, tokens = loss_sum / token_replicas(run), tokens / token_replicas(run)
+    input_tokens /= data_replicas(run)
     loss = loss_sum / max(tokens, 1)
     check_loss(run, loss)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -333,7 +394,8 @@ def train_step(run: Run, window) -> dict:
     run.step += 1
     elapsed = time.perf_counter() - started
     return {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": int(tokens), "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
+            "tokens": int(round(tokens)), "input_tokens": int(round(input_tokens)),
+            "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
 
 
 def collate(run: Run, dataset, micro_batch) -> dict:
@@ -344,6 +406,15 @@ def collate(run: Run, dataset, micro_batch) -> dict:
     return run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer)
 
 
+def shard(run: Run, batch: dict) -> dict:
+    """This rank's part of a collated micro-batch (``shard_batch``; a
+    context-parallel slice of each sequence), or the batch itself."""
+    if run.world_size <= 1:
+        return batch
+    part = run.pm.hook.shard_batch(cfg=run.cfg, batch=batch, mesh=run.mesh)
+    return batch if part is None else part
+
+
 def trained_tokens(batch) -> int:
     """Positions that are trained after the shift (label of the *next* token)."""
     if "shift_labels" in batch:  # a context-parallel shard: already shifted
@@ -351,32 +422,47 @@ def trained_tokens(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def input_token_count(batch) -> int:
-    mask = batch.get("attention_mask")
-    if mask is not None and getattr(mask, "dim", lambda: 0)() == 2:
-        return int(mask.sum())
-    return int(batch["input_ids"].numel())
+def input_token_count(lengths, micro_batch) -> int:
+    """Real tokens of one micro-batch (its bins' row lengths): pad slots of a
+    padded or packed batch are not counted, so ``tokens_per_s`` is honest."""
+    return sum(int(lengths[i]) for bin_indices in micro_batch for i in bin_indices)
 
 
-def loss_of(run: Run, batch):
+def loss_of(run: Run, batch, *, training: bool = False):
     """Summed cross-entropy of one micro-batch and its trained-token count.
 
     The backbone gives hidden states; the loss step (``build_loss``) applies
     the head only where labels are trained.
-    """
-    import torch
 
+    ``training``: add the ``extra_loss`` terms (e.g. an MoE router loss).
+    Each term is meant for the micro-batch's *mean* loss, and the loop divides
+    summed losses by the step's trained tokens (all ranks, all micro-batches),
+    so a term is added as ``term * n_tokens``: the step's loss is then
+    ``mean CE + token-weighted mean of the terms``, which with one micro-batch
+    on one process is transformers' ``loss + coef * aux_loss``. Evaluation
+    reports the cross-entropy alone (``eval_ppl`` stays a perplexity).
+    """
+    from plait.builtin.collate import to_device
     from plait.train.forward import forward_hidden
 
-    device = run.device
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-              if k not in ("labels", "shift_labels")}
-    hidden, head = forward_hidden(run.model, inputs)
-    labels = batch[labels_key].to(device)
+    # to_device moves anything with .to: tensors and a flex BlockMask; ints stay
+    batch = to_device(batch, run.device)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    hidden, head, outputs = forward_hidden(run.model, inputs)
+    labels = batch[labels_key]
     if labels_key == "labels":
         hidden, labels = hidden[:, :-1], labels[:, 1:]
-    return run.loss_fn(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels.reshape(-1))
+    weight = head.weight
+    # under tensor parallel the head weight is a replicated DTensor; its local
+    # tensor is the whole weight and gradients flow back through to_local
+    weight = weight.to_local() if hasattr(weight, "to_local") else weight
+    loss_sum, n_tokens = run.loss_fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
+    if training:
+        for term in run.pm.hook.extra_loss(cfg=run.cfg, model=run.model, outputs=outputs, batch=batch):
+            if term is not None:
+                loss_sum = loss_sum + term.to(loss_sum.dtype) * n_tokens
+    return loss_sum, n_tokens
 
 
 def autocast(run: Run):
@@ -441,7 +527,7 @@ def evaluate(run: Run) -> dict:
         plan = plan_batches(run.cfg, row_lengths(run.eval_data), 0, run.dp_rank, run.dp_size, split="eval")
         with torch.no_grad():
             for micro_batch in plan:
-                batch = collate(run, run.eval_data, micro_batch)
+                batch = shard(run, collate(run, run.eval_data, micro_batch))
                 with autocast(run):
                     loss_sum, n = loss_of(run, batch)
                 total += float(loss_sum)
@@ -449,8 +535,10 @@ def evaluate(run: Run) -> dict:
     finally:
         model.train(was_training)
     total, tokens = all_reduce_sum([total, tokens], run.device)
+    total, tokens = total / token_replicas(run), tokens / token_replicas(run)
     loss = total / max(tokens, 1)
-    return {"step": run.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
+    return {"step": run.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+            "eval_tokens": int(round(tokens))}
 
 
 def evaluate_and_log(run: Run) -> dict:

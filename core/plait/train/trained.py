@@ -46,6 +46,7 @@ def load_trained(cfg, pm, path: str | Path | None = None, *, device=None):
         if (source / "tokenizer_config.json").is_file():
             cfg = cfg.model_copy(update={"tokenizer_config": str(source)})
     tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)  # plugins' fixes (chat template, pad)
     model = pm.hook.load_model(cfg=cfg, tokenizer=tokenizer)
     if source is not None and is_adapter_dir(source):
         if "lora_model_dir" not in type(cfg).model_fields:

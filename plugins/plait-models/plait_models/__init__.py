@@ -14,7 +14,11 @@ Registered through the entry point ``models``. Hooks:
   ``plugin:models``);
 * ``on_train_start``: prints what the model's family lacks
   (:func:`describe_optimisations`) and makes the model's generation config
-  stop on end-of-turn tokens as well as EOS.
+  stop on end-of-turn tokens as well as EOS; turns on ``router_logits`` of an
+  MoE model when the router loss is on;
+* ``tokenizer_loaded``: :func:`apply_family_tokenizer_fixes` on the run's
+  tokenizer (family from the model's ``model_type``);
+* ``extra_loss``: the MoE router load-balancing loss (:func:`moe_aux_loss`).
 
 Helpers other plugins and the loop call (no torch at import):
 :func:`apply_family_tokenizer_fixes`, :func:`set_generation_stop_tokens`,
@@ -79,3 +83,76 @@ def on_train_start(run):
     if getattr(run, "is_main", True):
         for line in describe_optimisations(run.model, family):
             print(f"models: {line}", file=sys.stderr, flush=True)
+    note = request_router_logits(run.cfg, run.model, family)
+    if note and getattr(run, "is_main", True):
+        print(f"models: {note}", file=sys.stderr, flush=True)
+
+
+def request_router_logits(cfg, model, family) -> str | None:
+    """Make an MoE model return ``router_logits`` from its forward when the
+    router loss is on, so :func:`extra_loss` can add it; returns a log line.
+
+    Not with ``sample_packing``: transformers' MoE forward then computes its
+    own aux loss from the 4-D packed mask and fails, so the loss is left out
+    (and the log says so).
+    """
+    from plait_models.lookup import base_model_of
+    from plait_models.moe import aux_loss_coef
+
+    config = getattr(base_model_of(model), "config", None)
+    if family is None or not family.is_moe or config is None or aux_loss_coef(cfg, config) == 0.0:
+        return None
+    if getattr(cfg, "sample_packing", False):
+        return (f"{family.name}: the router load-balancing loss is not added with sample_packing "
+                "(set sample_packing: false, or router_aux_loss_coef: 0 to silence this)")
+    config.output_router_logits = True
+    return f"{family.name}: router load-balancing loss added, coefficient {aux_loss_coef(cfg, config)}"
+
+
+@hookimpl
+def extra_loss(cfg, model, outputs, batch):
+    """The MoE router load-balancing loss (coefficient applied) for the
+    micro-batch, when the forward returned router logits; else ``None``."""
+    if not getattr(outputs, "router_logits", None):
+        return None
+    from plait_models.lookup import base_model_of
+
+    mask = batch.get("attention_mask")
+    if mask is not None and getattr(mask, "dim", lambda: 0)() != 2:
+        mask = None  # packed rows: every token is real
+    return moe_aux_loss(outputs, cfg, base_model_of(model).config, mask)
+
+
+@hookimpl
+def tokenizer_loaded(cfg, tokenizer):
+    """The family's tokenizer fixes (:func:`apply_family_tokenizer_fixes`),
+    before any row is tokenized; silently nothing when the model's type cannot
+    be read or no family claims it."""
+    import os
+    import sys
+
+    model_type = model_type_for_tokenizer(cfg)
+    family = find_family(cfg.plugin_manager, model_type) if model_type and cfg.plugin_manager else None
+    if family is None:
+        return
+    fixes = apply_family_tokenizer_fixes(family, tokenizer, cfg)
+    if os.environ.get("RANK", "0") == "0":
+        for line in fixes.changes:
+            print(f"models: {family.name}: {line}", file=sys.stderr, flush=True)
+
+
+def model_type_for_tokenizer(cfg) -> str | None:
+    """``model_type`` of the run's model: the override, ``config.json`` read
+    as JSON, else transformers' ``AutoConfig`` (imported only then); ``None``
+    when none of them can say."""
+    model_type = model_type_of(cfg)
+    if model_type:
+        return model_type
+    try:
+        from transformers import AutoConfig
+
+        source = getattr(cfg, "base_model_config", None) or cfg.base_model
+        return AutoConfig.from_pretrained(source, trust_remote_code=bool(getattr(cfg, "trust_remote_code", False))
+                                          ).model_type
+    except Exception:  # noqa: BLE001 - a missing or unreadable config only means no family fixes
+        return None

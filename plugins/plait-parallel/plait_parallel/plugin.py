@@ -6,6 +6,8 @@
   one built from the config when ``mesh`` is ``None`` and a process group is
   initialised (:func:`plait_parallel.mesh.build_mesh`). The mesh used is
   left on the returned model as ``model.plait_mesh``.
+* ``shard_batch``: the context-parallel slice of each micro-batch
+  (:func:`plait_parallel.context_parallel.shard_batch_for_context_parallel`).
 * ``register_commands``: ``plait merge-sharded``.
 
 Helpers for the training loop live beside: ``mesh.data_parallel_rank_and_size``,
@@ -37,6 +39,18 @@ def wrap_parallel(cfg, model, mesh):
     from plait_parallel.wrap import wrap_model
 
     return wrap_model(cfg, model, mesh)
+
+
+@hookimpl
+def shard_batch(cfg, batch, mesh):
+    """Context parallel: this rank's slice of every sequence (with
+    ``shift_labels`` and ``position_ids``); ``None`` when the mesh has no
+    ``cp`` dimension of size > 1, so the loop keeps the batch whole."""
+    if mesh is None or "cp" not in (getattr(mesh, "mesh_dim_names", None) or ()) or mesh["cp"].size() <= 1:
+        return None
+    from plait_parallel.context_parallel import shard_batch_for_context_parallel
+
+    return shard_batch_for_context_parallel(batch, mesh)
 
 
 @hookimpl
