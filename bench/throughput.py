@@ -1,0 +1,536 @@
+"""Training throughput, peak memory and MFU: Plait against Hugging Face Trainer + peft.
+
+One command on one GPU (the repository root as working directory):
+
+    python3 bench/throughput.py --shape 1b --mode lora --cases plait,hf
+
+Both cases train the same random-init Llama (created once on the GPU, saved to a
+temporary directory under /tmp, loaded by each case) on the same random-token
+rows, each in its own process so peak memory is per case:
+
+* **plait**: ``plait.train.loop.train`` itself, with a plugin manager built
+  explicitly from module paths (no entry points needed): plait-formats reads a
+  ``type: pretokenized`` JSON-lines file through core's dataset preparation,
+  plait-models, plait-peft attaches LoRA, plait-kernels patches in its Triton
+  kernels (``plait_kernels: triton``: RMSNorm, rotary, SwiGLU, fused linear +
+  cross-entropy). The run stops right after its last step (a tiny plugin
+  raises), so no model is saved and no plot is drawn.
+* **hf**: ``AutoModelForCausalLM.from_pretrained`` + ``peft.get_peft_model`` +
+  ``transformers.Trainer`` (SDPA, ``bf16=True``, ``adamw_torch_fused``).
+
+Shared settings: sequence 2048, no sample packing, every token trained, LoRA
+r=16 alpha=32 dropout 0 on every linear layer of the decoder (not the head),
+non-reentrant gradient checkpointing, bf16 weights with autocast (LoRA weights
+float32 in both, peft's default), constant lr, weight decay 0, max_grad_norm
+1.0, gradient accumulation 1.
+
+Measurements (per case):
+
+* **tokens/s**: input tokens of the timed steps / their wall time. Every step
+  end synchronizes CUDA before reading the clock; the first ``--warmup`` (5)
+  steps (Triton autotuning, allocator warm-up) are not timed, the next
+  ``--steps`` (20) are.
+* **peak GiB**: ``torch.cuda.max_memory_allocated`` over the whole process
+  (load + train).
+* **MFU**: model FLOPs per second / the bf16 matmul ceiling measured in the
+  same run (median of an 8192^3 ``torch.matmul``), and / the H200's 989 TFLOPS
+  dense-bf16 datasheet figure. Model FLOPs per token (PaLM convention, causal
+  mask NOT discounted, gradient-checkpointing recomputation NOT counted, norms
+  and element-wise work ignored), with T = tokens, L = layers, d = hidden,
+  s = sequence:
+
+      full FT:  6 * N_matmul * T                            + 12 * L * d * s * T
+      LoRA:     4 * N_matmul * T + 6 * N_lora * T           + 12 * L * d * s * T
+
+  N_matmul counts the weights that take part in matmuls: every linear layer of
+  the decoder plus the LM head (vocab x d, counted once even when tied; the
+  embedding lookup is not a matmul). A frozen weight costs forward (2) + input
+  gradient (2); a trained one also its weight gradient (2). N_lora = r * (in +
+  out) summed over the adapted layers.
+
+Cases: ``--shape 1b`` (hidden 2048, 16 layers, 32 heads, 8 KV heads, MLP 8192,
+vocab 128256, tied head; micro-batch 8 by default) or ``8b`` (4096, 32, 32, 8,
+14336, 128256, untied; micro-batch 4), ``--mode lora|full``, ``--cases
+plait,hf``. Prints a markdown table; with ``$OUT`` set (or ``--out DIR``) also
+writes ``throughput_<shape>_<mode>.json`` / ``.md`` and each case's log there.
+
+``--smoke`` runs everything on the CPU with a tiny model (hidden 64, 2 layers,
+vocab 512, sequence 64, 2 + 2 steps; the Triton kernels run in Triton's
+interpreter, ``TRITON_INTERPRET=1``), to check the script without a GPU.
+
+The script puts ``core/`` and ``plugins/*/`` of this repository on the path of
+its workers itself, so it needs no installed plugin entry points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
+}
+DEFAULT_MICRO_BATCH = {"1b": 8, "8b": 4, "smoke": 2}
+LORA_R, LORA_ALPHA, LR = 16, 32, 1e-4
+#: the hookimpl modules of the plugin packages (their entry points in plugins/*/pyproject.toml)
+PLUGIN_MODULES = ["plait_formats.plugin", "plait_models", "plait_peft.plugin", "plait_kernels.plugin"]
+H200_BF16_DENSE_TFLOPS = 989.4
+#: special tokens of the benchmark's word-level tokenizer; random ids start after them
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<unk>"]
+
+FLOP_FORMULA = ("full FT: 6*N_matmul*T + 12*L*d*s*T; LoRA: 4*N_matmul*T + 6*N_lora*T + 12*L*d*s*T "
+                "(N_matmul = decoder linear weights + LM head once; causal mask not discounted; "
+                "checkpointing recompute not counted)")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def synced_clock() -> float:
+    """Wall time once the GPU has finished its queued work."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def model_counts(dims: dict, lora: bool) -> dict:
+    """Matmul weights and LoRA parameters from the shape alone (same for both cases)."""
+    d, layers, inter, vocab = dims["hidden_size"], dims["num_hidden_layers"], dims["intermediate_size"], dims["vocab_size"]
+    kv = dims["num_key_value_heads"] * (d // dims["num_attention_heads"])
+    # (in, out) of q, k, v, o, gate, up, down
+    linears = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
+    decoder = layers * sum(i * o for i, o in linears)
+    n_matmul = decoder + vocab * d
+    n_lora = layers * sum(LORA_R * (i + o) for i, o in linears) if lora else 0
+    return {"n_matmul": n_matmul, "n_lora": n_lora, "layers": layers, "hidden": d, "vocab": vocab}
+
+
+def flops_per_token(counts: dict, seq: int, lora: bool) -> float:
+    attention = 12 * counts["layers"] * counts["hidden"] * seq
+    if lora:
+        return 4 * counts["n_matmul"] + 6 * counts["n_lora"] + attention
+    return 6 * counts["n_matmul"] + attention
+
+
+def read_rows(path: str) -> list[list[int]]:
+    with open(path) as f:
+        return [json.loads(line)["input_ids"] for line in f]
+
+
+# ---------------------------------------------------------------- workers
+
+
+def worker_prepare(args) -> dict:
+    """Save the random-init model, its tokenizer and the data; measure the matmul ceiling."""
+    import importlib.metadata
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    dims = SHAPES[args.shape]
+    model_dir, gpu = Path(args.model_dir), on_gpu()
+    started = time.perf_counter()
+    config = AutoConfig.for_model("llama", max_position_embeddings=max(4096, args.seq), bos_token_id=0,
+                                  eos_token_id=1, pad_token_id=2, **dims)
+    torch.manual_seed(0)
+    with torch.device("cuda" if gpu else "cpu"):  # initialising 8B parameters on the CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if gpu else torch.float32)
+    model.save_pretrained(model_dir)
+    del model
+
+    # a word-level tokenizer covering the whole vocabulary, so pretokenized rows
+    # pass plait-formats' "id inside the vocabulary" check without resizing
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"t{i}": i for i in range(len(SPECIALS), dims["vocab_size"])})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
+                                        pad_token=SPECIALS[2], unk_token=SPECIALS[3])
+    # a template of its own, so plait-models does not add the llama3 chat markers (which would resize the vocabulary)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(model_dir)
+    assert len(tokenizer) == dims["vocab_size"], len(tokenizer)
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(len(SPECIALS), dims["vocab_size"], (args.rows, args.seq), generator=gen).tolist()
+    with open(args.data, "w") as f:
+        for ids in rows:
+            f.write(json.dumps({"input_ids": ids}) + "\n")
+    prepared_s = time.perf_counter() - started
+
+    result = {"prepare_s": prepared_s, "versions": {}}
+    for dist in ("torch", "transformers", "peft", "triton", "accelerate", "datasets", "liger-kernel"):
+        try:
+            result["versions"][dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            result["versions"][dist] = None
+    result.update(matmul_ceiling(gpu))
+    return result
+
+
+def matmul_ceiling(gpu: bool) -> dict:
+    """Median TFLOPS of an 8192^3 bf16 matmul (GPU) or a 512^3 float32 one (smoke, CPU)."""
+    import torch
+
+    if not gpu:
+        n, dtype = 512, torch.float32
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return {"device": "cpu", "ceiling_tflops": 2 * n**3 / times[len(times) // 2] / 1e12,
+                "ceiling_matmul": f"{n}^3 float32"}
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        torch.matmul(a, b, out=out)
+    times = []
+    for _ in range(50):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.matmul(a, b, out=out)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return {"device": torch.cuda.get_device_name(0), "ceiling_tflops": 2 * n**3 / times[len(times) // 2] / 1e12,
+            "ceiling_matmul": f"{n}^3 bf16"}
+
+
+class StepClock:
+    """CUDA-synchronized time at the end of every optimizer step."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def tick(self, loss=None) -> None:
+        self.times.append(synced_clock())
+        if loss is not None:
+            self.losses.append(float(loss))
+
+    def summary(self, args) -> dict:
+        warm = args.warmup
+        if len(self.times) < warm + 1 + 1:
+            raise RuntimeError(f"only {len(self.times)} steps were recorded; need {warm + 2}")
+        span = self.times[-1] - self.times[warm - 1] if warm else self.times[-1] - self.times[0]
+        timed = len(self.times) - warm if warm else len(self.times) - 1
+        tokens = timed * args.micro_batch * args.seq
+        return {"steps": len(self.times), "timed_steps": timed, "timed_s": span, "tokens_per_s": tokens / span,
+                "step_s": span / timed, "peak_gib": peak_gib(),
+                "final_loss": self.losses[-1] if self.losses else None}
+
+
+class _Finished(Exception):
+    """Raised after the last step: the benchmark needs neither the save nor the plot."""
+
+
+def worker_plait(args) -> dict:
+    """Plait's own ``train`` with the kernels and (LoRA) plait-peft."""
+    from plait.config import build_config
+    from plait.hookspecs import hookimpl
+    from plait.plugins import build_plugin_manager
+    from plait.train.loop import train
+
+    gpu = on_gpu()
+    clock = StepClock(args.warmup + args.steps)
+    facts: dict = {}
+
+    class BenchPlugin:
+        """Counts parameters at the start, clocks every step, ends the run after the last."""
+
+        @hookimpl
+        def on_train_start(self, run):
+            facts["trainable"] = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+            facts["total_params"] = sum(p.numel() for p in run.model.parameters())
+            facts["embedding_rows"] = run.model.get_input_embeddings().num_embeddings
+            facts["loss_fn"] = getattr(run.loss_fn, "__name__", type(run.loss_fn).__name__)
+            facts["start_s"] = time.perf_counter() - process_start
+
+        @hookimpl
+        def on_step_end(self, run, metrics):
+            clock.tick(metrics["loss"])
+            if run.step >= clock.total:
+                raise _Finished
+
+    work = Path(args.work_dir)
+    raw = {
+        "base_model": args.model_dir, "plugins": PLUGIN_MODULES,
+        "datasets": [{"path": args.data, "type": "pretokenized"}], "val_set_size": 0,
+        "dataset_prepared_path": str(work / "prepared"), "output_dir": str(work / "plait_out"),
+        "sequence_len": args.seq, "sample_packing": False, "micro_batch_size": args.micro_batch,
+        "gradient_accumulation_steps": 1, "max_steps": args.warmup + args.steps, "num_epochs": 1,
+        "learning_rate": LR, "lr_scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "optimizer": "adamw_torch_fused" if gpu else "adamw_torch", "bf16": gpu,
+        "gradient_checkpointing": True, "plait_kernels": "triton", "logging_steps": 1, "seed": 0,
+    }
+    if args.mode == "lora":
+        raw.update({"adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0,
+                    "lora_target_linear": True})
+    # explicit module paths, no entry points: the device machine has none installed
+    pm = build_plugin_manager(config_plugins=PLUGIN_MODULES, entry_points=False, extra=[BenchPlugin()])
+    cfg = build_config(pm, raw, {k: "file" for k in raw})
+    try:
+        train(cfg, pm)
+    except _Finished:
+        pass
+    return {**clock.summary(args), **facts, "plugins": sorted(p.name for p in pm.list_plugins())}
+
+
+def worker_hf(args) -> dict:
+    """The usual recipe: transformers + peft + Trainer."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    gpu = on_gpu()
+    clock = StepClock(args.warmup + args.steps)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            clock.tick()
+
+        def on_log(self, targs, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if gpu else torch.float32,
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    if args.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    facts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "total_params": sum(p.numel() for p in model.parameters()),
+             "embedding_rows": model.get_input_embeddings().num_embeddings, "loss_fn": "transformers ForCausalLMLoss"}
+    rows = read_rows(args.data)
+    dataset = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    targs = TrainingArguments(
+        output_dir=str(Path(args.work_dir) / "hf_out"), per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LR,
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch_fused" if gpu else "adamw_torch", bf16=gpu, use_cpu=not gpu,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+        remove_unused_columns=False, seed=0,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[Clock()])
+    facts["start_s"] = time.perf_counter() - process_start
+    trainer.train()
+    return {**clock.summary(args), **facts}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def worker_env(smoke: bool) -> dict:
+    """The workers' environment: this repository's core and plugins first on the path, offline."""
+    env = dict(os.environ)
+    paths = [str(REPO / "core")] + [str(p) for p in sorted((REPO / "plugins").glob("*")) if p.is_dir()]
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONUNBUFFERED": "1"})
+    if smoke:
+        env["TRITON_INTERPRET"] = "1"  # plait-kernels' Triton kernels on the CPU
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_worker(name: str, extra: list[str], opts, log_dir: Path, timeout: float) -> dict:
+    """Run one worker process; its last stdout line starting with '{' is its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *extra]
+    log_path = log_dir / f"{opts.stem}_{name}.log"
+    started = time.perf_counter()
+    print(f"[{name}] started", flush=True)
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=worker_env(opts.smoke),
+                                  timeout=timeout)
+        stdout, code = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "timeout"
+    with log_path.open("a") as log:
+        log.write("\n--- stdout ---\n" + stdout)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    wall = time.perf_counter() - started
+    if code != 0 or not lines:
+        tail = log_path.read_text()[-3000:]
+        print(f"[{name}] FAILED (exit {code}) after {wall:.0f}s; log {log_path}:\n{tail}", flush=True)
+        last = [ln for ln in tail.splitlines() if ln.strip()]
+        return {"error": last[-1] if last else f"exit {code}", "wall_s": wall}
+    result = json.loads(lines[-1])
+    result["wall_s"] = wall
+    print(f"[{name}] done in {wall:.0f}s", flush=True)
+    return result
+
+
+def add_derived(result: dict, counts: dict, seq: int, lora: bool, ceiling: float | None) -> None:
+    if "tokens_per_s" not in result:
+        return
+    per_token = flops_per_token(counts, seq, lora)
+    if result.get("embedding_rows") not in (None, counts["vocab"]):
+        result["warning"] = f"the vocabulary was resized to {result['embedding_rows']} rows"
+    expected = counts["n_lora"] if lora else result.get("total_params")
+    if result.get("trainable") != expected:
+        result["warning"] = (result.get("warning", "") + f" trainable {result.get('trainable')} != "
+                             f"{expected} the FLOP formula assumes").strip()
+    result["model_tflops"] = result["tokens_per_s"] * per_token / 1e12
+    result["mfu_ceiling"] = result["model_tflops"] / ceiling if ceiling else None
+    result["mfu_spec"] = result["model_tflops"] / H200_BF16_DENSE_TFLOPS
+
+
+def table(results: list[dict], meta: dict) -> str:
+    head = ("| shape | mode | case | micro batch | seq | tokens/s | s/step | peak GiB | model TFLOPS | "
+            "MFU (measured ceiling) | MFU (989 TF spec) | trainable params | final loss | vs hf |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    hf = next((r for r in results if r["case"] == "hf" and "tokens_per_s" in r), None)
+    for r in results:
+        first = f"| {meta['shape']} | {meta['mode']} | {r['case']} | {meta['micro_batch']} | {meta['seq']} |"
+        if "tokens_per_s" not in r:
+            rows.append(first + f" failed: {r.get('error', '?')[:100]} |" + " |" * 8)
+            continue
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "n/a (CPU)"
+        mfu = f"{100 * r['mfu_ceiling']:.1f}%" if r.get("mfu_ceiling") is not None else ""
+        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else ""
+        loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else ""
+        rows.append(first + f" {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak} | {r['model_tflops']:.1f} | "
+                            f"{mfu} | {100 * r['mfu_spec']:.1f}% | {r['trainable']:,} | {loss} | {ratio} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    global process_start
+    process_start = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=["1b", "8b"], default="1b")
+    parser.add_argument("--mode", choices=["lora", "full"], default="lora")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: 1b 8, 8b 4 (smoke 2)")
+    parser.add_argument("--cases", default="plait,hf", help="comma-separated: plait, hf")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; smoke 64)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps not timed (default 5; smoke 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 + 2 steps")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the JSON/markdown (default $OUT)")
+    parser.add_argument("--case-timeout", type=float, default=540, help="seconds before a case is killed")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary model/data directory")
+    # worker mode (internal)
+    parser.add_argument("--worker", choices=["prepare", "plait", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-shape", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        args.shape = args.worker_shape
+        fn = {"prepare": worker_prepare, "plait": worker_plait, "hf": worker_hf}[args.worker]
+        print(json.dumps(fn(args)), flush=True)
+        return 0
+
+    shape = "smoke" if args.smoke else args.shape
+    seq = args.seq or (64 if args.smoke else 2048)
+    warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 5)
+    steps = args.steps or (2 if args.smoke else 20)
+    micro_batch = args.micro_batch or DEFAULT_MICRO_BATCH[shape]
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if bad := [c for c in cases if c not in ("plait", "hf")]:
+        parser.error(f"--cases: {bad} unknown; accepted: plait, hf")
+    if warmup < 1:
+        parser.error("--warmup must be at least 1")
+    lora = args.mode == "lora"
+    counts = model_counts(SHAPES[shape], lora)
+    meta = {"shape": shape, "mode": args.mode, "micro_batch": micro_batch, "seq": seq, "warmup_steps": warmup,
+            "timed_steps": steps, "dims": SHAPES[shape], "lora": {"r": LORA_R, "alpha": LORA_ALPHA} if lora else None,
+            "counts": counts, "flops_per_token": flops_per_token(counts, seq, lora), "flop_formula": FLOP_FORMULA,
+            "plugins": PLUGIN_MODULES}
+    out = Path(args.out) if args.out else None
+    stem = args.stem = f"throughput_{shape}_{args.mode}"
+
+    work = Path(tempfile.mkdtemp(prefix=f"plait_{stem}_", dir="/tmp" if os.path.isdir("/tmp") else None))
+    log_dir = out if out else work
+    log_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, data = work / "model", work / "data.jsonl"
+    common = ["--worker-shape", shape, "--mode", args.mode, "--seq", str(seq), "--micro-batch", str(micro_batch),
+              "--warmup", str(warmup), "--steps", str(steps), "--model-dir", str(model_dir), "--data", str(data)]
+    results: list[dict] = []
+
+    def write() -> str:
+        text = table(results, meta)
+        if out:
+            (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            (out / f"{stem}.md").write_text(text + "\n")
+        return text
+
+    try:
+        prep = run_worker("prepare", common + ["--rows", str((warmup + steps) * micro_batch),
+                                               "--work-dir", str(work)], args, log_dir, args.case_timeout)
+        if "error" in prep:
+            return 1
+        meta.update({k: prep[k] for k in ("device", "ceiling_tflops", "ceiling_matmul", "versions", "prepare_s")})
+        print(f"device {prep['device']}: matmul ceiling {prep['ceiling_tflops']:.0f} TFLOPS ({prep['ceiling_matmul']});"
+              f" model + data prepared in {prep['prepare_s']:.0f}s", flush=True)
+        for case in cases:
+            case_dir = work / case
+            case_dir.mkdir()
+            result = run_worker(case, common + ["--work-dir", str(case_dir)], args, log_dir, args.case_timeout)
+            result["case"] = case
+            add_derived(result, counts, seq, lora, meta["ceiling_tflops"])
+            results.append(result)
+            write()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(write())
+    print(f"\nFLOPs/token {meta['flops_per_token']:.4g}: {FLOP_FORMULA}; N_matmul {counts['n_matmul']:,}, "
+          f"N_lora {counts['n_lora']:,}; ceiling {meta['ceiling_tflops']:.1f} TFLOPS ({meta['ceiling_matmul']}).")
+    for r in results:
+        if r.get("warning"):
+            print(f"WARNING [{r['case']}]: {r['warning']}")
+    if out:
+        print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+process_start = time.perf_counter()
+
+if __name__ == "__main__":
+    sys.exit(main())
