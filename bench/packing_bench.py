@@ -7,10 +7,11 @@ Two parts, both printed as markdown tables:
 
 1. Isolation on the device: for each packed backend (SDPA with a 4D
    block-diagonal mask, flex attention with a ``BlockMask``, flash-attn varlen
-   when installed), a small random Llama runs a few rows packed and the same
+   when installed, torch's own ``varlen_attn`` as ``plait_varlen`` when
+   ``torch.nn.attention.varlen`` exists on CUDA), a small random Llama runs a few rows packed and the same
    rows one by one through plain SDPA; the summed loss and every gradient must match. fp32 for
    SDPA/flex (loss within 2e-5 relative, each gradient within 1e-4 of its norm,
-   TF32 off), bf16 for flash (flash has
+   TF32 off), bf16 for flash and plait_varlen (their kernels have
    no fp32; loss within 1e-2 relative and gradient cosine similarity
    >= 0.999). A leaky control (plain causal attention over the packed
    sequence) shows the size of a real leak next to it.
@@ -50,6 +51,19 @@ SMALL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_ke
              intermediate_size=512, vocab_size=1024, max_position_embeddings=8192)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=512, max_position_embeddings=1024)
+
+
+#: packed backends whose kernels have no fp32 (checked in bf16)
+HALF_ONLY = ("flash_attention_2", "plait_varlen")
+
+
+def have_torch_varlen(device) -> bool:
+    """torch's ``varlen_attn`` is usable: CUDA and a torch that ships ``torch.nn.attention.varlen``."""
+    try:
+        found = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    except ModuleNotFoundError:
+        found = False
+    return found and device.type == "cuda"
 
 
 def build_model(shape, attn, dtype, device, seed=0):
@@ -122,7 +136,7 @@ def run_and_grads(model, batches):
 def isolation_check(attn, device, shape):
     """Packed vs one by one: loss rel. diff, worst grad rel. diff, min grad cosine, and the
     loss and worst grad rel. diffs of the leaky control."""
-    dtype = torch.bfloat16 if attn.startswith("flash") else torch.float32
+    dtype = torch.bfloat16 if attn in HALF_ONLY or attn.startswith("flash") else torch.float32
     model = build_model(shape, attn, dtype, device, seed=1)
     with torch.no_grad():  # sharper attention, so a leak would show in the loss
         for layer in model.model.layers:
@@ -228,9 +242,16 @@ def main(argv=None):
     # flex attention has no CPU backward; on the GPU it is one of the measured backends
     packed_backends = ["sdpa"] + (["flex_attention"] if device.type == "cuda" else ["eager"])
     packed_backends += ["flash_attention_2"] if have_flash else []
+    have_varlen = have_torch_varlen(device)
+    if have_varlen:
+        from plait.attention.varlen import register_varlen_attention
+
+        register_varlen_attention()  # "plait_varlen" must exist before a model or set_attn_implementation names it
+        packed_backends.append("plait_varlen")
 
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
-          f"flash-attn {'yes' if have_flash else 'not installed'}\n")
+          f"flash-attn {'yes' if have_flash else 'not installed'}; "
+          f"torch varlen_attn {'yes' if have_varlen else 'no'}\n")
 
     print("## Isolation: packed vs one row at a time\n")
     print("| backend | dtype | loss rel. diff | worst grad rel. diff | min grad cosine | leaky control: loss / grad diff | ok |")
@@ -238,7 +259,7 @@ def main(argv=None):
     failures = 0
     for attn in packed_backends:
         loss_rel, grad_rel, cos, leak, leak_grad = isolation_check(attn, device, check_shape)
-        if attn.startswith("flash"):
+        if attn in HALF_ONLY:
             ok = loss_rel < 1e-2 and cos >= 0.999
             dtype_name = "bf16"
         else:

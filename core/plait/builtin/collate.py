@@ -5,7 +5,8 @@ A micro-batch whose rows carry ``seq_lens`` (bins made by sample packing, see
 and the attention fields of the configured backend, so no token attends to or
 is trained on another row. Rows without ``seq_lens`` (plain rows, or eval
 without ``eval_sample_packing``) are right-padded with a 2D ``attention_mask``,
-which is correct for every backend.
+which is correct for every backend except ``plait_varlen`` (torch's varlen
+kernel sees no mask): for it, plain rows are laid out like one-row bins.
 
 Also checks at config time that packing can be isolated for the chosen
 attention (:func:`validate_config`).
@@ -78,7 +79,9 @@ def is_packed(rows) -> bool:
 def collate(cfg, rows, tokenizer):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pad_to = cfg.sequence_len if cfg.pad_to_sequence_len else None
-    if not is_packed(rows):
+    # plait_varlen sees no mask, only segment offsets: plain rows go through the
+    # packed layout too (one segment each, the padding tail its own segment)
+    if not is_packed(rows) and cfg.attn_implementation != "plait_varlen":
         return pad_rows(rows, pad_id, pad_to)
     from plait.builtin.model import compute_dtype
 
@@ -104,9 +107,31 @@ def to_device(batch: dict, device) -> dict:
 
 @hookimpl
 def validate_config(cfg):
-    """Refuse packing set-ups where rows could see each other."""
+    """Refuse packing set-ups where rows could see each other, and
+    ``varlen_attention`` where it cannot run."""
+    if cfg.varlen_attention:
+        check_varlen_support(cfg)
     if not (cfg.sample_packing or cfg.eval_sample_packing):
         return
     from plait.data.packing import check_packing_support
 
     check_packing_support(cfg)
+
+
+def check_varlen_support(cfg) -> None:
+    """``varlen_attention: true`` needs a CUDA GPU, torch's varlen module and
+    ``sample_packing`` (the kernel's whole point is packed rows; plain rows
+    would still be isolated, see :func:`collate`, but only pay for padding)."""
+    from plait.attention.varlen import varlen_available
+    from plait.errors import ConfigError
+
+    if not cfg.sample_packing:
+        raise ConfigError(
+            f"varlen_attention: true needs sample_packing: true (sample_packing is {cfg.sample_packing!r}); "
+            "turn packing on, or use sdp_attention / flash_attention for unpacked batches"
+        )
+    if not varlen_available():
+        raise ConfigError(
+            "varlen_attention: true needs a CUDA GPU and a torch with torch.nn.attention.varlen; this machine "
+            "has none; set sdp_attention: true (or flex_attention) instead"
+        )

@@ -84,6 +84,12 @@ def pretrained_kwargs(cfg) -> dict:
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if cfg.varlen_attention:
+        # "plait_varlen" must be registered before from_pretrained checks the name;
+        # here, so every loader that uses these kwargs (core's, plait-bnb's) gets it
+        from plait.attention.varlen import register_varlen_attention
+
+        register_varlen_attention()
     return dict(dtype=compute_dtype(cfg), attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code)
 

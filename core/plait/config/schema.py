@@ -91,6 +91,8 @@ class CoreConfig(StrictModel):
     flash_attention: bool = False
     sdp_attention: bool = False
     flex_attention: bool = False
+    varlen_attention: bool = Field(False, description="PyTorch's varlen attention (torch.nn.attention.varlen; CUDA, "
+                                   "needs sample_packing); attn_implementation 'plait_varlen'.")
     eager_attention: bool = False
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = False
     gradient_checkpointing_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -176,7 +178,8 @@ class CoreConfig(StrictModel):
 
         if self.fp16 and self.bf16 is True:
             raise ConfigError("bf16: true and fp16: true are both set; choose one (set the other to false).")
-        chosen = [k for k in ("flash_attention", "sdp_attention", "flex_attention", "eager_attention") if getattr(self, k)]
+        chosen = [k for k in ("flash_attention", "sdp_attention", "flex_attention", "varlen_attention",
+                                 "eager_attention") if getattr(self, k)]
         if len(chosen) > 1:
             raise ConfigError(f"{' and '.join(chosen)} are all true; enable at most one attention backend.")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -206,6 +209,8 @@ class CoreConfig(StrictModel):
             return "flash_attention_2"
         if self.flex_attention:
             return "flex_attention"
+        if self.varlen_attention:
+            return "plait_varlen"
         if self.eager_attention:
             return "eager"
         return "sdpa"

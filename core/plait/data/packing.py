@@ -45,7 +45,10 @@ from typing import Sequence
 from plait.errors import ConfigError, DataError
 
 #: attention backends whose packed rows this module can isolate
-SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention", "plait_varlen")
+
+#: backends that take segment offsets (cu_seq_lens) instead of a mask
+VARLEN_ATTENTION = ("flash_attention_2", "plait_varlen")
 
 
 # -------------------------------------------------------------------- plan
@@ -202,8 +205,9 @@ def packed_attention_inputs(seq_lens: list[list[int]], width: int, attn_implemen
     - ``eager``: ``attention_mask`` additive float ``[B, 1, W, W]`` in
       ``dtype`` (0 or the dtype's minimum), since eager adds the mask to the
       scores;
-    - ``flash_attention_2``: ``cu_seq_lens_q/k`` (int32 offsets over the
-      flattened batch) and ``max_length_q/k`` (ints) for the varlen kernel;
+    - ``flash_attention_2`` and ``plait_varlen`` (torch's ``varlen_attn``,
+      :mod:`plait.attention.varlen`): ``cu_seq_lens_q/k`` (int32 offsets over
+      the flattened batch) and ``max_length_q/k`` (ints) for the varlen kernel;
     - ``flex_attention``: ``attention_mask`` as a ``BlockMask`` on ``device``.
 
     Everything is built on ``device`` (default: the CPU, or for flex the
@@ -219,7 +223,7 @@ def packed_attention_inputs(seq_lens: list[list[int]], width: int, attn_implemen
         )
     segments = [list(lens) + ([width - sum(lens)] if width > sum(lens) else []) for lens in seq_lens]
 
-    if attn_implementation.startswith("flash_attention"):
+    if attn_implementation in VARLEN_ATTENTION:
         flat = [length for lens in segments for length in lens]
         offsets = torch.zeros(len(flat) + 1, dtype=torch.int32, device=device)
         offsets[1:] = torch.cumsum(torch.tensor(flat, dtype=torch.int32, device=device), 0)
