@@ -43,11 +43,20 @@ def varlen_available() -> bool:
     return found and torch.cuda.is_available()
 
 
-def _torch_varlen_attn(*args, **kwargs):
+def _torch_varlen_attn(query, key, value, *args, enable_gqa=False, **kwargs):
     # imported lazily: the module exists only in recent torch builds
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(*args, **kwargs)
+    if enable_gqa and "enable_gqa" not in inspect.signature(varlen_attn).parameters:
+        # torch 2.11's kernel has no grouped-query option: repeat K/V heads to match q
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        enable_gqa = False
+    if enable_gqa:
+        kwargs["enable_gqa"] = True
+    return varlen_attn(query, key, value, *args, **kwargs)
 
 
 def plait_varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
