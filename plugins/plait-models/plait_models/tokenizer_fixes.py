@@ -45,6 +45,12 @@ def _in_vocab(tokenizer, token: str) -> bool:
     return token in tokenizer.get_vocab()
 
 
+def _is_special(tokenizer, token: str) -> bool:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    return token_id in tokenizer.all_special_ids or bool(added is not None and added.special)
+
+
 def _template_text(tokenizer) -> str:
     template = tokenizer.chat_template
     if isinstance(template, dict):  # named templates: {"default": ..., "tool_use": ...}
@@ -103,6 +109,19 @@ def apply_family_tokenizer_fixes(family, tokenizer, cfg=None) -> TokenizerFixes:
         fixes.changes.append(
             f"added special tokens {missing} used by the chat template (model embeddings grow to {len(tokenizer)})"
         )
+
+    # a marker already in the vocabulary as a plain added token (core's ``tokens:`` key, which
+    # validate_config fills with the template's markers, adds them that way) is not special:
+    # chat_template masking then does not see the end-of-turn token as the turn's end and never
+    # trains it, so the model never learns to stop. Mark such markers special.
+    if family is not None and family.default_chat_template and tokenizer.chat_template == family.default_chat_template:
+        needed += [t for t in family.chat_special_tokens if t not in needed]
+    plain = [t for t in needed if t not in missing and _in_vocab(tokenizer, t) and not _is_special(tokenizer, t)]
+    if plain:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in plain], special_tokens=True)
+        fixes.changes.append(f"marked {plain} special: chat template markers must be single, special tokens")
 
     _fix_pad_token(family, tokenizer, cfg, fixes)
 

@@ -68,3 +68,17 @@ def test_added_tokens_grow_the_vocabulary_and_saved_model_stops_on_them(pm, toke
     model.save_pretrained(tmp_path)
     saved = GenerationConfig.from_pretrained(tmp_path)
     assert saved.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+
+
+def test_template_markers_added_as_plain_tokens_become_special(pm, tokenizer):
+    # core's `tokens:` key (filled by validate_config) adds markers as plain tokens; chat_template
+    # masking trains only special end-of-turn markers, so they must be special after the fixes
+    family = find_family(pm, "llama")
+    tokenizer.add_tokens(list(family.chat_special_tokens))
+    tokenizer.chat_template = family.default_chat_template
+    size = len(tokenizer)
+    fixes = apply_family_tokenizer_fixes(family, tokenizer)
+    for token in family.chat_special_tokens:
+        assert tokenizer.added_tokens_decoder[tokenizer.convert_tokens_to_ids(token)].special, token
+    assert len(tokenizer) == size  # same ids: nothing new for the embeddings
+    assert any("marked" in line and "<|eot_id|>" in line for line in fixes.changes)

@@ -27,6 +27,35 @@ def linear_targets(cfg, model) -> list[str]:
     return sorted(names)
 
 
+def expert_targets(cfg, model) -> list[str]:
+    """peft ``target_parameters`` for ``lora_target_experts: true`` (a plait-models
+    key): the family's fused 3D expert weights, which are parameters, not
+    ``nn.Linear`` modules, so ``target_modules`` cannot reach them. Empty when
+    the key is off; an error when no family names experts for this model, since
+    the experts would otherwise stay frozen without a word."""
+    from plait.families import find_family
+
+    if not getattr(cfg, "lora_target_experts", False):
+        return []
+    pm = cfg.plugin_manager
+    model_type = model.config.model_type
+    family = find_family(pm, model_type) if pm is not None else None
+    if family is None or not family.expert_parameters:
+        raise ConfigError(f"config key 'lora_target_experts': true, but model type {model_type!r} has no fused "
+                          "expert parameters known to a model family (plait-models); set it to false")
+    # peft's ParamWrapper (LoRA on a parameter) computes W + BA once, so input dropout and DoRA cannot apply
+    for key, value in (("lora_dropout", cfg.lora_dropout), ("peft_use_dora", cfg.peft_use_dora)):
+        if value:
+            raise ConfigError(f"config key {key!r}: {value!r} cannot be combined with lora_target_experts: true "
+                              "(peft adapts fused expert parameters without dropout or DoRA); set it to 0/false")
+    names = [name for name, _ in model.named_parameters()]
+    missing = [s for s in family.expert_parameters if not any(n.endswith("." + s) for n in names)]
+    if missing:
+        raise ConfigError(f"config key 'lora_target_experts': the {family.name} expert parameters {missing} "
+                          f"are not in this {model_type} model")
+    return list(family.expert_parameters)
+
+
 def target_modules(cfg, model):
     """peft ``target_modules``: a list of names, or a regex string."""
     explicit = cfg.lora_target_modules
@@ -86,6 +115,8 @@ def attach_lora(cfg, model):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=target_modules(cfg, model),
+        # fused MoE experts (3D nn.Parameters) are adapted by parameter name, not by module
+        target_parameters=expert_targets(cfg, model) or None,
         modules_to_save=cfg.lora_modules_to_save,
         fan_in_fan_out=cfg.lora_fan_in_fan_out,
         layers_to_transform=cfg.peft_layers_to_transform,
