@@ -10,6 +10,14 @@ A checkpoint is a directory ``output_dir/checkpoint-<step>/``::
       grad_scaler.pt          fp16 loss scale (fp16 runs only)
       rng-<rank>.pt           python, numpy and torch (CPU and CUDA) generator states, per rank
       trainer_state.json      step, epoch, step within the epoch plan
+      packing_plan.json       sample_packing runs only: the epoch plan's identity
+
+With ``sample_packing`` the checkpoint records the identity of the current
+epoch's packing plan (a sha256 of its bins, the epoch, the step within it and
+the packing settings) rather than the plan itself: resume recomputes the plan
+from the same deterministic inputs and refuses (:class:`TrainingError`) when
+it differs, naming the changed settings, since skipping ``step_in_epoch``
+windows of a different plan would not continue the same epoch.
 
 It is written under ``.checkpoint-<step>.tmp`` and renamed into place once
 complete: ``os.rename`` of a directory is atomic on one filesystem, so a kill
@@ -127,6 +135,8 @@ def save_checkpoint(run) -> Path:
     run.pm.hook.save_model(cfg=run.cfg, model=run.model, tokenizer=run.tokenizer, path=str(tmp / "model"))
     if run.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(run.position(), indent=2))
+        if run.cfg.sample_packing:
+            (tmp / "packing_plan.json").write_text(json.dumps(packing_identity(run), indent=2))
     _barrier()
     if run.is_main:
         if final.exists():  # a rerun reaching the same step: replace it
@@ -181,4 +191,51 @@ def load_checkpoint(run, path: Path) -> dict:
     rng_file = path / f"rng-{run.rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    position = json.loads((path / "trainer_state.json").read_text())
+    check_packing_plan(run, path, position)
+    return position
+
+
+PACKING_KEYS = ("sample_packing", "sequence_len", "micro_batch_size", "sample_packing_bin_size", "seed")
+
+
+def packing_identity(run, epoch: int | None = None, step_in_epoch: int | None = None) -> dict:
+    """What identifies this rank's packing plan for an epoch: a hash of its bins and the settings."""
+    import hashlib
+
+    from plait.data.batching import plan_batches
+
+    epoch = run.epoch if epoch is None else epoch
+    plan = plan_batches(run.cfg, run.train_lengths, epoch, run.dp_rank, run.dp_size)
+    digest = hashlib.sha256(json.dumps(plan, separators=(",", ":")).encode()).hexdigest()
+    return {"epoch": epoch, "step_in_epoch": run.step_in_epoch if step_in_epoch is None else step_in_epoch,
+            "plan_sha256": digest, "rows": len(run.train_lengths),
+            "settings": {key: getattr(run.cfg, key, None) for key in PACKING_KEYS}}
+
+
+def check_packing_plan(run, path: Path, position: dict) -> None:
+    """Refuse to resume a packed run whose epoch plan would differ from the checkpoint's."""
+    from plait.errors import TrainingError
+
+    stored_file = path / "packing_plan.json"
+    if not stored_file.is_file():
+        if run.cfg.sample_packing and position.get("step_in_epoch"):
+            raise TrainingError(f"checkpoint {path} was saved without sample_packing; resuming with "
+                                f"sample_packing: true would not continue the same epoch (set sample_packing: false)")
+        return
+    stored = json.loads(stored_file.read_text())
+    if not run.cfg.sample_packing:
+        raise TrainingError(f"checkpoint {path} was saved with sample_packing: true; resuming with "
+                            f"sample_packing: false would not continue the same epoch")
+    now = packing_identity(run, position["epoch"], position["step_in_epoch"])
+    if now["plan_sha256"] == stored["plan_sha256"]:
+        return
+    changed = [f"{key}: {stored['settings'].get(key)!r} -> {now['settings'].get(key)!r}"
+               for key in PACKING_KEYS if stored["settings"].get(key) != now["settings"].get(key)]
+    if stored.get("rows") != now["rows"]:
+        changed.append(f"training rows: {stored.get('rows')} -> {now['rows']}")
+    raise TrainingError(
+        f"checkpoint {path}: the sample packing plan of epoch {position['epoch']} differs from the one the run was "
+        f"trained with, so resuming at step {position['step_in_epoch']} of that epoch would not continue the same "
+        f"epoch; changed: {'; '.join(changed) or 'the training data (row lengths)'}; restore them or start a new "
+        f"output_dir")

@@ -1,0 +1,70 @@
+"""Kill a packed ``plait train`` run mid-epoch and resume it: bit-identical;
+a changed packing setting on resume is refused (plait.train.checkpoint)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from plait.testing import make_tiny_model, write_config, write_jsonl
+
+# reuse the unpacked resume test's helpers (pytest's importlib mode does not put tests/ on sys.path)
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_resume import assert_same_as_reference, plait_train  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from plait.quickstart import make_split
+
+    root = tmp_path_factory.mktemp("resume_packed")
+    model = make_tiny_model(root / "model", attention_dropout=0.1)
+    train_rows, _ = make_split(32, 4)
+    data = write_jsonl(root / "train.jsonl", train_rows)
+
+    def config(name: str, **extra) -> Path:
+        settings = dict(base_model=str(model), datasets=[{"path": str(data), "type": "alpaca"}],
+                        dataset_prepared_path=str(root / "prepared"), sequence_len=128, micro_batch_size=1,
+                        sample_packing=True, max_steps=MAX_STEPS, learning_rate=1e-3, warmup_steps=2,
+                        save_steps=2, output_dir=str(root / name))
+        settings.update(extra)
+        return write_config(root / f"{name}.yml", **settings)
+
+    result = plait_train(config("reference"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, config
+
+
+def test_packed_sigkill_then_resume_is_bit_identical(setup):
+    root, config = setup
+    cfg = config("killed", auto_resume_from_checkpoints=True)
+    process = plait_train(cfg, wait=False)
+    first = root / "killed" / "checkpoint-2"
+    deadline = time.time() + 240
+    while not first.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (root / "killed" / "checkpoint-2" / "packing_plan.json").is_file()
+    resumed = plait_train(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert_same_as_reference(root, "killed")
+
+
+def test_changed_packing_setting_on_resume_is_refused(setup):
+    root, config = setup
+    checkpoint = root / "reference" / "checkpoint-2"
+    result = plait_train(config("changed", sequence_len=256), f"resume_from_checkpoint={checkpoint}")
+    assert result.returncode != 0
+    assert "would not continue the same epoch" in result.stderr
+    assert "sequence_len: 128 -> 256" in result.stderr
