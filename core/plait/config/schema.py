@@ -136,7 +136,8 @@ class CoreConfig(StrictModel):
     warmup_steps: Optional[int] = Field(None, ge=0)
     warmup_ratio: Optional[float] = Field(None, ge=0, lt=1)
     cosine_min_lr_ratio: Optional[float] = Field(None, ge=0, le=1)
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    max_grad_norm: Optional[float] = Field(
+        1.0, ge=0, description="Clip the gradient norm to this; 0 or null: no clipping (as in Axolotl and HF Trainer).")
     loss_watchdog_threshold: Optional[float] = None
 
     # evaluation, logging, checkpoints
