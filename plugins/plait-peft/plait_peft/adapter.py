@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+from pathlib import Path
 
 from plait.errors import ConfigError
+
+log = logging.getLogger("plait.peft")
+
+#: LoRA shape keys and the ``adapter_config.json`` fields they become; a saved
+#: adapter (``lora_model_dir``) brings its own values and these keys are not used
+SAVED_SHAPE_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                    "lora_target_modules": "target_modules", "peft_use_dora": "use_dora",
+                    "peft_use_rslora": "use_rslora"}
 
 
 def linear_targets(cfg, model) -> list[str]:
@@ -80,6 +91,28 @@ def target_modules(cfg, model):
     return targets
 
 
+def keys_differing_from_saved_adapter(cfg, adapter_dir) -> list[str]:
+    """``"key: set (saved value)"`` for each LoRA shape key the user set (not a
+    default) that differs from the adapter saved in ``adapter_dir``; empty when
+    the directory is not local and readable (a hub id: peft fetches it)."""
+    try:
+        saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    differing = []
+    for key, field in SAVED_SHAPE_KEYS.items():
+        if cfg.source_of(key) == "default" or field not in saved:
+            continue
+        given, kept = getattr(cfg, key), saved[field]
+        if isinstance(given, (list, tuple)) and isinstance(kept, (list, tuple)):
+            same = sorted(given) == sorted(kept)  # peft saves target_modules from a set: any order
+        else:
+            same = given == kept
+        if not same:
+            differing.append(f"{key}: {given!r} (saved {kept!r})")
+    return differing
+
+
 #: set by a loader that prepared a k-bit model itself (plait-bnb); the value of
 #: ``plait_bnb.quantize.PREPARED_FLAG``, repeated so this plugin does not import plait-bnb
 KBIT_PREPARED_FLAG = "_plait_kbit_prepared"
@@ -108,6 +141,11 @@ def attach_lora(cfg, model):
         )
     autocast_adapter = not keep_adapter_in_compute_dtype(cfg)
     if cfg.lora_model_dir:
+        differing = keys_differing_from_saved_adapter(cfg, cfg.lora_model_dir)
+        if differing:
+            log.info("lora_model_dir: training continues with the settings saved in %s; these keys you set differ "
+                     "from it and are not used: %s", Path(cfg.lora_model_dir) / "adapter_config.json",
+                     ", ".join(differing))
         return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True,
                                          autocast_adapter_dtype=autocast_adapter)
     lora_config = LoraConfig(

@@ -36,6 +36,11 @@ def validate(cfg) -> None:
     """Rules spanning keys; raised before any model is loaded."""
     given = [k for k in LORA_KEYS if cfg.source_of(k) != "default" and k != "lora_model_dir"]
     if cfg.adapter is None:
+        if cfg.lora_model_dir:
+            # without an adapter the run would train every weight and never load the saved adapter
+            raise ConfigError(f"config key 'lora_model_dir': {cfg.lora_model_dir!r} is set but 'adapter' is not; "
+                              f"add adapter: lora (or qlora) to continue training that adapter, or remove "
+                              f"lora_model_dir to train every weight")
         if given:
             raise ConfigError(f"{', '.join(given)} set but 'adapter' is not; add adapter: lora (or qlora), "
                               f"or remove these keys to train every weight")
