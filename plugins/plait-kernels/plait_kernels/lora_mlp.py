@@ -14,8 +14,14 @@ inputs, and for each output a LoRA product, a scaling pass and an add pass over
 - ``h`` is not stored: the backward recomputes it with the GLU kernel.
 
 Frozen base weights only (LoRA training): a base weight that needs a gradient,
-a bias, dropout, DoRA, several active adapters or quantized bases take the
-module's ordinary path. Parameters stay peft's, so adapters save as usual.
+a bias, dropout, DoRA or several active adapters take the module's ordinary
+path. Parameters stay peft's, so adapters save as usual.
+
+QLoRA: a bitsandbytes 4-bit base (``Linear4bit``) is dequantized to the
+compute dtype right where its matmul needs it, in forward and again in
+backward, and freed at once, so only one projection's dense weight exists at a
+time and none is kept for backward. bitsandbytes' own training matmul
+dequantizes the same way; what this saves is peft's separate LoRA passes.
 """
 
 from __future__ import annotations
@@ -26,30 +32,42 @@ from torch import nn
 from plait_kernels.modules import PlaitGLUMLP
 
 
+def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[out, in]`` base weight in ``dtype``: ``w`` itself, or ``w`` (packed
+    4-bit data) dequantized with its bitsandbytes ``quant_state``."""
+    if quant_state is None:
+        return w
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(w, quant_state).to(dtype)
+
+
 class LoRAGLUMLPFunction(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with LoRA on all three; see the module docstring.
 
-    Inputs per projection: frozen base weight ``W``, LoRA ``A`` ``[r, in]``,
-    ``B`` ``[out, r]`` and scaling ``s``. ``x`` is ``[tokens, hidden]``.
+    Inputs per projection: frozen base weight ``W`` (dense, or 4-bit packed data
+    with its ``quant_state``; ``None`` for dense), LoRA ``A`` ``[r, in]``, ``B``
+    ``[out, r]`` and scaling ``s``. ``x`` is ``[tokens, hidden]``.
     """
 
     @staticmethod
-    def forward(ctx, x, w_g, a_g, b_g, s_g, w_u, a_u, b_u, s_u, w_d, a_d, b_d, s_d, gelu):
+    def forward(ctx, x, w_g, q_g, a_g, b_g, s_g, w_u, q_u, a_u, b_u, s_u, w_d, q_d, a_d, b_d, s_d, gelu):
         from plait_kernels.ops.glu import glu_forward
 
         dt = x.dtype
         a_gu = torch.cat([a_g, a_u]).to(dt)
         r_g = a_g.shape[0]
         xa = x @ a_gu.t()  # one read of x for both LoRA A's
-        gate = x @ w_g.t()
+        gate = x @ dense_weight(w_g, q_g, dt).t()
         gate.addmm_(xa[:, :r_g], b_g.to(dt).t(), alpha=s_g)
-        up = x @ w_u.t()
+        up = x @ dense_weight(w_u, q_u, dt).t()
         up.addmm_(xa[:, r_g:], b_u.to(dt).t(), alpha=s_u)
         h = glu_forward(gate, up, gelu)
         ha = h @ a_d.to(dt).t()
-        out = h @ w_d.t()
+        out = h @ dense_weight(w_d, q_d, dt).t()
         out.addmm_(ha, b_d.to(dt).t(), alpha=s_d)
         ctx.save_for_backward(x, gate, up, xa, ha, w_g, a_gu, b_g, w_u, b_u, w_d, a_d, b_d)
+        ctx.quant_states = (q_g, q_u, q_d)
         ctx.scales, ctx.r_g, ctx.gelu = (s_g, s_u, s_d), r_g, gelu
         ctx.param_dtypes = (a_g.dtype, b_g.dtype, a_u.dtype, b_u.dtype, a_d.dtype, b_d.dtype)
         return out
@@ -60,6 +78,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
 
         x, gate, up, xa, ha, w_g, a_gu, b_g, w_u, b_u, w_d, a_d, b_d = ctx.saved_tensors
         s_g, s_u, s_d = ctx.scales
+        q_g, q_u, q_d = ctx.quant_states
         dt = x.dtype
         b_g, b_u, a_d, b_d = b_g.to(dt), b_u.to(dt), a_d.to(dt), b_d.to(dt)
         d_out = d_out.contiguous()
@@ -70,7 +89,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         d_b_d = (d_out.t() @ ha).mul_(s_d)
         d_a_d = (d_out_b.t() @ h).mul_(s_d)
         del h
-        d_h = d_out @ w_d
+        d_h = d_out @ dense_weight(w_d, q_d, dt)
         d_h.addmm_(d_out_b, a_d, alpha=s_d)
 
         # activation, then gate and up together
@@ -80,18 +99,34 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         d_b_g = (d_gate.t() @ xa[:, :r_g]).mul_(s_g)
         d_b_u = (d_up.t() @ xa[:, r_g:]).mul_(s_u)
         coef = torch.cat([(d_gate @ b_g).mul_(s_g), (d_up @ b_u).mul_(s_u)], dim=1)  # [T, r_g + r_u]
-        d_x = d_gate @ w_g
-        d_x.addmm_(d_up, w_u)
+        d_x = d_gate @ dense_weight(w_g, q_g, dt)
+        d_x.addmm_(d_up, dense_weight(w_u, q_u, dt))
         d_x.addmm_(coef, a_gu)  # both LoRA A terms in one matmul
         d_a_gu = coef.t() @ x
         dtypes = ctx.param_dtypes
-        return (d_x, None, d_a_gu[:r_g].to(dtypes[0]), d_b_g.to(dtypes[1]), None,
-                None, d_a_gu[r_g:].to(dtypes[2]), d_b_u.to(dtypes[3]), None,
-                None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None)
+        return (d_x, None, None, d_a_gu[:r_g].to(dtypes[0]), d_b_g.to(dtypes[1]), None,
+                None, None, d_a_gu[r_g:].to(dtypes[2]), d_b_u.to(dtypes[3]), None,
+                None, None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None)
+
+
+def _frozen_base(base):
+    """``(weight, quant_state)`` of a frozen, bias-free base linear; ``None`` otherwise.
+
+    A plain ``nn.Linear`` gives its weight and ``None``; a bitsandbytes 4-bit
+    ``Linear4bit`` gives its packed data and quantization state.
+    """
+    if getattr(base, "bias", None) is not None or base.weight.requires_grad:
+        return None
+    if type(base) is nn.Linear:
+        return base.weight, None
+    quant_state = getattr(base.weight, "quant_state", None)
+    if type(base).__name__ == "Linear4bit" and quant_state is not None:
+        return base.weight.data, quant_state
+    return None  # 8-bit and other quantized layers: their own module path
 
 
 def _lora_parts(layer):
-    """``(W, A, B, scaling)`` of a peft LoRA linear the fast path can run, else ``None``."""
+    """``(W, quant_state, A, B, scaling)`` of a peft LoRA linear the fast path can run, else ``None``."""
     if not (hasattr(layer, "lora_A") and hasattr(layer, "base_layer")):
         return None
     if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
@@ -101,14 +136,15 @@ def _lora_parts(layer):
         return None
     name = active[0]
     base, dropout = layer.base_layer, layer.lora_dropout[name]
-    if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+    frozen = _frozen_base(base)
+    if frozen is None:
         return None
     if not isinstance(dropout, nn.Identity) and not (isinstance(dropout, nn.Dropout) and
                                                       (dropout.p == 0 or not dropout.training)):
         return None
     if getattr(layer, "fan_in_fan_out", False):
         return None
-    return base.weight, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+    return (*frozen, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]))
 
 
 def is_lora_mlp(mlp) -> bool:
@@ -127,7 +163,6 @@ class PlaitLoRAGLUMLP(PlaitGLUMLP):
         parts = [_lora_parts(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if any(p is None for p in parts):
             return super().forward(x)  # peft's own modules, with the GLU kernel
-        (w_g, a_g, b_g, s_g), (w_u, a_u, b_u, s_u), (w_d, a_d, b_d, s_d) = parts
         flat = x.reshape(-1, x.shape[-1])
-        out = LoRAGLUMLPFunction.apply(flat, w_g, a_g, b_g, s_g, w_u, a_u, b_u, s_u, w_d, a_d, b_d, s_d, self.gelu)
+        out = LoRAGLUMLPFunction.apply(flat, *parts[0], *parts[1], *parts[2], self.gelu)
         return out.view(*x.shape[:-1], out.shape[-1])
