@@ -11,6 +11,9 @@ allocator state:
 * **plait**: ``plait.train.loop.train`` with ``adapter: qlora`` and
   ``load_in_4bit`` (plait-bnb loads, plait-peft attaches LoRA), the loop's own
   loss step (hidden states -> head + cross-entropy, so kernels plugins apply);
+* **plait-kernels**: the same with plait-kernels added (``plait_kernels:
+  triton``: RMSNorm, rotary, the LoRA SwiGLU MLP over the 4-bit weights and the
+  fused linear + cross-entropy);
 * **hf**: ``AutoModelForCausalLM.from_pretrained(quantization_config=...)``,
   ``peft.prepare_model_for_kbit_training``, ``get_peft_model`` and
   ``transformers.Trainer`` (the usual QLoRA recipe).
@@ -60,6 +63,7 @@ SHAPES = {
 }
 LORA_R, LORA_ALPHA, LR = 16, 32, 1e-4
 PLUGIN_MODULES = ["plait_bnb.plugin", "plait_peft.plugin"]
+KERNEL_PLUGINS = ["plait_models", "plait_kernels.plugin"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -144,8 +148,10 @@ def worker_plait(args) -> dict:
             times.append(now())
             tokens.append(args.micro_batch * args.seq)
 
+    kernels = args.worker == "plait-kernels"
     keys = {
-        "base_model": args.model_dir, "plugins": PLUGIN_MODULES,
+        "base_model": args.model_dir, "plugins": PLUGIN_MODULES + (KERNEL_PLUGINS if kernels else []),
+        **({"plait_kernels": "triton"} if kernels else {}),
         "adapter": "qlora", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
         "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "lora_target_linear": True,
         "gradient_checkpointing": True, "sequence_len": args.seq, "micro_batch_size": args.micro_batch,
@@ -157,7 +163,7 @@ def worker_plait(args) -> dict:
     data = SimpleNamespace(train=random_rows(args.micro_batch * args.steps, args.seq, args.vocab), eval=None)
     started = now()
     train(cfg, pm, data=data)
-    return {**summarize("plait", times, tokens, args, started), **facts}
+    return {**summarize(args.worker, times, tokens, args, started), **facts}
 
 
 def worker_hf(args) -> dict:
@@ -253,7 +259,7 @@ def table(results: list[dict]) -> str:
             continue
         hf = by_key.get((r["shape"], "hf"))
         ratio = (f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x"
-                 if r["impl"] == "plait" and hf and "error" not in hf else "")
+                 if r["impl"] != "hf" and hf and "error" not in hf else "")
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
         rows.append(f"| {r['shape']} | {r['impl']} | {r['micro_batch']} | {r['seq']} | {r['timed_steps']} | "
                     f"{r['tokens_per_s']:.0f} | {peak} | {ratio} | {r['linear4bit']} | {r['trainable']:,} | "
@@ -268,10 +274,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 12; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="steps not timed (default 2; smoke 1)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; smoke 64)")
-    parser.add_argument("--impls", default="plait,hf")
+    parser.add_argument("--impls", default="plait,plait-kernels,hf", help="comma-separated: plait, plait-kernels, hf")
     parser.add_argument("--out", default=None, help="also write the markdown table here (and .json beside it)")
     # worker mode (internal)
-    parser.add_argument("--worker", choices=["plait", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["plait", "plait-kernels", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
@@ -280,7 +286,7 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        result = (worker_plait if args.worker == "plait" else worker_hf)(args)
+        result = (worker_hf if args.worker == "hf" else worker_plait)(args)
         print(json.dumps(result), flush=True)
         return 0
 
