@@ -278,13 +278,16 @@ def flex_document_mask(doc_ids, device=None):
 
 # ------------------------------------------------------------ config check
 
+#: model types whose attention adds ALiBi biases instead of taking position_ids
+ALIBI_MODEL_TYPES = ("bloom", "mpt")
 
-def _model_config(base_model: str) -> dict:
-    """The model's ``config.json`` when ``base_model`` is a local directory, else {}."""
+
+def _model_config(source: str) -> dict:
+    """The model's ``config.json`` when ``source`` is a local directory, else {}."""
     import json
     from pathlib import Path
 
-    path = Path(base_model) / "config.json"
+    path = Path(source) / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -297,25 +300,60 @@ def windowed_attention(model_config: dict, sequence_len: int) -> str | None:
     A sliding window (Mistral, Qwen2 with ``use_sliding_window``, Gemma's
     alternating layers) or chunked attention (Llama 4) is built by
     transformers' mask functions; a packed 4D mask or ``BlockMask`` replaces
-    them, which would silently widen the window.
+    them, which would silently widen the window. A window of at least
+    ``sequence_len`` never cuts anything, so the packed mask is exact there.
     """
     text = model_config.get("text_config") or model_config
     layer_types = set(text.get("layer_types") or ())
-    if layer_types - {"full_attention"}:
+    if layer_types - {"full_attention", "sliding_attention"}:
         return f"layer_types {sorted(layer_types)}"
     window = text.get("sliding_window")
-    if window and text.get("use_sliding_window", True) and window < sequence_len:
+    windowed = "sliding_attention" in layer_types or (window and text.get("use_sliding_window", True))
+    if windowed and not window:
+        return f"layer_types {sorted(layer_types)} without a sliding_window"
+    if windowed and window < sequence_len:
         return f"sliding_window={window} < sequence_len={sequence_len}"
     if text.get("attention_chunk_size"):
         return f"attention_chunk_size={text['attention_chunk_size']}"
     return None
 
 
-def check_packing_support(cfg) -> None:
+def alibi_attention(model_config: dict) -> str | None:
+    """Why the model's attention is ALiBi (biases from token distances over
+    the whole sequence, not from ``position_ids``), or None."""
+    text = model_config.get("text_config") or model_config
+    model_type = text.get("model_type") or model_config.get("model_type")
+    if model_type in ALIBI_MODEL_TYPES:
+        return f"model_type {model_type!r} uses ALiBi"
+    if text.get("alibi") or (text.get("attn_config") or {}).get("alibi"):
+        return "alibi: true"
+    if text.get("position_embedding_type") == "alibi":
+        return "position_embedding_type: alibi"
+    return None
+
+
+def takes_position_ids(model) -> bool:
+    """Whether the causal LM's ``forward`` names a ``position_ids`` argument
+    (one that only swallows ``**kwargs`` would drop the per-row restart)."""
+    import inspect
+
+    from plait.train.forward import unwrap
+
+    try:
+        return "position_ids" in inspect.signature(unwrap(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_packing_support(cfg, model=None) -> None:
     """Raise :class:`ConfigError` when packed rows could not be kept apart.
 
-    Called from core's ``validate_config`` hookimpl when ``sample_packing``
-    or ``eval_sample_packing`` is on, before any model is loaded.
+    Called twice when ``sample_packing`` or ``eval_sample_packing`` is on:
+    from core's ``validate_config`` hookimpl before any model is loaded
+    (``model`` None: the model's config is read from ``base_model_config``
+    or ``base_model`` when it is a local directory), and from the loop right
+    after ``load_model`` (:func:`check_loaded_model`) on the loaded model's
+    ``config``, so a hub name is checked too.
     """
     import importlib.util
 
@@ -329,11 +367,30 @@ def check_packing_support(cfg) -> None:
             "flash_attention: true with sample_packing needs the flash-attn package, which is not installed; "
             "install it, or set flex_attention: true (GPU) or sdp_attention: true instead"
         )
+    if model is None:
+        model_config = _model_config(getattr(cfg, "base_model_config", None) or cfg.base_model)
+    else:
+        model_config = model.config.to_dict()
+    why = alibi_attention(model_config)
+    if why is None and model is not None and not takes_position_ids(model):
+        why = f"{type(model).__name__}.forward takes no position_ids"
+    if why:
+        raise ConfigError(
+            f"{keys}: the model cannot take packed rows ({why}): its attention cannot restart per row; "
+            f"set {' and '.join(k + ': false' for k in keys.split(' / '))}"
+        )
     if attn != "flash_attention_2":
-        why = windowed_attention(_model_config(cfg.base_model), cfg.sequence_len)
+        why = windowed_attention(model_config, cfg.sequence_len)
         if why:
             raise ConfigError(
                 f"{keys} with {attn} attention: the model uses windowed attention ({why}), which a packed "
                 "block-diagonal mask would override; set flash_attention: true (varlen keeps the window per "
                 "row) or sample_packing: false"
             )
+
+
+def check_loaded_model(cfg, model) -> None:
+    """:func:`check_packing_support` on the loaded ``model`` when the run packs
+    (train or eval); the loop calls it right after ``load_model``."""
+    if cfg.sample_packing or cfg.eval_sample_packing:
+        check_packing_support(cfg, model)

@@ -191,10 +191,13 @@ def build_model(run: Run):
     """``load_model`` -> device -> ``load_adapter`` -> ``patch_model`` -> ``wrap_parallel``."""
     import torch
 
+    from plait.data.packing import check_loaded_model
     from plait.train.distributed import data_parallel_rank_and_size
 
     cfg, pm = run.cfg, run.pm
     model = pm.hook.load_model(cfg=cfg, tokenizer=run.tokenizer)
+    # validate_config could only read a local config.json: check the real one
+    check_loaded_model(cfg, model)
     if not _placed_by_loader(model):
         model = model.to(run.device)
     adapted = pm.hook.load_adapter(cfg=cfg, model=model)

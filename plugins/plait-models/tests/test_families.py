@@ -164,19 +164,66 @@ def test_every_model_type_has_exactly_one_family(pm):
     assert {f.name for f in ours} <= {f.name for f in all_families(pm)}
 
 
-def test_packed_rows_do_not_attend_across_boundaries(case):
-    """Two rows packed into one sequence (position_ids restarting, no 2D mask,
-    no KV cache) give the same logits as each row alone: transformers builds a
-    block-diagonal mask from the position_ids for every family here."""
+#: families with a sliding window shorter than the packed width: SDPA/eager
+#: packing must be refused (a block-diagonal mask would widen the window)
+SHORT_WINDOW = {
+    "mistral": dict(sliding_window=8),
+    "gemma2": dict(sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+}
+PACKED_WIDTH = 24
+#: rows of each bin; the padding tail up to PACKED_WIDTH is its own segment
+BINS = [[10, 7], [5, 9, 6]]
+
+
+#: transformers has no SDPA path for these (gemma2: attention soft-capping)
+NO_SDPA = {"gemma2"}
+PACKING_CASES = [pytest.param(t, o, attn, id=f"{t}{'-short-window' if o else ''}-{attn}")
+                 for t, o in [(t, {}) for t in MODEL_TYPES] + list(SHORT_WINDOW.items())
+                 for attn in ("sdpa", "eager") if not (attn == "sdpa" and t in NO_SDPA)]
+
+
+@pytest.mark.parametrize("model_type,overrides,attn", PACKING_CASES)
+def test_packed_rows_do_not_attend_across_boundaries(model_type, overrides, attn):
+    """Plait's own packed path: bins laid out by core's ``collate_packed``
+    (per-row position_ids and an explicit block-diagonal mask for the
+    backend), fed as the loop feeds them (``use_cache=False``, while the model
+    config keeps ``use_cache: true``). Every row's logits equal the row run
+    alone within atol=1e-5 (fp32; observed <= ~3e-7). A family/backend that
+    Plait refuses to pack must be refused by the check the loop runs after
+    ``load_model``, naming the keys to change."""
+    from types import SimpleNamespace
+
     import torch
 
-    _, _, model = case
+    from plait.builtin.collate import collate_packed
+    from plait.data.packing import check_loaded_model
+    from plait.errors import ConfigError
+
+    model = build_model(model_type, **overrides)
+    model.set_attn_implementation(attn)
+    model.config.use_cache = True
     model.eval()
+    cfg = SimpleNamespace(sample_packing=True, eval_sample_packing=None, sequence_len=PACKED_WIDTH,
+                          attn_implementation=attn)
+    if overrides:
+        with pytest.raises(ConfigError, match=r"sample_packing with .* attention: the model uses windowed "
+                                              r"attention .*flash_attention: true.*sample_packing: false"):
+            check_loaded_model(cfg, model)
+        return
+    check_loaded_model(cfg, model)
+
     generator = torch.Generator().manual_seed(0)
-    first = torch.randint(3, 300, (1, 10), generator=generator)
-    second = torch.randint(3, 300, (1, 7), generator=generator)
+    rows = [[torch.randint(3, 300, (n,), generator=generator).tolist() for n in lens] for lens in BINS]
+    batch = collate_packed([{"input_ids": sum(bin_, []), "labels": sum(bin_, []), "seq_lens": lens}
+                            for bin_, lens in zip(rows, BINS)], 0, attn, pad_to=PACKED_WIDTH, dtype=model.dtype)
+    batch.pop("labels")
     with torch.no_grad():
-        alone = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1)
-        positions = torch.cat([torch.arange(10), torch.arange(7)])[None]
-        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
-    assert torch.allclose(packed, alone, atol=1e-5), float((packed - alone).abs().max())
+        packed = model(**batch, use_cache=False).logits
+        for b, bin_ in enumerate(rows):
+            start = 0
+            for row in bin_:
+                alone = model(input_ids=torch.tensor([row]), use_cache=False).logits[0]
+                got = packed[b, start:start + len(row)]
+                assert torch.allclose(got, alone, atol=1e-5), (b, start, float((got - alone).abs().max()))
+                start += len(row)
