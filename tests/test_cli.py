@@ -97,3 +97,78 @@ def test_disabled_plugin_is_not_loaded(tmp_path):
     env = dict(os.environ, PLAIT_DISABLE_PLUGINS="qa-format")
     proc = subprocess.run(PLAIT + ["plugins", "--json"], capture_output=True, text=True, env=env, check=True)
     assert "qa-format" not in {p["name"] for p in json.loads(proc.stdout)}
+
+
+def _preprocess_config(tmp_path, base_model):
+    return write_config(tmp_path / "p.yml", base_model=str(base_model), output_dir=str(tmp_path / "out"),
+                        datasets=[{"path": str(tmp_path / "d.jsonl"), "type": "alpaca"}])
+
+
+def test_missing_local_base_model_is_one_clear_error(tmp_path):
+    cfg = _preprocess_config(tmp_path, tmp_path / "no_such_model")
+    for command in (["preprocess", str(cfg), "--no-progress"], ["train", str(cfg)], ["config", "validate", str(cfg)]):
+        result = run_cli(command)
+        assert result.exit_code == 2, (command, result.stderr)
+        assert result.stderr.startswith(f"error: config key 'base_model': '{tmp_path / 'no_such_model'}' does not exist")
+        assert "accepted: a local directory with config.json" in result.stderr and "hub name" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_base_model_folder_without_tokenizer_is_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["preprocess", str(_preprocess_config(tmp_path, tmp_path / "empty"))])
+    assert result.exit_code == 2, result.stderr
+    assert "config key 'base_model': cannot load the tokenizer from" in result.stderr
+    assert "has no tokenizer.json" in result.stderr and "accepted: a local directory" in result.stderr
+
+
+def test_validate_rejects_the_optimizer_and_scheduler_train_rejects(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m")
+    bad = run_cli(["config", "validate", str(cfg), "optimizer=bogus"])
+    assert bad.exit_code == 2 and "config key 'optimizer': 'bogus' is not a known optimizer" in bad.stderr
+    bad = run_cli(["config", "validate", str(cfg), "lr_scheduler=bogus"])
+    assert bad.exit_code == 2 and "config key 'lr_scheduler': 'bogus' is not a known schedule" in bad.stderr
+
+
+def test_overrides_and_flags_mix_in_any_order_for_every_subcommand():
+    from plait.cli import build_parser
+    from plait.plugins import build_plugin_manager
+
+    parser = build_parser(build_plugin_manager(entry_points=False))
+    flags = {"preprocess": ["--no-progress"], "inspect": ["--rows", "2"], "evaluate": ["--json"],
+             "inference": ["--raw"], "merge-lora": ["--out", "o"], "quickstart": ["--regenerate"]}
+    for command in ("train", "preprocess", "inspect", "evaluate", "inference", "merge-lora", "quickstart",
+                    "config validate", "config explain"):
+        flag = flags.get(command, [])
+        argv = [*command.split(), "c.yml", "a=1", *flag, "--allow-unsupported", "b=2", "--debug", "c.d=3"]
+        args = parser.parse_args(argv)
+        assert (args.config, args.overrides, args.allow_unsupported, args.debug) == \
+            ("c.yml", ["a=1", "b=2", "c.d=3"], True, True), command
+    assert parser.parse_args(["quickstart"]).config == "examples/quickstart.yml"
+    assert parser.parse_args(["train", "c.yml"]).debug is False
+
+
+def test_override_after_a_flag_is_applied(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m")
+    result = run_cli(["config", "explain", str(cfg), "--allow-unsupported", "micro_batch_size=4"])
+    assert result.exit_code == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert rows["micro_batch_size"][1:] == ["4", "override"]
+
+
+def test_debug_flag_after_the_subcommand_shows_the_traceback(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m", lerning_rate=1e-4)
+    proc = subprocess.run(PLAIT + ["config", "validate", str(cfg), "--debug"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "unrecognized arguments" not in proc.stderr
+
+
+def test_unknown_plugin_names_are_errors(tmp_path):
+    for variable in ("PLAIT_LOAD_PLUGINS", "PLAIT_DISABLE_PLUGINS"):
+        env = dict(os.environ, **{variable: "formatz"})
+        proc = subprocess.run(PLAIT + ["plugins"], capture_output=True, text=True, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert f"{variable}: 'formatz' is not an installed plugin; did you mean 'formats'?" in proc.stderr
+        assert "installed entry-point plugins:" in proc.stderr and "qa-format" in proc.stderr
+    cfg = write_config(tmp_path / "c.yml", base_model="m", disable_plugins=["formatz"])
+    result = run_cli(["config", "validate", str(cfg)])
+    assert result.exit_code == 2 and "config key 'disable_plugins': 'formatz' is not an installed plugin" in result.stderr

@@ -123,3 +123,19 @@ def test_each_manager_is_independent():
     without = build_plugin_manager(entry_points=False)
     assert ["one"] in with_one.hook.dataset_types()
     assert ["one"] not in without.hook.dataset_types()
+
+
+def test_unknown_names_in_allow_and_disable_lists_are_errors(fake_distribution):
+    fake_distribution("plait-fake-e", "from plait import hookimpl\n")
+    with pytest.raises(PluginError, match=r"(?s)environment variable PLAIT_LOAD_PLUGINS: 'plait-fake-ee' is not an "
+                                          r"installed plugin; did you mean 'plait-fake-e'\?.*installed entry-point "
+                                          r"plugins: .*plait-fake-e"):
+        build_plugin_manager(env={"PLAIT_LOAD_PLUGINS": "plait-fake-ee"})
+    with pytest.raises(PluginError, match=r"environment variable PLAIT_DISABLE_PLUGINS: 'zzz-nothing-like-it' is not"):
+        build_plugin_manager(env={"PLAIT_DISABLE_PLUGINS": "zzz-nothing-like-it"})
+    with pytest.raises(PluginError, match=r"config key 'disable_plugins': 'plait.builtin.los' .*did you mean "
+                                          r"'plait.builtin.loss'"):
+        build_plugin_manager(disable=["plait.builtin.los"], env={})
+    # every known kind of name is accepted: entry point, core's own, a config plugin
+    build_plugin_manager(["plait.builtin.loss"], disable=["plait-fake-e", "plait.builtin.loss"],
+                         env={"PLAIT_LOAD_PLUGINS": "plait-fake-e,plait.builtin.model"})

@@ -5,8 +5,10 @@ Built with argparse; every subcommand lives in its own module under
 Command modules import nothing heavy at module level, so ``plait --help``
 never imports torch. Plugins add subcommands through ``register_commands``.
 
-Bad input (:class:`plait.errors.PlaitError`) prints one message and exits 2;
-``--debug`` shows the traceback.
+Every subcommand parses its flags and ``key=value`` overrides in any order
+(``plait preprocess cfg.yml --no-progress lr=1e-4``) and accepts ``--debug``
+anywhere. Bad input (:class:`plait.errors.PlaitError`) prints one message and
+exits 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -29,13 +31,41 @@ COMMANDS = {
 }
 
 
+class SubcommandParser(argparse.ArgumentParser):
+    """The parser of every subcommand (plugins' included).
+
+    Flags and positionals may be intermixed (argparse's
+    ``parse_known_intermixed_args``), so overrides after a flag are still
+    overrides; ``--debug`` is accepted here as well as before the subcommand.
+    A parser with its own subcommands, or a ``REMAINDER`` positional, parses
+    the classic way (argparse cannot intermix those).
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("conflict_handler", "resolve")  # a plugin's own --debug wins over ours
+        super().__init__(*args, **kwargs)
+        self._intermixing = False
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show tracebacks for errors")
+
+    def parse_known_args(self, args=None, namespace=None):
+        classic = self._intermixing or any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions)
+        if classic:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser(pm) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plait",
         description="Fine-tune large language models from one YAML file.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SubcommandParser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"plait.commands.{module_name}")
         sub = subparsers.add_parser(name, help=help_text, description=help_text)

@@ -2,7 +2,7 @@
 
 Every hook a plugin may implement is declared here, with a docstring that says
 when it is called, what it receives and what it returns. This module is the
-reference for plugin authors; ``tests/test_hookspecs.py`` fails when a hook
+reference for plugin authors; ``tests/test_hooks.py`` fails when a hook
 lacks a docstring or a test that exercises it.
 
 Hooks marked *firstresult* stop at the first plugin that returns something

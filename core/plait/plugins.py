@@ -9,13 +9,16 @@ first by firstresult hooks, so they override earlier ones):
 
 ``PLAIT_LOAD_PLUGINS=name1,name2`` loads only those entry-point plugins (empty
 string: none); ``PLAIT_DISABLE_PLUGINS`` or the config's ``disable_plugins``
-skips the named ones. A plugin that fails to import or declares a hook that
-does not exist is an error naming the plugin and its distribution. There is no
+skips the named ones. A name in any of the three that matches no plugin is an
+error naming the variable or key and the installed plugins (a typo never
+silently loads or skips nothing). A plugin that fails to import or declares a
+hook that does not exist is an error naming the plugin and its distribution. There is no
 global manager: each run builds its own and passes it down.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
@@ -114,7 +117,16 @@ def build_plugin_manager(
     """
     env = os.environ if env is None else env
     allow = _names(env.get("PLAIT_LOAD_PLUGINS"))
-    disabled = set(disable) | set(_names(env.get("PLAIT_DISABLE_PLUGINS")) or ())
+    env_disabled = _names(env.get("PLAIT_DISABLE_PLUGINS")) or []
+    disabled = set(disable) | set(env_disabled)
+
+    installed = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    ep_names = [ep.name for ep in installed]
+    extra_names = [_extra_name(plugin) for plugin in extra]
+    known = [*DEFAULT_PLUGINS, *ep_names, *config_plugins, *extra_names]
+    _check_names(allow or [], "environment variable PLAIT_LOAD_PLUGINS", [*DEFAULT_PLUGINS, *ep_names], ep_names)
+    _check_names(env_disabled, "environment variable PLAIT_DISABLE_PLUGINS", known, ep_names)
+    _check_names(list(disable), "config key 'disable_plugins'", known, ep_names)
 
     pm = PlaitPluginManager()
     for module_name in DEFAULT_PLUGINS:
@@ -124,7 +136,7 @@ def build_plugin_manager(
                            version=_version("plait"))
 
     if entry_points:
-        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        for ep in installed:
             if ep.name in disabled or (allow is not None and ep.name not in allow):
                 continue
             dist = ep.dist.name if ep.dist else None
@@ -153,9 +165,28 @@ def build_plugin_manager(
     for plugin in extra:
         if pm.is_registered(plugin):  # the test kit passing an installed plugin again
             continue
-        name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
-        pm.register_plugin(plugin, name, source="test")
+        pm.register_plugin(plugin, _extra_name(plugin), source="test")
     return pm
+
+
+def _extra_name(plugin) -> str:
+    return getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
+
+
+def _check_names(names: list[str], where: str, known: list[str], installed: list[str]) -> None:
+    """A plugin name that matches nothing is an error, never a silent no-op."""
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return
+    lines = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        lines.append(f"{where}: {name!r} is not an installed plugin{hint}")
+    listed = ", ".join(installed) or "none"
+    lines.append(f"installed entry-point plugins: {listed}; core's own: {', '.join(DEFAULT_PLUGINS)} "
+                 f"(`plait plugins` lists them)")
+    raise PluginError("\n".join(lines))
 
 
 def _version(dist: str) -> str | None:

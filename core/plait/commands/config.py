@@ -31,10 +31,15 @@ def run(args, pm) -> int:
             schema = schema["properties"].get(args.key, {})
         print(json.dumps(schema, indent=2))
         return 0
-    cfg, pm = load_run_config(args, pm)
     if args.action == "validate":
+        cfg, pm = load_run_config(args, pm)
+        # what `plait train` checks before any model work: plugins' optimizer and schedule names
+        from plait.builtin.optim import check_names
+
+        check_names(cfg, pm)
         print(f"{args.config}: valid")
         return 0
+    cfg, pm = load_run_config(args, pm, check_sources=False)  # explain shows values, even a path not made yet
     rows = explain(cfg)
     width = max(len(k) for k, _, _ in rows)
     for key, value, source in rows:

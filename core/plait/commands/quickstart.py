@@ -38,7 +38,7 @@ def run(args, pm) -> int:
     started = time.time()
     if "=" in args.config and not Path(args.config).is_file():  # `plait quickstart max_steps=5`
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
-    cfg, pm = load_run_config(args, pm)
+    cfg, pm = load_run_config(args, pm, check_sources=False)  # step 1 creates base_model
     root = Path(cfg.base_model).parent
     heldout_path = root / "data" / "heldout.jsonl"
     if args.regenerate or not (Path(cfg.base_model) / "config.json").is_file() or not heldout_path.is_file():

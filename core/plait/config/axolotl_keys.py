@@ -1,8 +1,8 @@
 """Axolotl keys Plait knows about but does not act on (yet).
 
 A config carried over from Axolotl that uses one of these is refused with every
-such key named in one message; ``--allow-unsupported`` (or ``strict: false``
-with the flag) turns that into a warning so the rest of the config still runs.
+such key named in one message; ``--allow-unsupported`` turns that into a
+one-line warning so the rest of the config still runs.
 Keys that need a plugin which is not installed are listed in
 ``KEYS_OF_PLUGINS`` so the message can say which package to install.
 """

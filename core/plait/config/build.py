@@ -9,7 +9,7 @@ and what is accepted.
 from __future__ import annotations
 
 import difflib
-import warnings
+import sys
 from typing import Any
 
 from pydantic import BaseModel, ValidationError, create_model
@@ -74,9 +74,12 @@ def _check_keys(raw: dict, cls: type[BaseModel], allow_unsupported: bool) -> Non
         message = "these Axolotl keys are not supported by Plait:\n" + "\n".join(unsupported)
         if not allow_unsupported:
             raise ConfigError(message + "\n(pass --allow-unsupported to ignore them with a warning)")
-        warnings.warn(message + "\n(ignored)", stacklevel=2)
-        for line in unsupported:
-            raw.pop(line.split(":")[0].strip())
+        ignored = [line.split(":")[0].strip() for line in unsupported]
+        # one plain line on stderr (python's warnings would add a file path and a source line)
+        print(f"warning: ignoring Axolotl keys Plait does not support (--allow-unsupported): {', '.join(ignored)}",
+              file=sys.stderr)
+        for key in ignored:
+            raw.pop(key)
     for list_key in ("datasets", "test_datasets"):
         for index, entry in enumerate(raw.get(list_key) or []):
             if isinstance(entry, dict):

@@ -158,7 +158,7 @@ class CoreConfig(StrictModel):
     wandb_mode: Optional[str] = None
     mlflow_tracking_uri: Optional[str] = None
     mlflow_experiment_name: Optional[str] = None
-    strict: bool = False
+    strict: bool = Field(False, description="Accepted so Axolotl configs load; has no effect in Plait.")
 
     # where each value came from: key path -> "default" | "file" | "override" | "plugin:<name>"
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
