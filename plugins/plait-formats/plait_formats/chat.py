@@ -34,13 +34,16 @@ the token ``" the"`` carries the template's space and is trained, because the
 model has to produce it.
 
 A template whose rendering of a prefix is not a prefix of the full rendering
-cannot be masked this way; such a row is reported as bad.
+cannot be masked this way; such a row is reported as bad. So is a row the
+template refuses (``raise_exception``, e.g. for a role it has no markup for,
+or an undefined value): the error names the row, and ``skip_bad_rows`` skips it.
 """
 
 from __future__ import annotations
 
 import json
 
+from jinja2 import TemplateError
 from plait.errors import BadRowError, ConfigError
 
 from plait_formats.common import IGNORE, batch_size, train_on_inputs
@@ -185,23 +188,31 @@ class ChatFormat:
 
     # --------------------------------------------------------- rendering
 
-    def render(self, messages, tools, add_generation_prompt: bool = False) -> str:
+    def render(self, messages, tools, add_generation_prompt: bool = False, *, index: int = 0) -> str:
+        """The template's text for ``messages``; a template that refuses
+        them (``raise_exception``, an undefined value) makes row ``index``
+        a bad row."""
         plain = [{"role": m["role"], "content": m["content"], **m.get("extra", {})} for m in messages]
-        if self.compiled is not None:
-            return self.compiled.render(messages=plain, tools=tools, documents=None,
-                                        add_generation_prompt=add_generation_prompt, **self.template_vars)
-        return self.tokenizer.apply_chat_template(plain, tools=tools, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        try:
+            if self.compiled is not None:
+                return self.compiled.render(messages=plain, tools=tools, documents=None,
+                                            add_generation_prompt=add_generation_prompt, **self.template_vars)
+            return self.tokenizer.apply_chat_template(plain, tools=tools, chat_template=self.template,
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+        except TemplateError as exc:
+            roles = ", ".join(dict.fromkeys(m["role"] for m in messages))
+            raise BadRowError(index, f"the chat template refused this conversation (roles: {roles}): "
+                                     f"{type(exc).__name__}: {exc}") from None
 
     def render_with_ends(self, index: int, messages: list[dict], tools) -> tuple[str, list[int], dict]:
         """The whole conversation's text, where each message ends in it (the
         length of the rendering of the messages up to and including it), and
         for trained assistant messages without text content (tool calls only)
         where their body starts: after the generation prompt."""
-        full = self.render(messages, tools)
+        full = self.render(messages, tools, index=index)
         ends, bodies = [], {}
         for k in range(1, len(messages)):
-            prefix = self.render(messages[:k], tools)
+            prefix = self.render(messages[:k], tools, index=index)
             if not full.startswith(prefix):
                 raise BadRowError(index, f"the chat template renders the first {k} messages differently from the "
                                          f"start of the whole conversation, so turns cannot be masked")
@@ -210,7 +221,7 @@ class ChatFormat:
         for k, message in enumerate(messages):
             if message["train"] and not message["content"].strip() and message["extra"]:
                 start = ends[k - 1] if k else 0
-                prompt = self.render(messages[:k], tools, add_generation_prompt=True)
+                prompt = self.render(messages[:k], tools, add_generation_prompt=True, index=index)
                 if full.startswith(prompt) and start <= len(prompt) <= ends[k]:
                     bodies[k] = len(prompt)
         return full, ends, bodies

@@ -51,18 +51,106 @@ def test_alpaca_field_mappings(tokenizer, run_format):
     assert out["input_ids"][0] == expected(tokenizer, WITH_INPUT, "a it the")[0]
 
 
-def test_alpaca_chat_text(tokenizer, run_format):
-    out = run_format(tokenizer, {"instruction": ["add 3"], "input": ["4"], "output": ["7"]}, type="alpaca_chat")
-    prompt = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-              "Write a response that appropriately completes the request.\n\nUSER: add 3\n4\nASSISTANT:")
-    assert (out["input_ids"][0], out["labels"][0]) == expected(tokenizer, prompt, "7")
+CHAT_SYSTEM = ("SYSTEM: Below is an instruction that describes a task, paired with an input that provides further "
+               "context. Write a response that appropriately completes the request.\n")
+CONCISE = ("SYSTEM: Below is an instruction from a USER that describes a task, paired with an input that provides "
+           "further context. The ASSISTANT writes a response that concisely and appropriately completes the "
+           "request.\n\n\n")
+CONCISE_NO_INPUT = ("SYSTEM: Below is an instruction from a USER that describes a task. The ASSISTANT writes a "
+                    "response that appropriately and concisely completes the request.\n\n\n")
 
 
-def test_alpaca_w_system_uses_the_rows_system_text(tokenizer, run_format):
+@pytest.mark.parametrize("type_name", ["alpaca_chat", "alpaca_chat.load"])
+def test_alpaca_chat_text(tokenizer, run_format, type_name):
+    # Axolotl's chat style: the system text through "SYSTEM: {system}\n", then USER/ASSISTANT turns
+    out = run_format(tokenizer, {"instruction": ["add 3"], "input": ["4"], "output": ["7"]}, type=type_name)
+    assert (out["input_ids"][0], out["labels"][0]) == expected(tokenizer, CHAT_SYSTEM + "USER: add 3\n4\nASSISTANT:",
+                                                               "7")
+
+
+@pytest.mark.parametrize("type_name, batch, prompts", [
+    ("alpaca_chat.load_concise", {"instruction": ["add 3", "add 5"], "input": ["4", ""], "output": ["7", "?"]},
+     [CONCISE + "USER: add 3\n4\nASSISTANT:", CONCISE_NO_INPUT + "USER: add 5\nASSISTANT:"]),
+    ("alpaca_chat.load_no_prompt", {"instruction": ["add 3", "add 5"], "input": ["4", None], "output": ["7", "?"]},
+     ["USER: add 3\n4\nASSISTANT:", "USER: add 5\nASSISTANT:"]),
+    ("alpaca_chat.load_qa", {"question": ["add 3"], "answer": ["7"], "input": ["ignored"]},
+     [CONCISE_NO_INPUT + "USER: add 3\nASSISTANT:"]),
+    ("alpaca_chat.load_camel_ai", {"message_1": ["add 3"], "message_2": ["7"]},
+     [CONCISE_NO_INPUT + "USER: add 3\nASSISTANT:"]),
+])
+def test_alpaca_chat_variants_have_their_own_text(tokenizer, run_format, type_name, batch, prompts):
+    out = run_format(tokenizer, batch, type=type_name)
+    outputs = batch.get("output") or batch.get("answer") or batch.get("message_2")
+    assert [(i, lab) for i, lab in zip(out["input_ids"], out["labels"])] == [
+        expected(tokenizer, prompt, output) for prompt, output in zip(prompts, outputs)]
+
+
+@pytest.mark.parametrize("type_name", ["alpaca_w_system", "alpaca_w_system.load", "alpaca_w_system.load_chat"])
+def test_alpaca_w_system_uses_the_rows_system_text(tokenizer, run_format, type_name):
+    # Axolotl's alpaca_w_system loads with the chat style: "SYSTEM: {system}\n", then the chat turn
+    batch = {"system": ["You sort words.", "", None], "instruction": ["sort the words"] * 3, "input": ["b a", "", ""],
+             "output": ["a b", "ok", "ok"]}
+    out = run_format(tokenizer, batch, type=type_name)
+    prompts = ["SYSTEM: You sort words.\nUSER: sort the words\nb a\nASSISTANT:",
+               "USER: sort the words\nASSISTANT:", "USER: sort the words\nASSISTANT:"]  # no system: none rendered
+    assert list(zip(out["input_ids"], out["labels"])) == [expected(tokenizer, p, o)
+                                                          for p, o in zip(prompts, ["a b", "ok", "ok"])]
+
+
+def test_alpaca_w_system_falls_back_to_the_datasets_system_prompt(tokenizer, run_format):
+    out = run_format(tokenizer, {"instruction": ["sort"], "output": ["a"]}, type="alpaca_w_system",
+                     system_prompt="Be brief.")
+    assert out["input_ids"][0] == expected(tokenizer, "SYSTEM: Be brief.\nUSER: sort\nASSISTANT:", "a")[0]
+
+
+def test_alpaca_w_system_instruct_and_open_orca_variants(tokenizer, run_format):
     out = run_format(tokenizer, {"system": ["You sort words."], "instruction": ["sort the words"], "output": ["a"]},
-                     type="alpaca_w_system")
+                     type="alpaca_w_system.load_instruct")
     prompt = "You sort words.\n\n### Instruction:\nsort the words\n\n### Response:\n"
     assert (out["input_ids"][0], out["labels"][0]) == expected(tokenizer, prompt, "a")
+    orca = {"system_prompt": ["Think first."], "question": ["2+2?"], "response": ["4"]}
+    out = run_format(tokenizer, orca, type="alpaca_w_system.load_open_orca")
+    prompt = "### System:\nThink first.\n### Human:\n2+2?\n### Assistant:\n"
+    assert (out["input_ids"][0], out["labels"][0]) == expected(tokenizer, prompt, "4")
+    out = run_format(tokenizer, orca, type="alpaca_w_system.load_open_orca_chatml")
+    prompt = ("<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    assert (out["input_ids"][0], out["labels"][0]) == expected(tokenizer, prompt, "4")
+
+
+@pytest.mark.parametrize("type_name, accepted, suggestion", [
+    ("alpaca_chat.load_concize", "alpaca_chat, alpaca_chat.load, alpaca_chat.load_concise", "alpaca_chat.load_concise"),
+    ("alpaca.whatever", "(alpaca has no variants); did you mean 'alpaca'?\naccepted: alpaca\n", "alpaca"),
+    ("alpaca_w_system.load_mistral", "alpaca_w_system.load_open_orca_chatml", None),
+    ("completion.load", "(completion has no variants); did you mean 'completion'?\naccepted: completion\n",
+     "completion"),
+    ("chat_template.default", "accepted: chat_template\n", "chat_template"),
+])
+def test_unknown_variants_fail_at_config_validation(type_name, accepted, suggestion):
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
+
+    with pytest.raises(ConfigError) as info:
+        build_run_config({"base_model": "unused", "datasets": [{"path": "a.jsonl", "type": "alpaca"},
+                                                               {"path": "b.jsonl", "type": type_name}]})
+    message = str(info.value) + "\n"
+    assert message.startswith(f"config key 'datasets.1.type' (dataset 'b.jsonl'): {type_name!r} is not accepted")
+    assert accepted in message
+    assert (f"did you mean {suggestion!r}?" in message) if suggestion else ("did you mean" not in message)
+
+
+def test_a_variant_another_plugin_declares_is_left_to_it():
+    from plait import hookimpl
+    from plait.testing import build_run_config
+
+    class Mine:
+        @hookimpl
+        def dataset_types():
+            return ["chat_template.mine"]
+
+    cfg, _ = build_run_config({"base_model": "unused", "datasets": [{"path": "a.jsonl", "type": "chat_template.mine"}]},
+                              plugins=[Mine])
+    assert cfg.datasets[0].type == "chat_template.mine"
 
 
 def test_alpaca_missing_output_names_the_row(tokenizer, run_format):

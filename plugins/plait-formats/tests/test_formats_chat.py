@@ -192,3 +192,21 @@ def test_assistant_tool_calls_are_trained(tokenizer, run_format):
     assert 'call sum({"a": 3})' in tokenizer.decode(ids)
     trained = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
     assert trained == 'call sum({"a": 3})<|im_end|>it is 7<|im_end|>'
+
+
+def test_a_template_that_raises_is_a_bad_row_of_that_row(tokenizer, run_format):
+    # e.g. a template without tool markup that refuses tool messages through raise_exception
+    template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool role here') }}"
+                "{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with_tool = [ok[0], {"role": "tool", "content": "42"}, ok[1]]
+    with pytest.raises(BadRowError, match=r"the chat template refused this conversation \(roles: user, tool, "
+                                          r"assistant\): TemplateError: no tool role here") as info:
+        run_format(tokenizer, {"messages": [ok, with_tool]}, type="chat_template", chat_template_jinja=template)
+    assert info.value.index == 1
+    # an undefined value the template trips over is the row's fault too
+    strict = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {{ m.name.upper() }}\n{% endfor %}"
+    with pytest.raises(BadRowError, match="UndefinedError") as info:
+        run_format(tokenizer, {"messages": [[dict(m, name="x") for m in ok], ok]}, type="chat_template",
+                   chat_template_jinja=strict)
+    assert info.value.index == 1
