@@ -50,3 +50,32 @@ def test_inspect_shows_masked_and_trained_text(config):
     assert "### Response:\n]]a it the" in result.stdout
     coloured = run_cli(["inspect", str(config), "skip_bad_rows=true", "--rows", "1", "--color", "always"])
     assert "\033[32m" in coloured.stdout and "[[" not in coloured.stdout
+
+
+def test_preprocess_skips_and_counts_malformed_json_lines(tmp_path):
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    data = tmp_path / "a.jsonl"
+    good = [f'{{"instruction": "sort {i}", "output": "ok {i}"}}' for i in range(4)]
+    data.write_text("\n".join(good[:2] + ["", '{"instruction": "cut'] + good[2:]) + "\n")
+    config = write_config(tmp_path / "cfg.yml", base_model=str(tok), output_dir=str(tmp_path / "out"),
+                          datasets=[{"path": str(data), "type": "alpaca"}])
+    failed = run_cli(["preprocess", str(config), "--no-progress"])
+    assert failed.exit_code == 2
+    assert "a.jsonl, row 3 (line 4): not valid JSON" in failed.stderr
+    result = run_cli(["preprocess", str(config), "skip_bad_rows=true", "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "a.jsonl" in line and line.startswith("|"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:6] == ["train", "5", "4", "0", "1"]
+    assert "skipped bad row: " in result.stdout and "row 3 (line 4): not valid JSON" in result.stdout
+
+
+def test_unknown_type_variant_fails_before_the_model_is_loaded(tmp_path):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])
+    config = write_config(tmp_path / "cfg.yml", base_model=str(tmp_path / "no-such-model"),
+                          output_dir=str(tmp_path / "out"),
+                          datasets=[{"path": str(data), "type": "alpaca_chat.load_concize"}])
+    result = run_cli(["preprocess", str(config), "--no-progress"])
+    assert result.exit_code == 2
+    assert "config key 'datasets.0.type'" in result.stderr and "'alpaca_chat.load_concize'" in result.stderr
+    assert "did you mean 'alpaca_chat.load_concise'?" in result.stderr
+    assert "no-such-model" not in result.stderr

@@ -194,3 +194,53 @@ def test_a_format_crash_names_the_rows(tmp_path, tok_dir):
     with pytest.raises(DataError, match=r"a\.jsonl: tokenizing rows 1 to 3 \(dataset datasets.0, type broken\) "
                                         r"failed: ValueError"):
         prepare(tmp_path, tok_dir, [{"path": str(path), "type": "broken"}], plugins=[Broken])
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_malformed_json_lines_are_skipped_and_counted(tmp_path, tok_dir):
+    rows = [json.dumps(r) for r in alpaca_rows(5)]
+    path = write_lines(tmp_path / "a.jsonl", rows[:2] + ["", '{"instruction": "cut off", '] + rows[2:] + ["[]"])
+    entry = [{"path": str(path), "type": "alpaca"}]
+    with pytest.raises(DataError, match=r"a\.jsonl, row 3 \(line 4\): not valid JSON"):
+        prepare(tmp_path, tok_dir, entry)
+    data, _ = prepare(tmp_path, tok_dir, entry, skip_bad_rows=True)
+    s = data.stats[0]
+    assert (s.rows_in, s.kept, s.dropped_bad) == (7, 5, 2)
+    assert len(data.train) == 5
+    assert s.bad_examples == [f"{path}, row 3 (line 4): not valid JSON: Expecting property name enclosed in double "
+                              f"quotes at column 28",
+                              f"{path}, row 7 (line 8): a JSON list, expected an object"]
+
+
+def test_blank_lines_do_not_shift_the_reported_line(tmp_path, tok_dir):
+    rows = [json.dumps(r) for r in alpaca_rows(3)]
+    path = write_lines(tmp_path / "a.jsonl", [rows[0], "", json.dumps({"instruction": "no output"}), rows[1]])
+    with pytest.raises(DataError, match=r"a\.jsonl, row 2 \(line 3\): missing field 'output'") as info:
+        prepare(tmp_path, tok_dir, [{"path": str(path), "type": "alpaca"}])
+    assert (info.value.row, info.value.line) == (2, 3)
+    data, _ = prepare(tmp_path, tok_dir, [{"path": str(path), "type": "alpaca"}], skip_bad_rows=True)
+    assert data.stats[0].bad_examples[0].startswith(f"{path}, row 2 (line 3): missing field 'output'")
+
+
+#: a template that, like several real ones, refuses roles it has no markup for
+NO_TOOLS_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                     "{{ raise_exception('tool messages are not supported') }}{% endif %}"
+                     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+
+
+def test_a_template_that_raises_is_a_bad_row(tmp_path, tok_dir):
+    chats = chat_rows(5)
+    chats[2]["messages"].insert(1, {"role": "tool", "content": "42"})
+    path = write_jsonl(tmp_path / "c.jsonl", chats)
+    entry = [{"path": str(path), "type": "chat_template", "chat_template_jinja": NO_TOOLS_TEMPLATE}]
+    with pytest.raises(DataError, match=r"c\.jsonl, row 3: the chat template refused this conversation \(roles: "
+                                        r"user, tool, assistant\): TemplateError: tool messages are not supported"):
+        prepare(tmp_path, tok_dir, entry)
+    data, _ = prepare(tmp_path, tok_dir, entry, skip_bad_rows=True)
+    s = data.stats[0]
+    assert (s.rows_in, s.kept, s.dropped_bad) == (5, 4, 1)
+    assert "row 3" in s.bad_examples[0] and "tool messages are not supported" in s.bad_examples[0]

@@ -7,7 +7,8 @@ in a batched ``Dataset.map``, then sort every output row into one status:
 ``truncated``   longer than ``sequence_len`` and cut to it (``excess_length_strategy: truncate``)
 ``too_long``    longer than ``sequence_len`` and dropped (``excess_length_strategy: drop``)
 ``no_trained``  no token is trained (every label after the first is -100), dropped
-``bad``         the hook rejected it and ``skip_bad_rows`` is set, dropped
+``bad``         the hook rejected it and ``skip_bad_rows`` is set, dropped (malformed JSON
+                lines left out while loading count here too)
 
 The entries are concatenated (shuffled with ``seed`` when
 ``shuffle_merged_datasets``); the eval set is ``test_datasets`` when given,
@@ -135,9 +136,10 @@ class TokenizeBatch:
         except Exception as exc:  # a format's bug or data it did not expect: say where (--debug: traceback)
             if not indices:
                 raise
-            (path, first), (_, last) = self.source.locate(indices[0]), self.source.locate(indices[-1])
-            raise DataError(f"tokenizing rows {first} to {last} (dataset {self.label}, type {self.entry.type}) "
-                            f"failed: {type(exc).__name__}: {exc}", path=path) from exc
+            (path, first, line), (_, last, _) = self.source.where(indices[0]), self.source.where(indices[-1])
+            lines = f" (from line {line})" if line is not None and line != first else ""
+            raise DataError(f"tokenizing rows {first} to {last}{lines} (dataset {self.label}, type "
+                            f"{self.entry.type}) failed: {type(exc).__name__}: {exc}", path=path) from exc
         if out is None:
             if self.entry.type is None:
                 raise ConfigError(f"config key '{self.label}.type' is not set and the rows have no input_ids "
@@ -165,8 +167,7 @@ class TokenizeBatch:
 
     def _data_error(self, exc: BadRowError, indices: list[int]) -> DataError:
         index = indices[exc.index] if 0 <= exc.index < len(indices) else indices[0]
-        path, row = self.source.locate(index)
-        return DataError(f"{exc.message} (dataset {self.label}, type {self.entry.type})", path=path, row=row)
+        return self.source.error(index, f"{exc.message} (dataset {self.label}, type {self.entry.type})")
 
     def _sort_rows(self, out: dict, bad: list[str]) -> dict:
         limit, truncate = self.cfg.sequence_len, self.cfg.excess_length_strategy == "truncate"
@@ -221,7 +222,7 @@ def _features():
 
 def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, split: str = "train"):
     """Tokenize and filter one dataset entry. Returns ``(dataset, stats)``."""
-    source = load_source(entry)
+    source = load_source(entry, skip_bad_rows=cfg.skip_bad_rows)
     raw = source.dataset
     workers = min(cfg.dataset_processes or 1, max(1, len(raw)))
     mapped = raw.map(
@@ -237,10 +238,11 @@ def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, sp
     )
     columns = mapped.select_columns(["_status", "length", "_trained", "_bad"]).to_dict()
     counts = Counter(columns["_status"])
-    stats = DatasetStats(name=f"{label} {entry.path}", split=split, rows_in=len(raw),
+    # lines that could not be read as rows (skip_bad_rows) are rows in, and bad
+    stats = DatasetStats(name=f"{label} {entry.path}", split=split, rows_in=len(raw) + len(source.skipped),
                          kept=counts["ok"] + counts["truncated"], dropped_too_long=counts["too_long"],
-                         dropped_bad=counts["bad"], dropped_no_trained=counts["no_trained"],
-                         truncated=counts["truncated"])
+                         dropped_bad=counts["bad"] + len(source.skipped), dropped_no_trained=counts["no_trained"],
+                         truncated=counts["truncated"], bad_examples=source.skipped[:BAD_EXAMPLES])
     for status, length, trained, bad in zip(columns["_status"], columns["length"], columns["_trained"],
                                             columns["_bad"]):
         if status in KEEP:
