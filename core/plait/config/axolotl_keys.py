@@ -49,8 +49,7 @@ KEYS_OF_PLUGINS: dict[str, str] = {
     **{k: "plait-peft" for k in (
         "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
         "lora_modules_to_save", "lora_model_dir", "peft_use_dora", "peft_use_rslora",
-        "lora_fan_in_fan_out", "peft_layers_to_transform", "lora_mlp_kernel",
-        "lora_qkv_kernel", "lora_o_kernel",
+        "lora_fan_in_fan_out", "peft_layers_to_transform",
     )},
     **{k: "plait-bnb" for k in (
         "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
@@ -59,7 +58,7 @@ KEYS_OF_PLUGINS: dict[str, str] = {
     **{k: "plait-kernels" for k in (
         "liger_rms_norm", "liger_rope", "liger_glu_activation", "liger_layer_norm",
         "liger_fused_linear_cross_entropy", "liger_cross_entropy", "torch_compile",
-        "torch_compile_backend", "kernels", "plait_kernels",
+        "torch_compile_backend", "kernels", "plait_kernels", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
     )},
     **{k: "plait-parallel" for k in (
         "fsdp", "fsdp_config", "fsdp_version", "tensor_parallel_size", "context_parallel_size",

@@ -21,5 +21,11 @@ class KernelsConfig(BaseModel):
     liger_cross_entropy: Optional[bool] = Field(
         None, description="Accepted from Axolotl: Plait's loss step is always head + cross-entropy, so this "
                           "selects liger's fused linear cross-entropy too.")
+    lora_mlp_kernel: Optional[bool] = Field(
+        None, description="The fused LoRA GLU MLP (on by default with Plait's Triton kernels; false turns it off).")
+    lora_qkv_kernel: Optional[bool] = Field(
+        None, description="The fused LoRA q/k/v projections (on by default with Plait's Triton kernels).")
+    lora_o_kernel: Optional[bool] = Field(
+        None, description="The fused LoRA output projection (on by default with Plait's Triton kernels).")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")

@@ -27,19 +27,9 @@ dequantizes the same way; what this saves is peft's separate LoRA passes.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from plait_kernels.lora_linear import dense_weight, lora_parts
 from plait_kernels.modules import PlaitGLUMLP
-
-
-def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """The ``[out, in]`` base weight in ``dtype``: ``w`` itself, or ``w`` (packed
-    4-bit data) dequantized with its bitsandbytes ``quant_state``."""
-    if quant_state is None:
-        return w
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(w, quant_state).to(dtype)
 
 
 class LoRAGLUMLPFunction(torch.autograd.Function):
@@ -109,44 +99,6 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
                 None, None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None)
 
 
-def _frozen_base(base):
-    """``(weight, quant_state)`` of a frozen, bias-free base linear; ``None`` otherwise.
-
-    A plain ``nn.Linear`` gives its weight and ``None``; a bitsandbytes 4-bit
-    ``Linear4bit`` gives its packed data and quantization state.
-    """
-    if getattr(base, "bias", None) is not None or base.weight.requires_grad:
-        return None
-    if type(base) is nn.Linear:
-        return base.weight, None
-    quant_state = getattr(base.weight, "quant_state", None)
-    if type(base).__name__ == "Linear4bit" and quant_state is not None:
-        return base.weight.data, quant_state
-    return None  # 8-bit and other quantized layers: their own module path
-
-
-def _lora_parts(layer):
-    """``(W, quant_state, A, B, scaling)`` of a peft LoRA linear the fast path can run, else ``None``."""
-    if not (hasattr(layer, "lora_A") and hasattr(layer, "base_layer")):
-        return None
-    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
-        return None
-    active = list(getattr(layer, "active_adapters", ()))
-    if len(active) != 1 or active[0] not in layer.lora_A or getattr(layer, "lora_variant", {}).get(active[0]):
-        return None
-    name = active[0]
-    base, dropout = layer.base_layer, layer.lora_dropout[name]
-    frozen = _frozen_base(base)
-    if frozen is None:
-        return None
-    if not isinstance(dropout, nn.Identity) and not (isinstance(dropout, nn.Dropout) and
-                                                      (dropout.p == 0 or not dropout.training)):
-        return None
-    if getattr(layer, "fan_in_fan_out", False):
-        return None
-    return (*frozen, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]))
-
-
 def is_lora_mlp(mlp) -> bool:
     """Whether ``mlp``'s three projections are peft LoRA layers."""
     return all(hasattr(getattr(mlp, n, None), "lora_A") for n in ("gate_proj", "up_proj", "down_proj"))
@@ -160,7 +112,7 @@ class PlaitLoRAGLUMLP(PlaitGLUMLP):
         self.gelu = gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [_lora_parts(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        parts = [lora_parts(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if any(p is None for p in parts):
             return super().forward(x)  # peft's own modules, with the GLU kernel
         flat = x.reshape(-1, x.shape[-1])

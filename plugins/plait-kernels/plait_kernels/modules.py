@@ -72,6 +72,8 @@ def rope_attention_class(base: type) -> type:
     A subclass, not a wrapper: parameters keep their names and
     ``isinstance(module, base)`` stays true for FSDP/peft code that checks it.
     Calls with a KV cache (generation) go to the library's own forward.
+    With ``_plait_lora_qkv`` / ``_plait_lora_o`` set (LoRA on the projections,
+    Plait's kernels), q/k/v and o run through :mod:`plait_kernels.lora_linear`.
     """
     if base in _rope_classes:
         return _rope_classes[base]
@@ -86,14 +88,19 @@ def rope_attention_class(base: type) -> type:
                                 attention_mask=attention_mask, **kw, **kwargs)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+        from plait_kernels.lora_linear import fused_projections
+
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
+        qkv = None
+        if getattr(self, "_plait_lora_qkv", False):  # one pass over hidden_states for the three LoRA A's
+            qkv = fused_projections((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+        if qkv is None:
+            qkv = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query, key, value = (t.view(hidden_shape) for t in qkv)
         if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before the rotation
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cos, sin = position_embeddings
         query, key = self._plait_rope(query, key, cos, sin)
 
@@ -109,7 +116,8 @@ def rope_attention_class(base: type) -> type:
                                     dropout=0.0 if not self.training else self.attention_dropout,
                                     scaling=self.scaling, **kwargs)
         output = output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(output), weights
+        projected = fused_projections((self.o_proj,), output) if getattr(self, "_plait_lora_o", False) else None
+        return (projected[0] if projected is not None else self.o_proj(output)), weights
 
     cls = type(f"Plait{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
     _rope_classes[base] = cls

@@ -72,6 +72,11 @@ def _is_glu_mlp(module) -> bool:
     return all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
 
 
+def is_lora(module) -> bool:
+    """Whether ``module`` is a peft LoRA layer (wrapping a base linear)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
 def _norm_offset(module) -> float:
     # without a registry answer: Gemma-family norms scale by (1 + weight)
     return 1.0 if type(module).__name__.startswith("Gemma") else 0.0
@@ -106,7 +111,7 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
         elif chosen["glu"] and kind == mlp_class and activation in ("swiglu", "geglu") and _is_glu_mlp(module):
             backend = chosen["glu"]
             glu = get_backend(backend)[activation]
-            if backend == "triton" and is_lora_mlp(module):
+            if backend == "triton" and is_lora_mlp(module) and getattr(cfg, "lora_mlp_kernel", None) is not False:
                 # LoRA on all three projections: the fused LoRA MLP (falls back per call when it cannot apply)
                 new = PlaitLoRAGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu,
                                       f"{backend} lora_{activation}_mlp", gelu=activation == "geglu")
@@ -120,7 +125,14 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
             backend = chosen["rope"]
             module.__class__ = rope_attention_class(type(module))
             module._plait_rope = get_backend(backend)["rope"]
-            report[(kind, kernel_label(backend, "rope"))] += 1
+            # the fused LoRA projections come with Plait's kernels; each call still
+            # falls back to peft's modules when a projection cannot take them
+            fused = backend == "triton"
+            module._plait_lora_qkv = (fused and getattr(cfg, "lora_qkv_kernel", None) is not False
+                                      and all(is_lora(getattr(module, n)) for n in ("q_proj", "k_proj", "v_proj")))
+            module._plait_lora_o = fused and getattr(cfg, "lora_o_kernel", None) is not False and is_lora(module.o_proj)
+            ops = ["rope"] + (["lora_qkv"] if module._plait_lora_qkv else []) + (["lora_o"] if module._plait_lora_o else [])
+            report[(kind, kernel_label(backend, " + ".join(ops)))] += 1
     if cfg.torch_compile:
         compile_backend = cfg.torch_compile_backend or "inductor"
         compiled = compile_layers(model, targets.layer_class, compile_backend)

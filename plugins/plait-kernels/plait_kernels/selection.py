@@ -40,6 +40,10 @@ def asked_for_liger(cfg) -> list[str]:
     return keys
 
 
+#: Axolotl's switches for the fused LoRA paths (on by default with Plait's kernels)
+LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
+
+
 def check_config(cfg) -> None:
     """Config-only checks (no torch): run at validation, before any model work."""
     liger_keys = asked_for_liger(cfg)
@@ -48,6 +52,12 @@ def check_config(cfg) -> None:
         raise ConfigError(
             f"config key 'plait_kernels': 'off' disables this plugin, but {', '.join(extra)} ask(s) for it; "
             f"remove those keys or set plait_kernels to auto, triton, liger or torch"
+        )
+    lora_keys = [key for key in LORA_KERNEL_KEYS if getattr(cfg, key, None)]
+    if lora_keys and cfg.plait_kernels in ("torch", "off", "liger"):
+        raise ConfigError(
+            f"config key {lora_keys[0]!r}: the fused LoRA paths are Plait's kernels, but plait_kernels is "
+            f"{cfg.plait_kernels!r}; set plait_kernels: auto (or triton), or remove {', '.join(lora_keys)}"
         )
     if (liger_keys or cfg.plait_kernels == "liger") and not liger_installed():
         key = liger_keys[0] if liger_keys else "plait_kernels"

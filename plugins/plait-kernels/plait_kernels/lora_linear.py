@@ -1,0 +1,149 @@
+"""LoRA linears that share one input, computed in fewer passes than peft's modules.
+
+peft computes each adapted projection as ``base(x) + lora_B(lora_A(x)) * s``.
+For the query, key and value projections of one attention layer that reads
+``x`` three more times for the three ``A`` products and, per output, spends a
+scaling pass and an add pass over the output. Here the ``A`` matrices of all
+projections that share ``x`` are stacked, so::
+
+    xa = x @ [A_q; A_k; A_v].T                     one read of x for every A
+    q  = x @ W_q.T  +  s_q * xa[:, r_q] @ B_q.T    the LoRA product added in place (addmm_)
+
+and in backward the input gradient's LoRA terms and every ``dA`` are one
+matmul each::
+
+    coef = [dq @ B_q * s_q, dk @ B_k * s_k, dv @ B_v * s_v]     [tokens, r_q + r_k + r_v]
+    dx   = dq @ W_q + dk @ W_k + dv @ W_v + coef @ [A_q; A_k; A_v]
+    dA   = coef.T @ x                                            split per projection
+
+The output projection is the same computation with one projection. A base
+may be a bitsandbytes 4-bit ``Linear4bit``: it is dequantized to the compute
+dtype where its matmul needs it and freed at once (:func:`dense_weight`).
+Only frozen, bias-free bases with one active adapter, no dropout in training
+and no DoRA take this path (:func:`lora_parts`); anything else runs peft's
+modules. Parameters stay peft's, so adapters save as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[out, in]`` base weight in ``dtype``: ``w`` itself, or ``w`` (packed
+    4-bit data) dequantized with its bitsandbytes ``quant_state``."""
+    if quant_state is None:
+        return w
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(w, quant_state).to(dtype)
+
+
+
+def _frozen_base(base):
+    """``(weight, quant_state)`` of a frozen, bias-free base linear; ``None`` otherwise.
+
+    A plain ``nn.Linear`` gives its weight and ``None``; a bitsandbytes 4-bit
+    ``Linear4bit`` gives its packed data and quantization state.
+    """
+    if getattr(base, "bias", None) is not None or base.weight.requires_grad:
+        return None
+    if type(base) is nn.Linear:
+        return base.weight, None
+    quant_state = getattr(base.weight, "quant_state", None)
+    if type(base).__name__ == "Linear4bit" and quant_state is not None:
+        return base.weight.data, quant_state
+    return None  # 8-bit and other quantized layers: their own module path
+
+
+def lora_parts(layer):
+    """``(W, quant_state, A, B, scaling)`` of a peft LoRA linear the fast path can run, else ``None``."""
+    if not (hasattr(layer, "lora_A") and hasattr(layer, "base_layer")):
+        return None
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return None
+    active = list(getattr(layer, "active_adapters", ()))
+    if len(active) != 1 or active[0] not in layer.lora_A or getattr(layer, "lora_variant", {}).get(active[0]):
+        return None
+    name = active[0]
+    base, dropout = layer.base_layer, layer.lora_dropout[name]
+    frozen = _frozen_base(base)
+    if frozen is None:
+        return None
+    if not isinstance(dropout, nn.Identity) and not (isinstance(dropout, nn.Dropout) and
+                                                      (dropout.p == 0 or not dropout.training)):
+        return None
+    if getattr(layer, "fan_in_fan_out", False):
+        return None
+    return (*frozen, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]))
+
+
+#: one projection's inputs to :class:`LoRASharedInputFunction`
+PARTS_PER_PROJECTION = 5  # weight, quant_state, A, B, scaling
+
+
+class LoRASharedInputFunction(torch.autograd.Function):
+    """``[x @ W_i.T + s_i * (x @ A_i.T) @ B_i.T for each projection i]``; see the module docstring.
+
+    ``apply(x, *parts)`` with ``x`` ``[tokens, in]`` and, per projection, the
+    five items :func:`lora_parts` returns; returns one output per projection.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *parts):
+        dt = x.dtype
+        projections = [parts[i:i + PARTS_PER_PROJECTION] for i in range(0, len(parts), PARTS_PER_PROJECTION)]
+        ranks = [a.shape[0] for _, _, a, _, _ in projections]
+        a_all = torch.cat([a for _, _, a, _, _ in projections]).to(dt)
+        xa = x @ a_all.t()  # one read of x for every A
+        outputs, start = [], 0
+        for (w, quant_state, _, b, scale), rank in zip(projections, ranks):
+            out = x @ dense_weight(w, quant_state, dt).t()
+            out.addmm_(xa[:, start:start + rank], b.to(dt).t(), alpha=scale)
+            outputs.append(out)
+            start += rank
+        weights = [w for w, _, _, _, _ in projections]
+        bs = [b for _, _, _, b, _ in projections]
+        ctx.save_for_backward(x, xa, a_all, *weights, *bs)
+        ctx.quant_states = [q for _, q, _, _, _ in projections]
+        ctx.scales = [s for _, _, _, _, s in projections]
+        ctx.ranks = ranks
+        ctx.param_dtypes = [(a.dtype, b.dtype) for _, _, a, b, _ in projections]
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *d_outs):
+        x, xa, a_all, *rest = ctx.saved_tensors
+        n = len(ctx.ranks)
+        weights, bs = rest[:n], rest[n:]
+        dt = x.dtype
+        d_x = None
+        coefs, d_bs, start = [], [], 0
+        for d_out, w, quant_state, b, scale, rank in zip(d_outs, weights, ctx.quant_states, bs, ctx.scales, ctx.ranks):
+            d_out = d_out.contiguous()
+            term = d_out @ dense_weight(w, quant_state, dt)
+            d_x = term if d_x is None else d_x.add_(term)
+            del term
+            coefs.append((d_out @ b.to(dt)).mul_(scale))
+            d_bs.append((d_out.t() @ xa[:, start:start + rank]).mul_(scale))
+            start += rank
+        coef = torch.cat(coefs, dim=1)  # [tokens, sum of ranks]
+        d_x.addmm_(coef, a_all)  # every LoRA A term of dx in one matmul
+        d_a_all = coef.t() @ x
+        grads, start = [], 0
+        for d_b, rank, (a_dtype, b_dtype) in zip(d_bs, ctx.ranks, ctx.param_dtypes):
+            grads += [None, None, d_a_all[start:start + rank].to(a_dtype), d_b.to(b_dtype), None]
+            start += rank
+        return (d_x, *grads)
+
+
+def fused_projections(layers, x: torch.Tensor):
+    """The outputs of the LoRA ``layers`` (all reading ``x``) through
+    :class:`LoRASharedInputFunction`, or ``None`` when any of them cannot take it."""
+    parts = [lora_parts(layer) for layer in layers]
+    if any(p is None for p in parts):
+        return None
+    flat = x.reshape(-1, x.shape[-1])
+    outputs = LoRASharedInputFunction.apply(flat, *(item for p in parts for item in p))
+    return [out.view(*x.shape[:-1], out.shape[-1]) for out in outputs]

@@ -1,0 +1,115 @@
+"""The fused LoRA q/k/v and o projections (plait_kernels.lora_linear) equal
+peft's modules, over dense and 4-bit bases, and can be switched off."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from plait_kernels.lora_linear import LoRASharedInputFunction
+from plait_kernels.patch import patch
+from plait_kernels.testing import (
+    CountCalls,
+    assert_same_loss_and_grads,
+    gpu_test,
+    lora_model,
+    loss_and_lora_grads,
+    with_dequantized_bases,
+)
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from plait.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+def _patch_rope(model, **keys):
+    cfg = SimpleNamespace(torch_compile=False, plugin_manager=None, **keys)
+    return patch(cfg, model, dict(rms_norm=None, rope="triton", glu=None, loss=None))
+
+
+def test_shared_input_function_matches_autograd_fp64():
+    """Three projections of different widths and ranks sharing one input:
+    outputs and the gradients of x, every A and every B equal plain autograd."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 24, dtype=torch.float64, generator=gen)
+    shapes = [(32, 4, 0.5), (8, 2, 2.0), (8, 3, 1.0)]  # (out, rank, scaling): q, k, v of a GQA layer
+    params = [(torch.randn(out, 24, dtype=torch.float64, generator=gen), torch.randn(r, 24, dtype=torch.float64,
+               generator=gen), torch.randn(out, r, dtype=torch.float64, generator=gen), s) for out, r, s in shapes]
+    weights = [torch.randn(out, dtype=torch.float64, generator=gen) for out, _, _ in shapes]
+
+    def run(fused):
+        xl = x.clone().requires_grad_()
+        leaves = [(w, a.clone().requires_grad_(), b.clone().requires_grad_(), s) for w, a, b, s in params]
+        if fused:
+            outs = LoRASharedInputFunction.apply(xl, *(v for w, a, b, s in leaves for v in (w, None, a, b, s)))
+        else:
+            outs = [xl @ w.t() + s * (xl @ a.t()) @ b.t() for w, a, b, s in leaves]
+        sum((o * g).sum() for o, g in zip(outs, weights)).backward()
+        return [o.detach() for o in outs], [xl.grad] + [t.grad for _, a, b, _ in leaves for t in (a, b)]
+
+    (outs, grads), (ref_outs, ref_grads) = run(True), run(False)
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def _check(model_dir, dtype, device, tol, load_in_4bit=False):
+    model = lora_model(model_dir, dtype, device, load_in_4bit=load_in_4bit)
+    reference = with_dequantized_bases(copy.deepcopy(model)) if load_in_4bit else copy.deepcopy(model)
+    report = _patch_rope(model)
+    assert report == {"LlamaAttention x2": "plait triton rope + lora_qkv + lora_o"}
+    ids = torch.randint(3, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)).to(device)
+    with CountCalls(LoRASharedInputFunction) as calls:
+        got = loss_and_lora_grads(model, ids)
+    assert calls.count == 4  # q/k/v and o, in both layers
+    want = loss_and_lora_grads(reference, ids)
+    assert sum("self_attn" in k for k in want[1]) == 16  # A and B of q, k, v, o in two layers
+    assert_same_loss_and_grads(got, want, tol)
+
+
+def test_lora_attention_matches_peft_fp32(tiny_dir, device):
+    _check(tiny_dir, torch.float32, device, 1e-5)
+
+
+def test_qlora_attention_matches_lora_over_the_dequantized_base(tiny_dir, device):
+    pytest.importorskip("bitsandbytes")
+    _check(tiny_dir, torch.float32, device, 1e-5, load_in_4bit=True)
+
+
+def test_keys_turn_the_fused_projections_off(tiny_dir, device):
+    model = lora_model(tiny_dir, torch.float32, device)
+    assert _patch_rope(model, lora_qkv_kernel=False, lora_o_kernel=False) == {"LlamaAttention x2": "plait triton rope"}
+    with CountCalls(LoRASharedInputFunction) as calls:
+        loss_and_lora_grads(model, torch.randint(3, 100, (1, 9)).to(device))
+    assert calls.count == 0
+
+
+def test_partial_targets_keep_peft_modules(tiny_dir, device):
+    """LoRA on q and v only: k is a plain linear, so q/k/v are not fused, and o
+    (not adapted) neither."""
+    model = lora_model(tiny_dir, torch.float32, device, targets=["q_proj", "v_proj"])
+    assert _patch_rope(model) == {"LlamaAttention x2": "plait triton rope"}
+
+
+def test_lora_kernel_keys_conflict_with_plain_torch():
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
+
+    with pytest.raises(ConfigError, match="lora_qkv_kernel.*plait_kernels is 'torch'"):
+        build_run_config({"base_model": "x", "plugins": ["plait_kernels.plugin"], "plait_kernels": "torch",
+                          "lora_qkv_kernel": True})
+
+
+@gpu_test
+def test_lora_attention_matches_peft_bf16_gpu(tiny_dir):
+    _check(tiny_dir, torch.bfloat16, "cuda", 3e-2)
+
+
+@gpu_test
+def test_qlora_attention_matches_lora_over_the_dequantized_base_bf16_gpu(tiny_dir):
+    pytest.importorskip("bitsandbytes")
+    _check(tiny_dir, torch.bfloat16, "cuda", 3e-2, load_in_4bit=True)
