@@ -18,4 +18,4 @@ pretokenized        :mod:`plait_formats.pretokenized` (also rows with
 ==================  =====================================================
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
