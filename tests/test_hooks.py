@@ -320,3 +320,67 @@ def test_hook_extra_loss(tiny_model_dir, tmp_path):
     assert seen == [(True, True)] * 2  # once per training micro-batch, none in eval
     assert first["extra"][0] == pytest.approx(first["plain"][0] + 0.5, abs=1e-5)
     assert first["extra"][1] == pytest.approx(first["plain"][1], abs=1e-6)
+
+
+def test_hook_chat_templates(tmp_path):
+    # a plugin's names are accepted like core's; tokenizer_default_fallback_<name> keeps the tokenizer's
+    # own template and uses the named one only when it has none; a name two plugins give is an error
+    from plait.builtin.model import NAMED_CHAT_TEMPLATES
+    from plait.errors import ConfigError, PluginError
+    from plait.testing import CHATML_TEMPLATE, make_tiny_tokenizer
+
+    toy = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
+
+    class Toy:
+        @hookimpl
+        def chat_templates():
+            return {"toy_v1": toy}
+
+    class AlsoToy:
+        @hookimpl
+        def chat_templates():
+            return {"toy_v1": "{{ messages }}"}
+
+    class OwnChatml:
+        @hookimpl
+        def chat_templates():
+            return {"chatml": "{{ messages }}"}
+
+    class Reserved:
+        @hookimpl
+        def chat_templates():
+            return {"tokenizer_default_fallback_x": "{{ messages }}"}
+
+    with_template = str(make_tiny_tokenizer(tmp_path / "chatml"))
+    without = str(make_tiny_tokenizer(tmp_path / "bare", chat_template=None))
+
+    def template(base, value, plugins=(Toy,)):
+        cfg, pm = build_run_config({"base_model": base, "chat_template": value}, plugins=list(plugins))
+        return pm.hook.load_tokenizer(cfg=cfg).chat_template
+
+    assert template(without, "toy_v1") == toy
+    assert template(without, "llama3") == NAMED_CHAT_TEMPLATES["llama3"]  # core's, through the same hook
+    assert template(with_template, "toy_v1") == toy  # a name replaces the tokenizer's template
+    assert template(with_template, "tokenizer_default_fallback_toy_v1") == CHATML_TEMPLATE
+    assert template(without, "tokenizer_default_fallback_toy_v1") == toy
+    assert template(without, "tokenizer_default_fallback_chatml") == NAMED_CHAT_TEMPLATES["chatml"]
+
+    with pytest.raises(ConfigError) as info:
+        template(without, "toy_v2")
+    message = str(info.value)
+    assert "config key 'chat_template': 'toy_v2' is not a known template; did you mean 'toy_v1'?" in message
+    accepted = message.split("accepted: ")[1]
+    assert all(name in accepted for name in ("tokenizer_default", "chatml", "llama3", "toy_v1",
+                                             "tokenizer_default_fallback_<"))
+    # a mistyped fallback name fails even when the tokenizer's own template would have been used
+    with pytest.raises(ConfigError, match="did you mean 'tokenizer_default_fallback_toy_v1'"):
+        template(with_template, "tokenizer_default_fallback_toy_v2")
+
+    with pytest.raises(PluginError, match="'toy_v1' is given by two plugins: 'Toy' and 'AlsoToy'"):
+        template(without, "toy_v1", plugins=(Toy, AlsoToy))
+    with pytest.raises(PluginError, match=r"'chatml' is given by two plugins: 'plait.builtin.model' \(distribution "
+                                          r"plait .*\) and 'OwnChatml'"):
+        template(without, "chatml", plugins=(OwnChatml,))
+    with pytest.raises(PluginError, match="plugin 'Reserved': chat template name 'tokenizer_default_fallback_x' is "
+                                          "reserved"):
+        template(without, "chatml", plugins=(Reserved,))

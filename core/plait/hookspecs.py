@@ -75,6 +75,28 @@ def load_tokenizer(cfg):
     """
 
 
+@hookspec
+def chat_templates():
+    """Contribute chat templates that ``chat_template:`` can select by name.
+
+    Called once each time a ``chat_template`` value that names a template is
+    resolved to jinja (core's :func:`load_tokenizer` does it for the run's
+    key; :func:`plait.builtin.model.lookup_chat_template` does it for any
+    caller). Every plugin is called and the results are combined; takes no
+    arguments.
+
+    Returns a dict ``{name: jinja template}`` (names follow Axolotl's:
+    ``chatml``, ``llama3``, ``gemma``, ``phi_3``, ...), or ``None``. Register
+    a name only when the template renders exactly what that name means: a
+    config written for Axolotl must train on the same text. Every name also
+    works as ``tokenizer_default_fallback_<name>`` (the tokenizer's own
+    template, or this one when it has none); ``tokenizer_default`` and that
+    prefix are reserved. Two plugins giving the same name is a
+    :class:`plait.errors.PluginError` that names both. Core contributes
+    ``chatml`` and ``llama3``.
+    """
+
+
 @hookspec(firstresult=True)
 def tokenize(cfg, dataset_cfg, tokenizer, batch):
     """Turn a batch of raw rows of one dataset into token ids and labels.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from plait.hookspecs import hookimpl
 
-#: chat templates a config can name instead of writing jinja
+#: core's named chat templates, contributed through the ``chat_templates`` hook
+#: (plugins add more: :func:`named_chat_templates` is the full set of a run)
 NAMED_CHAT_TEMPLATES = {
     "chatml": (
         "{% for message in messages %}"
@@ -20,24 +21,107 @@ NAMED_CHAT_TEMPLATES = {
     ),
 }
 
+#: the ``chat_template`` value that keeps the tokenizer's own template
+TOKENIZER_DEFAULT = "tokenizer_default"
+#: ``tokenizer_default_fallback_<name>``: the tokenizer's template, else the named one
+FALLBACK_PREFIX = "tokenizer_default_fallback_"
 
-def resolve_chat_template(cfg, tokenizer) -> str | None:
-    """The jinja template ``chat_template``/``chat_template_jinja`` ask for."""
+
+@hookimpl
+def chat_templates():
+    return dict(NAMED_CHAT_TEMPLATES)
+
+
+def _plugin_label(pm, name: str) -> str:
+    info = getattr(pm, "info", {}).get(name)
+    if info is not None and info.distribution:
+        return f"{name!r} (distribution {info.distribution} {info.version})"
+    return repr(name)
+
+
+def named_chat_templates(pm) -> dict[str, str]:
+    """Every named chat template of the run, ``{name: jinja}``, asked of all
+    plugins through the ``chat_templates`` hook (core's own when ``pm`` is
+    ``None``). Two plugins giving one name, a reserved name or a value that is
+    not text is a :class:`PluginError` naming the plugin(s)."""
+    from plait.errors import PluginError
+
+    if pm is None:
+        return dict(NAMED_CHAT_TEMPLATES)
+    templates: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    for impl in pm.hook.chat_templates.get_hookimpls():  # one by one, to know who gave what
+        if getattr(impl, "hookwrapper", False) or getattr(impl, "wrapper", False):
+            continue
+        contributed = impl.function() or {}
+        who = _plugin_label(pm, impl.plugin_name)
+        if not isinstance(contributed, dict):
+            raise PluginError(f"plugin {who}: chat_templates() returned a {type(contributed).__name__}, "
+                              f"expected a dict {{name: jinja template}}")
+        for name, template in contributed.items():
+            if not isinstance(name, str) or not isinstance(template, str) or not name:
+                raise PluginError(f"plugin {who}: chat_templates() entry {name!r} must map a name to a jinja "
+                                  f"string (got {type(template).__name__})")
+            if name == TOKENIZER_DEFAULT or name.startswith(FALLBACK_PREFIX):
+                raise PluginError(f"plugin {who}: chat template name {name!r} is reserved "
+                                  f"({TOKENIZER_DEFAULT}, {FALLBACK_PREFIX}<name>)")
+            if name in owners:
+                raise PluginError(f"chat template {name!r} is given by two plugins: {owners[name]} and {who}; "
+                                  f"disable one of them (disable_plugins) or have one rename its template")
+            templates[name] = template
+            owners[name] = who
+    return templates
+
+
+def unknown_template_error(key: str, value: str, names):
+    """The :class:`ConfigError` for a ``chat_template`` value that names no
+    template: a did-you-mean and every accepted value."""
+    import difflib
+
     from plait.errors import ConfigError
 
+    fallback = value.startswith(FALLBACK_PREFIX)
+    wanted = value[len(FALLBACK_PREFIX):] if fallback else value
+    choices = sorted(names) if fallback else [TOKENIZER_DEFAULT, *sorted(names)]
+    close = difflib.get_close_matches(wanted, choices, n=1, cutoff=0.6)
+    hint = f"; did you mean {(FALLBACK_PREFIX if fallback else '') + close[0]!r}?" if close else ""
+    what = f"{wanted!r} in {value!r} is not a known template" if fallback else f"{value!r} is not a known template"
+    return ConfigError(f"{key}: {what}{hint}\naccepted: {TOKENIZER_DEFAULT}, {', '.join(sorted(names))}, "
+                       f"{FALLBACK_PREFIX}<one of those names>, or a jinja string (or use chat_template_jinja)")
+
+
+def lookup_chat_template(pm, value: str | None, tokenizer, *, key: str = "config key 'chat_template'") -> str | None:
+    """The jinja a ``chat_template`` value stands for: ``None`` or
+    ``tokenizer_default`` -> the tokenizer's own; a name from any plugin's
+    ``chat_templates``; ``tokenizer_default_fallback_<name>`` -> the
+    tokenizer's own, else that name's (the name is checked either way, so a
+    typo never passes silently); a jinja string as it is. ``key`` says where
+    the value came from, for the error an unknown name raises."""
+    if value is None or value == TOKENIZER_DEFAULT:
+        return tokenizer.chat_template
+    if "{%" in value or "{{" in value:
+        return value
+    names = named_chat_templates(pm)
+    fallback = value.startswith(FALLBACK_PREFIX)
+    wanted = value[len(FALLBACK_PREFIX):] if fallback else value
+    if wanted not in names:
+        raise unknown_template_error(key, value, names)
+    if fallback and tokenizer.chat_template:
+        return tokenizer.chat_template
+    if fallback:
+        import logging
+
+        logging.getLogger("plait.model").warning(
+            "%s: the tokenizer has no chat template; using %r", key, wanted)
+    return names[wanted]
+
+
+def resolve_chat_template(cfg, tokenizer) -> str | None:
+    """The jinja template ``chat_template``/``chat_template_jinja`` ask for
+    (names from every plugin, through :func:`lookup_chat_template`)."""
     if cfg.chat_template_jinja:
         return cfg.chat_template_jinja
-    name = cfg.chat_template
-    if name in (None, "tokenizer_default"):
-        return tokenizer.chat_template
-    if name in NAMED_CHAT_TEMPLATES:
-        return NAMED_CHAT_TEMPLATES[name]
-    if "{%" in name or "{{" in name:
-        return name
-    raise ConfigError(
-        f"config key 'chat_template': {name!r} is not a known template; accepted: tokenizer_default, "
-        f"{', '.join(NAMED_CHAT_TEMPLATES)}, or a jinja string (or use chat_template_jinja)"
-    )
+    return lookup_chat_template(cfg.plugin_manager, cfg.chat_template, tokenizer)
 
 
 #: what ``base_model`` (and ``tokenizer_config``) accept, for error messages

@@ -79,7 +79,9 @@ class CoreConfig(StrictModel):
     revision_of_model: Optional[str] = None
     special_tokens: dict[str, str] = Field(default_factory=dict)
     tokens: list[str] = Field(default_factory=list, description="Extra tokens added to the vocabulary.")
-    chat_template: Optional[str] = Field(None, description="tokenizer_default, chatml, llama3, ... or a jinja string.")
+    chat_template: Optional[str] = Field(
+        None, description="tokenizer_default, a template name from any plugin (core: chatml, llama3; "
+        "plait-models: gemma, gemma3, phi_3), tokenizer_default_fallback_<name>, or a jinja string.")
     chat_template_jinja: Optional[str] = None
     resize_token_embeddings_to_32x: bool = False
 

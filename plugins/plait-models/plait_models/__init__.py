@@ -18,7 +18,9 @@ Registered through the entry point ``models``. Hooks:
   MoE model when the router loss is on;
 * ``tokenizer_loaded``: :func:`apply_family_tokenizer_fixes` on the run's
   tokenizer (family from the model's ``model_type``);
-* ``extra_loss``: the MoE router load-balancing loss (:func:`moe_aux_loss`).
+* ``extra_loss``: the MoE router load-balancing loss (:func:`moe_aux_loss`);
+* ``chat_templates``: family templates under Axolotl's names (``gemma``,
+  ``gemma3``, ``phi_3``; see :mod:`plait_models.template_names`).
 
 Helpers other plugins and the loop call (no torch at import):
 :func:`apply_family_tokenizer_fixes`, :func:`set_generation_stop_tokens`,
@@ -51,6 +53,13 @@ def model_families():
     from plait_models.families import FAMILIES
 
     return list(FAMILIES)
+
+
+@hookimpl
+def chat_templates():
+    from plait_models.template_names import CHAT_TEMPLATES
+
+    return dict(CHAT_TEMPLATES)
 
 
 @hookimpl

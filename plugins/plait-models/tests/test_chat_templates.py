@@ -1,0 +1,122 @@
+"""Family templates under Axolotl's names, through the ``chat_templates`` hook.
+
+The masks are checked token by token with plait-formats' own test helpers
+(``run_format``, ``pieces_to_row`` in its tests' conftest), loaded by path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import plait_models
+from plait_models.families._common import GEMMA, GEMMA_TOKENS, PHI3, PHI3_TOKENS
+
+FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
+
+#: as in plait-formats' chat tests, less the system message for gemma (below)
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "sort the words"},
+    {"role": "assistant", "content": "the words are sorted."},
+    {"role": "user", "content": "add 3 and 4"},
+    {"role": "assistant", "content": "the sum is 7"},
+]
+
+
+def _formats_helpers():
+    pytest.importorskip("plait_formats")
+    spec = importlib.util.spec_from_file_location("plait_formats_test_helpers", FORMATS_CONFTEST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tokenizer_dir(tmp_path, markers, chat_template=None):
+    """The kit's tiny tokenizer with a family's turn markers as special tokens."""
+    from transformers import AutoTokenizer
+
+    from plait.testing import make_tiny_tokenizer
+
+    path = make_tiny_tokenizer(tmp_path / "tok", vocab_size=300, chat_template=chat_template)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.add_tokens(list(markers), special_tokens=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _load_tokenizer(base, chat_template):
+    """The run's tokenizer as ``plait train`` loads it, with core and plait-models only."""
+    from plait.config import build_config
+    from plait.testing import plugin_manager
+
+    pm = plugin_manager(plait_models, entry_points=False)
+    cfg = build_config(pm, {"base_model": base, "chat_template": chat_template})
+    return pm.hook.load_tokenizer(cfg=cfg)
+
+
+def test_axolotl_names_select_the_family_templates(pm):
+    from plait.builtin.model import named_chat_templates
+
+    names = named_chat_templates(pm)
+    assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3}.items() <= names.items()
+    assert {"chatml", "llama3"} <= set(names)  # core's, with no clash from the family CHATML/LLAMA3
+
+
+@pytest.mark.parametrize("name, template, markers", [("gemma", GEMMA, GEMMA_TOKENS), ("phi_3", PHI3, PHI3_TOKENS)])
+def test_names_and_fallback_through_load_tokenizer(tmp_path, name, template, markers):
+    from plait.testing import CHATML_TEMPLATE
+
+    bare = _tokenizer_dir(tmp_path / "bare", markers)
+    own = _tokenizer_dir(tmp_path / "own", markers, chat_template=CHATML_TEMPLATE)
+    assert _load_tokenizer(bare, name).chat_template == template
+    assert _load_tokenizer(own, name).chat_template == template
+    assert _load_tokenizer(bare, f"tokenizer_default_fallback_{name}").chat_template == template
+    assert _load_tokenizer(own, f"tokenizer_default_fallback_{name}").chat_template == CHATML_TEMPLATE
+
+
+def test_unknown_name_lists_the_family_names(tmp_path):
+    from plait.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'gemma_3' is not a known template; did you mean 'gemma3'") as info:
+        _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), "gemma_3")
+    assert all(name in str(info.value) for name in ("chatml", "llama3", "gemma", "gemma3", "phi_3"))
+
+
+def test_gemma_multi_turn_mask(tmp_path):
+    # Gemma calls the assistant "model"; its content and each <end_of_turn> after it are trained
+    helpers = _formats_helpers()
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), "gemma")
+    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template")
+    ids, labels = helpers.pieces_to_row(tokenizer, [
+        ("<|begin_of_text|><start_of_turn>user\nsort the words<end_of_turn>\n<start_of_turn>model\n", False),
+        ("the words are sorted.", True),
+        ("<end_of_turn>", True),
+        ("\n<start_of_turn>user\nadd 3 and 4<end_of_turn>\n<start_of_turn>model\n", False),
+        ("the sum is 7", True),
+        ("<end_of_turn>", True),
+        ("\n", False),
+    ])
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert sum(1 for t, label in zip(ids, labels) if t == end and label == end) == 2
+
+
+def test_phi_3_multi_turn_mask_with_system(tmp_path):
+    helpers = _formats_helpers()
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, PHI3_TOKENS), "tokenizer_default_fallback_phi_3")
+    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template")
+    ids, labels = helpers.pieces_to_row(tokenizer, [
+        ("<|begin_of_text|><|system|>\nbe brief<|end|>\n<|user|>\nsort the words<|end|>\n<|assistant|>\n", False),
+        ("the words are sorted.", True),
+        ("<|end|>", True),
+        ("\n<|user|>\nadd 3 and 4<|end|>\n<|assistant|>\n", False),
+        ("the sum is 7", True),
+        ("<|end|>", True),
+        ("\n", False),
+    ])
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
