@@ -1,18 +1,29 @@
 """Time ``prepare_datasets`` on generated alpaca and multi-turn chat rows.
 
     .venv/bin/python bench/preprocess_bench.py [--alpaca 4000] [--chat 2000] [--processes 1 2]
+        [--axolotl-python /tmp/axo/bin/python]
 
 Everything is generated here (the kit's tiny byte-level BPE tokenizer, rows
 from a fixed seed), so the numbers measure the pipeline: loading the JSON
 lines, the ``tokenize`` hook, filtering and counting, and writing the Arrow
 cache. Each timing is a cold run (a fresh cache directory); the last column is
 a second run that reuses the cache. Prints a markdown table.
+
+``--axolotl-python`` names the interpreter of another environment that has
+Axolotl installed. The same generated chat rows, the same tokenizer directory
+and Plait's chat template string then go to ``bench/axolotl_worker.py`` under
+that interpreter, which times Axolotl's ``chat_template`` prompt strategy
+(one process); Plait's ``tokenize`` hook is timed over the same rows in the
+same batches of 1000, and the input_ids and labels of every row (or the
+first ``--check N``) are compared token by token. A second table prints both.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -41,16 +52,22 @@ def chat_rows(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
-def time_prepare(root: Path, tok_dir: Path, data: Path, kind: str, processes: int) -> tuple[float, float, int, int]:
-    """Seconds for a cold and a cached run, rows in and trained tokens."""
-    from plait.data.prepare import prepare_datasets
+def run_config(root: Path, tok_dir: Path, data: Path, kind: str, processes: int):
+    """``(cfg, pm, tokenizer)`` of a run that prepares ``data`` as ``kind``."""
     from plait.testing import build_run_config
 
     cache = root / f"cache-{kind}-{processes}"
     cfg, pm = build_run_config({"base_model": str(tok_dir), "output_dir": str(root / "out"), "sequence_len": 1024,
                                 "dataset_prepared_path": str(cache), "dataset_processes": processes,
                                 "datasets": [{"path": str(data), "type": kind}]})
-    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    return cfg, pm, pm.hook.load_tokenizer(cfg=cfg)
+
+
+def time_prepare(root: Path, tok_dir: Path, data: Path, kind: str, processes: int) -> tuple[float, float, int, int]:
+    """Seconds for a cold and a cached run, rows in and trained tokens."""
+    from plait.data.prepare import prepare_datasets
+
+    cfg, pm, tokenizer = run_config(root, tok_dir, data, kind, processes)
     start = time.perf_counter()
     prepared = prepare_datasets(cfg, pm, tokenizer, show_progress=False)
     cold = time.perf_counter() - start
@@ -62,11 +79,77 @@ def time_prepare(root: Path, tok_dir: Path, data: Path, kind: str, processes: in
     return cold, warm, stats.rows_in, stats.trained_tokens
 
 
+def columns(rows: list[dict]) -> dict:
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def first_difference(a: list[int], b: list[int]) -> str:
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"position {at} of {len(a)} / {len(b)}: {a[at:at + 6]} vs {b[at:at + 6]}"
+
+
+def compare_axolotl(root: Path, tok_dir: Path, data: Path, python: str, check: int, cold: float | None) -> None:
+    """Time Plait's ``tokenize`` hook and, in ``python``, Axolotl's chat_template
+    strategy on the same rows; print both and whether their tokens agree."""
+    cfg, pm, tokenizer = run_config(root, tok_dir, data, "chat_template", 1)
+    template = root / "chat_template.jinja"
+    template.write_text(tokenizer.chat_template)  # the template Plait renders with (the tokenizer's)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    hook = pm.hook.tokenize
+    hook(cfg=cfg, dataset_cfg=cfg.datasets[0], tokenizer=tokenizer, batch=columns(rows[:8]))  # warm up
+    start = time.perf_counter()
+    plait = {"input_ids": [], "labels": []}
+    for first in range(0, len(rows), 1000):
+        got = hook(cfg=cfg, dataset_cfg=cfg.datasets[0], tokenizer=tokenizer, batch=columns(rows[first:first + 1000]))
+        plait["input_ids"] += got["input_ids"]
+        plait["labels"] += got["labels"]
+    plait_s = time.perf_counter() - start
+    plait_trained = sum(label != -100 for labels in plait["labels"] for label in labels)
+
+    out = root / "axolotl.json"
+    worker = Path(__file__).with_name("axolotl_worker.py")
+    command = [python, str(worker), "--data", str(data), "--tokenizer", str(tok_dir), "--template", str(template),
+               "--out", str(out), "--check", str(check or len(rows))]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"axolotl worker failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    axo = json.loads(out.read_text())
+
+    n = len(axo["check"]["labels"])
+    same_ids = sum(a == b for a, b in zip(axo["check"]["input_ids"], plait["input_ids"]))
+    same_labels = sum(a == b for a, b in zip(axo["check"]["labels"], plait["labels"]))
+    print()
+    print("| implementation | rows | what is timed (1 process) | s | rows/s | trained tokens/s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| plait | {len(rows)} | `tokenize` hook, batches of 1000 | {plait_s:.2f} | {len(rows) / plait_s:,.0f} "
+          f"| {plait_trained / plait_s:,.0f} |")
+    if cold is not None:
+        print(f"| plait | {len(rows)} | `prepare_datasets` cold (table above) | {cold:.2f} | {len(rows) / cold:,.0f} "
+              f"| {plait_trained / cold:,.0f} |")
+    print(f"| axolotl | {axo['rows']} | `tokenize_prompt`, batches of 1000 | {axo['strategy_s']:.2f} "
+          f"| {axo['rows'] / axo['strategy_s']:,.0f} | {axo['trained_tokens'] / axo['strategy_s']:,.0f} |")
+    print(f"| axolotl | {axo['rows']} | `load_dataset` json + `TokenizedPromptDataset` | {axo['pipeline_s']:.2f} "
+          f"| {axo['rows'] / axo['pipeline_s']:,.0f} | {axo['trained_tokens'] / axo['pipeline_s']:,.0f} |")
+    print()
+    print(f"plait / axolotl rows/s (tokenization): {axo['strategy_s'] / plait_s:.2f}x")
+    print(f"trained tokens over all rows: plait {plait_trained:,}, axolotl {axo['trained_tokens']:,}")
+    print(f"{'all' if n == len(rows) else 'first'} {n} rows: input_ids equal in {same_ids}/{n}, "
+          f"labels equal in {same_labels}/{n}")
+    for index, (a, b) in enumerate(zip(axo["check"]["labels"], plait["labels"])):
+        if a != b:
+            print(f"  row {index} labels differ at axolotl vs plait {first_difference(a, b)}")
+    print("axolotl environment: " + ", ".join(f"{k} {v}" for k, v in axo["versions"].items()))
+    from importlib.metadata import version
+    print("plait environment: " + ", ".join(f"{k} {version(k)}" for k in ("transformers", "tokenizers", "datasets")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alpaca", type=int, default=4000, help="alpaca rows to generate")
     parser.add_argument("--chat", type=int, default=2000, help="chat rows to generate")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="dataset_processes values")
+    parser.add_argument("--axolotl-python", help="python of an environment with axolotl: also time its chat_template")
+    parser.add_argument("--check", type=int, default=0, help="rows whose tokens are compared with axolotl's (0: all)")
     args = parser.parse_args()
 
     from plait.testing import make_tiny_tokenizer, write_jsonl
@@ -83,11 +166,16 @@ def main() -> None:
             time_prepare(root, tok_dir, small, kind, 1)
         print("| format | rows | dataset_processes | cold s | rows/s | trained tokens/s | cached load s |")
         print("|---|---|---|---|---|---|---|")
+        chat_cold = None
         for kind, data in files.items():
             for processes in args.processes:
                 cold, warm, rows, trained = time_prepare(root, tok_dir, data, kind, processes)
                 print(f"| {kind} | {rows} | {processes} | {cold:.2f} | {rows / cold:,.0f} | {trained / cold:,.0f} "
-                      f"| {warm:.2f} |")
+                      f"| {warm:.2f} |", flush=True)
+                if kind == "chat_template" and processes == 1:
+                    chat_cold = cold
+        if args.axolotl_python:
+            compare_axolotl(root, tok_dir, files["chat_template"], args.axolotl_python, args.check, chat_cold)
 
 
 if __name__ == "__main__":
