@@ -51,9 +51,26 @@ def forward_hidden(model, inputs: dict):
     def keep_hidden(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    handle = decoder.register_forward_hook(keep_hidden)
+    handles = [decoder.register_forward_hook(keep_hidden)]
+    packed_mask = inputs.get("attention_mask")
+    if _returns_router_logits(model) and packed_mask is not None and getattr(packed_mask, "dim", lambda: 2)() != 2:
+        # An MoE causal LM asked for router logits computes its own aux loss from
+        # ``attention_mask`` after the decoder, and that code takes only a 2-D
+        # padding mask. Hand the packed (4-D) mask to the decoder alone; Plait
+        # adds the router loss itself (the ``extra_loss`` hook).
+        inputs = {**inputs, "attention_mask": None}
+
+        def give_mask(module, args, kwargs):
+            return args, {**kwargs, "attention_mask": packed_mask}
+
+        handles.append(decoder.register_forward_pre_hook(give_mask, with_kwargs=True))
     try:
         outputs = model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured["hidden"], head, outputs
+
+
+def _returns_router_logits(model) -> bool:
+    return bool(getattr(getattr(unwrap(model), "config", None), "output_router_logits", False))

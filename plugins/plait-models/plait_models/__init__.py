@@ -101,9 +101,10 @@ def request_router_logits(cfg, model, family) -> str | None:
     """Make an MoE model return ``router_logits`` from its forward when the
     router loss is on, so :func:`extra_loss` can add it; returns a log line.
 
-    Not with ``sample_packing``: transformers' MoE forward then computes its
-    own aux loss from the 4-D packed mask and fails, so the loss is left out
-    (and the log says so).
+    With ``sample_packing`` too: the loop calls the backbone, whose router
+    logits are per token and, with the rows isolated, the same as for each row
+    run alone; the loss then pools every slot of the packed bins (the padding
+    tail of a bin included, a share of 1 - sample_packing_efficiency).
     """
     from plait_models.lookup import base_model_of
     from plait_models.moe import aux_loss_coef
@@ -111,9 +112,6 @@ def request_router_logits(cfg, model, family) -> str | None:
     config = getattr(base_model_of(model), "config", None)
     if family is None or not family.is_moe or config is None or aux_loss_coef(cfg, config) == 0.0:
         return None
-    if getattr(cfg, "sample_packing", False):
-        return (f"{family.name}: the router load-balancing loss is not added with sample_packing "
-                "(set sample_packing: false, or router_aux_loss_coef: 0 to silence this)")
     config.output_router_logits = True
     return f"{family.name}: router load-balancing loss added, coefficient {aux_loss_coef(cfg, config)}"
 
