@@ -58,20 +58,17 @@ DEFAULT_ROLES = {
 
 
 def resolve_template(cfg, dataset_cfg, tokenizer) -> str:
-    """The dataset's own template when it names one, else the tokenizer's
+    """The dataset's own template when it names one (any name a plugin's
+    ``chat_templates`` gives, a fallback name, or jinja), else the tokenizer's
     (``load_tokenizer`` already applied the run's ``chat_template``)."""
-    from plait.builtin.model import NAMED_CHAT_TEMPLATES
+    from plait.builtin.model import lookup_chat_template
 
     if dataset_cfg.chat_template_jinja:
         return dataset_cfg.chat_template_jinja
     name = dataset_cfg.chat_template
     if name and name != "tokenizer_default":
-        if name in NAMED_CHAT_TEMPLATES:
-            return NAMED_CHAT_TEMPLATES[name]
-        if "{%" in name or "{{" in name:
-            return name
-        raise ConfigError(f"config key 'chat_template' of dataset {dataset_cfg.path!r}: {name!r} is not a known "
-                          f"template; accepted: tokenizer_default, {', '.join(NAMED_CHAT_TEMPLATES)}, or jinja")
+        return lookup_chat_template(getattr(cfg, "plugin_manager", None), name, tokenizer,
+                                    key=f"config key 'chat_template' of dataset {dataset_cfg.path!r}")
     if not tokenizer.chat_template:
         raise ConfigError(f"dataset {dataset_cfg.path!r} has type chat_template but the tokenizer has no chat "
                           f"template; set chat_template (chatml, llama3, ...) or chat_template_jinja")

@@ -85,11 +85,18 @@ def test_unknown_name_lists_the_family_names(tmp_path):
     assert all(name in str(info.value) for name in ("chatml", "llama3", "gemma", "gemma3", "phi_3"))
 
 
-def test_gemma_multi_turn_mask(tmp_path):
-    # Gemma calls the assistant "model"; its content and each <end_of_turn> after it are trained
+@pytest.mark.parametrize("where", ["run", "dataset"])
+def test_gemma_multi_turn_mask(tmp_path, where):
+    # Gemma calls the assistant "model"; its content and each <end_of_turn> after it are trained.
+    # The name works as the run's chat_template and as one dataset's own chat_template.
     helpers = _formats_helpers()
-    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), "gemma")
-    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template")
+    if where == "run":
+        tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), "gemma")
+        out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template")
+    else:
+        tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), "chatml")
+        out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template",
+                                 chat_template="gemma")
     ids, labels = helpers.pieces_to_row(tokenizer, [
         ("<|begin_of_text|><start_of_turn>user\nsort the words<end_of_turn>\n<start_of_turn>model\n", False),
         ("the words are sorted.", True),
