@@ -1,4 +1,5 @@
-"""Two gloo processes (DDP fallback) train the same model as one process.
+"""Two gloo processes (DDP fallback) train the same model as one process,
+launched by torchrun and by ``accelerate launch``.
 
 With 2 ranks x micro_batch_size 2 each optimizer step sees the same four rows
 as one process with micro_batch_size 4 (the plan deals shuffled rows round
@@ -20,7 +21,20 @@ from plait.testing import make_tiny_model, run_cli, write_config, write_jsonl
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def test_two_processes_match_one_process(tmp_path):
+#: the two launchers a user runs Plait under; accelerate's --multi_gpu is its
+#: torchrun path, which starts CPU processes as well when there is no GPU
+LAUNCHERS = {
+    # --standalone: a local rendezvous on a free port
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_match_one_process(tmp_path, launcher):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     from safetensors.torch import load_file
 
     from plait.quickstart import make_split
@@ -39,9 +53,7 @@ def test_two_processes_match_one_process(tmp_path):
     single = run_cli(["train", str(config("single", 4))])
     assert single.exit_code == 0, single.stderr[-3000:]
     env = {**os.environ, "PLAIT_DISABLE_PLUGINS": "parallel", "OMP_NUM_THREADS": "1"}
-    # --standalone: a local rendezvous on a free port
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "plait.cli", "train", str(config("ddp", 2))],
+    result = subprocess.run([sys.executable, *LAUNCHERS[launcher], "-m", "plait.cli", "train", str(config("ddp", 2))],
                             capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     one = load_file(str(tmp_path / "single" / "model.safetensors"))
