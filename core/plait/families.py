@@ -24,6 +24,8 @@ class ModelFamily:
     lora_target_linear: tuple[str, ...] = ()
     #: class name of the RMSNorm module, for kernel swaps
     norm_class: str | None = None
+    #: class name of the attention module (q/k/v/o projections and rotary), for kernel swaps
+    attention_class: str | None = None
     #: class name of the MLP module, and its activation kind ("swiglu", "geglu")
     mlp_class: str | None = None
     mlp_activation: str | None = None

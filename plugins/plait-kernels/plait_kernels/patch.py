@@ -21,11 +21,11 @@ from plait_kernels.modules import ROPE_ATTENTION_CLASSES, PlaitGLUMLP, PlaitRMSN
 
 log = logging.getLogger(__name__)
 
-#: model_type -> (norm class, MLP class, activation, decoder layer class)
+#: model_type -> (norm class, MLP class, activation, decoder layer class, attention class)
 FALLBACK_FAMILIES = {
-    "llama": ("LlamaRMSNorm", "LlamaMLP", "swiglu", "LlamaDecoderLayer"),
-    "mistral": ("MistralRMSNorm", "MistralMLP", "swiglu", "MistralDecoderLayer"),
-    "qwen2": ("Qwen2RMSNorm", "Qwen2MLP", "swiglu", "Qwen2DecoderLayer"),
+    "llama": ("LlamaRMSNorm", "LlamaMLP", "swiglu", "LlamaDecoderLayer", "LlamaAttention"),
+    "mistral": ("MistralRMSNorm", "MistralMLP", "swiglu", "MistralDecoderLayer", "MistralAttention"),
+    "qwen2": ("Qwen2RMSNorm", "Qwen2MLP", "swiglu", "Qwen2DecoderLayer", "Qwen2Attention"),
 }
 
 #: transformers ``hidden_act`` values -> our gated activation
@@ -41,6 +41,7 @@ class Targets:
     mlp_class: str | None
     activation: str | None  # "swiglu" | "geglu" | None (not a gated MLP we fuse)
     layer_class: str | None
+    attention_class: str | None = None
 
 
 def find_targets(cfg, model) -> Targets:
@@ -55,10 +56,11 @@ def find_targets(cfg, model) -> Targets:
         family = find_family(pm, model_type)
     if family is not None:
         return Targets(family.norm_class, getattr(family, "norm_offset", None), family.mlp_class,
-                       family.mlp_activation or hidden_act, family.decoder_layer_class)
-    norm_class, mlp_class, _, layer_class = FALLBACK_FAMILIES.get(model_type, (None, None, None, None))
+                       family.mlp_activation or hidden_act, family.decoder_layer_class,
+                       getattr(family, "attention_class", None))
+    norm_class, mlp_class, _, layer_class, attention_class = FALLBACK_FAMILIES.get(model_type, (None,) * 5)
     # the config says which activation the MLP really uses
-    return Targets(norm_class, None, mlp_class, hidden_act, layer_class)
+    return Targets(norm_class, None, mlp_class, hidden_act, layer_class, attention_class)
 
 
 def _set_child(root, dotted: str, new) -> None:
@@ -121,7 +123,11 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
                 op = activation
             _set_child(model, name, new)
             report[(kind, kernel_label(backend, op))] += 1
-        elif chosen["rope"] and kind in ROPE_ATTENTION_CLASSES:
+        elif chosen["rope"] and kind == targets.attention_class and kind not in ROPE_ATTENTION_CLASSES:
+            # the family names its attention, but Plait's rotary forward is only
+            # checked against the classes in ROPE_ATTENTION_CLASSES
+            report[(kind, "the model's own rotary (Plait's fused attention forward is not checked for this class)")] += 1
+        elif chosen["rope"] and kind == targets.attention_class:
             backend = chosen["rope"]
             module.__class__ = rope_attention_class(type(module))
             module._plait_rope = get_backend(backend)["rope"]

@@ -83,6 +83,9 @@ def test_kernel_classes_exist_and_norm_offset_is_right(case):
     assert family.norm_class in classes
     if family.mlp_class is not None:
         assert family.mlp_class in classes
+    # the attention module the kernel plugin swaps: rotary inside, and o_proj plus q/k/v (phi3: fused qkv_proj)
+    attention = classes[family.attention_class]
+    assert hasattr(attention, "o_proj") and (hasattr(attention, "q_proj") or hasattr(attention, "qkv_proj"))
     activation = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}[
         getattr(model.config, "hidden_act", None) or model.config.hidden_activation]
     assert family.mlp_activation in (activation, activation + "_fused")

@@ -18,6 +18,7 @@ FAMILY = ModelFamily(
     lora_target_linear=ATTENTION_LINEARS + MLP_LINEARS,
     norm_class="Gemma2RMSNorm",
     norm_offset=1.0,
+    attention_class="Gemma2Attention",
     mlp_class="Gemma2MLP",
     mlp_activation="geglu",
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},

@@ -20,6 +20,7 @@ FAMILY = ModelFamily(
     lora_target_linear=ATTENTION_LINEARS + MLP_LINEARS,
     norm_class="Gemma3RMSNorm",
     norm_offset=1.0,
+    attention_class="Gemma3Attention",
     mlp_class="Gemma3MLP",
     mlp_activation="geglu",
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},

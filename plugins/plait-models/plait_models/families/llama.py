@@ -14,6 +14,7 @@ FAMILY = ModelFamily(
     decoder_layer_class="LlamaDecoderLayer",
     lora_target_linear=ATTENTION_LINEARS + MLP_LINEARS,
     norm_class="LlamaRMSNorm",
+    attention_class="LlamaAttention",
     mlp_class="LlamaMLP",
     mlp_activation="swiglu",
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},

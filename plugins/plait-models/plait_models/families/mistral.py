@@ -10,6 +10,7 @@ FAMILY = ModelFamily(
     decoder_layer_class="MistralDecoderLayer",
     lora_target_linear=ATTENTION_LINEARS + MLP_LINEARS,
     norm_class="MistralRMSNorm",
+    attention_class="MistralAttention",
     mlp_class="MistralMLP",
     mlp_activation="swiglu",
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},

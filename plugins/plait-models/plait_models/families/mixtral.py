@@ -20,6 +20,7 @@ FAMILY = ModelFamily(
     lora_target_linear=ATTENTION_LINEARS,
     norm_class="MixtralRMSNorm",
     # no per-expert MLP module to swap: experts are fused parameters
+    attention_class="MixtralAttention",
     mlp_class=None,
     mlp_activation="swiglu",
     tp_plan=dict(DENSE_ATTENTION_TP),

@@ -18,6 +18,7 @@ FAMILY = ModelFamily(
     decoder_layer_class="Phi3DecoderLayer",
     lora_target_linear=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
     norm_class="Phi3RMSNorm",
+    attention_class="Phi3Attention",
     mlp_class="Phi3MLP",
     # swiglu over ONE fused gate_up_proj (first half gate, second half up): a
     # kernel written for separate gate_proj/up_proj must not take this MLP

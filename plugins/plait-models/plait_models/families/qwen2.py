@@ -10,6 +10,7 @@ FAMILY = ModelFamily(
     decoder_layer_class="Qwen2DecoderLayer",
     lora_target_linear=ATTENTION_LINEARS + MLP_LINEARS,
     norm_class="Qwen2RMSNorm",
+    attention_class="Qwen2Attention",
     mlp_class="Qwen2MLP",
     mlp_activation="swiglu",
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},

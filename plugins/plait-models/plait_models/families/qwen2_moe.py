@@ -23,6 +23,7 @@ FAMILY = ModelFamily(
     decoder_layer_class="Qwen2MoeDecoderLayer",
     lora_target_linear=ATTENTION_LINEARS + SHARED_EXPERT,
     norm_class="Qwen2MoeRMSNorm",
+    attention_class="Qwen2MoeAttention",
     mlp_class="Qwen2MoeMLP",
     mlp_activation="swiglu",
     tp_plan={

@@ -15,6 +15,7 @@ FAMILY = ModelFamily(
     decoder_layer_class="Qwen3DecoderLayer",
     lora_target_linear=ATTENTION_LINEARS + MLP_LINEARS,
     norm_class="Qwen3RMSNorm",
+    attention_class="Qwen3Attention",
     mlp_class="Qwen3MLP",
     mlp_activation="swiglu",
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},

@@ -18,6 +18,7 @@ FAMILY = ModelFamily(
     lora_target_linear=ATTENTION_LINEARS,
     norm_class="Qwen3MoeRMSNorm",
     # Qwen3MoeMLP exists only in mlp_only_layers (none in released checkpoints)
+    attention_class="Qwen3MoeAttention",
     mlp_class=None,
     mlp_activation="swiglu",
     tp_plan=dict(DENSE_ATTENTION_TP),
