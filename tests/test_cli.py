@@ -60,7 +60,7 @@ def test_validate_ok(tmp_path):
 def test_plugins_json_lists_core_and_installed_packages():
     result = run_cli(["plugins", "--json"])
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
-    assert plugins["plait.builtin.model"]["hooks"] == ["load_model", "load_tokenizer"]
+    assert plugins["plait.builtin.model"]["hooks"] == ["chat_templates", "load_model", "load_tokenizer"]
     # the contrib example is installed by `make install` and needs no other step
     assert plugins["qa-format"]["distribution"] == "plait-qa-format"
     assert plugins["qa-format"]["version"] == "0.1.0"
