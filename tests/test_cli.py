@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+from plait.hookspecs import hookimpl
 from plait.testing import run_cli, write_config
 
 PLAIT = [sys.executable, "-m", "plait.cli"]
@@ -172,3 +173,27 @@ def test_unknown_plugin_names_are_errors(tmp_path):
     cfg = write_config(tmp_path / "c.yml", base_model="m", disable_plugins=["formatz"])
     result = run_cli(["config", "validate", str(cfg)])
     assert result.exit_code == 2 and "config key 'disable_plugins': 'formatz' is not an installed plugin" in result.stderr
+
+
+class LoggingCommand:
+    """A plugin command that logs from a plugin logger and from a library logger."""
+
+    @hookimpl
+    def register_commands(self, subparsers):
+        import logging
+
+        def run(args, pm):
+            logging.getLogger("plait_example.plugin").info("chose the fused path")
+            logging.getLogger("some_library").info("library chatter")
+            logging.getLogger("some_library").warning("library warning")
+            return 0
+
+        sub = subparsers.add_parser("log-something")
+        sub.set_defaults(func=run)
+
+
+def test_plugin_info_lines_are_shown_and_library_info_is_not():
+    result = run_cli(["log-something"], plugins=[LoggingCommand()])
+    assert result.exit_code == 0
+    assert "plait_example.plugin: chose the fused path" in result.stderr
+    assert "library warning" in result.stderr and "library chatter" not in result.stderr

@@ -77,8 +77,10 @@ def build_parser(pm) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
     from plait.errors import PlaitError
+    from plait.logs import show_plait_logs
     from plait.plugins import build_plugin_manager
 
+    show_plait_logs()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:

@@ -318,7 +318,7 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
     write_atomically(path, write)
-    log.info("prepared data written to %s", path)
+    log.debug("prepared data written to %s", path)
     # reload from the cache so every rank trains on the same memory-mapped files
     prepared = _load(path, show_progress=False)
     prepared.from_cache = False
@@ -348,7 +348,7 @@ def _load(path: Path, show_progress: bool) -> PreparedData:
     eval_set = datasets.load_from_disk(str(path / "eval")) if (path / "eval").exists() else None
     if show_progress:
         print(f"reusing prepared data at {path}", file=sys.stderr)
-    log.info("reusing prepared data at %s", path)
+    log.debug("reusing prepared data at %s", path)
     return PreparedData(train, eval_set, stats, path, from_cache=True)
 
 

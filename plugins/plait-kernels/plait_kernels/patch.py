@@ -146,7 +146,7 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
             report[(targets.layer_class, f"torch.compile ({compile_backend}), per layer")] = compiled
     summary = {f"{kind} x{count}": kernel for (kind, kernel), count in report.items()}
     for what, kernel in summary.items():
-        log.info("plait-kernels: %s -> %s", what, kernel)
+        log.debug("plait-kernels: %s -> %s", what, kernel)  # the loop prints the returned report
     return summary
 
 
