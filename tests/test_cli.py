@@ -61,7 +61,7 @@ def test_validate_ok(tmp_path):
 def test_plugins_json_lists_core_and_installed_packages():
     result = run_cli(["plugins", "--json"])
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
-    assert plugins["plait.builtin.model"]["hooks"] == ["chat_templates", "load_model", "load_tokenizer"]
+    assert plugins["plait.builtin.model"]["hooks"] == ["chat_templates", "load_model", "load_tokenizer", "validate_config"]
     # the contrib example is installed by `make install` and needs no other step
     assert plugins["qa-format"]["distribution"] == "plait-qa-format"
     assert plugins["qa-format"]["version"] == "0.1.0"
@@ -197,3 +197,17 @@ def test_plugin_info_lines_are_shown_and_library_info_is_not():
     assert result.exit_code == 0
     assert "plait_example.plugin: chose the fused path" in result.stderr
     assert "library warning" in result.stderr and "library chatter" not in result.stderr
+
+
+def test_validate_refuses_an_unknown_chat_template_name(tmp_path):
+    cfg = write_config(tmp_path / "c.yml", base_model="m", chat_template="chatmll",
+                       datasets=[{"path": "x.jsonl", "type": "chat_template", "chat_template": "llama3"}])
+    result = run_cli(["config", "validate", str(cfg)])
+    assert result.exit_code == 2
+    assert "'chatmll' is not a known template; did you mean 'chatml'?" in result.stderr
+    cfg = write_config(tmp_path / "d.yml", base_model="m",
+                       datasets=[{"path": "x.jsonl", "type": "chat_template", "chat_template": "lama3"}])
+    result = run_cli(["config", "validate", str(cfg)])
+    assert result.exit_code == 2 and "of dataset 'x.jsonl': 'lama3' is not a known template" in result.stderr
+    ok = write_config(tmp_path / "e.yml", base_model="m", chat_template="tokenizer_default_fallback_chatml")
+    assert run_cli(["config", "validate", str(ok)]).exit_code == 0

@@ -116,6 +116,29 @@ def lookup_chat_template(pm, value: str | None, tokenizer, *, key: str = "config
     return names[wanted]
 
 
+def check_chat_template_names(cfg) -> None:
+    """Fail at validation, before any tokenizer or model work, when the run's or
+    a dataset's ``chat_template`` names no known template (jinja passes)."""
+    pm = getattr(cfg, "plugin_manager", None)
+    entries = [("config key 'chat_template'", cfg.chat_template)]
+    for list_key in ("datasets", "test_datasets"):
+        for entry in getattr(cfg, list_key, None) or []:
+            entries.append((f"config key 'chat_template' of dataset {entry.path!r}", entry.chat_template))
+    names = None
+    for key, value in entries:
+        if value is None or value == TOKENIZER_DEFAULT or "{%" in value or "{{" in value:
+            continue
+        names = named_chat_templates(pm) if names is None else names
+        wanted = value[len(FALLBACK_PREFIX):] if value.startswith(FALLBACK_PREFIX) else value
+        if wanted not in names:
+            raise unknown_template_error(key, value, names)
+
+
+@hookimpl
+def validate_config(cfg):
+    check_chat_template_names(cfg)
+
+
 def resolve_chat_template(cfg, tokenizer) -> str | None:
     """The jinja template ``chat_template``/``chat_template_jinja`` ask for
     (names from every plugin, through :func:`lookup_chat_template`)."""
