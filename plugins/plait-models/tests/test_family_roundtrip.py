@@ -24,8 +24,6 @@ from plait.testing import build_run_config, make_tiny_model, run_cli, write_conf
 
 IGNORE = -100
 
-# no system message: the mistral/mixtral/gemma templates fold it into the next user turn, which
-# plait-formats' prefix-based masking rejects as a bad row (see the report / README)
 CONVERSATION = [
     {"role": "user", "content": "add 2 and 3"},
     {"role": "assistant", "content": "the sum is 5."},
@@ -62,11 +60,18 @@ def plain_tokenizer_dir(tmp_path_factory):
     return make_tiny_tokenizer(tmp_path_factory.mktemp("plain_tok"), chat_template=None)
 
 
+#: with a system message: mistral/mixtral and gemma fold it into the first user turn
+WITH_SYSTEM = [{"role": "system", "content": "answer in words"}] + CONVERSATION
+
+
+@pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_default_chat_template_trains_only_answers_and_end_of_turn(model_type, tmp_path, plain_tokenizer_dir):
+def test_default_chat_template_trains_only_answers_and_end_of_turn(model_type, system, tmp_path,
+                                                                   plain_tokenizer_dir):
     from plait.data.prepare import prepare_datasets
 
-    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
+    conversation = WITH_SYSTEM if system else CONVERSATION
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}])
     cfg, pm = build_run_config({
         "base_model": str(plain_tokenizer_dir), "model_config_type": model_type, "sequence_len": 256,
         "datasets": [{"path": str(data), "type": "chat_template"}],
@@ -81,7 +86,7 @@ def test_default_chat_template_trains_only_answers_and_end_of_turn(model_type, t
     assert eot_id != tokenizer.unk_token_id
 
     # the row is the template's rendering of the conversation
-    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     # trained positions form one contiguous run per answer: its text, then the end-of-turn token
     runs, current = [], []
@@ -105,6 +110,7 @@ def test_default_chat_template_trains_only_answers_and_end_of_turn(model_type, t
     masked = tokenizer.decode([t for t, label in zip(ids, labels) if label == IGNORE])
     assert not any(answer in masked for answer in ANSWERS)
     assert "add 2 and 3" in masked and "and the words?" in masked
+    assert not system or "answer in words" in masked
 
 
 #: measured: at 3e-3 the tiny gemma3_text still repeats its answer after 30 steps; 1e-2 stops
