@@ -235,8 +235,8 @@ class ChatFormat:
             content = message["content"].strip()
             found = full.find(content, start, end) if content else -1
             if content and found < 0 and message["train"]:
-                raise BadRowError(index, f"the chat template does not render the content of a {message['role']} "
-                                         f"message verbatim, so it cannot be masked")
+                raise BadRowError(index, f"the chat template does not render the content of message "
+                                         f"{len(spans) + 1} ({message['role']}) verbatim, so it cannot be masked")
             # an untrained message a template folds into a later turn (Gemma's and Mistral's system
             # message goes into the first user turn) labels nothing: an empty span is exact
             c_start, c_end = (found, found + len(content)) if found >= 0 else (start, start)

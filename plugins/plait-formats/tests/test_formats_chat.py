@@ -210,3 +210,19 @@ def test_a_template_that_raises_is_a_bad_row_of_that_row(tokenizer, run_format):
         run_format(tokenizer, {"messages": [[dict(m, name="x") for m in ok], ok]}, type="chat_template",
                    chat_template_jinja=strict)
     assert info.value.index == 1
+
+
+def test_a_trained_message_the_template_rewrites_is_a_bad_row(tokenizer, run_format):
+    """A template that alters an assistant's text (here: upper-cases it) leaves
+    nothing to align the labels with; an untrained message it drops is fine."""
+    rewrites = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] | upper }}"
+                "{% elif m['role'] == 'user' %}user: {{ m['content'] }}{% endif %}\n{% endfor %}")
+    rows = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]]
+    with pytest.raises(BadRowError, match=r"does not render the content of message 2 \(assistant\) verbatim"):
+        run_format(tokenizer, {"messages": rows}, type="chat_template", chat_template_jinja=rewrites)
+    drops_system = ("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] }}: {{ m['content'] }}"
+                    "{% endif %}\n{% endfor %}")
+    with_system = [[{"role": "system", "content": "be nice"}, *rows[0]]]
+    out = run_format(tokenizer, {"messages": with_system}, type="chat_template", chat_template_jinja=drops_system)
+    trained = tokenizer.decode([t for t in out["labels"][0] if t != -100])
+    assert "hello there" in trained and "be nice" not in tokenizer.decode(out["input_ids"][0])
