@@ -22,3 +22,11 @@ def device():
     """Where the kernels run: the GPU when there is one, else the CPU interpreter."""
     return "cuda" if ON_GPU else "cpu"
 
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random-init Llama with its tokenizer (the LoRA fast-path tests)."""
+    from plait.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")

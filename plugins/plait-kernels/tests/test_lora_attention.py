@@ -20,13 +20,6 @@ from plait_kernels.testing import (
 pytest.importorskip("peft")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from plait.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
-
-
 def _patch_rope(model, **keys):
     cfg = SimpleNamespace(torch_compile=False, plugin_manager=None, **keys)
     return patch(cfg, model, dict(rms_norm=None, rope="triton", glu=None, loss=None))

@@ -23,13 +23,6 @@ TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 MLP_ONLY = ["gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from plait.testing import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
-
-
 def _patch_glu_only(model):
     chosen = dict(rms_norm=None, rope=None, glu="triton", loss=None)
     cfg = type("Cfg", (), {"torch_compile": False, "plugin_manager": None})()
