@@ -40,8 +40,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "hub_strategy": "pushing to the hub is not implemented",
     "push_dataset_to_hub": "pushing to the hub is not implemented",
     "chat_template_kwargs": "not implemented",
-    "pretraining_dataset": "streamed pretraining is not implemented; list the text under datasets: with "
-                           "type: pretraining (tokenized once and chunked into sequence_len)",
 }
 
 #: Axolotl keys provided by a Plait plugin package: key -> distribution

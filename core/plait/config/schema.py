@@ -61,6 +61,21 @@ class DatasetConfig(StrictModel):
     text_column: Optional[str] = None
 
 
+class PretrainingDatasetConfig(StrictModel):
+    """One entry of ``pretraining_dataset:``: raw text streamed, not loaded whole."""
+
+    path: str = Field(description="Local file (json, jsonl, parquet, csv, txt) or a hub dataset name.")
+    name: Optional[str] = Field(None, description="Dataset configuration name on the hub.")
+    split: str = "train"
+    data_files: Optional[Union[str, list[str]]] = None
+    ds_type: Optional[str] = Field(None, description="File type when the extension does not tell.")
+    revision: Optional[str] = None
+    text_column: str = Field("text", description="The column holding the text.")
+    type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility: pretrain.")
+    skip: int = Field(0, ge=0, description="Rows to skip at the start of the stream.")
+    trust_remote_code: bool = False
+
+
 class CoreConfig(StrictModel):
     """Keys core owns. Field descriptions show up in ``plait config schema``."""
 
@@ -105,6 +120,9 @@ class CoreConfig(StrictModel):
     # data
     datasets: list[DatasetConfig] = Field(default_factory=list)
     test_datasets: list[DatasetConfig] = Field(default_factory=list)
+    pretraining_dataset: list[PretrainingDatasetConfig] = Field(
+        default_factory=list, description="Raw text streamed and tokenized up to what max_steps consumes "
+                                          "(instead of datasets:).")
     val_set_size: float = Field(0.0, ge=0, description="Fraction (< 1) or row count (>= 1) held out for eval.")
     dataset_prepared_path: Optional[str] = None
     dataset_processes: Optional[int] = Field(None, ge=1)
@@ -187,6 +205,17 @@ class CoreConfig(StrictModel):
             raise ConfigError(f"{' and '.join(chosen)} are all true; enable at most one attention backend.")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
+        if self.pretraining_dataset:
+            # a stream has no length: the run's length decides how much of it is read
+            if self.max_steps is None:
+                raise ConfigError("config key 'pretraining_dataset' streams its text and needs max_steps (the "
+                                  "number of optimizer steps decides how much of the stream is read); set max_steps")
+            if self.datasets:
+                raise ConfigError("config keys 'pretraining_dataset' and 'datasets' are both set; train on one of "
+                                  "them (type: pretraining under datasets: tokenizes a whole local corpus instead)")
+            if self.val_set_size > 0:
+                raise ConfigError("config key 'val_set_size' cannot split a streamed pretraining_dataset; set "
+                                  "val_set_size: 0 and give test_datasets for evaluation")
         return self
 
     # ------------------------------------------------------------ helpers

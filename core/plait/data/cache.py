@@ -89,11 +89,16 @@ def cache_key(cfg, pm, tokenizer, resolved_paths: dict[str, Path | None]) -> str
         "run": {key: getattr(cfg, key, None) for key in RUN_KEYS},
         "plugins": _data_plugins(pm),
     }
-    for list_key in ("datasets", "test_datasets"):
+    if getattr(cfg, "pretraining_dataset", None):
+        from plait.data.streaming import token_budget
+
+        # a stream is read up to the run's budget: more steps or ranks read further
+        parts["pretraining_budget"] = [token_budget(cfg), cfg.sample_packing]
+    for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
         parts[list_key] = [
             {"settings": entry.model_dump(mode="json"),
              "data": data_fingerprint(entry, resolved_paths.get(entry.path))}
-            for entry in getattr(cfg, list_key)
+            for entry in getattr(cfg, list_key, None) or []
         ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -265,9 +265,9 @@ def prepare_datasets(cfg, pm, tokenizer, *, show_progress: bool = True) -> Prepa
     settings. In a ``torch.distributed`` run only rank 0 tokenizes; the other
     ranks wait on a barrier and load what it wrote.
     """
-    if not cfg.datasets:
+    if not cfg.datasets and not cfg.pretraining_dataset:
         raise ConfigError("config key 'datasets' is empty; list at least one dataset (path and type)")
-    entries = [*cfg.datasets, *cfg.test_datasets]
+    entries = [*cfg.datasets, *cfg.test_datasets, *cfg.pretraining_dataset]
     key = cache_key(cfg, pm, tokenizer, {e.path: resolve_path(e.path) for e in entries})
     path = cache_root(cfg) / key[:16]
     dist = _distributed()
@@ -292,6 +292,12 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
     import datasets
 
     stats, train_parts, eval_parts = [], [], []
+    if cfg.pretraining_dataset:
+        from plait.data.streaming import stream_pretraining
+
+        streamed, stream_stats, _ = stream_pretraining(cfg, tokenizer, DatasetStats)
+        train_parts.append(streamed)
+        stats.extend(stream_stats)
     for list_key, parts, split in (("datasets", train_parts, "train"), ("test_datasets", eval_parts, "eval")):
         for index, entry in enumerate(getattr(cfg, list_key)):
             dataset, entry_stats = prepare_entry(cfg, pm, tokenizer, entry, f"{list_key}.{index}",
