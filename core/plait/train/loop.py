@@ -220,6 +220,8 @@ def build_model(run: Run):
             wrapped = DistributedDataParallel(model, device_ids=ids)
         model = wrapped
         run.mesh = getattr(model, "plait_mesh", None)
+        layout = describe_mesh(run.mesh) if run.mesh is not None else "DistributedDataParallel (replicated)"
+        log(run, f"parallel: {layout} over {run.world_size} processes")
     run.dp_rank, run.dp_size = data_parallel_rank_and_size(run.mesh, run.world)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -325,6 +327,14 @@ def token_replicas(run: Run) -> int:
     """Ranks holding the same tokens after sharding (tensor-parallel ranks):
     sums over all ranks are divided by this so every token counts once."""
     return max(1, data_replicas(run) // mesh_size(run.mesh, "cp"))
+
+
+def describe_mesh(mesh) -> str:
+    """``mesh dp_replicate 1 x dp_shard 2 x cp 1 x tp 1``: the named dimensions and their sizes."""
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if not names:
+        return f"mesh of {mesh.size()} ranks"
+    return "mesh " + " x ".join(f"{name} {mesh[name].size()}" for name in names)
 
 
 def mesh_size(mesh, name: str) -> int:

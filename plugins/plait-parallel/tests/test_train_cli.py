@@ -48,11 +48,11 @@ def setup(tmp_path_factory):
     data = write_jsonl(root / "train.jsonl", rows)
 
     def config(name, **keys):
-        return write_config(root / f"{name}.yml", base_model=str(model),
-                            datasets=[{"path": str(data), "type": "alpaca"}],
-                            dataset_prepared_path=str(root / "prepared"), sequence_len=256, val_set_size=4,
-                            micro_batch_size=4, gradient_accumulation_steps=2, max_steps=2, eval_steps=2,
-                            learning_rate=1e-3, bf16=False, output_dir=str(root / name), **keys)
+        settings = dict(base_model=str(model), datasets=[{"path": str(data), "type": "alpaca"}],
+                        dataset_prepared_path=str(root / "prepared"), sequence_len=256, val_set_size=4,
+                        micro_batch_size=4, gradient_accumulation_steps=2, max_steps=2, eval_steps=2,
+                        learning_rate=1e-3, bf16=False, output_dir=str(root / name))
+        return write_config(root / f"{name}.yml", **{**settings, **keys})
 
     single = run_cli(["train", str(config("single"))])
     assert single.exit_code == 0, single.stderr[-3000:]
@@ -80,3 +80,21 @@ def test_two_processes_log_the_losses_of_one(setup, name, keys):
     # each trained token is counted once, whichever rank holds it
     assert [r["tokens"] for r in records(root / name) if "loss" in r] == \
         [r["tokens"] for r in records(root / "single") if "loss" in r]
+
+
+def test_qlora_under_fsdp2_logs_the_losses_of_one(setup):
+    """QLoRA (4-bit base, LoRA on every linear) sharded by FSDP2 over two processes:
+    plait-bnb stores the packed 4-bit data in the compute dtype so a layer's
+    parameters are one dtype, and the losses equal one process's (1e-5)."""
+    pytest.importorskip("bitsandbytes")
+    root, config = setup
+    qlora = {"adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True, "lora_r": 8, "lora_alpha": 16}
+    single = run_cli(["train", str(config("qlora_single", **qlora))])
+    assert single.exit_code == 0, single.stderr[-3000:]
+    # FSDP is data parallel: two ranks of 2 rows see the 4 rows of one process's micro-batch
+    result = torchrun_train(config("qlora_fsdp", **qlora, micro_batch_size=2))
+    assert "parallel: mesh dp_replicate 1 x dp_shard 2 x cp 1 x tp 1 over 2 processes" in result.stderr
+    expected = losses(root / "qlora_single")
+    assert len(expected) == 2 and losses(root / "qlora_fsdp") == pytest.approx(expected, rel=1e-5)
+    # the saved adapter is a plain peft one, written once
+    assert (root / "qlora_fsdp" / "adapter_model.safetensors").is_file()
