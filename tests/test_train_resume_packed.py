@@ -68,3 +68,30 @@ def test_changed_packing_setting_on_resume_is_refused(setup):
     assert result.returncode != 0
     assert "would not continue the same epoch" in result.stderr
     assert "sequence_len: 128 -> 256" in result.stderr
+
+
+def test_the_plan_identity_is_the_same_on_every_data_parallel_rank(tmp_path):
+    """Rank 0 writes packing_plan.json for all ranks: its identity must not depend
+    on the rank reading it, and a change in the number of data-parallel ranks
+    mid-epoch is refused by name (at an epoch boundary it is fine)."""
+    import json
+    from types import SimpleNamespace
+
+    from plait.errors import TrainingError
+    from plait.testing import build_run_config
+    from plait.train.checkpoint import check_packing_plan, packing_identity
+
+    cfg, _ = build_run_config({"base_model": "m", "sample_packing": True, "sequence_len": 64, "micro_batch_size": 2})
+    lengths = [5 + (i * 37) % 50 for i in range(120)]
+
+    def run(rank, size, step_in_epoch=3):
+        return SimpleNamespace(cfg=cfg, train_lengths=lengths, epoch=0, step_in_epoch=step_in_epoch,
+                               dp_rank=rank, dp_size=size)
+
+    assert packing_identity(run(0, 2)) == packing_identity(run(1, 2))
+    (tmp_path / "packing_plan.json").write_text(json.dumps(packing_identity(run(0, 2))))
+    position = {"epoch": 0, "step_in_epoch": 3}
+    check_packing_plan(run(1, 2), tmp_path, position)  # rank 1 accepts rank 0's file
+    with pytest.raises(TrainingError, match="data-parallel ranks: 2 -> 4"):
+        check_packing_plan(run(0, 4), tmp_path, position)
+    check_packing_plan(run(0, 4), tmp_path, {"epoch": 1, "step_in_epoch": 0})

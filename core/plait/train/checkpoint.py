@@ -200,16 +200,18 @@ PACKING_KEYS = ("sample_packing", "sequence_len", "micro_batch_size", "sample_pa
 
 
 def packing_identity(run, epoch: int | None = None, step_in_epoch: int | None = None) -> dict:
-    """What identifies this rank's packing plan for an epoch: a hash of its bins and the settings."""
+    """What identifies an epoch's packing plan: a hash of every data-parallel
+    rank's bins (the same on every rank, so rank 0's file serves all) and the
+    settings that shape them."""
     import hashlib
 
     from plait.data.batching import plan_batches
 
     epoch = run.epoch if epoch is None else epoch
-    plan = plan_batches(run.cfg, run.train_lengths, epoch, run.dp_rank, run.dp_size)
-    digest = hashlib.sha256(json.dumps(plan, separators=(",", ":")).encode()).hexdigest()
+    plans = [plan_batches(run.cfg, run.train_lengths, epoch, rank, run.dp_size) for rank in range(run.dp_size)]
+    digest = hashlib.sha256(json.dumps(plans, separators=(",", ":")).encode()).hexdigest()
     return {"epoch": epoch, "step_in_epoch": run.step_in_epoch if step_in_epoch is None else step_in_epoch,
-            "plan_sha256": digest, "rows": len(run.train_lengths),
+            "plan_sha256": digest, "rows": len(run.train_lengths), "data_parallel_ranks": run.dp_size,
             "settings": {key: getattr(run.cfg, key, None) for key in PACKING_KEYS}}
 
 
@@ -223,6 +225,8 @@ def check_packing_plan(run, path: Path, position: dict) -> None:
             raise TrainingError(f"checkpoint {path} was saved without sample_packing; resuming with "
                                 f"sample_packing: true would not continue the same epoch (set sample_packing: false)")
         return
+    if not position.get("step_in_epoch"):
+        return  # saved at an epoch boundary: the next epoch is planned afresh either way
     stored = json.loads(stored_file.read_text())
     if not run.cfg.sample_packing:
         raise TrainingError(f"checkpoint {path} was saved with sample_packing: true; resuming with "
@@ -234,6 +238,8 @@ def check_packing_plan(run, path: Path, position: dict) -> None:
                for key in PACKING_KEYS if stored["settings"].get(key) != now["settings"].get(key)]
     if stored.get("rows") != now["rows"]:
         changed.append(f"training rows: {stored.get('rows')} -> {now['rows']}")
+    if stored.get("data_parallel_ranks", now["data_parallel_ranks"]) != now["data_parallel_ranks"]:
+        changed.append(f"data-parallel ranks: {stored['data_parallel_ranks']} -> {now['data_parallel_ranks']}")
     raise TrainingError(
         f"checkpoint {path}: the sample packing plan of epoch {position['epoch']} differs from the one the run was "
         f"trained with, so resuming at step {position['step_in_epoch']} of that epoch would not continue the same "
