@@ -62,3 +62,39 @@ def test_two_processes_match_one_process(tmp_path, launcher):
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-5, worst
     assert not torch.equal(one["lm_head.weight"], load_file(str(model / "model.safetensors"))["lm_head.weight"])
+
+
+def test_two_process_packed_run_resumed_mid_epoch_ends_like_an_uninterrupted_one(tmp_path):
+    """Two gloo processes, sample_packing, a checkpoint mid-epoch: resuming it on
+    both ranks (each checks rank 0's record of the epoch plan) ends with the
+    weights of the run that was never interrupted."""
+    from safetensors.torch import load_file
+
+    from plait.quickstart import make_split
+
+    model = make_tiny_model(tmp_path / "model")
+    rows, _ = make_split(48, 4)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    def config(name, max_steps):
+        return write_config(tmp_path / f"{name}.yml", base_model=str(model),
+                            datasets=[{"path": str(data), "type": "alpaca"}], sample_packing=True,
+                            dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128,
+                            micro_batch_size=1, max_steps=max_steps, save_steps=2, learning_rate=1e-3,
+                            warmup_steps=0, lr_scheduler="constant", output_dir=str(tmp_path / name))
+
+    env = {**os.environ, "PLAIT_DISABLE_PLUGINS": "parallel", "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*args):
+        result = subprocess.run([sys.executable, *LAUNCHERS["torchrun"], "-m", "plait.cli", "train", *map(str, args)],
+                                capture_output=True, text=True, env=env, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    torchrun(config("whole", 4))
+    torchrun(config("first_half", 2))  # stops after checkpoint-2, mid-epoch
+    resumed = torchrun(config("resumed", 4), f"resume_from_checkpoint={tmp_path / 'first_half' / 'checkpoint-2'}")
+    assert "resumed from" in resumed.stderr
+    whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    again = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert max((whole[k] - again[k]).abs().max().item() for k in whole) < 1e-6
