@@ -183,6 +183,32 @@ def test_hook_build_optimizer():
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
 
 
+def test_hook_optimizer_names():
+    from plait.builtin.optim import check_names
+    from plait.errors import ConfigError
+
+    class Plugin:
+        @hookimpl
+        def optimizer_names():
+            return ["lion_toy"]
+
+    cfg, pm = build_run_config({"base_model": "m", "optimizer": "lion_tyo"}, plugins=[Plugin])
+    assert "sgd" in sum((names or [] for names in pm.hook.optimizer_names()), [])
+    with pytest.raises(ConfigError, match=r"'lion_tyo' is not a known optimizer; did you mean 'lion_toy'\?") as info:
+        check_names(cfg, pm)
+    assert "adamw_torch" in str(info.value) and "lion_toy" in str(info.value)
+
+
+def test_hook_scheduler_names():
+    from plait.builtin.optim import check_names
+    from plait.errors import ConfigError
+
+    cfg, pm = build_run_config({"base_model": "m", "lr_scheduler": "cosin"})
+    with pytest.raises(ConfigError, match=r"'cosin' is not a known schedule; did you mean 'cosine'\?"):
+        check_names(cfg, pm)
+    assert ["cosine", "linear", "constant", "constant_with_warmup"] in pm.hook.scheduler_names()
+
+
 def test_hook_build_scheduler():
     cfg, pm = build_run_config({"base_model": "m", "learning_rate": 1.0, "warmup_steps": 2,
                                 "lr_scheduler": "cosine", "cosine_min_lr_ratio": 0.1})

@@ -143,10 +143,11 @@ def test_unknown_optimizer_and_scheduler_fail_before_the_model_loads(tmp_path):
 
     missing = str(tmp_path / "no-such-model")  # loading it would fail differently
     cfg, pm = build_run_config({"base_model": missing, "output_dir": str(tmp_path), "optimizer": "adamw_9bit"})
-    with pytest.raises(ConfigError, match=r"'optimizer': 'adamw_9bit' is not a known optimizer; accepted: adamw_torch"):
+    with pytest.raises(ConfigError, match=r"'optimizer': 'adamw_9bit' is not a known optimizer; did you mean "
+                                          r"'adamw_8bit'\?\naccepted: .*adamw_torch"):
         train(cfg, pm, data=data(4, 0))
     cfg, pm = build_run_config({"base_model": missing, "output_dir": str(tmp_path), "lr_scheduler": "cosine_wiggle"})
-    with pytest.raises(ConfigError, match=r"'lr_scheduler': 'cosine_wiggle' is not a known schedule; accepted: cosine"):
+    with pytest.raises(ConfigError, match=r"'lr_scheduler': 'cosine_wiggle' is not a known schedule.*\naccepted: cosine"):
         train(cfg, pm, data=data(4, 0))
 
 

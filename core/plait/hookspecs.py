@@ -217,6 +217,27 @@ def build_scheduler(cfg, optimizer, total_steps):
     """
 
 
+@hookspec
+def optimizer_names():
+    """Name the optimizers this plugin's ``build_optimizer`` builds.
+
+    Every plugin is called, when a config's ``optimizer`` matches no plugin's
+    ``build_optimizer``, to list what is accepted and suggest the closest name.
+    Takes no arguments. Returns a list of names (``["adamw_bnb_8bit", ...]``),
+    or ``None``.
+    """
+
+
+@hookspec
+def scheduler_names():
+    """Name the learning-rate schedules this plugin's ``build_scheduler`` builds.
+
+    Every plugin is called, when a config's ``lr_scheduler`` matches no
+    plugin's ``build_scheduler``, to list what is accepted and suggest the
+    closest name. Takes no arguments. Returns a list of names, or ``None``.
+    """
+
+
 # ----------------------------------------------------------------- events
 
 

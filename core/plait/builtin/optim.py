@@ -27,8 +27,6 @@ def check_names(cfg, pm) -> None:
     ``lr_scheduler``: each hook is asked once with a throwaway parameter."""
     import torch
 
-    from plait.errors import ConfigError
-
     from plait.errors import PlaitError
 
     probe = torch.nn.Parameter(torch.zeros(2, 2))
@@ -39,11 +37,32 @@ def check_names(cfg, pm) -> None:
     except Exception:  # a plugin's optimizer that needs a GPU parameter: the name is known
         optimizer = True
     if optimizer is None:
-        raise ConfigError(f"config key 'optimizer': {cfg.optimizer!r} is not a known optimizer; accepted: "
-                          f"{', '.join(OPTIMIZERS)} (plugins add more, e.g. plait-bnb's adamw_8bit)")
+        raise unknown_name_error("optimizer", cfg.optimizer, "optimizer", pm.hook.optimizer_names())
     if pm.hook.build_scheduler(cfg=cfg, optimizer=torch.optim.SGD([probe], lr=1.0), total_steps=10) is None:
-        raise ConfigError(f"config key 'lr_scheduler': {cfg.lr_scheduler!r} is not a known schedule; accepted: "
-                          f"{', '.join(SCHEDULERS)}")
+        raise unknown_name_error("lr_scheduler", cfg.lr_scheduler, "schedule", pm.hook.scheduler_names())
+
+
+def unknown_name_error(key: str, value: str, what: str, answers):
+    """The error for a name no plugin builds: every installed plugin's names
+    (from ``optimizer_names`` / ``scheduler_names``) and the closest one."""
+    import difflib
+
+    from plait.errors import ConfigError
+
+    names = list(dict.fromkeys(name for names in answers for name in (names or ())))
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"config key {key!r}: {value!r} is not a known {what}{hint}\naccepted: {', '.join(names)}")
+
+
+@hookimpl
+def optimizer_names():
+    return list(OPTIMIZERS)
+
+
+@hookimpl
+def scheduler_names():
+    return list(SCHEDULERS)
 
 
 @hookimpl(trylast=True)

@@ -5,7 +5,8 @@
   4-bit, stray ``bnb_4bit_*`` keys, bad ``bnb_config_kwargs``/``optim_args``,
   FSDP with 8-bit or uint8 4-bit storage (and picks the storage dtype for FSDP).
 * ``load_model``: answers only when ``load_in_4bit``/``load_in_8bit`` is set.
-* ``build_optimizer``: adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit.
+* ``build_optimizer``: adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit
+  (``optimizer_names`` lists them for the unknown-name error).
 """
 
 from __future__ import annotations
@@ -41,3 +42,10 @@ def build_optimizer(cfg, params):
     from plait_bnb.optim import build
 
     return build(cfg, params)
+
+
+@hookimpl
+def optimizer_names():
+    from plait_bnb.config import OPTIMIZERS
+
+    return list(OPTIMIZERS)
