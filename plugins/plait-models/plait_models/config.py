@@ -91,14 +91,23 @@ def validate(cfg, family) -> None:
         )
 
 
+def uses_chat_template(cfg) -> bool:
+    """Whether any dataset of the run is rendered with a chat template."""
+    entries = [*(getattr(cfg, "datasets", None) or []), *(getattr(cfg, "test_datasets", None) or [])]
+    return any(getattr(entry, "type", None) == "chat_template" for entry in entries)
+
+
 def fill_tokenizer_defaults(cfg, family) -> None:
     """Fill in what users otherwise set by hand, recorded as ``plugin:models``
     in ``plait config explain``, and only when the tokenizer is a local
     directory whose files say it is needed:
 
     * ``chat_template_jinja``: the family's template when the tokenizer has
-      none and the config names none, and ``tokens``: the template's markers
-      the vocabulary lacks, so each is one id the model can learn to emit;
+      none, the config names none and a dataset is ``type: chat_template``,
+      and ``tokens``: the template's markers the vocabulary lacks, so each is
+      one id the model can learn to emit (an alpaca or completion run gets
+      neither: new tokens would resize the embeddings, and a LoRA adapter
+      would then have to carry them, for a template nothing renders);
     * ``special_tokens.pad_token``: the family's dedicated pad token when the
       tokenizer has no pad token, or pads with EOS / an end-of-turn token.
     """
@@ -108,7 +117,7 @@ def fill_tokenizer_defaults(cfg, family) -> None:
     if family is None or not files.is_local:
         return
     if (family.default_chat_template and cfg.chat_template is None and cfg.chat_template_jinja is None
-            and not files.has_chat_template()):
+            and uses_chat_template(cfg) and not files.has_chat_template()):
         cfg.set_by_plugin("chat_template_jinja", family.default_chat_template, "models")
         log.info("%s: the tokenizer has no chat template; using the family's default", family.name)
         vocabulary = files.vocabulary()

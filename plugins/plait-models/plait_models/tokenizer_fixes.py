@@ -79,7 +79,9 @@ def stop_token_ids(family, tokenizer) -> list[int]:
 def apply_family_tokenizer_fixes(family, tokenizer, cfg=None) -> TokenizerFixes:
     """Fix ``tokenizer`` in place for ``family`` (a ``ModelFamily`` or ``None``).
 
-    * installs the family's default chat template when the tokenizer has none;
+    * installs the family's default chat template when the tokenizer has none
+      and the run renders chats (a ``type: chat_template`` dataset; always
+      when ``cfg`` is ``None``);
     * adds the template's special tokens and end-of-turn tokens that are not
       in the vocabulary yet (the model's embeddings must then be resized, which
       core's ``load_model`` does when ``len(tokenizer)`` grew);
@@ -91,8 +93,11 @@ def apply_family_tokenizer_fixes(family, tokenizer, cfg=None) -> TokenizerFixes:
     fixes = TokenizerFixes()
     name = family.name if family is not None else "generic"
 
+    from plait_models.config import uses_chat_template
+
     installed_default = False
-    if not tokenizer.chat_template and family is not None and family.default_chat_template:
+    renders_chats = cfg is None or uses_chat_template(cfg)
+    if not tokenizer.chat_template and family is not None and family.default_chat_template and renders_chats:
         tokenizer.chat_template = family.default_chat_template
         installed_default = True
         fixes.changes.append(f"chat template: the tokenizer has none; using the {name} family's default")

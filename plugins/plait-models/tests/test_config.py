@@ -91,10 +91,16 @@ def _tokenizer_model_dir(tmp_path, model_type, *, chat_template=None, pad=True, 
 def test_family_template_filled_in_when_the_tokenizer_has_none(tmp_path):
     from plait.families import find_family
 
-    cfg = _build({"base_model": _tokenizer_model_dir(tmp_path, "gemma2")})
+    formats = pytest.importorskip("plait_formats.plugin")  # knows the dataset types below
+    model = _tokenizer_model_dir(tmp_path, "gemma2")
+    chat = [{"path": "chat.jsonl", "type": "chat_template"}]
+    cfg = _build({"base_model": model, "datasets": chat}, formats)
     assert cfg.chat_template_jinja == find_family(cfg.plugin_manager, "gemma2").default_chat_template
     assert cfg.source_of("chat_template_jinja") == "plugin:models"
     assert cfg.tokens == ["<start_of_turn>", "<end_of_turn>"]  # the tiny vocabulary lacks both markers
+    # a run that renders no chat (alpaca here) gets no template and no new tokens: nothing to resize
+    plain = _build({"base_model": model, "datasets": [{"path": "rows.jsonl", "type": "alpaca"}]}, formats)
+    assert plain.chat_template_jinja is None and plain.tokens == []
 
 
 def test_tokenizer_or_config_template_is_kept(tmp_path):

@@ -88,3 +88,22 @@ def test_tokenizer_loaded_skips_a_model_it_cannot_read(tmp_path):
                           model_config_type=None, base_model_config=None, trust_remote_code=False)
     plait_models.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)
     assert (len(tokenizer), tokenizer.chat_template, tokenizer.pad_token) == before
+
+
+def test_a_run_that_renders_no_chat_gets_no_default_template_or_new_tokens(tmp_path):
+    """Alpaca rows on a template-less Llama: installing the family's chat template
+    would add its markers and resize the embeddings (a LoRA adapter would then
+    have to carry them) for a template nothing renders, so neither happens."""
+    from transformers import AutoTokenizer
+
+    tok_dir = make_tiny_tokenizer(tmp_path / "tok", chat_template=None)
+    model = make_tiny_model(tmp_path / "llama", tokenizer_path=tok_dir, family="llama")
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"say {i}", "output": f"{i}"} for i in range(4)])
+    cfg = write_config(tmp_path / "cfg.yml", base_model=str(model), sequence_len=64,
+                       datasets=[{"path": str(data), "type": "alpaca"}], max_steps=1, micro_batch_size=2,
+                       dataset_prepared_path=str(tmp_path / "prepared"), output_dir=str(tmp_path / "out"))
+    result = run_cli(["train", str(cfg)])
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert "added special tokens" not in result.stderr and "family's default" not in result.stderr
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.chat_template is None and len(saved) == len(AutoTokenizer.from_pretrained(tok_dir))
