@@ -75,6 +75,29 @@ def resolve_template(cfg, dataset_cfg, tokenizer) -> str:
     return tokenizer.chat_template
 
 
+def text_of(index: int, number: int, content) -> str:
+    """A message's text: a string as it is, or a list of content parts (the
+    OpenAI / LLaMA-Factory shape ``[{"type": "text", "text" | "value": ...}]``)
+    joined; a part that is not text (an image) is a bad row, since a text
+    model cannot be trained on it."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRowError(index, f"message {number} content is a {type(content).__name__}, expected text or a "
+                                 f"list of text parts")
+    texts = []
+    for part in content:
+        text = part.get("text", part.get("value")) if isinstance(part, dict) else part
+        kind = part.get("type", "text") if isinstance(part, dict) else "text"
+        if kind != "text" or not isinstance(text, str):
+            raise BadRowError(index, f"message {number} has a content part of type {kind!r}; only text parts "
+                                     f"({{'type': 'text', 'text': ...}}) can be trained on")
+        texts.append(text)
+    return "".join(texts)
+
+
 def role_lookup(dataset_cfg) -> dict[str, str]:
     """Name in the data -> canonical role."""
     roles = {canonical: list(names) for canonical, names in DEFAULT_ROLES.items()}
@@ -159,11 +182,7 @@ class ChatFormat:
             role = self.roles[name]
             if role == "system" and self.drop_system:
                 continue
-            content = message.get(content_key)
-            if content is None:
-                content = ""
-            if not isinstance(content, str):
-                raise BadRowError(index, f"message {number} content is a {type(content).__name__}, expected text")
+            content = text_of(index, number, message.get(content_key))
             flag = message.get(self.training_key)
             train = (role in self.roles_to_train) if flag is None else bool(flag)
             # other keys (tool_calls, name, tool_call_id, ...) go to the template as they are

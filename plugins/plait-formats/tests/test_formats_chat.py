@@ -226,3 +226,16 @@ def test_a_trained_message_the_template_rewrites_is_a_bad_row(tokenizer, run_for
     out = run_format(tokenizer, {"messages": with_system}, type="chat_template", chat_template_jinja=drops_system)
     trained = tokenizer.decode([t for t in out["labels"][0] if t != -100])
     assert "hello there" in trained and "be nice" not in tokenizer.decode(out["input_ids"][0])
+
+
+def test_content_as_a_list_of_text_parts(tokenizer, run_format):
+    """OpenAI / LLaMA-Factory content parts (``text`` or ``value``) tokenize like
+    the joined string; an image part is a bad row naming the part type."""
+    plain = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello friend"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "value": "there"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "hello friend"}]}]
+    assert run_format(tokenizer, {"messages": [parts]}, type="chat_template") == \
+        run_format(tokenizer, {"messages": [plain]}, type="chat_template")
+    image = [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}, plain[1]]
+    with pytest.raises(BadRowError, match="message 0 has a content part of type 'image'; only text parts"):
+        run_format(tokenizer, {"messages": [image]}, type="chat_template")
