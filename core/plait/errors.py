@@ -49,3 +49,18 @@ class BadRowError(PlaitError):
 
 class TrainingError(PlaitError):
     """The run cannot go on (NaN loss, a failed rank); says which keys to change."""
+
+
+def closest(word: str, known, cutoff: float = 0.6) -> str | None:
+    """The entry of ``known`` nearest to ``word`` (difflib), or ``None``."""
+    import difflib
+
+    matches = difflib.get_close_matches(str(word), list(known), n=1, cutoff=cutoff)
+    return matches[0] if matches else None
+
+
+def did_you_mean(word: str, known, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` for the nearest entry of ``known``, else ``""``:
+    the suffix every unknown-name error of Plait and its plugins ends with."""
+    match = closest(word, known, cutoff)
+    return f"; did you mean {match!r}?" if match else ""

@@ -18,7 +18,6 @@ global manager: each run builds its own and passes it down.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.metadata
 import os
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 import pluggy
 
 from plait import hookspecs
-from plait.errors import PluginError
+from plait.errors import PluginError, did_you_mean
 
 ENTRY_POINT_GROUP = "plait"
 
@@ -180,9 +179,7 @@ def _check_names(names: list[str], where: str, known: list[str], installed: list
         return
     lines = []
     for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        lines.append(f"{where}: {name!r} is not an installed plugin{hint}")
+        lines.append(f"{where}: {name!r} is not an installed plugin{did_you_mean(name, known)}")
     listed = ", ".join(installed) or "none"
     lines.append(f"installed entry-point plugins: {listed}; core's own: {', '.join(DEFAULT_PLUGINS)} "
                  f"(`plait plugins` lists them)")

@@ -76,18 +76,24 @@ def named_chat_templates(pm) -> dict[str, str]:
 def unknown_template_error(key: str, value: str, names):
     """The :class:`ConfigError` for a ``chat_template`` value that names no
     template: a did-you-mean and every accepted value."""
-    import difflib
-
-    from plait.errors import ConfigError
+    from plait.errors import ConfigError, closest
 
     fallback = value.startswith(FALLBACK_PREFIX)
     wanted = value[len(FALLBACK_PREFIX):] if fallback else value
     choices = sorted(names) if fallback else [TOKENIZER_DEFAULT, *sorted(names)]
-    close = difflib.get_close_matches(wanted, choices, n=1, cutoff=0.6)
-    hint = f"; did you mean {(FALLBACK_PREFIX if fallback else '') + close[0]!r}?" if close else ""
+    close = closest(wanted, choices)
+    hint = f"; did you mean {(FALLBACK_PREFIX if fallback else '') + close!r}?" if close else ""
     what = f"{wanted!r} in {value!r} is not a known template" if fallback else f"{value!r} is not a known template"
     return ConfigError(f"{key}: {what}{hint}\naccepted: {TOKENIZER_DEFAULT}, {', '.join(sorted(names))}, "
                        f"{FALLBACK_PREFIX}<one of those names>, or a jinja string (or use chat_template_jinja)")
+
+
+def template_name(value: str) -> str | None:
+    """The template name a ``chat_template`` value asks for (the part after
+    ``tokenizer_default_fallback_``, if any), or ``None`` for a jinja string."""
+    if "{%" in value or "{{" in value:
+        return None
+    return value[len(FALLBACK_PREFIX):] if value.startswith(FALLBACK_PREFIX) else value
 
 
 def lookup_chat_template(pm, value: str | None, tokenizer, *, key: str = "config key 'chat_template'") -> str | None:
@@ -99,13 +105,13 @@ def lookup_chat_template(pm, value: str | None, tokenizer, *, key: str = "config
     the value came from, for the error an unknown name raises."""
     if value is None or value == TOKENIZER_DEFAULT:
         return tokenizer.chat_template
-    if "{%" in value or "{{" in value:
-        return value
+    wanted = template_name(value)
+    if wanted is None:
+        return value  # jinja
     names = named_chat_templates(pm)
-    fallback = value.startswith(FALLBACK_PREFIX)
-    wanted = value[len(FALLBACK_PREFIX):] if fallback else value
     if wanted not in names:
         raise unknown_template_error(key, value, names)
+    fallback = value.startswith(FALLBACK_PREFIX)
     if fallback and tokenizer.chat_template:
         return tokenizer.chat_template
     if fallback:
@@ -126,10 +132,10 @@ def check_chat_template_names(cfg) -> None:
             entries.append((f"config key 'chat_template' of dataset {entry.path!r}", entry.chat_template))
     names = None
     for key, value in entries:
-        if value is None or value == TOKENIZER_DEFAULT or "{%" in value or "{{" in value:
+        wanted = template_name(value) if value not in (None, TOKENIZER_DEFAULT) else None
+        if wanted is None:
             continue
         names = named_chat_templates(pm) if names is None else names
-        wanted = value[len(FALLBACK_PREFIX):] if value.startswith(FALLBACK_PREFIX) else value
         if wanted not in names:
             raise unknown_template_error(key, value, names)
 

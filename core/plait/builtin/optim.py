@@ -45,14 +45,11 @@ def check_names(cfg, pm) -> None:
 def unknown_name_error(key: str, value: str, what: str, answers):
     """The error for a name no plugin builds: every installed plugin's names
     (from ``optimizer_names`` / ``scheduler_names``) and the closest one."""
-    import difflib
-
-    from plait.errors import ConfigError
+    from plait.errors import ConfigError, did_you_mean
 
     names = list(dict.fromkeys(name for names in answers for name in (names or ())))
-    close = difflib.get_close_matches(str(value), names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"config key {key!r}: {value!r} is not a known {what}{hint}\naccepted: {', '.join(names)}")
+    return ConfigError(f"config key {key!r}: {value!r} is not a known {what}{did_you_mean(value, names)}\n"
+                       f"accepted: {', '.join(names)}")
 
 
 @hookimpl

@@ -8,7 +8,6 @@ and what is accepted.
 
 from __future__ import annotations
 
-import difflib
 import sys
 from typing import Any
 
@@ -16,7 +15,7 @@ from pydantic import BaseModel, ValidationError, create_model
 
 from plait.config.axolotl_keys import KEYS_OF_PLUGINS, UNSUPPORTED_KEYS
 from plait.config.schema import CoreConfig, DatasetConfig
-from plait.errors import ConfigError
+from plait.errors import ConfigError, did_you_mean
 
 
 def config_class(pm) -> type[CoreConfig]:
@@ -48,8 +47,7 @@ def config_class(pm) -> type[CoreConfig]:
 
 
 def _suggest(key: str, known) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.75)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return did_you_mean(key, known, cutoff=0.75)
 
 
 def _check_keys(raw: dict, cls: type[BaseModel], allow_unsupported: bool) -> None:

@@ -58,10 +58,9 @@ Axolotl releases before early 2024 rendered other text (``alpaca_chat`` as
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, closest
 
 from plait_formats.common import (encode_prompts, encode_responses, join_prompt_response, text_column,
                                   train_on_inputs)
@@ -172,7 +171,8 @@ def unknown_variant(type_name: str, accepted: list[str], where: str = "") -> Con
         close = accepted
     else:  # compare what follows the dot: the shared type name would make everything look close
         by_suffix = {name.partition(".")[2]: name for name in accepted}
-        close = [by_suffix[s] for s in difflib.get_close_matches(suffix, list(by_suffix), n=1, cutoff=0.75)]
+        match = closest(suffix, by_suffix, cutoff=0.75)
+        close = [by_suffix[match]] if match else []
     hint = f"; did you mean {close[0]!r}?" if close else ""
     what = (f"{base} has no variants" if accepted == [base]
             else f"it is not a variant of {base} that plait-formats knows")

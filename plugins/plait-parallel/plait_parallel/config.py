@@ -9,14 +9,13 @@ reads a single, checked structure.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, did_you_mean
 
 #: ``fsdp:`` words and what they mean for FSDP2
 FSDP_WORDS = {
@@ -79,11 +78,6 @@ def _fsdp_words(value) -> list[str]:
     return [str(v) for v in value]
 
 
-def _did_you_mean(word: str, known) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def normalise_fsdp_config(raw: dict) -> dict[str, Any]:
     """Strip the ``fsdp_`` prefix and check every key and value; returns the cleaned dict."""
     clean: dict[str, Any] = {}
@@ -92,7 +86,7 @@ def normalise_fsdp_config(raw: dict) -> dict[str, Any]:
         if short not in FSDP_CONFIG_KEYS:
             accepted = ", ".join(f"fsdp_{k}" for k in FSDP_CONFIG_KEYS)
             raise ConfigError(
-                f"config key 'fsdp_config.{key}' is not known{_did_you_mean('fsdp_' + short, ['fsdp_' + k for k in FSDP_CONFIG_KEYS])}\n"
+                f"config key 'fsdp_config.{key}' is not known{did_you_mean('fsdp_' + short, ['fsdp_' + k for k in FSDP_CONFIG_KEYS])}\n"
                 f"accepted: {accepted}"
             )
         accepted, _ = FSDP_CONFIG_KEYS[short]
@@ -141,7 +135,7 @@ class ParallelConfig(BaseModel):
     def _check_fsdp(cls, value):
         for word in _fsdp_words(value):
             if word not in FSDP_WORDS:
-                raise ConfigError(f"config key 'fsdp': {word!r} is not accepted{_did_you_mean(word, FSDP_WORDS)}; "
+                raise ConfigError(f"config key 'fsdp': {word!r} is not accepted{did_you_mean(word, FSDP_WORDS)}; "
                                   f"accepted: {', '.join(FSDP_WORDS)} (or true/false)")
         return value
 
@@ -162,7 +156,7 @@ class ParallelConfig(BaseModel):
     @classmethod
     def _check_ring(cls, value):
         if isinstance(value, str) and value not in RING_ATTN_NAMES:
-            raise ConfigError(f"config key 'ring_attn': {value!r} is not accepted{_did_you_mean(value, RING_ATTN_NAMES)}; "
+            raise ConfigError(f"config key 'ring_attn': {value!r} is not accepted{did_you_mean(value, RING_ATTN_NAMES)}; "
                               f"accepted: true, false, {', '.join(RING_ATTN_NAMES)}")
         return value
 
