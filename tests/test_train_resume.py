@@ -77,17 +77,20 @@ def assert_same_as_reference(root: Path, name: str) -> None:
     assert strip(root / name / "metrics.jsonl") == strip(root / "reference" / "metrics.jsonl")
 
 
-def test_sigkill_then_resume_is_bit_identical(setup):
-    root, config = setup
-    cfg = config("killed", auto_resume_from_checkpoints=True)
-    process = plait_train(cfg, wait=False)
-    first = root / "killed" / "checkpoint-2"
+def sigkill_once_written(process, path: Path) -> None:
+    """SIGKILL the ``plait train`` subprocess as soon as ``path`` exists."""
     deadline = time.time() + 240
-    while not first.exists() and process.poll() is None and time.time() < deadline:
+    while not path.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def test_sigkill_then_resume_is_bit_identical(setup):
+    root, config = setup
+    cfg = config("killed", auto_resume_from_checkpoints=True)
+    sigkill_once_written(plait_train(cfg, wait=False), root / "killed" / "checkpoint-2")
     assert not (root / "killed" / "model.safetensors").exists()
     checkpoints = sorted(p.name for p in (root / "killed").glob("checkpoint-*"))
     assert checkpoints

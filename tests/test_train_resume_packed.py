@@ -3,9 +3,7 @@ a changed packing setting on resume is refused (plait.train.checkpoint)."""
 
 from __future__ import annotations
 
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from plait.testing import make_tiny_model, write_config, write_jsonl
 
 # reuse the unpacked resume test's helpers (pytest's importlib mode does not put tests/ on sys.path)
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_resume import assert_same_as_reference, plait_train  # noqa: E402
+from test_train_resume import assert_same_as_reference, plait_train, sigkill_once_written  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +44,7 @@ def setup(tmp_path_factory):
 def test_packed_sigkill_then_resume_is_bit_identical(setup):
     root, config = setup
     cfg = config("killed", auto_resume_from_checkpoints=True)
-    process = plait_train(cfg, wait=False)
-    first = root / "killed" / "checkpoint-2"
-    deadline = time.time() + 240
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    sigkill_once_written(plait_train(cfg, wait=False), root / "killed" / "checkpoint-2")
     assert (root / "killed" / "checkpoint-2" / "packing_plan.json").is_file()
     resumed = plait_train(cfg)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
