@@ -13,8 +13,8 @@ A checkpoint is a directory ``output_dir/checkpoint-<step>/``::
       packing_plan.json       sample_packing runs only: the epoch plan's identity
 
 With ``sample_packing`` the checkpoint records the identity of the current
-epoch's packing plan (a sha256 of its bins, the epoch, the step within it and
-the packing settings) rather than the plan itself: resume recomputes the plan
+epoch's packing plan (a sha256 of every data-parallel rank's bins, the epoch,
+the step within it and the packing settings) rather than the plan itself: resume recomputes the plan
 from the same deterministic inputs and refuses (:class:`TrainingError`) when
 it differs, naming the changed settings, since skipping ``step_in_epoch``
 windows of a different plan would not continue the same epoch.
@@ -203,16 +203,29 @@ def packing_identity(run, epoch: int | None = None, step_in_epoch: int | None = 
     """What identifies an epoch's packing plan: a hash of every data-parallel
     rank's bins (the same on every rank, so rank 0's file serves all) and the
     settings that shape them."""
+    epoch = run.epoch if epoch is None else epoch
+    return {"epoch": epoch, "step_in_epoch": run.step_in_epoch if step_in_epoch is None else step_in_epoch,
+            "plan_sha256": plan_digest(run, epoch), "rows": len(run.train_lengths), "data_parallel_ranks": run.dp_size,
+            "settings": {key: getattr(run.cfg, key, None) for key in PACKING_KEYS}}
+
+
+def plan_digest(run, epoch: int) -> str:
+    """sha256 of every data-parallel rank's packing plan for ``epoch``. Planning
+    all ranks is the costly part, and the plan is fixed for an epoch, so a
+    run (``run.extras``) computes it once per epoch, not at every save."""
     import hashlib
 
     from plait.data.batching import plan_batches
 
-    epoch = run.epoch if epoch is None else epoch
+    extras = getattr(run, "extras", None)
+    key = (epoch, run.dp_size, len(run.train_lengths))
+    if extras is not None and extras.get("packing_plan_digest", (None,))[0] == key:
+        return extras["packing_plan_digest"][1]
     plans = [plan_batches(run.cfg, run.train_lengths, epoch, rank, run.dp_size) for rank in range(run.dp_size)]
     digest = hashlib.sha256(json.dumps(plans, separators=(",", ":")).encode()).hexdigest()
-    return {"epoch": epoch, "step_in_epoch": run.step_in_epoch if step_in_epoch is None else step_in_epoch,
-            "plan_sha256": digest, "rows": len(run.train_lengths), "data_parallel_ranks": run.dp_size,
-            "settings": {key: getattr(run.cfg, key, None) for key in PACKING_KEYS}}
+    if extras is not None:
+        extras["packing_plan_digest"] = (key, digest)
+    return digest
 
 
 def check_packing_plan(run, path: Path, position: dict) -> None:
