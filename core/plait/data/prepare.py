@@ -295,7 +295,7 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
     if cfg.pretraining_dataset:
         from plait.data.streaming import stream_pretraining
 
-        streamed, stream_stats, _ = stream_pretraining(cfg, tokenizer, DatasetStats)
+        streamed, stream_stats = stream_pretraining(cfg, tokenizer)
         train_parts.append(streamed)
         stats.extend(stream_stats)
     for list_key, parts, split in (("datasets", train_parts, "train"), ("test_datasets", eval_parts, "eval")):

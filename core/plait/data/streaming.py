@@ -125,10 +125,13 @@ def rows_from_documents(token_lists, sequence_len: int, *, packed: bool, budget:
     return rows, documents_read
 
 
-def stream_pretraining(cfg, tokenizer, stats_class):
-    """The run's training rows from ``pretraining_dataset``, with one stats
-    record per entry; entries are read one after another until the budget is met."""
+def stream_pretraining(cfg, tokenizer):
+    """``(rows, stats)``: the run's training rows from ``pretraining_dataset``
+    and one :class:`~plait.data.prepare.DatasetStats` per entry read; entries
+    are read one after another until the budget is met."""
     import datasets
+
+    from plait.data.prepare import DatasetStats, _features
 
     budget = token_budget(cfg)
     all_rows, stats = [], []
@@ -140,7 +143,7 @@ def stream_pretraining(cfg, tokenizer, stats_class):
         rows, read = rows_from_documents(tokenized(tokenizer, texts), cfg.sequence_len,
                                          packed=cfg.sample_packing, budget=left)
         tokens = sum(len(r) for r in rows)
-        stats.append(stats_class(name=f"pretraining_dataset.{index} {entry.path}", rows_in=read, kept=len(rows),
+        stats.append(DatasetStats(name=f"pretraining_dataset.{index} {entry.path}", rows_in=read, kept=len(rows),
                                  tokens=tokens, trained_tokens=sum(len(r) - 1 for r in rows)))
         all_rows.extend(rows)
     if not all_rows:
@@ -148,9 +151,7 @@ def stream_pretraining(cfg, tokenizer, stats_class):
                         f"check text_column and the files")
     columns = {"input_ids": all_rows, "labels": all_rows, "attention_mask": [[1] * len(r) for r in all_rows],
                "length": [len(r) for r in all_rows]}
-    from plait.data.prepare import _features
-
     features = _features()
     train = datasets.Dataset.from_dict(columns, features=datasets.Features(
         {name: features[name] for name in columns}))
-    return train, stats, budget
+    return train, stats

@@ -57,9 +57,14 @@ def _frozen_base(base):
     return None  # 8-bit and other quantized layers: their own module path
 
 
+def is_lora(module) -> bool:
+    """Whether ``module`` is a peft LoRA layer (wrapping a base linear)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
 def lora_parts(layer):
     """``(W, quant_state, A, B, scaling)`` of a peft LoRA linear the fast path can run, else ``None``."""
-    if not (hasattr(layer, "lora_A") and hasattr(layer, "base_layer")):
+    if not is_lora(layer):
         return None
     if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
         return None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from plait_kernels.lora_linear import dense_weight, lora_parts
+from plait_kernels.lora_linear import dense_weight, is_lora, lora_parts
 from plait_kernels.modules import PlaitGLUMLP
 
 
@@ -101,7 +101,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
 
 def is_lora_mlp(mlp) -> bool:
     """Whether ``mlp``'s three projections are peft LoRA layers."""
-    return all(hasattr(getattr(mlp, n, None), "lora_A") for n in ("gate_proj", "up_proj", "down_proj"))
+    return all(is_lora(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 class PlaitLoRAGLUMLP(PlaitGLUMLP):

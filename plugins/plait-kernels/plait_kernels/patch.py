@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from plait_kernels.backends import get_backend
+from plait_kernels.lora_linear import is_lora
 from plait_kernels.lora_mlp import PlaitLoRAGLUMLP, is_lora_mlp
 from plait_kernels.modules import ROPE_ATTENTION_CLASSES, PlaitGLUMLP, PlaitRMSNorm, rope_attention_class
 
@@ -72,11 +73,6 @@ def _is_glu_mlp(module) -> bool:
     """The three-projection layout PlaitGLUMLP computes (MoE experts and fused
     gate_up projections have other layouts and are left alone)."""
     return all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
-
-
-def is_lora(module) -> bool:
-    """Whether ``module`` is a peft LoRA layer (wrapping a base linear)."""
-    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
 def _norm_offset(module) -> float:
