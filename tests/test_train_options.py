@@ -104,15 +104,3 @@ def test_saves_per_epoch_writes_the_expected_checkpoints(tiny_model, tmp_path):
     names = sorted((p.name for p in out.glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
     assert names == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
     assert all((out / n / "trainer_state.json").is_file() for n in names)
-
-
-# ------------------------------------------------------------------ gradient_checkpointing: offload
-
-
-@pytest.mark.parametrize("value", ["offload", "unsloth"])
-def test_offloaded_checkpointing_runs_as_plain_checkpointing_and_says_so(tiny_model, value, caplog):
-    cfg, pm = build_run_config({"base_model": str(tiny_model), "gradient_checkpointing": value})
-    with caplog.at_level("WARNING", logger="plait.model"):
-        model = pm.hook.load_model(cfg=cfg, tokenizer=pm.hook.load_tokenizer(cfg=cfg))
-    assert model.is_gradient_checkpointing
-    assert f"gradient_checkpointing: {value!r} runs as plain non-reentrant checkpointing" in caplog.text

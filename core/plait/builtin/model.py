@@ -309,15 +309,7 @@ def load_model(cfg, tokenizer):
         raise  # a setting's problem (attn_implementation, say): transformers' own message is the clearer one
     fit_to_tokenizer(cfg, model, tokenizer)
     if cfg.gradient_checkpointing:
-        if cfg.gradient_checkpointing in ("offload", "unsloth"):
-            # Axolotl's CPU-offloaded variants: accepted so their configs run, said out loud since
-            # the memory they save on a GPU is not saved here
-            import logging
+        from plait.train.recompute import enable_gradient_checkpointing
 
-            logging.getLogger("plait.model").warning(
-                "gradient_checkpointing: %r runs as plain non-reentrant checkpointing; offloading checkpointed "
-                "activations to the CPU is not implemented (set gradient_checkpointing: true to silence this)",
-                cfg.gradient_checkpointing)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                           **cfg.gradient_checkpointing_kwargs})
+        enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     return model

@@ -205,6 +205,11 @@ class CoreConfig(StrictModel):
             raise ConfigError(f"{' and '.join(chosen)} are all true; enable at most one attention backend.")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
+        if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(
+                "use_reentrant"):
+            # offloading rides on the saved-tensor hooks, which reentrant checkpointing bypasses
+            raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing} needs non-reentrant "
+                              "checkpointing; remove use_reentrant: true from gradient_checkpointing_kwargs")
         if self.pretraining_dataset:
             # a stream has no length: the run's length decides how much of it is read
             if self.max_steps is None:

@@ -72,21 +72,19 @@ def device_map():
     return None
 
 
-def prepare_for_kbit_training(model, gradient_checkpointing: bool = False, checkpointing_kwargs: dict | None = None):
+def prepare_for_kbit_training(model, gradient_checkpointing=False, checkpointing_kwargs: dict | None = None):
     """Freeze the quantized base for adapter training without upcasting it.
 
+    ``gradient_checkpointing`` is the config's value (``True``, ``"offload"``...).
     See the module docstring for the measurement behind keeping embeddings,
     head and norms in the compute dtype.
     """
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        kwargs = {"use_reentrant": False, **(checkpointing_kwargs or {})}
-        # transformers 5 renamed the method (the old name warns); keep working with both
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        from plait.train.recompute import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model, gradient_checkpointing, checkpointing_kwargs)
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         model.enable_input_require_grads()
     setattr(model, PREPARED_FLAG, True)
@@ -108,4 +106,4 @@ def load_quantized_model(cfg, tokenizer):
     )
     # embeddings are not quantized, so resizing works as on a plain model
     fit_to_tokenizer(cfg, model, tokenizer)
-    return prepare_for_kbit_training(model, bool(cfg.gradient_checkpointing), cfg.gradient_checkpointing_kwargs)
+    return prepare_for_kbit_training(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)

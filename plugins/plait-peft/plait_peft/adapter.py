@@ -135,10 +135,11 @@ def attach_lora(cfg, model):
     if quantized and not getattr(model, KBIT_PREPARED_FLAG, False):
         # QLoRA training; merge-lora reloads a qlora run's base unquantized and skips this
         # norms to float32 and input grads on, so gradients reach the adapters through the frozen 4-bit base
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
-            gradient_checkpointing_kwargs={"use_reentrant": False, **cfg.gradient_checkpointing_kwargs},
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if cfg.gradient_checkpointing:
+            from plait.train.recompute import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     autocast_adapter = not keep_adapter_in_compute_dtype(cfg)
     if cfg.lora_model_dir:
         differing = keys_differing_from_saved_adapter(cfg, cfg.lora_model_dir)

@@ -1,0 +1,194 @@
+"""Activation recomputation (gradient checkpointing), optionally offloaded.
+
+``gradient_checkpointing: true`` recomputes each decoder layer in the backward
+pass, so a layer keeps only its input alive between forward and backward.
+Those inputs still add up: ``layers x tokens x hidden`` values in the compute
+dtype (1 GiB for a 1B Llama at 16k tokens a step, 2 GiB for an 8B at 8k).
+``gradient_checkpointing: offload`` (Axolotl's name; ``unsloth`` is its alias)
+moves them to pinned host memory while the rest of the forward runs and
+brings each back just before its layer is recomputed.
+
+What makes it cheap rather than merely possible:
+
+* the device-to-host copy runs on a side stream, so the forward does not wait
+  for it; the host-to-device copy of the next layer's input is started as the
+  current one is unpacked, so the backward finds it already there;
+* the pinned buffers are pooled and reused step after step (pinning memory
+  costs far more than copying into it).
+
+Only the tensors that ``torch.utils.checkpoint`` keeps for the recompute pass
+through the hooks below: the layer's positional inputs (the hidden states).
+Everything saved *inside* the layer is discarded and recomputed by the
+checkpoint as usual, and keyword inputs (rotary tables, masks) live in the
+layer's closure and stay on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections import defaultdict
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger("plait.recompute")
+
+#: config values that ask for the host-offloaded variant
+OFFLOAD_MODES = ("offload", "unsloth")
+
+
+def enable_gradient_checkpointing(model, mode, checkpoint_kwargs: dict | None = None):
+    """Turn on per-layer recomputation for a transformers model.
+
+    ``mode`` is the config's ``gradient_checkpointing`` value (``True``,
+    ``"offload"`` or ``"unsloth"``). Returns the :class:`ActivationOffloader` in
+    use, or ``None`` for plain checkpointing.
+    """
+    kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
+    # transformers 5 renamed the method (the old name warns); keep working with both
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if mode not in OFFLOAD_MODES:
+        return None
+    offloader = ActivationOffloader()
+    wrap_layers(model, offloader)
+    return offloader
+
+
+def wrap_layers(model, offloader: "ActivationOffloader") -> int:
+    """Route every checkpointed layer's saved inputs through ``offloader``.
+
+    transformers gives each checkpointed layer a ``_gradient_checkpointing_func``;
+    replacing it on those modules is the library's own switch, not a patch of its
+    code. Returns the number of layers wrapped.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    wrapped = 0
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        # the model itself carries the flag too, but only the layers call the function
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and func is not None:
+            module._gradient_checkpointing_func = offloader.wrap(func)
+            wrapped += 1
+    if not wrapped:
+        raise ValueError(f"gradient_checkpointing: offload found no checkpointed layer in {type(model).__name__}")
+    return wrapped
+
+
+class _Offloaded:
+    """One saved tensor living in a pinned host buffer, with its way back."""
+
+    __slots__ = ("host", "copied", "device_copy", "arrived", "previous", "pool", "__weakref__")
+
+    def __init__(self, host, copied, previous, pool):
+        self.host = host            # pinned buffer holding the values
+        self.copied = copied        # event: device -> host copy finished
+        self.device_copy = None     # the tensor back on the device, once fetched
+        self.arrived = None         # event: host -> device copy finished
+        self.previous = previous    # weakref to the tensor packed before this one
+        self.pool = pool
+
+    def __del__(self):
+        # the graph let go of this tensor: its buffer serves a later step, once
+        # the host -> device copy (if any) has read it
+        self.pool.give_back(self.host, self.arrived)
+
+
+class _PinnedPool:
+    """Pinned host buffers by (shape, dtype), reused across steps."""
+
+    def __init__(self):
+        self.free: dict[tuple, list] = defaultdict(list)
+        self.allocated_bytes = 0
+
+    def take(self, like: torch.Tensor):
+        key = (tuple(like.shape), like.dtype)
+        if self.free[key]:
+            return self.free[key].pop()
+        self.allocated_bytes += like.numel() * like.element_size()
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True), None
+
+    def give_back(self, host, last_read):
+        self.free[(tuple(host.shape), host.dtype)].append((host, last_read))
+
+
+class ActivationOffloader:
+    """Saved-tensor hooks that park checkpointed layer inputs in host memory."""
+
+    def __init__(self):
+        # the device is the first CUDA tensor's: the model is moved there after it
+        # is loaded, which is when checkpointing gets enabled
+        self.device = None
+        self.to_host = self.to_device = None
+        self.pool = _PinnedPool()
+        self._last = None  # weakref to the most recently packed tensor
+        self._said_host = False
+
+    def _start(self, device: torch.device) -> None:
+        self.device = device
+        self.to_host = torch.cuda.Stream(device)
+        self.to_device = torch.cuda.Stream(device)
+
+    def wrap(self, checkpoint_func):
+        """A checkpointing function that saves its inputs through this offloader."""
+
+        @functools.wraps(checkpoint_func)
+        def offloaded(function, *args, **kwargs):
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                return checkpoint_func(function, *args, **kwargs)
+
+        return offloaded
+
+    # ---------------------------------------------------------------- hooks
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.device.type != "cuda":
+            if not self._said_host:
+                self._said_host = True
+                log.info("gradient_checkpointing: offload on %s: the activations already live in host memory, "
+                         "so this runs as plain checkpointing", tensor.device)
+            return tensor
+        if self.device is None:
+            self._start(tensor.device)
+        compute = torch.cuda.current_stream(self.device)
+        (host, last_read) = self.pool.take(tensor)
+        self.to_host.wait_stream(compute)  # the values must be written before they are read
+        with torch.cuda.stream(self.to_host):
+            if last_read is not None:
+                self.to_host.wait_event(last_read)  # the buffer's previous tenant has been read back
+            host.copy_(tensor, non_blocking=True)
+            copied = self.to_host.record_event()
+        # the allocator must not give this memory to another tensor before the copy has read it
+        tensor.record_stream(self.to_host)
+        handle = _Offloaded(host, copied, self._last, self.pool)
+        self._last = weakref.ref(handle)
+        return handle
+
+    def unpack(self, handle):
+        if not isinstance(handle, _Offloaded):
+            return handle
+        self._fetch(handle)
+        torch.cuda.current_stream(self.device).wait_event(handle.arrived)
+        # the backward runs layers in reverse: the one packed before this is needed next
+        previous = handle.previous() if handle.previous is not None else None
+        if previous is not None:
+            self._fetch(previous)
+        return handle.device_copy
+
+    def _fetch(self, handle: _Offloaded) -> None:
+        if handle.device_copy is not None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.to_device):
+            self.to_device.wait_event(handle.copied)
+            device_copy = torch.empty(handle.host.shape, dtype=handle.host.dtype, device=self.device)
+            device_copy.copy_(handle.host, non_blocking=True)
+            handle.arrived = self.to_device.record_event()
+        # allocated on the side stream, used and freed on the compute stream
+        device_copy.record_stream(compute)
+        handle.device_copy = device_copy

@@ -1,0 +1,122 @@
+"""``gradient_checkpointing: offload``: checkpointed layer inputs parked in pinned
+host memory. The CPU tests check the wiring (every decoder layer routed through
+the offloader, gradients unchanged, bad combinations refused); the GPU tests
+check what it is for: the same gradients, bit for bit, with the layer inputs
+off the device, and the pinned buffers reused from step to step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.errors import ConfigError
+from plait.testing import build_run_config, make_tiny_model
+from plait.train.recompute import ActivationOffloader, enable_gradient_checkpointing
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("recompute") / "model", num_hidden_layers=LAYERS)
+
+
+def load(model_dir, mode, device="cpu"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).train()
+    offloader = enable_gradient_checkpointing(model, mode)
+    return model, offloader
+
+
+def grads_after_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("value", ["offload", "unsloth"])
+def test_load_model_routes_every_decoder_layer_through_the_offloader(tiny_model, value):
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "gradient_checkpointing": value})
+    model = pm.hook.load_model(cfg=cfg, tokenizer=pm.hook.load_tokenizer(cfg=cfg))
+    assert model.is_gradient_checkpointing
+    wrapped = [m for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None) is not None
+               and getattr(m._gradient_checkpointing_func, "__name__", "") == "offloaded"]
+    assert len(wrapped) == LAYERS
+
+
+def test_plain_checkpointing_has_no_offloader(tiny_model):
+    model, offloader = load(tiny_model, True)
+    assert offloader is None and model.is_gradient_checkpointing
+
+
+def test_on_the_cpu_offload_leaves_gradients_unchanged_and_says_why(tiny_model, caplog):
+    ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = grads_after_step(load(tiny_model, True)[0], ids)
+    model, offloader = load(tiny_model, "offload")
+    with caplog.at_level("INFO", logger="plait.recompute"):
+        offloaded = grads_after_step(model, ids)
+    assert plain.keys() == offloaded.keys() and len(plain) > 0
+    assert all(torch.equal(plain[n], offloaded[n]) for n in plain)
+    assert offloader.pool.allocated_bytes == 0  # nothing to move off a CPU
+    assert "already live in host memory" in caplog.text
+
+
+def test_offload_with_reentrant_checkpointing_is_refused_before_loading(tiny_model):
+    with pytest.raises(ConfigError, match="gradient_checkpointing: offload needs non-reentrant"):
+        build_run_config({"base_model": str(tiny_model), "gradient_checkpointing": "offload",
+                          "gradient_checkpointing_kwargs": {"use_reentrant": True}})
+
+
+# ------------------------------------------------------------------ on a GPU
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@gpu
+def test_offloaded_gradients_equal_plain_checkpointing_and_buffers_are_reused(tiny_model):
+    ids = torch.randint(5, 100, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    plain = grads_after_step(load(tiny_model, True, "cuda")[0], ids)
+    model, offloader = load(tiny_model, "offload", "cuda")
+    first = grads_after_step(model, ids)
+    hidden = model.config.hidden_size
+    # exactly the layer inputs went to the host: LAYERS of [4, 64, hidden] float32
+    assert offloader.pool.allocated_bytes == LAYERS * 4 * 64 * hidden * 4
+    second = grads_after_step(model, ids)
+    assert offloader.pool.allocated_bytes == LAYERS * 4 * 64 * hidden * 4  # reused, not pinned again
+    for grads in (first, second):
+        assert grads.keys() == plain.keys()
+        assert all(torch.equal(plain[n], grads[n]) for n in plain)
+
+
+@gpu
+def test_offload_frees_the_layer_inputs_from_device_memory(tmp_path):
+    """A model whose activations dominate: 8 layers of [8, 1024, 512] float32 inputs
+    (16 MiB each). Offloading has to save most of the 128 MiB they take."""
+    model_dir = make_tiny_model(tmp_path / "model", num_hidden_layers=8, hidden_size=512, intermediate_size=1024,
+                                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
+    ids = torch.randint(5, 100, (8, 1024), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def peak(mode):
+        model = load(model_dir, mode, "cuda")[0]
+        grads_after_step(model, ids)  # warm-up: allocator pools, cuBLAS workspaces
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.cuda.synchronize()
+        used = torch.cuda.max_memory_allocated() - base
+        del model
+        torch.cuda.empty_cache()
+        return used
+
+    layer_input = 8 * 1024 * 512 * 4
+    saved = peak(True) - peak("offload")
+    assert saved > 5 * layer_input, (saved / 2**20, layer_input / 2**20)
+
+
+def test_offloader_passes_host_tensors_through():
+    offloader = ActivationOffloader()
+    t = torch.randn(3, 3)
+    assert offloader.unpack(offloader.pack(t)) is t
