@@ -17,6 +17,14 @@ rows, each in its own process so peak memory is per case:
   raises), so no model is saved and no plot is drawn.
 * **hf**: ``AutoModelForCausalLM.from_pretrained`` + ``peft.get_peft_model`` +
   ``transformers.Trainer`` (SDPA, ``bf16=True``, ``adamw_torch_fused``).
+* **unsloth**: Unsloth's ``FastLanguageModel`` (its LoRA kernels and its
+  offloaded gradient checkpointing) under the same ``Trainer`` recipe
+  (``bench/unsloth_worker.py``; LoRA only).
+
+``plait[key=value,...]`` adds Plait config keys to one plait case, so variants
+time side by side in one call: ``--cases "plait,plait[gradient_checkpointing=offload],hf"``.
+``--profile`` profiles two more steps of each plait case after its timed ones
+and writes the kernels that took the device's time beside the results.
 
 Shared settings: sequence 2048, no sample packing, every token trained, LoRA
 r=16 alpha=32 dropout 0 on every linear layer of the decoder (not the head),
@@ -138,6 +146,40 @@ def flops_per_token(counts: dict, seq: int, lora: bool) -> float:
     if lora:
         return 4 * counts["n_matmul"] + 6 * counts["n_lora"] + attention
     return 6 * counts["n_matmul"] + attention
+
+
+def split_cases(text: str) -> list[str]:
+    """Split ``--cases`` at the commas outside brackets."""
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current)
+            current = ""
+        else:
+            current += char
+    return [spec.strip() for spec in specs + [current] if spec.strip()]
+
+
+def parse_case(spec: str) -> tuple[str, dict]:
+    """``plait[gradient_checkpointing=offload,lora_qkv_kernel=false]`` -> ("plait", {...}).
+
+    The bracketed keys are Plait config keys added to the case's config (values
+    read as YAML scalars), so one call can time variants side by side.
+    """
+    import yaml
+
+    name, _, rest = spec.partition("[")
+    keys = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"case {spec!r}: expected name[key=value,...]")
+        for item in filter(None, rest[:-1].split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"case {spec!r}: {item!r} is not key=value")
+            keys[key.strip()] = yaml.safe_load(value)
+    return name.strip(), keys
 
 
 def read_rows(path: str) -> list[list[int]]:
@@ -270,6 +312,7 @@ def worker_plait(args) -> dict:
     gpu = on_gpu()
     clock = StepClock(args.warmup + args.steps)
     facts: dict = {}
+    profiler = make_profiler(gpu) if args.profile_path else None
 
     class BenchPlugin:
         """Counts parameters at the start, clocks every step, ends the run after the last."""
@@ -284,8 +327,11 @@ def worker_plait(args) -> dict:
 
         @hookimpl
         def on_step_end(self, run, metrics):
-            clock.tick(metrics["loss"])
-            if run.step >= clock.total:
+            if run.step <= clock.total:
+                clock.tick(metrics["loss"])
+            if run.step == clock.total and profiler is not None:
+                profiler.start()  # after the timed steps, so the profiler's overhead is not in them
+            if run.step >= clock.total + (PROFILE_STEPS if profiler is not None else 0):
                 raise _Finished
 
     work = Path(args.work_dir)
@@ -294,7 +340,8 @@ def worker_plait(args) -> dict:
         "datasets": [{"path": args.data, "type": "pretokenized"}], "val_set_size": 0,
         "dataset_prepared_path": str(work / "prepared"), "output_dir": str(work / "plait_out"),
         "sequence_len": args.seq, "sample_packing": False, "micro_batch_size": args.micro_batch,
-        "gradient_accumulation_steps": 1, "max_steps": args.warmup + args.steps, "num_epochs": 1,
+        "gradient_accumulation_steps": 1, "num_epochs": 1,
+        "max_steps": args.warmup + args.steps + (PROFILE_STEPS if profiler is not None else 0),
         "learning_rate": LR, "lr_scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
         "optimizer": "adamw_torch_fused" if gpu else "adamw_torch", "bf16": gpu,
         "gradient_checkpointing": True, "plait_kernels": "triton", "logging_steps": 1, "seed": 0,
@@ -302,6 +349,7 @@ def worker_plait(args) -> dict:
     if args.mode == "lora":
         raw.update({"adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0,
                     "lora_target_linear": True})
+    raw.update(json.loads(args.case_keys or "{}"))
     # explicit module paths, no entry points: the device machine has none installed
     pm = build_plugin_manager(config_plugins=PLUGIN_MODULES, entry_points=False, extra=[BenchPlugin()])
     cfg = build_config(pm, raw, {k: "file" for k in raw})
@@ -309,7 +357,27 @@ def worker_plait(args) -> dict:
         train(cfg, pm)
     except _Finished:
         pass
+    if profiler is not None:
+        profiler.stop()
+        write_profile(profiler, Path(args.profile_path))
     return {**clock.summary(args), **facts, "plugins": sorted(p.name for p in pm.list_plugins())}
+
+
+#: steps profiled after the timed ones (``--profile``)
+PROFILE_STEPS = 2
+
+
+def make_profiler(gpu: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else []))
+
+
+def write_profile(profiler, path: Path) -> None:
+    """The kernels that took the device's time, most first, per profiled step."""
+    sort = "self_cuda_time_total" if on_gpu() else "self_cpu_time_total"
+    text = profiler.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
+    path.write_text(f"{PROFILE_STEPS} steps after the timed ones, sorted by {sort}\n\n{text}\n")
 
 
 def worker_hf(args) -> dict:
@@ -357,6 +425,21 @@ def worker_hf(args) -> dict:
     return {**clock.summary(args), **facts}
 
 
+def worker_unsloth(args) -> dict:
+    """Unsloth's FastLanguageModel + Trainer, same data and recipe (bench/unsloth_worker.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from unsloth_worker import train_unsloth
+
+    result = train_unsloth(args.model_dir, args.data, mode=args.mode, load_in_4bit=False, seq=args.seq,
+                           micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps, lora_r=LORA_R,
+                           lora_alpha=LORA_ALPHA, lr=LR, work_dir=args.work_dir)
+    result["start_s"] = result.get("start_s", time.perf_counter() - process_start)
+    return result
+
+
+WORKERS = {"prepare": worker_prepare, "plait": worker_plait, "hf": worker_hf, "unsloth": worker_unsloth}
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -373,10 +456,10 @@ def worker_env(smoke: bool) -> dict:
     return env
 
 
-def run_worker(name: str, extra: list[str], opts, log_dir: Path, timeout: float) -> dict:
+def run_worker(name: str, extra: list[str], opts, log_dir: Path, timeout: float, log_name: str | None = None) -> dict:
     """Run one worker process; its last stdout line starting with '{' is its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *extra]
-    log_path = log_dir / f"{opts.stem}_{name}.log"
+    log_path = log_dir / f"{opts.stem}_{log_name or name}.log"
     started = time.perf_counter()
     print(f"[{name}] started", flush=True)
     try:
@@ -418,20 +501,22 @@ def add_derived(result: dict, counts: dict, seq: int, lora: bool, ceiling: float
 
 def table(results: list[dict], meta: dict) -> str:
     head = ("| shape | mode | case | micro batch | seq | tokens/s | s/step | peak GiB | model TFLOPS | "
-            "MFU (measured ceiling) | MFU (989 TF spec) | trainable params | final loss | vs hf |")
+            "MFU (measured ceiling) | MFU (989 TF spec) | trainable params | final loss | vs hf | vs unsloth |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     hf = next((r for r in results if r["case"] == "hf" and "tokens_per_s" in r), None)
+    unsloth = next((r for r in results if r["case"] == "unsloth" and "tokens_per_s" in r), None)
     for r in results:
         first = f"| {meta['shape']} | {meta['mode']} | {r['case']} | {meta['micro_batch']} | {meta['seq']} |"
         if "tokens_per_s" not in r:
-            rows.append(first + f" failed: {r.get('error', '?')[:100]} |" + " |" * 8)
+            rows.append(first + f" failed: {r.get('error', '?')[:100]} |" + " |" * 9)
             continue
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "n/a (CPU)"
         mfu = f"{100 * r['mfu_ceiling']:.1f}%" if r.get("mfu_ceiling") is not None else ""
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else ""
+        vs_unsloth = f"{r['tokens_per_s'] / unsloth['tokens_per_s']:.2f}x" if unsloth else ""
         loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else ""
         rows.append(first + f" {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak} | {r['model_tflops']:.1f} | "
-                            f"{mfu} | {100 * r['mfu_spec']:.1f}% | {r['trainable']:,} | {loss} | {ratio} |")
+                            f"{mfu} | {100 * r['mfu_spec']:.1f}% | {r['trainable']:,} | {loss} | {ratio} | {vs_unsloth} |")
     return "\n".join(rows)
 
 
@@ -442,7 +527,8 @@ def main() -> int:
     parser.add_argument("--shape", choices=["1b", "8b"], default="1b")
     parser.add_argument("--mode", choices=["lora", "full"], default="lora")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: 1b 8, 8b 4 (smoke 2)")
-    parser.add_argument("--cases", default="plait,hf", help="comma-separated: plait, hf")
+    parser.add_argument("--cases", default="plait,hf",
+                        help="comma-separated: plait, hf, unsloth; plait[key=value,...] adds Plait config keys")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; smoke 64)")
     parser.add_argument("--warmup", type=int, default=None, help="steps not timed (default 5; smoke 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
@@ -450,19 +536,22 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the JSON/markdown (default $OUT)")
     parser.add_argument("--case-timeout", type=float, default=540, help="seconds before a case is killed")
     parser.add_argument("--keep", action="store_true", help="keep the temporary model/data directory")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"profile {PROFILE_STEPS} more steps of each plait case (written beside the results)")
     # worker mode (internal)
-    parser.add_argument("--worker", choices=["prepare", "plait", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     parser.add_argument("--worker-shape", help=argparse.SUPPRESS)
+    parser.add_argument("--case-keys", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         args.shape = args.worker_shape
-        fn = {"prepare": worker_prepare, "plait": worker_plait, "hf": worker_hf}[args.worker]
-        print(json.dumps(fn(args)), flush=True)
+        print(json.dumps(WORKERS[args.worker](args)), flush=True)
         return 0
 
     shape = "smoke" if args.smoke else args.shape
@@ -470,9 +559,14 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 5)
     steps = args.steps or (2 if args.smoke else 20)
     micro_batch = args.micro_batch or DEFAULT_MICRO_BATCH[shape]
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if bad := [c for c in cases if c not in ("plait", "hf")]:
-        parser.error(f"--cases: {bad} unknown; accepted: plait, hf")
+    try:
+        cases = [parse_case(spec) for spec in split_cases(args.cases)]
+    except ValueError as exc:
+        parser.error(f"--cases: {exc}")
+    if bad := [name for name, _ in cases if name not in WORKERS or name == "prepare"]:
+        parser.error(f"--cases: {bad} unknown; accepted: plait, hf, unsloth")
+    if any(keys for name, keys in cases if name != "plait"):
+        parser.error("--cases: only plait cases take [key=value,...]")
     if warmup < 1:
         parser.error("--warmup must be at least 1")
     lora = args.mode == "lora"
@@ -500,18 +594,22 @@ def main() -> int:
         return text
 
     try:
-        prep = run_worker("prepare", common + ["--rows", str((warmup + steps) * micro_batch),
+        prep = run_worker("prepare", common + ["--rows", str((warmup + steps + PROFILE_STEPS) * micro_batch),
                                                "--work-dir", str(work)], args, log_dir, args.case_timeout)
         if "error" in prep:
             return 1
         meta.update({k: prep[k] for k in ("device", "ceiling_tflops", "ceiling_matmul", "versions", "prepare_s")})
         print(f"device {prep['device']}: matmul ceiling {prep['ceiling_tflops']:.0f} TFLOPS ({prep['ceiling_matmul']});"
               f" model + data prepared in {prep['prepare_s']:.0f}s", flush=True)
-        for case in cases:
-            case_dir = work / case
+        for index, (name, keys) in enumerate(cases):
+            label = name + (f"[{','.join(f'{k}={v}' for k, v in keys.items())}]" if keys else "")
+            case_dir = work / f"case{index}_{name}"
             case_dir.mkdir()
-            result = run_worker(case, common + ["--work-dir", str(case_dir)], args, log_dir, args.case_timeout)
-            result["case"] = case
+            extra = common + ["--work-dir", str(case_dir), "--case-keys", json.dumps(keys)]
+            if args.profile and name == "plait":
+                extra += ["--profile-path", str(log_dir / f"{stem}_profile{index}.txt")]
+            result = run_worker(name, extra, args, log_dir, args.case_timeout, log_name=f"{index}_{name}")
+            result["case"] = label
             add_derived(result, counts, seq, lora, meta["ceiling_tflops"])
             results.append(result)
             write()
