@@ -14,6 +14,11 @@ allocator state:
 * **plait-kernels**: the same with plait-kernels added (``plait_kernels:
   triton``: RMSNorm, rotary, the LoRA SwiGLU MLP over the 4-bit weights and the
   fused linear + cross-entropy);
+* **plait-kernels-offload**: the same with ``gradient_checkpointing: offload``
+  (checkpointed layer inputs held in pinned host memory);
+* **unsloth**: Unsloth's ``FastLanguageModel`` with ``load_in_4bit`` and its
+  own offloaded checkpointing, under the same Trainer recipe as hf
+  (``bench/unsloth_worker.py``);
 * **hf**: ``AutoModelForCausalLM.from_pretrained(quantization_config=...)``,
   ``peft.prepare_model_for_kbit_training``, ``get_peft_model`` and
   ``transformers.Trainer`` (the usual QLoRA recipe).
@@ -148,14 +153,14 @@ def worker_plait(args) -> dict:
             times.append(now())
             tokens.append(args.micro_batch * args.seq)
 
-    kernels = args.worker == "plait-kernels"
+    kernels = args.worker.startswith("plait-kernels")
     keys = {
         "base_model": args.model_dir, "plugins": PLUGIN_MODULES + (KERNEL_PLUGINS if kernels else []),
         **({"plait_kernels": "triton"} if kernels else {}),
         "adapter": "qlora", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
         "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "lora_target_linear": True,
-        "gradient_checkpointing": True, "sequence_len": args.seq, "micro_batch_size": args.micro_batch,
-        "max_steps": args.steps, "learning_rate": LR, "lr_scheduler": "constant", "optimizer": "adamw_torch",
+        "gradient_checkpointing": "offload" if args.worker.endswith("-offload") else True,
+        "sequence_len": args.seq, "micro_batch_size": args.micro_batch, "max_steps": args.steps, "learning_rate": LR, "lr_scheduler": "constant", "optimizer": "adamw_torch",
         "output_dir": args.work_dir, "logging_steps": 1, "max_grad_norm": 1.0,
         **({"bf16": True, "bnb_4bit_compute_dtype": "bfloat16"} if cuda() else {"bf16": False}),
     }
@@ -206,6 +211,25 @@ def worker_hf(args) -> dict:
     return {**summarize("hf", times, tokens, args, started), **facts}
 
 
+def worker_unsloth(args) -> dict:
+    """Unsloth's own QLoRA (4-bit FastLanguageModel), same rows and recipe."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from unsloth_worker import train_unsloth
+
+    data = Path(args.work_dir) / "rows.jsonl"
+    with data.open("w") as f:
+        for ids in random_rows(args.micro_batch * args.steps, args.seq, args.vocab)["input_ids"]:
+            f.write(json.dumps({"input_ids": ids}) + "\n")
+    result = train_unsloth(args.model_dir, str(data), mode="lora", load_in_4bit=True, seq=args.seq,
+                           micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps - args.warmup,
+                           lora_r=LORA_R, lora_alpha=LORA_ALPHA, lr=LR, work_dir=args.work_dir)
+    return {"impl": "unsloth", "shape": args.shape, "micro_batch": args.micro_batch, "seq": args.seq, **result}
+
+
+#: the implementations --impls accepts
+WORKERS = ("plait", "plait-kernels", "plait-kernels-offload", "hf", "unsloth")
+
+
 def model_facts(model) -> dict:
     """What makes the two runs comparable: 4-bit layers, trainable LoRA
     parameters, and the dtype the frozen embedding ended up in."""
@@ -249,21 +273,23 @@ def run_worker(impl: str, shape: str, model_dir: Path, opts, vocab: int) -> dict
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| shape | impl | micro batch | seq | timed steps | tokens/s | peak GiB | plait / hf tokens/s "
+    rows = ["| shape | impl | micro batch | seq | timed steps | tokens/s | peak GiB | vs hf | vs unsloth "
             "| 4-bit layers | trainable | embedding |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["shape"], r["impl"]): r for r in results}
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['shape']} | {r['impl']} | | | | failed: {r['error'][:80]} | | | | | |")
+            rows.append(f"| {r['shape']} | {r['impl']} | | | | failed: {r['error'][:80]} | | | | | | |")
             continue
-        hf = by_key.get((r["shape"], "hf"))
-        ratio = (f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x"
-                 if r["impl"] != "hf" and hf and "error" not in hf else "")
+        def versus(impl):
+            other = by_key.get((r["shape"], impl))
+            ok = r["impl"] != impl and other and "error" not in other
+            return f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if ok else ""
+
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
         rows.append(f"| {r['shape']} | {r['impl']} | {r['micro_batch']} | {r['seq']} | {r['timed_steps']} | "
-                    f"{r['tokens_per_s']:.0f} | {peak} | {ratio} | {r['linear4bit']} | {r['trainable']:,} | "
-                    f"{r['embedding_dtype']} |")
+                    f"{r['tokens_per_s']:.0f} | {peak} | {versus('hf')} | {versus('unsloth')} | "
+                    f"{r.get('linear4bit', '')} | {r['trainable']:,} | {r.get('embedding_dtype', '')} |")
     return "\n".join(rows)
 
 
@@ -274,10 +300,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 12; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="steps not timed (default 2; smoke 1)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; smoke 64)")
-    parser.add_argument("--impls", default="plait,plait-kernels,hf", help="comma-separated: plait, plait-kernels, hf")
+    parser.add_argument("--impls", default="plait,plait-kernels,hf", help=f"comma-separated: {', '.join(WORKERS)}")
     parser.add_argument("--out", default=None, help="also write the markdown table here (and .json beside it)")
     # worker mode (internal)
-    parser.add_argument("--worker", choices=["plait", "plait-kernels", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--micro-batch", type=int, help=argparse.SUPPRESS)
@@ -286,10 +312,12 @@ def main() -> int:
     args = parser.parse_args()
 
     if args.worker:
-        result = (worker_hf if args.worker == "hf" else worker_plait)(args)
+        result = {"hf": worker_hf, "unsloth": worker_unsloth}.get(args.worker, worker_plait)(args)
         print(json.dumps(result), flush=True)
         return 0
 
+    if bad := [impl for impl in args.impls.split(",") if impl not in WORKERS]:
+        parser.error(f"--impls: {bad} unknown; accepted: {', '.join(WORKERS)}")
     shapes = ["smoke"] if args.smoke else args.shapes.split(",")
     if not args.smoke and not cuda():
         parser.error("the full benchmark needs a CUDA GPU; use --smoke on the CPU")
