@@ -378,6 +378,14 @@ def write_profile(profiler, path: Path) -> None:
     sort = "self_cuda_time_total" if on_gpu() else "self_cpu_time_total"
     text = profiler.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
     path.write_text(f"{PROFILE_STEPS} steps after the timed ones, sorted by {sort}\n\n{text}\n")
+    # the timeline too, gzipped: where the device sits idle shows only there
+    import gzip
+
+    trace = path.with_suffix(".trace.json")
+    profiler.export_chrome_trace(str(trace))
+    with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
 
 
 def worker_hf(args) -> dict:

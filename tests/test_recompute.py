@@ -91,29 +91,32 @@ def test_offloaded_gradients_equal_plain_checkpointing_and_buffers_are_reused(ti
 
 @gpu
 def test_offload_frees_the_layer_inputs_from_device_memory(tmp_path):
-    """A model whose activations dominate: 8 layers of [8, 1024, 512] float32 inputs
-    (16 MiB each). Offloading has to save most of the 128 MiB they take."""
+    """8 layers of [8, 1024, 512] float32 inputs (16 MiB each): after the forward
+    (copies finished), plain checkpointing holds all of them on the device and
+    offloading none. Measured once the copies are done, not as a peak: how much
+    of the peak goes depends on the host link keeping up with the compute."""
     model_dir = make_tiny_model(tmp_path / "model", num_hidden_layers=8, hidden_size=512, intermediate_size=1024,
                                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
     ids = torch.randint(5, 100, (8, 1024), generator=torch.Generator().manual_seed(0)).cuda()
 
-    def peak(mode):
+    def held_after_forward(mode):
         model = load(model_dir, mode, "cuda")[0]
-        grads_after_step(model, ids)  # warm-up: allocator pools, cuBLAS workspaces
+        grads_after_step(model, ids)  # warm-up: allocator pools, pinned buffers
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
         torch.cuda.synchronize()
-        used = torch.cuda.max_memory_allocated() - base
-        del model
+        torch.empty(1, device="cuda")  # the allocator retires blocks whose side-stream copies are done
+        held = torch.cuda.memory_allocated() - base
+        loss.backward()
+        del model, loss
         torch.cuda.empty_cache()
-        return used
+        return held
 
     layer_input = 8 * 1024 * 512 * 4
-    saved = peak(True) - peak("offload")
-    assert saved > 5 * layer_input, (saved / 2**20, layer_input / 2**20)
+    saved = held_after_forward(True) - held_after_forward("offload")
+    assert saved >= 7 * layer_input, (saved / 2**20, layer_input / 2**20)
 
 
 def test_offloader_passes_host_tensors_through():

@@ -264,12 +264,14 @@ def build_optimizer_and_scheduler(run: Run):
 def train_epochs(run: Run) -> None:
     """Step until ``total_steps``, epoch after epoch; resumes mid-epoch."""
     from plait.data.batching import plan_batches
+    from plait.train.prefetch import StepPrefetcher
     from plait.train.progress import Progress
 
     cfg = run.cfg
     eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, run.steps_per_epoch, run.total_steps)
     save_every = interval(cfg.save_steps, cfg.saves_per_epoch, run.steps_per_epoch, run.total_steps)
     progress = Progress(run)
+    prefetch = StepPrefetcher(lambda window: [shard(run, collate(run, run.train_data, mb)) for mb in window])
     try:
         while run.step < run.total_steps:
             plan = plan_batches(cfg, run.train_lengths, run.epoch, run.dp_rank, run.dp_size)
@@ -278,7 +280,7 @@ def train_epochs(run: Run) -> None:
             ga = cfg.gradient_accumulation_steps
             windows = [plan[i:i + ga] for i in range(0, len(plan), ga)]
             for index in range(run.step_in_epoch, len(windows)):
-                metrics = train_step(run, windows[index])
+                metrics = train_step(run, windows[index], prefetch.get(run.epoch, windows, index))
                 run.step_in_epoch = index + 1
                 log_step(run, metrics, progress)
                 if eval_every and run.step % eval_every == 0 and run.eval_data is not None:
@@ -292,6 +294,7 @@ def train_epochs(run: Run) -> None:
             else:
                 run.epoch, run.step_in_epoch = run.epoch + 1, 0
     finally:
+        prefetch.close()
         progress.close()
 
 
@@ -355,15 +358,17 @@ def interval(steps, per_epoch, steps_per_epoch: int, total_steps: int) -> int | 
     return None
 
 
-def train_step(run: Run, window) -> dict:
-    """One optimizer step over ``window`` (its micro-batches)."""
+def train_step(run: Run, window, batches: list | None = None) -> dict:
+    """One optimizer step over ``window`` (its micro-batches); ``batches`` are
+    those micro-batches already collated (:mod:`plait.train.prefetch`)."""
     import torch
 
     from plait.train.distributed import all_reduce_sum, loss_divisor
 
     cfg, model = run.cfg, run.model
     started = time.perf_counter()
-    batches = [shard(run, collate(run, run.train_data, micro_batch)) for micro_batch in window]
+    if batches is None:
+        batches = [shard(run, collate(run, run.train_data, micro_batch)) for micro_batch in window]
     # tokens the model reads (pad slots excluded, packed or not), from the rows' lengths
     input_tokens = sum(input_token_count(run.train_lengths, micro_batch) for micro_batch in window)
     # count first, so every micro-batch's loss is divided by the window's trained tokens
@@ -460,7 +465,7 @@ def loss_of(run: Run, batch, *, training: bool = False):
 
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
     # to_device moves anything with .to: tensors and a flex BlockMask; ints stay
-    batch = to_device(batch, run.device)
+    batch = to_device(without_full_attention_mask(batch), run.device)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     hidden, head, outputs = forward_hidden(run.model, inputs)
     labels = batch[labels_key]
@@ -476,6 +481,23 @@ def loss_of(run: Run, batch, *, training: bool = False):
             if term is not None:
                 loss_sum = loss_sum + term.to(loss_sum.dtype) * n_tokens
     return loss_sum, n_tokens
+
+
+def without_full_attention_mask(batch: dict) -> dict:
+    """``batch`` without its 2-D ``attention_mask`` when that mask is all ones.
+
+    Rows without padding need no mask: the model then runs plain causal
+    attention. With the mask, transformers checks on the device whether it is
+    all ones, a host sync at the start of every forward; here the check is on
+    the CPU tensor, before it moves. Packed batches keep theirs (segment ids
+    above 1, or another layout).
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or not hasattr(mask, "dim") or mask.dim() != 2 or mask.device.type != "cpu":
+        return batch
+    if mask.dtype.is_floating_point or not bool((mask == 1).all()):
+        return batch
+    return {key: value for key, value in batch.items() if key != "attention_mask"}
 
 
 def autocast(run: Run):

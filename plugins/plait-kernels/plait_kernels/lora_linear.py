@@ -127,9 +127,10 @@ class LoRASharedInputFunction(torch.autograd.Function):
         coefs, d_bs, start = [], [], 0
         for d_out, w, quant_state, b, scale, rank in zip(d_outs, weights, ctx.quant_states, bs, ctx.scales, ctx.ranks):
             d_out = d_out.contiguous()
-            term = d_out @ dense_weight(w, quant_state, dt)
-            d_x = term if d_x is None else d_x.add_(term)
-            del term
+            weight = dense_weight(w, quant_state, dt)
+            # accumulate in place: no [tokens, in] temporary and add pass per projection
+            d_x = d_out @ weight if d_x is None else d_x.addmm_(d_out, weight)
+            del weight
             coefs.append((d_out @ b.to(dt)).mul_(scale))
             d_bs.append((d_out.t() @ xa[:, start:start + rank]).mul_(scale))
             start += rank

@@ -1,0 +1,82 @@
+"""The loop's step prefetch (next window collated on a worker thread) and the
+all-ones attention mask left on the host."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from plait.train.loop import without_full_attention_mask
+from plait.train.prefetch import StepPrefetcher
+
+
+def test_prefetch_returns_every_window_in_order_and_collates_the_next_on_the_worker():
+    threads = {}
+
+    def collate_window(window):
+        threads[window] = threading.current_thread().name
+        return [f"batch of {window}"]
+
+    windows = ["w0", "w1", "w2"]
+    prefetch = StepPrefetcher(collate_window)
+    try:
+        got = [prefetch.get(0, windows, i) for i in range(3)]
+    finally:
+        prefetch.close()
+    assert got == [["batch of w0"], ["batch of w1"], ["batch of w2"]]
+    assert threads["w0"] == threading.current_thread().name  # nothing was ahead of the first
+    assert threads["w1"].startswith("plait-collate") and threads["w2"].startswith("plait-collate")
+
+
+def test_prefetch_of_another_epoch_or_index_is_not_used():
+    calls = []
+    prefetch = StepPrefetcher(lambda window: calls.append(window) or [window])
+    try:
+        assert prefetch.get(0, ["a", "b"], 0) == ["a"]  # starts on "b" for epoch 0
+        assert prefetch.get(1, ["c", "d"], 1) == ["d"]  # a resumed or new epoch: collated here
+    finally:
+        prefetch.close()
+    assert calls.count("d") == 1
+
+
+def test_a_data_error_in_the_worker_surfaces_at_its_step():
+    def collate_window(window):
+        if window == "bad":
+            raise ValueError("row 3 of data.jsonl: bad")
+        return [window]
+
+    prefetch = StepPrefetcher(collate_window)
+    try:
+        assert prefetch.get(0, ["ok", "bad"], 0) == ["ok"]
+        with pytest.raises(ValueError, match="row 3 of data.jsonl"):
+            prefetch.get(0, ["ok", "bad"], 1)
+    finally:
+        prefetch.close()
+
+
+def test_an_all_ones_mask_is_dropped_and_every_other_mask_kept():
+    ids = torch.arange(8).view(2, 4)
+    full = {"input_ids": ids, "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    assert "attention_mask" not in without_full_attention_mask(full)
+    padded = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert without_full_attention_mask(padded) is padded
+    packed = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 2, 2], [1, 1, 1, 2]])}  # segment ids
+    assert without_full_attention_mask(packed) is packed
+    four_d = {"input_ids": ids, "attention_mask": torch.ones(2, 1, 4, 4, dtype=torch.bool)}
+    assert without_full_attention_mask(four_d) is four_d
+
+
+def test_dropping_the_all_ones_mask_leaves_the_logits_unchanged(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from plait.testing import make_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"), dtype=torch.float32).eval()
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        unmasked = model(**without_full_attention_mask({"input_ids": ids,
+                                                        "attention_mask": torch.ones_like(ids)})).logits
+    assert torch.equal(masked, unmasked)
