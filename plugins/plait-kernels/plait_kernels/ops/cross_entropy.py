@@ -86,13 +86,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T + bias``; gradients made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, softcap, chunk_rows):
+    def forward(ctx, hidden, weight, labels, bias, softcap, chunk_rows, rows_all):
+        # rows_all: the trained positions (labels != -100), found by the caller
         vocab = weight.shape[0]
-        rows_all = (labels != -100).nonzero().squeeze(1)
         n = rows_all.numel()
         if n:
-            trained = labels.index_select(0, rows_all)
-            low, high = int(trained.min()), int(trained.max())
+            # one host sync for both bounds: each sync leaves the device idle while the host catches up
+            low, high = torch.stack(torch.aminmax(labels.index_select(0, rows_all))).tolist()
             if low < 0 or high >= vocab:
                 bad = low if low < 0 else high
                 raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab}) and is not -100")
@@ -129,10 +129,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss.to(torch.float32)
 
         def scaled(g):
-            # backward of a plain `loss.backward()` has scale 1: skip the extra pass then
-            return None if g is None else (g if bool(scale == 1) else (g * scale).to(g.dtype))
+            # always scaled (the loop divides the loss by the step's tokens, so the scale is
+            # rarely 1): testing for 1 would cost a host sync at the start of every backward
+            return None if g is None else (g * scale).to(g.dtype)
 
-        return scaled(grad_hidden), scaled(grad_weight), None, scaled(grad_bias), None, None
+        return scaled(grad_hidden), scaled(grad_weight), None, scaled(grad_bias), None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
@@ -144,6 +145,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, 
     (already shifted; ``-100`` marks untrained positions). Returns
     ``(loss_sum, n_trained_tokens)`` like core's loss step.
     """
-    n_tokens = int((labels != -100).sum())
-    loss = FusedLinearCrossEntropy.apply(hidden, head_weight, labels, head_bias, softcap, chunk_rows)
-    return loss, n_tokens
+    rows = (labels != -100).nonzero().squeeze(1)  # a host sync, and the count with it
+    loss = FusedLinearCrossEntropy.apply(hidden, head_weight, labels, head_bias, softcap, chunk_rows, rows)
+    return loss, rows.numel()
