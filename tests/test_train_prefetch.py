@@ -12,7 +12,7 @@ from plait.train.loop import without_full_attention_mask
 from plait.train.prefetch import StepPrefetcher
 
 
-def test_prefetch_returns_every_window_in_order_and_collates_the_next_on_the_worker():
+def test_prefetch_returns_every_window_in_order_and_collates_started_ones_on_the_worker():
     threads = {}
 
     def collate_window(window):
@@ -22,20 +22,25 @@ def test_prefetch_returns_every_window_in_order_and_collates_the_next_on_the_wor
     windows = ["w0", "w1", "w2"]
     prefetch = StepPrefetcher(collate_window)
     try:
-        got = [prefetch.get(0, windows, i) for i in range(3)]
+        got = []
+        for i in range(3):
+            got.append(prefetch.get(0, windows, i))
+            prefetch.start(0, windows, i + 1)  # what the loop does as the step's last backward begins
     finally:
         prefetch.close()
     assert got == [["batch of w0"], ["batch of w1"], ["batch of w2"]]
-    assert threads["w0"] == threading.current_thread().name  # nothing was ahead of the first
+    assert threads["w0"] == threading.current_thread().name  # nothing was started before the first
     assert threads["w1"].startswith("plait-collate") and threads["w2"].startswith("plait-collate")
 
 
-def test_prefetch_of_another_epoch_or_index_is_not_used():
+def test_a_started_window_of_another_epoch_or_index_is_not_used():
     calls = []
     prefetch = StepPrefetcher(lambda window: calls.append(window) or [window])
     try:
-        assert prefetch.get(0, ["a", "b"], 0) == ["a"]  # starts on "b" for epoch 0
-        assert prefetch.get(1, ["c", "d"], 1) == ["d"]  # a resumed or new epoch: collated here
+        assert prefetch.get(0, ["a", "b"], 0) == ["a"]
+        prefetch.start(0, ["a", "b"], 1)
+        assert prefetch.get(1, ["c", "d"], 1) == ["d"]  # a new epoch (or a resume): collated here
+        prefetch.start(1, ["c", "d"], 2)  # past the epoch's end: nothing to start
     finally:
         prefetch.close()
     assert calls.count("d") == 1
@@ -50,6 +55,7 @@ def test_a_data_error_in_the_worker_surfaces_at_its_step():
     prefetch = StepPrefetcher(collate_window)
     try:
         assert prefetch.get(0, ["ok", "bad"], 0) == ["ok"]
+        prefetch.start(0, ["ok", "bad"], 1)
         with pytest.raises(ValueError, match="row 3 of data.jsonl"):
             prefetch.get(0, ["ok", "bad"], 1)
     finally:

@@ -47,6 +47,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,8 @@ def train_epochs(run: Run) -> None:
             ga = cfg.gradient_accumulation_steps
             windows = [plan[i:i + ga] for i in range(0, len(plan), ga)]
             for index in range(run.step_in_epoch, len(windows)):
-                metrics = train_step(run, windows[index], prefetch.get(run.epoch, windows, index))
+                metrics = train_step(run, windows[index], prefetch.get(run.epoch, windows, index),
+                                     before_last_backward=partial(prefetch.start, run.epoch, windows, index + 1))
                 run.step_in_epoch = index + 1
                 log_step(run, metrics, progress)
                 if eval_every and run.step % eval_every == 0 and run.eval_data is not None:
@@ -358,9 +360,11 @@ def interval(steps, per_epoch, steps_per_epoch: int, total_steps: int) -> int | 
     return None
 
 
-def train_step(run: Run, window, batches: list | None = None) -> dict:
+def train_step(run: Run, window, batches: list | None = None, before_last_backward=None) -> dict:
     """One optimizer step over ``window`` (its micro-batches); ``batches`` are
-    those micro-batches already collated (:mod:`plait.train.prefetch`)."""
+    those micro-batches already collated (:mod:`plait.train.prefetch`).
+    ``before_last_backward`` is called once, as the last backward pass starts:
+    from there to the step's end the host mostly waits on the device."""
     import torch
 
     from plait.train.distributed import all_reduce_sum, loss_divisor
@@ -385,6 +389,8 @@ def train_step(run: Run, window, batches: list | None = None) -> dict:
             with autocast(run):
                 micro_loss, _ = loss_of(run, batch, training=True)
             scaled = micro_loss / divisor
+            if last and before_last_backward is not None:
+                before_last_backward()
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += micro_loss.detach().double()  # no host sync per micro-batch
     loss_sum = float(loss_sum)
@@ -395,7 +401,10 @@ def train_step(run: Run, window, batches: list | None = None) -> dict:
     input_tokens /= data_replicas(run)
     loss = loss_sum / max(tokens, 1)
     check_loss(run, loss)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    if "trainable_params" not in run.extras:
+        # fixed for the run; walking a large model's modules costs milliseconds, every step
+        run.extras["trainable_params"] = [p for p in model.parameters() if p.requires_grad]
+    trainable = run.extras["trainable_params"]
     if scaler:
         scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))

@@ -15,10 +15,15 @@ from typing import Callable
 
 
 class StepPrefetcher:
-    """``get(epoch, windows, index)`` returns window ``index`` collated and starts on ``index + 1``.
+    """``start(epoch, windows, index)`` begins collating window ``index`` on a
+    worker thread; ``get(epoch, windows, index)`` returns it, collated here if
+    it was not started (the first step, a resumed one).
 
-    Only the next window of the same epoch is prepared ahead: the next epoch's
-    plan is not known until the epoch starts.
+    The loop starts the next window as the current step's last backward pass
+    begins, not at the step's start: the forward keeps the host busy launching
+    kernels, and a worker holding the interpreter lock there would slow it.
+    Only windows of the current epoch are started ahead: the next epoch's plan
+    is not known until it begins.
     """
 
     def __init__(self, collate_window: Callable[[list], list]):
@@ -26,21 +31,24 @@ class StepPrefetcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plait-collate")
         self._ahead: tuple[tuple[int, int], Future] | None = None
 
+    def start(self, epoch: int, windows: list, index: int) -> None:
+        if index < len(windows):
+            self._discard()
+            self._ahead = ((epoch, index), self._pool.submit(self._collate_window, windows[index]))
+
     def get(self, epoch: int, windows: list, index: int) -> list:
-        batches = None
-        if self._ahead is not None:
-            key, future = self._ahead
+        if self._ahead is not None and self._ahead[0] == (epoch, index):
+            future = self._ahead[1]
             self._ahead = None
-            if key == (epoch, index):
-                batches = future.result()  # a data error raised in the worker surfaces here
-            else:
-                future.cancel()
-        if batches is None:
-            batches = self._collate_window(windows[index])
-        if index + 1 < len(windows):
-            self._ahead = ((epoch, index + 1), self._pool.submit(self._collate_window, windows[index + 1]))
-        return batches
+            return future.result()  # a data error raised in the worker surfaces here
+        self._discard()
+        return self._collate_window(windows[index])
+
+    def _discard(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
 
     def close(self) -> None:
-        self._ahead = None
+        self._discard()
         self._pool.shutdown(wait=True, cancel_futures=True)
