@@ -1,0 +1,73 @@
+"""Where the GPU sat idle in a profiled stretch: gaps between kernels, and the
+host work that was running in them.
+
+    python3 bench/trace_gaps.py throughput_1b_lora_profile0.trace.json.gz [--top 15]
+
+Reads a Chrome trace written by ``torch.profiler`` (``bench/throughput.py
+--profile`` writes one per plait case), merges the device's kernel and copy
+intervals, and prints the busy share of the span, the idle time in gaps of
+each size, and the largest gaps with the outermost CPU ops open at the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from collections import Counter
+
+
+def load(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_intervals(events) -> list[tuple[float, float]]:
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def open_cpu_ops(cpu_ops, at: float, limit: int = 3) -> str:
+    """The outermost-first CPU ops spanning time ``at``."""
+    spanning = [e for e in cpu_ops if e["ts"] <= at <= e["ts"] + e.get("dur", 0)]
+    spanning.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+    return " > ".join(e["name"][:40] for e in spanning[:limit]) or "(no op open)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trace")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    events = load(args.trace)
+    busy = device_intervals(events)
+    if not busy:
+        raise SystemExit("no device kernels in this trace")
+    span = busy[-1][1] - busy[0][0]
+    gaps = [(b[0] - a[1], a[1]) for a, b in zip(busy, busy[1:]) if b[0] > a[1]]
+    idle = sum(g for g, _ in gaps)
+    print(f"span {span / 1e3:.1f} ms, device busy {100 * (1 - idle / span):.1f}%, idle {idle / 1e3:.1f} ms "
+          f"in {len(gaps)} gaps")
+    buckets = Counter()
+    for gap, _ in gaps:
+        key = "<10us" if gap < 10 else "10-100us" if gap < 100 else "0.1-1ms" if gap < 1000 else ">=1ms"
+        buckets[key] += gap
+    for key in ("<10us", "10-100us", "0.1-1ms", ">=1ms"):
+        print(f"  gaps {key:>9}: {buckets[key] / 1e3:8.2f} ms")
+    cpu_ops = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function", "user_annotation")]
+    print(f"\nlargest {args.top} gaps (us, host ops open at the gap's start):")
+    for gap, at in sorted(gaps, reverse=True)[:args.top]:
+        print(f"  {gap:9.0f}  at +{(at - busy[0][0]) / 1e3:7.2f} ms  {open_cpu_ops(cpu_ops, at + 1)}")
+
+
+if __name__ == "__main__":
+    main()
