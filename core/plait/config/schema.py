@@ -111,7 +111,9 @@ class CoreConfig(StrictModel):
     varlen_attention: bool = Field(False, description="PyTorch's varlen attention (torch.nn.attention.varlen; CUDA, "
                                    "needs sample_packing); attn_implementation 'plait_varlen'.")
     eager_attention: bool = False
-    gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = False
+    gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = Field(
+        False, description="Recompute each decoder layer in backward; offload (alias unsloth) also keeps the "
+                           "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values.")
     gradient_checkpointing_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     # adapters (the adapter plugin validates its own keys)
