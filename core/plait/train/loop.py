@@ -272,7 +272,7 @@ def train_epochs(run: Run) -> None:
     eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, run.steps_per_epoch, run.total_steps)
     save_every = interval(cfg.save_steps, cfg.saves_per_epoch, run.steps_per_epoch, run.total_steps)
     progress = Progress(run)
-    prefetch = StepPrefetcher(lambda window: [shard(run, collate(run, run.train_data, mb)) for mb in window])
+    prefetch = StepPrefetcher(partial(collate_window, run))
     try:
         while run.step < run.total_steps:
             plan = plan_batches(cfg, run.train_lengths, run.epoch, run.dp_rank, run.dp_size)
@@ -372,7 +372,7 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     cfg, model = run.cfg, run.model
     started = time.perf_counter()
     if batches is None:
-        batches = [shard(run, collate(run, run.train_data, micro_batch)) for micro_batch in window]
+        batches = collate_window(run, window)
     # tokens the model reads (pad slots excluded, packed or not), from the rows' lengths
     input_tokens = sum(input_token_count(run.train_lengths, micro_batch) for micro_batch in window)
     # count first, so every micro-batch's loss is divided by the window's trained tokens
@@ -431,6 +431,11 @@ def collate(run: Run, dataset, micro_batch) -> dict:
 
     rows = [materialize(dataset, bin_indices) for bin_indices in micro_batch]
     return run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer)
+
+
+def collate_window(run: Run, window) -> list[dict]:
+    """This rank's collated micro-batches of one optimizer step's ``window``."""
+    return [shard(run, collate(run, run.train_data, micro_batch)) for micro_batch in window]
 
 
 def shard(run: Run, batch: dict) -> dict:

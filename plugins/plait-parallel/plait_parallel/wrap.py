@@ -35,12 +35,11 @@ def wrap_model(cfg, model, mesh=None):
     layers = decoder_layers(model, decoder_layer_class(cfg, model, options.layer_cls))
 
     if options.activation_checkpointing:
-        from plait.train.recompute import OFFLOAD_MODES, enable_gradient_checkpointing
+        from plait.train.recompute import enable_gradient_checkpointing
 
         # before sharding: the checkpoint wrapper must see the original forward; a top-level
         # gradient_checkpointing: offload keeps its offloading rather than being reset to plain
-        mode = cfg.gradient_checkpointing if cfg.gradient_checkpointing in OFFLOAD_MODES else True
-        enable_gradient_checkpointing(model, mode, cfg.gradient_checkpointing_kwargs)
+        enable_gradient_checkpointing(model, cfg.gradient_checkpointing or True, cfg.gradient_checkpointing_kwargs)
 
     if mesh["tp"].size() > 1:
         from plait_parallel.tensor_parallel import apply_tensor_parallel
