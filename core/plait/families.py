@@ -29,6 +29,10 @@ class ModelFamily:
     #: class name of the MLP module, and its activation kind ("swiglu", "geglu")
     mlp_class: str | None = None
     mlp_activation: str | None = None
+    #: the decoder layer adds the MLP's output straight to the residual stream and
+    #: nothing after the MLP saves it for backward (no post-MLP norm), so a
+    #: checkpoint's recompute pass may skip computing that output
+    mlp_output_feeds_residual: bool = False
     #: tensor-parallel plan: module suffix -> "colwise" | "rowwise" | "sequence"
     tp_plan: dict[str, str] = field(default_factory=dict)
     #: jinja chat template used when the tokenizer has none

@@ -21,13 +21,19 @@ through the hooks below: the layer's positional inputs (the hidden states).
 Everything saved *inside* the layer is discarded and recomputed by the
 checkpoint as usual, and keyword inputs (rotary tables, masks) live in the
 layer's closure and stay on the device.
+
+Every non-reentrant mode also marks the recompute pass (:func:`is_recomputing`):
+there the layer's output is thrown away, so a module whose output nothing in
+the layer saves (a Llama MLP feeding the residual add) may skip computing it.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import weakref
+from contextlib import contextmanager
 from collections import defaultdict
 
 import torch
@@ -52,15 +58,67 @@ def enable_gradient_checkpointing(model, mode, checkpoint_kwargs: dict | None = 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if mode not in OFFLOAD_MODES:
-        return None
-    offloader = ActivationOffloader()
-    wrap_layers(model, offloader)
+    offloader = ActivationOffloader() if mode in OFFLOAD_MODES else None
+    if offloader is not None and not wrap_layers(model, offloader.wrap):
+        raise ValueError(f"gradient_checkpointing: offload found no checkpointed layer in {type(model).__name__}")
+    if not kwargs["use_reentrant"]:
+        # a reentrant checkpoint backpropagates through the recomputed output, so
+        # only the non-reentrant one may tell modules that it is unused
+        wrap_layers(model, mark_recompute)
     return offloader
 
 
-def wrap_layers(model, offloader: "ActivationOffloader") -> int:
-    """Route every checkpointed layer's saved inputs through ``offloader``.
+_recompute_state = threading.local()
+
+
+def is_recomputing() -> bool:
+    """Whether this thread is inside a non-reentrant checkpoint's recompute pass.
+
+    There only the tensors the layer's forward saves for backward are used; the
+    layer's output is discarded (torch stops the pass as soon as the last saved
+    tensor is rebuilt). A module may then return an uninitialised output instead
+    of computing it, provided nothing later in the layer saves that output or
+    anything derived from it.
+    """
+    return getattr(_recompute_state, "active", False)
+
+
+@contextmanager
+def _recomputing():
+    before = is_recomputing()
+    _recompute_state.active = True
+    try:
+        yield
+    finally:
+        _recompute_state.active = before
+
+
+def mark_recompute(checkpoint_func):
+    """A checkpointing function whose every call after the first (the forward)
+    of the layer function runs under :func:`is_recomputing`.
+
+    The autograd engine recomputes on its own thread, hence a thread-local flag.
+    """
+
+    @functools.wraps(checkpoint_func)
+    def marked(function, *args, **kwargs):
+        calls = 0
+
+        def counted(*inner_args, **inner_kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return function(*inner_args, **inner_kwargs)
+            with _recomputing():
+                return function(*inner_args, **inner_kwargs)
+
+        return checkpoint_func(counted, *args, **kwargs)
+
+    return marked
+
+
+def wrap_layers(model, wrap) -> int:
+    """Replace every checkpointed layer's checkpointing function ``f`` by ``wrap(f)``.
 
     transformers gives each checkpointed layer a ``_gradient_checkpointing_func``;
     replacing it on those modules is the library's own switch, not a patch of its
@@ -73,10 +131,8 @@ def wrap_layers(model, offloader: "ActivationOffloader") -> int:
         func = getattr(module, "_gradient_checkpointing_func", None)
         # the model itself carries the flag too, but only the layers call the function
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing and func is not None:
-            module._gradient_checkpointing_func = offloader.wrap(func)
+            module._gradient_checkpointing_func = wrap(func)
             wrapped += 1
-    if not wrapped:
-        raise ValueError(f"gradient_checkpointing: offload found no checkpointed layer in {type(model).__name__}")
     return wrapped
 
 

@@ -6,12 +6,23 @@ inputs, and for each output a LoRA product, a scaling pass and an add pass over
 ``[tokens, intermediate]`` tensors, with autograd keeping the activation
 ``h = act(gate) * up`` for the down projection's backward. Here:
 
-- gate's and up's ``A`` matrices are stacked, so ``x`` is read once for both
-  (``xa = x @ [A_g; A_u].T``), and in backward ``dx``'s two LoRA terms and both
-  ``dA`` are one matmul each;
-- each LoRA product is accumulated into its base output by ``addmm_(alpha=s)``:
-  no separate scaling or add passes, no ``[tokens, intermediate]`` temporaries;
-- ``h`` is not stored: the backward recomputes it with the GLU kernel.
+- gate and up, base and LoRA, are one matmul over a widened input::
+
+      x_wide = [x | x A_g.T | x A_u.T]                  [tokens, hidden + r_g + r_u]
+      W_wide = [[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]   [2 * intermediate, hidden + r_g + r_u]
+      [gate | up] = x_wide @ W_wide.T
+
+  so no pass over the ``[tokens, intermediate]`` outputs adds a LoRA product
+  (the widened input and weight are built per call: the input is 4x and the
+  weight far smaller than the outputs). In backward ``[d_gate | d_up] @ W_wide``
+  gives ``dx``'s base part and both LoRA coefficients in one matmul, and both
+  ``dB`` come from one more read of ``[d_gate | d_up]``;
+- the down projection's LoRA product is accumulated into its output by
+  ``addmm_(alpha=s)``: no separate scaling or add pass;
+- ``h`` is not stored: the backward recomputes it with the GLU kernel;
+- in a checkpoint's recompute pass the down projection is skipped when the
+  family says nothing after the MLP saves its output (the pass only rebuilds
+  what backward saved; the layer output is discarded).
 
 Frozen base weights only (LoRA training): a base weight that needs a gradient,
 a bias, dropout, DoRA or several active adapters take the module's ordinary
@@ -28,8 +39,24 @@ from __future__ import annotations
 
 import torch
 
+from plait.train.recompute import is_recomputing
 from plait_kernels.lora_linear import dense_weight, is_lora, lora_parts
 from plait_kernels.modules import PlaitGLUMLP
+
+
+def _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, hidden: int, dtype) -> torch.Tensor:
+    """``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]``: gate's and up's base and LoRA ``B``
+    weights as one ``[2 * intermediate, hidden + r_g + r_u]`` matrix, so that
+    ``[x | x A_g.T | x A_u.T] @ it.T`` is ``[gate | up]`` with LoRA included."""
+    inter, r_g, r_u = b_g.shape[0], b_g.shape[1], b_u.shape[1]
+    w = torch.empty(2 * inter, hidden + r_g + r_u, dtype=dtype, device=b_g.device)
+    w[:inter, :hidden].copy_(dense_weight(w_g, q_g, dtype))
+    w[inter:, :hidden].copy_(dense_weight(w_u, q_u, dtype))
+    w[:inter, hidden:hidden + r_g].copy_(b_g).mul_(s_g)
+    w[:inter, hidden + r_g:].zero_()
+    w[inter:, hidden:hidden + r_g].zero_()
+    w[inter:, hidden + r_g:].copy_(b_u).mul_(s_u)
+    return w
 
 
 class LoRAGLUMLPFunction(torch.autograd.Function):
@@ -37,28 +64,37 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
 
     Inputs per projection: frozen base weight ``W`` (dense, or 4-bit packed data
     with its ``quant_state``; ``None`` for dense), LoRA ``A`` ``[r, in]``, ``B``
-    ``[out, r]`` and scaling ``s``. ``x`` is ``[tokens, hidden]``.
+    ``[out, r]`` and scaling ``s``. ``x`` is ``[tokens, hidden]``. With
+    ``skip_output`` (a checkpoint's recompute pass, whose output is discarded)
+    the down projection is not computed and the output is left uninitialised.
     """
 
     @staticmethod
-    def forward(ctx, x, w_g, q_g, a_g, b_g, s_g, w_u, q_u, a_u, b_u, s_u, w_d, q_d, a_d, b_d, s_d, gelu):
+    def forward(ctx, x, w_g, q_g, a_g, b_g, s_g, w_u, q_u, a_u, b_u, s_u, w_d, q_d, a_d, b_d, s_d, gelu,
+                skip_output=False):
         from plait_kernels.ops.glu import glu_forward
 
         dt = x.dtype
+        tokens, hidden = x.shape
+        inter = b_g.shape[0]
         a_gu = torch.cat([a_g, a_u]).to(dt)
-        r_g = a_g.shape[0]
-        xa = x @ a_gu.t()  # one read of x for both LoRA A's
-        gate = x @ dense_weight(w_g, q_g, dt).t()
-        gate.addmm_(xa[:, :r_g], b_g.to(dt).t(), alpha=s_g)
-        up = x @ dense_weight(w_u, q_u, dt).t()
-        up.addmm_(xa[:, r_g:], b_u.to(dt).t(), alpha=s_u)
-        h = glu_forward(gate, up, gelu)
+        # x_wide = [x | x A_g.T | x A_u.T]: one read of x for both A's, and with
+        # the stacked weight one matmul gives gate and up with their LoRA terms
+        # (no add pass over the [tokens, 2 * intermediate] output)
+        x_wide = x.new_empty(tokens, hidden + a_gu.shape[0])
+        x_wide[:, :hidden].copy_(x)
+        torch.mm(x, a_gu.t(), out=x_wide[:, hidden:])
+        gate_up = x_wide @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, hidden, dt).t()
+        h = glu_forward(gate_up[:, :inter], gate_up[:, inter:], gelu)
         ha = h @ a_d.to(dt).t()
-        out = h @ dense_weight(w_d, q_d, dt).t()
-        out.addmm_(ha, b_d.to(dt).t(), alpha=s_d)
-        ctx.save_for_backward(x, gate, up, xa, ha, w_g, a_gu, b_g, w_u, b_u, w_d, a_d, b_d)
+        if skip_output:
+            out = x.new_empty(tokens, b_d.shape[0])
+        else:
+            out = h @ dense_weight(w_d, q_d, dt).t()
+            out.addmm_(ha, b_d.to(dt).t(), alpha=s_d)
+        ctx.save_for_backward(x_wide, gate_up, ha, w_g, b_g, w_u, b_u, w_d, a_gu, a_d, b_d)
         ctx.quant_states = (q_g, q_u, q_d)
-        ctx.scales, ctx.r_g, ctx.gelu = (s_g, s_u, s_d), r_g, gelu
+        ctx.scales, ctx.r_g, ctx.gelu = (s_g, s_u, s_d), a_g.shape[0], gelu
         ctx.param_dtypes = (a_g.dtype, b_g.dtype, a_u.dtype, b_u.dtype, a_d.dtype, b_d.dtype)
         return out
 
@@ -66,11 +102,15 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
     def backward(ctx, d_out):
         from plait_kernels.ops.glu import glu_backward, glu_forward
 
-        x, gate, up, xa, ha, w_g, a_gu, b_g, w_u, b_u, w_d, a_d, b_d = ctx.saved_tensors
+        x_wide, gate_up, ha, w_g, b_g, w_u, b_u, w_d, a_gu, a_d, b_d = ctx.saved_tensors
         s_g, s_u, s_d = ctx.scales
         q_g, q_u, q_d = ctx.quant_states
-        dt = x.dtype
-        b_g, b_u, a_d, b_d = b_g.to(dt), b_u.to(dt), a_d.to(dt), b_d.to(dt)
+        dt = x_wide.dtype
+        r_g = ctx.r_g
+        hidden = x_wide.shape[1] - a_gu.shape[0]
+        inter = gate_up.shape[1] // 2
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        a_d, b_d = a_d.to(dt), b_d.to(dt)
         d_out = d_out.contiguous()
 
         # down projection
@@ -82,21 +122,25 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         d_h = d_out @ dense_weight(w_d, q_d, dt)
         d_h.addmm_(d_out_b, a_d, alpha=s_d)
 
-        # activation, then gate and up together
-        d_gate, d_up = glu_backward(d_h, gate, up, ctx.gelu)
+        # activation, into one [d_gate | d_up] buffer
+        d_gate_up = torch.empty_like(gate_up)
+        glu_backward(d_h, gate, up, ctx.gelu, out=(d_gate_up[:, :inter], d_gate_up[:, inter:]))
         del d_h
-        r_g = ctx.r_g
-        d_b_g = (d_gate.t() @ xa[:, :r_g]).mul_(s_g)
-        d_b_u = (d_up.t() @ xa[:, r_g:]).mul_(s_u)
-        coef = torch.cat([(d_gate @ b_g).mul_(s_g), (d_up @ b_u).mul_(s_u)], dim=1)  # [T, r_g + r_u]
-        d_x = d_gate @ dense_weight(w_g, q_g, dt)
-        d_x.addmm_(d_up, dense_weight(w_u, q_u, dt))
-        d_x.addmm_(coef, a_gu)  # both LoRA A terms in one matmul
-        d_a_gu = coef.t() @ x
+        # one matmul with the stacked weight: dx's base part, and in the last
+        # r_g + r_u columns the LoRA coefficients [d_gate s_g B_g | d_up s_u B_u]
+        d_x_wide = d_gate_up @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, hidden, dt)
+        coef = d_x_wide[:, hidden:]
+        d_x = torch.addmm(d_x_wide[:, :hidden], coef, a_gu)  # both LoRA A terms of dx in one matmul
+        d_a_gu = coef.t() @ x_wide[:, :hidden]
+        del d_x_wide
+        # both B gradients in one read of [d_gate | d_up]; the off-diagonal blocks are unused
+        d_b_gu = d_gate_up.t() @ x_wide[:, hidden:]
+        d_b_g = d_b_gu[:inter, :r_g].mul(s_g)
+        d_b_u = d_b_gu[inter:, r_g:].mul(s_u)
         dtypes = ctx.param_dtypes
         return (d_x, None, None, d_a_gu[:r_g].to(dtypes[0]), d_b_g.to(dtypes[1]), None,
                 None, None, d_a_gu[r_g:].to(dtypes[2]), d_b_u.to(dtypes[3]), None,
-                None, None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None)
+                None, None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None, None)
 
 
 def is_lora_mlp(mlp) -> bool:
@@ -107,14 +151,19 @@ def is_lora_mlp(mlp) -> bool:
 class PlaitLoRAGLUMLP(PlaitGLUMLP):
     """:class:`PlaitGLUMLP` with the fused LoRA path when the adapters allow it."""
 
-    def __init__(self, gate_proj, up_proj, down_proj, glu_fn, kernel_name: str, gelu: bool):
+    def __init__(self, gate_proj, up_proj, down_proj, glu_fn, kernel_name: str, gelu: bool,
+                 output_feeds_residual: bool = False):
         super().__init__(gate_proj, up_proj, down_proj, glu_fn, kernel_name)
         self.gelu = gelu
+        # the decoder layer adds our output to the residual and saves nothing of
+        # it, so a checkpoint's recompute pass may skip the down projection
+        self.output_feeds_residual = output_feeds_residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = [lora_parts(p) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         if any(p is None for p in parts):
             return super().forward(x)  # peft's own modules, with the GLU kernel
         flat = x.reshape(-1, x.shape[-1])
-        out = LoRAGLUMLPFunction.apply(flat, *parts[0], *parts[1], *parts[2], self.gelu)
+        skip = self.output_feeds_residual and is_recomputing() and not torch.compiler.is_compiling()
+        out = LoRAGLUMLPFunction.apply(flat, *parts[0], *parts[1], *parts[2], self.gelu, skip)
         return out.view(*x.shape[:-1], out.shape[-1])

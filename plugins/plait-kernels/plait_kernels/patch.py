@@ -43,6 +43,8 @@ class Targets:
     activation: str | None  # "swiglu" | "geglu" | None (not a gated MLP we fuse)
     layer_class: str | None
     attention_class: str | None = None
+    #: the family's ``mlp_output_feeds_residual`` (see plait.families.ModelFamily)
+    mlp_output_feeds_residual: bool = False
 
 
 def find_targets(cfg, model) -> Targets:
@@ -58,10 +60,12 @@ def find_targets(cfg, model) -> Targets:
     if family is not None:
         return Targets(family.norm_class, getattr(family, "norm_offset", None), family.mlp_class,
                        family.mlp_activation or hidden_act, family.decoder_layer_class,
-                       getattr(family, "attention_class", None))
+                       getattr(family, "attention_class", None), getattr(family, "mlp_output_feeds_residual", False))
     norm_class, mlp_class, _, layer_class, attention_class = FALLBACK_FAMILIES.get(model_type, (None,) * 5)
-    # the config says which activation the MLP really uses
-    return Targets(norm_class, None, mlp_class, hidden_act, layer_class, attention_class)
+    # the config says which activation the MLP really uses; all three fallback
+    # layouts add the MLP output straight to the residual
+    return Targets(norm_class, None, mlp_class, hidden_act, layer_class, attention_class,
+                   mlp_output_feeds_residual=mlp_class is not None)
 
 
 def _set_child(root, dotted: str, new) -> None:
@@ -112,7 +116,8 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
             if backend == "triton" and is_lora_mlp(module) and getattr(cfg, "lora_mlp_kernel", None) is not False:
                 # LoRA on all three projections: the fused LoRA MLP (falls back per call when it cannot apply)
                 new = PlaitLoRAGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu,
-                                      f"{backend} lora_{activation}_mlp", gelu=activation == "geglu")
+                                      f"{backend} lora_{activation}_mlp", gelu=activation == "geglu",
+                                      output_feeds_residual=targets.mlp_output_feeds_residual)
                 op = f"lora_{activation}_mlp"
             else:
                 new = PlaitGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu, f"{backend} {activation}")

@@ -42,3 +42,25 @@ def test_glu_matches_reference_fp32(name, shape, device):
 @gpu_test
 def test_glu_gpu(name, dtype):
     _compare(name, (4, 2048, 8192), dtype, "cuda", BF16 if dtype == torch.bfloat16 else dict(atol=3e-5, rtol=1e-5))
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_glu_on_the_halves_of_one_buffer(gelu, device):
+    """gate and up as row-strided views of one [rows, 2 * cols] matmul output, and
+    d_gate / d_up written into the halves of one buffer, give exactly what the
+    contiguous tensors give (fp32)."""
+    from plait_kernels.ops.glu import glu_backward, glu_forward
+
+    gen = torch.Generator().manual_seed(1)
+    rows, cols = 5, 1100  # more than one column block per row
+    gate_up = (torch.randn(rows, 2 * cols, generator=gen) * 4).to(device)
+    d_h = torch.randn(rows, cols, generator=gen).to(device)
+    gate, up = gate_up[:, :cols], gate_up[:, cols:]
+    assert not gate.is_contiguous()
+    want_h = glu_forward(gate.contiguous(), up.contiguous(), gelu)
+    want_dg, want_du = glu_backward(d_h, gate.contiguous(), up.contiguous(), gelu)
+    torch.testing.assert_close(glu_forward(gate, up, gelu), want_h, atol=0, rtol=0)
+    grads = torch.full_like(gate_up, float("nan"))
+    glu_backward(d_h, gate, up, gelu, out=(grads[:, :cols], grads[:, cols:]))
+    torch.testing.assert_close(grads, torch.cat([want_dg, want_du], dim=1), atol=0, rtol=0)
+    torch.testing.assert_close(want_h, KERNELS["geglu" if gelu else "swiglu"][1](gate, up), **FP32)

@@ -101,3 +101,52 @@ def test_qlora_mlp_matches_lora_over_the_dequantized_base(tiny_dir, device):
 @gpu_test
 def test_qlora_mlp_matches_lora_over_the_dequantized_base_bf16_gpu(tiny_dir):
     _check_qlora(tiny_dir, "cuda", torch.bfloat16, 3e-2)
+
+
+
+def _checkpointed_skip_flags(model, device, feeds_residual=None):
+    """Train ``model`` (patched) one backward under non-reentrant checkpointing;
+    return its loss and gradients and the ``skip_output`` flag of every fused MLP call."""
+    from plait.train.recompute import enable_gradient_checkpointing
+
+    if feeds_residual is not None:
+        for layer in model.get_base_model().model.layers:
+            layer.mlp.output_feeds_residual = feeds_residual
+    enable_gradient_checkpointing(model, True)
+    model.train()
+    flags = []
+    apply = lora_mlp.LoRAGLUMLPFunction.apply
+
+    def recording(*args):
+        flags.append(args[-1])
+        return apply(*args)
+
+    lora_mlp.LoRAGLUMLPFunction.apply = recording
+    try:
+        result = loss_and_lora_grads(model, _ids(model, device))
+    finally:
+        lora_mlp.LoRAGLUMLPFunction.apply = apply
+    return result, flags
+
+
+def test_recompute_skips_the_down_projection_and_gradients_stay_exact(tiny_dir, device):
+    """Under non-reentrant checkpointing the recompute pass runs the fused MLP
+    without its down projection (the layer output is discarded there), and the
+    loss and LoRA gradients still equal peft's without checkpointing (fp32, 1e-5)."""
+    model = lora_model(tiny_dir, torch.float32, device, targets=TARGETS)
+    patched = copy.deepcopy(model)
+    _patch_glu_only(patched)
+    assert patched.get_base_model().model.layers[0].mlp.output_feeds_residual  # llama: MLP -> residual add
+    got, flags = _checkpointed_skip_flags(patched, device)
+    # two layers: each ran once in forward (output used) and once recomputed (output skipped)
+    assert flags == [False, False, True, True]
+    assert_same_loss_and_grads(got, loss_and_lora_grads(model, _ids(model, device)), 1e-5)
+
+
+def test_no_skip_when_the_family_may_save_the_mlp_output(tiny_dir, device):
+    """Without the family's ``mlp_output_feeds_residual`` (a post-MLP norm would
+    save the output) the recompute pass runs the whole MLP."""
+    model = lora_model(tiny_dir, torch.float32, device, targets=TARGETS)
+    _patch_glu_only(model)
+    _, flags = _checkpointed_skip_flags(model, device, feeds_residual=False)
+    assert flags == [False] * 4

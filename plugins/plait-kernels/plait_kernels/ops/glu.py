@@ -24,25 +24,30 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _glu_fwd(G, U, OUT, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+def _glu_fwd(G, U, OUT, cols, stride_g, stride_u, stride_out, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    # one program: BLOCK columns of one row; rows may be strided (gate and up as
+    # the two halves of one [tokens, 2 * intermediate] matmul output)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cols
+    g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
         act = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
     else:
         act = g * tl.sigmoid(g)
-    tl.store(OUT + offs, (act * u).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row * stride_out + offs, (act * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _glu_bwd(DOUT, G, U, DG, DU, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+def _glu_bwd(DOUT, G, U, DG, DU, cols, stride_dout, stride_g, stride_u, stride_dg, stride_du,
+             GELU: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cols
+    dout = tl.load(DOUT + row * stride_dout + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU:
         t = tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
         act = 0.5 * g * (1.0 + t)
@@ -51,25 +56,52 @@ def _glu_bwd(DOUT, G, U, DG, DU, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
         sig = tl.sigmoid(g)
         act = g * sig
         dact = sig * (1.0 + g * (1.0 - sig))
-    tl.store(DG + offs, (dout * u * dact).to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + offs, (dout * act).to(DU.dtype.element_ty), mask=mask)
+    tl.store(DG + row * stride_dg + offs, (dout * u * dact).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + row * stride_du + offs, (dout * act).to(DU.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, cols]`` with unit column stride; a view where it can be."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _grid(rows: int, cols: int):
+    return (rows, triton.cdiv(cols, _BLOCK))
 
 
 def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
-    """``act(gate) * up`` without autograd (for callers with their own backward)."""
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    _glu_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, GELU=gelu, BLOCK=_BLOCK)
+    """``act(gate) * up`` without autograd (for callers with their own backward).
+
+    ``gate`` and ``up`` may be row-strided views (the halves of one matmul's
+    output); the result is contiguous.
+    """
+    g, u = _rows(gate), _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    rows, cols = g.shape
+    if rows and cols:
+        _glu_fwd[_grid(rows, cols)](g, u, out, cols, g.stride(0), u.stride(0), cols, GELU=gelu, BLOCK=_BLOCK)
     return out
 
 
-def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool):
-    """``(d_gate, d_up)`` of :func:`glu_forward` for the output gradient ``dout``."""
-    dout = dout.contiguous()
-    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
-    n = gate.numel()
-    _glu_bwd[(triton.cdiv(n, _BLOCK),)](dout, gate, up, d_gate, d_up, n, GELU=gelu, BLOCK=_BLOCK)
+def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool, out=None):
+    """``(d_gate, d_up)`` of :func:`glu_forward` for the output gradient ``dout``.
+
+    ``out``: a ``(d_gate, d_up)`` pair of ``[rows, cols]`` views to write into
+    (the halves of one buffer); new contiguous tensors otherwise.
+    """
+    d, g, u = _rows(dout), _rows(gate), _rows(up)
+    if out is None:
+        out = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
+               torch.empty(up.shape, dtype=up.dtype, device=up.device))
+    d_gate, d_up = out
+    dg, du = d_gate.view(g.shape), d_up.view(u.shape)
+    if dg.stride(-1) != 1 or du.stride(-1) != 1:
+        raise ValueError("glu_backward writes rows with unit column stride")
+    rows, cols = g.shape
+    if rows and cols:
+        _glu_bwd[_grid(rows, cols)](d, g, u, dg, du, cols, d.stride(0), g.stride(0), u.stride(0),
+                                    dg.stride(0), du.stride(0), GELU=gelu, BLOCK=_BLOCK)
     return d_gate, d_up
 
 
@@ -78,7 +110,6 @@ class GLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, gelu):
-        gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
         ctx.gelu = gelu
         return glu_forward(gate, up, gelu)

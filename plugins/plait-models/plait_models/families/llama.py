@@ -17,6 +17,7 @@ FAMILY = ModelFamily(
     attention_class="LlamaAttention",
     mlp_class="LlamaMLP",
     mlp_activation="swiglu",
+    mlp_output_feeds_residual=True,
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},
     default_chat_template=LLAMA3,
     end_of_turn_tokens=("<|eot_id|>",),

@@ -13,6 +13,7 @@ FAMILY = ModelFamily(
     attention_class="MistralAttention",
     mlp_class="MistralMLP",
     mlp_activation="swiglu",
+    mlp_output_feeds_residual=True,
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},
     default_chat_template=MISTRAL,
     # Mistral ends an assistant turn with its EOS, </s>

@@ -18,6 +18,7 @@ FAMILY = ModelFamily(
     attention_class="Qwen3Attention",
     mlp_class="Qwen3MLP",
     mlp_activation="swiglu",
+    mlp_output_feeds_residual=True,
     tp_plan={**DENSE_ATTENTION_TP, **DENSE_MLP_TP},
     default_chat_template=CHATML,
     end_of_turn_tokens=("<|im_end|>",),
