@@ -308,3 +308,27 @@ def test_lora_run_stopped_and_resumed_in_process_saves_the_same_adapter(tiny_mod
     assert resumed.step == 7
     whole = (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "stopped" / "adapter_model.safetensors").read_bytes() == whole
+
+
+@pytest.mark.parametrize("loss,threshold,updated", [(2.0, None, True), (float("nan"), None, False),
+                                                     (float("inf"), None, False), (9.0, 4.0, False)])
+def test_device_side_loss_check_skips_the_fused_update(loss, threshold, updated):
+    """The step's loss check on the device (fused AdamW's found_inf): a NaN/inf
+    loss, or a mean over loss_watchdog_threshold, leaves weights and step count
+    as they were, without the host reading the loss first."""
+    from types import SimpleNamespace
+
+    from plait.train.loop import checks_loss_on_device, flag_bad_loss
+
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([param], lr=0.1, fused=True)
+    run = SimpleNamespace(optimizer=opt, mesh=None)
+    assert checks_loss_on_device(run, scaler=None)
+    assert not checks_loss_on_device(run, scaler=object())  # fp16's GradScaler owns found_inf
+    assert not checks_loss_on_device(SimpleNamespace(optimizer=torch.optim.AdamW([param], foreach=True), mesh=None),
+                                     scaler=None)
+    param.grad = torch.ones(3)
+    flag_bad_loss(opt, torch.tensor(loss * 2, dtype=torch.float64), 2, threshold)  # 2 tokens: mean = loss
+    opt.step()
+    assert torch.equal(param.data, torch.ones(3)) != updated
+    assert opt.state[param]["step"].item() == (1 if updated else 0)

@@ -393,7 +393,15 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
                 before_last_backward()
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += micro_loss.detach().double()  # no host sync per micro-batch
-    loss_sum = float(loss_sum)
+    skip_on_device = checks_loss_on_device(run, scaler)
+    if skip_on_device:
+        # the optimizer is queued behind the backward without waiting for it; a
+        # bad loss still never reaches the weights (fused AdamW skips its update)
+        flag_bad_loss(run.optimizer, loss_sum, local_tokens, cfg.loss_watchdog_threshold)
+        grad_norm, lr = _clip_and_step(run, scaler)
+        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.double()]).tolist()  # the step's one sync
+    else:
+        loss_sum = float(loss_sum)
 
     loss_sum, tokens, input_tokens = all_reduce_sum([loss_sum, local_tokens, input_tokens], run.device)
     # tensor-parallel ranks repeat their group's tokens (and loss): count them once
@@ -401,13 +409,27 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     input_tokens /= data_replicas(run)
     loss = loss_sum / max(tokens, 1)
     check_loss(run, loss)
+    if not skip_on_device:
+        grad_norm, lr = _clip_and_step(run, scaler)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    elapsed = time.perf_counter() - started
+    return {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": int(round(tokens)), "input_tokens": int(round(input_tokens)),
+            "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
+
+
+def _clip_and_step(run: Run, scaler):
+    """Clip the gradients and queue the optimizer step; ``(grad norm tensor, lr)``."""
+    import torch
+
     if "trainable_params" not in run.extras:
         # fixed for the run; walking a large model's modules costs milliseconds, every step
-        run.extras["trainable_params"] = [p for p in model.parameters() if p.requires_grad]
-    trainable = run.extras["trainable_params"]
+        run.extras["trainable_params"] = [p for p in run.model.parameters() if p.requires_grad]
     if scaler:
         scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.extras["trainable_params"], run.cfg.max_grad_norm or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 / TP
         grad_norm = grad_norm.full_tensor()
     lr = run.optimizer.param_groups[0]["lr"]
@@ -416,13 +438,35 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
         scaler.update()
     else:
         run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
-    elapsed = time.perf_counter() - started
-    return {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": int(round(tokens)), "input_tokens": int(round(input_tokens)),
-            "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
+    return grad_norm, lr
+
+
+def checks_loss_on_device(run: Run, scaler) -> bool:
+    """Whether this step's loss check can run on the device, ahead of the optimizer.
+
+    torch's fused Adam/AdamW skip their update (and step count) where the
+    optimizer's ``found_inf`` is set, the mechanism GradScaler uses, so the host
+    need not wait for the backward before queuing the step. One process only:
+    across ranks the loss is all-reduced on the host first.
+    """
+    import torch
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    opt = run.optimizer
+    return (not several and run.mesh is None and scaler is None
+            and type(opt) in (torch.optim.Adam, torch.optim.AdamW) and bool(opt.defaults.get("fused")))
+
+
+def flag_bad_loss(optimizer, loss_sum, tokens: int, threshold) -> None:
+    """Set the fused optimizer's ``found_inf`` to 1 where the summed loss is not
+    finite or its mean exceeds ``threshold`` (``loss_watchdog_threshold``), on the device."""
+    import torch
+
+    bad = ~torch.isfinite(loss_sum)
+    if threshold:
+        bad = bad | (loss_sum / max(tokens, 1) > threshold)
+    optimizer.found_inf = bad.float()
 
 
 def collate(run: Run, dataset, micro_batch) -> dict:
