@@ -12,9 +12,10 @@ inputs, and for each output a LoRA product, a scaling pass and an add pass over
       W_wide = [[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]   [2 * intermediate, hidden + r_g + r_u]
       [gate | up] = x_wide @ W_wide.T
 
-  so no pass over the ``[tokens, intermediate]`` outputs adds a LoRA product
-  (the widened input and weight are built per call: the input is 4x and the
-  weight far smaller than the outputs). In backward ``[d_gate | d_up] @ W_wide``
+  so no pass over the ``[tokens, intermediate]`` outputs adds a LoRA product.
+  The widened input and weight are built per call, which is cheaper: at Llama
+  shapes ``x`` is a quarter as wide as each output, and the weight is far
+  smaller than the outputs. In backward ``[d_gate | d_up] @ W_wide``
   gives ``dx``'s base part and both LoRA coefficients in one matmul, and both
   ``dB`` come from one more read of ``[d_gate | d_up]``;
 - the down projection's LoRA product is accumulated into its output by

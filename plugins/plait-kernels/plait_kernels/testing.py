@@ -103,16 +103,18 @@ def assert_same_loss_and_grads(got, want, tol: float) -> None:
 
 class CountCalls:
     """``with CountCalls(SomeFunction) as calls:`` counts ``SomeFunction.apply``
-    calls (a fused path that silently fell back would count zero)."""
+    calls (a fused path that silently fell back would count zero) and keeps each
+    call's arguments in ``calls.args``."""
 
     def __init__(self, function):
-        self.function, self.count = function, 0
+        self.function, self.count, self.args = function, 0, []
 
     def __enter__(self):
         apply = self._apply = self.function.apply
 
         def counting(*args):
             self.count += 1
+            self.args.append(args)
             return apply(*args)
 
         self.function.apply = counting

@@ -103,7 +103,6 @@ def test_qlora_mlp_matches_lora_over_the_dequantized_base_bf16_gpu(tiny_dir):
     _check_qlora(tiny_dir, "cuda", torch.bfloat16, 3e-2)
 
 
-
 def _checkpointed_skip_flags(model, device, feeds_residual=None):
     """Train ``model`` (patched) one backward under non-reentrant checkpointing;
     return its loss and gradients and the ``skip_output`` flag of every fused MLP call."""
@@ -114,19 +113,9 @@ def _checkpointed_skip_flags(model, device, feeds_residual=None):
             layer.mlp.output_feeds_residual = feeds_residual
     enable_gradient_checkpointing(model, True)
     model.train()
-    flags = []
-    apply = lora_mlp.LoRAGLUMLPFunction.apply
-
-    def recording(*args):
-        flags.append(args[-1])
-        return apply(*args)
-
-    lora_mlp.LoRAGLUMLPFunction.apply = recording
-    try:
+    with CountCalls(lora_mlp.LoRAGLUMLPFunction) as calls:
         result = loss_and_lora_grads(model, _ids(model, device))
-    finally:
-        lora_mlp.LoRAGLUMLPFunction.apply = apply
-    return result, flags
+    return result, [args[-1] for args in calls.args]
 
 
 def test_recompute_skips_the_down_projection_and_gradients_stay_exact(tiny_dir, device):
