@@ -13,9 +13,9 @@ inputs, and for each output a LoRA product, a scaling pass and an add pass over
       [gate | up] = x_wide @ W_wide.T
 
   so no pass over the ``[tokens, intermediate]`` outputs adds a LoRA product.
-  The widened input and weight are built per call, which is cheaper: at Llama
-  shapes ``x`` is a quarter as wide as each output, and the weight is far
-  smaller than the outputs. In backward ``[d_gate | d_up] @ W_wide``
+  The widened input and weight are built per call (``ops/stack.py``, vectorized
+  row copies), which is cheaper: at Llama shapes ``x`` is a quarter as wide as
+  each output, and the weight is far smaller than the outputs. In backward ``[d_gate | d_up] @ W_wide``
   gives ``dx``'s base part and both LoRA coefficients in one matmul, and both
   ``dB`` come from one more read of ``[d_gate | d_up]``;
 - the down projection's LoRA product is accumulated into its output by
@@ -45,19 +45,13 @@ from plait_kernels.lora_linear import dense_weight, is_lora, lora_parts
 from plait_kernels.modules import PlaitGLUMLP
 
 
-def _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, hidden: int, dtype) -> torch.Tensor:
+def _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dtype) -> torch.Tensor:
     """``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]``: gate's and up's base and LoRA ``B``
     weights as one ``[2 * intermediate, hidden + r_g + r_u]`` matrix, so that
     ``[x | x A_g.T | x A_u.T] @ it.T`` is ``[gate | up]`` with LoRA included."""
-    inter, r_g, r_u = b_g.shape[0], b_g.shape[1], b_u.shape[1]
-    w = torch.empty(2 * inter, hidden + r_g + r_u, dtype=dtype, device=b_g.device)
-    w[:inter, :hidden].copy_(dense_weight(w_g, q_g, dtype))
-    w[inter:, :hidden].copy_(dense_weight(w_u, q_u, dtype))
-    w[:inter, hidden:hidden + r_g].copy_(b_g).mul_(s_g)
-    w[:inter, hidden + r_g:].zero_()
-    w[inter:, hidden:hidden + r_g].zero_()
-    w[inter:, hidden + r_g:].copy_(b_u).mul_(s_u)
-    return w
+    from plait_kernels.ops.stack import gate_up_weight
+
+    return gate_up_weight(dense_weight(w_g, q_g, dtype), dense_weight(w_u, q_u, dtype), b_g, b_u, s_g, s_u, dtype)
 
 
 class LoRAGLUMLPFunction(torch.autograd.Function):
@@ -74,6 +68,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
     def forward(ctx, x, w_g, q_g, a_g, b_g, s_g, w_u, q_u, a_u, b_u, s_u, w_d, q_d, a_d, b_d, s_d, gelu,
                 skip_output=False):
         from plait_kernels.ops.glu import glu_forward
+        from plait_kernels.ops.stack import copy_rows_
 
         dt = x.dtype
         tokens, hidden = x.shape
@@ -83,9 +78,9 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         # the stacked weight one matmul gives gate and up with their LoRA terms
         # (no add pass over the [tokens, 2 * intermediate] output)
         x_wide = x.new_empty(tokens, hidden + a_gu.shape[0])
-        x_wide[:, :hidden].copy_(x)
+        copy_rows_(x_wide[:, :hidden], x)
         torch.mm(x, a_gu.t(), out=x_wide[:, hidden:])
-        gate_up = x_wide @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, hidden, dt).t()
+        gate_up = x_wide @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt).t()
         h = glu_forward(gate_up[:, :inter], gate_up[:, inter:], gelu)
         ha = h @ a_d.to(dt).t()
         if skip_output:
@@ -129,7 +124,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         del d_h
         # one matmul with the stacked weight: dx's base part, and in the last
         # r_g + r_u columns the LoRA coefficients [d_gate s_g B_g | d_up s_u B_u]
-        d_x_wide = d_gate_up @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, hidden, dt)
+        d_x_wide = d_gate_up @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt)
         coef = d_x_wide[:, hidden:]
         d_x = torch.addmm(d_x_wide[:, :hidden], coef, a_gu)  # both LoRA A terms of dx in one matmul
         d_a_gu = coef.t() @ x_wide[:, :hidden]

@@ -1,0 +1,95 @@
+"""Row-strided copies that build the fused LoRA MLP's widened operands.
+
+The fused LoRA MLP (``plait_kernels.lora_mlp``) multiplies ``[x | x A.T]`` by
+``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]``. Both are written into buffers a
+few columns wider than their sources, so every destination row is strided,
+and torch's generic copy takes its non-vectorized path for that: at Llama
+shapes the copies cost about 3x their memory traffic. These kernels move
+whole rows in wide, aligned blocks, and build the stacked weight (both base
+weights, both scaled ``B`` blocks and the zero blocks) in one launch instead
+of six.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _copy_rows(SRC, DST, cols, stride_src, stride_dst, BLOCK: tl.constexpr):
+    # one program: BLOCK columns of one row, copied as they are (no dtype change)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < cols
+    values = tl.load(SRC + row * stride_src + offs, mask=mask)
+    tl.store(DST + row * stride_dst + offs, values, mask=mask)
+
+
+@triton.jit
+def _gate_up_weight(WG, WU, BG, BU, OUT, inter, hidden, r_g, r_u, stride_wg, stride_wu, stride_bg, stride_bu,
+                    stride_out, s_g, s_u, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    # one program: one row of the stacked weight, the base part in BLOCK chunks
+    # and the r_g + r_u LoRA columns in one more block
+    row = tl.program_id(0).to(tl.int64)
+    out_row = OUT + row * stride_out
+    is_gate = row < inter
+    if is_gate:
+        w_row = WG + row * stride_wg
+    else:
+        w_row = WU + (row - inter) * stride_wu
+    for start in range(0, hidden, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < hidden
+        tl.store(out_row + offs, tl.load(w_row + offs, mask=mask).to(OUT.dtype.element_ty), mask=mask)
+    # the LoRA columns: [s_g B_g | 0] on gate rows, [0 | s_u B_u] on up rows
+    # (each row reads only its own B: the other one's columns are out of range)
+    offs = tl.arange(0, BLOCK_R)
+    g_end = tl.where(is_gate, r_g, 0)
+    u_end = tl.where(is_gate, r_g, r_g + r_u)
+    b_g = tl.load(BG + row * stride_bg + offs, mask=offs < g_end, other=0.0).to(tl.float32)
+    b_u = tl.load(BU + (row - inter) * stride_bu + (offs - r_g), mask=(offs >= r_g) & (offs < u_end),
+                  other=0.0).to(tl.float32)
+    tl.store(out_row + hidden + offs, (b_g * s_g + b_u * s_u).to(OUT.dtype.element_ty), mask=offs < r_g + r_u)
+
+
+def _unit_column_stride(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            raise ValueError(f"expected a [rows, cols] tensor with unit column stride, got shape "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+
+
+def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` for ``[rows, cols]`` tensors of one dtype whose rows may be
+    strided (a block of columns of a wider buffer); returns ``dst``."""
+    if dst.shape != src.shape or dst.dtype != src.dtype:
+        raise ValueError(f"copy_rows_: {tuple(src.shape)} {src.dtype} into {tuple(dst.shape)} {dst.dtype}")
+    _unit_column_stride(dst, src)
+    rows, cols = src.shape
+    if rows and cols:
+        _copy_rows[(rows, triton.cdiv(cols, _BLOCK))](src, dst, cols, src.stride(0), dst.stride(0), BLOCK=_BLOCK)
+    return dst
+
+
+def gate_up_weight(w_g: torch.Tensor, w_u: torch.Tensor, b_g: torch.Tensor, b_u: torch.Tensor,
+                   s_g: float, s_u: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]`` as a new ``[2 * inter, hidden + r_g + r_u]``
+    tensor in ``dtype``: ``W_*`` ``[inter, hidden]``, ``B_*`` ``[inter, r_*]``. The
+    scaled ``B`` blocks are rounded to ``dtype`` once, from float32."""
+    inter, hidden = w_g.shape
+    r_g, r_u = b_g.shape[1], b_u.shape[1]
+    if w_u.shape != w_g.shape or b_g.shape[0] != inter or b_u.shape[0] != inter:
+        raise ValueError(f"gate_up_weight: W_g {tuple(w_g.shape)}, W_u {tuple(w_u.shape)}, "
+                         f"B_g {tuple(b_g.shape)}, B_u {tuple(b_u.shape)} do not stack")
+    _unit_column_stride(w_g, w_u, b_g, b_u)
+    out = torch.empty(2 * inter, hidden + r_g + r_u, dtype=dtype, device=w_g.device)
+    if inter:
+        _gate_up_weight[(2 * inter,)](
+            w_g, w_u, b_g, b_u, out, inter, hidden, r_g, r_u, w_g.stride(0), w_u.stride(0), b_g.stride(0),
+            b_u.stride(0), out.stride(0), float(s_g), float(s_u), BLOCK=_BLOCK,
+            BLOCK_R=triton.next_power_of_2(max(r_g + r_u, 16)))
+    return out
