@@ -350,8 +350,10 @@ def worker_plait(args) -> dict:
         raw.update({"adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0,
                     "lora_target_linear": True})
     raw.update(json.loads(args.case_keys or "{}"))
+    if raw.get("load_in_4bit") or raw.get("load_in_8bit"):  # a QLoRA case: plait[adapter=qlora,load_in_4bit=true]
+        raw["plugins"] = PLUGIN_MODULES + ["plait_bnb.plugin"]
     # explicit module paths, no entry points: the device machine has none installed
-    pm = build_plugin_manager(config_plugins=PLUGIN_MODULES, entry_points=False, extra=[BenchPlugin()])
+    pm = build_plugin_manager(config_plugins=raw["plugins"], entry_points=False, extra=[BenchPlugin()])
     cfg = build_config(pm, raw, {k: "file" for k in raw})
     try:
         train(cfg, pm)
