@@ -35,6 +35,10 @@ def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tens
     4-bit data) dequantized with its bitsandbytes ``quant_state``."""
     if quant_state is None:
         return w
+    from plait_kernels.ops.nf4 import dequantize_nf4_, dequantizes
+
+    if dequantizes(w, quant_state):  # one launch instead of bitsandbytes' three, in dtype directly
+        return dequantize_nf4_(torch.empty(quant_state.shape, dtype=dtype, device=w.device), w, quant_state)
     from bitsandbytes.functional import dequantize_4bit
 
     return dequantize_4bit(w, quant_state).to(dtype)

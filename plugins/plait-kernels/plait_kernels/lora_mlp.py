@@ -31,9 +31,10 @@ path. Parameters stay peft's, so adapters save as usual.
 
 QLoRA: a bitsandbytes 4-bit base (``Linear4bit``) is dequantized to the
 compute dtype right where its matmul needs it, in forward and again in
-backward, and freed at once, so only one projection's dense weight exists at a
-time and none is kept for backward. bitsandbytes' own training matmul
-dequantizes the same way; what this saves is peft's separate LoRA passes.
+backward, and freed at once, so no dense weight is kept for backward.
+bitsandbytes' own training matmul dequantizes the same way; what this saves
+is peft's separate LoRA passes, and for NF4 (``ops/nf4.py``) the gate and up
+bases are dequantized straight into the stacked weight.
 """
 
 from __future__ import annotations
@@ -49,9 +50,18 @@ def _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dtype) -> torch.Tens
     """``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]``: gate's and up's base and LoRA ``B``
     weights as one ``[2 * intermediate, hidden + r_g + r_u]`` matrix, so that
     ``[x | x A_g.T | x A_u.T] @ it.T`` is ``[gate | up]`` with LoRA included."""
-    from plait_kernels.ops.stack import gate_up_weight
+    from plait_kernels.ops.nf4 import dequantize_nf4_, dequantizes
+    from plait_kernels.ops.stack import empty_gate_up, fill_gate_up_
 
-    return gate_up_weight(dense_weight(w_g, q_g, dtype), dense_weight(w_u, q_u, dtype), b_g, b_u, s_g, s_u, dtype)
+    inter = b_g.shape[0]
+    hidden = w_g.shape[1] if q_g is None else q_g.shape[1]
+    out = empty_gate_up(inter, hidden, b_g.shape[1], b_u.shape[1], dtype, b_g.device)
+    if q_g is not None and dequantizes(w_g, q_g) and dequantizes(w_u, q_u):
+        # 4-bit bases dequantized straight into their blocks: no dense temporary, no copy
+        dequantize_nf4_(out[:inter, :hidden], w_g, q_g)
+        dequantize_nf4_(out[inter:, :hidden], w_u, q_u)
+        return fill_gate_up_(out, b_g, b_u, s_g, s_u)
+    return fill_gate_up_(out, b_g, b_u, s_g, s_u, dense_weight(w_g, q_g, dtype), dense_weight(w_u, q_u, dtype))
 
 
 class LoRAGLUMLPFunction(torch.autograd.Function):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from plait_kernels import lora_linear, lora_mlp
 from plait_kernels.lora_mlp import PlaitLoRAGLUMLP
+from plait_kernels.ops.nf4 import dequantizes
 from plait_kernels.patch import patch
 from plait_kernels.testing import (
     CountCalls,
@@ -80,7 +81,9 @@ def _check_qlora(tiny_dir, device, dtype, tol):
     pytest.importorskip("bitsandbytes")
     model = lora_model(tiny_dir, dtype, device, targets=MLP_ONLY, load_in_4bit=True)
     mlp = model.get_base_model().model.layers[0].mlp
-    assert lora_linear.lora_parts(mlp.gate_proj)[1] is not None  # a 4-bit base the fast path accepts
+    weight, quant_state = lora_linear.lora_parts(mlp.gate_proj)[:2]
+    assert quant_state is not None  # a 4-bit base the fast path accepts
+    assert dequantizes(weight, quant_state)  # NF4: Plait's kernel dequantizes it, into the stacked weight
     reference = with_dequantized_bases(copy.deepcopy(model))
     assert _patch_glu_only(model) == {"LlamaMLP x2": "plait triton lora_swiglu_mlp"}
     ids = _ids(model, device)

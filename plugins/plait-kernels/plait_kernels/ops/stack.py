@@ -31,20 +31,21 @@ def _copy_rows(SRC, DST, cols, stride_src, stride_dst, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gate_up_weight(WG, WU, BG, BU, OUT, inter, hidden, r_g, r_u, stride_wg, stride_wu, stride_bg, stride_bu,
-                    stride_out, s_g, s_u, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+                    stride_out, s_g, s_u, COPY_BASE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
     # one program: one row of the stacked weight, the base part in BLOCK chunks
-    # and the r_g + r_u LoRA columns in one more block
+    # (unless the caller wrote it) and the r_g + r_u LoRA columns in one more block
     row = tl.program_id(0).to(tl.int64)
     out_row = OUT + row * stride_out
     is_gate = row < inter
-    if is_gate:
-        w_row = WG + row * stride_wg
-    else:
-        w_row = WU + (row - inter) * stride_wu
-    for start in range(0, hidden, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < hidden
-        tl.store(out_row + offs, tl.load(w_row + offs, mask=mask).to(OUT.dtype.element_ty), mask=mask)
+    if COPY_BASE:
+        if is_gate:
+            w_row = WG + row * stride_wg
+        else:
+            w_row = WU + (row - inter) * stride_wu
+        for start in range(0, hidden, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < hidden
+            tl.store(out_row + offs, tl.load(w_row + offs, mask=mask).to(OUT.dtype.element_ty), mask=mask)
     # the LoRA columns: [s_g B_g | 0] on gate rows, [0 | s_u B_u] on up rows
     # (each row reads only its own B: the other one's columns are out of range)
     offs = tl.arange(0, BLOCK_R)
@@ -75,21 +76,43 @@ def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def gate_up_weight(w_g: torch.Tensor, w_u: torch.Tensor, b_g: torch.Tensor, b_u: torch.Tensor,
-                   s_g: float, s_u: float, dtype: torch.dtype) -> torch.Tensor:
-    """``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]`` as a new ``[2 * inter, hidden + r_g + r_u]``
-    tensor in ``dtype``: ``W_*`` ``[inter, hidden]``, ``B_*`` ``[inter, r_*]``. The
-    scaled ``B`` blocks are rounded to ``dtype`` once, from float32."""
-    inter, hidden = w_g.shape
-    r_g, r_u = b_g.shape[1], b_u.shape[1]
-    if w_u.shape != w_g.shape or b_g.shape[0] != inter or b_u.shape[0] != inter:
-        raise ValueError(f"gate_up_weight: W_g {tuple(w_g.shape)}, W_u {tuple(w_u.shape)}, "
-                         f"B_g {tuple(b_g.shape)}, B_u {tuple(b_u.shape)} do not stack")
-    _unit_column_stride(w_g, w_u, b_g, b_u)
-    out = torch.empty(2 * inter, hidden + r_g + r_u, dtype=dtype, device=w_g.device)
+def empty_gate_up(inter: int, hidden: int, r_g: int, r_u: int, dtype, device) -> torch.Tensor:
+    """An uninitialised ``[2 * inter, hidden + r_g + r_u]`` stacked gate/up weight for
+    :func:`fill_gate_up_`."""
+    return torch.empty(2 * inter, hidden + r_g + r_u, dtype=dtype, device=device)
+
+
+def fill_gate_up_(out: torch.Tensor, b_g: torch.Tensor, b_u: torch.Tensor, s_g: float, s_u: float,
+                  w_g: torch.Tensor | None = None, w_u: torch.Tensor | None = None) -> torch.Tensor:
+    """Write ``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]`` into ``out`` (from
+    :func:`empty_gate_up`): ``W_*`` ``[inter, hidden]``, ``B_*`` ``[inter, r_*]``. The
+    scaled ``B`` blocks are rounded to ``out``'s dtype once, from float32. Without
+    ``w_g``/``w_u`` only the LoRA columns are written: the caller has put the
+    bases in ``out[:inter, :hidden]`` and ``out[inter:, :hidden]`` itself (a 4-bit
+    base dequantized in place). Returns ``out``."""
+    inter, r_g, r_u = b_g.shape[0], b_g.shape[1], b_u.shape[1]
+    hidden = out.shape[1] - r_g - r_u
+    copy_base = w_g is not None
+    if copy_base != (w_u is not None):
+        raise ValueError("fill_gate_up_: give both base weights or neither")
+    bases = (w_g, w_u) if copy_base else ()
+    if (tuple(out.shape) != (2 * inter, hidden + r_g + r_u) or b_u.shape[0] != inter or
+            any(tuple(w.shape) != (inter, hidden) for w in bases)):
+        raise ValueError(f"fill_gate_up_: B_g {tuple(b_g.shape)}, B_u {tuple(b_u.shape)}"
+                         + "".join(f", W {tuple(w.shape)}" for w in bases)
+                         + f" do not stack into {tuple(out.shape)}")
+    _unit_column_stride(out, b_g, b_u, *bases)
+    w_g, w_u = bases if copy_base else (out, out)  # unread placeholders
     if inter:
         _gate_up_weight[(2 * inter,)](
             w_g, w_u, b_g, b_u, out, inter, hidden, r_g, r_u, w_g.stride(0), w_u.stride(0), b_g.stride(0),
-            b_u.stride(0), out.stride(0), float(s_g), float(s_u), BLOCK=_BLOCK,
+            b_u.stride(0), out.stride(0), float(s_g), float(s_u), COPY_BASE=copy_base, BLOCK=_BLOCK,
             BLOCK_R=triton.next_power_of_2(max(r_g + r_u, 16)))
     return out
+
+
+def gate_up_weight(w_g: torch.Tensor, w_u: torch.Tensor, b_g: torch.Tensor, b_u: torch.Tensor,
+                   s_g: float, s_u: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]`` as a new tensor in ``dtype``."""
+    out = empty_gate_up(w_g.shape[0], w_g.shape[1], b_g.shape[1], b_u.shape[1], dtype, w_g.device)
+    return fill_gate_up_(out, b_g, b_u, s_g, s_u, w_g, w_u)
