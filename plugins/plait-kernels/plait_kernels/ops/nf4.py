@@ -31,7 +31,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _dequantize_nf4(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OUT, cols, stride_out, offset, blocksize, blocksize2,
+def _dequantize_nf4(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, OUT, cols, stride_out, blocksize, blocksize2,
                     NESTED: tl.constexpr, BLOCK: tl.constexpr):
     # one program: BLOCK columns of one row of the [rows, cols] weight
     row = tl.program_id(0).to(tl.int64)
@@ -43,6 +43,7 @@ def _dequantize_nf4(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OUT, cols, stride_out,
     block = flat // blocksize
     if NESTED:
         q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
+        offset = tl.load(OFFSET)  # a device scalar: reading it on the host would sync
         scale = tl.load(CODE2 + q, mask=mask, other=0.0) * tl.load(ABSMAX2 + block // blocksize2, mask=mask,
                                                                     other=0.0) + offset
     else:
@@ -78,12 +79,12 @@ def dequantize_nf4_(out: torch.Tensor, packed: torch.Tensor, quant_state) -> tor
     if nested:
         state2 = quant_state.state2
         absmax, code2, absmax2 = quant_state.absmax, state2.code, state2.absmax
-        offset, blocksize2 = float(quant_state.offset), int(state2.blocksize)
+        offset, blocksize2 = quant_state.offset, int(state2.blocksize)
     else:
-        absmax, code2, absmax2, offset, blocksize2 = quant_state.absmax, None, None, 0.0, 1
+        absmax, code2, absmax2, offset, blocksize2 = quant_state.absmax, None, None, None, 1
     if rows and cols:
         _dequantize_nf4[(rows, triton.cdiv(cols, _BLOCK))](
-            data, quant_state.code, absmax, code2, absmax2, out, cols, out.stride(0), offset,
+            data, quant_state.code, absmax, code2, absmax2, offset, out, cols, out.stride(0),
             int(quant_state.blocksize), blocksize2, NESTED=nested, BLOCK=_BLOCK,
             enable_fp_fusion=False)  # code2[q] * absmax2 + offset rounds twice in bitsandbytes: no FMA
     return out
