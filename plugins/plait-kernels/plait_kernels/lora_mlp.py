@@ -20,10 +20,11 @@ inputs, and for each output a LoRA product, a scaling pass and an add pass over
   ``dB`` come from one more read of ``[d_gate | d_up]``;
 - the down projection's LoRA product is accumulated into its output by
   ``addmm_(alpha=s)``: no separate scaling or add pass;
-- ``h`` is not stored: the backward recomputes it with the GLU kernel;
-- in a checkpoint's recompute pass the down projection is skipped when the
-  family says nothing after the MLP saves its output (the pass only rebuilds
-  what backward saved; the layer output is discarded).
+- ``h`` is not stored: the backward's GLU kernel rebuilds it in the pass that
+  computes ``[d_gate | d_up]``, over ``d_h`` which it has just read;
+- in a checkpoint's recompute pass the activation and the down projection are
+  skipped when the family says nothing after the MLP saves its output (the
+  pass only rebuilds what backward saved; the layer output is discarded).
 
 Frozen base weights only (LoRA training): a base weight that needs a gradient,
 a bias, dropout, DoRA or several active adapters take the module's ordinary
@@ -91,14 +92,17 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         copy_rows_(x_wide[:, :hidden], x)
         torch.mm(x, a_gu.t(), out=x_wide[:, hidden:])
         gate_up = x_wide @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt).t()
-        h = glu_forward(gate_up[:, :inter], gate_up[:, inter:], gelu)
-        ha = h @ a_d.to(dt).t()
         if skip_output:
+            # nothing of the activation is needed: backward gets h from its GLU kernel
             out = x.new_empty(tokens, b_d.shape[0])
         else:
+            h = glu_forward(gate_up[:, :inter], gate_up[:, inter:], gelu)
             out = h @ dense_weight(w_d, q_d, dt).t()
-            out.addmm_(ha, b_d.to(dt).t(), alpha=s_d)
-        ctx.save_for_backward(x_wide, gate_up, ha, w_g, b_g, w_u, b_u, w_d, a_gu, a_d, b_d)
+            out.addmm_(h @ a_d.to(dt).t(), b_d.to(dt).t(), alpha=s_d)
+            del h
+        # the same tensors whether or not the output was skipped: a checkpoint's
+        # recompute must save what the first forward saved (count, shapes, dtypes)
+        ctx.save_for_backward(x_wide, gate_up, w_g, b_g, w_u, b_u, w_d, a_gu, a_d, b_d)
         ctx.quant_states = (q_g, q_u, q_d)
         ctx.scales, ctx.r_g, ctx.gelu = (s_g, s_u, s_d), a_g.shape[0], gelu
         ctx.param_dtypes = (a_g.dtype, b_g.dtype, a_u.dtype, b_u.dtype, a_d.dtype, b_d.dtype)
@@ -106,9 +110,9 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out):
-        from plait_kernels.ops.glu import glu_backward, glu_forward
+        from plait_kernels.ops.glu import glu_backward
 
-        x_wide, gate_up, ha, w_g, b_g, w_u, b_u, w_d, a_gu, a_d, b_d = ctx.saved_tensors
+        x_wide, gate_up, w_g, b_g, w_u, b_u, w_d, a_gu, a_d, b_d = ctx.saved_tensors
         s_g, s_u, s_d = ctx.scales
         q_g, q_u, q_d = ctx.quant_states
         dt = x_wide.dtype
@@ -119,19 +123,21 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         a_d, b_d = a_d.to(dt), b_d.to(dt)
         d_out = d_out.contiguous()
 
-        # down projection
-        h = glu_forward(gate, up, ctx.gelu)  # recomputed rather than stored
+        # down projection's input gradient
         d_out_b = d_out @ b_d  # [T, r_d]
-        d_b_d = (d_out.t() @ ha).mul_(s_d)
-        d_a_d = (d_out_b.t() @ h).mul_(s_d)
-        del h
         d_h = d_out @ dense_weight(w_d, q_d, dt)
         d_h.addmm_(d_out_b, a_d, alpha=s_d)
 
-        # activation, into one [d_gate | d_up] buffer
+        # activation, into one [d_gate | d_up] buffer; the same pass rebuilds
+        # h = act(gate) * up (not stored by forward) over d_h, which it has read
         d_gate_up = torch.empty_like(gate_up)
-        glu_backward(d_h, gate, up, ctx.gelu, out=(d_gate_up[:, :inter], d_gate_up[:, inter:]))
-        del d_h
+        glu_backward(d_h, gate, up, ctx.gelu, out=(d_gate_up[:, :inter], d_gate_up[:, inter:]), h_out=d_h)
+        h = d_h  # the buffer now holds h
+        # down projection's LoRA gradients
+        ha = h @ a_d.t()  # [T, r_d], cheaper to redo from h than to keep across a checkpoint
+        d_b_d = (d_out.t() @ ha).mul_(s_d)
+        d_a_d = (d_out_b.t() @ h).mul_(s_d)
+        del h, ha
         # one matmul with the stacked weight: dx's base part, and in the last
         # r_g + r_u columns the LoRA coefficients [d_gate s_g B_g | d_up s_u B_u]
         d_x_wide = d_gate_up @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt)

@@ -64,3 +64,19 @@ def test_glu_on_the_halves_of_one_buffer(gelu, device):
     glu_backward(d_h, gate, up, gelu, out=(grads[:, :cols], grads[:, cols:]))
     torch.testing.assert_close(grads, torch.cat([want_dg, want_du], dim=1), atol=0, rtol=0)
     torch.testing.assert_close(want_h, KERNELS["geglu" if gelu else "swiglu"][1](gate, up), **FP32)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_glu_backward_rebuilds_h_over_its_input_gradient(gelu, device):
+    """``h_out=dout``: the same pass writes ``act(gate) * up`` over the gradient it
+    read, and the gradients are those of the plain call (fp32, exact)."""
+    from plait_kernels.ops.glu import glu_backward, glu_forward
+
+    gen = torch.Generator().manual_seed(3)
+    gate = (torch.randn(6, 1100, generator=gen) * 4).to(device)
+    up, d_h = torch.randn(6, 1100, generator=gen).to(device), torch.randn(6, 1100, generator=gen).to(device)
+    want_dg, want_du = glu_backward(d_h, gate, up, gelu)
+    buffer = d_h.clone()
+    got_dg, got_du = glu_backward(buffer, gate, up, gelu, h_out=buffer)
+    assert torch.equal(got_dg, want_dg) and torch.equal(got_du, want_du)
+    assert torch.equal(buffer, glu_forward(gate, up, gelu))

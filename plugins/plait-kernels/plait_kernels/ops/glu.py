@@ -40,8 +40,8 @@ def _glu_fwd(G, U, OUT, cols, stride_g, stride_u, stride_out, GELU: tl.constexpr
 
 
 @triton.jit
-def _glu_bwd(DOUT, G, U, DG, DU, cols, stride_dout, stride_g, stride_u, stride_dg, stride_du,
-             GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _glu_bwd(DOUT, G, U, DG, DU, H, cols, stride_dout, stride_g, stride_u, stride_dg, stride_du, stride_h,
+             GELU: tl.constexpr, STORE_H: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < cols
@@ -58,6 +58,8 @@ def _glu_bwd(DOUT, G, U, DG, DU, cols, stride_dout, stride_g, stride_u, stride_d
         dact = sig * (1.0 + g * (1.0 - sig))
     tl.store(DG + row * stride_dg + offs, (dout * u * dact).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_du + offs, (dout * act).to(DU.dtype.element_ty), mask=mask)
+    if STORE_H:  # the forward's output, for a caller that did not keep it (may overwrite DOUT in place)
+        tl.store(H + row * stride_h + offs, (act * u).to(H.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -84,11 +86,13 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tenso
     return out
 
 
-def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool, out=None):
+def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool, out=None, h_out=None):
     """``(d_gate, d_up)`` of :func:`glu_forward` for the output gradient ``dout``.
 
     ``out``: a ``(d_gate, d_up)`` pair of ``[rows, cols]`` views to write into
-    (the halves of one buffer); new contiguous tensors otherwise.
+    (the halves of one buffer); new contiguous tensors otherwise. ``h_out``: also
+    write the forward's output ``act(gate) * up`` there, in the same pass; it may
+    be ``dout`` itself (each value is read before it is overwritten).
     """
     d, g, u = _rows(dout), _rows(gate), _rows(up)
     if out is None:
@@ -96,12 +100,14 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
                torch.empty(up.shape, dtype=up.dtype, device=up.device))
     d_gate, d_up = out
     dg, du = d_gate.view(g.shape), d_up.view(u.shape)
-    if dg.stride(-1) != 1 or du.stride(-1) != 1:
+    h = dg if h_out is None else h_out.view(g.shape)  # an unwritten placeholder without h_out
+    if dg.stride(-1) != 1 or du.stride(-1) != 1 or h.stride(-1) != 1:
         raise ValueError("glu_backward writes rows with unit column stride")
     rows, cols = g.shape
     if rows and cols:
-        _glu_bwd[_grid(rows, cols)](d, g, u, dg, du, cols, d.stride(0), g.stride(0), u.stride(0),
-                                    dg.stride(0), du.stride(0), GELU=gelu, BLOCK=_BLOCK)
+        _glu_bwd[_grid(rows, cols)](d, g, u, dg, du, h, cols, d.stride(0), g.stride(0), u.stride(0),
+                                    dg.stride(0), du.stride(0), h.stride(0), GELU=gelu,
+                                    STORE_H=h_out is not None, BLOCK=_BLOCK)
     return d_gate, d_up
 
 
