@@ -132,7 +132,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         # h = act(gate) * up (not stored by forward) over d_h, which it has read
         d_gate_up = torch.empty_like(gate_up)
         glu_backward(d_h, gate, up, ctx.gelu, out=(d_gate_up[:, :inter], d_gate_up[:, inter:]), h_out=d_h)
-        h = d_h  # the buffer now holds h
+        h, d_h = d_h, None  # the buffer now holds h (one name, so `del h` frees it)
         # down projection's LoRA gradients
         ha = h @ a_d.t()  # [T, r_d], cheaper to redo from h than to keep across a checkpoint
         d_b_d = (d_out.t() @ ha).mul_(s_d)

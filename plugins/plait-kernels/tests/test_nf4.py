@@ -49,3 +49,14 @@ def test_dequantize_gpu_bf16_matches_bitsandbytes(shape, nested):
     want = bnb_functional.dequantize_4bit(packed, state)
     got = dequantize_nf4_(torch.empty(shape, dtype=torch.bfloat16, device="cuda"), packed, state)
     assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+def test_cached_arguments_follow_moved_scales(device):
+    """The per-weight argument cache is rebuilt when the scales are replaced (as
+    ``QuantState.to`` does): the second dequantization uses the new ones."""
+    packed, state = _quantized((4, 128), device, nested=False)
+    first = dequantize_nf4_(torch.empty(4, 128, device=device), packed, state)
+    state.absmax = state.absmax * 2
+    second = dequantize_nf4_(torch.empty(4, 128, device=device), packed, state)
+    assert torch.equal(second, first * 2)
+    assert torch.equal(second, bnb_functional.dequantize_4bit(packed, state))

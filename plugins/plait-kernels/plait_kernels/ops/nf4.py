@@ -66,6 +66,28 @@ def dequantizes(packed: torch.Tensor, quant_state) -> bool:
     return not nested or (quant_state.state2 is not None and quant_state.state2.code is not None)
 
 
+def _weight_args(packed: torch.Tensor, quant_state) -> tuple:
+    """``(data, code, absmax, code2, absmax2, offset, blocksize, blocksize2, nested)``
+    for the kernel. QLoRA dequantizes every base three times a step, so they are
+    built once and kept on the QuantState (it is unhashable: no dict can key on
+    it), while the packed bytes and the scales stay where they were (a model
+    moved to another device gets new ones). The cache holds tensors and ints,
+    not ``packed`` itself."""
+    key = (packed.data_ptr(), quant_state.absmax.data_ptr())
+    entry = getattr(quant_state, "_plait_nf4_args", None)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    data = packed.reshape(-1).view(torch.uint8)  # Params4bit may store the bytes as bf16 etc. (FSDP)
+    if quant_state.nested:
+        state2 = quant_state.state2
+        args = (data, quant_state.code, quant_state.absmax, state2.code, state2.absmax, quant_state.offset,
+                int(quant_state.blocksize), int(state2.blocksize), True)
+    else:
+        args = (data, quant_state.code, quant_state.absmax, None, None, None, int(quant_state.blocksize), 1, False)
+    quant_state._plait_nf4_args = (key, args)
+    return args
+
+
 def dequantize_nf4_(out: torch.Tensor, packed: torch.Tensor, quant_state) -> torch.Tensor:
     """Write the weight that ``packed`` (bitsandbytes' 4-bit data, any storage
     dtype) and ``quant_state`` describe into ``out``: ``[out_features,
@@ -74,17 +96,10 @@ def dequantize_nf4_(out: torch.Tensor, packed: torch.Tensor, quant_state) -> tor
     if tuple(out.shape) != (rows, cols) or (cols > 1 and out.stride(1) != 1):
         raise ValueError(f"dequantize_nf4_: a {rows}x{cols} weight into shape {tuple(out.shape)} "
                          f"strides {out.stride()}")
-    data = packed.reshape(-1).view(torch.uint8)  # Params4bit may store the bytes as bf16 etc. (FSDP)
-    nested = bool(quant_state.nested)
-    if nested:
-        state2 = quant_state.state2
-        absmax, code2, absmax2 = quant_state.absmax, state2.code, state2.absmax
-        offset, blocksize2 = quant_state.offset, int(state2.blocksize)
-    else:
-        absmax, code2, absmax2, offset, blocksize2 = quant_state.absmax, None, None, None, 1
+    data, code, absmax, code2, absmax2, offset, blocksize, blocksize2, nested = _weight_args(packed, quant_state)
     if rows and cols:
         _dequantize_nf4[(rows, triton.cdiv(cols, _BLOCK))](
-            data, quant_state.code, absmax, code2, absmax2, offset, out, cols, out.stride(0),
-            int(quant_state.blocksize), blocksize2, NESTED=nested, BLOCK=_BLOCK,
+            data, code, absmax, code2, absmax2, offset, out, cols, out.stride(0), blocksize, blocksize2,
+            NESTED=nested, BLOCK=_BLOCK,
             enable_fp_fusion=False)  # code2[q] * absmax2 + offset rounds twice in bitsandbytes: no FMA
     return out
