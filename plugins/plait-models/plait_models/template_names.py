@@ -13,12 +13,21 @@ gives ``chatml`` and ``llama3``, which match :data:`~._common.CHATML` and
   ``gemma3`` does.
 * ``phi_3``: :data:`~._common.PHI3` (``<|user|>`` ... ``<|end|>``, BOS
   first); the same text for a conversation that ends with the assistant.
+* ``phi_35``: :data:`~._common.PHI35`, Phi-3's tags without the BOS; an
+  empty system message leaves no turn.
+* ``qwen_25``: :data:`~._common.QWEN25`, chatml that always opens with a
+  system turn (Qwen's default prompt when the conversation has none), with
+  Qwen2.5's tool format: the tools listed in the system turn, calls as
+  ``<tool_call>`` JSON, results as ``<tool_response>`` blocks in user turns.
+* ``mistral_v1``: :data:`~._common.MISTRAL_V1`, ``' [INST] ' + user + ' [/INST]'``
+  and ``' ' + answer + '</s>'``, strictly alternating, no system role.
 
-Left out on purpose, because the text differs: ``mistral_v1``,
-``mistral_v2v3`` and the ``*_tekken`` variants (their spacing around
-``[INST]``/``[/INST]`` and the answer is not :data:`~._common.MISTRAL`'s),
-``qwen_25`` (adds a default system prompt), ``qwen3`` (adds a ``<think>``
-block to the last answer) and ``phi_35`` (no BOS).
+Where Axolotl's template drops a message it does not know (``phi_35``) ours
+refuses the row with the role named. Left out on purpose, because the text
+differs: ``mistral_v2v3`` and the ``*_tekken`` variants (their spacing around
+``[INST]``/``[/INST]`` and the answer is not :data:`~._common.MISTRAL`'s) and
+``qwen3`` (it rewrites the answers after the last user turn into a
+``<think>`` block, which needs its own masking tests).
 
 (Not called ``chat_templates``: importing a submodule of that name would
 replace the package's ``chat_templates`` hookimpl with the module.)
@@ -26,11 +35,14 @@ replace the package's ``chat_templates`` hookimpl with the module.)
 
 from __future__ import annotations
 
-from plait_models.families._common import GEMMA, PHI3
+from plait_models.families._common import GEMMA, MISTRAL_V1, PHI3, PHI35, QWEN25
 
 #: Axolotl name -> our jinja template
 CHAT_TEMPLATES = {
     "gemma": GEMMA,
     "gemma3": GEMMA,
     "phi_3": PHI3,
+    "phi_35": PHI35,
+    "qwen_25": QWEN25,
+    "mistral_v1": MISTRAL_V1,
 }

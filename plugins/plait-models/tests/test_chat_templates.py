@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import plait_models
-from plait_models.families._common import GEMMA, GEMMA_TOKENS, PHI3, PHI3_TOKENS
+from plait_models.families._common import (CHATML_TOKENS, GEMMA, GEMMA_TOKENS, MISTRAL_V1, PHI3, PHI3_TOKENS,
+                                          PHI35, QWEN25, QWEN25_DEFAULT_SYSTEM)
 
 FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
 
@@ -61,7 +62,8 @@ def test_axolotl_names_select_the_family_templates(pm):
     from plait.builtin.model import named_chat_templates
 
     names = named_chat_templates(pm)
-    assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3}.items() <= names.items()
+    assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3, "phi_35": PHI35, "qwen_25": QWEN25,
+            "mistral_v1": MISTRAL_V1}.items() <= names.items()
     assert {"chatml", "llama3"} <= set(names)  # core's, with no clash from the family CHATML/LLAMA3
 
 
@@ -123,6 +125,90 @@ def test_phi_3_multi_turn_mask_with_system(tmp_path):
         ("\n<|user|>\nadd 3 and 4<|end|>\n<|assistant|>\n", False),
         ("the sum is 7", True),
         ("<|end|>", True),
+        ("\n", False),
+    ])
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
+
+
+
+def _render(template, messages, tools=None, add_generation_prompt=False):
+    """``template``'s text in transformers' own jinja environment, as plait-formats renders it."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(template).render(messages=messages, tools=tools, bos_token="<s>",
+                                                    eos_token="</s>", add_generation_prompt=add_generation_prompt)
+
+
+def test_qwen_25_opens_with_the_default_system_turn():
+    text = _render(QWEN25, CONVERSATION[1:3], add_generation_prompt=True)
+    assert text == (f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n"
+                    "<|im_start|>user\nsort the words<|im_end|>\n<|im_start|>assistant\nthe words are sorted.<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    # a conversation's own system message replaces the default, once
+    assert _render(QWEN25, CONVERSATION[:2]) == ("<|im_start|>system\nbe brief<|im_end|>\n"
+                                                 "<|im_start|>user\nsort the words<|im_end|>\n")
+
+
+def test_qwen_25_tools_calls_and_responses():
+    """Tools as JSON lines in the system turn; a call with and without text
+    (OpenAI-style ``function`` wrapper or flat); consecutive tool results in one user turn."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "user", "content": "add 3 and 4, then 5 and 6"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 4}}},
+            {"name": "add", "arguments": {"a": 5, "b": 6}}]},
+        {"role": "tool", "content": "7"},
+        {"role": "tool", "content": "11"},
+        {"role": "assistant", "content": "7 and 11"},
+    ]
+    assert _render(QWEN25, messages, tools) == (
+        f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}\n\n# Tools\n\n"
+        "You may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}\n</tools>\n\n'
+        "For each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nadd 3 and 4, then 5 and 6<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "add", "arguments": {"a": 5, "b": 6}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n7\n</tool_response>\n<tool_response>\n11\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n7 and 11<|im_end|>\n")
+
+
+def test_phi_35_has_no_bos_and_skips_an_empty_system_message():
+    messages = [{"role": "system", "content": ""}, *CONVERSATION[1:3]]
+    assert _render(PHI35, messages, add_generation_prompt=True) == (
+        "<|user|>\nsort the words<|end|>\n<|assistant|>\nthe words are sorted.<|end|>\n<|assistant|>\n")
+    assert _render(PHI35, CONVERSATION[:1]) == "<|system|>\nbe brief<|end|>\n"
+
+
+def test_mistral_v1_spacing_and_refusals():
+    assert _render(MISTRAL_V1, CONVERSATION[1:]) == (
+        "<s> [INST] sort the words [/INST] the words are sorted.</s> [INST] add 3 and 4 [/INST] the sum is 7</s>")
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match="user and assistant roles only, got system"):
+        _render(MISTRAL_V1, CONVERSATION)
+    with pytest.raises(TemplateError, match="alternate"):
+        _render(MISTRAL_V1, [CONVERSATION[1], CONVERSATION[1]])
+
+
+def test_qwen_25_mask_trains_the_answers_only(tmp_path):
+    # the default system turn is part of the first prompt, never trained
+    helpers = _formats_helpers()
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, CHATML_TOKENS), "qwen_25")
+    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template")
+    ids, labels = helpers.pieces_to_row(tokenizer, [
+        (f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n"
+         "<|im_start|>user\nsort the words<|im_end|>\n<|im_start|>assistant\n", False),
+        ("the words are sorted.", True),
+        ("<|im_end|>", True),
+        ("\n<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n", False),
+        ("the sum is 7", True),
+        ("<|im_end|>", True),
         ("\n", False),
     ])
     assert out["input_ids"][0] == ids

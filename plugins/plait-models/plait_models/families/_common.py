@@ -73,6 +73,82 @@ PHI3 = (
 )
 PHI3_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
+#: Qwen2.5's chatml (Axolotl's ``qwen_25``): every conversation opens with a
+#: system turn, Qwen's default prompt when the conversation brings none; with
+#: ``tools`` that turn also lists them as JSON lines. Calls are ``<tool_call>``
+#: JSON in the assistant turn; results are ``<tool_response>`` blocks, and
+#: consecutive tool messages share one user turn.
+QWEN25_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN25_TOOLS_PREAMBLE = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+QWEN25_TOOLS_INSTRUCTION = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\n</tool_call>"
+)
+QWEN25 = (
+    "{%- set opens_with_system = messages[0]['role'] == 'system' -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{{- messages[0]['content'] if opens_with_system else " + repr(QWEN25_DEFAULT_SYSTEM) + " -}}"
+    "{%- if tools -%}"
+    "{{ " + repr(QWEN25_TOOLS_PREAMBLE) + " }}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ " + repr(QWEN25_TOOLS_INSTRUCTION) + " }}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- for message in messages -%}"
+    "{%- if loop.first and opens_with_system -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls -%}"
+    "{{ '<|im_start|>assistant' }}{%- if message['content'] -%}{{ '\\n' + message['content'] }}{%- endif -%}"
+    "{%- for call in message.tool_calls -%}"
+    "{%- set call = call.function if call.function is defined else call -%}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' }}{{ call.arguments | tojson }}"
+    "{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+#: Phi-3.5's role tags (Axolotl's ``phi_35``): Phi-3's, without a BOS, and an
+#: empty system message leaves no turn
+PHI35 = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if message['content'] -%}{{ '<|system|>\\n' + message['content'] + '<|end|>\\n' }}{%- endif -%}"
+    "{%- elif message['role'] in ['user', 'assistant'] -%}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- else -%}{{ raise_exception('roles must be system, user or assistant, got ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
+#: Mistral's first [INST] format (Axolotl's ``mistral_v1``): a space before each
+#: ``[INST]`` and before each answer, user and assistant strictly alternating,
+#: no system role
+MISTRAL_V1 = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['user', 'assistant'] -%}"
+    "{{ raise_exception('mistral_v1 has user and assistant roles only, got ' + message['role']) }}"
+    "{%- elif (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('mistral_v1 needs user and assistant turns to alternate, starting with user') }}"
+    "{%- elif message['role'] == 'user' -%}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- else -%}{{ ' ' + message['content'] + '</s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
 #: TP plan shared by llama-style decoder layers (names inside a decoder layer);
 #: mirrors transformers' ``base_model_tp_plan`` with the ``layers.*.`` prefix dropped
 DENSE_ATTENTION_TP = {
