@@ -141,6 +141,7 @@ def worker_plait(args) -> dict:
 
     times: list[float] = []
     tokens: list[int] = []
+    losses: list[float] = []
     facts: dict = {}
 
     class Recorder:
@@ -152,6 +153,7 @@ def worker_plait(args) -> dict:
         def on_step_end(self, run, metrics):
             times.append(now())
             tokens.append(args.micro_batch * args.seq)
+            losses.append(metrics["loss"])
 
     kernels = args.worker.startswith("plait-kernels")
     keys = {
@@ -170,7 +172,8 @@ def worker_plait(args) -> dict:
     data = SimpleNamespace(train=random_rows(args.micro_batch * args.steps, args.seq, args.vocab), eval=None)
     started = now()
     train(cfg, pm, data=data)
-    return {**summarize(args.worker, times, tokens, args, started), **facts}
+    return {**summarize(args.worker, times, tokens, args, started), "final_loss": losses[-1] if losses else None,
+            **facts}
 
 
 def worker_hf(args) -> dict:
@@ -184,10 +187,16 @@ def worker_hf(args) -> dict:
     times: list[float] = []
     tokens: list[int] = []
 
+    losses: list[float] = []
+
     class Recorder(TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):
             times.append(now())
             tokens.append(args.micro_batch * args.seq)
+
+        def on_log(self, targs, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
 
     started = now()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -210,7 +219,7 @@ def worker_hf(args) -> dict:
     rows = random_rows(args.micro_batch * args.steps, args.seq, args.vocab).remove_columns(["length"])
     trainer = Trainer(model=model, args=targs, train_dataset=rows, callbacks=[Recorder()])
     trainer.train()
-    return {**summarize("hf", times, tokens, args, started), **facts}
+    return {**summarize("hf", times, tokens, args, started), "final_loss": losses[-1] if losses else None, **facts}
 
 
 def worker_unsloth(args) -> dict:
@@ -275,13 +284,13 @@ def run_worker(impl: str, shape: str, model_dir: Path, opts, vocab: int) -> dict
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| shape | impl | micro batch | seq | timed steps | tokens/s | peak GiB | vs hf | vs unsloth "
+    rows = ["| shape | impl | micro batch | seq | timed steps | tokens/s | peak GiB | final loss | vs hf | vs unsloth "
             "| 4-bit layers | trainable | embedding |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["shape"], r["impl"]): r for r in results}
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['shape']} | {r['impl']} | | | | failed: {r['error'][:80]} | | | | | | |")
+            rows.append(f"| {r['shape']} | {r['impl']} | | | | failed: {r['error'][:80]} | | | | | | | |")
             continue
         def versus(impl):
             other = by_key.get((r["shape"], impl))
@@ -289,8 +298,9 @@ def table(results: list[dict]) -> str:
             return f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if ok else ""
 
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a (CPU)"
+        loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else ""
         rows.append(f"| {r['shape']} | {r['impl']} | {r['micro_batch']} | {r['seq']} | {r['timed_steps']} | "
-                    f"{r['tokens_per_s']:.0f} | {peak} | {versus('hf')} | {versus('unsloth')} | "
+                    f"{r['tokens_per_s']:.0f} | {peak} | {loss} | {versus('hf')} | {versus('unsloth')} | "
                     f"{r.get('linear4bit', '')} | {r['trainable']:,} | {r.get('embedding_dtype', '')} |")
     return "\n".join(rows)
 
