@@ -72,7 +72,8 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
     with its ``quant_state``; ``None`` for dense), LoRA ``A`` ``[r, in]``, ``B``
     ``[out, r]`` and scaling ``s``. ``x`` is ``[tokens, hidden]``. With
     ``skip_output`` (a checkpoint's recompute pass, whose output is discarded)
-    the down projection is not computed and the output is left uninitialised.
+    neither the activation nor the down projection is computed, and the output
+    is left uninitialised.
     """
 
     @staticmethod
