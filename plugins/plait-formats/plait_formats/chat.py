@@ -204,17 +204,27 @@ class ChatFormat:
 
     # --------------------------------------------------------- rendering
 
-    def render(self, messages, tools, add_generation_prompt: bool = False, *, index: int = 0) -> str:
+    def render(self, messages, tools, add_generation_prompt: bool = False, *, index: int = 0,
+               last_index: int | None = None) -> str:
         """The template's text for ``messages``; a template that refuses
         them (``raise_exception``, an undefined value) makes row ``index``
-        a bad row."""
+        a bad row.
+
+        ``last_index``: the index of the whole conversation's last message,
+        given to the template as ``real_last_index`` (the variable Axolotl's
+        templates read) when ``messages`` is a prefix of it. Qwen 3 renders the
+        last answer differently from earlier ones; told where the real end is,
+        a prefix renders as the start of the whole."""
         plain = [{"role": m["role"], "content": m["content"], **m.get("extra", {})} for m in messages]
+        extra = {} if last_index is None else {"real_last_index": last_index}
         try:
             if self.compiled is not None:
                 return self.compiled.render(messages=plain, tools=tools, documents=None,
-                                            add_generation_prompt=add_generation_prompt, **self.template_vars)
+                                            add_generation_prompt=add_generation_prompt, **self.template_vars,
+                                            **extra)
             return self.tokenizer.apply_chat_template(plain, tools=tools, chat_template=self.template,
-                                                      tokenize=False, add_generation_prompt=add_generation_prompt)
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **extra)
         except TemplateError as exc:
             roles = ", ".join(dict.fromkeys(m["role"] for m in messages))
             raise BadRowError(index, f"the chat template refused this conversation (roles: {roles}): "
@@ -225,10 +235,11 @@ class ChatFormat:
         length of the rendering of the messages up to and including it), and
         for trained assistant messages without text content (tool calls only)
         where their body starts: after the generation prompt."""
-        full = self.render(messages, tools, index=index)
+        last = len(messages) - 1
+        full = self.render(messages, tools, index=index, last_index=last)
         ends, bodies = [], {}
         for k in range(1, len(messages)):
-            prefix = self.render(messages[:k], tools, index=index)
+            prefix = self.render(messages[:k], tools, index=index, last_index=last)
             if not full.startswith(prefix):
                 raise BadRowError(index, f"the chat template renders the first {k} messages differently from the "
                                          f"start of the whole conversation, so turns cannot be masked")
@@ -237,7 +248,7 @@ class ChatFormat:
         for k, message in enumerate(messages):
             if message["train"] and not message["content"].strip() and message["extra"]:
                 start = ends[k - 1] if k else 0
-                prompt = self.render(messages[:k], tools, add_generation_prompt=True, index=index)
+                prompt = self.render(messages[:k], tools, add_generation_prompt=True, index=index, last_index=last)
                 if full.startswith(prompt) and start <= len(prompt) <= ends[k]:
                     bodies[k] = len(prompt)
         return full, ends, bodies
