@@ -19,15 +19,18 @@ gives ``chatml`` and ``llama3``, which match :data:`~._common.CHATML` and
   system turn (Qwen's default prompt when the conversation has none), with
   Qwen2.5's tool format: the tools listed in the system turn, calls as
   ``<tool_call>`` JSON, results as ``<tool_response>`` blocks in user turns.
+* ``qwen3``: :data:`~._common.QWEN3`, Qwen 3's chatml with the same tool
+  format and its reasoning: answers after the last user query show a
+  ``<think>`` block (the final one always), earlier answers drop theirs.
+  plait-formats passes ``real_last_index`` so each prefix of a conversation
+  renders as the start of the whole, which turn masking needs.
 * ``mistral_v1``: :data:`~._common.MISTRAL_V1`, ``' [INST] ' + user + ' [/INST]'``
   and ``' ' + answer + '</s>'``, strictly alternating, no system role.
 
 Where Axolotl's template drops a message it does not know (``phi_35``) ours
 refuses the row with the role named. Left out on purpose, because the text
 differs: ``mistral_v2v3`` and the ``*_tekken`` variants (their spacing around
-``[INST]``/``[/INST]`` and the answer is not :data:`~._common.MISTRAL`'s) and
-``qwen3`` (it rewrites the answers after the last user turn into a
-``<think>`` block, which needs its own masking tests).
+``[INST]``/``[/INST]`` and the answer is not :data:`~._common.MISTRAL`'s).
 
 (Not called ``chat_templates``: importing a submodule of that name would
 replace the package's ``chat_templates`` hookimpl with the module.)
@@ -35,7 +38,7 @@ replace the package's ``chat_templates`` hookimpl with the module.)
 
 from __future__ import annotations
 
-from plait_models.families._common import GEMMA, MISTRAL_V1, PHI3, PHI35, QWEN25
+from plait_models.families._common import GEMMA, MISTRAL_V1, PHI3, PHI35, QWEN3, QWEN25
 
 #: Axolotl name -> our jinja template
 CHAT_TEMPLATES = {
@@ -44,5 +47,6 @@ CHAT_TEMPLATES = {
     "phi_3": PHI3,
     "phi_35": PHI35,
     "qwen_25": QWEN25,
+    "qwen3": QWEN3,
     "mistral_v1": MISTRAL_V1,
 }

@@ -13,7 +13,7 @@ import pytest
 
 import plait_models
 from plait_models.families._common import (CHATML_TOKENS, GEMMA, GEMMA_TOKENS, MISTRAL_V1, PHI3, PHI3_TOKENS,
-                                          PHI35, QWEN25, QWEN25_DEFAULT_SYSTEM)
+                                          PHI35, QWEN3, QWEN25, QWEN25_DEFAULT_SYSTEM)
 
 FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
 
@@ -63,7 +63,7 @@ def test_axolotl_names_select_the_family_templates(pm):
 
     names = named_chat_templates(pm)
     assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3, "phi_35": PHI35, "qwen_25": QWEN25,
-            "mistral_v1": MISTRAL_V1}.items() <= names.items()
+            "qwen3": QWEN3, "mistral_v1": MISTRAL_V1}.items() <= names.items()
     assert {"chatml", "llama3"} <= set(names)  # core's, with no clash from the family CHATML/LLAMA3
 
 
@@ -207,6 +207,52 @@ def test_qwen_25_mask_trains_the_answers_only(tmp_path):
         ("the words are sorted.", True),
         ("<|im_end|>", True),
         ("\n<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n", False),
+        ("the sum is 7", True),
+        ("<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
+
+
+
+def test_qwen3_reasoning_after_the_last_query_only():
+    """The final answer always gets a <think> block (empty without reasoning);
+    an answer before the last user query loses its reasoning; reasoning_content
+    or a <think>...</think> text prefix supplies it."""
+    messages = [
+        {"role": "user", "content": "sort the words"},
+        {"role": "assistant", "content": "<think>\nalphabetical\n</think>\n\nthe words are sorted."},
+        {"role": "user", "content": "add 3 and 4"},
+        {"role": "assistant", "content": "the sum is 7", "reasoning_content": "3 + 4"},
+    ]
+    assert _render(QWEN3, messages) == (
+        "<|im_start|>user\nsort the words<|im_end|>\n<|im_start|>assistant\nthe words are sorted.<|im_end|>\n"
+        "<|im_start|>user\nadd 3 and 4<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n3 + 4\n</think>\n\nthe sum is 7<|im_end|>\n")
+    assert _render(QWEN3, CONVERSATION[:3]) == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsort the words<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nthe words are sorted.<|im_end|>\n")
+    # told the conversation goes on, a prefix renders its last answer as the whole does
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    prefix = _compile_jinja_template(QWEN3).render(messages=CONVERSATION[:3], real_last_index=4)
+    assert _render(QWEN3, CONVERSATION).startswith(prefix)
+    assert "<think>" not in prefix
+
+
+def test_qwen3_multi_turn_mask(tmp_path):
+    # each prefix renders as the start of the whole (plait-formats passes real_last_index):
+    # without it the first answer would get a <think> block in its prefix and masking would refuse the row
+    helpers = _formats_helpers()
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, CHATML_TOKENS), "qwen3")
+    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template")
+    ids, labels = helpers.pieces_to_row(tokenizer, [
+        ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsort the words<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("the words are sorted.", True),
+        ("<|im_end|>", True),
+        ("\n<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", False),
         ("the sum is 7", True),
         ("<|im_end|>", True),
         ("\n", False),

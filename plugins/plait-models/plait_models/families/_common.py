@@ -119,6 +119,72 @@ QWEN25 = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+#: Qwen 3's chatml (Axolotl's ``qwen3``): no default system turn; Qwen2.5's
+#: tool format (the tools after the system text); and reasoning. An answer
+#: after the conversation's last real user query (tool results do not count)
+#: shows its reasoning as a ``<think>`` block: its ``reasoning_content``, or
+#: the ``<think>...</think>`` part of its text. The final answer gets the block
+#: even when empty; earlier answers are rendered with the reasoning dropped.
+#: ``real_last_index`` (plait-formats passes it) keeps a prefix's rendering
+#: the start of the whole conversation's.
+QWEN3 = (
+    "{%- set opens_with_system = messages[0]['role'] == 'system' -%}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{%- if opens_with_system -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+    "{{ " + repr(QWEN25_TOOLS_PREAMBLE.lstrip("\n")) + " }}"
+    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    "{{ " + repr(QWEN25_TOOLS_INSTRUCTION) + " + '<|im_end|>\\n' }}"
+    "{%- elif opens_with_system -%}"
+    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- set query = namespace(index=messages | length - 1, found=false) -%}"
+    "{%- for message in messages[::-1] -%}"
+    "{%- if not query.found and message['role'] == 'user' and not (message['content'].startswith('<tool_response>')"
+    " and message['content'].endswith('</tool_response>')) -%}"
+    "{%- set query.found = true -%}{%- set query.index = messages | length - 1 - loop.index0 -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set last_index = real_last_index if real_last_index is defined and real_last_index is not none"
+    " else messages | length - 1 -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set answer = message['content'] -%}"
+    "{%- set reasoning = '' -%}"
+    "{%- if message.reasoning_content is defined and message.reasoning_content is not none -%}"
+    "{%- set reasoning = message.reasoning_content -%}"
+    "{%- elif '</think>' in answer -%}"
+    "{%- set reasoning = answer.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') -%}"
+    "{%- set answer = answer.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- endif -%}"
+    "{%- if loop.index0 > query.index and (loop.index0 == last_index or reasoning) -%}"
+    "{{ '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + answer.lstrip('\\n') }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>assistant\\n' + answer }}"
+    "{%- endif -%}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{%- if not loop.first or answer -%}{{ '\\n' }}{%- endif -%}"
+    "{%- set call = call.function if call.function else call -%}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call.name + '\", \"arguments\": ' }}"
+    "{%- if call.arguments is string -%}{{ call.arguments }}{%- else -%}{{ call.arguments | tojson }}{%- endif -%}"
+    "{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else -%}{{ '<think>\\n\\n' }}{%- endif -%}"
+    "{%- endif -%}"
+)
+
 #: Phi-3.5's role tags (Axolotl's ``phi_35``): Phi-3's, without a BOS, and an
 #: empty system message leaves no turn
 PHI35 = (
