@@ -25,12 +25,16 @@ gives ``chatml`` and ``llama3``, which match :data:`~._common.CHATML` and
   plait-formats passes ``real_last_index`` so each prefix of a conversation
   renders as the start of the whole, which turn masking needs.
 * ``mistral_v1``: :data:`~._common.MISTRAL_V1`, ``' [INST] ' + user + ' [/INST]'``
-  and ``' ' + answer + '</s>'``, strictly alternating, no system role.
+  and ``' ' + answer + '</s>'``, strictly alternating, no system role;
+  ``mistral_v3_tekken``: :data:`~._common.MISTRAL_V3_TEKKEN`, the same
+  without the spaces.
 
 Where Axolotl's template drops a message it does not know (``phi_35``) ours
 refuses the row with the role named. Left out on purpose, because the text
-differs: ``mistral_v2v3`` and the ``*_tekken`` variants (their spacing around
-``[INST]``/``[/INST]`` and the answer is not :data:`~._common.MISTRAL`'s).
+differs: ``mistral_v2v3`` (in transformers' jinja environment Axolotl's
+template keeps its source indentation, so each turn starts with a newline and
+eight spaces) and ``mistral_v7_tekken`` (its default system prompt holds
+today's date, so the same row tokenizes differently from day to day).
 
 (Not called ``chat_templates``: importing a submodule of that name would
 replace the package's ``chat_templates`` hookimpl with the module.)
@@ -38,7 +42,7 @@ replace the package's ``chat_templates`` hookimpl with the module.)
 
 from __future__ import annotations
 
-from plait_models.families._common import GEMMA, MISTRAL_V1, PHI3, PHI35, QWEN3, QWEN25
+from plait_models.families._common import GEMMA, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3, PHI35, QWEN3, QWEN25
 
 #: Axolotl name -> our jinja template
 CHAT_TEMPLATES = {
@@ -49,4 +53,5 @@ CHAT_TEMPLATES = {
     "qwen_25": QWEN25,
     "qwen3": QWEN3,
     "mistral_v1": MISTRAL_V1,
+    "mistral_v3_tekken": MISTRAL_V3_TEKKEN,
 }

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import plait_models
-from plait_models.families._common import (CHATML_TOKENS, GEMMA, GEMMA_TOKENS, MISTRAL_V1, PHI3, PHI3_TOKENS,
+from plait_models.families._common import (CHATML_TOKENS, GEMMA, GEMMA_TOKENS, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3,
+                                          PHI3_TOKENS,
                                           PHI35, QWEN3, QWEN25, QWEN25_DEFAULT_SYSTEM)
 
 FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
@@ -63,7 +64,7 @@ def test_axolotl_names_select_the_family_templates(pm):
 
     names = named_chat_templates(pm)
     assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3, "phi_35": PHI35, "qwen_25": QWEN25,
-            "qwen3": QWEN3, "mistral_v1": MISTRAL_V1}.items() <= names.items()
+            "qwen3": QWEN3, "mistral_v1": MISTRAL_V1, "mistral_v3_tekken": MISTRAL_V3_TEKKEN}.items() <= names.items()
     assert {"chatml", "llama3"} <= set(names)  # core's, with no clash from the family CHATML/LLAMA3
 
 
@@ -194,6 +195,10 @@ def test_mistral_v1_spacing_and_refusals():
         _render(MISTRAL_V1, CONVERSATION)
     with pytest.raises(TemplateError, match="alternate"):
         _render(MISTRAL_V1, [CONVERSATION[1], CONVERSATION[1]])
+    assert _render(MISTRAL_V3_TEKKEN, CONVERSATION[1:]) == (
+        "<s>[INST]sort the words[/INST]the words are sorted.</s>[INST]add 3 and 4[/INST]the sum is 7</s>")
+    with pytest.raises(TemplateError, match="mistral_v3_tekken has user and assistant roles only"):
+        _render(MISTRAL_V3_TEKKEN, CONVERSATION)
 
 
 def test_qwen_25_mask_trains_the_answers_only(tmp_path):

@@ -199,21 +199,30 @@ PHI35 = (
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
 
+def _alternating_inst(name: str, user_open: str, user_close: str, before_answer: str) -> str:
+    """An [INST] template with strictly alternating user/assistant turns and no
+    system role: ``bos`` + per turn ``user_open + user + user_close`` and
+    ``before_answer + answer + '</s>'``."""
+    return (
+        "{{ bos_token }}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] not in ['user', 'assistant'] -%}"
+        "{{ raise_exception('" + name + " has user and assistant roles only, got ' + message['role']) }}"
+        "{%- elif (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('" + name + " needs user and assistant turns to alternate, starting with user') }}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{{ " + repr(user_open) + " + message['content'] + " + repr(user_close) + " }}"
+        "{%- else -%}{{ " + repr(before_answer) + " + message['content'] + '</s>' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
 #: Mistral's first [INST] format (Axolotl's ``mistral_v1``): a space before each
-#: ``[INST]`` and before each answer, user and assistant strictly alternating,
-#: no system role
-MISTRAL_V1 = (
-    "{{ bos_token }}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['user', 'assistant'] -%}"
-    "{{ raise_exception('mistral_v1 has user and assistant roles only, got ' + message['role']) }}"
-    "{%- elif (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('mistral_v1 needs user and assistant turns to alternate, starting with user') }}"
-    "{%- elif message['role'] == 'user' -%}{{ ' [INST] ' + message['content'] + ' [/INST]' }}"
-    "{%- else -%}{{ ' ' + message['content'] + '</s>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
+#: ``[INST]`` and before each answer
+MISTRAL_V1 = _alternating_inst("mistral_v1", " [INST] ", " [/INST]", " ")
+#: the tekken tokenizer's [INST] format (Axolotl's ``mistral_v3_tekken``): no spaces
+MISTRAL_V3_TEKKEN = _alternating_inst("mistral_v3_tekken", "[INST]", "[/INST]", "")
 
 #: TP plan shared by llama-style decoder layers (names inside a decoder layer);
 #: mirrors transformers' ``base_model_tp_plan`` with the ``layers.*.`` prefix dropped
