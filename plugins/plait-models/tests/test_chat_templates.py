@@ -13,8 +13,7 @@ import pytest
 
 import plait_models
 from plait_models.families._common import (CHATML_TOKENS, GEMMA, GEMMA_TOKENS, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3,
-                                          PHI3_TOKENS,
-                                          PHI35, QWEN3, QWEN25, QWEN25_DEFAULT_SYSTEM)
+                                          PHI3_TOKENS, PHI35, QWEN3, QWEN25, QWEN25_DEFAULT_SYSTEM)
 
 FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
 
