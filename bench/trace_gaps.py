@@ -6,7 +6,9 @@ host work that was running in them.
 Reads a Chrome trace written by ``torch.profiler`` (``bench/throughput.py
 --profile`` writes one per plait case), merges the device's kernel and copy
 intervals, and prints the busy share of the span, the idle time in gaps of
-each size, and the largest gaps with the outermost CPU ops open at the time.
+each size, the device time of each stream (compute kernels against the span
+tells a host-bound step from a device-bound one), and the largest gaps with
+the outermost CPU ops open at the time.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ def main() -> None:
         buckets[key] += gap
     for key in ("<10us", "10-100us", "0.1-1ms", ">=1ms"):
         print(f"  gaps {key:>9}: {buckets[key] / 1e3:8.2f} ms")
+    streams = Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            streams[(e.get("args", {}).get("stream"), e["cat"])] += e.get("dur", 0)
+    print("\ndevice time per stream (a span much longer than the busiest stream's kernels: the host is behind):")
+    for (stream, cat), total in sorted(streams.items(), key=lambda item: -item[1]):
+        print(f"  stream {stream} {cat:>10}: {total / 1e3:8.1f} ms ({100 * total / span:.0f}% of the span)")
     cpu_ops = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function", "user_annotation")]
     print(f"\nlargest {args.top} gaps (us, host ops open at the gap's start):")
     for gap, at in sorted(gaps, reverse=True)[:args.top]:
