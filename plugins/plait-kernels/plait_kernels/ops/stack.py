@@ -3,11 +3,11 @@
 The fused LoRA MLP (``plait_kernels.lora_mlp``) multiplies ``[x | x A.T]`` by
 ``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]``. Both are written into buffers a
 few columns wider than their sources, so every destination row is strided,
-and torch's generic copy takes its non-vectorized path for that: at Llama
-shapes the copies cost about 3x their memory traffic. These kernels move
-whole rows in wide, aligned blocks, and build the stacked weight (both base
-weights, both scaled ``B`` blocks and the zero blocks) in one launch instead
-of six.
+and torch's generic copy takes its non-vectorized path for that. These
+kernels move whole rows in wide, aligned blocks, and build the stacked weight
+(both base weights, both scaled ``B`` blocks and the zero blocks) in one
+launch instead of six. On the H200 at the 1B shape the copies went from
+8.1 ms a step to 2.7 ms (profiles in ``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
