@@ -263,3 +263,29 @@ def test_qwen3_multi_turn_mask(tmp_path):
     ])
     assert out["input_ids"][0] == ids
     assert out["labels"][0] == labels
+
+
+def test_qwen_25_tool_call_mask(tmp_path):
+    # a trained tool-call turn (no text) trains its <tool_call> block; the tool's result is prompt
+    helpers = _formats_helpers()
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, CHATML_TOKENS), "qwen_25")
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 4}}}
+    messages = [
+        {"role": "user", "content": "add 3 and 4"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "7"},
+        {"role": "assistant", "content": "the sum is 7"},
+    ]
+    out = helpers.run_format(tokenizer, {"messages": [messages]}, type="chat_template")
+    ids, labels = helpers.pieces_to_row(tokenizer, [
+        (f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n"
+         "<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n", False),  # the generation prompt
+        ('<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>', True),
+        ("<|im_end|>", True),
+        ("\n<|im_start|>user\n<tool_response>\n7\n</tool_response><|im_end|>\n<|im_start|>assistant\n", False),
+        ("the sum is 7", True),
+        ("<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
