@@ -48,6 +48,17 @@ def _tokenizer_dir(tmp_path, markers, chat_template=None):
     return str(path)
 
 
+def _assert_mask(tokenizer, messages, pieces, **dataset_keys):
+    """Format ``messages`` as one ``chat_template`` row and check its tokens and
+    labels against ``pieces`` (``(text, trained)`` runs); returns ``(ids, labels)``."""
+    helpers = _formats_helpers()
+    out = helpers.run_format(tokenizer, {"messages": [messages]}, type="chat_template", **dataset_keys)
+    ids, labels = helpers.pieces_to_row(tokenizer, pieces)
+    assert out["input_ids"][0] == ids
+    assert out["labels"][0] == labels
+    return ids, labels
+
+
 def _load_tokenizer(base, chat_template):
     """The run's tokenizer as ``plait train`` loads it, with core and plait-models only."""
     from plait.config import build_config
@@ -91,15 +102,9 @@ def test_unknown_name_lists_the_family_names(tmp_path):
 def test_gemma_multi_turn_mask(tmp_path, where):
     # Gemma calls the assistant "model"; its content and each <end_of_turn> after it are trained.
     # The name works as the run's chat_template and as one dataset's own chat_template.
-    helpers = _formats_helpers()
-    if where == "run":
-        tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), "gemma")
-        out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template")
-    else:
-        tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), "chatml")
-        out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template",
-                                 chat_template="gemma")
-    ids, labels = helpers.pieces_to_row(tokenizer, [
+    run_template, dataset_keys = ("gemma", {}) if where == "run" else ("chatml", {"chat_template": "gemma"})
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, GEMMA_TOKENS), run_template)
+    ids, labels = _assert_mask(tokenizer, CONVERSATION[1:], [
         ("<|begin_of_text|><start_of_turn>user\nsort the words<end_of_turn>\n<start_of_turn>model\n", False),
         ("the words are sorted.", True),
         ("<end_of_turn>", True),
@@ -107,18 +112,14 @@ def test_gemma_multi_turn_mask(tmp_path, where):
         ("the sum is 7", True),
         ("<end_of_turn>", True),
         ("\n", False),
-    ])
-    assert out["input_ids"][0] == ids
-    assert out["labels"][0] == labels
+    ], **dataset_keys)
     end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert sum(1 for t, label in zip(ids, labels) if t == end and label == end) == 2
 
 
 def test_phi_3_multi_turn_mask_with_system(tmp_path):
-    helpers = _formats_helpers()
     tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, PHI3_TOKENS), "tokenizer_default_fallback_phi_3")
-    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template")
-    ids, labels = helpers.pieces_to_row(tokenizer, [
+    _assert_mask(tokenizer, CONVERSATION, [
         ("<|begin_of_text|><|system|>\nbe brief<|end|>\n<|user|>\nsort the words<|end|>\n<|assistant|>\n", False),
         ("the words are sorted.", True),
         ("<|end|>", True),
@@ -127,9 +128,6 @@ def test_phi_3_multi_turn_mask_with_system(tmp_path):
         ("<|end|>", True),
         ("\n", False),
     ])
-    assert out["input_ids"][0] == ids
-    assert out["labels"][0] == labels
-
 
 
 def _render(template, messages, tools=None, add_generation_prompt=False):
@@ -202,10 +200,8 @@ def test_mistral_v1_spacing_and_refusals():
 
 def test_qwen_25_mask_trains_the_answers_only(tmp_path):
     # the default system turn is part of the first prompt, never trained
-    helpers = _formats_helpers()
     tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, CHATML_TOKENS), "qwen_25")
-    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION[1:]]}, type="chat_template")
-    ids, labels = helpers.pieces_to_row(tokenizer, [
+    _assert_mask(tokenizer, CONVERSATION[1:], [
         (f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n"
          "<|im_start|>user\nsort the words<|im_end|>\n<|im_start|>assistant\n", False),
         ("the words are sorted.", True),
@@ -215,9 +211,6 @@ def test_qwen_25_mask_trains_the_answers_only(tmp_path):
         ("<|im_end|>", True),
         ("\n", False),
     ])
-    assert out["input_ids"][0] == ids
-    assert out["labels"][0] == labels
-
 
 
 def test_qwen3_reasoning_after_the_last_query_only():
@@ -248,10 +241,8 @@ def test_qwen3_reasoning_after_the_last_query_only():
 def test_qwen3_multi_turn_mask(tmp_path):
     # each prefix renders as the start of the whole (plait-formats passes real_last_index):
     # without it the first answer would get a <think> block in its prefix and masking would refuse the row
-    helpers = _formats_helpers()
     tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, CHATML_TOKENS), "qwen3")
-    out = helpers.run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template")
-    ids, labels = helpers.pieces_to_row(tokenizer, [
+    _assert_mask(tokenizer, CONVERSATION, [
         ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsort the words<|im_end|>\n"
          "<|im_start|>assistant\n", False),
         ("the words are sorted.", True),
@@ -261,13 +252,10 @@ def test_qwen3_multi_turn_mask(tmp_path):
         ("<|im_end|>", True),
         ("\n", False),
     ])
-    assert out["input_ids"][0] == ids
-    assert out["labels"][0] == labels
 
 
 def test_qwen_25_tool_call_mask(tmp_path):
     # a trained tool-call turn (no text) trains its <tool_call> block; the tool's result is prompt
-    helpers = _formats_helpers()
     tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, CHATML_TOKENS), "qwen_25")
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 3, "b": 4}}}
     messages = [
@@ -276,8 +264,7 @@ def test_qwen_25_tool_call_mask(tmp_path):
         {"role": "tool", "content": "7"},
         {"role": "assistant", "content": "the sum is 7"},
     ]
-    out = helpers.run_format(tokenizer, {"messages": [messages]}, type="chat_template")
-    ids, labels = helpers.pieces_to_row(tokenizer, [
+    _assert_mask(tokenizer, messages, [
         (f"<|im_start|>system\n{QWEN25_DEFAULT_SYSTEM}<|im_end|>\n"
          "<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n", False),  # the generation prompt
         ('<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>', True),
@@ -287,5 +274,3 @@ def test_qwen_25_tool_call_mask(tmp_path):
         ("<|im_end|>", True),
         ("\n", False),
     ])
-    assert out["input_ids"][0] == ids
-    assert out["labels"][0] == labels
