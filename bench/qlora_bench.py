@@ -186,7 +186,6 @@ def worker_hf(args) -> dict:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     times: list[float] = []
     tokens: list[int] = []
-
     losses: list[float] = []
 
     class Recorder(TrainerCallback):
