@@ -107,13 +107,16 @@ class CountCalls:
     call's arguments in ``calls.args``."""
 
     def __init__(self, function):
-        self.function, self.count, self.args = function, 0, []
+        self.function, self.args = function, []
+
+    @property
+    def count(self) -> int:
+        return len(self.args)
 
     def __enter__(self):
         apply = self._apply = self.function.apply
 
         def counting(*args):
-            self.count += 1
             self.args.append(args)
             return apply(*args)
 
