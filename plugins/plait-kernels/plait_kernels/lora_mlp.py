@@ -52,17 +52,16 @@ def _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dtype) -> torch.Tens
     weights as one ``[2 * intermediate, hidden + r_g + r_u]`` matrix, so that
     ``[x | x A_g.T | x A_u.T] @ it.T`` is ``[gate | up]`` with LoRA included."""
     from plait_kernels.ops.nf4 import dequantize_nf4_, dequantizes
-    from plait_kernels.ops.stack import empty_gate_up, fill_gate_up_
+    from plait_kernels.ops.stack import empty_gate_up, fill_gate_up_, gate_up_weight
 
-    inter = b_g.shape[0]
-    hidden = w_g.shape[1] if q_g is None else q_g.shape[1]
-    out = empty_gate_up(inter, hidden, b_g.shape[1], b_u.shape[1], dtype, b_g.device)
     if q_g is not None and dequantizes(w_g, q_g) and dequantizes(w_u, q_u):
         # 4-bit bases dequantized straight into their blocks: no dense temporary, no copy
+        inter, hidden = q_g.shape
+        out = empty_gate_up(inter, hidden, b_g.shape[1], b_u.shape[1], dtype, b_g.device)
         dequantize_nf4_(out[:inter, :hidden], w_g, q_g)
         dequantize_nf4_(out[inter:, :hidden], w_u, q_u)
         return fill_gate_up_(out, b_g, b_u, s_g, s_u)
-    return fill_gate_up_(out, b_g, b_u, s_g, s_u, dense_weight(w_g, q_g, dtype), dense_weight(w_u, q_u, dtype))
+    return gate_up_weight(dense_weight(w_g, q_g, dtype), dense_weight(w_u, q_u, dtype), b_g, b_u, s_g, s_u, dtype)
 
 
 class LoRAGLUMLPFunction(torch.autograd.Function):
