@@ -88,22 +88,29 @@ QWEN25_TOOLS_INSTRUCTION = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
     "<args-json-object>}\n</tool_call>"
 )
+#: Qwen's tool listing (inside ``{% if tools %}``): one JSON line per tool
+_QWEN_TOOL_LINES = "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+#: a ``tool`` message (inside the message loop): its result as a
+#: ``<tool_response>`` block; consecutive results share one user turn
+_QWEN_TOOL_RESULTS = (
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
+    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+)
 QWEN25 = (
     "{%- set opens_with_system = messages[0]['role'] == 'system' -%}"
     "{{ '<|im_start|>system\\n' }}"
     "{{- messages[0]['content'] if opens_with_system else " + repr(QWEN25_DEFAULT_SYSTEM) + " -}}"
     "{%- if tools -%}"
     "{{ " + repr(QWEN25_TOOLS_PREAMBLE) + " }}"
-    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    + _QWEN_TOOL_LINES +
     "{{ " + repr(QWEN25_TOOLS_INSTRUCTION) + " }}"
     "{%- endif -%}"
     "{{ '<|im_end|>\\n' }}"
     "{%- for message in messages -%}"
     "{%- if loop.first and opens_with_system -%}"
     "{%- elif message['role'] == 'tool' -%}"
-    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
-    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
-    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    + _QWEN_TOOL_RESULTS +
     "{%- elif message['role'] == 'assistant' and message.tool_calls -%}"
     "{{ '<|im_start|>assistant' }}{%- if message['content'] -%}{{ '\\n' + message['content'] }}{%- endif -%}"
     "{%- for call in message.tool_calls -%}"
@@ -133,7 +140,7 @@ QWEN3 = (
     "{{ '<|im_start|>system\\n' }}"
     "{%- if opens_with_system -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
     "{{ " + repr(QWEN25_TOOLS_PREAMBLE.lstrip("\n")) + " }}"
-    "{%- for tool in tools -%}{{ '\\n' }}{{ tool | tojson }}{%- endfor -%}"
+    + _QWEN_TOOL_LINES +
     "{{ " + repr(QWEN25_TOOLS_INSTRUCTION) + " + '<|im_end|>\\n' }}"
     "{%- elif opens_with_system -%}"
     "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
@@ -173,9 +180,7 @@ QWEN3 = (
     "{%- endfor -%}"
     "{{ '<|im_end|>\\n' }}"
     "{%- elif message['role'] == 'tool' -%}"
-    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{ '<|im_start|>user' }}{%- endif -%}"
-    "{{ '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
-    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{ '<|im_end|>\\n' }}{%- endif -%}"
+    + _QWEN_TOOL_RESULTS +
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
