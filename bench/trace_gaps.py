@@ -7,8 +7,9 @@ Reads a Chrome trace written by ``torch.profiler`` (``bench/throughput.py
 --profile`` writes one per plait case), merges the device's kernel and copy
 intervals, and prints the busy share of the span, the idle time in gaps of
 each size, the device time of each stream (compute kernels against the span
-tells a host-bound step from a device-bound one), and the largest gaps with
-the outermost CPU ops open at the time.
+tells a host-bound step from a device-bound one), the idle time charged to the
+host ops that launched the kernel ending each gap (what the device waited
+for), and the largest gaps with the outermost CPU ops open at the time.
 """
 
 from __future__ import annotations
@@ -45,6 +46,39 @@ def open_cpu_ops(cpu_ops, at: float, limit: int = 3) -> str:
     return " > ".join(e["name"][:40] for e in spanning[:limit]) or "(no op open)"
 
 
+def launching_ops(events, kernels_after_gaps) -> list[str]:
+    """For each kernel, ``"outer > ... > inner"``: the CPU ops open, on its thread,
+    when the host launched it (joined through the profiler's correlation ids)."""
+    launch_at = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}):
+            launch_at[e["args"]["correlation"]] = (e["ts"], e["tid"])
+    queries = []
+    for index, kernel in enumerate(kernels_after_gaps):
+        found = launch_at.get(kernel.get("args", {}).get("correlation"))
+        if found is not None:
+            queries.append((found[0], found[1], index))
+    names = ["(launch not found)"] * len(kernels_after_gaps)
+    ops_by_thread: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
+            ops_by_thread.setdefault(e["tid"], []).append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
+    for tid, ops in ops_by_thread.items():
+        ops.sort(key=lambda op: (op[0], -op[1]))
+        mine = sorted(q for q in queries if q[1] == tid)
+        stack: list = []
+        position = 0
+        for at, _, index in mine:
+            while position < len(ops) and ops[position][0] <= at:
+                stack.append(ops[position])
+                position += 1
+            stack = [op for op in stack if op[1] >= at]  # ops on one thread nest, so this keeps the open chain
+            chain = [op[2] for op in stack if not op[2].startswith("ProfilerStep")]
+            if chain:
+                names[index] = " > ".join(name[:48] for name in (chain[:1] + chain[-2:] if len(chain) > 3 else chain))
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace")
@@ -72,6 +106,18 @@ def main() -> None:
     print("\ndevice time per stream (a span much longer than the busiest stream's kernels: the host is behind):")
     for (stream, cat), total in sorted(streams.items(), key=lambda item: -item[1]):
         print(f"  stream {stream} {cat:>10}: {total / 1e3:8.1f} ms ({100 * total / span:.0f}% of the span)")
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    starts = [k["ts"] for k in kernels]
+    import bisect
+
+    after = [kernels[bisect.bisect_left(starts, at + gap - 0.01)] for gap, at in gaps]
+    charged = Counter()
+    for (gap, _), name in zip(gaps, launching_ops(events, after)):
+        charged[name] += gap
+    print(f"\nidle time by the host ops that launched the kernel ending the gap (top {args.top}):")
+    for name, total in charged.most_common(args.top):
+        print(f"  {total / 1e3:8.2f} ms  {name}")
     cpu_ops = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function", "user_annotation")]
     print(f"\nlargest {args.top} gaps (us, host ops open at the gap's start):")
     for gap, at in sorted(gaps, reverse=True)[:args.top]:
