@@ -6,6 +6,8 @@ off the device, and the pinned buffers reused from step to step."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -123,3 +125,78 @@ def test_offloader_passes_host_tensors_through():
     offloader = ActivationOffloader()
     t = torch.randn(3, 3)
     assert offloader.unpack(offloader.pack(t)) is t
+
+
+# ------------------------------------------- outputs kept for the recompute pass
+
+
+class _SquareKeepingItsOutput(torch.autograd.Function):
+    """``x * x`` whose forward parks its output for the recompute pass and, in
+    that pass, hands the parked values back instead of computing them."""
+
+    computed = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        from plait.train.recompute import keep_for_recompute, keeps_for_recompute, take_kept
+
+        ctx.save_for_backward(x)
+        kept = take_kept()
+        if kept is not None:
+            return kept[0]
+        _SquareKeepingItsOutput.computed += 1
+        out = x * x
+        if keeps_for_recompute():
+            keep_for_recompute([out])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def _keeping_layer_grad(mode, device):
+    """The gradient of a two-layer checkpointed stack of ``sin(square(x))`` and
+    how many times the square was computed."""
+    from torch.utils.checkpoint import checkpoint
+
+    from plait.train.recompute import ActivationOffloader, mark_recompute
+
+    offloader = ActivationOffloader() if mode == "offload" else None
+    func = functools.partial(checkpoint, use_reentrant=False)
+    if offloader is not None:
+        func = offloader.wrap(func)
+    func = mark_recompute(func, keeper=offloader)
+    _SquareKeepingItsOutput.computed = 0
+    x = torch.linspace(-1, 1, 24, dtype=torch.float64, device=device).reshape(4, 6).requires_grad_()
+    h = x
+    for _ in range(2):
+        h = func(lambda t: torch.sin(_SquareKeepingItsOutput.apply(t)) + t, h)
+    h.sum().backward()
+    return x.grad, _SquareKeepingItsOutput.computed, offloader
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_outputs_kept_in_the_forward_stand_in_for_the_recompute(device):
+    plain_grad, plain_computed, _ = _keeping_layer_grad(True, device)
+    kept_grad, kept_computed, offloader = _keeping_layer_grad("offload", device)
+    assert plain_computed == 4  # two layers, each forward and recompute
+    assert kept_computed == 2  # the recompute pass took the parked outputs
+    assert torch.equal(kept_grad, plain_grad)
+    x = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(4, 6)
+    assert torch.allclose(plain_grad.cpu(), _chain_grad(x), atol=1e-12)
+    if device == "cuda":  # the two kept [4, 6] float64 outputs went through pinned buffers too
+        assert offloader.pool.allocated_bytes >= 2 * 4 * 6 * 8
+
+
+def _chain_grad(x):
+    """d/dx of f(f(x)) with f(t) = sin(t^2) + t, f'(t) = 2t cos(t^2) + 1."""
+    inner = torch.sin(x * x) + x
+    return (2 * inner * torch.cos(inner * inner) + 1) * (2 * x * torch.cos(x * x) + 1)
+
+
+def test_nothing_is_kept_outside_a_checkpointed_layer():
+    from plait.train.recompute import keeps_for_recompute, take_kept
+
+    assert not keeps_for_recompute() and take_kept() is None

@@ -25,6 +25,13 @@ layer's closure and stay on the device.
 Every non-reentrant mode also marks the recompute pass (:func:`is_recomputing`):
 there the layer's output is thrown away, so a module whose output nothing in
 the layer saves (a Llama MLP feeding the residual add) may skip computing it.
+
+The offloaded mode can also park a module's *outputs* (:func:`keep_for_recompute`)
+and hand them back in the recompute pass (:func:`take_kept`), so that pass
+skips the module's matmuls. It pays where an output is cheap to move and costly
+to rebuild: an attention projection's output is ``tokens x out`` values, rebuilt
+with ``2 x tokens x in x out`` FLOPs, and the host link moves it while the
+device computes. The values are the first forward's, so gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import logging
 import threading
 import weakref
 from contextlib import contextmanager
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -64,7 +71,7 @@ def enable_gradient_checkpointing(model, mode, checkpoint_kwargs: dict | None = 
     if not kwargs["use_reentrant"]:
         # a reentrant checkpoint backpropagates through the recomputed output, so
         # only the non-reentrant one may tell modules that it is unused
-        wrap_layers(model, mark_recompute)
+        wrap_layers(model, functools.partial(mark_recompute, keeper=offloader))
     return offloader
 
 
@@ -84,32 +91,89 @@ def is_recomputing() -> bool:
 
 
 @contextmanager
-def _recomputing():
-    before = is_recomputing()
-    _recompute_state.active = True
+def _layer_pass(recomputing: bool, layer_call):
+    before = is_recomputing(), getattr(_recompute_state, "layer_call", None)
+    _recompute_state.active, _recompute_state.layer_call = recomputing, layer_call
     try:
         yield
     finally:
-        _recompute_state.active = before
+        _recompute_state.active, _recompute_state.layer_call = before
 
 
-def mark_recompute(checkpoint_func):
+def keeps_for_recompute() -> bool:
+    """Whether outputs given to :func:`keep_for_recompute` now come back in this
+    layer's recompute pass: inside the forward of an offloaded checkpointed layer
+    that will be backpropagated (grad mode on)."""
+    return not is_recomputing() and getattr(_recompute_state, "layer_call", None) is not None
+
+
+def keep_for_recompute(tensors) -> None:
+    """Park ``tensors`` (one group) in host memory until this layer's recompute
+    pass, where :func:`take_kept` returns them in the order they were kept.
+
+    Call it only where :func:`keeps_for_recompute` is true, and in the
+    recompute pass call :func:`take_kept` at the same place: groups are matched
+    by order. The tensors are copied while the forward goes on, so they must
+    not be modified in place afterwards.
+    """
+    layer_call = _recompute_state.layer_call
+    layer_call.kept.append([layer_call.keeper.park(t) for t in tensors])
+
+
+def take_kept() -> list | None:
+    """In a recompute pass, the next group :func:`keep_for_recompute` parked in
+    this layer's forward, back on its device; ``None`` when nothing is left."""
+    layer_call = getattr(_recompute_state, "layer_call", None) if is_recomputing() else None
+    if layer_call is None or not layer_call.kept:
+        return None
+    return [layer_call.keeper.fetch(handle) for handle in layer_call.kept.popleft()]
+
+
+class _LayerCall:
+    """The groups of outputs one checkpointed layer call keeps for its recompute pass."""
+
+    __slots__ = ("keeper", "kept", "previous", "__weakref__")
+
+    def __init__(self, keeper, previous):
+        self.keeper = keeper    # the ActivationOffloader that parks and fetches them
+        self.kept: deque = deque()
+        self.previous = previous  # weakref to the layer call made before this one
+
+    def prefetch(self) -> None:
+        for group in self.kept:
+            for handle in group:
+                self.keeper.prefetch(handle)
+
+
+def mark_recompute(checkpoint_func, keeper=None):
     """A checkpointing function whose every call after the first (the forward)
     of the layer function runs under :func:`is_recomputing`.
 
-    The autograd engine recomputes on its own thread, hence a thread-local flag.
+    With a ``keeper`` (the :class:`ActivationOffloader`) the forward may also
+    keep outputs for the recompute pass (:func:`keep_for_recompute`). The
+    autograd engine recomputes on its own thread, hence thread-local state.
     """
 
     @functools.wraps(checkpoint_func)
     def marked(function, *args, **kwargs):
         calls = 0
+        layer_call = keeper.new_layer_call() if keeper is not None else None
 
         def counted(*inner_args, **inner_kwargs):
             nonlocal calls
             calls += 1
             if calls == 1:
-                return function(*inner_args, **inner_kwargs)
-            with _recomputing():
+                # a forward without grad mode has no recompute pass to keep anything for
+                # (checked here: inside an autograd.Function's forward grad mode is off)
+                with _layer_pass(False, layer_call if torch.is_grad_enabled() else None):
+                    return function(*inner_args, **inner_kwargs)
+            if layer_call is not None:
+                # the backward runs layers in reverse: start the next one's copies too
+                layer_call.prefetch()
+                previous = layer_call.previous() if layer_call.previous is not None else None
+                if previous is not None:
+                    previous.prefetch()
+            with _layer_pass(True, layer_call):
                 return function(*inner_args, **inner_kwargs)
 
         return checkpoint_func(counted, *args, **kwargs)
@@ -174,7 +238,8 @@ class _PinnedPool:
 
 
 class ActivationOffloader:
-    """Saved-tensor hooks that park checkpointed layer inputs in host memory."""
+    """Saved-tensor hooks that park checkpointed layer inputs in host memory, and
+    the parking of outputs kept for the recompute pass (:func:`keep_for_recompute`)."""
 
     def __init__(self):
         # the device is the first CUDA tensor's: the model is moved there after it
@@ -183,6 +248,7 @@ class ActivationOffloader:
         self.to_host = self.to_device = None
         self.pool = _PinnedPool()
         self._last = None  # weakref to the most recently packed tensor
+        self._last_call = None  # weakref to the most recent layer call's kept outputs
         self._said_host = False
 
     def _start(self, device: torch.device) -> None:
@@ -209,6 +275,37 @@ class ActivationOffloader:
                 log.info("gradient_checkpointing: offload on %s: the activations already live in host memory, "
                          "so this runs as plain checkpointing", tensor.device)
             return tensor
+        handle = self._to_host(tensor, previous=self._last)
+        self._last = weakref.ref(handle)
+        return handle
+
+    def park(self, tensor: torch.Tensor):
+        """A kept output (:func:`keep_for_recompute`) on its way to host memory;
+        a host tensor stays where it is."""
+        tensor = tensor.detach()  # the values only: the recompute builds its own graph around them
+        return self._to_host(tensor, previous=None) if tensor.device.type == "cuda" else tensor
+
+    def fetch(self, handle) -> torch.Tensor:
+        """A parked tensor back on the device, ready for the compute stream."""
+        if not isinstance(handle, _Offloaded):
+            return handle
+        self._fetch(handle)
+        torch.cuda.current_stream(self.device).wait_event(handle.arrived)
+        return handle.device_copy
+
+    def prefetch(self, handle) -> None:
+        """Start bringing a parked tensor back, without waiting for it."""
+        if isinstance(handle, _Offloaded):
+            self._fetch(handle)
+
+    def new_layer_call(self) -> _LayerCall:
+        """Where one checkpointed layer call keeps its outputs; linked to the call
+        before it, which the backward reaches next."""
+        layer_call = _LayerCall(self, self._last_call)
+        self._last_call = weakref.ref(layer_call)
+        return layer_call
+
+    def _to_host(self, tensor: torch.Tensor, previous) -> _Offloaded:
         if self.device is None:
             self._start(tensor.device)
         compute = torch.cuda.current_stream(self.device)
@@ -221,20 +318,17 @@ class ActivationOffloader:
             copied = self.to_host.record_event()
         # the allocator must not give this memory to another tensor before the copy has read it
         tensor.record_stream(self.to_host)
-        handle = _Offloaded(host, copied, self._last, self.pool)
-        self._last = weakref.ref(handle)
-        return handle
+        return _Offloaded(host, copied, previous, self.pool)
 
     def unpack(self, handle):
         if not isinstance(handle, _Offloaded):
             return handle
-        self._fetch(handle)
-        torch.cuda.current_stream(self.device).wait_event(handle.arrived)
+        device_copy = self.fetch(handle)
         # the backward runs layers in reverse: the one packed before this is needed next
         previous = handle.previous() if handle.previous is not None else None
         if previous is not None:
             self._fetch(previous)
-        return handle.device_copy
+        return device_copy
 
     def _fetch(self, handle: _Offloaded) -> None:
         if handle.device_copy is not None:

@@ -16,7 +16,11 @@ matmul each::
     dx   = dq @ W_q + dk @ W_k + dv @ W_v + coef @ [A_q; A_k; A_v]
     dA   = coef.T @ x                                            split per projection
 
-The output projection is the same computation with one projection. A base
+The output projection is the same computation with one projection. Under
+offloaded checkpointing the outputs are parked in host memory in the forward
+and handed back in the recompute pass (``plait.train.recompute.take_kept``),
+which then skips every base matmul here: an output costs ``tokens x out``
+values to move and ``2 x tokens x in x out`` FLOPs to rebuild. A base
 may be a bitsandbytes 4-bit ``Linear4bit``: it is dequantized to the compute
 dtype where its matmul needs it and freed at once (:func:`dense_weight`).
 Only frozen, bias-free bases with one active adapter, no dropout in training
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from plait.train.recompute import keep_for_recompute, keeps_for_recompute, take_kept
 
 
 def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -106,12 +112,19 @@ class LoRASharedInputFunction(torch.autograd.Function):
         ranks = [a.shape[0] for _, _, a, _, _ in projections]
         a_all = torch.cat([a for _, _, a, _, _ in projections]).to(dt)
         xa = x @ a_all.t()  # one read of x for every A
-        outputs, start = [], 0
-        for (w, quant_state, _, b, scale), rank in zip(projections, ranks):
-            out = x @ dense_weight(w, quant_state, dt).t()
-            out.addmm_(xa[:, start:start + rank], b.to(dt).t(), alpha=scale)
-            outputs.append(out)
-            start += rank
+        compiling = torch.compiler.is_compiling()
+        # a checkpoint's recompute pass gets the outputs the forward parked in
+        # host memory: no base matmul, no dequantization (xa is still saved)
+        outputs = None if compiling else take_kept()
+        if outputs is None:
+            outputs, start = [], 0
+            for (w, quant_state, _, b, scale), rank in zip(projections, ranks):
+                out = x @ dense_weight(w, quant_state, dt).t()
+                out.addmm_(xa[:, start:start + rank], b.to(dt).t(), alpha=scale)
+                outputs.append(out)
+                start += rank
+            if not compiling and keeps_for_recompute():
+                keep_for_recompute(outputs)
         weights = [w for w, _, _, _, _ in projections]
         bs = [b for _, _, _, b, _ in projections]
         ctx.save_for_backward(x, xa, a_all, *weights, *bs)

@@ -73,6 +73,46 @@ def test_qlora_attention_matches_lora_over_the_dequantized_base(tiny_dir, device
     _check(tiny_dir, torch.float32, device, 1e-5, load_in_4bit=True)
 
 
+def _checkpointed_base_matmuls(model, mode, device, monkeypatch):
+    """Loss, LoRA gradients and the number of base-weight matmul operands the
+    fused projections built, in one step under ``gradient_checkpointing: mode``."""
+    from plait.train.recompute import enable_gradient_checkpointing
+    from plait_kernels import lora_linear
+
+    enable_gradient_checkpointing(model, mode)
+    model.train()
+    built = []
+    real = lora_linear.dense_weight
+    monkeypatch.setattr(lora_linear, "dense_weight", lambda w, q, dt: built.append(w) or real(w, q, dt))
+    result = loss_and_lora_grads(model, torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+                                 .to(device))
+    monkeypatch.setattr(lora_linear, "dense_weight", real)
+    return result, len(built)
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_offloaded_recompute_takes_the_kept_projection_outputs(tiny_dir, device, monkeypatch, load_in_4bit):
+    """Under ``gradient_checkpointing: offload`` the forward parks the q/k/v and o
+    outputs and the recompute pass takes them back: no base matmul (nor 4-bit
+    dequantization) there. Plain checkpointing rebuilds them. Loss and gradients
+    are the same bits either way, and equal peft's without checkpointing."""
+    if load_in_4bit:
+        pytest.importorskip("bitsandbytes")
+    model = lora_model(tiny_dir, torch.float32, device, load_in_4bit=load_in_4bit)
+    reference = with_dequantized_bases(copy.deepcopy(model)) if load_in_4bit else copy.deepcopy(model)
+    plain_model = copy.deepcopy(model)
+    _patch_rope(model)
+    _patch_rope(plain_model)
+    kept, kept_matmuls = _checkpointed_base_matmuls(model, "offload", device, monkeypatch)
+    plain, plain_matmuls = _checkpointed_base_matmuls(plain_model, True, device, monkeypatch)
+    # per layer q, k, v, o: forward 4 + backward 4, and plain checkpointing's recompute 4 more
+    assert (kept_matmuls, plain_matmuls) == (2 * 8, 2 * 12)
+    assert torch.equal(kept[0], plain[0])
+    assert all(torch.equal(kept[1][name], plain[1][name]) for name in plain[1])
+    assert_same_loss_and_grads(kept, loss_and_lora_grads(reference, torch.randint(
+        3, 100, (2, 11), generator=torch.Generator().manual_seed(0)).to(device)), 1e-5)
+
+
 def test_keys_turn_the_fused_projections_off(tiny_dir, device):
     model = lora_model(tiny_dir, torch.float32, device)
     assert _patch_rope(model, lora_qkv_kernel=False, lora_o_kernel=False) == {"LlamaAttention x2": "plait triton rope"}
