@@ -113,7 +113,9 @@ class CoreConfig(StrictModel):
     eager_attention: bool = False
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = Field(
         False, description="Recompute each decoder layer in backward; offload (alias unsloth) also keeps the "
-                           "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values.")
+                           "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values, "
+                           "and lets plait-kernels' LoRA q/k/v/o projections park their outputs there so the "
+                           "recompute skips those matmuls.")
     gradient_checkpointing_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     # adapters (the adapter plugin validates its own keys)
