@@ -273,7 +273,7 @@ class ActivationOffloader:
             if not self._said_host:
                 self._said_host = True
                 log.info("gradient_checkpointing: offload on %s: the activations already live in host memory, "
-                         "so this runs as plain checkpointing", tensor.device)
+                         "so nothing is moved", tensor.device)
             return tensor
         handle = self._to_host(tensor, previous=self._last)
         self._last = weakref.ref(handle)
