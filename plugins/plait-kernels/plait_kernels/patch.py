@@ -68,7 +68,10 @@ def find_targets(cfg, model) -> Targets:
                    mlp_output_feeds_residual=mlp_class is not None)
 
 
-def _set_child(root, dotted: str, new) -> None:
+def _set_child(root, dotted: str, new, replaced) -> None:
+    # ``replaces_class`` tells readers of the module tree (plait-models' report
+    # of missing optimisations) which family class this module stands in for
+    new.replaces_class = type(replaced).__name__
     parent_name, _, attr = dotted.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
 
@@ -108,7 +111,7 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
             backend = chosen["rms_norm"]
             new = PlaitRMSNorm(module.weight, _norm_eps(module), _norm_offset(module) if offset is None else offset,
                                get_backend(backend)["rms_norm"], f"{backend} rms_norm")
-            _set_child(model, name, new)
+            _set_child(model, name, new, module)
             report[(kind, kernel_label(backend, "rms_norm"))] += 1
         elif chosen["glu"] and kind == mlp_class and activation in ("swiglu", "geglu") and _is_glu_mlp(module):
             backend = chosen["glu"]
@@ -122,7 +125,7 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
             else:
                 new = PlaitGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu, f"{backend} {activation}")
                 op = activation
-            _set_child(model, name, new)
+            _set_child(model, name, new, module)
             report[(kind, kernel_label(backend, op))] += 1
         elif chosen["rope"] and kind == targets.attention_class and kind not in ROPE_ATTENTION_CLASSES:
             # the family names its attention, but Plait's rotary forward is only

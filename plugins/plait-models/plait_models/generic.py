@@ -13,7 +13,15 @@ from plait_models.moe import describe_experts
 
 
 def _class_names(model) -> set[str]:
-    return {type(module).__name__ for module in model.modules()}
+    """The module classes in ``model``, counting a kernel plugin's swapped-in
+    module as the class it names in ``replaces_class``: that swap happened."""
+    names = set()
+    for module in model.modules():
+        names.add(type(module).__name__)
+        replaced = getattr(module, "replaces_class", None)
+        if isinstance(replaced, str):
+            names.add(replaced)
+    return names
 
 
 def describe_optimisations(model, family) -> list[str]:

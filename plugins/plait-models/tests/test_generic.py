@@ -27,6 +27,27 @@ def test_a_well_covered_family_reports_nothing_missing(pm):
     assert describe_optimisations(model, find_family(pm, "llama")) == []
 
 
+def test_modules_a_kernel_plugin_swapped_in_count_as_the_family_classes(pm):
+    """A kernel plugin's patch_model runs first; its modules name the class they
+    replace, so the report does not call the swap skipped."""
+    import torch
+
+    model = build_model("llama")
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "LlamaRMSNorm":
+            parent, _, attr = name.rpartition(".")
+            swapped = torch.nn.Identity()
+            swapped.replaces_class = "LlamaRMSNorm"
+            setattr(model.get_submodule(parent), attr, swapped)
+    assert "LlamaRMSNorm" not in {type(m).__name__ for m in model.modules()}
+    assert describe_optimisations(model, find_family(pm, "llama")) == []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Identity):
+            del module.replaces_class
+    assert any("RMSNorm class LlamaRMSNorm not found" in line
+               for line in describe_optimisations(model, find_family(pm, "llama")))
+
+
 def test_family_gaps_and_quirks_are_reported(pm):
     phi3 = "\n".join(describe_optimisations(build_model("phi3"), find_family(pm, "phi3")))
     assert "tensor parallel unavailable" in phi3
