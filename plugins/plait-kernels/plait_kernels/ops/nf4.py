@@ -31,46 +31,25 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _scales(ABSMAX, CODE2, ABSMAX2, OFFSET, block, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
-    """The float32 scale of each scale ``block`` index."""
+def _dequantize_nf4(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, OUT, cols, stride_out, blocksize, blocksize2,
+                    NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    # one program: BLOCK columns of one row of the [rows, cols] weight
+    row = tl.program_id(0).to(tl.int64)
+    cols_here = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols_here < cols
+    flat = row * cols + cols_here  # index into the packed row-major weight
+    byte = tl.load(PACKED + flat // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
+    block = flat // blocksize
     if NESTED:
         q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
         offset = tl.load(OFFSET)  # a device scalar: reading it on the host would sync
-        return tl.load(CODE2 + q, mask=mask, other=0.0) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=mask,
-                                                                  other=0.0) + offset
-    return tl.load(ABSMAX + block, mask=mask, other=0.0)
-
-
-@triton.jit
-def _dequantize_nf4(PACKED, CODE, ABSMAX, CODE2, ABSMAX2, OFFSET, OUT, cols, stride_out,
-                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                    WHOLE_BYTES: tl.constexpr, BLOCK: tl.constexpr):
-    # one program: BLOCK columns of one row of the [rows, cols] weight. The block
-    # sizes are compile-time constants: a division by a runtime int64 costs more
-    # than the rest of the kernel's arithmetic
-    row = tl.program_id(0).to(tl.int64)
-    cols_here = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if WHOLE_BYTES:
-        # an even row length (and block size): the row is whole bytes, each read
-        # once and both its values (one scale block) made from it, interleaved
-        half = cols // 2
-        byte_cols = tl.program_id(1) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-        byte_mask = byte_cols < half
-        byte = tl.load(PACKED + row * half + byte_cols, mask=byte_mask, other=0).to(tl.int32)
-        scale = _scales(ABSMAX, CODE2, ABSMAX2, OFFSET, (row * cols + 2 * byte_cols) // BLOCKSIZE, byte_mask,
-                        BLOCKSIZE2, NESTED)
-        high = tl.load(CODE + (byte >> 4), mask=byte_mask, other=0.0) * scale
-        low = tl.load(CODE + (byte & 15), mask=byte_mask, other=0.0) * scale
-        value = tl.interleave(high, low)
+        scale = tl.load(CODE2 + q, mask=mask, other=0.0) * tl.load(ABSMAX2 + block // blocksize2, mask=mask,
+                                                                    other=0.0) + offset
     else:
-        # bytes straddle rows: one value per lane
-        flat = row * cols + cols_here  # index into the packed row-major weight
-        mask = cols_here < cols
-        byte = tl.load(PACKED + flat // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(flat % 2 == 0, byte >> 4, byte & 15)
-        scale = _scales(ABSMAX, CODE2, ABSMAX2, OFFSET, flat // BLOCKSIZE, mask, BLOCKSIZE2, NESTED)
-        value = tl.load(CODE + nibble, mask=mask, other=0.0) * scale
-    tl.store(OUT + row * stride_out + cols_here, value.to(OUT.dtype.element_ty), mask=cols_here < cols)
+        scale = tl.load(ABSMAX + block, mask=mask, other=0.0)
+    value = tl.load(CODE + nibble, mask=mask, other=0.0) * scale
+    tl.store(OUT + row * stride_out + cols_here, value.to(OUT.dtype.element_ty), mask=mask)
 
 
 def dequantizes(packed: torch.Tensor, quant_state) -> bool:
@@ -120,8 +99,7 @@ def dequantize_nf4_(out: torch.Tensor, packed: torch.Tensor, quant_state) -> tor
     data, code, absmax, code2, absmax2, offset, blocksize, blocksize2, nested = _weight_args(packed, quant_state)
     if rows and cols:
         _dequantize_nf4[(rows, triton.cdiv(cols, _BLOCK))](
-            data, code, absmax, code2, absmax2, offset, out, cols, out.stride(0),
-            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=nested,
-            WHOLE_BYTES=cols % 2 == 0 and blocksize % 2 == 0, BLOCK=_BLOCK,
+            data, code, absmax, code2, absmax2, offset, out, cols, out.stride(0), blocksize, blocksize2,
+            NESTED=nested, BLOCK=_BLOCK,
             enable_fp_fusion=False)  # code2[q] * absmax2 + offset rounds twice in bitsandbytes: no FMA
     return out
