@@ -94,3 +94,45 @@ def test_qlora_training_with_the_fused_paths_matches_bitsandbytes_and_peft(tmp_p
     assert len(with_triton) == len(with_torch) == 3
     torch.testing.assert_close(torch.tensor(with_triton), torch.tensor(with_torch), atol=1e-4, rtol=1e-4)
     assert with_triton[-1] < with_triton[0]
+
+
+def _train_lora_offloaded(model_dir, out_dir, mode, monkeypatch):
+    """Three LoRA steps of two micro-batches each under ``gradient_checkpointing: offload``."""
+    import plait_peft.plugin as peft_plugin
+    from plait.train.loop import train
+
+    monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
+    cfg, pm = build_run_config({
+        "base_model": str(model_dir), "output_dir": str(out_dir), "plait_kernels": mode,
+        "torch_dtype": "float32", "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "lora_target_linear": True, "gradient_checkpointing": "offload", "micro_batch_size": 1,
+        "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 1e-2, "lr_scheduler": "constant",
+        "sequence_len": 16, "seed": 0, "val_set_size": 0,
+    }, plugins=[kernels_plugin, peft_plugin])
+    train(cfg, pm, data=SimpleNamespace(train=_rows(n=2), eval=None))
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")
+def test_offloaded_lora_training_recomputes_from_the_kept_outputs(tmp_path, monkeypatch):
+    """LoRA with offloaded checkpointing and gradient accumulation through the
+    loop: with ``triton`` every layer's recompute takes the q/k/v and o outputs
+    its forward kept (two groups a layer a micro-batch), and the losses equal
+    the ``torch`` run's (peft's modules, plain recompute) and fall."""
+    from plait.train import recompute
+    from plait_kernels import lora_linear
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    with_torch = _train_lora_offloaded(model_dir, tmp_path / "torch", "torch", monkeypatch)
+    taken = []
+    real_take = recompute.take_kept
+    monkeypatch.setattr(lora_linear, "take_kept", lambda: (lambda got: taken.append(got is not None) or got)(
+        real_take()))
+    with_triton = _train_lora_offloaded(model_dir, tmp_path / "triton", "triton", monkeypatch)
+    layers = 2  # make_tiny_model's default
+    # 3 steps x 2 micro-batches x layers x (q/k/v, o): the forward finds nothing, the recompute its group
+    assert taken.count(True) == 3 * 2 * layers * 2 and taken.count(False) == taken.count(True)
+    assert len(with_triton) == len(with_torch) == 3
+    torch.testing.assert_close(torch.tensor(with_triton), torch.tensor(with_torch), atol=1e-4, rtol=1e-4)
+    assert with_triton[-1] < with_triton[0]
