@@ -28,8 +28,25 @@ gives ``chatml`` and ``llama3``, which match :data:`~._common.CHATML` and
   and ``' ' + answer + '</s>'``, strictly alternating, no system role;
   ``mistral_v3_tekken``: :data:`~._common.MISTRAL_V3_TEKKEN`, the same
   without the spaces.
+* ``alpaca``: :data:`~._common.ALPACA`, ``### Instruction:`` / ``### Response:``
+  blocks a blank line apart, an optional first system message as plain text,
+  EOS after each answer.
+* ``deepseek_v2``: :data:`~._common.DEEPSEEK_V2`, ``<｜User｜>`` / ``<｜Assistant｜>``
+  tags, a system message as its text and a blank line, EOS after each answer;
+  ``deepseek_v3``: :data:`~._common.DEEPSEEK_V3`, the same tags with every
+  system message joined after BOS, ``<｜end▁of▁sentence｜>`` after each answer
+  and an answer's reasoning up to its last ``</think>`` dropped. Text
+  conversations only: a tool result or an assistant turn with ``tool_calls``
+  is refused (Axolotl's rendering of those is not reproduced). A system
+  message after the first turn is hoisted, as in Axolotl, and plait-formats
+  then refuses that row for masking, since its prefixes render differently.
 
-Where Axolotl's template drops a message it does not know (``phi_35``) ours
+Each was compared with Axolotl's template of the same name over text
+conversations (with and without a system message, several turns, empty
+contents, reasoning) and every prefix, with and without the generation prompt.
+
+Where Axolotl's template drops a message it does not know (``phi_35``,
+``alpaca``, ``deepseek_v2``; a second system message in ``alpaca``) ours
 refuses the row with the role named. Left out on purpose, because the text
 differs: ``mistral_v2v3`` (in transformers' jinja environment Axolotl's
 template keeps its source indentation, so each turn starts with a newline and
@@ -42,7 +59,8 @@ replace the package's ``chat_templates`` hookimpl with the module.)
 
 from __future__ import annotations
 
-from plait_models.families._common import GEMMA, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3, PHI35, QWEN3, QWEN25
+from plait_models.families._common import (ALPACA, DEEPSEEK_V2, DEEPSEEK_V3, GEMMA, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3,
+                                          PHI35, QWEN3, QWEN25)
 
 #: Axolotl name -> our jinja template
 CHAT_TEMPLATES = {
@@ -54,4 +72,7 @@ CHAT_TEMPLATES = {
     "qwen3": QWEN3,
     "mistral_v1": MISTRAL_V1,
     "mistral_v3_tekken": MISTRAL_V3_TEKKEN,
+    "alpaca": ALPACA,
+    "deepseek_v2": DEEPSEEK_V2,
+    "deepseek_v3": DEEPSEEK_V3,
 }

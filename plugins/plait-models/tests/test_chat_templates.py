@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 import plait_models
-from plait_models.families._common import (CHATML_TOKENS, GEMMA, GEMMA_TOKENS, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3,
-                                          PHI3_TOKENS, PHI35, QWEN3, QWEN25, QWEN25_DEFAULT_SYSTEM)
+from plait_models.families._common import (ALPACA, CHATML_TOKENS, DEEPSEEK_TOKENS, DEEPSEEK_V2, DEEPSEEK_V3, GEMMA,
+                                          GEMMA_TOKENS, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3, PHI3_TOKENS, PHI35, QWEN3,
+                                          QWEN25, QWEN25_DEFAULT_SYSTEM)
 
 FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
 
@@ -74,7 +75,8 @@ def test_axolotl_names_select_the_family_templates(pm):
 
     names = named_chat_templates(pm)
     assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3, "phi_35": PHI35, "qwen_25": QWEN25,
-            "qwen3": QWEN3, "mistral_v1": MISTRAL_V1, "mistral_v3_tekken": MISTRAL_V3_TEKKEN}.items() <= names.items()
+            "qwen3": QWEN3, "mistral_v1": MISTRAL_V1, "mistral_v3_tekken": MISTRAL_V3_TEKKEN, "alpaca": ALPACA,
+            "deepseek_v2": DEEPSEEK_V2, "deepseek_v3": DEEPSEEK_V3}.items() <= names.items()
     assert {"chatml", "llama3"} <= set(names)  # core's, with no clash from the family CHATML/LLAMA3
 
 
@@ -273,4 +275,64 @@ def test_qwen_25_tool_call_mask(tmp_path):
         ("the sum is 7", True),
         ("<|im_end|>", True),
         ("\n", False),
+    ])
+
+
+def test_alpaca_blocks_and_refusals():
+    assert _render(ALPACA, CONVERSATION, add_generation_prompt=False) == (
+        "<s>be brief\n\n### Instruction:\nsort the words\n\n### Response:\nthe words are sorted.</s>\n\n"
+        "### Instruction:\nadd 3 and 4\n\n### Response:\nthe sum is 7</s>")
+    assert _render(ALPACA, CONVERSATION[1:2], add_generation_prompt=True) == (
+        "<s>### Instruction:\nsort the words\n\n### Response:\n")
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match="one system message, first.*got system as message 1"):
+        _render(ALPACA, [CONVERSATION[1], CONVERSATION[0]])  # Axolotl's would drop it silently
+    with pytest.raises(TemplateError, match="got tool as message 0"):
+        _render(ALPACA, [{"role": "tool", "content": "7"}])
+
+
+def test_deepseek_tags_system_placement_and_reasoning():
+    user, assistant, end = DEEPSEEK_TOKENS
+    assert _render(DEEPSEEK_V2, CONVERSATION[:3], add_generation_prompt=False) == (
+        f"<s>be brief\n\n{user}sort the words{assistant}the words are sorted.</s>")
+    messages = [CONVERSATION[0], CONVERSATION[1], {"role": "assistant", "content": "<think>easy</think>sorted"},
+                {"role": "system", "content": "and kind"}, CONVERSATION[3]]
+    # every system message is joined after BOS; the reasoning before </think> is dropped
+    assert _render(DEEPSEEK_V3, messages, add_generation_prompt=True) == (
+        f"<s>be brief\n\nand kind{user}sort the words{assistant}sorted{end}{user}add 3 and 4{assistant}")
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match="text conversations.*got tool"):
+        _render(DEEPSEEK_V3, [CONVERSATION[1], {"role": "tool", "content": "7"}])
+    with pytest.raises(TemplateError, match="an assistant turn with tool_calls"):
+        _render(DEEPSEEK_V3, [CONVERSATION[1], {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": "{}"}}]}])
+    with pytest.raises(TemplateError, match="deepseek_v2 has system, user and assistant roles only, got tool"):
+        _render(DEEPSEEK_V2, [{"role": "tool", "content": "7"}])
+
+
+def test_alpaca_mask_trains_each_response_and_its_eos(tmp_path):
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, ()), "alpaca")
+    eos = tokenizer.eos_token
+    _assert_mask(tokenizer, CONVERSATION, [
+        ("<|begin_of_text|>be brief\n\n### Instruction:\nsort the words\n\n### Response:\n", False),
+        ("the words are sorted.", True),
+        (eos, True),
+        ("\n\n### Instruction:\nadd 3 and 4\n\n### Response:\n", False),
+        ("the sum is 7", True),
+        (eos, True),
+    ])
+
+
+def test_deepseek_v3_mask_trains_the_answers_and_their_end(tmp_path):
+    user, assistant, end = DEEPSEEK_TOKENS
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, DEEPSEEK_TOKENS), "deepseek_v3")
+    _assert_mask(tokenizer, CONVERSATION, [
+        (f"<|begin_of_text|>be brief{user}sort the words{assistant}", False),
+        ("the words are sorted.", True),
+        (end, True),
+        (f"{user}add 3 and 4{assistant}", False),
+        ("the sum is 7", True),
+        (end, True),
     ])

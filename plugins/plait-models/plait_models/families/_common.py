@@ -229,6 +229,64 @@ MISTRAL_V1 = _alternating_inst("mistral_v1", " [INST] ", " [/INST]", " ")
 #: the tekken tokenizer's [INST] format (Axolotl's ``mistral_v3_tekken``): no spaces
 MISTRAL_V3_TEKKEN = _alternating_inst("mistral_v3_tekken", "[INST]", "[/INST]", "")
 
+#: the Alpaca prompt as chat turns (Axolotl's ``alpaca``): an optional first
+#: system message as plain text, then ``### Instruction:`` / ``### Response:``
+#: blocks, a blank line between messages, EOS after each answer
+ALPACA = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if not loop.first -%}{{ '\\n\\n' }}{%- endif -%}"
+    "{%- if message['role'] == 'system' and loop.first -%}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### Instruction:\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '### Response:\\n' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('alpaca takes one system message, first, then user and assistant turns; got '"
+    " + message['role'] + ' as message ' + loop.index0|string) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n\\n### Response:\\n' }}{%- endif -%}"
+)
+
+#: DeepSeek's fullwidth-bar turn tags
+DEEPSEEK_USER, DEEPSEEK_ASSISTANT = "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"
+DEEPSEEK_END = "<\uff5cend\u2581of\u2581sentence\uff5c>"
+DEEPSEEK_TOKENS = (DEEPSEEK_USER, DEEPSEEK_ASSISTANT, DEEPSEEK_END)
+
+#: DeepSeek-V2's format (Axolotl's ``deepseek_v2``): a system message is its
+#: text and a blank line where it stands, an answer ends with EOS
+DEEPSEEK_V2 = (
+    "{{ bos_token }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '" + DEEPSEEK_USER + "' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '" + DEEPSEEK_ASSISTANT + "' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('deepseek_v2 has system, user and assistant roles only, got ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + DEEPSEEK_ASSISTANT + "' }}{%- endif -%}"
+)
+
+#: DeepSeek-V3's format (Axolotl's ``deepseek_v3``) for text conversations: every
+#: system message joined (blank lines between) right after BOS, an answer's
+#: reasoning up to its last ``</think>`` dropped, ``<｜end▁of▁sentence｜>`` after
+#: each answer. Tool calls and results are refused: Axolotl's rendering of
+#: them is not reproduced here.
+DEEPSEEK_V3 = (
+    "{{ bos_token }}"
+    "{%- for message in messages if message['role'] == 'system' -%}"
+    "{%- if not loop.first -%}{{ '\\n\\n' }}{%- endif -%}{{ message['content'] }}"
+    "{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '" + DEEPSEEK_USER + "' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' and not message.get('tool_calls') -%}"
+    "{{ '" + DEEPSEEK_ASSISTANT + "' + message['content'].split('</think>')[-1] + '" + DEEPSEEK_END + "' }}"
+    "{%- elif message['role'] != 'system' -%}"
+    "{{ raise_exception('deepseek_v3 here takes text conversations (system, user, assistant); got '"
+    " + (message['role'] if message['role'] != 'assistant' else 'an assistant turn with tool_calls')) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '" + DEEPSEEK_ASSISTANT + "' }}{%- endif -%}"
+)
+
 #: TP plan shared by llama-style decoder layers (names inside a decoder layer);
 #: mirrors transformers' ``base_model_tp_plan`` with the ``layers.*.`` prefix dropped
 DENSE_ATTENTION_TP = {
