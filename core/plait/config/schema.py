@@ -96,7 +96,8 @@ class CoreConfig(StrictModel):
     tokens: list[str] = Field(default_factory=list, description="Extra tokens added to the vocabulary.")
     chat_template: Optional[str] = Field(
         None, description="tokenizer_default, a template name from any plugin (core: chatml, llama3; "
-        "plait-models: gemma, gemma3, phi_3), tokenizer_default_fallback_<name>, or a jinja string.")
+        "plait-models: gemma, phi_3, qwen3, mistral_v1, alpaca, deepseek_v3, llama4 and more, listed in its README), "
+        "tokenizer_default_fallback_<name>, or a jinja string.")
     chat_template_jinja: Optional[str] = None
     resize_token_embeddings_to_32x: bool = False
 

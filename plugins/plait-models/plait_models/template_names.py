@@ -40,14 +40,21 @@ gives ``chatml`` and ``llama3``, which match :data:`~._common.CHATML` and
   is refused (Axolotl's rendering of those is not reproduced). A system
   message after the first turn is hoisted, as in Axolotl, and plait-formats
   then refuses that row for masking, since its prefixes render differently.
+* ``falcon_h1``: :data:`~._common.FALCON_H1`, chatml after BOS with every
+  non-system message a turn under its own role; conversations with tool
+  definitions are refused (Axolotl's tool preamble is not reproduced).
+* ``llama4``: :data:`~._common.LLAMA4`, ``<|header_start|>role<|header_end|>``,
+  a blank line, the text and ``<|eot|>``, the first system message stripped of
+  surrounding whitespace; text messages only (tools, tool results, tool calls
+  and image content are refused).
 
 Each was compared with Axolotl's template of the same name over text
 conversations (with and without a system message, several turns, empty
 contents, reasoning) and every prefix, with and without the generation prompt.
 
 Where Axolotl's template drops a message it does not know (``phi_35``,
-``alpaca``, ``deepseek_v2``; a second system message in ``alpaca``) ours
-refuses the row with the role named. Left out on purpose, because the text
+``alpaca``, ``deepseek_v2``; a system message after the first in ``alpaca``
+and ``falcon_h1``) ours refuses the row with the role named. Left out on purpose, because the text
 differs: ``mistral_v2v3`` (in transformers' jinja environment Axolotl's
 template keeps its source indentation, so each turn starts with a newline and
 eight spaces) and ``mistral_v7_tekken`` (its default system prompt holds
@@ -59,8 +66,8 @@ replace the package's ``chat_templates`` hookimpl with the module.)
 
 from __future__ import annotations
 
-from plait_models.families._common import (ALPACA, DEEPSEEK_V2, DEEPSEEK_V3, GEMMA, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3,
-                                          PHI35, QWEN3, QWEN25)
+from plait_models.families._common import (ALPACA, DEEPSEEK_V2, DEEPSEEK_V3, FALCON_H1, GEMMA, LLAMA4, MISTRAL_V1,
+                                          MISTRAL_V3_TEKKEN, PHI3, PHI35, QWEN3, QWEN25)
 
 #: Axolotl name -> our jinja template
 CHAT_TEMPLATES = {
@@ -75,4 +82,6 @@ CHAT_TEMPLATES = {
     "alpaca": ALPACA,
     "deepseek_v2": DEEPSEEK_V2,
     "deepseek_v3": DEEPSEEK_V3,
+    "falcon_h1": FALCON_H1,
+    "llama4": LLAMA4,
 }

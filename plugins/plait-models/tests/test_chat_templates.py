@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import plait_models
-from plait_models.families._common import (ALPACA, CHATML_TOKENS, DEEPSEEK_TOKENS, DEEPSEEK_V2, DEEPSEEK_V3, GEMMA,
-                                          GEMMA_TOKENS, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3, PHI3_TOKENS, PHI35, QWEN3,
-                                          QWEN25, QWEN25_DEFAULT_SYSTEM)
+from plait_models.families._common import (ALPACA, CHATML_TOKENS, DEEPSEEK_TOKENS, DEEPSEEK_V2, DEEPSEEK_V3, FALCON_H1,
+                                          GEMMA, GEMMA_TOKENS, LLAMA4, LLAMA4_TOKENS, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3,
+                                          PHI3_TOKENS, PHI35, QWEN3, QWEN25, QWEN25_DEFAULT_SYSTEM)
 
 FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
 
@@ -76,7 +76,8 @@ def test_axolotl_names_select_the_family_templates(pm):
     names = named_chat_templates(pm)
     assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3, "phi_35": PHI35, "qwen_25": QWEN25,
             "qwen3": QWEN3, "mistral_v1": MISTRAL_V1, "mistral_v3_tekken": MISTRAL_V3_TEKKEN, "alpaca": ALPACA,
-            "deepseek_v2": DEEPSEEK_V2, "deepseek_v3": DEEPSEEK_V3}.items() <= names.items()
+            "deepseek_v2": DEEPSEEK_V2, "deepseek_v3": DEEPSEEK_V3, "falcon_h1": FALCON_H1,
+            "llama4": LLAMA4}.items() <= names.items()
     assert {"chatml", "llama3"} <= set(names)  # core's, with no clash from the family CHATML/LLAMA3
 
 
@@ -335,4 +336,42 @@ def test_deepseek_v3_mask_trains_the_answers_and_their_end(tmp_path):
         (f"{user}add 3 and 4{assistant}", False),
         ("the sum is 7", True),
         (end, True),
+    ])
+
+
+def test_falcon_h1_and_llama4_text_and_refusals():
+    assert _render(FALCON_H1, CONVERSATION[:3], add_generation_prompt=True) == (
+        "<s><|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsort the words<|im_end|>\n"
+        "<|im_start|>assistant\nthe words are sorted.<|im_end|>\n<|im_start|>assistant\n")
+    padded = [{"role": "system", "content": "  be brief\n"}, *CONVERSATION[1:3]]
+    assert _render(LLAMA4, padded, add_generation_prompt=True) == (
+        "<s><|header_start|>system<|header_end|>\n\nbe brief<|eot|>"
+        "<|header_start|>user<|header_end|>\n\nsort the words<|eot|>"
+        "<|header_start|>assistant<|header_end|>\n\nthe words are sorted.<|eot|>"
+        "<|header_start|>assistant<|header_end|>\n\n")
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match="falcon_h1 takes a system message first only, got one as message 1"):
+        _render(FALCON_H1, [CONVERSATION[1], CONVERSATION[0]])
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    with pytest.raises(TemplateError, match="without tool definitions"):
+        _render(FALCON_H1, CONVERSATION[1:2], tools=tools)
+    with pytest.raises(TemplateError, match="tool definitions are not supported"):
+        _render(LLAMA4, CONVERSATION[1:2], tools=tools)
+    with pytest.raises(TemplateError, match=r"message 1 \(tool\) is a tool message"):
+        _render(LLAMA4, [CONVERSATION[1], {"role": "tool", "content": "7"}])
+
+
+def test_llama4_mask_trains_the_answers_and_their_eot(tmp_path):
+    tokenizer = _load_tokenizer(_tokenizer_dir(tmp_path, LLAMA4_TOKENS), "llama4")
+    _assert_mask(tokenizer, CONVERSATION, [
+        ("<|begin_of_text|><|header_start|>system<|header_end|>\n\nbe brief<|eot|>"
+         "<|header_start|>user<|header_end|>\n\nsort the words<|eot|><|header_start|>assistant<|header_end|>\n\n",
+         False),
+        ("the words are sorted.", True),
+        ("<|eot|>", True),
+        ("<|header_start|>user<|header_end|>\n\nadd 3 and 4<|eot|><|header_start|>assistant<|header_end|>\n\n",
+         False),
+        ("the sum is 7", True),
+        ("<|eot|>", True),
     ])

@@ -287,6 +287,45 @@ DEEPSEEK_V3 = (
     "{%- if add_generation_prompt -%}{{ '" + DEEPSEEK_ASSISTANT + "' }}{%- endif -%}"
 )
 
+#: Falcon-H1's chatml (Axolotl's ``falcon_h1``) for conversations without
+#: tool definitions: BOS, a first system message as a system turn, every other
+#: message a turn under its own role
+FALCON_H1 = (
+    "{{ bos_token }}"
+    "{%- if tools -%}{{ raise_exception('falcon_h1 here takes conversations without tool definitions') }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' and not loop.first -%}"
+    "{{ raise_exception('falcon_h1 takes a system message first only, got one as message ' + loop.index0|string) }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+#: Llama 4's header format (Axolotl's ``llama4``) for text conversations: BOS,
+#: then per message ``<|header_start|>role<|header_end|>``, a blank line, the
+#: text and ``<|eot|>``; a first system message is stripped of surrounding
+#: whitespace. Tools, tool results and tool calls are refused.
+LLAMA4 = (
+    "{{ bos_token }}"
+    "{%- if tools is defined and tools is not none -%}"
+    "{{ raise_exception('llama4 here takes text conversations; tool definitions are not supported') }}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ['tool', 'ipython'] or 'tool_calls' in message "
+    "or message['content'] is not string -%}"
+    "{{ raise_exception('llama4 here takes text messages only; message ' + loop.index0|string + ' (' "
+    "+ message['role'] + ') is a tool message or has non-text content') }}"
+    "{%- endif -%}"
+    "{{ '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}"
+    "{{- (message['content'] | trim) if loop.first and message['role'] == 'system' else message['content'] }}"
+    "{{- '<|eot|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|header_start|>assistant<|header_end|>\\n\\n' }}{%- endif -%}"
+)
+LLAMA4_TOKENS = ("<|header_start|>", "<|header_end|>", "<|eot|>")
+
 #: TP plan shared by llama-style decoder layers (names inside a decoder layer);
 #: mirrors transformers' ``base_model_tp_plan`` with the ``layers.*.`` prefix dropped
 DENSE_ATTENTION_TP = {
