@@ -32,25 +32,27 @@ def _rows(n=1, length=12, vocab=300, seed=0):
     return Dataset.from_dict({"input_ids": ids, "labels": labels, "attention_mask": [[1] * length] * n})
 
 
-def _train(model_dir, out_dir, mode, monkeypatch):
+def _train(model_dir, out_dir, mode, monkeypatch, keys=None, plugins=(), rows=1):
+    """Per-step losses of three steps through core's loop with ``plait_kernels: mode``;
+    ``keys`` add to (or override) the shared config, ``plugins`` to plait-kernels."""
     from plait.train.loop import train
 
     monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
     cfg, pm = build_run_config({
         "base_model": str(model_dir), "output_dir": str(out_dir), "plait_kernels": mode,
-        "torch_dtype": "float32", "micro_batch_size": 1, "max_steps": 3, "learning_rate": 1e-2,
-        "lr_scheduler": "constant", "sequence_len": 16, "seed": 0, "val_set_size": 0,
-    }, plugins=[kernels_plugin])
-    train(cfg, pm, data=SimpleNamespace(train=_rows(), eval=None))
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+        "micro_batch_size": 1, "max_steps": 3, "learning_rate": 1e-2,
+        "lr_scheduler": "constant", "sequence_len": 16, "seed": 0, "val_set_size": 0, **(keys or {}),
+    }, plugins=[kernels_plugin, *plugins])
+    train(cfg, pm, data=SimpleNamespace(train=_rows(n=rows), eval=None))
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in metrics if "loss" in m]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run; the GPU is covered by test_model_patch")
 def test_training_with_kernels_matches_without(tmp_path, monkeypatch):
     model_dir = make_tiny_model(tmp_path / "model")
-    with_torch = _train(model_dir, tmp_path / "torch", "torch", monkeypatch)
-    with_triton = _train(model_dir, tmp_path / "triton", "triton", monkeypatch)
+    with_torch = _train(model_dir, tmp_path / "torch", "torch", monkeypatch, {"torch_dtype": "float32"})
+    with_triton = _train(model_dir, tmp_path / "triton", "triton", monkeypatch, {"torch_dtype": "float32"})
     assert len(with_triton) == len(with_torch) == 3
     # float32 both ways; three optimizer steps let rounding differences grow a little
     torch.testing.assert_close(torch.tensor(with_triton), torch.tensor(with_torch), atol=1e-4, rtol=1e-4)
@@ -61,19 +63,12 @@ def _train_qlora(model_dir, out_dir, mode, monkeypatch):
     """Three QLoRA steps (NF4 + double quantization, LoRA on every linear) through core's loop."""
     import plait_bnb.plugin as bnb_plugin
     import plait_peft.plugin as peft_plugin
-    from plait.train.loop import train
 
-    monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
-    cfg, pm = build_run_config({
-        "base_model": str(model_dir), "output_dir": str(out_dir), "plait_kernels": mode,
+    return _train(model_dir, out_dir, mode, monkeypatch, {
         "adapter": "qlora", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
         "bnb_4bit_compute_dtype": "float32", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "lora_target_linear": True, "micro_batch_size": 1, "max_steps": 3, "learning_rate": 1e-2,
-        "lr_scheduler": "constant", "sequence_len": 16, "seed": 0, "val_set_size": 0,
-    }, plugins=[kernels_plugin, peft_plugin, bnb_plugin])
-    train(cfg, pm, data=SimpleNamespace(train=_rows(), eval=None))
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+        "lora_target_linear": True,
+    }, plugins=[peft_plugin, bnb_plugin])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")
@@ -99,19 +94,11 @@ def test_qlora_training_with_the_fused_paths_matches_bitsandbytes_and_peft(tmp_p
 def _train_lora_offloaded(model_dir, out_dir, mode, monkeypatch):
     """Three LoRA steps of two micro-batches each under ``gradient_checkpointing: offload``."""
     import plait_peft.plugin as peft_plugin
-    from plait.train.loop import train
 
-    monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
-    cfg, pm = build_run_config({
-        "base_model": str(model_dir), "output_dir": str(out_dir), "plait_kernels": mode,
+    return _train(model_dir, out_dir, mode, monkeypatch, {
         "torch_dtype": "float32", "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
-        "lora_target_linear": True, "gradient_checkpointing": "offload", "micro_batch_size": 1,
-        "gradient_accumulation_steps": 2, "max_steps": 3, "learning_rate": 1e-2, "lr_scheduler": "constant",
-        "sequence_len": 16, "seed": 0, "val_set_size": 0,
-    }, plugins=[kernels_plugin, peft_plugin])
-    train(cfg, pm, data=SimpleNamespace(train=_rows(n=2), eval=None))
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+        "lora_target_linear": True, "gradient_checkpointing": "offload", "gradient_accumulation_steps": 2,
+    }, plugins=[peft_plugin], rows=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")
@@ -125,10 +112,14 @@ def test_offloaded_lora_training_recomputes_from_the_kept_outputs(tmp_path, monk
 
     model_dir = make_tiny_model(tmp_path / "model")
     with_torch = _train_lora_offloaded(model_dir, tmp_path / "torch", "torch", monkeypatch)
-    taken = []
-    real_take = recompute.take_kept
-    monkeypatch.setattr(lora_linear, "take_kept", lambda: (lambda got: taken.append(got is not None) or got)(
-        real_take()))
+    taken = []  # per fused-projection call: whether it got kept outputs
+
+    def recording_take_kept():
+        got = recompute.take_kept()
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(lora_linear, "take_kept", recording_take_kept)
     with_triton = _train_lora_offloaded(model_dir, tmp_path / "triton", "triton", monkeypatch)
     layers = 2  # make_tiny_model's default
     # 3 steps x 2 micro-batches x layers x (q/k/v, o): the forward finds nothing, the recompute its group
