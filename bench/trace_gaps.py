@@ -15,6 +15,7 @@ for), and the largest gaps with the outermost CPU ops open at the time.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 from collections import Counter
@@ -27,9 +28,14 @@ def load(path: str) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def device_intervals(events) -> list[tuple[float, float]]:
-    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
-                   if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+def device_events(events) -> list[dict]:
+    """The device's kernels, copies and memsets, in start order."""
+    return sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                  key=lambda e: e["ts"])
+
+
+def device_intervals(on_device) -> list[tuple[float, float]]:
+    spans = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in on_device]
     merged: list[list[float]] = []
     for start, end in spans:
         if merged and start <= merged[-1][1]:
@@ -85,7 +91,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     args = parser.parse_args()
     events = load(args.trace)
-    busy = device_intervals(events)
+    on_device = device_events(events)
+    busy = device_intervals(on_device)
     if not busy:
         raise SystemExit("no device kernels in this trace")
     span = busy[-1][1] - busy[0][0]
@@ -100,18 +107,13 @@ def main() -> None:
     for key in ("<10us", "10-100us", "0.1-1ms", ">=1ms"):
         print(f"  gaps {key:>9}: {buckets[key] / 1e3:8.2f} ms")
     streams = Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            streams[(e.get("args", {}).get("stream"), e["cat"])] += e.get("dur", 0)
+    for e in on_device:
+        streams[(e.get("args", {}).get("stream"), e["cat"])] += e.get("dur", 0)
     print("\ndevice time per stream (a span much longer than the busiest stream's kernels: the host is behind):")
     for (stream, cat), total in sorted(streams.items(), key=lambda item: -item[1]):
         print(f"  stream {stream} {cat:>10}: {total / 1e3:8.1f} ms ({100 * total / span:.0f}% of the span)")
-    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                     key=lambda e: e["ts"])
-    starts = [k["ts"] for k in kernels]
-    import bisect
-
-    after = [kernels[bisect.bisect_left(starts, at + gap - 0.01)] for gap, at in gaps]
+    starts = [e["ts"] for e in on_device]
+    after = [on_device[bisect.bisect_left(starts, at + gap - 0.01)] for gap, at in gaps]
     charged = Counter()
     for (gap, _), name in zip(gaps, launching_ops(events, after)):
         charged[name] += gap
