@@ -116,11 +116,12 @@ class LoRASharedInputFunction(torch.autograd.Function):
         # a checkpoint's recompute pass gets the outputs the forward parked in
         # host memory: no base matmul, no dequantization (xa is still saved)
         outputs = None if compiling else take_kept()
-        expected_shapes = [(x.shape[0], b.shape[0]) for _, _, _, b, _ in projections]
-        if outputs is not None and [tuple(o.shape) for o in outputs] != expected_shapes:
-            raise RuntimeError("the recompute pass took outputs kept for other projections: the layer's "
-                               "forward ran a different path in its two passes")
-        if outputs is None:
+        if outputs is not None:
+            expected_shapes = [(x.shape[0], b.shape[0]) for _, _, _, b, _ in projections]
+            if [tuple(o.shape) for o in outputs] != expected_shapes:
+                raise RuntimeError("the recompute pass took outputs kept for other projections: the layer's "
+                                   "forward ran a different path in its two passes")
+        else:
             outputs, start = [], 0
             for (w, quant_state, _, b, scale), rank in zip(projections, ranks):
                 out = x @ dense_weight(w, quant_state, dt).t()
