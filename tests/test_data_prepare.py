@@ -180,15 +180,15 @@ def test_completion_chunks_count_as_kept_rows(tmp_path, tok_dir):
 
 def test_a_format_crash_names_the_rows(tmp_path, tok_dir):
     from plait import hookimpl
+    from plait.registries import DatasetFormat
+
+    def broken(cfg, dataset_cfg, tokenizer, batch):
+        return [int(t) for t in batch["instruction"]]
 
     class Broken:
         @hookimpl
-        def dataset_types():
-            return ["broken"]
-
-        @hookimpl
-        def tokenize(cfg, dataset_cfg, tokenizer, batch):
-            return None if dataset_cfg.type != "broken" else [int(t) for t in batch["instruction"]]
+        def dataset_formats():
+            return [DatasetFormat("broken", broken)]
 
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(3))
     with pytest.raises(DataError, match=r"a\.jsonl: tokenizing rows 1 to 3 \(dataset datasets.0, type broken\) "

@@ -7,6 +7,7 @@ through a real plugin manager, with core's defaults or a small plugin.
 """
 
 import inspect
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from plait import hookimpl, hookspecs
+from plait.config import config_class
 from plait.families import ModelFamily, find_family
 from plait.testing import build_run_config, make_tiny_model, plugin_manager
 
@@ -60,13 +62,124 @@ def test_hook_config_schema():
     assert cfg.my_plugin_level == 2
 
 
-def test_hook_dataset_types():
+def test_hook_dataset_formats():
+    from pydantic import Field
+
+    from plait.errors import ConfigError, PluginError
+    from plait.registries import DatasetEntry, DatasetFormat
+
+    class ShoutEntry(DatasetEntry):
+        field_shout: str = Field("text", description="Column to shout.")
+
+    def shout(cfg, dataset_cfg, tokenizer, batch):
+        ids = [[ord(c) for c in text.upper()] for text in batch[dataset_cfg.field_shout]]
+        return {"input_ids": ids, "labels": ids}
+
+    class Shout:
+        @hookimpl
+        def dataset_formats():
+            return [DatasetFormat("shout", shout, ShoutEntry)]
+
+    entry = {"path": "x", "type": "shout", "field_shout": "t"}
+    cfg, pm = build_run_config({"base_model": "m", "datasets": [entry]}, plugins=[Shout])
+    # core's default tokenize dispatches to the registered function, with the entry as its model
+    assert isinstance(cfg.datasets[0], ShoutEntry)
+    out = pm.hook.tokenize(cfg=cfg, dataset_cfg=cfg.datasets[0], tokenizer=None, batch={"t": ["ab"]})
+    assert out["input_ids"] == [[65, 66]]
+    # the entry's keys are the format's: unknown ones are reported against it
+    with pytest.raises(ConfigError, match=r"unknown key 'field_shuot' in datasets.0; did you mean 'field_shout'\?\n"
+                                          r"accepted for format 'shout': path, "):
+        build_run_config({"base_model": "m", "datasets": [{**entry, "field_shuot": "t"}]}, plugins=[Shout])
+    with pytest.raises(ConfigError, match="'shuot' is not a known dataset type; did you mean 'shout'"):
+        build_run_config({"base_model": "m", "datasets": [{"path": "x", "type": "shuot"}]}, plugins=[Shout])
+    with pytest.raises(ConfigError, match=r"'shout.loud' is not accepted \(shout has no variants\)"):
+        build_run_config({"base_model": "m", "datasets": [{"path": "x", "type": "shout.loud"}]}, plugins=[Shout])
+    # the schema shows the format's keys
+    schema = json.dumps(config_class(pm).model_json_schema())
+    assert "field_shout" in schema and "Column to shout." in schema
+
+    class Twice:
+        @hookimpl
+        def dataset_formats():
+            return [DatasetFormat("shout", shout)]
+
+    with pytest.raises(PluginError, match=r"'shout' is registered by two plugins: .*Shout.*Twice"):
+        build_run_config({"base_model": "m"}, plugins=[Shout, Twice])
+
+
+def test_hook_optimizers():
+    from plait.errors import ConfigError
+    from plait.registries import Optimizer
+
+    def build_toy(cfg, params):
+        return torch.optim.SGD(params, lr=cfg.learning_rate * 2)
+
+    class Toy:
+        @hookimpl
+        def optimizers():
+            return [Optimizer("sgd_toy", build_toy), Optimizer("needs_absent", build_toy,
+                                                               requires=("plait_no_such_package",),
+                                                               install="pip install plait-no-such-package")]
+
+    cfg, pm = build_run_config({"base_model": "m", "optimizer": "sgd_toy", "learning_rate": 0.25}, plugins=[Toy])
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = pm.hook.build_optimizer(cfg=cfg, params=[{"params": [param], "weight_decay": 0.0}])
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ConfigError, match=r"'sgd_toi' is not a known optimizer; did you mean 'sgd_toy'\?") as info:
+        build_run_config({"base_model": "m", "optimizer": "sgd_toi"}, plugins=[Toy])
+    assert "adamw_torch" in str(info.value) and "sgd_toy" in str(info.value)
+    with pytest.raises(ConfigError, match="'needs_absent' needs plait_no_such_package.*pip install plait-no-such"):
+        build_run_config({"base_model": "m", "optimizer": "needs_absent"}, plugins=[Toy])
+
+
+def test_hook_schedulers():
+    from plait.errors import ConfigError
+    from plait.registries import Scheduler
+
+    def halving(cfg, optimizer, total_steps):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_scheduler_kwargs.get("gamma", 0.5))
+
+    class Halving:
+        @hookimpl
+        def schedulers():
+            return [Scheduler("halving", halving, kwargs=("gamma",))]
+
+    cfg, pm = build_run_config({"base_model": "m", "lr_scheduler": "halving", "lr_scheduler_kwargs": {"gamma": 0.25}},
+                               plugins=[Halving])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    scheduler = pm.hook.build_scheduler(cfg=cfg, optimizer=optimizer, total_steps=4)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    with pytest.raises(ConfigError, match=r"'cosin' is not a known schedule; did you mean 'cosine'\?"):
+        build_run_config({"base_model": "m", "lr_scheduler": "cosin"})
+    with pytest.raises(ConfigError, match=r"'lr_scheduler_kwargs': \['gama'\] are not arguments of schedule "
+                                          r"'halving'; accepted: gamma"):
+        build_run_config({"base_model": "m", "lr_scheduler": "halving", "lr_scheduler_kwargs": {"gama": 1}},
+                         plugins=[Halving])
+
+
+def test_hook_configure():
     from plait.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="'nonexistent_format' is not a known dataset type"):
-        build_run_config({"base_model": "m", "datasets": [{"path": "x", "type": "nonexistent_format"}]})
-    cfg, _ = build_run_config({"base_model": "m", "datasets": [{"path": "x", "type": "qa"}]})
-    assert cfg.datasets[0].type == "qa"
+    seen = []
+
+    class Defaults:
+        @hookimpl
+        def configure(cfg):
+            if cfg.source_of("micro_batch_size") == "default":
+                cfg.set_by_plugin("micro_batch_size", 3, "defaults")
+
+        @hookimpl
+        def validate_config(cfg):
+            seen.append(cfg.micro_batch_size)  # validate_config sees what configure set
+            if cfg.micro_batch_size > 4:
+                raise ConfigError("micro_batch_size: at most 4")
+
+    cfg, _ = build_run_config({"base_model": "m"}, plugins=[Defaults])
+    assert (cfg.micro_batch_size, cfg.source_of("micro_batch_size"), seen) == (3, "plugin:defaults", [3])
+    cfg, _ = build_run_config({"base_model": "m", "micro_batch_size": 2}, plugins=[Defaults])
+    assert cfg.micro_batch_size == 2
 
 
 def test_hook_validate_config():
@@ -181,32 +294,6 @@ def test_hook_build_optimizer():
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = pm.hook.build_optimizer(cfg=cfg, params=[{"params": [param], "weight_decay": 0.0}])
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
-
-
-def test_hook_optimizer_names():
-    from plait.builtin.optim import check_names
-    from plait.errors import ConfigError
-
-    class Plugin:
-        @hookimpl
-        def optimizer_names():
-            return ["lion_toy"]
-
-    cfg, pm = build_run_config({"base_model": "m", "optimizer": "lion_tyo"}, plugins=[Plugin])
-    assert "sgd" in sum((names or [] for names in pm.hook.optimizer_names()), [])
-    with pytest.raises(ConfigError, match=r"'lion_tyo' is not a known optimizer; did you mean 'lion_toy'\?") as info:
-        check_names(cfg, pm)
-    assert "adamw_torch" in str(info.value) and "lion_toy" in str(info.value)
-
-
-def test_hook_scheduler_names():
-    from plait.builtin.optim import check_names
-    from plait.errors import ConfigError
-
-    cfg, pm = build_run_config({"base_model": "m", "lr_scheduler": "cosin"})
-    with pytest.raises(ConfigError, match=r"'cosin' is not a known schedule; did you mean 'cosine'\?"):
-        check_names(cfg, pm)
-    assert ["cosine", "linear", "constant", "constant_with_warmup"] in pm.hook.scheduler_names()
 
 
 def test_hook_build_scheduler():

@@ -40,13 +40,14 @@ def test_entry_point_plugin_is_discovered_with_distribution_and_version(fake_dis
     name = fake_distribution("plait-fake-one", """
         from plait import hookimpl
         @hookimpl
-        def dataset_types():
-            return ["fake"]
+        def chat_templates():
+            return {"fake": "{{ messages }}"}
     """)
     pm = build_plugin_manager()
     info = pm.info[name]
-    assert (info.distribution, info.version, info.source, info.hooks) == ("plait-fake-one", "1.2.3", "entrypoint", ["dataset_types"])
-    assert ["fake"] in pm.hook.dataset_types()
+    assert (info.distribution, info.version, info.source, info.hooks) == ("plait-fake-one", "1.2.3", "entrypoint",
+                                                                          ["chat_templates"])
+    assert {"fake": "{{ messages }}"} in pm.hook.chat_templates()
 
 
 def test_later_plugins_answer_first_hooks_first_result_wins():
@@ -105,7 +106,8 @@ def test_hookimpl_with_unknown_argument_is_an_error():
 
 
 def test_config_plugins_are_imported_by_dotted_path(tmp_path, monkeypatch):
-    (tmp_path / "my_local_plugin.py").write_text("from plait import hookimpl\n@hookimpl\ndef dataset_types():\n    return ['local']\n")
+    (tmp_path / "my_local_plugin.py").write_text(
+        "from plait import hookimpl\n@hookimpl\ndef chat_templates():\n    return {'local': ''}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     pm = build_plugin_manager(["my_local_plugin"], entry_points=False)
     assert pm.info["my_local_plugin"].source == "config"
@@ -116,13 +118,13 @@ def test_config_plugins_are_imported_by_dotted_path(tmp_path, monkeypatch):
 def test_each_manager_is_independent():
     class One:
         @hookimpl
-        def dataset_types():
-            return ["one"]
+        def chat_templates():
+            return {"one": ""}
 
     with_one = build_plugin_manager(entry_points=False, extra=[One])
     without = build_plugin_manager(entry_points=False)
-    assert ["one"] in with_one.hook.dataset_types()
-    assert ["one"] not in without.hook.dataset_types()
+    assert {"one": ""} in with_one.hook.chat_templates()
+    assert {"one": ""} not in without.hook.chat_templates()
 
 
 def test_unknown_names_in_allow_and_disable_lists_are_errors(fake_distribution):

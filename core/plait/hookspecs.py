@@ -1,14 +1,31 @@
 """The Plait plugin API.
 
 Every hook a plugin may implement is declared here, with a docstring that says
-when it is called, what it receives and what it returns. This module is the
-reference for plugin authors; ``tests/test_hooks.py`` fails when a hook
-lacks a docstring or a test that exercises it.
+who calls it and when, what each argument is, core's default implementation
+and what it returns. This module is the reference for plugin authors;
+``tests/test_hooks.py`` fails when a hook lacks a docstring or a test named
+``test_hook_<name>`` that exercises it. The module reads in three parts:
 
-Hooks marked *firstresult* stop at the first plugin that returns something
-other than ``None``: a plugin that is not concerned returns ``None`` and lets
-the next one answer. Plugins registered later are asked first, so a third-party
-plugin overrides core's defaults, which are registered first.
+1. **registries** -- hooks that contribute named things (config keys, dataset
+   formats, optimizers, schedules, chat templates, model families). Every
+   plugin is called and the answers are combined; a name given twice is an
+   error naming both plugins. The records are in :mod:`plait.registries`.
+2. **pipeline** -- in the order a run calls them: ``configure``,
+   ``validate_config``, the tokenizer, the data, the model, the optimizer,
+   the step.
+3. **events** -- notifications from the training loop, then saving and the
+   command line.
+
+Plugin order. Plugins are registered in this order (see
+:mod:`plait.plugins`): core's defaults first, then installed entry-point
+plugins (sorted by entry-point name), then the config's ``plugins:`` modules.
+pluggy asks the *last registered first*, so hooks that call every plugin
+(``configure``, ``validate_config``, the events) run config plugins, then
+entry points (reverse name order), then core; and a *firstresult* hook stops
+at the first answer other than ``None``, so a third-party plugin overrides
+core's default, which is registered first and marked ``trylast``. Do not rely
+on the order between two entry-point plugins: a value one plugin derives in
+``configure`` must not be needed by another plugin's ``configure``.
 
 Arguments common to many hooks:
 
@@ -25,8 +42,7 @@ hookspec = pluggy.HookspecMarker("plait")
 hookimpl = pluggy.HookimplMarker("plait")
 
 
-# ----------------------------------------------------------------- config
-
+# -------------------------------------------------------- registries
 
 @hookspec
 def config_schema():
@@ -43,35 +59,57 @@ def config_schema():
 
 
 @hookspec
-def dataset_types():
-    """Name the dataset ``type:`` values this plugin answers in :func:`tokenize`.
+def dataset_formats():
+    """Register dataset formats: the ``type:`` values of ``datasets:`` entries.
 
-    Called at config validation, so an unknown ``type`` fails before any model
-    or data is loaded. Returns a list of strings; results of all plugins are
-    combined. Prefixed types such as ``chat_template.default`` match the name
-    before the first dot.
+    Takes no arguments. Every plugin is called and the
+    answers are combined by :func:`plait.registries.registry`; two plugins
+    giving the same name is a :class:`plait.errors.PluginError` naming both.
+    Called at config time (:func:`plait.config.build.build_config` builds the
+    entry union and checks each ``type``) and by core's default
+    :func:`tokenize`, which dispatches to the format's function.
+
+    Returns a list of :class:`plait.registries.DatasetFormat` (name, tokenize
+    function, ``entry_model`` -- a subclass of
+    :class:`plait.registries.DatasetEntry` with the format's own keys --,
+    optional ``check_type`` for dotted variants), or ``None``. The part of
+    ``type`` before the first dot names the format.
     """
 
 
 @hookspec
-def validate_config(cfg):
-    """Check rules that span keys of several plugins.
+def optimizers():
+    """Register optimizers that ``optimizer:`` can name.
 
-    Called after pydantic validation, before anything is loaded. Raise
-    :class:`plait.errors.ConfigError` naming the keys; return value ignored.
-    Every plugin is called.
+    Takes no arguments. Every plugin is called and the
+    answers are combined; a name given by two plugins is a
+    :class:`plait.errors.PluginError` naming both. Called at config time
+    (:func:`plait.config.build.build_config` looks ``cfg.optimizer`` up, with
+    did-you-mean and a missing-package message) and by core's default
+    :func:`build_optimizer`. Core registers torch's AdamW/SGD/Adafactor/
+    Adagrad/RMSprop and the names of transformers' ``OptimizerNames`` it can
+    build (torchao's 4/8-bit AdamW when torchao is installed).
+
+    Returns a list of :class:`plait.registries.Optimizer` (name,
+    ``build(cfg, params)``, ``requires``, ``install``, ``check``), or ``None``.
     """
 
 
-# ------------------------------------------------------------------- data
+@hookspec
+def schedulers():
+    """Register learning-rate schedules that ``lr_scheduler:`` can name.
 
+    Takes no arguments. Every plugin is called and the
+    answers are combined; a name given by two plugins is a
+    :class:`plait.errors.PluginError` naming both. Called at config time
+    (:func:`plait.config.build.build_config` looks ``cfg.lr_scheduler`` up and
+    checks ``lr_scheduler_kwargs`` against the schedule's ``kwargs``) and by
+    core's default :func:`build_scheduler`. Core registers every
+    ``transformers`` ``SchedulerType`` its loop can step.
 
-@hookspec(firstresult=True)
-def load_tokenizer(cfg):
-    """Load the tokenizer for ``cfg.tokenizer_config`` (or ``cfg.base_model``).
-
-    firstresult. Returns a ``transformers`` tokenizer with a pad token set and
-    the configured chat template, special tokens and added tokens applied.
+    Returns a list of :class:`plait.registries.Scheduler` (name,
+    ``build(cfg, optimizer, total_steps)``, accepted ``kwargs``, ``check``),
+    or ``None``.
     """
 
 
@@ -97,15 +135,94 @@ def chat_templates():
     """
 
 
+@hookspec
+def model_families():
+    """Describe the model families this plugin knows.
+
+    Every plugin is called (results combined) when a component needs per-family
+    facts: the decoder-layer class to wrap or checkpoint, LoRA targets for
+    ``lora_target_linear``, the tensor-parallel plan, modules a kernel plugin
+    swaps, the default chat template. Returns a list of
+    :class:`plait.families.ModelFamily`, or ``None``. A model whose
+    ``config.model_type`` no family claims trains through the generic path.
+    """
+
+# -------------------------------------------------- pipeline: config
+
+@hookspec
+def configure(cfg):
+    """Fill in defaults and derived values (the ``pytest_configure`` idea).
+
+    ``cfg``
+        The config just validated by pydantic; set keys through
+        ``cfg.set_by_plugin(key, value, plugin_name)`` so ``plait config
+        explain`` shows who set them.
+
+    Every plugin is called, by :func:`plait.config.build.build_config`, after
+    pydantic validation and before any :func:`validate_config`, in the
+    plugin order of this module's docstring (later-registered plugins first:
+    a config ``plugins:`` module runs before an entry-point plugin, which
+    runs before core). A value another plugin derives is therefore not yet
+    set when a later-asked plugin runs; read only keys the user gives, or
+    derive in :func:`validate_config`'s checks. No default implementation
+    in core. Return value ignored.
+    """
+
+
+@hookspec
+def validate_config(cfg):
+    """Check rules that span keys of several plugins; never change ``cfg``.
+
+    ``cfg``
+        The config after every :func:`configure`.
+
+    Every plugin is called, by :func:`plait.config.build.build_config`,
+    before anything is loaded; core's own implementations check chat
+    template names, collate and tracking keys (its single-key rules are
+    pydantic validators). Raise
+    :class:`plait.errors.ConfigError` naming the keys; return value ignored.
+    Defaults and derived values belong in :func:`configure`.
+    """
+
+# -------------------------------------- pipeline: tokenizer and data
+
+@hookspec(firstresult=True)
+def load_tokenizer(cfg):
+    """Load the tokenizer for ``cfg.tokenizer_config`` (or ``cfg.base_model``).
+
+    firstresult. Returns a ``transformers`` tokenizer with a pad token set and
+    the configured chat template, special tokens and added tokens applied.
+    """
+
+
+@hookspec
+def tokenizer_loaded(cfg, tokenizer):
+    """Adjust the run's tokenizer once it is loaded.
+
+    Every plugin is called, right after :func:`load_tokenizer` and before any
+    data is tokenized (``plait train``, ``plait preprocess``, ``plait
+    inspect``), so a chat template installed or a pad token changed here is
+    what the data is built with. ``tokenizer`` is modified in place (tokens
+    added here make core's ``load_model`` resize the embeddings). Return value
+    ignored.
+    """
+
+
 @hookspec(firstresult=True)
 def tokenize(cfg, dataset_cfg, tokenizer, batch):
     """Turn a batch of raw rows of one dataset into token ids and labels.
 
-    firstresult; called once per batch of rows of every dataset entry.
+    firstresult; called by :mod:`plait.data.prepare` once per batch of rows of
+    every dataset entry. Core's default (``plait.builtin.formats``, asked
+    last) looks ``dataset_cfg.type`` up in the :func:`dataset_formats`
+    registry and calls that format's function; implement this hook only to
+    take over tokenizing as a whole.
 
+    ``cfg``
+        The run config.
     ``dataset_cfg``
-        The entry of ``cfg.datasets`` being processed (``.type``, ``.path``,
-        field mappings, ...).
+        The entry of ``cfg.datasets`` being processed: an instance of its
+        format's ``entry_model`` (``.type``, ``.path``, the format's keys).
     ``tokenizer``
         The run's tokenizer from :func:`load_tokenizer`.
     ``batch``
@@ -115,7 +232,7 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch):
     Returns a dict of lists with at least ``input_ids`` and ``labels`` (labels
     are ``-100`` where the token is not trained), one entry per input row
     (a format that splits long texts, such as ``completion``, may return
-    more), or ``None`` when ``dataset_cfg.type`` is not this plugin's.
+    more), or ``None`` when no format reads the entry.
     Core drops or truncates rows over ``sequence_len``. A bad row raises
     :class:`plait.errors.BadRowError` with its index in ``batch``; core turns
     that into a message with the file and the row number.
@@ -136,9 +253,7 @@ def collate(cfg, rows, tokenizer):
     which are ints). See :mod:`plait.data.packing`.
     """
 
-
-# ------------------------------------------------------------------ model
-
+# --------------------------------------------------- pipeline: model
 
 @hookspec(firstresult=True)
 def load_model(cfg, tokenizer):
@@ -193,17 +308,23 @@ def build_loss(cfg, model):
     never exist.
     """
 
-
-# -------------------------------------------------------------- optimizer
-
+# ----------------------------------------------- pipeline: optimizer
 
 @hookspec(firstresult=True)
 def build_optimizer(cfg, params):
     """Build the optimizer named by ``cfg.optimizer``.
 
-    firstresult. ``params`` is a list of parameter groups (dicts with
-    ``params`` and ``weight_decay``). Returns a ``torch.optim.Optimizer``, or
-    ``None`` when the name is not this plugin's.
+    firstresult; called once by the training loop after the model is wrapped.
+    Core's default (``plait.builtin.optim``, asked last) builds the
+    :func:`optimizers` registry's entry for ``cfg.optimizer``; implement this
+    hook only to take over optimizer construction as a whole.
+
+    ``cfg``
+        The run config (``optimizer``, ``learning_rate``, ``optim_args``, ...).
+    ``params``
+        A list of parameter groups (dicts with ``params`` and ``weight_decay``).
+
+    Returns a ``torch.optim.Optimizer``, or ``None`` to let the next plugin answer.
     """
 
 
@@ -211,35 +332,54 @@ def build_optimizer(cfg, params):
 def build_scheduler(cfg, optimizer, total_steps):
     """Build the learning-rate schedule named by ``cfg.lr_scheduler``.
 
-    firstresult. ``total_steps`` is the number of optimizer steps of the run.
-    Returns a ``torch.optim.lr_scheduler.LRScheduler`` or ``None`` when the
-    name is not this plugin's.
+    firstresult; called once by the training loop, right after
+    :func:`build_optimizer`. Core's default (``plait.builtin.optim``, asked
+    last) builds the :func:`schedulers` registry's entry.
+
+    ``cfg``
+        The run config (``lr_scheduler``, ``lr_scheduler_kwargs``,
+        ``warmup_steps``/``warmup_ratio``, ``cosine_min_lr_ratio``).
+    ``optimizer``
+        The optimizer from :func:`build_optimizer`.
+    ``total_steps``
+        The number of optimizer steps of the run.
+
+    Returns a ``torch.optim.lr_scheduler.LRScheduler`` stepped once per
+    optimizer step, or ``None`` to let the next plugin answer.
+    """
+
+# ----------------------------------------------- pipeline: each step
+
+@hookspec(firstresult=True)
+def shard_batch(cfg, batch, mesh):
+    """This rank's part of a collated micro-batch.
+
+    firstresult; called by the loop on every micro-batch that :func:`collate`
+    built (training and evaluation), only when the run spans more than one
+    process. ``batch`` is the collated dict (tensors on the CPU or the
+    device), ``mesh`` the ``DeviceMesh`` :func:`wrap_parallel` left on the
+    model (``model.plait_mesh``, may be ``None``). Returns the dict this rank
+    trains on, e.g. a context-parallel slice of every sequence with
+    ``shift_labels`` (labels already shifted: the loop does not shift them
+    again) and ``position_ids``, or ``None`` to keep the batch whole.
     """
 
 
 @hookspec
-def optimizer_names():
-    """Name the optimizers this plugin's ``build_optimizer`` builds.
+def extra_loss(cfg, model, outputs, batch):
+    """Add a term to the training loss of a micro-batch.
 
-    Every plugin is called, when a config's ``optimizer`` matches no plugin's
-    ``build_optimizer``, to list what is accepted and suggest the closest name.
-    Takes no arguments. Returns a list of names (``["adamw_bnb_8bit", ...]``),
-    or ``None``.
+    Every plugin is called, once per training micro-batch (not in
+    evaluation), after the forward pass. ``outputs`` is what the model's
+    forward returned (e.g. ``router_logits`` of a mixture-of-experts model),
+    ``batch`` the micro-batch as the model saw it. Returns a scalar tensor to
+    add to the micro-batch's *mean* per-token loss (any coefficient already
+    applied), or ``None``. The loop weights each micro-batch's term by its
+    share of the step's trained tokens (all ranks), so with one micro-batch
+    the loss is ``mean cross-entropy + term``, as transformers computes it.
     """
 
-
-@hookspec
-def scheduler_names():
-    """Name the learning-rate schedules this plugin's ``build_scheduler`` builds.
-
-    Every plugin is called, when a config's ``lr_scheduler`` matches no
-    plugin's ``build_scheduler``, to list what is accepted and suggest the
-    closest name. Takes no arguments. Returns a list of names, or ``None``.
-    """
-
-
-# ----------------------------------------------------------------- events
-
+# ------------------------------------------------------------ events
 
 @hookspec
 def on_train_start(run):
@@ -276,9 +416,7 @@ def on_train_end(run):
     Every plugin is called. Return value ignored.
     """
 
-
-# ------------------------------------------------------------------ save
-
+# -------------------------------------------------------------- save
 
 @hookspec(firstresult=True)
 def save_model(cfg, model, tokenizer, path):
@@ -290,9 +428,7 @@ def save_model(cfg, model, tokenizer, path):
     collectively) and only rank 0 writes.
     """
 
-
-# ------------------------------------------------------------------- CLI
-
+# --------------------------------------------------------------- CLI
 
 @hookspec
 def register_commands(subparsers):
@@ -303,66 +439,4 @@ def register_commands(subparsers):
     is the ``argparse`` subparsers action: call ``subparsers.add_parser(...)``
     and ``set_defaults(func=...)``, where ``func(args, pm)`` returns an exit
     code. Return value ignored.
-    """
-
-
-# --------------------------------------------------------- model families
-
-
-@hookspec
-def model_families():
-    """Describe the model families this plugin knows.
-
-    Every plugin is called (results combined) when a component needs per-family
-    facts: the decoder-layer class to wrap or checkpoint, LoRA targets for
-    ``lora_target_linear``, the tensor-parallel plan, modules a kernel plugin
-    swaps, the default chat template. Returns a list of
-    :class:`plait.families.ModelFamily`, or ``None``. A model whose
-    ``config.model_type`` no family claims trains through the generic path.
-    """
-
-
-# ------------------------------------------------------------ training loop
-
-
-@hookspec
-def tokenizer_loaded(cfg, tokenizer):
-    """Adjust the run's tokenizer once it is loaded.
-
-    Every plugin is called, right after :func:`load_tokenizer` and before any
-    data is tokenized (``plait train``, ``plait preprocess``, ``plait
-    inspect``), so a chat template installed or a pad token changed here is
-    what the data is built with. ``tokenizer`` is modified in place (tokens
-    added here make core's ``load_model`` resize the embeddings). Return value
-    ignored.
-    """
-
-
-@hookspec(firstresult=True)
-def shard_batch(cfg, batch, mesh):
-    """This rank's part of a collated micro-batch.
-
-    firstresult; called by the loop on every micro-batch that :func:`collate`
-    built (training and evaluation), only when the run spans more than one
-    process. ``batch`` is the collated dict (tensors on the CPU or the
-    device), ``mesh`` the ``DeviceMesh`` :func:`wrap_parallel` left on the
-    model (``model.plait_mesh``, may be ``None``). Returns the dict this rank
-    trains on, e.g. a context-parallel slice of every sequence with
-    ``shift_labels`` (labels already shifted: the loop does not shift them
-    again) and ``position_ids``, or ``None`` to keep the batch whole.
-    """
-
-
-@hookspec
-def extra_loss(cfg, model, outputs, batch):
-    """Add a term to the training loss of a micro-batch.
-
-    Every plugin is called, once per training micro-batch (not in
-    evaluation), after the forward pass. ``outputs`` is what the model's
-    forward returned (e.g. ``router_logits`` of a mixture-of-experts model),
-    ``batch`` the micro-batch as the model saw it. Returns a scalar tensor to
-    add to the micro-batch's *mean* per-token loss (any coefficient already
-    applied), or ``None``. The loop weights each micro-batch's term by its
-    share of the step's trained tokens (all ranks), so with one micro-batch
-    the loss is ``mean cross-entropy + term``, as transformers computes it.
     """

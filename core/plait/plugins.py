@@ -32,6 +32,7 @@ ENTRY_POINT_GROUP = "plait"
 
 DEFAULT_PLUGINS = (
     "plait.builtin.model",
+    "plait.builtin.formats",
     "plait.builtin.optim",
     "plait.builtin.collate",
     "plait.builtin.save",

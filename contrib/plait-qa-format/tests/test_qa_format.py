@@ -35,3 +35,22 @@ def test_empty_answer_is_a_bad_row(tokenizer):
     with pytest.raises(BadRowError) as info:
         _tokenize(tokenizer, {"question": ["q", "r"], "answer": ["a", ""]})
     assert info.value.index == 1
+
+
+def test_qa_declares_its_own_keys(tokenizer):
+    from plait.errors import ConfigError
+
+    out = _tokenize_entry(tokenizer, {"q": ["q"], "a": ["a"]}, field_question="q", field_answer="a")
+    assert out["input_ids"] == _tokenize(tokenizer, {"question": ["q"], "answer": ["a"]})["input_ids"]
+    # another format's key is refused against the qa format, listing qa's own keys
+    with pytest.raises(ConfigError, match=r"(?s)unknown key 'field_instruction' in datasets.0.*"
+                                          r"accepted for format 'qa': .*field_question, field_answer"):
+        _tokenize_entry(tokenizer, {}, field_instruction="q")
+    with pytest.raises(ConfigError, match=r"unknown key 'field_questoin'.*did you mean 'field_question'\?"):
+        _tokenize_entry(tokenizer, {}, field_questoin="q")
+
+
+def _tokenize_entry(tokenizer, batch, **entry_keys):
+    cfg, pm = build_run_config({"base_model": "m", "datasets": [{"path": "x.jsonl", "type": "qa", **entry_keys}]},
+                               plugins=[plait_qa_format])
+    return pm.hook.tokenize(cfg=cfg, dataset_cfg=cfg.datasets[0], tokenizer=tokenizer, batch=batch)

@@ -129,7 +129,9 @@ def check_chat_template_names(cfg) -> None:
     entries = [("config key 'chat_template'", cfg.chat_template)]
     for list_key in ("datasets", "test_datasets"):
         for entry in getattr(cfg, list_key, None) or []:
-            entries.append((f"config key 'chat_template' of dataset {entry.path!r}", entry.chat_template))
+            # a key of chat formats' entries (plait-formats' ChatTemplateEntry); other formats lack it
+            value = getattr(entry, "chat_template", None)
+            entries.append((f"config key 'chat_template' of dataset {entry.path!r}", value))
     names = None
     for key, value in entries:
         wanted = template_name(value) if value not in (None, TOKENIZER_DEFAULT) else None

@@ -1,13 +1,78 @@
-"""Core optimizers and learning-rate schedules (``build_optimizer``/``build_scheduler``)."""
+"""Core's optimizers and learning-rate schedules, and the default
+``build_optimizer``/``build_scheduler`` hookimpls that build the registry's
+entry for the configured name.
+
+Optimizers: torch's AdamW (``adamw_torch``, ``adamw``, ``adamw_torch_fused``),
+SGD, Adafactor, Adagrad, RMSprop, and the names of transformers'
+``OptimizerNames`` that need another package (built through
+``Trainer.get_optimizer_cls_and_kwargs``, so their defaults are
+transformers'). bitsandbytes' names belong to plait-bnb. Schedules: every
+``transformers.SchedulerType`` a loop that steps once per optimizer step can
+drive; ``cosine``, ``linear``, ``constant`` and ``constant_with_warmup`` are
+Plait's own so ``cosine_min_lr_ratio`` applies to them, with transformers'
+warmup (step ``i`` of ``w`` gets ``i / w``).
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 
+from plait.errors import ConfigError
 from plait.hookspecs import hookimpl
+from plait.registries import (KNOWN_ELSEWHERE, Optimizer, Scheduler, build_transformers_optimizer, find_optimizer,
+                              find_scheduler)
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "sgd", "adafactor")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+PLAIT_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+#: transformers' schedules built through ``transformers.get_scheduler`` -> the ``lr_scheduler_kwargs`` each
+#: takes (its function's arguments past the warmup and total steps; a test checks them against transformers)
+TRANSFORMERS_SCHEDULERS = {
+    "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("lr_end", "power"),
+    "inverse_sqrt": ("timescale",),
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "cosine_warmup_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"),
+    "warmup_stable_decay": ("num_decay_steps", "num_stable_steps", "warmup_type", "decay_type", "min_lr_ratio",
+                            "num_cycles"),
+}
+#: schedules that fail without one of these kwargs
+REQUIRED_KWARGS = {
+    "cosine_with_min_lr": ("min_lr", "min_lr_rate"),
+    "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
+    "warmup_stable_decay": ("num_decay_steps",),
+}
+
+#: transformers' optimizer names built through Trainer's resolution -> the package they import
+TRANSFORMERS_OPTIMIZERS = {
+    "adamw_torch_4bit": ("torchao", "pip install torchao"),
+    "adamw_torch_8bit": ("torchao", "pip install torchao"),
+    "adamw_anyprecision": ("torchdistx", "pip install torchdistx"),
+    "grokadamw": ("grokadamw", "pip install grokadamw"),
+    "stable_adamw": ("optimi", "pip install torch-optimi"),
+}
+
+KNOWN_ELSEWHERE["optimizers"].update({
+    **{name: "is a bitsandbytes optimizer; install plait-bnb (pip install plait-bnb) to use it" for name in (
+        "adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+        "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+        "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")},
+    **{name: "is not supported by Plait: it needs the model's target modules and a per-layer update "
+             "(GaLore/APOLLO/LOMO) that the training loop does not do" for name in (
+        "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+        "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw", "apollo_adamw_layerwise",
+        "lomo", "adalomo")},
+    **{name: "is not supported by Plait: schedule-free optimizers must be switched between train() and eval() "
+             "around evaluation, which the training loop does not do" for name in (
+        "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd")},
+    "adamw_torch_xla": "needs a TPU (torch_xla); not supported by Plait",
+    "adamw_torch_npu_fused": "needs an Ascend NPU (torch_npu); not supported by Plait",
+})
+KNOWN_ELSEWHERE["schedulers"].update({
+    "reduce_lr_on_plateau": "is not supported by Plait: it needs the eval loss at every step, which the loop "
+                            "does not pass to the schedule",
+    "greedy": "is not supported by Plait: it needs the training loss at every step (transformers' "
+              "GreedyLR), which the loop does not pass to the schedule",
+})
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -22,68 +87,80 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def check_names(cfg, pm) -> None:
-    """Fail before any model work when no plugin builds ``optimizer`` or
-    ``lr_scheduler``: each hook is asked once with a throwaway parameter."""
+# -------------------------------------------------------------- optimizers
+
+
+def _adamw(cfg, params):
     import torch
 
-    from plait.errors import PlaitError
-
-    probe = torch.nn.Parameter(torch.zeros(2, 2))
-    try:
-        optimizer = pm.hook.build_optimizer(cfg=cfg, params=[{"params": [probe], "weight_decay": 0.0}])
-    except PlaitError:
-        raise
-    except Exception:  # a plugin's optimizer that needs a GPU parameter: the name is known
-        optimizer = True
-    if optimizer is None:
-        raise unknown_name_error("optimizer", cfg.optimizer, "optimizer", pm.hook.optimizer_names())
-    if pm.hook.build_scheduler(cfg=cfg, optimizer=torch.optim.SGD([probe], lr=1.0), total_steps=10) is None:
-        raise unknown_name_error("lr_scheduler", cfg.lr_scheduler, "schedule", pm.hook.scheduler_names())
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+        # fused needs every parameter on an accelerator; fall back to foreach elsewhere
+        fused=cfg.optimizer == "adamw_torch_fused" and torch.cuda.is_available(),
+        **cfg.optim_args,
+    )
 
 
-def unknown_name_error(key: str, value: str, what: str, answers):
-    """The error for a name no plugin builds: every installed plugin's names
-    (from ``optimizer_names`` / ``scheduler_names``) and the closest one."""
-    from plait.errors import ConfigError, did_you_mean
+def _sgd(cfg, params):
+    import torch
 
-    names = list(dict.fromkeys(name for names in answers for name in (names or ())))
-    return ConfigError(f"config key {key!r}: {value!r} is not a known {what}{did_you_mean(value, names)}\n"
-                       f"accepted: {', '.join(names)}")
+    return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           **{"momentum": 0.9, **cfg.optim_args})
+
+
+def _torch(class_name: str):
+    def build(cfg, params):
+        import torch
+
+        cls = getattr(torch.optim, class_name)
+        return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **cfg.optim_args)
+    return build
+
+
+def _torch_check(class_name: str, fixed=("params", "lr", "weight_decay")):
+    def check(cfg):
+        import torch
+
+        check_optim_args(cfg, getattr(torch.optim, class_name), fixed, f"torch.optim.{class_name}")
+    return check
+
+
+def check_optim_args(cfg, cls, fixed, what: str) -> None:
+    """``optim_args`` must be arguments of ``cls`` that the other keys do not set."""
+    if not cfg.optim_args:
+        return
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *fixed)]
+    unknown = [k for k in cfg.optim_args if k not in accepted]
+    if unknown:
+        raise ConfigError(f"config key 'optim_args': {unknown} are not arguments of {what} "
+                          f"(optimizer {cfg.optimizer!r}); accepted: {', '.join(accepted)}")
 
 
 @hookimpl
-def optimizer_names():
-    return list(OPTIMIZERS)
-
-
-@hookimpl
-def scheduler_names():
-    return list(SCHEDULERS)
+def optimizers():
+    adamw_check = _torch_check("AdamW", ("params", "lr", "betas", "eps", "weight_decay", "fused"))
+    records = [Optimizer(name, _adamw, check=adamw_check, description="torch.optim.AdamW")
+               for name in ("adamw_torch", "adamw", "adamw_torch_fused")]
+    records.append(Optimizer("sgd", _sgd, check=_torch_check("SGD"), description="torch.optim.SGD, momentum 0.9"))
+    for name, class_name in (("adafactor", "Adafactor"), ("adagrad", "Adagrad"), ("rmsprop", "RMSprop")):
+        records.append(Optimizer(name, _torch(class_name), check=_torch_check(class_name),
+                                 description=f"torch.optim.{class_name}"))
+    for name, (module, install) in TRANSFORMERS_OPTIMIZERS.items():
+        records.append(Optimizer(name, build_transformers_optimizer, requires=(module,), install=install,
+                                 description=f"transformers' {name}"))
+    return records
 
 
 @hookimpl(trylast=True)
 def build_optimizer(cfg, params):
-    import torch
+    return find_optimizer(cfg.plugin_manager, cfg.optimizer).build(cfg, params)
 
-    name = cfg.optimizer
-    if name in ("adamw_torch", "adamw", "adamw_torch_fused"):
-        return torch.optim.AdamW(
-            params,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-            # fused needs every parameter on an accelerator; fall back to foreach elsewhere
-            fused=name == "adamw_torch_fused" and torch.cuda.is_available(),
-            **cfg.optim_args,
-        )
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                               **{"momentum": 0.9, **cfg.optim_args})
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **cfg.optim_args)
-    return None
+
+# --------------------------------------------------------------- schedules
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
@@ -94,8 +171,9 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return 0
 
 
-def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float, num_cycles: float = 0.5) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
+    """
     if warmup and step < warmup:
         return (step + 1) / (warmup + 1)
     if name in ("constant", "constant_with_warmup"):
@@ -104,19 +182,58 @@ def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float) -
     progress = min(max(progress, 0.0), 1.0)
     if name == "linear":
         return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
-    # cosine
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    # cosine; num_cycles 0.5 is one half-wave from the peak to the floor, as in transformers
+    return min_ratio + (1.0 - min_ratio) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * num_cycles * progress)))
+
+
+def _plait_schedule(cfg, optimizer, total_steps):
+    import torch
+
+    name = cfg.lr_scheduler
+    warmup = warmup_steps(cfg, total_steps)
+    min_ratio = cfg.cosine_min_lr_ratio or 0.0
+    num_cycles = cfg.lr_scheduler_kwargs.get("num_cycles", 0.5)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(name, step, warmup, total_steps, min_ratio, num_cycles)
+    )
+
+
+def _transformers_schedule(cfg, optimizer, total_steps):
+    from transformers import get_scheduler
+
+    kwargs = dict(cfg.lr_scheduler_kwargs)
+    if cfg.cosine_min_lr_ratio is not None and cfg.lr_scheduler in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        kwargs.setdefault("min_lr_rate", cfg.cosine_min_lr_ratio)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+                         num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
+
+
+def _check_schedule(cfg) -> None:
+    name = cfg.lr_scheduler
+    given = set(cfg.lr_scheduler_kwargs) | ({"min_lr_rate"} if cfg.cosine_min_lr_ratio is not None else set())
+    required = REQUIRED_KWARGS.get(name)
+    if required and not given & set(required):
+        raise ConfigError(f"config key 'lr_scheduler': {name!r} needs {' or '.join(required)} in "
+                          f"lr_scheduler_kwargs" + (" (or cosine_min_lr_ratio)" if "min_lr_rate" in required else ""))
+    if cfg.cosine_min_lr_ratio is not None and name in TRANSFORMERS_SCHEDULERS and "min_lr_rate" not in \
+            TRANSFORMERS_SCHEDULERS[name]:
+        raise ConfigError(f"config key 'cosine_min_lr_ratio' has no effect on lr_scheduler {name!r}; it applies to "
+                          f"cosine, linear, cosine_with_min_lr and cosine_warmup_with_min_lr. Remove it")
+
+
+@hookimpl
+def schedulers():
+    records = [Scheduler("cosine", _plait_schedule, kwargs=("num_cycles",),
+                         description="cosine to cosine_min_lr_ratio"),
+               Scheduler("linear", _plait_schedule, description="linear to cosine_min_lr_ratio"),
+               Scheduler("constant", _plait_schedule, description="constant after warmup"),
+               Scheduler("constant_with_warmup", _plait_schedule, description="constant after warmup")]
+    for name, kwargs in TRANSFORMERS_SCHEDULERS.items():
+        records.append(Scheduler(name, _transformers_schedule, kwargs=kwargs, check=_check_schedule,
+                                 description=f"transformers' {name}"))
+    return records
 
 
 @hookimpl(trylast=True)
 def build_scheduler(cfg, optimizer, total_steps):
-    import torch
-
-    name = cfg.lr_scheduler
-    if name not in SCHEDULERS:
-        return None
-    warmup = warmup_steps(cfg, total_steps)
-    min_ratio = cfg.cosine_min_lr_ratio or 0.0
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(name, step, warmup, total_steps, min_ratio)
-    )
+    return find_scheduler(cfg.plugin_manager, cfg.lr_scheduler).build(cfg, optimizer, total_steps)

@@ -11,18 +11,23 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from pydantic import BaseModel, ValidationError, create_model
+from typing import Annotated, Union
+
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model
 
 from plait.config.axolotl_keys import KEYS_OF_PLUGINS, UNSUPPORTED_KEYS
-from plait.config.schema import CoreConfig, DatasetConfig
+from plait.config.schema import CoreConfig
 from plait.errors import ConfigError, did_you_mean
+from plait.registries import DatasetEntry, check_names, check_variant, find_format, format_key, registry, untyped_format
 
 
 def config_class(pm) -> type[CoreConfig]:
     """The run's config class: core's keys plus every plugin's.
 
     Two plugins (or a plugin and core) declaring the same key is an error that
-    names both.
+    names both. ``datasets``/``test_datasets`` entries are a union
+    discriminated on ``type``: each validates against its format's
+    ``entry_model`` (from the ``dataset_formats`` registry).
     """
     owners: dict[str, str] = {key: "core" for key in CoreConfig.model_fields}
     plugin_models: list[type[BaseModel]] = []
@@ -41,16 +46,40 @@ def config_class(pm) -> type[CoreConfig]:
                 )
             owners[key] = plugin
         plugin_models.append(model)
-    if not plugin_models:
-        return CoreConfig
-    return create_model("PlaitConfig", __base__=(CoreConfig, *plugin_models))
+    entries = entry_union(pm)
+    return create_model("PlaitConfig", __base__=(CoreConfig, *plugin_models),
+                        datasets=(list[entries], Field(default_factory=list)),
+                        test_datasets=(list[entries], Field(default_factory=list)))
+
+
+def entry_union(pm):
+    """The type of one ``datasets:`` entry: each registered format's
+    ``entry_model``, chosen by the entry's ``type`` (see
+    :func:`plait.registries.format_key`); an entry without ``type`` takes the
+    untyped format's model, or core's :class:`DatasetEntry`."""
+    formats = registry(pm, "dataset_formats")
+    untyped = untyped_format(formats)
+    model_of = {name: fmt.entry_model for name, fmt in formats.items()}
+    model_of[""] = untyped.entry_model if untyped else DatasetEntry
+    # one union member per model (formats may share one: alpaca and its variants), tagged by the model
+    models = list(dict.fromkeys(model_of.values()))
+    members = [Annotated[model, Tag(f"{model.__module__}.{model.__qualname__}")] for model in models]
+
+    def tag(value) -> str:
+        type_value = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+        model = model_of.get(format_key(type_value, formats), DatasetEntry)
+        return f"{model.__module__}.{model.__qualname__}"
+
+    if len(members) == 1:
+        return models[0]
+    return Annotated[Union[tuple(members)], Discriminator(tag)]
 
 
 def _suggest(key: str, known) -> str:
     return did_you_mean(key, known, cutoff=0.75)
 
 
-def _check_keys(raw: dict, cls: type[BaseModel], allow_unsupported: bool) -> None:
+def _check_keys(pm, raw: dict, cls: type[BaseModel], allow_unsupported: bool) -> None:
     """Unknown keys get a suggestion; known-but-unsupported Axolotl keys are
     gathered into one message."""
     known = set(cls.model_fields)
@@ -81,11 +110,31 @@ def _check_keys(raw: dict, cls: type[BaseModel], allow_unsupported: bool) -> Non
     for list_key in ("datasets", "test_datasets"):
         for index, entry in enumerate(raw.get(list_key) or []):
             if isinstance(entry, dict):
-                for key in entry:
-                    if key not in DatasetConfig.model_fields:
-                        raise ConfigError(
-                            f"unknown key {key!r} in {list_key}.{index}{_suggest(key, DatasetConfig.model_fields)}"
-                        )
+                _check_entry_keys(pm, entry, f"{list_key}.{index}")
+
+
+def _check_entry_keys(pm, entry: dict, where: str) -> None:
+    """An entry's ``type`` must be a registered format, and its keys that
+    format's: an unknown key is reported against the format's model, naming
+    the format that owns it when another one does."""
+    type_value = entry.get("type")
+    if type_value is not None and not isinstance(type_value, str):
+        return  # pydantic reports the wrong type
+    fmt = find_format(pm, type_value, key=f"{where}.type")
+    model = fmt.entry_model if fmt else DatasetEntry
+    owners: dict[str, str] = {}
+    for name, other in registry(pm, "dataset_formats").items():
+        for key in other.entry_model.model_fields:
+            owners.setdefault(key, name)
+    for key in entry:
+        if key in model.model_fields:
+            continue
+        what = f"format {fmt.name!r}" if fmt else "an entry without type"
+        accepted = f"\naccepted for {what}: {', '.join(model.model_fields)}"
+        if key in owners:
+            raise ConfigError(f"unknown key {key!r} in {where}: it is a key of format {owners[key]!r}, "
+                              f"not of {what}{accepted}")
+        raise ConfigError(f"unknown key {key!r} in {where}{_suggest(key, model.model_fields)}{accepted}")
 
 
 def _describe_error(error: dict) -> str:
@@ -104,37 +153,32 @@ def build_config(
     *,
     allow_unsupported: bool = False,
 ) -> CoreConfig:
-    """Validate ``raw`` against core's and the plugins' keys, then run every
-    plugin's ``validate_config``. Returns the typed config with its sources."""
+    """Validate ``raw`` against core's and the plugins' keys, run every
+    plugin's ``configure`` then ``validate_config``, and look the registered
+    names up (dataset types and their variants, optimizer, schedule). Returns
+    the typed config with its sources."""
     raw = dict(raw)
     cls = config_class(pm)
-    _check_keys(raw, cls, allow_unsupported)
+    _check_keys(pm, raw, cls, allow_unsupported)
     try:
         cfg = cls.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("\n".join(_describe_error(e) for e in exc.errors())) from None
     cfg._sources.update(sources or {})
     cfg._pm = pm
-    _check_dataset_types(pm, cfg)
+    _check_variants(pm, cfg)
+    pm.hook.configure(cfg=cfg)
     pm.hook.validate_config(cfg=cfg)
+    check_names(cfg, pm)
     return cfg
 
 
-def _check_dataset_types(pm, cfg) -> None:
-    known: set[str] = set()
-    for types in pm.hook.dataset_types():
-        known.update(types or ())
+def _check_variants(pm, cfg) -> None:
     for list_key in ("datasets", "test_datasets"):
         for index, entry in enumerate(getattr(cfg, list_key)):
-            if entry.type is None:
-                continue
-            base = entry.type.split(".")[0]
-            if base not in known:
-                accepted = ", ".join(sorted(known)) or "none (no format plugin is installed: pip install plait-formats)"
-                raise ConfigError(
-                    f"config key '{list_key}.{index}.type': {entry.type!r} is not a known dataset type{_suggest(base, known)}\n"
-                    f"accepted: {accepted}"
-                )
+            if entry.type is not None:
+                fmt = find_format(pm, entry.type, key=f"{list_key}.{index}.type")
+                check_variant(fmt, entry.type, f"config key '{list_key}.{index}.type' (dataset {entry.path!r})")
 
 
 def explain(cfg) -> list[tuple[str, Any, str]]:

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from plait.registries import DatasetEntry
+
 
 class StrictModel(BaseModel):
     """Base for config sections: unknown keys are rejected (core reports them
@@ -18,47 +20,8 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-class DatasetConfig(StrictModel):
-    """One entry of ``datasets:`` / ``test_datasets:``."""
-
-    path: str = Field(description="Local file or directory, or a hub dataset name.")
-    type: Optional[str] = Field(None, description="Format: alpaca, chat_template, completion, ...")
-    ds_type: Optional[str] = Field(None, description="File type when the extension does not tell: json, parquet, csv, arrow, text.")
-    data_files: Optional[Union[str, list[str]]] = None
-    split: str = "train"
-    name: Optional[str] = Field(None, description="Dataset configuration name on the hub.")
-    shards: Optional[int] = None
-    shards_idx: Optional[int] = None
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    # field mappings
-    field: Optional[str] = Field(None, description="Text field (completion) or top-level JSON field holding the rows.")
-    field_instruction: Optional[str] = None
-    field_input: Optional[str] = None
-    field_output: Optional[str] = None
-    field_system: Optional[str] = None
-    system_prompt: Optional[str] = None
-    system_format: Optional[str] = None
-    format: Optional[str] = Field(None, description="user_defined: prompt format with {instruction} and {input}.")
-    no_input_format: Optional[str] = None
-    # chat_template
-    chat_template: Optional[str] = None
-    chat_template_jinja: Optional[str] = None
-    field_messages: Optional[str] = None
-    field_tools: Optional[str] = None
-    message_field_role: Optional[str] = None
-    message_field_content: Optional[str] = None
-    message_field_training: Optional[str] = None
-    message_property_mappings: Optional[dict[str, str]] = None
-    roles: Optional[dict[str, list[str]]] = None
-    roles_to_train: Optional[list[str]] = None
-    train_on_eos: Optional[Literal["all", "turn", "last", "none"]] = None
-    train_on_eot: Optional[Literal["all", "turn", "last", "none"]] = None
-    drop_system_message: Optional[bool] = None
-    train_on_inputs: Optional[bool] = None
-    train_on_split: Optional[str] = None
-    # input_output / pretraining
-    text_column: Optional[str] = None
+#: core's part of a ``datasets:`` entry (the source keys); formats subclass it, see :mod:`plait.registries`
+DatasetConfig = DatasetEntry
 
 
 class PretrainingDatasetConfig(StrictModel):
@@ -123,8 +86,9 @@ class CoreConfig(StrictModel):
     adapter: Optional[Literal["lora", "qlora"]] = None
 
     # data
-    datasets: list[DatasetConfig] = Field(default_factory=list)
-    test_datasets: list[DatasetConfig] = Field(default_factory=list)
+    # each entry validates against its format's model (config.build.entry_union); these are the base
+    datasets: list[DatasetEntry] = Field(default_factory=list)
+    test_datasets: list[DatasetEntry] = Field(default_factory=list)
     pretraining_dataset: list[PretrainingDatasetConfig] = Field(
         default_factory=list, description="Raw text streamed and tokenized up to what max_steps consumes "
                                           "(instead of datasets:).")

@@ -105,7 +105,8 @@ def cache_key(cfg, pm, tokenizer, resolved_paths: dict[str, Path | None]) -> str
 
 def _data_plugins(pm) -> list[str]:
     """``name=version`` of the plugins whose code shapes the tokenized rows."""
-    names = {impl.plugin_name for hook in (pm.hook.tokenize, pm.hook.load_tokenizer) for impl in hook.get_hookimpls()}
+    hooks = (pm.hook.tokenize, pm.hook.dataset_formats, pm.hook.load_tokenizer)
+    names = {impl.plugin_name for hook in hooks for impl in hook.get_hookimpls()}
     return sorted(f"{name}={getattr(pm.info.get(name), 'version', None)}" for name in names)
 
 

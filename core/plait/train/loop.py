@@ -115,7 +115,6 @@ def train(cfg, pm, *, data=None) -> Run:
     ``data`` (an object with ``.train`` and ``.eval`` datasets of tokenized
     rows) skips dataset preparation; tests use it.
     """
-    from plait.builtin.optim import check_names
     from transformers.utils import logging as hf_logging
 
     from plait.train import checkpoint
@@ -126,7 +125,6 @@ def train(cfg, pm, *, data=None) -> Run:
     run = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=world)
     try:
         set_seed(cfg.seed)
-        check_names(cfg, pm)  # an unknown optimizer/scheduler fails before any model work
         resume_from = checkpoint.resume_path(cfg)
         start_output(run, resume_from)
 

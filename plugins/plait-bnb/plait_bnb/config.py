@@ -1,7 +1,9 @@
 """The quantization keys, named as in Axolotl, and the rules between them.
 
-Every rule here runs in ``validate_config``, so a config that cannot work
-fails before the tokenizer, the data or the model is touched.
+Every rule here runs in ``validate_config`` (the optimizer's through the
+``optimizers`` registry's check), so a config that cannot work fails before
+the tokenizer, the data or the model is touched; ``configure`` fills in the
+one derived value.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ OPTIMIZERS = {
     "paged_adamw_8bit": "PagedAdamW8bit",
     "paged_adamw_32bit": "PagedAdamW32bit",
 }
+#: transformers' other bitsandbytes optimizer names, built through ``Trainer.get_optimizer_cls_and_kwargs``
+TRANSFORMERS_OPTIMIZERS = ("ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_ademamix_32bit",
+                           "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb",
+                           "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")
 
 
 class BnbKeys(BaseModel):
@@ -72,7 +78,16 @@ def validate(cfg) -> None:
         _check_kwargs(cfg)
     if uses_fsdp(cfg):
         _check_fsdp(cfg)
-    _check_optimizer(cfg)
+
+
+def configure(cfg) -> None:
+    """Derived values: FSDP2 shards a layer's parameters as one flat buffer
+    of one dtype, so the packed 4-bit data is stored as the compute dtype
+    (what Axolotl does too) unless the config says otherwise."""
+    if uses_fsdp(cfg) and cfg.load_in_4bit and not cfg.load_in_8bit and cfg.bnb_4bit_quant_storage is None:
+        from plait_bnb.quantize import compute_dtype_name
+
+        cfg.set_by_plugin("bnb_4bit_quant_storage", compute_dtype_name(cfg), "bnb")
 
 
 def uses_fsdp(cfg) -> bool:
@@ -84,8 +99,6 @@ def uses_fsdp(cfg) -> bool:
 
 def _check_fsdp(cfg) -> None:
     """FSDP2 shards a layer's parameters as one flat buffer of one dtype."""
-    from plait_bnb.quantize import compute_dtype_name
-
     if cfg.load_in_8bit:
         raise ConfigError("load_in_8bit cannot be combined with FSDP (fsdp / fsdp_config / fsdp_version): int8 "
                           "weights and their scales cannot be sharded; use load_in_4bit with adapter: qlora")
@@ -95,9 +108,6 @@ def _check_fsdp(cfg) -> None:
         raise ConfigError("config key 'bnb_4bit_quant_storage': 'uint8' cannot be sharded with FSDP beside the "
                           "model's float weights; set it to the compute dtype (bfloat16 or float16), or leave it "
                           "unset and plait-bnb chooses it")
-    if cfg.bnb_4bit_quant_storage is None:
-        # what Axolotl does too: store the packed 4-bit data as the compute dtype so FSDP2 sees one dtype
-        cfg.set_by_plugin("bnb_4bit_quant_storage", compute_dtype_name(cfg), "bnb")
 
 
 def _check_kwargs(cfg) -> None:
@@ -115,10 +125,9 @@ def _check_kwargs(cfg) -> None:
         raise ConfigError(f"config key 'bnb_config_kwargs' repeats {twice}, which are top-level keys; set them there")
 
 
-def _check_optimizer(cfg) -> None:
+def check_optimizer(cfg) -> None:
+    """Config-time check of plait-bnb's own optimizers (their registry ``check``)."""
     name = cfg.optimizer
-    if name not in OPTIMIZERS:
-        return
     if name.startswith("paged_"):
         import torch
 

@@ -1,12 +1,14 @@
 """Hookimpls of plait-bnb (entry point ``bnb``).
 
 * ``config_schema``: the quantization keys (:class:`plait_bnb.config.BnbKeys`).
+* ``configure``: picks the 4-bit storage dtype for FSDP when none is given.
 * ``validate_config``: 4-bit without qlora, 4-bit with 8-bit, qlora without
-  4-bit, stray ``bnb_4bit_*`` keys, bad ``bnb_config_kwargs``/``optim_args``,
-  FSDP with 8-bit or uint8 4-bit storage (and picks the storage dtype for FSDP).
+  4-bit, stray ``bnb_4bit_*`` keys, bad ``bnb_config_kwargs``, FSDP with
+  8-bit or uint8 4-bit storage.
 * ``load_model``: answers only when ``load_in_4bit``/``load_in_8bit`` is set.
-* ``build_optimizer``: adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit
-  (``optimizer_names`` lists them for the unknown-name error).
+* ``optimizers``: adamw_bnb_8bit, adamw_8bit, paged_adamw_8bit, paged_adamw_32bit
+  (built here) and transformers' other bitsandbytes names (lion_8bit,
+  ademamix, rmsprop_bnb, ...), built through transformers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ def config_schema():
     from plait_bnb.config import BnbKeys
 
     return BnbKeys
+
+
+@hookimpl
+def configure(cfg):
+    from plait_bnb.config import configure
+
+    configure(cfg)
 
 
 @hookimpl
@@ -38,14 +47,7 @@ def load_model(cfg, tokenizer):
 
 
 @hookimpl
-def build_optimizer(cfg, params):
-    from plait_bnb.optim import build
+def optimizers():
+    from plait_bnb.optim import optimizers
 
-    return build(cfg, params)
-
-
-@hookimpl
-def optimizer_names():
-    from plait_bnb.config import OPTIMIZERS
-
-    return list(OPTIMIZERS)
+    return optimizers()

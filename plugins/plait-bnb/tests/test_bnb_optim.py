@@ -90,8 +90,21 @@ def test_optim_args_reach_the_optimizer():
     assert optimizer.state[param]["state1"].dtype == torch.float32
 
 
-def test_other_names_left_to_core():
-    from plait_bnb.optim import build
+def test_transformers_bnb_names_are_registered_here():
+    """transformers' other bitsandbytes names (lion_8bit, ...) build through
+    transformers' own resolution, with Plait's learning rate and betas; without
+    plait-bnb the name says what to install, at config time."""
+    import bitsandbytes as bnb
 
-    cfg, _ = build_run_config({**KEYS, "optimizer": "sgd"})
-    assert build(cfg, [{"params": [torch.nn.Parameter(torch.zeros(2))]}]) is None
+    from plait.errors import ConfigError
+
+    cfg, pm = build_run_config({**KEYS, "optimizer": "lion_8bit"})
+    _, end, optimizer, _ = run_steps(pm, cfg, steps=1)
+    assert isinstance(optimizer, bnb.optim.Lion) and torch.isfinite(end).all()
+    assert (optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"]) == (1e-2, (0.85, 0.99))
+    from plait.config import build_config
+    from plait.plugins import build_plugin_manager
+
+    without_bnb = build_plugin_manager(disable=["bnb"])
+    with pytest.raises(ConfigError, match="'lion_8bit' is a bitsandbytes optimizer; install plait-bnb"):
+        build_config(without_bnb, {**KEYS, "optimizer": "lion_8bit"})

@@ -1,8 +1,9 @@
 """Dataset formats for Plait, with Axolotl's type names and prompt text.
 
-The entry point loads :mod:`plait_formats.plugin`, which answers the
-``tokenize`` hook for its own ``type:`` values only and imports the format
-module it needs on first use (``plait --help`` must stay light).
+The entry point loads :mod:`plait_formats.plugin`, which registers each
+format through the ``dataset_formats`` hook (core's ``tokenize`` dispatches to
+it) and imports the format module on first use (``plait --help`` must stay
+light). Each format's dataset-entry keys are in :mod:`plait_formats.entries`.
 
 ==================  =====================================================
 type                module

@@ -1,8 +1,7 @@
-"""The hookimpls of plait-formats: declare the types, check their variants,
-dispatch ``tokenize``.
+"""The hookimpls of plait-formats: register the formats.
 
-Format modules are imported on first use, so loading the plugin (every
-``plait`` command does) costs nothing.
+Each format's function imports its module on first use, so loading the plugin
+(every ``plait`` command does) costs nothing.
 """
 
 from __future__ import annotations
@@ -10,77 +9,52 @@ from __future__ import annotations
 import importlib
 
 from plait.hookspecs import hookimpl
-
-#: type -> module under plait_formats that tokenizes it
-FORMATS = {
-    "alpaca": "alpaca",
-    "alpaca_chat": "alpaca",
-    "alpaca_w_system": "alpaca",
-    "chat_template": "chat",
-    "completion": "text",
-    "pretraining": "text",
-    "input_output": "segments",
-    "user_defined": "user_defined",
-    "pretokenized": "pretokenized",
-}
-#: types with dotted variants (``alpaca_chat.load_concise``), listed by the module
-WITH_VARIANTS = ("alpaca", "alpaca_chat", "alpaca_w_system")
+from plait.registries import DatasetEntry, DatasetFormat
 
 
-@hookimpl
-def dataset_types():
-    return list(FORMATS)
+def _tokenize_with(module_name: str):
+    """``tokenize`` of ``plait_formats.<module_name>``, imported on the first batch."""
+    def tokenize(cfg, dataset_cfg, tokenizer, batch):
+        module = importlib.import_module(f"plait_formats.{module_name}")
+        return module.tokenize(cfg, dataset_cfg, tokenizer, batch)
+    tokenize.__name__ = f"tokenize_{module_name}"
+    return tokenize
 
 
-@hookimpl
-def validate_config(cfg):
-    """A dotted ``type:`` of one of these formats must name a variant the
-    format has: ``alpaca.whatever`` fails here, before any model is loaded,
-    rather than being read as ``alpaca``."""
-    declared = _declared_elsewhere(cfg)
-    for list_key in ("datasets", "test_datasets"):
-        for index, entry in enumerate(getattr(cfg, list_key, None) or ()):
-            type_name = entry.type
-            if not type_name or "." not in type_name or type_name in declared:
-                continue
-            base = type_name.partition(".")[0]
-            if base not in FORMATS:
-                continue  # another plugin's type
-            where = f"config key '{list_key}.{index}.type' (dataset {entry.path!r})"
-            from plait_formats import alpaca
-
-            if base in WITH_VARIANTS:
-                alpaca.variant_for(type_name, where)
-            else:
-                raise alpaca.unknown_variant(type_name, [base], where)
+def _tokenize_pretokenized(cfg, dataset_cfg, tokenizer, batch):
+    # an entry without type is read as token ids only when the rows are token ids
+    if dataset_cfg.type is None and "input_ids" not in batch:
+        return None
+    return _tokenize_with("pretokenized")(cfg, dataset_cfg, tokenizer, batch)
 
 
-def _declared_elsewhere(cfg) -> set[str]:
-    """Full dotted names another plugin declares (it answers those itself)."""
-    pm = getattr(cfg, "_pm", None)
-    if pm is None:
-        return set()
-    names = set()
-    for types in pm.hook.dataset_types():
-        names.update(t for t in types or () if "." in t)
-    return names
+def _alpaca_variant(type_value: str, where: str) -> None:
+    from plait_formats.alpaca import variant_for
+
+    variant_for(type_value, where)
 
 
 @hookimpl
-def tokenize(cfg, dataset_cfg, tokenizer, batch):
-    if dataset_cfg.type is None:
-        # rows that are already token ids need no type
-        if "input_ids" not in batch:
-            return None
-        module_name = "pretokenized"
-    else:
-        base, _, suffix = dataset_cfg.type.partition(".")
-        module_name = FORMATS.get(base)
-        if module_name is None:
-            return None
-        if suffix and base not in WITH_VARIANTS:
-            from plait_formats.alpaca import unknown_variant
+def dataset_formats():
+    from plait_formats.entries import ChatTemplateEntry, InstructionEntry, TextEntry, UserDefinedEntry
 
-            raise unknown_variant(dataset_cfg.type, [base], f"config key 'type' of dataset {dataset_cfg.path!r}")
-    module = importlib.import_module(f"plait_formats.{module_name}")
-    return module.tokenize(cfg, dataset_cfg, tokenizer, batch)
+    alpaca = _tokenize_with("alpaca")
+    text = _tokenize_with("text")
+    return [
+        DatasetFormat("alpaca", alpaca, InstructionEntry, check_type=_alpaca_variant,
+                      description="instruction/input/output rows, Alpaca's prompt"),
+        DatasetFormat("alpaca_chat", alpaca, InstructionEntry, check_type=_alpaca_variant,
+                      description="alpaca rows, USER/ASSISTANT prompt"),
+        DatasetFormat("alpaca_w_system", alpaca, InstructionEntry, check_type=_alpaca_variant,
+                      description="alpaca rows with a system prompt"),
+        DatasetFormat("chat_template", _tokenize_with("chat"), ChatTemplateEntry,
+                      description="conversations rendered with a chat template"),
+        DatasetFormat("completion", text, TextEntry, description="raw text, every token trained"),
+        DatasetFormat("pretraining", text, TextEntry, description="raw text of a local corpus"),
+        DatasetFormat("input_output", _tokenize_with("segments"), DatasetEntry,
+                      description="segments with per-segment label flags"),
+        DatasetFormat("user_defined", _tokenize_with("user_defined"), UserDefinedEntry,
+                      description="prompt format written in the config"),
+        DatasetFormat("pretokenized", _tokenize_pretokenized, DatasetEntry, untyped=True,
+                      description="input_ids (and labels) already tokenized; also rows without type"),
+    ]

@@ -141,12 +141,13 @@ def test_unknown_variants_fail_at_config_validation(type_name, accepted, suggest
 
 def test_a_variant_another_plugin_declares_is_left_to_it():
     from plait import hookimpl
+    from plait.registries import DatasetFormat
     from plait.testing import build_run_config
 
     class Mine:
         @hookimpl
-        def dataset_types():
-            return ["chat_template.mine"]
+        def dataset_formats():
+            return [DatasetFormat("chat_template.mine", lambda cfg, dataset_cfg, tokenizer, batch: None)]
 
     cfg, _ = build_run_config({"base_model": "unused", "datasets": [{"path": "a.jsonl", "type": "chat_template.mine"}]},
                               plugins=[Mine])

@@ -80,10 +80,20 @@ def test_pretokenized_checks(tokenizer, run_format, batch, message):
     assert info.value.index == len(batch["input_ids"]) - 1
 
 
-def test_plugin_answers_only_its_own_types(tokenizer, run_format):
+def test_formats_register_their_types_and_own_their_keys():
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
     from plait_formats import plugin
+    from plait_formats.entries import ChatTemplateEntry, InstructionEntry
 
-    assert {"alpaca", "chat_template", "completion", "input_output", "user_defined"} <= set(plugin.dataset_types())
-    # the contrib "qa" type belongs to another plugin: plait-formats returns None for it
-    cfg_entry = type("Entry", (), {"type": "qa"})()
-    assert plugin.tokenize(cfg=None, dataset_cfg=cfg_entry, tokenizer=tokenizer, batch={"question": ["x"]}) is None
+    formats = {fmt.name: fmt for fmt in plugin.dataset_formats()}
+    assert {"alpaca", "chat_template", "completion", "input_output", "user_defined"} <= set(formats)
+    assert formats["alpaca"].entry_model is InstructionEntry
+    cfg, _ = build_run_config({"base_model": "m", "datasets": [{"path": "a.jsonl", "type": "chat_template",
+                                                                "roles_to_train": ["assistant"]}]})
+    assert isinstance(cfg.datasets[0], ChatTemplateEntry) and cfg.datasets[0].roles_to_train == ["assistant"]
+    # a chat_template key on an alpaca entry is refused, naming the format that owns it
+    with pytest.raises(ConfigError, match=r"unknown key 'roles_to_train' in datasets.0: it is a key of format "
+                                          r"'chat_template', not of format 'alpaca'"):
+        build_run_config({"base_model": "m", "datasets": [{"path": "a.jsonl", "type": "alpaca",
+                                                           "roles_to_train": ["assistant"]}]})

@@ -7,11 +7,11 @@ Registered through the entry point ``models``. Hooks:
   qwen2_moe, qwen3_moe, gemma2, gemma3, phi3);
 * ``config_schema``: ``router_aux_loss_coef``, ``lora_target_experts``,
   ``model_config_type``;
+* ``configure``: fills ``chat_template_jinja`` (and its ``tokens``) and
+  ``special_tokens.pad_token`` from the family when a local tokenizer lacks
+  them (``plait config explain`` shows ``plugin:models``);
 * ``validate_config``: MoE keys on a dense model, ``lora_target_experts``
-  without LoRA, ``tensor_parallel_size`` for a family without a TP plan; then
-  fills ``chat_template_jinja`` and ``special_tokens.pad_token`` from the
-  family when a local tokenizer lacks them (``plait config explain`` shows
-  ``plugin:models``);
+  without LoRA, ``tensor_parallel_size`` for a family without a TP plan;
 * ``on_train_start``: prints what the model's family lacks
   (:func:`describe_optimisations`) and makes the model's generation config
   stop on end-of-turn tokens as well as EOS; turns on ``router_logits`` of an
@@ -67,12 +67,19 @@ def config_schema():
     return ModelsConfig
 
 
+def _family(cfg):
+    model_type = model_type_of(cfg)
+    return find_family(cfg.plugin_manager, model_type) if model_type and cfg.plugin_manager else None
+
+
+@hookimpl
+def configure(cfg):
+    fill_tokenizer_defaults(cfg, _family(cfg))
+
+
 @hookimpl
 def validate_config(cfg):
-    model_type = model_type_of(cfg)
-    family = find_family(cfg.plugin_manager, model_type) if model_type and cfg.plugin_manager else None
-    validate(cfg, family)
-    fill_tokenizer_defaults(cfg, family)
+    validate(cfg, _family(cfg))
 
 
 @hookimpl
