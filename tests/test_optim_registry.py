@@ -2,7 +2,8 @@
 
 Every name of transformers' ``OptimizerNames`` and ``SchedulerType`` is either
 registered (and built) or refused at config time with a message saying what
-to install or why Plait cannot drive it.
+to install or why Plait cannot drive it. Plait's own schedules follow
+transformers' curves exactly (warmup ``i / w``, cosine, cosine with a floor).
 """
 
 from __future__ import annotations
@@ -11,10 +12,20 @@ import importlib.util
 
 import pytest
 import torch
+import transformers
 
 from plait.errors import ConfigError
 from plait.registries import KNOWN_ELSEWHERE, find_optimizer, find_scheduler, registry
 from plait.testing import build_run_config
+
+
+def _lrs(scheduler, optimizer, steps):
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
 
 
 def test_every_transformers_optimizer_name_is_registered_or_explained():
@@ -53,6 +64,36 @@ def test_transformers_schedule_kwargs_table_matches_its_functions():
     for name, kwargs in TRANSFORMERS_SCHEDULERS.items():
         params = set(inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters) - common
         assert set(kwargs) == params, name
+
+
+@pytest.mark.parametrize("keys, reference", [
+    ({"lr_scheduler": "cosine", "warmup_steps": 3},
+     lambda opt: transformers.get_cosine_schedule_with_warmup(opt, 3, 20)),
+    ({"lr_scheduler": "cosine", "warmup_steps": 3, "lr_scheduler_kwargs": {"num_cycles": 1.5}},
+     lambda opt: transformers.get_cosine_schedule_with_warmup(opt, 3, 20, num_cycles=1.5)),
+    ({"lr_scheduler": "linear", "warmup_steps": 4},
+     lambda opt: transformers.get_linear_schedule_with_warmup(opt, 4, 20)),
+    ({"lr_scheduler": "constant_with_warmup", "warmup_steps": 5},
+     lambda opt: transformers.get_constant_schedule_with_warmup(opt, 5)),
+    ({"lr_scheduler": "cosine", "warmup_steps": 2, "cosine_min_lr_ratio": 0.1},
+     lambda opt: transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 2, 20, min_lr_rate=0.1)),
+    ({"lr_scheduler": "polynomial", "warmup_steps": 2, "lr_scheduler_kwargs": {"power": 2.0, "lr_end": 1e-4}},
+     lambda opt: transformers.get_polynomial_decay_schedule_with_warmup(opt, 2, 20, lr_end=1e-4,
+                                                                                       power=2.0)),
+    ({"lr_scheduler": "cosine_with_min_lr", "warmup_steps": 2, "cosine_min_lr_ratio": 0.2},
+     lambda opt: transformers.get_cosine_with_min_lr_schedule_with_warmup(opt, 2, 20, min_lr_rate=0.2)),
+])
+def test_schedules_match_transformers(keys, reference):
+    """Plait's learning rate at every step equals transformers' for the same
+    settings (an independent implementation), to 1e-12."""
+    cfg, pm = build_run_config({"base_model": "m", "learning_rate": 1e-3, **keys})
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    ours = _lrs(pm.hook.build_scheduler(cfg=cfg, optimizer=ours_opt, total_steps=20), ours_opt, 20)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    expected = _lrs(reference(ref_opt), ref_opt, 20)
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    if keys.get("warmup_steps"):
+        assert ours[0] == 0.0  # transformers' warmup starts from 0
 
 
 def test_schedule_keys_are_checked_at_config_time():

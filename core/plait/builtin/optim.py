@@ -173,9 +173,13 @@ def warmup_steps(cfg, total_steps: int) -> int:
 
 def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float, num_cycles: float = 0.5) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
+
+    Warmup is transformers': step ``i`` of ``w`` gets ``i / w`` (the first
+    step at learning rate 0), so a config trains on the curve it would get
+    under the HF Trainer and Axolotl.
     """
     if warmup and step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / warmup
     if name in ("constant", "constant_with_warmup"):
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
