@@ -96,7 +96,7 @@ def test_hook_dataset_formats():
         build_run_config({"base_model": "m", "datasets": [{"path": "x", "type": "shout.loud"}]}, plugins=[Shout])
     # the schema shows the format's keys
     schema = json.dumps(config_class(pm).model_json_schema())
-    assert "field_shout" in schema and "Column to shout." in schema
+    assert "field_shout" in schema and "Column to shout." in schema and "shout: ShoutEntry" in schema
 
     class Twice:
         @hookimpl

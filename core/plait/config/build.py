@@ -46,10 +46,19 @@ def config_class(pm) -> type[CoreConfig]:
                 )
             owners[key] = plugin
         plugin_models.append(model)
-    entries = entry_union(pm)
+    entries, described = entry_union(pm), entry_description(pm)
     return create_model("PlaitConfig", __base__=(CoreConfig, *plugin_models),
-                        datasets=(list[entries], Field(default_factory=list)),
-                        test_datasets=(list[entries], Field(default_factory=list)))
+                        datasets=(list[entries], Field(default_factory=list, description=described)),
+                        test_datasets=(list[entries], Field(default_factory=list, description=described)))
+
+
+def entry_description(pm) -> str:
+    """Which ``type`` selects which entry model, for ``plait config schema``."""
+    by_model: dict[str, list[str]] = {}
+    for name, fmt in registry(pm, "dataset_formats").items():
+        by_model.setdefault(fmt.entry_model.__name__, []).append(name)
+    listed = "; ".join(f"{', '.join(names)}: {model}" for model, names in by_model.items())
+    return f"Dataset entries; the part of 'type' before the first dot selects the keys ({listed or 'no formats'})."
 
 
 def entry_union(pm):
