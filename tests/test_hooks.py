@@ -106,6 +106,14 @@ def test_hook_dataset_formats():
     with pytest.raises(PluginError, match=r"'shout' is registered by two plugins: .*Shout.*Twice"):
         build_run_config({"base_model": "m"}, plugins=[Shout, Twice])
 
+    class Untyped:
+        @hookimpl
+        def dataset_formats():
+            return [DatasetFormat("a", shout, untyped=True), DatasetFormat("b", shout, untyped=True)]
+
+    with pytest.raises(PluginError, match="'a' and 'b' both read entries without type"):
+        build_run_config({"base_model": "m"}, plugins=[Untyped])
+
 
 def test_hook_optimizers():
     from plait.errors import ConfigError

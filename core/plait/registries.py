@@ -249,7 +249,11 @@ def check_variant(fmt: DatasetFormat, type_value: str, where: str) -> None:
 
 
 def untyped_format(found: dict[str, DatasetFormat]) -> Optional[DatasetFormat]:
+    """The one format that reads entries without ``type`` (``untyped=True``), if any."""
     untyped = [fmt for fmt in found.values() if fmt.untyped]
+    if len(untyped) > 1:
+        raise PluginError(f"dataset_formats: {' and '.join(repr(f.name) for f in untyped)} both read entries "
+                          f"without type (untyped=True); at most one format may")
     return untyped[0] if untyped else None
 
 
