@@ -233,6 +233,10 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch):
     are ``-100`` where the token is not trained), one entry per input row
     (a format that splits long texts, such as ``completion``, may return
     more), or ``None`` when no format reads the entry.
+    A format may add ``extras``: one JSON-serialisable dict per row, kept in
+    the tokenized cache and handed back to :func:`collate` as the row's
+    ``extras`` (a list, one dict per row of the bin); plait-vision keeps the
+    rendered text and image references there so pixels are made per batch.
     Core drops or truncates rows over ``sequence_len``. A bad row raises
     :class:`plait.errors.BadRowError` with its index in ``batch``; core turns
     that into a message with the file and the row number.
@@ -244,7 +248,8 @@ def collate(cfg, rows, tokenizer):
     """Assemble a micro-batch from tokenized rows.
 
     firstresult. ``rows`` is a list of dicts with ``input_ids`` and ``labels``
-    (lists of ints); with ``sample_packing`` each element is one packed bin of
+    (lists of ints), and ``extras`` when :func:`tokenize` gave some; with
+    ``sample_packing`` each element is one packed bin of
     several rows, whose ``seq_lens`` lists the rows' lengths. Returns a dict
     for the model backbone: ``input_ids``, ``labels``, and either a 2D
     ``attention_mask`` or the packing fields (``position_ids`` restarting per

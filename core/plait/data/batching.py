@@ -13,6 +13,7 @@ and skips the micro-batches it already trained on.
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Sequence
 
@@ -58,17 +59,25 @@ def materialize(dataset, bin_indices: Sequence[int]) -> dict:
     One row: its ``input_ids`` and ``labels``. Several rows: their
     concatenation plus ``seq_lens`` (the length of each row), which the packing
     collator turns into position ids and a block-diagonal attention mask.
+    Rows a format gave ``extras`` (see :mod:`plait.data.prepare`) carry them as
+    ``extras``: a list with one dict per row of the bin.
     """
     if len(bin_indices) == 1:
         row = dataset[int(bin_indices[0])]
-        return {"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}
+        one = {"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}
+        if row.get("extras"):
+            one["extras"] = [json.loads(row["extras"])]
+        return one
     rows = dataset[[int(i) for i in bin_indices]]
     input_ids: list[int] = []
     labels: list[int] = []
     for ids, labs in zip(rows["input_ids"], rows["labels"]):
         input_ids.extend(ids)
         labels.extend(labs)
-    return {"input_ids": input_ids, "labels": labels, "seq_lens": [len(ids) for ids in rows["input_ids"]]}
+    packed = {"input_ids": input_ids, "labels": labels, "seq_lens": [len(ids) for ids in rows["input_ids"]]}
+    if any(rows.get("extras") or ()):
+        packed["extras"] = [json.loads(extra) if extra else {} for extra in rows["extras"]]
+    return packed
 
 
 def row_lengths(dataset) -> list[int]:

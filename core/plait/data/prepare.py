@@ -18,6 +18,11 @@ data, tokenizer and settings stay the same.
 
 "Trained tokens" counts labels other than -100 from the second position on:
 the first position has no preceding token to predict it from.
+
+A format may return ``extras`` beside ``input_ids`` and ``labels``: one
+JSON-serialisable dict per row (a vision format keeps the rendered text and its
+image references there, never pixels). It is stored as a JSON string column and
+handed back to ``collate`` with the row (:func:`plait.data.batching.materialize`).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class DatasetStats:
 @dataclass
 class PreparedData:
     """Tokenized rows (columns ``input_ids``, ``labels``, ``attention_mask``,
-    ``length``) ready for packing or collation."""
+    ``length``; ``extras`` when a format gave some) ready for packing or collation."""
 
     train: object  # datasets.Dataset
     eval: object | None
@@ -153,7 +158,7 @@ class TokenizeBatch:
 
     def _tokenize_row_by_row(self, batch: dict, indices: list[int]) -> tuple[dict, list[str]]:
         """After a bad row, tokenize one row at a time so only bad rows are lost."""
-        out, bad = {"input_ids": [], "labels": []}, []
+        out, bad = {"input_ids": [], "labels": [], "extras": []}, []
         for position, index in enumerate(indices):
             row = {key: values[position:position + 1] for key, values in batch.items()}
             try:
@@ -163,6 +168,7 @@ class TokenizeBatch:
                 continue
             out["input_ids"] += one["input_ids"]
             out["labels"] += one["labels"]
+            out["extras"] += one.get("extras") or [None] * len(one["input_ids"])
         return out, bad
 
     def _data_error(self, exc: BadRowError, indices: list[int]) -> DataError:
@@ -171,10 +177,15 @@ class TokenizeBatch:
 
     def _sort_rows(self, out: dict, bad: list[str]) -> dict:
         limit, truncate = self.cfg.sequence_len, self.cfg.excess_length_strategy == "truncate"
-        rows = {"input_ids": [], "labels": [], "attention_mask": [], "length": [], "_status": [], "_trained": [],
-                "_bad": []}
+        rows = {"input_ids": [], "labels": [], "attention_mask": [], "length": [], "extras": [], "_status": [],
+                "_trained": [], "_bad": []}
+        extras = out.get("extras") or [None] * len(out["input_ids"])
+        if len(extras) != len(out["input_ids"]):
+            raise ConfigError(f"the tokenize hook for type {self.entry.type!r} returned {len(extras)} extras for "
+                              f"{len(out['input_ids'])} rows; give one dict per row")
 
-        def add(ids, labels, status, trained=0, bad_message=""):
+        def add(ids, labels, status, trained=0, bad_message="", extra=None):
+            rows["extras"].append(json.dumps(extra) if extra else "")
             rows["input_ids"].append(ids)
             rows["labels"].append(labels)
             rows["attention_mask"].append([1] * len(ids))
@@ -183,7 +194,7 @@ class TokenizeBatch:
             rows["_trained"].append(trained)
             rows["_bad"].append(bad_message)
 
-        for ids, labels in zip(out["input_ids"], out["labels"]):
+        for ids, labels, extra in zip(out["input_ids"], out["labels"], extras):
             ids, labels = list(ids), list(labels)
             if len(ids) != len(labels):
                 raise ConfigError(f"the tokenize hook for type {self.entry.type!r} returned a row with "
@@ -198,7 +209,7 @@ class TokenizeBatch:
             if trained == 0:
                 add([], [], "no_trained")
                 continue
-            add(ids, labels, status, trained)
+            add(ids, labels, status, trained, extra=extra)
         for message in bad:
             add([], [], "bad", bad_message=message)
         return rows
@@ -213,7 +224,8 @@ def _features():
 
     ids = datasets.List(datasets.Value("int32"))
     return datasets.Features({"input_ids": ids, "labels": ids, "attention_mask": datasets.List(datasets.Value("int8")),
-                              "length": datasets.Value("int32"), "_status": datasets.Value("string"),
+                              "length": datasets.Value("int32"), "extras": datasets.Value("string"),
+                              "_status": datasets.Value("string"),
                               "_trained": datasets.Value("int32"), "_bad": datasets.Value("string")})
 
 
@@ -252,7 +264,10 @@ def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, sp
             stats.bad_examples.append(bad)
     kept = mapped.filter(lambda statuses: [s in KEEP for s in statuses], input_columns=["_status"], batched=True,
                          load_from_cache_file=False, desc=f"filtering {label}")
-    return kept.remove_columns(["_status", "_trained", "_bad"]), stats
+    unused = ["_status", "_trained", "_bad"]
+    if not any(kept["extras"]):
+        unused.append("extras")  # a text format: no column to carry
+    return kept.remove_columns(unused), stats
 
 
 # ---------------------------------------------------------------------- run
@@ -304,6 +319,7 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
                                                  fingerprint=key, split=split)
             parts.append(dataset)
             stats.append(entry_stats)
+    train_parts, eval_parts = _same_columns(train_parts, eval_parts)
     train = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
     if len(train) == 0:
         raise DataError("no training rows are left after filtering: " + _summary(stats))
@@ -329,6 +345,16 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
     prepared = _load(path, show_progress=False)
     prepared.from_cache = False
     return prepared
+
+
+def _same_columns(*groups):
+    """When some entries carry ``extras`` and others not, give the others an
+    empty one, so the parts concatenate."""
+    parts = [part for group in groups for part in group]
+    if not any("extras" in part.column_names for part in parts):
+        return groups
+    return tuple([part if "extras" in part.column_names else part.add_column("extras", [""] * len(part))
+                  for part in group] for group in groups)
 
 
 def _split(cfg, train):
