@@ -30,8 +30,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "lora_on_cpu": "not implemented",
     "gptq": "GPTQ quantized bases are not supported",
     "load_in_2bit": "not supported",
-    "multimodal": "multimodal training is not implemented",
-    "processor_type": "multimodal training is not implemented",
+    "multimodal": "not used; set processor_type (plait-vision) to train a vision-language model",
     "curriculum_sampling": "not implemented",
     "group_by_length": "not implemented",
     "noisy_embedding_alpha": "NEFTune is not implemented",
@@ -63,4 +62,8 @@ KEYS_OF_PLUGINS: dict[str, str] = {
         "dp_shard_size", "dp_replicate_size", "ring_attn", "heads_k_stride",
     )},
     **{k: "plait-models" for k in ("model_config_type", "router_aux_loss_coef", "lora_target_experts")},
+    **{k: "plait-vision" for k in (
+        "processor_type", "image_size", "image_resize_algorithm", "skip_prepare_dataset", "remove_unused_columns",
+        "freeze_mm_modules",
+    )},
 }

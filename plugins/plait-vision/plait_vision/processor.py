@@ -1,0 +1,159 @@
+"""Load the model's processor (image processor + tokenizer + chat template).
+
+Processors of models that also take videos (Qwen2-VL and its successors) have
+a video processor, and transformers builds video processors only with
+torchvision installed. This plugin trains on images, so where torchvision is
+missing such a processor is built without its video processor
+(:func:`image_only_processor`) instead of failing; asking it for videos then
+fails inside transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+
+
+def processor_source(cfg) -> str:
+    return cfg.tokenizer_config or cfg.base_model
+
+
+def processor_for(cfg, tokenizer):
+    """The run's processor, its tokenizer replaced by the run's ``tokenizer``
+    (which carries the configured chat template, special tokens and pad token)."""
+    processor = copy.copy(load_processor(processor_source(cfg), cfg.processor_type, bool(cfg.trust_remote_code)))
+    processor.tokenizer = tokenizer
+    return processor
+
+
+@functools.lru_cache(maxsize=4)
+def load_processor(source: str, processor_type: str, trust_remote_code: bool = False):
+    """``processor_type.from_pretrained(source)``; cached per process (the
+    tokenize workers and the collator ask for it once per batch)."""
+    import transformers
+    from plait.errors import ConfigError
+
+    cls = _processor_class(processor_type)
+    if _needs_image_only(source, cls, trust_remote_code):
+        return image_only_processor(source, trust_remote_code)
+    try:
+        processor = cls.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"config key 'processor_type': cannot load a {processor_type} from {source!r}: "
+                          f"{' '.join(str(exc).split())[:300]}") from exc
+    if not hasattr(processor, "image_processor") or isinstance(processor, transformers.PreTrainedTokenizerBase):
+        raise ConfigError(f"config key 'processor_type': {source!r} has no image processor (got a "
+                          f"{type(processor).__name__}); base_model must be a vision-language model with a "
+                          f"preprocessor_config.json")
+    return processor
+
+
+def _processor_class(processor_type: str):
+    import transformers
+    from plait.errors import ConfigError
+
+    cls = getattr(transformers, processor_type, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(f"config key 'processor_type': {processor_type!r} is not a transformers processor class; "
+                          f"give AutoProcessor or a class such as Qwen2VLProcessor")
+    return cls
+
+
+def _class_for_source(source: str, trust_remote_code: bool):
+    """The concrete processor class ``AutoProcessor`` would build for ``source``."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = os.path.join(source, name)
+        if os.path.isfile(path):
+            declared = json.loads(open(path).read()).get("processor_class")
+            if declared and hasattr(transformers, declared):
+                return getattr(transformers, declared)
+    try:
+        model_type = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+    except (OSError, ValueError):
+        return None
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if name else None
+
+
+def _needs_image_only(source: str, cls, trust_remote_code: bool) -> bool:
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return False
+    concrete = _class_for_source(source, trust_remote_code) if cls.__name__ == "AutoProcessor" else cls
+    return concrete is not None and "video_processor" in concrete.get_attributes()
+
+
+def image_only_processor(source: str, trust_remote_code: bool = False):
+    """The processor of ``source`` built with ``video_processor=None``.
+
+    transformers checks each sub-processor's class; a subclass of the
+    processor accepts ``None`` for the video processor and checks the rest as
+    usual. Everything else (image token expansion, chat template) is the
+    processor's own code.
+    """
+    import inspect
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    base = _class_for_source(source, trust_remote_code)
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument is None and "video" in argument_name:
+            return None
+        return base.check_argument_for_proper_class(self, argument_name, argument)
+
+    cls = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                         "__module__": base.__module__})
+    kwargs = {}
+    config_path = os.path.join(source, "processor_config.json")
+    if os.path.isfile(config_path):
+        accepted = inspect.signature(base.__init__).parameters
+        kwargs = {k: v for k, v in json.loads(open(config_path).read()).items() if k in accepted}
+    template_path = os.path.join(source, "chat_template.jinja")
+    if "chat_template" not in kwargs and os.path.isfile(template_path):
+        kwargs["chat_template"] = open(template_path).read()
+    return cls(image_processor=AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code),
+               tokenizer=AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
+               video_processor=None, **kwargs)
+
+
+def image_token_ids(processor) -> set[int]:
+    """Ids of the tokens that stand for image content (placeholders, breaks,
+    starts and ends of images): never trained."""
+    tokenizer = processor.tokenizer
+    ids = set()
+    for attr in ("image_token", "boi_token", "eoi_token", "image_break_token", "image_end_token",
+                 "vision_start_token", "vision_end_token", "start_image_token", "end_image_token"):
+        token = getattr(processor, attr, None) or getattr(tokenizer, attr, None)
+        if isinstance(token, str):
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id != tokenizer.unk_token_id:
+                ids.add(token_id)
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(processor, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    for token in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if token_id is not None:
+            ids.add(token_id)
+    return ids
+
+
+def save_processor(processor, path: str) -> None:
+    """Write the processor's files to ``path`` (the tokenizer is already
+    there): its own ``save_pretrained``, or for an image-only processor the
+    image processor, the chat template and the processor's settings."""
+    if getattr(processor, "video_processor", True) is not None:
+        processor.save_pretrained(path)
+        return
+    processor.image_processor.save_pretrained(path)
+    if processor.chat_template:
+        with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+            f.write(processor.chat_template)

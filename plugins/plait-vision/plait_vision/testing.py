@@ -1,0 +1,128 @@
+"""Tiny vision-language models and image data, for tests without a hub.
+
+Each builder saves a random-init model, its tokenizer (plait.testing's tiny
+BPE plus the model's image tokens) and a processor with small image sizes in
+one directory, so ``base_model: <dir>`` with ``processor_type:
+AutoProcessor`` loads the way a real checkpoint does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from plait_vision.templates import LLAVA, QWEN2_VL
+
+#: a tiny decoder, shared by the builders
+TEXT_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def _tokenizer(path: Path, image_tokens: list[str]):
+    from plait.testing import make_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(make_tiny_tokenizer(path / "_tokenizer", chat_template=None))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *image_tokens]},
+                                 replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def make_tiny_qwen2_vl(path, *, seed: int = 0) -> Path:
+    """A Qwen2-VL: images of 56x56 pixels become 4 tokens (min 4, max 16 per image)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2VLImageProcessorPil
+
+
+    path = Path(path)
+    tokenizer = _tokenizer(path, ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                            "<|video_pad|>")}
+    config = AutoConfig.for_model(
+        "qwen2_vl",
+        text_config=dict(vocab_size=len(tokenizer), rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+                         **TEXT_SHAPE),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14,
+                                               merge_size=2, temporal_patch_size=2)
+    _save_processor(path, "Qwen2VLProcessor", image_processor, tokenizer, QWEN2_VL, {})
+    return path
+
+
+def make_tiny_llava(path, *, seed: int = 0) -> Path:
+    """A LLaVA-1.5-style model (CLIP vision tower, MLP projector, Llama decoder):
+    images resized to 28x28 pixels become 4 tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, CLIPImageProcessorPil
+
+    path = Path(path)
+    tokenizer = _tokenizer(path, ["<image>"])
+    config = AutoConfig.for_model(
+        "llava",
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT_SHAPE),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    _save_processor(path, "LlavaProcessor", image_processor, tokenizer, LLAVA,
+                    dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1))
+    return path
+
+
+def _save_processor(path: Path, class_name: str, image_processor, tokenizer, template: str, settings: dict) -> None:
+    """Save the processor's parts the way ``processor.save_pretrained`` lays
+    them out (building the processor object itself may need torchvision, for
+    a video processor that these tests never use)."""
+    import json
+    import shutil
+
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(template)
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": class_name, **settings}, indent=1))
+    shutil.rmtree(path / "_tokenizer")
+
+
+def make_image(path, size=(56, 56), color=(200, 30, 30)) -> Path:
+    """An RGB PNG of one colour with a lighter square in a corner."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", size, color)
+    ImageDraw.Draw(image).rectangle([0, 0, size[0] // 3, size[1] // 3], fill=tuple(min(255, c + 50) for c in color))
+    image.save(path)
+    return path
+
+
+#: colour names the generated rows ask about
+COLORS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200), "yellow": (220, 210, 30)}
+
+
+def color_rows(folder, n: int = 8, size=(56, 56)) -> list[dict]:
+    """``n`` chat rows, each with an image of one colour (files under ``folder``)
+    and the answer naming the colour."""
+    folder = Path(folder)
+    names = list(COLORS)
+    rows = []
+    for i in range(n):
+        name = names[i % len(names)]
+        image = make_image(folder / f"{i}_{name}.png", size, COLORS[name])
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "path": str(image)},
+                                         {"type": "text", "text": "what colour is it?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"it is {name}"}]},
+        ]})
+    return rows
