@@ -126,3 +126,13 @@ def color_rows(folder, n: int = 8, size=(56, 56)) -> list[dict]:
             {"role": "assistant", "content": [{"type": "text", "text": f"it is {name}"}]},
         ]})
     return rows
+
+
+def vision_keys(model_dir, data_path, tmp_path, **keys) -> dict:
+    """A LoRA config (a dict of keys) for a tiny vision-language model and one chat dataset."""
+    template = "llava" if "llava" in str(model_dir) else "qwen2_vl"
+    return {"base_model": str(model_dir), "processor_type": "AutoProcessor", "chat_template": template,
+            "datasets": [{"path": str(data_path), "type": "chat_template"}], "sequence_len": 256,
+            "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,
+            "micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-3,
+            "output_dir": str(tmp_path / "out"), "dataset_prepared_path": str(tmp_path / "prepared"), **keys}

@@ -1,0 +1,134 @@
+"""Preparing chat rows with images: expansion, masks, image references, bad images."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from plait.errors import ConfigError, DataError
+from plait.testing import build_run_config, write_jsonl
+
+from plait_vision.testing import color_rows, make_image, vision_keys
+
+
+def prepare(keys):
+    from plait.data.prepare import prepare_datasets
+
+    cfg, pm = build_run_config(keys)
+    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)
+    return prepare_datasets(cfg, pm, tokenizer, show_progress=False), tokenizer, cfg, pm
+
+
+def trained_text(tokenizer, row) -> str:
+    # label i is the target of position i (the loop shifts); the first position has no predecessor
+    return tokenizer.decode([t for t in row["labels"][1:] if t != -100])
+
+
+def test_qwen2_vl_row_expanded_and_masked_exactly(qwen2_vl_dir, tmp_path):
+    rows = color_rows(tmp_path / "img", 2)
+    data, tokenizer, _, _ = prepare(vision_keys(qwen2_vl_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path))
+    row = data.train.sort("length")[0]
+    ids, labels = row["input_ids"], row["labels"]
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # 56x56 pixels, patch 14, merge 2: (4 x 4 patches) / 2^2 = 4 image tokens, one run between the vision markers
+    start = ids.index(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    assert ids[start + 1:start + 6] == [pad] * 4 + [tokenizer.convert_tokens_to_ids("<|vision_end|>")]
+    assert ids.count(pad) == 4
+    # exactly the answer and its end-of-turn marker are trained; no image token, no prompt token
+    extras = json.loads(row["extras"])
+    answer = next(r for r in rows if r["messages"][0]["content"][0]["path"] == extras["images"][0]["path"])
+    expected = answer["messages"][1]["content"][0]["text"] + "<|im_end|>"
+    assert trained_text(tokenizer, row) == expected
+    first_trained = next(i for i, t in enumerate(labels) if t != -100)
+    assert all(t == -100 for t in labels[:first_trained])
+    assert tokenizer.decode(ids[:first_trained]).endswith("<|im_start|>assistant\n")
+    assert [t for t in labels[first_trained:] if t != -100] == ids[first_trained:first_trained + len(
+        tokenizer(expected, add_special_tokens=False)["input_ids"])]
+    # the cache keeps the rendered text and image references, no pixels
+    assert set(extras) == {"text", "images"} and extras["text"].count("<|image_pad|>") == 1
+    assert set(data.train.column_names) == {"input_ids", "labels", "attention_mask", "length", "extras"}
+
+
+def test_llava_row_masks_image_tokens_and_prompt(llava_dir, tmp_path):
+    rows = color_rows(tmp_path / "img", 2)
+    data, tokenizer, _, _ = prepare(vision_keys(llava_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path))
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    for row in data.train:
+        ids, labels = row["input_ids"], row["labels"]
+        assert ids.count(image) == 4  # 28x28 pixels in 14x14 patches, CLS dropped
+        assert all(label == -100 for t, label in zip(ids, labels) if t == image)
+        assert trained_text(tokenizer, row).strip() in {f"it is {c}" for c in ("red", "green")}
+        assert tokenizer.decode(ids[:next(i for i, t in enumerate(labels) if t != -100)]).endswith("ASSISTANT:")
+
+
+def test_image_size_decides_the_number_of_image_tokens(qwen2_vl_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 1))
+    pad_counts = []
+    for size in (None, [112, 112]):
+        data, tokenizer, _, _ = prepare(vision_keys(qwen2_vl_dir, path, tmp_path / str(size), image_size=size))
+        pad_counts.append(data.train[0]["input_ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>")))
+    assert pad_counts == [4, 16]  # 112x112: 8 x 8 patches / 4
+
+
+def test_base64_image_and_images_column_match_a_path(qwen2_vl_dir, tmp_path):
+    image = make_image(tmp_path / "a.png")
+    question = {"role": "user", "content": [{"type": "image", "path": str(image)}, {"type": "text", "text": "hi"}]}
+    answer = {"role": "assistant", "content": "it is red"}
+    encoded = base64.b64encode(image.read_bytes()).decode()
+    rows = [
+        {"messages": [question, answer]},
+        {"messages": [{**question, "content": [{"type": "image", "base64": encoded}, {"type": "text", "text": "hi"}]},
+                      answer]},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}, answer],
+         "images": ["a.png"]},  # relative to the data file's folder
+    ]
+    keys = vision_keys(qwen2_vl_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path, shuffle_merged_datasets=False)
+    data, _, _, _ = prepare(keys)
+    assert len(data.train) == 3
+    assert data.train[0]["input_ids"] == data.train[1]["input_ids"] == data.train[2]["input_ids"]
+    assert json.loads(data.train[2]["extras"])["images"] == [{"path": str(image)}]
+
+
+def test_missing_image_is_a_bad_row_naming_file_and_row(qwen2_vl_dir, tmp_path):
+    rows = color_rows(tmp_path / "img", 3)
+    rows[1]["messages"][0]["content"][0]["path"] = str(tmp_path / "img" / "gone.png")
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as caught:
+        prepare(vision_keys(qwen2_vl_dir, path, tmp_path))
+    message = str(caught.value)
+    assert "gone.png does not exist" in message and str(path) in message and "row 2:" in message
+    # skip_bad_rows drops it and counts it
+    data, _, _, _ = prepare(vision_keys(qwen2_vl_dir, path, tmp_path / "skip", skip_bad_rows=True))
+    assert len(data.train) == 2 and data.stats[0].dropped_bad == 1
+
+
+def test_unreadable_image_is_a_bad_row(qwen2_vl_dir, tmp_path):
+    rows = color_rows(tmp_path / "img", 2)
+    broken = tmp_path / "img" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image")
+    rows[0]["messages"][0]["content"][0]["path"] = str(broken)
+    with pytest.raises(DataError, match=r"broken.png cannot be read"):
+        prepare(vision_keys(qwen2_vl_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path))
+
+
+def test_packing_and_text_formats_are_refused(qwen2_vl_dir, tmp_path):
+    keys = vision_keys(qwen2_vl_dir, tmp_path / "d.jsonl", tmp_path)
+    with pytest.raises(ConfigError, match=r"sample_packing.*not supported with processor_type.*set sample_packing: false"):
+        build_run_config({**keys, "sample_packing": True})
+    with pytest.raises(ConfigError, match=r"'datasets.0.type': 'alpaca' is not supported with processor_type"):
+        build_run_config({**keys, "datasets": [{"path": "d.jsonl", "type": "alpaca"}]})
+
+
+def test_collate_makes_pixels_beside_the_prepared_ids(qwen2_vl_dir, tmp_path):
+    from plait.data.batching import materialize
+
+    rows = color_rows(tmp_path / "img", 2)
+    data, tokenizer, cfg, pm = prepare(vision_keys(qwen2_vl_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path))
+    batch = pm.hook.collate(cfg=cfg, rows=[materialize(data.train, [0]), materialize(data.train, [1])],
+                            tokenizer=tokenizer)
+    assert batch["input_ids"].tolist()[0][:data.train[0]["length"]] == data.train[0]["input_ids"]
+    # two 56x56 images: 4 x 4 patches each of 3 x 2 x 14 x 14 values; grid (t, h, w) per image
+    assert tuple(batch["pixel_values"].shape) == (32, 1176)
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
