@@ -22,7 +22,7 @@ def add_arguments(parser) -> None:
 
 def run(args, pm) -> int:
     from plait.commands.common import load_run_config
-    from plait.data.inspect_rows import format_row
+    from plait.data.inspect_rows import describe_extras, format_row
     from plait.data.prepare import prepare_datasets
     from plait.errors import ConfigError
 
@@ -41,4 +41,6 @@ def run(args, pm) -> int:
         trained = sum(1 for label in row["labels"] if label != -100)
         print(f"\n--- row {index}: {row['length']} tokens, {trained} trained")
         print(format_row(row["input_ids"], row["labels"], tokenizer, color=color))
+        for line in describe_extras(row, tokenizer):
+            print(line)
     return 0

@@ -132,3 +132,20 @@ def test_collate_makes_pixels_beside_the_prepared_ids(qwen2_vl_dir, tmp_path):
     # two 56x56 images: 4 x 4 patches each of 3 x 2 x 14 x 14 values; grid (t, h, w) per image
     assert tuple(batch["pixel_values"].shape) == (32, 1176)
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 4]]
+
+
+def test_inspect_shows_where_image_tokens_sit_and_that_they_are_masked(qwen2_vl_dir, tmp_path):
+    from plait.testing import run_cli, write_config
+
+    rows = color_rows(tmp_path / "img", 1)
+    config = write_config(tmp_path / "c.yml", **vision_keys(qwen2_vl_dir, write_jsonl(tmp_path / "d.jsonl", rows),
+                                                             tmp_path))
+    result = run_cli(["inspect", str(config), "--rows", "1", "--color", "never"])
+    assert result.exit_code == 0, result.stderr
+    assert "[[<|im_start|>system" in result.stdout
+    assert "<|vision_start|><|image_pad|>\u00d74<|vision_end|>what colour is it?" in result.stdout
+    assert "]]it is red<|im_end|>[[" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if "at positions" in line)
+    start = int(line.split("at positions ")[1].split("-")[0])
+    assert line.strip() == f"<|image_pad|> \u00d74 at positions {start}-{start + 3}: masked"
+    assert f"images: {tmp_path / 'img' / '0_red.png'}" in result.stdout
