@@ -258,6 +258,28 @@ def collate(cfg, rows, tokenizer):
     which are ints). See :mod:`plait.data.packing`.
     """
 
+
+@hookspec(firstresult=True)
+def encode_prompt(cfg, tokenizer, text, images):
+    """Model inputs for a prompt that shows images.
+
+    firstresult; called by ``plait inference --image PATH`` once per prompt,
+    with the model already loaded. No default implementation: without an
+    answer, ``--image`` is refused.
+
+    ``text``
+        The prompt rendered by the chat template (generation prompt added),
+        holding one image placeholder per image.
+    ``images``
+        The image file paths, in the order of the placeholders.
+
+    Returns a dict of tensors for ``model.generate`` (``input_ids``,
+    ``attention_mask``, ``pixel_values`` and whatever else the model takes),
+    or ``None`` when the run is not this plugin's. plait-vision answers when
+    ``processor_type`` is set, opening and resizing the images as in training.
+    """
+
+
 # --------------------------------------------------- pipeline: model
 
 @hookspec(firstresult=True)

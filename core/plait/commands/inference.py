@@ -5,7 +5,10 @@ generated; ``/reset`` clears the history, an empty line or Ctrl-D ends).
 When stdin is not a terminal, every line is one prompt and each answer is
 printed on its own line, so ``echo "hi" | plait inference cfg.yml`` works in
 scripts. Prompts go through the tokenizer's chat template when it has one
-(``--raw`` sends the text as is).
+(``--raw`` sends the text as is). ``--image PATH`` (repeatable) shows images
+with the first prompt of a conversation (every prompt read from stdin); a
+plugin turns them into model inputs (``encode_prompt``: plait-vision, for a
+run with ``processor_type``).
 """
 
 from __future__ import annotations
@@ -23,20 +26,60 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--system", help="a system message to start each conversation with")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image shown with the first prompt (repeat for several; vision-language runs)")
 
 
 def model_input(tokenizer, messages: list[dict], raw: bool) -> str:
     if raw or not tokenizer.chat_template:
-        return messages[-1]["content"]
+        return _text_of(messages[-1]["content"])
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def generate(model, tokenizer, text: str, args, streamer=None) -> str:
+def _text_of(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
+
+
+def user_message(prompt: str, images: list[str]) -> dict:
+    """A user turn; with images, content parts (one image part per image, then the text)."""
+    if not images:
+        return {"role": "user", "content": prompt}
+    return {"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": prompt}]}
+
+
+def check_images(args) -> None:
+    """``--image`` files must exist, and ``--raw`` cannot place them (no template)."""
+    import os
+
+    from plait.errors import ConfigError
+
+    for path in args.image:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--image {path}: no such file")
+    if args.image and args.raw:
+        raise ConfigError("--image cannot be combined with --raw: the chat template places the images")
+
+
+def encode(pm, cfg, tokenizer, text: str, images: list[str], raw: bool):
+    """Token ids (and pixels, for images) for ``text``."""
+    from plait.errors import ConfigError
+
+    if images:
+        enc = pm.hook.encode_prompt(cfg=cfg, tokenizer=tokenizer, text=text, images=images)
+        if enc is None:
+            raise ConfigError("--image: no plugin encodes images for this run; train a vision-language model with "
+                              "processor_type (plait-vision) to use images")
+        return enc
+    # the template already holds the BOS when it needs one
+    return tokenizer(text, return_tensors="pt", add_special_tokens=raw or not tokenizer.chat_template)
+
+
+def generate(model, tokenizer, enc, args, streamer=None) -> str:
     import torch
 
-    # the template already holds the BOS when it needs one
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=args.raw or not tokenizer.chat_template)
-    enc = enc.to(next(model.parameters()).device)
+    enc = {k: v.to(next(model.parameters()).device) if hasattr(v, "to") else v for k, v in enc.items()}
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, use_cache=True, streamer=streamer,
@@ -50,14 +93,16 @@ def run(args, pm) -> int:
 
     from plait.train.trained import load_trained
 
+    check_images(args)
     model, tokenizer, source = load_trained(cfg, pm, cfg.base_model if args.base else args.model)
     start = [{"role": "system", "content": args.system}] if args.system else []
     if not sys.stdin.isatty():
         for line in sys.stdin:
             prompt = line.rstrip("\n")
             if prompt.strip():
-                messages = start + [{"role": "user", "content": prompt}]
-                answer = generate(model, tokenizer, model_input(tokenizer, messages, args.raw), args)
+                messages = start + [user_message(prompt, args.image)]
+                text = model_input(tokenizer, messages, args.raw)
+                answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, text, args.image, args.raw), args)
                 print(answer.strip().replace("\n", "\\n"), flush=True)
         return 0
 
@@ -74,7 +119,11 @@ def run(args, pm) -> int:
         if prompt.strip() == "/reset":
             history = list(start)
             continue
-        history.append({"role": "user", "content": prompt})
-        answer = generate(model, tokenizer, model_input(tokenizer, history, args.raw), args, streamer=streamer)
+        # the images go with the conversation's first prompt (and stay in its history)
+        shown = args.image if not any(m["role"] == "user" for m in history) else []
+        history.append(user_message(prompt, shown))
+        text = model_input(tokenizer, history, args.raw)
+        answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, text, args.image, args.raw), args,
+                          streamer=streamer)
         history.append({"role": "assistant", "content": answer})
     return 0

@@ -97,3 +97,22 @@ def save_model(cfg, model, tokenizer, path):
     from plait_vision.processor import processor_for, save_processor
 
     save_processor(processor_for(cfg, tokenizer), outcome.get_result() or path)
+
+
+@hookimpl
+def encode_prompt(cfg, tokenizer, text, images):
+    """The processor's inputs for ``plait inference --image``: images opened
+    and resized as in training, placeholders expanded."""
+    if not cfg.processor_type:
+        return None
+    from plait.errors import ConfigError
+
+    from plait_vision.images import ImageError, open_image, reference
+    from plait_vision.processor import processor_for
+
+    try:
+        opened = [open_image(reference(path, None), cfg.image_size, cfg.image_resize_algorithm) for path in images]
+    except ImageError as exc:
+        raise ConfigError(f"--image: {exc}") from None
+    processor = processor_for(cfg, tokenizer)
+    return dict(processor(text=[text], images=[opened], add_special_tokens=False, return_tensors="pt"))

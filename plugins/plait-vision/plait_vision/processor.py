@@ -154,6 +154,9 @@ def save_processor(processor, path: str) -> None:
         processor.save_pretrained(path)
         return
     processor.image_processor.save_pretrained(path)
+    settings = {"processor_class": type(processor).__name__}
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+        json.dump(settings, f, indent=1)
     if processor.chat_template:
         with open(os.path.join(path, "chat_template.jinja"), "w") as f:
             f.write(processor.chat_template)

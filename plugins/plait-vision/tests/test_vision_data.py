@@ -149,3 +149,24 @@ def test_inspect_shows_where_image_tokens_sit_and_that_they_are_masked(qwen2_vl_
     start = int(line.split("at positions ")[1].split("-")[0])
     assert line.strip() == f"<|image_pad|> \u00d74 at positions {start}-{start + 3}: masked"
     assert f"images: {tmp_path / 'img' / '0_red.png'}" in result.stdout
+
+
+def test_hook_encode_prompt(qwen2_vl_dir, tmp_path):
+    from plait.errors import ConfigError as Refused
+
+    image = make_image(tmp_path / "a.png", size=(112, 112))
+    cfg, pm = build_run_config(vision_keys(qwen2_vl_dir, tmp_path / "d.jsonl", tmp_path))
+    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                        "text": "colour?"}]}],
+                                         tokenize=False, add_generation_prompt=True)
+    inputs = pm.hook.encode_prompt(cfg=cfg, tokenizer=tokenizer, text=text, images=[str(image)])
+    assert inputs["input_ids"][0].tolist().count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 16
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
+    with pytest.raises(Refused, match=r"--image: image file .*gone.png does not exist"):
+        pm.hook.encode_prompt(cfg=cfg, tokenizer=tokenizer, text=text, images=[str(tmp_path / "gone.png")])
+    # a text-only run: no plugin answers, and inference refuses --image
+    plain, pm = build_run_config({**vision_keys(qwen2_vl_dir, tmp_path / "d.jsonl", tmp_path),
+                                  "processor_type": None, "chat_template": "chatml"})
+    assert pm.hook.encode_prompt(cfg=plain, tokenizer=tokenizer, text=text, images=[str(image)]) is None

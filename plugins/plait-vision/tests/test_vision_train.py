@@ -69,3 +69,21 @@ def test_full_fine_tune_keeps_the_vision_tower_frozen(qwen2_vl_dir, tmp_path):
     language = [k for k in before if k.startswith("model.language_model.layers.")]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in language)
+
+
+@pytest.mark.slow
+def test_inference_takes_an_image(llava_dir, tmp_path, monkeypatch):
+    import io
+
+    from plait.testing import run_cli, write_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 2))
+    config = write_config(tmp_path / "c.yml", **vision_keys(llava_dir, data, tmp_path, max_steps=1))
+    assert run_cli(["train", str(config)]).exit_code == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\n"))
+    image = tmp_path / "img" / "0_red.png"
+    result = run_cli(["inference", str(config), "--image", str(image), "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1
+    missing = run_cli(["inference", str(config), "--image", str(tmp_path / "gone.png")])
+    assert missing.exit_code == 2 and "--image" in missing.stderr and "gone.png: no such file" in missing.stderr
