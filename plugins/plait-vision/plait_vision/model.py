@@ -68,7 +68,9 @@ def quantized_kwargs(cfg) -> dict:
                           "pip install plait-bnb") from None
     qconfig = quantization_config(cfg)
     if not cfg.bnb_config_kwargs.get("llm_int8_skip_modules"):
-        qconfig.llm_int8_skip_modules = [*VISION_TOWER_NAMES, *PROJECTOR_NAMES, "lm_head"]
+        # transformers matches these from the start of a module's name, as regexes
+        qconfig.llm_int8_skip_modules = [rf"(?:.*\.)?{name}" for name in (*VISION_TOWER_NAMES, *PROJECTOR_NAMES,
+                                                                            "lm_head")]
     return {"quantization_config": qconfig, "device_map": device_map()}
 
 

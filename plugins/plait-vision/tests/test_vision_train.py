@@ -87,3 +87,19 @@ def test_inference_takes_an_image(llava_dir, tmp_path, monkeypatch):
     assert len(result.stdout.strip().splitlines()) == 1
     missing = run_cli(["inference", str(config), "--image", str(tmp_path / "gone.png")])
     assert missing.exit_code == 2 and "--image" in missing.stderr and "gone.png: no such file" in missing.stderr
+
+
+@pytest.mark.slow
+def test_qlora_quantizes_the_language_model_only(llava_dir, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+
+    data = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 2))
+    run = train(vision_keys(llava_dir, data, tmp_path, adapter="qlora", load_in_4bit=True, max_steps=4,
+                            learning_rate=1e-2, lr_scheduler="constant"))
+    base = run.model.get_base_model().model
+    assert isinstance(base.language_model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    vision_linears = [m for m in base.vision_tower.modules() if isinstance(m, torch.nn.Linear)]
+    assert vision_linears and not any(isinstance(m, bnb.nn.Linear4bit) for m in vision_linears)
+    seen = losses(run.output_dir)
+    assert seen[-1] < seen[0] - 0.3, seen
