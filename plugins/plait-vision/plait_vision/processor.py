@@ -130,11 +130,12 @@ def image_token_ids(processor) -> set[int]:
     ids = set()
     for attr in ("image_token", "boi_token", "eoi_token", "image_break_token", "image_end_token",
                  "vision_start_token", "vision_end_token", "start_image_token", "end_image_token"):
-        token = getattr(processor, attr, None) or getattr(tokenizer, attr, None)
-        if isinstance(token, str):
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if token_id is not None and token_id != tokenizer.unk_token_id:
-                ids.add(token_id)
+        for owner in (processor, tokenizer):
+            token = getattr(owner, attr, None)
+            if isinstance(token, str) and token:
+                token_id = tokenizer.convert_tokens_to_ids(token)
+                if token_id is not None and token_id != tokenizer.unk_token_id:
+                    ids.add(token_id)
     for attr in ("image_token_id", "image_token_index"):
         value = getattr(processor, attr, None)
         if isinstance(value, int):

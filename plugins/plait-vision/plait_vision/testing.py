@@ -82,6 +82,58 @@ def make_tiny_llava(path, *, seed: int = 0) -> Path:
     return path
 
 
+#: a Gemma-3-style template: turns with <start_of_image> per image (the processor expands it)
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def make_tiny_gemma3(path, *, seed: int = 0) -> Path:
+    """A Gemma 3 (SigLIP tower, pooled projector, Gemma 3 decoder): images
+    resized to 28x28 pixels become <start_of_image>, 4 soft tokens, <end_of_image>."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Gemma3ImageProcessorPil
+
+    path = Path(path)
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = _tokenizer(path, [*image_tokens.values(), "<start_of_turn>", "<end_of_turn>"])
+    # Gemma's processor reads the image tokens as named tokenizer attributes (boi_token, ...):
+    # transformers sets those from tokenizer_config.json's extra_special_tokens mapping
+    tokenizer.save_pretrained(path / "_named")
+    settings = json.loads((path / "_named" / "tokenizer_config.json").read_text())
+    settings["extra_special_tokens"] = image_tokens
+    (path / "_named" / "tokenizer_config.json").write_text(json.dumps(settings))
+    tokenizer = AutoTokenizer.from_pretrained(path / "_named")
+    shutil.rmtree(path / "_named")
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in image_tokens.items()}
+    text = {**TEXT_SHAPE, "head_dim": 16, "sliding_window": 64}
+    config = AutoConfig.for_model(
+        "gemma3",
+        text_config=dict(model_type="gemma3_text", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"], tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    _save_processor(path, "Gemma3Processor", Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tokenizer,
+                    GEMMA3_TEMPLATE, {"image_seq_length": 4})
+    return path
+
+
 def _save_processor(path: Path, class_name: str, image_processor, tokenizer, template: str, settings: dict) -> None:
     """Save the processor's parts the way ``processor.save_pretrained`` lays
     them out (building the processor object itself may need torchvision, for
@@ -131,7 +183,7 @@ def color_rows(folder, n: int = 8, size=(56, 56)) -> list[dict]:
 
 def vision_keys(model_dir, data_path, tmp_path, **keys) -> dict:
     """A LoRA config (a dict of keys) for a tiny vision-language model and one chat dataset."""
-    template = "llava" if "llava" in str(model_dir) else "qwen2_vl"
+    template = "llava" if "llava" in str(model_dir) else "qwen2_vl" if "qwen" in str(model_dir) else "tokenizer_default"
     return {"base_model": str(model_dir), "processor_type": "AutoProcessor", "chat_template": template,
             "datasets": [{"path": str(data_path), "type": "chat_template"}], "sequence_len": 256,
             "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_linear": True,

@@ -103,3 +103,28 @@ def test_qlora_quantizes_the_language_model_only(llava_dir, tmp_path):
     assert vision_linears and not any(isinstance(m, bnb.nn.Linear4bit) for m in vision_linears)
     seen = losses(run.output_dir)
     assert seen[-1] < seen[0] - 0.3, seen
+
+
+@pytest.mark.slow
+def test_gemma3_masks_its_image_sequence_and_trains(tmp_path):
+    from plait.data.prepare import prepare_datasets
+
+    from plait_vision.testing import make_tiny_gemma3
+
+    model_dir = make_tiny_gemma3(tmp_path / "gemma3")
+    data = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 2))
+    keys = vision_keys(model_dir, data, tmp_path, max_steps=3, learning_rate=1e-2, lr_scheduler="constant")
+    cfg, pm = build_run_config(keys)
+    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)
+    row = prepare_datasets(cfg, pm, tokenizer, show_progress=False).train[0]
+    soft, boi, eoi = (tokenizer.convert_tokens_to_ids(t) for t in ("<image_soft_token>", "<start_of_image>",
+                                                                  "<end_of_image>"))
+    start = row["input_ids"].index(boi)
+    # the processor's image sequence: <start_of_image>, 4 soft tokens, <end_of_image>, all masked
+    assert row["input_ids"][start:start + 6] == [boi, soft, soft, soft, soft, eoi]
+    assert all(label == -100 for label in row["labels"][:start + 6])
+    assert tokenizer.decode([t for t in row["labels"] if t != -100]).startswith("it is ")
+    run = train(keys)
+    seen = losses(run.output_dir)
+    assert seen[-1] < seen[0], seen
