@@ -170,3 +170,48 @@ def test_hook_encode_prompt(qwen2_vl_dir, tmp_path):
     plain, pm = build_run_config({**vision_keys(qwen2_vl_dir, tmp_path / "d.jsonl", tmp_path),
                                   "processor_type": None, "chat_template": "chatml"})
     assert pm.hook.encode_prompt(cfg=plain, tokenizer=tokenizer, text=text, images=[str(image)]) is None
+
+
+def test_two_images_and_no_image_in_one_batch_with_train_on_inputs(qwen2_vl_dir, tmp_path):
+    from plait.data.batching import materialize
+
+    a, b = make_image(tmp_path / "a.png"), make_image(tmp_path / "b.png", size=(112, 56))
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "path": str(a)}, {"type": "text", "text": "and"},
+                                                   {"type": "image", "path": str(b)}]},
+                      {"role": "assistant", "content": "two"}]},
+        {"messages": [{"role": "user", "content": "no picture"}, {"role": "assistant", "content": "fine"}]},
+    ]
+    keys = vision_keys(qwen2_vl_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path, train_on_inputs=True,
+                       shuffle_merged_datasets=False)
+    data, tokenizer, cfg, pm = prepare(keys)
+    vision = {tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")}
+    first = data.train[0]
+    assert first["input_ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 4 + 8  # 56x56, 112x56
+    # train_on_inputs trains the prompt text too, but never an image token
+    assert all((label == -100) == (token in vision) for token, label in zip(first["input_ids"], first["labels"]))
+    batch = pm.hook.collate(cfg=cfg, rows=[materialize(data.train, [0]), materialize(data.train, [1])],
+                            tokenizer=tokenizer)
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8]]
+    assert batch["pixel_values"].shape[0] == 16 + 32
+    assert batch["attention_mask"][1].sum() == data.train[1]["length"]
+
+
+def test_lora_names_stay_in_the_language_model_and_a_regex_reaches_the_projector(llava_dir, tmp_path):
+    keys = vision_keys(llava_dir, tmp_path / "d.jsonl", tmp_path, lora_target_linear=False)
+
+    def adapted(**extra):
+        cfg, pm = build_run_config({**keys, **extra})
+        tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+        model = pm.hook.load_adapter(cfg=cfg, model=pm.hook.load_model(cfg=cfg, tokenizer=tokenizer))
+        return sorted({name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A" in name})
+
+    # CLIP's attention has a q_proj too: a list of names adapts the language model's only
+    by_name = adapted(lora_target_modules=["q_proj"])
+    assert by_name == [f"base_model.model.model.language_model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    by_regex = adapted(lora_target_modules=r"model.language_model.layers.0.self_attn.q_proj|"
+                                           r"model.multi_modal_projector.linear_1")
+    assert by_regex == ["base_model.model.model.language_model.layers.0.self_attn.q_proj",
+                        "base_model.model.model.multi_modal_projector.linear_1"]
+    with pytest.raises(ConfigError, match=r"\['fc1'\] name no module of the language model"):
+        adapted(lora_target_modules=["fc1"])
