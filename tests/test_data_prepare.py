@@ -244,3 +244,39 @@ def test_a_template_that_raises_is_a_bad_row(tmp_path, tok_dir):
     s = data.stats[0]
     assert (s.rows_in, s.kept, s.dropped_bad) == (5, 4, 1)
     assert "row 3" in s.bad_examples[0] and "tool messages are not supported" in s.bad_examples[0]
+
+
+def test_extras_of_a_format_reach_collate_and_text_entries_get_none(tmp_path, tok_dir):
+    from plait import hookimpl
+    from plait.data.batching import materialize
+
+    class WithExtras:
+        @hookimpl
+        def dataset_types():
+            return ["tagged"]
+
+        @hookimpl
+        def tokenize(cfg, dataset_cfg, tokenizer, batch):
+            if dataset_cfg.type != "tagged":
+                return None
+            n = len(batch["instruction"])
+            if "sort the words 1" in batch["instruction"]:
+                from plait.errors import BadRowError
+
+                # the batch is then tokenized row by row: the other rows keep their extras
+                raise BadRowError(batch["instruction"].index("sort the words 1"), "skipped on purpose")
+            return {"input_ids": [[5, 6, 7]] * n, "labels": [[-100, 6, 7]] * n,
+                    "extras": [{"source": text} for text in batch["instruction"]]}
+
+    tagged = write_jsonl(tmp_path / "t.jsonl", alpaca_rows(3))
+    plain = write_jsonl(tmp_path / "p.jsonl", alpaca_rows(2))
+    data, _ = prepare(tmp_path, tok_dir, [{"path": str(tagged), "type": "tagged"}, {"path": str(plain),
+                                                                                   "type": "alpaca"}],
+                      plugins=[WithExtras], shuffle_merged_datasets=False, skip_bad_rows=True)
+    assert data.train["extras"] == [json.dumps({"source": "sort the words 0"}),
+                                    json.dumps({"source": "sort the words 2"}), "", ""]
+    assert materialize(data.train, [1])["extras"] == [{"source": "sort the words 2"}]
+    assert "extras" not in materialize(data.train, [2])
+    assert materialize(data.train, [1, 2])["extras"] == [{"source": "sort the words 2"}, {}]
+    only_text, _ = prepare(tmp_path / "text", tok_dir, [{"path": str(plain), "type": "alpaca"}])
+    assert "extras" not in only_text.train.column_names
