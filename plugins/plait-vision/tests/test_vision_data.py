@@ -66,10 +66,12 @@ def test_llava_row_masks_image_tokens_and_prompt(llava_dir, tmp_path):
 def test_image_size_decides_the_number_of_image_tokens(qwen2_vl_dir, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 1))
     pad_counts = []
-    for size in (None, [112, 112]):
-        data, tokenizer, _, _ = prepare(vision_keys(qwen2_vl_dir, path, tmp_path / str(size), image_size=size))
+    for size, algorithm in ((None, None), ([112, 56], "bicubic"), (112, "lanczos")):
+        keys = vision_keys(qwen2_vl_dir, path, tmp_path / str(size), image_size=size, image_resize_algorithm=algorithm)
+        data, tokenizer, _, _ = prepare(keys)
         pad_counts.append(data.train[0]["input_ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>")))
-    assert pad_counts == [4, 16]  # 112x112: 8 x 8 patches / 4
+    # 56x56: 4 x 4 patches / 2^2; [112, 56] (width, height): 4 x 8 / 4; 112: padded to a 112 square, 8 x 8 / 4
+    assert pad_counts == [4, 8, 16]
 
 
 def test_base64_image_and_images_column_match_a_path(qwen2_vl_dir, tmp_path):
