@@ -249,24 +249,22 @@ def test_a_template_that_raises_is_a_bad_row(tmp_path, tok_dir):
 def test_extras_of_a_format_reach_collate_and_text_entries_get_none(tmp_path, tok_dir):
     from plait import hookimpl
     from plait.data.batching import materialize
+    from plait.registries import DatasetFormat
+
+    def tokenize_tagged(cfg, dataset_cfg, tokenizer, batch):
+        n = len(batch["instruction"])
+        if "sort the words 1" in batch["instruction"]:
+            from plait.errors import BadRowError
+
+            # the batch is then tokenized row by row: the other rows keep their extras
+            raise BadRowError(batch["instruction"].index("sort the words 1"), "skipped on purpose")
+        return {"input_ids": [[5, 6, 7]] * n, "labels": [[-100, 6, 7]] * n,
+                "extras": [{"source": text} for text in batch["instruction"]]}
 
     class WithExtras:
         @hookimpl
-        def dataset_types():
-            return ["tagged"]
-
-        @hookimpl
-        def tokenize(cfg, dataset_cfg, tokenizer, batch):
-            if dataset_cfg.type != "tagged":
-                return None
-            n = len(batch["instruction"])
-            if "sort the words 1" in batch["instruction"]:
-                from plait.errors import BadRowError
-
-                # the batch is then tokenized row by row: the other rows keep their extras
-                raise BadRowError(batch["instruction"].index("sort the words 1"), "skipped on purpose")
-            return {"input_ids": [[5, 6, 7]] * n, "labels": [[-100, 6, 7]] * n,
-                    "extras": [{"source": text} for text in batch["instruction"]]}
+        def dataset_formats():
+            return [DatasetFormat("tagged", tokenize_tagged)]
 
     tagged = write_jsonl(tmp_path / "t.jsonl", alpaca_rows(3))
     plain = write_jsonl(tmp_path / "p.jsonl", alpaca_rows(2))
