@@ -217,3 +217,27 @@ def test_lora_names_stay_in_the_language_model_and_a_regex_reaches_the_projector
                         "base_model.model.model.multi_modal_projector.linear_1"]
     with pytest.raises(ConfigError, match=r"\['fc1'\] name no module of the language model"):
         adapted(lora_target_modules=["fc1"])
+
+
+@pytest.mark.parametrize("model_fixture", ["qwen2_vl_dir", "llava_dir"])
+def test_loop_forward_gives_the_models_own_logits_with_images(model_fixture, tmp_path, request):
+    """The loop's forward (final hidden states of the language model, then the
+    head) must see the images: it matches the model's own full logits, which
+    differ when the pixels change."""
+    import torch
+    from plait.data.batching import materialize
+    from plait.train.forward import forward_hidden
+
+    model_dir = request.getfixturevalue(model_fixture)
+    rows = color_rows(tmp_path / "img", 2)
+    data, tokenizer, cfg, pm = prepare(vision_keys(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path))
+    batch = pm.hook.collate(cfg=cfg, rows=[materialize(data.train, [0]), materialize(data.train, [1])],
+                            tokenizer=tokenizer)
+    model = pm.hook.load_model(cfg=cfg, tokenizer=tokenizer).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        hidden, head, _ = forward_hidden(model, inputs)
+        reference = model(**inputs, use_cache=False).logits
+        darker = model(**{**inputs, "pixel_values": inputs["pixel_values"] * 0.5}, use_cache=False).logits
+    torch.testing.assert_close(head(hidden), reference, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(darker, reference, atol=1e-4)
