@@ -51,7 +51,23 @@ def merge(cfg, pm, adapter_dir, out_dir):
     merged = model.merge_and_unload().to(base_dtype(cfg))
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    copy_processor_files(adapter_dir, out_dir)
     return merged
+
+
+#: files a vision-language run saves beside its adapter (its processor's settings)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def copy_processor_files(adapter_dir, out_dir) -> None:
+    """Carry the processor's settings over, so the merged model loads with
+    ``AutoProcessor`` like the adapter run did."""
+    import shutil
+    from pathlib import Path
+
+    for name in PROCESSOR_FILES:
+        if (Path(adapter_dir) / name).is_file():
+            shutil.copy2(Path(adapter_dir) / name, Path(out_dir) / name)
 
 
 def run(args, pm) -> int:

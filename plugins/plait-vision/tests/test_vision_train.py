@@ -72,21 +72,37 @@ def test_full_fine_tune_keeps_the_vision_tower_frozen(qwen2_vl_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_inference_takes_an_image(llava_dir, tmp_path, monkeypatch):
+def test_inference_takes_an_image_and_the_merged_model_keeps_its_processor(llava_dir, tmp_path, monkeypatch):
     import io
 
+    import torch
+    from peft import PeftModel
+    from PIL import Image
     from plait.testing import run_cli, write_config
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     data = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 2))
-    config = write_config(tmp_path / "c.yml", **vision_keys(llava_dir, data, tmp_path, max_steps=1))
+    config = write_config(tmp_path / "c.yml", **vision_keys(llava_dir, data, tmp_path, max_steps=2,
+                                                             learning_rate=1e-2))
     assert run_cli(["train", str(config)]).exit_code == 0
-    monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\n"))
     image = tmp_path / "img" / "0_red.png"
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("what colour is it?\n"))
     result = run_cli(["inference", str(config), "--image", str(image), "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.stderr
     assert len(result.stdout.strip().splitlines()) == 1
     missing = run_cli(["inference", str(config), "--image", str(tmp_path / "gone.png")])
     assert missing.exit_code == 2 and "--image" in missing.stderr and "gone.png: no such file" in missing.stderr
+
+    # merge-lora carries the processor over: the merged model answers like base + adapter
+    assert run_cli(["merge-lora", str(config), "--out", str(tmp_path / "merged")]).exit_code == 0
+    processor = AutoProcessor.from_pretrained(tmp_path / "merged")
+    inputs = processor(text=["USER: <image>\nwhat colour is it? ASSISTANT:"], images=[Image.open(image)],
+                       return_tensors="pt")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, adapter(**inputs).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
