@@ -1,9 +1,11 @@
 """Axolotl's own multimodal example configs, run on tiny models with tiny overrides.
 
-Skipped when ``/work/shared/axolotl-examples/configs`` is absent. Keys the
-installed core does not know yet and that only concern logging or the
-attention kernel (``wandb_*``, ``attn_implementation``), and blank keys (unset
-in Axolotl), are left out; any other unknown key fails the test.
+Skipped when ``/work/shared/axolotl-examples/configs`` is absent. Besides
+``base_model``, the data and ``max_steps``, flash attention becomes SDPA (no
+flash-attn on a CPU). Keys the installed core does not know yet and that only
+concern logging or the attention kernel (``wandb_*``, ``attn_implementation``),
+and blank keys (unset in Axolotl), are left out; any other unknown key fails
+the test.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def runnable_copy(name: str, folder: Path) -> Path:
     known = config_class(plugin_manager()).model_fields
     for key in [k for k, v in keys.items() if v is None]:
         del keys[key]  # blank in Axolotl means unset
+    if str(keys.get("attn_implementation", "")).startswith("flash_attention"):
+        keys["attn_implementation"] = "sdpa"  # a tiny override: flash-attn needs CUDA and its package
     unknown = [k for k in keys if k not in known]
     assert set(unknown) <= NO_EFFECT_HERE, f"{name}: keys Plait does not accept: {unknown}"
     for key in unknown:
