@@ -68,8 +68,9 @@ def check_config(cfg) -> None:
             isinstance(cfg.image_size, tuple) and min(cfg.image_size) < 1:
         raise ConfigError(f"config key 'image_size': {cfg.image_size!r} is not accepted; give a positive int or "
                           "[width, height]")
-    for index, entry in enumerate(cfg.datasets):
-        if entry.type and entry.type.partition(".")[0] != "chat_template":
-            raise ConfigError(f"config key 'datasets.{index}.type': {entry.type!r} is not supported with "
-                              "processor_type; vision-language data uses type: chat_template (messages whose "
-                              "content lists text and image parts)")
+    for list_key in ("datasets", "test_datasets"):
+        for index, entry in enumerate(getattr(cfg, list_key)):
+            if entry.type and entry.type.partition(".")[0] != "chat_template":
+                raise ConfigError(f"config key '{list_key}.{index}.type': {entry.type!r} is not supported with "
+                                  "processor_type; vision-language data uses type: chat_template (messages whose "
+                                  "content lists text and image parts)")
