@@ -43,16 +43,14 @@ def reference(value, base_dir: str | None) -> dict:
         return {"base64": value.partition(",")[2]}
     if value.startswith(("http://", "https://")):
         raise ImageError(f"image {value!r} is a URL; Plait does not download images: save it and give its path")
-    if len(value) > 512 and "/" not in value[:64] and not os.path.exists(value):
-        return {"base64": value}  # long text that is no path: base64 bytes
-    if os.path.isabs(value):
-        return {"path": value}
-    candidates = [os.path.join(base_dir, value)] if base_dir else []
+    candidates = [value] if os.path.isabs(value) else [os.path.join(base_dir, value)] if base_dir else []
     candidates.append(os.path.abspath(value))
     for path in candidates:
-        if os.path.exists(path):
+        if os.path.isfile(path):
             return {"path": os.path.abspath(path)}
-    return {"path": os.path.abspath(candidates[0])}
+    if len(value) > 256 and "\n" not in value[:256]:
+        return {"base64": value}  # long text that names no file: the bytes, base64-encoded (JPEG's start with /9j/)
+    return {"path": os.path.abspath(candidates[0])}  # missing: reported with this path when opened
 
 
 def part_reference(part: dict, base_dir: str | None) -> dict | None:

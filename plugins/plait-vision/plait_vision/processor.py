@@ -140,9 +140,10 @@ def image_token_ids(processor) -> set[int]:
         value = getattr(processor, attr, None)
         if isinstance(value, int):
             ids.add(value)
+    # Qwen-VL's image markers, which its processor does not name as attributes
     for token in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if token_id is not None:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
     return ids
 

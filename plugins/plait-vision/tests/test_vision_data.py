@@ -241,3 +241,17 @@ def test_loop_forward_gives_the_models_own_logits_with_images(model_fixture, tmp
         darker = model(**{**inputs, "pixel_values": inputs["pixel_values"] * 0.5}, use_cache=False).logits
     torch.testing.assert_close(head(hidden), reference, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(darker, reference, atol=1e-4)
+
+
+def test_image_references_paths_base64_and_urls(tmp_path):
+    from plait_vision.images import ImageError, open_image, reference
+
+    image = make_image(tmp_path / "sub" / "a.jpg")
+    jpeg = base64.b64encode(image.read_bytes()).decode()
+    assert jpeg.startswith("/9j/")  # base64 JPEG looks like a path at first
+    assert reference(jpeg, None) == {"base64": jpeg}
+    assert reference("a.jpg", str(tmp_path / "sub")) == {"path": str(image)}
+    assert reference(f"data:image/jpeg;base64,{jpeg}", None) == {"base64": jpeg}
+    assert open_image({"base64": jpeg}).size == open_image({"path": str(image)}).size == (56, 56)
+    with pytest.raises(ImageError, match="is a URL; Plait does not download images"):
+        reference("https://example.com/a.png", None)
