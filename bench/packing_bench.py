@@ -244,7 +244,7 @@ def main(argv=None):
     packed_backends += ["flash_attention_2"] if have_flash else []
     have_varlen = have_torch_varlen(device)
     if have_varlen:
-        from plait.attention.varlen import register_varlen_attention
+        from plait.model.varlen import register_varlen_attention
 
         register_varlen_attention()  # "plait_varlen" must exist before a model or set_attn_implementation names it
         packed_backends.append("plait_varlen")

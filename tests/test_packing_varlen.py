@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plait.attention.varlen import plait_varlen_attention, reference_varlen, register_varlen_attention
+from plait.model.varlen import plait_varlen_attention, reference_varlen, register_varlen_attention
 from plait.builtin.collate import collate_packed
 from plait.data.packing import plan_packed_batches
 from plait.errors import ConfigError

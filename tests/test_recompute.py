@@ -13,7 +13,7 @@ import torch
 
 from plait.errors import ConfigError
 from plait.testing import build_run_config, make_tiny_model
-from plait.train.recompute import ActivationOffloader, enable_gradient_checkpointing
+from plait.model.recompute import ActivationOffloader, enable_gradient_checkpointing
 
 LAYERS = 3
 
@@ -138,7 +138,7 @@ class _SquareKeepingItsOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        from plait.train.recompute import keep_for_recompute, keeps_for_recompute, take_kept
+        from plait.model.recompute import keep_for_recompute, keeps_for_recompute, take_kept
 
         ctx.save_for_backward(x)
         kept = take_kept()
@@ -161,7 +161,7 @@ def _keeping_layer_grad(mode, device):
     how many times the square was computed."""
     from torch.utils.checkpoint import checkpoint
 
-    from plait.train.recompute import ActivationOffloader, mark_recompute
+    from plait.model.recompute import ActivationOffloader, mark_recompute
 
     offloader = ActivationOffloader() if mode == "offload" else None
     func = functools.partial(checkpoint, use_reentrant=False)
@@ -197,6 +197,6 @@ def _chain_grad(x):
 
 
 def test_nothing_is_kept_outside_a_checkpointed_layer():
-    from plait.train.recompute import keeps_for_recompute, take_kept
+    from plait.model.recompute import keeps_for_recompute, take_kept
 
     assert not keeps_for_recompute() and take_kept() is None

@@ -122,7 +122,7 @@ def check_varlen_support(cfg) -> None:
     """``varlen_attention: true`` needs a CUDA GPU, torch's varlen module and
     ``sample_packing`` (the kernel's whole point is packed rows; plain rows
     would still be isolated, see :func:`collate`, but only pay for padding)."""
-    from plait.attention.varlen import varlen_available
+    from plait.model.varlen import varlen_available
     from plait.errors import ConfigError
 
     if not cfg.sample_packing:

@@ -43,7 +43,7 @@ def head_options(model) -> dict:
     """What the model's head does beyond ``hidden @ W.T``: a bias, logit softcapping."""
     if model is None:
         return {}
-    from plait.train.forward import decoder_and_head, unwrap
+    from plait.model.forward import decoder_and_head, unwrap
 
     options = {}
     softcap = getattr(getattr(unwrap(model), "config", None), "final_logit_softcapping", None)

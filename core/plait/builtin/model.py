@@ -275,7 +275,7 @@ def pretrained_kwargs(cfg) -> dict:
     if cfg.varlen_attention:
         # "plait_varlen" must be registered before from_pretrained checks the name;
         # here, so every loader that uses these kwargs (core's, plait-bnb's) gets it
-        from plait.attention.varlen import register_varlen_attention
+        from plait.model.varlen import register_varlen_attention
 
         register_varlen_attention()
     return dict(dtype=compute_dtype(cfg), attn_implementation=cfg.attn_implementation,
@@ -311,7 +311,7 @@ def load_model(cfg, tokenizer):
         raise  # a setting's problem (attn_implementation, say): transformers' own message is the clearer one
     fit_to_tokenizer(cfg, model, tokenizer)
     if cfg.gradient_checkpointing:
-        from plait.train.recompute import enable_gradient_checkpointing
+        from plait.model.recompute import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     return model

@@ -19,7 +19,7 @@ def save_model(cfg, model, tokenizer, path):
     tensor parallel) are gathered to full CPU tensors collectively, and rank 0
     writes them.
     """
-    from plait.train.forward import unwrap_data_parallel
+    from plait.model.forward import unwrap_data_parallel
 
     model = unwrap_data_parallel(model)
     state_dict = None

@@ -206,7 +206,7 @@ def packed_attention_inputs(seq_lens: list[list[int]], width: int, attn_implemen
       ``dtype`` (0 or the dtype's minimum), since eager adds the mask to the
       scores;
     - ``flash_attention_2`` and ``plait_varlen`` (torch's ``varlen_attn``,
-      :mod:`plait.attention.varlen`): ``cu_seq_lens_q/k`` (int32 offsets over
+      :mod:`plait.model.varlen`): ``cu_seq_lens_q/k`` (int32 offsets over
       the flattened batch) and ``max_length_q/k`` (ints) for the varlen kernel;
     - ``flex_attention``: ``attention_mask`` as a ``BlockMask`` on ``device``.
 
@@ -337,7 +337,7 @@ def takes_position_ids(model) -> bool:
     (one that only swallows ``**kwargs`` would drop the per-row restart)."""
     import inspect
 
-    from plait.train.forward import unwrap
+    from plait.model.forward import unwrap
 
     try:
         return "position_ids" in inspect.signature(unwrap(model).forward).parameters

@@ -517,7 +517,7 @@ def loss_of(run: Run, batch, *, training: bool = False):
     reports the cross-entropy alone (``eval_ppl`` stays a perplexity).
     """
     from plait.builtin.collate import to_device
-    from plait.train.forward import forward_hidden
+    from plait.model.forward import forward_hidden
 
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
     # to_device moves anything with .to: tensors and a flex BlockMask; ints stay

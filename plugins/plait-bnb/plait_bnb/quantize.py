@@ -82,7 +82,7 @@ def prepare_for_kbit_training(model, gradient_checkpointing=False, checkpointing
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        from plait.train.recompute import enable_gradient_checkpointing
+        from plait.model.recompute import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model, gradient_checkpointing, checkpointing_kwargs)
         # checkpointed blocks need an input that requires grad when the embeddings are frozen

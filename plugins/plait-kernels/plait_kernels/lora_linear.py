@@ -18,7 +18,7 @@ matmul each::
 
 The output projection is the same computation with one projection. Under
 offloaded checkpointing the outputs are parked in host memory in the forward
-and handed back in the recompute pass (``plait.train.recompute.take_kept``),
+and handed back in the recompute pass (``plait.model.recompute.take_kept``),
 which then skips every base matmul here: an output costs ``tokens x out``
 values to move and ``2 x tokens x in x out`` FLOPs to rebuild. A base
 may be a bitsandbytes 4-bit ``Linear4bit``: it is dequantized to the compute
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from plait.train.recompute import keep_for_recompute, keeps_for_recompute, take_kept
+from plait.model.recompute import keep_for_recompute, keeps_for_recompute, take_kept
 
 
 def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:

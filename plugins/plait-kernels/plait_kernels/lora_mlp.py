@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from plait.train.recompute import is_recomputing
+from plait.model.recompute import is_recomputing
 from plait_kernels.lora_linear import dense_weight, is_lora, lora_parts
 from plait_kernels.modules import PlaitGLUMLP
 

@@ -76,7 +76,7 @@ def test_qlora_attention_matches_lora_over_the_dequantized_base(tiny_dir, device
 def _checkpointed_base_matmuls(model, mode, device, monkeypatch):
     """Loss, LoRA gradients and the number of base-weight matmul operands the
     fused projections built, in one step under ``gradient_checkpointing: mode``."""
-    from plait.train.recompute import enable_gradient_checkpointing
+    from plait.model.recompute import enable_gradient_checkpointing
     from plait_kernels import lora_linear
 
     enable_gradient_checkpointing(model, mode)

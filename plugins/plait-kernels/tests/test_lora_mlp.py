@@ -109,7 +109,7 @@ def test_qlora_mlp_matches_lora_over_the_dequantized_base_bf16_gpu(tiny_dir):
 def _checkpointed_skip_flags(model, device, feeds_residual=None):
     """Train ``model`` (patched) one backward under non-reentrant checkpointing;
     return its loss and gradients and the ``skip_output`` flag of every fused MLP call."""
-    from plait.train.recompute import enable_gradient_checkpointing
+    from plait.model.recompute import enable_gradient_checkpointing
 
     if feeds_residual is not None:
         for layer in model.get_base_model().model.layers:

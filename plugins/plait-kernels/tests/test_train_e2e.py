@@ -107,7 +107,7 @@ def test_offloaded_lora_training_recomputes_from_the_kept_outputs(tmp_path, monk
     loop: with ``triton`` every layer's recompute takes the q/k/v and o outputs
     its forward kept (two groups a layer a micro-batch), and the losses equal
     the ``torch`` run's (peft's modules, plain recompute) and fall."""
-    from plait.train import recompute
+    from plait.model import recompute
     from plait_kernels import lora_linear
 
     model_dir = make_tiny_model(tmp_path / "model")

@@ -195,14 +195,14 @@ def test_plait_train_packed_moe_adds_the_router_loss(tmp_path):
 
 
 def test_loop_forward_hands_the_packed_mask_to_the_decoder():
-    """The loop's forward (plait.train.forward.forward_hidden) on an MoE model
+    """The loop's forward (plait.model.forward.forward_hidden) on an MoE model
     returning router logits: the decoder still gets the 4-D packed mask (not
     None, which would leave isolation to transformers' position_ids heuristics),
     and each packed row's hidden states equal the row run alone."""
     import torch
 
     from plait.builtin.collate import collate_packed
-    from plait.train.forward import forward_hidden
+    from plait.model.forward import forward_hidden
 
     model = build_model("mixtral")
     model.config.output_router_logits = True

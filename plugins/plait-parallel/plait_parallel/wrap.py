@@ -35,7 +35,7 @@ def wrap_model(cfg, model, mesh=None):
     layers = decoder_layers(model, decoder_layer_class(cfg, model, options.layer_cls))
 
     if options.activation_checkpointing:
-        from plait.train.recompute import enable_gradient_checkpointing
+        from plait.model.recompute import enable_gradient_checkpointing
 
         # before sharding: the checkpoint wrapper must see the original forward; a top-level
         # gradient_checkpointing: offload keeps its offloading rather than being reset to plain

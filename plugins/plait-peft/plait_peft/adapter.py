@@ -137,7 +137,7 @@ def attach_lora(cfg, model):
         # norms to float32 and input grads on, so gradients reach the adapters through the frozen 4-bit base
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         if cfg.gradient_checkpointing:
-            from plait.train.recompute import enable_gradient_checkpointing
+            from plait.model.recompute import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     autocast_adapter = not keep_adapter_in_compute_dtype(cfg)

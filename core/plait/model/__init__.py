@@ -1,0 +1,13 @@
+"""Model helpers plugins may use: part of the published plugin API.
+
+- :mod:`plait.model.forward` -- one training forward pass: the backbone's
+  hidden states and the LM head, through DDP/peft wrappers.
+- :mod:`plait.model.recompute` -- gradient checkpointing, activation offload
+  and the "is this the recompute pass" signal kernels need.
+- :mod:`plait.model.varlen` -- the ``plait_varlen`` attention function
+  registered with transformers' ``AttentionInterface``.
+
+Modules here import torch/transformers only inside functions or on their own
+import (never from this ``__init__``), so ``import plait.model`` stays cheap
+(``plait --help`` must not import torch).
+"""
