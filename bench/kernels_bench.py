@@ -75,7 +75,7 @@ def cases():
     """(kernel, shape text, inputs, {implementation: fn})"""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-    from plait.builtin.loss import chunked_linear_cross_entropy
+    from plait.model.head import chunked_linear_cross_entropy
     from plait_kernels.ops.cross_entropy import fused_linear_cross_entropy
     from plait_kernels.ops.glu import geglu, swiglu
     from plait_kernels.ops.rms_norm import rms_norm
@@ -172,7 +172,7 @@ def model_case():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from plait.builtin.loss import chunked_linear_cross_entropy
+    from plait.model.head import chunked_linear_cross_entropy
     from plait_kernels.backends import get_backend
     from plait_kernels.patch import patch
 

@@ -446,7 +446,7 @@ def test_hook_extra_loss(tiny_model_dir, tmp_path):
 def test_hook_chat_templates(tmp_path):
     # a plugin's names are accepted like core's; tokenizer_default_fallback_<name> keeps the tokenizer's
     # own template and uses the named one only when it has none; a name two plugins give is an error
-    from plait.builtin.model import NAMED_CHAT_TEMPLATES
+    from plait.chat_templates import NAMED_CHAT_TEMPLATES
     from plait.errors import ConfigError, PluginError
     from plait.testing import CHATML_TEMPLATE, make_tiny_tokenizer
 

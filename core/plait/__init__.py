@@ -1,7 +1,9 @@
 """Plait: fine-tune large language models from one YAML file.
 
-The public API for plugin authors is :mod:`plait.hookspecs` (``hookimpl``),
-:mod:`plait.errors` and :mod:`plait.testing`.
+The modules plugin authors may import are listed in CONTRIBUTING.md ("The
+plugin API"): :mod:`plait.hookspecs` (``hookimpl``), :mod:`plait.errors`,
+:mod:`plait.config`, :mod:`plait.registries`, :mod:`plait.families`,
+:mod:`plait.chat_templates`, :mod:`plait.model` and :mod:`plait.testing`.
 """
 
 from plait.hookspecs import hookimpl

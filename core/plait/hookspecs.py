@@ -119,7 +119,7 @@ def chat_templates():
 
     Called once each time a ``chat_template`` value that names a template is
     resolved to jinja (core's :func:`load_tokenizer` does it for the run's
-    key; :func:`plait.builtin.model.lookup_chat_template` does it for any
+    key; :func:`plait.chat_templates.lookup_chat_template` does it for any
     caller). Every plugin is called and the results are combined; takes no
     arguments.
 

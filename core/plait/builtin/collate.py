@@ -83,7 +83,7 @@ def collate(cfg, rows, tokenizer):
     # packed layout too (one segment each, the padding tail its own segment)
     if not is_packed(rows) and cfg.attn_implementation != "plait_varlen":
         return pad_rows(rows, pad_id, pad_to)
-    from plait.builtin.model import compute_dtype
+    from plait.model.loading import compute_dtype
 
     return collate_packed(rows, pad_id, cfg.attn_implementation, pad_to=pad_to, dtype=compute_dtype(cfg),
                           device=attention_device())

@@ -1,61 +1,11 @@
-"""Core's loss step: the LM head and cross-entropy over trained tokens.
-
-The training loop hands over the backbone's hidden states; computing the head
-in chunks keeps the ``[tokens, vocab]`` logits from existing all at once, and
-lets a fused kernel plugin replace this step without touching model code.
-"""
+"""Core's loss step: the LM head and cross-entropy over trained tokens
+(:mod:`plait.model.head`), which a fused kernel plugin replaces without
+touching model code."""
 
 from __future__ import annotations
 
 from plait.hookspecs import hookimpl
-
-
-def chunked_linear_cross_entropy(hidden, head_weight, labels, chunk_size: int = 4096, head_bias=None,
-                                 softcap: float | None = None):
-    """Summed cross-entropy of ``hidden @ head_weight.T`` against ``labels``.
-
-    ``hidden`` is ``[tokens, hidden]``, ``labels`` ``[tokens]`` with ``-100``
-    for untrained positions (already shifted). Only trained rows go through the
-    head, chunk by chunk. ``softcap`` applies ``softcap * tanh(logits /
-    softcap)`` first (Gemma 2's ``final_logit_softcapping``). Returns
-    ``(loss_sum, n_trained_tokens)``.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    trained = labels != -100
-    hidden = hidden[trained]
-    labels = labels[trained]
-    n_tokens = labels.numel()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n_tokens, chunk_size):
-        logits = F.linear(hidden[start:start + chunk_size], head_weight, head_bias).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        total = total + F.cross_entropy(logits, labels[start:start + chunk_size], reduction="sum")
-    if n_tokens == 0:
-        # keep the graph connected so backward works on a batch with nothing to train
-        total = total + hidden.sum() * 0.0 + head_weight.sum() * 0.0
-    return total, n_tokens
-
-
-def head_options(model) -> dict:
-    """What the model's head does beyond ``hidden @ W.T``: a bias, logit softcapping."""
-    if model is None:
-        return {}
-    from plait.model.forward import decoder_and_head, unwrap
-
-    options = {}
-    softcap = getattr(getattr(unwrap(model), "config", None), "final_logit_softcapping", None)
-    if softcap:
-        options["softcap"] = float(softcap)
-    try:
-        head = decoder_and_head(model)[1]
-    except (TypeError, AttributeError):
-        return options
-    if getattr(head, "bias", None) is not None:
-        options["head_bias"] = head.bias
-    return options
+from plait.model.head import chunked_linear_cross_entropy, head_options
 
 
 @hookimpl(trylast=True)

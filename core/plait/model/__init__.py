@@ -1,7 +1,11 @@
 """Model helpers plugins may use: part of the published plugin API.
 
+- :mod:`plait.model.loading` -- what every loader shares: the compute dtype,
+  ``from_pretrained`` arguments, fitting embeddings to the tokenizer.
 - :mod:`plait.model.forward` -- one training forward pass: the backbone's
   hidden states and the LM head, through DDP/peft wrappers.
+- :mod:`plait.model.head` -- the chunked LM-head cross-entropy and what a
+  model's head does beyond ``hidden @ W.T``.
 - :mod:`plait.model.recompute` -- gradient checkpointing, activation offload
   and the "is this the recompute pass" signal kernels need.
 - :mod:`plait.model.varlen` -- the ``plait_varlen`` attention function

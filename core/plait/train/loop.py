@@ -561,7 +561,7 @@ def autocast(run: Run):
     the CPU trains in the weights' own dtype."""
     import torch
 
-    from plait.builtin.model import compute_dtype
+    from plait.model.loading import compute_dtype
 
     dtype = compute_dtype(run.cfg)
     if run.device.type == "cpu" or dtype == torch.float32:

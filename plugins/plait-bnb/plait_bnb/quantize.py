@@ -36,7 +36,7 @@ PREPARED_FLAG = "_plait_kbit_prepared"
 
 def compute_dtype_name(cfg) -> str:
     """``bnb_4bit_compute_dtype``, defaulting to the run's compute dtype."""
-    from plait.builtin.model import compute_dtype
+    from plait.model.loading import compute_dtype
 
     if cfg.bnb_4bit_compute_dtype:
         return cfg.bnb_4bit_compute_dtype
@@ -96,7 +96,7 @@ def load_quantized_model(cfg, tokenizer):
     resized embeddings and the k-bit preparation above."""
     from transformers import AutoModelForCausalLM
 
-    from plait.builtin.model import fit_to_tokenizer, pretrained_kwargs
+    from plait.model.loading import fit_to_tokenizer, pretrained_kwargs
 
     model = AutoModelForCausalLM.from_pretrained(
         cfg.base_model,

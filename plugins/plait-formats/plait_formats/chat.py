@@ -61,7 +61,7 @@ def resolve_template(cfg, dataset_cfg, tokenizer) -> str:
     """The dataset's own template when it names one (any name a plugin's
     ``chat_templates`` gives, a fallback name, or jinja), else the tokenizer's
     (``load_tokenizer`` already applied the run's ``chat_template``)."""
-    from plait.builtin.model import lookup_chat_template
+    from plait.chat_templates import lookup_chat_template
 
     if dataset_cfg.chat_template_jinja:
         return dataset_cfg.chat_template_jinja

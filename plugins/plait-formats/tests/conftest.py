@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plait.builtin.model import NAMED_CHAT_TEMPLATES
+from plait.chat_templates import NAMED_CHAT_TEMPLATES
 from plait.testing import build_run_config, make_tiny_tokenizer
 
 LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]

@@ -51,7 +51,7 @@ def test_chatml_multi_turn_mask(tokenizer, run_format, reference):
 @pytest.mark.parametrize("template", ["tokenizer_default", "chatml", "llama3"])
 def test_rendering_matches_apply_chat_template(llama3_tokenizer, template):
     # the format renders with the compiled template directly (fast); it must equal transformers' own rendering
-    from plait.builtin.model import NAMED_CHAT_TEMPLATES
+    from plait.chat_templates import NAMED_CHAT_TEMPLATES
     from plait.testing import build_run_config
     from plait_formats.chat import ChatFormat
 

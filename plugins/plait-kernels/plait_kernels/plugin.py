@@ -54,7 +54,7 @@ def build_loss(cfg, model):
 def head_options(model) -> dict:
     """The head's bias and logit softcap, as core's loss step binds them."""
     try:
-        from plait.builtin.loss import head_options as core_head_options
+        from plait.model.head import head_options as core_head_options
     except ImportError:  # an older core: softcap only
         softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
         return {"softcap": float(softcap)} if softcap else {}

@@ -78,7 +78,7 @@ def with_dequantized_bases(model):
 def loss_and_lora_grads(model, ids):
     """Mean next-token loss over ``ids`` (through core's loss step) and the
     gradient of every trainable parameter."""
-    from plait.builtin.loss import chunked_linear_cross_entropy
+    from plait.model.head import chunked_linear_cross_entropy
 
     model.zero_grad(set_to_none=True)
     base = model.get_base_model()

@@ -51,7 +51,7 @@ def _loss_and_grads(model, ids, labels, loss_fn):
 def _check_parity(model_dir, dtype, device, loss_tol, grad_tol, backend="triton"):
     from transformers import AutoModelForCausalLM
 
-    from plait.builtin.loss import chunked_linear_cross_entropy
+    from plait.model.head import chunked_linear_cross_entropy
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
@@ -123,7 +123,7 @@ def test_families_through_the_registry(tmp_path, family, expected, device):
     when it is installed; the patched model's loss and gradients match."""
     from transformers import AutoModelForCausalLM
 
-    from plait.builtin.loss import chunked_linear_cross_entropy
+    from plait.model.head import chunked_linear_cross_entropy
     from plait.families import find_family
     from plait.testing import make_tiny_model, plugin_manager
 

@@ -74,7 +74,7 @@ def test_auto_on_cpu_changes_nothing(model_dir):
     model = _model(model_dir)
     assert pm.hook.patch_model(cfg=cfg, model=model) == []
     # core's chunked loss answers build_loss
-    from plait.builtin.loss import chunked_linear_cross_entropy
+    from plait.model.head import chunked_linear_cross_entropy
 
     assert pm.hook.build_loss(cfg=cfg, model=model) is chunked_linear_cross_entropy
 

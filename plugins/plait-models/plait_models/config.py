@@ -14,7 +14,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from plait.config.schema import StrictModel
+from plait.config import StrictModel
 from plait.errors import ConfigError
 
 log = logging.getLogger("plait.models")

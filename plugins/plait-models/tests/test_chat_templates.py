@@ -71,7 +71,7 @@ def _load_tokenizer(base, chat_template):
 
 
 def test_axolotl_names_select_the_family_templates(pm):
-    from plait.builtin.model import named_chat_templates
+    from plait.chat_templates import named_chat_templates
 
     names = named_chat_templates(pm)
     assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3, "phi_35": PHI35, "qwen_25": QWEN25,
