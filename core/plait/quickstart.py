@@ -42,28 +42,38 @@ def make_split(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[dict],
     return train, heldout
 
 
-def tokenizer_texts(rows: list[dict]) -> list[str]:
+def tokenizer_texts(pm, rows: list[dict]) -> list[str]:
     """Text to train the tokenizer on: the alpaca prompt and task rows, so the
     prompt compresses to few tokens and every letter is one token."""
     from plait.testing import sample_text
 
     texts = sample_text(200)
-    prompt = prompt_for("")
+    prompt = prompt_for(pm, "")
     for row in rows[:2000]:
-        texts.append(prompt_for(row["instruction"]) + row["output"])
+        texts.append(prompt_for(pm, row["instruction"]) + row["output"])
     texts.extend([prompt] * 50)
     return texts
 
 
-def prompt_for(instruction: str) -> str:
-    """The alpaca prompt the ``alpaca`` format builds (plait-formats), so the
-    model is scored on exactly what it was trained on."""
-    from plait_formats.alpaca import build_prompt
-
-    return build_prompt("alpaca", instruction, None)
+#: the dataset ``type:`` of the task (examples/quickstart.yml)
+FORMAT = "alpaca"
 
 
-def generate_assets(root: str | Path, *, n_train: int = 4000, n_heldout: int = 200, seed: int = 0) -> dict:
+def prompt_for(pm, instruction: str) -> str:
+    """The prompt the ``alpaca`` format builds (asked of the format registry:
+    plait-formats registers it), so the model is scored on exactly what it was
+    trained on."""
+    from plait.errors import ConfigError
+    from plait.registries import find_format
+
+    fmt = find_format(pm, FORMAT)
+    if fmt.prompt is None:
+        raise ConfigError(f"the quickstart needs the {FORMAT!r} dataset format to build prompts; the registered "
+                          f"one has no prompt function\naccepted: plait-formats' {FORMAT!r}")
+    return fmt.prompt(FORMAT, {"instruction": instruction})
+
+
+def generate_assets(root: str | Path, pm, *, n_train: int = 4000, n_heldout: int = 200, seed: int = 0) -> dict:
     """Write ``root/data/{train,heldout}.jsonl`` and ``root/model`` (tokenizer inside)."""
     from plait.testing import make_tiny_model, make_tiny_tokenizer, write_jsonl
 
@@ -71,13 +81,13 @@ def generate_assets(root: str | Path, *, n_train: int = 4000, n_heldout: int = 2
     train, heldout = make_split(n_train, n_heldout, seed)
     write_jsonl(root / "data" / "train.jsonl", train)
     write_jsonl(root / "data" / "heldout.jsonl", heldout)
-    tokenizer_dir = make_tiny_tokenizer(root / "model", vocab_size=400, texts=tokenizer_texts(train))
+    tokenizer_dir = make_tiny_tokenizer(root / "model", vocab_size=400, texts=tokenizer_texts(pm, train))
     make_tiny_model(root / "model", tokenizer_dir, seed=seed, **MODEL_SHAPE)
     return {"train": root / "data" / "train.jsonl", "heldout": root / "data" / "heldout.jsonl",
             "model": root / "model"}
 
 
-def answers(model, tokenizer, rows: list[dict], *, batch_size: int = 50, max_new_tokens: int = 8) -> list[str]:
+def answers(model, tokenizer, rows: list[dict], pm, *, batch_size: int = 50, max_new_tokens: int = 8) -> list[str]:
     """Greedy answers to ``rows``' prompts."""
     import torch
 
@@ -88,7 +98,7 @@ def answers(model, tokenizer, rows: list[dict], *, batch_size: int = 50, max_new
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            prompts = [prompt_for(r["instruction"]) for r in chunk]
+            prompts = [prompt_for(pm, r["instruction"]) for r in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
             with torch.no_grad():
                 generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
@@ -100,7 +110,7 @@ def answers(model, tokenizer, rows: list[dict], *, batch_size: int = 50, max_new
     return out
 
 
-def accuracy(model, tokenizer, rows: list[dict]) -> float:
+def accuracy(model, tokenizer, rows: list[dict], pm) -> float:
     """Share of ``rows`` answered exactly."""
-    got = answers(model, tokenizer, rows)
+    got = answers(model, tokenizer, rows, pm)
     return sum(a == r["output"] for a, r in zip(got, rows)) / max(len(rows), 1)

@@ -80,6 +80,11 @@ class DatasetFormat:
         may say so; core asks it and it returns ``None`` for rows it cannot read).
     ``description``
         One line for listings.
+    ``prompt``
+        Optional ``prompt(type_value, row) -> str``: the text the trained part
+        of ``row`` (a dict of the format's columns) follows, for formats built
+        on a prompt, so a trained model can be asked the way it was trained
+        (``plait quickstart`` scores with it).
     """
 
     name: str
@@ -88,6 +93,7 @@ class DatasetFormat:
     check_type: Optional[Callable[[str, str], None]] = None
     untyped: bool = False
     description: str = ""
+    prompt: Optional[Callable[[str, dict], str]] = None
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def run(args, pm) -> int:
     heldout_path = root / "data" / "heldout.jsonl"
     if args.regenerate or not (Path(cfg.base_model) / "config.json").is_file() or not heldout_path.is_file():
         print(f"[1/4] generating a tiny model, tokenizer and the reverse-three-letters task in {root}")
-        quickstart.generate_assets(root)
+        quickstart.generate_assets(root, pm)
     else:
         print(f"[1/4] using the model and data in {root}")
     heldout = [json.loads(line) for line in heldout_path.read_text().splitlines() if line.strip()]
@@ -51,7 +51,7 @@ def run(args, pm) -> int:
     from plait.train.trained import load_trained
 
     base, tokenizer, _ = load_trained(cfg, pm, path=cfg.base_model)
-    before = quickstart.accuracy(base, tokenizer, heldout)
+    before = quickstart.accuracy(base, tokenizer, heldout, pm)
     print(f"[2/4] exact-match accuracy before training: {before:.1%} on {len(heldout)} held-out words")
     del base
 
@@ -60,9 +60,9 @@ def run(args, pm) -> int:
 
     run_ = train(cfg, pm)
     model, tokenizer, _ = load_trained(cfg, pm)
-    after = quickstart.accuracy(model, tokenizer, heldout)
+    after = quickstart.accuracy(model, tokenizer, heldout, pm)
     print(f"[4/4] exact-match accuracy after training: {after:.1%} (before: {before:.1%})")
-    for row, answer in zip(heldout[:3], quickstart.answers(model, tokenizer, heldout[:3])):
+    for row, answer in zip(heldout[:3], quickstart.answers(model, tokenizer, heldout[:3], pm)):
         print(f"      {row['instruction']!r:18} -> {answer!r:9} (expected {row['output']!r})")
     first, last = run_.metrics_log.read()[0]["loss"], run_.last_metrics.get("loss")
     print(f"loss {first:.3f} -> {last:.3f} in {run_.step} steps; model in {cfg.output_dir}; "

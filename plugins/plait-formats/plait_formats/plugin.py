@@ -34,6 +34,12 @@ def _alpaca_variant(type_value: str, where: str) -> None:
     variant_for(type_value, where)
 
 
+def _alpaca_prompt(type_value: str, row: dict) -> str:
+    from plait_formats.alpaca import build_prompt
+
+    return build_prompt(type_value, row.get("instruction", ""), row.get("input"), row.get("system"))
+
+
 @hookimpl
 def dataset_formats():
     from plait_formats.entries import ChatTemplateEntry, InstructionEntry, TextEntry, UserDefinedEntry
@@ -41,11 +47,11 @@ def dataset_formats():
     alpaca = _tokenize_with("alpaca")
     text = _tokenize_with("text")
     return [
-        DatasetFormat("alpaca", alpaca, InstructionEntry, check_type=_alpaca_variant,
+        DatasetFormat("alpaca", alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
                       description="instruction/input/output rows, Alpaca's prompt"),
-        DatasetFormat("alpaca_chat", alpaca, InstructionEntry, check_type=_alpaca_variant,
+        DatasetFormat("alpaca_chat", alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
                       description="alpaca rows, USER/ASSISTANT prompt"),
-        DatasetFormat("alpaca_w_system", alpaca, InstructionEntry, check_type=_alpaca_variant,
+        DatasetFormat("alpaca_w_system", alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
                       description="alpaca rows with a system prompt"),
         DatasetFormat("chat_template", _tokenize_with("chat"), ChatTemplateEntry,
                       description="conversations rendered with a chat template"),

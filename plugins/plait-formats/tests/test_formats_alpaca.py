@@ -160,3 +160,20 @@ def test_alpaca_missing_output_names_the_row(tokenizer, run_format):
     assert info.value.index == 1
     with pytest.raises(BadRowError, match="missing field 'output'.*instruction"):
         run_format(tokenizer, {"instruction": ["a"]}, type="alpaca")
+
+
+@pytest.mark.parametrize("type_value", ["alpaca", "alpaca_chat", "alpaca_w_system"])
+def test_registered_prompt_is_the_masked_part_of_a_tokenized_row(tokenizer, run_format, type_value):
+    """The registry's ``prompt`` (``plait quickstart`` scores with it) is the
+    text the format trains the output after: its tokens are exactly the masked
+    prefix of the row the format's ``tokenize`` builds."""
+    from plait.registries import find_format
+    from plait.testing import build_run_config
+
+    _, pm = build_run_config({"base_model": "unused", "datasets": [{"path": "rows.jsonl", "type": type_value}]})
+    row = {"instruction": "sort the words", "input": "the a it"}
+    prompt = find_format(pm, type_value).prompt(type_value, row)
+    out = run_format(tokenizer, {**{k: [v] for k, v in row.items()}, "output": ["a it the"]}, type=type_value)
+    masked = [t for t, label in zip(out["input_ids"][0], out["labels"][0]) if label == -100]
+    assert masked == tokenizer(prompt)["input_ids"]
+    assert "sort the words" in prompt and "the a it" in prompt
