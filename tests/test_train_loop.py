@@ -166,7 +166,7 @@ def test_logged_learning_rates_follow_the_schedule(tiny_model, tmp_path, name, w
 def test_weight_decay_skips_biases_and_norms(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from plait.builtin.optim import param_groups
+    from plait.model.params import param_groups
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     decay, no_decay = param_groups(model, 0.1)

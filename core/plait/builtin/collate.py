@@ -99,12 +99,6 @@ def attention_device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
-def to_device(batch: dict, device) -> dict:
-    """Move a collated batch to ``device``: tensors and ``BlockMask`` move
-    (both have ``.to``), ints such as ``max_length_q`` stay as they are."""
-    return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
-
-
 @hookimpl
 def validate_config(cfg):
     """Refuse packing set-ups where rows could see each other, and

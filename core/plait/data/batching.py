@@ -85,3 +85,9 @@ def row_lengths(dataset) -> list[int]:
     if "length" in dataset.column_names:
         return [int(n) for n in dataset["length"]]
     return [len(ids) for ids in dataset["input_ids"]]
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move a collated batch to ``device``: tensors and ``BlockMask`` move
+    (both have ``.to``), ints such as ``max_length_q`` stay as they are."""
+    return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}

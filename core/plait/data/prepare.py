@@ -33,10 +33,11 @@ import sys
 import uuid
 import weakref
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from plait.data.cache import cache_key, cache_root, write_atomically
+from plait.data.rows import DatasetStats, row_features
 from plait.data.sources import Source, load_source, resolve_path
 from plait.errors import BadRowError, ConfigError, DataError, PlaitError
 
@@ -48,32 +49,6 @@ KEEP = ("ok", "truncated")
 _LIVE: "weakref.WeakValueDictionary[str, TokenizeBatch]" = weakref.WeakValueDictionary()
 #: rows skipped by skip_bad_rows that the stats quote, per dataset
 BAD_EXAMPLES = 3
-
-
-@dataclass
-class DatasetStats:
-    """What happened to the rows of one dataset entry.
-
-    ``rows_in`` counts source rows; the other counts are output rows, which can
-    outnumber them when a format splits long texts (``completion``).
-    ``tokens`` and ``trained_tokens`` count the kept rows only.
-    """
-
-    name: str
-    split: str = "train"
-    rows_in: int = 0
-    kept: int = 0
-    dropped_too_long: int = 0
-    dropped_bad: int = 0
-    dropped_no_trained: int = 0
-    truncated: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    bad_examples: list[str] = field(default_factory=list)
-
-    @property
-    def dropped(self) -> int:
-        return self.dropped_too_long + self.dropped_bad + self.dropped_no_trained
 
 
 @dataclass
@@ -219,16 +194,6 @@ def _describe(out) -> str:
     return f"keys {sorted(out)}" if isinstance(out, dict) else f"a {type(out).__name__}"
 
 
-def _features():
-    import datasets
-
-    ids = datasets.List(datasets.Value("int32"))
-    return datasets.Features({"input_ids": ids, "labels": ids, "attention_mask": datasets.List(datasets.Value("int8")),
-                              "length": datasets.Value("int32"), "extras": datasets.Value("string"),
-                              "_status": datasets.Value("string"),
-                              "_trained": datasets.Value("int32"), "_bad": datasets.Value("string")})
-
-
 # ------------------------------------------------------------------- entries
 
 
@@ -242,7 +207,7 @@ def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, sp
         batched=True,
         with_indices=True,
         remove_columns=raw.column_names,
-        features=_features(),
+        features=row_features(),
         num_proc=workers if workers > 1 else None,
         load_from_cache_file=False,  # our own cache decides; the hook's code is not in datasets' fingerprint
         new_fingerprint=f"{fingerprint[:24]}-{label}",

@@ -143,7 +143,7 @@ def load_source(entry, *, base_dir: str | Path | None = None, skip_bad_rows: boo
         raise ConfigError(f"config key 'train_on_split' of dataset {entry.path!r}: {entry.train_on_split!r} is not "
                           f"accepted; local data files have the one split 'train' (train_on_split picks a split of a "
                           f"hub dataset or a saved DatasetDict; for local files name the file in path or data_files)")
-    files = _data_files(entry, path)
+    files = local_data_files(entry, path)
     parts, datasets_, lines, skipped = [], [], {}, []
     for file in files:
         ds, file_lines, file_skipped = _load_file(entry, file, skip_bad_rows)
@@ -198,7 +198,7 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _data_files(entry, path: Path) -> list[Path]:
+def local_data_files(entry, path: Path) -> list[Path]:
     """The files an entry names: the file itself, or ``data_files`` inside a
     directory (default: every file with a known extension, sorted)."""
     if path.is_file():
@@ -216,7 +216,8 @@ def _data_files(entry, path: Path) -> list[Path]:
     return files
 
 
-def _builder(entry, file: Path) -> str:
+def builder_for(entry, file: Path) -> str:
+    """The ``datasets`` builder reading ``file``: from ``ds_type``, else the extension."""
     if entry.ds_type:
         if entry.ds_type not in DS_TYPES:
             raise ConfigError(f"config key 'ds_type' of dataset {entry.path!r}: {entry.ds_type!r} is not accepted; "
@@ -242,7 +243,7 @@ def _load_file(entry, file: Path, skip_bad_rows: bool = False):
     :data:`_NOT_LINES`; the messages of malformed lines left out."""
     import datasets
 
-    builder = _builder(entry, file)
+    builder = builder_for(entry, file)
     kwargs = {}
     top_field = None
     if builder == "json":

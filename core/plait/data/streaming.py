@@ -51,13 +51,13 @@ def open_stream(entry):
     """An iterable over the entry's rows, read lazily (local files and hub names)."""
     import datasets
 
-    from plait.data.sources import _builder, _data_files, resolve_path
+    from plait.data.sources import builder_for, local_data_files, resolve_path
 
     local = resolve_path(entry.path)
     try:
         if local is not None:
-            files = _data_files(entry, local)
-            builder = _builder(entry, files[0])
+            files = local_data_files(entry, local)
+            builder = builder_for(entry, files[0])
             stream = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
         else:
             stream = datasets.load_dataset(entry.path, name=entry.name, split=entry.split, data_files=entry.data_files,
@@ -127,11 +127,11 @@ def rows_from_documents(token_lists, sequence_len: int, *, packed: bool, budget:
 
 def stream_pretraining(cfg, tokenizer):
     """``(rows, stats)``: the run's training rows from ``pretraining_dataset``
-    and one :class:`~plait.data.prepare.DatasetStats` per entry read; entries
+    and one :class:`~plait.data.rows.DatasetStats` per entry read; entries
     are read one after another until the budget is met."""
     import datasets
 
-    from plait.data.prepare import DatasetStats, _features
+    from plait.data.rows import DatasetStats, row_features
 
     budget = token_budget(cfg)
     all_rows, stats = [], []
@@ -151,7 +151,7 @@ def stream_pretraining(cfg, tokenizer):
                         f"check text_column and the files")
     columns = {"input_ids": all_rows, "labels": all_rows, "attention_mask": [[1] * len(r) for r in all_rows],
                "length": [len(r) for r in all_rows]}
-    features = _features()
+    features = row_features()
     train = datasets.Dataset.from_dict(columns, features=datasets.Features(
         {name: features[name] for name in columns}))
     return train, stats

@@ -6,6 +6,8 @@
   hidden states and the LM head, through DDP/peft wrappers.
 - :mod:`plait.model.head` -- the chunked LM-head cross-entropy and what a
   model's head does beyond ``hidden @ W.T``.
+- :mod:`plait.model.params` -- trainable parameters in the optimizer's
+  decay / no-decay groups.
 - :mod:`plait.model.recompute` -- gradient checkpointing, activation offload
   and the "is this the recompute pass" signal kernels need.
 - :mod:`plait.model.varlen` -- the ``plait_varlen`` attention function

@@ -249,7 +249,7 @@ def plan_schedule(run: Run) -> None:
 
 
 def build_optimizer_and_scheduler(run: Run):
-    from plait.builtin.optim import param_groups
+    from plait.model.params import param_groups
 
     cfg, pm = run.cfg, run.pm
     optimizer = pm.hook.build_optimizer(cfg=cfg, params=param_groups(run.model, cfg.weight_decay))
@@ -516,7 +516,7 @@ def loss_of(run: Run, batch, *, training: bool = False):
     on one process is transformers' ``loss + coef * aux_loss``. Evaluation
     reports the cross-entropy alone (``eval_ppl`` stays a perplexity).
     """
-    from plait.builtin.collate import to_device
+    from plait.data.batching import to_device
     from plait.model.forward import forward_hidden
 
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
