@@ -320,7 +320,10 @@ def wrap_parallel(cfg, model, mesh):
 
     firstresult; called once the model is patched, only when the run spans
     more than one process. ``mesh`` is a ``torch.distributed.DeviceMesh`` (or
-    ``None`` for a single process). Returns the wrapped model.
+    ``None`` for a single process). Returns the wrapped model; the mesh it
+    used is recorded on it with :func:`plait.model.mesh.attach_mesh` (the
+    loop reads it back with :func:`~plait.model.mesh.mesh_of` to deal data by
+    its ``dp`` dimension; no mesh: replicated with DDP).
     """
 
 
@@ -385,7 +388,7 @@ def shard_batch(cfg, batch, mesh):
     built (training and evaluation), only when the run spans more than one
     process. ``batch`` is the collated dict (tensors on the CPU or the
     device), ``mesh`` the ``DeviceMesh`` :func:`wrap_parallel` left on the
-    model (``model.plait_mesh``, may be ``None``). Returns the dict this rank
+    model (:func:`plait.model.mesh.mesh_of`, may be ``None``). Returns the dict this rank
     trains on, e.g. a context-parallel slice of every sequence with
     ``shift_labels`` (labels already shifted: the loop does not shift them
     again) and ``position_ids``, or ``None`` to keep the batch whole.

@@ -6,6 +6,10 @@
   hidden states and the LM head, through DDP/peft wrappers.
 - :mod:`plait.model.head` -- the chunked LM-head cross-entropy and what a
   model's head does beyond ``hidden @ W.T``.
+- :mod:`plait.model.mesh` -- the device mesh ``wrap_parallel`` sharded the
+  model over (``attach_mesh``/``mesh_of``).
+- :mod:`plait.model.mesh` -- the device mesh ``wrap_parallel`` sharded the
+  model over (``attach_mesh``/``mesh_of``).
 - :mod:`plait.model.params` -- trainable parameters in the optimizer's
   decay / no-decay groups.
 - :mod:`plait.model.recompute` -- gradient checkpointing, activation offload

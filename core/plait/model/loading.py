@@ -46,3 +46,21 @@ def fit_to_tokenizer(cfg, model, tokenizer):
     # a KV cache changes how transformers builds attention masks; never train with one
     model.config.use_cache = False
     return model
+
+
+#: where :func:`mark_kbit_prepared` records its mark (read it only through :func:`is_kbit_prepared`)
+_KBIT_PREPARED = "_plait_kbit_prepared"
+
+
+def mark_kbit_prepared(model) -> None:
+    """Record that a loader prepared this k-bit model for training itself
+    (frozen base, input grads, checkpointing), so an adapter plugin skips
+    peft's ``prepare_model_for_kbit_training`` and its float32 upcast. The one
+    message between a quantizing loader (plait-bnb) and an adapter plugin
+    (plait-peft), owned here so neither imports the other."""
+    setattr(model, _KBIT_PREPARED, True)
+
+
+def is_kbit_prepared(model) -> bool:
+    """Whether :func:`mark_kbit_prepared` was called on ``model``."""
+    return bool(getattr(model, _KBIT_PREPARED, False))

@@ -6,7 +6,7 @@ and ``LOCAL_RANK``; when they are present and the world has more than one
 process, the default process group is initialised with NCCL on GPUs and gloo
 on the CPU. Everything about *how* the model is split lives in the
 ``wrap_parallel`` plugin (plait-parallel); core only reads the mesh it leaves
-on the model (``model.plait_mesh``) to know which ranks share a batch.
+on the model (:func:`plait.model.mesh.mesh_of`) to know which ranks share a batch.
 """
 
 from __future__ import annotations

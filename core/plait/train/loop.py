@@ -22,7 +22,7 @@ trained tokens of the *whole* accumulation window (all ranks), so training with
 Several processes (``torchrun``/``accelerate launch`` set ``WORLD_SIZE``):
 the process group is initialised (NCCL on GPUs, gloo on the CPU) and
 ``wrap_parallel`` is asked with ``mesh=None`` (plait-parallel builds the mesh
-from the config and leaves it on the model as ``plait_mesh``). When no plugin
+from the config and records it with ``plait.model.mesh.attach_mesh``). When no plugin
 answers, the model is replicated with DDP. Data is dealt by the mesh's ``dp``
 dimension; every micro-batch goes through ``shard_batch`` (context parallel:
 each rank keeps a slice of every sequence); only rank 0 prints and writes;
@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.errors import TrainingError
+from plait.model.mesh import mesh_of
 
 
 @dataclass
@@ -218,7 +219,7 @@ def build_model(run: Run):
             ids = [run.device.index] if run.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=ids)
         model = wrapped
-        run.mesh = getattr(model, "plait_mesh", None)
+        run.mesh = mesh_of(model)
         layout = describe_mesh(run.mesh) if run.mesh is not None else "DistributedDataParallel (replicated)"
         log(run, f"parallel: {layout} over {run.world_size} processes")
     run.dp_rank, run.dp_size = data_parallel_rank_and_size(run.mesh, run.world)

@@ -30,10 +30,6 @@ from __future__ import annotations
 
 import os
 
-#: set on a model this module prepared, so an adapter plugin can skip peft's upcasting helper
-PREPARED_FLAG = "_plait_kbit_prepared"
-
-
 def compute_dtype_name(cfg) -> str:
     """``bnb_4bit_compute_dtype``, defaulting to the run's compute dtype."""
     from plait.model.loading import compute_dtype
@@ -87,7 +83,10 @@ def prepare_for_kbit_training(model, gradient_checkpointing=False, checkpointing
         enable_gradient_checkpointing(model, gradient_checkpointing, checkpointing_kwargs)
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         model.enable_input_require_grads()
-    setattr(model, PREPARED_FLAG, True)
+    # so an adapter plugin skips peft's upcasting helper
+    from plait.model.loading import mark_kbit_prepared
+
+    mark_kbit_prepared(model)
     return model
 
 

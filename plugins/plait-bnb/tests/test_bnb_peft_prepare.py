@@ -2,7 +2,7 @@
 then plait-peft's ``load_adapter``.
 
 plait-bnb prepares the 4-bit model itself and marks it
-(``PREPARED_FLAG``); plait-peft must then skip peft's
+(``plait.model.loading.mark_kbit_prepared``); plait-peft must then skip peft's
 ``prepare_model_for_kbit_training``, which would cast the frozen embedding,
 head and norms to float32 and undo the memory saving measured in
 ``test_bnb_memory.py``. With ``bf16: true`` they stay bfloat16, and the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from plait.testing import build_run_config
-from plait_bnb.quantize import PREPARED_FLAG
+from plait.model.loading import is_kbit_prepared
 
 
 def test_qlora_adapter_keeps_vocab_weights_and_norms_in_compute_dtype(tiny_model_dir):
@@ -23,7 +23,7 @@ def test_qlora_adapter_keeps_vocab_weights_and_norms_in_compute_dtype(tiny_model
     tokenizer = pm.hook.load_tokenizer(cfg=cfg)
     pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)
     base = pm.hook.load_model(cfg=cfg, tokenizer=tokenizer)
-    assert getattr(base, PREPARED_FLAG) is True
+    assert is_kbit_prepared(base)
     model = pm.hook.load_adapter(cfg=cfg, model=base)
 
     inner = model.get_base_model()

@@ -5,7 +5,7 @@
 * ``wrap_parallel``: TP -> context parallel -> FSDP2 on the given mesh, or on
   one built from the config when ``mesh`` is ``None`` and a process group is
   initialised (:func:`plait_parallel.mesh.build_mesh`). The mesh used is
-  left on the returned model as ``model.plait_mesh``.
+  recorded on the returned model (``plait.model.mesh.attach_mesh``).
 * ``shard_batch``: the context-parallel slice of each micro-batch
   (:func:`plait_parallel.context_parallel.shard_batch_for_context_parallel`).
 * ``register_commands``: ``plait merge-sharded``.

@@ -14,13 +14,14 @@ the model is returned unchanged.
 
 from __future__ import annotations
 
+from plait.model.mesh import attach_mesh
 from plait_parallel.config import fsdp_options, ring_split
 from plait_parallel.mesh import MESH_DIMS, build_mesh
 
 
 def wrap_model(cfg, model, mesh=None):
     """Shard ``model`` in place over ``mesh`` (built from ``cfg`` when ``None``)
-    and return it; the mesh is kept as ``model.plait_mesh``."""
+    and return it; the mesh is recorded with ``plait.model.mesh.attach_mesh``."""
     import torch.distributed as dist
 
     if mesh is None or tuple(mesh.mesh_dim_names or ()) != MESH_DIMS:
@@ -59,5 +60,5 @@ def wrap_model(cfg, model, mesh=None):
 
         apply_fsdp(cfg, model, mesh, layers, options)
 
-    model.plait_mesh = mesh
+    attach_mesh(model, mesh)
     return model

@@ -113,11 +113,6 @@ def keys_differing_from_saved_adapter(cfg, adapter_dir) -> list[str]:
     return differing
 
 
-#: set by a loader that prepared a k-bit model itself (plait-bnb); the value of
-#: ``plait_bnb.quantize.PREPARED_FLAG``, repeated so this plugin does not import plait-bnb
-KBIT_PREPARED_FLAG = "_plait_kbit_prepared"
-
-
 def keep_adapter_in_compute_dtype(cfg) -> bool:
     """Adapters stay float32 under autocast, the safe default; with ``bf16: full``
     the user asked for pure bfloat16, so the adapter follows the base."""
@@ -128,11 +123,13 @@ def attach_lora(cfg, model):
     """Return ``model`` wrapped as a ``peft.PeftModel`` with trainable LoRA weights."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    from plait.model.loading import is_kbit_prepared
+
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     # plait-bnb's loader already prepared the model (frozen base, input grads,
     # checkpointing) *without* peft's fp32 upcast of embeddings, head and norms,
-    # which would undo its memory saving (plait_bnb.quantize.PREPARED_FLAG)
-    if quantized and not getattr(model, KBIT_PREPARED_FLAG, False):
+    # which would undo its memory saving (plait.model.loading.mark_kbit_prepared)
+    if quantized and not is_kbit_prepared(model):
         # QLoRA training; merge-lora reloads a qlora run's base unquantized and skips this
         # norms to float32 and input grads on, so gradients reach the adapters through the frozen 4-bit base
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
