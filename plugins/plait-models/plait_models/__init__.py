@@ -14,8 +14,9 @@ Registered through the entry point ``models``. Hooks:
   without LoRA, ``tensor_parallel_size`` for a family without a TP plan;
 * ``on_train_start``: prints what the model's family lacks
   (:func:`describe_optimisations`) and makes the model's generation config
-  stop on end-of-turn tokens as well as EOS; turns on ``router_logits`` of an
-  MoE model when the router loss is on;
+  stop on end-of-turn tokens as well as EOS; says when the MoE router loss is on;
+* ``patch_model`` (training only): turns on ``output_router_logits`` of an
+  MoE model when the router loss is on (:func:`request_router_logits`);
 * ``tokenizer_loaded``: :func:`apply_family_tokenizer_fixes` on the run's
   tokenizer (family from the model's ``model_type``);
 * ``extra_loss``: the MoE router load-balancing loss (:func:`moe_aux_loss`);
@@ -99,7 +100,7 @@ def on_train_start(run):
     if getattr(run, "is_main", True):
         for line in describe_optimisations(run.model, family):
             print(f"models: {line}", file=sys.stderr, flush=True)
-    note = request_router_logits(run.cfg, run.model, family)
+    note = router_loss_note(run.cfg, run.model, family)
     if note and getattr(run, "is_main", True):
         print(f"models: {note}", file=sys.stderr, flush=True)
 
@@ -114,13 +115,32 @@ def request_router_logits(cfg, model, family) -> str | None:
     tail of a bin included, a share of 1 - sample_packing_efficiency).
     """
     from plait_models.lookup import base_model_of
+
+    note = router_loss_note(cfg, model, family)
+    if note is not None:
+        base_model_of(model).config.output_router_logits = True
+    return note
+
+
+def router_loss_note(cfg, model, family) -> str | None:
+    """The log line saying the router loss is on for this MoE model, or
+    ``None`` when it is off (not MoE, or a coefficient of 0); changes nothing."""
+    from plait_models.lookup import base_model_of
     from plait_models.moe import aux_loss_coef
 
     config = getattr(base_model_of(model), "config", None)
     if family is None or not family.is_moe or config is None or aux_loss_coef(cfg, config) == 0.0:
         return None
-    config.output_router_logits = True
     return f"{family.name}: router load-balancing loss added, coefficient {aux_loss_coef(cfg, config)}"
+
+
+@hookimpl
+def patch_model(cfg, model):
+    """Training only: an MoE model returns its router logits when the router
+    loss is on (set here, with the model, rather than at ``on_train_start``,
+    so run-start events only observe)."""
+    family = family_of_model(cfg.plugin_manager, model, getattr(cfg, "model_config_type", None))
+    request_router_logits(cfg, model, family)
 
 
 @hookimpl
