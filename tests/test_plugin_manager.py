@@ -141,3 +141,24 @@ def test_unknown_names_in_allow_and_disable_lists_are_errors(fake_distribution):
     # every known kind of name is accepted: entry point, core's own, a config plugin
     build_plugin_manager(["plait.builtin.loss"], disable=["plait-fake-e", "plait.builtin.loss"],
                          env={"PLAIT_LOAD_PLUGINS": "plait-fake-e,plait.builtin.model"})
+
+
+def test_trace_hooks_logs_every_call_in_call_order(caplog):
+    """PLAIT_TRACE_HOOKS=1: each hook call is logged with its arguments, the
+    plugins in the order they are asked (the last registered first) and the
+    result; without it nothing is logged."""
+    first = types.SimpleNamespace(__name__="first", chat_templates=hookimpl(lambda: {"one": "{{ x }}"}))
+    second = types.SimpleNamespace(__name__="second", chat_templates=hookimpl(lambda: {"two": "{{ y }}"}))
+    with caplog.at_level("INFO", logger="plait.hooks"):
+        pm = build_plugin_manager(extra=[first, second], entry_points=False, env={"PLAIT_TRACE_HOOKS": "1"})
+        pm.hook.chat_templates()
+        with pytest.raises(ZeroDivisionError):
+            pm.hook.config_schema.call_extra([lambda: 1 / 0], {})
+    lines = [r.getMessage() for r in caplog.records if r.name == "plait.hooks"]
+    assert lines[0] == "chat_templates(): asking second, first, plait.builtin.model"
+    assert lines[1] == "chat_templates returned [dict, dict, dict]"
+    assert lines[-1].startswith("config_schema raised ZeroDivisionError")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="plait.hooks"):
+        build_plugin_manager(extra=[first], entry_points=False, env={}).hook.chat_templates()
+    assert not [r for r in caplog.records if r.name == "plait.hooks"]

@@ -14,6 +14,10 @@ error naming the variable or key and the installed plugins (a typo never
 silently loads or skips nothing). A plugin that fails to import or declares a
 hook that does not exist is an error naming the plugin and its distribution. There is no
 global manager: each run builds its own and passes it down.
+
+``PLAIT_TRACE_HOOKS=1`` logs every hook call (logger ``plait.hooks``): the
+arguments' names, the plugins asked in call order, and what came back
+(:func:`trace_hook_calls`, through pluggy's hook-call monitoring).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import pluggy
 
@@ -166,7 +171,40 @@ def build_plugin_manager(
         if pm.is_registered(plugin):  # the test kit passing an installed plugin again
             continue
         pm.register_plugin(plugin, _extra_name(plugin), source="test")
+    if env.get("PLAIT_TRACE_HOOKS", "") not in ("", "0"):
+        trace_hook_calls(pm)
     return pm
+
+
+def _describe_result(value) -> str:
+    """A short description of a hook's answer (never a model's or a tensor's repr)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_describe_result(v) for v in value) + "]"
+    return type(value).__name__
+
+
+def trace_hook_calls(pm) -> Callable[[], None]:
+    """Log every hook call of ``pm`` at INFO on ``plait.hooks``: before, the
+    hook, its arguments' names and the plugins in the order pluggy asks them
+    (the last registered first, ``tryfirst``/``trylast`` applied); after, the
+    result's type or the exception. Returns the function that stops it."""
+    import logging
+
+    log = logging.getLogger("plait.hooks")
+
+    def before(hook_name, hook_impls, kwargs):
+        order = [impl.plugin_name for impl in reversed(hook_impls)]
+        log.info("%s(%s): asking %s", hook_name, ", ".join(kwargs), ", ".join(order) or "no plugin")
+
+    def after(outcome, hook_name, hook_impls, kwargs):
+        if outcome.exception is not None:
+            log.info("%s raised %s: %s", hook_name, type(outcome.exception).__name__, outcome.exception)
+        else:
+            log.info("%s returned %s", hook_name, _describe_result(outcome.get_result()))
+
+    return pm.add_hookcall_monitoring(before, after)
 
 
 def _extra_name(plugin) -> str:
