@@ -25,10 +25,10 @@ def run(args, pm) -> int:
     from plait.data.inspect_rows import describe_extras, format_row
     from plait.data.prepare import prepare_datasets
     from plait.errors import ConfigError
+    from plait.pipeline import setup_tokenizer
 
     cfg, pm = load_run_config(args, pm)
-    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
-    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)  # plugins' fixes (chat template, pad)
+    tokenizer = setup_tokenizer(cfg, pm)
     prepared = prepare_datasets(cfg, pm, tokenizer, show_progress=False)
     dataset = prepared.eval if args.eval else prepared.train
     if dataset is None:

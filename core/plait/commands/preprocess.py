@@ -33,10 +33,10 @@ def stats_table(stats) -> str:
 def run(args, pm) -> int:
     from plait.commands.common import load_run_config
     from plait.data.prepare import prepare_datasets
+    from plait.pipeline import setup_tokenizer
 
     cfg, pm = load_run_config(args, pm)
-    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
-    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)  # plugins' fixes (chat template, pad)
+    tokenizer = setup_tokenizer(cfg, pm)
     prepared = prepare_datasets(cfg, pm, tokenizer, show_progress=not args.no_progress)
     verb = "reused" if prepared.from_cache else "wrote"
     print(f"{verb} prepared data: {prepared.cache_path}")

@@ -53,6 +53,7 @@ from typing import Any
 
 from plait.errors import TrainingError
 from plait.model.mesh import mesh_of
+from plait.pipeline import setup_tokenizer
 
 
 @dataclass
@@ -129,9 +130,7 @@ def train(cfg, pm, *, data=None) -> Run:
         resume_from = checkpoint.resume_path(cfg)
         start_output(run, resume_from)
 
-        run.tokenizer = pm.hook.load_tokenizer(cfg=cfg)
-        # plugins' fixes (a family's chat template, pad token) before any row is tokenized
-        pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=run.tokenizer)
+        run.tokenizer = setup_tokenizer(cfg, pm)
         if data is None:
             from plait.data.prepare import prepare_datasets
 

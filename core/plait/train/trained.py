@@ -39,14 +39,15 @@ def load_trained(cfg, pm, path: str | Path | None = None, *, device=None):
     """``(model, tokenizer, source)`` in eval mode: the trained model when one is saved, else the base."""
     import torch
 
+    from plait.pipeline import setup_tokenizer
+
     source = trained_path(cfg, path)
     if source is not None and is_model_dir(source) and not is_adapter_dir(source):
         cfg = cfg.model_copy(update={"base_model": str(source), "tokenizer_config": None})
     elif source is not None:
         if (source / "tokenizer_config.json").is_file():
             cfg = cfg.model_copy(update={"tokenizer_config": str(source)})
-    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
-    pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)  # plugins' fixes (chat template, pad)
+    tokenizer = setup_tokenizer(cfg, pm)
     model = pm.hook.load_model(cfg=cfg, tokenizer=tokenizer)
     if source is not None and is_adapter_dir(source):
         if "lora_model_dir" not in type(cfg).model_fields:
