@@ -42,6 +42,26 @@ def test_every_hookspec_is_documented_and_tested():
         assert ("firstresult" in spec.__doc__) == firstresult, f"{name}: docstring must say firstresult iff it is"
 
 
+
+def test_every_hookspec_docstring_names_its_arguments_default_and_caller():
+    """One hop from a hook to everything about it (datasette's docs test idea):
+    each argument in double backticks, core's default implementation (or that
+    there is none), and who calls it."""
+    import re
+
+    problems = []
+    for name in _hookspec_names():
+        doc = getattr(hookspecs, name).__doc__ or ""
+        for arg in inspect.signature(getattr(hookspecs, name)).parameters:
+            if f"``{arg}``" not in doc:
+                problems.append(f"{name}: argument {arg!r} is not described (write ``{arg}``)")
+        if not re.search(r"default", doc, re.IGNORECASE):
+            problems.append(f"{name}: say core's default implementation, or that there is none")
+        if not re.search(r"\bcall(ed|er|s)\b", doc, re.IGNORECASE):
+            problems.append(f"{name}: say who calls it (\"called by ...\")")
+    assert not problems, "\n".join(problems)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

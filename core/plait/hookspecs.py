@@ -55,6 +55,10 @@ def config_schema():
     defaults and validators, or ``None`` when the plugin adds no keys. Core
     combines every contributed model with its own into one config class; two
     plugins declaring the same key is an error that names both.
+
+    Takes no arguments. No default implementation: core's own keys are
+    :class:`plait.config.schema.CoreConfig`; the caller is
+    :func:`plait.config.build.config_class`.
     """
 
 
@@ -132,6 +136,8 @@ def chat_templates():
     prefix are reserved. Two plugins giving the same name is a
     :class:`plait.errors.PluginError` that names both. Core contributes
     ``chatml`` and ``llama3``.
+
+    Core's default implementation: ``plait.builtin.model.chat_templates``.
     """
 
 
@@ -145,6 +151,10 @@ def model_families():
     swaps, the default chat template. Returns a list of
     :class:`plait.families.ModelFamily`, or ``None``. A model whose
     ``config.model_type`` no family claims trains through the generic path.
+
+    Takes no arguments. No default implementation in core (plait-models
+    registers the first-party families); called through
+    :func:`plait.families.all_families`.
     """
 
 # -------------------------------------------------- pipeline: config
@@ -182,6 +192,9 @@ def validate_config(cfg):
     pydantic validators). Raise
     :class:`plait.errors.ConfigError` naming the keys; return value ignored.
     Defaults and derived values belong in :func:`configure`.
+
+    Core's default implementations: ``plait.builtin.model`` (chat template
+    names), ``plait.builtin.collate`` (packing), ``plait.builtin.tracking``.
     """
 
 # -------------------------------------- pipeline: tokenizer and data
@@ -192,6 +205,13 @@ def load_tokenizer(cfg):
 
     firstresult. Returns a ``transformers`` tokenizer with a pad token set and
     the configured chat template, special tokens and added tokens applied.
+
+    ``cfg``
+        The run config.
+
+    Core's default (``plait.builtin.model.load_tokenizer``, asked last) uses
+    ``AutoTokenizer``. Called by :func:`plait.pipeline.setup_tokenizer`, the
+    first setup step of every command.
     """
 
 
@@ -205,6 +225,10 @@ def tokenizer_loaded(cfg, tokenizer):
     what the data is built with. ``tokenizer`` is modified in place (tokens
     added here make core's ``load_model`` resize the embeddings). Return value
     ignored.
+
+    ``cfg`` is the run config; ``tokenizer`` what :func:`load_tokenizer`
+    returned. No default implementation in core; called by
+    :func:`plait.pipeline.setup_tokenizer`.
     """
 
 
@@ -256,6 +280,10 @@ def collate(cfg, rows, tokenizer):
     row plus the boundaries the attention backend needs: a 4D mask, a flex
     ``BlockMask``, or flash's ``cu_seq_lens_q/k`` and ``max_length_q/k``,
     which are ints). See :mod:`plait.data.packing`.
+
+    ``cfg`` is the run config, ``tokenizer`` the run's tokenizer. Core's
+    default: ``plait.builtin.collate.collate``. Called by the training loop
+    for every micro-batch (training and evaluation).
     """
 
 
@@ -291,6 +319,12 @@ def load_model(cfg, tokenizer):
     configured dtype, with its embeddings resized to ``len(tokenizer)``. A
     quantization plugin answers only when ``load_in_4bit``/``load_in_8bit``
     asks for it; core answers otherwise.
+
+    ``cfg`` is the run config, ``tokenizer`` the run's tokenizer (embeddings
+    are resized to it). Core's default (``plait.builtin.model.load_model``,
+    asked last): ``AutoModelForCausalLM.from_pretrained``. Called by the
+    training loop (``plait.train.loop.build_model``) and
+    ``plait.train.trained.load_trained`` (evaluate, inference, merge-lora).
     """
 
 
@@ -300,6 +334,11 @@ def load_adapter(cfg, model):
 
     firstresult. Returns the wrapped model, or ``None`` when ``cfg.adapter``
     is not this plugin's (core then trains all parameters).
+
+    ``cfg`` is the run config, ``model`` what :func:`load_model` returned. No
+    default implementation in core (plait-peft answers). Called by the
+    training loop (``plait.train.loop.build_model``) and
+    ``plait.train.trained.load_trained``.
     """
 
 
@@ -311,6 +350,10 @@ def patch_model(cfg, model):
     extension points (module replacement, attention registries). Returns a
     dict ``{module description: kernel name}`` of what it changed, printed at
     start, or ``None``.
+
+    ``cfg`` is the run config, ``model`` the model with its adapters. No
+    default implementation in core. Called by the training loop
+    (``plait.train.loop.build_model``), training only.
     """
 
 
@@ -324,6 +367,10 @@ def wrap_parallel(cfg, model, mesh):
     used is recorded on it with :func:`plait.model.mesh.attach_mesh` (the
     loop reads it back with :func:`~plait.model.mesh.mesh_of` to deal data by
     its ``dp`` dimension; no mesh: replicated with DDP).
+
+    ``cfg`` is the run config, ``model`` the patched model. No default
+    implementation in core (plait-parallel answers); without an answer the
+    loop (``plait.train.loop.build_model``) replicates with DDP.
     """
 
 
@@ -336,6 +383,11 @@ def build_loss(cfg, model):
     are already shifted and ``-100`` marks untrained positions. A fused
     linear + cross-entropy kernel answers here so ``[tokens, vocab]`` logits
     never exist.
+
+    ``cfg`` is the run config, ``model`` the model being trained (its head's
+    bias and softcapping). Core's default: ``plait.builtin.loss.build_loss``
+    (:func:`plait.model.head.chunked_linear_cross_entropy`). Called once by
+    the training loop at start and by ``plait evaluate``.
     """
 
 # ----------------------------------------------- pipeline: optimizer
@@ -392,6 +444,9 @@ def shard_batch(cfg, batch, mesh):
     trains on, e.g. a context-parallel slice of every sequence with
     ``shift_labels`` (labels already shifted: the loop does not shift them
     again) and ``position_ids``, or ``None`` to keep the batch whole.
+
+    ``cfg`` is the run config. No default implementation in core
+    (plait-parallel answers for context parallel).
     """
 
 
@@ -407,6 +462,9 @@ def extra_loss(cfg, model, outputs, batch):
     applied), or ``None``. The loop weights each micro-batch's term by its
     share of the step's trained tokens (all ranks), so with one micro-batch
     the loss is ``mean cross-entropy + term``, as transformers computes it.
+
+    ``cfg`` is the run config, ``model`` the model being trained. No default
+    implementation in core.
     """
 
 # ------------------------------------------------------------ events
@@ -417,6 +475,8 @@ def on_train_start(run):
 
     Every plugin is called. ``run`` is the :class:`plait.train.loop.Run`
     (config, model, output directory, total steps). Return value ignored.
+
+    Core's default: ``plait.builtin.tracking`` (metrics trackers).
     """
 
 
@@ -428,6 +488,8 @@ def on_step_end(run, metrics):
     ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens`` (trained),
     ``input_tokens`` (read, padding excluded), ``tokens_per_s``.
     Return value ignored.
+
+    ``run`` is the loop's ``Run``. Core's default: ``plait.builtin.tracking``.
     """
 
 
@@ -436,6 +498,8 @@ def on_eval_end(run, metrics):
     """An evaluation finished. ``metrics``: ``step``, ``eval_loss``, ``eval_ppl``.
 
     Every plugin is called, on the logging rank only. Return value ignored.
+
+    ``run`` is the loop's ``Run``. Core's default: ``plait.builtin.tracking``.
     """
 
 
@@ -444,6 +508,8 @@ def on_train_end(run):
     """Training finished and the final model was saved.
 
     Every plugin is called. Return value ignored.
+
+    ``run`` is the loop's ``Run``. Core's default: ``plait.builtin.tracking``.
     """
 
 # -------------------------------------------------------------- save
@@ -456,6 +522,11 @@ def save_model(cfg, model, tokenizer, path):
     full fine-tune its weights, both as safetensors with the tokenizer. In a
     multi-process run every rank calls it (sharded weights are gathered
     collectively) and only rank 0 writes.
+
+    ``cfg`` is the run config, ``model`` the trained model, ``tokenizer`` the
+    run's tokenizer. Core's default: ``plait.builtin.save.save_model``. Called
+    by the loop at the end (``plait.output``) and for every checkpoint
+    (``plait.train.checkpoint``).
     """
 
 # --------------------------------------------------------------- CLI
@@ -469,4 +540,7 @@ def register_commands(subparsers):
     is the ``argparse`` subparsers action: call ``subparsers.add_parser(...)``
     and ``set_defaults(func=...)``, where ``func(args, pm)`` returns an exit
     code. Return value ignored.
+
+    No default implementation in core (core's own commands are
+    :mod:`plait.commands`).
     """
