@@ -36,7 +36,22 @@ Arguments common to many hooks:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: importing this module stays free of torch and transformers
+    import argparse
+
+    import torch
+    from pydantic import BaseModel
+    from torch.distributed.device_mesh import DeviceMesh
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from plait.config.schema import CoreConfig
+    from plait.families import ModelFamily
+    from plait.registries import DatasetEntry, DatasetFormat, Optimizer, Scheduler
+    from plait.train.loop import Run
 
 hookspec = pluggy.HookspecMarker("plait")
 hookimpl = pluggy.HookimplMarker("plait")
@@ -45,7 +60,7 @@ hookimpl = pluggy.HookimplMarker("plait")
 # -------------------------------------------------------- registries
 
 @hookspec
-def config_schema():
+def config_schema() -> Optional[type[BaseModel]]:
     """Contribute configuration keys.
 
     Called once per run, before the config is validated.
@@ -63,7 +78,7 @@ def config_schema():
 
 
 @hookspec
-def dataset_formats():
+def dataset_formats() -> Optional[list[DatasetFormat]]:
     """Register dataset formats: the ``type:`` values of ``datasets:`` entries.
 
     Takes no arguments. Every plugin is called and the
@@ -82,7 +97,7 @@ def dataset_formats():
 
 
 @hookspec
-def optimizers():
+def optimizers() -> Optional[list[Optimizer]]:
     """Register optimizers that ``optimizer:`` can name.
 
     Takes no arguments. Every plugin is called and the
@@ -100,7 +115,7 @@ def optimizers():
 
 
 @hookspec
-def schedulers():
+def schedulers() -> Optional[list[Scheduler]]:
     """Register learning-rate schedules that ``lr_scheduler:`` can name.
 
     Takes no arguments. Every plugin is called and the
@@ -118,7 +133,7 @@ def schedulers():
 
 
 @hookspec
-def chat_templates():
+def chat_templates() -> Optional[dict[str, str]]:
     """Contribute chat templates that ``chat_template:`` can select by name.
 
     Called once each time a ``chat_template`` value that names a template is
@@ -142,7 +157,7 @@ def chat_templates():
 
 
 @hookspec
-def model_families():
+def model_families() -> Optional[list[ModelFamily]]:
     """Describe the model families this plugin knows.
 
     Every plugin is called (results combined) when a component needs per-family
@@ -160,7 +175,7 @@ def model_families():
 # -------------------------------------------------- pipeline: config
 
 @hookspec
-def configure(cfg):
+def configure(cfg: CoreConfig) -> None:
     """Fill in defaults and derived values (the ``pytest_configure`` idea).
 
     ``cfg``
@@ -180,7 +195,7 @@ def configure(cfg):
 
 
 @hookspec
-def validate_config(cfg):
+def validate_config(cfg: CoreConfig) -> None:
     """Check rules that span keys of several plugins; never change ``cfg``.
 
     ``cfg``
@@ -200,7 +215,7 @@ def validate_config(cfg):
 # -------------------------------------- pipeline: tokenizer and data
 
 @hookspec(firstresult=True)
-def load_tokenizer(cfg):
+def load_tokenizer(cfg: CoreConfig) -> Optional[PreTrainedTokenizerBase]:
     """Load the tokenizer for ``cfg.tokenizer_config`` (or ``cfg.base_model``).
 
     firstresult. Returns a ``transformers`` tokenizer with a pad token set and
@@ -216,7 +231,7 @@ def load_tokenizer(cfg):
 
 
 @hookspec
-def tokenizer_loaded(cfg, tokenizer):
+def tokenizer_loaded(cfg: CoreConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Adjust the run's tokenizer once it is loaded.
 
     Every plugin is called, right after :func:`load_tokenizer` and before any
@@ -233,7 +248,8 @@ def tokenizer_loaded(cfg, tokenizer):
 
 
 @hookspec(firstresult=True)
-def tokenize(cfg, dataset_cfg, tokenizer, batch):
+def tokenize(cfg: CoreConfig, dataset_cfg: DatasetEntry, tokenizer: PreTrainedTokenizerBase,
+             batch: dict[str, list]) -> Optional[dict[str, list]]:
     """Turn a batch of raw rows of one dataset into token ids and labels.
 
     firstresult; called by :mod:`plait.data.prepare` once per batch of rows of
@@ -268,7 +284,7 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch):
 
 
 @hookspec(firstresult=True)
-def collate(cfg, rows, tokenizer):
+def collate(cfg: CoreConfig, rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> Optional[dict[str, Any]]:
     """Assemble a micro-batch from tokenized rows.
 
     firstresult. ``rows`` is a list of dicts with ``input_ids`` and ``labels``
@@ -311,7 +327,7 @@ def encode_prompt(cfg, tokenizer, text, images):
 # --------------------------------------------------- pipeline: model
 
 @hookspec(firstresult=True)
-def load_model(cfg, tokenizer):
+def load_model(cfg: CoreConfig, tokenizer: PreTrainedTokenizerBase) -> Optional[PreTrainedModel]:
     """Load the base model.
 
     firstresult; called after the data is prepared. Returns a
@@ -329,7 +345,7 @@ def load_model(cfg, tokenizer):
 
 
 @hookspec(firstresult=True)
-def load_adapter(cfg, model):
+def load_adapter(cfg: CoreConfig, model: PreTrainedModel) -> Optional[torch.nn.Module]:
     """Attach trainable adapters (LoRA, DoRA, ...) when ``cfg.adapter`` asks.
 
     firstresult. Returns the wrapped model, or ``None`` when ``cfg.adapter``
@@ -343,7 +359,7 @@ def load_adapter(cfg, model):
 
 
 @hookspec
-def patch_model(cfg, model):
+def patch_model(cfg: CoreConfig, model: torch.nn.Module) -> Optional[dict[str, str]]:
     """Swap modules for faster kernels, after adapters are attached.
 
     Every plugin is called. Mutates ``model`` in place through public
@@ -358,7 +374,7 @@ def patch_model(cfg, model):
 
 
 @hookspec(firstresult=True)
-def wrap_parallel(cfg, model, mesh):
+def wrap_parallel(cfg: CoreConfig, model: torch.nn.Module, mesh: Optional[DeviceMesh]) -> Optional[torch.nn.Module]:
     """Shard or replicate the model over the run's ``DeviceMesh``.
 
     firstresult; called once the model is patched, only when the run spans
@@ -375,7 +391,7 @@ def wrap_parallel(cfg, model, mesh):
 
 
 @hookspec(firstresult=True)
-def build_loss(cfg, model):
+def build_loss(cfg: CoreConfig, model: Optional[torch.nn.Module]) -> Optional[Callable[..., tuple]]:
     """Provide the loss step: hidden states to summed cross-entropy.
 
     firstresult. Returns a callable ``loss(hidden, head_weight, labels) ->
@@ -393,7 +409,7 @@ def build_loss(cfg, model):
 # ----------------------------------------------- pipeline: optimizer
 
 @hookspec(firstresult=True)
-def build_optimizer(cfg, params):
+def build_optimizer(cfg: CoreConfig, params: list[dict]) -> Optional[torch.optim.Optimizer]:
     """Build the optimizer named by ``cfg.optimizer``.
 
     firstresult; called once by the training loop after the model is wrapped.
@@ -411,7 +427,8 @@ def build_optimizer(cfg, params):
 
 
 @hookspec(firstresult=True)
-def build_scheduler(cfg, optimizer, total_steps):
+def build_scheduler(cfg: CoreConfig, optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> Optional[torch.optim.lr_scheduler.LRScheduler]:
     """Build the learning-rate schedule named by ``cfg.lr_scheduler``.
 
     firstresult; called once by the training loop, right after
@@ -433,7 +450,7 @@ def build_scheduler(cfg, optimizer, total_steps):
 # ----------------------------------------------- pipeline: each step
 
 @hookspec(firstresult=True)
-def shard_batch(cfg, batch, mesh):
+def shard_batch(cfg: CoreConfig, batch: dict[str, Any], mesh: Optional[DeviceMesh]) -> Optional[dict[str, Any]]:
     """This rank's part of a collated micro-batch.
 
     firstresult; called by the loop on every micro-batch that :func:`collate`
@@ -451,7 +468,8 @@ def shard_batch(cfg, batch, mesh):
 
 
 @hookspec
-def extra_loss(cfg, model, outputs, batch):
+def extra_loss(cfg: CoreConfig, model: torch.nn.Module, outputs: Any,
+               batch: dict[str, Any]) -> Optional[torch.Tensor]:
     """Add a term to the training loss of a micro-batch.
 
     Every plugin is called, once per training micro-batch (not in
@@ -470,7 +488,7 @@ def extra_loss(cfg, model, outputs, batch):
 # ------------------------------------------------------------ events
 
 @hookspec
-def on_train_start(run):
+def on_train_start(run: Run) -> None:
     """The loop is about to take its first step.
 
     Every plugin is called. ``run`` is the :class:`plait.train.loop.Run`
@@ -481,7 +499,7 @@ def on_train_start(run):
 
 
 @hookspec
-def on_step_end(run, metrics):
+def on_step_end(run: Run, metrics: dict[str, float]) -> None:
     """An optimizer step finished and was logged.
 
     Every plugin is called, on the logging rank only. ``metrics`` is a dict:
@@ -494,7 +512,7 @@ def on_step_end(run, metrics):
 
 
 @hookspec
-def on_eval_end(run, metrics):
+def on_eval_end(run: Run, metrics: dict[str, float]) -> None:
     """An evaluation finished. ``metrics``: ``step``, ``eval_loss``, ``eval_ppl``.
 
     Every plugin is called, on the logging rank only. Return value ignored.
@@ -504,7 +522,7 @@ def on_eval_end(run, metrics):
 
 
 @hookspec
-def on_train_end(run):
+def on_train_end(run: Run) -> None:
     """Training finished and the final model was saved.
 
     Every plugin is called. Return value ignored.
@@ -515,7 +533,8 @@ def on_train_end(run):
 # -------------------------------------------------------------- save
 
 @hookspec(firstresult=True)
-def save_model(cfg, model, tokenizer, path):
+def save_model(cfg: CoreConfig, model: torch.nn.Module, tokenizer: Optional[PreTrainedTokenizerBase],
+               path: str) -> Optional[str]:
     """Write the trained model in Hugging Face format to ``path``.
 
     firstresult. Returns the path written. A peft model saves its adapter, a
@@ -532,7 +551,7 @@ def save_model(cfg, model, tokenizer, path):
 # --------------------------------------------------------------- CLI
 
 @hookspec
-def register_commands(subparsers):
+def register_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add subcommands to the ``plait`` command line.
 
     Every plugin is called while the CLI is built, so keep imports inside the
