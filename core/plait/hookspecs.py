@@ -304,7 +304,8 @@ def collate(cfg: CoreConfig, rows: list[dict], tokenizer: PreTrainedTokenizerBas
 
 
 @hookspec(firstresult=True)
-def encode_prompt(cfg, tokenizer, text, images):
+def encode_prompt(cfg: CoreConfig, tokenizer: PreTrainedTokenizerBase, text: str,
+                  images: list[str]) -> Optional[dict[str, Any]]:
     """Model inputs for a prompt that shows images.
 
     firstresult; called by ``plait inference --image PATH`` once per prompt,
@@ -321,6 +322,7 @@ def encode_prompt(cfg, tokenizer, text, images):
     ``attention_mask``, ``pixel_values`` and whatever else the model takes),
     or ``None`` when the run is not this plugin's. plait-vision answers when
     ``processor_type`` is set, opening and resizing the images as in training.
+    ``cfg`` is the run config, ``tokenizer`` the run's tokenizer.
     """
 
 

@@ -24,7 +24,7 @@ def load_run_config(args, pm=None, *, check_sources: bool = True):
     ``tokenizer_config`` that names a local path that does not exist (off for
     commands that create it, like ``quickstart``, or only show the config).
     """
-    from plait.builtin.model import check_model_sources
+    from plait.model.loading import check_model_sources
     from plait.config import build_config, load_raw_config
     from plait.plugins import build_plugin_manager
 

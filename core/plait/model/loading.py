@@ -1,8 +1,77 @@
-"""What every model loader shares: the compute dtype, the ``from_pretrained``
-arguments, fitting the embeddings to the tokenizer. Core's ``load_model`` and
-quantizing loaders (plait-bnb) both build on these."""
+"""What every model loader shares: checking ``base_model``/``tokenizer_config``
+sources and explaining a failed load, the compute dtype, the
+``from_pretrained`` arguments, fitting the embeddings to the tokenizer. Core's
+``load_model`` and other loaders (plait-bnb, plait-vision) build on these."""
 
 from __future__ import annotations
+
+
+#: what ``base_model`` (and ``tokenizer_config``) accept, for error messages
+ACCEPTED_SOURCES = ("a local directory with config.json, the weights and tokenizer files "
+                    "(tokenizer.json or tokenizer_config.json), or a Hugging Face hub name when a network is available")
+
+
+def looks_like_path(value: str) -> bool:
+    """A value meant as a local directory rather than a hub name: absolute,
+    ``./``, ``../``, ``~``, or an existing directory."""
+    import os
+
+    return (os.path.isabs(value) or value.startswith(("./", "../", "~", ".\\", "..\\")) or value in (".", "..")
+            or os.path.isdir(value))
+
+
+def check_model_sources(cfg, keys=("base_model", "tokenizer_config")) -> None:
+    """Fail before any model work when ``base_model`` or ``tokenizer_config``
+    names a local path that does not exist (transformers would otherwise try
+    it as a hub name and fail with a confusing message)."""
+    import os
+
+    from plait.errors import ConfigError
+
+    for key in keys:
+        value = getattr(cfg, key, None)
+        if not value or not looks_like_path(value):
+            continue
+        if not os.path.exists(value):
+            raise ConfigError(f"config key {key!r}: {value!r} does not exist (a local path; resolved: "
+                              f"{os.path.abspath(value)})\naccepted: {ACCEPTED_SOURCES}")
+        if not os.path.isdir(value):
+            raise ConfigError(f"config key {key!r}: {value!r} is a file, not a directory\naccepted: {ACCEPTED_SOURCES}")
+
+
+#: files one of which a local directory needs, per thing loaded from it
+NEEDED_FILES = {
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model"),
+    "model": ("config.json",),
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json"),
+}
+
+
+def missing_files(source: str, what: str) -> list[str]:
+    """What a local directory lacks to load ``what`` ("tokenizer" or "model") from it."""
+    import os
+
+    if not os.path.isdir(source):
+        return []
+    needs = [NEEDED_FILES["tokenizer"]] if what == "tokenizer" else [NEEDED_FILES["model"], NEEDED_FILES["weights"]]
+    return [" or ".join(names) for names in needs if not any(os.path.isfile(os.path.join(source, n)) for n in names)]
+
+
+def source_error(key: str, source: str, what: str, exc: BaseException):
+    """A :class:`ConfigError` for a ``from_pretrained`` that failed on ``source``:
+    what a local directory lacks, else transformers' reason in one line."""
+    from plait.errors import ConfigError
+
+    missing = missing_files(source, what)
+    if missing:
+        reason = f"the directory has no {'; no '.join(missing)}"
+    else:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+    return ConfigError(f"config key {key!r}: cannot load the {what} from {source!r}: {reason}\n"
+                       f"accepted: {ACCEPTED_SOURCES}")
 
 
 def compute_dtype(cfg):

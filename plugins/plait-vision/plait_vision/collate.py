@@ -21,7 +21,7 @@ TEXT_KEYS = ("input_ids", "attention_mask", "offset_mapping")
 
 def collate_vision(cfg, rows, tokenizer, processor) -> dict:
     import torch
-    from plait.builtin.collate import pad_rows
+    from plait.model.batch import pad_rows
     from plait.errors import DataError
 
     from plait_vision.images import ImageError, open_image

@@ -3,7 +3,7 @@
 transformers' image-text-to-text models keep the parts under one inner model
 (``model.model``): ``language_model`` (the decoder), a vision tower under one
 of a few names, and a projector. The loop needs only the final hidden states
-and the LM head (``plait.train.forward``), which these models expose as a
+and the LM head (``plait.model.forward``), which these models expose as a
 causal LM does (``base_model_prefix`` module, ``get_output_embeddings``).
 """
 
@@ -21,7 +21,7 @@ def load_vision_model(cfg, tokenizer):
     attention; quantized through plait-bnb's settings when ``load_in_4bit``/
     ``load_in_8bit`` ask (the vision tower, projector and head stay
     unquantized); the vision tower frozen unless ``freeze_mm_modules: false``."""
-    from plait.builtin.model import check_model_sources, fit_to_tokenizer, pretrained_kwargs, source_error
+    from plait.model.loading import check_model_sources, fit_to_tokenizer, pretrained_kwargs, source_error
     from transformers import AutoModelForImageTextToText
 
     check_model_sources(cfg, ("base_model",))
@@ -49,7 +49,7 @@ def load_vision_model(cfg, tokenizer):
 
         return prepare_for_kbit_training(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     if cfg.gradient_checkpointing:
-        from plait.train.recompute import enable_gradient_checkpointing
+        from plait.model.recompute import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     return model

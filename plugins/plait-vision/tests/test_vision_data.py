@@ -226,7 +226,7 @@ def test_loop_forward_gives_the_models_own_logits_with_images(model_fixture, tmp
     differ when the pixels change."""
     import torch
     from plait.data.batching import materialize
-    from plait.train.forward import forward_hidden
+    from plait.model.forward import forward_hidden
 
     model_dir = request.getfixturevalue(model_fixture)
     rows = color_rows(tmp_path / "img", 2)
