@@ -73,7 +73,20 @@ def test_disable_by_env_and_by_argument(fake_distribution):
     fake_distribution("plait-fake-c", "from plait import hookimpl\n")
     assert "plait-fake-c" not in build_plugin_manager(env={"PLAIT_DISABLE_PLUGINS": "plait-fake-c"}).info
     assert "plait-fake-c" not in build_plugin_manager(disable=["plait-fake-c"], env={}).info
-    assert "plait.builtin.loss" not in build_plugin_manager(disable=["plait.builtin.loss"], env={}).info
+    assert "plait.builtin.tracking" not in build_plugin_manager(disable=["plait.builtin.tracking"], env={}).info
+
+
+@pytest.mark.parametrize("where", ["config", "env"])
+def test_core_essential_defaults_cannot_be_disabled(where):
+    from plait.plugins import ESSENTIAL_PLUGINS
+
+    assert "plait.builtin.loss" in ESSENTIAL_PLUGINS and "plait.builtin.model" in ESSENTIAL_PLUGINS
+    disable = ["plait.builtin.loss", "plait.builtin.model"]
+    kwargs = {"disable": disable, "env": {}} if where == "config" else {
+        "env": {"PLAIT_DISABLE_PLUGINS": ",".join(disable)}}
+    key = "config key 'disable_plugins'" if where == "config" else "environment variable PLAIT_DISABLE_PLUGINS"
+    with pytest.raises(PluginError, match=rf"{key}: 'plait.builtin.loss', 'plait.builtin.model' cannot be disabled"):
+        build_plugin_manager(**kwargs)
 
 
 def test_plugin_that_fails_to_import_names_plugin_and_distribution(fake_distribution):
@@ -139,7 +152,7 @@ def test_unknown_names_in_allow_and_disable_lists_are_errors(fake_distribution):
                                           r"'plait.builtin.loss'"):
         build_plugin_manager(disable=["plait.builtin.los"], env={})
     # every known kind of name is accepted: entry point, core's own, a config plugin
-    build_plugin_manager(["plait.builtin.loss"], disable=["plait-fake-e", "plait.builtin.loss"],
+    build_plugin_manager(["plait.builtin.loss"], disable=["plait-fake-e", "plait.builtin.tracking"],
                          env={"PLAIT_LOAD_PLUGINS": "plait-fake-e,plait.builtin.model"})
 
 

@@ -44,6 +44,9 @@ DEFAULT_PLUGINS = (
     "plait.builtin.loss",
     "plait.builtin.tracking",
 )
+#: core's defaults the pipeline cannot run without (as pytest's ``essential_plugins``):
+#: disabling one is an error. A plugin replaces one by answering its hooks first, never by disabling it.
+ESSENTIAL_PLUGINS = tuple(name for name in DEFAULT_PLUGINS if name != "plait.builtin.tracking")
 
 
 @dataclass
@@ -121,6 +124,9 @@ def build_plugin_manager(
     register last (the test kit uses this).
     """
     env = os.environ if env is None else env
+    # a config's `plugins: a.module` is one name, never a list of its characters (the schema agrees)
+    config_plugins = [config_plugins] if isinstance(config_plugins, str) else list(config_plugins)
+    disable = [disable] if isinstance(disable, str) else list(disable)
     allow = _names(env.get("PLAIT_LOAD_PLUGINS"))
     env_disabled = _names(env.get("PLAIT_DISABLE_PLUGINS")) or []
     disabled = set(disable) | set(env_disabled)
@@ -132,6 +138,8 @@ def build_plugin_manager(
     _check_names(allow or [], "environment variable PLAIT_LOAD_PLUGINS", [*DEFAULT_PLUGINS, *ep_names], ep_names)
     _check_names(env_disabled, "environment variable PLAIT_DISABLE_PLUGINS", known, ep_names)
     _check_names(list(disable), "config key 'disable_plugins'", known, ep_names)
+    _check_not_essential(env_disabled, "environment variable PLAIT_DISABLE_PLUGINS")
+    _check_not_essential(list(disable), "config key 'disable_plugins'")
 
     pm = PlaitPluginManager()
     for module_name in DEFAULT_PLUGINS:
@@ -207,6 +215,24 @@ def trace_hook_calls(pm) -> Callable[[], None]:
     return pm.add_hookcall_monitoring(before, after)
 
 
+def call_required(pm, name: str, **kwargs):
+    """Call the firstresult hook ``name`` where the pipeline needs its result:
+    ``None`` (no plugin answered) is an error naming the hook (:func:`no_result_error`)."""
+    result = getattr(pm.hook, name)(**kwargs)
+    if result is None:
+        raise no_result_error(pm, name)
+    return result
+
+
+def no_result_error(pm, name: str) -> PluginError:
+    """The error for a firstresult hook that returned nothing where a result is needed."""
+    implementers = [impl.plugin_name for impl in getattr(pm.hook, name).get_hookimpls()]
+    return PluginError(
+        f"hook {name!r} returned nothing (None), and the run needs its result; implemented by: "
+        f"{', '.join(reversed(implementers)) or 'no plugin'}. A plugin answering {name!r} must return a value "
+        f"or leave it to core's default")
+
+
 def _extra_name(plugin) -> str:
     return getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{id(plugin):x}"
 
@@ -223,6 +249,15 @@ def _check_names(names: list[str], where: str, known: list[str], installed: list
     lines.append(f"installed entry-point plugins: {listed}; core's own: {', '.join(DEFAULT_PLUGINS)} "
                  f"(`plait plugins` lists them)")
     raise PluginError("\n".join(lines))
+
+
+def _check_not_essential(names: list[str], where: str) -> None:
+    essential = [name for name in names if name in ESSENTIAL_PLUGINS]
+    if essential:
+        raise PluginError(
+            f"{where}: {', '.join(map(repr, essential))} cannot be disabled: core's essential defaults "
+            f"({', '.join(ESSENTIAL_PLUGINS)}) are what the pipeline falls back on; a plugin that implements the "
+            f"same hooks takes over without disabling them")
 
 
 def _version(dist: str) -> str | None:

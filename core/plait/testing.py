@@ -152,7 +152,7 @@ def plugin_manager(*plugins, entry_points: bool = True, config_plugins: list[str
     """A fresh plugin manager with ``plugins`` registered for one test."""
     from plait.plugins import build_plugin_manager
 
-    return build_plugin_manager(list(config_plugins), entry_points=entry_points, extra=list(plugins))
+    return build_plugin_manager(config_plugins, entry_points=entry_points, extra=list(plugins))
 
 
 def build_run_config(keys: dict, *, plugins=(), overrides: list[str] = ()):

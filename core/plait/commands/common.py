@@ -29,14 +29,25 @@ def load_run_config(args, pm=None, *, check_sources: bool = True):
     from plait.plugins import build_plugin_manager
 
     raw, sources = load_raw_config(args.config, args.overrides)
-    config_plugins = raw.get("plugins") or []
-    disable = raw.get("disable_plugins") or []
+    config_plugins = plugin_names(raw, "plugins")
+    disable = plugin_names(raw, "disable_plugins")
     if pm is None or config_plugins or disable:
         pm = build_plugin_manager(config_plugins, disable=disable, extra=getattr(args, "extra_plugins", []))
     cfg = build_config(pm, raw, sources, allow_unsupported=args.allow_unsupported)
     if check_sources:
         check_model_sources(cfg)
     return cfg, pm
+
+
+def plugin_names(raw: dict, key: str) -> list[str]:
+    """``plugins:`` / ``disable_plugins:`` as a list of names (one string is one
+    name); a value of another shape gives none here, and the schema reports it."""
+    value = raw.get(key)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return value
+    return []
 
 
 def not_implemented(name: str) -> int:
