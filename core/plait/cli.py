@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 2, or the shell's status for a signal that stopped training
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -21,12 +21,13 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from plait.errors import ConfigError, PluginError, did_you_mean
+from plait.values import ValuesAsGiven, not_empty
 
 
-class DatasetEntry(BaseModel):
+class DatasetEntry(ValuesAsGiven):
     """One entry of ``datasets:`` / ``test_datasets:``: where the rows come from.
 
     These keys are read by core (loading, splitting, sharding) whatever the
@@ -37,9 +38,10 @@ class DatasetEntry(BaseModel):
     unknown key is reported against that format.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     path: str = Field(description="Local file or directory, or a hub dataset name.")
+    _path_not_empty = field_validator("path")(not_empty)
     type: Optional[str] = Field(None, description="Format: alpaca, chat_template, completion, ... "
                                 "(a format's variant after a dot: chat_template.default).")
     ds_type: Optional[str] = Field(None, description="File type when the extension does not tell: json, parquet, "
@@ -48,8 +50,8 @@ class DatasetEntry(BaseModel):
     split: str = "train"
     train_on_split: Optional[str] = Field(None, description="Split to train on (Axolotl's key; wins over split).")
     name: Optional[str] = Field(None, description="Dataset configuration name on the hub.")
-    shards: Optional[int] = None
-    shards_idx: Optional[int] = None
+    shards: Optional[int] = Field(None, ge=1)
+    shards_idx: Optional[int] = Field(None, ge=0)
     revision: Optional[str] = None
     trust_remote_code: bool = False
     field: Optional[str] = Field(None, description="Top-level JSON field holding the rows (a format may also read "

@@ -117,7 +117,9 @@ def _check_keys(pm, raw: dict, cls: type[BaseModel], allow_unsupported: bool) ->
         for key in ignored:
             raw.pop(key)
     for list_key in ("datasets", "test_datasets"):
-        for index, entry in enumerate(raw.get(list_key) or []):
+        entries = raw.get(list_key)
+        # anything but a list (`datasets: true`) is the schema's to report, with the key
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
             if isinstance(entry, dict):
                 _check_entry_keys(pm, entry, f"{list_key}.{index}")
 

@@ -31,6 +31,10 @@ def _leaf_paths(value: Any, prefix: str = "") -> list[str]:
     return [prefix]
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def load_raw_config(path: str | Path | None, overrides: list[str] = ()) -> tuple[dict, dict[str, str]]:
     """Read ``path`` (YAML) and merge ``key=value`` overrides (OmegaConf dotlist).
 
@@ -64,7 +68,11 @@ def load_raw_config(path: str | Path | None, overrides: list[str] = ()) -> tuple
             key = item.split("=", 1)[0].strip()
             # parse the value as OmegaConf does (YAML scalars, lists, dicts), then
             # set it by path so `datasets.0.path=...` reaches into the list
-            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+            try:
+                value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+            except Exception as exc:  # the override's own syntax, not the file's (yaml errors, OmegaConf's)
+                raise ConfigError(f"override {item!r}: could not parse its value: {_first_line(exc)}; write "
+                                  f"e.g. seed=1, lora_target_modules=[q_proj,v_proj] or 'key=\"a string\"'") from None
             if isinstance(value, (DictConfig, ListConfig)):
                 value = OmegaConf.to_container(value, resolve=False)
             try:

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from plait.registries import DatasetEntry
+from plait.values import ValuesAsGiven, not_empty
 
 
-class StrictModel(BaseModel):
+class StrictModel(ValuesAsGiven):
     """Base for config sections: unknown keys are rejected (core reports them
-    with a "did you mean" before pydantic sees them)."""
+    with a "did you mean" before pydantic sees them); values are read as given
+    (:mod:`plait.values`: no boolean taken as a number, no string split into
+    characters, no infinity or NaN)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 #: core's part of a ``datasets:`` entry (the source keys); formats subclass it, see :mod:`plait.registries`
@@ -28,6 +31,8 @@ class PretrainingDatasetConfig(StrictModel):
     """One entry of ``pretraining_dataset:``: raw text streamed, not loaded whole."""
 
     path: str = Field(description="Local file (json, jsonl, parquet, csv, txt) or a hub dataset name.")
+
+    _path_not_empty = field_validator("path")(not_empty)
     name: Optional[str] = Field(None, description="Dataset configuration name on the hub.")
     split: str = "train"
     data_files: Optional[Union[str, list[str]]] = None
@@ -47,7 +52,7 @@ class CoreConfig(StrictModel):
     disable_plugins: list[str] = Field(default_factory=list, description="Plugin names not to load.")
 
     # model and tokenizer
-    base_model: str = Field(description="Hugging Face model id or local directory.")
+    base_model: str = Field(min_length=1, description="Hugging Face model id or local directory.")
     base_model_config: Optional[str] = None
     model_type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility (AutoModelForCausalLM is used).")
     tokenizer_type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility (AutoTokenizer is used).")
@@ -93,7 +98,7 @@ class CoreConfig(StrictModel):
         default_factory=list, description="Raw text streamed and tokenized up to what max_steps consumes "
                                           "(instead of datasets:).")
     val_set_size: float = Field(0.0, ge=0, description="Fraction (< 1) or row count (>= 1) held out for eval.")
-    dataset_prepared_path: Optional[str] = None
+    dataset_prepared_path: Optional[str] = Field(None, min_length=1)
     dataset_processes: Optional[int] = Field(None, ge=1)
     shuffle_merged_datasets: bool = True
     skip_bad_rows: bool = False
@@ -104,7 +109,7 @@ class CoreConfig(StrictModel):
     eval_sample_packing: Optional[bool] = None
     pad_to_sequence_len: bool = False
     sample_packing_bin_size: int = Field(200, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="Seeds python, numpy and torch (numpy takes 0 to 2**32 - 1).")
 
     # batch and schedule
     micro_batch_size: int = Field(1, ge=1)
@@ -117,9 +122,9 @@ class CoreConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: str = "adamw_torch"
     optim_args: dict[str, Any] = Field(default_factory=dict)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
     lr_scheduler: str = "cosine"
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     warmup_steps: Optional[int] = Field(None, ge=0)
@@ -130,7 +135,7 @@ class CoreConfig(StrictModel):
     loss_watchdog_threshold: Optional[float] = None
 
     # evaluation, logging, checkpoints
-    output_dir: str = "./outputs"
+    output_dir: str = Field("./outputs", min_length=1)
     logging_steps: int = Field(1, ge=1)
     eval_steps: Optional[Union[int, float]] = None
     evals_per_epoch: Optional[int] = Field(None, ge=1)
@@ -138,8 +143,12 @@ class CoreConfig(StrictModel):
     saves_per_epoch: Optional[int] = Field(None, ge=1)
     save_total_limit: Optional[int] = Field(None, ge=1)
     save_safetensors: bool = True
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: Optional[str] = Field(None, min_length=1)
     auto_resume_from_checkpoints: bool = False
+    save_on_signals: list[str] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+        description="Signals that save a checkpoint at the next step boundary and stop the run (a scheduler "
+                    "preempting it); [] turns this off. Accepted: SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP.")
     use_tensorboard: bool = False
     wandb_project: Optional[str] = None
     wandb_entity: Optional[str] = None
@@ -154,6 +163,24 @@ class CoreConfig(StrictModel):
     # the run's plugin manager, like pytest's ``config.pluginmanager``: hookimpls
     # that need other plugins' answers (model families, say) reach it from cfg
     _pm: Any = PrivateAttr(default=None)
+
+    @field_validator("eval_steps", "save_steps")
+    @classmethod
+    def _positive_interval(cls, value):
+        if value is not None and not value > 0:
+            raise ValueError("give a number of steps >= 1, or a fraction of the run between 0 and 1")
+        return value
+
+    @field_validator("save_on_signals")
+    @classmethod
+    def _signal_names(cls, names):
+        from plait.train.signals import ACCEPTED
+
+        normalized = [name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper() for name in names]
+        unknown = [name for name, norm in zip(names, normalized) if norm not in ACCEPTED]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} not accepted; accepted: {', '.join(ACCEPTED)}")
+        return normalized
 
     @field_validator("bf16", mode="before")
     @classmethod

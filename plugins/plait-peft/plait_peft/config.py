@@ -48,11 +48,12 @@ def validate(cfg) -> None:
     if not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_model_dir:
         raise ConfigError(f"config key 'adapter': {cfg.adapter!r} needs targets; set lora_target_linear: true "
                           f"or lora_target_modules: [q_proj, v_proj, ...]")
-    if cfg.adapter == "qlora":
-        if not getattr(cfg, "load_in_4bit", False):
-            raise ConfigError("config key 'adapter': 'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true "
-                              "(plait-bnb), or use adapter: lora")
-        if cfg.peft_use_dora and getattr(cfg, "load_in_8bit", False):
-            raise ConfigError("peft_use_dora: true is not supported with load_in_8bit")
+    if cfg.adapter == "qlora" and not getattr(cfg, "load_in_4bit", False):
+        raise ConfigError("config key 'adapter': 'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true "
+                          "(plait-bnb), or use adapter: lora")
+    # any adapter: peft's DoRA has no 8-bit base layer (it failed at the first forward when only qlora was checked)
+    if cfg.peft_use_dora and getattr(cfg, "load_in_8bit", False):
+        raise ConfigError("config key 'peft_use_dora': true is not supported with load_in_8bit: true; set one of "
+                          "them to false (DoRA works on a 4-bit or unquantized base)")
     if cfg.adapter == "lora" and getattr(cfg, "load_in_4bit", False):
         raise ConfigError("config key 'adapter': 'lora' with load_in_4bit: true is QLoRA; write adapter: qlora")
