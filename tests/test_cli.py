@@ -7,7 +7,7 @@ import sys
 import time
 
 from plait.hookspecs import hookimpl
-from plait.testing import run_cli, write_config
+from plait.testing import run_cli, write_config, write_jsonl
 
 PLAIT = [sys.executable, "-m", "plait.cli"]
 
@@ -53,8 +53,13 @@ def test_explain_shows_override_and_default_sources(tmp_path):
     assert rows["seed"][1:] == ["42", "default"]
 
 
+def _data(tmp_path):
+    """A data file that exists: validate refuses a config with no data or a missing file."""
+    return [{"path": str(write_jsonl(tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}])), "type": "alpaca"}]
+
+
 def test_validate_ok(tmp_path):
-    cfg = write_config(tmp_path / "c.yml", base_model="m")
+    cfg = write_config(tmp_path / "c.yml", base_model="m", datasets=_data(tmp_path), output_dir=str(tmp_path / "out"))
     assert run_cli(["config", "validate", str(cfg)]).exit_code == 0
 
 
@@ -209,5 +214,6 @@ def test_validate_refuses_an_unknown_chat_template_name(tmp_path):
                        datasets=[{"path": "x.jsonl", "type": "chat_template", "chat_template": "lama3"}])
     result = run_cli(["config", "validate", str(cfg)])
     assert result.exit_code == 2 and "of dataset 'x.jsonl': 'lama3' is not a known template" in result.stderr
-    ok = write_config(tmp_path / "e.yml", base_model="m", chat_template="tokenizer_default_fallback_chatml")
+    ok = write_config(tmp_path / "e.yml", base_model="m", chat_template="tokenizer_default_fallback_chatml",
+                      datasets=_data(tmp_path), output_dir=str(tmp_path / "out"))
     assert run_cli(["config", "validate", str(ok)]).exit_code == 0

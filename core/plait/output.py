@@ -125,9 +125,46 @@ def plot_loss(records: list[dict], path: Path) -> Path | None:
     return path
 
 
+FINAL_TMP = ".final-save.tmp"
+
+
 def save_final(run) -> str:
-    """Save the trained model and tokenizer into ``output_dir`` through ``save_model``."""
-    return run.pm.hook.save_model(cfg=run.cfg, model=run.model, tokenizer=run.tokenizer, path=str(run.output_dir))
+    """Save the trained model and tokenizer into ``output_dir`` through ``save_model``.
+
+    Every rank calls it (sharded weights are gathered collectively). The files
+    are written under ``output_dir/.final-save.tmp`` and moved into
+    ``output_dir`` once all are there, so a save that fails (a full disk)
+    leaves no half-written model beside the checkpoints: the partial files are
+    removed and the error names the path, the free space and the last
+    checkpoint, which the failed save never touched.
+    """
+    import os
+    import shutil
+
+    from plait.plugins import call_required
+    from plait.train.checkpoint import _barrier, write_failed
+
+    output_dir = Path(run.output_dir)
+    tmp = output_dir / FINAL_TMP
+    try:
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        call_required(run.pm, "save_model", cfg=run.cfg, model=run.model, tokenizer=run.tokenizer, path=str(tmp))
+        _barrier()
+        if run.is_main:
+            for entry in sorted(tmp.iterdir()):
+                target = output_dir / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            tmp.rmdir()
+    except OSError as exc:
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(output_dir, exc, output_dir, what="the final model to ") from exc
+    return str(output_dir)
 
 
 def write_report(run) -> Path:

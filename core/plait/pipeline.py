@@ -14,6 +14,8 @@ def setup_tokenizer(cfg, pm):
     """The run's tokenizer: ``load_tokenizer`` (firstresult), then every
     plugin's ``tokenizer_loaded`` (a family's chat template, pad token) before
     any row is tokenized or the model's embeddings are sized to it."""
-    tokenizer = pm.hook.load_tokenizer(cfg=cfg)
+    from plait.plugins import call_required
+
+    tokenizer = call_required(pm, "load_tokenizer", cfg=cfg)
     pm.hook.tokenizer_loaded(cfg=cfg, tokenizer=tokenizer)
     return tokenizer

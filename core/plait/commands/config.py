@@ -22,6 +22,19 @@ def _short(value) -> str:
     return text if len(text) <= 70 else text[:67] + "..."
 
 
+def run_preflight(cfg) -> None:
+    """The machine and filesystem checks `plait train` makes before any model
+    loads (:mod:`plait.config.preflight`): notes on stderr, problems raised."""
+    import sys
+
+    from plait.config.preflight import preflight
+
+    checks = preflight(cfg)
+    for note in checks.notes:
+        print(f"note: {note}", file=sys.stderr)
+    checks.raise_for_problems()
+
+
 def run(args, pm) -> int:
     from plait.config import config_class, explain
 
@@ -34,6 +47,7 @@ def run(args, pm) -> int:
     if args.action == "validate":
         # build_config already looked the optimizer, schedule and dataset types up in the registries
         cfg, pm = load_run_config(args, pm)
+        run_preflight(cfg)
         print(f"{args.config}: valid")
         return 0
     cfg, pm = load_run_config(args, pm, check_sources=False)  # explain shows values, even a path not made yet

@@ -1,16 +1,27 @@
-"""Atomic checkpoints that resume a run bit for bit.
+"""Atomic, verified, pickle-free checkpoints that resume a run bit for bit.
 
 A checkpoint is a directory ``output_dir/checkpoint-<step>/``::
 
     checkpoint-40/
-      model/                  the model as save_model writes it (HF / peft format, usable as is)
-      trainable.safetensors   every trainable parameter, by name (what resume loads)
-      optimizer.pt            optimizer state (full, unsharded, keyed by parameter name)
-      scheduler.pt            learning-rate schedule state
-      grad_scaler.pt          fp16 loss scale (fp16 runs only)
-      rng-<rank>.pt           python, numpy and torch (CPU and CUDA) generator states, per rank
-      trainer_state.json      step, epoch, step within the epoch plan
-      packing_plan.json       sample_packing runs only: the epoch plan's identity
+      model/                          the model as save_model writes it (HF / peft format, usable as is)
+      trainable.safetensors           every trainable parameter, by name (what resume loads)
+      optimizer.safetensors + .json   optimizer state (full, unsharded, keyed by parameter name)
+      scheduler.safetensors + .json   learning-rate schedule state
+      grad_scaler.safetensors + .json fp16 loss scale (fp16 runs only)
+      rng-<rank>.safetensors + .json  python, numpy and torch (CPU and CUDA) generator states, per rank
+      trainer_state.json              step, epoch, step within the epoch plan
+      packing_plan.json               sample_packing runs only: the epoch plan's identity
+      manifest.json                   size and sha256 of every file above, written last
+
+Nothing in a checkpoint is a pickle (:mod:`plait.train.state_io`): loading one
+parses tensors and JSON and runs no code. A checkpoint holding a pickle
+(``optimizer.pt`` of an older Plait, or a file planted there) is refused.
+
+Resume verifies the manifest (:mod:`plait.train.manifest`). With
+``auto_resume_from_checkpoints`` a checkpoint that fails (a truncated or
+deleted file, an empty ``trainer_state.json``, a stray ``checkpoint-99/``) is
+skipped with the reason, and the newest one that verifies is used; an explicit
+``resume_from_checkpoint`` that fails is an error saying what is damaged.
 
 With ``sample_packing`` the checkpoint records the identity of the current
 epoch's packing plan (a sha256 of every data-parallel rank's bins, the epoch,
@@ -22,21 +33,29 @@ windows of a different plan would not continue the same epoch.
 It is written under ``.checkpoint-<step>.tmp`` and renamed into place once
 complete: ``os.rename`` of a directory is atomic on one filesystem, so a kill
 in the middle of a save leaves the previous checkpoint as the latest one and a
-``.tmp`` directory that the next run removes.
+``.tmp`` directory that the next run removes. A write that fails (a full disk)
+removes the ``.tmp`` directory and stops the run with the path and the free
+space; the checkpoints before it stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, TrainingError
+from plait.train.manifest import MANIFEST, verify, write_manifest
+from plait.train.state_io import load_state, save_state
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: files a checkpoint never holds since it stopped using pickles; each one is refused, never loaded
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 
 
 def _dist():
@@ -55,6 +74,10 @@ def _state_options(**extra):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **extra)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def rng_state() -> dict:
@@ -80,7 +103,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first."""
+    """``checkpoint-<step>`` directories in ``output_dir``, oldest first
+    (complete or not: :func:`verify` tells)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
@@ -88,22 +112,106 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoints whose save finished (they hold a manifest), oldest first."""
+    return [p for p in list_checkpoints(output_dir) if (p / MANIFEST).is_file()]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints = complete_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
 
-def remove_partial_saves(output_dir: str | Path) -> None:
-    """Delete ``.tmp`` directories a killed save left behind."""
+def remove_partial_saves(output_dir: str | Path) -> list[Path]:
+    """Delete ``.tmp`` directories a killed save left behind; the ones removed."""
     output_dir = Path(output_dir)
+    removed = []
     if output_dir.is_dir():
-        for path in output_dir.glob(".checkpoint-*.tmp"):
+        for path in sorted(output_dir.glob(".checkpoint-*.tmp")) + sorted(output_dir.glob(".final-save.tmp")):
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def pickles_in(path: Path) -> list[str]:
+    """Files of the checkpoint at ``path`` that are pickles (by their suffix)."""
+    return sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*")
+                  if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def pickle_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is refused for holding pickles; ``None`` when it holds none."""
+    found = pickles_in(path)
+    if not found:
+        return None
+    return (f"checkpoint {path} holds {', '.join(found[:5])}: pickle files, which can run code when loaded; Plait "
+            f"writes checkpoints without pickles (safetensors + JSON) and refuses to load one that has them. Resume "
+            f"from a checkpoint written by this version of Plait, or move this one away to start over")
+
+
+def refuse_pickles(path: Path) -> None:
+    """A checkpoint holding a pickle is never loaded: unpickling can run any code."""
+    problem = pickle_problem(path)
+    if problem:
+        raise ConfigError(problem)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the filesystem holding ``path`` (its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "an unknown amount"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def estimate_checkpoint_bytes(model) -> int:
+    """About what one checkpoint of ``model`` takes: the trainable weights twice
+    (``trainable.safetensors`` and ``model/``, or every weight for a full
+    fine-tune), and two float32 optimizer moments per trainable value (Adam)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    frozen = any(not p.requires_grad for p in model.parameters())
+    saved_model = trainable_bytes if frozen else sum(p.numel() * p.element_size() for p in model.parameters())
+    return trainable_bytes + saved_model + 8 * sum(p.numel() for p in trainable)
+
+
+def check_room(run) -> None:
+    """Refuse to start a run whose first checkpoint (or final save) could not fit on the disk."""
+    needed = estimate_checkpoint_bytes(run.model)
+    free = free_bytes(run.output_dir)
+    if free is not None and free < needed:
+        raise TrainingError(
+            f"output_dir {run.output_dir} has {human_bytes(free)} free; one checkpoint of this run needs about "
+            f"{human_bytes(needed)} (its trainable weights, their optimizer state and the saved model); free some "
+            f"space or set output_dir to a larger disk")
+
+
+def write_failed(target: Path, exc: OSError, output_dir: Path, what: str = "") -> TrainingError:
+    """The message for a save that could not be written, naming the path and the free space."""
+    kept = latest_checkpoint(output_dir)
+    reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    last = (f"the last complete checkpoint, {kept}, is intact: free some space and rerun with "
+            f"auto_resume_from_checkpoints: true to continue from it" if kept is not None
+            else "no earlier checkpoint exists (set save_steps or saves_per_epoch to keep one)")
+    return TrainingError(f"could not write {what}{target}: {reason} ({human_bytes(free_bytes(output_dir))} free on "
+                         f"{output_dir}); its partial files were removed; {last}")
 
 
 def _write_model_state(run, tmp: Path) -> None:
     """Trainable weights and optimizer state, gathered to full tensors (rank 0 writes)."""
-    import torch
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -112,85 +220,112 @@ def _write_model_state(run, tmp: Path) -> None:
     optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=options)
     if run.is_main:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer, tmp / "optimizer.pt")
-        torch.save(run.scheduler.state_dict(), tmp / "scheduler.pt")
+        save_state(optimizer, tmp, "optimizer")
+        save_state(run.scheduler.state_dict(), tmp, "scheduler")
         if "grad_scaler" in run.extras:  # fp16: the loss scale is part of the state
-            torch.save(run.extras["grad_scaler"].state_dict(), tmp / "grad_scaler.pt")
+            save_state(run.extras["grad_scaler"].state_dict(), tmp, "grad_scaler")
 
 
 def save_checkpoint(run) -> Path:
-    """Write ``checkpoint-<run.step>`` atomically, then prune to ``save_total_limit``."""
-    import torch
+    """Write ``checkpoint-<run.step>`` atomically, then prune to ``save_total_limit``.
 
+    A failed write (``OSError``: a full disk, a quota) removes the partial
+    ``.tmp`` directory and raises :class:`TrainingError` naming it and the free space.
+    """
     output_dir = Path(run.output_dir)
     final = output_dir / f"checkpoint-{run.step}"
     tmp = output_dir / f".checkpoint-{run.step}.tmp"
-    if run.is_main:
+    try:
+        if run.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        save_state(rng_state(), tmp, f"rng-{run.rank}")
+        _write_model_state(run, tmp)
+        # every rank: save_model gathers sharded weights collectively
+        run.pm.hook.save_model(cfg=run.cfg, model=run.model, tokenizer=run.tokenizer, path=str(tmp / "model"))
+        if run.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(run.position(), indent=2))
+            if run.cfg.sample_packing:
+                (tmp / "packing_plan.json").write_text(json.dumps(packing_identity(run), indent=2))
+        _barrier()
+        if run.is_main:
+            write_manifest(tmp)  # last: its presence marks a finished save
+            if final.exists():  # a rerun reaching the same step: replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save(rng_state(), tmp / f"rng-{run.rank}.pt")
-    _write_model_state(run, tmp)
-    # every rank: save_model gathers sharded weights collectively
-    run.pm.hook.save_model(cfg=run.cfg, model=run.model, tokenizer=run.tokenizer, path=str(tmp / "model"))
+        raise write_failed(final, exc, output_dir) from exc
     if run.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps(run.position(), indent=2))
-        if run.cfg.sample_packing:
-            (tmp / "packing_plan.json").write_text(json.dumps(packing_identity(run), indent=2))
-    _barrier()
-    if run.is_main:
-        if final.exists():  # a rerun reaching the same step: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
         prune(output_dir, run.cfg.save_total_limit)
     _barrier()
     return final
 
 
 def prune(output_dir: Path, limit: int | None) -> None:
-    """Keep the newest ``limit`` checkpoints."""
+    """Keep the newest ``limit`` complete checkpoints (a stray directory never
+    counts as one, so it cannot push a good checkpoint out)."""
     if not limit:
         return
-    for old in list_checkpoints(output_dir)[:-limit]:
+    for old in complete_checkpoints(output_dir)[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume_path(cfg) -> Path | None:
-    """The checkpoint to resume from: ``resume_from_checkpoint``, or with
-    ``auto_resume_from_checkpoints`` the newest one in ``output_dir``."""
+def resume_path(cfg, say=_say) -> Path | None:
+    """The checkpoint to resume from, verified against its manifest.
+
+    ``resume_from_checkpoint`` must verify (an error says what is damaged and
+    names the newest checkpoint beside it that does). With
+    ``auto_resume_from_checkpoints`` the newest checkpoint in ``output_dir``
+    that verifies is used; each newer one that does not is skipped, and
+    ``say`` is told which and why. A checkpoint holding a pickle is refused
+    either way (:func:`refuse_pickles`).
+    """
     if cfg.resume_from_checkpoint:
         path = Path(cfg.resume_from_checkpoint)
-        if not (path / "trainer_state.json").is_file():
+        if not path.is_dir() or not any(path.iterdir()):
             raise ConfigError(
                 f"config key 'resume_from_checkpoint': {str(path)!r} is not a complete Plait checkpoint "
-                f"(no trainer_state.json); accepted: a checkpoint-<step> directory from a previous run"
-            )
+                f"({'no such directory' if not path.is_dir() else 'an empty directory'}); accepted: a "
+                f"checkpoint-<step> directory from a previous run")
+        refuse_pickles(path)
+        problems = verify(path)
+        if problems:
+            good = next((p for p in reversed(complete_checkpoints(path.parent)) if p != path and not verify(p)), None)
+            hint = f"; {good} verifies: resume from it instead" if good else ""
+            raise ConfigError(f"config key 'resume_from_checkpoint': {str(path)!r} is not a complete Plait "
+                              f"checkpoint: {'; '.join(problems)}{hint}")
         return path
-    if cfg.auto_resume_from_checkpoints:
-        return latest_checkpoint(cfg.output_dir)
+    if not cfg.auto_resume_from_checkpoints:
+        return None
+    for path in reversed(list_checkpoints(cfg.output_dir)):
+        refuse_pickles(path)
+        problems = verify(path)
+        if not problems:
+            return path
+        say(f"warning: skipping {path}: {'; '.join(problems)}")
     return None
 
 
 def load_checkpoint(run, path: Path) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNGs; return the
     position (``step``, ``epoch``, ``step_in_epoch``)."""
-    import torch
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    refuse_pickles(path)  # again: resume_path may have been skipped by a caller
     weights = load_file(str(path / "trainable.safetensors"))
     result = set_model_state_dict(run.model, weights, options=_state_options(strict=False))
     if result.unexpected_keys:
         raise ConfigError(f"checkpoint {path} holds weights this model does not have (was it saved with other "
                           f"adapter/model keys?): {sorted(result.unexpected_keys)[:5]}")
-    optimizer = torch.load(path / "optimizer.pt", weights_only=False)
-    set_optimizer_state_dict(run.model, run.optimizer, optimizer, options=_state_options())
-    run.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if "grad_scaler" in run.extras and (path / "grad_scaler.pt").exists():
-        run.extras["grad_scaler"].load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=False))
-    rng_file = path / f"rng-{run.rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    set_optimizer_state_dict(run.model, run.optimizer, load_state(path, "optimizer"), options=_state_options())
+    run.scheduler.load_state_dict(load_state(path, "scheduler"))
+    if "grad_scaler" in run.extras and (path / "grad_scaler.json").exists():
+        run.extras["grad_scaler"].load_state_dict(load_state(path, "grad_scaler"))
+    if (path / f"rng-{run.rank}.json").exists():
+        set_rng_state(load_state(path, f"rng-{run.rank}"))
     position = json.loads((path / "trainer_state.json").read_text())
     check_packing_plan(run, path, position)
     return position
@@ -230,8 +365,6 @@ def plan_digest(run, epoch: int) -> str:
 
 def check_packing_plan(run, path: Path, position: dict) -> None:
     """Refuse to resume a packed run whose epoch plan would differ from the checkpoint's."""
-    from plait.errors import TrainingError
-
     stored_file = path / "packing_plan.json"
     if not stored_file.is_file():
         if run.cfg.sample_packing and position.get("step_in_epoch"):

@@ -119,6 +119,8 @@ def train(cfg, pm, *, data=None) -> Run:
     """
     from transformers.utils import logging as hf_logging
 
+    from plait.config.preflight import preflight
+    from plait.plugins import call_required
     from plait.train import checkpoint
     from plait.train.distributed import close_distributed, init_distributed, set_seed
 
@@ -126,8 +128,14 @@ def train(cfg, pm, *, data=None) -> Run:
     world = init_distributed()
     run = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=world)
     try:
+        # what `plait config validate` checks too: data files, output dirs, resume, flash-attn;
+        # the resume checkpoint is hashed once, by resume_path below
+        checks = preflight(cfg, check_data=data is None, verify_checkpoint=False)
+        for note in checks.notes:
+            log(run, f"note: {note}")
+        checks.raise_for_problems()
         set_seed(cfg.seed)
-        resume_from = checkpoint.resume_path(cfg)
+        resume_from = checkpoint.resume_path(cfg, say=partial(log, run))
         start_output(run, resume_from)
 
         run.tokenizer = setup_tokenizer(cfg, pm)
@@ -140,9 +148,11 @@ def train(cfg, pm, *, data=None) -> Run:
             raise TrainingError("the training set is empty; check datasets: and val_set_size")
 
         run.model = build_model(run)
-        run.loss_fn = pm.hook.build_loss(cfg=cfg, model=run.model)
+        run.loss_fn = call_required(pm, "build_loss", cfg=cfg, model=run.model)
         plan_schedule(run)
         run.optimizer, run.scheduler = build_optimizer_and_scheduler(run)
+        if run.is_main:
+            checkpoint.check_room(run)  # before the first step, not at the first save
         if cfg.fp16 and run.device.type == "cuda":
             import torch
 
@@ -176,8 +186,15 @@ def start_output(run: Run, resume_from) -> None:
 
     if not run.is_main:
         return
-    run.output_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_saves(run.output_dir)
+    try:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from plait.errors import ConfigError
+
+        raise ConfigError(f"config key 'output_dir': {str(run.output_dir)!r} cannot be created: "
+                          f"{exc.strerror or exc}") from None
+    for partial_save in remove_partial_saves(run.output_dir):
+        log(run, f"removed {partial_save}: a save that never finished")
     earlier = list_checkpoints(run.output_dir)
     if earlier and resume_from is None:
         log(run, f"warning: {run.output_dir} holds checkpoints of an earlier run ({earlier[-1].name}); starting over "
@@ -194,7 +211,9 @@ def build_model(run: Run):
     from plait.train.distributed import data_parallel_rank_and_size
 
     cfg, pm = run.cfg, run.pm
-    model = pm.hook.load_model(cfg=cfg, tokenizer=run.tokenizer)
+    from plait.plugins import call_required
+
+    model = call_required(pm, "load_model", cfg=cfg, tokenizer=run.tokenizer)
     # validate_config could only read a local config.json: check the real one
     check_loaded_model(cfg, model)
     if not _placed_by_loader(model):
@@ -250,10 +269,11 @@ def plan_schedule(run: Run) -> None:
 
 def build_optimizer_and_scheduler(run: Run):
     from plait.model.params import param_groups
+    from plait.plugins import call_required
 
     cfg, pm = run.cfg, run.pm
-    optimizer = pm.hook.build_optimizer(cfg=cfg, params=param_groups(run.model, cfg.weight_decay))
-    scheduler = pm.hook.build_scheduler(cfg=cfg, optimizer=optimizer, total_steps=run.total_steps)
+    optimizer = call_required(pm, "build_optimizer", cfg=cfg, params=param_groups(run.model, cfg.weight_decay))
+    scheduler = call_required(pm, "build_scheduler", cfg=cfg, optimizer=optimizer, total_steps=run.total_steps)
     return optimizer, scheduler
 
 
@@ -265,12 +285,15 @@ def train_epochs(run: Run) -> None:
     from plait.data.batching import plan_batches
     from plait.train.prefetch import StepPrefetcher
     from plait.train.progress import Progress
+    from plait.train.signals import StopOnSignals
 
     cfg = run.cfg
     eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, run.steps_per_epoch, run.total_steps)
     save_every = interval(cfg.save_steps, cfg.saves_per_epoch, run.steps_per_epoch, run.total_steps)
     progress = Progress(run)
     prefetch = StepPrefetcher(partial(collate_window, run))
+    signals = run.extras["signals"] = StopOnSignals(cfg.save_on_signals)
+    signals.install()
     try:
         while run.step < run.total_steps:
             plan = plan_batches(cfg, run.train_lengths, run.epoch, run.dp_rank, run.dp_size)
@@ -285,17 +308,36 @@ def train_epochs(run: Run) -> None:
                 log_step(run, metrics, progress)
                 if eval_every and run.step % eval_every == 0 and run.eval_data is not None:
                     progress.write(format_eval(evaluate_and_log(run)))
-                if save_every and run.step % save_every == 0:
+                saved = bool(save_every and run.step % save_every == 0)
+                if saved:
                     from plait.train.checkpoint import save_checkpoint
 
                     save_checkpoint(run)
+                if run.extras.get("stop_requested"):
+                    stop_on_signal(run, saved)
                 if run.step >= run.total_steps:
                     break
             else:
                 run.epoch, run.step_in_epoch = run.epoch + 1, 0
     finally:
+        signals.restore()
         prefetch.close()
         progress.close()
+
+
+def stop_on_signal(run: Run, saved: bool) -> None:
+    """A signal of ``save_on_signals`` arrived during the step that just ended
+    (on any rank): save this step's checkpoint unless it was just saved, and stop."""
+    from plait.train.checkpoint import save_checkpoint
+    from plait.train.signals import TrainingStopped
+
+    name = run.extras["signals"].received or "SIGTERM"  # another rank's signal: this one saw none
+    path = run.output_dir / f"checkpoint-{run.step}"
+    if not saved:
+        path = save_checkpoint(run)
+    raise TrainingStopped(
+        f"received {name}: stopped after step {run.step} of {run.total_steps} and saved {path}; rerun the same "
+        f"command with auto_resume_from_checkpoints: true (or resume_from_checkpoint: {path}) to continue", name)
 
 
 def log_packing_efficiency(run: Run, plan) -> float:
@@ -401,7 +443,12 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     else:
         loss_sum = float(loss_sum)
 
-    loss_sum, tokens, input_tokens = all_reduce_sum([loss_sum, local_tokens, input_tokens], run.device)
+    # a stop signal on any rank stops every rank after this step (save_on_signals); agreed in the step's one reduce
+    signals = run.extras.get("signals")
+    stop_votes = 1.0 if signals is not None and signals.received else 0.0
+    loss_sum, tokens, input_tokens, stop_votes = all_reduce_sum([loss_sum, local_tokens, input_tokens, stop_votes],
+                                                                run.device)
+    run.extras["stop_requested"] = stop_votes > 0
     # tensor-parallel ranks repeat their group's tokens (and loss): count them once
     loss_sum, tokens = loss_sum / token_replicas(run), tokens / token_replicas(run)
     input_tokens /= data_replicas(run)
@@ -472,7 +519,12 @@ def collate(run: Run, dataset, micro_batch) -> dict:
     from plait.data.batching import materialize
 
     rows = [materialize(dataset, bin_indices) for bin_indices in micro_batch]
-    return run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer)
+    batch = run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer)
+    if batch is None:
+        from plait.plugins import no_result_error
+
+        raise no_result_error(run.pm, "collate")
+    return batch
 
 
 def collate_window(run: Run, window) -> list[dict]:
