@@ -313,7 +313,8 @@ def train_epochs(run: Run) -> None:
                     from plait.train.checkpoint import save_checkpoint
 
                     save_checkpoint(run)
-                if run.extras.get("stop_requested"):
+                # several ranks stop together on the step's all-reduced vote; one process need not wait for it
+                if run.extras.get("stop_requested") or (run.world_size == 1 and signals.received):
                     stop_on_signal(run, saved)
                 if run.step >= run.total_steps:
                     break
