@@ -46,11 +46,11 @@ BAD_VALUES = [
     ("adam_beta1", 1.0, "'adam_beta1': 1.0 is not accepted: Input should be less than 1"),
     ("adam_beta2", -0.1, "'adam_beta2': -0.1 is not accepted: Input should be greater than or equal to 0"),
     ("adam_epsilon", 0, "'adam_epsilon': 0 is not accepted: Input should be greater than 0"),
-    ("save_steps", -5, "'save_steps': -5 is not accepted: Value error, give a number of steps >= 1"),
+    ("save_steps", -5, "'save_steps': -5 is not accepted: give a number of steps >= 1"),
     ("eval_steps", 0, "'eval_steps': 0 is not accepted"),
     ("output_dir", "", "'output_dir': '' is not accepted"),
     ("datasets", True, "config key 'datasets': True is not accepted: a boolean where a list is expected"),
-    ("datasets", [{"path": "", "type": "alpaca"}], "'datasets.0.path': '' is not accepted: Value error, an empty "
+    ("datasets", [{"path": "", "type": "alpaca"}], "'datasets.0.path': '' is not accepted: an empty "
                                                    "string names nothing"),
     ("save_on_signals", ["SIGKILL"], "'save_on_signals': ['SIGKILL'] is not accepted"),
 ]

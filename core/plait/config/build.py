@@ -149,12 +149,18 @@ def _check_entry_keys(pm, entry: dict, where: str) -> None:
 
 
 def _describe_error(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"])
+    # a union's members show up in the location (gradient_checkpointing.bool): the key is the path before them
+    key = ".".join(str(part) for part in error["loc"] if not _is_type_tag(part))
     kind = error["type"]
     if kind == "missing":
         return f"config key {key!r} is required and was not given"
     value = error.get("input")
-    return f"config key {key!r}: {value!r} is not accepted: {error['msg']}"
+    message = error["msg"].removeprefix("Value error, ")  # our validators' messages read as they are
+    return f"config key {key!r}: {value!r} is not accepted: {message}"
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in ("bool", "int", "float", "str", "dict", "list") or "[" in part)
 
 
 def build_config(
