@@ -16,6 +16,9 @@ A checkpoint directory holds::
 
 :func:`consolidate` turns it into a normal Hugging Face model or a peft
 adapter (``plait merge-sharded``).
+
+Loading reads DCP's pickled index and non-tensor entries through
+:mod:`plait_parallel.safe_load`, so a crafted checkpoint runs no code.
 """
 
 from __future__ import annotations
@@ -109,11 +112,14 @@ def load_sharded(path, model, optimizer=None) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    from plait_parallel.safe_load import safe_load
+
     meta = read_meta(path)
     if optimizer is not None and not meta.get("has_optimizer"):
         optimizer = None  # the checkpoint has no optimizer state: keep the fresh one
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    # DCP's default reader unpickles freely: these run no code from the checkpoint
+    safe_load(state, str(path))
     options = _options(model, strict=False)
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
@@ -158,10 +164,10 @@ def consolidate(path, output_dir, base_model: str | None = None) -> Path:
 
         model = get_peft_model(model, PeftConfig.from_pretrained(str(path / "adapter")))
     state = {"model": get_model_state_dict(model, options=_options(model))}
-    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from plait_parallel.safe_load import safe_load
 
     # partial: parameters frozen at save time are not in the checkpoint; they keep the base's values
-    dcp.load(state, checkpoint_id=str(path), no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=True))
+    safe_load(state, str(path), no_dist=True, allow_partial_load=True)
     set_model_state_dict(model, state["model"], options=_options(model, strict=False))
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(output_dir), safe_serialization=True)
