@@ -151,8 +151,8 @@ def train(cfg, pm, *, data=None) -> Run:
         run.loss_fn = call_required(pm, "build_loss", cfg=cfg, model=run.model)
         plan_schedule(run)
         run.optimizer, run.scheduler = build_optimizer_and_scheduler(run)
-        if run.is_main:
-            checkpoint.check_room(run)  # before the first step, not at the first save
+        # every rank (all stop together): before the first step, not at the first save
+        checkpoint.check_room(run)
         if cfg.fp16 and run.device.type == "cuda":
             import torch
 
@@ -208,11 +208,10 @@ def build_model(run: Run):
     import torch
 
     from plait.data.packing import check_loaded_model
+    from plait.plugins import call_required
     from plait.train.distributed import data_parallel_rank_and_size
 
     cfg, pm = run.cfg, run.pm
-    from plait.plugins import call_required
-
     model = call_required(pm, "load_model", cfg=cfg, tokenizer=run.tokenizer)
     # validate_config could only read a local config.json: check the real one
     check_loaded_model(cfg, model)
