@@ -160,7 +160,12 @@ def _describe_error(error: dict) -> str:
 
 
 def _is_type_tag(part) -> bool:
-    return isinstance(part, str) and (part in ("bool", "int", "float", "str", "dict", "list") or "[" in part)
+    """A union member's name in an error location: a type (``bool``, ``list[str]``) or a
+    dataset entry model's tag (``plait_formats.entries.InstructionEntry``)."""
+    import re
+
+    return isinstance(part, str) and (part in ("bool", "int", "float", "str", "dict", "list") or "[" in part
+                                      or re.fullmatch(r"[\w.]+\.[A-Z]\w*", part) is not None)
 
 
 def build_config(
