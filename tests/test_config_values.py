@@ -53,6 +53,8 @@ BAD_VALUES = [
     ("datasets", [{"path": "", "type": "alpaca"}], "'datasets.0.path': '' is not accepted: an empty "
                                                    "string names nothing"),
     ("save_on_signals", ["SIGKILL"], "'save_on_signals': ['SIGKILL'] is not accepted"),
+    # found by the fuzz test: a number as a dataset type reached a string method in the format lookup
+    ("datasets", [{"path": "x.jsonl", "type": 5}], "config key 'datasets.0.type': 5 is not accepted"),
 ]
 
 

@@ -76,6 +76,8 @@ def entry_union(pm):
 
     def tag(value) -> str:
         type_value = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+        if not isinstance(type_value, (str, type(None))):
+            return f"{DatasetEntry.__module__}.{DatasetEntry.__qualname__}"  # its type: str refuses the value
         model = model_of.get(format_key(type_value, formats), DatasetEntry)
         return f"{model.__module__}.{model.__qualname__}"
 
