@@ -140,3 +140,46 @@ def test_resume_from_a_missing_checkpoint_is_a_config_error(setup):
     result = run_cli(["train", str(config("bad_resume")), f"resume_from_checkpoint={root / 'nowhere'}"])
     assert result.exit_code == 2
     assert "resume_from_checkpoint" in result.stderr and "is not a complete Plait checkpoint" in result.stderr
+
+
+# each step sleeps a little so the signal lands mid-run on a fast machine too
+SLOW_STEPS = """
+import sys, time
+import plait.train.loop as loop
+step = loop.train_step
+def slow_step(*args, **kwargs):
+    time.sleep(0.3)
+    return step(*args, **kwargs)
+loop.train_step = slow_step
+from plait.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_finishes_bit_identical(setup):
+    root, config = setup
+    cfg = config("terminated", auto_resume_from_checkpoints=True)
+    out = root / "terminated"
+    process = plait_train(cfg, wait=False, prelude=SLOW_STEPS)
+    deadline = time.time() + 240
+    metrics = out / "metrics.jsonl"
+    # after step 3 (not a save step: save_steps is 2), so the checkpoint is the signal's own
+    while process.poll() is None and time.time() < deadline and \
+            not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = [line for line in err.splitlines() if "received SIGTERM" in line]
+    assert stopped, err[-3000:]
+    step = int(stopped[0].split("stopped after step ")[1].split()[0])
+    assert 3 <= step < MAX_STEPS
+    assert f"of {MAX_STEPS} and saved {out / f'checkpoint-{step}'}" in stopped[0]
+    assert "auto_resume_from_checkpoints: true" in stopped[0]
+    assert (out / f"checkpoint-{step}" / "manifest.json").is_file()
+    assert not (out / "model.safetensors").exists()
+
+    resumed = plait_train(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out / f'checkpoint-{step}'} at step {step}" in resumed.stderr
+    assert_same_as_reference(root, "terminated")
