@@ -109,7 +109,6 @@ def load_sharded(path, model, optimizer=None) -> dict:
     """Load shards from ``path`` into ``model`` (and ``optimizer``), however they
     are sharded now; returns the ``extra_state`` given to :func:`save_sharded`.
     Collective when the process group is initialised."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     from plait_parallel.safe_load import safe_load
@@ -138,7 +137,6 @@ def consolidate(path, output_dir, base_model: str | None = None) -> Path:
     weights; one holding every weight only uses the base's tokenizer when
     present.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
