@@ -139,3 +139,22 @@ def test_a_read_only_output_dir_fails_validate(tmp_path):
                        output_dir=str(locked / "out"))
     result = run_cli(["config", "validate", str(cfg)])
     assert result.exit_code == 2 and f"cannot be created: {locked} is not writable" in result.stderr
+
+
+def test_validate_refuses_a_full_fine_tune_whose_checkpoint_cannot_fit(tiny_model, tmp_path, monkeypatch):
+    """Before any model loads: the size comes from the base model's safetensors headers."""
+    from plait.config.preflight import safetensors_size
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    keys = {"base_model": str(tiny_model), "datasets": [{"path": str(data), "type": "alpaca"}],
+            "output_dir": str(tmp_path / "out")}
+    weight_bytes, values = safetensors_size(Path(tiny_model))
+    assert values > 100_000 and weight_bytes == 4 * values  # the tiny model is float32
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=weight_bytes))
+    result = run_cli(["config", "validate", str(write_config(tmp_path / "full.yml", **keys))])
+    assert result.exit_code == 2
+    assert f"a checkpoint of a full fine-tune of {tiny_model} needs about" in result.stderr
+    # LoRA's checkpoint is small: checked precisely once the adapter is known (the loop's room check)
+    lora = {**keys, "adapter": "lora", "lora_target_linear": True}
+    assert run_cli(["config", "validate", str(write_config(tmp_path / "lora.yml", **lora))]).exit_code == 0
