@@ -26,33 +26,47 @@ class StateFormatError(ValueError):
     """A value that cannot be stored without pickle (a function, an object)."""
 
 
-def _encode(value, tensors: dict, where: str):
-    import numpy as np
-    import torch
+class _Encoder:
+    """Splits a state into JSON-able structure and the tensors it holds."""
 
-    if isinstance(value, torch.Tensor):
-        key = f"t{len(tensors)}"
-        # safetensors refuses views sharing storage; a private contiguous copy is always accepted
-        tensors[key] = value.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(value, np.ndarray):
-        key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
-        return {"__ndarray__": key}
-    if isinstance(value, np.generic):  # a numpy scalar: its python value
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if all(isinstance(k, str) and k not in TAGS for k in value):
-            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in value.items()}
-        return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")]
-                              for k, v in value.items()]}
-    raise StateFormatError(f"{where}: a {type(value).__name__} cannot be stored without pickle")
+    def __init__(self):
+        self.tensors: dict = {}
+        self._storages: set = set()
+
+    def _add(self, tensor) -> str:
+        key = f"t{len(self.tensors)}"
+        tensor = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses two tensors sharing storage: copy only a tensor whose storage was seen before
+        # (an optimizer's state is large; copying all of it would double the host memory a save needs)
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self._storages:
+            tensor = tensor.clone()
+        self._storages.add(storage)
+        self.tensors[key] = tensor
+        return key
+
+    def encode(self, value, where: str):
+        import numpy as np
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return {"__tensor__": self._add(value)}
+        if isinstance(value, np.ndarray):
+            return {"__ndarray__": self._add(torch.from_numpy(np.ascontiguousarray(value).copy()))}
+        if isinstance(value, np.generic):  # a numpy scalar: its python value
+            return value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, tuple):
+            return {"__tuple__": [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and k not in TAGS for k in value):
+                return {k: self.encode(v, f"{where}.{k}") for k, v in value.items()}
+            return {"__items__": [[self.encode(k, where), self.encode(v, f"{where}[{k!r}]")]
+                                  for k, v in value.items()]}
+        raise StateFormatError(f"{where}: a {type(value).__name__} cannot be stored without pickle")
 
 
 def _decode(value, tensors: dict):
@@ -79,11 +93,11 @@ def save_state(state, directory: Path, name: str) -> list[Path]:
     """Write ``state`` as ``directory/<name>.safetensors`` and ``<name>.json``; the paths written."""
     from safetensors.torch import save_file
 
-    tensors: dict = {}
-    structure = _encode(state, tensors, name)
+    encoder = _Encoder()
+    structure = encoder.encode(state, name)
     directory = Path(directory)
     tensor_file, json_file = directory / f"{name}.safetensors", directory / f"{name}.json"
-    save_file(tensors, str(tensor_file))
+    save_file(encoder.tensors, str(tensor_file))
     json_file.write_text(json.dumps(structure))
     return [tensor_file, json_file]
 
