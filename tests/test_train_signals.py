@@ -33,6 +33,7 @@ class SignalAtStep:
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_at_the_step_boundary_and_stops(tmp_path):
     from plait.testing import make_tiny_model
     from plait.train.loop import train
