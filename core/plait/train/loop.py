@@ -2,13 +2,14 @@
 
 :func:`train` is the whole recipe::
 
-    config -> process group, seeds, output_dir
+    config -> process group, pre-flight (plait.config.preflight), seeds,
+              the checkpoint to resume from (verified), output_dir
            -> tokenizer (+ tokenizer_loaded fixes) -> datasets (tokenized, split)
            -> model -> adapters -> kernels -> device -> parallel wrapper
-           -> loss step, optimizer, schedule -> resume?
+           -> loss step, optimizer, schedule -> room for a checkpoint? -> resume?
            -> for each optimizer step: collate + shard_batch each micro-batch,
               forward, loss (+ extra_loss terms), backward; clip, step,
-              log, evaluate, checkpoint
+              log, evaluate, checkpoint; a save_on_signals signal: save, stop
            -> final eval, save, loss plot
 
 Every component comes from a hook (see :mod:`plait.hookspecs`), so plugins
