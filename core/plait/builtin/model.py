@@ -51,9 +51,14 @@ def load_model(cfg, tokenizer):
     from transformers import AutoModelForCausalLM
 
     check_model_sources(cfg, ("base_model",))
+    from plait.model.choice import load_with_supported_attention
+
     kwargs = pretrained_kwargs(cfg)
+    kwargs.pop("attn_implementation")
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+        # a backend the architecture does not implement falls back to one it does (SDPA, then eager)
+        model = load_with_supported_attention(
+            cfg, lambda **attn: AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs, **attn))
     except OSError as exc:  # missing config.json or weights, no network
         raise source_error("base_model", cfg.base_model, "model", exc) from exc
     except ValueError as exc:  # a folder whose config.json names no model type transformers knows

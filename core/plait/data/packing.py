@@ -390,7 +390,72 @@ def check_packing_support(cfg, model=None) -> None:
 
 
 def check_loaded_model(cfg, model) -> None:
-    """:func:`check_packing_support` on the loaded ``model`` when the run packs
-    (train or eval); the loop calls it right after ``load_model``."""
+    """:func:`check_packing_support` and :func:`packed_rows_leak` on the loaded
+    ``model`` when the run packs (train or eval); the loop calls it right after
+    ``load_model``, with the model on its device."""
     if cfg.sample_packing or cfg.eval_sample_packing:
         check_packing_support(cfg, model)
+        keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
+        why = packed_rows_leak(cfg, model)
+        if why:
+            raise ConfigError(
+                f"{keys}: packed rows are not kept apart by this model ({why}): "
+                f"set {' and '.join(k + ': false' for k in keys.split(' / '))}"
+            )
+
+
+#: model classes whose sequence mixing is not attention: state carried along the
+#: sequence crosses row boundaries whatever the mask says (named in the refusal)
+RECURRENT_HINTS = ("Mamba", "Mixer", "Recurrent", "Rglru", "ShortConv", "LinearAttention", "GatedDeltaNet",
+                   "Rwkv", "Conv1d", "Lightning", "Ssm")
+
+
+def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
+    """Why packing is not exact for ``model``, or ``None``: three rows of random
+    tokens run one by one and packed into one bin (core's collation, the run's
+    attention backend) must give the same logits at every position.
+
+    This catches what no config key says: recurrent or convolutional state
+    (Mamba, Jamba, Zamba, RecurrentGemma, LFM2) carried across the boundary,
+    and position ids a model offsets itself (RoBERTa-style models start at
+    ``padding_idx + 1``). Eval mode, no gradients; float32 must agree to 1e-3
+    of the logits' scale, half precision to 5e-2.
+    """
+    import random
+
+    import torch
+
+    from plait.builtin.collate import collate_packed
+    from plait.model.loading import compute_dtype
+    from plait.model.forward import forward_logits, unwrap
+
+    causal_lm = unwrap(model)
+    embeddings = causal_lm.get_input_embeddings()
+    device = embeddings.weight.device
+    vocab = embeddings.num_embeddings
+    rng = random.Random(0)
+    rows = [[rng.randrange(min(8, vocab - 1), vocab) for _ in range(n)] for n in lengths]
+    packed = collate_packed([{"input_ids": sum(rows, []), "labels": sum(rows, []), "seq_lens": list(lengths)}],
+                            0, cfg.attn_implementation, dtype=compute_dtype(cfg), device=device)
+    packed = {k: v.to(device) if hasattr(v, "to") else v for k, v in packed.items() if k != "labels"}
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        with torch.no_grad():
+            together = forward_logits(model, packed).logits[0].float()
+            alone = torch.cat([forward_logits(model, {"input_ids": torch.tensor([row], device=device)}).logits[0]
+                               for row in rows]).float()
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run a packed batch cannot train on one
+        return f"a packed test batch failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    finally:
+        causal_lm.train(was_training)
+    tolerance = 1e-3 if together.dtype == torch.float32 and compute_dtype(cfg) == torch.float32 else 5e-2
+    scale = float(alone.abs().max()) + 1e-6
+    diff = float((together - alone).abs().max())
+    if diff <= tolerance * scale:
+        return None
+    kinds = sorted({type(m).__name__ for m in causal_lm.modules()
+                    if any(h.lower() in type(m).__name__.lower() for h in RECURRENT_HINTS)})
+    cause = (f"its {', '.join(kinds[:3])} layers carry state along the sequence" if kinds
+             else "its positions or sequence mixing do not restart per row")
+    return f"{cause}; logits differ by {diff:.3g} against rows run alone"

@@ -3,6 +3,8 @@
 - :mod:`plait.model.loading` -- what every loader shares: the compute dtype,
   ``from_pretrained`` arguments, fitting embeddings to the tokenizer.
 - :mod:`plait.model.batch` -- the padded batch of tokenized rows collators start from.
+- :mod:`plait.model.choice` -- the attention backend a model supports
+  (``load_with_supported_attention``: SDPA, then eager, when one is refused).
 - :mod:`plait.model.forward` -- one training forward pass: the backbone's
   hidden states and the LM head, through DDP/peft wrappers.
 - :mod:`plait.model.head` -- the chunked LM-head cross-entropy and what a

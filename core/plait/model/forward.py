@@ -4,10 +4,30 @@ The loop computes the loss itself (:func:`plait.hookspecs.build_loss`), so it
 needs the final hidden states rather than logits. It still calls the *outer*
 model, because wrappers (peft, DDP, FSDP2) do their work in the outer
 ``forward``; ``logits_to_keep=1`` makes the model's own head run on one
-position only, and a forward hook on the decoder captures its output.
+position only, and a forward hook on the module feeding the head captures its
+output.
+
+Which module feeds the head, and whether ``hidden @ head.weight.T`` (plus the
+head's bias and Gemma 2's soft cap, :func:`plait.builtin.loss.head_options`)
+really is the model's logits, is not assumed from the class layout:
+:func:`head_plan` runs one tiny probe forward per model and looks. OPT,
+BART-style decoders and BERT-style heads (a transform before the output layer)
+put the module feeding the head elsewhere; Cohere (``logit_scale``), Granite
+(``logits_scaling``), MiniCPM3 (hidden states scaled inline) and
+RecurrentGemma (a logit soft cap) change the logits after or around the output
+layer. Where the fused computation cannot reproduce the model's logits, the
+loop takes the model's own logits instead (:func:`forward_logits`): never a
+loss on different logits.
 """
 
 from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass
+
+log = logging.getLogger("plait.model")
 
 
 def unwrap_data_parallel(model):
@@ -26,7 +46,7 @@ def unwrap(model):
 
 
 def decoder_and_head(model):
-    """``(decoder, head)``: the module producing final hidden states and the LM head."""
+    """``(decoder, head)``: the backbone (``base_model_prefix``) and the LM head."""
     causal_lm = unwrap(model)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
     if decoder is None and hasattr(causal_lm, "get_decoder"):
@@ -37,39 +57,212 @@ def decoder_and_head(model):
     return decoder, head
 
 
-def forward_hidden(model, inputs: dict):
-    """Run ``model`` on ``inputs`` (everything but labels) and return
-    ``(hidden [batch, seq, hidden], head module, outputs)``.
+@dataclass(frozen=True)
+class HeadPlan:
+    """How the loss gets its input for one model (:func:`head_plan`)."""
 
-    ``outputs`` is what the outer model returned (its logits cover one
-    position only); an ``extra_loss`` plugin reads e.g. ``router_logits``
-    from it when the model was configured to return them.
-    """
-    decoder, head = decoder_and_head(model)
+    #: name (in the unwrapped causal LM) of the module whose output the head
+    #: multiplies; ``None`` when no module returns exactly that
+    feeder: str | None
+    #: the fused head (``hidden @ W.T`` + bias, soft cap) reproduces the model's logits
+    fused: bool
+    #: ``forward`` takes ``logits_to_keep`` (else its head runs on every position)
+    logits_to_keep: bool
+    #: ``forward`` takes ``use_cache``
+    use_cache: bool
+    #: why the fused head is not used, for the log
+    reason: str = ""
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def head_plan(model) -> HeadPlan:
+    """The :class:`HeadPlan` of ``model``'s causal LM, probed once and kept for
+    the model's lifetime. The loop asks right after loading, before adapters
+    and parallel wrappers (which keep the same causal LM inside)."""
+    causal_lm = unwrap(model)
+    plan = _PLANS.get(causal_lm)
+    if plan is None:
+        plan = _PLANS[causal_lm] = probe_head(causal_lm)
+        if not plan.fused:
+            log.warning("loss: %s; the loss uses the model's own logits (its head runs on every position; a fused "
+                        "loss kernel does not apply)", plan.reason)
+    return plan
+
+
+def _forward_parameters(causal_lm) -> tuple[bool, bool]:
+    """Whether ``forward`` takes ``logits_to_keep`` and ``use_cache``."""
+    try:
+        params = inspect.signature(causal_lm.forward).parameters
+    except (TypeError, ValueError):
+        return False, False
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return "logits_to_keep" in params, "use_cache" in params or takes_kwargs
+
+
+def as_hidden(output):
+    """The hidden-state tensor in a module's output: the tensor itself, the first
+    element of a tuple, or ``last_hidden_state`` of a model output."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and isinstance(output.get("last_hidden_state"), torch.Tensor):
+        return output["last_hidden_state"]
+    if isinstance(output, (tuple, list)) or isinstance(output, dict):
+        values = output.values() if isinstance(output, dict) else output
+        return next((v for v in values if isinstance(v, torch.Tensor)), None)
+    return None
+
+
+def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
+    """Run ``causal_lm`` once (eval mode, no grad) on ``n_tokens`` tokens and
+    find the module whose output the head multiplies, and whether the fused
+    head reproduces the returned logits."""
+    import torch
+    import torch.nn.functional as F
+
+    from plait.model.head import head_options
+
+    keep, cache = _forward_parameters(causal_lm)
+    head = causal_lm.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if head is None or weight is None or weight.dim() != 2:
+        return HeadPlan(None, False, keep, cache, f"{type(causal_lm).__name__} has no linear output layer")
+    head_modules = {id(m) for m in head.modules()}
+    seen: list[tuple[str, object]] = []
     captured = {}
 
-    def keep_hidden(module, args, output):
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+    def record(name):
+        def hook(module, args, output):
+            hidden = as_hidden(output)
+            if hidden is not None and hidden.dim() == 3 and hidden.shape[1] == n_tokens \
+                    and hidden.shape[-1] == weight.shape[1]:
+                seen.append((name, hidden))
+        return hook
 
-    handles = [decoder.register_forward_hook(keep_hidden)]
+    def head_input(module, args, kwargs):
+        captured["input"] = args[0] if args else next(iter(kwargs.values()), None)
+
+    handles = [head.register_forward_pre_hook(head_input, with_kwargs=True)]
+    handles += [module.register_forward_hook(record(name)) for name, module in causal_lm.named_modules()
+                if name and id(module) not in head_modules]
+    device = weight.device if weight.device.type != "meta" else None
+    vocab = weight.shape[0]
+    ids = torch.tensor([[(7 * i + 3) % vocab for i in range(n_tokens)]], device=device)
+    kwargs = {"use_cache": False} if cache else {}
+    if keep:
+        kwargs["logits_to_keep"] = 0  # every position, to compare
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        with torch.no_grad():
+            outputs = causal_lm(input_ids=ids, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure only means: use the model's own logits
+        return HeadPlan(None, False, keep, cache, f"the head probe failed ({type(exc).__name__}: {exc})"[:300])
+    finally:
+        causal_lm.train(was_training)
+        for handle in handles:
+            handle.remove()
+    logits = getattr(outputs, "logits", None)
+    hidden_in = captured.get("input")
+    name = type(causal_lm).__name__
+    if logits is None or hidden_in is None:
+        return HeadPlan(None, False, keep, cache, f"{name}'s logits do not come from its output layer")
+    # the last module to finish with exactly the head's input: the backbone rather than its final norm
+    feeder = next((n for n, h in reversed(seen) if h.shape == hidden_in.shape and torch.equal(h, hidden_in)), None)
+    if feeder is None:
+        return HeadPlan(None, False, keep, cache, f"{name} transforms the hidden states inline before its head")
+    if keep and not _feeds_every_position(causal_lm, feeder, ids, kwargs):
+        keep = False  # the feeder runs after the model slices positions (a BERT-style head transform)
+    options = head_options(causal_lm)
+    fused = F.linear(hidden_in, weight, options.get("head_bias")).float()
+    if options.get("softcap"):
+        fused = torch.tanh(fused / options["softcap"]) * options["softcap"]
+    logits = logits.float()
+    scale = float(logits.abs().max()) + 1e-6
+    if fused.shape != logits.shape or not torch.allclose(fused, logits, rtol=1e-3, atol=1e-3 * scale):
+        return HeadPlan(feeder, False, keep, cache,
+                        f"{name} changes its logits after the output layer (a logit scale or soft cap)")
+    return HeadPlan(feeder, True, keep, cache)
+
+
+def _feeds_every_position(causal_lm, feeder: str, ids, kwargs) -> bool:
+    """Whether ``feeder`` still returns every position when the model is asked
+    for the last position's logits only (``logits_to_keep=1``)."""
+    import torch
+
+    lengths = []
+    handle = causal_lm.get_submodule(feeder).register_forward_hook(
+        lambda module, args, output: lengths.append(as_hidden(output).shape[1]))
+    was_training = causal_lm.training
+    causal_lm.eval()
+    try:
+        with torch.no_grad():
+            causal_lm(input_ids=ids, **{**kwargs, "logits_to_keep": 1})
+    except Exception:  # noqa: BLE001 - then do not ask for logits_to_keep at all
+        return False
+    finally:
+        causal_lm.train(was_training)
+        handle.remove()
+    return bool(lengths) and lengths[-1] == ids.shape[1]
+
+
+def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
+    """``model(**inputs)`` with ``extra`` keyword arguments and forward ``hooks``
+    ``[(module, fn)]``; an MoE's packed mask reaches its decoder only."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
     packed_mask = inputs.get("attention_mask")
     if _returns_router_logits(model) and packed_mask is not None and getattr(packed_mask, "dim", lambda: 2)() != 2:
         # An MoE causal LM asked for router logits computes its own aux loss from
         # ``attention_mask`` after the decoder, and that code takes only a 2-D
         # padding mask. Hand the packed (4-D) mask to the decoder alone; Plait
         # adds the router loss itself (the ``extra_loss`` hook).
+        decoder, _ = decoder_and_head(model)
         inputs = {**inputs, "attention_mask": None}
 
         def give_mask(module, args, kwargs):
             return args, {**kwargs, "attention_mask": packed_mask}
 
         handles.append(decoder.register_forward_pre_hook(give_mask, with_kwargs=True))
+    if plan.use_cache:
+        extra = {"use_cache": False, **extra}
     try:
-        outputs = model(**inputs, use_cache=False, logits_to_keep=1)
+        return model(**inputs, **extra)
     finally:
         for handle in handles:
             handle.remove()
-    return captured["hidden"], head, outputs
+
+
+def forward_hidden(model, inputs: dict):
+    """Run ``model`` on ``inputs`` (everything but labels) and return
+    ``(hidden [batch, seq, hidden], head module, outputs)``.
+
+    ``outputs`` is what the outer model returned (its logits cover one
+    position only where the model takes ``logits_to_keep``); an ``extra_loss``
+    plugin reads e.g. ``router_logits`` from it when the model was configured
+    to return them. Only for models whose :func:`head_plan` is fused.
+    """
+    plan = head_plan(model)
+    if not plan.fused:
+        raise TypeError(f"forward_hidden: {plan.reason}; use forward_logits")
+    causal_lm = unwrap(model)
+    captured = {}
+
+    def keep_hidden(module, args, output):
+        captured["hidden"] = as_hidden(output)
+
+    extra = {"logits_to_keep": 1} if plan.logits_to_keep else {}
+    outputs = _call(model, inputs, plan, extra, [(causal_lm.get_submodule(plan.feeder), keep_hidden)])
+    return captured["hidden"], causal_lm.get_output_embeddings(), outputs
+
+
+def forward_logits(model, inputs: dict):
+    """Run ``model`` on ``inputs`` and return its outputs with logits for every
+    position: the loss input for models whose head the fused loss cannot
+    reproduce (:func:`head_plan`)."""
+    return _call(model, inputs, head_plan(model), {})
 
 
 def _returns_router_logits(model) -> bool:

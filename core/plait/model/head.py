@@ -40,19 +40,34 @@ def chunked_linear_cross_entropy(hidden, head_weight, labels, chunk_size: int = 
     return total, n_tokens
 
 
+def logits_cross_entropy(logits, labels):
+    """Summed cross-entropy of the model's own ``logits`` (``[tokens, vocab]``)
+    against ``labels`` (``[tokens]``, ``-100`` untrained, already shifted):
+    the loss for models whose head the fused step cannot reproduce
+    (:func:`plait.model.forward.head_plan`). Returns ``(loss_sum, n_trained_tokens)``."""
+    import torch.nn.functional as F
+
+    trained = labels != -100
+    n_tokens = int(trained.sum())
+    if n_tokens == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits[trained].float(), labels[trained], reduction="sum"), n_tokens
+
+
 def head_options(model) -> dict:
     """What the model's head does beyond ``hidden @ W.T``: a bias, logit softcapping."""
     if model is None:
         return {}
-    from plait.model.forward import decoder_and_head, unwrap
+    from plait.model.forward import unwrap
 
     options = {}
     softcap = getattr(getattr(unwrap(model), "config", None), "final_logit_softcapping", None)
     if softcap:
         options["softcap"] = float(softcap)
     try:
-        head = decoder_and_head(model)[1]
-    except (TypeError, AttributeError):
+        # the output layer itself, also where no base_model_prefix backbone exists
+        head = unwrap(model).get_output_embeddings()
+    except (TypeError, AttributeError, NotImplementedError):
         return options
     if getattr(head, "bias", None) is not None:
         options["head_bias"] = head.bias

@@ -211,13 +211,16 @@ def build_model(run: Run):
     from plait.data.packing import check_loaded_model
     from plait.plugins import call_required
     from plait.train.distributed import data_parallel_rank_and_size
+    from plait.model.forward import head_plan
 
     cfg, pm = run.cfg, run.pm
     model = call_required(pm, "load_model", cfg=cfg, tokenizer=run.tokenizer)
-    # validate_config could only read a local config.json: check the real one
-    check_loaded_model(cfg, model)
     if not _placed_by_loader(model):
         model = model.to(run.device)
+    # validate_config could only read a local config.json: check the real one (packed rows kept apart)
+    check_loaded_model(cfg, model)
+    # which module feeds the head, and whether the fused loss reproduces the logits: one probe, before wrappers
+    head_plan(model)
     adapted = pm.hook.load_adapter(cfg=cfg, model=model)
     model = adapted if adapted is not None else model
     if cfg.fp16:
@@ -570,21 +573,30 @@ def loss_of(run: Run, batch, *, training: bool = False):
     reports the cross-entropy alone (``eval_ppl`` stays a perplexity).
     """
     from plait.data.batching import to_device
-    from plait.model.forward import forward_hidden
+    from plait.model.forward import forward_hidden, forward_logits, head_plan
+    from plait.model.head import logits_cross_entropy
 
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
     # to_device moves anything with .to: tensors and a flex BlockMask; ints stay
     batch = to_device(without_full_attention_mask(batch), run.device)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
-    hidden, head, outputs = forward_hidden(run.model, inputs)
     labels = batch[labels_key]
-    if labels_key == "labels":
-        hidden, labels = hidden[:, :-1], labels[:, 1:]
-    weight = head.weight
-    # under tensor parallel the head weight is a replicated DTensor; its local
-    # tensor is the whole weight and gradients flow back through to_local
-    weight = weight.to_local() if hasattr(weight, "to_local") else weight
-    loss_sum, n_tokens = run.loss_fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
+    if not head_plan(run.model).fused:
+        # the model scales or caps its logits in ways the fused head cannot repeat: its own logits
+        outputs = forward_logits(run.model, inputs)
+        logits = outputs.logits
+        if labels_key == "labels":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        loss_sum, n_tokens = logits_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    else:
+        hidden, head, outputs = forward_hidden(run.model, inputs)
+        if labels_key == "labels":
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        weight = head.weight
+        # under tensor parallel the head weight is a replicated DTensor; its local
+        # tensor is the whole weight and gradients flow back through to_local
+        weight = weight.to_local() if hasattr(weight, "to_local") else weight
+        loss_sum, n_tokens = run.loss_fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
     if training:
         for term in run.pm.hook.extra_loss(cfg=run.cfg, model=run.model, outputs=outputs, batch=batch):
             if term is not None:

@@ -95,14 +95,14 @@ def load_quantized_model(cfg, tokenizer):
     resized embeddings and the k-bit preparation above."""
     from transformers import AutoModelForCausalLM
 
+    from plait.model.choice import load_with_supported_attention
     from plait.model.loading import fit_to_tokenizer, pretrained_kwargs
 
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.base_model,
-        quantization_config=quantization_config(cfg),
-        device_map=device_map(),
-        **pretrained_kwargs(cfg),
-    )
+    kwargs = pretrained_kwargs(cfg)
+    kwargs.pop("attn_implementation")
+    # an attention backend the architecture lacks falls back to one it has, as in core's loader
+    model = load_with_supported_attention(cfg, lambda **attn: AutoModelForCausalLM.from_pretrained(
+        cfg.base_model, quantization_config=quantization_config(cfg), device_map=device_map(), **kwargs, **attn))
     # embeddings are not quantized, so resizing works as on a plain model
     fit_to_tokenizer(cfg, model, tokenizer)
     return prepare_for_kbit_training(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)

@@ -21,7 +21,9 @@ Registered through the entry point ``models``. Hooks:
   tokenizer (family from the model's ``model_type``);
 * ``extra_loss``: the MoE router load-balancing loss (:func:`moe_aux_loss`);
 * ``chat_templates``: family templates under Axolotl's names (``gemma``,
-  ``gemma3``, ``phi_3``; see :mod:`plait_models.template_names`).
+  ``gemma3``, ``phi_3``; see :mod:`plait_models.template_names`);
+* ``register_commands``: ``plait models``, the support matrix of every
+  architecture (:mod:`plait_models.support`).
 
 Helpers other plugins and the loop call (no torch at import):
 :func:`apply_family_tokenizer_fixes`, :func:`set_generation_stop_tokens`,
@@ -155,6 +157,14 @@ def extra_loss(cfg, model, outputs, batch):
     if mask is not None and getattr(mask, "dim", lambda: 0)() != 2:
         mask = None  # packed rows: every token is real
     return moe_aux_loss(outputs, cfg, base_model_of(model).config, mask)
+
+
+@hookimpl
+def register_commands(subparsers):
+    """``plait models``: the support matrix (:mod:`plait_models.support`)."""
+    from plait_models.support import add_models_command
+
+    add_models_command(subparsers)
 
 
 @hookimpl

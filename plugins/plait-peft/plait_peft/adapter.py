@@ -20,22 +20,121 @@ SAVED_SHAPE_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "
 
 def linear_targets(cfg, model) -> list[str]:
     """Targets for ``lora_target_linear``: the model family's curated list
-    (plait-models), else every ``nn.Linear`` except the output head."""
-    import torch
-
+    (plait-models), else :func:`generic_linear_targets`."""
     from plait.families import find_family
 
     pm = cfg.plugin_manager
     family = find_family(pm, model.config.model_type) if pm is not None else None
     if family is not None and family.lora_target_linear:
         return list(family.lora_target_linear)
+    return generic_linear_targets(model)
+
+
+def linear_layer_types():
+    """Module types LoRA adapts as linear layers: ``nn.Linear`` (bitsandbytes'
+    4/8-bit layers subclass it, so QLoRA bases are covered) and transformers'
+    ``Conv1D`` (GPT-2 style: a linear layer with the weight transposed; peft
+    sets ``fan_in_fan_out`` for it)."""
+    import torch
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        return (torch.nn.Linear,)
+    return torch.nn.Linear, Conv1D
+
+
+def peft_refuses(model):
+    """``refused(leaf_name) -> bool``: whether peft declines LoRA on a module of
+    that name in this model (its rule for Mamba-style mixers, whose fused kernel
+    reads ``out_proj``/``conv1d`` weights directly and would skip an adapter)."""
+    from peft import LoraConfig
+
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check
+    except ImportError:  # a peft without the rule refuses nothing by name
+        return lambda name: False
+    config = LoraConfig(target_modules=["_"])
+
+    def refused(name: str) -> bool:
+        try:
+            check(config, model, name)
+        except ValueError:
+            return True
+        return False
+
+    return refused
+
+
+def is_model_specific_linear(module) -> bool:
+    """An ``nn.Linear`` subclass of a transformers model with its own ``forward``
+    (an MoE router returning ``(scores, indices)``, say): peft would wrap it as
+    a plain linear layer and break what its forward returns."""
+    import torch
+
+    cls = type(module)
+    return (isinstance(module, torch.nn.Linear) and cls.__module__.startswith("transformers.models.")
+            and cls.forward is not torch.nn.Linear.forward)
+
+
+def modules_run_on_text(model, n_tokens: int = 8) -> set[str] | None:
+    """Names of the modules a text-only forward of ``model`` calls (one probe of
+    ``n_tokens`` tokens, eval mode, no gradients), or ``None`` if it fails.
+
+    A linear layer the forward never calls (a vision tower given no image, a
+    weight a fused kernel reads directly) would get an adapter that trains
+    nothing."""
+    import torch
+
+    called: set[str] = set()
+    handles = [module.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
+               for name, module in model.named_modules() if name]
+    embeddings = model.get_input_embeddings()
+    vocab = embeddings.num_embeddings
+    ids = torch.tensor([[(7 * i + 3) % vocab for i in range(n_tokens)]], device=embeddings.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except Exception:  # noqa: BLE001 - without the probe every linear layer is a target
+        return None
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def generic_linear_targets(model) -> list[str]:
+    """Every linear layer (:func:`linear_layer_types`) a text forward runs
+    (:func:`modules_run_on_text`), except the output head.
+
+    Targets are leaf names (``q_proj``) where every module of that name is such
+    a layer; otherwise the full module names, so peft is never asked to adapt
+    a same-named module of another kind (a Mamba mixer's ``out_proj`` beside
+    an attention ``out_proj``, say)."""
     head = model.get_output_embeddings()
-    names = set()
+    head_modules = {id(m) for m in head.modules()} if head is not None else set()
+    run = modules_run_on_text(model)
+    linear = linear_layer_types()
+    refused = peft_refuses(model)
+    by_leaf: dict[str, list[tuple[str, bool]]] = {}
     for name, module in model.named_modules():
-        # bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear, so QLoRA bases are covered
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
+        if not name:
+            continue
+        wanted = (isinstance(module, linear) and not is_model_specific_linear(module)
+                  and id(module) not in head_modules and (run is None or name in run)
+                  and not refused(name.rsplit(".", 1)[-1]))
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append((name, wanted))
+    targets: list[str] = []
+    for leaf, named in sorted(by_leaf.items()):
+        chosen = [name for name, wanted in named if wanted]
+        if chosen and len(chosen) == len(named):
+            targets.append(leaf)
+        else:
+            targets.extend(chosen)
+    return targets
 
 
 def expert_targets(cfg, model) -> list[str]:

@@ -1,0 +1,70 @@
+"""The attention backend a model actually runs with.
+
+The config asks for a backend (``sdpa`` by default; ``flash_attention``,
+``flex_attention``, ``varlen_attention``, ``eager_attention`` choose another),
+but not every architecture implements every backend: transformers refuses, in
+the model's ``__init__`` and before any weight is read, e.g. SDPA for BLOOM or
+CPM-Ant. :func:`load_with_supported_attention` then loads with the next backend
+the model accepts (down to ``eager``, which every model has), logs why, and
+records the choice in the config (:func:`use_attention_backend`), so packing
+builds the inputs that backend needs and ``plait config explain`` shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("plait.model")
+
+#: the config flag that selects each backend (``sdpa`` is the default: no flag)
+BACKEND_FLAGS = {"flash_attention_2": "flash_attention", "flex_attention": "flex_attention",
+                 "plait_varlen": "varlen_attention", "eager": "eager_attention", "sdpa": "sdp_attention"}
+
+
+def attention_fallbacks(wanted: str) -> list[str]:
+    """Backends to try, in order: the one asked for, then SDPA, then eager.
+
+    Varlen backends fall back to mask-based ones, which isolate packed rows too
+    (:func:`plait.data.packing.packed_attention_inputs`)."""
+    order = [wanted, "sdpa", "eager"]
+    return list(dict.fromkeys(order))
+
+
+def is_attention_refusal(exc: BaseException) -> bool:
+    """Whether ``from_pretrained`` failed because the model does not implement
+    the requested attention backend (transformers' message names it)."""
+    text = str(exc)
+    return isinstance(exc, (ValueError, ImportError, NotImplementedError)) and (
+        "attn_implementation" in text or "scaled_dot_product_attention" in text
+        or "does not support" in text and "ttention" in text)
+
+
+def use_attention_backend(cfg, backend: str, plugin: str = "core") -> None:
+    """Set the config's attention flags so ``cfg.attn_implementation`` is ``backend``."""
+    # flags off first: the config allows one attention flag at a time, checked on every assignment
+    for name, flag in sorted(BACKEND_FLAGS.items(), key=lambda item: item[0] == backend):
+        if flag in type(cfg).model_fields and getattr(cfg, flag, None) != (name == backend):
+            cfg.set_by_plugin(flag, name == backend, plugin)
+
+
+def load_with_supported_attention(cfg, load):
+    """``load(attn_implementation=...)`` with the first backend of
+    :func:`attention_fallbacks` the model accepts; the config follows the
+    choice. A refusal of every backend is re-raised (it names the model)."""
+    wanted = cfg.attn_implementation
+    refusals = []
+    for backend in attention_fallbacks(wanted):
+        try:
+            model = load(attn_implementation=backend)
+        except Exception as exc:  # noqa: BLE001 - only attention refusals are retried
+            if not is_attention_refusal(exc):
+                raise
+            refusals.append((backend, exc))
+            continue
+        if backend != wanted:
+            why = " ".join(str(refusals[-1][1]).split())[:200]
+            log.warning("attention: %s does not support %r (%s); using %r", type(model).__name__, wanted, why,
+                        backend)
+            use_attention_backend(cfg, backend)
+        return model
+    raise refusals[-1][1]

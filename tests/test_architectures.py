@@ -1,0 +1,154 @@
+"""Architectures through the generic path: a sample of the sweep (``bench/architectures.py``)
+and the mechanisms behind it, on tiny random models of transformers' own classes.
+
+* the sample: LoRA on every linear layer trains, reloads in peft and merges;
+  full fine-tuning trains and reloads; Plait's loss equals the loss of the
+  model's own logits (rel 1e-4); packed rows give exactly the rows' losses
+  run alone (rel 1e-4), or packing is refused with a message that says why;
+* attention: a model that refuses SDPA loads with eager and the config says so;
+* the head: the module feeding it is found by looking (OPT, BERT), and a model
+  that scales its logits (Cohere) trains on its own logits;
+* LoRA targets: GPT-2's ``Conv1D`` is adapted, an MoE router subclassing
+  ``nn.Linear`` is not, nor a Mamba ``out_proj`` peft refuses;
+* packing: recurrent state and RoBERTa's position offset are found by a packed
+  test batch and refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from plait.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from plait.testing import make_tiny_tokenizer
+
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("arch-tokenizer"))
+
+
+def tiny(model_type, tmp_path, tokenizer_dir):
+    from plait.conformance import build_tiny_model
+
+    return build_tiny_model(model_type, tmp_path / model_type, tokenizer_dir)
+
+
+def loaded(model_dir, **keys):
+    """A config and the model as training builds it (``build_model``), in eval mode."""
+    from plait.conformance import _keys, _run_for
+
+    return _run_for(_keys(model_dir, model_dir.parent / "out", **keys))
+
+
+#: types of the CI sample and the packing outcome each must have
+SAMPLE = {
+    "llama": "pass", "gpt2": "pass", "opt": "pass", "cohere": "pass", "gemma2": "refused", "bert": "refused",
+    "phi": "pass", "qwen3": "pass", "qwen3_moe": "pass", "mamba": "refused",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", list(SAMPLE))
+def test_sample_of_the_sweep(model_type, tmp_path, tokenizer_dir):
+    from plait.conformance import check_architecture
+
+    result = check_architecture(model_type, tmp_path, tokenizer_dir=tokenizer_dir)
+    statuses = {name: result.get(name, {}).get("status") for name in ("built", "lora", "full", "logits", "packing")}
+    assert statuses == {"built": "pass", "lora": "pass", "full": "pass", "logits": "pass",
+                        "packing": SAMPLE[model_type]}, result
+    if SAMPLE[model_type] == "refused":
+        assert "sample_packing" in result["packing"]["detail"] and "false" in result["packing"]["detail"]
+
+
+def test_attention_falls_back_to_one_the_model_supports(tmp_path, tokenizer_dir):
+    model_dir = tiny("bloom", tmp_path, tokenizer_dir)  # BLOOM has no SDPA path in transformers
+    run = loaded(model_dir)
+    assert run.model.config._attn_implementation == "eager"
+    assert run.cfg.attn_implementation == "eager" and run.cfg.source_of("eager_attention") == "plugin:core"
+
+
+def test_attention_refusal_is_recognised_and_other_errors_are_not():
+    from plait.model.choice import attention_fallbacks, is_attention_refusal
+
+    assert attention_fallbacks("flash_attention_2") == ["flash_attention_2", "sdpa", "eager"]
+    assert attention_fallbacks("sdpa") == ["sdpa", "eager"]
+    assert is_attention_refusal(ValueError("X does not support an attention implementation through "
+                                           "torch.nn.functional.scaled_dot_product_attention yet"))
+    assert not is_attention_refusal(ValueError("vocab_size must be positive"))
+
+
+@pytest.mark.parametrize("model_type, feeder, fused", [
+    ("opt", "model.decoder", True),               # the decoder is called directly, not model.model
+    ("bert", "cls.predictions.transform", True),  # the head transform runs before the output layer
+    ("cohere", "model", False),                   # logit_scale multiplies the logits after the head
+])
+def test_head_plan_finds_the_module_feeding_the_head(model_type, feeder, fused, tmp_path, tokenizer_dir):
+    import torch
+
+    from plait.model.forward import head_plan
+    from plait.train.loop import loss_of
+
+    run = loaded(tiny(model_type, tmp_path, tokenizer_dir))
+    plan = head_plan(run.model)
+    assert (plan.feeder, plan.fused) == (feeder, fused)
+    if model_type == "bert":
+        assert not plan.logits_to_keep  # its head slices positions before the transform
+    ids = torch.arange(10, 30).reshape(2, 10)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    with torch.no_grad():
+        got, n = loss_of(run, batch)
+        logits = run.model(input_ids=ids).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="sum")
+    assert n == 18 and torch.allclose(got, expected, rtol=1e-5), (float(got), float(expected))
+
+
+def adapted(model_type, tmp_path, tokenizer_dir):
+    from plait_peft.adapter import attach_lora
+    from transformers import AutoModelForCausalLM
+
+    from plait.testing import build_run_config
+
+    model_dir = tiny(model_type, tmp_path, tokenizer_dir)
+    cfg, _ = build_run_config({"base_model": str(model_dir), "adapter": "lora", "lora_target_linear": True})
+    peft_model = attach_lora(cfg, AutoModelForCausalLM.from_pretrained(model_dir))
+    return {name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+
+
+def test_generic_lora_targets_adapt_conv1d_but_not_routers_or_refused_mixers(tmp_path, tokenizer_dir):
+    gpt2 = adapted("gpt2", tmp_path, tokenizer_dir)
+    assert {n.rsplit(".", 1)[-1] for n in gpt2} == {"c_attn", "c_proj", "c_fc"}
+    phimoe = adapted("phimoe", tmp_path, tokenizer_dir)  # PhimoeTopKRouter subclasses nn.Linear
+    assert phimoe and not any("router" in n or n.endswith(".gate") for n in phimoe), sorted(phimoe)
+    falcon_h1 = adapted("falcon_h1", tmp_path, tokenizer_dir)
+    assert any(n.endswith("mamba.in_proj") for n in falcon_h1)
+    assert not any(n.endswith("mamba.out_proj") for n in falcon_h1), sorted(falcon_h1)
+
+
+@pytest.mark.parametrize("model_type, why", [
+    ("roberta", "positions or sequence mixing do not restart per row"),  # position ids offset by padding_idx + 1
+    ("mamba", "carry state along the sequence"),                         # the SSM state runs across the boundary
+])
+def test_packing_that_would_leak_is_refused_after_load(model_type, why, tmp_path, tokenizer_dir):
+    model_dir = tiny(model_type, tmp_path, tokenizer_dir)
+    with pytest.raises(ConfigError, match=rf"sample_packing: packed rows are not kept apart by this model \(.*{why}"):
+        loaded(model_dir, sample_packing=True)
+
+
+def test_packing_probe_passes_an_isolating_model(tmp_path, tokenizer_dir):
+    from plait.data.packing import packed_rows_leak
+
+    run = loaded(tiny("llama", tmp_path, tokenizer_dir), sample_packing=True)
+    assert packed_rows_leak(run.cfg, run.model) is None
+
+
+def test_tiny_config_shrinks_composite_and_hybrid_configs():
+    from plait.conformance import tiny_config
+
+    gemma3 = tiny_config("gemma3", 300)
+    assert gemma3.text_config.hidden_size == 64 and gemma3.text_config.num_hidden_layers == 2
+    assert gemma3.vision_config.hidden_size == 64 and gemma3.text_config.vocab_size == 300
+    jamba = tiny_config("jamba", 300)
+    kinds = {jamba.layers_block_type[i] for i in range(jamba.num_hidden_layers)}
+    assert jamba.num_hidden_layers <= 3 and kinds == {"mamba", "attention"}  # a hybrid stays hybrid
