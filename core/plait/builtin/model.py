@@ -63,7 +63,8 @@ def load_model(cfg, tokenizer):
         raise source_error("base_model", cfg.base_model, "model", exc) from exc
     except ValueError as exc:  # a folder whose config.json names no model type transformers knows
         no_config = looks_like_path(cfg.base_model) and not os.path.isfile(os.path.join(cfg.base_model, "config.json"))
-        if no_config or "Unrecognized model" in str(exc):
+        # "Unrecognized configuration class": the checkpoint's config has no causal-LM class in transformers
+        if no_config or "Unrecognized model" in str(exc) or "Unrecognized configuration class" in str(exc):
             raise source_error("base_model", cfg.base_model, "model", exc) from exc
         raise  # a setting's problem (attn_implementation, say): transformers' own message is the clearer one
     fit_to_tokenizer(cfg, model, tokenizer)

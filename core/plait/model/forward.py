@@ -148,8 +148,10 @@ def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
     handles = [head.register_forward_pre_hook(head_input, with_kwargs=True)]
     handles += [module.register_forward_hook(record(name)) for name, module in causal_lm.named_modules()
                 if name and id(module) not in head_modules]
-    device = weight.device if weight.device.type != "meta" else None
-    vocab = weight.shape[0]
+    embeddings = causal_lm.get_input_embeddings()
+    # the embeddings' device: with a device map, the first layers' (the head may sit elsewhere)
+    device = embeddings.weight.device if embeddings is not None and hasattr(embeddings, "weight") else weight.device
+    vocab = min(weight.shape[0], getattr(embeddings, "num_embeddings", weight.shape[0]))
     ids = torch.tensor([[(7 * i + 3) % vocab for i in range(n_tokens)]], device=device)
     kwargs = {"use_cache": False} if cache else {}
     if keep:

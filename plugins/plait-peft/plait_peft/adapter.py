@@ -66,29 +66,30 @@ def peft_refuses(model):
     return refused
 
 
-def is_model_specific_linear(module) -> bool:
-    """An ``nn.Linear`` subclass of a transformers model with its own ``forward``
-    (an MoE router returning ``(scores, indices)``, say): peft would wrap it as
-    a plain linear layer and break what its forward returns."""
+def linear_layers_run_on_text(model, n_tokens: int = 8) -> set[str] | None:
+    """Names of the linear layers (:func:`linear_layer_types`) a text-only
+    forward of ``model`` calls *as linear layers*: each returned one tensor of
+    its ``out_features`` (one probe of ``n_tokens`` tokens, eval mode, no
+    gradients). ``None`` if the probe fails.
+
+    Left out: a layer the forward never calls (a vision tower given no image,
+    a weight a fused kernel reads directly), whose adapter would train
+    nothing; and an ``nn.Linear`` subclass whose own ``forward`` returns more
+    (an MoE router's ``(scores, indices)``), which peft would break."""
     import torch
 
-    cls = type(module)
-    return (isinstance(module, torch.nn.Linear) and cls.__module__.startswith("transformers.models.")
-            and cls.forward is not torch.nn.Linear.forward)
+    linear = linear_layer_types()
+    plain: set[str] = set()
 
+    def record(name):
+        def hook(module, args, output):
+            width = getattr(module, "out_features", None) or getattr(module, "nf", None)
+            if isinstance(output, torch.Tensor) and output.shape[-1] == width:
+                plain.add(name)
+        return hook
 
-def modules_run_on_text(model, n_tokens: int = 8) -> set[str] | None:
-    """Names of the modules a text-only forward of ``model`` calls (one probe of
-    ``n_tokens`` tokens, eval mode, no gradients), or ``None`` if it fails.
-
-    A linear layer the forward never calls (a vision tower given no image, a
-    weight a fused kernel reads directly) would get an adapter that trains
-    nothing."""
-    import torch
-
-    called: set[str] = set()
-    handles = [module.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
-               for name, module in model.named_modules() if name]
+    handles = [module.register_forward_hook(record(name))
+               for name, module in model.named_modules() if name and isinstance(module, linear)]
     embeddings = model.get_input_embeddings()
     vocab = embeddings.num_embeddings
     ids = torch.tensor([[(7 * i + 3) % vocab for i in range(n_tokens)]], device=embeddings.weight.device)
@@ -103,12 +104,12 @@ def modules_run_on_text(model, n_tokens: int = 8) -> set[str] | None:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return called
+    return plain
 
 
 def generic_linear_targets(model) -> list[str]:
-    """Every linear layer (:func:`linear_layer_types`) a text forward runs
-    (:func:`modules_run_on_text`), except the output head.
+    """Every linear layer (:func:`linear_layer_types`) a text forward runs as
+    one (:func:`linear_layers_run_on_text`), except the output head.
 
     Targets are leaf names (``q_proj``) where every module of that name is such
     a layer; otherwise the full module names, so peft is never asked to adapt
@@ -116,15 +117,14 @@ def generic_linear_targets(model) -> list[str]:
     an attention ``out_proj``, say)."""
     head = model.get_output_embeddings()
     head_modules = {id(m) for m in head.modules()} if head is not None else set()
-    run = modules_run_on_text(model)
+    run = linear_layers_run_on_text(model)
     linear = linear_layer_types()
     refused = peft_refuses(model)
     by_leaf: dict[str, list[tuple[str, bool]]] = {}
     for name, module in model.named_modules():
         if not name:
             continue
-        wanted = (isinstance(module, linear) and not is_model_specific_linear(module)
-                  and id(module) not in head_modules and (run is None or name in run)
+        wanted = (isinstance(module, linear) and id(module) not in head_modules and (run is None or name in run)
                   and not refused(name.rsplit(".", 1)[-1]))
         by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append((name, wanted))
     targets: list[str] = []
