@@ -44,7 +44,7 @@ def loaded(model_dir, **keys):
 #: types of the CI sample and the packing outcome each must have
 SAMPLE = {
     "llama": "pass", "gpt2": "pass", "opt": "pass", "cohere": "pass", "gemma2": "refused", "bert": "refused",
-    "phi": "pass", "qwen3": "pass", "qwen3_moe": "pass", "mamba": "refused",
+    "phi": "pass", "qwen3": "pass", "qwen3_moe": "pass", "jamba": "refused",
 }
 
 
@@ -128,7 +128,7 @@ def test_generic_lora_targets_adapt_conv1d_but_not_routers_or_refused_mixers(tmp
 
 @pytest.mark.parametrize("model_type, why", [
     ("roberta", "positions or sequence mixing do not restart per row"),  # position ids offset by padding_idx + 1
-    ("mamba", "carry state along the sequence"),                         # the SSM state runs across the boundary
+    ("jamba", "carry state along the sequence"),                         # the Mamba state runs across the boundary
 ])
 def test_packing_that_would_leak_is_refused_after_load(model_type, why, tmp_path, tokenizer_dir):
     model_dir = tiny(model_type, tmp_path, tokenizer_dir)
@@ -152,3 +152,10 @@ def test_tiny_config_shrinks_composite_and_hybrid_configs():
     jamba = tiny_config("jamba", 300)
     kinds = {jamba.layers_block_type[i] for i in range(jamba.num_hidden_layers)}
     assert jamba.num_hidden_layers <= 3 and kinds == {"mamba", "attention"}  # a hybrid stays hybrid
+
+
+def test_a_model_that_needs_more_than_token_ids_is_refused_with_its_reason(tmp_path, tokenizer_dir):
+    # Gemma 4's assistant drafts from another model's shared KV states: nothing to fine-tune on its own
+    model_dir = tiny("gemma4_unified_assistant", tmp_path, tokenizer_dir)
+    with pytest.raises(ConfigError, match=r"does not run on token ids alone \(ValueError: .*shared_kv_states"):
+        loaded(model_dir)

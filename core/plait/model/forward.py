@@ -72,6 +72,8 @@ class HeadPlan:
     use_cache: bool
     #: why the fused head is not used, for the log
     reason: str = ""
+    #: the probe forward on token ids alone failed with this (the model needs other inputs)
+    probe_error: str | None = None
 
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -85,6 +87,13 @@ def head_plan(model) -> HeadPlan:
     plan = _PLANS.get(causal_lm)
     if plan is None:
         plan = _PLANS[causal_lm] = probe_head(causal_lm)
+        if plan.probe_error:
+            from plait.errors import ConfigError
+
+            raise ConfigError(
+                f"base_model: {type(causal_lm).__name__} does not run on token ids alone ({plan.probe_error}); "
+                "Plait trains causal LMs whose forward takes input_ids (a draft or assistant model that needs "
+                "another model's states cannot be fine-tuned on its own)")
         if not plan.fused:
             log.warning("loss: %s; the loss uses the model's own logits (its head runs on every position; a fused "
                         "loss kernel does not apply)", plan.reason)
@@ -161,8 +170,9 @@ def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
     try:
         with torch.no_grad():
             outputs = causal_lm(input_ids=ids, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any failure only means: use the model's own logits
-        return HeadPlan(None, False, keep, cache, f"the head probe failed ({type(exc).__name__}: {exc})"[:300])
+    except Exception as exc:  # noqa: BLE001 - recorded: the loop refuses such a model with this reason
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        return HeadPlan(None, False, keep, cache, f"the head probe failed ({error})", probe_error=error)
     finally:
         causal_lm.train(was_training)
         for handle in handles:
