@@ -19,8 +19,16 @@ MARKS = {"pass": "yes", "refused": "refused", "mismatch": "MISMATCH", "error": "
 REGENERATE = "nice .venv/bin/python bench/architectures.py --jobs 1 --out bench/architectures.json --matrix"
 
 
+def _without_sweep_paths(check: dict) -> dict:
+    """``check`` with the sweep's temporary directories cut out of its detail."""
+    import re
+
+    return {**check, "detail": re.sub(r"/\S*?plait-arch-[^/\s']*/", "", check.get("detail", ""))}
+
+
 def summarize(result: dict) -> dict:
     """One matrix row from one sweep result (``plait.conformance.check_architecture``)."""
+    result = {k: _without_sweep_paths(v) if isinstance(v, dict) else v for k, v in result.items()}
     row = {"model_type": result["model_type"]}
     if "crashed" in result:
         row["built"] = {"status": "error", "detail": result["crashed"]}
