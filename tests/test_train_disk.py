@@ -143,7 +143,7 @@ def test_a_read_only_output_dir_fails_validate(tmp_path):
 
 def test_validate_refuses_a_full_fine_tune_whose_checkpoint_cannot_fit(tiny_model, tmp_path, monkeypatch):
     """Before any model loads: the size comes from the base model's safetensors headers."""
-    from plait.config.preflight import safetensors_size
+    from plait.train.preflight import safetensors_size
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
     keys = {"base_model": str(tiny_model), "datasets": [{"path": str(data), "type": "alpaca"}],

@@ -24,10 +24,10 @@ def _short(value) -> str:
 
 def run_preflight(cfg) -> None:
     """The machine and filesystem checks `plait train` makes before any model
-    loads (:mod:`plait.config.preflight`): notes on stderr, problems raised."""
+    loads (:mod:`plait.train.preflight`): notes on stderr, problems raised."""
     import sys
 
-    from plait.config.preflight import preflight
+    from plait.train.preflight import preflight
 
     checks = preflight(cfg)
     for note in checks.notes:

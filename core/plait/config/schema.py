@@ -14,6 +14,10 @@ from plait.registries import DatasetEntry
 from plait.values import ValuesAsGiven, not_empty
 
 
+#: signals ``save_on_signals`` may name (the loop installs handlers for them)
+ACCEPTED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+
+
 class StrictModel(ValuesAsGiven):
     """Base for config sections: unknown keys are rejected (core reports them
     with a "did you mean" before pydantic sees them); values are read as given
@@ -174,12 +178,10 @@ class CoreConfig(StrictModel):
     @field_validator("save_on_signals")
     @classmethod
     def _signal_names(cls, names):
-        from plait.train.signals import ACCEPTED
-
         normalized = [name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper() for name in names]
-        unknown = [name for name, norm in zip(names, normalized) if norm not in ACCEPTED]
+        unknown = [name for name, norm in zip(names, normalized) if norm not in ACCEPTED_SIGNALS]
         if unknown:
-            raise ValueError(f"{', '.join(map(repr, unknown))} not accepted; accepted: {', '.join(ACCEPTED)}")
+            raise ValueError(f"{', '.join(map(repr, unknown))} not accepted; accepted: {', '.join(ACCEPTED_SIGNALS)}")
         return normalized
 
     @field_validator("bf16", mode="before")

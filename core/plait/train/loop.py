@@ -2,7 +2,7 @@
 
 :func:`train` is the whole recipe::
 
-    config -> process group, pre-flight (plait.config.preflight), seeds,
+    config -> process group, pre-flight (plait.train.preflight), seeds,
               the checkpoint to resume from (verified), output_dir
            -> tokenizer (+ tokenizer_loaded fixes) -> datasets (tokenized, split)
            -> model -> adapters -> kernels -> device -> parallel wrapper
@@ -120,7 +120,7 @@ def train(cfg, pm, *, data=None) -> Run:
     """
     from transformers.utils import logging as hf_logging
 
-    from plait.config.preflight import preflight
+    from plait.train.preflight import preflight
     from plait.plugins import call_required
     from plait.train import checkpoint
     from plait.train.distributed import close_distributed, init_distributed, set_seed

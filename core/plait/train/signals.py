@@ -13,10 +13,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from plait.config.schema import ACCEPTED_SIGNALS as ACCEPTED  # the ones schedulers send to ask a job to stop
 from plait.errors import PlaitError
-
-#: the signals ``save_on_signals`` accepts: the ones schedulers send to ask a job to stop
-ACCEPTED = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
 
 
 class TrainingStopped(PlaitError):
