@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))  # run fro
 
 import torch  # noqa: E402
 
-from plait.builtin.collate import collate_packed  # noqa: E402
+from plait.data.packing import collate_packed  # noqa: E402
 from plait.model.batch import pad_rows  # noqa: E402
 from plait.model.head import chunked_linear_cross_entropy  # noqa: E402
 from plait.data.packing import plan_packed_batches, sample_packing_efficiency  # noqa: E402

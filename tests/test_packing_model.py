@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plait.builtin.collate import collate_packed
+from plait.data.packing import collate_packed
 from plait.model.batch import pad_rows
 from plait.data.packing import plan_packed_batches
 from plait.errors import ConfigError

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.model.varlen import plait_varlen_attention, reference_varlen, register_varlen_attention
-from plait.builtin.collate import collate_packed
+from plait.data.packing import collate_packed
 from plait.data.packing import plan_packed_batches
 from plait.errors import ConfigError
 from plait.testing import make_tiny_model

@@ -15,43 +15,8 @@ attention (:func:`validate_config`).
 from __future__ import annotations
 
 from plait.hookspecs import hookimpl
+from plait.data.packing import collate_packed
 from plait.model.batch import pad_rows
-
-
-def collate_packed(rows, pad_token_id: int, attn_implementation: str, *, pad_to: int | None = None,
-                   dtype=None, device=None):
-    """Lay out packed bins as one micro-batch ``[B, W]``.
-
-    ``rows`` are dicts with ``input_ids``, ``labels`` and ``seq_lens`` (a row
-    without ``seq_lens`` is one segment). Returns ``input_ids``, ``labels``
-    (first label of every packed row set to -100, padding -100),
-    ``position_ids`` restarting at 0 per row (and for the padding tail), and
-    the attention fields of :func:`plait.data.packing.packed_attention_inputs`.
-    ``dtype`` is the model's compute dtype (eager's additive mask), ``device``
-    where a flex ``BlockMask`` is built.
-    """
-    import torch
-
-    from plait.data.packing import packed_attention_inputs, segment_lengths
-
-    seq_lens = [segment_lengths(row) for row in rows]
-    width = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)
-    batch = pad_rows(rows, pad_token_id, width)
-    del batch["attention_mask"]  # replaced by the packing fields below
-    labels = batch["labels"]
-    position_ids = torch.zeros_like(batch["input_ids"])
-    for b, lens in enumerate(seq_lens):
-        tail = width - sum(lens)
-        start = 0
-        for length in lens + ([tail] if tail else []):
-            position_ids[b, start:start + length] = torch.arange(length)
-            # after the loop's shift, this label is the target of the previous
-            # row's last token: never train across a boundary
-            labels[b, start] = -100
-            start += length
-    batch["position_ids"] = position_ids
-    batch.update(packed_attention_inputs(seq_lens, width, attn_implementation, dtype=dtype, device=device))
-    return batch
 
 
 def is_packed(rows) -> bool:

@@ -188,7 +188,7 @@ PACKING_CASES = [pytest.param(t, o, attn, id=f"{t}{'-short-window' if o else ''}
 
 @pytest.mark.parametrize("model_type,overrides,attn", PACKING_CASES)
 def test_packed_rows_do_not_attend_across_boundaries(model_type, overrides, attn):
-    """Plait's own packed path: bins laid out by core's ``collate_packed``
+    """Plait's own packed path: bins laid out by core's ``plait.data.packing.collate_packed``
     (per-row position_ids and an explicit block-diagonal mask for the
     backend), fed as the loop feeds them (``use_cache=False``, while the model
     config keeps ``use_cache: true``). Every row's logits equal the row run
@@ -199,7 +199,7 @@ def test_packed_rows_do_not_attend_across_boundaries(model_type, overrides, attn
 
     import torch
 
-    from plait.builtin.collate import collate_packed
+    from plait.data.packing import collate_packed
     from plait.data.packing import check_loaded_model
     from plait.errors import ConfigError
 

@@ -135,7 +135,7 @@ def test_aux_loss_of_packed_rows_equals_the_rows_padded(model_type, pm):
     the token set is the same and isolation keeps every router input the same."""
     import torch
 
-    from plait.builtin.collate import collate_packed
+    from plait.data.packing import collate_packed
     from plait.families import find_family
 
     family = find_family(pm, model_type)
@@ -201,7 +201,7 @@ def test_loop_forward_hands_the_packed_mask_to_the_decoder():
     and each packed row's hidden states equal the row run alone."""
     import torch
 
-    from plait.builtin.collate import collate_packed
+    from plait.data.packing import collate_packed
     from plait.model.forward import forward_hidden
 
     model = build_model("mixtral")
