@@ -277,6 +277,12 @@ def tokenize(cfg: CoreConfig, dataset_cfg: DatasetEntry, tokenizer: PreTrainedTo
     the tokenized cache and handed back to :func:`collate` as the row's
     ``extras`` (a list, one dict per row of the bin); plait-vision keeps the
     rendered text and image references there so pixels are made per batch.
+    One key of ``extras`` has a meaning in core: ``seq_lens``, the lengths of
+    the row's segments (plait-preference: the chosen and the rejected
+    sequence of a pair), which must not see each other: such a row is
+    collated like a packed bin of those segments and is dropped, never
+    truncated, when over ``sequence_len``; ``segment_names`` names them for
+    ``plait inspect``.
     Core drops or truncates rows over ``sequence_len``. A bad row raises
     :class:`plait.errors.BadRowError` with its index in ``batch``; core turns
     that into a message with the file and the row number.
@@ -406,6 +412,39 @@ def build_loss(cfg: CoreConfig, model: Optional[torch.nn.Module]) -> Optional[Ca
     bias and softcapping). Core's default: ``plait.builtin.loss.build_loss``
     (:func:`plait.model.head.chunked_linear_cross_entropy`). Called once by
     the training loop at start and by ``plait evaluate``.
+    """
+
+
+@hookspec(firstresult=True)
+def build_objective(cfg, model, loss_fn):
+    """Provide what one training step minimises and how micro-batches are weighed.
+
+    firstresult; called by the loop (and ``plait evaluate``) once, after
+    :func:`build_loss`, with the ready model (adapters, kernels, parallel
+    wrapper applied) and the loss step ``loss_fn``. Core's default
+    (:class:`plait.builtin.objective.TokenCrossEntropy`, ``trylast``) is the
+    token cross-entropy through ``loss_fn``.
+
+    Returns an object with
+
+    ``unit``
+        what the step averages over, a name for the step metrics
+        (``"tokens"`` for the default, ``"pairs"`` for preference pairs).
+    ``count(batch) -> int``
+        how many units a collated micro-batch holds. The loop divides every
+        micro-batch's summed loss by the count of the whole accumulation
+        window (all ranks), so accumulation equals one larger batch.
+    ``loss(run, batch, *, training) -> (loss_sum, metrics)``
+        the summed loss of the micro-batch (a scalar tensor with grad) and a
+        dict ``{name: (sum, n)}`` of metrics summed over ``n`` items (tensors
+        or numbers; ``rewards/chosen`` summed over the chosen responses), which
+        the loop reports as ``sum / n`` over the step (``eval_<name>`` in
+        evaluation). ``run`` is the :class:`plait.train.loop.Run`.
+    ``perplexity``
+        whether ``exp(eval_loss)`` means something (``eval_ppl`` is reported).
+
+    A plugin answers only when the config asks for it (plait-preference for
+    ``rl:`` or ``reward_model: true``), else returns ``None``.
     """
 
 # ----------------------------------------------- pipeline: optimizer

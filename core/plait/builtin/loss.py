@@ -14,3 +14,28 @@ def build_loss(cfg, model):
 
     options = head_options(model)
     return functools.partial(chunked_linear_cross_entropy, **options) if options else chunked_linear_cross_entropy
+
+
+class TokenCrossEntropy:
+    """Core's objective: summed cross-entropy over trained tokens, averaged
+    per trained token of the step (:func:`plait.hookspecs.build_objective`)."""
+
+    unit = "tokens"
+    perplexity = True
+
+    def count(self, batch) -> int:
+        """Positions trained after the shift (the label of the *next* token)."""
+        if "shift_labels" in batch:  # a context-parallel shard: already shifted
+            return int((batch["shift_labels"] != -100).sum())
+        return int((batch["labels"][:, 1:] != -100).sum())
+
+    def loss(self, run, batch, *, training: bool = False):
+        from plait.train.loop import loss_of
+
+        loss_sum, _ = loss_of(run, batch, training=training)
+        return loss_sum, {}
+
+
+@hookimpl(trylast=True)
+def build_objective(cfg, model, loss_fn):
+    return TokenCrossEntropy()

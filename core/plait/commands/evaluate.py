@@ -1,4 +1,5 @@
-"""`plait evaluate CONFIG`: eval loss and perplexity of the trained model.
+"""`plait evaluate CONFIG`: eval loss and perplexity (or the objective's
+metrics, such as DPO's rewards) of the trained model.
 
 Scores the model saved in ``output_dir`` (``--model DIR`` for another one,
 ``--base`` for the untrained base) on the eval split the config defines
@@ -41,13 +42,19 @@ def run(args, pm) -> int:
     run_ = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=World(device=device), tokenizer=tokenizer,
                model=model, eval_data=dataset)
     run_.loss_fn = pm.hook.build_loss(cfg=cfg, model=model)
+    run_.objective = pm.hook.build_objective(cfg=cfg, model=model, loss_fn=run_.loss_fn)
     metrics = evaluate(run_)
     metrics.update(split=split, rows=len(dataset), model=str(source or cfg.base_model))
     if args.json:
         print(json.dumps(metrics))
     else:
         print(f"model:      {metrics['model']}")
-        print(f"split:      {split} ({len(dataset)} rows, {metrics['eval_tokens']} trained tokens)")
+        unit = run_.objective.unit
+        print(f"split:      {split} ({len(dataset)} rows, {metrics[f'eval_{unit}']} trained {unit})")
         print(f"eval_loss:  {metrics['eval_loss']:.4f}")
-        print(f"perplexity: {metrics['eval_ppl']:.4f}")
+        if "eval_ppl" in metrics:
+            print(f"perplexity: {metrics['eval_ppl']:.4f}")
+        for name, value in metrics.items():
+            if "/" in name:  # the objective's own metrics, e.g. eval_rewards/margins
+                print(f"{name + ':':<11} {value:.4f}")
     return 0

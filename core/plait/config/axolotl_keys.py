@@ -11,12 +11,7 @@ from __future__ import annotations
 
 #: key -> why it is not supported (shown to the user)
 UNSUPPORTED_KEYS: dict[str, str] = {
-    "rl": "preference training (DPO/KTO/ORPO/GRPO) is not implemented",
-    "dpo_beta": "preference training is not implemented",
-    "rl_beta": "preference training is not implemented",
-    "orpo_alpha": "preference training is not implemented",
-    "trl": "preference training is not implemented",
-    "reward_model": "reward-model training is not implemented",
+    "trl": "TRL's nested options are not read; use the flat keys (rl_beta, dpo_loss_type, ...) of plait-preference",
     "process_reward_model": "reward-model training is not implemented",
     "deepspeed": "DeepSpeed is not used; use fsdp / tensor_parallel_size (plait-parallel)",
     "relora_steps": "ReLoRA is not implemented",
@@ -60,6 +55,11 @@ KEYS_OF_PLUGINS: dict[str, str] = {
     **{k: "plait-parallel" for k in (
         "fsdp", "fsdp_config", "fsdp_version", "tensor_parallel_size", "context_parallel_size",
         "dp_shard_size", "dp_replicate_size", "ring_attn", "heads_k_stride",
+    )},
+    **{k: "plait-preference" for k in (
+        "rl", "rl_beta", "dpo_beta", "dpo_loss_type", "dpo_loss_weights", "dpo_label_smoothing", "orpo_alpha",
+        "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight", "reward_model",
+        "precompute_ref_log_probs", "dpo_use_weighting", "dpo_padding_free",
     )},
     **{k: "plait-models" for k in ("model_config_type", "router_aux_loss_coef", "lora_target_experts")},
     **{k: "plait-vision" for k in (

@@ -60,13 +60,18 @@ def materialize(dataset, bin_indices: Sequence[int]) -> dict:
     concatenation plus ``seq_lens`` (the length of each row), which the packing
     collator turns into position ids and a block-diagonal attention mask.
     Rows a format gave ``extras`` (see :mod:`plait.data.prepare`) carry them as
-    ``extras``: a list with one dict per row of the bin.
+    ``extras``: a list with one dict per row of the bin. A row whose extras
+    give ``seq_lens`` (segments of its own, e.g. a preference pair)
+    contributes those segments instead of one, so it is collated like a
+    packed bin even alone.
     """
     if len(bin_indices) == 1:
         row = dataset[int(bin_indices[0])]
         one = {"input_ids": list(row["input_ids"]), "labels": list(row["labels"])}
         if row.get("extras"):
             one["extras"] = [json.loads(row["extras"])]
+            if one["extras"][0].get("seq_lens"):
+                one["seq_lens"] = list(one["extras"][0]["seq_lens"])
         return one
     rows = dataset[[int(i) for i in bin_indices]]
     input_ids: list[int] = []
@@ -77,6 +82,8 @@ def materialize(dataset, bin_indices: Sequence[int]) -> dict:
     packed = {"input_ids": input_ids, "labels": labels, "seq_lens": [len(ids) for ids in rows["input_ids"]]}
     if any(rows.get("extras") or ()):
         packed["extras"] = [json.loads(extra) if extra else {} for extra in rows["extras"]]
+        packed["seq_lens"] = [n for ids, extra in zip(rows["input_ids"], packed["extras"])
+                              for n in (extra.get("seq_lens") or [len(ids)])]
     return packed
 
 

@@ -176,7 +176,8 @@ class TokenizeBatch:
                                   f"{len(ids)} input_ids and {len(labels)} labels; they must be equal")
             status = "ok"
             if len(ids) > limit:
-                if not truncate:
+                # a row of segments (extras' seq_lens) cut at the end would lose one whole: drop it
+                if not truncate or (extra or {}).get("seq_lens"):
                     add([], [], "too_long")
                     continue
                 ids, labels, status = ids[:limit], labels[:limit], "truncated"

@@ -16,9 +16,11 @@ Every component comes from a hook (see :mod:`plait.hookspecs`), so plugins
 replace the parts; nothing here knows about LoRA, quantization or sharding.
 
 Gradient accumulation divides every micro-batch's summed loss by the number of
-trained tokens of the *whole* accumulation window (all ranks), so training with
+trained units of the *whole* accumulation window (all ranks), so training with
 ``micro_batch_size=2, gradient_accumulation_steps=2`` is the same step as
-``micro_batch_size=4, gradient_accumulation_steps=1``.
+``micro_batch_size=4, gradient_accumulation_steps=1``. The objective
+(``build_objective``) says what a unit is and computes the loss: trained
+tokens and their cross-entropy by default, preference pairs for DPO.
 
 Several processes (``torchrun``/``accelerate launch`` set ``WORLD_SIZE``):
 the process group is initialised (NCCL on GPUs, gloo on the CPU) and
@@ -70,6 +72,8 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     loss_fn: Any = None
+    #: what a step minimises and how micro-batches are weighed (``build_objective``)
+    objective: Any = None
     train_data: Any = None
     eval_data: Any = None
     mesh: Any = None
@@ -150,6 +154,7 @@ def train(cfg, pm, *, data=None) -> Run:
 
         run.model = build_model(run)
         run.loss_fn = call_required(pm, "build_loss", cfg=cfg, model=run.model)
+        run.objective = call_required(pm, "build_objective", cfg=cfg, model=run.model, loss_fn=run.loss_fn)
         plan_schedule(run)
         run.optimizer, run.scheduler = build_optimizer_and_scheduler(run)
         # every rank (all stop together): before the first step, not at the first save
@@ -419,24 +424,26 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
         batches = collate_window(run, window)
     # tokens the model reads (pad slots excluded, packed or not), from the rows' lengths
     input_tokens = sum(input_token_count(run.train_lengths, micro_batch) for micro_batch in window)
-    # count first, so every micro-batch's loss is divided by the window's trained tokens
-    local_tokens = sum(trained_tokens(batch) for batch in batches)
+    # count first, so every micro-batch's loss is divided by the window's trained units
+    local_tokens = sum(run.objective.count(batch) for batch in batches)
     divisor = loss_divisor(run.mesh, run.world, local_tokens)
 
     scaler = run.extras.get("grad_scaler")
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    step_metrics = MetricSums()
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         # DDP: all-reduce gradients once per window, not after every micro-batch
         no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync:
             with autocast(run):
-                micro_loss, _ = loss_of(run, batch, training=True)
+                micro_loss, micro_metrics = run.objective.loss(run, batch, training=True)
             scaled = micro_loss / divisor
             if last and before_last_backward is not None:
                 before_last_backward()
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += micro_loss.detach().double()  # no host sync per micro-batch
+        step_metrics.add(micro_metrics)
     skip_on_device = checks_loss_on_device(run, scaler)
     if skip_on_device:
         # the optimizer is queued behind the backward without waiting for it; a
@@ -464,9 +471,37 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     elapsed = time.perf_counter() - started
-    return {"step": run.step, "epoch": run.epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": int(round(tokens)), "input_tokens": int(round(input_tokens)),
-            "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
+    return {"step": run.step, "epoch": run.epoch, "loss": loss, **step_metrics.means(run), "lr": lr,
+            "grad_norm": float(grad_norm), run.objective.unit: int(round(tokens)),
+            "input_tokens": int(round(input_tokens)), "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
+
+
+class MetricSums:
+    """The objective's extra metrics, ``{name: (sum, n)}``, summed over
+    micro-batches (on the device: no host sync until :meth:`means`)."""
+
+    def __init__(self):
+        self.sums: dict = {}
+
+    def add(self, metrics: dict) -> None:
+        for name, (total, n) in metrics.items():
+            old_total, old_n = self.sums.get(name, (0.0, 0))
+            self.sums[name] = (old_total + _detached(total), old_n + n)
+
+    def means(self, run: Run, prefix: str = "") -> dict:
+        """``{prefix + name: sum / n}`` over all ranks (tensor-parallel copies counted once)."""
+        from plait.train.distributed import all_reduce_sum
+
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        values = all_reduce_sum([float(v) for name in names for v in self.sums[name]], run.device)
+        return {prefix + name: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] else 0.0
+                for i, name in enumerate(names)}
+
+
+def _detached(value):
+    return value.detach().double() if hasattr(value, "detach") else float(value)
 
 
 def _clip_and_step(run: Run, scaler):
@@ -543,13 +578,6 @@ def shard(run: Run, batch: dict) -> dict:
         return batch
     part = run.pm.hook.shard_batch(cfg=run.cfg, batch=batch, mesh=run.mesh)
     return batch if part is None else part
-
-
-def trained_tokens(batch) -> int:
-    """Positions that are trained after the shift (label of the *next* token)."""
-    if "shift_labels" in batch:  # a context-parallel shard: already shifted
-        return int((batch["shift_labels"] != -100).sum())
-    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def input_token_count(lengths, micro_batch) -> int:
@@ -669,7 +697,8 @@ def log_step(run: Run, metrics: dict, progress) -> None:
 
 
 def evaluate(run: Run) -> dict:
-    """Mean loss per trained token over the eval set (all ranks), and its perplexity."""
+    """Mean loss per trained unit over the eval set (all ranks), the objective's
+    metrics as ``eval_<name>``, and the perplexity where the objective has one."""
     import torch
 
     from plait.data.batching import plan_batches, row_lengths
@@ -679,22 +708,26 @@ def evaluate(run: Run) -> dict:
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
+    metrics = MetricSums()
     try:
         plan = plan_batches(run.cfg, row_lengths(run.eval_data), 0, run.dp_rank, run.dp_size, split="eval")
         with torch.no_grad():
             for micro_batch in plan:
                 batch = shard(run, collate(run, run.eval_data, micro_batch))
                 with autocast(run):
-                    loss_sum, n = loss_of(run, batch)
+                    loss_sum, micro_metrics = run.objective.loss(run, batch)
                 total += float(loss_sum)
-                tokens += int(n)
+                tokens += run.objective.count(batch)
+                metrics.add(micro_metrics)
     finally:
         model.train(was_training)
     total, tokens = all_reduce_sum([total, tokens], run.device)
     total, tokens = total / token_replicas(run), tokens / token_replicas(run)
     loss = total / max(tokens, 1)
-    return {"step": run.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-            "eval_tokens": int(round(tokens))}
+    result = {"step": run.step, "eval_loss": loss, **metrics.means(run, prefix="eval_")}
+    if run.objective.perplexity:
+        result["eval_ppl"] = math.exp(min(loss, 50.0))
+    return {**result, f"eval_{run.objective.unit}": int(round(tokens))}
 
 
 def evaluate_and_log(run: Run) -> dict:
@@ -707,7 +740,9 @@ def evaluate_and_log(run: Run) -> dict:
 
 
 def format_eval(metrics: dict) -> str:
-    return f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}  eval_ppl {metrics['eval_ppl']:.3f}"
+    if "eval_ppl" in metrics:
+        return f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}  eval_ppl {metrics['eval_ppl']:.3f}"
+    return f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}"
 
 
 def finish(run: Run) -> None:
