@@ -1,0 +1,1 @@
+"""Preference tuning (DPO, IPO, ORPO, KTO, SimPO) on Plait's own training loop."""

@@ -1,0 +1,105 @@
+"""The preference keys, named and defaulted as in Axolotl (and TRL behind it)."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from plait.errors import ConfigError
+
+#: ``rl:`` values this plugin trains; Axolotl's others are named in the error
+METHODS = ("dpo", "ipo", "orpo", "kto", "simpo")
+AXOLOTL_ONLY = ("grpo", "gdpo", "ebft")
+#: ``dpo_loss_type`` values (TRL's names)
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+
+class PreferenceKeys(BaseModel):
+    """Keys plait-preference owns."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    rl: Optional[str] = Field(None, description="Preference method: dpo, ipo, orpo, kto or simpo.")
+    rl_beta: Optional[float] = Field(None, gt=0, description="beta of the method (TRL's default 0.1).")
+    dpo_beta: Optional[float] = Field(None, gt=0, description="Older name of rl_beta.")
+    dpo_loss_type: Optional[Union[str, list[str]]] = Field(
+        None, description="DPO losses: sigmoid (default), hinge, ipo, robust; a list adds them up.")
+    dpo_loss_weights: Optional[list[float]] = Field(None, description="Weight of each dpo_loss_type (default 1).")
+    dpo_label_smoothing: Optional[float] = Field(
+        None, ge=0, lt=0.5, description="Conservative DPO / robust DPO: the share of flipped preference labels.")
+    dpo_use_weighting: Optional[bool] = None
+    dpo_padding_free: Optional[bool] = Field(
+        None, description="Accepted: pairs always run without padding between their two sequences.")
+    orpo_alpha: Optional[float] = Field(None, gt=0, description="ORPO: weight of the odds-ratio term (TRL's beta).")
+    simpo_gamma: Optional[float] = Field(None, description="SimPO: target reward margin (default 0.5).")
+    cpo_alpha: Optional[float] = Field(None, ge=0, description="SimPO/CPO: weight of the chosen NLL term (default 1).")
+    kto_desirable_weight: Optional[float] = Field(None, gt=0, description="KTO: weight of desirable rows (default 1).")
+    kto_undesirable_weight: Optional[float] = Field(
+        None, gt=0, description="KTO: weight of undesirable rows (default 1).")
+    precompute_ref_log_probs: Optional[bool] = Field(
+        None, description="Compute the reference log-probabilities before training (not implemented yet).")
+    reward_model: Optional[bool] = Field(None, description="Train a Bradley-Terry reward model (not implemented yet).")
+
+    @field_validator("rl", mode="before")
+    @classmethod
+    def _rl_name(cls, value):
+        # Axolotl's enum values are lower case; accept DPO/Dpo and rl: true-less spellings the same
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+def beta(cfg) -> float:
+    """Axolotl's order: rl_beta, then the older dpo_beta, then orpo_alpha; TRL's 0.1 otherwise."""
+    for key in ("rl_beta", "dpo_beta", "orpo_alpha"):
+        value = getattr(cfg, key, None)
+        if value is not None:
+            return float(value)
+    return 0.1
+
+
+def dpo_losses(cfg) -> list[tuple[str, float]]:
+    """``[(loss type, weight), ...]`` of a DPO run (``rl: ipo`` is DPO with the ipo loss)."""
+    if cfg.rl == "ipo":
+        return [("ipo", 1.0)]
+    types = cfg.dpo_loss_type or ["sigmoid"]
+    types = [types] if isinstance(types, str) else list(types)
+    weights = cfg.dpo_loss_weights or [1.0] * len(types)
+    return list(zip(types, weights))
+
+
+def validate(cfg) -> None:
+    """Rules spanning keys, checked before any model or data work."""
+    rl = cfg.rl
+    if rl is not None and rl not in METHODS:
+        extra = f" ({rl} is Axolotl's online RL, not preference tuning)" if rl in AXOLOTL_ONLY else ""
+        raise ConfigError(f"config key 'rl': {rl!r} is not accepted{extra}; accepted: {', '.join(METHODS)}")
+    if cfg.reward_model:
+        raise ConfigError("config key 'reward_model': true is not implemented yet in plait-preference; "
+                          "remove it (rl: dpo|ipo|orpo|kto|simpo are)")
+    if cfg.precompute_ref_log_probs:
+        raise ConfigError("config key 'precompute_ref_log_probs': true is not implemented yet; remove it (the "
+                          "reference runs beside the policy: the adapter switched off with LoRA, a frozen copy "
+                          "without)")
+    if cfg.dpo_use_weighting:
+        raise ConfigError("config key 'dpo_use_weighting': true (WPO weighting) is not supported; remove it")
+    if rl is None:
+        given = [k for k in PreferenceKeys.model_fields if k != "rl" and getattr(cfg, k, None) is not None
+                 and cfg.source_of(k) != "default"]
+        if given:
+            raise ConfigError(f"{', '.join(given)} set but 'rl' is not; add rl: dpo (or ipo, orpo, kto, simpo), "
+                              f"or remove these keys")
+        return
+    if (cfg.dpo_loss_type is not None or cfg.dpo_loss_weights is not None) and rl != "dpo":
+        raise ConfigError(f"dpo_loss_type / dpo_loss_weights are for rl: dpo, but rl is {rl!r}")
+    if rl == "dpo":
+        types = cfg.dpo_loss_type or ["sigmoid"]
+        types = [types] if isinstance(types, str) else types
+        for name in types:
+            if name not in DPO_LOSS_TYPES:
+                raise ConfigError(f"config key 'dpo_loss_type': {name!r} is not accepted; accepted: "
+                                  f"{', '.join(DPO_LOSS_TYPES)}")
+        if cfg.dpo_loss_weights is not None and len(cfg.dpo_loss_weights) != len(types):
+            raise ConfigError(f"config key 'dpo_loss_weights': {cfg.dpo_loss_weights} has {len(cfg.dpo_loss_weights)} "
+                              f"weights for {len(types)} dpo_loss_type entries; give one weight per loss")
+    if cfg.sample_packing and cfg.micro_batch_size < 1:
+        raise ConfigError("micro_batch_size must be at least 1")

@@ -1,0 +1,143 @@
+"""Preference dataset types: each turns one raw row into text.
+
+A pair type gives ``(prompt, chosen, rejected)``, a KTO type ``(prompt,
+completion, desirable)``, exactly the strings Axolotl's prompt strategies of
+the same name hand to TRL; :mod:`plait_preference.rows` tokenizes them.
+
+Types (the part after the dot selects the layout; the same names serve
+``rl: kto`` with ``completion`` and ``label`` in place of chosen/rejected):
+
+``chatml.intel``        question, chosen, rejected (system optional)
+``chatml.prompt_pairs`` prompt, chosen, rejected (system optional)
+``chatml.default``      prompt|input|question|instruction, chosen|chosen_response, rejected|rejected_response
+``chatml.ultra``        prompt, chosen/rejected as [user, assistant] message lists
+``chatml.argilla_chat`` chosen/rejected as [user, assistant] message lists
+``llama3.*``            the same layouts in Llama 3's header format
+``chat_template.default`` ``field_messages`` (default ``messages``; ShareGPT's
+                        ``conversations`` with from/value works too), ``field_chosen``,
+                        ``field_rejected`` as messages, a message or a string,
+                        rendered with the run's chat template
+"""
+
+from __future__ import annotations
+
+from plait.errors import BadRowError
+
+CHATML = {"system": "<|im_start|>system\n{}<|im_end|>\n", "user": "<|im_start|>user\n{}<|im_end|>\n",
+          "assistant_start": "<|im_start|>assistant\n", "end": "<|im_end|>"}
+LLAMA3 = {"system": "<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
+          "user": "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+          "assistant_start": "<|start_header_id|>assistant<|end_header_id|>\n\n", "end": "<|eot_id|>"}
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3}
+LAYOUTS = ("default", "intel", "prompt_pairs", "ultra", "argilla_chat", "argilla")
+#: ShareGPT role names -> chat roles
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool", "function_call": "assistant", "observation": "tool"}
+
+#: every ``type:`` this plugin declares
+TYPES = tuple(f"{base}.{layout}" for base in TEMPLATES for layout in LAYOUTS) + ("chat_template.default",)
+
+
+def _field(row: dict, names, what: str, index: int):
+    for name in names:
+        if row.get(name) is not None:
+            return row[name]
+    raise BadRowError(index, f"has no {what} (looked for {', '.join(names)}; row keys: {sorted(row)})")
+
+
+def _prompt(fmt: dict, row: dict, text: str) -> str:
+    system = fmt["system"].format(row["system"]) if row.get("system") else ""
+    return system + fmt["user"].format(text) + fmt["assistant_start"]
+
+
+def _last_content(value, what: str, index: int) -> str:
+    """The text of a response given as a string, a message or a message list (its last)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        for key in ("content", "value", "text"):
+            if isinstance(value[-1].get(key), str):
+                return value[-1][key]
+    raise BadRowError(index, f"{what} must be a string, a message or a list of messages, not {type(value).__name__}")
+
+
+def template_texts(base: str, layout: str, row: dict, index: int, kto: bool):
+    """``chatml.*`` / ``llama3.*``: the prompt and the response texts."""
+    fmt = TEMPLATES[base]
+    responses = ("completion",) if kto else ("chosen", "rejected")
+    if layout in ("ultra", "argilla_chat"):
+        first = row.get(responses[0])
+        if layout == "argilla_chat" or not row.get("prompt"):
+            if not isinstance(first, list) or not first:
+                raise BadRowError(index, f"{layout}: '{responses[0]}' must be a [user, assistant] message list")
+            prompt_text = _last_content(first[:1], "the first message", index)
+        else:
+            prompt_text = row["prompt"]
+        texts = [_last_content(_field(row, (name,), name, index), name, index) for name in responses]
+    else:
+        prompt_names = {"intel": ("question",), "prompt_pairs": ("prompt",),
+                        "argilla": ("instruction", "prompt")}.get(layout, ("prompt", "input", "question", "instruction"))
+        prompt_text = _field(row, prompt_names, "prompt", index)
+        texts = [_last_content(_field(row, (name, f"{name}_response"), name, index), name, index)
+                 for name in responses]
+    return _prompt(fmt, row, prompt_text), [text + fmt["end"] for text in texts]
+
+
+def _messages(value, entry, index: int, what: str) -> list[dict]:
+    """Messages with ``role``/``content`` keys (ShareGPT's from/value and role aliases mapped)."""
+    if isinstance(value, str):
+        return [{"role": "user" if what == "prompt" else "assistant", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    mapping = entry.message_property_mappings or {}
+    role_key, content_key = mapping.get("role"), mapping.get("content")
+    roles = {alias: target for target, aliases in (entry.roles or {}).items() for alias in aliases}
+    out = []
+    for message in value or []:
+        if not isinstance(message, dict):
+            raise BadRowError(index, f"{what} must hold messages (dicts), found {type(message).__name__}")
+        role = message.get(role_key or "role", message.get("from"))
+        content = message.get(content_key or "content", message.get("value"))
+        role = roles.get(role, SHAREGPT_ROLES.get(role, role))
+        if role is None or not isinstance(content, str):
+            raise BadRowError(index, f"a message of {what} has no role or text content: {message}")
+        out.append({"role": role, "content": content})
+    if not out:
+        raise BadRowError(index, f"{what} is empty")
+    return out
+
+
+def chat_template_texts(entry, row: dict, index: int, tokenizer, kto: bool):
+    """``chat_template.default``: render the prompt messages with the generation
+    prompt, and each response as the assistant turn that follows (Axolotl's
+    way: render it after a placeholder user turn and keep it from its text on)."""
+    field_messages = entry.field_messages or ("messages" if "messages" in row or "conversations" not in row
+                                              else "conversations")
+    messages = _messages(_field(row, (field_messages,), f"'{field_messages}'", index), entry, index, "prompt")
+    if kto:
+        if messages[-1]["role"] != "assistant" and "completion" not in row:
+            raise BadRowError(index, "KTO rows need the completion as the last (assistant) message or a "
+                                     "'completion' field")
+        responses = [row["completion"]] if "completion" in row else [messages.pop()]
+    else:
+        responses = [_field(row, (entry.field_chosen or "chosen",), "chosen response", index),
+                     _field(row, (entry.field_rejected or "rejected",), "rejected response", index)]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    texts = []
+    for value in responses:
+        reply = _messages(value, entry, index, "the response")[-1]
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "[[dummy_message]]"}, reply],
+                                                 tokenize=False)
+        start = rendered.find(reply["content"])
+        texts.append(rendered[start:].rstrip() if start >= 0 else reply["content"])
+    return prompt, texts
+
+
+def row_texts(entry, row: dict, index: int, tokenizer, kto: bool):
+    """``(prompt, [responses])`` of one raw row for the entry's ``type:``."""
+    base, _, layout = (entry.type or "").partition(".")
+    if base == "chat_template":
+        return chat_template_texts(entry, row, index, tokenizer, kto)
+    return template_texts(base, layout or "default", row, index, kto)

@@ -1,0 +1,167 @@
+"""The preference objective the loop runs (``build_objective``).
+
+One micro-batch is one forward of the policy over every segment (chosen and
+rejected of each pair, or a KTO row's completion and KL sequence), and, for
+the methods with a reference (DPO, IPO, KTO), one forward of the reference
+without gradients: the same model with its LoRA adapter switched off, or a
+frozen copy of the starting weights when every weight trains.
+
+The loop averages over *units*: pairs (DPO, IPO, ORPO, SimPO) or rows (KTO).
+Metrics are TRL's names: ``rewards/chosen``, ``rewards/rejected``,
+``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from plait_preference import config, losses
+from plait_preference.logps import segment_logps
+from plait_preference.rows import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE
+
+REFERENCE_METHODS = ("dpo", "ipo", "kto")
+
+
+class PreferenceObjective:
+    perplexity = False
+
+    def __init__(self, cfg, model):
+        self.cfg = cfg
+        self.method = cfg.rl
+        self.beta = config.beta(cfg)
+        self.unit = "examples" if self.method == "kto" else "pairs"
+        self.reference = reference_model(model) if self.method in REFERENCE_METHODS else None
+
+    # ---------------------------------------------------------------- protocol
+
+    def count(self, batch) -> int:
+        roles = batch["segment_roles"]
+        return int((roles != KL).sum()) if self.method == "kto" else int((roles == CHOSEN).sum())
+
+    def loss(self, run, batch, *, training: bool = False):
+        from plait.builtin.collate import to_device
+
+        batch = to_device(batch, run.device)
+        whole = (CHOSEN,) if self.method == "orpo" else ()
+        policy = segment_logps(run.model, batch, whole_roles=whole)
+        ref = self.reference_logps(run.model, batch) if self.reference is not None else None
+        roles = batch["segment_roles"]
+        if self.method == "kto":
+            loss_sum, metrics = self.kto(policy, ref, roles)
+        else:
+            loss_sum, metrics = self.pairs(policy, ref, roles)
+        if training:
+            units = self.count(batch)
+            for term in run.pm.hook.extra_loss(cfg=run.cfg, model=run.model, outputs=policy.outputs, batch=batch):
+                if term is not None:  # meant for the micro-batch mean: weigh by its units
+                    loss_sum = loss_sum + term.to(loss_sum.dtype) * units
+        return loss_sum, metrics
+
+    # --------------------------------------------------------------- reference
+
+    def reference_logps(self, model, batch):
+        import torch
+
+        with torch.no_grad(), self.reference_context(model) as ref_model:
+            return segment_logps(ref_model, batch)
+
+    @contextlib.contextmanager
+    def reference_context(self, model):
+        from plait.train.forward import unwrap_data_parallel
+
+        if self.reference == "adapter_off":
+            inner = unwrap_data_parallel(model)
+            with inner.disable_adapter():
+                yield inner
+        else:
+            yield self.reference
+
+    # ------------------------------------------------------------------ losses
+
+    def pairs(self, policy, ref, roles):
+        import torch
+
+        chosen, rejected = roles == CHOSEN, roles == REJECTED
+        c_logps, r_logps = policy.completion[chosen], policy.completion[rejected]
+        c_tokens, r_tokens = policy.completion_tokens[chosen], policy.completion_tokens[rejected]
+        n = int(chosen.sum())
+        cfg, beta = self.cfg, self.beta
+        metrics = {}
+        if self.method in ("dpo", "ipo"):
+            c_ratio = c_logps - ref.completion[chosen]
+            r_ratio = r_logps - ref.completion[rejected]
+            per_pair = sum(weight * losses.dpo(c_ratio, r_ratio, c_tokens, r_tokens, beta=beta, loss_type=name,
+                                               label_smoothing=cfg.dpo_label_smoothing or 0.0)
+                           for name, weight in config.dpo_losses(cfg))
+            loss_sum = per_pair.sum()
+            c_reward, r_reward = beta * c_ratio.detach(), beta * r_ratio.detach()
+            shown_c, shown_r = c_logps, r_logps
+        else:
+            c_avg = c_logps / c_tokens.clamp(min=1)
+            r_avg = r_logps / r_tokens.clamp(min=1)
+            if self.method == "orpo":
+                # TRL's ORPO: the chosen NLL over prompt and response, a token mean over the micro-batch
+                nll = -policy.whole[chosen].sum() / policy.whole_tokens[chosen].sum().clamp(min=1)
+                ratio, log_odds = losses.orpo_odds_ratio(c_avg, r_avg, beta=beta)
+                loss_sum = nll * n - ratio.sum()
+                metrics["nll_loss"] = (nll.detach() * n, n)
+                metrics["log_odds_ratio"] = (ratio.detach().sum() / beta, n)
+            else:  # simpo
+                gamma = cfg.simpo_gamma if cfg.simpo_gamma is not None else 0.5
+                alpha = cfg.cpo_alpha if cfg.cpo_alpha is not None else 1.0
+                per_pair = losses.simpo(c_avg, r_avg, beta=beta, gamma=gamma)
+                loss_sum = per_pair.sum()
+                if alpha:
+                    nll = -c_logps.sum() / c_tokens.sum().clamp(min=1)
+                    loss_sum = loss_sum + alpha * nll * n
+                    metrics["nll_loss"] = (nll.detach() * n, n)
+            c_reward, r_reward = beta * c_avg.detach(), beta * r_avg.detach()
+            shown_c, shown_r = c_avg, r_avg
+        metrics.update({
+            "rewards/chosen": (c_reward.sum(), n),
+            "rewards/rejected": (r_reward.sum(), n),
+            "rewards/margins": ((c_reward - r_reward).sum(), n),
+            "rewards/accuracies": ((c_reward > r_reward).to(torch.float32).sum(), n),
+            "logps/chosen": (shown_c.detach().sum(), n),
+            "logps/rejected": (shown_r.detach().sum(), n),
+        })
+        return loss_sum, metrics
+
+    def kto(self, policy, ref, roles):
+        import torch
+
+        kl_rows = roles == KL
+        rows = (roles == DESIRABLE) | (roles == UNDESIRABLE)
+        desirable = roles[rows] == DESIRABLE
+        # the batch's KL estimate from the mismatched pairs: detached, clamped at 0 (TRL)
+        kl = (policy.completion[kl_rows].detach() - ref.completion[kl_rows]).mean().clamp(min=0)
+        ratio = policy.completion[rows] - ref.completion[rows]
+        cfg = self.cfg
+        per_row = losses.kto(ratio, desirable, kl, beta=self.beta,
+                             desirable_weight=cfg.kto_desirable_weight or 1.0,
+                             undesirable_weight=cfg.kto_undesirable_weight or 1.0)
+        rewards = self.beta * ratio.detach()
+        logps = policy.completion[rows].detach()
+        n_good, n_bad = int(desirable.sum()), int((~desirable).sum())
+        metrics = {"kl": (kl, 1),
+                   "rewards/chosen": (rewards[desirable].sum(), n_good),
+                   "rewards/rejected": (rewards[~desirable].sum(), n_bad),
+                   "logps/chosen": (logps[desirable].sum(), n_good),
+                   "logps/rejected": (logps[~desirable].sum(), n_bad)}
+        return per_row.sum(), metrics
+
+
+def reference_model(model):
+    """``"adapter_off"`` for a peft model (its base is the reference), else a
+    frozen copy of the starting weights."""
+    import copy
+
+    from plait.train.forward import unwrap_data_parallel
+
+    inner = unwrap_data_parallel(model)
+    if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config"):
+        return "adapter_off"
+    frozen = copy.deepcopy(inner)
+    frozen.requires_grad_(False)
+    frozen.eval()
+    return frozen

@@ -1,0 +1,83 @@
+"""The hookimpls of plait-preference. Each answers only when the config asks
+for preference tuning (``rl:``), so an SFT run never meets this plugin."""
+
+from __future__ import annotations
+
+from plait.hookspecs import hookimpl
+
+
+def _active(cfg) -> bool:
+    return getattr(cfg, "rl", None) is not None
+
+
+@hookimpl
+def config_schema():
+    from plait_preference.config import PreferenceKeys
+
+    return PreferenceKeys
+
+
+@hookimpl
+def validate_config(cfg):
+    from plait_preference.config import validate
+
+    validate(cfg)
+    if not _active(cfg):
+        return
+    from plait.errors import ConfigError
+    from plait_preference.formats import TYPES
+
+    for list_key in ("datasets", "test_datasets"):
+        for index, entry in enumerate(getattr(cfg, list_key, None) or ()):
+            if entry.type not in TYPES:
+                raise ConfigError(f"config key '{list_key}.{index}.type': {entry.type!r} is not a preference dataset "
+                                  f"type (rl: {cfg.rl}); accepted: {', '.join(TYPES)}")
+
+
+@hookimpl
+def dataset_types():
+    from plait_preference.formats import TYPES
+
+    return list(TYPES)
+
+
+@hookimpl
+def row_columns(cfg, dataset_cfg):
+    if not _active(cfg):
+        return None
+    import datasets
+
+    ints = datasets.List(datasets.Value("int32"))
+    return {"seq_lens": ints, "segment_roles": ints}
+
+
+@hookimpl(tryfirst=True)
+def tokenize(cfg, dataset_cfg, tokenizer, batch):
+    # tryfirst: plait-formats also answers chat_template.*; under rl: the rows are pairs
+    if not _active(cfg):
+        return None
+    from plait_preference.rows import tokenize_kto, tokenize_pairs
+
+    if cfg.rl == "kto":
+        return tokenize_kto(dataset_cfg, tokenizer, batch, group=cfg.micro_batch_size)
+    return tokenize_pairs(dataset_cfg, tokenizer, batch)
+
+
+@hookimpl(tryfirst=True)
+def collate(cfg, rows, tokenizer):
+    if not _active(cfg):
+        return None
+    from plait.builtin.collate import collate as core_collate
+
+    from plait_preference.collate import add_segments
+
+    return add_segments(core_collate(cfg=cfg, rows=rows, tokenizer=tokenizer), rows)
+
+
+@hookimpl
+def build_objective(cfg, model, loss_fn):
+    if not _active(cfg):
+        return None
+    from plait_preference.objective import PreferenceObjective
+
+    return PreferenceObjective(cfg, model)
