@@ -1,0 +1,87 @@
+"""Preference runs through ``plait train``: the first DPO step, packing, the
+data layout and the refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from plait_preference.testing import kto_rows, pair_rows
+
+
+def dpo_keys(data, **extra):
+    return {"rl": "dpo", "datasets": [{"path": str(data), "type": "chat_template.default",
+                                       "field_messages": "conversations"}],
+            "micro_batch_size": 4, "max_steps": 2, **extra}
+
+
+def test_first_dpo_step_with_the_policy_as_reference_is_ln2(train, write_rows):
+    # LoRA's B starts at zero, so the policy is the reference at step 1
+    # all 8 pairs in every step: step 2 sees the pairs step 1 trained on
+    steps = train("lora", **dpo_keys(write_rows(pair_rows(8)), micro_batch_size=8, adapter="lora",
+                                     lora_target_linear=True))
+    first = steps[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first[key] == pytest.approx(0.0, abs=1e-6)
+    assert first["pairs"] == 8 and first["logps/chosen"] < 0
+    assert steps[1]["rewards/margins"] > 0  # one step of DPO already prefers the chosen responses
+
+
+def test_packed_pairs_give_the_loss_of_unpacked_pairs(train, write_rows):
+    data = write_rows(pair_rows(8, seed=1))
+    plain = train("plain", **dpo_keys(data, micro_batch_size=8, max_steps=2))
+    # every pair in one row of 256 slots: the 8 pairs' sequences are packed into a single bin or two
+    packed = train("packed", **dpo_keys(data, micro_batch_size=8, max_steps=2, sample_packing=True))
+    for a, b in zip(plain, packed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-4, abs=1e-6)
+
+
+def test_kto_rows_hold_a_completion_and_a_kl_sequence(tmp_path, tiny_model, write_rows):
+    from transformers import AutoTokenizer
+
+    from plait.data.prepare import prepare_datasets
+    from plait.testing import build_run_config
+    from plait_preference.rows import DESIRABLE, KL, UNDESIRABLE
+
+    rows = kto_rows(6)
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "kto", "micro_batch_size": 3, "shuffle_merged_datasets": False,
+                                "dataset_prepared_path": str(tmp_path / "prep"),
+                                "datasets": [{"path": str(write_rows(rows)), "type": "chat_template.default"}]})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    train = prepare_datasets(cfg, pm, tokenizer, show_progress=False).train
+    assert len(train) == 6
+    for i, row in enumerate(train):
+        first, second = row["seq_lens"]
+        assert first + second == row["length"]
+        assert row["segment_roles"] == [DESIRABLE if rows[i]["label"] else UNDESIRABLE, KL]
+        # the KL sequence is the same prompt with the previous row's completion (wrapping in groups of 3)
+        completion = lambda r: [t for t, l in zip(r["input_ids"][:r["seq_lens"][0]], r["labels"]) if l != -100]  # noqa: E731
+        kl_part = [t for t, l in zip(row["input_ids"][first:], row["labels"][first:]) if l != -100]
+        other = train[(i // 3) * 3 + (i - 1) % 3]
+        assert kl_part == completion(other)
+
+
+def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
+    from plait.errors import ConfigError, DataError
+    from plait.data.prepare import prepare_datasets
+    from plait.testing import build_run_config
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ConfigError, match="'rl': 'grpo'.*online RL"):
+        build_run_config({"base_model": "m", "rl": "grpo"})
+    with pytest.raises(ConfigError, match="dpo_loss_type.*'sppo'.*sigmoid, hinge, ipo, robust"):
+        build_run_config({"base_model": "m", "rl": "dpo", "dpo_loss_type": ["sppo"]})
+    with pytest.raises(ConfigError, match="rl_beta set but 'rl' is not"):
+        build_run_config({"base_model": "m", "rl_beta": 0.2})
+    with pytest.raises(ConfigError, match="'datasets.0.type': 'alpaca' is not a preference dataset type"):
+        build_run_config({"base_model": "m", "rl": "dpo", "datasets": [{"path": "x.json", "type": "alpaca"}]})
+    rows = pair_rows(3)
+    del rows[2]["rejected"]
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "dpo", **{"dataset_prepared_path": str(tmp_path)},
+                                "datasets": [{"path": str(write_rows(rows)), "type": "chat_template.default"}]})
+    with pytest.raises(DataError, match=r"data\.json.*row 3|row 3.*data\.json") as err:
+        prepare_datasets(cfg, pm, AutoTokenizer.from_pretrained(tiny_model), show_progress=False)
+    assert "rejected" in str(err.value)
