@@ -525,3 +525,60 @@ def test_hook_chat_templates(tmp_path):
     with pytest.raises(PluginError, match="plugin 'Reserved': chat template name 'tokenizer_default_fallback_x' is "
                                           "reserved"):
         template(without, "chatml", plugins=(Reserved,))
+
+
+def test_hook_build_objective():
+    from plait.builtin.loss import TokenCrossEntropy
+
+    cfg, pm = build_run_config({"base_model": "m"})
+    objective = pm.hook.build_objective(cfg=cfg, model=None, loss_fn=pm.hook.build_loss(cfg=cfg, model=None))
+    assert isinstance(objective, TokenCrossEntropy) and objective.unit == "tokens" and objective.perplexity
+    labels = torch.tensor([[5, -100, 7, 8], [-100, 3, -100, -100]])
+    assert objective.count({"labels": labels}) == 3  # trained positions after the shift
+    assert objective.count({"shift_labels": labels}) == 4  # a context-parallel shard is already shifted
+
+    class Plugin:
+        @hookimpl
+        def build_objective(cfg, model, loss_fn):
+            return "mine"
+
+    cfg, pm = build_run_config({"base_model": "m"}, plugins=[Plugin()])
+    assert pm.hook.build_objective(cfg=cfg, model=None, loss_fn=None) == "mine"
+
+
+def test_hook_row_columns(tmp_path):
+    import datasets
+
+    from plait.data.batching import materialize
+    from plait.data.prepare import prepare_datasets
+    from plait.testing import make_tiny_tokenizer, write_jsonl
+
+    class TwoSegments:
+        """A format whose rows are two segments: the text, then the text again."""
+
+        @hookimpl
+        def dataset_types():
+            return ["twice"]
+
+        @hookimpl
+        def row_columns(cfg, dataset_cfg):
+            return {"seq_lens": datasets.List(datasets.Value("int32")), "tag": datasets.Value("string")}
+
+        @hookimpl
+        def tokenize(cfg, dataset_cfg, tokenizer, batch):
+            ids = [tokenizer(text)["input_ids"] for text in batch["text"]]
+            return {"input_ids": [i + i for i in ids], "labels": [i + i for i in ids],
+                    "seq_lens": [[len(i), len(i)] for i in ids], "tag": batch["text"]}
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a b c"}, {"text": "d e"}, {"text": "f g h i j " * 20}])
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "tok"))
+    cfg, pm = build_run_config({"base_model": "m", "sequence_len": 64, "excess_length_strategy": "truncate",
+                                "shuffle_merged_datasets": False, "dataset_prepared_path": str(tmp_path / "prep"),
+                                "datasets": [{"path": str(data), "type": "twice"}]}, plugins=[TwoSegments])
+    train = prepare_datasets(cfg, pm, tokenizer, show_progress=False).train
+    assert len(train) == 2  # the long row has segments: dropped, not truncated
+    assert train[0]["tag"] == "a b c" and sum(train[0]["seq_lens"]) == train[0]["length"]
+    one = materialize(train, [0])
+    assert one["seq_lens"] == train[0]["seq_lens"] and one["tag"] == ["a b c"]
+    both = materialize(train, [0, 1])
+    assert both["seq_lens"] == train[0]["seq_lens"] + train[1]["seq_lens"] and both["tag"] == ["a b c", "d e"]

@@ -36,9 +36,10 @@ def validate_config(cfg):
 
 @hookimpl
 def dataset_types():
-    from plait_preference.formats import TYPES
+    from plait_preference.formats import TEMPLATES, TYPES
 
-    return list(TYPES)
+    # core checks the name before the dot; plait-formats checks full dotted names declared elsewhere
+    return [*TEMPLATES, *TYPES]
 
 
 @hookimpl
