@@ -1,0 +1,111 @@
+"""The objective against independent computations on one micro-batch.
+
+Per-sequence log-probs and their gradients against a plain transformers
+forward of each sequence alone (full logits, autograd): 1e-5. ORPO's and
+SimPO's losses against TRL's own loss functions (``ORPOTrainer.odds_ratio_loss``,
+``CPOTrainer.cpo_loss``) fed log-probs of that plain forward: 1e-5.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from plait_preference.testing import pair_rows
+
+CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture
+def setup(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import plait_preference.plugin as plugin
+    from plait.testing import build_run_config
+    from plait_preference.rows import CHOSEN, REJECTED, segments_row, tokenize_responses
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "dpo"})
+    rows, sequences = [], []
+    for r in pair_rows(4, seed=11):
+        prompt = CHATML_USER.format(r["conversations"][0]["value"])
+        responses = [r["chosen"]["value"] + "<|im_end|>", r["rejected"]["value"] + "<|im_end|>"]
+        prompt_ids, completions = tokenize_responses(tokenizer, prompt, responses, 0)
+        row = segments_row(prompt_ids, completions, [CHOSEN, REJECTED])
+        rows.append({**row, "segment_roles": [row["segment_roles"]]})
+        sequences += [(prompt_ids, c) for c in completions]
+    batch = plugin.collate(cfg=cfg, rows=rows, tokenizer=tokenizer)
+    return SimpleNamespace(model=model, batch=batch, sequences=sequences, pm=pm, tokenizer=tokenizer)
+
+
+def plain_logps(model, sequences):
+    """Per sequence: (summed response log-prob, response tokens, summed log-prob of every token after the first)."""
+    out = []
+    for prompt_ids, completion in sequences:
+        ids = torch.tensor([prompt_ids + completion])
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        token = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+        out.append((token[len(prompt_ids) - 1:].sum(), len(completion), token.sum(), len(token)))
+    return out
+
+
+def test_segment_logps_and_gradients_equal_a_plain_forward(setup):
+    from plait_preference.logps import segment_logps
+
+    ours = segment_logps(setup.model, setup.batch)
+    ours.completion.sum().backward()
+    got = {n: p.grad.clone() for n, p in setup.model.named_parameters()}
+    setup.model.zero_grad()
+    plain = plain_logps(setup.model, setup.sequences)
+    torch.stack([p[0] for p in plain]).sum().backward()
+    torch.testing.assert_close(ours.completion.detach(), torch.stack([p[0] for p in plain]).detach(),
+                               rtol=1e-5, atol=1e-5)
+    assert ours.completion_tokens.tolist() == [p[1] for p in plain]
+    for name, param in setup.model.named_parameters():
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def objective_loss(setup, **keys):
+    from plait.testing import build_run_config
+    from plait_preference.objective import PreferenceObjective
+
+    cfg, pm = build_run_config({"base_model": "unused", **keys})
+    objective = PreferenceObjective(cfg, setup.model)
+    run = SimpleNamespace(model=setup.model, device=torch.device("cpu"), pm=pm, cfg=cfg)
+    loss_sum, metrics = objective.loss(run, setup.batch)
+    return loss_sum / objective.count(setup.batch), metrics
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_loss_equals_trl(setup, beta):
+    trl_orpo = pytest.importorskip("trl.experimental.orpo")
+    ours, metrics = objective_loss(setup, rl="orpo", orpo_alpha=beta)
+    with torch.no_grad():
+        plain = plain_logps(setup.model, setup.sequences)
+    avg = torch.tensor([p[0] / p[1] for p in plain])
+    chosen, rejected = avg[0::2], avg[1::2]
+    # TRL's ORPO NLL: chosen prompt and response, a token mean over the batch
+    nll = -sum(p[2] for p in plain[0::2]) / sum(p[3] for p in plain[0::2])
+    self = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_rewards, rejected_rewards, _, _ = trl_orpo.ORPOTrainer.odds_ratio_loss(self, chosen, rejected)
+    assert float(ours) == pytest.approx(float(nll - losses.mean()), rel=1e-5)
+    assert metrics["rewards/chosen"][0] / 4 == pytest.approx(float(chosen_rewards.mean()), rel=1e-5)
+    assert metrics["rewards/rejected"][0] / 4 == pytest.approx(float(rejected_rewards.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("gamma,alpha", [(0.5, 1.0), (1.0, 0.0)])
+def test_simpo_loss_equals_trl(setup, gamma, alpha):
+    trl_cpo = pytest.importorskip("trl.experimental.cpo")
+    ours, metrics = objective_loss(setup, rl="simpo", rl_beta=2.0, simpo_gamma=gamma, cpo_alpha=alpha)
+    with torch.no_grad():
+        plain = plain_logps(setup.model, setup.sequences)
+    avg = torch.tensor([p[0] / p[1] for p in plain])
+    self = SimpleNamespace(beta=2.0, simpo_gamma=gamma, label_smoothing=0.0, loss_type="simpo", alpha=0.0,
+                           accelerator=SimpleNamespace(device="cpu"))
+    losses, chosen_rewards, _ = trl_cpo.CPOTrainer.cpo_loss(self, avg[0::2], avg[1::2])
+    nll = -sum(p[0] for p in plain[0::2]) / sum(p[1] for p in plain[0::2])  # CPO's NLL: chosen responses only
+    assert float(ours) == pytest.approx(float(losses.mean() + alpha * nll), rel=1e-5)
+    assert metrics["rewards/chosen"][0] / 4 == pytest.approx(float(chosen_rewards.mean()), rel=1e-5)
