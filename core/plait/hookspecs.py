@@ -554,7 +554,9 @@ def on_step_end(run: Run, metrics: dict[str, float]) -> None:
 
 @hookspec
 def on_eval_end(run: Run, metrics: dict[str, float]) -> None:
-    """An evaluation finished. ``metrics``: ``step``, ``eval_loss``, ``eval_ppl``.
+    """An evaluation finished. ``metrics``: ``step``, ``eval_loss``, ``eval_ppl``
+    (when the objective has a perplexity), ``eval_<unit>`` (``eval_tokens``) and
+    the objective's own metrics as ``eval_<name>`` (``eval_rewards/margins``).
 
     Every plugin is called, on the logging rank only. Return value ignored.
 

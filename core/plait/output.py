@@ -178,7 +178,8 @@ def write_report(run) -> Path:
         "first_loss": train[0]["loss"] if train else None,
         "final_loss": train[-1]["loss"] if train else None,
         "trained_tokens": sum(r.get("tokens", 0) for r in train),
-        **({"eval_loss": run.last_eval["eval_loss"], "eval_ppl": run.last_eval["eval_ppl"]} if run.last_eval else {}),
+        # eval_loss, eval_ppl where the objective has one, and the objective's own (eval_rewards/margins, ...)
+        **{k: v for k, v in run.last_eval.items() if k in ("eval_loss", "eval_ppl") or "/" in k},
     }
     path = Path(run.output_dir) / "report.json"
     path.write_text(json.dumps(report, indent=2))

@@ -1,4 +1,5 @@
-"""`plait inspect`: show tokenized rows with trained and masked tokens apart.
+"""`plait inspect`: show tokenized rows with trained and masked tokens apart
+(each sequence of a preference pair on its own, named chosen / rejected).
 
 Tokenizes through the same pipeline and cache as ``plait train``. Trained text
 is green and masked text dim on a terminal; elsewhere masked text is wrapped
@@ -40,7 +41,28 @@ def run(args, pm) -> int:
         row = dataset[index]
         trained = sum(1 for label in row["labels"] if label != -100)
         print(f"\n--- row {index}: {row['length']} tokens, {trained} trained")
-        print(format_row(row["input_ids"], row["labels"], tokenizer, color=color))
+        for name, start, end in segments(row):
+            if name is not None:  # a row of several sequences (a preference pair): each on its own
+                print(f"  [{name}: {end - start} tokens]")
+            print(format_row(row["input_ids"][start:end], row["labels"][start:end], tokenizer, color=color))
         for line in describe_extras(row, tokenizer):
             print(line)
     return 0
+
+
+def segments(row: dict) -> list[tuple]:
+    """``(name, start, end)`` of each sequence of a row: one unnamed span for a
+    plain row; for a row whose ``extras`` give ``seq_lens`` each segment,
+    named from the extras' ``segment_names`` when the format gives them."""
+    import json
+
+    extras = json.loads(row["extras"]) if row.get("extras") else {}
+    lengths = extras.get("seq_lens")
+    if not lengths:
+        return [(None, 0, len(row["input_ids"]))]
+    names = extras.get("segment_names") or [f"segment {i + 1}" for i in range(len(lengths))]
+    spans, start = [], 0
+    for name, length in zip(names, lengths):
+        spans.append((name, start, start + length))
+        start += length
+    return spans

@@ -4,7 +4,9 @@ Core's collator lays the rows out (each pair row has ``seq_lens``, so it is
 collated like a packed bin: positions restart per sequence and attention
 stays inside it). This adds ``segment_index`` (``[B, W]``: the sequence each
 position belongs to, numbered over the micro-batch; -1 for padding) and
-``segment_roles`` (``[S]``: chosen, rejected, KTO completion or KL sequence).
+``segment_roles`` (``[S]``: chosen, rejected, KTO completion or KL sequence,
+numbered as :data:`plait_preference.rows.SEGMENT_NAMES`) from the rows'
+``segment_names``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 def add_segments(batch: dict, rows: list[dict]) -> dict:
     import torch
 
+    from plait_preference.rows import SEGMENT_NAMES
+
+    number = {name: i for i, name in enumerate(SEGMENT_NAMES)}
     width = batch["input_ids"].shape[1]
     index = torch.full((len(rows), width), -1, dtype=torch.long)
     roles: list[int] = []
     for b, row in enumerate(rows):
         start = 0
-        row_roles = [role for per_row in row["segment_roles"] for role in per_row]
+        row_roles = [number[name] for per_row in row["segment_names"] for name in per_row]
         if len(row_roles) != len(row["seq_lens"]):
             raise ValueError(f"a preference row has {len(row['seq_lens'])} sequences and {len(row_roles)} roles")
         for length, role in zip(row["seq_lens"], row_roles):

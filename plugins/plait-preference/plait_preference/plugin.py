@@ -48,8 +48,8 @@ def row_columns(cfg, dataset_cfg):
         return None
     import datasets
 
-    ints = datasets.List(datasets.Value("int32"))
-    return {"seq_lens": ints, "segment_roles": ints}
+    return {"seq_lens": datasets.List(datasets.Value("int32")),
+            "segment_names": datasets.List(datasets.Value("string"))}
 
 
 @hookimpl(tryfirst=True)

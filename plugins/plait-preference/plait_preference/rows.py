@@ -5,7 +5,7 @@ followed by its response; the prompt's ids are the same in both and masked::
 
     input_ids   p0 p1 p2 c0 c1 c2 | p0 p1 p2 r0 r1
     labels      -- -- -- c0 c1 c2 | -- -- -- r0 r1
-    seq_lens    [6, 5]            segment_roles [CHOSEN, REJECTED]
+    seq_lens    [6, 5]            segment_names ["chosen", "rejected"]
 
 ``seq_lens`` makes core collate the row like a packed bin (positions restart,
 the rejected sequence cannot attend to the chosen one), so both go through
@@ -24,7 +24,10 @@ from __future__ import annotations
 from plait.errors import BadRowError
 
 IGNORE = -100
-CHOSEN, REJECTED, DESIRABLE, KL, UNDESIRABLE = 0, 1, 2, 3, 4
+#: segment names stored with the rows (``plait inspect`` shows them); their index is
+#: the role number the collator hands the objective
+SEGMENT_NAMES = ("chosen", "rejected", "desirable", "kl", "undesirable")
+CHOSEN, REJECTED, DESIRABLE, KL, UNDESIRABLE = range(len(SEGMENT_NAMES))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -49,19 +52,20 @@ def tokenize_responses(tokenizer, prompt: str, responses: list[str], index: int)
 
 
 def segments_row(prompt_ids: list[int], completions: list[list[int]], roles: list[int]) -> dict:
-    """One row of ``prompt + completion`` segments, prompt masked."""
+    """One row of ``prompt + completion`` segments, prompt masked; ``roles`` name them."""
     input_ids, labels, seq_lens = [], [], []
     for ids in completions:
         input_ids += prompt_ids + ids
         labels += [IGNORE] * len(prompt_ids) + ids
         seq_lens.append(len(prompt_ids) + len(ids))
-    return {"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens, "segment_roles": roles}
+    return {"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens,
+            "segment_names": [SEGMENT_NAMES[role] for role in roles]}
 
 
 def tokenize_pairs(entry, tokenizer, batch: dict) -> dict:
     from plait_preference.formats import row_texts
 
-    out = {"input_ids": [], "labels": [], "seq_lens": [], "segment_roles": []}
+    out = {"input_ids": [], "labels": [], "seq_lens": [], "segment_names": []}
     for index, row in enumerate(_rows(batch)):
         prompt, responses = row_texts(entry, row, index, tokenizer, kto=False)
         prompt_ids, completions = tokenize_responses(tokenizer, prompt, responses, index)
@@ -86,7 +90,7 @@ def tokenize_kto(entry, tokenizer, batch: dict, group: int) -> dict:
         prompts.append(prompt_ids)
         completions.append(completion)
         desirable.append(bool(label))
-    out = {"input_ids": [], "labels": [], "seq_lens": [], "segment_roles": []}
+    out = {"input_ids": [], "labels": [], "seq_lens": [], "segment_names": []}
     for start in range(0, len(prompts), group):
         members = list(range(start, min(start + group, len(prompts))))
         for position, i in enumerate(members):

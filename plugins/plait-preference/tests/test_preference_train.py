@@ -44,7 +44,6 @@ def test_kto_rows_hold_a_completion_and_a_kl_sequence(tmp_path, tiny_model, writ
 
     from plait.data.prepare import prepare_datasets
     from plait.testing import build_run_config
-    from plait_preference.rows import DESIRABLE, KL, UNDESIRABLE
 
     rows = kto_rows(6)
     cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "kto", "micro_batch_size": 3, "shuffle_merged_datasets": False,
@@ -56,7 +55,7 @@ def test_kto_rows_hold_a_completion_and_a_kl_sequence(tmp_path, tiny_model, writ
     for i, row in enumerate(train):
         first, second = row["seq_lens"]
         assert first + second == row["length"]
-        assert row["segment_roles"] == [DESIRABLE if rows[i]["label"] else UNDESIRABLE, KL]
+        assert row["segment_names"] == ["desirable" if rows[i]["label"] else "undesirable", "kl"]
         # the KL sequence is the same prompt with the previous row's completion (wrapping in groups of 3)
         completion = lambda r: [t for t, l in zip(r["input_ids"][:r["seq_lens"][0]], r["labels"]) if l != -100]  # noqa: E731
         kl_part = [t for t, l in zip(row["input_ids"][first:], row["labels"][first:]) if l != -100]
@@ -85,3 +84,31 @@ def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
     with pytest.raises(DataError, match=r"data\.json.*row 3|row 3.*data\.json") as err:
         prepare_datasets(cfg, pm, AutoTokenizer.from_pretrained(tiny_model), show_progress=False)
     assert "rejected" in str(err.value)
+
+
+def test_inspect_shows_chosen_and_rejected_and_evaluate_reports_rewards(tmp_path, tiny_model, train, write_rows):
+    import json
+
+    from plait.testing import run_cli, write_config
+
+    rows = pair_rows(6, seed=4)
+    keys = dpo_keys(write_rows(rows), micro_batch_size=2, max_steps=2, adapter="lora", lora_target_linear=True,
+                    val_set_size=2, shuffle_merged_datasets=False)
+    steps = train("evaluated", **keys)
+    config = write_config(tmp_path / "evaluated.yml", base_model=str(tiny_model), output_dir=str(tmp_path / "evaluated"),
+                          dataset_prepared_path=str(tmp_path / "prep"), sequence_len=256, **keys)
+    shown = run_cli(["inspect", str(config), "--rows", "1", "--color", "never"])
+    assert shown.exit_code == 0, shown.stderr
+    chosen_at, rejected_at = shown.stdout.index("[chosen:"), shown.stdout.index("[rejected:")
+    assert chosen_at < rejected_at
+    # the prompt is masked in both sequences; each response is trained in its own
+    assert shown.stdout[chosen_at:rejected_at].count("[[") == 1 and shown.stdout[rejected_at:].count("[[") == 1
+
+    scored = run_cli(["evaluate", str(config), "--json"])
+    assert scored.exit_code == 0, scored.stderr
+    metrics = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert metrics["eval_pairs"] == 2 and "eval_ppl" not in metrics
+    assert metrics["eval_rewards/margins"] == pytest.approx(
+        metrics["eval_rewards/chosen"] - metrics["eval_rewards/rejected"], abs=1e-6)
+    assert metrics["eval_loss"] > 0 and 0 <= metrics["eval_rewards/accuracies"] <= 1
+    assert len(steps) == 2
