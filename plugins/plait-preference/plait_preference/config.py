@@ -39,7 +39,10 @@ class PreferenceKeys(BaseModel):
         None, gt=0, description="KTO: weight of undesirable rows (default 1).")
     precompute_ref_log_probs: Optional[bool] = Field(
         None, description="Compute the reference log-probabilities before training (not implemented yet).")
-    reward_model: Optional[bool] = Field(None, description="Train a Bradley-Terry reward model (not implemented yet).")
+    reward_model: Optional[bool] = Field(
+        None, description="Train a Bradley-Terry reward model (a scalar head; loads as AutoModelForSequenceClassification).")
+    center_rewards_coefficient: Optional[float] = Field(
+        None, ge=0, description="Reward model: weight of the (r_chosen + r_rejected)^2 centring term.")
 
     @field_validator("rl", mode="before")
     @classmethod
@@ -74,8 +77,12 @@ def validate(cfg) -> None:
         extra = f" ({rl} is Axolotl's online RL, not preference tuning)" if rl in AXOLOTL_ONLY else ""
         raise ConfigError(f"config key 'rl': {rl!r} is not accepted{extra}; accepted: {', '.join(METHODS)}")
     if cfg.reward_model:
-        raise ConfigError("config key 'reward_model': true is not implemented yet in plait-preference; "
-                          "remove it (rl: dpo|ipo|orpo|kto|simpo are)")
+        if rl is not None:
+            raise ConfigError(f"reward_model: true and rl: {rl} are two different trainings; keep one")
+        if cfg.adapter and "score" not in (getattr(cfg, "lora_modules_to_save", None) or []):
+            raise ConfigError("reward_model: true with adapter: the scalar head starts untrained and must train in "
+                              "full: add lora_modules_to_save: [score]")
+        return
     if cfg.precompute_ref_log_probs:
         raise ConfigError("config key 'precompute_ref_log_probs': true is not implemented yet; remove it (the "
                           "reference runs beside the policy: the adapter switched off with LoRA, a frozen copy "
@@ -83,8 +90,8 @@ def validate(cfg) -> None:
     if cfg.dpo_use_weighting:
         raise ConfigError("config key 'dpo_use_weighting': true (WPO weighting) is not supported; remove it")
     if rl is None:
-        given = [k for k in PreferenceKeys.model_fields if k != "rl" and getattr(cfg, k, None) is not None
-                 and cfg.source_of(k) != "default"]
+        given = [k for k in PreferenceKeys.model_fields if k not in ("rl", "reward_model")
+                 and getattr(cfg, k, None) is not None and cfg.source_of(k) != "default"]
         if given:
             raise ConfigError(f"{', '.join(given)} set but 'rl' is not; add rl: dpo (or ipo, orpo, kto, simpo), "
                               f"or remove these keys")

@@ -7,7 +7,7 @@ from plait.hookspecs import hookimpl
 
 
 def _active(cfg) -> bool:
-    return getattr(cfg, "rl", None) is not None
+    return getattr(cfg, "rl", None) is not None or bool(getattr(cfg, "reward_model", None))
 
 
 @hookimpl
@@ -30,8 +30,9 @@ def validate_config(cfg):
     for list_key in ("datasets", "test_datasets"):
         for index, entry in enumerate(getattr(cfg, list_key, None) or ()):
             if entry.type not in TYPES:
+                what = f"rl: {cfg.rl}" if cfg.rl else "reward_model: true"
                 raise ConfigError(f"config key '{list_key}.{index}.type': {entry.type!r} is not a preference dataset "
-                                  f"type (rl: {cfg.rl}); accepted: {', '.join(TYPES)}")
+                                  f"type ({what}); accepted: {', '.join(TYPES)}")
 
 
 @hookimpl
@@ -76,9 +77,24 @@ def collate(cfg, rows, tokenizer):
 
 
 @hookimpl
+def load_model(cfg, tokenizer):
+    # a reward model is the backbone with a scalar head; quantized bases stay plait-bnb's
+    if not getattr(cfg, "reward_model", None) or getattr(cfg, "load_in_4bit", False) \
+            or getattr(cfg, "load_in_8bit", False):
+        return None
+    from plait_preference.reward import load_reward_model
+
+    return load_reward_model(cfg, tokenizer)
+
+
+@hookimpl
 def build_objective(cfg, model, loss_fn):
     if not _active(cfg):
         return None
+    if cfg.reward_model:
+        from plait_preference.reward import RewardObjective
+
+        return RewardObjective(cfg)
     from plait_preference.objective import PreferenceObjective
 
     return PreferenceObjective(cfg, model)

@@ -1,0 +1,101 @@
+"""Bradley-Terry reward models (``reward_model: true``).
+
+The model is transformers' ``AutoModelForSequenceClassification`` with one
+label: the causal LM's backbone and a scalar head (``score``), so the saved
+result loads in plain transformers. A pair is one row of two sequences, as
+for DPO; the reward of a sequence is the head on the hidden state of its last
+token, and the loss is ``-log sigma(r_chosen - r_rejected)`` per pair (TRL's
+``RewardTrainer``), plus ``center_rewards_coefficient * (r_c + r_r)^2`` when set.
+"""
+
+from __future__ import annotations
+
+
+def load_reward_model(cfg, tokenizer):
+    """The sequence-classification model (1 label) on ``base_model``; its pad id set so
+    transformers' own pooling works when the saved model is used outside Plait."""
+    from transformers import AutoModelForSequenceClassification
+
+    from plait.builtin.model import check_model_sources, fit_to_tokenizer, pretrained_kwargs
+
+    check_model_sources(cfg, ("base_model",))
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.base_model, num_labels=1,
+                                                               **pretrained_kwargs(cfg))
+    fit_to_tokenizer(cfg, model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        from plait.train.recompute import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
+    return model
+
+
+def sequence_rewards(model, batch: dict):
+    """The scalar reward of every segment of a collated micro-batch: the head on
+    its last token's hidden state (``[S]``, float32)."""
+    import torch
+
+    from plait.train.forward import unwrap
+
+    from plait_preference.logps import SEGMENT_KEYS
+
+    classifier = unwrap(model)
+    decoder = getattr(classifier, classifier.base_model_prefix)
+    captured = {}
+
+    def keep_hidden(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder.register_forward_hook(keep_hidden)
+    try:
+        # the outer call, so wrappers (peft, DDP) do their part; its own pooled logits are not used
+        model(**{k: v for k, v in batch.items() if k not in ("labels", *SEGMENT_KEYS)}, use_cache=False)
+    finally:
+        handle.remove()
+    hidden = captured["hidden"]
+    segments = batch["segment_index"]
+    n = batch["segment_roles"].shape[0]
+    # the last position of each segment: the largest flat index holding it
+    flat = segments.reshape(-1)
+    positions = torch.arange(flat.numel(), device=flat.device)
+    last = torch.full((n,), -1, dtype=torch.long, device=flat.device).scatter_reduce(
+        0, flat.clamp(min=0), torch.where(flat >= 0, positions, -1), reduce="amax")
+    head = classifier.score
+    return head(hidden.reshape(-1, hidden.shape[-1])[last]).squeeze(-1).float()
+
+
+class RewardObjective:
+    """Pairs, each scored by the Bradley-Terry loss on the two sequences' rewards."""
+
+    unit = "pairs"
+    perplexity = False
+
+    def __init__(self, cfg):
+        self.center = getattr(cfg, "center_rewards_coefficient", None)
+
+    def count(self, batch) -> int:
+        from plait_preference.rows import CHOSEN
+
+        return int((batch["segment_roles"] == CHOSEN).sum())
+
+    def loss(self, run, batch, *, training: bool = False):
+        import torch
+        import torch.nn.functional as F
+
+        from plait.builtin.collate import to_device
+
+        from plait_preference.rows import CHOSEN, REJECTED
+
+        batch = to_device(batch, run.device)
+        rewards = sequence_rewards(run.model, batch)
+        roles = batch["segment_roles"]
+        chosen, rejected = rewards[roles == CHOSEN], rewards[roles == REJECTED]
+        per_pair = -F.logsigmoid(chosen - rejected)
+        if self.center:
+            per_pair = per_pair + self.center * (chosen + rejected) ** 2
+        n = int(chosen.numel())
+        chosen, rejected = chosen.detach(), rejected.detach()
+        return per_pair.sum(), {
+            "rewards/chosen": (chosen.sum(), n), "rewards/rejected": (rejected.sum(), n),
+            "rewards/margins": ((chosen - rejected).sum(), n),
+            "rewards/accuracies": ((chosen > rejected).to(torch.float32).sum(), n)}
