@@ -59,7 +59,7 @@ KEYS_OF_PLUGINS: dict[str, str] = {
     **{k: "plait-preference" for k in (
         "rl", "rl_beta", "dpo_beta", "dpo_loss_type", "dpo_loss_weights", "dpo_label_smoothing", "orpo_alpha",
         "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight", "reward_model",
-        "precompute_ref_log_probs", "dpo_use_weighting", "dpo_padding_free", "center_rewards_coefficient",
+        "precompute_ref_log_probs", "dpo_use_weighting", "dpo_padding_free", "center_rewards_coefficient", "num_labels",
     )},
     **{k: "plait-models" for k in ("model_config_type", "router_aux_loss_coef", "lora_target_experts")},
     **{k: "plait-vision" for k in (

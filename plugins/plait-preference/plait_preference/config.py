@@ -41,6 +41,7 @@ class PreferenceKeys(BaseModel):
         None, description="Compute the reference log-probabilities before training (not implemented yet).")
     reward_model: Optional[bool] = Field(
         None, description="Train a Bradley-Terry reward model (a scalar head; loads as AutoModelForSequenceClassification).")
+    num_labels: Optional[int] = Field(None, description="Reward model: Axolotl's head size; only 1 (a scalar reward).")
     center_rewards_coefficient: Optional[float] = Field(
         None, ge=0, description="Reward model: weight of the (r_chosen + r_rejected)^2 centring term.")
 
@@ -76,6 +77,9 @@ def validate(cfg) -> None:
     if rl is not None and rl not in METHODS:
         extra = f" ({rl} is Axolotl's online RL, not preference tuning)" if rl in AXOLOTL_ONLY else ""
         raise ConfigError(f"config key 'rl': {rl!r} is not accepted{extra}; accepted: {', '.join(METHODS)}")
+    if cfg.num_labels not in (None, 1) or (cfg.num_labels is not None and not cfg.reward_model):
+        raise ConfigError(f"config key 'num_labels': {cfg.num_labels} is not accepted; only 1, with "
+                          f"reward_model: true (a scalar Bradley-Terry reward)")
     if cfg.reward_model:
         if rl is not None:
             raise ConfigError(f"reward_model: true and rl: {rl} are two different trainings; keep one")

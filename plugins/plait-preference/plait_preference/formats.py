@@ -17,6 +17,8 @@ Types (the part after the dot selects the layout; the same names serve
                         ``conversations`` with from/value works too), ``field_chosen``,
                         ``field_rejected`` as messages, a message or a string,
                         rendered with the run's chat template
+``bradley_terry.chat_template`` (reward models) system (optional), input, chosen,
+                        rejected strings, rendered with the run's chat template
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
                   "tool": "tool", "function_call": "assistant", "observation": "tool"}
 
 #: every ``type:`` this plugin declares
-TYPES = tuple(f"{base}.{layout}" for base in TEMPLATES for layout in LAYOUTS) + ("chat_template.default",)
+TYPES = tuple(f"{base}.{layout}" for base in TEMPLATES for layout in LAYOUTS) + (
+    "chat_template.default", "bradley_terry.chat_template")
 
 
 def _field(row: dict, names, what: str, index: int):
@@ -113,9 +116,13 @@ def chat_template_texts(entry, row: dict, index: int, tokenizer, kto: bool):
     """``chat_template.default``: render the prompt messages with the generation
     prompt, and each response as the assistant turn that follows (Axolotl's
     way: render it after a placeholder user turn and keep it from its text on)."""
-    field_messages = entry.field_messages or ("messages" if "messages" in row or "conversations" not in row
-                                              else "conversations")
-    messages = _messages(_field(row, (field_messages,), f"'{field_messages}'", index), entry, index, "prompt")
+    if entry.type == "bradley_terry.chat_template":  # Axolotl's reward-model rows: system, input, chosen, rejected
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+        messages = system + [{"role": "user", "content": _field(row, ("input",), "input", index)}]
+    else:
+        field_messages = entry.field_messages or ("messages" if "messages" in row or "conversations" not in row
+                                                  else "conversations")
+        messages = _messages(_field(row, (field_messages,), f"'{field_messages}'", index), entry, index, "prompt")
     if kto:
         if messages[-1]["role"] != "assistant" and "completion" not in row:
             raise BadRowError(index, "KTO rows need the completion as the last (assistant) message or a "
@@ -138,6 +145,6 @@ def chat_template_texts(entry, row: dict, index: int, tokenizer, kto: bool):
 def row_texts(entry, row: dict, index: int, tokenizer, kto: bool):
     """``(prompt, [responses])`` of one raw row for the entry's ``type:``."""
     base, _, layout = (entry.type or "").partition(".")
-    if base == "chat_template":
+    if base in ("chat_template", "bradley_terry"):
         return chat_template_texts(entry, row, index, tokenizer, kto)
     return template_texts(base, layout or "default", row, index, kto)

@@ -40,7 +40,7 @@ def dataset_types():
     from plait_preference.formats import TEMPLATES, TYPES
 
     # core checks the name before the dot; plait-formats checks full dotted names declared elsewhere
-    return [*TEMPLATES, *TYPES]
+    return [*TEMPLATES, "bradley_terry", *TYPES]
 
 
 @hookimpl
