@@ -557,18 +557,19 @@ def test_hook_row_columns(tmp_path):
         """A format whose rows are two segments: the text, then the text again."""
 
         @hookimpl
-        def dataset_types():
-            return ["twice"]
+        def dataset_formats():
+            from plait.registries import DatasetFormat
+
+            def twice(cfg, dataset_cfg, tokenizer, batch):
+                ids = [tokenizer(text)["input_ids"] for text in batch["text"]]
+                return {"input_ids": [i + i for i in ids], "labels": [i + i for i in ids],
+                        "seq_lens": [[len(i), len(i)] for i in ids], "tag": batch["text"]}
+
+            return [DatasetFormat("twice", twice)]
 
         @hookimpl
         def row_columns(cfg, dataset_cfg):
             return {"seq_lens": datasets.List(datasets.Value("int32")), "tag": datasets.Value("string")}
-
-        @hookimpl
-        def tokenize(cfg, dataset_cfg, tokenizer, batch):
-            ids = [tokenizer(text)["input_ids"] for text in batch["text"]]
-            return {"input_ids": [i + i for i in ids], "labels": [i + i for i in ids],
-                    "seq_lens": [[len(i), len(i)] for i in ids], "tag": batch["text"]}
 
     data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a b c"}, {"text": "d e"}, {"text": "f g h i j " * 20}])
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "tok"))

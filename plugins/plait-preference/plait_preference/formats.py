@@ -23,7 +23,12 @@ Types (the part after the dot selects the layout; the same names serve
 
 from __future__ import annotations
 
-from plait.errors import BadRowError
+from typing import Optional
+
+from pydantic import Field
+
+from plait.errors import BadRowError, ConfigError
+from plait.registries import DatasetEntry, DatasetFormat
 
 CHATML = {"system": "<|im_start|>system\n{}<|im_end|>\n", "user": "<|im_start|>user\n{}<|im_end|>\n",
           "assistant_start": "<|im_start|>assistant\n", "end": "<|im_end|>"}
@@ -148,3 +153,44 @@ def row_texts(entry, row: dict, index: int, tokenizer, kto: bool):
     if base in ("chat_template", "bradley_terry"):
         return chat_template_texts(entry, row, index, tokenizer, kto)
     return template_texts(base, layout or "default", row, index, kto)
+
+
+# ---------------------------------------------------------------- registry
+
+
+class PreferenceEntry(DatasetEntry):
+    """Keys of the preference types (the message mappings serve chat_template.default)."""
+
+    field_messages: Optional[str] = Field(None, description="Column holding the prompt messages (default: messages, "
+                                          "or conversations when there is no messages column).")
+    field_chosen: Optional[str] = Field(None, description="Column holding the chosen response (default: chosen).")
+    field_rejected: Optional[str] = Field(None, description="Column holding the rejected response (default: rejected).")
+    message_property_mappings: Optional[dict[str, str]] = Field(
+        None, description="Message keys to read as role/content: {role: from, content: value}.")
+    roles: Optional[dict[str, list[str]]] = Field(None, description="Role names mapped to user/assistant/system.")
+
+
+def _tokenize(cfg, dataset_cfg, tokenizer, batch):
+    from plait_preference.rows import tokenize_kto, tokenize_pairs
+
+    if cfg.rl == "kto":
+        return tokenize_kto(dataset_cfg, tokenizer, batch, group=cfg.micro_batch_size)
+    return tokenize_pairs(dataset_cfg, tokenizer, batch)
+
+
+def _check_layout(type_value: str, where: str) -> None:
+    if type_value not in TYPES:
+        base = type_value.partition(".")[0]
+        accepted = ", ".join(t for t in TYPES if t.startswith(base + "."))
+        raise ConfigError(f"{where}: {type_value!r} is not accepted\naccepted: {accepted}")
+
+
+def registered_formats() -> list:
+    """``chatml``, ``llama3`` (with their layouts as variants), ``chat_template.default``
+    (a full dotted name: plait-formats' ``chat_template`` has no variants) and
+    ``bradley_terry.chat_template``."""
+    described = {"chatml": "preference pairs (or KTO rows) in ChatML", "llama3": "preference pairs in Llama 3's format",
+                 "chat_template.default": "preference pairs rendered with the chat template",
+                 "bradley_terry": "reward-model pairs (system, input, chosen, rejected)"}
+    return [DatasetFormat(name, _tokenize, PreferenceEntry, check_type=_check_layout, description=text)
+            for name, text in described.items()]

@@ -22,13 +22,23 @@ def validate_config(cfg):
     from plait_preference.config import validate
 
     validate(cfg)
-    if not _active(cfg):
-        return
     from plait.errors import ConfigError
     from plait_preference.formats import TYPES
 
+    if not _active(cfg):
+        for list_key in ("datasets", "test_datasets"):
+            for index, entry in enumerate(getattr(cfg, list_key, None) or ()):
+                if entry.type in TYPES:
+                    raise ConfigError(f"config key '{list_key}.{index}.type': {entry.type!r} is a preference "
+                                      f"dataset type (chosen/rejected pairs); set rl: dpo (or ipo, orpo, kto, "
+                                      f"simpo) or reward_model: true, or use type: chat_template for SFT")
+        return
+
     for list_key in ("datasets", "test_datasets"):
         for index, entry in enumerate(getattr(cfg, list_key, None) or ()):
+            if entry.type == "bradley_terry.chat_template" and not cfg.reward_model:
+                raise ConfigError(f"config key '{list_key}.{index}.type': bradley_terry.chat_template is the reward "
+                                  f"model layout; set reward_model: true, or use chat_template.default for rl:")
             if entry.type not in TYPES:
                 what = f"rl: {cfg.rl}" if cfg.rl else "reward_model: true"
                 raise ConfigError(f"config key '{list_key}.{index}.type': {entry.type!r} is not a preference dataset "
@@ -36,11 +46,10 @@ def validate_config(cfg):
 
 
 @hookimpl
-def dataset_types():
-    from plait_preference.formats import TEMPLATES, TYPES
+def dataset_formats():
+    from plait_preference.formats import registered_formats
 
-    # core checks the name before the dot; plait-formats checks full dotted names declared elsewhere
-    return [*TEMPLATES, "bradley_terry", *TYPES]
+    return registered_formats()
 
 
 @hookimpl
@@ -51,18 +60,6 @@ def row_columns(cfg, dataset_cfg):
 
     return {"seq_lens": datasets.List(datasets.Value("int32")),
             "segment_names": datasets.List(datasets.Value("string"))}
-
-
-@hookimpl(tryfirst=True)
-def tokenize(cfg, dataset_cfg, tokenizer, batch):
-    # tryfirst: plait-formats also answers chat_template.*; under rl: the rows are pairs
-    if not _active(cfg):
-        return None
-    from plait_preference.rows import tokenize_kto, tokenize_pairs
-
-    if cfg.rl == "kto":
-        return tokenize_kto(dataset_cfg, tokenizer, batch, group=cfg.micro_batch_size)
-    return tokenize_pairs(dataset_cfg, tokenizer, batch)
 
 
 @hookimpl(tryfirst=True)
