@@ -13,7 +13,7 @@ def test_reward_model_trains_and_loads_in_plain_transformers(tmp_path, tiny_mode
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rows = pair_rows(8, seed=9)
-    steps = train("rm", reward_model=True, micro_batch_size=8, max_steps=12, learning_rate=3e-3,
+    steps = train("rm", reward_model=True, micro_batch_size=8, max_steps=8, learning_rate=5e-3,
                   datasets=[{"path": str(write_rows(rows)), "type": "chat_template.default"}])
     assert steps[0]["pairs"] == 8 and "rewards/accuracies" in steps[0]
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.1  # it learns which response of each pair is chosen
