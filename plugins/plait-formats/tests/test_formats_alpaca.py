@@ -124,7 +124,8 @@ def test_alpaca_w_system_instruct_and_open_orca_variants(tokenizer, run_format):
     ("alpaca_w_system.load_mistral", "alpaca_w_system.load_open_orca_chatml", None),
     ("completion.load", "(completion has no variants); did you mean 'completion'?\naccepted: completion\n",
      "completion"),
-    ("chat_template.default", "accepted: chat_template\n", "chat_template"),
+    # chat_template.default is plait-preference's (chosen/rejected pairs); any other variant is refused
+    ("chat_template.sharegpt", "accepted: chat_template\n", "chat_template"),
 ])
 def test_unknown_variants_fail_at_config_validation(type_name, accepted, suggestion):
     from plait.errors import ConfigError

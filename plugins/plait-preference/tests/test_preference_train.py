@@ -75,6 +75,10 @@ def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
         build_run_config({"base_model": "m", "rl": "dpo", "dpo_loss_type": ["sppo"]})
     with pytest.raises(ConfigError, match="rl_beta set but 'rl' is not"):
         build_run_config({"base_model": "m", "rl_beta": 0.2})
+    with pytest.raises(ConfigError, match="'chat_template.default' is a preference dataset type.*set rl: dpo"):
+        build_run_config({"base_model": "m", "datasets": [{"path": "x.json", "type": "chat_template.default"}]})
+    with pytest.raises(ConfigError, match="'chatml.intell' is not accepted"):
+        build_run_config({"base_model": "m", "rl": "dpo", "datasets": [{"path": "x.json", "type": "chatml.intell"}]})
     with pytest.raises(ConfigError, match="'datasets.0.type': 'alpaca' is not a preference dataset type"):
         build_run_config({"base_model": "m", "rl": "dpo", "datasets": [{"path": "x.json", "type": "alpaca"}]})
     rows = pair_rows(3)
