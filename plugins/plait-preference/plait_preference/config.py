@@ -80,6 +80,11 @@ def validate(cfg) -> None:
     if cfg.num_labels not in (None, 1) or (cfg.num_labels is not None and not cfg.reward_model):
         raise ConfigError(f"config key 'num_labels': {cfg.num_labels} is not accepted; only 1, with "
                           f"reward_model: true (a scalar Bradley-Terry reward)")
+    if (rl is not None or cfg.reward_model) and (getattr(cfg, "context_parallel_size", None) or 1) > 1:
+        # a context-parallel rank holds a slice of every sequence; the per-sequence sums need them whole
+        what = f"rl: {rl}" if rl else "reward_model: true"
+        raise ConfigError(f"{what} with context_parallel_size: {cfg.context_parallel_size} is not supported; "
+                          f"preference losses need whole sequences on a rank (use fsdp or tensor_parallel_size)")
     if cfg.reward_model:
         if rl is not None:
             raise ConfigError(f"reward_model: true and rl: {rl} are two different trainings; keep one")
@@ -112,5 +117,3 @@ def validate(cfg) -> None:
         if cfg.dpo_loss_weights is not None and len(cfg.dpo_loss_weights) != len(types):
             raise ConfigError(f"config key 'dpo_loss_weights': {cfg.dpo_loss_weights} has {len(cfg.dpo_loss_weights)} "
                               f"weights for {len(types)} dpo_loss_type entries; give one weight per loss")
-    if cfg.sample_packing and cfg.micro_batch_size < 1:
-        raise ConfigError("micro_batch_size must be at least 1")
