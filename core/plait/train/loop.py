@@ -57,6 +57,7 @@ from typing import Any
 from plait.errors import TrainingError
 from plait.model.mesh import mesh_of
 from plait.pipeline import setup_tokenizer
+from plait.train.metric_sums import MetricSums
 
 
 @dataclass
@@ -430,7 +431,7 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
 
     scaler = run.extras.get("grad_scaler")
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    step_metrics = MetricSums()
+    step_metrics = MetricSums(run)
     for index, batch in enumerate(batches):
         last = index == len(batches) - 1
         # DDP: all-reduce gradients once per window, not after every micro-batch
@@ -471,37 +472,9 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     elapsed = time.perf_counter() - started
-    return {"step": run.step, "epoch": run.epoch, "loss": loss, **step_metrics.means(run), "lr": lr,
+    return {"step": run.step, "epoch": run.epoch, "loss": loss, **step_metrics.means(), "lr": lr,
             "grad_norm": float(grad_norm), run.objective.unit: int(round(tokens)),
             "input_tokens": int(round(input_tokens)), "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
-
-
-class MetricSums:
-    """The objective's extra metrics, ``{name: (sum, n)}``, summed over
-    micro-batches (on the device: no host sync until :meth:`means`)."""
-
-    def __init__(self):
-        self.sums: dict = {}
-
-    def add(self, metrics: dict) -> None:
-        for name, (total, n) in metrics.items():
-            old_total, old_n = self.sums.get(name, (0.0, 0))
-            self.sums[name] = (old_total + _detached(total), old_n + n)
-
-    def means(self, run: Run, prefix: str = "") -> dict:
-        """``{prefix + name: sum / n}`` over all ranks (tensor-parallel copies counted once)."""
-        from plait.train.distributed import all_reduce_sum
-
-        if not self.sums:
-            return {}
-        names = list(self.sums)
-        values = all_reduce_sum([float(v) for name in names for v in self.sums[name]], run.device)
-        return {prefix + name: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] else 0.0
-                for i, name in enumerate(names)}
-
-
-def _detached(value):
-    return value.detach().double() if hasattr(value, "detach") else float(value)
 
 
 def _clip_and_step(run: Run, scaler):
@@ -708,7 +681,7 @@ def evaluate(run: Run) -> dict:
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    metrics = MetricSums()
+    metrics = MetricSums(run)
     try:
         plan = plan_batches(run.cfg, row_lengths(run.eval_data), 0, run.dp_rank, run.dp_size, split="eval")
         with torch.no_grad():
@@ -724,7 +697,7 @@ def evaluate(run: Run) -> dict:
     total, tokens = all_reduce_sum([total, tokens], run.device)
     total, tokens = total / token_replicas(run), tokens / token_replicas(run)
     loss = total / max(tokens, 1)
-    result = {"step": run.step, "eval_loss": loss, **metrics.means(run, prefix="eval_")}
+    result = {"step": run.step, "eval_loss": loss, **metrics.means(prefix="eval_")}
     if run.objective.perplexity:
         result["eval_ppl"] = math.exp(min(loss, 50.0))
     return {**result, f"eval_{run.objective.unit}": int(round(tokens))}
