@@ -278,3 +278,40 @@ def test_extras_of_a_format_reach_collate_and_text_entries_get_none(tmp_path, to
     assert materialize(data.train, [1, 2])["extras"] == [{"source": "sort the words 2"}, {}]
     only_text, _ = prepare(tmp_path / "text", tok_dir, [{"path": str(plain), "type": "alpaca"}])
     assert "extras" not in only_text.train.column_names
+
+
+def test_rows_whose_extras_give_segments_are_kept_whole(tmp_path):
+    """A row whose extras give ``seq_lens`` is a row of segments: materialize
+    hands them to collate (alone or packed), and an over-long one is dropped,
+    not truncated (a cut would lose a segment)."""
+    from plait.data.batching import materialize
+    from plait.data.prepare import prepare_datasets
+    from plait.hookspecs import hookimpl
+    from plait.testing import build_run_config, make_tiny_tokenizer, write_jsonl
+
+    class TwoSegments:
+        """A format whose rows are two segments: the text, then the text again."""
+
+        @hookimpl
+        def dataset_formats():
+            from plait.registries import DatasetFormat
+
+            def twice(cfg, dataset_cfg, tokenizer, batch):
+                ids = [tokenizer(text)["input_ids"] for text in batch["text"]]
+                return {"input_ids": [i + i for i in ids], "labels": [i + i for i in ids],
+                        "extras": [{"seq_lens": [len(i), len(i)], "tag": text} for i, text in zip(ids, batch["text"])]}
+
+            return [DatasetFormat("twice", twice)]
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"text": "a b c"}, {"text": "d e"}, {"text": "f g h i j " * 20}])
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(make_tiny_tokenizer(tmp_path / "tok"))
+    cfg, pm = build_run_config({"base_model": "m", "sequence_len": 64, "excess_length_strategy": "truncate",
+                                "shuffle_merged_datasets": False, "dataset_prepared_path": str(tmp_path / "prep"),
+                                "datasets": [{"path": str(data), "type": "twice"}]}, plugins=[TwoSegments])
+    train = prepare_datasets(cfg, pm, tokenizer, show_progress=False).train
+    assert len(train) == 2  # the long row has segments: dropped, not truncated
+    one = materialize(train, [0])
+    assert one["extras"][0]["tag"] == "a b c" and sum(one["seq_lens"]) == train[0]["length"]
+    both = materialize(train, [0, 1])
+    assert both["seq_lens"] == one["seq_lens"] + materialize(train, [1])["seq_lens"]
+    assert [e["tag"] for e in both["extras"]] == ["a b c", "d e"]

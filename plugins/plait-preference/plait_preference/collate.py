@@ -5,8 +5,8 @@ collated like a packed bin: positions restart per sequence and attention
 stays inside it). This adds ``segment_index`` (``[B, W]``: the sequence each
 position belongs to, numbered over the micro-batch; -1 for padding) and
 ``segment_roles`` (``[S]``: chosen, rejected, KTO completion or KL sequence,
-numbered as :data:`plait_preference.rows.SEGMENT_NAMES`) from the rows'
-``segment_names``.
+numbered as :data:`plait_preference.rows.SEGMENT_NAMES`) from the
+``segment_names`` in the rows' extras.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def add_segments(batch: dict, rows: list[dict]) -> dict:
     roles: list[int] = []
     for b, row in enumerate(rows):
         start = 0
-        row_roles = [number[name] for per_row in row["segment_names"] for name in per_row]
+        row_roles = [number[name] for extras in row["extras"] for name in extras["segment_names"]]
         if len(row_roles) != len(row["seq_lens"]):
             raise ValueError(f"a preference row has {len(row['seq_lens'])} sequences and {len(row_roles)} roles")
         for length, role in zip(row["seq_lens"], row_roles):

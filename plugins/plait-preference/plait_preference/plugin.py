@@ -52,16 +52,6 @@ def dataset_formats():
     return registered_formats()
 
 
-@hookimpl
-def row_columns(cfg, dataset_cfg):
-    if not _active(cfg):
-        return None
-    import datasets
-
-    return {"seq_lens": datasets.List(datasets.Value("int32")),
-            "segment_names": datasets.List(datasets.Value("string"))}
-
-
 @hookimpl(tryfirst=True)
 def collate(cfg, rows, tokenizer):
     if not _active(cfg):

@@ -5,9 +5,9 @@ followed by its response; the prompt's ids are the same in both and masked::
 
     input_ids   p0 p1 p2 c0 c1 c2 | p0 p1 p2 r0 r1
     labels      -- -- -- c0 c1 c2 | -- -- -- r0 r1
-    seq_lens    [6, 5]            segment_names ["chosen", "rejected"]
+    extras      {"seq_lens": [6, 5], "segment_names": ["chosen", "rejected"]}
 
-``seq_lens`` makes core collate the row like a packed bin (positions restart,
+``seq_lens`` in the row's extras makes core collate it like a packed bin (positions restart,
 the rejected sequence cannot attend to the chosen one), so both go through
 one forward and pairs can be packed together. A KTO row holds its completion
 and a KL segment (the same prompt with another row's completion, rotated
@@ -58,14 +58,14 @@ def segments_row(prompt_ids: list[int], completions: list[list[int]], roles: lis
         input_ids += prompt_ids + ids
         labels += [IGNORE] * len(prompt_ids) + ids
         seq_lens.append(len(prompt_ids) + len(ids))
-    return {"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens,
-            "segment_names": [SEGMENT_NAMES[role] for role in roles]}
+    return {"input_ids": input_ids, "labels": labels,
+            "extras": {"seq_lens": seq_lens, "segment_names": [SEGMENT_NAMES[role] for role in roles]}}
 
 
 def tokenize_pairs(entry, tokenizer, batch: dict) -> dict:
     from plait_preference.formats import row_texts
 
-    out = {"input_ids": [], "labels": [], "seq_lens": [], "segment_names": []}
+    out = {"input_ids": [], "labels": [], "extras": []}
     for index, row in enumerate(_rows(batch)):
         prompt, responses = row_texts(entry, row, index, tokenizer, kto=False)
         prompt_ids, completions = tokenize_responses(tokenizer, prompt, responses, index)
@@ -90,7 +90,7 @@ def tokenize_kto(entry, tokenizer, batch: dict, group: int) -> dict:
         prompts.append(prompt_ids)
         completions.append(completion)
         desirable.append(bool(label))
-    out = {"input_ids": [], "labels": [], "seq_lens": [], "segment_names": []}
+    out = {"input_ids": [], "labels": [], "extras": []}
     for start in range(0, len(prompts), group):
         members = list(range(start, min(start + group, len(prompts))))
         for position, i in enumerate(members):

@@ -35,7 +35,7 @@ def setup(tiny_model):
         responses = [r["chosen"]["value"] + "<|im_end|>", r["rejected"]["value"] + "<|im_end|>"]
         prompt_ids, completions = tokenize_responses(tokenizer, prompt, responses, 0)
         row = segments_row(prompt_ids, completions, [CHOSEN, REJECTED])
-        rows.append({**row, "segment_names": [row["segment_names"]]})
+        rows.append({**row, "seq_lens": row["extras"]["seq_lens"], "extras": [row["extras"]]})
         sequences += [(prompt_ids, c) for c in completions]
     batch = plugin.collate(cfg=cfg, rows=rows, tokenizer=tokenizer)
     return SimpleNamespace(model=model, batch=batch, sequences=sequences, pm=pm, tokenizer=tokenizer)

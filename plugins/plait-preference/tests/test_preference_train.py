@@ -3,6 +3,7 @@ data layout and the refusals."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -53,13 +54,16 @@ def test_kto_rows_hold_a_completion_and_a_kl_sequence(tmp_path, tiny_model, writ
     train = prepare_datasets(cfg, pm, tokenizer, show_progress=False).train
     assert len(train) == 6
     for i, row in enumerate(train):
+        row = {**row, **json.loads(row["extras"])}
         first, second = row["seq_lens"]
         assert first + second == row["length"]
         assert row["segment_names"] == ["desirable" if rows[i]["label"] else "undesirable", "kl"]
         # the KL sequence is the same prompt with the previous row's completion (wrapping in groups of 3)
-        completion = lambda r: [t for t, l in zip(r["input_ids"][:r["seq_lens"][0]], r["labels"]) if l != -100]  # noqa: E731
+        completion = lambda r: [t for t, l in zip(r["input_ids"][:r["seq_lens"][0]], r["labels"])  # noqa: E731
+                                if l != -100]
         kl_part = [t for t, l in zip(row["input_ids"][first:], row["labels"][first:]) if l != -100]
         other = train[(i // 3) * 3 + (i - 1) % 3]
+        other = {**other, **json.loads(other["extras"])}
         assert kl_part == completion(other)
 
 
