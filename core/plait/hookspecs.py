@@ -544,8 +544,10 @@ def on_step_end(run: Run, metrics: dict[str, float]) -> None:
     """An optimizer step finished and was logged.
 
     Every plugin is called, on the logging rank only. ``metrics`` is a dict:
-    ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens`` (trained),
-    ``input_tokens`` (read, padding excluded), ``tokens_per_s``.
+    ``step``, ``loss``, ``lr``, ``grad_norm``, ``tokens`` (trained; named
+    after the objective's ``unit``: ``pairs`` for DPO), ``input_tokens``
+    (read, padding excluded), ``tokens_per_s``, and the objective's own
+    metrics (:func:`build_objective`: ``rewards/margins``, ...).
     Return value ignored.
 
     ``run`` is the loop's ``Run``. Core's default: ``plait.builtin.tracking``.
