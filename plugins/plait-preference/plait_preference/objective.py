@@ -148,6 +148,8 @@ class PreferenceObjective:
                    "rewards/rejected": (rewards[~desirable].sum(), n_bad),
                    "logps/chosen": (logps[desirable].sum(), n_good),
                    "logps/rejected": (logps[~desirable].sum(), n_bad)}
+        if n_good and n_bad:  # TRL's: the difference of the two means, one value per micro-batch
+            metrics["rewards/margins"] = (rewards[desirable].mean() - rewards[~desirable].mean(), 1)
         return per_row.sum(), metrics
 
 

@@ -116,5 +116,5 @@ def test_kto_matches_trl(tmp_path, tiny_model, train, write_rows):
                                                            undesirable_weight=1.5)),
                              train_dataset=Dataset.from_list(texts),
                              processing_class=AutoTokenizer.from_pretrained(tiny_model))
-    compare(ours, trl_logs(trainer), ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen",
-                                      "logps/rejected"))
+    compare(ours, trl_logs(trainer), ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                                      "logps/chosen", "logps/rejected"))
