@@ -416,14 +416,15 @@ def build_loss(cfg: CoreConfig, model: Optional[torch.nn.Module]) -> Optional[Ca
 
 
 @hookspec(firstresult=True)
-def build_objective(cfg, model, loss_fn):
+def build_objective(cfg: CoreConfig, model: Optional[torch.nn.Module], loss_fn: Optional[Callable[..., tuple]]) -> Any:
     """Provide what one training step minimises and how micro-batches are weighed.
 
     firstresult; called by the loop (and ``plait evaluate``) once, after
-    :func:`build_loss`, with the ready model (adapters, kernels, parallel
-    wrapper applied) and the loss step ``loss_fn``. Core's default
-    (:class:`plait.builtin.objective.TokenCrossEntropy`, ``trylast``) is the
-    token cross-entropy through ``loss_fn``.
+    :func:`build_loss`. ``cfg`` is the run config, ``model`` the ready model
+    (adapters, kernels, parallel wrapper applied), ``loss_fn`` the loss step
+    from :func:`build_loss`. Core's default
+    (:class:`plait.builtin.loss.TokenCrossEntropy`, ``trylast``) is the
+    token cross-entropy through the loop's forward and ``loss_fn``.
 
     Returns an object with
 

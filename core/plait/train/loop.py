@@ -108,6 +108,10 @@ class Run:
     def device(self):
         return self.world.device
 
+    def cross_entropy(self, batch, *, training: bool = False):
+        """:func:`loss_of` on this run: the default objective's loss."""
+        return loss_of(self, batch, training=training)
+
     def position(self) -> dict:
         """Where the run is; a checkpoint stores this to resume the data order."""
         return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,

@@ -31,3 +31,8 @@ def add_segments(batch: dict, rows: list[dict]) -> dict:
             roles.append(role)
             start += length
     return {**batch, "segment_index": index, "segment_roles": torch.tensor(roles, dtype=torch.long)}
+
+
+def to_device(batch: dict, device) -> dict:
+    """Tensors (and a flex ``BlockMask``) moved to ``device``; ints stay as they are."""
+    return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}

@@ -59,7 +59,7 @@ def segment_logps(model, batch: dict, *, whole_roles=()) -> SegmentLogps:
     """
     import torch
 
-    from plait.train.forward import forward_hidden
+    from plait.model.forward import forward_hidden
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", *SEGMENT_KEYS)}
     hidden, head, outputs = forward_hidden(model, inputs)

@@ -39,7 +39,7 @@ class PreferenceObjective:
         return int((roles != KL).sum()) if self.method == "kto" else int((roles == CHOSEN).sum())
 
     def loss(self, run, batch, *, training: bool = False):
-        from plait.builtin.collate import to_device
+        from plait_preference.collate import to_device
 
         batch = to_device(batch, run.device)
         whole = (CHOSEN,) if self.method == "orpo" else ()
@@ -67,7 +67,7 @@ class PreferenceObjective:
 
     @contextlib.contextmanager
     def reference_context(self, model):
-        from plait.train.forward import unwrap_data_parallel
+        from plait.model.forward import unwrap_data_parallel
 
         if self.reference == "adapter_off":
             inner = unwrap_data_parallel(model)
@@ -158,7 +158,7 @@ def reference_model(model):
     frozen copy of the starting weights."""
     import copy
 
-    from plait.train.forward import unwrap_data_parallel
+    from plait.model.forward import unwrap_data_parallel
 
     inner = unwrap_data_parallel(model)
     if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config"):

@@ -52,15 +52,16 @@ def dataset_formats():
     return registered_formats()
 
 
-@hookimpl(tryfirst=True)
+@hookimpl(wrapper=True)
 def collate(cfg, rows, tokenizer):
-    if not _active(cfg):
-        return None
-    from plait.builtin.collate import collate as core_collate
-
+    # around whichever collate answers (core's lays pair rows out as isolated segments):
+    # add which positions belong to which sequence
+    batch = yield
+    if not _active(cfg) or batch is None:
+        return batch
     from plait_preference.collate import add_segments
 
-    return add_segments(core_collate(cfg=cfg, rows=rows, tokenizer=tokenizer), rows)
+    return add_segments(batch, rows)
 
 
 @hookimpl

@@ -16,7 +16,7 @@ def load_reward_model(cfg, tokenizer):
     transformers' own pooling works when the saved model is used outside Plait."""
     from transformers import AutoModelForSequenceClassification
 
-    from plait.builtin.model import check_model_sources, fit_to_tokenizer, pretrained_kwargs
+    from plait.model.loading import check_model_sources, fit_to_tokenizer, pretrained_kwargs
 
     check_model_sources(cfg, ("base_model",))
     model = AutoModelForSequenceClassification.from_pretrained(cfg.base_model, num_labels=1,
@@ -24,7 +24,7 @@ def load_reward_model(cfg, tokenizer):
     fit_to_tokenizer(cfg, model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
-        from plait.train.recompute import enable_gradient_checkpointing
+        from plait.model.recompute import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     return model
@@ -35,7 +35,7 @@ def sequence_rewards(model, batch: dict):
     its last token's hidden state (``[S]``, float32)."""
     import torch
 
-    from plait.train.forward import unwrap
+    from plait.model.forward import unwrap
 
     from plait_preference.logps import SEGMENT_KEYS
 
@@ -82,7 +82,7 @@ class RewardObjective:
         import torch
         import torch.nn.functional as F
 
-        from plait.builtin.collate import to_device
+        from plait_preference.collate import to_device
 
         from plait_preference.rows import CHOSEN, REJECTED
 

@@ -22,7 +22,6 @@ CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 def setup(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import plait_preference.plugin as plugin
     from plait.testing import build_run_config
     from plait_preference.rows import CHOSEN, REJECTED, segments_row, tokenize_responses
 
@@ -37,7 +36,7 @@ def setup(tiny_model):
         row = segments_row(prompt_ids, completions, [CHOSEN, REJECTED])
         rows.append({**row, "seq_lens": row["extras"]["seq_lens"], "extras": [row["extras"]]})
         sequences += [(prompt_ids, c) for c in completions]
-    batch = plugin.collate(cfg=cfg, rows=rows, tokenizer=tokenizer)
+    batch = pm.hook.collate(cfg=cfg, rows=rows, tokenizer=tokenizer)  # core's layout + plait-preference's segments
     return SimpleNamespace(model=model, batch=batch, sequences=sequences, pm=pm, tokenizer=tokenizer)
 
 
