@@ -479,7 +479,7 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
     try:
         with torch.no_grad():
             together = forward_logits(model, packed).logits[0].float()
-            alone = torch.cat([forward_logits(model, {"input_ids": torch.tensor([row], device=device)}).logits[0]
+            alone = torch.cat([forward_logits(model, _one_row(row, cfg.attn_implementation, dtype, device)).logits[0]
                                for row in rows]).float()
     except Exception as exc:  # noqa: BLE001 - a model that cannot run a packed batch cannot train on one
         return f"a packed test batch failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
@@ -495,3 +495,15 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
     cause = (f"its {', '.join(kinds[:3])} layers carry state along the sequence" if kinds
              else "its positions or sequence mixing do not restart per row")
     return f"{cause}; logits differ by {diff:.3g} against rows run alone"
+
+
+def _one_row(row: list[int], attn_implementation: str, dtype, device) -> dict:
+    """One row as the model sees it alone: plain token ids (the model's own
+    positions, so an offset it applies is part of the comparison), except for
+    torch's varlen kernel, which has no unpacked path and takes a one-row bin."""
+    import torch
+
+    if attn_implementation != "plait_varlen":
+        return {"input_ids": torch.tensor([row], device=device)}
+    bin_ = collate_packed([{"input_ids": row, "labels": row}], 0, attn_implementation, dtype=dtype, device=device)
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in bin_.items() if k != "labels"}
