@@ -165,6 +165,11 @@ def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
     kwargs = {"use_cache": False} if cache else {}
     if keep:
         kwargs["logits_to_keep"] = 0  # every position, to compare
+    if getattr(getattr(causal_lm, "config", None), "_attn_implementation", None) == "plait_varlen":
+        # torch's varlen kernel has no unpacked path: the probe row goes in as a one-row bin
+        offsets = torch.tensor([0, n_tokens], dtype=torch.int32, device=device)
+        kwargs.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=n_tokens,
+                      max_length_k=n_tokens, position_ids=torch.arange(n_tokens, device=device)[None])
     was_training = causal_lm.training
     causal_lm.eval()
     try:
