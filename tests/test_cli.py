@@ -186,22 +186,34 @@ class LoggingCommand:
     @hookimpl
     def register_commands(self, subparsers):
         import logging
+        import warnings
 
         def run(args, pm):
             logging.getLogger("plait_example.plugin").info("chose the fused path")
             logging.getLogger("some_library").info("library chatter")
             logging.getLogger("some_library").warning("library warning")
+            warnings.warn("library deprecation", DeprecationWarning, stacklevel=1)
+            warnings.warn_explicit("plugin warning", UserWarning, "plugin.py", 1, module="plait_example.plugin")
             return 0
 
         sub = subparsers.add_parser("log-something")
         sub.set_defaults(func=run)
 
 
-def test_plugin_info_lines_are_shown_and_library_info_is_not():
-    result = run_cli(["log-something"], plugins=[LoggingCommand()])
+def test_plugin_info_lines_are_shown_and_library_warnings_only_with_verbose():
+    import warnings
+
+    with warnings.catch_warnings():  # the CLI changes the process's filters
+        result = run_cli(["log-something"], plugins=[LoggingCommand()])
     assert result.exit_code == 0
     assert "plait_example.plugin: chose the fused path" in result.stderr
-    assert "library warning" in result.stderr and "library chatter" not in result.stderr
+    assert "plugin warning" in result.stderr  # a plugin's own warning is for the user
+    assert "library" not in result.stderr  # quiet by default
+    with warnings.catch_warnings():
+        result = run_cli(["log-something", "--verbose"], plugins=[LoggingCommand()])
+    assert result.exit_code == 0
+    assert "library warning" in result.stderr and "library deprecation" in result.stderr
+    assert "library chatter" not in result.stderr  # INFO from libraries stays hidden
 
 
 def test_validate_refuses_an_unknown_chat_template_name(tmp_path):

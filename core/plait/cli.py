@@ -7,7 +7,7 @@ never imports torch. Plugins add subcommands through ``register_commands``.
 
 Every subcommand parses its flags and ``key=value`` overrides in any order
 (``plait preprocess cfg.yml --no-progress lr=1e-4``) and accepts ``--debug``
-anywhere. Bad input (:class:`plait.errors.PlaitError`) prints one message and
+and ``--verbose`` anywhere. Bad input (:class:`plait.errors.PlaitError`) prints one message and
 exits 2; ``--debug`` shows the traceback.
 """
 
@@ -47,6 +47,8 @@ class SubcommandParser(argparse.ArgumentParser):
         self._intermixing = False
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show tracebacks for errors")
+        self.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="show every library's warnings and progress bars")
 
     def parse_known_args(self, args=None, namespace=None):
         classic = self._intermixing or any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._actions)
@@ -65,6 +67,7 @@ def build_parser(pm) -> argparse.ArgumentParser:
         description="Fine-tune large language models from one YAML file.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument("--verbose", action="store_true", help="show every library's warnings and progress bars")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SubcommandParser)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"plait.commands.{module_name}")
@@ -77,12 +80,14 @@ def build_parser(pm) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
     from plait.errors import PlaitError
-    from plait.logs import show_plait_logs
+    from plait.logs import set_verbose, show_plait_logs
     from plait.plugins import build_plugin_manager
 
-    show_plait_logs()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    # before any library is imported: transformers reads its verbosity once
+    set_verbose("--verbose" in argv)
+    show_plait_logs()
     try:
         pm = build_plugin_manager(extra=list(extra_plugins))
         parser = build_parser(pm)

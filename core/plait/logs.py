@@ -8,6 +8,11 @@ prints INFO and above from loggers whose top-level name starts with
 ``plait``, and WARNING and above from everything else (as Python would
 anyway). Other ranks than 0 of a distributed run print warnings only, so
 lines are not repeated once per process.
+
+Quiet by default: without ``--verbose`` the CLI hides other libraries'
+warnings (Python ``warnings`` and transformers' logger) and ``datasets``'
+progress bars other than the one for tokenizing, so a run shows one bar per
+stage. ``--verbose`` shows all of them.
 """
 
 from __future__ import annotations
@@ -33,6 +38,44 @@ def is_plait_logger(name: str) -> bool:
     return name.split(".", 1)[0].startswith("plait")
 
 
+_verbose = False
+
+
+def verbose() -> bool:
+    """Whether ``--verbose`` was given (library bars and warnings shown)."""
+    return _verbose
+
+
+def set_verbose(on: bool) -> None:
+    """Show or hide other libraries' warnings; called once by the CLI.
+
+    Hiding them needs no import of torch or transformers: Python's warning
+    filters are process-wide and ``TRANSFORMERS_VERBOSITY`` is read when
+    transformers is first imported (a value the user exported wins).
+    """
+    import warnings
+
+    global _verbose
+    _verbose = on
+    # warnings that pass the filters go through the handler below, one line each
+    warnings.showwarning = _warning_to_log
+    if on:
+        warnings.simplefilter("default")  # deprecations included, each once per place
+        return
+    warnings.filterwarnings("ignore")
+    # inserted in front, so Plait's and its plugins' own warnings still show
+    warnings.filterwarnings("default", module=r"plait")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger(WARNINGS_LOGGER).warning("%s: %s", category.__name__, message)
+
+
+#: the logger Python warnings are sent to; the warning filters already chose them
+WARNINGS_LOGGER = "warnings"
+
+
 def show_plait_logs() -> None:
     """Install the handler once per process (calling it again does nothing)."""
     root = logging.getLogger()
@@ -40,9 +83,15 @@ def show_plait_logs() -> None:
         return
     main_rank = os.environ.get("RANK", "0") == "0"
     plait_level = logging.INFO if main_rank else logging.WARNING
+
+    def shown(record: logging.LogRecord) -> bool:
+        if is_plait_logger(record.name) or record.name == WARNINGS_LOGGER:
+            return record.levelno >= plait_level
+        # other libraries: warnings with --verbose, errors only without
+        return record.levelno >= (logging.WARNING if _verbose else logging.ERROR)
+
     handler = CurrentStderrHandler()
-    handler.addFilter(lambda record: record.levelno >= (plait_level if is_plait_logger(record.name)
-                                                        else logging.WARNING))
+    handler.addFilter(shown)
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:

@@ -33,6 +33,7 @@ import sys
 import uuid
 import weakref
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from plait.data.cache import cache_key, cache_root, write_atomically
 from plait.data.rows import DatasetStats, row_features
 from plait.data.sources import Source, load_source, resolve_path
 from plait.errors import BadRowError, ConfigError, DataError, PlaitError
+from plait.logs import verbose
 
 log = logging.getLogger("plait.data")
 
@@ -203,17 +205,18 @@ def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, sp
     source = load_source(entry, skip_bad_rows=cfg.skip_bad_rows)
     raw = source.dataset
     workers = min(cfg.dataset_processes or 1, max(1, len(raw)))
-    mapped = raw.map(
-        TokenizeBatch(cfg, pm, tokenizer, entry, source, label),
-        batched=True,
-        with_indices=True,
-        remove_columns=raw.column_names,
-        features=row_features(),
-        num_proc=workers if workers > 1 else None,
-        load_from_cache_file=False,  # our own cache decides; the hook's code is not in datasets' fingerprint
-        new_fingerprint=f"{fingerprint[:24]}-{label}",
-        desc=f"tokenizing {label} ({entry.path})",
-    )
+    with _progress.tokenizing_bar():
+        mapped = raw.map(
+            TokenizeBatch(cfg, pm, tokenizer, entry, source, label),
+            batched=True,
+            with_indices=True,
+            remove_columns=raw.column_names,
+            features=row_features(),
+            num_proc=workers if workers > 1 else None,
+            load_from_cache_file=False,  # our own cache decides; the hook's code is not in datasets' fingerprint
+            new_fingerprint=f"{fingerprint[:24]}-{label}",
+            desc=f"tokenizing {label} ({entry.path})",
+        )
     columns = mapped.select_columns(["_status", "length", "_trained", "_bad"]).to_dict()
     counts = Counter(columns["_status"])
     # lines that could not be read as rows (skip_bad_rows) are rows in, and bad
@@ -368,7 +371,15 @@ def _distributed():
 
 
 class _progress:
-    """Turn ``datasets``' progress bars off for a block when asked to."""
+    """The data stage's progress bars, for a block.
+
+    One bar per stage: the tokenizing bar of each entry is shown when
+    ``show`` asks for bars; ``datasets``' other bars (reading files,
+    filtering, flattening, saving) only with ``--verbose`` as well.
+    """
+
+    #: whether the block running now shows its tokenizing bar
+    show_tokenizing = False
 
     def __init__(self, show: bool):
         self.show = show
@@ -378,11 +389,30 @@ class _progress:
         import datasets
 
         self.was_enabled = not datasets.are_progress_bars_disabled()
-        if not self.show:
+        _progress.show_tokenizing = self.show
+        if not (self.show and verbose()):
             datasets.disable_progress_bars()
 
     def __exit__(self, *exc):
         import datasets
 
+        _progress.show_tokenizing = False
         if self.was_enabled:
             datasets.enable_progress_bars()
+        else:
+            datasets.disable_progress_bars()
+
+    @staticmethod
+    @contextmanager
+    def tokenizing_bar():
+        """Show ``datasets``' bar for the block when the stage shows bars."""
+        import datasets
+
+        hidden = datasets.are_progress_bars_disabled()
+        if _progress.show_tokenizing and hidden:
+            datasets.enable_progress_bars()
+        try:
+            yield
+        finally:
+            if hidden:
+                datasets.disable_progress_bars()
