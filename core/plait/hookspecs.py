@@ -609,3 +609,25 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     No default implementation in core (core's own commands are
     :mod:`plait.commands`).
     """
+
+
+# -------------------------------------------------------------- inference
+
+
+@hookspec(firstresult=True)
+def inference_prompt(cfg, dataset_cfg, messages):
+    """The prompt text a model trained on ``dataset_cfg``'s format expects.
+
+    firstresult; called by ``plait inference`` for every answer it generates,
+    with the first entry of ``cfg.datasets`` (what the model was trained on),
+    unless ``--raw`` is given. ``messages`` is the conversation so far as
+    ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, ending
+    with the user's new message.
+
+    Returns the text to generate from (tokenized with the tokenizer's special
+    tokens, as the format's training rows are: an alpaca-trained model gets
+    "### Instruction: ... ### Response:" with its BOS), or ``None`` when the
+    format's rows go through the chat template or ``dataset_cfg.type`` is not
+    this plugin's. With no answer, core's default is the tokenizer's chat
+    template when it has one, else the last message as it is.
+    """

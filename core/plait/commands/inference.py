@@ -4,11 +4,12 @@ On a terminal it is a chat (history kept, answers streamed as they are
 generated; ``/reset`` clears the history, an empty line or Ctrl-D ends).
 When stdin is not a terminal, every line is one prompt and each answer is
 printed on its own line, so ``echo "hi" | plait inference cfg.yml`` works in
-scripts. Prompts go through the tokenizer's chat template when it has one
-(``--raw`` sends the text as is). ``--image PATH`` (repeatable) shows images
-with the first prompt of a conversation (every prompt read from stdin); a
-plugin turns them into model inputs (``encode_prompt``: plait-vision, for a
-run with ``processor_type``).
+scripts. Prompts take the format the model was trained with: the alpaca
+prompt for an alpaca-trained model, the chat template for a chat_template
+one (see :func:`model_input`); ``--raw`` sends the text as is. ``--image
+PATH`` (repeatable) shows images with the first prompt of a conversation
+(every prompt read from stdin); a plugin turns them into model inputs
+(``encode_prompt``: plait-vision, for a run with ``processor_type``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--model", metavar="DIR", help="a saved model or adapter (default: output_dir)")
     parser.add_argument("--base", action="store_true", help="use the base model, not the trained one")
-    parser.add_argument("--raw", action="store_true", help="no chat template: the prompt text is the model input")
+    parser.add_argument("--raw", action="store_true", help="no prompt format or chat template: the text typed is the model input")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--system", help="a system message to start each conversation with")
@@ -30,10 +31,24 @@ def add_arguments(parser) -> None:
                         help="an image shown with the first prompt (repeat for several; vision-language runs)")
 
 
-def model_input(tokenizer, messages: list[dict], raw: bool) -> str:
-    if raw or not tokenizer.chat_template:
-        return _text_of(messages[-1]["content"])
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def model_input(cfg, pm, tokenizer, messages: list[dict], raw: bool) -> tuple[str, bool]:
+    """The text to generate from, and whether tokenizing it adds special tokens.
+
+    The prompt format the model was trained with: the first dataset's format
+    answers :func:`plait.hookspecs.inference_prompt` (an alpaca-trained model
+    gets the alpaca prompt, with its BOS, not a chat template). Otherwise the
+    tokenizer's chat template, which already holds the BOS it needs; without
+    one, or with ``--raw``, the message text as it is.
+    """
+    if raw:
+        return _text_of(messages[-1]["content"]), True
+    if cfg.datasets:
+        text = pm.hook.inference_prompt(cfg=cfg, dataset_cfg=cfg.datasets[0], messages=messages)
+        if text is not None:
+            return text, True
+    if not tokenizer.chat_template:
+        return _text_of(messages[-1]["content"]), True
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
 
 
 def _text_of(content) -> str:
@@ -62,18 +77,31 @@ def check_images(args) -> None:
         raise ConfigError("--image cannot be combined with --raw: the chat template places the images")
 
 
-def encode(pm, cfg, tokenizer, text: str, images: list[str], raw: bool):
-    """Token ids (and pixels, for images) for ``text``."""
+def prompt_ids(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of a prompt, without the EOS some tokenizers append (a
+    trained prompt never ends with one)."""
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if add_special_tokens and ids and ids[-1] == tokenizer.eos_token_id != tokenizer.bos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def encode(pm, cfg, tokenizer, prompt: tuple[str, bool], images: list[str]):
+    """Model inputs for ``prompt`` (from :func:`model_input`): token ids, and
+    pixels when there are images."""
+    import torch
+
     from plait.errors import ConfigError
 
+    text, add_special_tokens = prompt
     if images:
         enc = pm.hook.encode_prompt(cfg=cfg, tokenizer=tokenizer, text=text, images=images)
         if enc is None:
             raise ConfigError("--image: no plugin encodes images for this run; train a vision-language model with "
                               "processor_type (plait-vision) to use images")
         return enc
-    # the template already holds the BOS when it needs one
-    return tokenizer(text, return_tensors="pt", add_special_tokens=raw or not tokenizer.chat_template)
+    input_ids = torch.tensor([prompt_ids(tokenizer, text, add_special_tokens)])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def generate(model, tokenizer, enc, args, streamer=None) -> str:
@@ -101,8 +129,8 @@ def run(args, pm) -> int:
             prompt = line.rstrip("\n")
             if prompt.strip():
                 messages = start + [user_message(prompt, args.image)]
-                text = model_input(tokenizer, messages, args.raw)
-                answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, text, args.image, args.raw), args)
+                prompt_in = model_input(cfg, pm, tokenizer, messages, args.raw)
+                answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, prompt_in, args.image), args)
                 print(answer.strip().replace("\n", "\\n"), flush=True)
         return 0
 
@@ -122,8 +150,8 @@ def run(args, pm) -> int:
         # the images go with the conversation's first prompt (and stay in its history)
         shown = args.image if not any(m["role"] == "user" for m in history) else []
         history.append(user_message(prompt, shown))
-        text = model_input(tokenizer, history, args.raw)
-        answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, text, args.image, args.raw), args,
+        prompt_in = model_input(cfg, pm, tokenizer, history, args.raw)
+        answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, prompt_in, args.image), args,
                           streamer=streamer)
         history.append({"role": "assistant", "content": answer})
     return 0

@@ -64,3 +64,32 @@ def dataset_formats():
         DatasetFormat("pretokenized", _tokenize_pretokenized, DatasetEntry, untyped=True,
                       description="input_ids (and labels) already tokenized; also rows without type"),
     ]
+
+
+#: types whose model reads the prompt text as it was trained (no chat template)
+PLAIN_TEXT_TYPES = ("completion", "pretraining")
+#: the alpaca family: one prompt layout per type and variant (plait_formats.alpaca)
+ALPACA_TYPES = ("alpaca", "alpaca_chat", "alpaca_w_system")
+
+
+@hookimpl
+def inference_prompt(cfg, dataset_cfg, messages):
+    """Alpaca-style and user_defined models are prompted in their training
+    layout, a completion model with the text alone; chat_template and the
+    rest return ``None`` (core applies the chat template)."""
+    base = (dataset_cfg.type or "").split(".")[0]
+    if base not in (*ALPACA_TYPES, "user_defined", *PLAIN_TEXT_TYPES):
+        return None
+    user = messages[-1]["content"]
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    if base in ALPACA_TYPES:
+        from plait_formats.alpaca import build_prompt
+
+        # one turn: alpaca rows have no history; a system message is used by
+        # the variants that read one from the row (alpaca_w_system)
+        return build_prompt(dataset_cfg.type, user, None, system or dataset_cfg.system_prompt)
+    if base == "user_defined":
+        from plait_formats.user_defined import build_prompt as user_defined_prompt
+
+        return user_defined_prompt(dataset_cfg, user, None, system)
+    return user  # completion / pretraining: the text as it was trained
