@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import platform
 import sys
 from pathlib import Path
@@ -100,12 +101,22 @@ class MetricsLog:
 
 
 def plot_loss(records: list[dict], path: Path) -> Path | None:
-    """Train loss per step and eval loss per evaluation, as a PNG (matplotlib Agg)."""
+    """Train loss per step and eval loss per evaluation, as a PNG (matplotlib Agg).
+
+    matplotlib is optional (``pip install 'plait[plot]'``): without it the plot
+    is skipped with a note, and the numbers are in ``metrics.jsonl`` anyway.
+    """
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train and not evals:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        logging.getLogger("plait.output").info(
+            "%s skipped: matplotlib is not installed (pip install 'plait[plot]'); the losses are in "
+            "metrics.jsonl", path.name)
+        return None
 
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
