@@ -4,18 +4,26 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is pinned for development and CI only (a CPU build installs from local
-# disk here); users get the ranges in each package's pyproject.toml.
+# disk here, through pip's own configuration); users get the ranges in each
+# package's pyproject.toml. Every other dependency is pinned by
+# constraints-dev.txt, so a CI result changes only with a change to this repo.
 TORCH_PIN ?= torch==2.13.0
-PACKAGES := core $(wildcard plugins/*) $(wildcard contrib/*)
+CONSTRAINTS := constraints-dev.txt
+# the plugin template is a folder to copy, not a plugin of normal runs: it is
+# not installed, and its tests load it from its folder
+PACKAGES := core $(wildcard plugins/*) $(filter-out contrib/plait-plugin-template,$(wildcard contrib/*))
 EDITABLE := $(foreach p,$(PACKAGES),$(if $(wildcard $(p)/pyproject.toml),-e $(p)))
+# uv installs the rest several times faster than pip: the one on PATH, else one
+# pip puts into the venv; when neither works, pip does it all
+FIND_UV := command -v uv || { $(PIP) install -q uv >/dev/null 2>&1 && echo $(VENV)/bin/uv; }
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test docs dist clean
 
-$(VENV)/.installed: core/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard contrib/*/pyproject.toml) requirements-dev.txt
+$(VENV)/.installed: core/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard contrib/*/pyproject.toml) requirements-dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -r requirements-dev.txt $(EDITABLE)
+	uv=$$($(FIND_UV)); $${uv:+$$uv pip install --python $(PY)}$${uv:-$(PIP) install} -q \
+	    -c $(CONSTRAINTS) -r requirements-dev.txt $(EDITABLE)
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,5 +34,14 @@ quickstart: install
 test: install
 	$(PY) -m pytest -q
 
+# the documentation site, into site/ (tests/test_docs.py builds it in CI too)
+docs: install
+	$(PY) docs/gen/build_pages.py
+	$(VENV)/bin/mkdocs build --strict
+
+# sdist + wheel of every package, checked by twine, into dist/
+dist: install
+	$(PY) -m pytest -q -m slow tests/test_packaging.py
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs site dist

@@ -5,11 +5,23 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from plait.hookspecs import hookimpl
 from plait.testing import run_cli, write_config, write_jsonl
 
 PLAIT = [sys.executable, "-m", "plait.cli"]
+TEMPLATE = Path(__file__).resolve().parents[1] / "contrib" / "plait-plugin-template"
+
+
+def template_plugin():
+    """The plugin template, imported from its folder: it is a starting point to
+    copy, not installed into the development environment."""
+    if str(TEMPLATE) not in sys.path:
+        sys.path.insert(0, str(TEMPLATE))
+    import plait_plugin_template
+
+    return plait_plugin_template
 
 
 def test_help_does_not_import_torch_and_is_fast():
@@ -80,9 +92,7 @@ def test_plugins_filtered_by_hook():
 
 
 def test_schema_includes_plugin_keys():
-    import plait_plugin_template
-
-    result = run_cli(["config", "schema"], plugins=[plait_plugin_template])
+    result = run_cli(["config", "schema"], plugins=[template_plugin()])
     properties = json.loads(result.stdout)["properties"]
     assert "learning_rate" in properties and "template_greeting" in properties
 
@@ -94,9 +104,7 @@ def test_bad_override_is_one_line_error(tmp_path):
 
 
 def test_plugin_subcommand_is_available():
-    import plait_plugin_template
-
-    assert run_cli(["hello"], plugins=[plait_plugin_template]).stdout == "hello, world\n"
+    assert run_cli(["hello"], plugins=[template_plugin()]).stdout == "hello, world\n"
 
 
 def test_disabled_plugin_is_not_loaded(tmp_path):
