@@ -15,6 +15,7 @@ PACKAGES := core $(wildcard plugins/*) $(filter-out contrib/plait-plugin-templat
 EDITABLE := $(foreach p,$(PACKAGES),$(if $(wildcard $(p)/pyproject.toml),-e $(p)))
 # uv installs the rest several times faster than pip: the one on PATH, else one
 # pip puts into the venv; when neither works, pip does it all
+DEPS := -c $(CONSTRAINTS) -r requirements-dev.txt $(EDITABLE)
 FIND_UV := command -v uv || { $(PIP) install -q uv >/dev/null 2>&1 && echo $(VENV)/bin/uv; }
 
 .PHONY: install quickstart test docs dist clean
@@ -22,8 +23,8 @@ FIND_UV := command -v uv || { $(PIP) install -q uv >/dev/null 2>&1 && echo $(VEN
 $(VENV)/.installed: core/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard contrib/*/pyproject.toml) requirements-dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_PIN)"
-	uv=$$($(FIND_UV)); $${uv:+$$uv pip install --python $(PY)}$${uv:-$(PIP) install} -q \
-	    -c $(CONSTRAINTS) -r requirements-dev.txt $(EDITABLE)
+	uv=$$($(FIND_UV)); if [ -n "$$uv" ]; then "$$uv" pip install -q --python $(PY) $(DEPS); \
+	    else $(PIP) install -q $(DEPS); fi
 	touch $@
 
 install: $(VENV)/.installed
