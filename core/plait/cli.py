@@ -28,6 +28,7 @@ COMMANDS = {
     "merge-lora": ("merge_lora", "merge a LoRA adapter into its base model"),
     "plugins": ("plugins", "list installed plugins, their versions and hooks"),
     "config": ("config", "validate, explain or print the schema of a config"),
+    "examples": ("examples", "list the example configs, or copy one into the current directory"),
 }
 
 

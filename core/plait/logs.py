@@ -73,7 +73,7 @@ def _warning_to_log(message, category, filename, lineno, file=None, line=None) -
 
 
 #: the logger Python warnings are sent to; the warning filters already chose them
-WARNINGS_LOGGER = "warnings"
+WARNINGS_LOGGER = "warning"
 
 
 def show_plait_logs() -> None:

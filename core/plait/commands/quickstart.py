@@ -38,6 +38,11 @@ def run(args, pm) -> int:
     started = time.time()
     if "=" in args.config and not Path(args.config).is_file():  # `plait quickstart max_steps=5`
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
+    if args.config == DEFAULT_CONFIG and not Path(args.config).is_file():
+        # outside a clone: the copy that ships in the package (its paths are relative to here)
+        from plait.commands.examples import available
+
+        args.config = str(available()["quickstart"])
     cfg, pm = load_run_config(args, pm, check_sources=False)  # step 1 creates base_model
     root = Path(cfg.base_model).parent
     heldout_path = root / "data" / "heldout.jsonl"
