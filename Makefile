@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch is pinned for development and CI only (a CPU build installs from local
-# disk here, through pip's own configuration); users get the ranges in each
-# package's pyproject.toml. Every other dependency is pinned by
+# disk here: pip's find-links, which uv is given too); users get the ranges in
+# each package's pyproject.toml. Every other dependency is pinned by
 # constraints-dev.txt, so a CI result changes only with a change to this repo.
 TORCH_PIN ?= torch==2.13.0
 CONSTRAINTS := constraints-dev.txt
@@ -22,9 +22,9 @@ FIND_UV := command -v uv || { $(PIP) install -q uv >/dev/null 2>&1 && echo $(VEN
 
 $(VENV)/.installed: core/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard contrib/*/pyproject.toml) requirements-dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q "$(TORCH_PIN)"
-	uv=$$($(FIND_UV)); if [ -n "$$uv" ]; then "$$uv" pip install -q --python $(PY) $(DEPS); \
-	    else $(PIP) install -q $(DEPS); fi
+	uv=$$($(FIND_UV)); links=$${PIP_FIND_LINKS:-$$($(PIP) config get global.find-links 2>/dev/null)}; \
+	if [ -n "$$uv" ]; then "$$uv" pip install -q --python $(PY) $${links:+--find-links $$links} "$(TORCH_PIN)" $(DEPS); \
+	else $(PIP) install -q "$(TORCH_PIN)" && $(PIP) install -q $(DEPS); fi
 	touch $@
 
 install: $(VENV)/.installed
