@@ -5,7 +5,7 @@ Every function decorated with ``@hookimpl`` must be named after a hook in
 to load a plugin that gets this wrong, naming the plugin.
 """
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from plait import hookimpl
 
@@ -13,7 +13,7 @@ from plait import hookimpl
 class TemplateKeys(BaseModel):
     """Config keys this plugin owns; they validate with the rest of the config."""
 
-    template_greeting: str = "hello from a plugin"
+    template_greeting: str = Field("hello from a plugin", description="The greeting the template's example key holds.")
 
 
 @hookimpl
