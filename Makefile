@@ -40,9 +40,9 @@ docs: install
 	$(PY) docs/gen/build_pages.py
 	$(VENV)/bin/mkdocs build --strict
 
-# sdist + wheel of every package, checked by twine, into dist/
+# sdist + wheel of every package, built and checked by twine (tests/test_packaging.py)
 dist: install
-	$(PY) -m pytest -q -m slow tests/test_packaging.py
+	$(PY) -m pytest -q -m packaging tests/test_packaging.py
 
 clean:
-	rm -rf $(VENV) outputs site dist
+	rm -rf $(VENV) outputs site
