@@ -56,7 +56,7 @@ def test_package_builds_and_passes_twine_check(package, tmp_path):
     built = subprocess.run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(tmp_path),
                             str(package)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
-    files = sorted(tmp_path.iterdir())
+    files = sorted(tmp_path.iterdir(), key=lambda f: f.suffix)  # the sdist (.gz), then the wheel
     assert [f.suffix for f in files] == [".gz", ".whl"], files
     check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, files)],
                            capture_output=True, text=True, timeout=300)
