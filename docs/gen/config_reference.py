@@ -11,6 +11,7 @@ default, allowed values, description, and what the key is in Axolotl.
 
 from __future__ import annotations
 
+import functools
 import json
 import types
 import typing
@@ -42,9 +43,14 @@ def axolotl_key_names() -> set[str]:
     return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
 
 
+@functools.lru_cache(maxsize=None)
+def _packages_distributions() -> dict[str, list[str]]:
+    return metadata.packages_distributions()  # scans every installed distribution: once
+
+
 def _distribution_of(module: str) -> str:
     top = module.split(".")[0]
-    return ", ".join(metadata.packages_distributions().get(top, [top]))
+    return ", ".join(_packages_distributions().get(top, [top]))
 
 
 def type_name(annotation) -> str:
