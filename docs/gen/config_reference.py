@@ -125,17 +125,34 @@ def axolotl_meaning(key: str, description: str, known: set[str]) -> str:
     return "Plait only"
 
 
-def _section_label(parent: str, model: type[BaseModel], siblings: int) -> str:
-    if siblings == 1:
-        return f"{parent}[]"
-    # a union of entry models (one per dataset format): name the member
-    tag = model.model_fields.get("type")
-    literal = _literals(tag.annotation) if tag is not None else []
-    return f"{parent}[] (type: {', '.join(map(str, literal))})" if literal else f"{parent}[] ({model.__name__})"
+def _common_base(models: list[type[BaseModel]]) -> type[BaseModel] | None:
+    """The most derived model every one of ``models`` inherits from (core's
+    ``DatasetEntry`` for the dataset formats' entry models)."""
+    for candidate in models[0].__mro__:
+        if (isinstance(candidate, type) and issubclass(candidate, BaseModel) and candidate.model_fields
+                and all(issubclass(m, candidate) for m in models)):
+            return candidate
+    return None
+
+
+def _format_names(pm) -> dict[type, list[str]]:
+    """Entry model -> the dataset ``type:`` names that select it."""
+    from plait.registries import registry
+
+    names: dict[type, list[str]] = {}
+    for name, fmt in registry(pm, "dataset_formats").items():
+        names.setdefault(fmt.entry_model, []).append(name)
+    return names
 
 
 def rows(pm) -> list[Row]:
-    """Every key of the run's config, nested sections included."""
+    """Every key of the run's config, nested sections included.
+
+    A key holding a union of entry models (``datasets``: one model per dataset
+    format) gives one section for the keys every entry has, then one per
+    model with only the keys it adds, named by the ``type:`` values that
+    select it.
+    """
     from plait.config import config_class
     from plait.config.schema import CoreConfig
 
@@ -146,22 +163,38 @@ def rows(pm) -> list[Row]:
         if model is not None:
             owners.update({key: _distribution_of(model.__module__) for key in model.model_fields})
     known = axolotl_key_names()
+    format_names = _format_names(pm)
     out: list[Row] = []
     seen: set[type] = set()
 
-    def add(model: type[BaseModel], section: str, owner_of) -> None:
-        for key, field in model.model_fields.items():
+    def add(model: type[BaseModel], section: str, owner_of, skip=frozenset()) -> None:
+        fields = {key: field for key, field in model.model_fields.items() if key not in skip}
+        for key, field in fields.items():
             description = (field.description or "").strip()
-            owner = owner_of(key)
             out.append(Row(section, key, type_name(field.annotation), default_text(field), allowed_values(field),
-                           description, owner, axolotl_meaning(key, description, known)))
-        for key, field in model.model_fields.items():
+                           description, owner_of(key), axolotl_meaning(key, description, known)))
+        for key, field in fields.items():
             children = [m for m in nested_models(field.annotation) if m not in seen]
+            if not children:
+                continue
+            seen.update(children)
+            parent = f"{section + '.' if section else ''}{key}[]"
+            base = _common_base(children) if len(children) > 1 else None
+            if base is None:
+                for child in children:
+                    owner = _distribution_of(child.__module__)
+                    add(child, parent, lambda _key, owner=owner: owner)
+                continue
+            base_owner = _distribution_of(base.__module__)
+            add(base, parent, lambda _key: base_owner)
             for child in children:
-                seen.add(child)
-                label = _section_label(f"{section + '.' if section else ''}{key}", child, len(children))
-                child_owner = _distribution_of(child.__module__)
-                add(child, label, lambda _key, owner=child_owner: owner)
+                own = set(child.model_fields) - set(base.model_fields)
+                if child is base or not own:
+                    continue
+                types = ", ".join(format_names.get(child, [child.__name__]))
+                owner = _distribution_of(child.__module__)
+                add(child, f"{parent} type: {types}", lambda _key, owner=owner: owner,
+                    skip=frozenset(base.model_fields))
 
     add(cls, "", lambda key: owners.get(key, "plait"))
     return out
@@ -195,7 +228,12 @@ def render(pm) -> str:
     for key in ordered:
         section, owner = key
         group = sections[key]
-        if section:
+        if section and " type: " in section:
+            parent, types = section.split(" type: ")
+            title = f"`{parent}` entries of type {', '.join(f'`{t}`' for t in types.split(', '))}"
+            note = (f"Keys these formats add to an entry of `{parent.split('[')[0]}`, besides the keys every entry "
+                    f"has (declared by `{group[0].owner}`).")
+        elif section:
             title = f"`{section}` entries"
             note = f"Keys of each entry of `{section.split('[')[0]}` (declared by `{group[0].owner}`)."
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 
-SECTION = re.compile(r"^# -+ (?P<name>[\w ,/-]+)$")
+SECTION = re.compile(r"^# -+ (?P<name>[\w ,:/-]+)$")
 ROLE = re.compile(r":(?:func|class|mod|meth|attr|data):`~?([^`]+)`")
 
 
