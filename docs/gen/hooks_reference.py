@@ -60,7 +60,7 @@ def render() -> str:
     current = None
     for section, name, function, firstresult in hookspecs():
         if section != current:
-            lines += [f"## {section.capitalize()}", ""]
+            lines += [f"## {section[:1].upper() + section[1:]}", ""]
             current = section
         signature = f"{name}{inspect.signature(function)}"
         kind = "firstresult: the first non-`None` answer wins" if firstresult else "every plugin is called"
