@@ -615,19 +615,26 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 @hookspec(firstresult=True)
-def inference_prompt(cfg, dataset_cfg, messages):
+def inference_prompt(cfg: CoreConfig, dataset_cfg: DatasetEntry, messages: list[dict[str, Any]]) -> Optional[str]:
     """The prompt text a model trained on ``dataset_cfg``'s format expects.
 
     firstresult; called by ``plait inference`` for every answer it generates,
-    with the first entry of ``cfg.datasets`` (what the model was trained on),
-    unless ``--raw`` is given. ``messages`` is the conversation so far as
-    ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``, ending
-    with the user's new message.
+    unless ``--raw`` is given. No default implementation: without an answer,
+    core uses the tokenizer's chat template when it has one, else the last
+    message as it is.
+
+    ``cfg``
+        The run config of the trained model.
+    ``dataset_cfg``
+        The first entry of ``cfg.datasets``: what the model was trained on.
+    ``messages``
+        The conversation so far, ``[{"role": "system"|"user"|"assistant",
+        "content": str}, ...]``, ending with the user's new message.
 
     Returns the text to generate from (tokenized with the tokenizer's special
     tokens, as the format's training rows are: an alpaca-trained model gets
     "### Instruction: ... ### Response:" with its BOS), or ``None`` when the
     format's rows go through the chat template or ``dataset_cfg.type`` is not
-    this plugin's. With no answer, core's default is the tokenizer's chat
-    template when it has one, else the last message as it is.
+    this plugin's. plait-formats answers for the alpaca types, user_defined,
+    completion and pretraining.
     """
