@@ -46,14 +46,18 @@ class DatasetEntry(ValuesAsGiven):
                                 "(a format's variant after a dot: chat_template.default).")
     ds_type: Optional[str] = Field(None, description="File type when the extension does not tell: json, parquet, "
                                    "csv, arrow, text.")
-    data_files: Optional[Union[str, list[str]]] = None
-    split: str = "train"
+    data_files: Optional[Union[str, list[str]]] = Field(
+        None,
+        description="File name(s) inside path to read (a hub dataset's or a directory's), instead of all of them.")
+    split: str = Field("train", description="The split to train on (local files have one split, train).")
     train_on_split: Optional[str] = Field(None, description="Split to train on (Axolotl's key; wins over split).")
     name: Optional[str] = Field(None, description="Dataset configuration name on the hub.")
-    shards: Optional[int] = Field(None, ge=1)
-    shards_idx: Optional[int] = Field(None, ge=0)
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
+    shards: Optional[int] = Field(
+        None, ge=1, description="Split the dataset into this many contiguous shards and keep one (shards_idx).")
+    shards_idx: Optional[int] = Field(None, ge=0, description="Which shard to keep, 0 to shards - 1 (default 0).")
+    revision: Optional[str] = Field(None, description="Hub dataset revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Let datasets run the dataset's own loading script from the hub.")
     field: Optional[str] = Field(None, description="Top-level JSON field holding the rows (a format may also read "
                                  "it, e.g. completion's text field).")
     train_on_inputs: Optional[bool] = Field(None, description="This dataset's train_on_inputs (default: the run's).")

@@ -38,14 +38,16 @@ class PretrainingDatasetConfig(StrictModel):
 
     _path_not_empty = field_validator("path")(not_empty)
     name: Optional[str] = Field(None, description="Dataset configuration name on the hub.")
-    split: str = "train"
-    data_files: Optional[Union[str, list[str]]] = None
+    split: str = Field("train", description="The split to stream.")
+    data_files: Optional[Union[str, list[str]]] = Field(
+        None, description="File name(s) inside path to stream, instead of all of them.")
     ds_type: Optional[str] = Field(None, description="File type when the extension does not tell.")
-    revision: Optional[str] = None
+    revision: Optional[str] = Field(None, description="Hub dataset revision (branch, tag or commit).")
     text_column: str = Field("text", description="The column holding the text.")
     type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility: pretrain.")
     skip: int = Field(0, ge=0, description="Rows to skip at the start of the stream.")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Let datasets run the dataset's own loading script from the hub.")
 
 
 class CoreConfig(StrictModel):
@@ -57,109 +59,217 @@ class CoreConfig(StrictModel):
 
     # model and tokenizer
     base_model: str = Field(min_length=1, description="Hugging Face model id or local directory.")
-    base_model_config: Optional[str] = None
+    base_model_config: Optional[str] = Field(
+        None,
+        description="Where the model's config.json is read from when it differs from base_model (a hub name or "
+                    "directory): checked for packing support and read by plait-models to find the family.")
     model_type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility (AutoModelForCausalLM is used).")
     tokenizer_type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility (AutoTokenizer is used).")
-    tokenizer_config: Optional[str] = None
-    tokenizer_use_fast: bool = True
-    trust_remote_code: bool = False
-    revision_of_model: Optional[str] = None
-    special_tokens: dict[str, str] = Field(default_factory=dict)
+    tokenizer_config: Optional[str] = Field(
+        None, description="Hub name or local directory of the tokenizer, when it is not base_model's.")
+    tokenizer_use_fast: bool = Field(
+        True, description="Load the fast (Rust) tokenizer; chat_template masking needs it (character offsets).")
+    trust_remote_code: bool = Field(
+        False,
+        description="Let transformers run the model's and tokenizer's own Python code from the hub or the directory.")
+    revision_of_model: Optional[str] = Field(
+        None,
+        description="Accepted so Axolotl configs load; has no effect in Plait (the model is loaded at its default "
+                    "revision).")
+    special_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="Special tokens to set on the tokenizer, e.g. {pad_token: '<|pad|>', eos_token: '<|im_end|>'}; new "
+                    "ones grow the embeddings.")
     tokens: list[str] = Field(default_factory=list, description="Extra tokens added to the vocabulary.")
     chat_template: Optional[str] = Field(
         None, description="tokenizer_default, a template name from any plugin (core: chatml, llama3; "
         "plait-models: gemma, phi_3, qwen3, mistral_v1, alpaca, deepseek_v3, llama4 and more, listed in its README), "
         "tokenizer_default_fallback_<name>, or a jinja string.")
-    chat_template_jinja: Optional[str] = None
-    resize_token_embeddings_to_32x: bool = False
+    chat_template_jinja: Optional[str] = Field(
+        None, description="A jinja chat template given inline; wins over chat_template.")
+    resize_token_embeddings_to_32x: bool = Field(
+        False, description="When tokens are added, round the embedding rows up to a multiple of 32 (faster matmuls).")
 
     # precision and attention
-    bf16: Union[bool, Literal["auto", "full"]] = "auto"
-    fp16: bool = False
-    tf32: bool = False
-    torch_dtype: Optional[Literal["float32", "bfloat16", "float16", "auto"]] = None
-    flash_attention: bool = False
-    sdp_attention: bool = False
-    flex_attention: bool = False
+    bf16: Union[bool, Literal["auto", "full"]] = Field(
+        "auto",
+        description="bfloat16 autocast: auto (where the GPU supports it), true, false, or full (weights and adapters "
+                    "kept in bfloat16 too).")
+    fp16: bool = Field(False, description="float16 weights and autocast with a loss scaler; excludes bf16: true.")
+    tf32: bool = Field(
+        False, description="Allow TF32 matmuls on NVIDIA GPUs (faster float32 matmuls, slightly less exact).")
+    torch_dtype: Optional[Literal["float32", "bfloat16", "float16", "auto"]] = Field(
+        None,
+        description="The dtype the weights are loaded in; wins over bf16/fp16 for loading. auto or unset: bfloat16 or "
+                    "float16 as bf16/fp16 ask, else float32.")
+    flash_attention: bool = Field(
+        False,
+        description="flash-attn 2 (attn_implementation flash_attention_2; needs the flash-attn package and a GPU); "
+                    "varlen kernel for sample_packing.")
+    sdp_attention: bool = Field(
+        False, description="PyTorch scaled_dot_product_attention (the default when no backend is chosen).")
+    flex_attention: bool = Field(
+        False,
+        description="PyTorch flex attention; with sample_packing it masks across rows with a document block mask.")
     varlen_attention: bool = Field(False, description="PyTorch's varlen attention (torch.nn.attention.varlen; CUDA, "
                                    "needs sample_packing); attn_implementation 'plait_varlen'.")
-    eager_attention: bool = False
+    eager_attention: bool = Field(
+        False,
+        description="transformers' eager attention (plain matmuls and softmax); exact soft-capping for gemma2, slow "
+                    "otherwise.")
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = Field(
         False, description="Recompute each decoder layer in backward; offload (alias unsloth) also keeps the "
                            "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values, "
                            "and lets plait-kernels' LoRA q/k/v/o projections park their outputs there so the "
                            "recompute skips those matmuls.")
-    gradient_checkpointing_kwargs: dict[str, Any] = Field(default_factory=dict)
+    gradient_checkpointing_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to transformers' gradient_checkpointing_enable, e.g. {use_reentrant: false}; offload needs "
+                    "non-reentrant.")
 
     # adapters (the adapter plugin validates its own keys)
-    adapter: Optional[Literal["lora", "qlora"]] = None
+    adapter: Optional[Literal["lora", "qlora"]] = Field(
+        None,
+        description="Train adapters instead of every weight: lora (plait-peft) or qlora (LoRA on a 4-bit base; "
+                    "plait-peft and plait-bnb). Unset: full fine-tune.")
 
     # data
     # each entry validates against its format's model (config.build.entry_union); these are the base
-    datasets: list[DatasetEntry] = Field(default_factory=list)
-    test_datasets: list[DatasetEntry] = Field(default_factory=list)
+    datasets: list[DatasetEntry] = Field(
+        default_factory=list,
+        description="The training datasets: a list of entries with path and type (see the datasets[] entries below).")
+    test_datasets: list[DatasetEntry] = Field(
+        default_factory=list,
+        description="Datasets used only for evaluation (instead of a val_set_size split); same entry keys as datasets.")
     pretraining_dataset: list[PretrainingDatasetConfig] = Field(
         default_factory=list, description="Raw text streamed and tokenized up to what max_steps consumes "
                                           "(instead of datasets:).")
     val_set_size: float = Field(0.0, ge=0, description="Fraction (< 1) or row count (>= 1) held out for eval.")
-    dataset_prepared_path: Optional[str] = Field(None, min_length=1)
-    dataset_processes: Optional[int] = Field(None, ge=1)
-    shuffle_merged_datasets: bool = True
-    skip_bad_rows: bool = False
-    sequence_len: int = Field(2048, ge=8)
-    excess_length_strategy: Literal["drop", "truncate"] = "drop"
-    train_on_inputs: bool = False
-    sample_packing: bool = False
-    eval_sample_packing: Optional[bool] = None
-    pad_to_sequence_len: bool = False
-    sample_packing_bin_size: int = Field(200, ge=1)
+    dataset_prepared_path: Optional[str] = Field(
+        None, min_length=1,
+        description="Directory of the tokenized-data cache; default: prepared/ beside output_dir, so runs share it.")
+    dataset_processes: Optional[int] = Field(
+        None, ge=1, description="Worker processes for tokenizing (datasets' num_proc); default 1.")
+    shuffle_merged_datasets: bool = Field(
+        True, description="Shuffle the rows of all datasets together after tokenizing (seeded by seed).")
+    skip_bad_rows: bool = Field(
+        False,
+        description="Drop rows the format cannot read (missing field, unknown role) and count them, instead of stopping"
+                    " with the file and row.")
+    sequence_len: int = Field(
+        2048, ge=8,
+        description="Longest row in tokens; longer rows are dropped or cut (excess_length_strategy); with "
+                    "sample_packing, the packed sequence length.")
+    excess_length_strategy: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="What to do with a row longer than sequence_len: drop it (counted in plait preprocess) or truncate "
+                    "it.")
+    train_on_inputs: bool = Field(
+        False,
+        description="Train on the prompt tokens too (labels not masked); a dataset entry's own train_on_inputs wins.")
+    sample_packing: bool = Field(
+        False,
+        description="Pack several rows into each sequence_len sequence, with position ids restarting and attention kept"
+                    " within each row.")
+    eval_sample_packing: Optional[bool] = Field(
+        None, description="Pack the eval set as well; default: the same as sample_packing.")
+    pad_to_sequence_len: bool = Field(
+        False,
+        description="Pad every unpacked micro-batch to sequence_len instead of its longest row (fixed shapes, e.g. for "
+                    "torch_compile).")
+    sample_packing_bin_size: int = Field(200, ge=1, description="Most rows one packed sequence may hold.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seeds python, numpy and torch (numpy takes 0 to 2**32 - 1).")
 
     # batch and schedule
-    micro_batch_size: int = Field(1, ge=1)
-    eval_batch_size: Optional[int] = Field(None, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    batch_size: Optional[int] = Field(None, ge=1, description="Global batch; sets gradient_accumulation_steps when given.")
-    num_epochs: float = Field(1.0, gt=0)
-    max_steps: Optional[int] = Field(None, ge=1)
-    learning_rate: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    optimizer: str = "adamw_torch"
-    optim_args: dict[str, Any] = Field(default_factory=dict)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    lr_scheduler: str = "cosine"
-    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
-    warmup_steps: Optional[int] = Field(None, ge=0)
-    warmup_ratio: Optional[float] = Field(None, ge=0, lt=1)
-    cosine_min_lr_ratio: Optional[float] = Field(None, ge=0, le=1)
+    micro_batch_size: int = Field(1, ge=1, description="Rows (or packed sequences) per forward pass on each process.")
+    eval_batch_size: Optional[int] = Field(
+        None, ge=1, description="Micro-batch size for evaluation; default: micro_batch_size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches summed into one optimizer step.")
+    batch_size: Optional[int] = Field(
+        None, ge=1,
+        description="Accepted so Axolotl configs load; has no effect in Plait (the global batch is "
+                    "micro_batch_size x gradient_accumulation_steps x data-parallel processes).")
+    num_epochs: float = Field(
+        1.0, gt=0, description="Passes over the training data (fractions allowed); max_steps, when set, wins.")
+    max_steps: Optional[int] = Field(
+        None, ge=1,
+        description="Stop after this many optimizer steps, whatever num_epochs says; required by pretraining_dataset.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate, reached after warm-up.")
+    weight_decay: float = Field(
+        0.0, ge=0,
+        description="Weight decay of the optimizer, applied to weight matrices only (not to biases and 1-D norm "
+                    "weights).")
+    optimizer: str = Field(
+        "adamw_torch",
+        description="Optimizer name from the optimizers registry: core has adamw_torch, adamw, adamw_torch_fused, sgd, "
+                    "adafactor, adagrad, rmsprop and transformers' optional ones; plugins add more (plait-bnb: "
+                    "adamw_8bit, paged_adamw_8bit, ...). An unknown name lists them all.")
+    optim_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the optimizer's constructor (e.g. {amsgrad: true}).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's beta1 (first-moment decay).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's beta2 (second-moment decay).")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
+    lr_scheduler: str = Field(
+        "cosine",
+        description="Learning-rate schedule after warm-up, from the schedulers registry: core has cosine, linear, "
+                    "constant, constant_with_warmup and transformers' (cosine_with_restarts, polynomial, inverse_sqrt, "
+                    "warmup_stable_decay, ...). An unknown name lists them all.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Arguments of the schedule, checked against what it takes (cosine: num_cycles; polynomial: lr_end, "
+                    "power; warmup_stable_decay: num_decay_steps, ...).")
+    warmup_steps: Optional[int] = Field(
+        None, ge=0, description="Optimizer steps of linear warm-up from 0 to learning_rate; excludes warmup_ratio.")
+    warmup_ratio: Optional[float] = Field(
+        None, ge=0, lt=1, description="Warm-up as a fraction of the run's steps; excludes warmup_steps.")
+    cosine_min_lr_ratio: Optional[float] = Field(
+        None, ge=0, le=1,
+        description="cosine: the learning rate decays to this fraction of learning_rate instead of 0.")
     max_grad_norm: Optional[float] = Field(
         1.0, ge=0, description="Clip the gradient norm to this; 0 or null: no clipping (as in Axolotl and HF Trainer).")
-    loss_watchdog_threshold: Optional[float] = None
+    loss_watchdog_threshold: Optional[float] = Field(
+        None,
+        description="Stop the run (TrainingError) when a step's loss exceeds this, before the weights are updated.")
 
     # evaluation, logging, checkpoints
-    output_dir: str = Field("./outputs", min_length=1)
-    logging_steps: int = Field(1, ge=1)
-    eval_steps: Optional[Union[int, float]] = None
-    evals_per_epoch: Optional[int] = Field(None, ge=1)
-    save_steps: Optional[Union[int, float]] = None
-    saves_per_epoch: Optional[int] = Field(None, ge=1)
-    save_total_limit: Optional[int] = Field(None, ge=1)
-    save_safetensors: bool = True
-    resume_from_checkpoint: Optional[str] = Field(None, min_length=1)
-    auto_resume_from_checkpoints: bool = False
+    output_dir: str = Field(
+        "./outputs", min_length=1,
+        description="Where the model, checkpoints, metrics.jsonl, report.json and loss.png are written.")
+    logging_steps: int = Field(
+        1, ge=1, description="Write a metrics record every this many steps (and at the last step).")
+    eval_steps: Optional[Union[int, float]] = Field(
+        None,
+        description="Evaluate every this many steps (a value below 1: that fraction of the run); wins over "
+                    "evals_per_epoch.")
+    evals_per_epoch: Optional[int] = Field(None, ge=1, description="Evaluate this many times per epoch.")
+    save_steps: Optional[Union[int, float]] = Field(
+        None, description="Write a checkpoint every this many steps (a value below 1: that fraction of the run).")
+    saves_per_epoch: Optional[int] = Field(None, ge=1, description="Write this many checkpoints per epoch.")
+    save_total_limit: Optional[int] = Field(None, ge=1, description="Keep only the newest this many checkpoints.")
+    save_safetensors: bool = Field(
+        True,
+        description="Accepted so Axolotl configs load; has no effect in Plait (weights are always saved as "
+                    "safetensors).")
+    resume_from_checkpoint: Optional[str] = Field(
+        None, min_length=1,
+        description="A checkpoint-<step> directory to continue from: weights, optimizer, schedule, RNG and data "
+                    "position.")
+    auto_resume_from_checkpoints: bool = Field(
+        False, description="Continue from the newest checkpoint in output_dir when there is one.")
     save_on_signals: list[str] = Field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"],
         description="Signals that save a checkpoint at the next step boundary and stop the run (a scheduler "
                     "preempting it); [] turns this off. Accepted: SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP.")
-    use_tensorboard: bool = False
-    wandb_project: Optional[str] = None
-    wandb_entity: Optional[str] = None
-    wandb_name: Optional[str] = None
-    wandb_mode: Optional[str] = None
-    mlflow_tracking_uri: Optional[str] = None
-    mlflow_experiment_name: Optional[str] = None
+    use_tensorboard: bool = Field(
+        False, description="Log metrics to TensorBoard under output_dir/runs (needs plait[tensorboard]).")
+    wandb_project: Optional[str] = Field(None, description="Log to this Weights & Biases project (needs plait[wandb]).")
+    wandb_entity: Optional[str] = Field(None, description="Weights & Biases entity (team or user) of the run.")
+    wandb_name: Optional[str] = Field(None, description="Weights & Biases run name.")
+    wandb_mode: Optional[str] = Field(None, description="Weights & Biases mode: online, offline or disabled.")
+    mlflow_tracking_uri: Optional[str] = Field(
+        None, description="Log to the MLflow server (or path) at this URI (needs plait[mlflow]).")
+    mlflow_experiment_name: Optional[str] = Field(None, description="MLflow experiment to log the run under.")
     strict: bool = Field(False, description="Accepted so Axolotl configs load; has no effect in Plait.")
 
     # where each value came from: key path -> "default" | "file" | "override" | "plugin:<name>"

@@ -22,7 +22,8 @@ class PeftKeys(BaseModel):
     lora_target_linear: bool = Field(False, description="Adapt every linear layer of the decoder (not the head).")
     lora_modules_to_save: Optional[list[str]] = Field(
         None, description="Modules trained and saved in full beside the adapter (embed_tokens, lm_head).")
-    lora_fan_in_fan_out: bool = False
+    lora_fan_in_fan_out: bool = Field(
+        False, description="peft's fan_in_fan_out: the base layers store weights transposed (GPT-2 style Conv1D).")
     peft_layers_to_transform: Optional[list[int]] = Field(None, description="Only adapt these layer indices.")
     peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     peft_use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
