@@ -28,7 +28,9 @@ class PreferenceKeys(BaseModel):
     dpo_loss_weights: Optional[list[float]] = Field(None, description="Weight of each dpo_loss_type (default 1).")
     dpo_label_smoothing: Optional[float] = Field(
         None, ge=0, lt=0.5, description="Conservative DPO / robust DPO: the share of flipped preference labels.")
-    dpo_use_weighting: Optional[bool] = None
+    dpo_use_weighting: Optional[bool] = Field(
+        None, description="WPO weighting of pairs by their probability: true is refused (not supported); false or "
+                          "unset accepted.")
     dpo_padding_free: Optional[bool] = Field(
         None, description="Accepted: pairs always run without padding between their two sequences.")
     orpo_alpha: Optional[float] = Field(None, gt=0, description="ORPO: weight of the odds-ratio term (TRL's beta).")
