@@ -44,6 +44,7 @@ def test_the_examples_cover_the_common_cases():
         "context parallel": lambda c: c.get("context_parallel_size", 1) > 1,
         "streaming pretraining": lambda c: c.get("pretraining_dataset"),
         "vision-language": lambda c: c.get("processor_type"),
+        "dpo": lambda c: c.get("rl") == "dpo",
     }
     for case, matches in cases.items():
         assert any(matches(c) for c in configs.values()), case
