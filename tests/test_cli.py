@@ -123,7 +123,11 @@ def test_missing_local_base_model_is_one_clear_error(tmp_path):
     for command in (["preprocess", str(cfg), "--no-progress"], ["train", str(cfg)], ["config", "validate", str(cfg)]):
         result = run_cli(command)
         assert result.exit_code == 2, (command, result.stderr)
-        assert result.stderr.startswith(f"error: config key 'base_model': '{tmp_path / 'no_such_model'}' does not exist")
+        assert f"config key 'base_model': '{tmp_path / 'no_such_model'}' does not exist" in result.stderr
+        if command[0] == "config":  # validate names every problem at once: the data file is missing too
+            assert result.stderr.startswith("error: 2 problems") and "d.jsonl' not found" in result.stderr
+        else:
+            assert result.stderr.startswith("error: config key 'base_model'")
         assert "accepted: a local directory with config.json" in result.stderr and "hub name" in result.stderr
         assert "Traceback" not in result.stderr
 

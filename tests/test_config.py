@@ -48,20 +48,21 @@ def test_misspelled_dataset_key_names_entry():
 
 
 def test_unsupported_axolotl_keys_are_reported_together(capsys, recwarn):
-    raw = {"base_model": "m", "deepspeed": "ds.json", "neftune_noise_alpha": 5}
+    raw = {"base_model": "m", "s2_attention": True, "neftune_noise_alpha": 5}
     with pytest.raises(ConfigError) as info:
         _build(dict(raw))
-    assert "deepspeed" in str(info.value) and "neftune_noise_alpha" in str(info.value)
+    assert "s2_attention" in str(info.value) and "neftune_noise_alpha" in str(info.value)
     cfg = _build(dict(raw), allow_unsupported=True)
     assert cfg.base_model == "m"
     # one clean line on stderr, not a python warning with a file path and a source line
     assert capsys.readouterr().err == ("warning: ignoring Axolotl keys Plait does not support (--allow-unsupported): "
-                                       "deepspeed, neftune_noise_alpha\n")
+                                       "s2_attention, neftune_noise_alpha\n")
     assert not recwarn.list
 
 
 def test_key_of_a_missing_plugin_names_the_package():
-    with pytest.raises(ConfigError, match="load_in_4bit: install the plugin package 'plait-bnb'"):
+    with pytest.raises(ConfigError, match=r"load_in_4bit: declared by plugin 'bnb' \(plait-bnb\), which is installed "
+                                          r"but not loaded"):
         _build({"base_model": "m", "load_in_4bit": True})
 
 

@@ -216,7 +216,7 @@ def test_validate_config_refuses_what_cannot_be_isolated(tmp_path, model_dir):
     import shutil
 
     if importlib.util.find_spec("flash_attn") is None:
-        with pytest.raises(ConfigError, match="flash_attention: true with sample_packing needs the flash-attn"):
+        with pytest.raises(ConfigError, match="with sample_packing needs the flash-attn package"):
             build_run_config({"base_model": str(model_dir), "sample_packing": True, "flash_attention": True})
     windowed = tmp_path / "windowed"
     shutil.copytree(model_dir, windowed)

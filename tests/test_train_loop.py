@@ -118,7 +118,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_model, tmp_path):
     rows = data(16, 4)
     rows.train = counting_rows(16, seed=3)  # rows of different lengths: padding and token counts differ
     common = {"base_model": str(tiny_model), "learning_rate": 1e-3, "max_steps": 4, "lr_scheduler": "constant",
-              "max_grad_norm": None}
+              "max_grad_norm": 0}
     small = run_train({**common, "output_dir": str(tmp_path / "a"), "micro_batch_size": 2,
                        "gradient_accumulation_steps": 2}, rows)
     large = run_train({**common, "output_dir": str(tmp_path / "b"), "micro_batch_size": 4,
@@ -134,7 +134,7 @@ def test_nan_loss_stops_with_the_step_and_keys_to_change(tiny_model, tmp_path):
     # SGD with a huge learning rate: step 1 blows the weights up, step 2's loss is not finite
     with pytest.raises(TrainingError, match=r"at step 2; the weights were not updated.*learning_rate") as info:
         run_train({"base_model": str(tiny_model), "output_dir": str(tmp_path / "nan"), "optimizer": "sgd",
-                   "learning_rate": 1e12, "max_grad_norm": None, "lr_scheduler": "constant", "max_steps": 5}, data())
+                   "learning_rate": 1e12, "max_grad_norm": 0, "lr_scheduler": "constant", "max_steps": 5}, data())
     assert "max_grad_norm" in str(info.value) and "bf16" in str(info.value)
 
 

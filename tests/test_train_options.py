@@ -45,7 +45,9 @@ def test_max_grad_norm_zero_is_accepted_and_means_no_clipping():
 
 def test_max_grad_norm_clips_the_update_and_logs_the_norm_before_clipping(tiny_model, tmp_path):
     norm_free, free = one_sgd_step(tiny_model, tmp_path / "free", 0)  # 0: no clipping
-    norm_none, unclipped = one_sgd_step(tiny_model, tmp_path / "none", None)
+    # blank (null): Axolotl leaves HF Trainer's default, clipping at 1.0
+    norm_none, blank = one_sgd_step(tiny_model, tmp_path / "none", None)
+    _, at_one = one_sgd_step(tiny_model, tmp_path / "one", 1.0)
     bound = 1e-2
     norm_clipped, clipped = one_sgd_step(tiny_model, tmp_path / "clipped", bound)
 
@@ -53,8 +55,8 @@ def test_max_grad_norm_clips_the_update_and_logs_the_norm_before_clipping(tiny_m
     assert norm_free == pytest.approx(norm_none, rel=1e-6)
     assert norm_clipped == pytest.approx(norm_free, rel=1e-6)
     assert norm_free > 10 * bound
-    # unclipped: the update is the whole gradient (lr 1), for 0 and for null alike
-    torch.testing.assert_close(free, unclipped, rtol=0, atol=0)
+    torch.testing.assert_close(blank, at_one, rtol=0, atol=0)
+    # unclipped: the update is the whole gradient (lr 1)
     assert free.norm().item() == pytest.approx(norm_free, rel=1e-3)
     # clipped: the same direction, scaled down to the bound
     assert clipped.norm().item() == pytest.approx(bound, rel=1e-3)

@@ -64,3 +64,11 @@ def did_you_mean(word: str, known, cutoff: float = 0.6) -> str:
     the suffix every unknown-name error of Plait and its plugins ends with."""
     match = closest(word, known, cutoff)
     return f"; did you mean {match!r}?" if match else ""
+
+
+class MachineFactError(ConfigError):
+    """The config is valid, but this machine cannot run it as it stands: an
+    optional package is missing, the world size does not match the parallel
+    sizes, there is no GPU. ``plait config validate`` prints it as a note
+    (the config may be meant for another machine); ``plait train`` refuses
+    it before the model loads."""

@@ -43,6 +43,7 @@ DEFAULT_PLUGINS = (
     "plait.builtin.save",
     "plait.builtin.loss",
     "plait.builtin.tracking",
+    "plait.builtin.hub",
 )
 #: core's defaults the pipeline cannot run without (as pytest's ``essential_plugins``):
 #: disabling one is an error. A plugin replaces one by answering its hooks first, never by disabling it.
@@ -265,3 +266,34 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def split_plugin_entries(entries: list[str], problems) -> tuple[list[str], list[str]]:
+    """Sort a config's ``plugins:`` into Plait plugin modules that can be
+    imported and Axolotl integrations (``axolotl.integrations.*``, which
+    :mod:`plait.config.axolotl_plugins` translates). An entry that cannot be
+    imported is filed in ``problems`` (all of them, not the first) and left
+    out, so the rest of the config is still checked."""
+    import importlib.util
+
+    from plait.config.axolotl_plugins import integration_of
+
+    plait_entries, axolotl_entries = [], []
+    if isinstance(entries, str):  # one string is one entry, never its characters
+        entries = [entries]
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, str):
+            problems.add("plugins", f"{entry!r}: an entry is a dotted module path (a string)")
+        elif integration_of(entry) is not None:
+            axolotl_entries.append(entry)
+        else:
+            try:
+                found = importlib.util.find_spec(entry) is not None
+            except (ImportError, ValueError):  # a parent package that is missing, or an empty name
+                found = False
+            if found:
+                plait_entries.append(entry)
+            else:
+                problems.add("plugins", f"{entry}: no module of this name can be imported (a dotted module path of "
+                                        f"a Plait plugin; Axolotl's own are axolotl.integrations.*)")
+    return plait_entries, axolotl_entries

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
-from plait.errors import ConfigError, PluginError, did_you_mean
+from plait.errors import ConfigError, MachineFactError, PluginError, did_you_mean
 from plait.values import ValuesAsGiven, not_empty
 
 
@@ -211,7 +211,8 @@ def find_optimizer(pm, name: str, *, key: str = "optimizer") -> Optimizer:
     record = found[name]
     missing = missing_requirements(record.requires)
     if missing:
-        raise ConfigError(f"config key {key!r}: {name!r} needs {', '.join(missing)}, which is not installed; "
+        # a fact of this machine: validate notes it, train refuses it
+        raise MachineFactError(f"config key {key!r}: {name!r} needs {', '.join(missing)}, which is not installed; "
                           f"{record.install or 'pip install ' + ' '.join(missing)}")
     return record
 

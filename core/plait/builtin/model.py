@@ -16,6 +16,8 @@ def chat_templates():
 @hookimpl
 def validate_config(cfg):
     check_chat_template_names(cfg)
+    check_mistral_common(cfg)
+    check_unfrozen_parameters(cfg)
 
 
 @hookimpl(trylast=True)
@@ -25,10 +27,18 @@ def load_tokenizer(cfg):
     key = "tokenizer_config" if cfg.tokenizer_config else "base_model"
     source = cfg.tokenizer_config or cfg.base_model
     check_model_sources(cfg, (key,))
+    # the model's revision applies to its own tokenizer, not to a separate tokenizer_config
+    revision = cfg.revision_of_model if key == "base_model" else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code
-        )
+        if cfg.tokenizer_use_mistral_common:
+            check_mistral_common()
+            from transformers.tokenization_mistral_common import MistralCommonBackend
+
+            tokenizer = MistralCommonBackend.from_pretrained(source, revision=revision)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code, revision=revision
+            )
     except (OSError, ValueError) as exc:  # missing files, no network, a folder without a tokenizer
         raise source_error(key, source, "tokenizer", exc) from exc
     if cfg.special_tokens:
@@ -42,6 +52,28 @@ def load_tokenizer(cfg):
     if template is not None:
         tokenizer.chat_template = template
     return tokenizer
+
+
+def check_mistral_common(cfg=None) -> None:
+    """``tokenizer_use_mistral_common`` needs the mistral-common package (a fact of this machine)."""
+    import importlib.util
+
+    from plait.errors import MachineFactError
+
+    if (cfg is None or cfg.tokenizer_use_mistral_common) and importlib.util.find_spec("mistral_common") is None:
+        raise MachineFactError("config key 'tokenizer_use_mistral_common': true needs the mistral-common package, "
+                               "which is not installed here; pip install mistral-common, or set it to false to use "
+                               "the model's Hugging Face tokenizer")
+
+
+def check_unfrozen_parameters(cfg) -> None:
+    from plait.errors import ConfigError
+    from plait.model.unfreeze import check_patterns
+
+    if cfg.unfrozen_parameters and cfg.adapter:
+        raise ConfigError(f"config key 'unfrozen_parameters' chooses which base weights train in a full fine-tune; "
+                          f"with adapter: {cfg.adapter} only the adapter trains. Remove one of them")
+    check_patterns(cfg.unfrozen_parameters)
 
 
 @hookimpl(trylast=True)

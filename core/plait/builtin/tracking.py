@@ -1,6 +1,9 @@
 """Core's experiment trackers: TensorBoard (``use_tensorboard``), and Weights &
-Biases / MLflow when they are installed and configured (``wandb_project``,
-``mlflow_tracking_uri`` or ``mlflow_experiment_name``).
+Biases / MLflow / trackio when they are installed and configured
+(``wandb_project``, ``mlflow_tracking_uri`` or ``mlflow_experiment_name``,
+``trackio_project_name``), with Axolotl's keys: ``wandb_watch`` (gradient /
+parameter histograms), ``wandb_log_model`` (the saved model as an artifact),
+``wandb_run_id``, ``use_wandb`` / ``use_trackio`` (false turns one off).
 
 They are event hookimpls like any logger plugin would write; each keeps its
 state in ``run.extras`` under its own name.
@@ -17,16 +20,47 @@ def _wants_mlflow(cfg) -> bool:
     return bool(cfg.mlflow_tracking_uri or cfg.mlflow_experiment_name)
 
 
+def wants_wandb(cfg) -> bool:
+    return bool(cfg.wandb_project) and cfg.use_wandb is not False
+
+
+def wants_trackio(cfg) -> bool:
+    return bool(cfg.trackio_project_name) and cfg.use_trackio is not False
+
+
+def wandb_init_kwargs(cfg) -> dict:
+    """``wandb.init`` arguments from Axolotl's keys (the run id names the run
+    when ``wandb_name`` is unset, as in Axolotl)."""
+    kwargs = dict(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name or cfg.wandb_run_id,
+                  mode=cfg.wandb_mode, config=cfg.model_dump(mode="json"), resume="allow")
+    if cfg.wandb_run_id:
+        kwargs["id"] = cfg.wandb_run_id
+    return kwargs
+
+
+def wandb_model_uploads(cfg) -> tuple[bool, bool]:
+    """``(each checkpoint, the final model)`` that ``wandb_log_model`` uploads."""
+    mode = cfg.wandb_log_model
+    return mode == "checkpoint", mode in ("checkpoint", "end")
+
+
 @hookimpl
 def validate_config(cfg):
+    from plait.errors import MachineFactError
+
     from plait.errors import ConfigError
 
-    wanted = [("use_tensorboard", cfg.use_tensorboard, "tensorboard"), ("wandb_project", cfg.wandb_project, "wandb"),
-              ("mlflow_tracking_uri/mlflow_experiment_name", _wants_mlflow(cfg), "mlflow")]
+    wanted = [("use_tensorboard", cfg.use_tensorboard, "tensorboard"), ("wandb_project", wants_wandb(cfg), "wandb"),
+              ("mlflow_tracking_uri/mlflow_experiment_name", _wants_mlflow(cfg), "mlflow"),
+              ("trackio_project_name", wants_trackio(cfg), "trackio")]
+    for key in ("wandb_watch", "wandb_log_model", "wandb_run_id"):
+        if getattr(cfg, key) not in (None, "false") and not wants_wandb(cfg):
+            raise ConfigError(f"config key {key!r}: {getattr(cfg, key)!r} needs W&B on: set wandb_project "
+                              f"(use_wandb is {cfg.use_wandb!r})")
     for key, asked, module in wanted:
         if asked and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"config key '{key}' asks for {module}, which is not installed; pip install {module} "
-                              f"or remove the key")
+            raise MachineFactError(f"config key '{key}' asks for {module}, which is not installed; "
+                                   f"pip install {module} or remove the key")
 
 
 def _scalars(prefix: str, metrics: dict) -> dict:
@@ -43,11 +77,17 @@ def on_train_start(run):
         from torch.utils.tensorboard import SummaryWriter
 
         run.extras["tensorboard"] = SummaryWriter(log_dir=str(run.output_dir / "runs"))
-    if cfg.wandb_project:
+    if wants_wandb(cfg):
         import wandb
 
-        run.extras["wandb"] = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name,
-                                         mode=cfg.wandb_mode, config=cfg.model_dump(mode="json"), resume="allow")
+        run.extras["wandb"] = wandb.init(**wandb_init_kwargs(cfg))
+        if cfg.wandb_watch not in (None, "false"):
+            run.extras["wandb"].watch(run.model, log=cfg.wandb_watch, log_freq=cfg.logging_steps)
+    if wants_trackio(cfg):
+        import trackio
+
+        run.extras["trackio"] = trackio.init(project=cfg.trackio_project_name, name=cfg.trackio_run_name,
+                                             space_id=cfg.trackio_space_id, config=cfg.model_dump(mode="json"))
     if _wants_mlflow(cfg):
         import mlflow
 
@@ -67,6 +107,8 @@ def _log(run, prefix: str, metrics: dict) -> None:
             run.extras["tensorboard"].add_scalar(key, value, step)
     if "wandb" in run.extras:
         run.extras["wandb"].log(scalars, step=step)
+    if "trackio" in run.extras:
+        run.extras["trackio"].log(scalars, step=step)
     if "mlflow" in run.extras:
         import mlflow
 
@@ -76,6 +118,17 @@ def _log(run, prefix: str, metrics: dict) -> None:
 @hookimpl
 def on_step_end(run, metrics):
     _log(run, "train", metrics)
+    upload_saved_checkpoint(run)
+
+
+def upload_saved_checkpoint(run) -> None:
+    """``wandb_log_model: checkpoint``: the checkpoint the loop saved after the
+    previous step (``run.extras["saved_checkpoint"]``) goes to W&B Artifacts
+    too; a later step's ``on_step_end`` or ``on_train_end`` sends it, since the
+    loop saves after ``on_step_end`` and train does not import builtin."""
+    path = run.extras.pop("saved_checkpoint", None)
+    if path is not None and "wandb" in run.extras and wandb_model_uploads(run.cfg)[0]:
+        upload_model(run.extras["wandb"], str(path), f"checkpoint-{run.extras['wandb'].id}")
 
 
 @hookimpl
@@ -83,12 +136,27 @@ def on_eval_end(run, metrics):
     _log(run, "eval", metrics)
 
 
+def upload_model(wandb_run, folder: str, name: str) -> None:
+    """Log ``folder`` (a saved model or checkpoint) as a W&B model artifact."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type="model")
+    artifact.add_dir(folder)
+    wandb_run.log_artifact(artifact)
+
+
 @hookimpl
 def on_train_end(run):
     if "tensorboard" in run.extras:
         run.extras.pop("tensorboard").close()
+    upload_saved_checkpoint(run)
     if "wandb" in run.extras:
-        run.extras.pop("wandb").finish()
+        wandb_run = run.extras.pop("wandb")
+        if wandb_model_uploads(run.cfg)[1]:
+            upload_model(wandb_run, str(run.output_dir), f"model-{wandb_run.id}")
+        wandb_run.finish()
+    if "trackio" in run.extras:
+        run.extras.pop("trackio").finish()
     if "mlflow" in run.extras:
         import mlflow
 

@@ -22,19 +22,6 @@ def _short(value) -> str:
     return text if len(text) <= 70 else text[:67] + "..."
 
 
-def run_preflight(cfg) -> None:
-    """The machine and filesystem checks `plait train` makes before any model
-    loads (:mod:`plait.train.preflight`): notes on stderr, problems raised."""
-    import sys
-
-    from plait.train.preflight import preflight
-
-    checks = preflight(cfg)
-    for note in checks.notes:
-        print(f"note: {note}", file=sys.stderr)
-    checks.raise_for_problems()
-
-
 def run(args, pm) -> int:
     from plait.config import config_class, explain
 
@@ -45,12 +32,16 @@ def run(args, pm) -> int:
         print(json.dumps(schema, indent=2))
         return 0
     if args.action == "validate":
-        # build_config already looked the optimizer, schedule and dataset types up in the registries
-        cfg, pm = load_run_config(args, pm)
-        run_preflight(cfg)
+        # build_config looks the optimizer, schedule and dataset types up in the registries, then the
+        # pre-flight (data files, output dirs, resume checkpoint) joins the same message; what this machine
+        # lacks is a note here (the config may be meant for another machine)
+        cfg, pm = load_run_config(args, pm, machine_facts="note", preflight=True)
+        for note in cfg.notes:
+            print(f"note: {note}")
         print(f"{args.config}: valid")
         return 0
-    cfg, pm = load_run_config(args, pm, check_sources=False)  # explain shows values, even a path not made yet
+    # explain shows values, even a path not made yet or a package this machine lacks
+    cfg, pm = load_run_config(args, pm, check_sources=False, machine_facts="note")
     rows = explain(cfg)
     width = max(len(k) for k, _, _ in rows)
     for key, value, source in rows:

@@ -31,14 +31,16 @@ def add_arguments(parser) -> None:
                         help="an image shown with the first prompt (repeat for several; vision-language runs)")
 
 
-def model_input(cfg, pm, tokenizer, messages: list[dict], raw: bool) -> tuple[str, bool]:
+def model_input(cfg, pm, tokenizer, messages: list[dict], raw: bool, template_kwargs=None) -> tuple[str, bool]:
     """The text to generate from, and whether tokenizing it adds special tokens.
 
     The prompt format the model was trained with: the first dataset's format
     answers :func:`plait.hookspecs.inference_prompt` (an alpaca-trained model
     gets the alpaca prompt, with its BOS, not a chat template). Otherwise the
     tokenizer's chat template, which already holds the BOS it needs; without
-    one, or with ``--raw``, the message text as it is.
+    one, or with ``--raw``, the message text as it is. ``template_kwargs``
+    (Axolotl's ``chat_template_kwargs``: enable_thinking, ...) reach the chat
+    template as in training.
     """
     if raw:
         return _text_of(messages[-1]["content"]), True
@@ -48,7 +50,8 @@ def model_input(cfg, pm, tokenizer, messages: list[dict], raw: bool) -> tuple[st
             return text, True
     if not tokenizer.chat_template:
         return _text_of(messages[-1]["content"]), True
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(template_kwargs or {})), False
 
 
 def _text_of(content) -> str:
@@ -104,11 +107,27 @@ def encode(pm, cfg, tokenizer, prompt: tuple[str, bool], images: list[str]):
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def generate(model, tokenizer, enc, args, streamer=None) -> str:
+def stop_token_ids(tokenizer, eot_tokens) -> list[int] | None:
+    """The EOS plus the config's ``eot_tokens``: generation stops at any of
+    them (``None``: the model's own generation config decides)."""
+    if not eot_tokens:
+        return None
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in eot_tokens:
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) == 1 and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
+
+
+def generate(model, tokenizer, enc, args, streamer=None, eot_tokens=None) -> str:
     import torch
 
     enc = {k: v.to(next(model.parameters()).device) if hasattr(v, "to") else v for k, v in enc.items()}
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    stop = stop_token_ids(tokenizer, eot_tokens)
+    if stop:
+        sampling["eos_token_id"] = stop
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, use_cache=True, streamer=streamer,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
@@ -129,8 +148,9 @@ def run(args, pm) -> int:
             prompt = line.rstrip("\n")
             if prompt.strip():
                 messages = start + [user_message(prompt, args.image)]
-                prompt_in = model_input(cfg, pm, tokenizer, messages, args.raw)
-                answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, prompt_in, args.image), args)
+                prompt_in = model_input(cfg, pm, tokenizer, messages, args.raw, cfg.chat_template_kwargs)
+                answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, prompt_in, args.image), args,
+                                  eot_tokens=cfg.eot_tokens)
                 print(answer.strip().replace("\n", "\\n"), flush=True)
         return 0
 
@@ -150,8 +170,8 @@ def run(args, pm) -> int:
         # the images go with the conversation's first prompt (and stay in its history)
         shown = args.image if not any(m["role"] == "user" for m in history) else []
         history.append(user_message(prompt, shown))
-        prompt_in = model_input(cfg, pm, tokenizer, history, args.raw)
+        prompt_in = model_input(cfg, pm, tokenizer, history, args.raw, cfg.chat_template_kwargs)
         answer = generate(model, tokenizer, encode(pm, cfg, tokenizer, prompt_in, args.image), args,
-                          streamer=streamer)
+                          streamer=streamer, eot_tokens=cfg.eot_tokens)
         history.append({"role": "assistant", "content": answer})
     return 0

@@ -1,69 +1,184 @@
-"""Axolotl keys Plait knows about but does not act on (yet).
+"""How Plait treats Axolotl keys it does not declare itself.
 
-A config carried over from Axolotl that uses one of these is refused with every
-such key named in one message; ``--allow-unsupported`` turns that into a
-one-line warning so the rest of the config still runs.
-Keys that need a plugin which is not installed are listed in
-``KEYS_OF_PLUGINS`` so the message can say which package to install.
+A key in an Axolotl config is, for Plait, one of:
+
+- declared by core or a loaded plugin: it has Axolotl's meaning;
+- renamed (:data:`RENAMED_KEYS`): Axolotl's other name of a Plait key;
+- a no-op (:data:`NO_OP_KEYS`): it changes nothing in Plait, so it is accepted
+  and ``plait train`` says once at the start that it ignored it;
+- blank, or only restating Axolotl's default of a feature Plait lacks
+  (``gptq: false``): unset, as in Axolotl;
+- an Axolotl feature Plait lacks (:func:`lacking_reason`): refused, naming
+  what to use instead;
+- a key of an Axolotl integration plugin (:mod:`plait.config.axolotl_plugins`);
+- a key of a plugin that is installed but not loaded, or of a first-party
+  plugin that is not installed (:mod:`plait.config.plugin_keys`).
+
+Anything else is unknown, with a did-you-mean over both key sets.
 """
 
 from __future__ import annotations
 
-#: key -> why it is not supported (shown to the user)
-UNSUPPORTED_KEYS: dict[str, str] = {
-    "trl": "TRL's nested options are not read; use the flat keys (rl_beta, dpo_loss_type, ...) of plait-preference",
-    "process_reward_model": "reward-model training is not implemented",
-    "deepspeed": "DeepSpeed is not used; use fsdp / tensor_parallel_size (plait-parallel)",
-    "relora_steps": "ReLoRA is not implemented",
-    "relora_warmup_steps": "ReLoRA is not implemented",
-    "lisa_n_layers": "LISA is not implemented",
-    "lisa_step_interval": "LISA is not implemented",
-    "neftune_noise_alpha": "NEFTune is not implemented",
-    "unfrozen_parameters": "partial unfreezing by regex is not implemented",
-    "s2_attention": "shifted-sparse attention is not implemented",
-    "xformers_attention": "xformers attention is not used; use sdp_attention or flash_attention",
-    "lora_on_cpu": "not implemented",
-    "gptq": "GPTQ quantized bases are not supported",
-    "load_in_2bit": "not supported",
-    "multimodal": "not used; set processor_type (plait-vision) to train a vision-language model",
-    "curriculum_sampling": "not implemented",
-    "group_by_length": "not implemented",
-    "noisy_embedding_alpha": "NEFTune is not implemented",
-    "torchdistx_path": "not used",
-    "hub_model_id": "pushing to the hub is not implemented",
-    "hub_strategy": "pushing to the hub is not implemented",
-    "push_dataset_to_hub": "pushing to the hub is not implemented",
-    "chat_template_kwargs": "not implemented",
+from plait.config.axolotl_schema import AXOLOTL_KEYS, INTEGRATION_KEYS
+
+#: Axolotl's name -> Plait's key of the same meaning
+RENAMED_KEYS: dict[str, str] = {
+    "dataset_num_proc": "dataset_processes",
+    "model_revision": "revision_of_model",
+    "model_config": "overrides_of_model_config",
+    "model_kwargs": "overrides_of_model_kwargs",
+    "liger_swiglu": "liger_glu_activation",
 }
 
-#: Axolotl keys provided by a Plait plugin package: key -> distribution
-KEYS_OF_PLUGINS: dict[str, str] = {
-    **{k: "plait-peft" for k in (
-        "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_linear",
-        "lora_modules_to_save", "lora_model_dir", "peft_use_dora", "peft_use_rslora",
-        "lora_fan_in_fan_out", "peft_layers_to_transform",
-    )},
-    **{k: "plait-bnb" for k in (
-        "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
-        "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", "bnb_config_kwargs",
-    )},
-    **{k: "plait-kernels" for k in (
-        "liger_rms_norm", "liger_rope", "liger_glu_activation", "liger_layer_norm",
-        "liger_fused_linear_cross_entropy", "liger_cross_entropy", "torch_compile",
-        "torch_compile_backend", "kernels", "plait_kernels", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel",
-    )},
-    **{k: "plait-parallel" for k in (
-        "fsdp", "fsdp_config", "fsdp_version", "tensor_parallel_size", "context_parallel_size",
-        "dp_shard_size", "dp_replicate_size", "ring_attn", "heads_k_stride",
-    )},
-    **{k: "plait-preference" for k in (
-        "rl", "rl_beta", "dpo_beta", "dpo_loss_type", "dpo_loss_weights", "dpo_label_smoothing", "orpo_alpha",
-        "simpo_gamma", "cpo_alpha", "kto_desirable_weight", "kto_undesirable_weight", "reward_model",
-        "precompute_ref_log_probs", "dpo_use_weighting", "dpo_padding_free", "center_rewards_coefficient", "num_labels",
-    )},
-    **{k: "plait-models" for k in ("model_config_type", "router_aux_loss_coef", "lora_target_experts")},
-    **{k: "plait-vision" for k in (
-        "processor_type", "image_size", "image_resize_algorithm", "skip_prepare_dataset", "remove_unused_columns",
-        "freeze_mm_modules",
-    )},
+#: Axolotl's switches for the dtype the weights load in -> Plait's torch_dtype value
+DTYPE_SWITCHES: dict[str, str] = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+#: key -> why it changes nothing in Plait (``plait train`` lists the ones a config sets)
+NO_OP_KEYS: dict[str, str] = {
+    "remove_unused_columns": "Plait's batches hold only the tokenized columns",
+    "skip_prepare_dataset": "Plait tokenizes once and caches the rows; the trained rows are the same",
+    "ddp_find_unused_parameters": "data parallelism is FSDP2 (plait-parallel), which has no unused-parameter search",
+    "ddp_broadcast_buffers": "data parallelism is FSDP2 (plait-parallel), not DDP",
+    "ddp_bucket_cap_mb": "data parallelism is FSDP2 (plait-parallel), not DDP",
+    "torchdistx_path": "Plait does not use torchdistx's deferred initialisation",
+    "low_cpu_mem_usage": "transformers 5 always loads weights without a second copy in memory",
+    "hf_use_auth_token": "the hub token is whatever huggingface_hub finds (HF_TOKEN or `hf auth login`)",
+    "local_rank": "set by the launcher (torchrun), read from the environment",
+    "debug": "Axolotl prints tokenized samples; `plait inspect CONFIG` shows them with trained tokens marked",
+    "cut_cross_entropy": "Plait's loss step never builds the [tokens, vocab] logits (chunked head + cross-entropy, "
+                         "plait-kernels' fused kernel on CUDA): the memory saving of cut cross-entropy, same loss",
+    "flash_attn_cross_entropy": "Plait's loss step is its own chunked (or fused) cross-entropy",
+    "experimental_skip_move_to_device": "Plait moves the model to the device itself",
+    "dataloader_num_workers": "Plait's rows are tokenized in memory before training; no loader workers",
+    "dataloader_pin_memory": "Plait's rows are tokenized in memory before training; no loader workers",
+    "dataloader_prefetch_factor": "Plait's rows are tokenized in memory before training; no loader workers",
+    "flex_attn_compile_kwargs": "Plait compiles flex attention's kernel with its own settings (speed only)",
+    "fused_attn_kernel": "a speed-only fusion of q/k norm and rotary in one Triton kernel; Plait runs the model's "
+                         "own norm and rotary, which compute the same",
+    "include_tokens_per_second": "Plait logs tokens per second on every step",
+    "include_tkps": "Plait logs tokens per second on every step",
+    # keys Axolotl's examples still carry but its schema no longer has (Axolotl ignores them too)
+    "base_model_ignore_patterns": "Axolotl no longer reads it (a hub download filter)",
+    "adam_eps": "Axolotl ignores it too (its key is adam_epsilon)",
+    "full_finetune": "Axolotl ignores it too: without an adapter every weight trains",
+    "eta_min": "Axolotl ignores it too (not in its schema); cosine_min_lr_ratio sets the schedule's floor",
 }
+
+#: keys of older Axolotl versions that its current schema drops -> what Plait says when one is set
+FORMER_AXOLOTL_KEYS: dict[str, str] = {
+    "gptq_groupsize": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
+    "gptq_model_v1": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
+    "gptq_disable_exllama": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
+}
+
+#: Axolotl key -> what Plait lacks and what to use instead (keys not listed get a generic line)
+LACKING_KEYS: dict[str, str] = {
+    "trl": "TRL's nested options are not read; use the flat keys (rl_beta, dpo_loss_type, ...) of plait-preference",
+    "process_reward_model": "reward-model training is not implemented",
+    "qat": "quantization-aware training (torchao QAT) is not implemented",
+    "quantization": "post-training quantization is not implemented",
+    "ebft": "EBFT training is not implemented",
+    "relora": "ReLoRA is not implemented",
+    "lisa_n_layers": "LISA is not implemented; unfrozen_parameters trains chosen layers",
+    "lisa_step_interval": "LISA is not implemented",
+    "lisa_layers_attribute": "LISA is not implemented",
+    "neftune_noise_alpha": "NEFTune is not implemented",
+    "noisy_embedding_alpha": "NEFTune is not implemented",
+    "s2_attention": "shifted-sparse attention is not implemented",
+    "xformers_attention": "xformers attention is not used; use attn_implementation: sdpa or flash_attention_2",
+    "sage_attention": "SageAttention is not used; use attn_implementation: sdpa or flash_attention_2",
+    "lora_on_cpu": "LoRA weights live on the training device",
+    "gptq": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
+    "model_quantization_config": "loading with a transformers quantization config (Mxfp4Config, ...) is not supported; "
+                                 "use load_in_4bit / load_in_8bit (plait-bnb)",
+    "quantize_moe_experts": "quantizing fused MoE expert weights is not implemented (plait-bnb quantizes linear "
+                            "layers only)",
+    "lora_target_parameters": "LoRA on fused expert parameters by name is not implemented; plait-models' "
+                              "lora_target_experts adapts the experts",
+    "experts_implementation": "choosing transformers' expert kernels is not implemented; plait-models runs the "
+                              "experts",
+    "use_kernels": "loading hub kernels (transformers use_kernels) is not supported; plait-kernels swaps kernels",
+    "tiled_mlp": "tiled MLP is not implemented; gradient_checkpointing: offload cuts activation memory",
+    "llama4_linearized_experts": "linearised Llama 4 experts are not implemented",
+    "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
+                               "every layer",
+    "tokenizer_legacy": "the slow tokenizer's legacy mode is not supported (Plait loads the fast tokenizer)",
+    "curriculum_sampling": "rows are shuffled; curriculum order is not implemented",
+    "group_by_length": "grouping rows by length is not implemented; sample_packing makes batches dense",
+    "min_sample_len": "a minimum row length is not implemented",
+    "dataset_exact_deduplication": "deduplication is not implemented",
+    "device_map": "Plait places the whole model on each process's device; split a model with fsdp or "
+                  "tensor_parallel_size (plait-parallel)",
+    "max_memory": "Plait places the whole model on each process's device",
+    "use_ray": "Ray launching is not supported; launch with torchrun or accelerate launch",
+    "ray_num_workers": "Ray launching is not supported; launch with torchrun or accelerate launch",
+    "use_otel_metrics": "OpenTelemetry metrics are not implemented",
+    "use_comet": "Comet tracking is not implemented; use wandb_project, mlflow_*, use_tensorboard or "
+                 "trackio_project_name",
+    "save_only_model": "checkpoints always hold the optimizer state (so they resume)",
+    "save_strategy": "checkpoint timing is save_steps / saves_per_epoch",
+    "eval_strategy": "evaluation timing is eval_steps / evals_per_epoch",
+    "evaluation_strategy": "evaluation timing is eval_steps / evals_per_epoch",
+    "load_best_model_at_end": "the final weights are the last step's",
+    "eval_table_size": "logging prediction tables is not implemented",
+    "do_causal_lm_eval": "generation metrics during eval are not implemented; `plait evaluate` reports loss and "
+                         "perplexity",
+    "eval_causal_lm_metrics": "generation metrics during eval are not implemented",
+    "eval_max_new_tokens": "generation during eval is not implemented",
+    "peft": "peft's LoftQ initialisation is not implemented",
+    "multimodal": "not used; set processor_type (plait-vision) to train a vision-language model",
+    "vllm": "vLLM generation (online RL) is not implemented",
+    "torch_compile_options": "torch.compile options are not configurable",
+    "use_pose": "PoSE is not implemented",
+    "shrink_embeddings": "shrinking embeddings is not implemented",
+    "fix_untrained_tokens": "fixing untrained token embeddings is not implemented",
+    "chunked_cross_entropy": "Plait's loss is always chunked: leave the key out",
+    "flash_attn_fuse_mlp": "flash-attn's fused MLP is not used; plait-kernels fuses the MLP",
+    "flash_attn_rms_norm": "flash-attn's RMSNorm is not used; plait-kernels swaps the norm",
+    "flash_optimum": "BetterTransformer is not used",
+    "layer_offloading": "offloading layer weights is not implemented; fsdp_config offload_params does it under FSDP2",
+    "loraplus_lr_ratio": "LoRA+ is not implemented",
+    "lr_groups": "per-module learning rates are not implemented",
+    "embedding_lr": "a separate embedding learning rate is not implemented",
+    "embedding_lr_scale": "a separate embedding learning rate is not implemented",
+    "sequence_parallel_degree": "use context_parallel_size (plait-parallel)",
+    "liger_rms_norm_gated": "liger's gated RMSNorm (Qwen3-Next / linear-attention layers) has no swap in "
+                            "plait-kernels; leave it out (the model's own gated norm runs)",
+    "liger_use_token_scaling": "liger's token-scaled cross-entropy is not implemented",
+    "deepcompile": "DeepSpeed is not used; deepspeed: <zero json> translates to FSDP2",
+}
+
+
+def lacking_reason(key: str) -> str:
+    """What to say about an Axolotl key Plait does not declare."""
+    reason = LACKING_KEYS.get(key) or FORMER_AXOLOTL_KEYS.get(key)
+    if reason:
+        return reason
+    for integration, keys in INTEGRATION_KEYS.items():
+        if key in keys:
+            return f"a key of Axolotl's {integration} integration, which Plait does not have"
+    return "Axolotl's feature has no equivalent in Plait yet"
+
+
+def is_axolotl_key(key: str) -> bool:
+    return key in AXOLOTL_KEYS or key in FORMER_AXOLOTL_KEYS or any(key in keys for keys in INTEGRATION_KEYS.values())
+
+
+def axolotl_default(key: str):
+    if key in AXOLOTL_KEYS:
+        return AXOLOTL_KEYS[key]
+    for keys in INTEGRATION_KEYS.values():
+        if key in keys:
+            return keys[key]
+    return None
+
+
+def asks_for_nothing(key: str, value) -> bool:
+    """``True`` when ``value`` leaves Axolotl's feature off: blank, empty, or
+    Axolotl's own default (``gptq: false``, ``lisa_layers_attribute: model.layers``)."""
+    if value is None or value == [] or value == {}:
+        return True
+    default = axolotl_default(key)
+    if value is False and default in (None, False):
+        return True
+    return default is not None and type(value) is type(default) and value == default

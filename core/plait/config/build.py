@@ -2,20 +2,23 @@
 
 Core's :class:`~plait.config.schema.CoreConfig` and every plugin's
 ``config_schema`` model are combined by inheritance into one pydantic class;
-the instance flows through the whole run. Errors name the key, the bad value
-and what is accepted.
+the instance flows through the whole run. Every problem found on the way is
+gathered (:mod:`plait.config.problems`) and raised in one message naming each
+key, the bad value and what is accepted.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
-
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model
 
-from plait.config.axolotl_keys import KEYS_OF_PLUGINS, UNSUPPORTED_KEYS
+from plait.model.names import substitute_attention
+from plait.config.axolotl_keys import (DTYPE_SWITCHES, NO_OP_KEYS, RENAMED_KEYS, asks_for_nothing, is_axolotl_key,
+                                       lacking_reason)
+from plait.config.plugin_keys import unloaded_key_owners
+from plait.config.problems import Problems
 from plait.config.schema import CoreConfig
 from plait.errors import ConfigError, did_you_mean
 from plait.registries import DatasetEntry, check_names, check_variant, find_format, format_key, registry, untyped_format
@@ -90,64 +93,122 @@ def _suggest(key: str, known) -> str:
     return did_you_mean(key, known, cutoff=0.75)
 
 
-def _check_keys(pm, raw: dict, cls: type[BaseModel], allow_unsupported: bool) -> None:
-    """Unknown keys get a suggestion; known-but-unsupported Axolotl keys are
-    gathered into one message."""
+def _blank_means_unset(cls: type[BaseModel], raw: dict, sources: dict) -> None:
+    """A blank value (``fp16:``) means "unset", as in Axolotl: drop it so the
+    key takes its default, and forget that the file set it (plugins ask
+    ``source_of`` whether a user gave a key)."""
+    for key in [k for k, v in raw.items() if v is None]:
+        sources.pop(key, None)
+        if key in cls.model_fields and (cls.model_fields[key].default is not None
+                                        or cls.model_fields[key].is_required()):
+            del raw[key]
+
+
+def _sort_keys(raw: dict, cls: type[BaseModel], pm, problems: Problems, allow_unsupported: bool) -> list[str]:
+    """Keep the keys the config class declares; file every other key as a
+    problem (unknown, an Axolotl feature Plait lacks, a key of a plugin that is
+    not loaded) or drop it (a no-op, a blank or default value of an Axolotl
+    key). Returns the no-op keys the config sets, for ``plait train`` to name."""
     known = set(cls.model_fields)
-    unsupported, missing_plugin, unknown = [], [], []
-    for key in raw:
+    owners = None
+    ignored, unsupported = [], []
+    backend, note = substitute_attention(raw.get("attn_implementation"))
+    if note:
+        raw["attn_implementation"] = backend
+        problems.note(note)
+    for key in list(raw):
+        if key in DTYPE_SWITCHES:
+            value = raw.pop(key)
+            if value:  # Axolotl's bfloat16: true loads the weights in that dtype
+                dtype = DTYPE_SWITCHES[key]
+                if raw.get("torch_dtype") not in (None, dtype):
+                    problems.add("value", f"{key}: true and torch_dtype: {raw['torch_dtype']} disagree; keep one")
+                raw["torch_dtype"] = dtype
+            continue
+        if key in RENAMED_KEYS and RENAMED_KEYS[key] in known:
+            target = RENAMED_KEYS[key]
+            value = raw.pop(key)
+            if raw.get(target) is not None and value is not None and raw[target] != value:
+                problems.add("value", f"{key} (Axolotl's name of {target}) and {target} are both set, to "
+                                      f"{value!r} and {raw[target]!r}; keep one")
+            elif value is not None:
+                raw[target] = value
+            continue
         if key in known:
             continue
-        if key in UNSUPPORTED_KEYS:
-            unsupported.append(f"  {key}: {UNSUPPORTED_KEYS[key]}")
-        elif key in KEYS_OF_PLUGINS:
-            missing_plugin.append(f"  {key}: install the plugin package {KEYS_OF_PLUGINS[key]!r} (or enable it)")
-        else:
-            unknown.append(f"unknown config key {key!r}{_suggest(key, known)}")
-    if unknown:
-        raise ConfigError("\n".join(unknown))
-    if missing_plugin:
-        raise ConfigError("these keys need a plugin that is not loaded:\n" + "\n".join(missing_plugin))
+        value = raw.pop(key)
+        if key in NO_OP_KEYS:
+            if value is not None:  # set, to anything: say that it changes nothing
+                ignored.append(key)
+            continue
+        if owners is None:
+            owners = unloaded_key_owners(pm)
+        if key in owners:
+            if value is not None:
+                problems.add("plugin", f"{key}: {owners[key].advice()}")
+            continue
+        if is_axolotl_key(key):
+            if asks_for_nothing(key, value):
+                continue
+            if allow_unsupported:
+                unsupported.append(key)
+            else:
+                problems.add("lacking", f"{key}: {lacking_reason(key)}")
+            continue
+        suggestion = _suggest(key, known) or _suggest(key, NO_OP_KEYS)
+        problems.add("unknown", f"unknown config key {key!r}{suggestion}")
     if unsupported:
-        message = "these Axolotl keys are not supported by Plait:\n" + "\n".join(unsupported)
-        if not allow_unsupported:
-            raise ConfigError(message + "\n(pass --allow-unsupported to ignore them with a warning)")
-        ignored = [line.split(":")[0].strip() for line in unsupported]
         # one plain line on stderr (python's warnings would add a file path and a source line)
-        print(f"warning: ignoring Axolotl keys Plait does not support (--allow-unsupported): {', '.join(ignored)}",
+        print(f"warning: ignoring Axolotl keys Plait does not support (--allow-unsupported): {', '.join(unsupported)}",
               file=sys.stderr)
-        for key in ignored:
-            raw.pop(key)
+    elif problems.by_group.get("lacking"):
+        problems.note("--allow-unsupported ignores the Axolotl features Plait does not have, with a warning")
     for list_key in ("datasets", "test_datasets"):
         entries = raw.get(list_key)
         # anything but a list (`datasets: true`) is the schema's to report, with the key
-        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entries, list):
+            continue
+        kept = []
+        for index, entry in enumerate(entries):
             if isinstance(entry, dict):
-                _check_entry_keys(pm, entry, f"{list_key}.{index}")
+                for key in [k for k, v in entry.items() if v is None]:
+                    del entry[key]  # blank means unset here too
+                if not _check_entry_keys(pm, entry, f"{list_key}.{index}", problems):
+                    continue  # an unknown type: its keys cannot be checked, the problem is filed
+            kept.append(entry)
+        raw[list_key] = kept
+    return ignored
 
 
-def _check_entry_keys(pm, entry: dict, where: str) -> None:
+def _check_entry_keys(pm, entry: dict, where: str, problems: Problems) -> bool:
     """An entry's ``type`` must be a registered format, and its keys that
-    format's: an unknown key is reported against the format's model, naming
-    the format that owns it when another one does."""
+    format's: every unknown key is filed (and dropped), naming the format that
+    owns it when another one does. ``False`` when the type is unknown."""
     type_value = entry.get("type")
     if type_value is not None and not isinstance(type_value, str):
-        return  # pydantic reports the wrong type
-    fmt = find_format(pm, type_value, key=f"{where}.type")
+        return True  # pydantic reports the wrong type
+    try:
+        fmt = find_format(pm, type_value, key=f"{where}.type")
+    except ConfigError as exc:
+        problems.add_error("dataset", exc)
+        return False
     model = fmt.entry_model if fmt else DatasetEntry
     owners: dict[str, str] = {}
     for name, other in registry(pm, "dataset_formats").items():
         for key in other.entry_model.model_fields:
             owners.setdefault(key, name)
-    for key in entry:
+    for key in list(entry):
         if key in model.model_fields:
             continue
+        entry.pop(key)
         what = f"format {fmt.name!r}" if fmt else "an entry without type"
         accepted = f"\naccepted for {what}: {', '.join(model.model_fields)}"
         if key in owners:
-            raise ConfigError(f"unknown key {key!r} in {where}: it is a key of format {owners[key]!r}, "
-                              f"not of {what}{accepted}")
-        raise ConfigError(f"unknown key {key!r} in {where}{_suggest(key, model.model_fields)}{accepted}")
+            problems.add("dataset", f"unknown key {key!r} in {where}: it is a key of format {owners[key]!r}, "
+                                    f"not of {what}{accepted}")
+        else:
+            problems.add("dataset", f"unknown key {key!r} in {where}{_suggest(key, model.model_fields)}{accepted}")
+    return True
 
 
 def _describe_error(error: dict) -> str:
@@ -176,33 +237,83 @@ def build_config(
     sources: dict[str, str] | None = None,
     *,
     allow_unsupported: bool = False,
+    problems: Problems | None = None,
+    extra_checks=(),
+    machine_facts: str = "refuse",
 ) -> CoreConfig:
-    """Validate ``raw`` against core's and the plugins' keys, run every
-    plugin's ``configure`` then ``validate_config``, and look the registered
-    names up (dataset types and their variants, optimizer, schedule). Returns
-    the typed config with its sources."""
-    raw = dict(raw)
+    """Validate ``raw`` against core's and the plugins' keys, then run every
+    plugin's ``validate_config`` and each of ``extra_checks(cfg)``.
+
+    Every problem found on the way is gathered into ``problems`` and raised
+    together (:class:`~plait.config.problems.ConfigProblems`, a
+    :class:`ConfigError`). Returns the typed config with its sources; the
+    notes (``cfg.notes``) and the no-op keys it set (``cfg.ignored_keys``)
+    travel with it. ``machine_facts``: ``"refuse"`` (train) files a
+    :class:`~plait.errors.MachineFactError` as a problem, ``"note"``
+    (validate) as a note."""
+    problems = Problems() if problems is None else problems
+    problems.machine_facts = machine_facts
+    raw = {key: (dict(v) if isinstance(v, dict) else v) for key, v in raw.items()}
+    for list_key in ("datasets", "test_datasets"):
+        if isinstance(raw.get(list_key), list):
+            raw[list_key] = [dict(e) if isinstance(e, dict) else e for e in raw[list_key]]
     cls = config_class(pm)
-    _check_keys(pm, raw, cls, allow_unsupported)
+    sources = dict(sources or {})
+    ignored = _sort_keys(raw, cls, pm, problems, allow_unsupported)
+    _blank_means_unset(cls, raw, sources)
     try:
         cfg = cls.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_describe_error(e) for e in exc.errors())) from None
-    cfg._sources.update(sources or {})
+        for error in exc.errors():
+            problems.add("value", _describe_error(error))
+        problems.raise_if_any()
+        raise AssertionError("unreachable") from None
+    except ConfigError as exc:  # a cross-key rule of a model validator
+        problems.add_error("value", exc)
+        problems.raise_if_any()
+        raise
+    cfg._sources.update(sources)
     cfg._pm = pm
-    _check_variants(pm, cfg)
-    pm.hook.configure(cfg=cfg)
-    pm.hook.validate_config(cfg=cfg)
-    check_names(cfg, pm)
+    cfg._ignored_keys = ignored
+    _check_variants(pm, cfg, problems)
+    try:
+        pm.hook.configure(cfg=cfg)  # defaults and derived values; a refusal here stops the checks after it
+    except ConfigError as exc:
+        problems.add_error("value", exc)
+        problems.raise_if_any()
+    _run_validate_config(pm, cfg, problems)
+    # the registries' lookups (optimizer, schedule), then the caller's checks
+    for check in (lambda cfg: check_names(cfg, pm), *extra_checks):
+        try:
+            check(cfg)
+        except ConfigError as exc:
+            problems.add_error("value", exc)
+    problems.raise_if_any()
+    cfg._notes = [*problems.notes, *(note for note in cfg._notes if note not in problems.notes)]
     return cfg
 
 
-def _check_variants(pm, cfg) -> None:
+def _run_validate_config(pm, cfg, problems: Problems) -> None:
+    """Call every plugin's ``validate_config`` (last registered first, as
+    pluggy would) and keep going after one refuses, so all are heard."""
+    for impl in reversed(pm.hook.validate_config.get_hookimpls()):
+        kwargs = {"cfg": cfg}
+        try:
+            impl.function(*[kwargs[name] for name in impl.argnames])
+        except ConfigError as exc:
+            problems.add_error("value", exc)
+
+
+def _check_variants(pm, cfg, problems: Problems) -> None:
     for list_key in ("datasets", "test_datasets"):
         for index, entry in enumerate(getattr(cfg, list_key)):
-            if entry.type is not None:
+            if entry.type is None:
+                continue
+            try:
                 fmt = find_format(pm, entry.type, key=f"{list_key}.{index}.type")
                 check_variant(fmt, entry.type, f"config key '{list_key}.{index}.type' (dataset {entry.path!r})")
+            except ConfigError as exc:
+                problems.add_error("dataset", exc)
 
 
 def explain(cfg) -> list[tuple[str, Any, str]]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from plait.model.names import ATTENTION_FLAGS
 from plait.registries import DatasetEntry
 from plait.values import ValuesAsGiven, not_empty
 
@@ -73,9 +74,19 @@ class CoreConfig(StrictModel):
         False,
         description="Let transformers run the model's and tokenizer's own Python code from the hub or the directory.")
     revision_of_model: Optional[str] = Field(
-        None,
-        description="Accepted so Axolotl configs load; has no effect in Plait (the model is loaded at its default "
-                    "revision).")
+        None, description="Hub revision (branch, tag or commit) of base_model, used for the model, its config and, "
+                          "when it comes from base_model, the tokenizer (Axolotl's alias: model_revision).")
+    overrides_of_model_config: dict[str, Any] = Field(
+        default_factory=dict, description="Values that replace the base model's config entries when it is loaded "
+                                          "(Axolotl's model_config), e.g. {output_router_logits: true}.")
+    overrides_of_model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra from_pretrained arguments (Axolotl's model_kwargs).")
+    tokenizer_use_mistral_common: bool = Field(
+        False, description="Tokenize with mistral-common (transformers' MistralCommonBackend); needs the "
+                           "mistral-common package.")
+    unfrozen_parameters: Optional[list[str]] = Field(
+        None, description="Regexes of parameter names to train (re.search on the name); every other parameter is "
+                          "frozen. Full fine-tuning only.")
     special_tokens: dict[str, str] = Field(
         default_factory=dict,
         description="Special tokens to set on the tokenizer, e.g. {pad_token: '<|pad|>', eos_token: '<|im_end|>'}; new "
@@ -87,6 +98,13 @@ class CoreConfig(StrictModel):
         "tokenizer_default_fallback_<name>, or a jinja string.")
     chat_template_jinja: Optional[str] = Field(
         None, description="A jinja chat template given inline; wins over chat_template.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra variables for the chat template, e.g. {enable_thinking: false}; "
+                                          "used when rendering conversations for training and by inference.")
+    eot_tokens: Optional[list[str]] = Field(
+        None, description="Tokens that end a turn (e.g. [<end_of_turn>]): chat_template datasets treat exactly these "
+                          "(and the EOS) as turn ends for train_on_eot, and inference stops at them. Unset: every "
+                          "special token after a message.")
     resize_token_embeddings_to_32x: bool = Field(
         False, description="When tokens are added, round the embedding rows up to a multiple of 32 (faster matmuls).")
 
@@ -117,6 +135,11 @@ class CoreConfig(StrictModel):
         False,
         description="transformers' eager attention (plain matmuls and softmax); exact soft-capping for gemma2, slow "
                     "otherwise.")
+    attn_implementation: Optional[str] = Field(
+        None, description="Attention backend, Axolotl's key: eager, sdpa, flash_attention_2, flex_attention, or "
+                          "plait_varlen (torch's varlen kernel). The booleans flash_attention, sdp_attention, "
+                          "flex_attention, eager_attention and varlen_attention are its older form. Unset: sdpa; "
+                          "a model that refuses the chosen backend loads with sdpa, else eager (logged).")
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = Field(
         False, description="Recompute each decoder layer in backward; offload (alias unsloth) also keeps the "
                            "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values, "
@@ -126,6 +149,9 @@ class CoreConfig(StrictModel):
         default_factory=dict,
         description="Passed to transformers' gradient_checkpointing_enable, e.g. {use_reentrant: false}; offload needs "
                     "non-reentrant.")
+    activation_offloading: Union[bool, Literal["legacy", "hidden_states"]] = Field(
+        False, description="Axolotl's activation offloading: true, legacy or hidden_states make "
+                           "gradient_checkpointing offload (layer inputs kept in pinned host memory).")
 
     # adapters (the adapter plugin validates its own keys)
     adapter: Optional[Literal["lora", "qlora"]] = Field(
@@ -227,10 +253,18 @@ class CoreConfig(StrictModel):
         None, ge=0, le=1,
         description="cosine: the learning rate decays to this fraction of learning_rate instead of 0.")
     max_grad_norm: Optional[float] = Field(
-        1.0, ge=0, description="Clip the gradient norm to this; 0 or null: no clipping (as in Axolotl and HF Trainer).")
+        1.0, ge=0, description="Clip the gradient norm to this; 0: no clipping; blank: 1.0 (as in Axolotl, "
+                               "whose blank leaves HF Trainer's default).")
     loss_watchdog_threshold: Optional[float] = Field(
         None,
-        description="Stop the run (TrainingError) when a step's loss exceeds this, before the weights are updated.")
+        description="Stop the run (TrainingError) when the loss exceeds this on loss_watchdog_patience steps in a "
+                    "row, before the last of them updates the weights.")
+    loss_watchdog_patience: Optional[int] = Field(
+        None, ge=1, description="High-loss steps in a row that stop the run (default 3, as in Axolotl); the last "
+                                "is not applied.")
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="Stop when the eval loss has not improved on its best for this many evaluations "
+                                "in a row.")
 
     # evaluation, logging, checkpoints
     output_dir: str = Field(
@@ -242,10 +276,10 @@ class CoreConfig(StrictModel):
         None,
         description="Evaluate every this many steps (a value below 1: that fraction of the run); wins over "
                     "evals_per_epoch.")
-    evals_per_epoch: Optional[int] = Field(None, ge=1, description="Evaluate this many times per epoch.")
+    evals_per_epoch: Optional[int] = Field(None, ge=0, description="Evaluate this many times per epoch (0: none).")
     save_steps: Optional[Union[int, float]] = Field(
         None, description="Write a checkpoint every this many steps (a value below 1: that fraction of the run).")
-    saves_per_epoch: Optional[int] = Field(None, ge=1, description="Write this many checkpoints per epoch.")
+    saves_per_epoch: Optional[int] = Field(None, ge=0, description="Write this many checkpoints per epoch (0: none).")
     save_total_limit: Optional[int] = Field(None, ge=1, description="Keep only the newest this many checkpoints.")
     save_safetensors: bool = Field(
         True,
@@ -267,6 +301,23 @@ class CoreConfig(StrictModel):
     wandb_entity: Optional[str] = Field(None, description="Weights & Biases entity (team or user) of the run.")
     wandb_name: Optional[str] = Field(None, description="Weights & Biases run name.")
     wandb_mode: Optional[str] = Field(None, description="Weights & Biases mode: online, offline or disabled.")
+    use_wandb: Optional[bool] = Field(None, description="false turns W&B off even with wandb_project set.")
+    wandb_run_id: Optional[str] = Field(None, description="W&B run id (resumes that run; also its name when "
+                                                          "wandb_name is unset, as in Axolotl).")
+    wandb_watch: Optional[Literal["gradients", "parameters", "all", "false"]] = Field(
+        None, description="wandb.watch the model: gradients, parameters or all histograms.")
+    wandb_log_model: Optional[Literal["checkpoint", "end", "false"]] = Field(
+        None, description="Upload the saved model to W&B Artifacts: end (the final model) or checkpoint (each "
+                          "checkpoint and the final model).")
+    use_trackio: Optional[bool] = Field(None, description="false turns trackio off even with trackio_project_name.")
+    trackio_project_name: Optional[str] = Field(None, description="Log to trackio under this project.")
+    trackio_run_name: Optional[str] = Field(None, description="trackio run name.")
+    trackio_space_id: Optional[str] = Field(None, description="Hugging Face Space that hosts the trackio dashboard.")
+    hub_model_id: Optional[str] = Field(
+        None, description="Push output_dir to this Hugging Face hub repository (user/name) at the end of training.")
+    hub_strategy: Optional[Literal["end"]] = Field(
+        None, description="When to push: end (the only strategy Plait has: the final model once).")
+    hub_private_repo: Optional[bool] = Field(None, description="Create the hub repository private.")
     mlflow_tracking_uri: Optional[str] = Field(
         None, description="Log to the MLflow server (or path) at this URI (needs plait[mlflow]).")
     mlflow_experiment_name: Optional[str] = Field(None, description="MLflow experiment to log the run under.")
@@ -277,6 +328,69 @@ class CoreConfig(StrictModel):
     # the run's plugin manager, like pytest's ``config.pluginmanager``: hookimpls
     # that need other plugins' answers (model families, say) reach it from cfg
     _pm: Any = PrivateAttr(default=None)
+    # no-op keys the config set (plait.config.axolotl_keys.NO_OP_KEYS) and validation's notes
+    _ignored_keys: list[str] = PrivateAttr(default_factory=list)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _activation_offloading(cls, data):
+        """``activation_offloading`` is Plait's ``gradient_checkpointing: offload``."""
+        if isinstance(data, dict) and data.get("activation_offloading") not in (None, False):
+            from plait.errors import ConfigError
+
+            if data["activation_offloading"] == "disk":
+                raise ConfigError("config key 'activation_offloading': 'disk' (offloading to disk) is not available "
+                                  "in Plait; accepted: true, legacy, hidden_states (pinned host memory)")
+            if data.get("gradient_checkpointing") is False:
+                raise ConfigError(f"config key 'activation_offloading': {data['activation_offloading']!r} offloads "
+                                  "the inputs of checkpointed layers and needs gradient_checkpointing; set "
+                                  "gradient_checkpointing: true (or remove activation_offloading)")
+            if data.get("gradient_checkpointing") not in ("offload", "unsloth"):
+                data = {**data, "gradient_checkpointing": "offload"}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attention_backend(cls, data):
+        """One backend from ``attn_implementation`` and the older booleans, kept
+        in step both ways (code reads either)."""
+        if isinstance(data, dict):
+            from plait.model.names import resolve_attention
+
+            data = dict(data)
+            data.update(resolve_attention(data))
+        return data
+
+    @property
+    def attention_chosen(self) -> bool:
+        """Whether the config names a backend (unset: Plait may pick one that
+        the model supports, e.g. eager for Gemma 2)."""
+        return any(getattr(self, flag) for flag in ATTENTION_FLAGS.values())
+
+    @field_validator("wandb_watch", "wandb_log_model", mode="before")
+    @classmethod
+    def _false_means_off(cls, value):
+        return "false" if value is False else value
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _repo_id(cls, value):
+        """The hub's own syntax check, no network."""
+        if value is not None:
+            from huggingface_hub.errors import HFValidationError
+            from huggingface_hub.utils import validate_repo_id
+
+            from plait.errors import ConfigError
+
+            try:
+                validate_repo_id(value)
+            except HFValidationError as exc:
+                raise ConfigError(f"config key 'hub_model_id': {value!r} is not a hub repository id "
+                                  f"(user/name): {exc}") from None
+            if "/" not in value:
+                raise ConfigError(f"config key 'hub_model_id': {value!r} needs its owner: user/name or org/name")
+        return value
 
     @field_validator("eval_steps", "save_steps")
     @classmethod
@@ -307,10 +421,12 @@ class CoreConfig(StrictModel):
 
         if self.fp16 and self.bf16 is True:
             raise ConfigError("bf16: true and fp16: true are both set; choose one (set the other to false).")
-        chosen = [k for k in ("flash_attention", "sdp_attention", "flex_attention", "varlen_attention",
-                                 "eager_attention") if getattr(self, k)]
-        if len(chosen) > 1:
-            raise ConfigError(f"{' and '.join(chosen)} are all true; enable at most one attention backend.")
+        if self.early_stopping_patience and not (self.val_set_size > 0 or self.test_datasets):
+            raise ConfigError("config key 'early_stopping_patience' watches the eval loss, and this config has no "
+                              "eval set; set val_set_size or test_datasets")
+        if self.early_stopping_patience and not (self.eval_steps or self.evals_per_epoch):
+            raise ConfigError("config key 'early_stopping_patience' counts evaluations during training; set "
+                              "eval_steps or evals_per_epoch")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
         if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(
@@ -334,6 +450,22 @@ class CoreConfig(StrictModel):
     # ------------------------------------------------------------ helpers
 
     @property
+    def ignored_keys(self) -> list[str]:
+        """Keys the config sets that change nothing in Plait (``plait train`` names them once)."""
+        return list(self._ignored_keys)
+
+    @property
+    def notes(self) -> list[str]:
+        """What validation noticed without refusing (``plait config validate`` prints them)."""
+        return list(self._notes)
+
+    def add_note(self, line: str) -> None:
+        """Something validation noticed without refusing (a translated key, say):
+        ``plait config validate`` prints it, ``plait train`` logs it at the start."""
+        if line not in self._notes:
+            self._notes.append(line)
+
+    @property
     def plugin_manager(self):
         """The plugin manager of the run this config belongs to."""
         return self._pm
@@ -346,16 +478,3 @@ class CoreConfig(StrictModel):
         """Let a plugin fill in a key, recording that it did (``plait config explain``)."""
         setattr(self, key, value)
         self._sources[key] = f"plugin:{plugin}"
-
-    @property
-    def attn_implementation(self) -> str:
-        """The transformers ``attn_implementation`` these flags ask for."""
-        if self.flash_attention:
-            return "flash_attention_2"
-        if self.flex_attention:
-            return "flex_attention"
-        if self.varlen_attention:
-            return "plait_varlen"
-        if self.eager_attention:
-            return "eager"
-        return "sdpa"

@@ -42,7 +42,7 @@ import bisect
 import random
 from typing import Sequence
 
-from plait.errors import ConfigError, DataError
+from plait.errors import ConfigError, DataError, MachineFactError
 
 #: attention backends whose packed rows this module can isolate
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention", "plait_varlen")
@@ -399,9 +399,10 @@ def check_packing_support(cfg, model=None) -> None:
         raise ConfigError(f"{keys}: attention {attn!r} cannot isolate packed rows; accepted: "
                           f"{', '.join(SUPPORTED_ATTENTION)}")
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ConfigError(
-            "flash_attention: true with sample_packing needs the flash-attn package, which is not installed; "
-            "install it, or set flex_attention: true (GPU) or sdp_attention: true instead"
+        raise MachineFactError(
+            "attn_implementation: flash_attention_2 (flash_attention: true) with sample_packing needs the flash-attn "
+            "package, which is not installed here; install it, or use attn_implementation: flex_attention (GPU) "
+            "or sdpa"
         )
     if model is None:
         model_config = _model_config(getattr(cfg, "base_model_config", None) or cfg.base_model)

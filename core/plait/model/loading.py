@@ -103,8 +103,12 @@ def pretrained_kwargs(cfg) -> dict:
         from plait.model.varlen import register_varlen_attention
 
         register_varlen_attention()
-    return dict(dtype=compute_dtype(cfg), attn_implementation=cfg.attn_implementation,
-                trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(dtype=compute_dtype(cfg), attn_implementation=cfg.attn_implementation,
+                  trust_remote_code=cfg.trust_remote_code, revision=cfg.revision_of_model)
+    # Axolotl's model_kwargs, then model_config: from_pretrained sets config entries it is given by name
+    kwargs.update(cfg.overrides_of_model_kwargs)
+    kwargs.update(cfg.overrides_of_model_config)
+    return kwargs
 
 
 def fit_to_tokenizer(cfg, model, tokenizer):

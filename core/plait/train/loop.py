@@ -147,6 +147,13 @@ def train(cfg, pm, *, data=None) -> Run:
         set_seed(cfg.seed)
         resume_from = checkpoint.resume_path(cfg, say=partial(log, run))
         start_output(run, resume_from)
+        for note in cfg.notes:
+            log(run, f"note: {note}")
+        if cfg.ignored_keys:
+            from plait.config.axolotl_keys import NO_OP_KEYS
+
+            log(run, "ignoring keys that change nothing in Plait: " + "; ".join(
+                f"{key} ({NO_OP_KEYS[key]})" for key in cfg.ignored_keys))
 
         run.tokenizer = setup_tokenizer(cfg, pm)
         if data is None:
@@ -233,6 +240,11 @@ def build_model(run: Run):
     head_plan(model)
     adapted = pm.hook.load_adapter(cfg=cfg, model=model)
     model = adapted if adapted is not None else model
+    if cfg.unfrozen_parameters:
+        from plait.model.unfreeze import freeze_except
+
+        trained = freeze_except(model, cfg.unfrozen_parameters)
+        log(run, f"unfrozen_parameters: training {len(trained)} parameter tensors, the rest frozen")
     if cfg.fp16:
         # fp16 needs float32 master weights: the GradScaler refuses to unscale fp16 gradients
         for param in model.parameters():
@@ -320,12 +332,16 @@ def train_epochs(run: Run) -> None:
                 run.step_in_epoch = index + 1
                 log_step(run, metrics, progress)
                 if eval_every and run.step % eval_every == 0 and run.eval_data is not None:
-                    progress.write(format_eval(evaluate_and_log(run)))
+                    metrics = evaluate_and_log(run)
+                    progress.write(format_eval(metrics))
+                    if stop_early(run, metrics):
+                        return
                 saved = bool(save_every and run.step % save_every == 0)
                 if saved:
                     from plait.train.checkpoint import save_checkpoint
 
-                    save_checkpoint(run)
+                    # event plugins (W&B's wandb_log_model: checkpoint) read it at the next on_step_end/on_train_end
+                    run.extras["saved_checkpoint"] = save_checkpoint(run)
                 # several ranks stop together on the step's all-reduced vote; one process need not wait for it
                 if run.extras.get("stop_requested") or (run.world_size == 1 and signals.received):
                     stop_on_signal(run, saved)
@@ -405,6 +421,25 @@ def mesh_size(mesh, name: str) -> int:
     return mesh[name].size()
 
 
+def stop_early(run: Run, metrics: dict) -> bool:
+    """``early_stopping_patience``: whether the eval loss has failed to improve
+    on its best for that many evaluations in a row (HF's EarlyStoppingCallback)."""
+    patience = run.cfg.early_stopping_patience
+    if not patience:
+        return False
+    loss = metrics["eval_loss"]
+    best = run.extras.get("best_eval_loss")
+    if best is None or loss < best:
+        run.extras["best_eval_loss"], run.extras["evals_without_improvement"] = loss, 0
+        return False
+    run.extras["evals_without_improvement"] = run.extras.get("evals_without_improvement", 0) + 1
+    if run.extras["evals_without_improvement"] < patience:
+        return False
+    log(run, f"early_stopping_patience: eval_loss has not improved on {best:.4f} for {patience} evaluations; "
+             f"stopping at step {run.step} of {run.total_steps}")
+    return True
+
+
 def interval(steps, per_epoch, steps_per_epoch: int, total_steps: int) -> int | None:
     """Every how many steps: an int, a fraction (< 1) of the run, or N times per epoch."""
     if steps:
@@ -453,7 +488,7 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     if skip_on_device:
         # the optimizer is queued behind the backward without waiting for it; a
         # bad loss still never reaches the weights (fused AdamW skips its update)
-        flag_bad_loss(run.optimizer, loss_sum, local_tokens, cfg.loss_watchdog_threshold)
+        flag_bad_loss(run.optimizer, loss_sum, local_tokens, watchdog_threshold_now(run))
         grad_norm, lr = _clip_and_step(run, scaler)
         loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.double()]).tolist()  # the step's one sync
     else:
@@ -639,13 +674,42 @@ def autocast(run: Run):
     return torch.autocast(run.device.type, dtype=dtype)
 
 
+def watchdog_patience(cfg) -> int:
+    """High-loss steps in a row that stop the run: ``loss_watchdog_patience``,
+    3 when unset (Axolotl's default)."""
+    return cfg.loss_watchdog_patience or 3
+
+
+def watchdog_threshold_now(run: Run):
+    """The threshold a step's update is held back at: only on the step that
+    would complete ``loss_watchdog_patience`` high-loss steps in a row (the
+    earlier ones update the weights, as in Axolotl)."""
+    threshold = run.cfg.loss_watchdog_threshold
+    if threshold and run.extras.get("high_loss_steps", 0) + 1 >= watchdog_patience(run.cfg):
+        return threshold
+    return None
+
+
 def check_loss(run: Run, loss: float) -> None:
-    """Stop on a NaN/inf loss (or one over ``loss_watchdog_threshold``) before it reaches the weights."""
+    """Stop on a NaN/inf loss before it reaches the weights, or when the loss
+    has exceeded ``loss_watchdog_threshold`` on ``loss_watchdog_patience``
+    steps in a row (the last of them is not applied)."""
     cfg = run.cfg
-    if math.isfinite(loss) and not (cfg.loss_watchdog_threshold and loss > cfg.loss_watchdog_threshold):
+    over = math.isfinite(loss) and cfg.loss_watchdog_threshold and loss > cfg.loss_watchdog_threshold
+    if math.isfinite(loss) and not over:
+        run.extras["high_loss_steps"] = 0
         return
+    if over:
+        run.extras["high_loss_steps"] = run.extras.get("high_loss_steps", 0) + 1
+        patience = watchdog_patience(cfg)
+        if run.extras["high_loss_steps"] < patience:
+            log(run, f"warning: loss {loss:.4g} exceeds loss_watchdog_threshold {cfg.loss_watchdog_threshold} at "
+                     f"step {run.step + 1} ({run.extras['high_loss_steps']} of {patience} steps in a row, "
+                     f"loss_watchdog_patience)")
+            return
     what = f"loss is {loss}" if not math.isfinite(loss) else \
-        f"loss {loss:.4g} exceeds loss_watchdog_threshold {cfg.loss_watchdog_threshold}"
+        (f"loss {loss:.4g} exceeds loss_watchdog_threshold {cfg.loss_watchdog_threshold} "
+         f"({watchdog_patience(cfg)} steps in a row, loss_watchdog_patience)")
     precision = "fp16: true" if cfg.fp16 else f"bf16: {cfg.bf16}"
     raise TrainingError(
         f"{what} at step {run.step + 1}; the weights were not updated. Try a lower learning_rate "

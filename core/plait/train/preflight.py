@@ -34,6 +34,8 @@ class Problem:
 
     key: str
     message: str
+    #: a fact of this machine (a package it lacks), not of the config: a note for `plait config validate`
+    machine: bool = False
 
     def __str__(self) -> str:
         return self.message
@@ -44,8 +46,8 @@ class Preflight:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def problem(self, key: str, message: str) -> None:
-        self.problems.append(Problem(key, message))
+    def problem(self, key: str, message: str, *, machine: bool = False) -> None:
+        self.problems.append(Problem(key, message, machine))
 
     def raise_for_problems(self) -> None:
         if self.problems:
@@ -152,8 +154,9 @@ def check_resume(cfg, report: Preflight, verify_checkpoint: bool) -> None:
 def check_attention(cfg, report: Preflight) -> None:
     if cfg.flash_attention and importlib.util.find_spec("flash_attn") is None:
         report.problem("flash_attention", "config key 'flash_attention': true needs the flash-attn package, which "
-                                          "is not installed; install it, or set sdp_attention: true (or "
-                                          "flex_attention: true) instead")
+                                          "is not installed (attn_implementation: flash_attention_2); install it, "
+                                          "or use attn_implementation: sdpa (or flex_attention) instead",
+                       machine=True)
 
 
 # ------------------------------------------------------------------ output

@@ -120,9 +120,12 @@ def _check_kwargs(cfg) -> None:
     if unknown:
         raise ConfigError(f"config key 'bnb_config_kwargs': {unknown} are not BitsAndBytesConfig arguments; "
                           f"accepted: {', '.join(accepted)}")
-    twice = [k for k in cfg.bnb_config_kwargs if k in BNB_KEYS]
+    # Axolotl sets the 4-bit options inside bnb_config_kwargs: that is accepted (the kwargs win when the
+    # quantization config is built); a top-level key the config also gives, with another value, is a contradiction
+    twice = [k for k, v in cfg.bnb_config_kwargs.items() if k in BNB_KEYS and _given(cfg, k) and getattr(cfg, k) != v]
     if twice:
-        raise ConfigError(f"config key 'bnb_config_kwargs' repeats {twice}, which are top-level keys; set them there")
+        raise ConfigError(f"config key 'bnb_config_kwargs' repeats {twice}, also set at the top level with "
+                          f"another value; keep one")
 
 
 def check_optimizer(cfg) -> None:

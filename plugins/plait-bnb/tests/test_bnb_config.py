@@ -69,8 +69,17 @@ def test_unknown_bnb_config_kwarg_refused():
 
 
 def test_bnb_config_kwarg_repeating_a_key_refused():
-    with pytest.raises(ConfigError, match=r"'bnb_config_kwargs' repeats \['bnb_4bit_quant_type'\]"):
-        build_run_config({**QLORA, "bnb_config_kwargs": {"bnb_4bit_quant_type": "fp4"}})
+    with pytest.raises(ConfigError, match=r"'bnb_config_kwargs' repeats \['bnb_4bit_quant_type'\], also set at the top"):
+        build_run_config({**QLORA, "bnb_4bit_quant_type": "nf4", "bnb_config_kwargs": {"bnb_4bit_quant_type": "fp4"}})
+
+
+def test_axolotl_sets_4bit_options_in_bnb_config_kwargs():
+    from plait_bnb.quantize import quantization_config
+
+    cfg, _ = build_run_config({**QLORA, "bnb_config_kwargs": {"bnb_4bit_use_double_quant": False,
+                                                              "bnb_4bit_quant_type": "fp4"}})
+    made = quantization_config(cfg)
+    assert made.bnb_4bit_use_double_quant is False and made.bnb_4bit_quant_type == "fp4"
 
 
 def _needs_parallel_keys():
@@ -124,5 +133,6 @@ def test_4bit_with_plain_lora_refused():
 
 def test_keys_need_the_plugin(monkeypatch):
     monkeypatch.setenv("PLAIT_DISABLE_PLUGINS", "bnb")
-    with pytest.raises(ConfigError, match="load_in_4bit: install the plugin package 'plait-bnb'"):
+    with pytest.raises(ConfigError, match=r"load_in_4bit: declared by plugin 'bnb' \(plait-bnb\), which is installed "
+                                          r"but not loaded"):
         build_run_config(QLORA)

@@ -21,6 +21,14 @@ its own end. Inside that span the message's content is located, and:
   ``train_on_eot`` (markers that are not the EOS) and ``train_on_eos`` (the
   EOS), each ``turn`` (default: markers of trained turns), ``all``, ``last``
   (the last trained turn only) or ``none``;
+* an assistant's reasoning (``reasoning_content``, or the key ``field_thinking``
+  names; ``split_thinking`` moves a leading ``<think>...</think>`` out of the
+  content) reaches the template under ``template_thinking_key`` and is
+  trained with the answer: a trained message's span runs from its reasoning
+  to the end of its content, as Axolotl trains it;
+* content given as parts with ``train`` (or ``weight``) flags, or with
+  ``message_field_training_detail`` character ranges, trains only the tokens
+  wholly inside a trained part (a token straddling a boundary is masked);
 * a trained message with no text but other keys (``tool_calls``: every key
   besides role, content and the training flag reaches the template) is trained
   from the end of the generation prompt (rendered for the messages before it)
@@ -73,6 +81,47 @@ def resolve_template(cfg, dataset_cfg, tokenizer) -> str:
         raise ConfigError(f"dataset {dataset_cfg.path!r} has type chat_template but the tokenizer has no chat "
                           f"template; set chat_template (chatml, llama3, ...) or chat_template_jinja")
     return tokenizer.chat_template
+
+
+def text_and_ranges(index: int, number: int, content) -> tuple[str, list | None]:
+    """A message's text and, when its parts carry ``train`` / ``weight``
+    flags (Axolotl's per-part training), ``[(begin, end, train)]`` character
+    ranges of the text (end exclusive); ``None`` when no part says."""
+    text = text_of(index, number, content)
+    if not isinstance(content, list) or not any(isinstance(p, dict) and ("train" in p or "weight" in p)
+                                                for p in content):
+        return text, None
+    ranges, offset = [], 0
+    for part in content:
+        piece = part.get("text", part.get("value")) if isinstance(part, dict) else part
+        train = True
+        if isinstance(part, dict) and part.get("train") is not None:
+            train = bool(part["train"])
+        elif isinstance(part, dict) and part.get("weight") is not None:
+            train = part["weight"] not in (0, 0.0)
+        ranges.append((offset, offset + len(piece), train))
+        offset += len(piece)
+    return text, ranges
+
+
+def detail_ranges(index: int, number: int, detail) -> list:
+    """``message_field_training_detail`` ([{begin_offset, end_offset, train}],
+    end inclusive as in Axolotl) as ``[(begin, end, train)]``, end exclusive."""
+    try:
+        return [(int(d["begin_offset"]), int(d["end_offset"]) + 1, bool(d["train"])) for d in detail]
+    except (KeyError, TypeError, ValueError):
+        raise BadRowError(index, f"message {number}: the training detail must be a list of "
+                                 f"{{begin_offset, end_offset, train}}, got {detail!r}") from None
+
+
+def split_reasoning(content: str) -> tuple[str, str | None]:
+    """``("answer", "reasoning")`` for content that opens with a
+    ``<think>...</think>`` block; ``(content, None)`` otherwise."""
+    stripped = content.lstrip()
+    if not stripped.startswith("<think>") or "</think>" not in stripped:
+        return content, None
+    reasoning, _, answer = stripped[len("<think>"):].partition("</think>")
+    return answer.lstrip("\n"), reasoning.strip("\n")
 
 
 def text_of(index: int, number: int, content) -> str:
@@ -133,6 +182,10 @@ class ChatFormat:
         self.role_key = mappings.get("role") or dataset_cfg.message_field_role
         self.content_key = mappings.get("content") or dataset_cfg.message_field_content
         self.training_key = dataset_cfg.message_field_training or "training"
+        self.detail_key = getattr(dataset_cfg, "message_field_training_detail", None)
+        self.thinking_key = getattr(dataset_cfg, "field_thinking", None) or "reasoning_content"
+        self.template_thinking_key = getattr(dataset_cfg, "template_thinking_key", None) or "reasoning_content"
+        self.split_thinking = bool(getattr(dataset_cfg, "split_thinking", None))
         self.roles_to_train = set(dataset_cfg.roles_to_train or ["assistant"])
         self.train_on_eos = dataset_cfg.train_on_eos or "turn"
         self.train_on_eot = dataset_cfg.train_on_eot or dataset_cfg.train_on_eos or "turn"
@@ -147,8 +200,13 @@ class ChatFormat:
         special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
         self.marker_ids = special - skip
         self.eos_id = tokenizer.eos_token_id
+        if getattr(cfg, "eot_tokens", None):
+            # Axolotl's eot_tokens: exactly these close a turn (with the EOS), not every special token
+            self.marker_ids = end_of_turn_ids(cfg.eot_tokens, tokenizer) | ({self.eos_id} - {None})
         self.compiled = compile_template(self.template)
         self.template_vars = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ... as transformers passes
+        # Axolotl's chat_template_kwargs (enable_thinking: false, ...) reach the template as variables
+        self.template_vars.update(getattr(cfg, "chat_template_kwargs", None) or {})
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("type chat_template needs a fast tokenizer (character offsets); "
                               "set tokenizer_use_fast: true")
@@ -182,13 +240,23 @@ class ChatFormat:
             role = self.roles[name]
             if role == "system" and self.drop_system:
                 continue
-            content = text_of(index, number, message.get(content_key))
+            content, ranges = text_and_ranges(index, number, message.get(content_key))
+            if self.detail_key and message.get(self.detail_key) is not None:
+                ranges = detail_ranges(index, number, message[self.detail_key])
             flag = message.get(self.training_key)
             train = (role in self.roles_to_train) if flag is None else bool(flag)
+            reasoning = message.get(self.thinking_key)
+            if reasoning is None and self.split_thinking and role == "assistant":
+                content, reasoning = split_reasoning(content)
+                ranges = None  # offsets into the unsplit content no longer apply
             # other keys (tool_calls, name, tool_call_id, ...) go to the template as they are
-            used = {role_key, content_key, self.training_key, "role", "content", "from", "value"}
+            used = {role_key, content_key, self.training_key, self.detail_key, self.thinking_key, "role", "content",
+                    "from", "value"}
             extra = {k: v for k, v in message.items() if k not in used and v is not None}
-            messages.append({"role": role, "content": content, "train": train, "extra": extra})
+            if reasoning is not None:
+                extra[self.template_thinking_key] = reasoning
+            messages.append({"role": role, "content": content, "train": train, "extra": extra,
+                             "reasoning": reasoning if isinstance(reasoning, str) else None, "ranges": ranges})
         if not messages:
             raise BadRowError(index, "empty conversation (every message was dropped)")
         return messages
@@ -270,6 +338,18 @@ class ChatFormat:
             # an untrained message a template folds into a later turn (Gemma's and Mistral's system
             # message goes into the first user turn) labels nothing: an empty span is exact
             c_start, c_end = (found, found + len(content)) if found >= 0 else (start, start)
+            reasoning = (message.get("reasoning") or "").strip()
+            if reasoning and message["train"]:
+                # the reasoning the template renders before the answer is trained with it
+                at = full.find(reasoning, start, found if found >= 0 else end)
+                if at >= 0:
+                    c_start = at
+                    c_end = max(c_end, at + len(reasoning))
+            if message.get("ranges") and found >= 0:
+                # per-part training: absolute character ranges a token must lie wholly inside
+                lead = len(message["content"]) - len(message["content"].lstrip())
+                message["absolute"] = [(found - lead + b, found - lead + e) for b, e, keep in message["ranges"]
+                                       if keep]
             if len(spans) in bodies:
                 # a tool-call message: its body runs from the generation prompt to its first marker
                 c_start = bodies[len(spans)]
@@ -288,12 +368,26 @@ class ChatFormat:
             _, c_start, c_end, _ = spans[k]
             train = messages[k]["train"]
             if train and t_end > c_start and t_start < c_end:
-                labels[t] = ids[t]
+                allowed = messages[k].get("absolute")
+                if allowed is None or any(b <= t_start and t_end <= e for b, e in allowed):
+                    labels[t] = ids[t]
             elif t_start >= c_end and ids[t] in self.marker_ids:
                 mode = self.train_on_eos if ids[t] == self.eos_id else self.train_on_eot
                 if mode == "all" or (mode == "turn" and train) or (mode == "last" and k == last_trained):
                     labels[t] = ids[t]
         return labels
+
+
+def end_of_turn_ids(tokens, tokenizer) -> set[int]:
+    """The ids of ``eot_tokens``; each must be one token of the vocabulary."""
+    ids = set()
+    for token in tokens:
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ConfigError(f"config key 'eot_tokens': {token!r} is {len(encoded)} tokens for this tokenizer, not "
+                              f"one; add it under tokens: (or special_tokens:) so it becomes a single token")
+        ids.add(encoded[0])
+    return ids
 
 
 def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:

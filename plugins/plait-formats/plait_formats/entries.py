@@ -54,6 +54,18 @@ class ChatTemplateEntry(DatasetEntry):
     train_on_eos: EosMode = Field(None, description="Which EOS tokens are trained: all, turn (default), last, none.")
     train_on_eot: EosMode = Field(None, description="Which end-of-turn tokens are trained (default: train_on_eos).")
     drop_system_message: Optional[bool] = Field(None, description="Drop system messages before rendering.")
+    message_field_training_detail: Optional[str] = Field(
+        None, description="Message key holding [{begin_offset, end_offset, train}] character ranges of the "
+                          "content (end inclusive): only tokens inside a train: true range are trained.")
+    field_thinking: Optional[str] = Field(
+        None, description="Message key holding the reasoning trace (default: reasoning_content); it is trained "
+                          "with the answer.")
+    template_thinking_key: Optional[str] = Field(
+        None, description="The key the chat template reads the reasoning from (default: reasoning_content; "
+                          "e.g. thinking for gpt-oss).")
+    split_thinking: Optional[bool] = Field(
+        None, description="Move a <think>...</think> block at the start of an assistant's content into the "
+                          "reasoning key (for templates that render reasoning themselves, like Qwen 3's).")
 
 
 class TextEntry(DatasetEntry):

@@ -239,3 +239,78 @@ def test_content_as_a_list_of_text_parts(tokenizer, run_format):
     image = [{"role": "user", "content": [{"type": "image", "image": "x.png"}]}, plain[1]]
     with pytest.raises(BadRowError, match="message 0 has a content part of type 'image'; only text parts"):
         run_format(tokenizer, {"messages": [image]}, type="chat_template")
+
+
+def test_eot_tokens_are_exactly_the_turn_ends(llama3_tokenizer, run_format):
+    """Axolotl's eot_tokens: only the listed tokens (and the EOS) end a turn for
+    train_on_eot; unset, every special token after a message does."""
+    from plait.errors import ConfigError
+
+    eot = llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    def trained_ends(**run):
+        out = run_format(llama3_tokenizer, {"messages": [CONVERSATION]}, type="chat_template", chat_template="llama3",
+                         run=run)
+        return sum(1 for t, label in zip(out["input_ids"][0], out["labels"][0]) if t == eot and label == eot)
+
+    assert trained_ends() == 2  # one per assistant turn
+    assert trained_ends(eot_tokens=["<|eot_id|>"]) == 2
+    assert trained_ends(eot_tokens=["<|end_header_id|>"]) == 0  # <|eot_id|> no longer ends a turn
+    with pytest.raises(ConfigError, match=r"'eot_tokens': 'two words' is \d+ tokens for this tokenizer, not one"):
+        trained_ends(eot_tokens=["two words"])
+
+
+def _trained_text(tokenizer, out) -> str:
+    return tokenizer.decode([t for t, label in zip(out["input_ids"][0], out["labels"][0]) if label != -100])
+
+
+def test_reasoning_is_trained_with_the_answer(tokenizer, run_format):
+    """Qwen 3 renders reasoning_content as a <think> block before the answer;
+    as in Axolotl the block is trained with the answer, whichever key holds it."""
+    pytest.importorskip("plait_models")
+    question = {"role": "user", "content": "add 3 and 4"}
+    answer = {"role": "assistant", "content": "the sum is 7", "reasoning_content": "three plus four"}
+    out = run_format(tokenizer, {"messages": [[question, answer]]}, type="chat_template", chat_template="qwen3")
+    trained = _trained_text(tokenizer, out)
+    assert "three plus four" in trained and "the sum is 7" in trained and "add 3" not in trained
+
+    # the data names the key (field_thinking); the template reads its own (template_thinking_key)
+    renamed = {"role": "assistant", "content": "the sum is 7", "thought": "three plus four"}
+    out = run_format(tokenizer, {"messages": [[question, renamed]]}, type="chat_template", chat_template="qwen3",
+                     field_thinking="thought", template_thinking_key="reasoning_content")
+    assert "three plus four" in _trained_text(tokenizer, out)
+
+    # split_thinking: the reasoning inline in the content becomes the template's reasoning
+    inline = {"role": "assistant", "content": "<think>three plus four</think>the sum is 7"}
+    split = run_format(tokenizer, {"messages": [[question, inline]]}, type="chat_template", chat_template="qwen3",
+                       split_thinking=True)
+    assert split["input_ids"] == run_format(tokenizer, {"messages": [[question, answer]]}, type="chat_template",
+                                            chat_template="qwen3")["input_ids"]
+    assert "three plus four" in _trained_text(tokenizer, split)
+
+
+def test_per_part_train_flags(tokenizer, run_format):
+    """Content parts with train flags (Axolotl's per-part training): only the
+    tokens wholly inside a trained part are trained."""
+    parts = [{"type": "text", "text": "Let me think.", "train": False},
+             {"type": "text", "text": " The answer is 7.", "train": True}]
+    conversation = [{"role": "user", "content": "add 3 and 4"}, {"role": "assistant", "content": parts}]
+    trained = _trained_text(tokenizer, run_format(tokenizer, {"messages": [conversation]}, type="chat_template"))
+    assert "answer is 7" in trained and "think" not in trained
+    # the same with Axolotl's character ranges (end inclusive)
+    text = "Let me think. The answer is 7."
+    detail = [{"begin_offset": 0, "end_offset": 12, "train": False}, {"begin_offset": 13, "end_offset": 29,
+                                                                      "train": True}]
+    conversation[1] = {"role": "assistant", "content": text, "detail": detail}
+    trained = _trained_text(tokenizer, run_format(tokenizer, {"messages": [conversation]}, type="chat_template",
+                                                  message_field_training_detail="detail"))
+    assert "answer is 7" in trained and "think" not in trained
+
+
+def test_chat_template_kwargs_reach_the_template(tokenizer, run_format):
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and "
+                "style is defined %}[{{ style }}] {% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    out = run_format(tokenizer, {"messages": [conversation]}, type="chat_template", chat_template_jinja=template,
+                     run={"chat_template_kwargs": {"style": "brief"}})
+    assert "[brief] hello" in tokenizer.decode(out["input_ids"][0])

@@ -16,6 +16,9 @@ class KernelsConfig(BaseModel):
     liger_rms_norm: Optional[bool] = Field(None, description="Use liger-kernel's RMSNorm.")
     liger_rope: Optional[bool] = Field(None, description="Use liger-kernel's rotary embedding.")
     liger_glu_activation: Optional[bool] = Field(None, description="Use liger-kernel's SwiGLU/GeGLU.")
+    liger_layer_norm: Optional[bool] = Field(
+        None, description="Use liger-kernel's LayerNorm for the model's torch.nn.LayerNorm modules (the families "
+                          "built on RMSNorm have none, so nothing changes there; the kernel log says so).")
     liger_fused_linear_cross_entropy: Optional[bool] = Field(
         None, description="Use liger-kernel's fused linear cross-entropy as the loss step.")
     liger_cross_entropy: Optional[bool] = Field(
@@ -29,3 +32,6 @@ class KernelsConfig(BaseModel):
         None, description="The fused LoRA output projection (on by default with Plait's Triton kernels).")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
+    torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",
+                                         "max-autotune-no-cudagraphs"]] = Field(
+        None, description="torch.compile mode for the compiled layers (needs torch_compile: true).")

@@ -143,28 +143,62 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
             module._plait_lora_o = fused and getattr(cfg, "lora_o_kernel", None) is not False and is_lora(module.o_proj)
             ops = ["rope"] + (["lora_qkv"] if module._plait_lora_qkv else []) + (["lora_o"] if module._plait_lora_o else [])
             report[(kind, kernel_label(backend, " + ".join(ops)))] += 1
+    if getattr(cfg, "liger_layer_norm", None):
+        swapped = swap_layer_norms(model)
+        report[("LayerNorm", "liger layer_norm" if swapped else "none in this model: liger_layer_norm changes "
+                                                                  "nothing")] = swapped or 1
     if cfg.torch_compile:
         compile_backend = cfg.torch_compile_backend or "inductor"
-        compiled = compile_layers(model, targets.layer_class, compile_backend)
+        mode = getattr(cfg, "torch_compile_mode", None)
+        compiled = compile_layers(model, targets.layer_class, compile_backend, mode)
         if compiled:
-            report[(targets.layer_class, f"torch.compile ({compile_backend}), per layer")] = compiled
+            label = f"torch.compile ({compile_backend}{', ' + mode if mode else ''}), per layer"
+            report[(targets.layer_class, label)] = compiled
     summary = {f"{kind} x{count}": kernel for (kind, kernel), count in report.items()}
     for what, kernel in summary.items():
         log.debug("plait-kernels: %s -> %s", what, kernel)  # the loop prints the returned report
     return summary
 
 
-def compile_layers(model, layer_class: str | None, backend: str) -> int:
+def swap_layer_norms(model) -> int:
+    """Replace every ``torch.nn.LayerNorm`` with liger-kernel's, sharing its
+    weight and bias; returns how many (Axolotl's ``liger_layer_norm``)."""
+    norms = [(name, module) for name, module in model.named_modules()
+             if type(module) is nn.LayerNorm and module.elementwise_affine]
+    if not norms:
+        return 0
+    from plait_kernels.selection import _cuda_available, interpreter_enabled
+
+    if not _cuda_available() and not interpreter_enabled():
+        from plait.errors import ConfigError
+
+        raise ConfigError(f"config key 'liger_layer_norm': this model has {len(norms)} LayerNorm modules and "
+                          "liger-kernel's LayerNorm needs a CUDA device; none is available, so remove the key here")
+    from liger_kernel.transformers import LigerLayerNorm
+
+    count = 0
+    for name, module in norms:
+        new = LigerLayerNorm(module.normalized_shape[-1], eps=module.eps, bias=module.bias is not None)
+        new.weight = module.weight
+        if module.bias is not None:
+            new.bias = module.bias
+        _set_child(model, name, new, module)
+        count += 1
+    return count
+
+
+def compile_layers(model, layer_class: str | None, backend: str, mode: str | None = None) -> int:
     """Compile each decoder layer on its own (regional compilation).
 
     Every layer has the same code, so after the first one compiles the rest
     reuse its graph: cold start is one layer's compile, not the whole model's.
     ``nn.Module.compile`` compiles in place, so parameter names do not change.
+    ``mode`` is torch.compile's (Axolotl's ``torch_compile_mode``).
     """
     count = 0
     for module in model.modules():
         name = type(module).__name__
         if (layer_class and name == layer_class) or (not layer_class and name.endswith("DecoderLayer")):
-            module.compile(backend=backend)
+            module.compile(backend=backend, **({"mode": mode} if mode else {}))
             count += 1
     return count

@@ -34,7 +34,7 @@ def interpreter_enabled() -> bool:
 
 def asked_for_liger(cfg) -> list[str]:
     """The liger keys set to true (``liger_cross_entropy`` counts as the fused loss)."""
-    keys = [key for key in LIGER_KEYS.values() if getattr(cfg, key, None)]
+    keys = [key for key in (*LIGER_KEYS.values(), "liger_layer_norm") if getattr(cfg, key, None)]
     if getattr(cfg, "liger_cross_entropy", None) and "liger_fused_linear_cross_entropy" not in keys:
         keys.append("liger_cross_entropy")
     return keys
@@ -53,6 +53,9 @@ def check_config(cfg) -> None:
             f"config key 'plait_kernels': 'off' disables this plugin, but {', '.join(extra)} ask(s) for it; "
             f"remove those keys or set plait_kernels to auto, triton, liger or torch"
         )
+    if getattr(cfg, "torch_compile_mode", None) and not cfg.torch_compile:
+        raise ConfigError(f"config key 'torch_compile_mode': {cfg.torch_compile_mode!r} sets how layers are compiled, "
+                          f"and torch_compile is off; set torch_compile: true or remove torch_compile_mode")
     lora_keys = [key for key in LORA_KERNEL_KEYS if getattr(cfg, key, None)]
     if lora_keys and cfg.plait_kernels in ("torch", "off", "liger"):
         raise ConfigError(

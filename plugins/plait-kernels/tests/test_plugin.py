@@ -125,3 +125,59 @@ def test_regional_torch_compile(model_dir):
     assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
     torch._dynamo.reset()
     torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_liger_layer_norm_swaps_layer_norms_and_leaves_rms_norm_models_alone(device):
+    """Axolotl's liger_layer_norm: every nn.LayerNorm becomes liger's (same
+    weights, same output); an RMSNorm model has none and the report says so."""
+    import pytest
+    import torch
+
+    from plait_kernels.patch import swap_layer_norms
+
+    pytest.importorskip("liger_kernel")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)).to(device)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.1, 0.1)
+    x = torch.randn(4, 32, device=device)
+    expected = model(x)
+    weight = model[1].weight
+    assert swap_layer_norms(model) == 1
+    assert model[1].weight is weight  # the same parameter, so an optimizer built later trains it
+    assert type(model[1]).__name__ == "LigerLayerNorm" and model[1].replaces_class == "LayerNorm"
+    if device == "cuda":  # liger's LayerNorm kernel does not run under Triton's CPU interpreter
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    assert swap_layer_norms(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
+
+
+def test_torch_compile_mode_needs_torch_compile_and_reaches_the_layers():
+    import pytest
+    import torch
+
+    from plait_kernels.patch import compile_layers
+
+    keys = {"base_model": "m", "torch_compile_mode": "max-autotune"}
+    assert build_run_config({**keys, "torch_compile": True},
+                            plugins=[kernels_plugin])[0].torch_compile_mode == "max-autotune"
+    with pytest.raises(ConfigError, match="'torch_compile_mode': 'max-autotune' sets how layers are compiled"):
+        build_run_config(keys, plugins=[kernels_plugin])
+
+    class TinyDecoderLayer(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(TinyDecoderLayer(4, 4))
+    seen = {}
+    original = torch.compile
+
+    def recording_compile(fn, **kwargs):  # torch.compile itself, with its arguments noted
+        seen.update(kwargs)
+        return original(fn, **kwargs)
+
+    torch.compile, saved = recording_compile, torch.compile
+    try:
+        assert compile_layers(model, None, "eager", "max-autotune-no-cudagraphs") == 1
+    finally:
+        torch.compile = saved
+    assert seen == {"backend": "eager", "mode": "max-autotune-no-cudagraphs"}

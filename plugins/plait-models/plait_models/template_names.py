@@ -24,6 +24,9 @@ gives ``chatml`` and ``llama3``, which match :data:`~._common.CHATML` and
   ``<think>`` block (the final one always), earlier answers drop theirs.
   plait-formats passes ``real_last_index`` so each prefix of a conversation
   renders as the start of the whole, which turn masking needs.
+  ``qwen3_5`` is the same text: Axolotl's ``qwen3_5`` differs from its
+  ``qwen3`` only for list-of-parts content (images, videos), which text
+  conversations do not have.
 * ``mistral_v1``: :data:`~._common.MISTRAL_V1`, ``' [INST] ' + user + ' [/INST]'``
   and ``' ' + answer + '</s>'``, strictly alternating, no system role;
   ``mistral_v3_tekken``: :data:`~._common.MISTRAL_V3_TEKKEN`, the same
@@ -77,6 +80,7 @@ CHAT_TEMPLATES = {
     "phi_35": PHI35,
     "qwen_25": QWEN25,
     "qwen3": QWEN3,
+    "qwen3_5": QWEN3,
     "mistral_v1": MISTRAL_V1,
     "mistral_v3_tekken": MISTRAL_V3_TEKKEN,
     "alpaca": ALPACA,

@@ -75,7 +75,7 @@ def test_axolotl_names_select_the_family_templates(pm):
 
     names = named_chat_templates(pm)
     assert {"gemma": GEMMA, "gemma3": GEMMA, "phi_3": PHI3, "phi_35": PHI35, "qwen_25": QWEN25,
-            "qwen3": QWEN3, "mistral_v1": MISTRAL_V1, "mistral_v3_tekken": MISTRAL_V3_TEKKEN, "alpaca": ALPACA,
+            "qwen3": QWEN3, "qwen3_5": QWEN3, "mistral_v1": MISTRAL_V1, "mistral_v3_tekken": MISTRAL_V3_TEKKEN, "alpaca": ALPACA,
             "deepseek_v2": DEEPSEEK_V2, "deepseek_v3": DEEPSEEK_V3, "falcon_h1": FALCON_H1,
             "llama4": LLAMA4}.items() <= names.items()
     assert {"chatml", "llama3"} <= set(names)  # core's, with no clash from the family CHATML/LLAMA3

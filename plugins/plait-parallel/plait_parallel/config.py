@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from plait.errors import ConfigError, did_you_mean
+from plait.errors import ConfigError, MachineFactError, did_you_mean
 
 #: ``fsdp:`` words and what they mean for FSDP2
 FSDP_WORDS = {
@@ -129,6 +129,18 @@ class ParallelConfig(BaseModel):
         None, description="Context-parallel attention: true or plait_ring/varlen_llama3/batch_ring (contiguous split), "
                           "batch_zigzag (load-balanced split).")
     heads_k_stride: Optional[int] = Field(None, ge=1, description="K/V heads one ring-attention step processes at once.")
+    deepspeed: Optional[Union[str, dict[str, Any]]] = Field(
+        None, description="A DeepSpeed ZeRO config (JSON path, Axolotl's deepspeed_configs/ name, or mapping), "
+                          "translated to fsdp / fsdp_config (see plait_parallel.deepspeed).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deepspeed_to_fsdp(cls, data):
+        if isinstance(data, dict) and data.get("deepspeed"):
+            from plait_parallel.deepspeed import apply_deepspeed
+
+            data = apply_deepspeed(data)
+        return data
 
     @field_validator("fsdp")
     @classmethod
@@ -184,11 +196,11 @@ def mesh_sizes(cfg, world_size: int) -> dict[str, int]:
                  f"context_parallel_size={cp} x tensor_parallel_size={tp}")
     if shard is None:
         if world_size % others:
-            raise ConfigError(f"{described} does not divide the world size {world_size} (WORLD_SIZE); "
+            raise MachineFactError(f"{described} does not divide the world size {world_size} (WORLD_SIZE); "
                               f"choose sizes whose product divides {world_size}")
         shard = world_size // others
     elif others * shard != world_size:
-        raise ConfigError(f"{described} = {others * shard}, but the world size is {world_size} (WORLD_SIZE); "
+        raise MachineFactError(f"{described} = {others * shard}, but the world size is {world_size} (WORLD_SIZE); "
                           f"the product must equal the number of processes")
     return {"dp_replicate": rep, "dp_shard": shard, "cp": cp, "tp": tp}
 

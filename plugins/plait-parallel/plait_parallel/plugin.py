@@ -32,6 +32,10 @@ def validate_config(cfg):
     from plait_parallel.config import validate
 
     validate(cfg)
+    if cfg.deepspeed:
+        from plait_parallel.deepspeed import translation_note
+
+        cfg.add_note(translation_note(cfg.deepspeed))
 
 
 @hookimpl

@@ -1,0 +1,81 @@
+"""Axolotl's integration plugins named under ``plugins:``.
+
+An Axolotl config turns on an integration by its import path, e.g.
+``axolotl.integrations.liger.LigerPlugin``. Plait cannot import those; each
+is either served by something Plait has (the entry is dropped and its keys
+keep their meaning) or refused by name with what to use instead.
+
+=====================  ===================================================
+integration            in Plait
+=====================  ===================================================
+cut_cross_entropy      core's loss step (never builds full logits)
+liger                  plait-kernels (the ``liger_*`` keys)
+spectrum               refused: use ``unfrozen_parameters``
+kernels                refused (hub MoE kernels)
+others                 refused, named
+=====================  ===================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "axolotl.integrations."
+
+
+@dataclass(frozen=True)
+class Integration:
+    """How Plait serves one Axolotl integration: ``plugin`` (a Plait
+    entry-point name that must be loaded, or ``None`` for core) and what it
+    does, or ``refused`` with the reason."""
+
+    serves: str
+    plugin: str | None = None
+    refused: bool = False
+
+
+INTEGRATIONS: dict[str, Integration] = {
+    "cut_cross_entropy": Integration("Plait's loss step never builds the [tokens, vocab] logits (chunked head + "
+                                     "cross-entropy; plait-kernels' fused kernel on CUDA)"),
+    "liger": Integration("plait-kernels swaps in liger-kernel's modules for the liger_* keys", plugin="kernels"),
+    "spectrum": Integration("Spectrum's layer selection (a hub SNR scan) is not implemented; list the layers to "
+                            "train with unfrozen_parameters", refused=True),
+    "kernels": Integration("hub MoE kernels (scattermoe, sonicmoe) are not used; plait-models runs MoE experts "
+                           "and plait-kernels swaps dense kernels", refused=True),
+    "swanlab": Integration("SwanLab tracking is not implemented; use wandb_project, mlflow_*, use_tensorboard or "
+                           "trackio_project_name", refused=True),
+    "kd": Integration("knowledge distillation is not implemented", refused=True),
+    "lm_eval": Integration("lm-eval-harness runs are not built in; run lm_eval on the saved model", refused=True),
+    "grokfast": Integration("the Grokfast gradient filter is not implemented", refused=True),
+    "diffusion": Integration("diffusion language-model training is not implemented", refused=True),
+    "llm_compressor": Integration("llm-compressor sparse fine-tuning is not implemented", refused=True),
+    "mora": Integration("MoRA adapters are not implemented; use adapter: lora (plait-peft)", refused=True),
+    "densemixer": Integration("DenseMixer MoE routing is not implemented", refused=True),
+    "expert_parallel": Integration("expert parallelism is not implemented; plait-parallel shards MoE models with "
+                                   "FSDP2", refused=True),
+    "nemo_gym": Integration("NeMo Gym environments (online RL) are not implemented", refused=True),
+    "hatchery": Integration("remote training backends (Tinker/Hatchery) are not supported", refused=True),
+}
+
+
+def integration_of(entry: str) -> str | None:
+    """``"liger"`` for ``axolotl.integrations.liger.LigerPlugin``; ``None`` for
+    an entry that is not an Axolotl integration."""
+    if not entry.startswith(PREFIX):
+        return None
+    return entry[len(PREFIX):].split(".")[0]
+
+
+def resolve(entry: str, loaded_plugins) -> tuple[str | None, str | None]:
+    """``(note, problem)`` for one Axolotl ``plugins:`` entry: a note when
+    Plait serves it, a problem line when it cannot."""
+    name = integration_of(entry)
+    integration = INTEGRATIONS.get(name)
+    if integration is None:
+        return None, f"{entry}: Axolotl's {name!r} integration has no equivalent in Plait"
+    if integration.refused:
+        return None, f"{entry}: {integration.serves}"
+    if integration.plugin and integration.plugin not in loaded_plugins:
+        return None, (f"{entry}: served by Plait's plugin {integration.plugin!r}, which is not loaded "
+                      f"(pip install plait-{integration.plugin}, or stop disabling it)")
+    return f"plugins: {entry} -> {integration.serves}", None
