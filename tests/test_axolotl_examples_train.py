@@ -71,19 +71,9 @@ def tiny_models(tmp_path_factory):
             for family in {family for family, _ in SAMPLE.values()}}
 
 
-#: examples that fail here for a reason outside issue 18, each with it
-KNOWN_FAILURES = {
-    # main's head probe (plait.model.forward.probe_head, run right after load_model) fails on this tiny
-    # 4-bit Gemma 2, prepared for k-bit training or not (RuntimeError: shape '[32, 0]' is invalid for input
-    # of size 16), while a plain forward of the same model on token ids works. Left for the head probe's owners.
-    "examples/gemma2/qlora.yml": "main's head probe fails on a 4-bit Gemma 2 (plait.model.forward.probe_head)",
-}
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not EXAMPLES.is_dir(), reason="no ../shared/axolotl-examples/configs here")
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[n], strict=True))
-                                  if n in KNOWN_FAILURES else n for n in SAMPLE])
+@pytest.mark.parametrize("name", list(SAMPLE))
 def test_example_trains_three_steps_on_the_cpu(name, tiny_models, tmp_path):
     import yaml
 

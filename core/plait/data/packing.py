@@ -462,7 +462,7 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
 
     import torch
 
-    from plait.model.forward import forward_logits, unwrap
+    from plait.model.forward import forward_logits, probing, unwrap
 
     causal_lm = unwrap(model)
     embeddings = causal_lm.get_input_embeddings()
@@ -475,17 +475,13 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
     packed = collate_packed([{"input_ids": sum(rows, []), "labels": sum(rows, []), "seq_lens": list(lengths)}],
                             0, cfg.attn_implementation, dtype=dtype, device=device)
     packed = {k: v.to(device) if hasattr(v, "to") else v for k, v in packed.items() if k != "labels"}
-    was_training = causal_lm.training
-    causal_lm.eval()
     try:
-        with torch.no_grad():
+        with probing(causal_lm):
             together = forward_logits(model, packed).logits[0].float()
             alone = torch.cat([forward_logits(model, _one_row(row, cfg.attn_implementation, dtype, device)).logits[0]
                                for row in rows]).float()
     except Exception as exc:  # noqa: BLE001 - a model that cannot run a packed batch cannot train on one
         return f"a packed test batch failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-    finally:
-        causal_lm.train(was_training)
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     scale = float(alone.abs().max()) + 1e-6
     diff = float((together - alone).abs().max())

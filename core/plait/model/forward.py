@@ -22,6 +22,8 @@ loss on different logits.
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import logging
 import weakref
@@ -125,6 +127,30 @@ def as_hidden(output):
     return None
 
 
+@contextlib.contextmanager
+def probing(module):
+    """Eval mode without gradients for a probe forward; every submodule's own
+    training flag comes back afterwards.
+
+    bitsandbytes' 4-bit layers stay in training mode: on a CPU with AVX-512
+    BF16, an eval-mode forward without gradients repacks their weights in place
+    for bitsandbytes' inference kernel, and a training forward never unpacks
+    them, so a probe at load time would change the weights the run trains."""
+    import torch
+
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    for m in module.modules():
+        if type(m).__module__.startswith("bitsandbytes"):
+            m.training = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
     """Run ``causal_lm`` once (eval mode, no grad) on ``n_tokens`` tokens and
     find the module whose output the head multiplies, and whether the fused
@@ -170,16 +196,13 @@ def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
         offsets = torch.tensor([0, n_tokens], dtype=torch.int32, device=device)
         kwargs.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets.clone(), max_length_q=n_tokens,
                       max_length_k=n_tokens, position_ids=torch.arange(n_tokens, device=device)[None])
-    was_training = causal_lm.training
-    causal_lm.eval()
     try:
-        with torch.no_grad():
+        with probing(causal_lm):
             outputs = causal_lm(input_ids=ids, **kwargs)
     except Exception as exc:  # noqa: BLE001 - recorded: the loop refuses such a model with this reason
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
         return HeadPlan(None, False, keep, cache, f"the head probe failed ({error})", probe_error=error)
     finally:
-        causal_lm.train(was_training)
         for handle in handles:
             handle.remove()
     logits = getattr(outputs, "logits", None)
@@ -208,20 +231,15 @@ def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
 def _feeds_every_position(causal_lm, feeder: str, ids, kwargs) -> bool:
     """Whether ``feeder`` still returns every position when the model is asked
     for the last position's logits only (``logits_to_keep=1``)."""
-    import torch
-
     lengths = []
     handle = causal_lm.get_submodule(feeder).register_forward_hook(
         lambda module, args, output: lengths.append(as_hidden(output).shape[1]))
-    was_training = causal_lm.training
-    causal_lm.eval()
     try:
-        with torch.no_grad():
+        with probing(causal_lm):
             causal_lm(input_ids=ids, **{**kwargs, "logits_to_keep": 1})
     except Exception:  # noqa: BLE001 - then do not ask for logits_to_keep at all
         return False
     finally:
-        causal_lm.train(was_training)
         handle.remove()
     return bool(lengths) and lengths[-1] == ids.shape[1]
 

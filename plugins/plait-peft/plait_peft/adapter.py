@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from plait.errors import ConfigError
+from plait.model.forward import probing
 
 log = logging.getLogger("plait.peft")
 
@@ -93,15 +94,12 @@ def linear_layers_run_on_text(model, n_tokens: int = 8) -> set[str] | None:
     embeddings = model.get_input_embeddings()
     vocab = embeddings.num_embeddings
     ids = torch.tensor([[(7 * i + 3) % vocab for i in range(n_tokens)]], device=embeddings.weight.device)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with probing(model):  # leaves bitsandbytes' 4-bit weights as training reads them
             model(input_ids=ids)
     except Exception:  # noqa: BLE001 - without the probe every linear layer is a target
         return None
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return plain
