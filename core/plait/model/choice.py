@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 
+from plait.model.names import ATTENTION_FLAGS  # the config flag that selects each backend
+
 log = logging.getLogger("plait.model")
 
-#: the config flag that selects each backend (``sdpa`` is the default: no flag)
-BACKEND_FLAGS = {"flash_attention_2": "flash_attention", "flex_attention": "flex_attention",
-                 "plait_varlen": "varlen_attention", "eager": "eager_attention", "sdpa": "sdp_attention"}
 
 
 def attention_fallbacks(wanted: str) -> list[str]:
@@ -42,7 +41,7 @@ def is_attention_refusal(exc: BaseException) -> bool:
 def use_attention_backend(cfg, backend: str, plugin: str = "core") -> None:
     """Set the config's attention flags so ``cfg.attn_implementation`` is ``backend``."""
     # flags off first: the config allows one attention flag at a time, checked on every assignment
-    for name, flag in sorted(BACKEND_FLAGS.items(), key=lambda item: item[0] == backend):
+    for name, flag in sorted(ATTENTION_FLAGS.items(), key=lambda item: item[0] == backend):
         if flag in type(cfg).model_fields and getattr(cfg, flag, None) != (name == backend):
             cfg.set_by_plugin(flag, name == backend, plugin)
 
