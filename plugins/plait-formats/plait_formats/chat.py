@@ -50,7 +50,9 @@ or an undefined value): the error names the row, and ``skip_bad_rows`` skips it.
 from __future__ import annotations
 
 import json
+from itertools import chain
 
+import numpy as np
 from jinja2 import TemplateError
 from plait.errors import BadRowError, ConfigError
 
@@ -186,6 +188,9 @@ class ChatFormat:
         self.thinking_key = getattr(dataset_cfg, "field_thinking", None) or "reasoning_content"
         self.template_thinking_key = getattr(dataset_cfg, "template_thinking_key", None) or "reasoning_content"
         self.split_thinking = bool(getattr(dataset_cfg, "split_thinking", None))
+        # a message's keys read above; the others reach the template as they are
+        self.read_keys = {self.role_key, self.content_key, self.training_key, self.detail_key, self.thinking_key,
+                          "role", "content", "from", "value"}
         self.roles_to_train = set(dataset_cfg.roles_to_train or ["assistant"])
         self.train_on_eos = dataset_cfg.train_on_eos or "turn"
         self.train_on_eot = dataset_cfg.train_on_eot or dataset_cfg.train_on_eos or "turn"
@@ -204,7 +209,11 @@ class ChatFormat:
             # Axolotl's eot_tokens: exactly these close a turn (with the EOS), not every special token
             self.marker_ids = end_of_turn_ids(cfg.eot_tokens, tokenizer) | ({self.eos_id} - {None})
         self.compiled = compile_template(self.template)
-        self.template_vars = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ... as transformers passes
+        # the template's globals (raise_exception, range, ...) first, then bos_token, eos_token, ... as
+        # transformers passes them; merged once so each render's context takes the dict as it is
+        # instead of copying the globals' ChainMap (most of a small render's time)
+        self.template_vars = dict(self.compiled.globals) if self.compiled is not None else {}
+        self.template_vars.update(tokenizer.special_tokens_map)
         # Axolotl's chat_template_kwargs (enable_thinking: false, ...) reach the template as variables
         self.template_vars.update(getattr(cfg, "chat_template_kwargs", None) or {})
         if not getattr(tokenizer, "is_fast", False):
@@ -250,9 +259,7 @@ class ChatFormat:
                 content, reasoning = split_reasoning(content)
                 ranges = None  # offsets into the unsplit content no longer apply
             # other keys (tool_calls, name, tool_call_id, ...) go to the template as they are
-            used = {role_key, content_key, self.training_key, self.detail_key, self.thinking_key, "role", "content",
-                    "from", "value"}
-            extra = {k: v for k, v in message.items() if k not in used and v is not None}
+            extra = {k: v for k, v in message.items() if k not in self.read_keys and v is not None}
             if reasoning is not None:
                 extra[self.template_thinking_key] = reasoning
             messages.append({"role": role, "content": content, "train": train, "extra": extra,
@@ -272,8 +279,13 @@ class ChatFormat:
 
     # --------------------------------------------------------- rendering
 
+    def template_messages(self, messages: list[dict]) -> list[dict]:
+        """Messages as the template sees them: role, content and the other
+        keys the data gave (tool_calls, reasoning under the template's key, ...)."""
+        return [{"role": m["role"], "content": m["content"], **m.get("extra", {})} for m in messages]
+
     def render(self, messages, tools, add_generation_prompt: bool = False, *, index: int = 0,
-               last_index: int | None = None) -> str:
+               last_index: int | None = None, plain: list[dict] | None = None) -> str:
         """The template's text for ``messages``; a template that refuses
         them (``raise_exception``, an undefined value) makes row ``index``
         a bad row.
@@ -282,14 +294,20 @@ class ChatFormat:
         given to the template as ``real_last_index`` (the variable Axolotl's
         templates read) when ``messages`` is a prefix of it. Qwen 3 renders the
         last answer differently from earlier ones; told where the real end is,
-        a prefix renders as the start of the whole."""
-        plain = [{"role": m["role"], "content": m["content"], **m.get("extra", {})} for m in messages]
+        a prefix renders as the start of the whole. ``plain``: the messages
+        as the template sees them, when the caller already built them."""
+        if plain is None:
+            plain = self.template_messages(messages)
         extra = {} if last_index is None else {"real_last_index": last_index}
         try:
             if self.compiled is not None:
-                return self.compiled.render(messages=plain, tools=tools, documents=None,
-                                            add_generation_prompt=add_generation_prompt, **self.template_vars,
-                                            **extra)
+                variables = {**self.template_vars, "messages": plain, "tools": tools, "documents": None,
+                             "add_generation_prompt": add_generation_prompt, **extra}
+                # the variables already hold the globals: a context without them skips copying jinja's
+                # ChainMap of globals on every render (a third of a short render's time)
+                context = self.compiled.environment.context_class(self.compiled.environment, variables,
+                                                                   self.compiled.name, self.compiled.blocks)
+                return self.compiled.environment.concat(self.compiled.root_render_func(context))
             return self.tokenizer.apply_chat_template(plain, tools=tools, chat_template=self.template,
                                                       tokenize=False, add_generation_prompt=add_generation_prompt,
                                                       **extra)
@@ -304,10 +322,11 @@ class ChatFormat:
         for trained assistant messages without text content (tool calls only)
         where their body starts: after the generation prompt."""
         last = len(messages) - 1
-        full = self.render(messages, tools, index=index, last_index=last)
+        plain = self.template_messages(messages)
+        full = self.render(messages, tools, index=index, last_index=last, plain=plain)
         ends, bodies = [], {}
         for k in range(1, len(messages)):
-            prefix = self.render(messages[:k], tools, index=index, last_index=last)
+            prefix = self.render(messages[:k], tools, index=index, last_index=last, plain=plain[:k])
             if not full.startswith(prefix):
                 raise BadRowError(index, f"the chat template renders the first {k} messages differently from the "
                                          f"start of the whole conversation, so turns cannot be masked")
@@ -316,7 +335,8 @@ class ChatFormat:
         for k, message in enumerate(messages):
             if message["train"] and not message["content"].strip() and message["extra"]:
                 start = ends[k - 1] if k else 0
-                prompt = self.render(messages[:k], tools, add_generation_prompt=True, index=index, last_index=last)
+                prompt = self.render(messages[:k], tools, add_generation_prompt=True, index=index, last_index=last,
+                                     plain=plain[:k])
                 if full.startswith(prompt) and start <= len(prompt) <= ends[k]:
                     bodies[k] = len(prompt)
         return full, ends, bodies
@@ -326,8 +346,14 @@ class ChatFormat:
         """Labels for the tokens ``ids`` of ``full`` (``offsets``: their character spans)."""
         if self.train_all:
             return list(ids)
-        labels = [IGNORE] * len(ids)
+        spans = self.spans(index, messages, full, ends, bodies, ids, offsets)
+        return self.label_rows([(messages, spans, ids, offsets)])[0]
 
+    def spans(self, index: int, messages: list[dict], full: str, ends: list[int], bodies: dict, ids,
+              offsets) -> list[tuple[int, int, int, int]]:
+        """``(start, content start, content end, end)`` in ``full`` of each
+        message; a message with trained parts also gets its ``absolute``
+        character ranges."""
         spans, start = [], 0
         for message, end in zip(messages, ends):
             content = message["content"].strip()
@@ -357,25 +383,75 @@ class ChatFormat:
                 c_end = markers[0] if markers else end
             spans.append((start, c_start, c_end, end))
             start = end
+        return spans
 
-        trained_turns = [k for k, m in enumerate(messages) if m["train"]]
-        last_trained = trained_turns[-1] if trained_turns else None
-        k = 0
-        for t, (t_start, t_end) in enumerate(offsets):
-            # a token belongs to the message whose span holds its first character
-            while k < len(spans) - 1 and t_start >= spans[k][3]:
-                k += 1
-            _, c_start, c_end, _ = spans[k]
-            train = messages[k]["train"]
-            if train and t_end > c_start and t_start < c_end:
-                allowed = messages[k].get("absolute")
-                if allowed is None or any(b <= t_start and t_end <= e for b, e in allowed):
-                    labels[t] = ids[t]
-            elif t_start >= c_end and ids[t] in self.marker_ids:
-                mode = self.train_on_eos if ids[t] == self.eos_id else self.train_on_eot
-                if mode == "all" or (mode == "turn" and train) or (mode == "last" and k == last_trained):
-                    labels[t] = ids[t]
-        return labels
+    def label_rows(self, rows: list[tuple[list[dict], list[tuple], list[int], list]]) -> list[list[int]]:
+        """Labels of many rows ``(messages, spans, ids, offsets)`` at once.
+
+        The rows are laid one after another on a single character axis and
+        their messages on a single index axis, so each rule below is one array
+        operation over every token of the batch rather than a Python loop:
+
+        * a token belongs to the message whose span holds its first character
+          (a running maximum, so a token never moves back to an earlier
+          message, and never past its row's last message);
+        * it is trained when its message is trained and it overlaps the
+          content (wholly inside a trained part, where parts say);
+        * an end marker after the content is trained as ``train_on_eos`` /
+          ``train_on_eot`` say (``all``, ``turn``: of trained messages,
+          ``last``: of the row's last trained message, ``none``)."""
+        lengths = [len(ids) for _, _, ids, _ in rows]
+        total = sum(lengths)
+        ids = np.fromiter(chain.from_iterable(row[2] for row in rows), dtype=np.int64, count=total)
+        offsets = np.array(list(chain.from_iterable(row[3] for row in rows)), dtype=np.int64).reshape(total, 2)
+        # each row's characters start after the previous row's last span end
+        span_rows = [row[1] for row in rows]
+        row_chars = np.cumsum([0] + [spans[-1][3] + 1 for spans in span_rows[:-1]])
+        row_messages = np.cumsum([0] + [len(spans) for spans in span_rows[:-1]])
+        spans = np.array([span for spans in span_rows for span in spans], dtype=np.int64).reshape(-1, 4)
+        spans += np.repeat(row_chars, [len(s) for s in span_rows])[:, None]
+        messages = [message for row in rows for message in row[0]]
+        train_of_message = np.array([m["train"] for m in messages], dtype=bool)
+        last_trained = np.full(len(rows), -1)
+        for r, (row_msgs, *_) in enumerate(rows):
+            trained = [k for k, m in enumerate(row_msgs) if m["train"]]
+            if trained:
+                last_trained[r] = row_messages[r] + trained[-1]
+
+        token_row = np.repeat(np.arange(len(rows)), lengths)
+        t_start = offsets[:, 0] + row_chars[token_row]
+        t_end = offsets[:, 1] + row_chars[token_row]
+        row_last = (row_messages + np.array([len(s) for s in span_rows]) - 1)[token_row]
+        owner = np.minimum(np.searchsorted(spans[:, 3], t_start, side="right"), row_last)
+        owner = np.maximum.accumulate(owner) if total else owner
+        c_start, c_end = spans[owner, 1], spans[owner, 2]
+        train = train_of_message[owner]
+
+        in_content = train & (t_end > c_start) & (t_start < c_end)
+        labelled = in_content.copy()
+        for k, message in enumerate(messages):
+            allowed = message.get("absolute")
+            if allowed is None:
+                continue
+            mine = np.flatnonzero(in_content & (owner == k))
+            base = row_chars[token_row[mine]] if len(mine) else 0
+            inside = np.zeros(len(mine), dtype=bool)
+            for begin, end in allowed:
+                inside |= (t_start[mine] - base >= begin) & (t_end[mine] - base <= end)
+            labelled[mine] = inside
+
+        marker = ~in_content & (t_start >= c_end) & np.isin(ids, list(self.marker_ids))
+        is_eos = ids == (self.eos_id if self.eos_id is not None else -1)
+        for mode, which in ((self.train_on_eos, is_eos), (self.train_on_eot, ~is_eos)):
+            if mode == "all":
+                labelled |= marker & which
+            elif mode == "turn":
+                labelled |= marker & which & train
+            elif mode == "last":
+                labelled |= marker & which & (owner == last_trained[token_row])
+        flat = np.where(labelled, ids, IGNORE).tolist()
+        cuts = np.cumsum([0] + lengths).tolist()
+        return [flat[cuts[r]:cuts[r + 1]] for r in range(len(rows))]
 
 
 def end_of_turn_ids(tokens, tokenizer) -> set[int]:
@@ -397,10 +473,26 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:
     for index in range(batch_size(batch)):
         messages = fmt.normalise(index, conversations[index])
         rows.append((messages, *fmt.render_with_ends(index, messages, fmt.tools(batch, index))))
-    # one tokenizer call for the batch: the Rust tokenizer works through it in parallel
-    encoded = tokenizer([full for _, full, _, _ in rows], add_special_tokens=False, return_offsets_mapping=True)
-    out = {"input_ids": encoded["input_ids"], "labels": []}
-    for index, (messages, full, ends, bodies) in enumerate(rows):
-        out["labels"].append(fmt.labels(index, messages, full, ends, bodies, encoded["input_ids"][index],
-                                        encoded["offset_mapping"][index]))
-    return out
+    ids, offsets = encode_with_offsets(tokenizer, [full for _, full, _, _ in rows])
+    if fmt.train_all:
+        return {"input_ids": ids, "labels": [list(row) for row in ids]}
+    spans = [fmt.spans(index, messages, full, ends, bodies, ids[index], offsets[index])
+             for index, (messages, full, ends, bodies) in enumerate(rows)]
+    labels = fmt.label_rows([(messages, row_spans, ids[index], offsets[index])
+                             for index, ((messages, *_), row_spans) in enumerate(zip(rows, spans))])
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
+    """Token ids and character offsets of ``texts``, without special tokens,
+    in one call: the Rust tokenizer works through the batch in parallel.
+
+    The Rust tokenizer is called directly when it carries no truncation or
+    padding of its own (then transformers' wrapper only converts its output,
+    a fifth of the tokenizing time); otherwise through the wrapper."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], encoded["offset_mapping"]

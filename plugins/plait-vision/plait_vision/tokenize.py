@@ -104,15 +104,16 @@ class VisionChatFormat(ChatFormat):
         except ImageError as exc:
             raise BadRowError(index, f"images column: {exc}") from None
 
-    def render(self, messages, tools, add_generation_prompt: bool = False, *, index: int = 0,
-               last_index: int | None = None) -> str:
-        with_parts = []
+    def template_messages(self, messages: list[dict]) -> list[dict]:
+        """The messages with their content parts (images in place) for the
+        template; masking still reads the joined text."""
+        plain = []
         for message in messages:
             extra = dict(message.get("extra", {}))
             parts = extra.pop(PARTS, None)
-            with_parts.append({**message, "content": parts if parts is not None else message["content"],
-                               "extra": extra})
-        return super().render(with_parts, tools, add_generation_prompt, index=index, last_index=last_index)
+            plain.append({"role": message["role"], "content": parts if parts is not None else message["content"],
+                          **extra})
+        return plain
 
     def load_images(self, index: int, refs: list[dict]) -> list:
         images = []
