@@ -18,7 +18,7 @@ EDITABLE := $(foreach p,$(PACKAGES),$(if $(wildcard $(p)/pyproject.toml),-e $(p)
 DEPS := -c $(CONSTRAINTS) -r requirements-dev.txt $(EDITABLE)
 FIND_UV := command -v uv || { $(PIP) install -q uv >/dev/null 2>&1 && echo $(VENV)/bin/uv; }
 
-.PHONY: install quickstart test docs dist clean
+.PHONY: install quickstart test test-floors docs dist clean
 
 $(VENV)/.installed: core/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard contrib/*/pyproject.toml) requirements-dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,24 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The floor environment: every dependency the packages declare at the lowest version its range
+# admits (uv's lowest-direct resolution of the packages themselves, so no second list to drift),
+# and the tests that exercise those libraries. torch stays at the pinned CPU build: its floor (2.11)
+# is a multi-GB CUDA build on PyPI; the device machine's torch 2.11 runs bench/. pytest 8.4 because
+# the newest needs pluggy>=1.6 and pluggy's floor is 1.5.
+FLOORS_VENV := .venv-floors
+FLOORS_TESTS ?= tests/test_train_loop.py tests/test_data_prepare.py tests/test_train_resume.py tests/test_checkpoint_safety.py \
+	plugins/plait-formats plugins/plait-peft plugins/plait-bnb plugins/plait-models plugins/plait-kernels \
+	plugins/plait-preference plugins/plait-vision
+test-floors: install
+	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	uv=$$($(FIND_UV)); links=$${PIP_FIND_LINKS:-$$($(PIP) config get global.find-links 2>/dev/null)}; \
+	"$$uv" pip install -q --python $(FLOORS_VENV)/bin/python $${links:+--find-links $$links} --resolution lowest-direct \
+		"$(TORCH_PIN)" pytest==8.4.2 "liger-kernel>=0.8.5" "accelerate>=1.0" $(EDITABLE)
+	"$$($(FIND_UV))" pip list --python $(FLOORS_VENV)/bin/python 2>/dev/null | \
+		grep -i -E '^(torch|transformers|peft|datasets|tokenizers|safetensors|pydantic|pluggy|bitsandbytes) '
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOORS_TESTS)
 
 # the documentation site, into site/ (tests/test_docs.py builds it in CI too)
 docs: install
