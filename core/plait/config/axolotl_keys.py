@@ -142,8 +142,6 @@ LACKING_KEYS: dict[str, str] = {
     "embedding_lr": "a separate embedding learning rate is not implemented",
     "embedding_lr_scale": "a separate embedding learning rate is not implemented",
     "sequence_parallel_degree": "use context_parallel_size (plait-parallel)",
-    "liger_rms_norm_gated": "liger's gated RMSNorm (Qwen3-Next / linear-attention layers) has no swap in "
-                            "plait-kernels; leave it out (the model's own gated norm runs)",
     "liger_use_token_scaling": "liger's token-scaled cross-entropy is not implemented",
     "deepcompile": "DeepSpeed is not used; deepspeed: <zero json> translates to FSDP2",
 }

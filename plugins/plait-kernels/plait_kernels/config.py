@@ -15,6 +15,11 @@ class KernelsConfig(BaseModel):
     )
     liger_rms_norm: Optional[bool] = Field(None, description="Use liger-kernel's RMSNorm.")
     liger_rope: Optional[bool] = Field(None, description="Use liger-kernel's rotary embedding.")
+    liger_rms_norm_gated: Optional[bool] = Field(
+        None, description="Fuse the gated RMSNorm of linear-attention / Mamba layers (norm(x) * silu(gate), or "
+                          "Mamba-2's gate-then-group-norm: Qwen3-Next, Qwen3.5, NemotronH, ...) into one Triton "
+                          "kernel, Plait's (liger-kernel has none); needs a CUDA device. Models without a gated "
+                          "norm are unchanged (the kernel log says so).")
     liger_glu_activation: Optional[bool] = Field(None, description="Use liger-kernel's SwiGLU/GeGLU.")
     liger_layer_norm: Optional[bool] = Field(
         None, description="Use liger-kernel's LayerNorm for the model's torch.nn.LayerNorm modules (the families "

@@ -35,6 +35,47 @@ class PlaitRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, offset={self.offset}, kernel={self.kernel_name}"
 
 
+#: transformers' gated RMSNorm classes whose forward is exactly one of the two
+#: orders :mod:`plait_kernels.ops.gated_rms_norm` computes (checked against
+#: transformers 5.25 by ``tests/test_gated_rms_norm.py``): class name -> norm
+#: before the gate. The gate-first ones normalise per ``group_size`` columns.
+GATED_NORM_CLASSES = {
+    "Qwen3NextRMSNormGated": True,
+    "Qwen3_5RMSNormGated": True,
+    "Qwen3_5MoeRMSNormGated": True,
+    "OlmoHybridRMSNormGated": True,
+    "NemotronHRMSNormGated": False,
+    "Mamba2RMSNormGated": False,
+    "Zamba2RMSNormGated": False,
+    "BambaRMSNormGated": False,
+    "GraniteMoeHybridRMSNormGated": False,
+}
+
+
+class PlaitGatedRMSNorm(nn.Module):
+    """A gated RMSNorm (``norm(x) * silu(gate)`` or ``norm(x * silu(gate))`` per
+    group) through one kernel; holds the replaced module's ``weight``, and keeps
+    its ``variance_epsilon`` and ``group_size`` names."""
+
+    def __init__(self, weight: nn.Parameter, eps: float, group_size: int | None, norm_before_gate: bool,
+                 gated_rms_norm_fn, kernel_name: str):
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self._gated_rms_norm = gated_rms_norm_fn
+        self.kernel_name = kernel_name
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return self._gated_rms_norm(hidden_states, gate, self.weight, self.variance_epsilon, self.group_size,
+                                    self.norm_before_gate)
+
+    def extra_repr(self) -> str:
+        order = "norm, then gate" if self.norm_before_gate else f"gate, then norm per {self.group_size} columns"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, {order}, kernel={self.kernel_name}"
+
+
 class PlaitGLUMLP(nn.Module):
     """``down_proj(act(gate_proj(x)) * up_proj(x))`` with the gated activation fused.
 

@@ -18,7 +18,8 @@ from torch import nn
 from plait_kernels.backends import get_backend
 from plait_kernels.lora_linear import is_lora
 from plait_kernels.lora_mlp import PlaitLoRAGLUMLP, is_lora_mlp
-from plait_kernels.modules import ROPE_ATTENTION_CLASSES, PlaitGLUMLP, PlaitRMSNorm, rope_attention_class
+from plait_kernels.modules import (GATED_NORM_CLASSES, ROPE_ATTENTION_CLASSES, PlaitGatedRMSNorm, PlaitGLUMLP,
+                                   PlaitRMSNorm, rope_attention_class)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
     report: Counter = Counter()
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
-        if chosen["rms_norm"] and kind == norm_class and hasattr(module, "weight"):
+        if chosen.get("rms_norm_gated") and kind in GATED_NORM_CLASSES:
+            report[(kind, swap_gated_norm(model, name, module, chosen["rms_norm_gated"]))] += 1
+        elif chosen["rms_norm"] and kind == norm_class and hasattr(module, "weight"):
             backend = chosen["rms_norm"]
             new = PlaitRMSNorm(module.weight, _norm_eps(module), _norm_offset(module) if offset is None else offset,
                                get_backend(backend)["rms_norm"], f"{backend} rms_norm")
@@ -143,6 +146,9 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
             module._plait_lora_o = fused and getattr(cfg, "lora_o_kernel", None) is not False and is_lora(module.o_proj)
             ops = ["rope"] + (["lora_qkv"] if module._plait_lora_qkv else []) + (["lora_o"] if module._plait_lora_o else [])
             report[(kind, kernel_label(backend, " + ".join(ops)))] += 1
+    if getattr(cfg, "liger_rms_norm_gated", None) and not any(kind in GATED_NORM_CLASSES for kind, _ in report):
+        # Axolotl's key is for the linear-attention layers of hybrid models; others have no gated norm
+        report[("RMSNormGated", "none in this model: liger_rms_norm_gated changes nothing")] = 1
     if getattr(cfg, "liger_layer_norm", None):
         swapped = swap_layer_norms(model)
         report[("LayerNorm", "liger layer_norm" if swapped else "none in this model: liger_layer_norm changes "
@@ -158,6 +164,19 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
     for what, kernel in summary.items():
         log.debug("plait-kernels: %s -> %s", what, kernel)  # the loop prints the returned report
     return summary
+
+
+def swap_gated_norm(model, name: str, module, backend: str) -> str:
+    """Replace one gated RMSNorm of :data:`GATED_NORM_CLASSES` by the fused one
+    (the same weight); returns the kernel's label, or why the module stays."""
+    if getattr(module, "activation", "silu") not in ("silu", "swish"):
+        return f"the model's own (its gate is {module.activation}, the kernel's is silu)"
+    norm_before_gate = GATED_NORM_CLASSES[type(module).__name__]
+    group_size = None if norm_before_gate else int(module.group_size)
+    new = PlaitGatedRMSNorm(module.weight, _norm_eps(module), group_size, norm_before_gate,
+                            get_backend(backend)["rms_norm_gated"], f"{backend} rms_norm_gated")
+    _set_child(model, name, new, module)
+    return kernel_label(backend, "rms_norm_gated")
 
 
 def swap_layer_norms(model) -> int:

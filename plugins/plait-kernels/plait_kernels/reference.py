@@ -49,3 +49,21 @@ def linear_cross_entropy(hidden, head_weight, labels, head_bias=None, softcap=No
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), int((labels != -100).sum())
+
+
+def gated_rms_norm(x, gate, weight, eps=1e-6, group_size=None, norm_before_gate=True):
+    """transformers' two gated RMSNorms (Qwen3-Next's norm-then-gate, Mamba-2's
+    gate-then-group-norm), rounding where they round."""
+    import torch
+    import torch.nn.functional as F
+
+    in_dtype = x.dtype
+    x32 = x.float()
+    if norm_before_gate:
+        n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(in_dtype)
+        return ((weight * n).float() * F.silu(gate.float())).to(in_dtype)
+    h = x32 * F.silu(gate.float()) if gate is not None else x32
+    group_size = group_size or x.shape[-1]
+    grouped = h.view(*h.shape[:-1], h.shape[-1] // group_size, group_size)
+    n = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).view(h.shape)
+    return weight * n.to(in_dtype)

@@ -2,6 +2,8 @@
 
 ``plait_kernels`` sets the default for every piece; a ``liger_*`` key set to
 true moves its piece to liger-kernel. ``off`` turns the plugin off entirely.
+liger-kernel has no gated RMSNorm: ``liger_rms_norm_gated`` (Axolotl's key,
+which Axolotl also serves with a Triton kernel of its own) asks for Plait's.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 def check_config(cfg) -> None:
     """Config-only checks (no torch): run at validation, before any model work."""
     liger_keys = asked_for_liger(cfg)
-    if cfg.plait_kernels == "off" and (liger_keys or cfg.torch_compile):
-        extra = liger_keys + (["torch_compile"] if cfg.torch_compile else [])
+    if cfg.plait_kernels == "off" and (liger_keys or cfg.torch_compile or getattr(cfg, "liger_rms_norm_gated", None)):
+        extra = liger_keys + (["liger_rms_norm_gated"] if getattr(cfg, "liger_rms_norm_gated", None) else []) + (
+            ["torch_compile"] if cfg.torch_compile else [])
         raise ConfigError(
             f"config key 'plait_kernels': 'off' disables this plugin, but {', '.join(extra)} ask(s) for it; "
             f"remove those keys or set plait_kernels to auto, triton, liger or torch"
@@ -85,6 +88,8 @@ def choose(cfg) -> dict[str, str | None]:
             chosen[piece] = "liger"
     if getattr(cfg, "liger_cross_entropy", None):
         chosen["loss"] = "liger"
+    # only Plait's Triton kernel fuses the gated norm (liger-kernel has none)
+    chosen["rms_norm_gated"] = "triton" if default == "triton" or getattr(cfg, "liger_rms_norm_gated", None) else None
     needs_device = sorted({name for name in chosen.values() if name in ("triton", "liger")})
     if needs_device and not _cuda_available() and not interpreter_enabled():
         raise ConfigError(

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the 
 
 def _run_every_op():
     from plait_kernels.ops.cross_entropy import fused_linear_cross_entropy
+    from plait_kernels.ops.gated_rms_norm import gated_rms_norm
     from plait_kernels.ops.glu import geglu, glu_backward, glu_forward, swiglu
     from plait_kernels.ops.rms_norm import rms_norm
     from plait_kernels.ops.rope import apply_rope
@@ -30,6 +31,10 @@ def _run_every_op():
     for residual in (None, leaf(4, 64)):
         out = rms_norm(leaf(4, 64), leaf(64), offset=1.0, residual=residual)
         sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    # both orders; the gate-first one with and without a gate, with a bf16 and a float32 weight
+    for gate, weight, group, before in ((leaf(4, 64), leaf(64), None, True), (leaf(4, 64), leaf(64), 16, False),
+                                        (None, leaf(64, dtype=torch.float32), 16, False)):
+        gated_rms_norm(leaf(4, 64), gate, weight, 1e-5, group, before).float().sum().backward()
     q, k = leaf(1, 4, 8, 16), leaf(1, 2, 8, 16)
     cos, sin = torch.randn(1, 8, 16).to(torch.bfloat16), torch.randn(1, 8, 16).to(torch.bfloat16)
     sum(t.float().sum() for t in apply_rope(q, k, cos, sin)).backward()
@@ -61,7 +66,7 @@ def test_every_launch_compiles_for_sm90():
         _run_every_op()
     kernels = {launch["kernel"] for launch in launches}
     # each kernel module took part, so a new kernel in one of them is covered
-    assert {"_rms_norm_fwd", "_rms_norm_bwd", "_rope_kernel", "_glu_fwd", "_glu_bwd", "_ce_rows", "_copy_rows",
+    assert {"_rms_norm_fwd", "_rms_norm_bwd", "_gated_rms_norm_fwd", "_gated_rms_norm_bwd", "_rope_kernel", "_glu_fwd", "_glu_bwd", "_ce_rows", "_copy_rows",
             "_gate_up_weight", "_dequantize_nf4"} <= kernels, kernels
     assert compile_launches(launches) == []
 

@@ -52,6 +52,23 @@ def test_off_with_liger_key_is_refused(model_dir):
         _cfg(model_dir, plait_kernels="off", liger_rope=True)
 
 
+def test_liger_rms_norm_gated_needs_no_liger_and_picks_plait_kernel(model_dir, monkeypatch):
+    """liger-kernel has no gated RMSNorm: the key selects Plait's Triton kernel for
+    that piece only, with or without liger-kernel; 'off' refuses it by name."""
+    import plait_kernels.selection as selection
+
+    monkeypatch.setattr(selection, "liger_installed", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg, _ = _cfg(model_dir, liger_rms_norm_gated=True, plait_kernels="torch")
+    chosen = selection.choose(cfg)
+    assert chosen["rms_norm_gated"] == "triton" and not any(v for k, v in chosen.items() if k != "rms_norm_gated")
+    assert selection.choose(_cfg(model_dir, plait_kernels="torch")[0])["rms_norm_gated"] is None
+    with pytest.raises(ConfigError, match="'off' disables this plugin, but liger_rms_norm_gated"):
+        _cfg(model_dir, plait_kernels="off", liger_rms_norm_gated=True)
+    with pytest.raises(ConfigError, match="liger_rms_norm_gated"):
+        _cfg(model_dir, liger_rms_norm_gated="sometimes")
+
+
 def test_liger_key_without_liger_installed(model_dir, monkeypatch):
     import plait_kernels.selection as selection
 
