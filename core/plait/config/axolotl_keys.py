@@ -133,8 +133,6 @@ LACKING_KEYS: dict[str, str] = {
     "shrink_embeddings": "shrinking embeddings is not implemented",
     "fix_untrained_tokens": "fixing untrained token embeddings is not implemented",
     "chunked_cross_entropy": "Plait's loss is always chunked: leave the key out",
-    "flash_attn_fuse_mlp": "flash-attn's fused MLP is not used; plait-kernels fuses the MLP",
-    "flash_attn_rms_norm": "flash-attn's RMSNorm is not used; plait-kernels swaps the norm",
     "flash_optimum": "BetterTransformer is not used",
     "layer_offloading": "offloading layer weights is not implemented; fsdp_config offload_params does it under FSDP2",
     "loraplus_lr_ratio": "LoRA+ is not implemented",

@@ -23,12 +23,14 @@ FIRST_PARTY_KEYS: dict[str, tuple[str, ...]] = {
                          "kto_desirable_weight", "kto_undesirable_weight", "precompute_ref_log_probs",
                          "reward_model", "num_labels", "center_rewards_coefficient"),
     "plait-vision": ("processor_type", "image_size", "image_resize_algorithm", "freeze_mm_modules"),
+    "plait-kernels": ("flash_attn_fuse_mlp", "flash_attn_rms_norm"),
 }
 
 #: what each of those distributions brings, for the message
 FIRST_PARTY_PURPOSE: dict[str, str] = {
     "plait-preference": "preference training (DPO, IPO, ORPO, KTO, SimPO) and reward models",
     "plait-vision": "multimodal (vision-language) training",
+    "plait-kernels": "the fused kernels (RMSNorm, MLP, rotary, loss)",
 }
 
 

@@ -29,6 +29,13 @@ class KernelsConfig(BaseModel):
     liger_cross_entropy: Optional[bool] = Field(
         None, description="Accepted from Axolotl: Plait's loss step is always head + cross-entropy, so this "
                           "selects liger's fused linear cross-entropy too.")
+    flash_attn_rms_norm: Optional[bool] = Field(
+        None, description="Axolotl's older switch for a fused RMSNorm (it used flash-attn's): swaps the model's "
+                          "RMSNorm for Plait's Triton one (liger's with liger_rms_norm); needs a CUDA device.")
+    flash_attn_fuse_mlp: Optional[bool] = Field(
+        None, description="Axolotl's older switch for a fused MLP (it used xformers' SwiGLU): swaps the gated MLP "
+                          "for Plait's fused SwiGLU/GeGLU (the fused LoRA MLP under LoRA, which Axolotl's refused; "
+                          "liger's with liger_glu_activation); needs a CUDA device.")
     lora_mlp_kernel: Optional[bool] = Field(
         None, description="The fused LoRA GLU MLP (on by default with Plait's Triton kernels; false turns it off).")
     lora_qkv_kernel: Optional[bool] = Field(

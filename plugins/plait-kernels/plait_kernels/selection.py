@@ -23,6 +23,15 @@ LIGER_KEYS = {
 }
 
 
+#: piece -> Axolotl's older key that asks for a fused kernel for it (flash-attn's
+#: RMSNorm, xformers' SwiGLU there): Plait's Triton kernel unless a liger key
+#: already chose liger-kernel's
+FUSED_KEYS = {
+    "rms_norm": "flash_attn_rms_norm",
+    "glu": "flash_attn_fuse_mlp",
+}
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -49,9 +58,9 @@ LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 def check_config(cfg) -> None:
     """Config-only checks (no torch): run at validation, before any model work."""
     liger_keys = asked_for_liger(cfg)
-    if cfg.plait_kernels == "off" and (liger_keys or cfg.torch_compile or getattr(cfg, "liger_rms_norm_gated", None)):
-        extra = liger_keys + (["liger_rms_norm_gated"] if getattr(cfg, "liger_rms_norm_gated", None) else []) + (
-            ["torch_compile"] if cfg.torch_compile else [])
+    triton_keys = [key for key in ("liger_rms_norm_gated", *FUSED_KEYS.values()) if getattr(cfg, key, None)]
+    if cfg.plait_kernels == "off" and (liger_keys or triton_keys or cfg.torch_compile):
+        extra = liger_keys + triton_keys + (["torch_compile"] if cfg.torch_compile else [])
         raise ConfigError(
             f"config key 'plait_kernels': 'off' disables this plugin, but {', '.join(extra)} ask(s) for it; "
             f"remove those keys or set plait_kernels to auto, triton, liger or torch"
@@ -88,13 +97,17 @@ def choose(cfg) -> dict[str, str | None]:
             chosen[piece] = "liger"
     if getattr(cfg, "liger_cross_entropy", None):
         chosen["loss"] = "liger"
+    for piece, key in FUSED_KEYS.items():
+        if getattr(cfg, key, None) and chosen[piece] is None:
+            chosen[piece] = "triton"
     # only Plait's Triton kernel fuses the gated norm (liger-kernel has none)
     chosen["rms_norm_gated"] = "triton" if default == "triton" or getattr(cfg, "liger_rms_norm_gated", None) else None
     needs_device = sorted({name for name in chosen.values() if name in ("triton", "liger")})
     if needs_device and not _cuda_available() and not interpreter_enabled():
         raise ConfigError(
-            f"config key 'plait_kernels' / liger_*: the {' and '.join(needs_device)} kernels need a CUDA device and "
-            f"none is available; set plait_kernels: torch (or auto) and drop the liger_* keys on this machine "
+            f"config key 'plait_kernels' / liger_* / flash_attn_*: the {' and '.join(needs_device)} kernels need a "
+            f"CUDA device and none is available; set plait_kernels: torch (or auto) and drop the liger_* and "
+            f"flash_attn_* keys on this machine "
             f"(tests may set TRITON_INTERPRET=1 to run Triton kernels on the CPU)"
         )
     return chosen

@@ -113,6 +113,28 @@ def test_patch_model_hook_reports_and_build_loss_is_fused(model_dir, device):
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_flash_attn_keys_fuse_the_mlp_and_the_norm(model_dir, device):
+    """Axolotl's flash_attn_fuse_mlp / flash_attn_rms_norm ask for a fused MLP and
+    a fused RMSNorm: Plait's Triton ones (liger's where a liger key chose it), and
+    only those pieces; the fused model computes what the model's own code does."""
+    import plait_kernels.selection as selection
+
+    cfg, pm = _cfg(model_dir, plait_kernels="torch", flash_attn_fuse_mlp=True)
+    model = _model(model_dir)
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids.to(model.device)).logits
+    assert pm.hook.patch_model(cfg=cfg, model=model) == [{"LlamaMLP x2": "plait triton swiglu"}]
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    cfg, pm = _cfg(model_dir, plait_kernels="torch", flash_attn_rms_norm=True)
+    assert pm.hook.patch_model(cfg=cfg, model=_model(model_dir)) == [{"LlamaRMSNorm x5": "plait triton rms_norm"}]
+    both = selection.choose(_cfg(model_dir, plait_kernels="torch", flash_attn_rms_norm=True, liger_rms_norm=True,
+                                 flash_attn_fuse_mlp=True)[0])
+    assert (both["rms_norm"], both["glu"], both["rope"]) == ("liger", "triton", None)
+    with pytest.raises(ConfigError, match="'off' disables this plugin, but flash_attn_fuse_mlp"):
+        _cfg(model_dir, plait_kernels="off", flash_attn_fuse_mlp=True)
+
+
 def test_family_registry_names_the_classes(model_dir):
     """A family plugin's class names win over the built-in fallback table."""
     from plait.families import ModelFamily
