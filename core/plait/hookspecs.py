@@ -375,8 +375,10 @@ def patch_model(cfg: CoreConfig, model: torch.nn.Module) -> Optional[dict[str, s
     dict ``{module description: kernel name}`` of what it changed, printed at
     start, or ``None``.
 
-    ``cfg`` is the run config, ``model`` the model with its adapters. No
-    default implementation in core. Called by the training loop
+    ``cfg`` is the run config, ``model`` the model with its adapters. Core's
+    default implementation runs last (``trylast``) and only for ``tiled_mlp``: it
+    tiles each decoder layer's MLP, whichever module a plugin put there
+    (:mod:`plait.model.tiled_mlp`). Called by the training loop
     (``plait.train.loop.build_model``), training only.
     """
 

@@ -105,3 +105,31 @@ def load_model(cfg, tokenizer):
 
         enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     return model
+
+
+@hookimpl(trylast=True)
+def patch_model(cfg, model):
+    """``tiled_mlp``: tile each decoder layer's MLP (:mod:`plait.model.tiled_mlp`).
+    Last of the ``patch_model`` calls, so it tiles whatever MLP a kernel plugin
+    put in place."""
+    if not cfg.tiled_mlp:
+        return None
+    from plait.errors import ConfigError
+    from plait.model.tiled_mlp import tile_mlps
+
+    family = None
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if cfg.plugin_manager is not None and model_type:
+        from plait.families import find_family
+
+        family = find_family(cfg.plugin_manager, model_type)
+    try:
+        report = tile_mlps(model, cfg.tiled_mlp_num_shards, cfg.tiled_mlp_use_original_mlp,
+                           family.decoder_layer_class if family else None)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'tiled_mlp_use_original_mlp': false runs the llama MLP layout, and {exc}; "
+                          f"set tiled_mlp_use_original_mlp: true") from None
+    if not report:
+        raise ConfigError(f"config key 'tiled_mlp': no decoder layer with an MLP found in "
+                          f"{type(model).__name__}; remove tiled_mlp for this model")
+    return report

@@ -98,7 +98,6 @@ LACKING_KEYS: dict[str, str] = {
     "experts_implementation": "choosing transformers' expert kernels is not implemented; plait-models runs the "
                               "experts",
     "use_kernels": "loading hub kernels (transformers use_kernels) is not supported; plait-kernels swaps kernels",
-    "tiled_mlp": "tiled MLP is not implemented; gradient_checkpointing: offload cuts activation memory",
     "llama4_linearized_experts": "linearised Llama 4 experts are not implemented",
     "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
                                "every layer",

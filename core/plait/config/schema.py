@@ -145,6 +145,17 @@ class CoreConfig(StrictModel):
                            "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values, "
                            "and lets plait-kernels' LoRA q/k/v/o projections park their outputs there so the "
                            "recompute skips those matmuls.")
+    tiled_mlp: bool = Field(
+        False, description="Run each decoder layer's dense MLP over shards of the sequence and recompute each shard "
+                           "in backward (ALST's tiled MLP), so the [tokens, intermediate] activations of the whole "
+                           "sequence never exist at once: for long sequences. Same loss and gradients; one more MLP "
+                           "forward. Mixture-of-experts blocks are not tiled.")
+    tiled_mlp_num_shards: Optional[int] = Field(
+        None, ge=1, description="Shards per sequence for tiled_mlp. Unset: one per 32768 tokens (Axolotl's default).")
+    tiled_mlp_use_original_mlp: bool = Field(
+        True, description="tiled_mlp runs the model's own MLP forward (true), or the llama layout "
+                          "down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the MLP's own modules (false; a "
+                          "kernel plugin then leaves the MLP as it is).")
     gradient_checkpointing_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to transformers' gradient_checkpointing_enable, e.g. {use_reentrant: false}; offload needs "
@@ -427,6 +438,10 @@ class CoreConfig(StrictModel):
         if self.early_stopping_patience and not (self.eval_steps or self.evals_per_epoch):
             raise ConfigError("config key 'early_stopping_patience' counts evaluations during training; set "
                               "eval_steps or evals_per_epoch")
+        if not self.tiled_mlp and (self.tiled_mlp_num_shards or self.tiled_mlp_use_original_mlp is False):
+            key = "tiled_mlp_num_shards" if self.tiled_mlp_num_shards else "tiled_mlp_use_original_mlp"
+            raise ConfigError(f"config key {key!r}: {getattr(self, key)!r} sets how tiled_mlp tiles the MLP, and "
+                              f"tiled_mlp is off; set tiled_mlp: true or remove {key}")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
         if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(

@@ -68,6 +68,12 @@ def check_config(cfg) -> None:
     if getattr(cfg, "torch_compile_mode", None) and not cfg.torch_compile:
         raise ConfigError(f"config key 'torch_compile_mode': {cfg.torch_compile_mode!r} sets how layers are compiled, "
                           f"and torch_compile is off; set torch_compile: true or remove torch_compile_mode")
+    fused_mlp_keys = [key for key in ("liger_glu_activation", "flash_attn_fuse_mlp") if getattr(cfg, key, None)]
+    if fused_mlp_keys and runs_llama_mlp_layout(cfg):
+        # as in Axolotl: the tiled MLP's llama layout calls the MLP's own projections and activation
+        raise ConfigError(
+            f"config key {fused_mlp_keys[0]!r} swaps the MLP, and tiled_mlp_use_original_mlp: false runs the llama "
+            f"MLP layout instead of it; set tiled_mlp_use_original_mlp: true, or remove {', '.join(fused_mlp_keys)}")
     lora_keys = [key for key in LORA_KERNEL_KEYS if getattr(cfg, key, None)]
     if lora_keys and cfg.plait_kernels in ("torch", "off", "liger"):
         raise ConfigError(
@@ -80,6 +86,12 @@ def check_config(cfg) -> None:
             f"config key {key!r} asks for liger-kernel, which is not installed; "
             f"pip install liger-kernel, or remove the key (accepted without it: plait_kernels auto, triton, torch, off)"
         )
+
+
+def runs_llama_mlp_layout(cfg) -> bool:
+    """core's ``tiled_mlp`` with ``tiled_mlp_use_original_mlp: false`` runs
+    ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` itself: a fused MLP would be bypassed."""
+    return bool(getattr(cfg, "tiled_mlp", False)) and getattr(cfg, "tiled_mlp_use_original_mlp", True) is False
 
 
 def choose(cfg) -> dict[str, str | None]:
@@ -100,6 +112,8 @@ def choose(cfg) -> dict[str, str | None]:
     for piece, key in FUSED_KEYS.items():
         if getattr(cfg, key, None) and chosen[piece] is None:
             chosen[piece] = "triton"
+    if runs_llama_mlp_layout(cfg):
+        chosen["glu"] = None  # the tiled MLP runs its own forward over the MLP's modules
     # only Plait's Triton kernel fuses the gated norm (liger-kernel has none)
     chosen["rms_norm_gated"] = "triton" if default == "triton" or getattr(cfg, "liger_rms_norm_gated", None) else None
     needs_device = sorted({name for name in chosen.values() if name in ("triton", "liger")})

@@ -135,6 +135,36 @@ def test_flash_attn_keys_fuse_the_mlp_and_the_norm(model_dir, device):
         _cfg(model_dir, plait_kernels="off", flash_attn_fuse_mlp=True)
 
 
+def test_tiled_mlp_with_the_llama_layout_keeps_the_model_mlp(model_dir):
+    """core's tiled_mlp with tiled_mlp_use_original_mlp: false runs the MLP's own
+    projections: the GLU piece is not swapped, and asking for it is refused (as in Axolotl)."""
+    import plait_kernels.selection as selection
+
+    cfg, _ = _cfg(model_dir, plait_kernels="triton", tiled_mlp=True, tiled_mlp_use_original_mlp=False)
+    chosen = selection.choose(cfg)
+    assert chosen["glu"] is None and chosen["rms_norm"] == "triton"
+    with pytest.raises(ConfigError, match="'flash_attn_fuse_mlp' swaps the MLP, and tiled_mlp_use_original_mlp"):
+        _cfg(model_dir, flash_attn_fuse_mlp=True, tiled_mlp=True, tiled_mlp_use_original_mlp=False)
+    assert selection.choose(_cfg(model_dir, plait_kernels="triton", tiled_mlp=True)[0])["glu"] == "triton"
+
+
+def test_tiled_mlp_tiles_the_fused_mlp(model_dir, device):
+    """core's tiling runs after this plugin's swaps, so it tiles the fused MLP;
+    loss and gradients stay the model's own."""
+    cfg, pm = _cfg(model_dir, plait_kernels="torch", flash_attn_fuse_mlp=True, tiled_mlp=True,
+                   tiled_mlp_num_shards=2)
+    model, reference = _model(model_dir), _model(model_dir)
+    reports = pm.hook.patch_model(cfg=cfg, model=model)
+    assert {"LlamaMLP x2": "plait triton swiglu"} in reports
+    assert {"PlaitGLUMLP x2": "tiled over the sequence (2 shards)"} in reports
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    for m in (model, reference):
+        m(input_ids=ids, labels=ids).loss.backward()
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, ref.grad, atol=1e-5 * ref.grad.abs().max().item(), rtol=1e-4,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def test_family_registry_names_the_classes(model_dir):
     """A family plugin's class names win over the built-in fallback table."""
     from plait.families import ModelFamily
