@@ -30,10 +30,11 @@ def test_preprocess_prints_path_and_table(config):
     assert "train rows: 12, eval rows: 2" in result.stdout
     header = next(line for line in result.stdout.splitlines() if line.startswith("| dataset"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
-        "dataset", "split", "rows in", "kept", "too long", "bad", "nothing to train", "truncated", "tokens",
-        "trained tokens"]
+        "dataset", "split", "rows in", "kept", "too long", "too short", "bad", "nothing to train", "duplicates",
+        "truncated", "tokens", "trained tokens"]
     alpaca = next(line for line in result.stdout.splitlines() if "a.jsonl" in line and line.startswith("|"))
-    assert [c.strip() for c in alpaca.strip("|").split("|")][1:8] == ["train", "11", "10", "0", "1", "0", "0"]
+    assert [c.strip() for c in alpaca.strip("|").split("|")][1:10] == ["train", "11", "10", "0", "0", "1", "0", "0",
+                                                                     "0"]
     assert "| total" in result.stdout
     assert "skipped bad row:" in result.stdout
 
@@ -65,7 +66,7 @@ def test_preprocess_skips_and_counts_malformed_json_lines(tmp_path):
     result = run_cli(["preprocess", str(config), "skip_bad_rows=true", "--no-progress"])
     assert result.exit_code == 0, result.stderr
     row = next(line for line in result.stdout.splitlines() if "a.jsonl" in line and line.startswith("|"))
-    assert [c.strip() for c in row.strip("|").split("|")][1:6] == ["train", "5", "4", "0", "1"]
+    assert [c.strip() for c in row.strip("|").split("|")][1:7] == ["train", "5", "4", "0", "0", "1"]
     assert "skipped bad row: " in result.stdout and "row 3 (line 4): not valid JSON" in result.stdout
 
 

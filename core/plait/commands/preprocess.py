@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from plait.commands.common import add_config_arguments
 
-COLUMNS = ("dataset", "split", "rows in", "kept", "too long", "bad", "nothing to train", "truncated", "tokens",
-           "trained tokens")
+COLUMNS = ("dataset", "split", "rows in", "kept", "too long", "too short", "bad", "nothing to train", "duplicates",
+           "truncated", "tokens", "trained tokens")
 
 
 def add_arguments(parser) -> None:
@@ -19,8 +19,8 @@ def add_arguments(parser) -> None:
 
 def stats_table(stats) -> str:
     """A markdown table with one line per dataset and a total."""
-    rows = [(s.name, s.split, s.rows_in, s.kept, s.dropped_too_long, s.dropped_bad, s.dropped_no_trained,
-             s.truncated, s.tokens, s.trained_tokens) for s in stats]
+    rows = [(s.name, s.split, s.rows_in, s.kept, s.dropped_too_long, s.dropped_too_short, s.dropped_bad,
+             s.dropped_no_trained, s.dropped_duplicate, s.truncated, s.tokens, s.trained_tokens) for s in stats]
     if len(rows) > 1:
         rows.append(("total", "", *(sum(r[i] for r in rows) for i in range(2, len(COLUMNS)))))
     cells = [list(COLUMNS)] + [[str(c) for c in r] for r in rows]

@@ -204,6 +204,22 @@ class CoreConfig(StrictModel):
     train_on_inputs: bool = Field(
         False,
         description="Train on the prompt tokens too (labels not masked); a dataset entry's own train_on_inputs wins.")
+    min_sample_len: Optional[int] = Field(
+        None, ge=1, description="Drop rows shorter than this many tokens (counted in plait preprocess as too short), "
+                                "as sequence_len drops long ones; unset: only rows with nothing to train are dropped.")
+    dataset_exact_deduplication: bool = Field(
+        False, description="Drop rows whose tokens (input_ids, labels and a format's extras) equal an earlier row's, "
+                           "keeping the first: across the training datasets before the val_set_size split (so train "
+                           "and eval share no row), and among test_datasets; counted in plait preprocess.")
+    curriculum_sampling: bool = Field(
+        False, description="Train on the rows in the dataset's order every epoch, no shuffling (one dataset keeps "
+                           "its file order; several are mixed when shuffle_merged_datasets is true); with "
+                           "sample_packing, bins are filled in row order.")
+    group_by_length: bool = Field(
+        False, description="Order rows as transformers' length-grouped sampler does: shuffled with seed and epoch, "
+                           "then sorted by length within mega-batches of up to 50 optimizer steps, so each "
+                           "micro-batch holds rows of similar length (less padding). No effect with sample_packing, "
+                           "which plans its own bins (as in Axolotl).")
     sample_packing: bool = Field(
         False,
         description="Pack several rows into each sequence_len sequence, with position ids restarting and attention kept"
@@ -442,6 +458,7 @@ class CoreConfig(StrictModel):
             key = "tiled_mlp_num_shards" if self.tiled_mlp_num_shards else "tiled_mlp_use_original_mlp"
             raise ConfigError(f"config key {key!r}: {getattr(self, key)!r} sets how tiled_mlp tiles the MLP, and "
                               f"tiled_mlp is off; set tiled_mlp: true or remove {key}")
+        self._data_order_rules()
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
         if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(
@@ -461,6 +478,31 @@ class CoreConfig(StrictModel):
                 raise ConfigError("config key 'val_set_size' cannot split a streamed pretraining_dataset; set "
                                   "val_set_size: 0 and give test_datasets for evaluation")
         return self
+
+    def _data_order_rules(self) -> None:
+        """min_sample_len, dataset_exact_deduplication, curriculum_sampling, group_by_length."""
+        from plait.errors import ConfigError
+
+        if self.min_sample_len and self.min_sample_len > self.sequence_len and self.excess_length_strategy == "drop":
+            raise ConfigError(f"config key 'min_sample_len': {self.min_sample_len} is above sequence_len "
+                              f"({self.sequence_len}), so every row would be dropped (too short or too long); "
+                              f"lower min_sample_len or raise sequence_len")
+        if self.pretraining_dataset:
+            for key in ("min_sample_len", "dataset_exact_deduplication"):
+                if getattr(self, key):
+                    raise ConfigError(f"config key '{key}' filters the rows of datasets:; a streamed "
+                                      f"pretraining_dataset is cut into sequence_len chunks and has no rows to "
+                                      f"filter (as in Axolotl); remove {key}")
+        if self.curriculum_sampling and self.group_by_length:
+            raise ConfigError("config keys 'curriculum_sampling' (rows in dataset order) and 'group_by_length' "
+                              "(rows reordered by length) ask for different orders; set one of them to false")
+        if self.group_by_length and self.sample_packing:
+            self.add_note("group_by_length changes nothing with sample_packing: packing plans its own bins of rows "
+                          "(as in Axolotl, whose packing sampler replaces the length-grouped one)")
+        if self.curriculum_sampling and len(self.datasets) > 1 and self.shuffle_merged_datasets:
+            self.add_note("curriculum_sampling with several datasets: their rows are mixed (shuffle_merged_datasets"
+                          " is true, as in Axolotl) and then trained in that order every epoch; set "
+                          "shuffle_merged_datasets: false to train them one after the other")
 
     # ------------------------------------------------------------ helpers
 

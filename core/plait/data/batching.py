@@ -9,6 +9,15 @@ of *bins*; each bin is a list of row indices that become one sequence::
 Plans are a pure function of ``(seed, epoch, rank, world_size)`` so every
 rank agrees without talking, and a resumed run rebuilds the exact epoch plan
 and skips the micro-batches it already trained on.
+
+The training order of unpacked rows is, as in Axolotl (transformers' samplers):
+
+* shuffled with ``seed`` and ``epoch`` (the default);
+* ``curriculum_sampling``: the dataset's order, every epoch (with
+  ``sample_packing`` too: bins are filled in row order, next-fit);
+* ``group_by_length``: :func:`length_grouped_order`, transformers'
+  length-grouped sampler (shuffled, then sorted by length within mega-batches
+  of 50 optimizer steps' rows, the longest row first).
 """
 
 from __future__ import annotations
@@ -39,18 +48,47 @@ def plan_batches(cfg, lengths: Sequence[int], epoch: int, rank: int = 0, world_s
     packed = cfg.sample_packing
     if split == "eval" and cfg.eval_sample_packing is not None:
         packed = cfg.eval_sample_packing
+    in_order = split == "eval" or getattr(cfg, "curriculum_sampling", False)
     if packed:
         from plait.data.packing import plan_packed_batches
 
         return plan_packed_batches(lengths, cfg.sequence_len, micro_batch_size, cfg.seed, epoch, rank, world_size,
-                                   max_rows_per_bin=cfg.sample_packing_bin_size)
+                                   max_rows_per_bin=cfg.sample_packing_bin_size,
+                                   in_order=split == "train" and in_order)
 
     order = list(range(len(lengths)))
-    if split == "train":
+    if not in_order and getattr(cfg, "group_by_length", False):
+        # one optimizer step of every data rank takes this many rows: each is grouped by length
+        step_rows = micro_batch_size * cfg.gradient_accumulation_steps * world_size
+        order = length_grouped_order(lengths, step_rows, _epoch_rng(cfg.seed, epoch))
+    elif not in_order:
         _epoch_rng(cfg.seed, epoch).shuffle(order)
     order = order[: len(order) - len(order) % world_size]
     mine = order[rank::world_size]
     return [[[i] for i in mine[start:start + micro_batch_size]] for start in range(0, len(mine), micro_batch_size)]
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                         mega_batch_mult: int | None = None) -> list[int]:
+    """Row indices in transformers' ``group_by_length`` order: a random
+    permutation cut into mega-batches of ``mega_batch_mult * batch_size``
+    rows (``mega_batch_mult``: ``len // (4 * batch_size)``, between 1 and 50),
+    each sorted longest first, and the longest row of all moved to the very
+    first place (an out-of-memory error shows at the first step, not late).
+
+    So consecutive batches hold rows of similar length (little padding) while
+    the order still changes with every ``rng`` (epoch)."""
+    if mega_batch_mult is None:
+        mega_batch_mult = max(1, min(len(lengths) // (batch_size * 4), 50))
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    size = mega_batch_mult * batch_size
+    megabatches = [sorted(order[i:i + size], key=lambda i: -lengths[i]) for i in range(0, len(order), size)]
+    if not megabatches:
+        return []
+    longest = max(range(len(megabatches)), key=lambda m: lengths[megabatches[m][0]])
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [i for megabatch in megabatches for i in megabatch]
 
 
 def materialize(dataset, bin_indices: Sequence[int]) -> dict:

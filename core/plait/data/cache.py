@@ -32,7 +32,8 @@ PIPELINE_VERSION = 1
 
 #: run keys the prepared rows depend on
 RUN_KEYS = ("sequence_len", "train_on_inputs", "excess_length_strategy", "skip_bad_rows", "val_set_size", "seed",
-            "shuffle_merged_datasets", "chat_template", "chat_template_jinja",
+            "shuffle_merged_datasets", "chat_template", "chat_template_jinja", "min_sample_len",
+            "dataset_exact_deduplication", "curriculum_sampling",
             # plait-vision's keys: the processor and image sizes decide how many tokens an image becomes
             # (read with getattr, so they are None without that plugin)
             "processor_type", "image_size", "image_resize_algorithm")

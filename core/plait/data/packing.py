@@ -112,10 +112,34 @@ def pack_bins(lengths: Sequence[int], sequence_len: int, *, seed: int = 0,
     return bins
 
 
+def pack_in_order(lengths: Sequence[int], sequence_len: int, *,
+                  max_rows_per_bin: int | None = None) -> list[list[int]]:
+    """Next-fit packing: rows in their order, each into the current bin while
+    it fits (and the bin holds fewer than ``max_rows_per_bin`` rows), else into
+    a new bin. Rows never change order, so a curriculum stays a curriculum."""
+    bins: list[list[int]] = []
+    room = 0
+    for index, length in enumerate(lengths):
+        if length > sequence_len or length <= 0:
+            raise DataError(f"row {index} has {length} tokens; packing needs 1..sequence_len={sequence_len} "
+                            "(over-long rows are dropped or truncated by excess_length_strategy before packing)")
+        full = max_rows_per_bin is not None and bins and len(bins[-1]) >= max_rows_per_bin
+        if not bins or length > room or full:
+            bins.append([])
+            room = sequence_len
+        bins[-1].append(index)
+        room -= length
+    return bins
+
+
 def plan_packed_batches(lengths: Sequence[int], sequence_len: int, micro_batch_size: int, seed: int, epoch: int,
                         rank: int = 0, world_size: int = 1, *,
-                        max_rows_per_bin: int | None = None) -> list[list[list[int]]]:
+                        max_rows_per_bin: int | None = None, in_order: bool = False) -> list[list[list[int]]]:
     """This rank's packed micro-batches for one epoch.
+
+    ``in_order`` (``curriculum_sampling``): bins are filled next-fit in row
+    order and kept in that order, the same every epoch (Axolotl's sequential
+    packing); the rest below is about the default, shuffled plan.
 
     Returns a list of micro-batches; each is a list of ``micro_batch_size``
     bins (the last may have fewer); each bin is a list of row indices whose
@@ -138,7 +162,10 @@ def plan_packed_batches(lengths: Sequence[int], sequence_len: int, micro_batch_s
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not within world_size {world_size}")
     epoch_seed = (int(seed) * 1_000_003 + int(epoch)) & 0xFFFFFFFF
-    bins = pack_bins(lengths, sequence_len, seed=epoch_seed, max_rows_per_bin=max_rows_per_bin)
+    if in_order:
+        bins = pack_in_order(lengths, sequence_len, max_rows_per_bin=max_rows_per_bin)
+    else:
+        bins = pack_bins(lengths, sequence_len, seed=epoch_seed, max_rows_per_bin=max_rows_per_bin)
     if len(bins) < world_size:
         raise DataError(
             f"{len(lengths)} rows pack into {len(bins)} sequences of sequence_len={sequence_len}, fewer than the "
@@ -151,7 +178,8 @@ def plan_packed_batches(lengths: Sequence[int], sequence_len: int, micro_batch_s
         by_fill = sorted(range(len(bins)), key=lambda b: (fill[b], min(bins[b])))
         dropped = set(by_fill[:remainder])
         bins = [b for i, b in enumerate(bins) if i not in dropped]
-    random.Random(epoch_seed + 1).shuffle(bins)
+    if not in_order:
+        random.Random(epoch_seed + 1).shuffle(bins)
     mine = bins[rank::world_size]
     return [mine[start:start + micro_batch_size] for start in range(0, len(mine), micro_batch_size)]
 

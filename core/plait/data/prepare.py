@@ -6,12 +6,21 @@ in a batched ``Dataset.map``, then sort every output row into one status:
 ``ok``          kept
 ``truncated``   longer than ``sequence_len`` and cut to it (``excess_length_strategy: truncate``)
 ``too_long``    longer than ``sequence_len`` and dropped (``excess_length_strategy: drop``)
+``too_short``   shorter than ``min_sample_len`` (before any truncation), dropped
 ``no_trained``  no token is trained (every label after the first is -100), dropped
 ``bad``         the hook rejected it and ``skip_bad_rows`` is set, dropped (malformed JSON
                 lines left out while loading count here too)
 
+With ``dataset_exact_deduplication`` a row whose tokens (``input_ids``,
+``labels``, ``extras``) equal an earlier row's is dropped, as Axolotl does:
+the training entries are deduplicated together in entry order (the first
+copy is kept and the dropped ones are counted against their own entry),
+before the ``val_set_size`` split, so the train and eval parts never share a
+row; ``test_datasets`` are deduplicated among themselves.
+
 The entries are concatenated (shuffled with ``seed`` when
-``shuffle_merged_datasets``); the eval set is ``test_datasets`` when given,
+``shuffle_merged_datasets``, except for one entry under
+``curriculum_sampling``, which keeps the file's order as in Axolotl); the eval set is ``test_datasets`` when given,
 else ``val_set_size`` rows (a fraction below 1, a count from 1) split off with
 ``seed``. The result is cached (:mod:`plait.data.cache`) and reused while the
 data, tokenizer and settings stay the same.
@@ -154,6 +163,7 @@ class TokenizeBatch:
 
     def _sort_rows(self, out: dict, bad: list[str]) -> dict:
         limit, truncate = self.cfg.sequence_len, self.cfg.excess_length_strategy == "truncate"
+        shortest = self.cfg.min_sample_len or 0
         rows = {"input_ids": [], "labels": [], "attention_mask": [], "length": [], "extras": [], "_status": [],
                 "_trained": [], "_bad": []}
         extras = out.get("extras") or [None] * len(out["input_ids"])
@@ -177,6 +187,9 @@ class TokenizeBatch:
                 raise ConfigError(f"the tokenize hook for type {self.entry.type!r} returned a row with "
                                   f"{len(ids)} input_ids and {len(labels)} labels; they must be equal")
             status = "ok"
+            if len(ids) < shortest:
+                add([], [], "too_short")
+                continue
             if len(ids) > limit:
                 # a row of segments (extras' seq_lens) cut at the end would lose one whole: drop it
                 if not truncate or (extra or {}).get("seq_lens"):
@@ -222,6 +235,7 @@ def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, sp
     # lines that could not be read as rows (skip_bad_rows) are rows in, and bad
     stats = DatasetStats(name=f"{label} {entry.path}", split=split, rows_in=len(raw) + len(source.skipped),
                          kept=counts["ok"] + counts["truncated"], dropped_too_long=counts["too_long"],
+                         dropped_too_short=counts["too_short"],
                          dropped_bad=counts["bad"] + len(source.skipped), dropped_no_trained=counts["no_trained"],
                          truncated=counts["truncated"], bad_examples=source.skipped[:BAD_EXAMPLES])
     for status, length, trained, bad in zip(columns["_status"], columns["length"], columns["_trained"],
@@ -283,16 +297,24 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
         train_parts.append(streamed)
         stats.extend(stream_stats)
     for list_key, parts, split in (("datasets", train_parts, "train"), ("test_datasets", eval_parts, "eval")):
+        entry_stats = []
         for index, entry in enumerate(getattr(cfg, list_key)):
-            dataset, entry_stats = prepare_entry(cfg, pm, tokenizer, entry, f"{list_key}.{index}",
-                                                 fingerprint=key, split=split)
+            dataset, one = prepare_entry(cfg, pm, tokenizer, entry, f"{list_key}.{index}", fingerprint=key,
+                                         split=split)
             parts.append(dataset)
-            stats.append(entry_stats)
+            entry_stats.append(one)
+        if cfg.dataset_exact_deduplication and parts:
+            from plait.data.dedup import deduplicate
+
+            parts[:] = deduplicate(parts, entry_stats)
+        stats.extend(entry_stats)
     train_parts, eval_parts = _same_columns(train_parts, eval_parts)
     train = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
     if len(train) == 0:
         raise DataError("no training rows are left after filtering: " + _summary(stats))
-    if cfg.shuffle_merged_datasets:
+    # Axolotl's curriculum_sampling keeps one dataset in its order; several are still mixed when asked
+    in_order = cfg.curriculum_sampling and len(train_parts) == 1
+    if cfg.shuffle_merged_datasets and not in_order:
         train = train.shuffle(seed=cfg.seed).flatten_indices()
     eval_set = None
     if eval_parts:
@@ -332,6 +354,13 @@ def _split(cfg, train):
     if isinstance(size, int) and size >= len(train):
         raise ConfigError(f"config key 'val_set_size': {cfg.val_set_size} is not accepted; there are only "
                           f"{len(train)} training rows (give a fraction below 1 or a smaller count)")
+    if cfg.curriculum_sampling:
+        # the same seeded choice of eval rows as below, but the training rows keep their order
+        numbered = train.add_column("_row", list(range(len(train))))
+        parts = numbered.train_test_split(test_size=size, seed=cfg.seed, shuffle=True)
+        held_out = set(parts["test"]["_row"])
+        rest = [index for index in range(len(train)) if index not in held_out]
+        return train.select(rest).flatten_indices(), parts["test"].remove_columns("_row").flatten_indices()
     parts = train.train_test_split(test_size=size, seed=cfg.seed, shuffle=True)
     return parts["train"].flatten_indices(), parts["test"].flatten_indices()
 
@@ -354,8 +383,9 @@ def _load(path: Path, show_progress: bool) -> PreparedData:
 
 
 def _summary(stats: list[DatasetStats]) -> str:
-    return "; ".join(f"{s.name}: {s.rows_in} rows in, {s.dropped_too_long} too long, {s.dropped_bad} bad, "
-                     f"{s.dropped_no_trained} with nothing to train" for s in stats)
+    return "; ".join(f"{s.name}: {s.rows_in} rows in, {s.dropped_too_long} too long, {s.dropped_too_short} too "
+                     f"short, {s.dropped_bad} bad, {s.dropped_no_trained} with nothing to train, "
+                     f"{s.dropped_duplicate} duplicates" for s in stats)
 
 
 def _distributed():

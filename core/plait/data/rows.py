@@ -21,8 +21,12 @@ class DatasetStats:
     rows_in: int = 0
     kept: int = 0
     dropped_too_long: int = 0
+    #: shorter than ``min_sample_len``
+    dropped_too_short: int = 0
     dropped_bad: int = 0
     dropped_no_trained: int = 0
+    #: the same tokens as an earlier row (``dataset_exact_deduplication``)
+    dropped_duplicate: int = 0
     truncated: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -30,7 +34,8 @@ class DatasetStats:
 
     @property
     def dropped(self) -> int:
-        return self.dropped_too_long + self.dropped_bad + self.dropped_no_trained
+        return (self.dropped_too_long + self.dropped_too_short + self.dropped_bad + self.dropped_no_trained
+                + self.dropped_duplicate)
 
 
 

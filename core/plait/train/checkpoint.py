@@ -331,7 +331,8 @@ def load_checkpoint(run, path: Path) -> dict:
     return position
 
 
-PACKING_KEYS = ("sample_packing", "sequence_len", "micro_batch_size", "sample_packing_bin_size", "seed")
+PACKING_KEYS = ("sample_packing", "sequence_len", "micro_batch_size", "sample_packing_bin_size", "seed",
+                "curriculum_sampling")
 
 
 def packing_identity(run, epoch: int | None = None, step_in_epoch: int | None = None) -> dict:

@@ -1,0 +1,148 @@
+"""Axolotl's row filters and orders: min_sample_len, dataset_exact_deduplication,
+curriculum_sampling and group_by_length (exact rows kept and dropped, exact order
+properties), on pre-tokenized rows so every length is known."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from plait.data.batching import length_grouped_order, plan_batches
+from plait.data.prepare import prepare_datasets
+from plait.errors import ConfigError
+from plait.testing import build_run_config, make_tiny_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def row(first: int, n: int) -> dict:
+    """``n`` tokens ``first, first+1, ...``; the first is the prompt."""
+    ids = list(range(first, first + n))
+    return {"input_ids": ids, "labels": [-100] + ids[1:]}
+
+
+def prepare(tmp_path, tok_dir, datasets, **keys):
+    cfg, pm = build_run_config({"base_model": str(tok_dir), "output_dir": str(tmp_path / "out"),
+                                "datasets": datasets, **keys})
+    return prepare_datasets(cfg, pm, pm.hook.load_tokenizer(cfg=cfg), show_progress=False)
+
+
+def test_min_sample_len_drops_shorter_rows_and_counts_them(tmp_path, tok_dir):
+    from plait.commands.preprocess import stats_table
+
+    path = write_jsonl(tmp_path / "a.jsonl", [row(10, n) for n in (3, 4, 5, 6, 40)])
+    data = prepare(tmp_path, tok_dir, [{"path": str(path)}], min_sample_len=5, sequence_len=32,
+                   shuffle_merged_datasets=False)
+    assert data.train["length"] == [5, 6]  # 3 and 4 too short, 40 too long
+    s = data.stats[0]
+    assert (s.rows_in, s.kept, s.dropped_too_short, s.dropped_too_long, s.tokens) == (5, 2, 2, 1, 11)
+    table = stats_table(data.stats).splitlines()
+    assert "too short" in table[0] and "| 2 " in table[2]
+    # the length is checked before truncation, as in Axolotl
+    cut = prepare(tmp_path, tok_dir, [{"path": str(path)}], min_sample_len=5, sequence_len=32,
+                  excess_length_strategy="truncate", shuffle_merged_datasets=False)
+    assert cut.train["length"] == [5, 6, 32] and cut.stats[0].dropped_too_short == 2
+
+
+def test_exact_deduplication_keeps_first_copies_across_entries_and_the_split(tmp_path, tok_dir):
+    a = [row(10, 5), row(20, 5), row(10, 5), row(30, 6), {"input_ids": [10, 11, 12, 13, 14],
+                                                           "labels": [-100, -100, 12, 13, 14]}]
+    b = [row(20, 5), row(40, 7), row(40, 7)]
+    pa, pb = write_jsonl(tmp_path / "a.jsonl", a), write_jsonl(tmp_path / "b.jsonl", b)
+    entries = [{"path": str(pa)}, {"path": str(pb)}]
+    plain = prepare(tmp_path, tok_dir, entries, shuffle_merged_datasets=False)
+    assert len(plain.train) == 8
+    data = prepare(tmp_path, tok_dir, entries, shuffle_merged_datasets=False, dataset_exact_deduplication=True)
+    # a's third row repeats its first, b's first repeats a's second, b's third its second;
+    # a's last row has the same input_ids as its first but other labels: a different row
+    assert data.train["input_ids"] == [a[0]["input_ids"], a[1]["input_ids"], a[3]["input_ids"], a[4]["input_ids"],
+                                       b[1]["input_ids"]]
+    assert [(s.kept, s.dropped_duplicate) for s in data.stats] == [(4, 1), (1, 2)]
+    assert [s.tokens for s in data.stats] == [21, 7]
+    assert [s.trained_tokens for s in data.stats] == [4 + 4 + 5 + 3, 6]
+    # deduplicated before the split: train and eval share no row
+    split = prepare(tmp_path, tok_dir, entries, dataset_exact_deduplication=True, val_set_size=2)
+    train = {tuple(r) for r in split.train["input_ids"]}
+    assert len(split.train) + len(split.eval) == 5
+    assert not train & {tuple(r) for r in split.eval["input_ids"]}
+    # test_datasets are deduplicated among themselves
+    tested = prepare(tmp_path, tok_dir, [{"path": str(pa)}], dataset_exact_deduplication=True,
+                     test_datasets=[{"path": str(pb)}])
+    assert tested.eval["length"] == [5, 7] and tested.stats[1].dropped_duplicate == 1
+
+
+def test_curriculum_sampling_keeps_the_file_order_in_data_and_plans(tmp_path, tok_dir):
+    rows = [row(10 + i, 4 + i % 5) for i in range(12)]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    data = prepare(tmp_path, tok_dir, [{"path": str(path)}], curriculum_sampling=True, val_set_size=3)
+    firsts = [ids[0] for ids in data.train["input_ids"]]
+    assert len(firsts) == 9 and firsts == sorted(firsts)  # not shuffled, and the split keeps the order
+    # the eval rows are a seeded choice, not simply the last rows
+    assert sorted(firsts + [ids[0] for ids in data.eval["input_ids"]]) == list(range(10, 22))
+    assert sorted(ids[0] for ids in data.eval["input_ids"]) != [19, 20, 21]
+    cfg, _ = build_run_config({"base_model": "m", "curriculum_sampling": True, "micro_batch_size": 2})
+    lengths = [4, 5, 6, 7, 8, 4, 5]
+    for epoch in (0, 1):
+        assert plan_batches(cfg, lengths, epoch) == [[[0], [1]], [[2], [3]], [[4], [5]], [[6]]]
+    # packed: next-fit in row order, the same every epoch
+    packed, _ = build_run_config({"base_model": "m", "curriculum_sampling": True, "sample_packing": True,
+                                  "sequence_len": 12, "micro_batch_size": 1})
+    assert plan_batches(packed, lengths, 0) == plan_batches(packed, lengths, 3) == [
+        [[0, 1]], [[2]], [[3]], [[4, 5]], [[6]]]  # 4 + 5, 6, 7, 8 + 4, 5: next-fit into 12
+
+
+def test_group_by_length_orders_like_transformers_length_grouped_sampler(monkeypatch):
+    rng = random.Random(3)
+    lengths = [rng.randint(1, 500) for _ in range(1000)]
+    order = length_grouped_order(lengths, 4, random.Random(0))
+    assert sorted(order) == list(range(1000))
+    assert lengths[order[0]] == max(lengths)  # the longest row first
+    # mega-batches of 50 x 4 rows, each sorted longest first (but for the swapped first place)
+    for start in range(0, 1000, 200):
+        chunk = [lengths[i] for i in order[start:start + 200]][1:]
+        assert chunk == sorted(chunk, reverse=True)
+    # transformers' own function gives the same order from the same permutation (it draws it with torch)
+    torch = pytest.importorskip("torch")
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    for batch_size in (4, 3, 64):
+        permutation = list(range(1000))
+        random.Random(5).shuffle(permutation)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "randperm", lambda n, generator=None: torch.tensor(permutation))
+            theirs = get_length_grouped_indices(lengths, batch_size)
+        assert length_grouped_order(lengths, batch_size, random.Random(5)) == theirs
+
+
+def test_group_by_length_plans_are_per_epoch_and_ranks_get_similar_lengths():
+    cfg, _ = build_run_config({"base_model": "m", "group_by_length": True, "micro_batch_size": 2,
+                               "gradient_accumulation_steps": 2})
+    rng = random.Random(1)
+    lengths = [rng.randint(1, 300) for _ in range(400)]
+    plan = plan_batches(cfg, lengths, 0)
+    assert plan == plan_batches(cfg, lengths, 0) and plan != plan_batches(cfg, lengths, 1)
+    assert sorted(i for mb in plan for b in mb for i in b) == list(range(400))
+    spread = sum(max(lengths[b[0]] for b in mb) - min(lengths[b[0]] for b in mb) for mb in plan) / len(plan)
+    plain, _ = build_run_config({"base_model": "m", "micro_batch_size": 2})
+    shuffled = plan_batches(plain, lengths, 0)
+    random_spread = sum(max(lengths[b[0]] for b in mb) - min(lengths[b[0]] for b in mb) for mb in shuffled) / 200
+    assert spread < random_spread / 10  # neighbours in a micro-batch have similar lengths
+    # two ranks: each takes every other row of the grouped order, so both see the same length profile
+    ranks = [plan_batches(cfg, lengths, 0, rank, 2) for rank in (0, 1)]
+    for a, b in zip(*ranks):
+        assert abs(lengths[a[0][0]] - lengths[b[0][0]]) <= 60
+
+
+def test_refusals_name_the_keys():
+    with pytest.raises(ConfigError, match=r"'curriculum_sampling' .* 'group_by_length'"):
+        build_run_config({"base_model": "m", "curriculum_sampling": True, "group_by_length": True})
+    with pytest.raises(ConfigError, match=r"'min_sample_len': 300 is above sequence_len \(256\)"):
+        build_run_config({"base_model": "m", "min_sample_len": 300, "sequence_len": 256})
+    with pytest.raises(ConfigError, match=r"'min_sample_len'.*greater than or equal to 1"):
+        build_run_config({"base_model": "m", "min_sample_len": 0})
+    cfg, _ = build_run_config({"base_model": "m", "group_by_length": True, "sample_packing": True})
+    assert any(note.startswith("group_by_length changes nothing with sample_packing") for note in cfg.notes)
