@@ -101,19 +101,16 @@ LACKING_KEYS: dict[str, str] = {
     "llama4_linearized_experts": "linearised Llama 4 experts are not implemented",
     "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
                                "every layer",
+    "tokenizer_legacy": "the slow tokenizer's legacy mode is not supported (Plait loads the fast tokenizer)",
     "device_map": "Plait places the whole model on each process's device; split a model with fsdp or "
                   "tensor_parallel_size (plait-parallel)",
     "max_memory": "Plait places the whole model on each process's device",
     "use_ray": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "ray_num_workers": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "use_otel_metrics": "OpenTelemetry metrics are not implemented",
-    "tokenizer_legacy": "the slow tokenizer's legacy mode is not supported (Plait loads the fast tokenizer)",
     "use_comet": "Comet tracking is not implemented; use wandb_project, mlflow_*, use_tensorboard or "
                  "trackio_project_name",
     "save_only_model": "checkpoints always hold the optimizer state (so they resume)",
-    "save_strategy": "checkpoint timing is save_steps / saves_per_epoch",
-    "eval_strategy": "evaluation timing is eval_steps / evals_per_epoch",
-    "evaluation_strategy": "evaluation timing is eval_steps / evals_per_epoch",
     "load_best_model_at_end": "the final weights are the last step's",
     "eval_table_size": "logging prediction tables is not implemented",
     "do_causal_lm_eval": "generation metrics during eval are not implemented; `plait evaluate` reports loss and "

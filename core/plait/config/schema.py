@@ -307,6 +307,23 @@ class CoreConfig(StrictModel):
     save_steps: Optional[Union[int, float]] = Field(
         None, description="Write a checkpoint every this many steps (a value below 1: that fraction of the run).")
     saves_per_epoch: Optional[int] = Field(None, ge=0, description="Write this many checkpoints per epoch (0: none).")
+    eval_strategy: Optional[Literal["no", "steps", "epoch"]] = Field(
+        None, description="When to evaluate, transformers' meaning: no (never, not even at the end), steps (every "
+                          "eval_steps; unset: every logging_steps, as in transformers) or epoch (evals_per_epoch: 1). "
+                          "Unset: eval_steps / evals_per_epoch decide.")
+    evaluation_strategy: Optional[Literal["no", "steps", "epoch"]] = Field(
+        None, description="The older name of eval_strategy (same values).")
+    save_strategy: Optional[Literal["no", "steps", "epoch", "best"]] = Field(
+        None, description="When to write checkpoints, transformers' meaning: no (never), steps (every save_steps; "
+                          "unset: 500, transformers' default), epoch (saves_per_epoch: 1) or best (after each "
+                          "evaluation whose metric_for_best_model beats every earlier one). Unset: save_steps / "
+                          "saves_per_epoch decide.")
+    metric_for_best_model: Optional[Literal["eval_loss", "loss"]] = Field(
+        None, description="The metric save_strategy: best compares: eval_loss (loss is the same, transformers "
+                          "adds the eval_ prefix); lower is better.")
+    greater_is_better: Optional[bool] = Field(
+        None, description="Whether a higher metric_for_best_model is better; the eval loss is better lower, so only "
+                          "false is accepted.")
     save_total_limit: Optional[int] = Field(None, ge=1, description="Keep only the newest this many checkpoints.")
     save_safetensors: bool = Field(
         True,
@@ -375,6 +392,17 @@ class CoreConfig(StrictModel):
                                   "gradient_checkpointing: true (or remove activation_offloading)")
             if data.get("gradient_checkpointing") not in ("offload", "unsloth"):
                 data = {**data, "gradient_checkpointing": "offload"}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strategies(cls, data):
+        """``save_strategy`` / ``eval_strategy`` (and its older name) onto the
+        interval keys, as transformers reads them; contradictions are refused."""
+        if isinstance(data, dict):
+            from plait.config.strategies import apply_strategies
+
+            data = apply_strategies(data)
         return data
 
     @model_validator(mode="before")
@@ -459,6 +487,7 @@ class CoreConfig(StrictModel):
             raise ConfigError(f"config key {key!r}: {getattr(self, key)!r} sets how tiled_mlp tiles the MLP, and "
                               f"tiled_mlp is off; set tiled_mlp: true or remove {key}")
         self._data_order_rules()
+        self._strategy_rules()
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
         if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(
@@ -503,6 +532,27 @@ class CoreConfig(StrictModel):
             self.add_note("curriculum_sampling with several datasets: their rows are mixed (shuffle_merged_datasets"
                           " is true, as in Axolotl) and then trained in that order every epoch; set "
                           "shuffle_merged_datasets: false to train them one after the other")
+
+    def _strategy_rules(self) -> None:
+        """What save_strategy / eval_strategy need beyond the interval keys (see plait.config.strategies)."""
+        from plait.errors import ConfigError
+
+        has_eval_set = self.val_set_size > 0 or bool(self.test_datasets)
+        key = "evaluation_strategy" if self.evaluation_strategy is not None else "eval_strategy"
+        if self.eval_strategy in ("steps", "epoch") and not has_eval_set:
+            raise ConfigError(f"config key '{key}': {self.eval_strategy!r} evaluates, and this config has no eval "
+                              f"set; set val_set_size or test_datasets (or eval_strategy: no)")
+        if self.greater_is_better:
+            raise ConfigError("config key 'greater_is_better': true is not accepted; the metric Plait compares is "
+                              "the eval loss, which is better lower (accepted: false)")
+        if self.save_strategy == "best":
+            if not has_eval_set or not (self.eval_steps or self.evals_per_epoch):
+                raise ConfigError("config key 'save_strategy': 'best' saves after evaluations that improve "
+                                  "metric_for_best_model, and this config does not evaluate during training; set "
+                                  "val_set_size (or test_datasets) and eval_strategy, eval_steps or evals_per_epoch")
+        elif self.metric_for_best_model is not None:
+            self.add_note("metric_for_best_model is read by save_strategy: best only (Plait has no "
+                          "load_best_model_at_end); it changes nothing here")
 
     # ------------------------------------------------------------ helpers
 

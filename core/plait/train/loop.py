@@ -331,12 +331,15 @@ def train_epochs(run: Run) -> None:
                                      before_last_backward=partial(prefetch.start, run.epoch, windows, index + 1))
                 run.step_in_epoch = index + 1
                 log_step(run, metrics, progress)
+                improved = False
                 if eval_every and run.step % eval_every == 0 and run.eval_data is not None:
                     metrics = evaluate_and_log(run)
                     progress.write(format_eval(metrics))
+                    improved = is_new_best(run, metrics)
                     if stop_early(run, metrics):
                         return
-                saved = bool(save_every and run.step % save_every == 0)
+                # save_strategy: best saves after an evaluation that beat every earlier one
+                saved = bool(save_every and run.step % save_every == 0) or improved
                 if saved:
                     from plait.train.checkpoint import save_checkpoint
 
@@ -438,6 +441,28 @@ def stop_early(run: Run, metrics: dict) -> bool:
     log(run, f"early_stopping_patience: eval_loss has not improved on {best:.4f} for {patience} evaluations; "
              f"stopping at step {run.step} of {run.total_steps}")
     return True
+
+
+def is_new_best(run: Run, metrics: dict) -> bool:
+    """``save_strategy: best``: whether this evaluation's ``eval_loss`` (the
+    ``metric_for_best_model``) is below every earlier one of the run. A resumed
+    run finds the earlier ones in ``metrics.jsonl``, so the same steps save."""
+    from plait.train.distributed import all_reduce_sum
+
+    if run.cfg.save_strategy != "best":
+        return False
+    if "best_metric" not in run.extras:
+        earlier = [r["eval_loss"] for r in (run.metrics_log.read() if run.metrics_log is not None else [])
+                   if "eval_loss" in r and r.get("step", 0) < run.step]
+        run.extras["best_metric"] = min(earlier, default=None)
+    best = run.extras["best_metric"]
+    better = best is None or metrics["eval_loss"] < best
+    if run.world_size > 1:
+        # only rank 0 holds metrics.jsonl (a resumed run's history): its answer is every rank's (saving is collective)
+        better = all_reduce_sum([float(better and run.is_main)], run.device)[0] > 0
+    if better:
+        run.extras["best_metric"] = metrics["eval_loss"]
+    return better
 
 
 def interval(steps, per_epoch, steps_per_epoch: int, total_steps: int) -> int | None:
@@ -790,7 +815,9 @@ def finish(run: Run) -> None:
     """Final evaluation, the saved model, the loss plot, ``on_train_end``."""
     from plait.output import plot_loss, save_final, write_report
 
-    if run.eval_data is not None and len(run.eval_data) and run.last_eval.get("step") != run.step:
+    # eval_strategy: no evaluates never, not even at the end (transformers' meaning)
+    if run.eval_data is not None and len(run.eval_data) and run.last_eval.get("step") != run.step \
+            and run.cfg.eval_strategy != "no":
         log(run, format_eval(evaluate_and_log(run)))
     save_final(run)  # every rank: sharded weights are gathered collectively
     if run.is_main:
