@@ -43,8 +43,9 @@ def validate(cfg) -> None:
                               f"add adapter: lora (or qlora) to continue training that adapter, or remove "
                               f"lora_model_dir to train every weight")
         if given:
-            raise ConfigError(f"{', '.join(given)} set but 'adapter' is not; add adapter: lora (or qlora), "
-                              f"or remove these keys to train every weight")
+            # Axolotl's meaning: no adapter, every weight trains and the LoRA keys are not read
+            cfg.add_note(f"{', '.join(given)} ignored: 'adapter' is not set, so every weight trains (as in "
+                         f"Axolotl); set adapter: lora (or qlora) to train LoRA adapters instead")
         return
     if not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_model_dir:
         raise ConfigError(f"config key 'adapter': {cfg.adapter!r} needs targets; set lora_target_linear: true "

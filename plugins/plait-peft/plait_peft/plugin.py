@@ -1,7 +1,8 @@
 """Hookimpls of plait-peft (entry point ``peft``).
 
 * ``config_schema``: the LoRA keys (:class:`plait_peft.config.PeftKeys`).
-* ``validate_config``: LoRA keys without ``adapter``, an adapter without targets, qlora without 4-bit.
+* ``validate_config``: LoRA keys without ``adapter`` (a note: ignored, every weight trains, as in Axolotl),
+  an adapter without targets, qlora without 4-bit.
 * ``load_adapter``: wraps the model with peft when ``adapter`` is ``lora`` or ``qlora``.
 """
 

@@ -26,9 +26,13 @@ def adapted_modules(model) -> set[str]:
     return {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if ".lora_A." in name}
 
 
-def test_lora_keys_without_adapter_are_an_error():
-    with pytest.raises(ConfigError, match=r"lora_r, lora_alpha set but 'adapter' is not; add adapter: lora"):
-        build_run_config({"base_model": "m", "lora_r": 16, "lora_alpha": 32})
+def test_lora_keys_without_adapter_are_ignored_with_a_note_and_every_weight_trains(tiny_model):
+    """Axolotl's meaning (e.g. its falcon example sets lora_r with a blank adapter): a full fine-tune."""
+    cfg, model = adapted({"base_model": str(tiny_model), "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True})
+    assert model is None  # no adapter: core trains every weight
+    assert [note for note in cfg.notes if "adapter" in note] == [
+        "lora_r, lora_alpha, lora_target_linear ignored: 'adapter' is not set, so every weight trains (as in "
+        "Axolotl); set adapter: lora (or qlora) to train LoRA adapters instead"]
 
 
 def test_adapter_without_targets_is_an_error():
