@@ -36,9 +36,12 @@ def load_tokenizer(cfg):
 
             tokenizer = MistralCommonBackend.from_pretrained(source, revision=revision)
         else:
+            # tokenizer_legacy as Axolotl passes it: transformers hands it to the class (Llama, T5 read it when
+            # they build from a SentencePiece model; a class without the argument keeps it unused in init_kwargs)
+            legacy = {} if cfg.tokenizer_legacy is None else {"legacy": cfg.tokenizer_legacy}
             tokenizer = AutoTokenizer.from_pretrained(
-                source, use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code, revision=revision
-            )
+                source, use_fast=cfg.tokenizer_use_fast, trust_remote_code=cfg.trust_remote_code, revision=revision,
+                **legacy)
     except (OSError, ValueError) as exc:  # missing files, no network, a folder without a tokenizer
         raise source_error(key, source, "tokenizer", exc) from exc
     if cfg.special_tokens:

@@ -101,7 +101,6 @@ LACKING_KEYS: dict[str, str] = {
     "llama4_linearized_experts": "linearised Llama 4 experts are not implemented",
     "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
                                "every layer",
-    "tokenizer_legacy": "the slow tokenizer's legacy mode is not supported (Plait loads the fast tokenizer)",
     "device_map": "Plait places the whole model on each process's device; split a model with fsdp or "
                   "tensor_parallel_size (plait-parallel)",
     "max_memory": "Plait places the whole model on each process's device",

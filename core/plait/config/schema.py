@@ -68,6 +68,10 @@ class CoreConfig(StrictModel):
     tokenizer_type: Optional[str] = Field(None, description="Accepted for Axolotl compatibility (AutoTokenizer is used).")
     tokenizer_config: Optional[str] = Field(
         None, description="Hub name or local directory of the tokenizer, when it is not base_model's.")
+    tokenizer_legacy: Optional[bool] = Field(
+        None, description="Passed as legacy= to the tokenizer's loading where its class takes it (the Llama and T5 "
+                          "SentencePiece tokenizers: true keeps their old handling of text after special tokens); "
+                          "unset: the tokenizer's own default.")
     tokenizer_use_fast: bool = Field(
         True, description="Load the fast (Rust) tokenizer; chat_template masking needs it (character offsets).")
     trust_remote_code: bool = Field(
