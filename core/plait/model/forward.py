@@ -23,6 +23,7 @@ loss on different logits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import inspect
 import logging
@@ -79,6 +80,7 @@ class HeadPlan:
 
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SWAP_LOGGED: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def head_plan(model) -> HeadPlan:
@@ -87,6 +89,14 @@ def head_plan(model) -> HeadPlan:
     and parallel wrappers (which keep the same causal LM inside)."""
     causal_lm = unwrap(model)
     plan = _PLANS.get(causal_lm)
+    if plan is not None and plan.fused:
+        swapped = _swapped_head(causal_lm)
+        if swapped:
+            # a plugin replaced the head after the probe (fake quantization): only its own forward is right
+            if causal_lm not in _SWAP_LOGGED:
+                _SWAP_LOGGED.add(causal_lm)
+                log.warning("loss: %s; the loss uses the model's own logits", swapped)
+            return dataclasses.replace(plan, fused=False, reason=swapped)
     if plan is None:
         plan = _PLANS[causal_lm] = probe_head(causal_lm)
         if plan.probe_error:
@@ -100,6 +110,18 @@ def head_plan(model) -> HeadPlan:
             log.warning("loss: %s; the loss uses the model's own logits (its head runs on every position; a fused "
                         "loss kernel does not apply)", plan.reason)
     return plan
+
+
+def _swapped_head(causal_lm) -> str:
+    """Why the fused head no longer applies, or ``""``: the head is a subclass
+    of ``nn.Linear`` with its own ``forward`` (torchao's fake-quantized linear
+    changes its weight and input on the way), which ``hidden @ W.T`` would skip."""
+    import torch
+
+    head = causal_lm.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear) and type(head).forward is not torch.nn.Linear.forward:
+        return f"the output layer is a {type(head).__name__}, whose forward differs from nn.Linear's"
+    return ""
 
 
 def _forward_parameters(causal_lm) -> tuple[bool, bool]:
