@@ -128,3 +128,38 @@ def test_torch_optimizers_take_the_configured_keys(name, cls):
     assert isinstance(optimizer, cls) and (group["lr"], group["weight_decay"], group["eps"]) == (0.05, 0.01, 1e-6)
     with pytest.raises(ConfigError, match=r"'optim_args': \['epz'\] are not arguments of torch.optim"):
         build_run_config({"base_model": "m", "optimizer": name, "optim_args": {"epz": 1e-6}})
+
+
+def _schedule_factors(keys: dict, total: int) -> list[float]:
+    cfg, pm = build_run_config({"base_model": "m", "learning_rate": 1.0, **keys})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    return _lrs(pm.hook.build_scheduler(cfg=cfg, optimizer=opt, total_steps=total), opt, total)
+
+
+def test_cosine_constant_lr_ratio_decays_to_the_floor_then_holds_it():
+    """Axolotl's cosine_constant_lr_ratio: over 20 steps with 2 of warmup and
+    ratio 0.5, the cosine reaches cosine_min_lr_ratio (0.1) at step
+    int(20 * 0.5) = 10 and stays there. Values worked out by hand from
+    min + (1 - min) * (1 + cos(pi * (step - 2) / 8)) / 2."""
+    lrs = _schedule_factors({"warmup_steps": 2, "cosine_min_lr_ratio": 0.1, "cosine_constant_lr_ratio": 0.5}, 20)
+    expected = {0: 0.0, 1: 0.5, 2: 1.0, 4: 0.1 + 0.9 * (1 + 2 ** -0.5) / 2, 6: 0.55, 10: 0.1, 15: 0.1, 19: 0.1}
+    assert {step: lrs[step] for step in expected} == pytest.approx(expected, abs=1e-12)
+    # 0 (the Axolotl examples' value): the plain cosine to the floor over the whole run
+    assert _schedule_factors({"warmup_steps": 2, "cosine_min_lr_ratio": 0.1, "cosine_constant_lr_ratio": 0}, 20) == \
+        _schedule_factors({"warmup_steps": 2, "cosine_min_lr_ratio": 0.1}, 20)
+    with pytest.raises(ConfigError, match=r"'cosine_constant_lr_ratio': 0.5 has no effect on lr_scheduler 'linear'"):
+        build_run_config({"base_model": "m", "lr_scheduler": "linear", "cosine_constant_lr_ratio": 0.5})
+    with pytest.raises(ConfigError, match=r"cosine_constant_lr_ratio"):
+        build_run_config({"base_model": "m", "cosine_constant_lr_ratio": 1.5})
+
+
+def test_lr_quadratic_warmup_squares_the_warmup():
+    """Step i of w warms up to (i / w) ** 2; the cosine after it is unchanged
+    (12 steps, 4 of warmup: step 8 is half way down, 0.5)."""
+    lrs = _schedule_factors({"warmup_steps": 4, "lr_quadratic_warmup": True}, 12)
+    expected = {0: 0.0, 1: 1 / 16, 2: 0.25, 3: 9 / 16, 4: 1.0, 8: 0.5}
+    assert {step: lrs[step] for step in expected} == pytest.approx(expected, abs=1e-12)
+    linear = _schedule_factors({"warmup_steps": 4}, 12)
+    assert lrs[4:] == pytest.approx(linear[4:], abs=1e-12) and linear[1] == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match=r"'lr_quadratic_warmup': true has no effect on lr_scheduler 'polynomial'"):
+        build_run_config({"base_model": "m", "lr_scheduler": "polynomial", "lr_quadratic_warmup": True})

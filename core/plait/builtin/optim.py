@@ -9,8 +9,9 @@ SGD, Adafactor, Adagrad, RMSprop, and the names of transformers'
 transformers'). bitsandbytes' names belong to plait-bnb. Schedules: every
 ``transformers.SchedulerType`` a loop that steps once per optimizer step can
 drive; ``cosine``, ``linear``, ``constant`` and ``constant_with_warmup`` are
-Plait's own so ``cosine_min_lr_ratio`` applies to them, with transformers'
-warmup (step ``i`` of ``w`` gets ``i / w``).
+Plait's own so ``cosine_min_lr_ratio``, ``cosine_constant_lr_ratio`` and
+``lr_quadratic_warmup`` apply to them, with transformers' warmup (step ``i``
+of ``w`` gets ``i / w``).
 """
 
 from __future__ import annotations
@@ -159,18 +160,30 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return 0
 
 
-def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float, num_cycles: float = 0.5) -> float:
+def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float, num_cycles: float = 0.5, *,
+              quadratic_warmup: bool = False, constant_ratio: float = 0.0) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based).
 
     Warmup is transformers': step ``i`` of ``w`` gets ``i / w`` (the first
     step at learning rate 0), so a config trains on the curve it would get
-    under the HF Trainer and Axolotl.
+    under the HF Trainer and Axolotl; ``quadratic_warmup`` (Axolotl's
+    ``lr_quadratic_warmup``) squares it, ``(i / w) ** 2``.
+
+    ``constant_ratio`` (Axolotl's ``cosine_constant_lr_ratio``, cosine only):
+    the decay is squeezed into the steps before ``int(total * constant_ratio)``
+    and the rate stays at ``min_ratio`` from there; 0 decays over the whole run.
     """
     if warmup and step < warmup:
-        return step / warmup
+        return (step / warmup) ** 2 if quadratic_warmup else step / warmup
     if name in ("constant", "constant_with_warmup"):
         return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
+    end = total
+    if constant_ratio and name == "cosine":
+        # Axolotl's step where the decay ends; one at or before the warmup's end leaves no decay at all
+        end = int(total * constant_ratio)
+        if end <= warmup:
+            return min_ratio
+    progress = (step - warmup) / max(1, end - warmup)
     progress = min(max(progress, 0.0), 1.0)
     if name == "linear":
         return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
@@ -185,8 +198,10 @@ def _plait_schedule(cfg, optimizer, total_steps):
     warmup = warmup_steps(cfg, total_steps)
     min_ratio = cfg.cosine_min_lr_ratio or 0.0
     num_cycles = cfg.lr_scheduler_kwargs.get("num_cycles", 0.5)
+    quadratic, constant_ratio = bool(cfg.lr_quadratic_warmup), cfg.cosine_constant_lr_ratio or 0.0
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(name, step, warmup, total_steps, min_ratio, num_cycles)
+        optimizer, lambda step: lr_factor(name, step, warmup, total_steps, min_ratio, num_cycles,
+                                          quadratic_warmup=quadratic, constant_ratio=constant_ratio)
     )
 
 
@@ -200,7 +215,19 @@ def _transformers_schedule(cfg, optimizer, total_steps):
                          num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
 
 
+def _check_plait_schedule(cfg) -> None:
+    """Axolotl's schedule shapers apply to Plait's own schedules only."""
+    name = cfg.lr_scheduler
+    if cfg.cosine_constant_lr_ratio and name != "cosine":
+        raise ConfigError(f"config key 'cosine_constant_lr_ratio': {cfg.cosine_constant_lr_ratio} has no effect on "
+                          f"lr_scheduler {name!r}; it shapes lr_scheduler: cosine only. Remove it, or use cosine")
+    if cfg.lr_quadratic_warmup and name not in PLAIT_SCHEDULERS:
+        raise ConfigError(f"config key 'lr_quadratic_warmup': true has no effect on lr_scheduler {name!r} (transformers' "
+                          f"schedule has its own warmup); accepted with lr_scheduler: {', '.join(PLAIT_SCHEDULERS)}")
+
+
 def _check_schedule(cfg) -> None:
+    _check_plait_schedule(cfg)
     name = cfg.lr_scheduler
     given = set(cfg.lr_scheduler_kwargs) | ({"min_lr_rate"} if cfg.cosine_min_lr_ratio is not None else set())
     required = REQUIRED_KWARGS.get(name)
@@ -215,11 +242,12 @@ def _check_schedule(cfg) -> None:
 
 @hookimpl
 def schedulers():
-    records = [Scheduler("cosine", _plait_schedule, kwargs=("num_cycles",),
-                         description="cosine to cosine_min_lr_ratio"),
-               Scheduler("linear", _plait_schedule, description="linear to cosine_min_lr_ratio"),
-               Scheduler("constant", _plait_schedule, description="constant after warmup"),
-               Scheduler("constant_with_warmup", _plait_schedule, description="constant after warmup")]
+    check = _check_plait_schedule
+    records = [Scheduler("cosine", _plait_schedule, kwargs=("num_cycles",), check=check,
+                         description="cosine to cosine_min_lr_ratio (held from cosine_constant_lr_ratio of the run)"),
+               Scheduler("linear", _plait_schedule, check=check, description="linear to cosine_min_lr_ratio"),
+               Scheduler("constant", _plait_schedule, check=check, description="constant after warmup"),
+               Scheduler("constant_with_warmup", _plait_schedule, check=check, description="constant after warmup")]
     for name, kwargs in TRANSFORMERS_SCHEDULERS.items():
         records.append(Scheduler(name, _transformers_schedule, kwargs=kwargs, check=_check_schedule,
                                  description=f"transformers' {name}"))

@@ -283,6 +283,13 @@ class CoreConfig(StrictModel):
     cosine_min_lr_ratio: Optional[float] = Field(
         None, ge=0, le=1,
         description="cosine: the learning rate decays to this fraction of learning_rate instead of 0.")
+    cosine_constant_lr_ratio: Optional[float] = Field(
+        None, ge=0, le=1,
+        description="cosine (Axolotl): the decay to cosine_min_lr_ratio ends at this fraction of the run's steps and "
+                    "the rate stays there for the rest; 0 or blank: the decay spans the whole run.")
+    lr_quadratic_warmup: Optional[bool] = Field(
+        None, description="Warm up quadratically, (i / w) ** 2 of learning_rate at step i of w, instead of linearly "
+                          "(Axolotl's key; Plait's own schedules: cosine, linear, constant, constant_with_warmup).")
     max_grad_norm: Optional[float] = Field(
         1.0, ge=0, description="Clip the gradient norm to this; 0: no clipping; blank: 1.0 (as in Axolotl, "
                                "whose blank leaves HF Trainer's default).")
