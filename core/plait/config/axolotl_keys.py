@@ -108,7 +108,6 @@ LACKING_KEYS: dict[str, str] = {
     "use_otel_metrics": "OpenTelemetry metrics are not implemented",
     "use_comet": "Comet tracking is not implemented; use wandb_project, mlflow_*, use_tensorboard or "
                  "trackio_project_name",
-    "save_only_model": "checkpoints always hold the optimizer state (so they resume)",
     "load_best_model_at_end": "the final weights are the last step's",
     "eval_table_size": "logging prediction tables is not implemented",
     "do_causal_lm_eval": "generation metrics during eval are not implemented; `plait evaluate` reports loss and "

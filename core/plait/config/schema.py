@@ -342,8 +342,12 @@ class CoreConfig(StrictModel):
                     "safetensors).")
     resume_from_checkpoint: Optional[str] = Field(
         None, min_length=1,
-        description="A checkpoint-<step> directory to continue from: weights, optimizer, schedule, RNG and data "
-                    "position.")
+        description="A checkpoint-<step> directory to continue from: weights, optimizer (unless it was saved with "
+                    "save_only_model), schedule, RNG and data position.")
+    save_only_model: bool = Field(
+        False, description="Checkpoints hold the weights (with the schedule, RNG and data position) but no optimizer "
+                           "state, a fraction of the size; resuming from one starts the optimizer fresh, and the "
+                           "run says so.")
     auto_resume_from_checkpoints: bool = Field(
         False, description="Continue from the newest checkpoint in output_dir when there is one.")
     save_on_signals: list[str] = Field(

@@ -5,13 +5,21 @@ A checkpoint is a directory ``output_dir/checkpoint-<step>/``::
     checkpoint-40/
       model/                          the model as save_model writes it (HF / peft format, usable as is)
       trainable.safetensors           every trainable parameter, by name (what resume loads)
-      optimizer.safetensors + .json   optimizer state (full, unsharded, keyed by parameter name)
+      optimizer.safetensors + .json   optimizer state (full, unsharded, keyed by parameter name);
+                                      absent with save_only_model: true
       scheduler.safetensors + .json   learning-rate schedule state
       grad_scaler.safetensors + .json fp16 loss scale (fp16 runs only)
       rng-<rank>.safetensors + .json  python, numpy and torch (CPU and CUDA) generator states, per rank
       trainer_state.json              step, epoch, step within the epoch plan
       packing_plan.json               sample_packing runs only: the epoch plan's identity
       manifest.json                   size and sha256 of every file above, written last
+
+``save_only_model: true`` (Axolotl's and transformers' key) leaves the
+optimizer state out: it is the bulk of a checkpoint (two float32 moments per
+trained value for AdamW). Such a checkpoint still resumes, from its weights,
+schedule position, RNG states and data position, but the optimizer starts
+fresh (zero moments): the run says so at resume, and it is not the same run
+as an uninterrupted one.
 
 Nothing in a checkpoint is a pickle (:mod:`plait.train.state_io`): loading one
 parses tensors and JSON and runs no code. A checkpoint holding a pickle
@@ -177,20 +185,22 @@ def human_bytes(n: int | None) -> str:
     return f"{n:.1f} TiB"
 
 
-def estimate_checkpoint_bytes(model) -> int:
+def estimate_checkpoint_bytes(model, only_model: bool = False) -> int:
     """About what one checkpoint of ``model`` takes: the trainable weights twice
     (``trainable.safetensors`` and ``model/``, or every weight for a full
-    fine-tune), and two float32 optimizer moments per trainable value (Adam)."""
+    fine-tune), and two float32 optimizer moments per trainable value (Adam)
+    unless ``only_model`` (``save_only_model``)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     frozen = any(not p.requires_grad for p in model.parameters())
     saved_model = trainable_bytes if frozen else sum(p.numel() * p.element_size() for p in model.parameters())
-    return trainable_bytes + saved_model + 8 * sum(p.numel() for p in trainable)
+    optimizer_bytes = 0 if only_model else 8 * sum(p.numel() for p in trainable)
+    return trainable_bytes + saved_model + optimizer_bytes
 
 
 def check_room(run) -> None:
     """Refuse to start a run whose first checkpoint (or final save) could not fit on the disk."""
-    needed = estimate_checkpoint_bytes(run.model)
+    needed = estimate_checkpoint_bytes(run.model, only_model=bool(run.cfg.save_only_model))
     free = free_bytes(run.output_dir)
     if free is not None and free < needed:
         raise TrainingError(
@@ -211,16 +221,19 @@ def write_failed(target: Path, exc: OSError, output_dir: Path, what: str = "") -
 
 
 def _write_model_state(run, tmp: Path) -> None:
-    """Trainable weights and optimizer state, gathered to full tensors (rank 0 writes)."""
+    """Trainable weights and (unless ``save_only_model``) optimizer state,
+    gathered to full tensors (rank 0 writes)."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = _state_options(cpu_offload=True, ignore_frozen_params=True)
     weights = get_model_state_dict(run.model, options=options)
-    optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=options)
+    optimizer = None if run.cfg.save_only_model else get_optimizer_state_dict(run.model, run.optimizer,
+                                                                              options=options)
     if run.is_main:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-        save_state(optimizer, tmp, "optimizer")
+        if optimizer is not None:
+            save_state(optimizer, tmp, "optimizer")
         save_state(run.scheduler.state_dict(), tmp, "scheduler")
         if "grad_scaler" in run.extras:  # fp16: the loss scale is part of the state
             save_state(run.extras["grad_scaler"].state_dict(), tmp, "grad_scaler")
@@ -245,7 +258,8 @@ def save_checkpoint(run) -> Path:
         # every rank: save_model gathers sharded weights collectively
         run.pm.hook.save_model(cfg=run.cfg, model=run.model, tokenizer=run.tokenizer, path=str(tmp / "model"))
         if run.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(run.position(), indent=2))
+            state = {**run.position(), "optimizer_state": not run.cfg.save_only_model}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             if run.cfg.sample_packing:
                 (tmp / "packing_plan.json").write_text(json.dumps(packing_identity(run), indent=2))
         _barrier()
@@ -309,8 +323,9 @@ def resume_path(cfg, say=_say) -> Path | None:
 
 
 def load_checkpoint(run, path: Path) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNGs; return the
-    position (``step``, ``epoch``, ``step_in_epoch``)."""
+    """Restore weights, optimizer (when the checkpoint has it), scheduler and
+    this rank's RNGs; return the position (``step``, ``epoch``,
+    ``step_in_epoch``) and ``optimizer_state``: whether the optimizer was restored."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -320,13 +335,17 @@ def load_checkpoint(run, path: Path) -> dict:
     if result.unexpected_keys:
         raise ConfigError(f"checkpoint {path} holds weights this model does not have (was it saved with other "
                           f"adapter/model keys?): {sorted(result.unexpected_keys)[:5]}")
-    set_optimizer_state_dict(run.model, run.optimizer, load_state(path, "optimizer"), options=_state_options())
+    position = json.loads((path / "trainer_state.json").read_text())
+    # a verified checkpoint without optimizer files was saved so on purpose (save_only_model): the manifest lists
+    # every file a save wrote, so a lost optimizer file fails verification instead of landing here
+    position["optimizer_state"] = (path / "optimizer.json").exists()
+    if position["optimizer_state"]:
+        set_optimizer_state_dict(run.model, run.optimizer, load_state(path, "optimizer"), options=_state_options())
     run.scheduler.load_state_dict(load_state(path, "scheduler"))
     if "grad_scaler" in run.extras and (path / "grad_scaler.json").exists():
         run.extras["grad_scaler"].load_state_dict(load_state(path, "grad_scaler"))
     if (path / f"rng-{run.rank}.json").exists():
         set_rng_state(load_state(path, f"rng-{run.rank}"))
-    position = json.loads((path / "trainer_state.json").read_text())
     check_packing_plan(run, path, position)
     return position
 

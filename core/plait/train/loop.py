@@ -181,6 +181,10 @@ def train(cfg, pm, *, data=None) -> Run:
             run.step, run.epoch, run.step_in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
             run.extras["resumed_at_step"] = run.step
             log(run, f"resumed from {resume_from} at step {run.step}")
+            if not position["optimizer_state"]:
+                log(run, f"warning: {resume_from} was saved with save_only_model: true and holds no optimizer state; "
+                         f"the optimizer starts fresh (zero moments) at step {run.step}, so this run is not the same "
+                         f"as an uninterrupted one (weights, schedule, RNG and data position are restored)")
             if position.get("total_steps") not in (None, run.total_steps):
                 log(run, f"warning: the checkpoint planned {position['total_steps']} steps, this run "
                          f"{run.total_steps}; the learning-rate schedule follows the new length from here")
