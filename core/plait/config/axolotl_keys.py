@@ -75,7 +75,6 @@ FORMER_AXOLOTL_KEYS: dict[str, str] = {
 LACKING_KEYS: dict[str, str] = {
     "trl": "TRL's nested options are not read; use the flat keys (rl_beta, dpo_loss_type, ...) of plait-preference",
     "process_reward_model": "reward-model training is not implemented",
-    "quantization": "post-training quantization is not implemented",
     "ebft": "EBFT training is not implemented",
     "relora": "ReLoRA is not implemented",
     "lisa_n_layers": "LISA is not implemented; unfrozen_parameters trains chosen layers",

@@ -24,7 +24,7 @@ FIRST_PARTY_KEYS: dict[str, tuple[str, ...]] = {
                          "reward_model", "num_labels", "center_rewards_coefficient"),
     "plait-vision": ("processor_type", "image_size", "image_resize_algorithm", "freeze_mm_modules"),
     "plait-kernels": ("flash_attn_fuse_mlp", "flash_attn_rms_norm"),
-    "plait-qat": ("qat",),
+    "plait-qat": ("qat", "quantization"),
 }
 
 #: what each of those distributions brings, for the message
@@ -32,7 +32,7 @@ FIRST_PARTY_PURPOSE: dict[str, str] = {
     "plait-preference": "preference training (DPO, IPO, ORPO, KTO, SimPO) and reward models",
     "plait-vision": "multimodal (vision-language) training",
     "plait-kernels": "the fused kernels (RMSNorm, MLP, rotary, loss)",
-    "plait-qat": "quantization-aware training (torchao fake quantization)",
+    "plait-qat": "quantization-aware training and post-training quantization (torchao)",
 }
 
 

@@ -84,13 +84,75 @@ class QatBlock(StrictModel):
         lambda cls, value: _dtype(value)))
 
 
+class QuantizationBlock(StrictModel):
+    """Axolotl's ``quantization:`` block: post-training quantization by ``plait quantize``."""
+
+    weight_dtype: str = Field(
+        "int8", description="Layout the linear weights are quantized to (names as in qat.weight_dtype); default "
+        "int8, which needs an activation_dtype to form a scheme.")
+    activation_dtype: Optional[str] = Field(
+        None, description="Layout the linear layers' inputs are quantized to at run time; unset: weight-only.")
+    group_size: Optional[int] = Field(
+        32, ge=1, description="Weights per quantization group (int4); must divide every layer's input size.")
+    quantize_embedding: Optional[bool] = Field(
+        None, description="Also quantize the input embedding (int4 weight-only, as Axolotl).")
+
+    _dtypes = field_validator("weight_dtype", "activation_dtype", mode="before")(classmethod(
+        lambda cls, value: _dtype(value)))
+
+
 class QatKeys(StrictModel):
     """Keys plait-qat owns."""
 
     qat: Optional[QatBlock] = Field(
         None, description="Quantization-aware training (Axolotl's qat: block): the linear layers are "
         "fake-quantized by torchao while training; the saved model holds full-precision weights, ready for "
-        "post-training quantization with the same layout.")
+        "post-training quantization with the same layout (plait quantize).")
+    quantization: Optional[QuantizationBlock] = Field(
+        None, description="Post-training quantization (Axolotl's quantization: block), done by `plait quantize "
+        "CONFIG` on the trained model in output_dir, not by training; without it `plait quantize` uses qat:.")
+
+
+#: (activation_dtype, weight_dtype) -> post-training scheme in words, and what it needs beyond torchao on this machine
+PTQ_PAIRS = {
+    (None, "int4"): ("int4 weight-only (per group)", "mslk"),
+    ("int8", "int4"): ("int8 dynamic activations, int4 weights (per group)", None),
+    ("float8_e4m3fn", "float8_e4m3fn"): ("float8 dynamic activations and weights", "cuda89"),
+    ("float8_e4m3fn", "int4"): ("float8 dynamic activations, int4 weights", "cuda89"),
+    ("nvfp4", "nvfp4"): ("NVFP4 weights", "blackwell"),
+    (None, "nvfp4"): ("NVFP4 weights", "blackwell"),
+}
+
+
+def validate_ptq(block, key: str) -> None:
+    """The post-training pair ``block`` asks for exists and this machine can run it."""
+    import importlib.util
+
+    pair = (block.activation_dtype, block.weight_dtype)
+    if pair not in PTQ_PAIRS:
+        why = ("torchao's MXFP4 weights cannot be stored as safetensors" if "mxfp4" in pair
+               else REFUSED_PAIRS.get(pair, "not a post-training scheme of torchao").replace("QAT", "quantization"))
+        accepted = "; ".join(f"{a or 'unset'} / {w}" for a, w in PTQ_PAIRS)
+        raise ConfigError(f"config key {key!r}: activation_dtype {pair[0] or 'unset'} with weight_dtype {pair[1]} "
+                          f"is not accepted for post-training quantization ({why}); accepted: {accepted}")
+    if block.weight_dtype == "nvfp4" and block.group_size not in (None, 16):
+        raise ConfigError(f"config key '{key}.group_size': {block.group_size} is not accepted with weight_dtype nvfp4, "
+                          "whose scales cover blocks of 16; accepted: 16")
+    check_machine(block, key)
+    needs = PTQ_PAIRS[pair][1]
+    if needs == "mslk" or block.quantize_embedding:
+        if importlib.util.find_spec("mslk") is None:
+            raise MachineFactError(f"config key {key!r}: torchao's int4 weight-only tensors need the mslk package, "
+                                   "which is not installed; pip install mslk, or use activation_dtype int8 with "
+                                   "weight_dtype int4 (runs on the CPU)")
+    elif needs == "cuda89":
+        import torch
+
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        if capability is None or capability < (8, 9):
+            raise MachineFactError(f"config key {key!r}: torchao's float8 dynamic quantization needs a CUDA GPU of "
+                                   f"compute capability 8.9 or newer (Ada, Hopper); this machine has "
+                                   f"{'compute capability %d.%d' % capability if capability else 'no CUDA GPU'}")
 
 
 def scheme_of(qat: QatBlock) -> str:
@@ -102,6 +164,8 @@ def validate(cfg) -> None:
     """Rules inside the ``qat:`` block and with the rest of the config; raises
     ConfigError (a bad pair, a bad group size) or MachineFactError (this
     machine cannot run it)."""
+    if getattr(cfg, "quantization", None) is not None:
+        validate_ptq(cfg.quantization, "quantization")
     qat = getattr(cfg, "qat", None)
     if qat is None:
         return
@@ -129,7 +193,7 @@ def validate(cfg) -> None:
     check_machine(qat)
 
 
-def check_machine(qat: QatBlock) -> None:
+def check_machine(qat, key: str = "qat") -> None:
     """torchao installed and recent enough; NVFP4 only where its fp4 matmuls run.
 
     Looked up without importing torchao (its import loads native kernels)."""
@@ -137,11 +201,11 @@ def check_machine(qat: QatBlock) -> None:
     import importlib.util
 
     if importlib.util.find_spec("torchao") is None:
-        raise MachineFactError("config key 'qat' needs torchao, which is not installed; "
+        raise MachineFactError(f"config key {key!r} needs torchao, which is not installed; "
                                "pip install torchao (or pip install 'plait-qat[torchao]')")
     version = importlib.metadata.version("torchao")
     if _release(version) < _release(TORCHAO_MIN):
-        raise MachineFactError(f"config key 'qat' needs torchao >= {TORCHAO_MIN} (its QATConfig API); "
+        raise MachineFactError(f"config key {key!r} needs torchao >= {TORCHAO_MIN} (its QATConfig API); "
                                f"torchao {version} is installed; pip install -U torchao")
     if qat.weight_dtype == "nvfp4":
         import torch
@@ -149,7 +213,7 @@ def check_machine(qat: QatBlock) -> None:
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
         if capability is None or capability < (10, 0):
             where = f"a GPU of compute capability {capability[0]}.{capability[1]}" if capability else "no CUDA GPU"
-            raise MachineFactError(f"config key 'qat.weight_dtype': nvfp4 fake quantization runs torchao's fp4 "
+            raise MachineFactError(f"config key '{key}.weight_dtype': nvfp4 runs torchao's fp4 "
                                    f"matmuls, which need an NVIDIA Blackwell GPU (compute capability 10.0 or "
                                    f"newer); this machine has {where}")
 

@@ -1,14 +1,17 @@
 """Hookimpls of plait-qat (entry point ``qat``).
 
-* ``config_schema``: the ``qat:`` block (:class:`plait_qat.config.QatKeys`).
-* ``validate_config``: the weight / activation pair, the group size, torchao
+* ``config_schema``: the ``qat:`` and ``quantization:`` blocks (:class:`plait_qat.config.QatKeys`).
+* ``validate_config``: the weight / activation pairs, the group size, torchao
   installed and able to run the layout here (a machine fact).
 * ``patch_model``: fake-quantizes the linear layers (after adapters are
   attached: peft's LoRA matrices stay in full precision, their base layers are
   fake-quantized), training only.
 * ``on_train_start``: with ``fake_quant_after_n_steps``, keeps fake
-  quantization off until that many optimizer steps are done.
+  quantization off until that many optimizer steps are done; says that a
+  ``quantization:`` block waits for ``plait quantize``.
 * ``on_train_end``: converts the fake-quantized layers back to plain ones.
+* ``register_commands``: ``plait quantize``, post-training quantization of the
+  trained model (the ``quantization:`` or ``qat:`` block).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ def patch_model(cfg, model):
 
 @hookimpl
 def on_train_start(run):
+    if getattr(run.cfg, "quantization", None) is not None and getattr(run, "is_main", True):
+        import sys
+
+        # Axolotl's meaning: the block is read by the quantize command, after training
+        print("qat: the quantization: block is applied by `plait quantize` after training, not during it",
+              file=sys.stderr, flush=True)
     qat = getattr(run.cfg, "qat", None)
     if qat is None or not qat.fake_quant_after_n_steps:
         return
@@ -59,3 +68,10 @@ def on_train_end(run):
 
     # the files are already plain weights (fake quantizers hold no state); the in-memory model becomes plain too
     convert(run.model, qat)
+
+
+@hookimpl
+def register_commands(subparsers):
+    from plait_qat.ptq import add_quantize
+
+    add_quantize(subparsers)

@@ -56,7 +56,7 @@ def test_nvfp4_is_a_machine_fact_without_a_blackwell_gpu(tmp_path):
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (10, 0):
         pytest.skip("this machine runs NVFP4")
     block = {"activation_dtype": "nvfp4", "weight_dtype": "nvfp4", "group_size": 16}
-    with pytest.raises(ConfigError, match=r"'qat.weight_dtype': nvfp4 fake quantization runs torchao's fp4 "
+    with pytest.raises(ConfigError, match=r"'qat.weight_dtype': nvfp4 runs torchao's fp4 "
                                                r"matmuls, which need an NVIDIA Blackwell GPU"):
         build_run_config({"base_model": "m", "qat": block})
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "hello"}])
