@@ -72,6 +72,6 @@ def on_train_end(run):
 
 @hookimpl
 def register_commands(subparsers):
-    from plait_qat.ptq import add_quantize
+    from plait_qat.commands import add_quantize
 
     add_quantize(subparsers)

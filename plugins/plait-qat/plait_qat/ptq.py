@@ -70,18 +70,6 @@ def block_of(cfg):
                       "activation_dtype, group_size)")
 
 
-def add_quantize(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "quantize", help="quantize the trained model with torchao (the config's quantization: or qat: block)",
-        description="Post-training quantization with torchao, as axolotl quantize: loads output_dir (or --model), "
-                    "quantizes the linear layers and saves to output_dir/quantized (or --out).")
-    parser.add_argument("config", help="path to the YAML config")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
-    parser.add_argument("--model", metavar="DIR", help="the model to quantize (default: output_dir)")
-    parser.add_argument("--out", metavar="DIR", help="where to save (default: output_dir/quantized)")
-    parser.set_defaults(func=run_quantize)
-
-
 def run_quantize(args, pm) -> int:
     from pathlib import Path
 
