@@ -179,10 +179,10 @@ def test_axolotl_integrations_resolve_or_are_refused(tmp_path):
     one = _validate(tmp_path, plugins="axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin")
     assert one.exit_code == 0 and "CutCrossEntropyPlugin -> " in one.stdout  # one string is one entry
     refused = _validate(tmp_path, plugins=["axolotl.integrations.kd.KDPlugin",
-                                           "axolotl.integrations.swanlab.SwanLabPlugin"], swanlab_project="p")
+                                           "axolotl.integrations.grokfast.GrokfastPlugin"], grokfast_lamb=3.0)
     assert refused.exit_code == 2
-    assert "KDPlugin: knowledge distillation" in refused.stderr and "SwanLabPlugin: SwanLab" in refused.stderr
-    assert "swanlab_project: a key of Axolotl's swanlab integration" in refused.stderr
+    assert "KDPlugin: knowledge distillation" in refused.stderr and "GrokfastPlugin: the Grokfast" in refused.stderr
+    assert "grokfast_lamb: a key of Axolotl's grokfast integration" in refused.stderr
 
 
 def test_keys_of_a_disabled_plugin_are_derived_from_its_schema(tmp_path):

@@ -4,6 +4,8 @@ Biases / MLflow / trackio when they are installed and configured
 ``trackio_project_name``), with Axolotl's keys: ``wandb_watch`` (gradient /
 parameter histograms), ``wandb_log_model`` (the saved model as an artifact),
 ``wandb_run_id``, ``use_wandb`` / ``use_trackio`` (false turns one off).
+SwanLab, Comet and OpenTelemetry metrics (:data:`OBJECT_TRACKERS`) live in a
+module each.
 
 They are event hookimpls like any logger plugin would write; each keeps its
 state in ``run.extras`` under its own name.
@@ -12,8 +14,32 @@ state in ``run.extras`` under its own name.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
+from plait.builtin import comet_run, otel_metrics, swanlab_run
 from plait.hookspecs import hookimpl
+
+#: run.extras name -> (the keys that turn it on, its module, the class of its run object):
+#: the object logs ``(scalars, step)`` and finishes; the module has ``wanted``, ``check`` and ``INSTALL``
+OBJECT_TRACKERS = {
+    "swanlab": ("swanlab_project", swanlab_run, swanlab_run.SwanLabTracker),
+    "comet": ("use_comet/comet_project_name", comet_run, comet_run.CometTracker),
+    "otel": ("use_otel_metrics", otel_metrics, otel_metrics.OtelMetrics),
+}
+
+
+def _missing_modules(module) -> list[str]:
+    """The modules a tracker imports that this machine lacks."""
+    names = getattr(module, "MODULES", None) or (module.MODULE,)
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # the parent package of a dotted name is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def _wants_mlflow(cfg) -> bool:
@@ -46,9 +72,7 @@ def wandb_model_uploads(cfg) -> tuple[bool, bool]:
 
 @hookimpl
 def validate_config(cfg):
-    from plait.errors import MachineFactError
-
-    from plait.errors import ConfigError
+    from plait.errors import ConfigError, MachineFactError
 
     wanted = [("use_tensorboard", cfg.use_tensorboard, "tensorboard"), ("wandb_project", wants_wandb(cfg), "wandb"),
               ("mlflow_tracking_uri/mlflow_experiment_name", _wants_mlflow(cfg), "mlflow"),
@@ -57,10 +81,18 @@ def validate_config(cfg):
         if getattr(cfg, key) not in (None, "false") and not wants_wandb(cfg):
             raise ConfigError(f"config key {key!r}: {getattr(cfg, key)!r} needs W&B on: set wandb_project "
                               f"(use_wandb is {cfg.use_wandb!r})")
-    for key, asked, module in wanted:
-        if asked and importlib.util.find_spec(module) is None:
-            raise MachineFactError(f"config key '{key}' asks for {module}, which is not installed; "
-                                   f"pip install {module} or remove the key")
+    for _, module, _ in OBJECT_TRACKERS.values():
+        module.check(cfg)
+    # the machine's facts last, so a rule above is never hidden behind a missing package
+    missing = [f"config key '{key}' asks for {module}, which is not installed; pip install {module} or remove the key"
+               for key, asked, module in wanted if asked and importlib.util.find_spec(module) is None]
+    for keys, module, _ in OBJECT_TRACKERS.values():
+        absent = module.wanted(cfg) and _missing_modules(module)
+        if absent:
+            missing.append(f"config key '{keys}' asks for {', '.join(absent)}, which "
+                           f"{'is' if len(absent) == 1 else 'are'} not installed; {module.INSTALL}, or remove the key")
+    if missing:
+        raise MachineFactError("; ".join(missing))
 
 
 def _scalars(prefix: str, metrics: dict) -> dict:
@@ -97,6 +129,11 @@ def on_train_start(run):
             mlflow.set_experiment(cfg.mlflow_experiment_name)
         run.extras["mlflow"] = mlflow.start_run()
         mlflow.log_params({k: str(v)[:250] for k, v in cfg.model_dump(mode="json").items()})
+    for name, (_, module, tracker) in OBJECT_TRACKERS.items():
+        if module.wanted(cfg):
+            run.extras[name] = tracker(cfg)
+    if "otel" in run.extras:
+        logging.getLogger(__name__).info("OpenTelemetry metrics for Prometheus at %s", run.extras["otel"].url)
 
 
 def _log(run, prefix: str, metrics: dict) -> None:
@@ -113,6 +150,9 @@ def _log(run, prefix: str, metrics: dict) -> None:
         import mlflow
 
         mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+    for name in OBJECT_TRACKERS:
+        if name in run.extras:
+            run.extras[name].log(scalars, step)
 
 
 @hookimpl
@@ -162,3 +202,6 @@ def on_train_end(run):
 
         run.extras.pop("mlflow")
         mlflow.end_run()
+    for name in OBJECT_TRACKERS:
+        if name in run.extras:
+            run.extras.pop(name).finish()

@@ -57,6 +57,10 @@ NO_OP_KEYS: dict[str, str] = {
                          "own norm and rotary, which compute the same",
     "include_tokens_per_second": "Plait logs tokens per second on every step",
     "include_tkps": "Plait logs tokens per second on every step",
+    "swanlab_completion_log_interval": "only Axolotl's SwanLab completion table (swanlab_log_completions under rl) "
+                                       "reads it, and Plait does not build that table",
+    "swanlab_completion_max_buffer": "only Axolotl's SwanLab completion table (swanlab_log_completions under rl) "
+                                     "reads it, and Plait does not build that table",
     # keys Axolotl's examples still carry but its schema no longer has (Axolotl ignores them too)
     "base_model_ignore_patterns": "Axolotl no longer reads it (a hub download filter)",
     "adam_eps": "Axolotl ignores it too (its key is adam_epsilon)",
@@ -104,9 +108,8 @@ LACKING_KEYS: dict[str, str] = {
     "max_memory": "Plait places the whole model on each process's device",
     "use_ray": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "ray_num_workers": "Ray launching is not supported; launch with torchrun or accelerate launch",
-    "use_otel_metrics": "OpenTelemetry metrics are not implemented",
-    "use_comet": "Comet tracking is not implemented; use wandb_project, mlflow_*, use_tensorboard or "
-                 "trackio_project_name",
+    "swanlab_log_model": "uploading checkpoints to SwanLab is not implemented (Axolotl's SwanLab plugin only "
+                         "passes it on, 'coming soon'); leave it false",
     "load_best_model_at_end": "the final weights are the last step's",
     "eval_table_size": "logging prediction tables is not implemented",
     "do_causal_lm_eval": "generation metrics during eval are not implemented; `plait evaluate` reports loss and "

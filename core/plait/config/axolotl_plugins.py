@@ -10,6 +10,7 @@ integration            in Plait
 =====================  ===================================================
 cut_cross_entropy      core's loss step (never builds full logits)
 liger                  plait-kernels (the ``liger_*`` keys)
+swanlab                core's trackers (the ``swanlab_*`` keys)
 spectrum               refused: use ``unfrozen_parameters``
 kernels                refused (hub MoE kernels)
 others                 refused, named
@@ -42,8 +43,7 @@ INTEGRATIONS: dict[str, Integration] = {
                             "train with unfrozen_parameters", refused=True),
     "kernels": Integration("hub MoE kernels (scattermoe, sonicmoe) are not used; plait-models runs MoE experts "
                            "and plait-kernels swaps dense kernels", refused=True),
-    "swanlab": Integration("SwanLab tracking is not implemented; use wandb_project, mlflow_*, use_tensorboard or "
-                           "trackio_project_name", refused=True),
+    "swanlab": Integration("core's SwanLab tracker (the swanlab_* keys; needs plait[swanlab])"),
     "kd": Integration("knowledge distillation is not implemented", refused=True),
     "lm_eval": Integration("lm-eval-harness runs are not built in; run lm_eval on the saved model", refused=True),
     "grokfast": Integration("the Grokfast gradient filter is not implemented", refused=True),

@@ -372,6 +372,57 @@ class CoreConfig(StrictModel):
     trackio_project_name: Optional[str] = Field(None, description="Log to trackio under this project.")
     trackio_run_name: Optional[str] = Field(None, description="trackio run name.")
     trackio_space_id: Optional[str] = Field(None, description="Hugging Face Space that hosts the trackio dashboard.")
+    # SwanLab: Axolotl's swanlab integration (plugins: axolotl.integrations.swanlab.SwanLabPlugin), core here
+    use_swanlab: Optional[bool] = Field(
+        None, description="false turns SwanLab off even with swanlab_project; true needs swanlab_project (as in "
+                          "Axolotl, swanlab_project alone turns it on).")
+    swanlab_project: Optional[str] = Field(
+        None, description="Log to this SwanLab project (needs plait[swanlab]).")
+    swanlab_experiment_name: Optional[str] = Field(None, description="SwanLab experiment (run) name.")
+    swanlab_description: Optional[str] = Field(None, description="SwanLab experiment description.")
+    swanlab_mode: Optional[Literal["cloud", "local", "offline", "disabled"]] = Field(
+        None, description="cloud (sync to SwanLab's server, the default), local (local only), offline (save "
+                          "locally for a later `swanlab sync`) or disabled.")
+    swanlab_workspace: Optional[str] = Field(None, description="SwanLab workspace (organization or user name).")
+    swanlab_api_key: Optional[str] = Field(
+        None, description="SwanLab API key (else SWANLAB_API_KEY or `swanlab login`).")
+    swanlab_web_host: Optional[str] = Field(None, description="Web address of a private SwanLab deployment.")
+    swanlab_api_host: Optional[str] = Field(None, description="API address of a private SwanLab deployment.")
+    swanlab_lark_webhook_url: Optional[str] = Field(
+        None, description="Lark (Feishu) webhook that SwanLab notifies when the run starts and ends.")
+    swanlab_lark_secret: Optional[str] = Field(
+        None, description="Secret that signs the Lark notifications (HMAC).")
+    swanlab_log_completions: Optional[bool] = Field(
+        None, description="Axolotl's table of preference-tuning completions in SwanLab. Plait does not build "
+                          "it: true is refused with rl (preference tuning) and changes nothing without rl (Axolotl "
+                          "only logs it for RLHF trainers).")
+    # Comet (Axolotl passes these to transformers' Comet callback)
+    use_comet: Optional[bool] = Field(
+        None, description="Log to Comet (needs plait[comet]); comet_project_name alone turns it on, false turns it "
+                          "off.")
+    comet_api_key: Optional[str] = Field(None, description="Comet API key (else COMET_API_KEY or `comet login`).")
+    comet_workspace: Optional[str] = Field(None, description="Comet workspace (default: the user's own).")
+    comet_project_name: Optional[str] = Field(None, description="Comet project (default: Uncategorized).")
+    comet_experiment_key: Optional[str] = Field(
+        None, description="Key of the Comet experiment: appends to that experiment, or names a new one.")
+    comet_mode: Optional[Literal["get_or_create", "get", "create"]] = Field(
+        None, description="create a new Comet experiment, get (log to) an existing one, or get_or_create (the "
+                          "default).")
+    comet_online: Optional[bool] = Field(
+        None, description="false stores the Comet experiment offline (an archive for `comet upload`) instead of "
+                          "sending it.")
+    comet_experiment_config: Optional[dict[str, Any]] = Field(
+        None, description="Comet's experiment settings by Axolotl's names (name, tags, offline_directory, "
+                          "log_code, auto_metric_logging, comet_disabled, ...).")
+    # OpenTelemetry metrics, served for Prometheus to scrape
+    use_otel_metrics: bool = Field(
+        False, description="Export the training metrics through OpenTelemetry on a Prometheus endpoint "
+                           "(http://otel_metrics_host:otel_metrics_port/metrics; needs plait[otel]).")
+    otel_metrics_host: str = Field("localhost", min_length=1,
+                                   description="Address the OpenTelemetry metrics endpoint listens on.")
+    otel_metrics_port: int = Field(8000, ge=0, le=65535,
+                                   description="Port of the OpenTelemetry metrics endpoint (0: a free port, "
+                                               "printed at the start).")
     hub_model_id: Optional[str] = Field(
         None, description="Push output_dir to this Hugging Face hub repository (user/name) at the end of training.")
     hub_strategy: Optional[Literal["end"]] = Field(

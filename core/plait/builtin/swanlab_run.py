@@ -1,0 +1,68 @@
+"""SwanLab tracking with Axolotl's ``swanlab_*`` keys (Axolotl's swanlab
+integration plugin; in Plait core's trackers serve it).
+
+On when ``swanlab_project`` is set and ``use_swanlab`` is not false. The
+run's config, then every logged train and eval scalar by step, go to
+``swanlab.init``'s run; a Lark webhook gets SwanLab's start/end notices.
+"""
+
+from __future__ import annotations
+
+from plait.errors import ConfigError
+
+#: Axolotl's mode names -> SwanLab's (SwanLab renamed cloud to online)
+MODES = {"cloud": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
+
+MODULE = "swanlab"
+INSTALL = "pip install 'plait[swanlab]' (swanlab>=0.10)"
+
+
+def wanted(cfg) -> bool:
+    return bool(cfg.swanlab_project) and cfg.use_swanlab is not False
+
+
+def check(cfg) -> None:
+    """Rules across keys (Axolotl's, plus the completion table Plait lacks)."""
+    if cfg.use_swanlab and not cfg.swanlab_project:
+        raise ConfigError("config key 'use_swanlab': true needs swanlab_project (the SwanLab project to log to); "
+                          "set swanlab_project, or use_swanlab: false")
+    if cfg.swanlab_lark_secret and not cfg.swanlab_lark_webhook_url:
+        raise ConfigError("config key 'swanlab_lark_secret' signs Lark notifications and needs "
+                          "swanlab_lark_webhook_url; set the webhook or remove the secret")
+    if cfg.swanlab_log_completions and getattr(cfg, "rl", None):
+        # Axolotl's SwanLab plugin buffers prompt/chosen/rejected rows of RLHF trainers into a table
+        raise ConfigError(f"config key 'swanlab_log_completions': true asks for a SwanLab table of rl: {cfg.rl} "
+                          "completions, which Plait does not log (its metrics, rewards/margins and the rest, "
+                          "are logged); set swanlab_log_completions: false")
+
+
+def init_kwargs(cfg) -> dict:
+    """``swanlab.init`` arguments (without ``settings``) from Axolotl's keys."""
+    kwargs = dict(project=cfg.swanlab_project, name=cfg.swanlab_experiment_name,
+                  description=cfg.swanlab_description, workspace=cfg.swanlab_workspace,
+                  mode=MODES[cfg.swanlab_mode] if cfg.swanlab_mode else None, config=cfg.model_dump(mode="json"))
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+class SwanLabTracker:
+    """One SwanLab run for one training run."""
+
+    def __init__(self, cfg) -> None:
+        import swanlab
+
+        hosts = {"api_key": cfg.swanlab_api_key, "api_host": cfg.swanlab_api_host,
+                 "web_host": cfg.swanlab_web_host}
+        hosts = {key: value for key, value in hosts.items() if value}
+        callbacks = []
+        if cfg.swanlab_lark_webhook_url:
+            from swanlab.plugin.notification import LarkCallback
+
+            callbacks.append(LarkCallback(webhook_url=cfg.swanlab_lark_webhook_url, secret=cfg.swanlab_lark_secret))
+        self.run = swanlab.init(**init_kwargs(cfg), settings=swanlab.Settings(**hosts) if hosts else None,
+                                callbacks=callbacks or None)
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
