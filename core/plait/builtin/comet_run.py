@@ -9,7 +9,7 @@ offline archive.
 
 from __future__ import annotations
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, TrainingError
 
 MODULE = "comet_ml"
 INSTALL = "pip install 'plait[comet]' (comet_ml)"
@@ -66,8 +66,13 @@ class CometTracker:
     def __init__(self, cfg) -> None:
         import comet_ml
 
-        self.experiment = comet_ml.start(**start_kwargs(cfg),
-                                         experiment_config=comet_ml.ExperimentConfig(**experiment_settings(cfg)))
+        try:
+            self.experiment = comet_ml.start(**start_kwargs(cfg),
+                                             experiment_config=comet_ml.ExperimentConfig(**experiment_settings(cfg)))
+        except Exception as exc:  # no API key, a bad comet_experiment_config value, no network: Comet's reason
+            raise TrainingError(f"Comet could not start: {type(exc).__name__}: {str(exc).rstrip('. ')}. Online, set "
+                                "COMET_API_KEY or comet_api_key (or run `comet login`); comet_online: false needs no "
+                                "account") from exc
         self.experiment.log_other("Created from", "plait")
         self.experiment.log_parameters(cfg.model_dump(mode="json"))
 

@@ -8,7 +8,7 @@ run's config, then every logged train and eval scalar by step, go to
 
 from __future__ import annotations
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, TrainingError
 
 #: Axolotl's mode names -> SwanLab's (SwanLab renamed cloud to online)
 MODES = {"cloud": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
@@ -58,8 +58,13 @@ class SwanLabTracker:
             from swanlab.plugin.notification import LarkCallback
 
             callbacks.append(LarkCallback(webhook_url=cfg.swanlab_lark_webhook_url, secret=cfg.swanlab_lark_secret))
-        self.run = swanlab.init(**init_kwargs(cfg), settings=swanlab.Settings(**hosts) if hosts else None,
-                                callbacks=callbacks or None)
+        try:
+            self.run = swanlab.init(**init_kwargs(cfg), settings=swanlab.Settings(**hosts) if hosts else None,
+                                    callbacks=callbacks or None)
+        except Exception as exc:  # cloud mode with no API key or no network, say: SwanLab's reason, and the keys
+            raise TrainingError(f"SwanLab could not start (swanlab_mode: {cfg.swanlab_mode or 'cloud'}): "
+                                f"{type(exc).__name__}: {str(exc).rstrip('. ')}. For cloud mode set SWANLAB_API_KEY or swanlab_api_key "
+                                "(or run `swanlab login`); swanlab_mode: local or offline needs no account") from exc
 
     def log(self, scalars: dict, step: int) -> None:
         self.run.log(scalars, step=step)
