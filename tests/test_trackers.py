@@ -102,6 +102,10 @@ def test_swanlab_keys_mean_what_they_mean_in_axolotl():
         _cfg(use_swanlab=True)
     with pytest.raises(ConfigError, match="swanlab_mode"):
         _cfg(swanlab_project="p", swanlab_mode="online-ish")
+    plugin = ["axolotl.integrations.swanlab.SwanLabPlugin"]
+    with pytest.raises(ConfigError, match="SwanLabPlugin turns SwanLab on and needs swanlab_project"):
+        _cfg(plugins=plugin)
+    assert not swanlab_run.wanted(_cfg(plugins=plugin, use_swanlab=False))
     with pytest.raises(ConfigError, match="'swanlab_lark_secret' signs Lark notifications"):
         _cfg(swanlab_project="p", swanlab_lark_secret="s")
 

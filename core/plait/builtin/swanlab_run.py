@@ -26,6 +26,11 @@ def check(cfg) -> None:
     if cfg.use_swanlab and not cfg.swanlab_project:
         raise ConfigError("config key 'use_swanlab': true needs swanlab_project (the SwanLab project to log to); "
                           "set swanlab_project, or use_swanlab: false")
+    listed = [entry for entry in cfg.plugins or [] if entry.startswith("axolotl.integrations.swanlab.")]
+    if listed and not cfg.swanlab_project and cfg.use_swanlab is not False:
+        # Axolotl's plugin turns SwanLab on (use_swanlab defaults to true there) and refuses a missing project
+        raise ConfigError(f"plugins: {listed[0]} turns SwanLab on and needs swanlab_project (the SwanLab project to "
+                          "log to); set swanlab_project, or use_swanlab: false")
     if cfg.swanlab_lark_secret and not cfg.swanlab_lark_webhook_url:
         raise ConfigError("config key 'swanlab_lark_secret' signs Lark notifications and needs "
                           "swanlab_lark_webhook_url; set the webhook or remove the secret")
