@@ -110,12 +110,13 @@ def test_swanlab_keys_mean_what_they_mean_in_axolotl():
         _cfg(swanlab_project="p", swanlab_lark_secret="s")
 
 
-def test_swanlab_completion_table_is_refused_under_rl_and_nothing_without(tmp_path):
-    pytest.importorskip("plait_preference")
-    with pytest.raises(ConfigError, match="'swanlab_log_completions': true asks for a SwanLab table of rl: dpo"):
-        _cfg(swanlab_project="p", swanlab_log_completions=True, rl="dpo")
-    assert _cfg(swanlab_project="p", swanlab_log_completions=False, rl="dpo").swanlab_log_completions is False
-    assert _cfg(swanlab_project="p", swanlab_log_completions=True).swanlab_log_completions  # SFT: Axolotl logs none
+def test_swanlab_completion_table_keys(tmp_path):
+    """The table itself is tested with a preference run (plait-preference's test_completion_samples.py)."""
+    cfg = _cfg(swanlab_project="p")
+    assert (cfg.swanlab_log_completions, cfg.swanlab_completion_log_interval, cfg.swanlab_completion_max_buffer) == (
+        True, 100, 128)  # Axolotl's defaults
+    with pytest.raises(ConfigError, match="swanlab_completion_max_buffer"):
+        _cfg(swanlab_project="p", swanlab_completion_max_buffer=0)
     result = _validate(tmp_path, swanlab_project="p", swanlab_log_model=True, plugins=[
         "axolotl.integrations.swanlab.SwanLabPlugin"])
     assert result.exit_code == 2 and "swanlab_log_model: uploading checkpoints to SwanLab is not implemented" in (

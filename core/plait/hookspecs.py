@@ -445,6 +445,13 @@ def build_objective(cfg: CoreConfig, model: Optional[torch.nn.Module], loss_fn: 
         evaluation). ``run`` is the :class:`plait.train.loop.Run`.
     ``perplexity``
         whether ``exp(eval_loss)`` means something (``eval_ppl`` is reported).
+    ``samples`` (optional)
+        ``None``, or a collection (a bounded ``deque``) that a tracker puts
+        there in ``on_train_start``; the objective then appends one dict per
+        trained unit, token ids and its score (plait-preference: ``prompt_ids``
+        with ``chosen_ids``, ``rejected_ids``, ``reward_diff`` for a pair, or
+        ``completion_ids``, ``label``, ``reward`` for a KTO row). Core's
+        SwanLab tracker reads them for ``swanlab_log_completions``.
 
     A plugin answers only when the config asks for it (plait-preference for
     ``rl:`` or ``reward_model: true``), else returns ``None``.

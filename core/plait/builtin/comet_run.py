@@ -63,9 +63,10 @@ def experiment_settings(cfg) -> dict:
 class CometTracker:
     """One Comet experiment for one training run."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, run) -> None:
         import comet_ml
 
+        cfg = run.cfg
         try:
             self.experiment = comet_ml.start(**start_kwargs(cfg),
                                              experiment_config=comet_ml.ExperimentConfig(**experiment_settings(cfg)))

@@ -41,12 +41,13 @@ def metric_name(key: str) -> str:
 class OtelMetrics:
     """The run's meter, its gauges and the HTTP endpoint Prometheus scrapes."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, run) -> None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.resources import Resource
         from prometheus_client import start_http_server
 
+        cfg = run.cfg
         self.provider = MeterProvider(metric_readers=[PrometheusMetricReader()],
                                       resource=Resource.create({"service.name": "plait"}))
         self.meter = self.provider.get_meter("plait.training")

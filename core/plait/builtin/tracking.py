@@ -19,8 +19,8 @@ import logging
 from plait.builtin import comet_run, otel_metrics, swanlab_run
 from plait.hookspecs import hookimpl
 
-#: run.extras name -> (the keys that turn it on, its module, the class of its run object):
-#: the object logs ``(scalars, step)`` and finishes; the module has ``wanted``, ``check`` and ``INSTALL``
+#: run.extras name -> (the keys that turn it on, its module, the class of its run object, built from the loop's
+#: Run): the object logs ``(scalars, step)`` and finishes; the module has ``wanted``, ``check`` and ``INSTALL``
 OBJECT_TRACKERS = {
     "swanlab": ("swanlab_project", swanlab_run, swanlab_run.SwanLabTracker),
     "comet": ("use_comet/comet_project_name", comet_run, comet_run.CometTracker),
@@ -131,7 +131,7 @@ def on_train_start(run):
         mlflow.log_params({k: str(v)[:250] for k, v in cfg.model_dump(mode="json").items()})
     for name, (_, module, tracker) in OBJECT_TRACKERS.items():
         if module.wanted(cfg):
-            run.extras[name] = tracker(cfg)
+            run.extras[name] = tracker(run)
     if "otel" in run.extras:
         logging.getLogger(__name__).info("OpenTelemetry metrics for Prometheus at %s", run.extras["otel"].url)
 

@@ -57,10 +57,6 @@ NO_OP_KEYS: dict[str, str] = {
                          "own norm and rotary, which compute the same",
     "include_tokens_per_second": "Plait logs tokens per second on every step",
     "include_tkps": "Plait logs tokens per second on every step",
-    "swanlab_completion_log_interval": "only Axolotl's SwanLab completion table (swanlab_log_completions under rl) "
-                                       "reads it, and Plait does not build that table",
-    "swanlab_completion_max_buffer": "only Axolotl's SwanLab completion table (swanlab_log_completions under rl) "
-                                     "reads it, and Plait does not build that table",
     # keys Axolotl's examples still carry but its schema no longer has (Axolotl ignores them too)
     "base_model_ignore_patterns": "Axolotl no longer reads it (a hub download filter)",
     "adam_eps": "Axolotl ignores it too (its key is adam_epsilon)",

@@ -392,10 +392,14 @@ class CoreConfig(StrictModel):
         None, description="Lark (Feishu) webhook that SwanLab notifies when the run starts and ends.")
     swanlab_lark_secret: Optional[str] = Field(
         None, description="Secret that signs the Lark notifications (HMAC).")
-    swanlab_log_completions: Optional[bool] = Field(
-        None, description="Axolotl's table of preference-tuning completions in SwanLab. Plait does not build "
-                          "it: true is refused with rl (preference tuning) and changes nothing without rl (Axolotl "
-                          "only logs it for RLHF trainers).")
+    swanlab_log_completions: bool = Field(
+        True, description="Under rl (preference tuning), log a SwanLab table (rlhf_completions) of the trained "
+                          "units: prompt, chosen and rejected with the reward margin (KTO: completion, label, "
+                          "reward). Without rl there are no completions to log, as in Axolotl.")
+    swanlab_completion_log_interval: int = Field(
+        100, ge=1, description="Log the completion table every this many steps (and what is left at the end).")
+    swanlab_completion_max_buffer: int = Field(
+        128, ge=1, description="Keep at most this many completions (the newest) between two tables.")
     # Comet (Axolotl passes these to transformers' Comet callback)
     use_comet: Optional[bool] = Field(
         None, description="Log to Comet (needs plait[comet]); comet_project_name alone turns it on, false turns it "

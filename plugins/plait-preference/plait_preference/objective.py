@@ -9,13 +9,17 @@ frozen copy of the starting weights when every weight trains.
 The loop averages over *units*: pairs (DPO, IPO, ORPO, SimPO) or rows (KTO).
 Metrics are TRL's names: ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+
+``samples``: ``None``, or a collection a tracker puts there before training
+(core's SwanLab tracker, for ``swanlab_log_completions``); each trained unit
+is then appended as token ids and its score (:mod:`plait_preference.samples`).
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from plait_preference import config, losses
+from plait_preference import config, losses, samples
 from plait_preference.logps import segment_logps
 from plait_preference.rows import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE
 
@@ -31,6 +35,8 @@ class PreferenceObjective:
         self.beta = config.beta(cfg)
         self.unit = "examples" if self.method == "kto" else "pairs"
         self.reference = reference_model(model) if self.method in REFERENCE_METHODS else None
+        self.samples = None  # see the module docstring
+        self.last_scores = None  # each unit's reward margin (pairs) or reward (KTO rows) of the last micro-batch
 
     # ---------------------------------------------------------------- protocol
 
@@ -50,6 +56,9 @@ class PreferenceObjective:
             loss_sum, metrics = self.kto(policy, ref, roles)
         else:
             loss_sum, metrics = self.pairs(policy, ref, roles)
+        if training and self.samples is not None:
+            describe = samples.row_samples if self.method == "kto" else samples.pair_samples
+            self.samples.extend(describe(batch, self.last_scores))
         if training:
             units = self.count(batch)
             for term in run.pm.hook.extra_loss(cfg=run.cfg, model=run.model, outputs=policy.outputs, batch=batch):
@@ -117,6 +126,7 @@ class PreferenceObjective:
                     metrics["nll_loss"] = (nll.detach() * n, n)
             c_reward, r_reward = beta * c_avg.detach(), beta * r_avg.detach()
             shown_c, shown_r = c_avg, r_avg
+        self.last_scores = c_reward - r_reward
         metrics.update({
             "rewards/chosen": (c_reward.sum(), n),
             "rewards/rejected": (r_reward.sum(), n),
@@ -141,6 +151,7 @@ class PreferenceObjective:
                              desirable_weight=cfg.kto_desirable_weight or 1.0,
                              undesirable_weight=cfg.kto_undesirable_weight or 1.0)
         rewards = self.beta * ratio.detach()
+        self.last_scores = rewards
         logps = policy.completion[rows].detach()
         n_good, n_bad = int(desirable.sum()), int((~desirable).sum())
         metrics = {"kl": (kl, 1),
