@@ -89,10 +89,6 @@ LACKING_KEYS: dict[str, str] = {
     "gptq": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
     "model_quantization_config": "loading with a transformers quantization config (Mxfp4Config, ...) is not supported; "
                                  "use load_in_4bit / load_in_8bit (plait-bnb)",
-    "quantize_moe_experts": "quantizing fused MoE expert weights is not implemented (plait-bnb quantizes linear "
-                            "layers only)",
-    "lora_target_parameters": "LoRA on fused expert parameters by name is not implemented; plait-models' "
-                              "lora_target_experts adapts the experts",
     "experts_implementation": "choosing transformers' expert kernels is not implemented; plait-models runs the "
                               "experts",
     "use_kernels": "loading hub kernels (transformers use_kernels) is not supported; plait-kernels swaps kernels",

@@ -43,6 +43,10 @@ class BnbKeys(BaseModel):
         None, description="dtype the 4-bit weights are dequantized to for matmuls; default: the run's compute dtype.")
     bnb_4bit_quant_storage: Optional[Literal["uint8", "float32", "bfloat16", "float16"]] = Field(
         None, description="dtype the packed 4-bit weights are stored in (uint8); bfloat16 lets FSDP2 shard them with the rest.")
+    quantize_moe_experts: bool = Field(
+        False, description="Also quantize the fused 3-D expert weights of MoE blocks (transformers 5's "
+        "experts.gate_up_proj / down_proj, which are parameters, not linear layers) in 4 bits (load_in_4bit) or "
+        "8 bits (load_in_8bit), dequantized on read; without it they stay in the compute dtype. Axolotl key.")
     bnb_config_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra transformers.BitsAndBytesConfig arguments (llm_int8_threshold, ...).")
 
@@ -70,6 +74,10 @@ def validate(cfg) -> None:
     if cfg.adapter == "qlora" and not cfg.load_in_4bit:
         raise ConfigError("config key 'adapter': 'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true, "
                           "or use adapter: lora")
+    if cfg.quantize_moe_experts and not (cfg.load_in_4bit or cfg.load_in_8bit):
+        raise ConfigError("config key 'quantize_moe_experts': true quantizes the experts like the rest of a quantized "
+                          "base; set load_in_4bit: true (adapter: qlora) or load_in_8bit: true (adapter: lora), "
+                          "or remove the key")
     stray = [k for k in FOUR_BIT_KEYS if _given(cfg, k)]
     if stray and not cfg.load_in_4bit:
         raise ConfigError(f"{', '.join(stray)} set but load_in_4bit is not; set load_in_4bit: true "

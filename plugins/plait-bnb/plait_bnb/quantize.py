@@ -101,8 +101,14 @@ def load_quantized_model(cfg, tokenizer):
     kwargs = pretrained_kwargs(cfg)
     kwargs.pop("attn_implementation")
     # an attention backend the architecture lacks falls back to one it has, as in core's loader
+    quantization = quantization_config(cfg)
     model = load_with_supported_attention(cfg, lambda **attn: AutoModelForCausalLM.from_pretrained(
-        cfg.base_model, quantization_config=quantization_config(cfg), device_map=device_map(), **kwargs, **attn))
+        cfg.base_model, quantization_config=quantization, device_map=device_map(), **kwargs, **attn))
+    if cfg.quantize_moe_experts:
+        from plait_bnb.experts import quantize_experts
+
+        # BitsAndBytesConfig reaches nn.Linear layers only; fused 3-D expert weights are parameters
+        quantize_experts(model, quantization)
     # embeddings are not quantized, so resizing works as on a plain model
     fit_to_tokenizer(cfg, model, tokenizer)
     return prepare_for_kbit_training(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)

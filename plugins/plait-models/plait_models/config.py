@@ -82,7 +82,8 @@ def validate(cfg, family) -> None:
                     f"model type {family.model_types[0]!r} (family {family.name}) has no experts. Remove the key."
                 )
         return
-    if cfg.adapter in ("lora", "qlora") and not cfg.lora_target_experts and family.expert_parameters:
+    if (cfg.adapter in ("lora", "qlora") and not cfg.lora_target_experts and family.expert_parameters
+            and not getattr(cfg, "lora_target_parameters", None)):  # plait-peft's key may name the experts
         # not an error: attention-only LoRA on an MoE is a common choice; but never silent
         log.warning(
             "%s: the experts (%s) are fused 3D parameters, not nn.Linear, so LoRA leaves them frozen; "

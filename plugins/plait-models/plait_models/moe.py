@@ -102,7 +102,8 @@ def expert_parameters_of(model, family) -> dict[str, object]:
         return {}
     found = {}
     for name, param in model.named_parameters():
-        plain = name.replace(".base_layer", "")
+        # peft may rename the holder to base_layer; plait-bnb's 4-bit experts are parametrized
+        plain = name.replace(".base_layer", "").replace(".parametrizations.", ".").removesuffix(".original")
         if any(plain.endswith("." + suffix) for suffix in family.expert_parameters):
             found[name] = param
     return found

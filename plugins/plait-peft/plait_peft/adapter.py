@@ -156,7 +156,9 @@ def expert_targets(cfg, model) -> list[str]:
         if value:
             raise ConfigError(f"config key {key!r}: {value!r} cannot be combined with lora_target_experts: true "
                               "(peft adapts fused expert parameters without dropout or DoRA); set it to 0/false")
-    names = [name for name, _ in model.named_parameters()]
+    from plait_peft.parameters import logical_parameters
+
+    names = [f"{module_name}.{name}" for module_name, _, name in logical_parameters(model)]
     missing = [s for s in family.expert_parameters if not any(n.endswith("." + s) for n in names)]
     if missing:
         raise ConfigError(f"config key 'lora_target_experts': the {family.name} expert parameters {missing} "
@@ -221,6 +223,7 @@ def attach_lora(cfg, model):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     from plait.model.loading import is_kbit_prepared
+    from plait_peft.parameters import keep_base_parametrizations, parameter_targets
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     # plait-bnb's loader already prepared the model (frozen base, input grads,
@@ -241,15 +244,17 @@ def attach_lora(cfg, model):
             log.info("lora_model_dir: training continues with the settings saved in %s; these keys you set differ "
                      "from it and are not used: %s", Path(cfg.lora_model_dir) / "adapter_config.json",
                      ", ".join(differing))
-        return PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True,
-                                         autocast_adapter_dtype=autocast_adapter)
+        peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True,
+                                               autocast_adapter_dtype=autocast_adapter)
+        return keep_base_parametrizations(peft_model)
     lora_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=target_modules(cfg, model),
+        # [] not None: without module targets peft would pick its own defaults for the model type
+        target_modules=target_modules(cfg, model) or [],
         # fused MoE experts (3D nn.Parameters) are adapted by parameter name, not by module
-        target_parameters=expert_targets(cfg, model) or None,
+        target_parameters=parameter_targets(cfg, model, expert_targets(cfg, model)) or None,
         modules_to_save=cfg.lora_modules_to_save,
         fan_in_fan_out=cfg.lora_fan_in_fan_out,
         layers_to_transform=cfg.peft_layers_to_transform,
@@ -259,6 +264,7 @@ def attach_lora(cfg, model):
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=autocast_adapter)
+    keep_base_parametrizations(peft_model)
     if cfg.gradient_checkpointing:
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         peft_model.enable_input_require_grads()

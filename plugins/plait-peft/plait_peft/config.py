@@ -19,6 +19,10 @@ class PeftKeys(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_target_modules: Optional[Union[str, list[str]]] = Field(
         None, description="Module names (or suffixes like self_attn.q_proj) to adapt; a string is a regex.")
+    lora_target_parameters: Optional[Union[str, list[str]]] = Field(
+        None, description="Parameters (not modules) to adapt with LoRA, by name or suffix, e.g. "
+        "[mlp.experts.gate_up_proj, mlp.experts.down_proj] for the fused 3-D expert weights of a transformers 5 MoE "
+        "(peft's target_parameters; needs lora_dropout: 0). Axolotl key.")
     lora_target_linear: bool = Field(False, description="Adapt every linear layer of the decoder (not the head).")
     lora_modules_to_save: Optional[list[str]] = Field(
         None, description="Modules trained and saved in full beside the adapter (embed_tokens, lm_head).")
@@ -47,9 +51,12 @@ def validate(cfg) -> None:
             cfg.add_note(f"{', '.join(given)} ignored: 'adapter' is not set, so every weight trains (as in "
                          f"Axolotl); set adapter: lora (or qlora) to train LoRA adapters instead")
         return
-    if not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_model_dir:
+    if (not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_target_parameters
+            and not cfg.lora_model_dir):
         raise ConfigError(f"config key 'adapter': {cfg.adapter!r} needs targets; set lora_target_linear: true "
-                          f"or lora_target_modules: [q_proj, v_proj, ...]")
+                          f"or lora_target_modules: [q_proj, v_proj, ...] (or lora_target_parameters)")
+    if cfg.lora_target_parameters:
+        check_target_parameters(cfg)
     if cfg.adapter == "qlora" and not getattr(cfg, "load_in_4bit", False):
         raise ConfigError("config key 'adapter': 'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true "
                           "(plait-bnb), or use adapter: lora")
@@ -59,3 +66,25 @@ def validate(cfg) -> None:
                           "them to false (DoRA works on a 4-bit or unquantized base)")
     if cfg.adapter == "lora" and getattr(cfg, "load_in_4bit", False):
         raise ConfigError("config key 'adapter': 'lora' with load_in_4bit: true is QLoRA; write adapter: qlora")
+
+
+def target_parameter_names(cfg) -> list[str]:
+    """``lora_target_parameters`` as a list (Axolotl also accepts one string)."""
+    value = cfg.lora_target_parameters
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_target_parameters(cfg) -> None:
+    """peft's ParamWrapper adds ``B @ A`` to the parameter itself, so there is
+    no layer input to drop out and no per-column norm for DoRA."""
+    names = target_parameter_names(cfg)
+    bad = [n for n in names if not n or n != n.strip() or n.startswith(".") or n.endswith(".")]
+    if bad:
+        raise ConfigError(f"config key 'lora_target_parameters': {bad} are not parameter names; accepted: names or "
+                          "dotted suffixes such as mlp.experts.gate_up_proj")
+    for key, value in (("lora_dropout", cfg.lora_dropout), ("peft_use_dora", cfg.peft_use_dora)):
+        if value:
+            raise ConfigError(f"config key {key!r}: {value!r} cannot be combined with lora_target_parameters "
+                              "(peft adapts parameters without dropout or DoRA); set it to 0/false")
