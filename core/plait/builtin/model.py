@@ -18,6 +18,14 @@ def validate_config(cfg):
     check_chat_template_names(cfg)
     check_mistral_common(cfg)
     check_unfrozen_parameters(cfg)
+    check_transformers_kernels(cfg)
+
+
+def check_transformers_kernels(cfg) -> None:
+    from plait.model.transformers_kernels import check_experts_implementation, check_use_kernels
+
+    check_experts_implementation(cfg)
+    check_use_kernels(cfg)
 
 
 @hookimpl(trylast=True)

@@ -144,6 +144,15 @@ class CoreConfig(StrictModel):
                           "plait_varlen (torch's varlen kernel). The booleans flash_attention, sdp_attention, "
                           "flex_attention, eager_attention and varlen_attention are its older form. Unset: sdpa; "
                           "a model that refuses the chosen backend loads with sdpa, else eager (logged).")
+    experts_implementation: Optional[str] = Field(
+        None, description="MoE only: the function transformers runs a block's fused experts with (its "
+                          "from_pretrained argument): grouped_mm (its default), batched_mm, eager, or a GPU kernel "
+                          "(sonicmoe, deepgemm); the accepted names are read from the installed transformers.")
+    use_kernels: Optional[bool] = Field(
+        None, description="transformers' use_kernels: swap layers for kernels from the Hugging Face hub (needs the "
+                          "kernels package; a layer without a kernel for this device keeps its own code). true also "
+                          "trusts kernels of any publisher, as in Axolotl; false turns hub kernels off. Unset: "
+                          "transformers' default.")
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = Field(
         False, description="Recompute each decoder layer in backward; offload (alias unsloth) also keeps the "
                            "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values, "

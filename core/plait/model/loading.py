@@ -105,6 +105,9 @@ def pretrained_kwargs(cfg) -> dict:
         register_varlen_attention()
     kwargs = dict(dtype=compute_dtype(cfg), attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision_of_model)
+    from plait.model.transformers_kernels import kernel_kwargs
+
+    kwargs.update(kernel_kwargs(cfg))
     # Axolotl's model_kwargs, then model_config: from_pretrained sets config entries it is given by name
     kwargs.update(cfg.overrides_of_model_kwargs)
     kwargs.update(cfg.overrides_of_model_config)

@@ -1,0 +1,78 @@
+"""``experts_implementation`` and ``use_kernels``: transformers' own kernel
+choices, passed to ``from_pretrained`` and checked at config time.
+
+Tolerance: grouped_mm and batched_mm compute the same float32 sums in
+another order, so their logits agree to 1e-5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait.errors import ConfigError
+from plait.testing import build_run_config, make_tiny_model, run_cli, write_config, write_jsonl
+
+IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 31, 64]])
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("moe") / "model", family="qwen3_moe", num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)
+
+
+def load(model_dir, **keys):
+    cfg, pm = build_run_config({"base_model": str(model_dir), "bf16": False, **keys})
+    return pm.hook.load_model(cfg=cfg, tokenizer=None)
+
+
+def test_experts_implementation_lands_on_the_model_and_trains(tiny_moe):
+    default = load(tiny_moe)
+    with torch.no_grad():
+        want = default(input_ids=IDS).logits
+    model = load(tiny_moe, experts_implementation="batched_mm")
+    assert default.config._experts_implementation == "grouped_mm"  # transformers' default
+    assert model.config._experts_implementation == "batched_mm"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+    # one optimizer step through the chosen experts function
+    experts = model.model.layers[0].mlp.experts
+    before = experts.gate_up_proj.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(before, experts.gate_up_proj)
+
+
+def test_an_unknown_experts_implementation_names_the_accepted_ones():
+    with pytest.raises(ConfigError, match=r"'experts_implementation': 'scattermoe' is not accepted \(scattermoe is "
+                                          r"Axolotl's own kernel.*accepted: eager, batched_mm, .*grouped_mm"):
+        build_run_config({"base_model": "m", "experts_implementation": "scattermoe"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a fact of machines without CUDA")
+def test_a_gpu_only_experts_kernel_is_a_note_for_validate_and_refused_by_train(tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a", "output": "b"}])
+    path = write_config(tmp_path / "c.yml", base_model="m", datasets=[{"path": str(data), "type": "alpaca"}],
+                        output_dir=str(tmp_path / "out"), experts_implementation="sonicmoe")
+    result = run_cli(["config", "validate", str(path)])
+    assert result.exit_code == 0 and "note: config key 'experts_implementation': 'sonicmoe' runs only" in result.stdout
+    with pytest.raises(ConfigError, match=r"'experts_implementation': 'sonicmoe' runs only on an NVIDIA GPU"):
+        build_run_config({"base_model": "m", "experts_implementation": "sonicmoe"})
+
+
+def test_use_kernels_is_passed_to_transformers(tiny_moe):
+    pytest.importorskip("kernels")
+    assert load(tiny_moe, use_kernels=True).use_kernels is True
+    assert load(tiny_moe, use_kernels=False).use_kernels is False
+
+
+def test_use_kernels_without_the_kernels_package_is_a_machine_fact(monkeypatch):
+    import transformers.utils.import_utils as import_utils
+
+    # stands for a machine without the package: transformers' own availability check says no
+    monkeypatch.setattr(import_utils, "is_kernels_available", lambda *a, **k: False)
+    with pytest.raises(ConfigError, match=r"'use_kernels': true loads hub kernels through the kernels package"):
+        build_run_config({"base_model": "m", "use_kernels": True})
+    build_run_config({"base_model": "m", "use_kernels": False})  # turning them off needs nothing
