@@ -265,6 +265,39 @@ def test_hook_load_model(tiny_model_dir):
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_hook_loading_context(tiny_model_dir):
+    """A plugin's context is open while the model is built (here it makes
+    transformers build ReLU MLPs) and closed once the loader returns."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    class ReluMlps:
+        @hookimpl
+        def loading_context(cfg):
+            @contextlib.contextmanager
+            def relu_mlps():
+                built = modeling_llama.LlamaMLP.__init__
+
+                def init(self, config):
+                    built(self, config)
+                    self.act_fn = torch.nn.ReLU()
+
+                modeling_llama.LlamaMLP.__init__ = init
+                try:
+                    yield
+                finally:
+                    modeling_llama.LlamaMLP.__init__ = built
+            return relu_mlps()
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model_dir)}, plugins=[ReluMlps])
+    model = pm.hook.load_model(cfg=cfg, tokenizer=None)
+    assert isinstance(model.model.layers[0].mlp.act_fn, torch.nn.ReLU)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # outside the context: transformers' own MLP
+    assert not isinstance(plain.model.layers[0].mlp.act_fn, torch.nn.ReLU)
+
+
 def test_hook_load_adapter(tiny_model_dir):
     class FreezeAllButHead:
         @hookimpl

@@ -42,6 +42,7 @@ import pluggy
 
 if TYPE_CHECKING:  # annotations only: importing this module stays free of torch and transformers
     import argparse
+    import contextlib
 
     import torch
     from pydantic import BaseModel
@@ -333,6 +334,26 @@ def encode_prompt(cfg: CoreConfig, tokenizer: PreTrainedTokenizerBase, text: str
 
 
 # --------------------------------------------------- pipeline: model
+
+@hookspec
+def loading_context(cfg: CoreConfig) -> Optional[contextlib.AbstractContextManager]:
+    """A context manager to hold open while a loader builds the model.
+
+    Every plugin is called; each context returned is entered, in hook order,
+    around ``from_pretrained`` and left once it returns, so a plugin can
+    change *how the model is built* (which modeling class transformers
+    instantiates, e.g. plait-models' per-expert Llama 4 experts for
+    ``llama4_linearized_experts``) while the checkpoint is read into it and a
+    quantizing loader quantizes what it builds. Returns a context manager, or
+    ``None`` when the config does not ask this plugin for anything.
+
+    ``cfg`` is the run config. No default implementation in core. Called by
+    :func:`plait.model.loading.loading_contexts`, which every loader enters:
+    core's and plait-bnb's (through
+    :func:`plait.model.choice.load_with_supported_attention`, once per
+    attention backend tried) and plait-vision's.
+    """
+
 
 @hookspec(firstresult=True)
 def load_model(cfg: CoreConfig, tokenizer: PreTrainedTokenizerBase) -> Optional[PreTrainedModel]:

@@ -89,7 +89,6 @@ LACKING_KEYS: dict[str, str] = {
     "gptq": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
     "model_quantization_config": "loading with a transformers quantization config (Mxfp4Config, ...) is not supported; "
                                  "use load_in_4bit / load_in_8bit (plait-bnb)",
-    "llama4_linearized_experts": "linearised Llama 4 experts are not implemented",
     "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
                                "every layer",
     "device_map": "Plait places the whole model on each process's device; split a model with fsdp or "

@@ -52,9 +52,12 @@ def load_with_supported_attention(cfg, load):
     choice. A refusal of every backend is re-raised (it names the model)."""
     wanted = cfg.attn_implementation
     refusals = []
+    from plait.model.loading import loading_contexts
+
     for backend in attention_fallbacks(wanted):
         try:
-            model = load(attn_implementation=backend)
+            with loading_contexts(cfg):  # plugins' changes to how the model is built (hookspecs.loading_context)
+                model = load(attn_implementation=backend)
         except Exception as exc:  # noqa: BLE001 - only attention refusals are retried
             if not is_attention_refusal(exc):
                 raise

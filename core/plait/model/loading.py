@@ -114,6 +114,27 @@ def pretrained_kwargs(cfg) -> dict:
     return kwargs
 
 
+def loading_contexts(cfg):
+    """One context manager holding every plugin's :func:`~plait.hookspecs.loading_context`
+    open (in hook order); loaders enter it around ``from_pretrained``."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    pm = getattr(cfg, "plugin_manager", None)
+    if pm is None:
+        return stack
+    contexts = [c for c in pm.hook.loading_context(cfg=cfg) if c is not None]
+
+    @contextlib.contextmanager
+    def entered():
+        with stack:
+            for context in contexts:
+                stack.enter_context(context)
+            yield
+
+    return entered()
+
+
 def fit_to_tokenizer(cfg, model, tokenizer):
     """Grow the embeddings to the tokenizer's added tokens and turn the KV cache off."""
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:

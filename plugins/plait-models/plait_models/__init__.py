@@ -6,12 +6,15 @@ Registered through the entry point ``models``. Hooks:
   :mod:`plait_models.families` (llama, mistral, mixtral, qwen2, qwen3,
   qwen2_moe, qwen3_moe, gemma2, gemma3, phi3);
 * ``config_schema``: ``router_aux_loss_coef``, ``lora_target_experts``,
-  ``model_config_type``;
+  ``llama4_linearized_experts``, ``model_config_type``;
 * ``configure``: fills ``chat_template_jinja`` (and its ``tokens``) and
   ``special_tokens.pad_token`` from the family when a local tokenizer lacks
   them (``plait config explain`` shows ``plugin:models``);
 * ``validate_config``: MoE keys on a dense model, ``lora_target_experts``
-  without LoRA, ``tensor_parallel_size`` for a family without a TP plan;
+  without LoRA, ``llama4_linearized_experts`` off Llama 4 or on a fused checkpoint, ``tensor_parallel_size`` for a family without a TP plan;
+* ``loading_context``: with ``llama4_linearized_experts``, transformers
+  builds Llama 4's experts one ``nn.Linear`` per expert
+  (:mod:`plait_models.llama4_experts`);
 * ``on_train_start``: prints what the model's family lacks
   (:func:`describe_optimisations`) and makes the model's generation config
   stop on end-of-turn tokens as well as EOS; says when the MoE router loss is on;
@@ -83,6 +86,15 @@ def configure(cfg):
 @hookimpl
 def validate_config(cfg):
     validate(cfg, _family(cfg))
+
+
+@hookimpl
+def loading_context(cfg):
+    if not cfg.llama4_linearized_experts:
+        return None
+    from plait_models.llama4_experts import building_linearized_experts
+
+    return building_linearized_experts()
 
 
 @hookimpl

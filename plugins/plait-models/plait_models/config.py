@@ -34,11 +34,40 @@ class ModelsConfig(StrictModel):
         description="MoE only: weight of the router load-balancing loss added to the training loss. "
         "Default: the model config's value (Mixtral, Qwen MoE: 0.001); 0 turns it off.",
     )
+    llama4_linearized_experts: bool = Field(
+        False,
+        description="Llama 4 only: build the routed experts as one nn.Linear per expert (experts.gate_projs.N, "
+        "up_projs.N, down_projs.N) instead of two fused 3-D parameters, so load_in_4bit quantizes them and LoRA "
+        "targets them; the checkpoint must store them that way (Axolotl's *-Linearized-* checkpoints). Axolotl key.",
+    )
     lora_target_experts: bool = Field(
         False,
         description="MoE only: also put LoRA on the fused expert weights (peft target_parameters). "
         "Off: experts stay frozen under LoRA, and the run log says so.",
     )
+
+
+LLAMA4_TYPES = ("llama4", "llama4_text")
+
+
+def check_llama4_linearized(cfg) -> None:
+    """``llama4_linearized_experts`` builds Llama 4's experts per expert: the
+    model must be a Llama 4 and, where the checkpoint is local, store them so."""
+    if not cfg.llama4_linearized_experts:
+        return
+    model_type = model_type_of(cfg)
+    if model_type is not None and model_type not in LLAMA4_TYPES:
+        raise ConfigError(f"config key 'llama4_linearized_experts': true applies to Llama 4 models "
+                          f"(model types {', '.join(LLAMA4_TYPES)}); this model is {model_type!r}. Remove the key")
+    from plait_models.llama4_experts import has_fused_experts
+
+    source = getattr(cfg, "base_model_config", None) or cfg.base_model
+    if has_fused_experts(cfg.base_model):
+        raise ConfigError(f"config key 'llama4_linearized_experts': true loads a checkpoint whose experts are stored "
+                          f"one nn.Linear per expert (experts.gate_projs.N, as Axolotl's *-Linearized-* checkpoints), "
+                          f"but base_model {source!r} stores them fused (experts.gate_up_proj); convert it with "
+                          "plait_models.llama4_experts.save_linearized_checkpoint(base_model, new_dir), or remove the "
+                          "key and adapt the fused experts with lora_target_parameters")
 
 
 def model_type_of(cfg) -> str | None:
@@ -64,6 +93,7 @@ def validate(cfg, family) -> None:
             f"config key 'lora_target_experts': true needs adapter: lora or qlora (adapter is {cfg.adapter!r}); "
             "a full fine-tune already trains every expert weight"
         )
+    check_llama4_linearized(cfg)
     if family is None:
         return
     tp = getattr(cfg, "tensor_parallel_size", None)  # plait-parallel's key, when installed

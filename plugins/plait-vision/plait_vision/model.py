@@ -21,7 +21,8 @@ def load_vision_model(cfg, tokenizer):
     attention; quantized through plait-bnb's settings when ``load_in_4bit``/
     ``load_in_8bit`` ask (the vision tower, projector and head stay
     unquantized); the vision tower frozen unless ``freeze_mm_modules: false``."""
-    from plait.model.loading import check_model_sources, fit_to_tokenizer, pretrained_kwargs, source_error
+    from plait.model.loading import (check_model_sources, fit_to_tokenizer, loading_contexts, pretrained_kwargs,
+                                     source_error)
     from transformers import AutoModelForImageTextToText
 
     check_model_sources(cfg, ("base_model",))
@@ -30,7 +31,8 @@ def load_vision_model(cfg, tokenizer):
     if quantized:
         kwargs.update(quantized_kwargs(cfg))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(cfg.base_model, **kwargs)
+        with loading_contexts(cfg):  # plugins' changes to how the model is built
+            model = AutoModelForImageTextToText.from_pretrained(cfg.base_model, **kwargs)
     except OSError as exc:
         raise source_error("base_model", cfg.base_model, "model", exc) from exc
     except ValueError as exc:
