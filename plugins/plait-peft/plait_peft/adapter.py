@@ -220,10 +220,11 @@ def keep_adapter_in_compute_dtype(cfg) -> bool:
 
 def attach_lora(cfg, model):
     """Return ``model`` wrapped as a ``peft.PeftModel`` with trainable LoRA weights."""
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from plait.model.loading import is_kbit_prepared
-    from plait_peft.parameters import keep_base_parametrizations, parameter_targets
+    from plait_peft.parameters import (keep_base_parametrizations, load_saved_adapter, nest_in_definition_order,
+                                       parameter_targets)
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     # plait-bnb's loader already prepared the model (frozen base, input grads,
@@ -244,9 +245,7 @@ def attach_lora(cfg, model):
             log.info("lora_model_dir: training continues with the settings saved in %s; these keys you set differ "
                      "from it and are not used: %s", Path(cfg.lora_model_dir) / "adapter_config.json",
                      ", ".join(differing))
-        peft_model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=True,
-                                               autocast_adapter_dtype=autocast_adapter)
-        return keep_base_parametrizations(peft_model)
+        return load_saved_adapter(model, cfg.lora_model_dir, autocast_adapter)
     lora_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -264,7 +263,8 @@ def attach_lora(cfg, model):
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=autocast_adapter)
-    keep_base_parametrizations(peft_model)
+    # over 4-bit experts: peft's own ParamWrapper cleanup, and the same adapter keys as on a float base
+    nest_in_definition_order(keep_base_parametrizations(peft_model))
     if cfg.gradient_checkpointing:
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         peft_model.enable_input_require_grads()

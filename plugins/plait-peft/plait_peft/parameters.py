@@ -95,3 +95,88 @@ def keep_base_parametrizations(model):
         if module.parameter_name in (getattr(base, "parametrizations", None) or {}):
             module._remove_parametrizations = types.MethodType(remove_own_proxy, module)
     return model
+
+
+def _wrapper_chains(model):
+    """``(parent, child_name, [wrappers outermost first], base)`` for every
+    stack of peft ``ParamWrapper``s over a parametrized module."""
+    chains = []
+    for parent in model.modules():
+        if type(parent).__name__ == "ParamWrapper":
+            continue  # only the outermost wrapper of a stack
+        for child_name, child in parent.named_children():
+            chain = []
+            while type(child).__name__ == "ParamWrapper":
+                chain.append(child)
+                child = child.base_layer
+            if chain and getattr(child, "parametrizations", None):
+                chains.append((parent, child_name, chain, child))
+    return chains
+
+
+def nest_in_definition_order(model):
+    """Stack peft's ``ParamWrapper``s over a parametrized module in the order
+    the module defines its parameters, first parameter innermost.
+
+    peft nests one wrapper per adapted parameter of a module, and an
+    adapter's state-dict keys follow the nesting (``experts.lora_A`` is the
+    outer wrapper's, ``experts.base_layer.lora_A`` the inner one's). It
+    stacks a plain module's parameters in definition order but a
+    parametrized module's (4-bit experts) in sorted name order, so an adapter
+    trained over 4-bit experts would not load onto the unquantized base
+    (``plait merge-lora``, plain peft) nor the other way round. Re-stacking in
+    definition order (the order plait-bnb quantized them in, kept by
+    ``parametrizations``) gives both the same keys. Returns ``model``."""
+    for parent, child_name, chain, base in _wrapper_chains(model):
+        order = list(base.parametrizations)
+        inner_first = sorted(chain, key=lambda w: order.index(w.parameter_name))
+        below = base
+        for wrapper in inner_first:
+            wrapper._modules["base_layer"] = below
+            below = wrapper
+        setattr(parent, child_name, below)
+    return model
+
+
+def has_parametrized_targets(model, adapter_dir) -> bool:
+    """Whether the saved adapter in ``adapter_dir`` adapts a parameter that is
+    parametrized in ``model`` (4-bit experts), by its ``target_parameters``."""
+    import json
+    from pathlib import Path
+
+    try:
+        saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    targets = saved.get("target_parameters") or []
+    for module_name, module, name in logical_parameters(model):
+        key = f"{module_name}.{name}"
+        if name in (getattr(module, "parametrizations", None) or {}) and any(
+                key == t or key.endswith("." + t) for t in targets):
+            return True
+    return False
+
+
+def load_saved_adapter(model, adapter_dir, autocast_adapter: bool):
+    """The saved adapter on ``model``, trainable, with its wrappers over
+    parametrized parameters stacked as when it was saved
+    (:func:`nest_in_definition_order`): peft's ``from_pretrained`` would load
+    the weights before the stack could be put right, so the adapter is built
+    from its config, re-stacked, then its weights are loaded."""
+    from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    if not has_parametrized_targets(model, adapter_dir):
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True,
+                                               autocast_adapter_dtype=autocast_adapter)
+        return keep_base_parametrizations(peft_model)
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.inference_mode = False
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter)
+    nest_in_definition_order(keep_base_parametrizations(peft_model))
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(adapter_dir))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"the adapter in {adapter_dir} does not fit this model: missing {missing[:4]}, "
+                           f"unexpected {list(result.unexpected_keys)[:4]}")
+    return peft_model
