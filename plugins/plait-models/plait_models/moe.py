@@ -121,7 +121,7 @@ def describe_experts(model, family) -> list[str]:
     if trainable:
         return [f"{head}, {len(trainable)} trainable (full fine-tune of the experts)"]
     if adapted:
-        return [f"{head}, frozen; LoRA adapts them through {len(adapted)} adapter tensors (lora_target_experts)"]
+        return [f"{head}, frozen; LoRA adapts them through {len(adapted)} adapter tensors"]
     return [f"{head}, frozen with no adapters: set lora_target_experts: true to train them"]
 
 
