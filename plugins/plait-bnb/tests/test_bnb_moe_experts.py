@@ -118,6 +118,7 @@ def test_quantize_moe_experts_needs_a_quantized_base():
                           "quantize_moe_experts": True})
 
 
+@pytest.mark.slow  # ~9 s: three loads of the model and six 4-bit training steps
 def test_qlora_over_4bit_experts_trains_the_expert_adapters(tiny_moe, tmp_path):
     """QLoRA through plait-bnb's loader and plait-peft's adapter, with LoRA on
     the 4-bit experts (lora_target_parameters): the loss falls, and the
