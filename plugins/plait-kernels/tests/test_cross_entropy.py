@@ -124,3 +124,28 @@ def test_fused_ce_gpu_bf16(bias, softcap):
 @gpu_test
 def test_fused_ce_gpu_fp32_large_vocab():
     _compare(2048, 512, 128256, torch.float32, "cuda", dict(atol=1e-4, rtol=1e-4), chunk_rows=512)
+
+
+def test_fused_ce_under_autocast_with_float32_master_weights(device):
+    """fp16/bf16 training keeps float32 weights and may pass float32 hidden
+    states (a final norm computed in float32): under autocast the chunk
+    matmuls run in autocast's dtype and each gradient comes back in its
+    input's dtype, as autograd through the plain head would give."""
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    h, w, labels, _ = _inputs(23, 32, 97, torch.float32, device)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    with torch.autocast(device, dtype=dtype):
+        loss, _ = fused_linear_cross_entropy(h, w, labels)
+    loss.backward()
+    h_ref, w_ref = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    with torch.autocast(device, dtype=dtype):
+        logits = h_ref @ w_ref.t()
+    ref = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    # the logits are rounded to the autocast dtype in both: 8 bits of mantissa for bfloat16
+    tol = dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(h.grad, h_ref.grad, **tol)
+    torch.testing.assert_close(w.grad, w_ref.grad, **tol)

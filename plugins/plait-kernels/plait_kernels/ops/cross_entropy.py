@@ -102,24 +102,36 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         block_v = min(4096, block_size(vocab))
-        for start in range(0, n, chunk_rows):
-            rows = rows_all[start:start + chunk_rows]
-            h = hidden.index_select(0, rows)
-            logits = h @ weight.t()
-            if bias is not None:
-                logits += bias
-            row_loss = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
-            _ce_rows[(rows.numel(),)](logits, logits.stride(0), labels.index_select(0, rows), row_loss, vocab,
-                                      float(softcap or 1.0), HAS_SOFTCAP=bool(softcap), BLOCK_V=block_v,
-                                      num_warps=num_warps(block_v))
-            loss += row_loss.sum()
-            grad_logits = logits  # overwritten in place by the kernel
-            if grad_hidden is not None:
-                grad_hidden.index_copy_(0, rows, grad_logits @ weight)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), h)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+        # One compute dtype for the chunk matmuls: autocast's where it is on (fp16 training keeps float32
+        # master weights and may hand float32 hidden states from the final norm), else the inputs'. The
+        # in-place gradient updates below take no autocast, so every operand is cast explicitly.
+        device_type = hidden.device.type
+        compute = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                   else hidden.dtype)
+        w = weight.to(compute)
+        b = None if bias is None else bias.to(compute)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, n, chunk_rows):
+                rows = rows_all[start:start + chunk_rows]
+                h = hidden.index_select(0, rows).to(compute)
+                logits = h @ w.t()
+                if b is not None:
+                    logits += b
+                row_loss = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+                _ce_rows[(rows.numel(),)](logits, logits.stride(0), labels.index_select(0, rows), row_loss, vocab,
+                                          float(softcap or 1.0), HAS_SOFTCAP=bool(softcap), BLOCK_V=block_v,
+                                          num_warps=num_warps(block_v))
+                loss += row_loss.sum()
+                grad_logits = logits  # overwritten in place by the kernel
+                if grad_hidden is not None:
+                    grad_hidden.index_copy_(0, rows, (grad_logits @ w).to(grad_hidden.dtype))
+                if grad_weight is not None:
+                    if grad_weight.dtype == compute:
+                        grad_weight.addmm_(grad_logits.t(), h)
+                    else:  # float32 master weight: the chunk's product is made in the compute dtype
+                        grad_weight += (grad_logits.t() @ h).to(grad_weight.dtype)
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0).to(grad_bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
 
