@@ -57,11 +57,21 @@ contents, reasoning) and every prefix, with and without the generation prompt.
 
 Where Axolotl's template drops a message it does not know (``phi_35``,
 ``alpaca``, ``deepseek_v2``; a system message after the first in ``alpaca``
-and ``falcon_h1``) ours refuses the row with the role named. Left out on purpose, because the text
-differs: ``mistral_v2v3`` (in transformers' jinja environment Axolotl's
-template keeps its source indentation, so each turn starts with a newline and
-eight spaces) and ``mistral_v7_tekken`` (its default system prompt holds
-today's date, so the same row tokenizes differently from day to day).
+and ``falcon_h1``) ours refuses the row with the role named.
+
+The rest of Axolotl's names (``cohere``, ``aya``, ``command_a`` and its
+tool-use/RAG variants, ``exaone``, ``exaone4``, ``gemma3n``, ``gemma4``,
+``gemma4_unified``, ``jamba``, ``metharme``, ``nemotron_h``,
+``llama3_2_vision``, ``mistral_v2v3``, ``mistral_v7_tekken``, ``pixtral``)
+come from :mod:`~.families._more_templates`, written from each family's
+published format rather than compared with Axolotl's text: Axolotl's
+``mistral_v2v3`` renders with its source indentation in transformers' jinja
+environment and drops the system message unless the conversation ends with
+a user turn, and its ``mistral_v7_tekken`` defaults to a system prompt
+holding today's date; our ``mistral_v2v3`` puts the system text where
+Mistral does (before the last user message) and our ``mistral_v7_tekken``
+has no dated default. plait-vision gives
+``qwen2_vl`` and ``llava``.
 
 (Not called ``chat_templates``: importing a submodule of that name would
 replace the package's ``chat_templates`` hookimpl with the module.)
@@ -69,6 +79,7 @@ replace the package's ``chat_templates`` hookimpl with the module.)
 
 from __future__ import annotations
 
+from plait_models.families._more_templates import MORE_CHAT_TEMPLATES
 from plait_models.families._common import (ALPACA, DEEPSEEK_V2, DEEPSEEK_V3, FALCON_H1, GEMMA, LLAMA4, MISTRAL_V1,
                                           MISTRAL_V3_TEKKEN, PHI3, PHI35, QWEN3, QWEN25)
 
@@ -88,4 +99,5 @@ CHAT_TEMPLATES = {
     "deepseek_v3": DEEPSEEK_V3,
     "falcon_h1": FALCON_H1,
     "llama4": LLAMA4,
+    **MORE_CHAT_TEMPLATES,
 }
