@@ -26,6 +26,8 @@ NAMED_CHAT_TEMPLATES = {
 TOKENIZER_DEFAULT = "tokenizer_default"
 #: ``tokenizer_default_fallback_<name>``: the tokenizer's template, else the named one
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
+#: Axolotl's ``chat_template: jinja``: the template is the text of ``chat_template_jinja``
+JINJA_CHOICE = "jinja"
 
 
 
@@ -102,6 +104,8 @@ def lookup_chat_template(pm, value: str | None, tokenizer, *, key: str = "config
     the value came from, for the error an unknown name raises."""
     if value is None or value == TOKENIZER_DEFAULT:
         return tokenizer.chat_template
+    if value == JINJA_CHOICE:
+        raise jinja_missing_error(key)
     wanted = template_name(value)
     if wanted is None:
         return value  # jinja
@@ -119,18 +123,31 @@ def lookup_chat_template(pm, value: str | None, tokenizer, *, key: str = "config
     return names[wanted]
 
 
+def jinja_missing_error(key: str):
+    """The :class:`ConfigError` for ``chat_template: jinja`` without the template text."""
+    from plait.errors import ConfigError
+
+    return ConfigError(f"{key}: 'jinja' means the template is given in chat_template_jinja, which is not set; "
+                       f"set chat_template_jinja to the jinja text, or name a template")
+
+
 def check_chat_template_names(cfg) -> None:
     """Fail at validation, before any tokenizer or model work, when the run's or
     a dataset's ``chat_template`` names no known template (jinja passes)."""
     pm = getattr(cfg, "plugin_manager", None)
-    entries = [("config key 'chat_template'", cfg.chat_template)]
+    entries = [("config key 'chat_template'", cfg.chat_template, cfg.chat_template_jinja)]
     for list_key in ("datasets", "test_datasets"):
         for entry in getattr(cfg, list_key, None) or []:
             # a key of chat formats' entries (plait-formats' ChatTemplateEntry); other formats lack it
             value = getattr(entry, "chat_template", None)
-            entries.append((f"config key 'chat_template' of dataset {entry.path!r}", value))
+            jinja = getattr(entry, "chat_template_jinja", None) or cfg.chat_template_jinja
+            entries.append((f"config key 'chat_template' of dataset {entry.path!r}", value, jinja))
     names = None
-    for key, value in entries:
+    for key, value, jinja in entries:
+        if value == JINJA_CHOICE:
+            if not jinja:
+                raise jinja_missing_error(key)
+            continue
         wanted = template_name(value) if value not in (None, TOKENIZER_DEFAULT) else None
         if wanted is None:
             continue

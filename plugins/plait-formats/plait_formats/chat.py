@@ -76,6 +76,8 @@ def resolve_template(cfg, dataset_cfg, tokenizer) -> str:
     if dataset_cfg.chat_template_jinja:
         return dataset_cfg.chat_template_jinja
     name = dataset_cfg.chat_template
+    if name == "jinja" and getattr(cfg, "chat_template_jinja", None):
+        return cfg.chat_template_jinja  # Axolotl's "jinja": the run's chat_template_jinja text
     if name and name != "tokenizer_default":
         return lookup_chat_template(getattr(cfg, "plugin_manager", None), name, tokenizer,
                                     key=f"config key 'chat_template' of dataset {dataset_cfg.path!r}")
