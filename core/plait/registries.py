@@ -228,10 +228,13 @@ def find_scheduler(pm, name: str, *, key: str = "lr_scheduler") -> Scheduler:
 def format_key(type_value: Optional[str], names) -> str:
     """The registry name a ``type:`` value selects: the whole value when a
     format registers it (``chat_template.mine``), else the part before the
-    first dot; ``""`` for an entry without ``type``."""
+    first dot or colon (Axolotl's ``alpaca:chat``); ``""`` for an entry
+    without ``type``."""
     if type_value is None:
         return ""
-    return type_value if type_value in names else type_value.partition(".")[0]
+    from plait.config.axolotl_types import type_base
+
+    return type_value if type_value in names else type_base(type_value)
 
 
 def find_format(pm, type_value: Optional[str], *, key: str = "type") -> Optional[DatasetFormat]:
@@ -242,17 +245,23 @@ def find_format(pm, type_value: Optional[str], *, key: str = "type") -> Optional
         return untyped_format(found)
     name = format_key(type_value, found)
     if name not in found:
+        from plait.config.axolotl_types import lacking_type_reason
+
         names = sorted(found)
         accepted = ", ".join(names) or "none (no format plugin is installed: pip install plait-formats)"
+        reason = lacking_type_reason(type_value)
+        if reason:  # an Axolotl type Plait does not have: say why and what to use
+            raise ConfigError(f"config key {key!r}: {type_value!r} {reason}\naccepted: {accepted}")
         raise ConfigError(f"config key {key!r}: {type_value!r} is not a known dataset type"
                           f"{did_you_mean(name, names, cutoff=0.75)}\naccepted: {accepted}")
     return found[name]
 
 
 def check_variant(fmt: DatasetFormat, type_value: str, where: str) -> None:
-    """A dotted ``type:`` must name a variant its format has (``fmt.check_type``
-    decides); a format without variants refuses any dot."""
-    if type_value == fmt.name or "." not in type_value:
+    """A dotted ``type:`` (or Axolotl's ``base:style``) must name a variant
+    its format has (``fmt.check_type`` decides); a format without variants
+    refuses any dot or colon."""
+    if type_value == fmt.name or ("." not in type_value and ":" not in type_value):
         return
     if fmt.check_type is not None:
         fmt.check_type(type_value, where)

@@ -41,6 +41,33 @@ default loader.
 ``alpaca_w_system.load_open_orca_chatml``
     the same columns in chatml turns (``<|im_start|>system`` ...).
 
+``alpaca:instruct``, ``alpaca:chat``, ``alpaca:chatml``, ``alpaca:phi``
+    Axolotl's ``base:style`` form: the alpaca columns and system text in one
+    of its prompter's four layouts (``instruct`` is ``alpaca``'s, ``chat``
+    is ``alpaca_chat``'s, ``chatml`` uses ``<|im_start|>`` turns, ``phi``
+    ``<|user|>`` / ``<|end|>`` / ``<|assistant|>``; Phi's with-input turn puts
+    the input right after ``<|end|>``, as Axolotl writes it). ``gpteacher``
+    (columns instruction/input/response) and ``oasst`` (INSTRUCTION/RESPONSE)
+    take the same styles, ``instruct`` by default.
+``alpaca_instruct``, ``.load``, ``.load_no_prompt``
+    ``alpaca``'s layout; ``load_no_prompt`` without the system text.
+``orcamini``
+    "### System:\n{system}\n\n### User:\n{question}\n\n### Response:\n"
+    from ``system_prompt``/``question``/``response`` (the system part is
+    always there, empty when the row has none).
+``context_qa``, ``.load``, ``.load_404``, ``.load_v2``
+    the chat layout with "Use the following contextual information to
+    concisely answer the question.\n" as system text and "{article}\n===\n
+    {question}" as instruction, trained on ``answer``; ``load_404`` asks
+    ``unanswerable_question`` and trains Axolotl's fixed "The context
+    provided does not contain ..." answer; ``load_v2`` has no system text:
+    "Context: {context}\nQuestion: {question}\n", trained on
+    "Answer: {answer}".
+``metharme``
+    the row's ``prompt`` as it is, trained on ``generation`` followed by
+    three EOS tokens (Axolotl's Metharme strategy; one fewer when the
+    generation already ends with EOS).
+
 ``alpaca_w_system`` variants take the system text from the row; a row
 without one falls back to the dataset's ``system_prompt``, and with neither
 the prompt has no system part (as in Axolotl, which renders nothing for an
@@ -58,7 +85,9 @@ Axolotl releases before early 2024 rendered other text (``alpaca_chat`` as
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from plait.errors import ConfigError, closest
 
@@ -91,6 +120,12 @@ INSTRUCT = Style("### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### 
 CHAT = Style("USER: {instruction}\n{input}\nASSISTANT:", "USER: {instruction}\nASSISTANT:", "SYSTEM: {system}\n")
 ORCA = Style("### Human:\n{instruction}\n### Additional Context:\n{input}\n### Assistant:\n",
              "### Human:\n{instruction}\n### Assistant:\n", "### System:\n{system}\n")
+#: Axolotl's ``phi`` prompt style, character for character (no newline after ``<|end|>`` with an input)
+PHI = Style("<|user|>\n{instruction}<|end|>{input}<|assistant|>", "<|user|>\n{instruction}<|end|>\n<|assistant|>\n",
+            "<|system|>\n{system}<|end|>\n")
+ORCA_MINI = Style("", "### System:\n{system}\n\n### User:\n{instruction}\n\n### Response:\n", "")
+#: a prompt that is the instruction alone
+PLAIN = Style("{instruction}\n{input}", "{instruction}", "{system}")
 ORCA_CHATML = Style("<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n",
                     "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n",
                     "<|im_start|>system\n{system}<|im_end|>\n")
@@ -107,12 +142,22 @@ class Variant:
     input: str | None = "input"  # None: the variant reads no input column
     output: str = "output"
     system_field: str = "system"
+    #: ``compose(row) -> (instruction, input, output)`` from the columns ``reads``,
+    #: for variants that build their fields from several columns (context_qa)
+    compose: Optional[Callable[[dict], tuple]] = None
+    reads: tuple[str, ...] = ()
+    #: EOS tokens after the output (Axolotl's Metharme strategy adds three)
+    eos_count: int = 1
+    #: the turn format holds the system text itself (orcamini), even when empty
+    system_in_turn: bool = False
 
     def prompt(self, instruction: str, input_text: str | None, row_system: str | None = None) -> str:
         if self.system is None:
             system = row_system or ""
         else:
             system = self.system[0] if input_text else self.system[1]
+        if self.system_in_turn:
+            return self.style.no_input.format(system=system, instruction=instruction)
         head = self.style.system_format.format(system=system) if system else ""
         if input_text:
             return head + self.style.with_input.format(instruction=instruction, input=input_text)
@@ -120,6 +165,9 @@ class Variant:
 
 
 _DEFAULT = (SYSTEM_WITH_INPUT, SYSTEM_NO_INPUT)
+CONTEXT_QA_SYSTEM = "Use the following contextual information to concisely answer the question.\n"
+CONTEXT_404_ANSWER = ("The context provided does not contain any information about your inquiry. Therefore, I'm "
+                      "unable to answer your question based on the given context.")
 _CONCISE = (CONCISE_WITH_INPUT, CONCISE_NO_INPUT)
 _CHAT = Variant(CHAT, _DEFAULT)
 _W_SYSTEM_CHAT = Variant(CHAT, None)
@@ -146,18 +194,62 @@ VARIANTS: dict[str, dict[str, Variant]] = {
                                          system_field="system_prompt"),
     },
 }
+
+
+def _styles(**columns) -> dict[str, Variant]:
+    """Axolotl's ``base:style`` forms of an alpaca-prompter type (plus the bare
+    name, in the instruct style) over ``columns``."""
+    styles = {"instruct": INSTRUCT, "chat": CHAT, "chatml": ORCA_CHATML, "phi": PHI}
+    found = {":" + name: Variant(style, _DEFAULT, **columns) for name, style in styles.items()}
+    return {"": found[":instruct"], **found}
+
+
+VARIANTS["alpaca"].update(_styles())
+VARIANTS.update({
+    "gpteacher": _styles(output="response"),
+    "oasst": _styles(instruction="INSTRUCTION", input=None, output="RESPONSE"),
+    "alpaca_instruct": {"": Variant(INSTRUCT, _DEFAULT), "load": Variant(INSTRUCT, _DEFAULT),
+                        "load_no_prompt": Variant(INSTRUCT, ("", ""))},
+    "orcamini": {"": Variant(ORCA_MINI, None, instruction="question", input=None, output="response",
+                             system_field="system_prompt", system_in_turn=True)},
+    "context_qa": {
+        **dict.fromkeys(("", "load"), Variant(
+            CHAT, (CONTEXT_QA_SYSTEM, CONTEXT_QA_SYSTEM), reads=("article", "question", "answer"),
+            compose=lambda row: (row["article"] + "\n===\n" + row["question"], None, row["answer"]))),
+        "load_404": Variant(
+            CHAT, (CONTEXT_QA_SYSTEM, CONTEXT_QA_SYSTEM), reads=("article", "unanswerable_question"),
+            compose=lambda row: (row["article"] + "\n===\n" + row["unanswerable_question"], None,
+                                 CONTEXT_404_ANSWER)),
+        "load_v2": Variant(
+            PLAIN, ("", ""), reads=("context", "question", "answer"),
+            compose=lambda row: ("Context: " + row["context"] + "\nQuestion: " + row["question"] + "\n", None,
+                                 "Answer: " + row["answer"])),
+    },
+    "metharme": {"": Variant(PLAIN, ("", ""), instruction="prompt", input=None, output="generation", eos_count=3)},
+})
 TYPES = tuple(VARIANTS)
+#: a type's name, then a variant after a dot (``alpaca_chat.load_qa``) or a style after a colon (``alpaca:chat``)
+_TYPE_PARTS = re.compile(r"(?P<base>[^.:]*)(?:(?P<sep>[.:])(?P<rest>.*))?", re.S)
+
+
+def split_type(type_name: str) -> tuple[str, str]:
+    """``(base, variant key)``: ``alpaca_chat.load_qa`` -> ``("alpaca_chat",
+    "load_qa")``, ``alpaca:chat`` -> ``("alpaca", ":chat")``, ``alpaca`` ->
+    ``("alpaca", "")``."""
+    parts = _TYPE_PARTS.fullmatch(type_name)
+    sep, rest = parts["sep"], parts["rest"]
+    return parts["base"], ("" if sep is None else (":" + rest if sep == ":" else rest))
 
 
 def accepted_types(base: str) -> list[str]:
     """Every ``type:`` spelling accepted for ``base``."""
-    return [base + ("." + suffix if suffix else "") for suffix in VARIANTS[base]]
+    return [base + ("." + suffix if suffix and not suffix.startswith(":") else suffix) for suffix in VARIANTS[base]]
 
 
 def variant_for(type_name: str, where: str = "") -> Variant:
     """The :class:`Variant` of ``type_name``; :class:`ConfigError` naming the
     accepted variants when there is no such variant."""
-    base, _, suffix = type_name.partition(".")
+    base, suffix = split_type(type_name)
     variants = VARIANTS.get(base)
     if variants is None or suffix not in variants:
         raise unknown_variant(type_name, accepted_types(base) if variants else [], where)
@@ -166,11 +258,11 @@ def variant_for(type_name: str, where: str = "") -> Variant:
 
 def unknown_variant(type_name: str, accepted: list[str], where: str = "") -> ConfigError:
     """The error for a ``type:`` whose variant (after the dot) is not known."""
-    base, _, suffix = type_name.partition(".")
+    base, suffix = split_type(type_name)
     if accepted == [base]:
         close = accepted
     else:  # compare what follows the dot: the shared type name would make everything look close
-        by_suffix = {name.partition(".")[2]: name for name in accepted}
+        by_suffix = {split_type(name)[1]: name for name in accepted}
         match = closest(suffix, by_suffix, cutoff=0.75)
         close = [by_suffix[match]] if match else []
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -188,14 +280,24 @@ def build_prompt(kind: str, instruction: str, input_text: str | None, system: st
 
 def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:
     variant = variant_for(dataset_cfg.type, f"config key 'type' of dataset {dataset_cfg.path!r}")
-    instructions = text_column(batch, dataset_cfg.field_instruction or variant.instruction)
-    outputs = text_column(batch, dataset_cfg.field_output or variant.output)
-    input_key = dataset_cfg.field_input or variant.input
-    inputs = text_column(batch, input_key, required=False) if input_key else [None] * len(instructions)
+    if variant.compose is not None:
+        columns = {key: text_column(batch, key) for key in variant.reads}
+        rows = [variant.compose(dict(zip(columns, values))) for values in zip(*columns.values())]
+        instructions, inputs, outputs = (list(fields) for fields in zip(*rows)) if rows else ([], [], [])
+    else:
+        instructions = text_column(batch, dataset_cfg.field_instruction or variant.instruction)
+        outputs = text_column(batch, dataset_cfg.field_output or variant.output)
+        input_key = dataset_cfg.field_input or variant.input
+        inputs = text_column(batch, input_key, required=False) if input_key else [None] * len(instructions)
     systems = [None] * len(instructions)
     if variant.system is None:
         systems = text_column(batch, dataset_cfg.field_system or variant.system_field, required=False)
         systems = [s if s else dataset_cfg.system_prompt for s in systems]
     prompts = [variant.prompt(ins, inp, sys) for ins, inp, sys in zip(instructions, inputs, systems)]
-    return join_prompt_response(encode_prompts(tokenizer, prompts), encode_responses(tokenizer, outputs),
+    responses = encode_responses(tokenizer, outputs)
+    if variant.eos_count > 1 and tokenizer.eos_token_id is not None:
+        # the EOS encode_responses added, and more up to eos_count (one fewer when the text ends with EOS)
+        eos = tokenizer.eos_token_id
+        responses = [ids + [eos] * (variant.eos_count - 1 - (len(ids) > 1 and ids[-2] == eos)) for ids in responses]
+    return join_prompt_response(encode_prompts(tokenizer, prompts), responses,
                                 train_prompt=train_on_inputs(cfg, dataset_cfg))

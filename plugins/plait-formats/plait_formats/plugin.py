@@ -7,6 +7,7 @@ Each format's function imports its module on first use, so loading the plugin
 from __future__ import annotations
 
 import importlib
+import re
 
 from plait.hookspecs import hookimpl
 from plait.registries import DatasetEntry, DatasetFormat
@@ -35,9 +36,14 @@ def _alpaca_variant(type_value: str, where: str) -> None:
 
 
 def _alpaca_prompt(type_value: str, row: dict) -> str:
-    from plait_formats.alpaca import build_prompt
+    from plait_formats.alpaca import variant_for
 
-    return build_prompt(type_value, row.get("instruction", ""), row.get("input"), row.get("system"))
+    variant = variant_for(type_value)
+    if variant.compose is not None:
+        instruction, input_text, _ = variant.compose({key: row.get(key, "") for key in variant.reads})
+        return variant.prompt(instruction, input_text)
+    return variant.prompt(row.get(variant.instruction, ""), row.get(variant.input) if variant.input else None,
+                          row.get(variant.system_field))
 
 
 @hookimpl
@@ -53,6 +59,8 @@ def dataset_formats():
                       description="alpaca rows, USER/ASSISTANT prompt"),
         DatasetFormat("alpaca_w_system", alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
                       description="alpaca rows with a system prompt"),
+        *(DatasetFormat(name, alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
+                        description=description) for name, description in AXOLOTL_INSTRUCTION_TYPES.items()),
         DatasetFormat("chat_template", _tokenize_with("chat"), ChatTemplateEntry,
                       description="conversations rendered with a chat template"),
         DatasetFormat("completion", text, TextEntry, description="raw text, every token trained"),
@@ -66,10 +74,20 @@ def dataset_formats():
     ]
 
 
+#: Axolotl's other single-turn instruction strategies, tokenized like alpaca (plait_formats.alpaca)
+AXOLOTL_INSTRUCTION_TYPES = {
+    "alpaca_instruct": "alpaca rows, Alpaca's prompt (load_no_prompt: without the system text)",
+    "gpteacher": "instruction/input/response rows, Alpaca's prompt (or :chat, :chatml, :phi)",
+    "oasst": "INSTRUCTION/RESPONSE rows, Alpaca's prompt (or :chat, :chatml, :phi)",
+    "orcamini": "system_prompt/question/response rows, Orca Mini's ### System/### User prompt",
+    "context_qa": "article/question/answer rows, a contextual QA prompt (load_404, load_v2)",
+    "metharme": "prompt/generation rows, the prompt as written, three EOS after the generation",
+}
+
 #: types whose model reads the prompt text as it was trained (no chat template)
 PLAIN_TEXT_TYPES = ("completion", "pretraining")
 #: the alpaca family: one prompt layout per type and variant (plait_formats.alpaca)
-ALPACA_TYPES = ("alpaca", "alpaca_chat", "alpaca_w_system")
+ALPACA_TYPES = ("alpaca", "alpaca_chat", "alpaca_w_system", *AXOLOTL_INSTRUCTION_TYPES)
 
 
 @hookimpl
@@ -77,7 +95,7 @@ def inference_prompt(cfg, dataset_cfg, messages):
     """Alpaca-style and user_defined models are prompted in their training
     layout, a completion model with the text alone; chat_template and the
     rest return ``None`` (core applies the chat template)."""
-    base = (dataset_cfg.type or "").split(".")[0]
+    base = re.split(r"[.:]", dataset_cfg.type or "", maxsplit=1)[0]
     if base not in (*ALPACA_TYPES, "user_defined", *PLAIN_TEXT_TYPES):
         return None
     user = messages[-1]["content"]

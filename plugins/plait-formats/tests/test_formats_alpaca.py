@@ -120,7 +120,10 @@ def test_alpaca_w_system_instruct_and_open_orca_variants(tokenizer, run_format):
 
 @pytest.mark.parametrize("type_name, accepted, suggestion", [
     ("alpaca_chat.load_concize", "alpaca_chat, alpaca_chat.load, alpaca_chat.load_concise", "alpaca_chat.load_concise"),
-    ("alpaca.whatever", "(alpaca has no variants); did you mean 'alpaca'?\naccepted: alpaca\n", "alpaca"),
+    # alpaca's variants are Axolotl's prompt styles, after a colon
+    ("alpaca.whatever", "accepted: alpaca, alpaca:instruct, alpaca:chat, alpaca:chatml, alpaca:phi\n", None),
+    ("alpaca.chat", "accepted: alpaca, alpaca:instruct", "alpaca:chat"),
+    ("alpaca:chatlm", "accepted: alpaca, alpaca:instruct", "alpaca:chatml"),
     ("alpaca_w_system.load_mistral", "alpaca_w_system.load_open_orca_chatml", None),
     ("completion.load", "(completion has no variants); did you mean 'completion'?\naccepted: completion\n",
      "completion"),
