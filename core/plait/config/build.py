@@ -173,11 +173,28 @@ def _sort_keys(raw: dict, cls: type[BaseModel], pm, problems: Problems, allow_un
             if isinstance(entry, dict):
                 for key in [k for k, v in entry.items() if v is None]:
                     del entry[key]  # blank means unset here too
+                if isinstance(entry.get("type"), dict):
+                    entry = _inline_type(entry, bool(raw.get("rl")), f"{list_key}.{index}", problems)
                 if not _check_entry_keys(pm, entry, f"{list_key}.{index}", problems):
                     continue  # an unknown type: its keys cannot be checked, the problem is filed
             kept.append(entry)
         raw[list_key] = kept
     return ignored
+
+
+def _inline_type(entry: dict, preference: bool, where: str, problems: Problems) -> dict:
+    """Axolotl's custom dataset type written as a mapping under ``type:``
+    (``type: {field_prompt: ..., prompt_format: ...}``): Axolotl reads it as
+    ``user_defined.default`` for preference tuning (``rl:``) and as
+    ``user_defined`` otherwise, the mapping's keys being that format's. The
+    entry becomes that type with the keys beside it; a key set in both places
+    to different values is a problem."""
+    spec = {key: value for key, value in entry["type"].items() if value is not None}
+    rest = {key: value for key, value in entry.items() if key != "type"}
+    for key in sorted(spec):
+        if key in rest and rest[key] != spec[key]:
+            problems.add("dataset", f"{where}.type.{key} is {spec[key]!r} but {where}.{key} is {rest[key]!r}; keep one")
+    return {**rest, **spec, "type": "user_defined.default" if preference else "user_defined"}
 
 
 def _check_entry_keys(pm, entry: dict, where: str, problems: Problems) -> bool:

@@ -19,13 +19,22 @@ Types (the part after the dot selects the layout; the same names serve
                         rendered with the run's chat template
 ``bradley_terry.chat_template`` (reward models) system (optional), input, chosen,
                         rejected strings, rendered with the run's chat template
+``user_defined.default`` Axolotl's custom preference type (also written as a mapping
+                        under ``type:``): columns ``field_prompt`` / ``field_system`` /
+                        ``field_chosen`` / ``field_rejected`` (default prompt, system,
+                        chosen, rejected) put through ``prompt_format`` ("{prompt}", may
+                        hold "{system}"), ``chosen_format`` ("{chosen}"), ``rejected_format``
+                        ("{rejected}"); for ``rl: kto`` ``field_completion`` /
+                        ``field_label`` and ``completion_format`` ("{completion}"). No chat
+                        template: the strings are the text, as in Axolotl
 """
 
 from __future__ import annotations
 
+from string import Formatter
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from plait.errors import BadRowError, ConfigError
 from plait.registries import DatasetEntry, DatasetFormat
@@ -43,7 +52,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
 
 #: every ``type:`` this plugin declares
 TYPES = tuple(f"{base}.{layout}" for base in TEMPLATES for layout in LAYOUTS) + (
-    "chat_template.default", "bradley_terry.chat_template")
+    "chat_template.default", "bradley_terry.chat_template", "user_defined.default")
 
 
 def _field(row: dict, names, what: str, index: int):
@@ -147,8 +156,36 @@ def chat_template_texts(entry, row: dict, index: int, tokenizer, kto: bool):
     return prompt, texts
 
 
+def user_defined_texts(entry, row: dict, index: int, kto: bool):
+    """``user_defined.default``: the prompt and response strings from the
+    entry's field names and format strings (Axolotl's meaning: a prompt format
+    with ``{system}`` gets the row's system text, empty when it has none; for
+    KTO only when the row has one, else the format is filled with the prompt
+    alone and must then not need ``{system}``)."""
+    prompt_format = entry.prompt_format or "{prompt}"
+    prompt = _field(row, (entry.field_prompt or "prompt",), "prompt", index)
+    system = row.get(entry.field_system or "system")
+    try:
+        if "{system}" in prompt_format and (system or not kto):
+            prompt_text = prompt_format.format(system=system or "", prompt=prompt)
+        else:
+            prompt_text = prompt_format.format(prompt=prompt)
+    except KeyError:
+        raise BadRowError(index, f"prompt_format {prompt_format!r} needs a system text and the row has none in "
+                                 f"{entry.field_system or 'system'!r}") from None
+    if kto:
+        completion = _field(row, (entry.field_completion or "completion",), "completion", index)
+        return prompt_text, [(entry.completion_format or "{completion}").format(completion=completion)]
+    chosen = _field(row, (entry.field_chosen or "chosen",), "chosen response", index)
+    rejected = _field(row, (entry.field_rejected or "rejected",), "rejected response", index)
+    return prompt_text, [(entry.chosen_format or "{chosen}").format(chosen=chosen),
+                         (entry.rejected_format or "{rejected}").format(rejected=rejected)]
+
+
 def row_texts(entry, row: dict, index: int, tokenizer, kto: bool):
     """``(prompt, [responses])`` of one raw row for the entry's ``type:``."""
+    if entry.type == "user_defined.default":
+        return user_defined_texts(entry, row, index, kto)
     base, _, layout = (entry.type or "").partition(".")
     if base in ("chat_template", "bradley_terry"):
         return chat_template_texts(entry, row, index, tokenizer, kto)
@@ -170,6 +207,43 @@ class PreferenceEntry(DatasetEntry):
     roles: Optional[dict[str, list[str]]] = Field(None, description="Role names mapped to user/assistant/system.")
 
 
+#: format key -> the placeholders its string may use
+FORMAT_FIELDS = {"prompt_format": {"prompt", "system"}, "chosen_format": {"chosen"}, "rejected_format": {"rejected"},
+                 "completion_format": {"completion"}}
+
+
+class UserDefinedPreferenceEntry(PreferenceEntry):
+    """Keys of ``user_defined.default``: Axolotl's custom preference type."""
+
+    field_prompt: Optional[str] = Field(None, description="Column holding the prompt (default: prompt).")
+    field_system: Optional[str] = Field(None, description="Column holding the system text (default: system).")
+    field_completion: Optional[str] = Field(None, description="KTO: column holding the completion (default: "
+                                            "completion).")
+    field_label: Optional[str] = Field(None, description="KTO: column holding the desirable flag (default: label).")
+    prompt_format: Optional[str] = Field(None, description="The prompt text, from {prompt} and optionally {system} "
+                                         "(default: {prompt}).")
+    chosen_format: Optional[str] = Field(None, description="The chosen response's text, from {chosen}.")
+    rejected_format: Optional[str] = Field(None, description="The rejected response's text, from {rejected}.")
+    completion_format: Optional[str] = Field(None, description="KTO: the completion's text, from {completion}.")
+
+    @field_validator(*FORMAT_FIELDS)
+    @classmethod
+    def _placeholders(cls, value, info):
+        # a placeholder the row cannot fill would fail on the first row; say so at validation
+        if value is None:
+            return value
+        allowed = FORMAT_FIELDS[info.field_name]
+        try:
+            used = {name for _, name, _, _ in Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a format string: {exc}") from None
+        unknown = sorted(used - allowed)
+        if unknown:
+            raise ValueError(f"{value!r} uses {', '.join('{' + n + '}' for n in unknown)}; accepted placeholders: "
+                             f"{', '.join('{' + n + '}' for n in sorted(allowed))}")
+        return value
+
+
 def _tokenize(cfg, dataset_cfg, tokenizer, batch):
     from plait_preference.rows import tokenize_kto, tokenize_pairs
 
@@ -187,10 +261,12 @@ def _check_layout(type_value: str, where: str) -> None:
 
 def registered_formats() -> list:
     """``chatml``, ``llama3`` (with their layouts as variants), ``chat_template.default``
-    (a full dotted name: plait-formats' ``chat_template`` has no variants) and
-    ``bradley_terry.chat_template``."""
+    and ``user_defined.default`` (full dotted names: plait-formats' ``chat_template``
+    and ``user_defined`` have no variants) and ``bradley_terry.chat_template``."""
     described = {"chatml": "preference pairs (or KTO rows) in ChatML", "llama3": "preference pairs in Llama 3's format",
                  "chat_template.default": "preference pairs rendered with the chat template",
                  "bradley_terry": "reward-model pairs (system, input, chosen, rejected)"}
     return [DatasetFormat(name, _tokenize, PreferenceEntry, check_type=_check_layout, description=text)
-            for name, text in described.items()]
+            for name, text in described.items()] + [
+        DatasetFormat("user_defined.default", _tokenize, UserDefinedPreferenceEntry, check_type=_check_layout,
+                      description="preference pairs (or KTO rows) from format strings written in the config")]

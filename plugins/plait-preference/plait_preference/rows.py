@@ -83,7 +83,7 @@ def tokenize_kto(entry, tokenizer, batch: dict, group: int) -> dict:
     prompts, completions, desirable = [], [], []
     for index, row in enumerate(_rows(batch)):
         prompt, responses = row_texts(entry, row, index, tokenizer, kto=True)
-        label = row.get("label")
+        label = row.get(getattr(entry, "field_label", None) or "label")
         if not isinstance(label, bool) and label not in (0, 1):
             raise BadRowError(index, f"KTO rows need a boolean 'label' (desirable or not), found {label!r}")
         prompt_ids, (completion,) = tokenize_responses(tokenizer, prompt, responses, index)
