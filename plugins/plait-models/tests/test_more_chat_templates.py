@@ -185,3 +185,23 @@ def test_tools_are_refused_by_name(tokenizer):
     with pytest.raises(BadRowError, match="cohere here takes conversations without tool definitions"):
         helpers.run_format(tokenizer, {"messages": [CONVERSATION], "tools": [tools]}, type="chat_template",
                            chat_template="cohere")
+
+
+def test_exaone4_reasoning_of_every_turn_is_trained(tokenizer):
+    # inline <think> blocks (Axolotl's way of writing reasoning into the content) in two turns
+    helpers = _formats_helpers()
+    conversation = [CONVERSATION[1], {"role": "assistant", "content": "<think>\nsorting\n</think>\n\nthe words"},
+                    CONVERSATION[3], {"role": "assistant", "content": "<think>\nadding\n</think>\n\nseven"}]
+    assert _render("exaone4", conversation) == (
+        "[|user|]\nsort the words[|endofturn|]\n[|assistant|]\n<think>\nsorting\n</think>\n\nthe words[|endofturn|]\n"
+        "[|user|]\nadd 3 and 4[|endofturn|]\n[|assistant|]\n<think>\nadding\n</think>\n\nseven[|endofturn|]\n")
+    out = helpers.run_format(tokenizer, {"messages": [conversation]}, type="chat_template", chat_template="exaone4",
+                             split_thinking=True)
+    assert _trained_runs(tokenizer, out["input_ids"][0], out["labels"][0]) == [
+        "sorting\n</think>\n\nthe words[|endofturn|]", "adding\n</think>\n\nseven[|endofturn|]"]
+
+
+def test_a_system_message_given_as_parts():
+    system = {"role": "system", "content": [{"type": "text", "text": "be brief"}]}
+    assert _render("gemma4", [system, CONVERSATION[1]]).startswith("<s><|turn>system\nbe brief<turn|>\n")
+    assert _render("pixtral", [system, CONVERSATION[1]]) == "<s>[INST]be brief\n\nsort the words[/INST]"

@@ -61,6 +61,10 @@ def _alternation(name: str, first: str) -> str:
     )
 
 
+#: the first message's text, a string or its text parts joined (vision rows)
+_SYSTEM_TEXT = ("(messages[0]['content'] if messages[0]['content'] is string else messages[0]['content']"
+                " | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(''))")
+
 #: the index of the whole conversation's last message (a prefix is told it through real_last_index)
 _LAST_INDEX = ("{%- set last_index = real_last_index if real_last_index is defined and real_last_index is not none"
                " else messages | length - 1 -%}")
@@ -194,15 +198,13 @@ EXAONE = (
 
 #: EXAONE 4 (Axolotl's ``exaone4``): ``[|role|]`` and a newline, every turn
 #: closed by ``[|endofturn|]``; an answer opens with a ``<think>`` block: its
-#: reasoning (``reasoning_content`` or a ``<think>...</think>`` part of the text)
-#: for answers after the last user message, an empty block otherwise.
+#: reasoning (``reasoning_content`` or a ``<think>...</think>`` part of the text),
+#: else an empty block. Every answer that carries reasoning shows it (EXAONE's
+#: own template shows only the last one's): the row keeps the reasoning it was
+#: given, and a prefix renders as the start of the whole, which masking needs.
 EXAONE4 = (
     _no_tools("exaone4")
-    + _LAST_INDEX
-    + "{%- set query = namespace(index=-1) -%}"
-    "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set query.index = loop.index0 -%}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- for message in messages -%}"
+    + "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{ raise_exception('exaone4 here has system, user and assistant roles, got ' + message['role']) }}"
     "{%- elif message['role'] == 'assistant' -%}"
@@ -213,7 +215,7 @@ EXAONE4 = (
     "{%- set reasoning = answer.split('</think>')[0].split('<think>')[-1] -%}"
     "{%- set answer = answer.split('</think>')[-1] -%}"
     "{%- endif -%}"
-    "{%- if reasoning and loop.index0 > query.index -%}"
+    "{%- if reasoning -%}"
     "{{ '[|assistant|]\\n<think>\\n' + reasoning | trim + '\\n</think>\\n\\n' + answer | trim }}"
     "{%- else -%}{{ '[|assistant|]\\n<think>\\n\\n</think>\\n\\n' + answer | trim }}{%- endif -%}"
     "{{ '[|endofturn|]\\n' }}"
@@ -240,7 +242,7 @@ GEMMA3N = (
     + "{{ bos_token }}"
     "{%- for message in messages[first:] -%}"
     "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' }}"
-    "{%- if loop.first and first -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+    "{%- if loop.first and first -%}{{ " + _SYSTEM_TEXT + " + '\\n\\n' }}{%- endif -%}"
     + _text({"image": "<image_soft_token>", "audio": "<audio_soft_token>"}, trim=True)
     + "{{ '<end_of_turn>\\n' }}"
     "{%- endfor -%}"
@@ -253,20 +255,19 @@ GEMMA4_TOKENS = ("<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", 
 #: Gemma 4 (Axolotl's ``gemma4``, ``gemma4_unified``): BOS, ``<|turn>role``
 #: and a newline, the text trimmed, ``<turn|>`` and a newline; the assistant
 #: is ``model``; a first system message is a system turn, which
-#: ``enable_thinking`` opens with ``<|think|>``. An answer after the last user
-#: message that carries reasoning shows it as a ``<|channel>thought`` block
-#: before the text. Images, audio and video as ``<|image|>`` etc.
+#: ``enable_thinking`` opens with ``<|think|>``. An answer that carries
+#: reasoning (``reasoning_content``) shows it as a ``<|channel>thought`` block
+#: before the text, in every turn that has it (Gemma's own template drops it
+#: from history; kept here so the row trains what it holds and a prefix renders
+#: as the start of the whole). Images, audio and video as ``<|image|>`` etc.
 GEMMA4 = (
     _no_tools("gemma4")
     + "{%- set thinking = enable_thinking is defined and enable_thinking -%}"
     "{%- set first = 1 if messages[0]['role'] in ['system', 'developer'] else 0 -%}"
-    "{%- set query = namespace(index=-1) -%}"
-    "{%- for message in messages -%}{%- if message['role'] == 'user' -%}{%- set query.index = loop.index0 -%}"
-    "{%- endif -%}{%- endfor -%}"
     "{{ bos_token }}"
     "{%- if first or thinking -%}"
     "{{ '<|turn>system\\n' }}{%- if thinking -%}{{ '<|think|>\\n' }}{%- endif -%}"
-    "{%- if first -%}{{ messages[0]['content'] | trim }}{%- endif -%}"
+    "{%- if first -%}{{ " + _SYSTEM_TEXT + " | trim }}{%- endif -%}"
     "{{ '<turn|>\\n' }}"
     "{%- endif -%}"
     "{%- for message in messages[first:] -%}"
@@ -276,7 +277,7 @@ GEMMA4 = (
     "{%- endif -%}"
     "{{ '<|turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n' }}"
     "{%- set reasoning = message.reasoning_content if message.reasoning_content is defined else none -%}"
-    "{%- if message['role'] == 'assistant' and reasoning and loop.index0 + first > query.index -%}"
+    "{%- if message['role'] == 'assistant' and reasoning -%}"
     "{{ '<|channel>thought\\n' + reasoning | trim + '\\n<channel|>' }}"
     "{%- endif -%}"
     + _text({"image": "<|image|>", "audio": "<|audio|>", "video": "<|video|>"}, trim=True)
@@ -406,7 +407,7 @@ def _inst_with_system_in_last_user(name: str, open_user: str, before_answer: str
         "{%- for message in messages[first:] -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{ '" + open_user + "' }}"
-        "{%- if first and loop.index0 + first == last_user -%}{{ messages[0]['content'] + '\\n\\n' }}{%- endif -%}"
+        "{%- if first and loop.index0 + first == last_user -%}{{ " + _SYSTEM_TEXT + " + '\\n\\n' }}{%- endif -%}"
         + _text(placeholders)
         + "{{ '[/INST]' }}"
         "{%- else -%}{{ '" + before_answer + "' + " + answer + " + eos_token }}"
