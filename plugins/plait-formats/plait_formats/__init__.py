@@ -8,7 +8,8 @@ light). Each format's dataset-entry keys are in :mod:`plait_formats.entries`.
 ==================  =====================================================
 type                module
 ==================  =====================================================
-alpaca, alpaca_*    :mod:`plait_formats.alpaca`
+alpaca, alpaca_*    :mod:`plait_formats.alpaca` (also alpaca:<style>,
+                    gpteacher, oasst, orcamini, context_qa, metharme)
 chat_template       :mod:`plait_formats.chat`
 completion          :mod:`plait_formats.text`
 pretraining         :mod:`plait_formats.text`

@@ -54,7 +54,8 @@ def dataset_formats():
     text = _tokenize_with("text")
     return [
         DatasetFormat("alpaca", alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
-                      description="instruction/input/output rows, Alpaca's prompt"),
+                      description="instruction/input/output rows, Alpaca's prompt (alpaca:chat, :chatml, :phi: "
+                                  "Axolotl's other styles)"),
         DatasetFormat("alpaca_chat", alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
                       description="alpaca rows, USER/ASSISTANT prompt"),
         DatasetFormat("alpaca_w_system", alpaca, InstructionEntry, check_type=_alpaca_variant, prompt=_alpaca_prompt,
