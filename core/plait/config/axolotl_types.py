@@ -25,6 +25,10 @@ LACKING_TYPES: dict[str, str] = {
                  "template: type: chat_template, chat_template: metharme, field_messages: conversations, "
                  "message_property_mappings: {role: role, content: value}, roles: {assistant: [bot]}",
     "messages": "(Axolotl's older conversation type) is not a Plait format; use type: chat_template",
+    "sharegpt": "was removed from Axolotl in favour of chat_template; use type: chat_template (ShareGPT's "
+                "conversations of from/value messages are read as they are)",
+    "sharegpt_jokes": "was removed from Axolotl in favour of chat_template; use type: chat_template",
+    "sharegpt_simple": "was removed from Axolotl in favour of chat_template; use type: chat_template",
     "creative_acr": "(Axolotl's creative answer/critique/revise prompts) is not a Plait format; " + _USER_DEFINED,
     "jeopardy": "is not a Plait format; " + _USER_DEFINED,
     "summarizetldr": "is not a Plait format; " + _USER_DEFINED,

@@ -87,6 +87,7 @@ def test_train_on_inputs_trains_the_prompt(tokenizer, run_format):
     ("alpaca:vicuna", "'alpaca:vicuna' is not accepted (it is not a variant of alpaca that plait-formats knows)"),
     ("pygmalion", "chat_template: metharme"),
     ("llama2_chat", "use type: chat_template with chat_template_jinja"),
+    ("sharegpt:chat", "use type: chat_template"),
     ("creative_acr.load_answer", "type: user_defined"),
     ("jeopardy:chat", "type: user_defined"),
     ("stepwise_supervised", "process-reward-model training"),
