@@ -17,13 +17,11 @@ _USER_DEFINED = "write its prompt with type: user_defined (format, no_input_form
 
 #: Axolotl's type name (the part before the first '.' or ':') -> why Plait lacks it and what to use
 LACKING_TYPES: dict[str, str] = {
-    "bradley_terry": "is Axolotl's reward-model (Bradley-Terry) training, which Plait does not have",
+    # preference types live in plait-preference: consulted only when it is not installed
+    **dict.fromkeys(("bradley_terry", "chatml", "llama3"),
+                    "is a preference (or reward-model) dataset type of plait-preference: pip install "
+                    "plait-preference, and set rl: (dpo, ipo, orpo, kto, simpo) or reward_model: true"),
     "stepwise_supervised": "is Axolotl's process-reward-model training, which Plait does not have",
-    "llama2_chat": "(Llama 2's [INST] <<SYS>> conversations) is not a Plait format; use type: chat_template "
-                   "with chat_template_jinja set to a Llama 2 chat template",
-    "pygmalion": "is not a Plait format; Pygmalion's <|system|>/<|user|>/<|model|> turns are the metharme chat "
-                 "template: type: chat_template, chat_template: metharme, field_messages: conversations, "
-                 "message_property_mappings: {role: role, content: value}, roles: {assistant: [bot]}",
     "messages": "(Axolotl's older conversation type) is not a Plait format; use type: chat_template",
     "sharegpt": "was removed from Axolotl in favour of chat_template; use type: chat_template (ShareGPT's "
                 "conversations of from/value messages are read as they are)",

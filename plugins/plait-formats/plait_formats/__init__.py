@@ -11,6 +11,9 @@ type                module
 alpaca, alpaca_*    :mod:`plait_formats.alpaca` (also alpaca:<style>,
                     gpteacher, oasst, orcamini, context_qa, metharme)
 chat_template       :mod:`plait_formats.chat`
+llama2_chat         :mod:`plait_formats.llama2_chat` (chat_template with
+                    Llama 2 chat's layout)
+pygmalion           :mod:`plait_formats.pygmalion`
 completion          :mod:`plait_formats.text`
 pretraining         :mod:`plait_formats.text`
 input_output        :mod:`plait_formats.segments`

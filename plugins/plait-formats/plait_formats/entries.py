@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, create_model
 
 from plait.registries import DatasetEntry
 
@@ -72,3 +72,15 @@ class TextEntry(DatasetEntry):
     """``type: completion`` / ``pretraining``: raw text, every token trained."""
 
     text_column: Optional[str] = Field(None, description="Column holding the text (also: field; default: text).")
+
+
+
+#: the chat_template message keys that ``type: llama2_chat`` reads (its template is fixed)
+LLAMA2_CHAT_KEYS = ("field_messages", "message_field_role", "message_field_content", "message_field_training",
+                    "message_property_mappings", "roles", "roles_to_train", "train_on_eos", "train_on_eot",
+                    "drop_system_message")
+#: ``type: llama2_chat``: conversations in Llama 2 chat's fixed layout, with chat_template's message keys
+Llama2ChatEntry = create_model(
+    "Llama2ChatEntry", __base__=DatasetEntry, __doc__="``type: llama2_chat``: conversations in Llama 2 chat's layout.",
+    **{name: (ChatTemplateEntry.model_fields[name].annotation, ChatTemplateEntry.model_fields[name])
+       for name in LLAMA2_CHAT_KEYS})

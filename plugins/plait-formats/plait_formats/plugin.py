@@ -48,7 +48,8 @@ def _alpaca_prompt(type_value: str, row: dict) -> str:
 
 @hookimpl
 def dataset_formats():
-    from plait_formats.entries import ChatTemplateEntry, InstructionEntry, TextEntry, UserDefinedEntry
+    from plait_formats.entries import (ChatTemplateEntry, InstructionEntry, Llama2ChatEntry, TextEntry,
+                                       UserDefinedEntry)
 
     alpaca = _tokenize_with("alpaca")
     text = _tokenize_with("text")
@@ -64,6 +65,10 @@ def dataset_formats():
                         description=description) for name, description in AXOLOTL_INSTRUCTION_TYPES.items()),
         DatasetFormat("chat_template", _tokenize_with("chat"), ChatTemplateEntry,
                       description="conversations rendered with a chat template"),
+        DatasetFormat("llama2_chat", _tokenize_with("llama2_chat"), Llama2ChatEntry,
+                      description="conversations in Llama 2 chat's [INST] <<SYS>> layout"),
+        DatasetFormat("pygmalion", _tokenize_with("pygmalion"), DatasetEntry,
+                      description="Pygmalion conversations (system/human/bot), <|user|>/<|model|> turns"),
         DatasetFormat("completion", text, TextEntry, description="raw text, every token trained"),
         DatasetFormat("pretraining", text, TextEntry, description="raw text of a local corpus"),
         DatasetFormat("input_output", _tokenize_with("segments"), DatasetEntry,

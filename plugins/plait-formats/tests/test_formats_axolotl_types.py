@@ -28,7 +28,8 @@ def check(tokenizer, run_format, batch, prompt, output, eos_count=1, **entry):
 @pytest.mark.parametrize("type_name, batch, prompt", [
     ("alpaca:chat", ROW, f"SYSTEM: {SYSTEM}\nUSER: sort the words\nthe a it\nASSISTANT:"),
     ("alpaca:chat", ROW_NO_INPUT, f"SYSTEM: {SYSTEM_NO_INPUT}\nUSER: sort the words\nASSISTANT:"),
-    ("alpaca:instruct", ROW, f"{SYSTEM}\n\n### Instruction:\nsort the words\n\n### Input:\nthe a it\n\n### Response:\n"),
+    ("alpaca:instruct", ROW,
+     f"{SYSTEM}\n\n### Instruction:\nsort the words\n\n### Input:\nthe a it\n\n### Response:\n"),
     ("alpaca:chatml", ROW, f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nsort the words\nthe a it"
                            "<|im_end|>\n<|im_start|>assistant\n"),
     # Axolotl's phi style: the input follows <|end|> directly, the no-input turn has newlines
@@ -85,8 +86,6 @@ def test_train_on_inputs_trains_the_prompt(tokenizer, run_format):
 
 @pytest.mark.parametrize("type_name, reason", [
     ("alpaca:vicuna", "'alpaca:vicuna' is not accepted (it is not a variant of alpaca that plait-formats knows)"),
-    ("pygmalion", "chat_template: metharme"),
-    ("llama2_chat", "use type: chat_template with chat_template_jinja"),
     ("sharegpt:chat", "use type: chat_template"),
     ("creative_acr.load_answer", "type: user_defined"),
     ("jeopardy:chat", "type: user_defined"),
@@ -109,3 +108,45 @@ def test_a_typo_still_gets_a_did_you_mean():
 
     with pytest.raises(ConfigError, match="'orcamimi' is not a known dataset type; did you mean 'orcamini'"):
         build_run_config({"base_model": "unused", "datasets": [{"path": "a.jsonl", "type": "orcamimi"}]})
+
+
+def test_pygmalion_pieces_and_mask(tokenizer, run_format):
+    row = [{"role": "system", "value": "a cat\n<START>"}, {"role": "human", "value": " hi "},
+           {"role": "bot", "value": "meow"}]
+    out = run_format(tokenizer, {"conversations": [row]}, type="pygmalion")
+    system = tokenizer("<|system|>Persona: a cat")["input_ids"]  # with BOS
+    human = tokenizer("<|user|> hi", add_special_tokens=False)["input_ids"]
+    prefix = tokenizer("<|model|>", add_special_tokens=False)["input_ids"]
+    bot = tokenizer("<|model|> meow", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert out["input_ids"][0] == system + human + bot
+    assert out["labels"][0] == [-100] * (len(system) + len(human) + len(prefix)) + bot[len(prefix):]
+    assert tokenizer.decode(bot[len(prefix):]) == " meow<|end_of_text|>"
+
+
+def test_llama2_chat_layout_and_mask(tokenizer, run_format):
+    row = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+           {"from": "human", "value": "bye"}, {"from": "gpt", "value": "ciao"}]
+    out = run_format(tokenizer, {"conversations": [row]}, type="llama2_chat")
+    ids, labels = out["input_ids"][0], out["labels"][0]
+    assert tokenizer.decode(ids) == ("<|begin_of_text|>[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhi [/INST] hello"
+                                     "<|end_of_text|><|begin_of_text|>[INST] bye [/INST] ciao<|end_of_text|>")
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs, current = runs + [tokenizer.decode(current)], []
+    runs += [tokenizer.decode(current)] if current else []
+    assert runs == [" hello<|end_of_text|>", " ciao<|end_of_text|>"]
+    # no system message: Llama 2's default one
+    out = run_format(tokenizer, {"conversations": [row[1:3]]}, type="llama2_chat")
+    assert "<<SYS>>\nYou are a helpful, respectful and honest assistant." in tokenizer.decode(out["input_ids"][0])
+
+
+def test_llama2_chat_takes_no_template_keys():
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
+
+    with pytest.raises(ConfigError, match="unknown key 'chat_template'.*it is a key of format 'chat_template'"):
+        build_run_config({"base_model": "unused", "datasets": [{"path": "a.jsonl", "type": "llama2_chat",
+                                                                "chat_template": "chatml"}]})
