@@ -70,11 +70,11 @@ def tokenizer(tmp_path_factory):
     return tok
 
 
-def _render(name, messages, add_generation_prompt=False, **variables):
+def _render(name, messages, add_generation_prompt=False, tools=None, **variables):
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     return _compile_jinja_template(MORE_CHAT_TEMPLATES[name]).render(
-        messages=messages, tools=None, bos_token="<s>", eos_token="</s>", add_generation_prompt=add_generation_prompt,
+        messages=messages, tools=tools, bos_token="<s>", eos_token="</s>", add_generation_prompt=add_generation_prompt,
         **variables)
 
 
@@ -205,3 +205,23 @@ def test_a_system_message_given_as_parts():
     system = {"role": "system", "content": [{"type": "text", "text": "be brief"}]}
     assert _render("gemma4", [system, CONVERSATION[1]]).startswith("<s><|turn>system\nbe brief<turn|>\n")
     assert _render("pixtral", [system, CONVERSATION[1]]) == "<s>[INST]be brief\n\nsort the words[/INST]"
+
+
+def test_exaone4_tools_calls_and_results(tokenizer):
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 3}}}]}
+    conversation = [CONVERSATION[3], call, {"role": "tool", "content": "7"}, CONVERSATION[4]]
+    text = _render("exaone4", conversation, tools=tools)
+    assert text.startswith('[|system|]\n# Available Tools\n')
+    assert '<tool>{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}</tool>\n' in text
+    assert text.endswith(
+        "[|endofturn|]\n[|user|]\nadd 3 and 4[|endofturn|]\n"
+        '[|assistant|]\n<think>\n\n</think>\n\n<tool_call>{"name": "add", "arguments": {"a": 3}}</tool_call>'
+        '[|endofturn|]\n[|tool|]\n<tool_result>{"result": "7"}</tool_result>[|endofturn|]\n'
+        "[|assistant|]\n<think>\n\n</think>\n\nthe sum is 7[|endofturn|]\n")
+    helpers = _formats_helpers()
+    out = helpers.run_format(tokenizer, {"messages": [conversation], "tools": [tools]}, type="chat_template",
+                             chat_template="exaone4")
+    assert _trained_runs(tokenizer, out["input_ids"][0], out["labels"][0]) == [
+        '<tool_call>{"name": "add", "arguments": {"a": 3}}</tool_call>[|endofturn|]', "the sum is 7[|endofturn|]"]

@@ -7,8 +7,10 @@ end markers close each turn, and where a family puts the system message
 into the *last* user turn (Mistral v3, Pixtral) the template finds that turn
 from ``real_last_index``, which plait-formats passes for every prefix.
 
-Tool definitions and tool calls are refused by name (``raise_exception``,
-which plait-formats reports as a bad row): their text is not reproduced here.
+EXAONE 4 renders tools, tool calls and tool results in its own format; the
+other templates refuse tool definitions and tool calls by name
+(``raise_exception``, which plait-formats reports as a bad row), since their
+families' tool text is not reproduced here.
 Content given as parts (plait-vision) renders text parts as they are and an
 image, audio or video part as the family's placeholder token.
 """
@@ -196,19 +198,43 @@ EXAONE = (
     "{%- if add_generation_prompt -%}{{ '[|assistant|]' }}{%- endif -%}"
 )
 
+EXAONE4_TOOLS_PREAMBLE = (
+    "# Available Tools\nYou can use none, one, or multiple of the following tools by calling them as functions to "
+    "help with the user\u2019s query.\nHere are the tools available to you in JSON format within <tool> and </tool> "
+    "tags:\n"
+)
+EXAONE4_TOOLS_INSTRUCTION = (
+    "\nFor each function call you want to make, return a JSON object with function name and arguments within "
+    "<tool_call> and </tool_call> tags, like:\n<tool_call>{\"name\": function_1_name, \"arguments\": "
+    "{argument_1_name: argument_1_value, argument_2_name: argument_2_value}}</tool_call>\n<tool_call>{\"name\": "
+    "function_2_name, \"arguments\": {...}}</tool_call>\n...\nNote that if no argument name is specified for a "
+    "tool, you can just print the argument value directly, without the argument name or JSON formatting."
+)
+
 #: EXAONE 4 (Axolotl's ``exaone4``): ``[|role|]`` and a newline, every turn
 #: closed by ``[|endofturn|]``; an answer opens with a ``<think>`` block: its
 #: reasoning (``reasoning_content`` or a ``<think>...</think>`` part of the text),
 #: else an empty block. Every answer that carries reasoning shows it (EXAONE's
 #: own template shows only the last one's): the row keeps the reasoning it was
 #: given, and a prefix renders as the start of the whole, which masking needs.
+#: Tools: listed as ``<tool>`` JSON lines in the system turn (after the system
+#: text), calls as ``<tool_call>{"name", "arguments"}</tool_call>`` lines in the
+#: answer, results as ``<tool_result>{"result": ...}</tool_result>`` lines of a
+#: ``[|tool|]`` turn that consecutive tool messages share.
 EXAONE4 = (
-    _no_tools("exaone4")
-    + "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{ raise_exception('exaone4 here has system, user and assistant roles, got ' + message['role']) }}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set answer = message['content'] -%}{%- set reasoning = '' -%}"
+    "{%- set first = 1 if messages[0]['role'] == 'system' else 0 -%}"
+    "{%- if first or tools -%}"
+    "{{ '[|system|]\\n' }}{%- if first -%}{{ messages[0]['content'] }}{%- endif -%}"
+    "{%- if tools -%}"
+    "{%- if first -%}{{ '\\n\\n' }}{%- endif -%}{{ " + repr(EXAONE4_TOOLS_PREAMBLE) + " }}"
+    "{%- for tool in tools -%}{{ '<tool>' }}{{ tool | tojson }}{{ '</tool>\\n' }}{%- endfor -%}"
+    "{{ " + repr(EXAONE4_TOOLS_INSTRUCTION) + " }}"
+    "{%- endif -%}"
+    "{{ '[|endofturn|]\\n' }}"
+    "{%- endif -%}"
+    "{%- for message in messages[first:] -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set answer = message['content'] or '' -%}{%- set reasoning = '' -%}"
     "{%- if message.reasoning_content is defined and message.reasoning_content is not none -%}"
     "{%- set reasoning = message.reasoning_content -%}"
     "{%- elif '</think>' in answer -%}"
@@ -218,9 +244,25 @@ EXAONE4 = (
     "{%- if reasoning -%}"
     "{{ '[|assistant|]\\n<think>\\n' + reasoning | trim + '\\n</think>\\n\\n' + answer | trim }}"
     "{%- else -%}{{ '[|assistant|]\\n<think>\\n\\n</think>\\n\\n' + answer | trim }}{%- endif -%}"
+    "{%- for call in message.tool_calls or [] -%}"
+    "{%- if not loop.first or answer | trim -%}{{ '\\n' }}{%- endif -%}"
+    "{%- set call = call.function if call.function is defined else call -%}"
+    "{{ '<tool_call>{\"name\": \"' + call.name + '\", \"arguments\": ' }}"
+    "{%- if call.arguments is string -%}{{ call.arguments }}{%- else -%}{{ call.arguments | tojson }}{%- endif -%}"
+    "{{ '}</tool_call>' }}"
+    "{%- endfor -%}"
     "{{ '[|endofturn|]\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[first:][loop.index0 - 1]['role'] != 'tool' -%}{{ '[|tool|]\\n' }}"
+    "{%- else -%}{{ '\\n' }}{%- endif -%}"
+    "{{ '<tool_result>{\"result\": ' }}{{ message['content'] | tojson }}{{ '}</tool_result>' }}"
+    "{%- if loop.last or messages[first:][loop.index0 + 1]['role'] != 'tool' -%}{{ '[|endofturn|]\\n' }}"
+    "{%- endif -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ '[|user|]\\n' + message['content'] + '[|endofturn|]\\n' }}"
     "{%- else -%}"
-    "{{ '[|' + message['role'] + '|]\\n' + message['content'] + '[|endofturn|]\\n' }}"
+    "{{ raise_exception('exaone4 takes an optional system message first, then user, assistant and tool messages; "
+    "got ' + message['role']) }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '[|assistant|]\\n' }}"
