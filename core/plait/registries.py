@@ -43,7 +43,8 @@ class DatasetEntry(ValuesAsGiven):
     path: str = Field(description="Local file or directory, or a hub dataset name.")
     _path_not_empty = field_validator("path")(not_empty)
     type: Optional[str] = Field(None, description="Format: alpaca, chat_template, completion, ... "
-                                "(a format's variant after a dot: chat_template.default).")
+                                "(a format's variant after a dot: chat_template.default; Axolotl's prompt "
+                                "style after a colon: alpaca:chat).")
     ds_type: Optional[str] = Field(None, description="File type when the extension does not tell: json, parquet, "
                                    "csv, arrow, text.")
     data_files: Optional[Union[str, list[str]]] = Field(

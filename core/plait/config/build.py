@@ -61,7 +61,8 @@ def entry_description(pm) -> str:
     for name, fmt in registry(pm, "dataset_formats").items():
         by_model.setdefault(fmt.entry_model.__name__, []).append(name)
     listed = "; ".join(f"{', '.join(names)}: {model}" for model, names in by_model.items())
-    return f"Dataset entries; the part of 'type' before the first dot selects the keys ({listed or 'no formats'})."
+    return (f"Dataset entries; the part of 'type' before the first dot or colon selects the keys "
+            f"({listed or 'no formats'}).")
 
 
 def entry_union(pm):
