@@ -18,13 +18,13 @@ import pytest
 _CANDIDATES = [Path(__file__).resolve().parents[n] / "shared" / "axolotl-examples" / "configs" for n in (2, 3)]
 EXAMPLES = next((path for path in _CANDIDATES if path.is_dir()), _CANDIDATES[0])
 
-#: share of the examples that must validate unchanged. Measured 89/132 (67%)
+#: share of the examples that must validate unchanged. Measured 102/132 (77%)
 #: with every plugin of this repository installed (plait-vision and
 #: plait-preference included); validate runs the pre-flight too. Most of the
 #: rest are online RL (GRPO, EBFT, ...) or features refused by name (QAT, MoE
 #: expert quantization, hub kernels, per-layer attention). Raise it as those
 #: land; the issue's target is 0.9.
-PASS_FLOOR = 0.67
+PASS_FLOOR = 0.77
 
 
 def _configs() -> list[Path]:
