@@ -480,6 +480,31 @@ def build_objective(cfg: CoreConfig, model: Optional[torch.nn.Module], loss_fn: 
 
 # ----------------------------------------------- pipeline: optimizer
 
+@hookspec
+def parameter_learning_rates(cfg: CoreConfig, model: torch.nn.Module) -> Optional[dict[str, float]]:
+    """Peak learning rates of trainable parameters that do not train at ``learning_rate``.
+
+    Every plugin is asked; called once by the training loop, after the model
+    is wrapped and before :func:`build_optimizer`, by
+    :func:`plait.model.params.optimizer_param_groups`, which puts parameters
+    of the same learning rate (and weight decay) into one parameter group with
+    that ``lr``; the schedule scales every group alike. Core's default implementation
+    (``plait.builtin.lr_groups``) answers ``embedding_lr``,
+    ``embedding_lr_scale`` and ``lr_groups``; plait-peft answers LoRA+
+    (``loraplus_lr_ratio``).
+
+    ``cfg``
+        The run config.
+    ``model``
+        The model as it will train (adapters attached, possibly wrapped);
+        names are those of ``model.named_parameters()``.
+
+    Returns ``{parameter name: learning rate}`` for the parameters the plugin's
+    keys concern, or ``None``/``{}``. Two plugins naming the same parameter is
+    a :class:`~plait.errors.ConfigError` naming both.
+    """
+
+
 @hookspec(firstresult=True)
 def build_optimizer(cfg: CoreConfig, params: list[dict]) -> Optional[torch.optim.Optimizer]:
     """Build the optimizer named by ``cfg.optimizer``.
@@ -492,7 +517,9 @@ def build_optimizer(cfg: CoreConfig, params: list[dict]) -> Optional[torch.optim
     ``cfg``
         The run config (``optimizer``, ``learning_rate``, ``optim_args``, ...).
     ``params``
-        A list of parameter groups (dicts with ``params`` and ``weight_decay``).
+        A list of parameter groups (dicts with ``params`` and ``weight_decay``,
+        and ``lr`` where :func:`parameter_learning_rates` gave the group its
+        own learning rate; the optimizer's ``lr`` is the default of the others).
 
     Returns a ``torch.optim.Optimizer``, or ``None`` to let the next plugin answer.
     """

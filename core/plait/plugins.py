@@ -39,6 +39,7 @@ DEFAULT_PLUGINS = (
     "plait.builtin.model",
     "plait.builtin.formats",
     "plait.builtin.optim",
+    "plait.builtin.lr_groups",
     "plait.builtin.collate",
     "plait.builtin.save",
     "plait.builtin.loss",

@@ -51,6 +51,23 @@ class PretrainingDatasetConfig(StrictModel):
         False, description="Let datasets run the dataset's own loading script from the hub.")
 
 
+class LrGroup(StrictModel):
+    """One entry of ``lr_groups:``: modules that train at their own learning rate."""
+
+    name: str = Field(min_length=1, description="The group's name (in logs and messages).")
+    modules: list[str] = Field(min_length=1, description="Substrings of parameter names (e.g. self_attn.q_proj, "
+                                                         "layers.0.) whose parameters train at lr.")
+    lr: float = Field(gt=0, description="The group's peak learning rate (the schedule scales it like "
+                                        "learning_rate).")
+
+    @field_validator("modules")
+    @classmethod
+    def _no_empty_module(cls, modules):
+        if any(not m for m in modules):
+            raise ValueError("an empty module name would match every parameter; give a part of the names")
+        return modules
+
+
 class CoreConfig(StrictModel):
     """Keys core owns. Field descriptions show up in ``plait config schema``."""
 
@@ -299,6 +316,16 @@ class CoreConfig(StrictModel):
     lr_quadratic_warmup: Optional[bool] = Field(
         None, description="Warm up quadratically, (i / w) ** 2 of learning_rate at step i of w, instead of linearly "
                           "(Axolotl's key; Plait's own schedules: cosine, linear, constant, constant_with_warmup).")
+    embedding_lr: Optional[float] = Field(
+        None, gt=0, description="Learning rate of the trainable input-embedding and output-head parameters (the "
+                                "peak; the schedule scales it like learning_rate); excludes embedding_lr_scale.")
+    embedding_lr_scale: Optional[float] = Field(
+        None, gt=0, description="The input-embedding and output-head parameters train at learning_rate times this; "
+                                "excludes embedding_lr.")
+    lr_groups: Optional[list[LrGroup]] = Field(
+        None, description="Per-module learning rates: a list of {name, modules, lr}; a trainable parameter whose "
+                          "name contains one of a group's modules (e.g. self_attn.q_proj or layers.0.) trains at "
+                          "that group's lr (the first group that matches wins; it beats embedding_lr).")
     max_grad_norm: Optional[float] = Field(
         1.0, ge=0, description="Clip the gradient norm to this; 0: no clipping; blank: 1.0 (as in Axolotl, "
                                "whose blank leaves HF Trainer's default).")
@@ -567,6 +594,15 @@ class CoreConfig(StrictModel):
                               f"tiled_mlp is off; set tiled_mlp: true or remove {key}")
         self._data_order_rules()
         self._strategy_rules()
+        if self.embedding_lr is not None and self.embedding_lr_scale is not None:
+            raise ConfigError(f"embedding_lr ({self.embedding_lr}) and embedding_lr_scale ({self.embedding_lr_scale}) "
+                              "are both set; give one of them")
+        if self.lr_groups:
+            names = [group.name for group in self.lr_groups]
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise ConfigError(f"config key 'lr_groups': the name(s) {twice} are used twice; give each group "
+                                  "its own name")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
         if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(

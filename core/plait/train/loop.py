@@ -297,11 +297,15 @@ def plan_schedule(run: Run) -> None:
 
 
 def build_optimizer_and_scheduler(run: Run):
-    from plait.model.params import param_groups
+    from plait.model.params import optimizer_param_groups
     from plait.plugins import call_required
 
     cfg, pm = run.cfg, run.pm
-    optimizer = call_required(pm, "build_optimizer", cfg=cfg, params=param_groups(run.model, cfg.weight_decay))
+    groups = optimizer_param_groups(cfg, pm, run.model)
+    for group in groups:
+        if "lr" in group:
+            log(run, f"learning rate {group['lr']:g} (peak) for {len(group['params'])} parameter tensors")
+    optimizer = call_required(pm, "build_optimizer", cfg=cfg, params=groups)
     scheduler = call_required(pm, "build_scheduler", cfg=cfg, optimizer=optimizer, total_steps=run.total_steps)
     return optimizer, scheduler
 

@@ -32,6 +32,12 @@ class PeftKeys(BaseModel):
     peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     peft_use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     lora_model_dir: Optional[str] = Field(None, description="A saved adapter to continue training from.")
+    loraplus_lr_ratio: Optional[float] = Field(
+        None, gt=0, description="LoRA+: the LoRA B matrices (and trainable 1-D parameters) train at learning_rate "
+                                "times this; the A matrices at learning_rate. The paper recommends 16 (2^4).")
+    loraplus_lr_embedding: Optional[float] = Field(
+        None, gt=0, description="LoRA+: learning rate of LoRA adapters on embedding layers (default 1e-6, as in "
+                                "peft and Axolotl); only with loraplus_lr_ratio.")
 
 
 LORA_KEYS = tuple(PeftKeys.model_fields)
@@ -40,6 +46,9 @@ LORA_KEYS = tuple(PeftKeys.model_fields)
 def validate(cfg) -> None:
     """Rules spanning keys; raised before any model is loaded."""
     given = [k for k in LORA_KEYS if cfg.source_of(k) != "default" and k != "lora_model_dir"]
+    if cfg.loraplus_lr_embedding is not None and cfg.loraplus_lr_ratio is None:
+        raise ConfigError(f"config key 'loraplus_lr_embedding': {cfg.loraplus_lr_embedding} is a LoRA+ setting and "
+                          f"loraplus_lr_ratio is not set; set loraplus_lr_ratio (e.g. 16) or remove it")
     if cfg.adapter is None:
         if cfg.lora_model_dir:
             # without an adapter the run would train every weight and never load the saved adapter
