@@ -28,6 +28,7 @@ RENAMED_KEYS: dict[str, str] = {
     "model_config": "overrides_of_model_config",
     "model_kwargs": "overrides_of_model_kwargs",
     "liger_swiglu": "liger_glu_activation",
+    "noisy_embedding_alpha": "neftune_noise_alpha",
 }
 
 #: Axolotl's switches for the dtype the weights load in -> Plait's torch_dtype value
@@ -79,8 +80,6 @@ LACKING_KEYS: dict[str, str] = {
     "lisa_n_layers": "LISA is not implemented; unfrozen_parameters trains chosen layers",
     "lisa_step_interval": "LISA is not implemented",
     "lisa_layers_attribute": "LISA is not implemented",
-    "neftune_noise_alpha": "NEFTune is not implemented",
-    "noisy_embedding_alpha": "NEFTune is not implemented",
     "relora": "ReLoRA is not implemented",
     "s2_attention": "shifted-sparse attention is not implemented",
     "xformers_attention": "xformers attention is not used; use attn_implementation: sdpa or flash_attention_2",

@@ -326,6 +326,11 @@ class CoreConfig(StrictModel):
         None, description="Per-module learning rates: a list of {name, modules, lr}; a trainable parameter whose "
                           "name contains one of a group's modules (e.g. self_attn.q_proj or layers.0.) trains at "
                           "that group's lr (the first group that matches wins; it beats embedding_lr).")
+    neftune_noise_alpha: Optional[float] = Field(
+        None, gt=0, description="NEFTune: while training, add uniform noise in [-1, 1] x alpha / sqrt(L x d) to the "
+                                "input embeddings (L the row's real length, d the embedding width); never in eval "
+                                "or inference. The paper's default is 5 (Axolotl's older name: "
+                                "noisy_embedding_alpha).")
     max_grad_norm: Optional[float] = Field(
         1.0, ge=0, description="Clip the gradient norm to this; 0: no clipping; blank: 1.0 (as in Axolotl, "
                                "whose blank leaves HF Trainer's default).")

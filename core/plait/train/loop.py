@@ -244,6 +244,11 @@ def build_model(run: Run):
     head_plan(model)
     adapted = pm.hook.load_adapter(cfg=cfg, model=model)
     model = adapted if adapted is not None else model
+    if cfg.neftune_noise_alpha:
+        from plait.model.neftune import attach_neftune
+
+        attach_neftune(model, cfg.neftune_noise_alpha)  # training forwards only; eval and the saved model see none
+        log(run, f"neftune_noise_alpha: noise of alpha {cfg.neftune_noise_alpha} on the input embeddings in training")
     if cfg.unfrozen_parameters:
         from plait.model.unfreeze import freeze_except
 
