@@ -96,9 +96,18 @@ def test_embedding_lr_and_lr_groups_set_exact_rates(tiny_model, tmp_path):
     assert run.last_metrics["lr"] == LR
 
 
-def test_embedding_lr_scale_multiplies_learning_rate(tiny_model, tmp_path):
-    _, rates = _one_sgd_step(tiny_model, tmp_path, embedding_lr_scale=0.25)
-    _assert_rates(rates, lambda name: LR * 0.25 if name.startswith(("model.embed_tokens", "lm_head")) else LR)
+def test_embedding_lr_scale_multiplies_learning_rate(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from plait.model.params import optimizer_param_groups
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "learning_rate": 4e-4, "embedding_lr_scale": 0.25})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    groups = optimizer_param_groups(cfg, pm, model)
+    lr_of = {id(p): g.get("lr", "default") for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = 1e-4 if name in ("model.embed_tokens.weight", "lm_head.weight") else "default"
+        assert lr_of[id(param)] == expected, name
 
 
 def test_loraplus_trains_b_matrices_at_ratio(tiny_model, tmp_path):

@@ -331,6 +331,16 @@ class CoreConfig(StrictModel):
                                 "input embeddings (L the row's real length, d the embedding width); never in eval "
                                 "or inference. The paper's default is 5 (Axolotl's older name: "
                                 "noisy_embedding_alpha).")
+    lisa_n_layers: Optional[int] = Field(
+        None, ge=1, description="LISA: full fine-tuning where only this many randomly chosen decoder layers train "
+                                "(the embeddings, head and norms outside the layers always train); needs "
+                                "lisa_step_interval.")
+    lisa_step_interval: Optional[int] = Field(
+        None, ge=1, description="LISA: choose new layers every this many optimizer steps (the choice follows from "
+                                "seed and step, so a resumed run picks the same layers).")
+    lisa_layers_attribute: str = Field(
+        "model.layers", min_length=1,
+        description="LISA: dotted path from the model to its list of decoder layers.")
     max_grad_norm: Optional[float] = Field(
         1.0, ge=0, description="Clip the gradient norm to this; 0: no clipping; blank: 1.0 (as in Axolotl, "
                                "whose blank leaves HF Trainer's default).")
@@ -608,6 +618,17 @@ class CoreConfig(StrictModel):
             if twice:
                 raise ConfigError(f"config key 'lr_groups': the name(s) {twice} are used twice; give each group "
                                   "its own name")
+        if (self.lisa_n_layers is None) != (self.lisa_step_interval is None):
+            given, missing = (("lisa_n_layers", "lisa_step_interval") if self.lisa_step_interval is None
+                              else ("lisa_step_interval", "lisa_n_layers"))
+            raise ConfigError(f"config key {given!r} turns LISA on together with {missing!r}, which is not set; "
+                              f"set both (e.g. lisa_n_layers: 4, lisa_step_interval: 20) or neither")
+        if self.lisa_n_layers is not None and self.adapter is not None:
+            raise ConfigError(f"config key 'lisa_n_layers': LISA trains chosen decoder layers in full and adapter is "
+                              f"{self.adapter!r}; remove adapter (LISA is full fine-tuning) or the lisa_* keys")
+        if self.lisa_n_layers is not None and self.unfrozen_parameters:
+            raise ConfigError("config keys 'lisa_n_layers' and 'unfrozen_parameters' both choose what trains; "
+                              "keep one of them")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
         if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(

@@ -226,10 +226,13 @@ def _write_model_state(run, tmp: Path) -> None:
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    from plait.train.lisa import checkpoint_view
+
     options = _state_options(cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(run.model, options=options)
-    optimizer = None if run.cfg.save_only_model else get_optimizer_state_dict(run.model, run.optimizer,
-                                                                              options=options)
+    with checkpoint_view(run):  # LISA: the layers frozen this period are trained weights too
+        weights = get_model_state_dict(run.model, options=options)
+        optimizer = None if run.cfg.save_only_model else get_optimizer_state_dict(run.model, run.optimizer,
+                                                                                  options=options)
     if run.is_main:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
         if optimizer is not None:
@@ -331,7 +334,10 @@ def load_checkpoint(run, path: Path) -> dict:
 
     refuse_pickles(path)  # again: resume_path may have been skipped by a caller
     weights = load_file(str(path / "trainable.safetensors"))
-    result = set_model_state_dict(run.model, weights, options=_state_options(strict=False))
+    from plait.train.lisa import checkpoint_view
+
+    with checkpoint_view(run):
+        result = set_model_state_dict(run.model, weights, options=_state_options(strict=False))
     if result.unexpected_keys:
         raise ConfigError(f"checkpoint {path} holds weights this model does not have (was it saved with other "
                           f"adapter/model keys?): {sorted(result.unexpected_keys)[:5]}")
@@ -340,7 +346,16 @@ def load_checkpoint(run, path: Path) -> dict:
     # every file a save wrote, so a lost optimizer file fails verification instead of landing here
     position["optimizer_state"] = (path / "optimizer.json").exists()
     if position["optimizer_state"]:
-        set_optimizer_state_dict(run.model, run.optimizer, load_state(path, "optimizer"), options=_state_options())
+        saved_optimizer = load_state(path, "optimizer")
+        lisa = "lisa" in run.extras
+        # LISA: a layer no period has chosen yet has no optimizer state (nor had it in the run this continues)
+        with checkpoint_view(run):
+            set_optimizer_state_dict(run.model, run.optimizer, saved_optimizer,
+                                     options=_state_options(strict=not lisa))
+        if lisa:
+            from plait.train.lisa import forget_unsaved_state
+
+            forget_unsaved_state(run.model, run.optimizer, saved_optimizer)
     run.scheduler.load_state_dict(load_state(path, "scheduler"))
     if "grad_scaler" in run.extras and (path / "grad_scaler.json").exists():
         run.extras["grad_scaler"].load_state_dict(load_state(path, "grad_scaler"))

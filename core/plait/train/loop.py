@@ -169,6 +169,11 @@ def train(cfg, pm, *, data=None) -> Run:
         run.objective = call_required(pm, "build_objective", cfg=cfg, model=run.model, loss_fn=run.loss_fn)
         plan_schedule(run)
         run.optimizer, run.scheduler = build_optimizer_and_scheduler(run)
+        if cfg.lisa_n_layers:
+            from plait.train.lisa import Lisa
+
+            # after the optimizer: it holds every layer, each trains with its own state when chosen
+            run.extras["lisa"] = Lisa(cfg, run.model, run.world_size)
         # every rank (all stop together): before the first step, not at the first save
         checkpoint.check_room(run)
         if cfg.fp16 and run.device.type == "cuda":
@@ -340,6 +345,7 @@ def train_epochs(run: Run) -> None:
             ga = cfg.gradient_accumulation_steps
             windows = [plan[i:i + ga] for i in range(0, len(plan), ga)]
             for index in range(run.step_in_epoch, len(windows)):
+                switch_lisa_layers(run)
                 metrics = train_step(run, windows[index], prefetch.get(run.epoch, windows, index),
                                      before_last_backward=partial(prefetch.start, run.epoch, windows, index + 1))
                 run.step_in_epoch = index + 1
@@ -369,6 +375,14 @@ def train_epochs(run: Run) -> None:
         signals.restore()
         prefetch.close()
         progress.close()
+
+
+def switch_lisa_layers(run: Run) -> None:
+    """LISA: train the decoder layers chosen for this step's period (from seed and step)."""
+    lisa = run.extras.get("lisa")
+    if lisa is not None and lisa.before_step(run.step):
+        run.extras.pop("trainable_params", None)  # the clipped set follows the trained layers
+        log(run, f"lisa: step {run.step + 1}: training decoder layers {lisa.active} of {len(lisa.layers)}")
 
 
 def stop_on_signal(run: Run, saved: bool) -> None:
