@@ -26,7 +26,7 @@ def _validate(tmp_path, **keys):
 def test_every_problem_is_named_in_one_grouped_message(tmp_path):
     result = _validate(
         tmp_path, lerning_rate=1e-4, micro_bach_size=2,                      # two typos
-        neftune_noise_alpha=5, s2_attention=True,                            # Axolotl features Plait lacks
+        relora=True, s2_attention=True,                                      # Axolotl features Plait lacks
         plugins=["axolotl.integrations.spectrum.SpectrumPlugin", "no_such.plugin_module"],
         sequence_len="long", excess_length_strategy="chop",                  # two bad values
         datasets=[{"path": "a.jsonl", "type": "alpaca", "feild": "x", "tpye": "y"}])
@@ -34,7 +34,7 @@ def test_every_problem_is_named_in_one_grouped_message(tmp_path):
     message = result.stderr
     for expected in ["unknown keys:", "unknown config key 'lerning_rate'; did you mean 'learning_rate'?",
                      "unknown config key 'micro_bach_size'; did you mean 'micro_batch_size'?",
-                     "Axolotl features Plait does not have:", "neftune_noise_alpha: NEFTune",
+                     "Axolotl features Plait does not have:", "relora: ReLoRA",
                      "s2_attention:", "'plugins:' entries:", "SpectrumPlugin: Spectrum",
                      "no_such.plugin_module: no module of this name", "bad values:", "'sequence_len': 'long'",
                      "'excess_length_strategy': 'chop'", "dataset entries:", "unknown key 'feild' in datasets.0",
@@ -48,12 +48,12 @@ def test_preflight_problems_join_the_grouped_message(tmp_path):
     import importlib.util
 
     missing = tmp_path / "missing.jsonl"
-    result = _validate(tmp_path, neftune_noise_alpha=5, attn_implementation="flash_attention_2",
+    result = _validate(tmp_path, relora=True, attn_implementation="flash_attention_2",
                        datasets=[{"path": str(missing), "type": "alpaca"}])
     assert result.exit_code == 2
     message = result.stderr
     assert message.startswith("error: 2 problems in the config:"), message
-    assert "Axolotl features Plait does not have:\n  - neftune_noise_alpha" in message
+    assert "Axolotl features Plait does not have:\n  - relora" in message
     assert f"files and directories (pre-flight):\n  - config key 'datasets.0.path': '{missing}' not found" in message
     if importlib.util.find_spec("flash_attn") is None:  # a fact of this machine: a note, not a problem
         assert "notes:" in message and "needs the flash-attn package" in message.split("notes:")[1]

@@ -48,15 +48,15 @@ def test_misspelled_dataset_key_names_entry():
 
 
 def test_unsupported_axolotl_keys_are_reported_together(capsys, recwarn):
-    raw = {"base_model": "m", "s2_attention": True, "neftune_noise_alpha": 5}
+    raw = {"base_model": "m", "s2_attention": True, "relora": True}
     with pytest.raises(ConfigError) as info:
         _build(dict(raw))
-    assert "s2_attention" in str(info.value) and "neftune_noise_alpha" in str(info.value)
+    assert "s2_attention" in str(info.value) and "relora" in str(info.value)
     cfg = _build(dict(raw), allow_unsupported=True)
     assert cfg.base_model == "m"
     # one clean line on stderr, not a python warning with a file path and a source line
     assert capsys.readouterr().err == ("warning: ignoring Axolotl keys Plait does not support (--allow-unsupported): "
-                                       "s2_attention, neftune_noise_alpha\n")
+                                       "s2_attention, relora\n")
     assert not recwarn.list
 
 
