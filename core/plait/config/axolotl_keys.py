@@ -107,8 +107,6 @@ LACKING_KEYS: dict[str, str] = {
     "vllm": "vLLM generation (online RL) is not implemented",
     "torch_compile_options": "torch.compile options are not configurable",
     "use_pose": "PoSE is not implemented",
-    "shrink_embeddings": "shrinking embeddings is not implemented",
-    "fix_untrained_tokens": "fixing untrained token embeddings is not implemented",
     "chunked_cross_entropy": "Plait's loss is always chunked: leave the key out",
     "flash_optimum": "BetterTransformer is not used",
     "layer_offloading": "offloading layer weights is not implemented; fsdp_config offload_params does it under FSDP2",

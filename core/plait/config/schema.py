@@ -126,6 +126,15 @@ class CoreConfig(StrictModel):
         None, description="Tokens that end a turn (e.g. [<end_of_turn>]): chat_template datasets treat exactly these "
                           "(and the EOS) as turn ends for train_on_eot, and inference stops at them. Unset: every "
                           "special token after a message.")
+    shrink_embeddings: bool = Field(
+        False, description="Shrink the embeddings (and head) to the tokenizer's length when the model has more rows "
+                           "than tokens (rounded up to a multiple of 32 with resize_token_embeddings_to_32x); by "
+                           "default extra rows are kept.")
+    fix_untrained_tokens: Optional[Union[bool, int, list[int]]] = Field(
+        None, description="Before training, give tokens with untrained (all-zero) embedding rows that occur in the "
+                          "training data the mean of the trained rows, scaled by their frequency relative to the "
+                          "most frequent token, in the input embeddings and the head: true finds them; a token id "
+                          "or a list of ids also fixes those.")
     resize_token_embeddings_to_32x: bool = Field(
         False, description="When tokens are added, round the embedding rows up to a multiple of 32 (faster matmuls).")
 
@@ -629,6 +638,13 @@ class CoreConfig(StrictModel):
         if self.lisa_n_layers is not None and self.unfrozen_parameters:
             raise ConfigError("config keys 'lisa_n_layers' and 'unfrozen_parameters' both choose what trains; "
                               "keep one of them")
+        if self.fix_untrained_tokens not in (None, False) and self.adapter is not None and not getattr(
+                self, "lora_modules_to_save", None):
+            raise ConfigError("config key 'fix_untrained_tokens' changes rows of the base model's embeddings and "
+                              f"head, which adapter: {self.adapter} does not save; add them to lora_modules_to_save "
+                              "(e.g. [embed_tokens, lm_head]) or train without an adapter")
+        if isinstance(self.fix_untrained_tokens, list) and not self.fix_untrained_tokens:
+            raise ConfigError("config key 'fix_untrained_tokens': [] names no token; give true (find them) or ids")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ConfigError("warmup_steps and warmup_ratio are both set; give one of them.")
         if self.gradient_checkpointing in ("offload", "unsloth") and self.gradient_checkpointing_kwargs.get(

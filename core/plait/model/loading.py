@@ -136,10 +136,16 @@ def loading_contexts(cfg):
 
 
 def fit_to_tokenizer(cfg, model, tokenizer):
-    """Grow the embeddings to the tokenizer's added tokens and turn the KV cache off."""
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    """Grow the embeddings to the tokenizer's added tokens (``shrink_embeddings``:
+    also shrink them to it) and turn the KV cache off."""
+    if tokenizer is not None:
+        import math
+
+        rows = model.get_input_embeddings().num_embeddings
         multiple = 32 if cfg.resize_token_embeddings_to_32x else None
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
+        wanted = math.ceil(len(tokenizer) / 32) * 32 if multiple else len(tokenizer)
+        if len(tokenizer) > rows or (cfg.shrink_embeddings and wanted < rows):
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
     # a KV cache changes how transformers builds attention masks; never train with one
     model.config.use_cache = False
     return model

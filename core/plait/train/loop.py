@@ -243,6 +243,13 @@ def build_model(run: Run):
     model = call_required(pm, "load_model", cfg=cfg, tokenizer=run.tokenizer)
     if not _placed_by_loader(model):
         model = model.to(run.device)
+    if cfg.fix_untrained_tokens not in (None, False):
+        from plait.model.untrained_tokens import fix_untrained_tokens
+
+        # before adapters: lora_modules_to_save copies the fixed rows
+        fixed = fix_untrained_tokens(model, run.train_data, cfg.fix_untrained_tokens)
+        log(run, f"fix_untrained_tokens: set {len(fixed)} untrained token rows to the trained mean"
+                 + (f" (ids {fixed[:20]}{' ...' if len(fixed) > 20 else ''})" if fixed else ""))
     # validate_config could only read a local config.json: check the real one (packed rows kept apart)
     check_loaded_model(cfg, model)
     # which module feeds the head, and whether the fused loss reproduces the logits: one probe, before wrappers
