@@ -153,7 +153,9 @@ def test_bad_learning_rate_keys_are_refused(tiny_model, tmp_path):
         build_run_config({**base, "lr_groups": [{"name": "a", "modules": ["q_proj"], "lr": 1e-4},
                                                 {"name": "a", "modules": ["k_proj"], "lr": 1e-4}]})
     with pytest.raises(ConfigError, match="loraplus_lr_ratio is not set"):
-        build_run_config({**base, "adapter": "lora", "lora_target_linear": True, "loraplus_lr_embedding": 1e-6})
+        build_run_config({**base, "adapter": "lora", "lora_target_linear": True, "loraplus_lr_embedding": 1e-5})
+    # Axolotl's default, restated without LoRA+ (or without any adapter): asks for nothing
+    build_run_config({**base, "loraplus_lr_embedding": 1e-6})
     with pytest.raises(ConfigError, match="match no trainable parameter"):
         _one_sgd_step(tiny_model, tmp_path, lr_groups=[{"name": "x", "modules": ["no_such"], "lr": 1e-3}])
 

@@ -45,8 +45,11 @@ LORA_KEYS = tuple(PeftKeys.model_fields)
 
 def validate(cfg) -> None:
     """Rules spanning keys; raised before any model is loaded."""
-    given = [k for k in LORA_KEYS if cfg.source_of(k) != "default" and k != "lora_model_dir"]
-    if cfg.loraplus_lr_embedding is not None and cfg.loraplus_lr_ratio is None:
+    # loraplus_lr_embedding: 1e-6 restates Axolotl's (and peft's) default, which asks for nothing by itself
+    restated = cfg.loraplus_lr_embedding == 1e-6 and cfg.loraplus_lr_ratio is None
+    given = [k for k in LORA_KEYS if cfg.source_of(k) != "default" and k != "lora_model_dir"
+             and not (restated and k == "loraplus_lr_embedding")]
+    if cfg.loraplus_lr_embedding is not None and cfg.loraplus_lr_ratio is None and not restated:
         raise ConfigError(f"config key 'loraplus_lr_embedding': {cfg.loraplus_lr_embedding} is a LoRA+ setting and "
                           f"loraplus_lr_ratio is not set; set loraplus_lr_ratio (e.g. 16) or remove it")
     if cfg.adapter is None:
