@@ -30,6 +30,11 @@ def test_row_lengths_of_padded_and_packed_batches():
     assert token_row_lengths((2, 9), position_ids=packed).tolist() == [[3, 3, 3, 2, 2, 4, 4, 4, 4],
                                                                       [6] * 6 + [3] * 3]
     assert token_row_lengths((1, 4)).tolist() == [[4] * 4]
+    # a packed batch's 4-D (or flex BlockMask) attention input: the position ids decide
+    four_d = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    assert token_row_lengths((2, 9), attention_mask=four_d, position_ids=packed).tolist()[0] == [3, 3, 3, 2, 2, 4, 4,
+                                                                                               4, 4]
+    assert token_row_lengths((1, 3), attention_mask=object(), position_ids=None).tolist() == [[3] * 3]
 
 
 def _noise(model, embedding, **inputs):

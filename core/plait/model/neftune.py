@@ -24,16 +24,18 @@ def token_row_lengths(input_shape, attention_mask=None, position_ids=None):
     """``[batch, width]``: for every token, the real length of its row.
 
     A 2-D 0/1 ``attention_mask`` (padded rows): each row's count of ones.
-    Otherwise ``position_ids`` restarting at 0 (packed rows): the length of
-    each run from one 0 to the next. Neither: the full width.
+    Otherwise ``position_ids`` restarting at 0 (packed rows, whatever their
+    attention input: a 4-D mask, a flex ``BlockMask``, varlen offsets): the
+    length of each run from one 0 to the next. Neither: the full width.
     """
     import torch
 
     batch, width = input_shape
     # Plait's packed layouts never use a 2-D mask (a 4-D mask, a BlockMask or cu_seq_lens): a 2-D one is padding
-    if attention_mask is not None and attention_mask.dim() == 2 and not attention_mask.dtype.is_floating_point:
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 \
+            and not attention_mask.dtype.is_floating_point:
         return attention_mask.sum(-1, keepdim=True).expand(batch, width)
-    if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == width:
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == width:
         starts = (position_ids == 0)
         starts[:, 0] = True
         segment = starts.long().cumsum(-1) - 1  # 0-based segment index of every token
