@@ -89,7 +89,7 @@ class EmbeddingNoiseRecorder:
     and the largest noise it saw relative to the bound of its rows."""
 
     def __init__(self):
-        self.seen = []
+        self.seen, self.widths = [], set()
 
     @hookimpl
     def on_train_start(self, run):
@@ -98,26 +98,35 @@ class EmbeddingNoiseRecorder:
 
         def record(module, args, output):
             noise = output.detach() - torch.nn.functional.embedding(args[0], module.weight).detach()
-            bound = ALPHA / math.sqrt(args[0].shape[1] * width)  # these rows are unpadded: L is the width
+            bound = ALPHA / math.sqrt(ROW_LENGTH * width)  # every row is ROW_LENGTH long, packed or not
             self.seen.append((module.training, float(noise.abs().max() / bound)))
+            self.widths.add(args[0].shape[1])
         embedding.register_forward_hook(record)
+
+
+ROW_LENGTH = 12
 
 
 def _rows(n: int):
     from datasets import Dataset
 
-    return Dataset.from_list([{"input_ids": list(range(10 + i, 22 + i)), "labels": list(range(10 + i, 22 + i)),
-                               "attention_mask": [1] * 12, "length": 12} for i in range(n)])
+    ids = [list(range(10 + i, 10 + ROW_LENGTH + i)) for i in range(n)]
+    return Dataset.from_list([{"input_ids": row, "labels": row, "attention_mask": [1] * ROW_LENGTH,
+                               "length": ROW_LENGTH} for row in ids])
 
 
-def test_training_forwards_get_noise_and_eval_forwards_none(tiny_model, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_training_forwards_get_noise_and_eval_forwards_none(tiny_model, tmp_path, packing):
+    """Packed, two rows share a sequence of 24 tokens: the noise still follows
+    each row's 12 (the width would make it sqrt(2) times smaller)."""
     from plait.train.loop import train
 
     recorder = EmbeddingNoiseRecorder()
     # Axolotl's older name
     cfg, pm = build_run_config({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_steps": 2,
-                                "micro_batch_size": 2, "noisy_embedding_alpha": ALPHA, "eval_steps": 1,
-                                "val_set_size": 0.1}, plugins=[recorder])
+                                "micro_batch_size": 1 if packing else 2, "noisy_embedding_alpha": ALPHA,
+                                "eval_steps": 1, "val_set_size": 0.1, "sample_packing": packing,
+                                "sequence_len": 2 * ROW_LENGTH}, plugins=[recorder])
     assert cfg.neftune_noise_alpha == ALPHA
     train(cfg, pm, data=SimpleNamespace(train=_rows(4), eval=_rows(2)))
     trained = [ratio for training, ratio in recorder.seen if training]
@@ -125,6 +134,7 @@ def test_training_forwards_get_noise_and_eval_forwards_none(tiny_model, tmp_path
     assert len(trained) == 2 and len(evaluated) == 2
     assert all(0.9 < ratio <= 1 + 1e-6 for ratio in trained), trained
     assert evaluated == [0.0, 0.0]
+    assert recorder.widths == {2 * ROW_LENGTH if packing else ROW_LENGTH}
 
 
 def test_bad_alpha_is_refused(tiny_model):
