@@ -49,9 +49,6 @@ def validate(cfg) -> None:
     restated = cfg.loraplus_lr_embedding == 1e-6 and cfg.loraplus_lr_ratio is None
     given = [k for k in LORA_KEYS if cfg.source_of(k) != "default" and k != "lora_model_dir"
              and not (restated and k == "loraplus_lr_embedding")]
-    if cfg.loraplus_lr_embedding is not None and cfg.loraplus_lr_ratio is None and not restated:
-        raise ConfigError(f"config key 'loraplus_lr_embedding': {cfg.loraplus_lr_embedding} is a LoRA+ setting and "
-                          f"loraplus_lr_ratio is not set; set loraplus_lr_ratio (e.g. 16) or remove it")
     if cfg.adapter is None:
         if cfg.lora_model_dir:
             # without an adapter the run would train every weight and never load the saved adapter
@@ -63,6 +60,9 @@ def validate(cfg) -> None:
             cfg.add_note(f"{', '.join(given)} ignored: 'adapter' is not set, so every weight trains (as in "
                          f"Axolotl); set adapter: lora (or qlora) to train LoRA adapters instead")
         return
+    if cfg.loraplus_lr_embedding is not None and cfg.loraplus_lr_ratio is None and not restated:
+        raise ConfigError(f"config key 'loraplus_lr_embedding': {cfg.loraplus_lr_embedding} is a LoRA+ setting and "
+                          f"loraplus_lr_ratio is not set; set loraplus_lr_ratio (e.g. 16) or remove it")
     if (not cfg.lora_target_modules and not cfg.lora_target_linear and not cfg.lora_target_parameters
             and not cfg.lora_model_dir):
         raise ConfigError(f"config key 'adapter': {cfg.adapter!r} needs targets; set lora_target_linear: true "
