@@ -85,6 +85,9 @@ def test_lisa_keys_are_checked(tiny_model, tmp_path):
 
     with pytest.raises(ConfigError, match="'lisa_n_layers' turns LISA on together with 'lisa_step_interval'"):
         build_run_config({"base_model": str(tiny_model), "lisa_n_layers": 2})
+    with pytest.raises(ConfigError, match="'lisa_layers_attribute': 'model.blocks' tells LISA"):
+        build_run_config({"base_model": str(tiny_model), "lisa_layers_attribute": "model.blocks"})
+    build_run_config({"base_model": str(tiny_model), "lisa_layers_attribute": "model.layers"})  # Axolotl's default
     with pytest.raises(ConfigError, match="adapter is 'lora'"):
         build_run_config({"base_model": str(tiny_model), "lisa_n_layers": 2, "lisa_step_interval": 5,
                           "adapter": "lora", "lora_target_linear": True})

@@ -632,6 +632,9 @@ class CoreConfig(StrictModel):
                               else ("lisa_step_interval", "lisa_n_layers"))
             raise ConfigError(f"config key {given!r} turns LISA on together with {missing!r}, which is not set; "
                               f"set both (e.g. lisa_n_layers: 4, lisa_step_interval: 20) or neither")
+        if self.lisa_n_layers is None and self.lisa_layers_attribute != "model.layers":
+            raise ConfigError(f"config key 'lisa_layers_attribute': {self.lisa_layers_attribute!r} tells LISA where "
+                              "the layers are, and LISA is off; set lisa_n_layers and lisa_step_interval, or remove it")
         if self.lisa_n_layers is not None and self.adapter is not None:
             raise ConfigError(f"config key 'lisa_n_layers': LISA trains chosen decoder layers in full and adapter is "
                               f"{self.adapter!r}; remove adapter (LISA is full fine-tuning) or the lisa_* keys")
