@@ -156,6 +156,14 @@ def test_bad_learning_rate_keys_are_refused(tiny_model, tmp_path):
         build_run_config({**base, "adapter": "lora", "lora_target_linear": True, "loraplus_lr_embedding": 1e-5})
     # Axolotl's default, restated without LoRA+ (or without any adapter): asks for nothing
     build_run_config({**base, "loraplus_lr_embedding": 1e-6})
+    from transformers import AutoModelForCausalLM
+
+    from plait.model.params import optimizer_param_groups
+
+    cfg, pm = build_run_config({**base, "adapter": "lora", "lora_target_linear": True, "embedding_lr": 1e-5})
+    model = pm.hook.load_adapter(cfg=cfg, model=AutoModelForCausalLM.from_pretrained(tiny_model))
+    with pytest.raises(ConfigError, match="'embedding_lr': the input embeddings and the head do not train"):
+        optimizer_param_groups(cfg, pm, model)
     with pytest.raises(ConfigError, match="match no trainable parameter"):
         _one_sgd_step(tiny_model, tmp_path, lr_groups=[{"name": "x", "modules": ["no_such"], "lr": 1e-3}])
 

@@ -44,7 +44,15 @@ def parameter_learning_rates(cfg, model):
     rates: dict[str, float] = {}
     if cfg.embedding_lr is not None or cfg.embedding_lr_scale is not None:
         lr = cfg.embedding_lr if cfg.embedding_lr is not None else cfg.learning_rate * cfg.embedding_lr_scale
-        rates.update(dict.fromkeys(embedding_parameter_names(model), lr))
+        names = embedding_parameter_names(model)
+        if not names:
+            from plait.errors import ConfigError
+
+            key = "embedding_lr" if cfg.embedding_lr is not None else "embedding_lr_scale"
+            raise ConfigError(f"config key {key!r}: the input embeddings and the head do not train in this run "
+                              f"(adapter: {cfg.adapter}); add them to lora_modules_to_save (e.g. [embed_tokens, "
+                              f"lm_head]) or remove {key}")
+        rates.update(dict.fromkeys(names, lr))
     if cfg.lr_groups:
         matched = set()
         for name, param in model.named_parameters():
