@@ -124,7 +124,8 @@ def test_kill_during_save_keeps_the_last_complete_checkpoint(setup):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # save_total_limit: 1
     assert (out / ".checkpoint-6.tmp").is_dir()  # the half-written save, never renamed into place
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state == {"step": 4, "epoch": 0, "step_in_epoch": 4, "total_steps": MAX_STEPS}  # end of epoch 0
+    # end of epoch 0, with the optimizer state saved beside it (save_only_model is off)
+    assert state == {"step": 4, "epoch": 0, "step_in_epoch": 4, "total_steps": MAX_STEPS, "optimizer_state": True}
 
     resumed = plait_train(cfg, f"resume_from_checkpoint={out / 'checkpoint-4'}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
