@@ -100,9 +100,6 @@ LACKING_KEYS: dict[str, str] = {
                          "perplexity",
     "eval_causal_lm_metrics": "generation metrics during eval are not implemented",
     "eval_max_new_tokens": "generation during eval is not implemented",
-    "peft": "LoftQ initialisation (peft: {loftq_config: ...}) is not implemented: peft's loftq_init quantizes on a "
-            "CUDA or XPU device only (it fails on a CPU) and needs scipy; train LoRA on a 4-bit base with "
-            "adapter: qlora and load_in_4bit: true (plait-bnb)",
     "multimodal": "not used; set processor_type (plait-vision) to train a vision-language model",
     "vllm": "vLLM generation (online RL) is not implemented",
     "torch_compile_options": "torch.compile options are not configurable",

@@ -261,6 +261,7 @@ def attach_lora(cfg, model):
         use_rslora=cfg.peft_use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
+        **loftq_kwargs(cfg),
     )
     peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=autocast_adapter)
     # over 4-bit experts: peft's own ParamWrapper cleanup, and the same adapter keys as on a float base
@@ -269,3 +270,18 @@ def attach_lora(cfg, model):
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         peft_model.enable_input_require_grads()
     return peft_model
+
+
+def loftq_kwargs(cfg) -> dict:
+    """LoraConfig's LoftQ arguments for ``peft.loftq_config`` (Axolotl's meaning): the
+    adapter is initialised by LoftQ, which also replaces each adapted base weight by
+    its quantized value."""
+    from plait_peft.config import loftq
+
+    settings = loftq(cfg)
+    if settings is None:
+        return {}
+    from peft import LoftQConfig
+
+    return {"init_lora_weights": "loftq",
+            "loftq_config": LoftQConfig(loftq_bits=settings.loftq_bits, loftq_iter=settings.loftq_iter)}

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from plait.errors import ConfigError
+from plait.errors import ConfigError, MachineFactError
+
+
+class LoftQKeys(BaseModel):
+    """peft's LoftQ initialisation, as Axolotl's ``peft.loftq_config`` reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loftq_bits: Literal[2, 4, 8] = Field(4, description="Bits of the quantized base that LoftQ initialises the "
+                                                        "adapter against (peft accepts 2, 4 or 8; typically 4).")
+    loftq_iter: int = Field(1, ge=1, description="Alternating quantize / low-rank-fit rounds (peft's default 1).")
+
+
+class PeftBlock(BaseModel):
+    """Axolotl's ``peft:`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loftq_config: Optional[LoftQKeys] = Field(
+        None, description="LoftQ: each adapted weight W is quantized to Q and the adapter starts as the rank-r fit "
+                          "of W - Q, so base + adapter starts closer to W than the quantized base alone; the base "
+                          "weights become Q (dequantized). Needs adapter: lora on an unquantized base and a CUDA GPU "
+                          "(peft quantizes there).")
 
 
 class PeftKeys(BaseModel):
@@ -38,6 +60,8 @@ class PeftKeys(BaseModel):
     loraplus_lr_embedding: Optional[float] = Field(
         None, gt=0, description="LoRA+: learning rate of LoRA adapters on embedding layers (default 1e-6, as in "
                                 "peft and Axolotl); only with loraplus_lr_ratio.")
+    peft: Optional[PeftBlock] = Field(
+        None, description="Axolotl's peft block: loftq_config: {loftq_bits: 4} initialises the adapter with LoftQ.")
 
 
 LORA_KEYS = tuple(PeftKeys.model_fields)
@@ -78,6 +102,38 @@ def validate(cfg) -> None:
                           "them to false (DoRA works on a 4-bit or unquantized base)")
     if cfg.adapter == "lora" and getattr(cfg, "load_in_4bit", False):
         raise ConfigError("config key 'adapter': 'lora' with load_in_4bit: true is QLoRA; write adapter: qlora")
+    if loftq(cfg) is not None:
+        check_loftq(cfg)
+
+
+def loftq(cfg) -> LoftQKeys | None:
+    """The LoftQ settings of ``peft.loftq_config``, or ``None``."""
+    return cfg.peft.loftq_config if cfg.peft is not None else None
+
+
+def check_loftq(cfg) -> None:
+    """LoftQ quantizes a full-precision base itself (the base weights become
+    the dequantized Q), so it needs an unquantized base and a plain LoRA; peft
+    runs its quantizer on a CUDA device."""
+    quantized = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(cfg, k, False)]
+    if cfg.adapter != "lora" or quantized:
+        given = f"adapter: {cfg.adapter}" + "".join(f", {k}: true" for k in quantized)
+        raise ConfigError(f"config key 'peft.loftq_config' initialises LoRA from a full-precision base, which it "
+                          f"quantizes itself; with {given} the base is already quantized. Use adapter: lora "
+                          f"without load_in_4bit / load_in_8bit, or remove peft.loftq_config")
+    if cfg.lora_model_dir:
+        raise ConfigError("config key 'peft.loftq_config' initialises a new adapter, and lora_model_dir continues a "
+                          "saved one; remove one of them")
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("scipy") is None:
+        raise MachineFactError("config key 'peft.loftq_config' needs scipy (peft's LoftQ uses it), which is not "
+                               "installed; pip install scipy")
+    if not torch.cuda.is_available():
+        raise MachineFactError("config key 'peft.loftq_config' needs a CUDA GPU: peft's LoftQ quantizes the base "
+                               "weights with bitsandbytes on a CUDA device (this machine has none)")
 
 
 def target_parameter_names(cfg) -> list[str]:
