@@ -57,6 +57,7 @@ from typing import Any
 from plait.errors import TrainingError
 from plait.model.mesh import mesh_of
 from plait.pipeline import setup_tokenizer
+from plait.train.collector import freeze_setup_objects, unfreeze_setup_objects
 from plait.train.metric_sums import MetricSums
 
 
@@ -344,6 +345,7 @@ def train_epochs(run: Run) -> None:
     prefetch = StepPrefetcher(partial(collate_window, run))
     signals = run.extras["signals"] = StopOnSignals(cfg.save_on_signals)
     signals.install()
+    freeze_setup_objects()  # no full garbage collection walks the model and libraries mid-step
     try:
         while run.step < run.total_steps:
             plan = plan_batches(cfg, run.train_lengths, run.epoch, run.dp_rank, run.dp_size)
@@ -379,6 +381,7 @@ def train_epochs(run: Run) -> None:
             else:
                 run.epoch, run.step_in_epoch = run.epoch + 1, 0
     finally:
+        unfreeze_setup_objects()
         signals.restore()
         prefetch.close()
         progress.close()
