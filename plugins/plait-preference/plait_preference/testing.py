@@ -1,4 +1,5 @@
-"""Generated preference rows for tests and benchmarks (no dataset hub)."""
+"""Generated preference rows for tests and benchmarks (no dataset hub), and a CPU
+memory meter for a training step."""
 
 from __future__ import annotations
 
@@ -25,3 +26,20 @@ def kto_rows(n: int, seed: int = 0) -> list[dict]:
     return [{"messages": [{"role": "user", "content": sentence(rng, rng.randint(3, 8))},
                           {"role": "assistant", "content": sentence(rng, rng.randint(2, 6))}],
              "label": i % 3 != 0} for i in range(n)]
+
+
+def step_peak_bytes(step) -> int:
+    """Peak bytes of CPU tensors allocated while ``step()`` runs, above what was
+    live before: torch.profiler's allocator events (every allocation and free of
+    the CPU allocator, with its size) summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
