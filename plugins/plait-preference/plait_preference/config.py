@@ -40,7 +40,9 @@ class PreferenceKeys(BaseModel):
     kto_undesirable_weight: Optional[float] = Field(
         None, gt=0, description="KTO: weight of undesirable rows (default 1).")
     precompute_ref_log_probs: Optional[bool] = Field(
-        None, description="Compute the reference log-probabilities before training (not implemented yet).")
+        None, description="DPO/IPO/KTO: score every training and eval sequence with the reference once, "
+                          "before the first step (stored beside the prepared dataset, keyed by model and data), "
+                          "so no frozen copy of the model is kept and no reference forward runs per step.")
     reward_model: Optional[bool] = Field(
         None, description="Train a Bradley-Terry reward model (a scalar head; loads as AutoModelForSequenceClassification).")
     num_labels: Optional[int] = Field(None, description="Reward model: Axolotl's head size; only 1 (a scalar reward).")
@@ -94,10 +96,6 @@ def validate(cfg) -> None:
             raise ConfigError("reward_model: true with adapter: the scalar head starts untrained and must train in "
                               "full: add lora_modules_to_save: [score]")
         return
-    if cfg.precompute_ref_log_probs:
-        raise ConfigError("config key 'precompute_ref_log_probs': true is not implemented yet; remove it (the "
-                          "reference runs beside the policy: the adapter switched off with LoRA, a frozen copy "
-                          "without)")
     if cfg.dpo_use_weighting:
         raise ConfigError("config key 'dpo_use_weighting': true (WPO weighting) is not supported; remove it")
     if rl is None:
@@ -107,6 +105,9 @@ def validate(cfg) -> None:
             raise ConfigError(f"{', '.join(given)} set but 'rl' is not; add rl: dpo (or ipo, orpo, kto, simpo), "
                               f"or remove these keys")
         return
+    if cfg.precompute_ref_log_probs and rl not in ("dpo", "ipo", "kto"):
+        raise ConfigError(f"config key 'precompute_ref_log_probs': true, but rl: {rl} has no reference model; "
+                          f"remove the key (it applies to dpo, ipo and kto)")
     if (cfg.dpo_loss_type is not None or cfg.dpo_loss_weights is not None) and rl != "dpo":
         raise ConfigError(f"dpo_loss_type / dpo_loss_weights are for rl: dpo, but rl is {rl!r}")
     if rl == "dpo":

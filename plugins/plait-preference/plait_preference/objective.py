@@ -4,7 +4,9 @@ One micro-batch is one forward of the policy over every segment (chosen and
 rejected of each pair, or a KTO row's completion and KL sequence), and, for
 the methods with a reference (DPO, IPO, KTO), one forward of the reference
 without gradients: the same model with its LoRA adapter switched off, or a
-frozen copy of the starting weights when every weight trains.
+frozen copy of the starting weights when every weight trains; with
+``precompute_ref_log_probs`` neither: the rows carry the reference's sums
+(:mod:`plait_preference.precompute`).
 
 The loop averages over *units*: pairs (DPO, IPO, ORPO, SimPO) or rows (KTO).
 Metrics are TRL's names: ``rewards/chosen``, ``rewards/rejected``,
@@ -34,7 +36,13 @@ class PreferenceObjective:
         self.method = cfg.rl
         self.beta = config.beta(cfg)
         self.unit = "examples" if self.method == "kto" else "pairs"
-        self.reference = reference_model(model) if self.method in REFERENCE_METHODS else None
+        self.reference = None
+        if self.method in REFERENCE_METHODS:
+            # precomputed: plait_preference.precompute scores the rows before the first step
+            # (on_train_start), so no frozen copy is made
+            self.reference = "precomputed" if cfg.precompute_ref_log_probs else reference_model(model)
+        #: only the starting weights can score as the reference (no adapter to switch off)
+        self.needs_starting_weights = not _is_peft(model)
         self.samples = None  # see the module docstring
         self.last_scores = None  # each unit's reward margin (pairs) or reward (KTO rows) of the last micro-batch
 
@@ -71,14 +79,23 @@ class PreferenceObjective:
     def reference_logps(self, model, batch):
         import torch
 
+        if self.reference == "precomputed":
+            return precomputed_logps(batch)
         with torch.no_grad(), self.reference_context(model) as ref_model:
             return segment_logps(ref_model, batch)
 
     @contextlib.contextmanager
-    def reference_context(self, model):
+    def reference_context(self, model, *, precomputing: bool = False):
+        """The model that scores as the reference. ``precomputing``: before the
+        first step, when ``model`` still holds the starting weights."""
         from plait.model.forward import unwrap_data_parallel
 
-        if self.reference == "adapter_off":
+        if precomputing and not self.needs_starting_weights:
+            with unwrap_data_parallel(model).disable_adapter():
+                yield model
+        elif precomputing:
+            yield model
+        elif self.reference == "adapter_off":
             inner = unwrap_data_parallel(model)
             with inner.disable_adapter():
                 yield inner
@@ -164,6 +181,25 @@ class PreferenceObjective:
         return per_row.sum(), metrics
 
 
+def precomputed_logps(batch):
+    from plait.errors import TrainingError
+    from plait_preference.logps import SegmentLogps
+
+    ref = batch.get("ref_logps")
+    if ref is None:
+        raise TrainingError("precompute_ref_log_probs: true, but these rows carry no reference log-probs (they are "
+                            "computed for the training and eval rows of plait train); set precompute_ref_log_probs: "
+                            "false to score with a reference model here")
+    return SegmentLogps(ref, None)
+
+
+def _is_peft(model) -> bool:
+    from plait.model.forward import unwrap_data_parallel
+
+    inner = unwrap_data_parallel(model)
+    return hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
+
+
 def reference_model(model):
     """``"adapter_off"`` for a peft model (its base is the reference), else a
     frozen copy of the starting weights."""
@@ -172,7 +208,7 @@ def reference_model(model):
     from plait.model.forward import unwrap_data_parallel
 
     inner = unwrap_data_parallel(model)
-    if hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config"):
+    if _is_peft(model):
         return "adapter_off"
     frozen = copy.deepcopy(inner)
     frozen.requires_grad_(False)

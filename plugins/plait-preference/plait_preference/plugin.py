@@ -86,3 +86,12 @@ def build_objective(cfg, model, loss_fn):
     from plait_preference.objective import PreferenceObjective
 
     return PreferenceObjective(cfg, model)
+
+
+@hookimpl
+def on_train_start(run):
+    # precompute_ref_log_probs: score the rows with the starting model before the first step
+    if getattr(run.objective, "reference", None) == "precomputed":
+        from plait_preference.precompute import attach
+
+        attach(run)

@@ -1,7 +1,8 @@
 """SIGKILL a DPO run and resume it: bit-identical to the uninterrupted run.
 
 Full fine-tuning, so the resumed run must rebuild the frozen reference from
-the *starting* weights, not from the checkpoint; a tiny Llama with attention
+the *starting* weights, not from the checkpoint (or, with
+``precompute_ref_log_probs``, read the values its first run stored); a tiny Llama with attention
 dropout (the torch RNG matters) over two epochs (the data order matters).
 """
 
@@ -31,7 +32,8 @@ def plait_train(config, wait=True):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["frozen-copy", "precomputed"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, precompute):
     from safetensors.torch import load_file
 
     model = make_tiny_model(tmp_path / "model", attention_dropout=0.1)
@@ -43,7 +45,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
                             datasets=[{"path": str(data), "type": "chat_template.default"}],
                             dataset_prepared_path=str(tmp_path / "prep"), micro_batch_size=2,
                             gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-3, warmup_steps=1,
-                            save_steps=2, output_dir=str(tmp_path / name), **extra)
+                            save_steps=2, output_dir=str(tmp_path / name), precompute_ref_log_probs=precompute,
+                            **extra)
 
     # a subprocess too (not run_cli): both runs with one CPU thread, so the float sums add up alike
     reference = plait_train(config("reference"))
@@ -69,3 +72,5 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
                           for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert strip("killed") == strip("reference")
     assert any("rewards/margins" in record for record in strip("reference"))
+    if precompute:
+        assert "read from" in resumed.stderr  # the stored reference, not the resumed weights, scored

@@ -1,0 +1,170 @@
+"""``precompute_ref_log_probs: true``: the reference's log-probabilities, once.
+
+Before the first step, the starting model (the base with the adapter switched
+off under LoRA) scores every sequence of the training and eval rows, once,
+eval mode, no gradients; each row's per-segment sums are stored in a file
+beside the prepared dataset, named by a key of the model and the data, and
+the rows the loop collates carry them (``ref_logps`` in the row's extras,
+``batch["ref_logps"]`` after collation). The objective then runs no
+reference forward and keeps no frozen copy of the model.
+
+The file is what makes resuming possible: after a restart the model holds
+trained weights and cannot score for the reference again, so a resumed run
+reads the file its first run wrote (the same key), and refuses, naming the
+file, when it is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+#: bump when the stored values would change meaning
+FORMAT = 1
+
+
+def model_key(cfg, model) -> dict:
+    """What decides the reference's log-probabilities besides the data: the
+    starting weights (files, sizes, modification times), their dtype and
+    quantization, the adapter the run starts from."""
+    def files(path):
+        if not path or not os.path.isdir(path):
+            return path
+        found = []
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".safetensors", ".bin", ".json")):
+                stat = os.stat(os.path.join(path, name))
+                found.append([name, stat.st_size, stat.st_mtime_ns])
+        return {"path": os.path.abspath(path), "files": found}
+
+    first = next(iter(model.parameters()), None)
+    return {"base_model": files(cfg.base_model), "lora_model_dir": files(getattr(cfg, "lora_model_dir", None)),
+            "dtype": str(getattr(first, "dtype", None)), "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
+            "load_in_8bit": bool(getattr(cfg, "load_in_8bit", False)), "format": FORMAT}
+
+
+def data_key(dataset) -> str:
+    if dataset is None:
+        return ""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint:
+        return f"{fingerprint}:{len(dataset)}"
+    digest = hashlib.sha256()
+    for row in dataset:
+        digest.update(json.dumps([row["input_ids"], row["labels"], row.get("extras")]).encode())
+    return digest.hexdigest()
+
+
+def cache_file(cfg, model, train, eval_data) -> Path:
+    key = hashlib.sha256(json.dumps({"model": model_key(cfg, model), "train": data_key(train),
+                                     "eval": data_key(eval_data)}, sort_keys=True).encode()).hexdigest()[:20]
+    home = _prepared_dir(train) or Path(cfg.output_dir)
+    return home / "ref_log_probs" / f"{key}.safetensors"
+
+
+def _prepared_dir(dataset):
+    """The folder of the prepared dataset's Arrow files (the dataset cache entry)."""
+    files = getattr(dataset, "cache_files", None) or []
+    return Path(files[0]["filename"]).parent.parent if files else None
+
+
+def compute(run, dataset) -> tuple:
+    """``(values [segments] float32, offsets [rows + 1] int64)``: each row's
+    reference log-prob sums over its response tokens, in segment order."""
+    import torch
+
+    from plait.data.batching import materialize
+    from plait.model.forward import probing
+    from plait_preference.collate import to_device
+    from plait_preference.logps import segment_logps
+
+    objective = run.objective
+    size = max(1, int(run.cfg.micro_batch_size or 1))
+    values, offsets = [], [0]
+    with probing(run.model), objective.reference_context(run.model, precomputing=True) as model:
+        for start in range(0, len(dataset), size):
+            rows = [materialize(dataset, [i]) for i in range(start, min(start + size, len(dataset)))]
+            batch = to_device(run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer), run.device)
+            sums = segment_logps(model, batch).completion.float().cpu()
+            values.append(sums)
+            for row in rows:
+                offsets.append(offsets[-1] + len(row["seq_lens"]))
+    values = torch.cat(values) if values else torch.zeros(0)
+    return values, torch.tensor(offsets, dtype=torch.long)
+
+
+def attach(run) -> None:
+    """Load (or compute and store) the reference log-probs of the run's rows and
+    let its training and eval rows carry them."""
+    from safetensors.torch import load_file, save_file
+
+    from plait.errors import TrainingError
+
+    path = cache_file(run.cfg, run.model, run.train_data, run.eval_data)
+    splits = {"train": run.train_data, "eval": run.eval_data}
+    if path.exists():
+        stored = load_file(str(path))
+        _say(run, f"precompute_ref_log_probs: reference log-probs read from {path}")
+    else:
+        resumed = run.extras.get("resumed_at_step")
+        if resumed is not None and run.objective.needs_starting_weights:
+            raise TrainingError(
+                f"precompute_ref_log_probs: true: the reference log-probs of this run ({path}) are missing and the "
+                f"model resumed at step {resumed} holds trained weights, so it cannot score as the reference; "
+                f"restore the file, or start the run over (without resuming)")
+        stored = {}
+        for name, dataset in splits.items():
+            if dataset is not None and len(dataset):
+                stored[f"{name}.values"], stored[f"{name}.offsets"] = compute(run, dataset)
+        if run.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(stored, str(partial))
+            os.replace(partial, path)  # whole or absent: a crash mid-write leaves no half file
+        _say(run, f"precompute_ref_log_probs: reference log-probs of {sum(len(v) for k, v in stored.items() if k.endswith('values'))} "
+                  f"sequences stored in {path}")
+    run.train_data = WithRefLogps(run.train_data, stored["train.values"], stored["train.offsets"])
+    if run.eval_data is not None and "eval.values" in stored:
+        run.eval_data = WithRefLogps(run.eval_data, stored["eval.values"], stored["eval.offsets"])
+
+
+def _say(run, message: str) -> None:
+    from plait.train.loop import log
+
+    log(run, message)
+
+
+class WithRefLogps:
+    """A prepared dataset whose rows' extras also hold ``ref_logps`` (one per
+    segment); everything else is the dataset's own."""
+
+    def __init__(self, dataset, values, offsets):
+        self.dataset = dataset
+        self.values, self.offsets = values.tolist(), offsets.tolist()
+        if len(self.offsets) != len(dataset) + 1:
+            raise ValueError(f"reference log-probs for {len(self.offsets) - 1} rows, the dataset has {len(dataset)}")
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def _extras(self, index: int, extras: str | None) -> str:
+        data = json.loads(extras) if extras else {}
+        data["ref_logps"] = self.values[self.offsets[index]:self.offsets[index + 1]]
+        return json.dumps(data)
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            row = dict(self.dataset[key])
+            row["extras"] = self._extras(key, row.get("extras"))
+            return row
+        if isinstance(key, str):
+            return self.dataset[key]
+        indices = [int(i) for i in key]
+        rows = dict(self.dataset[indices])
+        rows["extras"] = [self._extras(i, e) for i, e in zip(indices, rows.get("extras") or [None] * len(indices))]
+        return rows
