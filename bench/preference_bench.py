@@ -21,6 +21,11 @@ pairs, each case in its own process so peak memory is per case:
   offsets instead of a mask; CUDA only: on the CPU it is the plain plait case).
 * **trl**: ``trl.DPOTrainer`` with a ``peft.LoraConfig`` (its reference is the
   adapter switched off too), SDPA, ``bf16``.
+* **unsloth**: Unsloth's ``PatchDPOTrainer()`` + the same ``trl.DPOTrainer`` settings on
+  Unsloth's ``FastLanguageModel`` LoRA model (same targets, r, alpha; its offloaded
+  gradient checkpointing in place of the Trainer's), reference = adapter off. Needs
+  ``unsloth`` on the device (``bench/fetch_device_wheels.sh`` puts it in
+  ``.whl_unsloth/``) and CUDA; offline like every case.
 
 ``plait[key=value,...]`` adds Plait config keys to one plait case, as in
 ``throughput.py``.
@@ -65,7 +70,7 @@ PLUGIN_MODULES = ["plait_formats.plugin", "plait_models", "plait_peft.plugin", "
                   "plait_preference.plugin"]
 #: the chat template the prepare worker saves: message contents concatenated, so the
 #: word-level tokens of the rows come out as written
-CASES = ("plait", "plait-varlen", "trl")
+CASES = ("plait", "plait-varlen", "trl", "unsloth")
 
 
 def pair_texts(rng: random.Random, vocab: int, prompt: int, response: int) -> dict:
@@ -142,16 +147,13 @@ def worker_plait(args) -> dict:
     return summary(clock, args, facts["sequence_tokens"], {k: v for k, v in facts.items() if k != "sequence_tokens"})
 
 
-def worker_trl(args) -> dict:
-    import torch
+def dpo_trainer(args, model, tokenizer, clock, *, gradient_checkpointing: bool, peft_config=None):
+    """TRL's DPOTrainer on the pairs, the shared settings; the clock ticks at every step end."""
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     gpu = throughput.on_gpu()
-    clock = throughput.StepClock(args.warmup + args.steps)
-    tokens: list[int] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):
@@ -161,30 +163,81 @@ def worker_trl(args) -> dict:
             if logs and "loss" in logs:
                 clock.losses.append(float(logs["loss"]))
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if gpu else torch.float32,
-                                                 attn_implementation="sdpa")
-    pairs = json.loads(Path(args.data).read_text())
     config = DPOConfig(
         output_dir=str(Path(args.work_dir) / "trl_out"), per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LR, beta=BETA,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch_fused" if gpu else "adamw_torch", bf16=gpu, use_cpu=not gpu, max_length=args.seq,
-        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1,
-        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                target_modules="all-linear", task_type="CAUSAL_LM"),
-                         callbacks=[Clock()])
-    # the tokens each step reads: both sequences of every pair, without padding
+    pairs = json.loads(Path(args.data).read_text())
+    return DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+                      peft_config=peft_config, callbacks=[Clock()])
+
+
+def step_tokens(args, trainer) -> list[int]:
+    """The tokens each step reads: both sequences of every pair, without padding (equal-length pairs)."""
     lengths = [len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
                for r in trainer.train_dataset]
-    tokens = [sum(lengths[:args.micro_batch])] * (args.warmup + args.steps)  # equal-length pairs: every step alike
+    return [sum(lengths[:args.micro_batch])] * (args.warmup + args.steps)
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gpu = throughput.on_gpu()
+    clock = throughput.StepClock(args.warmup + args.steps)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if gpu else torch.float32,
+                                                 attn_implementation="sdpa")
+    trainer = dpo_trainer(args, model, tokenizer, clock, gradient_checkpointing=True,
+                          peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     facts = {"trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
              "start_s": time.perf_counter() - throughput.process_start}
     trainer.train()
-    return summary(clock, args, tokens, facts)
+    return summary(clock, args, step_tokens(args, trainer), facts)
+
+
+def worker_unsloth(args) -> dict:
+    """Unsloth's ``PatchDPOTrainer`` + TRL's DPOTrainer on Unsloth's LoRA model
+    (``FastLanguageModel``: its kernels, its offloaded gradient checkpointing),
+    the same random-init model and pairs, offline. CUDA only (Unsloth needs a GPU).
+
+    Unsloth patches transformers, peft and TRL when imported, so it is imported
+    before them, in this worker's own process; ``PatchDPOTrainer()`` is called as
+    Unsloth's DPO recipe does (recent releases apply their TRL patches on import
+    and keep it for compatibility)."""
+    from unsloth_worker import TARGET_MODULES, _versions
+
+    for key, value in {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "TRANSFORMERS_OFFLINE": "1",
+                       "UNSLOTH_COMPILE_LOCATION": str(Path(args.work_dir) / "unsloth_compiled_cache")}.items():
+        os.environ.setdefault(key, value)
+    import unsloth  # noqa: F401  (first: it patches transformers, peft and trl on import)
+    from unsloth import FastLanguageModel, PatchDPOTrainer
+
+    import torch
+
+    PatchDPOTrainer()
+    clock = throughput.StepClock(args.warmup + args.steps)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=args.model_dir, max_seq_length=args.seq, dtype=torch.bfloat16, load_in_4bit=False,
+        local_files_only=True, use_exact_model_name=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0, target_modules=TARGET_MODULES, bias="none",
+        use_gradient_checkpointing="unsloth", random_state=0)
+    # the reference is the adapter switched off (no ref_model), as in the trl case; the
+    # Trainer's own checkpointing stays off: Unsloth's ("unsloth", above) does it
+    trainer = dpo_trainer(args, model, tokenizer, clock, gradient_checkpointing=False)
+    facts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "start_s": time.perf_counter() - throughput.process_start, "versions": _versions()}
+    trainer.train()
+    return summary(clock, args, step_tokens(args, trainer), facts)
 
 
 def summary(clock, args, step_tokens: list[int], facts: dict) -> dict:
@@ -199,51 +252,33 @@ def summary(clock, args, step_tokens: list[int], facts: dict) -> dict:
             "final_loss": clock.losses[-1] if clock.losses else None, **facts}
 
 
-WORKERS = {"prepare": worker_prepare, "plait": worker_plait, "plait-varlen": worker_plait, "trl": worker_trl}
+WORKERS = {"prepare": worker_prepare, "plait": worker_plait, "plait-varlen": worker_plait, "trl": worker_trl,
+           "unsloth": worker_unsloth}
 
 
 def run_worker(name: str, extra: list[str], opts, log_dir: Path, label: str) -> dict:
-    """One worker process; its last stdout line starting with '{' is its JSON result."""
-    import subprocess
-
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *extra]
-    log_path = log_dir / f"{opts.stem}_{label}.log"
-    started = time.perf_counter()
-    print(f"[{label}] started", flush=True)
-    try:
-        with log_path.open("w") as log:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                  env=throughput.worker_env(opts.smoke), timeout=opts.case_timeout)
-        stdout, code = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        stdout, code = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "timeout"
-    with log_path.open("a") as log:
-        log.write("\n--- stdout ---\n" + stdout)
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    wall = time.perf_counter() - started
-    if code != 0 or not lines:
-        tail = log_path.read_text()[-3000:]
-        print(f"[{label}] FAILED (exit {code}) after {wall:.0f}s; log {log_path}:\n{tail}", flush=True)
-        last = [ln for ln in tail.splitlines() if ln.strip()]
-        return {"error": last[-1] if last else f"exit {code}", "wall_s": wall}
-    print(f"[{label}] done in {wall:.0f}s", flush=True)
-    return {**json.loads(lines[-1]), "wall_s": wall}
+    """One worker process of this file (``throughput.run_worker``'s runner)."""
+    return throughput.run_worker(name, extra, opts, log_dir, opts.case_timeout, log_name=label,
+                                 script=Path(__file__).resolve())
 
 
 def table(results: list[dict], meta: dict) -> str:
-    head = "| shape | case | pairs/step | seq | tokens/s | s/step | peak GiB | trainable | final loss | vs trl |"
+    head = ("| shape | case | pairs/step | seq | tokens/s | s/step | peak GiB | trainable | final loss | vs trl | "
+            "vs unsloth |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    trl = next((r for r in results if r["case"] == "trl" and "tokens_per_s" in r), None)
+    trl, unsloth = (next((r for r in results if r["case"] == name and "tokens_per_s" in r), None)
+                    for name in ("trl", "unsloth"))
     for r in results:
         first = f"| {meta['shape']} | {r['case']} | {meta['micro_batch']} | {meta['seq']} |"
         if "tokens_per_s" not in r:
-            rows.append(first + f" failed: {r.get('error', '?')[:100]} |" + " |" * 5)
+            rows.append(first + f" failed: {r.get('error', '?')[:100]} |" + " |" * 6)
             continue
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "n/a (CPU)"
         loss = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else ""
         ratio = f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl else ""
+        vs_unsloth = f"{r['tokens_per_s'] / unsloth['tokens_per_s']:.2f}x" if unsloth else ""
         rows.append(first + f" {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak} | {r.get('trainable', 0):,} | "
-                            f"{loss} | {ratio} |")
+                            f"{loss} | {ratio} | {vs_unsloth} |")
     return "\n".join(rows)
 
 
@@ -252,8 +287,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["1b", "8b"], default="1b")
     parser.add_argument("--micro-batch", type=int, default=None, help="pairs per step (default 1b: 4, 8b: 2)")
-    parser.add_argument("--cases", default=",".join(CASES),
-                        help="comma-separated: plait, plait-varlen, trl; plait[key=value,...] adds Plait keys")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated: plait, plait-varlen, trl, unsloth; plait[key=value,...] adds Plait keys")
     parser.add_argument("--seq", type=int, default=None, help="tokens per pair (default 2048; smoke 128)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3; smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; smoke 2)")
@@ -278,7 +313,9 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     steps = args.steps or (2 if args.smoke else 10)
     micro_batch = args.micro_batch or DEFAULT_MICRO_BATCH[shape]
-    cases = [throughput.parse_case(spec) for spec in throughput.split_cases(args.cases)]
+    # Unsloth needs CUDA: --smoke (the CPU) leaves it out unless named
+    default = [c for c in CASES if not (args.smoke and c == "unsloth")]
+    cases = [throughput.parse_case(spec) for spec in throughput.split_cases(args.cases or ",".join(default))]
     if bad := [name for name, _ in cases if name not in WORKERS or name == "prepare"]:
         parser.error(f"--cases: {bad} unknown; accepted: {', '.join(CASES)}")
     if warmup < 1:

@@ -466,9 +466,11 @@ def worker_env(smoke: bool) -> dict:
     return env
 
 
-def run_worker(name: str, extra: list[str], opts, log_dir: Path, timeout: float, log_name: str | None = None) -> dict:
-    """Run one worker process; its last stdout line starting with '{' is its JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *extra]
+def run_worker(name: str, extra: list[str], opts, log_dir: Path, timeout: float, log_name: str | None = None,
+               script: Path | None = None) -> dict:
+    """Run one worker process (``script --worker name``; this file by default, another
+    benchmark's for its own workers); its last stdout line starting with '{' is its JSON result."""
+    cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", name, *extra]
     log_path = log_dir / f"{opts.stem}_{log_name or name}.log"
     started = time.perf_counter()
     print(f"[{name}] started", flush=True)
