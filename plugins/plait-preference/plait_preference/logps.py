@@ -117,7 +117,9 @@ def _make_function():
                 w = weight.to(dtype)
                 b = None if bias is None else bias.to(dtype)
                 grad_h = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if need_h else None
-                grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+                # summed over chunks in the weight's own dtype, as autograd accumulates a parameter's
+                # gradient (float32 master weights under autocast: float32)
+                grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) if need_w else None
                 grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
                 for start in range(0, hidden.shape[0], chunk):
                     end = min(start + chunk, hidden.shape[0])
@@ -134,10 +136,12 @@ def _make_function():
                     grad = grad.to(dtype)
                     if need_h:
                         torch.mm(grad, w, out=grad_h[start:end])
-                    if need_w:
+                    if need_w and grad_w.dtype == dtype:
                         grad_w.addmm_(grad.t(), h)
+                    elif need_w:
+                        grad_w += grad.t() @ h
             return (None if grad_h is None else grad_h.to(hidden.dtype),
-                    None if grad_w is None else grad_w.to(weight.dtype),
+                    grad_w,
                     None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
     return TokenLogps

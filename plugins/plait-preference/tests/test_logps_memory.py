@@ -42,6 +42,32 @@ def test_chunked_logps_and_gradients_equal_full_logits(chunk, bias, softcap):
         torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_chunked_logps_under_bf16_autocast_equal_full_logits():
+    """Autocast's bf16 matmuls, float32 reductions, as the plain autograd path:
+    the log-probs and the hidden states' gradient come out equal; the head's
+    gradient sums its chunks in float32 (the weight's dtype) where the full
+    product rounds once to bf16, so it agrees to bf16's precision."""
+    from plait_preference.logps import chunked_token_logps
+
+    torch.manual_seed(2)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    upstream = torch.randn(40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_token_logps(hidden, weight, targets, 7)
+        (ours * upstream).sum().backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference_logps(hidden, weight, targets)
+        (expected * upstream).sum().backward()
+    assert ours.dtype == torch.float32 and got[1].dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[0], hidden.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], weight.grad, rtol=0, atol=float(weight.grad.abs().max()) * 2**-7)
+
+
 def test_chunked_logps_frozen_head_and_no_grad():
     from plait_preference.logps import chunked_token_logps
 
