@@ -74,3 +74,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, precompute):
     assert any("rewards/margins" in record for record in strip("reference"))
     if precompute:
         assert "read from" in resumed.stderr  # the stored reference, not the resumed weights, scored
+        # without the stored values a resumed full fine-tune cannot score as the reference: it says so
+        (stored,) = (tmp_path / "prep").rglob("ref_log_probs/*.safetensors")
+        stored.unlink()
+        again = plait_train(config("killed", resume_from_checkpoint=str(tmp_path / "killed" / "checkpoint-2")))
+        assert again.returncode != 0
+        assert "reference log-probs of this run" in again.stderr and stored.name in again.stderr
