@@ -625,6 +625,22 @@ def on_eval_end(run: Run, metrics: dict[str, float]) -> None:
 
 
 @hookspec
+def on_eval_predictions(run: Run, rows: list[dict[str, Any]]) -> None:
+    """An evaluation generated completions for ``eval_table_size`` eval rows.
+
+    Every plugin is called, on the logging rank only, after the rows were
+    appended to ``eval_predictions.jsonl`` and before ``on_eval_end``.
+    ``rows``: one dict per eval row, in row order, with ``step``, ``row``
+    (its index in the eval set), ``prompt``, ``reference`` (the trained
+    tokens, decoded) and ``prediction`` (the greedy completion, decoded); see
+    :mod:`plait.train.generation`. Return value ignored.
+
+    ``run`` is the loop's ``Run``. Core's default: ``plait.builtin.tracking``
+    (a table for W&B and MLflow). Called by the loop's ``evaluate_and_log``.
+    """
+
+
+@hookspec
 def on_train_end(run: Run) -> None:
     """Training finished and the final model was saved.
 

@@ -78,11 +78,12 @@ class MetricsLog:
     """``metrics.jsonl``: appended line by line so a killed run keeps its history.
 
     On resume, lines past the resumed step are dropped (the resumed run logs
-    them again), so the file reads as one uninterrupted run.
+    them again), so the file reads as one uninterrupted run. ``name``: another
+    file of step-stamped records (``eval_predictions.jsonl``).
     """
 
-    def __init__(self, output_dir: Path, resume_step: int | None = None):
-        self.path = Path(output_dir) / "metrics.jsonl"
+    def __init__(self, output_dir: Path, resume_step: int | None = None, name: str = "metrics.jsonl"):
+        self.path = Path(output_dir) / name
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():

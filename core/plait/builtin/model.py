@@ -19,6 +19,13 @@ def validate_config(cfg):
     check_mistral_common(cfg)
     check_unfrozen_parameters(cfg)
     check_transformers_kernels(cfg)
+    check_generation_keys(cfg)
+
+
+def check_generation_keys(cfg) -> None:
+    from plait.config.generation_keys import check_generation_keys as check
+
+    check(cfg)
 
 
 def check_transformers_kernels(cfg) -> None:

@@ -7,7 +7,8 @@ parameter histograms), ``wandb_log_model`` (the saved model as an artifact),
 SwanLab, Comet and OpenTelemetry metrics (:data:`OBJECT_TRACKERS`) live in a
 module each.
 
-They are event hookimpls like any logger plugin would write; each keeps its
+``eval_table_size``'s prediction rows (``on_eval_predictions``) go to W&B
+and MLflow as tables. They are event hookimpls like any logger plugin would write; each keeps its
 state in ``run.extras`` under its own name.
 """
 
@@ -174,6 +175,27 @@ def upload_saved_checkpoint(run) -> None:
 @hookimpl
 def on_eval_end(run, metrics):
     _log(run, "eval", metrics)
+
+
+#: the columns of the prediction table, in order (the keys of on_eval_predictions' rows)
+TABLE_COLUMNS = ("step", "row", "prompt", "reference", "prediction")
+
+
+@hookimpl
+def on_eval_predictions(run, rows):
+    """``eval_table_size``: the rows as a table where the tracker takes one (W&B, MLflow)."""
+    step = rows[0]["step"]
+    data = [[row[column] for column in TABLE_COLUMNS] for row in rows]
+    if "wandb" in run.extras:
+        import wandb
+
+        run.extras["wandb"].log({"eval/predictions": wandb.Table(columns=list(TABLE_COLUMNS), data=data)},
+                                step=step)
+    if "mlflow" in run.extras:
+        import mlflow
+
+        mlflow.log_table(data={column: [row[column] for row in rows] for column in TABLE_COLUMNS},
+                         artifact_file=f"eval_predictions/step-{step}.json")
 
 
 def upload_model(wandb_run, folder: str, name: str) -> None:

@@ -95,11 +95,6 @@ LACKING_KEYS: dict[str, str] = {
     "swanlab_log_model": "uploading checkpoints to SwanLab is not implemented (Axolotl's SwanLab plugin only "
                          "passes it on, 'coming soon'); leave it false",
     "load_best_model_at_end": "the final weights are the last step's",
-    "eval_table_size": "logging prediction tables is not implemented",
-    "do_causal_lm_eval": "generation metrics during eval are not implemented; `plait evaluate` reports loss and "
-                         "perplexity",
-    "eval_causal_lm_metrics": "generation metrics during eval are not implemented",
-    "eval_max_new_tokens": "generation during eval is not implemented",
     "multimodal": "not used; set processor_type (plait-vision) to train a vision-language model",
     "vllm": "vLLM generation (online RL) is not implemented",
     "torch_compile_options": "torch.compile options are not configurable",

@@ -392,6 +392,23 @@ class CoreConfig(StrictModel):
     metric_for_best_model: Optional[Literal["eval_loss", "loss"]] = Field(
         None, description="The metric save_strategy: best compares: eval_loss (loss is the same, transformers "
                           "adds the eval_ prefix); lower is better.")
+    do_causal_lm_eval: Optional[bool] = Field(
+        None, description="At each evaluation, also generate a completion (greedy, eval_max_new_tokens) for every "
+                          "eval row's prompt (the tokens before its first trained token) and score it against the "
+                          "row's trained tokens with eval_causal_lm_metrics, logged as eval_<metric> (Axolotl's "
+                          "meaning). Not with a sharded model (fsdp, tensor or context parallel).")
+    eval_causal_lm_metrics: Optional[list[str]] = Field(
+        None, description="What do_causal_lm_eval scores: sacrebleu (corpus BLEU), ter, chrf (all three through the "
+                          "sacrebleu package) and perplexity (the model's on the reference completions alone). "
+                          "Unset: sacrebleu, ter, chrf (Axolotl's list without comet, which downloads a scoring "
+                          "model; comet is refused).")
+    eval_max_new_tokens: Optional[int] = Field(
+        None, ge=1, description="Most tokens generated per prompt by do_causal_lm_eval and eval_table_size "
+                                "(unset: 128, as in Axolotl).")
+    eval_table_size: Optional[int] = Field(
+        None, ge=0, description="At each evaluation, generate completions for the first this many eval rows and "
+                                "write prompt, reference and prediction to eval_predictions.jsonl in output_dir "
+                                "(and a table to W&B / MLflow when they log the run); 0 or unset: none.")
     greater_is_better: Optional[bool] = Field(
         None, description="Whether a higher metric_for_best_model is better; the eval loss is better lower, so only "
                           "false is accepted.")
@@ -583,6 +600,15 @@ class CoreConfig(StrictModel):
         if value is not None and not value > 0:
             raise ValueError("give a number of steps >= 1, or a fraction of the run between 0 and 1")
         return value
+
+    @field_validator("eval_causal_lm_metrics")
+    @classmethod
+    def _generation_metric_names(cls, names):
+        if names:
+            from plait.config.generation_keys import check_metric_names
+
+            check_metric_names(names)
+        return names
 
     @field_validator("save_on_signals")
     @classmethod

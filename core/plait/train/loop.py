@@ -90,6 +90,8 @@ class Run:
     #: per-plugin state, e.g. a logger's writer: ``run.extras["tensorboard"]``
     extras: dict = field(default_factory=dict)
     metrics_log: Any = None
+    #: ``eval_predictions.jsonl`` (``eval_table_size``), a MetricsLog of table rows; rank 0
+    prediction_table: Any = None
     last_metrics: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
 
@@ -166,6 +168,9 @@ def train(cfg, pm, *, data=None) -> Run:
             raise TrainingError("the training set is empty; check datasets: and val_set_size")
 
         run.model = build_model(run)
+        from plait.train.generation import check_unsharded
+
+        check_unsharded(run)  # generation in eval: refused now, not at the first evaluation
         run.loss_fn = call_required(pm, "build_loss", cfg=cfg, model=run.model)
         run.objective = call_required(pm, "build_objective", cfg=cfg, model=run.model, loss_fn=run.loss_fn)
         plan_schedule(run)
@@ -199,6 +204,11 @@ def train(cfg, pm, *, data=None) -> Run:
 
         if run.is_main:
             run.metrics_log = MetricsLog(run.output_dir, resume_step=run.step if resume_from else None)
+            if cfg.eval_table_size:
+                from plait.train.generation import TABLE_FILE
+
+                run.prediction_table = MetricsLog(run.output_dir, resume_step=run.step if resume_from else None,
+                                                  name=TABLE_FILE)
         pm.hook.on_train_start(run=run)
         train_epochs(run)
         finish(run)
@@ -834,18 +844,43 @@ def evaluate(run: Run) -> dict:
 
 
 def evaluate_and_log(run: Run) -> dict:
+    """:func:`evaluate`, then generation where the config asks for it
+    (:mod:`plait.train.generation`: its metrics join the record, its table rows
+    go to ``eval_predictions.jsonl`` and ``on_eval_predictions``); logged on rank 0."""
+    from plait.train import generation
+
     metrics = evaluate(run)
+    table = []
+    if generation.wanted(run.cfg):
+        generated = generation.generate_and_score(run)
+        metrics.update(generated.metrics)
+        table = generated.table
+        if generated.skipped and not run.extras.get("generation_skips_said"):
+            run.extras["generation_skips_said"] = True
+            log(run, f"do_causal_lm_eval / eval_table_size: {generated.skipped} of {len(run.eval_data)} eval rows "
+                     f"have no untrained prompt before their trained tokens (or no trained token) and are not "
+                     f"generated for")
     run.last_eval = metrics
     if run.is_main:
         run.metrics_log.append(metrics)
+        if table:
+            for row in table:
+                run.prediction_table.append(row)
+            run.pm.hook.on_eval_predictions(run=run, rows=table)
         run.pm.hook.on_eval_end(run=run, metrics=metrics)
     return metrics
 
 
 def format_eval(metrics: dict) -> str:
+    from plait.train.generation import ACCEPTED_METRICS
+
+    line = f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}"
     if "eval_ppl" in metrics:
-        return f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}  eval_ppl {metrics['eval_ppl']:.3f}"
-    return f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}"
+        line += f"  eval_ppl {metrics['eval_ppl']:.3f}"
+    for name in ACCEPTED_METRICS:
+        if f"eval_{name}" in metrics:
+            line += f"  eval_{name} {metrics[f'eval_{name}']:.3f}"
+    return line
 
 
 def finish(run: Run) -> None:

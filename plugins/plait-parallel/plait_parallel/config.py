@@ -242,3 +242,20 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("fsdp: hybrid_shard needs dp_replicate_size > 1 (replicas) and dp_shard_size (ranks per "
                           "shard group); set dp_replicate_size")
     fsdp_options(cfg)  # raises on contradicting fsdp_config values
+    check_generation_in_eval(cfg)
+
+
+def check_generation_in_eval(cfg) -> None:
+    """Core's generation in eval (do_causal_lm_eval, eval_table_size) runs the
+    whole model on each process; a sharded one would need every rank to
+    generate in lockstep, which it does not do."""
+    if not (getattr(cfg, "do_causal_lm_eval", None) or getattr(cfg, "eval_table_size", None)):
+        return
+    sharded = [key for key, on in (("fsdp", fsdp_options(cfg).enabled),
+                                   ("tensor_parallel_size", cfg.tensor_parallel_size > 1),
+                                   ("context_parallel_size", cfg.context_parallel_size > 1)) if on]
+    if sharded:
+        asked = "do_causal_lm_eval" if cfg.do_causal_lm_eval else "eval_table_size"
+        raise ConfigError(f"config key {asked!r}: generation during evaluation needs the whole model on each "
+                          f"process, and {', '.join(sharded)} shards it; remove {asked} (or the sharding) and "
+                          f"run `plait evaluate` on the saved model, which generates on one process")

@@ -1,0 +1,49 @@
+"""Checks of the generation-in-eval keys (``do_causal_lm_eval``,
+``eval_causal_lm_metrics``, ``eval_table_size``), run when the config is
+validated; the work is :mod:`plait.train.generation`."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from plait.errors import ConfigError, MachineFactError, did_you_mean
+
+#: Axolotl's metric names (its SUPPORTED_METRICS) that Plait computes: all of them but comet
+ACCEPTED_METRICS = ("sacrebleu", "ter", "chrf", "perplexity")
+SACREBLEU_METRICS = ("sacrebleu", "ter", "chrf")
+
+
+def check_metric_names(names: list[str]) -> None:
+    """Every name is one Plait computes; comet is refused with its reason."""
+    accepted = ", ".join(ACCEPTED_METRICS)
+    for name in names:
+        if name == "comet":
+            raise ConfigError(f"config key 'eval_causal_lm_metrics': 'comet' scores with a neural model "
+                              f"(Unbabel/wmt22-comet-da) downloaded from the Hugging Face hub during training, "
+                              f"which Plait does not do; accepted: {accepted}")
+        if name not in ACCEPTED_METRICS:
+            raise ConfigError(f"config key 'eval_causal_lm_metrics': {name!r} is not a metric Plait computes"
+                              f"{did_you_mean(name, ACCEPTED_METRICS)}; accepted: {accepted}")
+
+
+def check_generation_keys(cfg) -> None:
+    """Rules spanning keys, and this machine's facts (the sacrebleu package), last."""
+    from plait.train.generation import metric_names, wanted
+
+    if not wanted(cfg):
+        return
+    keys = "do_causal_lm_eval" if cfg.do_causal_lm_eval else "eval_table_size"
+    method = getattr(cfg, "rl", None) or ("reward_model" if getattr(cfg, "reward_model", None) else None)
+    if method:
+        raise ConfigError(f"config key {keys!r} generates for rows with a prompt and trained completion tokens; "
+                          f"{method} rows are pairs or scored sequences; remove {keys}")
+    if not (cfg.val_set_size > 0 or cfg.test_datasets) or cfg.eval_strategy == "no":
+        cfg.add_note(f"{keys} generates at each evaluation, and this config does not evaluate (no val_set_size or "
+                     f"test_datasets, or eval_strategy: no); it changes nothing here")
+    if cfg.eval_causal_lm_metrics and not cfg.do_causal_lm_eval:
+        cfg.add_note("eval_causal_lm_metrics is read by do_causal_lm_eval: true only; it changes nothing here")
+    needs = [name for name in metric_names(cfg) if name in SACREBLEU_METRICS]
+    if needs and importlib.util.find_spec("sacrebleu") is None:
+        raise MachineFactError(f"config key 'eval_causal_lm_metrics': {', '.join(needs)} "
+                               f"{'is' if len(needs) == 1 else 'are'} computed by the sacrebleu package, which is not "
+                               f"installed here; pip install sacrebleu (or 'plait[eval]'), or list only perplexity")
