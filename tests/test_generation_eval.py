@@ -15,7 +15,7 @@ import pytest
 
 from plait import hookimpl
 from plait.errors import ConfigError
-from plait.testing import build_run_config, make_tiny_model
+from plait.testing import build_run_config, make_tiny_model, run_cli, write_config, write_jsonl
 
 sacrebleu = pytest.importorskip("sacrebleu")
 
@@ -220,3 +220,19 @@ def test_without_sacrebleu_its_metrics_are_a_machine_fact(monkeypatch):
                           "eval_causal_lm_metrics": ["sacrebleu", "ter"]})
     build_run_config({"base_model": "m", "val_set_size": 0.1, "do_causal_lm_eval": True,
                       "eval_causal_lm_metrics": ["perplexity"]})  # perplexity needs only the model
+
+
+@pytest.mark.slow
+def test_plait_evaluate_prints_the_generation_metrics_and_table(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"instruction": f"say {w}", "output": w}
+                                               for w in "one two three four five six".split()])
+    config = write_config(tmp_path / "c.yml", base_model=str(tiny_model), datasets=[{"path": str(data),
+                          "type": "alpaca"}], val_set_size=0.5, output_dir=str(tmp_path / "out"),
+                          do_causal_lm_eval=True, eval_causal_lm_metrics=["chrf"], eval_max_new_tokens=4,
+                          eval_table_size=2)
+    result = run_cli(["evaluate", str(config), "--base", "--json"])
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    table = metrics["predictions"]
+    assert [row["row"] for row in table] == [0, 1] and metrics["eval_chrf"] >= 0
+    assert all(row["reference"] in "one two three four five six".split() for row in table)

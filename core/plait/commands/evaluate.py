@@ -4,7 +4,9 @@ metrics, such as DPO's rewards) of the trained model.
 Scores the model saved in ``output_dir`` (``--model DIR`` for another one,
 ``--base`` for the untrained base) on the eval split the config defines
 (``val_set_size`` or ``test_datasets``), or on the training set when there is
-none, saying so.
+none, saying so. With ``do_causal_lm_eval`` it also generates and prints
+``eval_causal_lm_metrics``; with ``eval_table_size`` the first rows' prompt,
+reference and prediction (:mod:`plait.train.generation`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def run(args, pm) -> int:
     from pathlib import Path
 
     cfg, pm = load_run_config(args, pm)
+    from plait.train import generation
     from plait.train.distributed import World
     from plait.train.loop import Run, evaluate
     from plait.train.trained import load_trained
@@ -44,9 +47,14 @@ def run(args, pm) -> int:
     run_.loss_fn = pm.hook.build_loss(cfg=cfg, model=model)
     run_.objective = pm.hook.build_objective(cfg=cfg, model=model, loss_fn=run_.loss_fn)
     metrics = evaluate(run_)
+    table = []
+    if generation.wanted(cfg):  # do_causal_lm_eval / eval_table_size, as at each evaluation of a run
+        generated = generation.generate_and_score(run_)
+        metrics.update(generated.metrics)
+        table = generated.table
     metrics.update(split=split, rows=len(dataset), model=str(source or cfg.base_model))
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps({**metrics, "predictions": table} if table else metrics))
     else:
         print(f"model:      {metrics['model']}")
         unit = run_.objective.unit
@@ -57,4 +65,10 @@ def run(args, pm) -> int:
         for name, value in metrics.items():
             if "/" in name:  # the objective's own metrics, e.g. eval_rewards/margins
                 print(f"{name + ':':<11} {value:.4f}")
+        for name in generation.ACCEPTED_METRICS:
+            if f"eval_{name}" in metrics:
+                print(f"{name + ':':<11} {metrics[f'eval_{name}']:.4f}")
+        for row in table:
+            print(f"\nrow {row['row']}\n  prompt:     {row['prompt']!r}\n  reference:  {row['reference']!r}\n"
+                  f"  prediction: {row['prediction']!r}")
     return 0
