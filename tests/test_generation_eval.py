@@ -206,10 +206,17 @@ def test_axolotls_keys_validate_with_their_defaults():
     ({"eval_table_size": 2, "fsdp": "full_shard"}, "'eval_table_size': generation during evaluation needs the "
                                                    "whole model on each process, and fsdp shards it"),
     ({"do_causal_lm_eval": True, "rl": "dpo"}, "'do_causal_lm_eval' generates .* dpo rows"),
+    ({"do_causal_lm_eval": True, "processor_type": "AutoProcessor"}, "processor_type trains on images too"),
 ])
 def test_bad_values_are_refused_by_name(keys, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(**keys)
+
+
+def test_several_processes_under_plait_parallel_are_refused_by_name(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # plait-parallel shards every multi-process run (FSDP2 by default)
+    with pytest.raises(ConfigError, match="'do_causal_lm_eval': .* plait-parallel over 2 processes"):
+        _cfg(do_causal_lm_eval=True)
 
 
 def test_without_sacrebleu_its_metrics_are_a_machine_fact(monkeypatch):

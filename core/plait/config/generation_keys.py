@@ -37,6 +37,9 @@ def check_generation_keys(cfg) -> None:
     if method:
         raise ConfigError(f"config key {keys!r} generates for rows with a prompt and trained completion tokens; "
                           f"{method} rows are pairs or scored sequences; remove {keys}")
+    if getattr(cfg, "processor_type", None):
+        raise ConfigError(f"config key {keys!r} generates from the prompt's tokens alone, and processor_type trains "
+                          f"on images too, which generation here does not pass; remove {keys}")
     if not (cfg.val_set_size > 0 or cfg.test_datasets) or cfg.eval_strategy == "no":
         cfg.add_note(f"{keys} generates at each evaluation, and this config does not evaluate (no val_set_size or "
                      f"test_datasets, or eval_strategy: no); it changes nothing here")

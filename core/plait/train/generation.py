@@ -112,10 +112,11 @@ def generation_model(model):
 def stop_token_ids(cfg, tokenizer) -> list[int]:
     """EOS and the config's ``eot_tokens``: where a greedy completion ends."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab() if cfg.eot_tokens else {}
     for token in cfg.eot_tokens or []:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is not None and token_id not in ids:
-            ids.append(token_id)
+        # a token missing from the vocabulary would map to the unknown token: not a stop
+        if token in vocab and vocab[token] not in ids:
+            ids.append(vocab[token])
     return ids
 
 

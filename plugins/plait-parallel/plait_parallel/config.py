@@ -242,18 +242,20 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("fsdp: hybrid_shard needs dp_replicate_size > 1 (replicas) and dp_shard_size (ranks per "
                           "shard group); set dp_replicate_size")
     fsdp_options(cfg)  # raises on contradicting fsdp_config values
-    check_generation_in_eval(cfg)
+    check_generation_in_eval(cfg, world_size)
 
 
-def check_generation_in_eval(cfg) -> None:
+def check_generation_in_eval(cfg, world_size: int) -> None:
     """Core's generation in eval (do_causal_lm_eval, eval_table_size) runs the
     whole model on each process; a sharded one would need every rank to
-    generate in lockstep, which it does not do."""
+    generate in lockstep, which it does not do. Several processes are always
+    sharded here (FSDP2 over the mesh's data-parallel ranks)."""
     if not (getattr(cfg, "do_causal_lm_eval", None) or getattr(cfg, "eval_table_size", None)):
         return
     sharded = [key for key, on in (("fsdp", fsdp_options(cfg).enabled),
                                    ("tensor_parallel_size", cfg.tensor_parallel_size > 1),
-                                   ("context_parallel_size", cfg.context_parallel_size > 1)) if on]
+                                   ("context_parallel_size", cfg.context_parallel_size > 1),
+                                   (f"plait-parallel over {world_size} processes (WORLD_SIZE)", world_size > 1)) if on]
     if sharded:
         asked = "do_causal_lm_eval" if cfg.do_causal_lm_eval else "eval_table_size"
         raise ConfigError(f"config key {asked!r}: generation during evaluation needs the whole model on each "
