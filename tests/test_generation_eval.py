@@ -117,8 +117,8 @@ def _independent_generations(generated):
             continue
         prompt = torch.tensor([row["input_ids"][:start]])
         with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            # the saved generation config: EOS and the chat template's end of turn (plait-models adds it)
+            out = model.generate(prompt, max_new_tokens=MAX_NEW, do_sample=False)
         pairs.append((tokenizer.decode(row["input_ids"][start:], skip_special_tokens=True),
                       tokenizer.decode(out[0, start:], skip_special_tokens=True)))
     return pairs
@@ -193,7 +193,9 @@ def test_axolotls_keys_validate_with_their_defaults():
 
     cfg = _cfg(do_causal_lm_eval=True, eval_table_size=2)
     assert metric_names(cfg) == ["sacrebleu", "ter", "chrf"] and max_new_tokens(cfg) == 128
-    assert metric_names(_cfg(eval_causal_lm_metrics=["perplexity"])) == []  # without do_causal_lm_eval: none
+    alone = _cfg(eval_causal_lm_metrics=["perplexity"])
+    assert metric_names(alone) == []  # without do_causal_lm_eval: none, and validation says so
+    assert any("eval_causal_lm_metrics is read by do_causal_lm_eval" in note for note in alone.notes)
 
 
 @pytest.mark.parametrize("keys,message", [

@@ -31,6 +31,10 @@ def check_generation_keys(cfg) -> None:
     from plait.train.generation import metric_names, wanted
 
     if not wanted(cfg):
+        if cfg.eval_max_new_tokens or cfg.eval_causal_lm_metrics:
+            key = "eval_max_new_tokens" if cfg.eval_max_new_tokens else "eval_causal_lm_metrics"
+            cfg.add_note(f"{key} is read by do_causal_lm_eval / eval_table_size, which are off; it changes nothing "
+                         f"here")
         return
     keys = "do_causal_lm_eval" if cfg.do_causal_lm_eval else "eval_table_size"
     method = getattr(cfg, "rl", None) or ("reward_model" if getattr(cfg, "reward_model", None) else None)

@@ -12,7 +12,8 @@ multi-turn row is scored on its first answer, the one the prompt asks for).
 Rows with no untrained prefix (``train_on_inputs``, completion data) or no
 trained token have nothing to compare and are left out, and the run says how
 many. The model completes each prompt greedily (``eval_max_new_tokens``,
-stopping at EOS), in batches of ``eval_batch_size`` left-padded prompts, in
+stopping at its generation config's EOS ids, the tokenizer's EOS and
+``eot_tokens``), in batches of ``eval_batch_size`` left-padded prompts, in
 eval mode under ``no_grad``; training mode is restored after.
 
 ``do_causal_lm_eval`` scores the completions of every eligible row with
@@ -109,9 +110,15 @@ def generation_model(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def stop_token_ids(cfg, tokenizer) -> list[int]:
-    """EOS and the config's ``eot_tokens``: where a greedy completion ends."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def stop_token_ids(cfg, tokenizer, model_config=None) -> list[int]:
+    """Where a greedy completion ends: the model's generation config's EOS ids
+    (a model family's end-of-turn tokens, which plait-models adds there), the
+    tokenizer's EOS and the config's ``eot_tokens``."""
+    ids = []
+    model_eos = getattr(model_config, "eos_token_id", None)
+    for token_id in (model_eos if isinstance(model_eos, list) else [model_eos]) + [tokenizer.eos_token_id]:
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
     vocab = tokenizer.get_vocab() if cfg.eot_tokens else {}
     for token in cfg.eot_tokens or []:
         # a token missing from the vocabulary would map to the unknown token: not a stop
@@ -124,15 +131,22 @@ def generate(model, samples: list[Sample], *, tokenizer, cfg, device, autocast, 
     """Fill ``prediction_ids`` of ``samples``: greedy completions of their prompts.
 
     Prompts are batched by length (least padding) and left-padded, so every
-    row's completion starts at the same column.
+    row's completion starts at the same column. The model's generation config
+    is kept (its stop tokens) and made greedy.
     """
+    import copy
+
     import torch
     from transformers import GenerationConfig
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_token_ids(cfg, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens(cfg), do_sample=False, num_beams=1,
-                              pad_token_id=pad_id, eos_token_id=stops or None, use_cache=True)
+    # the model's own generation config (its stop tokens) made greedy: sampling settings cleared
+    own = getattr(model, "generation_config", None)
+    config = copy.deepcopy(own) if own is not None else GenerationConfig()
+    stops = stop_token_ids(cfg, tokenizer, own)
+    config.update(max_new_tokens=max_new_tokens(cfg), max_length=None, min_new_tokens=None, min_length=0,
+                  do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+                  eos_token_id=stops or None, use_cache=True)
     by_length = sorted(samples, key=lambda s: len(s.prompt_ids))
     for first in range(0, len(by_length), batch_size):
         batch = by_length[first:first + batch_size]
