@@ -116,7 +116,7 @@ def test_attn_implementation_maps_onto_plaits_backends(keys, expected):
 
 @pytest.mark.parametrize("value, message", [
     ("sage", "'sage' is not available in Plait: SageAttention"),
-    ("kernels-community/flash-attn3", "hub kernels are not loaded"),
+    ("someone/fast-attn", "is a kernel of another publisher than kernels-community"),
     ("sdpaa", "'sdpaa' is not accepted; did you mean 'sdpa'"),
 ])
 def test_attn_implementation_refusals_name_the_key(value, message):

@@ -20,6 +20,7 @@ def validate_config(cfg):
     check_unfrozen_parameters(cfg)
     check_transformers_kernels(cfg)
     check_generation_keys(cfg)
+    check_load_options(cfg)
 
 
 def check_generation_keys(cfg) -> None:
@@ -29,10 +30,19 @@ def check_generation_keys(cfg) -> None:
 
 
 def check_transformers_kernels(cfg) -> None:
-    from plait.model.transformers_kernels import check_experts_implementation, check_use_kernels
+    from plait.model.transformers_kernels import (check_attention_kernel, check_experts_implementation,
+                                                  check_use_kernels)
 
     check_experts_implementation(cfg)
     check_use_kernels(cfg)
+    check_attention_kernel(cfg)
+
+
+def check_load_options(cfg) -> None:
+    from plait.model.load_options import check_placement_keys, check_quantization_keys
+
+    check_quantization_keys(cfg)
+    check_placement_keys(cfg)
 
 
 @hookimpl(trylast=True)

@@ -63,14 +63,14 @@ NO_OP_KEYS: dict[str, str] = {
     "adam_eps": "Axolotl ignores it too (its key is adam_epsilon)",
     "full_finetune": "Axolotl ignores it too: without an adapter every weight trains",
     "eta_min": "Axolotl ignores it too (not in its schema); cosine_min_lr_ratio sets the schedule's floor",
+    # settings of the GPTQ-for-LLaMa loader of older Axolotl versions; transformers' GPTQ integration (gptq: true)
+    # reads the group size and the checkpoint format from the checkpoint's own quantization_config
+    "gptq_groupsize": "Axolotl no longer reads it: a GPTQ checkpoint's config.json gives its group size (gptq: true)",
+    "gptq_model_v1": "Axolotl no longer reads it: a GPTQ checkpoint's config.json gives its format (gptq: true)",
 }
 
 #: keys of older Axolotl versions that its current schema drops -> what Plait says when one is set
-FORMER_AXOLOTL_KEYS: dict[str, str] = {
-    "gptq_groupsize": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
-    "gptq_model_v1": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
-    "gptq_disable_exllama": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
-}
+FORMER_AXOLOTL_KEYS: dict[str, str] = {}
 
 #: Axolotl key -> what Plait lacks and what to use instead (keys not listed get a generic line)
 LACKING_KEYS: dict[str, str] = {
@@ -82,14 +82,8 @@ LACKING_KEYS: dict[str, str] = {
     "xformers_attention": "xformers attention is not used; use attn_implementation: sdpa or flash_attention_2",
     "sage_attention": "SageAttention is not used; use attn_implementation: sdpa or flash_attention_2",
     "lora_on_cpu": "LoRA weights live on the training device",
-    "gptq": "GPTQ-quantized bases are not supported; use load_in_4bit (plait-bnb)",
-    "model_quantization_config": "loading with a transformers quantization config (Mxfp4Config, ...) is not supported; "
-                                 "use load_in_4bit / load_in_8bit (plait-bnb)",
     "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
                                "every layer",
-    "device_map": "Plait places the whole model on each process's device; split a model with fsdp or "
-                  "tensor_parallel_size (plait-parallel)",
-    "max_memory": "Plait places the whole model on each process's device",
     "use_ray": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "ray_num_workers": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "swanlab_log_model": "uploading checkpoints to SwanLab is not implemented (Axolotl's SwanLab plugin only "
@@ -99,8 +93,9 @@ LACKING_KEYS: dict[str, str] = {
     "vllm": "vLLM generation (online RL) is not implemented",
     "torch_compile_options": "torch.compile options are not configurable",
     "use_pose": "PoSE is not implemented",
+    "max_packed_sequence_len": "Axolotl itself refuses it ('no longer supported'): its old concatenating packing is "
+                               "sample_packing: true with sequence_len as the packed length",
     "chunked_cross_entropy": "Plait's loss is always chunked: leave the key out",
-    "flash_optimum": "BetterTransformer is not used",
     "layer_offloading": "offloading layer weights is not implemented; fsdp_config offload_params does it under FSDP2",
     "sequence_parallel_degree": "use context_parallel_size (plait-parallel)",
     "liger_use_token_scaling": "liger's token-scaled cross-entropy is not implemented",

@@ -102,6 +102,34 @@ class CoreConfig(StrictModel):
                                           "(Axolotl's model_config), e.g. {output_router_logits: true}.")
     overrides_of_model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra from_pretrained arguments (Axolotl's model_kwargs).")
+    model_quantization_config: Optional[str] = Field(
+        None, description="A transformers quantization config class (Mxfp4Config, FineGrainedFP8Config, "
+                          "TorchAoConfig, ...), built with model_quantization_config_kwargs and passed to "
+                          "from_pretrained as quantization_config (e.g. Mxfp4Config with dequantize: true loads "
+                          "gpt-oss's MXFP4 weights in the compute dtype). Excludes load_in_4bit / load_in_8bit and "
+                          "gptq. What the class needs (a package, a GPU) is checked against this machine.")
+    model_quantization_config_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Arguments of model_quantization_config's class, e.g. {dequantize: true}.")
+    gptq: bool = Field(
+        False, description="base_model is a GPTQ-quantized checkpoint (its config.json has a gptq "
+                           "quantization_config): loaded through transformers' GPTQ integration (needs optimum and "
+                           "gptqmodel), for LoRA over it (adapter: lora).")
+    gptq_disable_exllama: Optional[bool] = Field(
+        None, description="gptq: true keeps the GPTQ kernels off exllama, which has no backward: gptqmodel's "
+                          "backend becomes auto_trainable (unless the checkpoint names a backend). Unset or false: "
+                          "the checkpoint's backend.")
+    device_map: Optional[Union[str, dict[str, Union[int, str]]]] = Field(
+        None, description="Passed to from_pretrained to place (split) the model over this machine's devices in one "
+                          "process (naive model parallel): auto, balanced, balanced_low_0, sequential, a device "
+                          "(cpu, cuda:1), or a map of module names to devices ({'': 0}). Single process only: "
+                          "under torchrun or with fsdp / tensor_parallel_size, leave it out.")
+    max_memory: Optional[dict[Union[int, str], Union[int, str]]] = Field(
+        None, description="Most memory per device for device_map's placement, e.g. {0: 20GiB, cpu: 64GiB} (an int is "
+                          "bytes); with no device_map the model is placed as device_map: auto within these limits.")
+    flash_optimum: Optional[bool] = Field(
+        None, description="Axolotl's BetterTransformer switch: for decoder models it is PyTorch's "
+                          "scaled_dot_product_attention, which transformers now runs natively, so true means "
+                          "attn_implementation: sdpa (and conflicts with another backend).")
     tokenizer_use_mistral_common: bool = Field(
         False, description="Tokenize with mistral-common (transformers' MistralCommonBackend); needs the "
                            "mistral-common package.")
@@ -166,8 +194,10 @@ class CoreConfig(StrictModel):
         description="transformers' eager attention (plain matmuls and softmax); exact soft-capping for gemma2, slow "
                     "otherwise.")
     attn_implementation: Optional[str] = Field(
-        None, description="Attention backend, Axolotl's key: eager, sdpa, flash_attention_2, flex_attention, or "
-                          "plait_varlen (torch's varlen kernel). The booleans flash_attention, sdp_attention, "
+        None, description="Attention backend, Axolotl's key: eager, sdpa, flash_attention_2, flex_attention, "
+                          "plait_varlen (torch's varlen kernel), or a hub attention kernel such as "
+                          "kernels-community/vllm-flash-attn3 (transformers loads it with the kernels package; CUDA; "
+                          "packs like flash_attention_2; another publisher needs use_kernels: true). The booleans flash_attention, sdp_attention, "
                           "flex_attention, eager_attention and varlen_attention are its older form. Unset: sdpa; "
                           "a model that refuses the chosen backend loads with sdpa, else eager (logged).")
     experts_implementation: Optional[str] = Field(
@@ -568,7 +598,8 @@ class CoreConfig(StrictModel):
     def attention_chosen(self) -> bool:
         """Whether the config names a backend (unset: Plait may pick one that
         the model supports, e.g. eager for Gemma 2)."""
-        return any(getattr(self, flag) for flag in ATTENTION_FLAGS.values())
+        return (any(getattr(self, flag) for flag in ATTENTION_FLAGS.values())
+                or self.attn_implementation not in (None, *ATTENTION_FLAGS))  # a hub kernel
 
     @field_validator("wandb_watch", "wandb_log_model", mode="before")
     @classmethod

@@ -51,6 +51,16 @@ SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention", "
 VARLEN_ATTENTION = ("flash_attention_2", "plait_varlen")
 
 
+def is_varlen_attention(attn_implementation: str) -> bool:
+    """A backend fed segment offsets: flash-attn, torch's varlen kernel, or a
+    hub attention kernel, which transformers runs through the same flash
+    attention wrapper (it reads ``cu_seq_lens_q/k``; checked after loading by
+    :func:`check_hub_kernel_packing`)."""
+    from plait.model.names import is_hub_kernel
+
+    return attn_implementation in VARLEN_ATTENTION or is_hub_kernel(attn_implementation)
+
+
 # -------------------------------------------------------------------- plan
 
 
@@ -244,14 +254,14 @@ def packed_attention_inputs(seq_lens: list[list[int]], width: int, attn_implemen
     """
     import torch
 
-    if attn_implementation not in SUPPORTED_ATTENTION:
+    if attn_implementation not in SUPPORTED_ATTENTION and not is_varlen_attention(attn_implementation):
         raise ConfigError(
             f"sample_packing: attention {attn_implementation!r} cannot isolate packed rows; accepted: "
             f"{', '.join(SUPPORTED_ATTENTION)} (set sdp_attention, eager_attention, flash_attention or flex_attention)"
         )
     segments = [list(lens) + ([width - sum(lens)] if width > sum(lens) else []) for lens in seq_lens]
 
-    if attn_implementation in VARLEN_ATTENTION:
+    if is_varlen_attention(attn_implementation):
         flat = [length for lens in segments for length in lens]
         offsets = torch.zeros(len(flat) + 1, dtype=torch.int32, device=device)
         offsets[1:] = torch.cumsum(torch.tensor(flat, dtype=torch.int32, device=device), 0)
@@ -423,9 +433,11 @@ def check_packing_support(cfg, model=None) -> None:
 
     attn = cfg.attn_implementation
     keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
-    if attn not in SUPPORTED_ATTENTION:
+    if attn not in SUPPORTED_ATTENTION and not is_varlen_attention(attn):
         raise ConfigError(f"{keys}: attention {attn!r} cannot isolate packed rows; accepted: "
-                          f"{', '.join(SUPPORTED_ATTENTION)}")
+                          f"{', '.join(SUPPORTED_ATTENTION)}, or a hub flash-attention kernel")
+    if model is not None:
+        check_hub_kernel_packing(keys, attn)
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise MachineFactError(
             "attn_implementation: flash_attention_2 (flash_attention: true) with sample_packing needs the flash-attn "
@@ -444,7 +456,7 @@ def check_packing_support(cfg, model=None) -> None:
             f"{keys}: the model cannot take packed rows ({why}): its attention cannot restart per row; "
             f"set {' and '.join(k + ': false' for k in keys.split(' / '))}"
         )
-    if attn != "flash_attention_2":
+    if attn != "flash_attention_2" and not is_varlen_attention(attn):
         why = windowed_attention(model_config, cfg.sequence_len)
         if why:
             raise ConfigError(
@@ -452,6 +464,24 @@ def check_packing_support(cfg, model=None) -> None:
                 "block-diagonal mask would override; set flash_attention: true (varlen keeps the window per "
                 "row) or sample_packing: false"
             )
+
+
+def check_hub_kernel_packing(keys: str, attn: str) -> None:
+    """After loading: a hub kernel takes packed rows only when transformers
+    registered it through its flash attention wrapper (the kernel has
+    ``flash_attn_varlen_func``); a block-sparse or custom kernel does not read
+    ``cu_seq_lens``, so packed rows would see each other."""
+    from plait.model.names import is_hub_kernel
+
+    if not is_hub_kernel(attn):
+        return
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ALL_ATTENTION_FUNCTIONS.get(attn) is not flash_attention_forward:
+        raise ConfigError(f"{keys}: the hub kernel {attn!r} is not a flash-attention varlen kernel (transformers did "
+                          f"not wrap it as flash attention), so it cannot keep packed rows apart; use a flash kernel "
+                          f"such as kernels-community/flash-attn3, or set sample_packing: false")
 
 
 def check_loaded_model(cfg, model) -> None:

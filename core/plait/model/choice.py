@@ -40,6 +40,11 @@ def is_attention_refusal(exc: BaseException) -> bool:
 
 def use_attention_backend(cfg, backend: str, plugin: str = "core") -> None:
     """Set the config's attention flags so ``cfg.attn_implementation`` is ``backend``."""
+    # keys that name a backend without a flag: they would contradict the new flag on re-validation
+    if getattr(cfg, "flash_optimum", None):
+        cfg.set_by_plugin("flash_optimum", None, plugin)
+    if cfg.attn_implementation not in ATTENTION_FLAGS:  # a hub kernel
+        cfg.set_by_plugin("attn_implementation", backend, plugin)
     # flags off first: the config allows one attention flag at a time, checked on every assignment
     for name, flag in sorted(ATTENTION_FLAGS.items(), key=lambda item: item[0] == backend):
         if flag in type(cfg).model_fields and getattr(cfg, flag, None) != (name == backend):

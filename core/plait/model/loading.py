@@ -108,6 +108,10 @@ def pretrained_kwargs(cfg) -> dict:
     from plait.model.transformers_kernels import kernel_kwargs
 
     kwargs.update(kernel_kwargs(cfg))
+    from plait.model.load_options import load_kwargs
+
+    # model_quantization_config / gptq (quantization_config=) and device_map / max_memory
+    kwargs.update(load_kwargs(cfg))
     # Axolotl's model_kwargs, then model_config: from_pretrained sets config entries it is given by name
     kwargs.update(cfg.overrides_of_model_kwargs)
     kwargs.update(cfg.overrides_of_model_config)

@@ -16,9 +16,18 @@ flex_attention          flex_attention         torch flex attention
 plait_varlen            varlen_attention       torch's varlen kernel (CUDA)
 xformers                –                      sdpa (the same exact attention), noted
 flash_attention_3       –                      flash_attention_2, noted
-sage, fp8,              –                      refused, named
-hub kernel paths
+kernels-community/...   –                      a hub attention kernel, loaded
+                                               by transformers (``kernels``
+                                               package, CUDA); packs as
+                                               flash_attention_2 (varlen)
+sage, fp8               –                      refused, named
 ======================  =====================  ===============================
+
+A hub kernel is a repository id (``owner/name``, optionally ``@revision`` and
+``:function``) that transformers 5 loads with the ``kernels`` package; a
+kernel of another publisher than ``kernels-community`` needs ``use_kernels:
+true`` (which trusts any publisher, as in Axolotl). ``flash_optimum: true``
+(Axolotl's BetterTransformer switch) is SDPA.
 """
 
 from __future__ import annotations
@@ -47,6 +56,18 @@ NOT_AVAILABLE = {
     "fp8": "fp8 attention is not implemented; use flash_attention_2 or sdpa",
 }
 
+#: the only publisher transformers loads hub kernels from without allow_all_kernels (use_kernels: true)
+TRUSTED_KERNEL_PUBLISHER = "kernels-community"
+
+
+def is_hub_kernel(value) -> bool:
+    """Whether an ``attn_implementation`` value names a hub kernel repository
+    (transformers' own pattern: ``owner/name[@revision][:function]``)."""
+    import re
+
+    return isinstance(value, str) and re.fullmatch(r"[^/:@]+/[^/:@]+(?:@[^/:]+)?(?::[^/:]+)?", value) is not None
+
+
 #: other spellings Axolotl and transformers accept for the same backends
 ALIASES = {"flash": "flash_attention_2", "flash_attention": "flash_attention_2", "flex": "flex_attention",
            "varlen": "plait_varlen"}
@@ -71,15 +92,30 @@ def resolve_attention(data: dict) -> dict:
     value = data.get("attn_implementation")
     if value == "sdpa" and data.get("sdp_attention") is False:
         value = None  # the default filled in earlier (a re-validation on assignment), not a choice
+    if data.get("flash_optimum") is True:
+        # BetterTransformer's decoder fast path is SDPA, which transformers runs natively
+        chosen = [f"attn_implementation: {value}"] if value not in (None, "sdpa") else []
+        chosen += [f"{flag}: true" for flag in flags_on if flag != "sdp_attention"]
+        if chosen:
+            raise ConfigError(f"config key 'flash_optimum': true (BetterTransformer, which is SDPA attention) and "
+                              f"{', '.join(chosen)} choose different attention backends; keep one")
+        value = "sdpa"
+    if is_hub_kernel(value):
+        if flags_on:
+            raise ConfigError(f"config key 'attn_implementation' is the hub kernel {value!r} but "
+                              f"{', '.join(flags_on)} {'is' if len(flags_on) == 1 else 'are'} true; keep "
+                              f"attn_implementation and remove the older boolean")
+        return {"attn_implementation": value}
     if value is not None:
         name = ALIASES.get(str(value), str(value))
-        if name in NOT_AVAILABLE or "/" in name:
-            why = NOT_AVAILABLE.get(name, "hub kernels are not loaded; use flash_attention_2, flex_attention or sdpa")
-            raise ConfigError(f"config key 'attn_implementation': {value!r} is not available in Plait: {why}")
+        if name in NOT_AVAILABLE:
+            raise ConfigError(f"config key 'attn_implementation': {value!r} is not available in Plait: "
+                              f"{NOT_AVAILABLE[name]}")
         if name not in ATTENTION_FLAGS:
             raise ConfigError(f"config key 'attn_implementation': {value!r} is not accepted"
                               f"{did_you_mean(name, list(ATTENTION_FLAGS) + list(NOT_AVAILABLE))}; "
-                              f"accepted: {', '.join(ATTENTION_FLAGS)}")
+                              f"accepted: {', '.join(ATTENTION_FLAGS)}, or a hub kernel such as "
+                              f"{TRUSTED_KERNEL_PUBLISHER}/flash-attn3")
         others = [flag for flag in flags_on if flag != ATTENTION_FLAGS[name]]
         if others:
             raise ConfigError(f"config key 'attn_implementation' is {value!r} but {', '.join(others)} "

@@ -8,6 +8,8 @@ time, against the installed transformers.
 
 from __future__ import annotations
 
+import os
+
 #: experts functions that run only on an NVIDIA GPU (hub kernels: sonic-moe, DeepGEMM)
 CUDA_ONLY_EXPERTS = ("sonicmoe", "deepgemm", "deepgemm_megamoe")
 
@@ -77,3 +79,40 @@ def kernel_kwargs(cfg) -> dict:
         # as Axolotl: asking for hub kernels by config also trusts kernels of any publisher
         kwargs["allow_all_kernels"] = cfg.use_kernels
     return kwargs
+
+
+def check_attention_kernel(cfg) -> None:
+    """``attn_implementation: <owner>/<kernel>``: a hub attention kernel that
+    transformers loads at ``from_pretrained`` through the ``kernels`` package.
+    Another publisher than kernels-community needs ``use_kernels: true``
+    (transformers' allow_all_kernels); the package, a GPU and the hub (or the
+    kernel in the hub cache when offline) are facts of this machine."""
+    from plait.errors import ConfigError, MachineFactError
+    from plait.model.names import TRUSTED_KERNEL_PUBLISHER, is_hub_kernel
+
+    value = cfg.attn_implementation
+    if not is_hub_kernel(value):
+        return
+    repo = value.split(":")[0].split("@")[0]
+    if repo.split("/")[0] != TRUSTED_KERNEL_PUBLISHER and not cfg.use_kernels:
+        raise ConfigError(f"config key 'attn_implementation': {value!r} is a kernel of another publisher than "
+                          f"{TRUSTED_KERNEL_PUBLISHER}; transformers loads those only when trusted: set use_kernels: "
+                          f"true, or use a {TRUSTED_KERNEL_PUBLISHER}/ kernel")
+    from transformers.utils.import_utils import is_kernels_available
+
+    if not is_kernels_available():
+        raise MachineFactError(f"config key 'attn_implementation': the hub kernel {value!r} is loaded by the kernels "
+                               f"package, which is not installed here in a version transformers supports; pip install "
+                               f"kernels, or use flash_attention_2 or sdpa")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MachineFactError(f"config key 'attn_implementation': the hub kernel {value!r} runs on a GPU (its builds "
+                               f"are for CUDA), and this machine has none; use sdpa or flex_attention here")
+    from huggingface_hub import constants
+
+    cached = os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--")))
+    if constants.HF_HUB_OFFLINE and not cached:
+        raise MachineFactError(f"config key 'attn_implementation': the hub kernel {value!r} is not in the hub cache "
+                               f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; download it once online, or "
+                               f"use flash_attention_2 or sdpa")

@@ -111,6 +111,10 @@ class Run:
     def device(self):
         return self.world.device
 
+    #: where batches go when the loader placed the model itself over several devices (device_map): the
+    #: input embeddings' device; ``None``: :attr:`device`
+    input_device: Any = None
+
     def cross_entropy(self, batch, *, training: bool = False):
         """:func:`loss_of` on this run: the default objective's loss."""
         return loss_of(self, batch, training=training)
@@ -252,7 +256,12 @@ def build_model(run: Run):
 
     cfg, pm = run.cfg, run.pm
     model = call_required(pm, "load_model", cfg=cfg, tokenizer=run.tokenizer)
-    if not _placed_by_loader(model):
+    if placed_by_config(cfg):
+        # device_map / max_memory: from_pretrained placed (split) the model; moving it would undo that
+        run.input_device = model.get_input_embeddings().weight.device
+        log(run, f"device_map: the model is placed by from_pretrained ({describe_placement(model)}); batches go to "
+                 f"{run.input_device}")
+    elif not _placed_by_loader(model):
         model = model.to(run.device)
     if cfg.fix_untrained_tokens not in (None, False):
         from plait.model.untrained_tokens import fix_untrained_tokens
@@ -303,6 +312,22 @@ def build_model(run: Run):
     total = sum(p.numel() for p in model.parameters())
     log(run, f"model: {trainable:,} trainable of {total:,} parameters")
     return model
+
+
+def placed_by_config(cfg) -> bool:
+    """Whether the config places the model itself (``device_map`` / ``max_memory``, one process)."""
+    return getattr(cfg, "device_map", None) is not None or getattr(cfg, "max_memory", None) is not None
+
+
+def describe_placement(model) -> str:
+    """Modules per device of a device-mapped model, e.g. ``cuda:0: 14 modules, cuda:1: 13 modules``."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return f"all on {model.get_input_embeddings().weight.device}"
+    counts: dict[str, int] = {}
+    for device in device_map.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return ", ".join(f"{device}: {n} module{'s' if n > 1 else ''}" for device, n in counts.items())
 
 
 def _placed_by_loader(model) -> bool:
@@ -690,7 +715,7 @@ def loss_of(run: Run, batch, *, training: bool = False):
 
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
     # to_device moves anything with .to: tensors and a flex BlockMask; ints stay
-    batch = to_device(without_full_attention_mask(batch), run.device)
+    batch = to_device(without_full_attention_mask(batch), run.input_device or run.device)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     labels = batch[labels_key]
     if not head_plan(run.model).fused:
@@ -699,6 +724,7 @@ def loss_of(run: Run, batch, *, training: bool = False):
         logits = outputs.logits
         if labels_key == "labels":
             logits, labels = logits[:, :-1], labels[:, 1:]
+        labels = labels.to(logits.device)  # the head's device under a device_map split
         loss_sum, n_tokens = logits_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     else:
         hidden, head, outputs = forward_hidden(run.model, inputs)
@@ -708,11 +734,16 @@ def loss_of(run: Run, batch, *, training: bool = False):
         # under tensor parallel the head weight is a replicated DTensor; its local
         # tensor is the whole weight and gradients flow back through to_local
         weight = weight.to_local() if hasattr(weight, "to_local") else weight
+        # a device_map split may put the head on another device than the last layer
+        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
         loss_sum, n_tokens = run.loss_fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
     if training:
         for term in run.pm.hook.extra_loss(cfg=run.cfg, model=run.model, outputs=outputs, batch=batch):
             if term is not None:
-                loss_sum = loss_sum + term.to(loss_sum.dtype) * n_tokens
+                loss_sum = loss_sum + term.to(loss_sum.device, loss_sum.dtype) * n_tokens
+    if run.input_device is not None:  # device_map: the loop sums losses on the run's device
+        loss_sum = loss_sum.to(run.device)
+        n_tokens = n_tokens.to(run.device) if hasattr(n_tokens, "to") else n_tokens
     return loss_sum, n_tokens
 
 

@@ -102,8 +102,10 @@ def load_quantized_model(cfg, tokenizer):
     kwargs.pop("attn_implementation")
     # an attention backend the architecture lacks falls back to one it has, as in core's loader
     quantization = quantization_config(cfg)
+    # the config's device_map / max_memory (a single-process split) win over this process's device
+    placement = kwargs.pop("device_map", None) or device_map()
     model = load_with_supported_attention(cfg, lambda **attn: AutoModelForCausalLM.from_pretrained(
-        cfg.base_model, quantization_config=quantization, device_map=device_map(), **kwargs, **attn))
+        cfg.base_model, quantization_config=quantization, device_map=placement, **kwargs, **attn))
     if cfg.quantize_moe_experts:
         from plait_bnb.experts import quantize_experts
 
