@@ -285,3 +285,15 @@ def test_flash_optimum_is_sdpa_and_the_old_keys_are_classified(tmp_path):
     blank = run_cli(["config", "validate", str(write_config(tmp_path / "b.yml", **common, max_packed_sequence_len=None,
                                                             gptq_groupsize=128, gptq_model_v1=False))])
     assert blank.exit_code == 0, blank.stderr
+
+
+def test_merge_lora_refuses_a_gptq_base(tmp_path):
+    from plait.commands.merge_lora import merge
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    cfg, pm = build_run_config({"base_model": str(make_tiny_model(tmp_path / "model"))})
+    cfg.gptq = True  # past validation, which needs optimum and gptqmodel
+    with pytest.raises(ConfigError, match="'gptq': true; .* is a GPTQ checkpoint, whose packed 4-bit weights cannot"):
+        merge(cfg, pm, adapter, tmp_path / "merged")

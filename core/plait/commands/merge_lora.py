@@ -19,10 +19,11 @@ def add_arguments(parser) -> None:
 
 
 def unquantized_fp32(cfg):
-    """The config with 4/8-bit loading off and float32 weights: the merge
-    ``W + B @ A * scale`` is done at full precision, then cast once."""
+    """The config with 4/8-bit loading off, float32 weights and no device
+    placement (the merge runs on the CPU): ``W + B @ A * scale`` is done at
+    full precision, then cast once."""
     update = {k: False for k in ("load_in_4bit", "load_in_8bit") if k in type(cfg).model_fields}
-    return cfg.model_copy(update={**update, "torch_dtype": "float32"})
+    return cfg.model_copy(update={**update, "torch_dtype": "float32", "device_map": None, "max_memory": None})
 
 
 def base_dtype(cfg):
@@ -47,6 +48,12 @@ def merge(cfg, pm, adapter_dir, out_dir):
     if not is_adapter_dir(adapter_dir):
         raise ConfigError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json); merge-lora needs a LoRA run "
                           f"(adapter: lora or qlora) or --lora-model-dir")
+    if cfg.gptq:
+        # a GPTQ base keeps packed integer weights: W + B @ A has nowhere to go
+        raise ConfigError(f"config key 'gptq': true; {cfg.base_model!r} is a GPTQ checkpoint, whose packed 4-bit "
+                          f"weights cannot take a merged adapter; merge into the float model it was quantized from "
+                          f"(base_model: that model, gptq: false), or load the adapter over the GPTQ base "
+                          f"(lora_model_dir)")
     model, tokenizer, _ = load_trained(unquantized_fp32(cfg), pm, adapter_dir, device=torch.device("cpu"))
     merged = model.merge_and_unload().to(base_dtype(cfg))
     merged.save_pretrained(out_dir, safe_serialization=True)

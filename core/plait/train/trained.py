@@ -56,7 +56,9 @@ def load_trained(cfg, pm, path: str | Path | None = None, *, device=None):
                                              "adapter": cfg.adapter or "lora"})
         model = pm.hook.load_adapter(cfg=adapter_cfg, model=model)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+    # a quantized model, and one the config placed itself (device_map / max_memory), stay where they were loaded
+    placed = getattr(cfg, "device_map", None) is not None or getattr(cfg, "max_memory", None) is not None
+    if not (placed or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
         model = model.to(device)
     model.eval()
     return model, tokenizer, source
