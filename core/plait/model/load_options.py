@@ -243,10 +243,23 @@ def placement_kwargs(cfg) -> dict:
     return kwargs
 
 
+def process_device_map():
+    """This process's GPU as a ``device_map`` (``LOCAL_RANK`` under torchrun), ``None`` without CUDA."""
+    import os
+
+    import torch
+
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
+
+
 def load_kwargs(cfg) -> dict:
     """Every ``from_pretrained`` argument of this module's keys."""
     kwargs = placement_kwargs(cfg)
     config = quantization_config(cfg)
     if config is not None:
         kwargs["quantization_config"] = config
+        # a quantized model is not moved after loading (the loop leaves it where it is), and quantizers place
+        # weights while they load: onto this process's GPU, as Axolotl's default device_map does
+        if "device_map" not in kwargs and process_device_map() is not None:
+            kwargs["device_map"] = process_device_map()
     return kwargs

@@ -106,9 +106,13 @@ def check_attention_kernel(cfg) -> None:
                                f"kernels, or use flash_attention_2 or sdpa")
     import torch
 
-    if not torch.cuda.is_available():
+    # hub kernels ship compiled builds for GPUs (CUDA/ROCm, some XPU or Metal), none for the CPU
+    has_gpu = (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+               or torch.backends.mps.is_available())
+    if not has_gpu:
         raise MachineFactError(f"config key 'attn_implementation': the hub kernel {value!r} runs on a GPU (its builds "
-                               f"are for CUDA), and this machine has none; use sdpa or flex_attention here")
+                               f"are for CUDA, some for XPU or Metal), and this machine has none; use sdpa or "
+                               f"flex_attention here")
     from huggingface_hub import constants
 
     cached = os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--")))
