@@ -46,4 +46,4 @@ def test_gpu_precisions_train(tmp_path, keys, master_dtype, scaler):
     assert losses[-1] < losses[0] - 0.3, losses
     trainable = next(p for p in run.model.parameters() if p.requires_grad)
     assert trainable.device.type == "cuda" and trainable.dtype == master_dtype
-    assert ("grad_scaler" in run.extras) == scaler
+    assert (run.grad_scaler is not None) == scaler

@@ -164,11 +164,15 @@ def on_step_end(run, metrics):
 
 def upload_saved_checkpoint(run) -> None:
     """``wandb_log_model: checkpoint``: the checkpoint the loop saved after the
-    previous step (``run.extras["saved_checkpoint"]``) goes to W&B Artifacts
-    too; a later step's ``on_step_end`` or ``on_train_end`` sends it, since the
-    loop saves after ``on_step_end`` and train does not import builtin."""
-    path = run.extras.pop("saved_checkpoint", None)
-    if path is not None and "wandb" in run.extras and wandb_model_uploads(run.cfg)[0]:
+    previous step (``run.saved_checkpoint``) goes to W&B Artifacts too; a
+    later step's ``on_step_end`` or ``on_train_end`` sends it, since the loop
+    saves after ``on_step_end`` and train does not import builtin. Each
+    checkpoint goes once: the last one sent is kept in ``run.extras``."""
+    path = run.saved_checkpoint
+    if path is None or run.extras.get("wandb_sent_checkpoint") == path:
+        return
+    run.extras["wandb_sent_checkpoint"] = path
+    if "wandb" in run.extras and wandb_model_uploads(run.cfg)[0]:
         upload_model(run.extras["wandb"], str(path), f"checkpoint-{run.extras['wandb'].id}")
 
 

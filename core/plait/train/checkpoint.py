@@ -238,8 +238,8 @@ def _write_model_state(run, tmp: Path) -> None:
         if optimizer is not None:
             save_state(optimizer, tmp, "optimizer")
         save_state(run.scheduler.state_dict(), tmp, "scheduler")
-        if "grad_scaler" in run.extras:  # fp16: the loss scale is part of the state
-            save_state(run.extras["grad_scaler"].state_dict(), tmp, "grad_scaler")
+        if run.grad_scaler is not None:  # fp16: the loss scale is part of the state
+            save_state(run.grad_scaler.state_dict(), tmp, "grad_scaler")
 
 
 def save_checkpoint(run) -> Path:
@@ -347,7 +347,7 @@ def load_checkpoint(run, path: Path) -> dict:
     position["optimizer_state"] = (path / "optimizer.json").exists()
     if position["optimizer_state"]:
         saved_optimizer = load_state(path, "optimizer")
-        lisa = "lisa" in run.extras
+        lisa = run.lisa is not None
         # LISA: a layer no period has chosen yet has no optimizer state (nor had it in the run this continues)
         with checkpoint_view(run):
             set_optimizer_state_dict(run.model, run.optimizer, saved_optimizer,
@@ -357,8 +357,8 @@ def load_checkpoint(run, path: Path) -> dict:
 
             forget_unsaved_state(run.model, run.optimizer, saved_optimizer)
     run.scheduler.load_state_dict(load_state(path, "scheduler"))
-    if "grad_scaler" in run.extras and (path / "grad_scaler.json").exists():
-        run.extras["grad_scaler"].load_state_dict(load_state(path, "grad_scaler"))
+    if run.grad_scaler is not None and (path / "grad_scaler.json").exists():
+        run.grad_scaler.load_state_dict(load_state(path, "grad_scaler"))
     if (path / f"rng-{run.rank}.json").exists():
         set_rng_state(load_state(path, f"rng-{run.rank}"))
     check_packing_plan(run, path, position)
@@ -382,19 +382,18 @@ def packing_identity(run, epoch: int | None = None, step_in_epoch: int | None = 
 def plan_digest(run, epoch: int) -> str:
     """sha256 of every data-parallel rank's packing plan for ``epoch``. Planning
     all ranks is the costly part, and the plan is fixed for an epoch, so a
-    run (``run.extras``) computes it once per epoch, not at every save."""
+    run (``run.packing_plan_digest``) computes it once per epoch, not at every save."""
     import hashlib
 
     from plait.data.batching import plan_batches
 
-    extras = getattr(run, "extras", None)
     key = (epoch, run.dp_size, len(run.train_lengths))
-    if extras is not None and extras.get("packing_plan_digest", (None,))[0] == key:
-        return extras["packing_plan_digest"][1]
+    cached = getattr(run, "packing_plan_digest", None)  # a bare namespace (tests) has no cache: plan again
+    if cached is not None and cached[0] == key:
+        return cached[1]
     plans = [plan_batches(run.cfg, run.train_lengths, epoch, rank, run.dp_size) for rank in range(run.dp_size)]
     digest = hashlib.sha256(json.dumps(plans, separators=(",", ":")).encode()).hexdigest()
-    if extras is not None:
-        extras["packing_plan_digest"] = (key, digest)
+    run.packing_plan_digest = (key, digest)
     return digest
 
 

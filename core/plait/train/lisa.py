@@ -93,7 +93,7 @@ class Lisa:
 
 def checkpoint_view(run):
     """Around a checkpoint's save or load: LISA's layers all count as trained."""
-    lisa = run.extras.get("lisa")
+    lisa = getattr(run, "lisa", None)  # a Run field; None without lisa_n_layers
     return lisa.every_layer_trainable() if lisa is not None else contextlib.nullcontext()
 
 

@@ -48,52 +48,140 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
-from plait.errors import TrainingError
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers.utils import logging as hf_logging
+
+from plait.config.axolotl_keys import NO_OP_KEYS
+from plait.data.batching import materialize, plan_batches, row_lengths, to_device
+from plait.data.packing import check_loaded_model, sample_packing_efficiency
+from plait.data.prepare import prepare_datasets
+from plait.errors import ConfigError, TrainingError
+from plait.model.forward import forward_hidden, forward_logits, head_plan
+from plait.model.head import logits_cross_entropy
+from plait.model.loading import compute_dtype
 from plait.model.mesh import mesh_of
+from plait.model.neftune import attach_neftune
+from plait.model.params import optimizer_param_groups
+from plait.model.unfreeze import freeze_except
+from plait.model.untrained_tokens import fix_untrained_tokens
+from plait.output import MetricsLog, plot_loss, save_final, write_environment, write_report, write_resolved_config
 from plait.pipeline import setup_tokenizer
+from plait.plugins import call_required, no_result_error
+from plait.train import checkpoint
+from plait.train import generation
 from plait.train.collector import freeze_setup_objects, unfreeze_setup_objects
+from plait.train.generation import ACCEPTED_METRICS, check_unsharded
+from plait.train.distributed import (World, _dim_names, all_reduce_sum, close_distributed, data_parallel_rank_and_size,
+                                     init_distributed, loss_divisor, set_seed)
+from plait.train.lisa import Lisa
 from plait.train.metric_sums import MetricSums
+from plait.train.prefetch import StepPrefetcher
+from plait.train.preflight import preflight
+from plait.train.progress import Progress
+from plait.train.signals import StopOnSignals, TrainingStopped
+
+if TYPE_CHECKING:  # annotations only
+    import datasets
+    import pluggy
+    from torch.distributed.device_mesh import DeviceMesh
+    from transformers import PreTrainedTokenizerBase
+
+    from plait.config.schema import CoreConfig
+
+
+class Objective(Protocol):
+    """What ``build_objective`` returns (see :func:`plait.hookspecs.build_objective`)."""
+
+    unit: str
+    perplexity: bool
+
+    def count(self, batch: dict) -> int: ...
+
+    def loss(self, run: Run, batch: dict, *, training: bool = False) -> tuple[Any, dict]: ...
 
 
 @dataclass
 class Run:
-    """Everything one training run holds; what event hooks receive."""
+    """Everything one training run holds; what event hooks receive.
 
-    cfg: Any
-    pm: Any
+    Core keeps its state in the typed fields below, plugins may read them.
+    ``extras`` belongs to plugins alone: each keeps its own state there under
+    its own name (a tracker's writer: ``run.extras["tensorboard"]``); core
+    never reads it.
+    """
+
+    cfg: CoreConfig
+    pm: pluggy.PluginManager
     output_dir: Path
-    world: Any = None
-    tokenizer: Any = None
-    model: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    loss_fn: Any = None
+    world: Optional[World] = None
+    tokenizer: Optional[PreTrainedTokenizerBase] = None
+    #: the ready model: adapters, kernels and parallel wrapper applied (:func:`build_model`)
+    model: Optional[torch.nn.Module] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+    #: ``loss(hidden, head_weight, labels) -> (loss_sum, n_tokens)`` (``build_loss``)
+    loss_fn: Optional[Callable[..., tuple]] = None
     #: what a step minimises and how micro-batches are weighed (``build_objective``)
-    objective: Any = None
-    train_data: Any = None
-    eval_data: Any = None
-    mesh: Any = None
+    objective: Optional[Objective] = None
+    #: tokenized rows (a ``datasets.Dataset``); eval_data is None without an eval split
+    train_data: Optional[datasets.Dataset] = None
+    eval_data: Optional[datasets.Dataset] = None
+    #: the mesh ``wrap_parallel`` sharded the model over; None for one process or DDP
+    mesh: Optional[DeviceMesh] = None
     dp_rank: int = 0
     dp_size: int = 1
-    train_lengths: list = field(default_factory=list)
+    #: every training row's length, in dataset order (what batches are planned from)
+    train_lengths: list[int] = field(default_factory=list)
     total_steps: int = 0
     steps_per_epoch: int = 0
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
-    #: per-plugin state, e.g. a logger's writer: ``run.extras["tensorboard"]``
-    extras: dict = field(default_factory=dict)
-    metrics_log: Any = None
+    #: per-plugin state, each plugin under its own name: ``run.extras["tensorboard"]``; core never uses it
+    extras: dict[str, Any] = field(default_factory=dict)
+    #: ``metrics.jsonl`` (main rank only; None on the others)
+    metrics_log: Optional[MetricsLog] = None
     #: ``eval_predictions.jsonl`` (``eval_table_size``), a MetricsLog of table rows; rank 0
-    prediction_table: Any = None
-    last_metrics: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
+    prediction_table: Optional[MetricsLog] = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    #: fp16 on a GPU: the loss scaler (its state is saved in checkpoints)
+    grad_scaler: Optional[torch.amp.GradScaler] = None
+    #: the step a resumed run started from; None for a fresh run
+    resumed_at_step: Optional[int] = None
+    #: the last checkpoint the periodic saves (save_steps/saves_per_epoch) wrote; None before the first
+    saved_checkpoint: Optional[Path] = None
+    #: save_on_signals: the installed handlers, and whether any rank received one in the last step
+    signals: Optional[StopOnSignals] = None
+    stop_requested: bool = False
+    #: sample_packing: this epoch's share of packed token slots holding real tokens
+    sample_packing_efficiency: Optional[float] = None
+    #: the parameters that train, gathered once for gradient clipping
+    trainable_params: Optional[list[torch.nn.Parameter]] = None
+    #: early_stopping_patience: the best eval loss and evaluations since it improved
+    best_eval_loss: Optional[float] = None
+    evals_without_improvement: int = 0
+    #: save_strategy: best: the lowest eval_loss so far (None: none yet), and whether a resumed
+    #: run's earlier evaluations (metrics.jsonl) were read into it
+    best_metric: Optional[float] = None
+    best_metric_read: bool = False
+    #: lisa_n_layers: which decoder layers train in this period (plait.train.lisa)
+    lisa: Optional[Lisa] = None
+    #: do_causal_lm_eval / eval_table_size: whether the rows generation skips were reported (once a run)
+    generation_skips_said: bool = False
+    #: loss_watchdog_threshold: steps in a row whose loss exceeded it
+    high_loss_steps: int = 0
+    #: ``(epoch, data ranks, rows) -> sha256`` of the packing plan, for checkpoints (plait.train.checkpoint)
+    packing_plan_digest: Optional[tuple[tuple[int, int, int], str]] = None
 
     @property
     def rank(self) -> int:
@@ -108,7 +196,7 @@ class Run:
         return self.world.rank == 0
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self.world.device
 
     #: where batches go when the loader placed the model itself over several devices (device_map): the
@@ -134,13 +222,6 @@ def train(cfg, pm, *, data=None) -> Run:
     ``data`` (an object with ``.train`` and ``.eval`` datasets of tokenized
     rows) skips dataset preparation; tests use it.
     """
-    from transformers.utils import logging as hf_logging
-
-    from plait.train.preflight import preflight
-    from plait.plugins import call_required
-    from plait.train import checkpoint
-    from plait.train.distributed import close_distributed, init_distributed, set_seed
-
     hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
     world = init_distributed()
     run = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=world)
@@ -157,44 +238,34 @@ def train(cfg, pm, *, data=None) -> Run:
         for note in cfg.notes:
             log(run, f"note: {note}")
         if cfg.ignored_keys:
-            from plait.config.axolotl_keys import NO_OP_KEYS
-
             log(run, "ignoring keys that change nothing in Plait: " + "; ".join(
                 f"{key} ({NO_OP_KEYS[key]})" for key in cfg.ignored_keys))
 
         run.tokenizer = setup_tokenizer(cfg, pm)
         if data is None:
-            from plait.data.prepare import prepare_datasets
-
             data = prepare_datasets(cfg, pm, run.tokenizer)
         run.train_data, run.eval_data = data.train, getattr(data, "eval", None)
         if run.train_data is None or len(run.train_data) == 0:
             raise TrainingError("the training set is empty; check datasets: and val_set_size")
 
         run.model = build_model(run)
-        from plait.train.generation import check_unsharded
-
         check_unsharded(run)  # generation in eval: refused now, not at the first evaluation
         run.loss_fn = call_required(pm, "build_loss", cfg=cfg, model=run.model)
         run.objective = call_required(pm, "build_objective", cfg=cfg, model=run.model, loss_fn=run.loss_fn)
         plan_schedule(run)
         run.optimizer, run.scheduler = build_optimizer_and_scheduler(run)
         if cfg.lisa_n_layers:
-            from plait.train.lisa import Lisa
-
             # after the optimizer: it holds every layer, each trains with its own state when chosen
-            run.extras["lisa"] = Lisa(cfg, run.model, run.world_size)
+            run.lisa = Lisa(cfg, run.model, run.world_size)
         # every rank (all stop together): before the first step, not at the first save
         checkpoint.check_room(run)
         if cfg.fp16 and run.device.type == "cuda":
-            import torch
-
-            run.extras["grad_scaler"] = torch.amp.GradScaler("cuda")
+            run.grad_scaler = torch.amp.GradScaler("cuda")
 
         if resume_from is not None:
             position = checkpoint.load_checkpoint(run, resume_from)
             run.step, run.epoch, run.step_in_epoch = position["step"], position["epoch"], position["step_in_epoch"]
-            run.extras["resumed_at_step"] = run.step
+            run.resumed_at_step = run.step
             log(run, f"resumed from {resume_from} at step {run.step}")
             if not position["optimizer_state"]:
                 log(run, f"warning: {resume_from} was saved with save_only_model: true and holds no optimizer state; "
@@ -204,7 +275,6 @@ def train(cfg, pm, *, data=None) -> Run:
                 log(run, f"warning: the checkpoint planned {position['total_steps']} steps, this run "
                          f"{run.total_steps}; the learning-rate schedule follows the new length from here")
 
-        from plait.output import MetricsLog
 
         if run.is_main:
             run.metrics_log = MetricsLog(run.output_dir, resume_step=run.step if resume_from else None)
@@ -223,21 +293,17 @@ def train(cfg, pm, *, data=None) -> Run:
 
 def start_output(run: Run, resume_from) -> None:
     """Create ``output_dir`` with the resolved config and the environment."""
-    from plait.output import write_environment, write_resolved_config
-    from plait.train.checkpoint import list_checkpoints, remove_partial_saves
-
     if not run.is_main:
         return
     try:
         run.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from plait.errors import ConfigError
 
         raise ConfigError(f"config key 'output_dir': {str(run.output_dir)!r} cannot be created: "
                           f"{exc.strerror or exc}") from None
-    for partial_save in remove_partial_saves(run.output_dir):
+    for partial_save in checkpoint.remove_partial_saves(run.output_dir):
         log(run, f"removed {partial_save}: a save that never finished")
-    earlier = list_checkpoints(run.output_dir)
+    earlier = checkpoint.list_checkpoints(run.output_dir)
     if earlier and resume_from is None:
         log(run, f"warning: {run.output_dir} holds checkpoints of an earlier run ({earlier[-1].name}); starting over "
                  f"(set auto_resume_from_checkpoints: true to continue it); they are overwritten as steps repeat")
@@ -247,13 +313,6 @@ def start_output(run: Run, resume_from) -> None:
 
 def build_model(run: Run):
     """``load_model`` -> device -> ``load_adapter`` -> ``patch_model`` -> ``wrap_parallel``."""
-    import torch
-
-    from plait.data.packing import check_loaded_model
-    from plait.plugins import call_required
-    from plait.train.distributed import data_parallel_rank_and_size
-    from plait.model.forward import head_plan
-
     cfg, pm = run.cfg, run.pm
     model = call_required(pm, "load_model", cfg=cfg, tokenizer=run.tokenizer)
     if placed_by_config(cfg):
@@ -264,8 +323,6 @@ def build_model(run: Run):
     elif not _placed_by_loader(model):
         model = model.to(run.device)
     if cfg.fix_untrained_tokens not in (None, False):
-        from plait.model.untrained_tokens import fix_untrained_tokens
-
         # before adapters: lora_modules_to_save copies the fixed rows
         fixed = fix_untrained_tokens(model, run.train_data, cfg.fix_untrained_tokens)
         log(run, f"fix_untrained_tokens: set {len(fixed)} untrained token rows to the trained mean"
@@ -277,13 +334,9 @@ def build_model(run: Run):
     adapted = pm.hook.load_adapter(cfg=cfg, model=model)
     model = adapted if adapted is not None else model
     if cfg.neftune_noise_alpha:
-        from plait.model.neftune import attach_neftune
-
         attach_neftune(model, cfg.neftune_noise_alpha)  # training forwards only; eval and the saved model see none
         log(run, f"neftune_noise_alpha: noise of alpha {cfg.neftune_noise_alpha} on the input embeddings in training")
     if cfg.unfrozen_parameters:
-        from plait.model.unfreeze import freeze_except
-
         trained = freeze_except(model, cfg.unfrozen_parameters)
         log(run, f"unfrozen_parameters: training {len(trained)} parameter tensors, the rest frozen")
     if cfg.fp16:
@@ -298,7 +351,6 @@ def build_model(run: Run):
         wrapped = pm.hook.wrap_parallel(cfg=cfg, model=model, mesh=None)
         if wrapped is None:
             # no parallel plugin answered: replicate with DDP (every rank holds the whole model)
-            from torch.nn.parallel import DistributedDataParallel
 
             ids = [run.device.index] if run.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=ids)
@@ -338,8 +390,6 @@ def _placed_by_loader(model) -> bool:
 
 def plan_schedule(run: Run) -> None:
     """Optimizer steps per epoch and in total (``max_steps`` wins over ``num_epochs``)."""
-    from plait.data.batching import plan_batches, row_lengths
-
     cfg = run.cfg
     run.train_lengths = row_lengths(run.train_data)
     micro_batches = len(plan_batches(cfg, run.train_lengths, 0, run.dp_rank, run.dp_size))
@@ -350,8 +400,6 @@ def plan_schedule(run: Run) -> None:
 
 
 def build_optimizer_and_scheduler(run: Run):
-    from plait.model.params import optimizer_param_groups
-    from plait.plugins import call_required
 
     cfg, pm = run.cfg, run.pm
     groups = optimizer_param_groups(cfg, pm, run.model)
@@ -368,17 +416,12 @@ def build_optimizer_and_scheduler(run: Run):
 
 def train_epochs(run: Run) -> None:
     """Step until ``total_steps``, epoch after epoch; resumes mid-epoch."""
-    from plait.data.batching import plan_batches
-    from plait.train.prefetch import StepPrefetcher
-    from plait.train.progress import Progress
-    from plait.train.signals import StopOnSignals
-
     cfg = run.cfg
     eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, run.steps_per_epoch, run.total_steps)
     save_every = interval(cfg.save_steps, cfg.saves_per_epoch, run.steps_per_epoch, run.total_steps)
     progress = Progress(run)
     prefetch = StepPrefetcher(partial(collate_window, run))
-    signals = run.extras["signals"] = StopOnSignals(cfg.save_on_signals)
+    signals = run.signals = StopOnSignals(cfg.save_on_signals)
     signals.install()
     freeze_setup_objects()  # no full garbage collection walks the model and libraries mid-step
     try:
@@ -404,12 +447,10 @@ def train_epochs(run: Run) -> None:
                 # save_strategy: best saves after an evaluation that beat every earlier one
                 saved = bool(save_every and run.step % save_every == 0) or improved
                 if saved:
-                    from plait.train.checkpoint import save_checkpoint
-
                     # event plugins (W&B's wandb_log_model: checkpoint) read it at the next on_step_end/on_train_end
-                    run.extras["saved_checkpoint"] = save_checkpoint(run)
+                    run.saved_checkpoint = checkpoint.save_checkpoint(run)
                 # several ranks stop together on the step's all-reduced vote; one process need not wait for it
-                if run.extras.get("stop_requested") or (run.world_size == 1 and signals.received):
+                if run.stop_requested or (run.world_size == 1 and signals.received):
                     stop_on_signal(run, saved)
                 if run.step >= run.total_steps:
                     break
@@ -424,22 +465,19 @@ def train_epochs(run: Run) -> None:
 
 def switch_lisa_layers(run: Run) -> None:
     """LISA: train the decoder layers chosen for this step's period (from seed and step)."""
-    lisa = run.extras.get("lisa")
+    lisa = run.lisa
     if lisa is not None and lisa.before_step(run.step):
-        run.extras.pop("trainable_params", None)  # the clipped set follows the trained layers
+        run.trainable_params = None  # the clipped set follows the trained layers
         log(run, f"lisa: step {run.step + 1}: training decoder layers {lisa.active} of {len(lisa.layers)}")
 
 
 def stop_on_signal(run: Run, saved: bool) -> None:
     """A signal of ``save_on_signals`` arrived during the step that just ended
     (on any rank): save this step's checkpoint unless it was just saved, and stop."""
-    from plait.train.checkpoint import save_checkpoint
-    from plait.train.signals import TrainingStopped
-
-    name = run.extras["signals"].received or "SIGTERM"  # another rank's signal: this one saw none
+    name = run.signals.received or "SIGTERM"  # another rank's signal: this one saw none
     path = run.output_dir / f"checkpoint-{run.step}"
     if not saved:
-        path = save_checkpoint(run)
+        path = checkpoint.save_checkpoint(run)
     raise TrainingStopped(
         f"received {name}: stopped after step {run.step} of {run.total_steps} and saved {path}; rerun the same "
         f"command with auto_resume_from_checkpoints: true (or resume_from_checkpoint: {path}) to continue", name)
@@ -448,21 +486,18 @@ def stop_on_signal(run: Run, saved: bool) -> None:
 def log_packing_efficiency(run: Run, plan) -> float:
     """Share of the epoch's packed token slots holding real tokens (all data
     ranks), printed and written to ``metrics.jsonl`` once per epoch."""
-    from plait.data.packing import sample_packing_efficiency
-    from plait.train.distributed import all_reduce_sum
-
     bins = sum(len(micro_batch) for micro_batch in plan)
     slots = bins * run.cfg.sequence_len
     used = sample_packing_efficiency(plan, run.train_lengths, run.cfg.sequence_len) * slots
     # every rank of a tensor/context-parallel group holds the same plan: count each data rank once
     used, slots = (v / data_replicas(run) for v in all_reduce_sum([used, slots], run.device))
     efficiency = used / slots if slots else 0.0
-    run.extras["sample_packing_efficiency"] = efficiency
+    run.sample_packing_efficiency = efficiency
     if run.is_main:
         log(run, f"epoch {run.epoch}: sample packing efficiency {efficiency:.1%} "
                  f"({int(used):,} tokens in {int(slots):,} slots)")
         # a resumed run's metrics.jsonl already holds the record of the epoch it resumed in
-        if run.metrics_log is not None and run.step > run.extras.get("resumed_at_step", -1):
+        if run.metrics_log is not None and (run.resumed_at_step is None or run.step > run.resumed_at_step):
             run.metrics_log.append({"step": run.step, "epoch": run.epoch, "sample_packing_efficiency": efficiency})
     return efficiency
 
@@ -489,8 +524,6 @@ def describe_mesh(mesh) -> str:
 
 def mesh_size(mesh, name: str) -> int:
     """Size of a named mesh dimension; 1 without a mesh or without that dimension."""
-    from plait.train.distributed import _dim_names
-
     if mesh is None or name not in _dim_names(mesh):
         return 1
     return mesh[name].size()
@@ -503,12 +536,12 @@ def stop_early(run: Run, metrics: dict) -> bool:
     if not patience:
         return False
     loss = metrics["eval_loss"]
-    best = run.extras.get("best_eval_loss")
+    best = run.best_eval_loss
     if best is None or loss < best:
-        run.extras["best_eval_loss"], run.extras["evals_without_improvement"] = loss, 0
+        run.best_eval_loss, run.evals_without_improvement = loss, 0
         return False
-    run.extras["evals_without_improvement"] = run.extras.get("evals_without_improvement", 0) + 1
-    if run.extras["evals_without_improvement"] < patience:
+    run.evals_without_improvement += 1
+    if run.evals_without_improvement < patience:
         return False
     log(run, f"early_stopping_patience: eval_loss has not improved on {best:.4f} for {patience} evaluations; "
              f"stopping at step {run.step} of {run.total_steps}")
@@ -519,21 +552,19 @@ def is_new_best(run: Run, metrics: dict) -> bool:
     """``save_strategy: best``: whether this evaluation's ``eval_loss`` (the
     ``metric_for_best_model``) is below every earlier one of the run. A resumed
     run finds the earlier ones in ``metrics.jsonl``, so the same steps save."""
-    from plait.train.distributed import all_reduce_sum
-
     if run.cfg.save_strategy != "best":
         return False
-    if "best_metric" not in run.extras:
+    if not run.best_metric_read:
         earlier = [r["eval_loss"] for r in (run.metrics_log.read() if run.metrics_log is not None else [])
                    if "eval_loss" in r and r.get("step", 0) < run.step]
-        run.extras["best_metric"] = min(earlier, default=None)
-    best = run.extras["best_metric"]
+        run.best_metric, run.best_metric_read = min(earlier, default=None), True
+    best = run.best_metric
     better = best is None or metrics["eval_loss"] < best
     if run.world_size > 1:
         # only rank 0 holds metrics.jsonl (a resumed run's history): its answer is every rank's (saving is collective)
         better = all_reduce_sum([float(better and run.is_main)], run.device)[0] > 0
     if better:
-        run.extras["best_metric"] = metrics["eval_loss"]
+        run.best_metric = metrics["eval_loss"]
     return better
 
 
@@ -551,10 +582,6 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     those micro-batches already collated (:mod:`plait.train.prefetch`).
     ``before_last_backward`` is called once, as the last backward pass starts:
     from there to the step's end the host mostly waits on the device."""
-    import torch
-
-    from plait.train.distributed import all_reduce_sum, loss_divisor
-
     cfg, model = run.cfg, run.model
     started = time.perf_counter()
     if batches is None:
@@ -565,7 +592,7 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     local_tokens = sum(run.objective.count(batch) for batch in batches)
     divisor = loss_divisor(run.mesh, run.world, local_tokens)
 
-    scaler = run.extras.get("grad_scaler")
+    scaler = run.grad_scaler
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     step_metrics = MetricSums(run)
     for index, batch in enumerate(batches):
@@ -592,11 +619,11 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
         loss_sum = float(loss_sum)
 
     # a stop signal on any rank stops every rank after this step (save_on_signals); agreed in the step's one reduce
-    signals = run.extras.get("signals")
+    signals = run.signals
     stop_votes = 1.0 if signals is not None and signals.received else 0.0
     loss_sum, tokens, input_tokens, stop_votes = all_reduce_sum([loss_sum, local_tokens, input_tokens, stop_votes],
                                                                 run.device)
-    run.extras["stop_requested"] = stop_votes > 0
+    run.stop_requested = stop_votes > 0
     # tensor-parallel ranks repeat their group's tokens (and loss): count them once
     loss_sum, tokens = loss_sum / token_replicas(run), tokens / token_replicas(run)
     input_tokens /= data_replicas(run)
@@ -615,14 +642,12 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
 
 def _clip_and_step(run: Run, scaler):
     """Clip the gradients and queue the optimizer step; ``(grad norm tensor, lr)``."""
-    import torch
-
-    if "trainable_params" not in run.extras:
+    if run.trainable_params is None:
         # fixed for the run; walking a large model's modules costs milliseconds, every step
-        run.extras["trainable_params"] = [p for p in run.model.parameters() if p.requires_grad]
+        run.trainable_params = [p for p in run.model.parameters() if p.requires_grad]
     if scaler:
         scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.extras["trainable_params"], run.cfg.max_grad_norm or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable_params, run.cfg.max_grad_norm or float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 / TP
         grad_norm = grad_norm.full_tensor()
     lr = run.optimizer.param_groups[0]["lr"]
@@ -642,9 +667,6 @@ def checks_loss_on_device(run: Run, scaler) -> bool:
     need not wait for the backward before queuing the step. One process only:
     across ranks the loss is all-reduced on the host first.
     """
-    import torch
-    import torch.distributed as dist
-
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     opt = run.optimizer
     return (not several and run.mesh is None and scaler is None
@@ -654,8 +676,6 @@ def checks_loss_on_device(run: Run, scaler) -> bool:
 def flag_bad_loss(optimizer, loss_sum, tokens: int, threshold) -> None:
     """Set the fused optimizer's ``found_inf`` to 1 where the summed loss is not
     finite or its mean exceeds ``threshold`` (``loss_watchdog_threshold``), on the device."""
-    import torch
-
     bad = ~torch.isfinite(loss_sum)
     if threshold:
         bad = bad | (loss_sum / max(tokens, 1) > threshold)
@@ -664,13 +684,9 @@ def flag_bad_loss(optimizer, loss_sum, tokens: int, threshold) -> None:
 
 def collate(run: Run, dataset, micro_batch) -> dict:
     """Fetch the rows of one micro-batch and let the ``collate`` hook build tensors."""
-    from plait.data.batching import materialize
-
     rows = [materialize(dataset, bin_indices) for bin_indices in micro_batch]
     batch = run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer)
     if batch is None:
-        from plait.plugins import no_result_error
-
         raise no_result_error(run.pm, "collate")
     return batch
 
@@ -709,10 +725,6 @@ def loss_of(run: Run, batch, *, training: bool = False):
     on one process is transformers' ``loss + coef * aux_loss``. Evaluation
     reports the cross-entropy alone (``eval_ppl`` stays a perplexity).
     """
-    from plait.data.batching import to_device
-    from plait.model.forward import forward_hidden, forward_logits, head_plan
-    from plait.model.head import logits_cross_entropy
-
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
     # to_device moves anything with .to: tensors and a flex BlockMask; ints stay
     batch = to_device(without_full_attention_mask(batch), run.input_device or run.device)
@@ -767,10 +779,6 @@ def without_full_attention_mask(batch: dict) -> dict:
 def autocast(run: Run):
     """Mixed precision on an accelerator when the config asks for bf16/fp16;
     the CPU trains in the weights' own dtype."""
-    import torch
-
-    from plait.model.loading import compute_dtype
-
     dtype = compute_dtype(run.cfg)
     if run.device.type == "cpu" or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -788,7 +796,7 @@ def watchdog_threshold_now(run: Run):
     would complete ``loss_watchdog_patience`` high-loss steps in a row (the
     earlier ones update the weights, as in Axolotl)."""
     threshold = run.cfg.loss_watchdog_threshold
-    if threshold and run.extras.get("high_loss_steps", 0) + 1 >= watchdog_patience(run.cfg):
+    if threshold and run.high_loss_steps + 1 >= watchdog_patience(run.cfg):
         return threshold
     return None
 
@@ -800,14 +808,14 @@ def check_loss(run: Run, loss: float) -> None:
     cfg = run.cfg
     over = math.isfinite(loss) and cfg.loss_watchdog_threshold and loss > cfg.loss_watchdog_threshold
     if math.isfinite(loss) and not over:
-        run.extras["high_loss_steps"] = 0
+        run.high_loss_steps = 0
         return
     if over:
-        run.extras["high_loss_steps"] = run.extras.get("high_loss_steps", 0) + 1
+        run.high_loss_steps += 1
         patience = watchdog_patience(cfg)
-        if run.extras["high_loss_steps"] < patience:
+        if run.high_loss_steps < patience:
             log(run, f"warning: loss {loss:.4g} exceeds loss_watchdog_threshold {cfg.loss_watchdog_threshold} at "
-                     f"step {run.step + 1} ({run.extras['high_loss_steps']} of {patience} steps in a row, "
+                     f"step {run.step + 1} ({run.high_loss_steps} of {patience} steps in a row, "
                      f"loss_watchdog_patience)")
             return
     what = f"loss is {loss}" if not math.isfinite(loss) else \
@@ -826,8 +834,6 @@ def check_loss(run: Run, loss: float) -> None:
 
 def log(run: Run, message: str) -> None:
     if run.is_main:
-        import sys
-
         print(message, file=sys.stderr, flush=True)
 
 
@@ -843,11 +849,6 @@ def log_step(run: Run, metrics: dict, progress) -> None:
 def evaluate(run: Run) -> dict:
     """Mean loss per trained unit over the eval set (all ranks), the objective's
     metrics as ``eval_<name>``, and the perplexity where the objective has one."""
-    import torch
-
-    from plait.data.batching import plan_batches, row_lengths
-    from plait.train.distributed import all_reduce_sum
-
     model = run.model
     was_training = model.training
     model.eval()
@@ -878,16 +879,14 @@ def evaluate_and_log(run: Run) -> dict:
     """:func:`evaluate`, then generation where the config asks for it
     (:mod:`plait.train.generation`: its metrics join the record, its table rows
     go to ``eval_predictions.jsonl`` and ``on_eval_predictions``); logged on rank 0."""
-    from plait.train import generation
-
     metrics = evaluate(run)
     table = []
     if generation.wanted(run.cfg):
         generated = generation.generate_and_score(run)
         metrics.update(generated.metrics)
         table = generated.table
-        if generated.skipped and not run.extras.get("generation_skips_said"):
-            run.extras["generation_skips_said"] = True
+        if generated.skipped and not run.generation_skips_said:
+            run.generation_skips_said = True
             log(run, f"do_causal_lm_eval / eval_table_size: {generated.skipped} of {len(run.eval_data)} eval rows "
                      f"have no untrained prompt before their trained tokens (or no trained token) and are not "
                      f"generated for")
@@ -903,8 +902,6 @@ def evaluate_and_log(run: Run) -> dict:
 
 
 def format_eval(metrics: dict) -> str:
-    from plait.train.generation import ACCEPTED_METRICS
-
     line = f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}"
     if "eval_ppl" in metrics:
         line += f"  eval_ppl {metrics['eval_ppl']:.3f}"
@@ -916,8 +913,6 @@ def format_eval(metrics: dict) -> str:
 
 def finish(run: Run) -> None:
     """Final evaluation, the saved model, the loss plot, ``on_train_end``."""
-    from plait.output import plot_loss, save_final, write_report
-
     # eval_strategy: no evaluates never, not even at the end (transformers' meaning)
     if run.eval_data is not None and len(run.eval_data) and run.last_eval.get("step") != run.step \
             and run.cfg.eval_strategy != "no":
