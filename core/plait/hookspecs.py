@@ -367,9 +367,10 @@ def load_model(cfg: CoreConfig, tokenizer: PreTrainedTokenizerBase) -> Optional[
 
     ``cfg`` is the run config, ``tokenizer`` the run's tokenizer (embeddings
     are resized to it). Core's default (``plait.builtin.model.load_model``,
-    asked last): ``AutoModelForCausalLM.from_pretrained``. Called by the
-    training loop (``plait.train.loop.build_model``) and
-    ``plait.train.trained.load_trained`` (evaluate, inference, merge-lora).
+    asked last): ``AutoModelForCausalLM.from_pretrained``. Called by
+    :func:`plait.pipeline.setup_model`, for training
+    (``plait.train.loop.build_model``) and for a trained model
+    (``plait.train.trained.load_trained``: evaluate, inference, merge-lora).
     """
 
 
@@ -381,9 +382,9 @@ def load_adapter(cfg: CoreConfig, model: PreTrainedModel) -> Optional[torch.nn.M
     is not this plugin's (core then trains all parameters).
 
     ``cfg`` is the run config, ``model`` what :func:`load_model` returned. No
-    default implementation in core (plait-peft answers). Called by the
-    training loop (``plait.train.loop.build_model``) and
-    ``plait.train.trained.load_trained``.
+    default implementation in core (plait-peft answers). Called by
+    :func:`plait.pipeline.setup_model`: when training with the run config,
+    else only for a saved adapter (``lora_model_dir`` pointing at it).
     """
 
 
@@ -399,8 +400,8 @@ def patch_model(cfg: CoreConfig, model: torch.nn.Module) -> Optional[dict[str, s
     ``cfg`` is the run config, ``model`` the model with its adapters. Core's
     default implementation runs last (``trylast``) and only for ``tiled_mlp``: it
     tiles each decoder layer's MLP, whichever module a plugin put there
-    (:mod:`plait.model.tiled_mlp`). Called by the training loop
-    (``plait.train.loop.build_model``), training only.
+    (:mod:`plait.model.tiled_mlp`). Called by
+    :func:`plait.pipeline.setup_model`, training only.
     """
 
 

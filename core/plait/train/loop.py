@@ -62,19 +62,16 @@ from transformers.utils import logging as hf_logging
 
 from plait.config.axolotl_keys import NO_OP_KEYS
 from plait.data.batching import materialize, plan_batches, row_lengths, to_device
-from plait.data.packing import check_loaded_model, sample_packing_efficiency
+from plait.data.packing import sample_packing_efficiency
 from plait.data.prepare import prepare_datasets
 from plait.errors import ConfigError, TrainingError
 from plait.model.forward import forward_hidden, forward_logits, head_plan
 from plait.model.head import logits_cross_entropy
 from plait.model.loading import compute_dtype
 from plait.model.mesh import mesh_of
-from plait.model.neftune import attach_neftune
 from plait.model.params import optimizer_param_groups
-from plait.model.unfreeze import freeze_except
-from plait.model.untrained_tokens import fix_untrained_tokens
 from plait.output import MetricsLog, plot_loss, save_final, write_environment, write_report, write_resolved_config
-from plait.pipeline import setup_tokenizer
+from plait.pipeline import placed_by_config, setup_model, setup_tokenizer
 from plait.plugins import call_required, no_result_error
 from plait.train import checkpoint
 from plait.train import generation
@@ -312,46 +309,20 @@ def start_output(run: Run, resume_from) -> None:
 
 
 def build_model(run: Run):
-    """``load_model`` -> device -> ``load_adapter`` -> ``patch_model`` -> ``wrap_parallel``."""
+    """:func:`plait.pipeline.setup_model` for training, then ``wrap_parallel``
+    when the run spans several processes (DDP when no plugin answers)."""
     cfg, pm = run.cfg, run.pm
-    model = call_required(pm, "load_model", cfg=cfg, tokenizer=run.tokenizer)
+    model = setup_model(cfg, pm, run.tokenizer, for_training=True, device=run.device,
+                        train_data=run.train_data, say=partial(log, run))
     if placed_by_config(cfg):
-        # device_map / max_memory: from_pretrained placed (split) the model; moving it would undo that
+        # device_map / max_memory: from_pretrained placed (split) the model, setup_model left it there
         run.input_device = model.get_input_embeddings().weight.device
         log(run, f"device_map: the model is placed by from_pretrained ({describe_placement(model)}); batches go to "
                  f"{run.input_device}")
-    elif not _placed_by_loader(model):
-        model = model.to(run.device)
-    if cfg.fix_untrained_tokens not in (None, False):
-        # before adapters: lora_modules_to_save copies the fixed rows
-        fixed = fix_untrained_tokens(model, run.train_data, cfg.fix_untrained_tokens)
-        log(run, f"fix_untrained_tokens: set {len(fixed)} untrained token rows to the trained mean"
-                 + (f" (ids {fixed[:20]}{' ...' if len(fixed) > 20 else ''})" if fixed else ""))
-    # validate_config could only read a local config.json: check the real one (packed rows kept apart)
-    check_loaded_model(cfg, model)
-    # which module feeds the head, and whether the fused loss reproduces the logits: one probe, before wrappers
-    head_plan(model)
-    adapted = pm.hook.load_adapter(cfg=cfg, model=model)
-    model = adapted if adapted is not None else model
-    if cfg.neftune_noise_alpha:
-        attach_neftune(model, cfg.neftune_noise_alpha)  # training forwards only; eval and the saved model see none
-        log(run, f"neftune_noise_alpha: noise of alpha {cfg.neftune_noise_alpha} on the input embeddings in training")
-    if cfg.unfrozen_parameters:
-        trained = freeze_except(model, cfg.unfrozen_parameters)
-        log(run, f"unfrozen_parameters: training {len(trained)} parameter tensors, the rest frozen")
-    if cfg.fp16:
-        # fp16 needs float32 master weights: the GradScaler refuses to unscale fp16 gradients
-        for param in model.parameters():
-            if param.requires_grad and param.dtype == torch.float16:
-                param.data = param.data.float()
-    for changes in pm.hook.patch_model(cfg=cfg, model=model):
-        for target, kernel in (changes or {}).items():
-            log(run, f"kernel: {target} -> {kernel}")
     if run.world_size > 1:
         wrapped = pm.hook.wrap_parallel(cfg=cfg, model=model, mesh=None)
         if wrapped is None:
             # no parallel plugin answered: replicate with DDP (every rank holds the whole model)
-
             ids = [run.device.index] if run.device.type == "cuda" else None
             wrapped = DistributedDataParallel(model, device_ids=ids)
         model = wrapped
@@ -366,11 +337,6 @@ def build_model(run: Run):
     return model
 
 
-def placed_by_config(cfg) -> bool:
-    """Whether the config places the model itself (``device_map`` / ``max_memory``, one process)."""
-    return getattr(cfg, "device_map", None) is not None or getattr(cfg, "max_memory", None) is not None
-
-
 def describe_placement(model) -> str:
     """Modules per device of a device-mapped model, e.g. ``cuda:0: 14 modules, cuda:1: 13 modules``."""
     device_map = getattr(model, "hf_device_map", None)
@@ -380,12 +346,6 @@ def describe_placement(model) -> str:
     for device in device_map.values():
         counts[str(device)] = counts.get(str(device), 0) + 1
     return ", ".join(f"{device}: {n} module{'s' if n > 1 else ''}" for device, n in counts.items())
-
-
-def _placed_by_loader(model) -> bool:
-    """Quantized or device-mapped models are already where they must be."""
-    return bool(getattr(model, "hf_device_map", None) or getattr(model, "is_loaded_in_4bit", False)
-                or getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_quantized", False))
 
 
 def plan_schedule(run: Run) -> None:
@@ -400,7 +360,6 @@ def plan_schedule(run: Run) -> None:
 
 
 def build_optimizer_and_scheduler(run: Run):
-
     cfg, pm = run.cfg, run.pm
     groups = optimizer_param_groups(cfg, pm, run.model)
     for group in groups:

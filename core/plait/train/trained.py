@@ -36,10 +36,11 @@ def trained_path(cfg, path: str | Path | None = None) -> Path | None:
 
 
 def load_trained(cfg, pm, path: str | Path | None = None, *, device=None):
-    """``(model, tokenizer, source)`` in eval mode: the trained model when one is saved, else the base."""
+    """``(model, tokenizer, source)`` in eval mode: the trained model when one
+    is saved, else the base; set up by :func:`plait.pipeline.setup_model`."""
     import torch
 
-    from plait.pipeline import setup_tokenizer
+    from plait.pipeline import setup_model, setup_tokenizer
 
     source = trained_path(cfg, path)
     if source is not None and is_model_dir(source) and not is_adapter_dir(source):
@@ -48,17 +49,7 @@ def load_trained(cfg, pm, path: str | Path | None = None, *, device=None):
         if (source / "tokenizer_config.json").is_file():
             cfg = cfg.model_copy(update={"tokenizer_config": str(source)})
     tokenizer = setup_tokenizer(cfg, pm)
-    model = pm.hook.load_model(cfg=cfg, tokenizer=tokenizer)
-    if source is not None and is_adapter_dir(source):
-        if "lora_model_dir" not in type(cfg).model_fields:
-            raise ConfigError(f"{source} holds a LoRA adapter; install plait-peft to load it")
-        adapter_cfg = cfg.model_copy(update={"lora_model_dir": str(source),
-                                             "adapter": cfg.adapter or "lora"})
-        model = pm.hook.load_adapter(cfg=adapter_cfg, model=model)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # a quantized model, and one the config placed itself (device_map / max_memory), stay where they were loaded
-    placed = getattr(cfg, "device_map", None) is not None or getattr(cfg, "max_memory", None) is not None
-    if not (placed or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
-        model = model.to(device)
-    model.eval()
+    saved_adapter = source if source is not None and is_adapter_dir(source) else None
+    model = setup_model(cfg, pm, tokenizer, for_training=False, device=device, saved_adapter=saved_adapter)
     return model, tokenizer, source
