@@ -298,6 +298,28 @@ def test_hook_loading_context(tiny_model_dir):
     assert not isinstance(plain.model.layers[0].mlp.act_fn, torch.nn.ReLU)
 
 
+def test_hook_gradient_checkpointing_mode(tiny_model_dir):
+    """Core's default answers the config's value; a plugin's answer wins, and
+    the model pipeline applies it (the offloader wraps every layer)."""
+    from plait.pipeline import setup_model
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model_dir), "gradient_checkpointing": True})
+    assert pm.hook.gradient_checkpointing_mode(cfg=cfg) is True
+    cfg, pm = build_run_config({"base_model": str(tiny_model_dir)})
+    assert pm.hook.gradient_checkpointing_mode(cfg=cfg) is False
+
+    class OffloadAlways:
+        @hookimpl
+        def gradient_checkpointing_mode(cfg):
+            return "offload"
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model_dir)}, plugins=[OffloadAlways])
+    assert pm.hook.gradient_checkpointing_mode(cfg=cfg) == "offload"
+    model = setup_model(cfg, pm, pm.hook.load_tokenizer(cfg=cfg), for_training=True, device=torch.device("cpu"))
+    offloaded = [m for m in model.model.layers if m._gradient_checkpointing_func.__name__ == "offloaded"]
+    assert model.is_gradient_checkpointing and len(offloaded) == model.config.num_hidden_layers
+
+
 def test_hook_load_adapter(tiny_model_dir):
     class FreezeAllButHead:
         @hookimpl

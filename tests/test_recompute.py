@@ -6,7 +6,9 @@ off the device, and the pinned buffers reused from step to step."""
 
 from __future__ import annotations
 
+import ast
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ import torch
 from plait.errors import ConfigError
 from plait.testing import build_run_config, make_tiny_model
 from plait.model.recompute import ActivationOffloader, enable_gradient_checkpointing
+from plait.pipeline import setup_model, setup_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = 3
 
@@ -38,9 +43,9 @@ def grads_after_step(model, ids):
 
 
 @pytest.mark.parametrize("value", ["offload", "unsloth"])
-def test_load_model_routes_every_decoder_layer_through_the_offloader(tiny_model, value):
+def test_model_pipeline_routes_every_decoder_layer_through_the_offloader(tiny_model, value):
     cfg, pm = build_run_config({"base_model": str(tiny_model), "gradient_checkpointing": value})
-    model = pm.hook.load_model(cfg=cfg, tokenizer=pm.hook.load_tokenizer(cfg=cfg))
+    model = setup_model(cfg, pm, setup_tokenizer(cfg, pm), for_training=True, device=torch.device("cpu"))
     assert model.is_gradient_checkpointing
     wrapped = [m for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None) is not None
                and getattr(m._gradient_checkpointing_func, "__name__", "") == "offloaded"]
@@ -62,6 +67,36 @@ def test_on_the_cpu_offload_leaves_gradients_unchanged_and_says_why(tiny_model, 
     assert all(torch.equal(plain[n], offloaded[n]) for n in plain)
     assert offloader.pool.allocated_bytes == 0  # nothing to move off a CPU
     assert "already live in host memory" in caplog.text
+
+
+def test_only_the_model_pipeline_switches_checkpointing_on(tiny_model):
+    """One owner: in the source of core and every plugin, transformers' switch
+    is called only by ``enable_gradient_checkpointing``, that only by
+    ``apply_gradient_checkpointing``, and that only by the model pipeline (and
+    plait-parallel's equivalence harness, a loop of its own). A model set up
+    for evaluation or inference is left alone."""
+    allowed = {"gradient_checkpointing_enable": {"core/plait/model/recompute.py"},
+               "activation_checkpointing_enable": {"core/plait/model/recompute.py"},
+               "enable_gradient_checkpointing": {"core/plait/model/recompute.py"},
+               "apply_gradient_checkpointing": {"core/plait/pipeline.py",
+                                                "plugins/plait-parallel/plait_parallel/equivalence.py"}}
+    sources = [*ROOT.glob("core/plait/**/*.py"), *ROOT.glob("plugins/*/plait_*/**/*.py"),
+               *ROOT.glob("contrib/*/plait_*/**/*.py")]
+    assert len(sources) > 50
+    callers = {name: set() for name in allowed}
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+                if name in callers:
+                    callers[name].add(path.relative_to(ROOT).as_posix())
+    assert callers == allowed
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "gradient_checkpointing": True})
+    tokenizer = setup_tokenizer(cfg, pm)
+    assert not pm.hook.load_model(cfg=cfg, tokenizer=tokenizer).is_gradient_checkpointing
+    assert not setup_model(cfg, pm, tokenizer, for_training=False, device=torch.device("cpu")).is_gradient_checkpointing
+    assert setup_model(cfg, pm, tokenizer, for_training=True, device=torch.device("cpu")).is_gradient_checkpointing
 
 
 def test_offload_with_reentrant_checkpointing_is_refused_before_loading(tiny_model):

@@ -36,7 +36,7 @@ Arguments common to many hooks:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import pluggy
 
@@ -371,6 +371,29 @@ def load_model(cfg: CoreConfig, tokenizer: PreTrainedTokenizerBase) -> Optional[
     :func:`plait.pipeline.setup_model`, for training
     (``plait.train.loop.build_model``) and for a trained model
     (``plait.train.trained.load_trained``: evaluate, inference, merge-lora).
+    """
+
+
+@hookspec(firstresult=True)
+def gradient_checkpointing_mode(cfg: CoreConfig) -> Optional[Union[bool, str]]:
+    """Say how the decoder layers recompute in the backward pass of this run.
+
+    firstresult. Returns the ``gradient_checkpointing`` value to apply:
+    ``False`` (none), ``True`` (plain recomputation), ``"offload"`` or
+    ``"unsloth"`` (layer inputs parked in host memory); ``None`` leaves the
+    answer to the next plugin.
+
+    ``cfg`` is the run config. Core's default
+    (``plait.builtin.model.gradient_checkpointing_mode``, asked last) is
+    ``cfg.gradient_checkpointing``. plait-parallel answers ``True`` (or the
+    top-level offload mode) for ``fsdp_config.activation_checkpointing`` when
+    the run spans several processes. Called by
+    :func:`plait.model.recompute.apply_gradient_checkpointing`, the one place
+    checkpointing is switched on, which :func:`plait.pipeline.setup_model`
+    calls once per training run right after :func:`load_model`, before the
+    model moves to its device or gets adapters. A loader must not switch it
+    on itself; it may still prepare for it (input gradients through frozen
+    embeddings when ``cfg.gradient_checkpointing`` is set).
     """
 
 

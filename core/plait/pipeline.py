@@ -5,7 +5,8 @@
 called at the same point whichever command runs.
 
 1. :func:`setup_tokenizer` -- ``load_tokenizer``, then ``tokenizer_loaded``.
-2. :func:`setup_model` -- ``load_model``, the device, ``load_adapter``, then (training) the trained parameters and
+2. :func:`setup_model` -- ``load_model``, gradient checkpointing (training),
+   the device, ``load_adapter``, then (training) the trained parameters and
    ``patch_model``. Training wraps the result for several processes
    (``wrap_parallel``, :func:`plait.train.loop.build_model`).
 """
@@ -39,8 +40,10 @@ def setup_model(cfg: CoreConfig, pm: pluggy.PluginManager, tokenizer: PreTrained
                 train_data=None, say: Callable[[str], None] = lambda message: None) -> torch.nn.Module:
     """The model, ready to train (``for_training``) or to run in eval mode.
 
-    ``load_model`` (firstresult) -> ``device`` unless the config or the loader
-    placed it (:func:`placed_by_config`, :func:`placed_by_loader`)
+    ``load_model`` (firstresult) -> gradient checkpointing when training
+    (:func:`plait.model.recompute.apply_gradient_checkpointing`) -> ``device``
+    unless the config or the loader placed it (:func:`placed_by_config`,
+    :func:`placed_by_loader`)
     -> when training: ``fix_untrained_tokens`` (from ``train_data``, the
     tokenized training rows), the packed-rows and head probes -> the adapter
     -> when training: ``neftune_noise_alpha``, the trained parameters
@@ -57,11 +60,14 @@ def setup_model(cfg: CoreConfig, pm: pluggy.PluginManager, tokenizer: PreTrained
     from plait.errors import ConfigError
     from plait.model.forward import head_plan
     from plait.model.neftune import attach_neftune
+    from plait.model.recompute import apply_gradient_checkpointing
     from plait.model.unfreeze import freeze_except
     from plait.model.untrained_tokens import fix_untrained_tokens
     from plait.plugins import call_required
 
     model = call_required(pm, "load_model", cfg=cfg, tokenizer=tokenizer)
+    if for_training:
+        apply_gradient_checkpointing(cfg, pm, model)
     if not (placed_by_config(cfg) or placed_by_loader(model)):
         model = model.to(device)
     if for_training:

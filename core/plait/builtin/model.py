@@ -128,11 +128,13 @@ def load_model(cfg, tokenizer):
             raise source_error("base_model", cfg.base_model, "model", exc) from exc
         raise  # a setting's problem (attn_implementation, say): transformers' own message is the clearer one
     fit_to_tokenizer(cfg, model, tokenizer)
-    if cfg.gradient_checkpointing:
-        from plait.model.recompute import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     return model
+
+
+@hookimpl(trylast=True)
+def gradient_checkpointing_mode(cfg):
+    """The config's ``gradient_checkpointing`` (applied by plait.pipeline.setup_model)."""
+    return cfg.gradient_checkpointing
 
 
 @hookimpl(trylast=True)

@@ -161,7 +161,7 @@ _KBIT_PREPARED = "_plait_kbit_prepared"
 
 def mark_kbit_prepared(model) -> None:
     """Record that a loader prepared this k-bit model for training itself
-    (frozen base, input grads, checkpointing), so an adapter plugin skips
+    (frozen base, input grads), so an adapter plugin skips
     peft's ``prepare_model_for_kbit_training`` and its float32 upcast. The one
     message between a quantizing loader (plait-bnb) and an adapter plugin
     (plait-peft), owned here so neither imports the other."""

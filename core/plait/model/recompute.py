@@ -58,6 +58,8 @@ def enable_gradient_checkpointing(model, mode, checkpoint_kwargs: dict | None = 
     ``mode`` is the config's ``gradient_checkpointing`` value (``True``,
     ``"offload"`` or ``"unsloth"``). Returns the :class:`ActivationOffloader` in
     use, or ``None`` for plain checkpointing.
+
+    Runs reach it only through :func:`apply_gradient_checkpointing`.
     """
     kwargs = {"use_reentrant": False, **(checkpoint_kwargs or {})}
     # transformers 5 renamed the method (the old name warns); keep working with both
@@ -73,6 +75,25 @@ def enable_gradient_checkpointing(model, mode, checkpoint_kwargs: dict | None = 
         # only the non-reentrant one may tell modules that it is unused
         wrap_layers(model, functools.partial(mark_recompute, keeper=offloader))
     return offloader
+
+
+def apply_gradient_checkpointing(cfg, pm, model):
+    """Switch gradient checkpointing on as the run asks: the one place a run does.
+
+    The mode is the ``gradient_checkpointing_mode`` hook's answer (firstresult:
+    a plugin such as plait-parallel may answer for its keys; core's default is
+    ``cfg.gradient_checkpointing``), applied with ``cfg.gradient_checkpointing_kwargs``.
+    Called once per training run by :func:`plait.pipeline.setup_model`, right
+    after ``load_model``: before the model moves, gets adapters, kernels or a
+    parallel wrapper. Loaders and wrappers never switch it on themselves
+    (``tests/test_recompute.py`` checks), so no second call resets what this one
+    set up. Returns what :func:`enable_gradient_checkpointing` returns, or
+    ``None`` when the run does not checkpoint.
+    """
+    mode = pm.hook.gradient_checkpointing_mode(cfg=cfg)
+    if not mode:
+        return None
+    return enable_gradient_checkpointing(model, mode, cfg.gradient_checkpointing_kwargs)
 
 
 _recompute_state = threading.local()

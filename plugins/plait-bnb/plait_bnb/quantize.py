@@ -23,7 +23,7 @@ At Llama-3-8B's shapes the same cast adds 2 x 128256 x 4096 x 2 bytes = 2.1 GB.
 So :func:`prepare_for_kbit_training` keeps every non-quantized weight in the
 compute dtype (RMSNorm already computes its statistics in float32 internally),
 freezes the base, and only turns on what gradients to the adapters need:
-input gradients and gradient checkpointing.
+input gradients (core's model pipeline then switches gradient checkpointing on).
 """
 
 from __future__ import annotations
@@ -68,19 +68,19 @@ def device_map():
     return None
 
 
-def prepare_for_kbit_training(model, gradient_checkpointing=False, checkpointing_kwargs: dict | None = None):
+def prepare_for_kbit_training(model, gradient_checkpointing=False):
     """Freeze the quantized base for adapter training without upcasting it.
 
-    ``gradient_checkpointing`` is the config's value (``True``, ``"offload"``...).
+    ``gradient_checkpointing`` is the config's value (``True``, ``"offload"``...):
+    when set, the frozen embeddings' output requires grad, as checkpointed
+    blocks need. Checkpointing itself is switched on by core's model pipeline
+    (``plait.pipeline.setup_model``), right after this loader returns.
     See the module docstring for the measurement behind keeping embeddings,
     head and norms in the compute dtype.
     """
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        from plait.model.recompute import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model, gradient_checkpointing, checkpointing_kwargs)
         # checkpointed blocks need an input that requires grad when the embeddings are frozen
         model.enable_input_require_grads()
     # so an adapter plugin skips peft's upcasting helper
@@ -113,4 +113,4 @@ def load_quantized_model(cfg, tokenizer):
         quantize_experts(model, quantization)
     # embeddings are not quantized, so resizing works as on a plain model
     fit_to_tokenizer(cfg, model, tokenizer)
-    return prepare_for_kbit_training(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
+    return prepare_for_kbit_training(model, cfg.gradient_checkpointing)

@@ -111,7 +111,11 @@ def test_embeddings_resized_for_added_tokens(tiny_model_dir):
 
 
 def test_gradient_checkpointing_and_input_grads(tiny_model_dir):
-    _, _, _, model = load(tiny_model_dir, **QLORA, gradient_checkpointing=True)
+    from plait.pipeline import setup_model
+
+    cfg, pm, tokenizer, loaded = load(tiny_model_dir, **QLORA, gradient_checkpointing=True)
+    assert not loaded.is_gradient_checkpointing  # the loader prepares; core's model pipeline switches it on
+    model = setup_model(cfg, pm, tokenizer, for_training=True, device=torch.device("cpu"))
     assert model.is_gradient_checkpointing
     hidden = model.get_input_embeddings()(IDS)
     assert hidden.requires_grad  # gradients can reach adapters through the frozen embedding

@@ -157,18 +157,24 @@ def train_curve(model_dir: str, keys: dict, lora: bool, *, distributed: bool, st
     import torch
     import torch.nn.functional as F
 
+    from plait.model.recompute import apply_gradient_checkpointing
     from plait_parallel.checkpoint import load_sharded, save_sharded
     from plait_parallel.context_parallel import shard_batch_for_context_parallel
     from plait_parallel.mesh import build_mesh, data_parallel_rank_and_size, loss_divisor
 
     cfg = build_cfg(model_dir, keys if distributed else {})
     model = load_model(model_dir, lora)
+    # as plait.pipeline.setup_model does: fsdp_config.activation_checkpointing answers through the hook
+    apply_gradient_checkpointing(cfg, cfg.plugin_manager, model)
     mesh = build_mesh(cfg) if distributed else None
     if mesh is not None:
         model = cfg.plugin_manager.hook.wrap_parallel(cfg=cfg, model=model, mesh=mesh)
     model.train()
     if info is not None:
         info["layout"] = describe_layout(model)
+        # decoder layers that recompute in the backward (fsdp_config.activation_checkpointing)
+        info["checkpointed"] = sum(bool(getattr(m, "gradient_checkpointing", False))
+                                   for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach=True: the kernels GPUs use by default, which refuse mixed DTensor/plain parameters
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, foreach=True)
@@ -225,6 +231,7 @@ def main(argv=None) -> None:
         info = {}
         results[name] = train_curve(args.model, keys, lora, distributed=True, save_dir=save_dir, info=info)
         results["layout:" + name] = info["layout"]
+        results["checkpointed:" + name] = info["checkpointed"]
         results["norms:" + name] = info["grad_norms"]
     if args.load:
         name, load_dir = args.load.split("=", 1)

@@ -2,6 +2,8 @@
 
 * ``config_schema``: the parallelism keys (:class:`~plait_parallel.config.ParallelConfig`).
 * ``validate_config``: mesh sizes against ``WORLD_SIZE``, before any model work.
+* ``gradient_checkpointing_mode``: on for ``fsdp_config.activation_checkpointing``
+  in a run of several processes.
 * ``wrap_parallel``: TP -> context parallel -> FSDP2 on the given mesh, or on
   one built from the config when ``mesh`` is ``None`` and a process group is
   initialised (:func:`plait_parallel.mesh.build_mesh`). The mesh used is
@@ -36,6 +38,22 @@ def validate_config(cfg):
         from plait_parallel.deepspeed import translation_note
 
         cfg.add_note(translation_note(cfg.deepspeed))
+
+
+@hookimpl
+def gradient_checkpointing_mode(cfg):
+    """``fsdp_config.activation_checkpointing`` in a run of several processes:
+    recompute the decoder layers even with ``gradient_checkpointing`` off (a
+    top-level ``gradient_checkpointing: offload`` keeps its offloading);
+    ``None`` otherwise, leaving the answer to core (the config's value)."""
+    import torch.distributed as dist
+
+    from plait_parallel.config import fsdp_options
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not several or not fsdp_options(cfg).activation_checkpointing:
+        return None
+    return cfg.gradient_checkpointing or True
 
 
 @hookimpl

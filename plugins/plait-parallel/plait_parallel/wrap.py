@@ -35,12 +35,8 @@ def wrap_model(cfg, model, mesh=None):
     options = fsdp_options(cfg)
     layers = decoder_layers(model, decoder_layer_class(cfg, model, options.layer_cls))
 
-    if options.activation_checkpointing:
-        from plait.model.recompute import enable_gradient_checkpointing
-
-        # before sharding: the checkpoint wrapper must see the original forward; a top-level
-        # gradient_checkpointing: offload keeps its offloading rather than being reset to plain
-        enable_gradient_checkpointing(model, cfg.gradient_checkpointing or True, cfg.gradient_checkpointing_kwargs)
+    # fsdp_config.activation_checkpointing was applied before any sharding, by core's model
+    # pipeline (plait.model.recompute.apply_gradient_checkpointing asks this plugin's hook)
 
     if mesh["tp"].size() > 1:
         from plait_parallel.tensor_parallel import apply_tensor_parallel

@@ -74,6 +74,8 @@ def test_loss_curve_matches_one_process(runs, name):
     assert runs["norms:" + name] == pytest.approx(runs["reference_norms"][name.endswith("_lora")], rel=1e-5)
     layout = runs["layout:" + name]
     assert layout["type"] == "DTensor" and layout["local_shape"] == LOCAL_Q_SHAPE.get(name, [32, 64])
+    # fsdp_config.activation_checkpointing reaches core's model pipeline through gradient_checkpointing_mode
+    assert runs["checkpointed:" + name] == (2 if name == "fsdp_options" else 0)
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(runs, tiny_model_dir):

@@ -227,17 +227,14 @@ def attach_lora(cfg, model):
                                        parameter_targets)
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    # plait-bnb's loader already prepared the model (frozen base, input grads,
-    # checkpointing) *without* peft's fp32 upcast of embeddings, head and norms,
-    # which would undo its memory saving (plait.model.loading.mark_kbit_prepared)
+    # plait-bnb's loader already prepared the model (frozen base, input grads)
+    # *without* peft's fp32 upcast of embeddings, head and norms, which would
+    # undo its memory saving (plait.model.loading.mark_kbit_prepared)
     if quantized and not is_kbit_prepared(model):
         # QLoRA training; merge-lora reloads a qlora run's base unquantized and skips this
-        # norms to float32 and input grads on, so gradients reach the adapters through the frozen 4-bit base
+        # norms to float32 and input grads on, so gradients reach the adapters through the frozen 4-bit base;
+        # gradient checkpointing is already on (core's model pipeline switches it on before adapters)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if cfg.gradient_checkpointing:
-            from plait.model.recompute import enable_gradient_checkpointing
-
-            enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
     autocast_adapter = not keep_adapter_in_compute_dtype(cfg)
     if cfg.lora_model_dir:
         differing = keys_differing_from_saved_adapter(cfg, cfg.lora_model_dir)

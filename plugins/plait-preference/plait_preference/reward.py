@@ -23,10 +23,7 @@ def load_reward_model(cfg, tokenizer):
                                                                **pretrained_kwargs(cfg))
     fit_to_tokenizer(cfg, model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
-        from plait.model.recompute import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
+    # gradient_checkpointing is switched on by core's model pipeline (plait.pipeline.setup_model)
     return model
 
 

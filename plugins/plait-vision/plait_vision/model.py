@@ -49,11 +49,8 @@ def load_vision_model(cfg, tokenizer):
     if quantized:
         from plait_bnb.quantize import prepare_for_kbit_training
 
-        return prepare_for_kbit_training(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
-    if cfg.gradient_checkpointing:
-        from plait.model.recompute import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
+        return prepare_for_kbit_training(model, cfg.gradient_checkpointing)
+    # gradient_checkpointing is switched on by core's model pipeline (plait.pipeline.setup_model)
     return model
 
 
