@@ -67,7 +67,7 @@ def test_tiled_llama_has_the_untiled_loss_and_gradients(tiny_model, checkpointin
     if checkpointing:
         from plait.model.recompute import enable_gradient_checkpointing
 
-        enable_gradient_checkpointing(model, True)  # what load_model does for gradient_checkpointing: true
+        enable_gradient_checkpointing(model, True)  # what the model pipeline does for gradient_checkpointing: true
     tiled = copy.deepcopy(model)
     report = tile_mlps(tiled, num_shards=3, layer_class="LlamaDecoderLayer")
     assert report == {"LlamaMLP x2": "tiled over the sequence (3 shards)"}
