@@ -93,7 +93,7 @@ _WHOLE_SEQUENCE_MASKS = ("attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "ma
                          "seq_lens")
 
 
-def shard_batch_for_context_parallel(batch: dict, mesh, split: str | None = None) -> dict:
+def shard_batch_for_context_parallel(batch: dict, mesh, split: str) -> dict:
     """This rank's slice of ``batch`` along the sequence dimension.
 
     ``batch`` holds ``[b, S]`` tensors: ``input_ids``, ``labels`` and
@@ -107,13 +107,13 @@ def shard_batch_for_context_parallel(batch: dict, mesh, split: str | None = None
     slice's last token lives on another rank: the result has
     ``shift_labels`` (already shifted; use these for the loss, do not shift
     again) and ``labels`` (the unshifted slice, for reference).
-    ``split`` defaults to the one ``wrap_parallel`` chose from ``ring_attn``.
+    ``split`` (``"zigzag"`` or ``"contiguous"``) must be the one the
+    attention was set up with: :func:`plait_parallel.config.ring_split` of the config.
     The model must be called with the returned ``position_ids``.
     """
     size = mesh["cp"].size()
     if size == 1:
         return batch
-    split = split or getattr(mesh, "plait_cp_split", "contiguous")
     return shard_sequence(batch, size, mesh["cp"].get_local_rank(), split)
 
 

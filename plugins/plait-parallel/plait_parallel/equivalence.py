@@ -159,6 +159,7 @@ def train_curve(model_dir: str, keys: dict, lora: bool, *, distributed: bool, st
 
     from plait.model.recompute import apply_gradient_checkpointing
     from plait_parallel.checkpoint import load_sharded, save_sharded
+    from plait_parallel.config import ring_split
     from plait_parallel.context_parallel import shard_batch_for_context_parallel
     from plait_parallel.mesh import build_mesh, data_parallel_rank_and_size, loss_divisor
 
@@ -186,7 +187,7 @@ def train_curve(model_dir: str, keys: dict, lora: bool, *, distributed: bool, st
     rows = batch["input_ids"].shape[0] // dp_size
     local = {k: v[dp_rank * rows:(dp_rank + 1) * rows] for k, v in batch.items()}
     if mesh is not None and mesh["cp"].size() > 1:
-        local = shard_batch_for_context_parallel(local, mesh)
+        local = shard_batch_for_context_parallel(local, mesh, ring_split(cfg))
     else:
         shifted = torch.full_like(local["labels"], -100)
         shifted[:, :-1] = local["labels"][:, 1:]

@@ -70,9 +70,10 @@ def shard_batch(cfg, batch, mesh):
     ``cp`` dimension of size > 1, so the loop keeps the batch whole."""
     if mesh is None or "cp" not in (getattr(mesh, "mesh_dim_names", None) or ()) or mesh["cp"].size() <= 1:
         return None
+    from plait_parallel.config import ring_split
     from plait_parallel.context_parallel import shard_batch_for_context_parallel
 
-    return shard_batch_for_context_parallel(batch, mesh)
+    return shard_batch_for_context_parallel(batch, mesh, ring_split(cfg))
 
 
 @hookimpl

@@ -46,9 +46,8 @@ def wrap_model(cfg, model, mesh=None):
     if mesh["cp"].size() > 1:
         from plait_parallel.context_parallel import enable_context_parallel
 
-        split = ring_split(cfg)
-        enable_context_parallel(model, mesh["cp"], split=split, heads_k_stride=cfg.heads_k_stride)
-        mesh.plait_cp_split = split  # read by shard_batch_for_context_parallel
+        # shard_batch reads the same split from the config (plait_parallel.config.ring_split)
+        enable_context_parallel(model, mesh["cp"], split=ring_split(cfg), heads_k_stride=cfg.heads_k_stride)
 
     # data-parallel and context-parallel ranks must reduce gradients: FSDP2 does it
     if mesh["dp_shard_cp"].size() * mesh["dp_replicate"].size() > 1:
