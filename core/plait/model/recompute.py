@@ -42,6 +42,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 from collections import defaultdict, deque
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -96,7 +97,18 @@ def apply_gradient_checkpointing(cfg, pm, model):
     return enable_gradient_checkpointing(model, mode, cfg.gradient_checkpointing_kwargs)
 
 
-_recompute_state = threading.local()
+class _PassState(threading.local):
+    """Where this thread is in a checkpointed layer call; the autograd engine
+    runs the recompute pass on its own thread, hence one state per thread.
+    Read through :func:`is_recomputing` and :func:`keeps_for_recompute`."""
+
+    #: inside a non-reentrant checkpoint's recompute pass
+    active: bool = False
+    #: the offloaded layer call being run (forward or recompute), if any
+    layer_call: Optional[_LayerCall] = None
+
+
+_recompute_state = _PassState()
 
 
 def is_recomputing() -> bool:
@@ -108,12 +120,12 @@ def is_recomputing() -> bool:
     of computing it, provided nothing later in the layer saves that output or
     anything derived from it.
     """
-    return getattr(_recompute_state, "active", False)
+    return _recompute_state.active
 
 
 @contextmanager
 def _layer_pass(recomputing: bool, layer_call):
-    before = is_recomputing(), getattr(_recompute_state, "layer_call", None)
+    before = _recompute_state.active, _recompute_state.layer_call
     _recompute_state.active, _recompute_state.layer_call = recomputing, layer_call
     try:
         yield
@@ -125,7 +137,7 @@ def keeps_for_recompute() -> bool:
     """Whether outputs given to :func:`keep_for_recompute` now come back in this
     layer's recompute pass: inside the forward of an offloaded checkpointed layer
     that will be backpropagated (grad mode on)."""
-    return not is_recomputing() and getattr(_recompute_state, "layer_call", None) is not None
+    return not _recompute_state.active and _recompute_state.layer_call is not None
 
 
 def keep_for_recompute(tensors) -> None:
@@ -144,7 +156,7 @@ def keep_for_recompute(tensors) -> None:
 def take_kept() -> list | None:
     """In a recompute pass, the next group :func:`keep_for_recompute` parked in
     this layer's forward, back on its device; ``None`` when nothing is left."""
-    layer_call = getattr(_recompute_state, "layer_call", None) if is_recomputing() else None
+    layer_call = _recompute_state.layer_call if _recompute_state.active else None
     if layer_call is None or not layer_call.kept:
         return None
     return [layer_call.keeper.fetch(handle) for handle in layer_call.kept.popleft()]
