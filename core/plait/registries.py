@@ -19,7 +19,8 @@ from __future__ import annotations
 import importlib.util
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Optional, Union
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -154,8 +155,48 @@ def build_transformers_optimizer(cfg, params):
     return cls(params, **{**kwargs, **cfg.optim_args})
 
 
-#: names some package or plugin provides, and what to install for them (a lookup miss names it)
-KNOWN_ELSEWHERE: dict[str, dict[str, str]] = {"optimizers": {}, "schedulers": {}, "dataset_formats": {}}
+@dataclass(frozen=True)
+class Elsewhere:
+    """Names Plait knows but no installed plugin registers, and why a lookup
+    of one is refused: the package that provides it, or why Plait does not
+    support it. ``reason`` completes ``config key 'optimizer': 'NAME' ...``."""
+
+    registry: str  # "optimizers", "schedulers" or "dataset_formats"
+    names: tuple[str, ...]
+    reason: str
+
+
+#: transformers' optimizer and schedule names that no first-party registry serves here
+ELSEWHERE = (
+    Elsewhere("optimizers", (
+        "adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+        "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+        "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"),
+        "is a bitsandbytes optimizer; install plait-bnb (pip install plait-bnb) to use it"),
+    Elsewhere("optimizers", (
+        "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+        "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw", "apollo_adamw_layerwise",
+        "lomo", "adalomo"),
+        "is not supported by Plait: it needs the model's target modules and a per-layer update "
+        "(GaLore/APOLLO/LOMO) that the training loop does not do"),
+    Elsewhere("optimizers", ("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"),
+              "is not supported by Plait: schedule-free optimizers must be switched between train() and eval() "
+              "around evaluation, which the training loop does not do"),
+    Elsewhere("optimizers", ("adamw_torch_xla",), "needs a TPU (torch_xla); not supported by Plait"),
+    Elsewhere("optimizers", ("adamw_torch_npu_fused",), "needs an Ascend NPU (torch_npu); not supported by Plait"),
+    Elsewhere("schedulers", ("reduce_lr_on_plateau",),
+              "is not supported by Plait: it needs the eval loss at every step, which the loop "
+              "does not pass to the schedule"),
+    Elsewhere("schedulers", ("greedy",),
+              "is not supported by Plait: it needs the training loss at every step (transformers' "
+              "GreedyLR), which the loop does not pass to the schedule"),
+)
+
+#: ``{registry: {name: reason}}`` from :data:`ELSEWHERE`, read-only (a lookup miss names the reason)
+KNOWN_ELSEWHERE: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    registry: MappingProxyType({name: record.reason for record in ELSEWHERE if record.registry == registry
+                                for name in record.names})
+    for registry in ("optimizers", "schedulers", "dataset_formats")})
 
 
 def missing_requirements(requires) -> list[str]:

@@ -21,8 +21,7 @@ import math
 
 from plait.errors import ConfigError
 from plait.hookspecs import hookimpl
-from plait.registries import (KNOWN_ELSEWHERE, Optimizer, Scheduler, build_transformers_optimizer, find_optimizer,
-                              find_scheduler)
+from plait.registries import Optimizer, Scheduler, build_transformers_optimizer, find_optimizer, find_scheduler
 
 PLAIT_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 #: transformers' schedules built through ``transformers.get_scheduler`` -> the ``lr_scheduler_kwargs`` each
@@ -51,29 +50,6 @@ TRANSFORMERS_OPTIMIZERS = {
     "grokadamw": ("grokadamw", "pip install grokadamw"),
     "stable_adamw": ("optimi", "pip install torch-optimi"),
 }
-
-KNOWN_ELSEWHERE["optimizers"].update({
-    **{name: "is a bitsandbytes optimizer; install plait-bnb (pip install plait-bnb) to use it" for name in (
-        "adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
-        "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
-        "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")},
-    **{name: "is not supported by Plait: it needs the model's target modules and a per-layer update "
-             "(GaLore/APOLLO/LOMO) that the training loop does not do" for name in (
-        "galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
-        "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw", "apollo_adamw_layerwise",
-        "lomo", "adalomo")},
-    **{name: "is not supported by Plait: schedule-free optimizers must be switched between train() and eval() "
-             "around evaluation, which the training loop does not do" for name in (
-        "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd")},
-    "adamw_torch_xla": "needs a TPU (torch_xla); not supported by Plait",
-    "adamw_torch_npu_fused": "needs an Ascend NPU (torch_npu); not supported by Plait",
-})
-KNOWN_ELSEWHERE["schedulers"].update({
-    "reduce_lr_on_plateau": "is not supported by Plait: it needs the eval loss at every step, which the loop "
-                            "does not pass to the schedule",
-    "greedy": "is not supported by Plait: it needs the training loss at every step (transformers' "
-              "GreedyLR), which the loop does not pass to the schedule",
-})
 
 
 # -------------------------------------------------------------- optimizers
