@@ -615,7 +615,9 @@ def on_train_start(run: Run) -> None:
     """The loop is about to take its first step.
 
     Every plugin is called. ``run`` is the :class:`plait.train.loop.Run`
-    (config, model, output directory, total steps). Return value ignored.
+    (config, model, output directory, total steps; typed fields a plugin may
+    read). A plugin keeps its own state in ``run.extras`` under its own name;
+    core's state is in the fields, never there. Return value ignored.
 
     Core's default: ``plait.builtin.tracking`` (metrics trackers).
     """
