@@ -5,7 +5,8 @@
     config -> process group, pre-flight (plait.train.preflight), seeds,
               the checkpoint to resume from (verified), output_dir
            -> tokenizer (+ tokenizer_loaded fixes) -> datasets (tokenized, split)
-           -> model -> adapters -> kernels -> device -> parallel wrapper
+           -> model (plait.pipeline.setup_model: load, gradient checkpointing,
+              device, adapters, kernels) -> parallel wrapper
            -> loss step, optimizer, schedule -> room for a checkpoint? -> resume?
            -> for each optimizer step: collate + shard_batch each micro-batch,
               forward, loss (+ extra_loss terms), backward; clip, step,
