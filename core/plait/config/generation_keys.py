@@ -26,10 +26,24 @@ def check_metric_names(names: list[str]) -> None:
                               f"{did_you_mean(name, ACCEPTED_METRICS)}; accepted: {accepted}")
 
 
+#: unset eval_causal_lm_metrics: Axolotl's default list less comet
+DEFAULT_METRICS = ("sacrebleu", "ter", "chrf")
+
+
+def wanted(cfg) -> bool:
+    """Whether evaluations generate (``do_causal_lm_eval`` or ``eval_table_size``)."""
+    return bool(cfg.do_causal_lm_eval) or bool(cfg.eval_table_size)
+
+
+def metric_names(cfg) -> list[str]:
+    """The metrics each evaluation computes; none without ``do_causal_lm_eval``."""
+    if not cfg.do_causal_lm_eval:
+        return []
+    return list(cfg.eval_causal_lm_metrics or DEFAULT_METRICS)
+
+
 def check_generation_keys(cfg) -> None:
     """Rules spanning keys, and this machine's facts (the sacrebleu package), last."""
-    from plait.train.generation import metric_names, wanted
-
     if not wanted(cfg):
         if cfg.eval_max_new_tokens or cfg.eval_causal_lm_metrics:
             key = "eval_max_new_tokens" if cfg.eval_max_new_tokens else "eval_causal_lm_metrics"

@@ -38,26 +38,13 @@ import math
 from dataclasses import dataclass, field
 
 # ACCEPTED_METRICS: Axolotl's names (its SUPPORTED_METRICS) that Plait computes; comet is refused at validation
-from plait.config.generation_keys import ACCEPTED_METRICS, SACREBLEU_METRICS
+from plait.config.generation_keys import (ACCEPTED_METRICS, DEFAULT_METRICS, SACREBLEU_METRICS,  # noqa: F401
+                                          metric_names, wanted)
 from plait.errors import TrainingError
-#: unset eval_causal_lm_metrics: Axolotl's default list less comet
-DEFAULT_METRICS = ("sacrebleu", "ter", "chrf")
 #: unset eval_max_new_tokens, as in Axolotl
 DEFAULT_MAX_NEW_TOKENS = 128
 #: the table written to output_dir at each evaluation with eval_table_size
 TABLE_FILE = "eval_predictions.jsonl"
-
-
-def wanted(cfg) -> bool:
-    """Whether evaluations generate (``do_causal_lm_eval`` or ``eval_table_size``)."""
-    return bool(cfg.do_causal_lm_eval) or bool(cfg.eval_table_size)
-
-
-def metric_names(cfg) -> list[str]:
-    """The metrics each evaluation computes; none without ``do_causal_lm_eval``."""
-    if not cfg.do_causal_lm_eval:
-        return []
-    return list(cfg.eval_causal_lm_metrics or DEFAULT_METRICS)
 
 
 def max_new_tokens(cfg) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 #: bump when the stored values would change meaning
@@ -108,7 +109,7 @@ def attach(run) -> None:
         stored = load_file(str(path))
         _say(run, f"precompute_ref_log_probs: reference log-probs read from {path}")
     else:
-        resumed = run.extras.get("resumed_at_step")
+        resumed = run.resumed_at_step
         if resumed is not None and run.objective.needs_starting_weights:
             raise TrainingError(
                 f"precompute_ref_log_probs: true: the reference log-probs of this run ({path}) are missing and the "
@@ -131,9 +132,8 @@ def attach(run) -> None:
 
 
 def _say(run, message: str) -> None:
-    from plait.train.loop import log
-
-    log(run, message)
+    if run.is_main:  # one line per run, not one per process
+        print(message, file=sys.stderr, flush=True)
 
 
 class WithRefLogps:
