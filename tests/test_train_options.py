@@ -77,6 +77,24 @@ def test_warmup_ratio_ramps_the_learning_rate_over_that_share_of_the_steps(tiny_
     assert logged == pytest.approx(ramp + [1e-3] * (8 - warmup), rel=1e-12)
 
 
+def test_warmup_steps_below_one_is_a_fraction_of_the_run(tiny_model, tmp_path):
+    # transformers' reading of warmup_steps (Axolotl passes it on): 0.3 x 8 steps = 2.4, rounded up to 3
+    run = run_train({"base_model": str(tiny_model), "output_dir": str(tmp_path / "out"), "learning_rate": 1e-3,
+                     "lr_scheduler": "constant", "warmup_steps": 0.3, "micro_batch_size": 2}, data(16, 0))
+    logged = [r["lr"] for r in run.metrics_log.read() if "lr" in r]
+    assert logged == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3] + [1e-3] * 5, rel=1e-12)
+
+
+@pytest.mark.parametrize("value,message", [(2.5, "a whole number of steps, or a fraction of the run between 0 and 1"),
+                                           (-0.1, "greater than or equal to 0")])
+def test_warmup_steps_rejects_what_is_neither_a_count_nor_a_fraction(value, message):
+    from plait.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"warmup_steps.*{message}"):
+        build_run_config({"base_model": "m", "warmup_steps": value})
+    assert build_run_config({"base_model": "m", "warmup_steps": 4.0})[0].warmup_steps == 4  # a whole float is a count
+
+
 # ------------------------------------------------------------------ optimizers
 
 

@@ -129,6 +129,11 @@ def build_optimizer(cfg, params):
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
+    """Warm-up steps of a run of ``total_steps``: ``warmup_steps`` (below 1: a
+    fraction of the run, rounded up, as transformers' ``get_warmup_steps``
+    reads it), else ``warmup_ratio`` of the run, rounded up."""
+    if isinstance(cfg.warmup_steps, float):
+        return int(math.ceil(cfg.warmup_steps * total_steps))
     if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, total_steps)
     if cfg.warmup_ratio is not None:

@@ -341,8 +341,10 @@ class CoreConfig(StrictModel):
         default_factory=dict,
         description="Arguments of the schedule, checked against what it takes (cosine: num_cycles; polynomial: lr_end, "
                     "power; warmup_stable_decay: num_decay_steps, ...).")
-    warmup_steps: Optional[int] = Field(
-        None, ge=0, description="Optimizer steps of linear warm-up from 0 to learning_rate; excludes warmup_ratio.")
+    warmup_steps: Optional[Union[int, float]] = Field(
+        None, ge=0, description="Optimizer steps of linear warm-up from 0 to learning_rate; a number between 0 and 1 "
+                                "is a fraction of the run's steps, rounded up (transformers' warmup_steps, which "
+                                "Axolotl passes it to). Excludes warmup_ratio.")
     warmup_ratio: Optional[float] = Field(
         None, ge=0, lt=1, description="Warm-up as a fraction of the run's steps; excludes warmup_steps.")
     cosine_min_lr_ratio: Optional[float] = Field(
@@ -640,6 +642,18 @@ class CoreConfig(StrictModel):
 
             check_metric_names(names)
         return names
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_steps_count_or_fraction(cls, value):
+        """A whole number of steps, or a fraction of the run below 1 (``0.1``);
+        ``2.5`` is neither."""
+        if isinstance(value, float):
+            if value.is_integer():
+                return int(value)
+            if value > 1:
+                raise ValueError("give a whole number of steps, or a fraction of the run between 0 and 1")
+        return value
 
     @field_validator("save_on_signals")
     @classmethod
