@@ -6,6 +6,10 @@ another order, so their logits agree to 1e-5."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import pytest
 import torch
 
@@ -76,3 +80,71 @@ def test_use_kernels_without_the_kernels_package_is_a_machine_fact(monkeypatch):
     with pytest.raises(ConfigError, match=r"'use_kernels': true loads hub kernels through the kernels package"):
         build_run_config({"base_model": "m", "use_kernels": True})
     build_run_config({"base_model": "m", "use_kernels": False})  # turning them off needs nothing
+
+
+# ---------------------------------------------- Axolotl's KernelsPlugin and its experts flags
+
+KERNELS_PLUGIN = "axolotl.integrations.kernels.KernelsPlugin"
+
+
+def test_use_scattermoe_runs_grouped_mm_with_the_eager_experts_result(tiny_moe):
+    cfg, _ = build_run_config({"base_model": str(tiny_moe), "bf16": False, "use_scattermoe": True,
+                               "experts_implementation": "scattermoe"})
+    assert cfg.experts_implementation == "grouped_mm"
+    assert any(note.startswith("use_scattermoe: true -> experts_implementation: grouped_mm") for note in cfg.notes)
+    model = cfg.plugin_manager.hook.load_model(cfg=cfg, tokenizer=None)
+    assert model.config._experts_implementation == "grouped_mm"
+    reference = load(tiny_moe, experts_implementation="eager")  # one matmul per expert, in a Python loop
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, reference(input_ids=IDS).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_use_sonicmoe_asks_for_transformers_sonicmoe():
+    if torch.cuda.is_available():
+        pytest.skip("the note below is a fact of machines without CUDA")
+    with pytest.raises(ConfigError, match=r"'use_sonicmoe' \(experts_implementation 'sonicmoe'\) runs only on an "
+                                          r"NVIDIA GPU"):
+        build_run_config({"base_model": "m", "use_sonicmoe": True})
+
+
+def test_both_experts_flags_are_refused():
+    with pytest.raises(ConfigError, match="'use_scattermoe' and 'use_sonicmoe' are both true"):
+        build_run_config({"base_model": "m", "use_scattermoe": True, "use_sonicmoe": True})
+
+
+@pytest.mark.parametrize("keys,want", [
+    ({}, "eager"),  # the plugin pins eager when no flag picks a kernel
+    ({"experts_implementation": "batched_mm"}, "batched_mm"),
+    ({"experts_implementation": "scattermoe"}, "eager"),  # scattermoe without its flag
+    ({"experts_implementation": "deepgemm"}, "eager"),  # not a name the plugin keeps
+    ({"use_scattermoe": True, "experts_implementation": "batched_mm"}, "grouped_mm"),  # the flag wins
+])
+def test_the_kernels_plugin_sets_what_axolotl_sets(tmp_path, keys, want):
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": "a", "output": "b"}])
+    path = write_config(tmp_path / "c.yml", base_model="m", plugins=[KERNELS_PLUGIN], output_dir=str(tmp_path),
+                        datasets=[{"path": str(data), "type": "alpaca"}], **keys)
+    result = run_cli(["config", "explain", str(path)])
+    assert result.exit_code == 0, result.stderr
+    assert re.search(rf"^experts_implementation +\"{want}\"", result.stdout, re.M), result.stdout
+    assert re.search(r"^use_kernels +true +Axolotl.s kernels integration", result.stdout, re.M)
+
+
+@pytest.mark.slow  # ~9 s: a two-step run
+def test_a_kernels_plugin_run_trains_through_grouped_mm(tiny_moe, tmp_path):
+    pytest.importorskip("kernels")  # the plugin turns use_kernels on, as in Axolotl
+    rows = [{"instruction": f"add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(8)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    path = write_config(tmp_path / "c.yml", base_model=str(tiny_moe), plugins=[KERNELS_PLUGIN], use_scattermoe=True,
+                        experts_implementation="scattermoe", bf16=False, datasets=[{"path": str(data),
+                                                                                    "type": "alpaca"}],
+                        micro_batch_size=2, max_steps=2, learning_rate=1e-3, output_dir=str(tmp_path / "out"))
+    result = run_cli(["train", str(path)])
+    assert result.exit_code == 0, result.stderr[-2000:]
+    log = result.stdout + result.stderr
+    # what runs, said at the start: the mapping, then what the loaded model dispatches to
+    assert "use_scattermoe: true -> experts_implementation: grouped_mm" in log
+    assert "experts: 2 MoE blocks run their experts with transformers' grouped_mm function" in log
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)

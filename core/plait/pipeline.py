@@ -78,6 +78,11 @@ def setup_model(cfg: CoreConfig, pm: pluggy.PluginManager, tokenizer: PreTrained
                 + (f" (ids {fixed[:20]}{' ...' if len(fixed) > 20 else ''})" if fixed else ""))
         # validate_config could only read a local config.json: check the real one (packed rows kept apart)
         check_loaded_model(cfg, model)
+        from plait.model.transformers_kernels import describe_experts_kernel
+
+        experts_line = describe_experts_kernel(cfg, model)
+        if experts_line:
+            say(experts_line)
         # which module feeds the head, and whether the fused loss reproduces the logits: one probe, before wrappers
         head_plan(model)
         adapted = pm.hook.load_adapter(cfg=cfg, model=model)

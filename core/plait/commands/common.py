@@ -43,7 +43,7 @@ def load_run_config(args, pm=None, *, check_sources: bool = True, extra_checks=(
     disable = plugin_names(raw, "disable_plugins")
     if pm is None or plait_entries or disable:
         pm = build_plugin_manager(plait_entries, disable=disable, extra=getattr(args, "extra_plugins", []))
-    resolve_axolotl_plugins(axolotl_entries, pm, problems)
+    resolve_axolotl_plugins(axolotl_entries, pm, problems, raw, sources)
     checks = [check_model_sources] if check_sources else []
     if preflight:
         checks.append(lambda cfg: file_preflight(cfg, problems))
@@ -81,16 +81,26 @@ def plugin_names(raw: dict, key: str) -> list[str]:
     return []
 
 
-def resolve_axolotl_plugins(entries: list[str], pm, problems) -> None:
+def resolve_axolotl_plugins(entries: list[str], pm, problems, raw: dict | None = None,
+                            sources: dict | None = None) -> None:
     """Axolotl integrations under ``plugins:``: a note for each Plait serves,
-    a problem for each it cannot."""
-    from plait.config.axolotl_plugins import resolve
+    a problem for each it cannot; what a served one does to the config's keys
+    in Axolotl (a default it sets) is applied to ``raw``, with notes, and
+    recorded in ``sources``."""
+    from plait.config.axolotl_plugins import INTEGRATIONS, integration_of, resolve
 
     loaded = {info.name for info in pm.list_plugins()}
     for entry in entries:
         note, problem = resolve(entry, loaded)
         if note:
             problems.note(note)
+            if raw is not None:
+                before = dict(raw)
+                for line in INTEGRATIONS[integration_of(entry)].apply(raw):
+                    problems.note(line)
+                for key in (key for key in raw if raw[key] != before.get(key)):
+                    if sources is not None:
+                        sources[key] = f"Axolotl's {integration_of(entry)} integration"
         if problem:
             problems.add("plugins", problem)
 

@@ -82,6 +82,15 @@ LACKING_KEYS: dict[str, str] = {
     "xformers_attention": "xformers attention is not used; use attn_implementation: sdpa or flash_attention_2",
     "sage_attention": "SageAttention is not used; use attn_implementation: sdpa or flash_attention_2",
     "lora_on_cpu": "LoRA weights live on the training device",
+    "nvfp4_merge_aware": "merge-aware NVFP4 LoRA (fake-quantizing base + LoRA to the NVFP4 grid of a ModelOpt "
+                         "checkpoint while training) is not implemented",
+    "nvfp4_merge_aware_start_step": "merge-aware NVFP4 LoRA is not implemented",
+    "dsv4_fp4_grouped_mode": "the grouped fp4 MoE path of Axolotl's kernels (NVFP4 experts of a ModelOpt "
+                             "checkpoint, fp4 activations) is not implemented",
+    "use_dsv4_kernels": "Axolotl's fused DeepSeek-V4 training kernels (attention, RoPE, mHC, fp8 non-expert "
+                        "weights) are not implemented; the model's own code runs without the key",
+    "use_glm_dsa_kernels": "Axolotl's GLM-5 DSA kernels (sparse top-k attention with an fp32 router) are not "
+                           "implemented; the model's own attention runs without the key",
     "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
                                "every layer",
     "use_ray": "Ray launching is not supported; launch with torchrun or accelerate launch",

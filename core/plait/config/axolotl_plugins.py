@@ -12,7 +12,9 @@ cut_cross_entropy      core's loss step (never builds full logits)
 liger                  plait-kernels (the ``liger_*`` keys)
 swanlab                core's trackers (the ``swanlab_*`` keys)
 spectrum               refused: use ``unfrozen_parameters``
-kernels                refused (hub MoE kernels)
+kernels                core: ``use_scattermoe`` / ``use_sonicmoe`` onto
+                       transformers' experts functions, ``use_kernels``
+                       on (:mod:`plait.model.transformers_kernels`)
 others                 refused, named
 =====================  ===================================================
 """
@@ -33,6 +35,17 @@ class Integration:
     serves: str
     plugin: str | None = None
     refused: bool = False
+    #: ``"module:function"`` taking the raw config keys, applying what listing the
+    #: integration does to them in Axolotl (defaults it sets), returning notes
+    applies: str | None = None
+
+    def apply(self, raw: dict) -> list[str]:
+        if self.applies is None:
+            return []
+        import importlib
+
+        module, function = self.applies.split(":")
+        return getattr(importlib.import_module(module), function)(raw)
 
 
 INTEGRATIONS: dict[str, Integration] = {
@@ -41,8 +54,9 @@ INTEGRATIONS: dict[str, Integration] = {
     "liger": Integration("plait-kernels swaps in liger-kernel's modules for the liger_* keys", plugin="kernels"),
     "spectrum": Integration("Spectrum's layer selection (a hub SNR scan) is not implemented; list the layers to "
                             "train with unfrozen_parameters", refused=True),
-    "kernels": Integration("hub MoE kernels (scattermoe, sonicmoe) are not used; plait-models runs MoE experts "
-                           "and plait-kernels swaps dense kernels", refused=True),
+    "kernels": Integration("MoE experts kernels: use_scattermoe runs transformers' grouped_mm, use_sonicmoe its "
+                           "sonicmoe; use_kernels on", applies="plait.model.transformers_kernels:"
+                                                               "apply_axolotl_kernels_plugin"),
     "swanlab": Integration("core's SwanLab tracker (the swanlab_* keys; needs plait[swanlab])"),
     "kd": Integration("knowledge distillation is not implemented", refused=True),
     "lm_eval": Integration("lm-eval-harness runs are not built in; run lm_eval on the saved model", refused=True),
@@ -68,7 +82,8 @@ def integration_of(entry: str) -> str | None:
 
 def resolve(entry: str, loaded_plugins) -> tuple[str | None, str | None]:
     """``(note, problem)`` for one Axolotl ``plugins:`` entry: a note when
-    Plait serves it, a problem line when it cannot."""
+    Plait serves it, a problem line when it cannot (what the entry does to
+    the config's keys is :meth:`Integration.apply`)."""
     name = integration_of(entry)
     integration = INTEGRATIONS.get(name)
     if integration is None:

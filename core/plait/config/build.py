@@ -15,6 +15,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model
 
 from plait.model.names import substitute_attention
+from plait.model.transformers_kernels import apply_axolotl_experts_flags
 from plait.config.axolotl_keys import (DTYPE_SWITCHES, NO_OP_KEYS, RENAMED_KEYS, asks_for_nothing, is_axolotl_key,
                                        lacking_reason)
 from plait.config.plugin_keys import unloaded_key_owners
@@ -277,6 +278,12 @@ def build_config(
             raw[list_key] = [dict(e) if isinstance(e, dict) else e for e in raw[list_key]]
     cls = config_class(pm)
     sources = dict(sources or {})
+    try:
+        for line in apply_axolotl_experts_flags(raw):
+            problems.note(line)
+            sources["experts_implementation"] = "Axolotl's experts flag"
+    except ConfigError as exc:
+        problems.add_error("value", exc)
     ignored = _sort_keys(raw, cls, pm, problems, allow_unsupported)
     _blank_means_unset(cls, raw, sources)
     try:

@@ -204,6 +204,15 @@ class CoreConfig(StrictModel):
         None, description="MoE only: the function transformers runs a block's fused experts with (its "
                           "from_pretrained argument): grouped_mm (its default), batched_mm, eager, or a GPU kernel "
                           "(sonicmoe, deepgemm); the accepted names are read from the installed transformers.")
+    use_scattermoe: Optional[bool] = Field(
+        None, description="Axolotl's KernelsPlugin flag for its ScatterMoE experts kernel (Triton): Plait runs "
+                          "experts_implementation grouped_mm instead, the same per-expert products (tokens sorted "
+                          "by expert, one grouped GEMM per projection); it wins over experts_implementation. "
+                          "Excludes use_sonicmoe.")
+    use_sonicmoe: Optional[bool] = Field(
+        None, description="Axolotl's KernelsPlugin flag for the SonicMoE experts kernel: experts_implementation "
+                          "sonicmoe (transformers' loader of the sonic-moe hub kernel; CUDA, Hopper or newer, the "
+                          "kernels package). Excludes use_scattermoe.")
     use_kernels: Optional[bool] = Field(
         None, description="transformers' use_kernels: swap layers for kernels from the Hugging Face hub (needs the "
                           "kernels package; a layer without a kernel for this device keeps its own code). true also "

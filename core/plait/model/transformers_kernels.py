@@ -4,6 +4,25 @@
 package). Both are ``from_pretrained`` arguments, passed through by
 :func:`plait.model.loading.pretrained_kwargs`; the checks here run at config
 time, against the installed transformers.
+
+Axolotl's KernelsPlugin (``plugins: axolotl.integrations.kernels.KernelsPlugin``)
+registers its own experts functions under transformers' experts interface and
+picks one with ``use_scattermoe`` / ``use_sonicmoe``. Plait maps them onto
+transformers' own functions of the same arithmetic (the routing stays in each
+model's MoE block either way; only the per-expert products are run by another
+kernel):
+
+==============================  ===============================================
+Axolotl                         Plait (transformers' experts function)
+==============================  ===============================================
+use_scattermoe                  grouped_mm: the tokens sorted by expert and one
+                                grouped GEMM per projection (torch's
+                                grouped_mm), what ScatterMoE's Triton kernel
+                                computes
+use_sonicmoe                    sonicmoe: transformers' own loader of the same
+                                sonic-moe hub kernel (CUDA, Hopper or newer)
+the plugin, neither flag        eager (Axolotl pins it)
+==============================  ===============================================
 """
 
 from __future__ import annotations
@@ -15,8 +34,70 @@ CUDA_ONLY_EXPERTS = ("sonicmoe", "deepgemm", "deepgemm_megamoe")
 
 #: names other projects give experts kernels that transformers does not register -> what to say
 FOREIGN_EXPERTS = {
-    "scattermoe": "scattermoe is Axolotl's own kernel (its KernelsPlugin, use_scattermoe), not one of transformers'",
+    "scattermoe": "scattermoe is Axolotl's own kernel, which its KernelsPlugin registers for use_scattermoe: true; "
+                  "set use_scattermoe: true (Plait runs transformers' grouped_mm for it)",
 }
+
+#: Axolotl's experts flags -> (transformers' experts function Plait runs, why it is the same arithmetic)
+AXOLOTL_EXPERTS_FLAGS = {
+    "use_scattermoe": ("grouped_mm", "ScatterMoE is Axolotl's Triton kernel: tokens sorted by expert, one grouped "
+                                     "GEMM per projection; transformers' grouped_mm computes the same products with "
+                                     "torch's grouped_mm"),
+    "use_sonicmoe": ("sonicmoe", "transformers' own loader of the sonic-moe hub kernel Axolotl runs"),
+}
+
+#: experts_implementation values Axolotl's KernelsPlugin keeps; any other becomes eager there
+AXOLOTL_KERNELS_PLUGIN_EXPERTS = ("eager", "batched_mm", "grouped_mm", "scattermoe", "sonicmoe")
+
+
+def apply_axolotl_kernels_plugin(raw: dict) -> list[str]:
+    """What listing Axolotl's KernelsPlugin does to a config, applied to the raw
+    keys (before validation); returns the notes that say so.
+
+    As in Axolotl's ``KernelsArgs``: ``use_kernels`` is turned on (transformers'
+    hub kernels), and ``experts_implementation`` is ``eager`` unless a flag
+    picks a kernel or it names one of transformers' functions; ``scattermoe`` /
+    ``sonicmoe`` without their flag fall back to ``eager`` too."""
+    notes = []
+    if raw.get("use_kernels") is not True:
+        was = "unset" if raw.get("use_kernels") is None else str(raw["use_kernels"]).lower()
+        raw["use_kernels"] = True
+        notes.append(f"use_kernels: {was} -> true (Axolotl's KernelsPlugin turns transformers' hub kernels on)")
+    value = raw.get("experts_implementation")
+    flags = {flag for flag in AXOLOTL_EXPERTS_FLAGS if raw.get(flag) is True}
+    if value is None:
+        if not flags:
+            raw["experts_implementation"] = "eager"
+            notes.append("experts_implementation: eager (Axolotl's KernelsPlugin pins it when neither "
+                         "use_scattermoe nor use_sonicmoe is set)")
+        return notes
+    wanted_flag = {"scattermoe": "use_scattermoe", "sonicmoe": "use_sonicmoe"}.get(value)
+    if value not in AXOLOTL_KERNELS_PLUGIN_EXPERTS or (wanted_flag and wanted_flag not in flags):
+        raw["experts_implementation"] = "eager"
+        why = f"it needs {wanted_flag}: true" if wanted_flag else "not a name Axolotl's KernelsPlugin accepts"
+        notes.append(f"experts_implementation: {value} -> eager (as Axolotl's KernelsPlugin does: {why})")
+    return notes
+
+
+def apply_axolotl_experts_flags(raw: dict) -> list[str]:
+    """``use_scattermoe`` / ``use_sonicmoe`` onto ``experts_implementation``,
+    applied to the raw keys; returns the notes that say what runs. The flag
+    wins over an ``experts_implementation`` of another value, as Axolotl's
+    plugin sets it before the model loads. Both flags on is an error."""
+    from plait.errors import ConfigError
+
+    flags = [flag for flag in AXOLOTL_EXPERTS_FLAGS if raw.get(flag) is True]
+    if len(flags) > 1:
+        raise ConfigError("config keys 'use_scattermoe' and 'use_sonicmoe' are both true; they choose one experts "
+                          "kernel, so set one of them")
+    if not flags:
+        return []
+    flag = flags[0]
+    name, why = AXOLOTL_EXPERTS_FLAGS[flag]
+    given = raw.get("experts_implementation")
+    raw["experts_implementation"] = name
+    replaced = f", replacing experts_implementation: {given}" if given not in (None, name, flag[4:]) else ""
+    return [f"{flag}: true -> experts_implementation: {name}{replaced} ({why})"]
 
 
 def experts_implementations() -> list[str]:
@@ -42,6 +123,9 @@ def check_experts_implementation(cfg) -> None:
     value = cfg.experts_implementation
     if value is None:
         return
+    # a value use_scattermoe / use_sonicmoe set is named by that key
+    key = next((f"{flag}' (experts_implementation {value!r})" for flag, (name, _) in AXOLOTL_EXPERTS_FLAGS.items()
+                if getattr(cfg, flag, None) and name == value), f"experts_implementation': {value!r}")
     accepted = experts_implementations()
     if value not in accepted:
         why = FOREIGN_EXPERTS.get(value, "transformers has no experts function of that name")
@@ -51,8 +135,27 @@ def check_experts_implementation(cfg) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise MachineFactError(f"config key 'experts_implementation': {value!r} runs only on an NVIDIA GPU, and "
-                                   "this machine has none; use grouped_mm (transformers' default), batched_mm or eager")
+            raise MachineFactError(f"config key '{key} runs only on an NVIDIA GPU, and this machine has none; use "
+                                   "grouped_mm (transformers' default), batched_mm or eager")
+        if value == "sonicmoe":
+            check_sonicmoe_loadable(key)
+
+
+def check_sonicmoe_loadable(key: str) -> None:
+    """On a machine with CUDA, transformers' own test for the sonic-moe kernel:
+    the kernels package, a GPU of Hopper or newer, and the CuteDSL packages the
+    kernel was built against."""
+    from plait.errors import MachineFactError
+
+    try:
+        from transformers.integrations.sonicmoe import is_sonicmoe_loadable
+    except ImportError:  # a transformers without the test: loading will tell
+        return
+    try:
+        is_sonicmoe_loadable(raise_error=True)
+    except ImportError as exc:
+        raise MachineFactError(f"config key '{key} cannot run on this machine: {' '.join(str(exc).split())}") \
+            from None
 
 
 def check_use_kernels(cfg) -> None:
@@ -120,3 +223,20 @@ def check_attention_kernel(cfg) -> None:
         raise MachineFactError(f"config key 'attn_implementation': the hub kernel {value!r} is not in the hub cache "
                                f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; download it once online, or "
                                f"use flash_attention_2 or sdpa")
+
+
+def describe_experts_kernel(cfg, model) -> str | None:
+    """The run-log line saying which function runs the model's fused experts
+    (blocks built with transformers' experts interface), or that a kernel the
+    config asked for has no such block to run in; ``None`` for a model
+    without them that asked for nothing."""
+    blocks = [module for module in model.modules()
+              if hasattr(module, "is_concatenated") and hasattr(getattr(module, "config", None),
+                                                                "_experts_implementation")]
+    if not blocks:
+        if cfg.experts_implementation is None:
+            return None
+        return (f"warning: experts_implementation {cfg.experts_implementation!r} has nothing to run: no block of "
+                f"{type(model).__name__} dispatches its experts through transformers' experts interface")
+    names = sorted({block.config._experts_implementation or "eager" for block in blocks})
+    return f"experts: {len(blocks)} MoE blocks run their experts with transformers' {', '.join(names)} function"
