@@ -88,9 +88,28 @@ def test_unfrozen_parameters_train_only_the_matching_weights(tiny_model, tmp_pat
     with pytest.raises(ConfigError, match="match no parameter of the model"):
         _train({"base_model": str(tiny_model), "output_dir": str(tmp_path / "none"), "max_steps": 1,
                 "unfrozen_parameters": ["^no_such_module"]}, SimpleNamespace(train=_rows(4), eval=None))
-    with pytest.raises(ConfigError, match="with adapter: lora only the adapter trains"):
-        build_run_config({"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True,
-                          "unfrozen_parameters": ["^lm_head"]})
+
+
+@pytest.mark.slow  # ~11 s: two LoRA runs
+def test_unfrozen_parameters_with_an_adapter_choose_among_the_adapted_model_parameters(tiny_model, tmp_path):
+    """As in Axolotl: applied after the adapter is attached, to peft's names; what they miss is frozen."""
+    lora = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "lora_r": 4,
+            "lora_alpha": 8, "max_steps": 2, "learning_rate": 1e-2}
+    run = _train({**lora, "output_dir": str(tmp_path / "one"), "unfrozen_parameters": [r"layers\.1\..*lora_"]},
+                 SimpleNamespace(train=_rows(8), eval=None))
+    lora_b = {name: param for name, param in run.model.named_parameters() if "lora_B" in name}
+    assert lora_b and all(name.startswith("base_model.model.") for name in lora_b)
+    moved = {name for name, param in lora_b.items() if param.detach().abs().sum() > 0}  # lora_B starts at zero
+    assert moved == {name for name in lora_b if ".layers.1." in name}
+    assert not any(param.requires_grad for name, param in run.model.named_parameters() if ".layers.0." in name)
+    # patterns written for the base model's names match nothing there: Axolotl would freeze everything
+    with pytest.raises(ConfigError, match=r"cannot match a parameter of the adapted model.*Axolotl warns 'All "
+                                          r"parameters are frozen'"):
+        build_run_config({**lora, "unfrozen_parameters": ["^model.language_model.*", "^lm_head.*"]})
+    # a base weight trained next to the adapter would not be in the saved adapter
+    with pytest.raises(ConfigError, match=r"match base weights of the adapted model \(base_model\.model\.lm_head"):
+        _train({**lora, "output_dir": str(tmp_path / "base"), "unfrozen_parameters": ["lm_head", "lora_"]},
+               SimpleNamespace(train=_rows(4), eval=None))
 
 
 def test_model_config_overrides_and_revision_reach_the_loader(tiny_model):

@@ -98,10 +98,21 @@ def check_unfrozen_parameters(cfg) -> None:
     from plait.errors import ConfigError
     from plait.model.unfreeze import check_patterns
 
-    if cfg.unfrozen_parameters and cfg.adapter:
-        raise ConfigError(f"config key 'unfrozen_parameters' chooses which base weights train in a full fine-tune; "
-                          f"with adapter: {cfg.adapter} only the adapter trains. Remove one of them")
     check_patterns(cfg.unfrozen_parameters)
+    if cfg.unfrozen_parameters and cfg.adapter:
+        from plait.model.unfreeze import ADAPTED_PREFIX, can_match_adapted_names
+
+        if not any(can_match_adapted_names(pattern) for pattern in cfg.unfrozen_parameters):
+            raise ConfigError(
+                f"config key 'unfrozen_parameters': {cfg.unfrozen_parameters} cannot match a parameter of the adapted "
+                f"model: with adapter: {cfg.adapter} the patterns are applied, as in Axolotl, after the adapter is "
+                f"attached, to names that start with {ADAPTED_PREFIX!r}, and every parameter they miss is frozen, "
+                f"the adapter's included (Axolotl warns 'All parameters are frozen' and trains nothing). Remove "
+                f"unfrozen_parameters to train the adapter, or give patterns of adapter parameters "
+                f"(e.g. 'layers\\.1[0-9]\\..*lora_' trains the LoRA weights of layers 10-19 only)")
+        cfg.add_note(f"unfrozen_parameters with adapter: {cfg.adapter}: as in Axolotl, the patterns choose among the "
+                     f"adapted model's parameters ({ADAPTED_PREFIX}..., the adapter's lora_A/lora_B included); "
+                     f"everything they miss is frozen")
 
 
 @hookimpl(trylast=True)

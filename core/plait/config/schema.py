@@ -135,7 +135,10 @@ class CoreConfig(StrictModel):
                            "mistral-common package.")
     unfrozen_parameters: Optional[list[str]] = Field(
         None, description="Regexes of parameter names to train (re.search on the name); every other parameter is "
-                          "frozen. Full fine-tuning only.")
+                          "frozen. With an adapter, as in Axolotl, they are matched after the adapter is attached, "
+                          "against the adapted model's names (base_model.model.<name>, the adapter's lora_A/lora_B "
+                          "included), so they choose which adapter weights train; a base weight is refused there "
+                          "(the saved adapter would not hold it).")
     special_tokens: dict[str, str] = Field(
         default_factory=dict,
         description="Special tokens to set on the tokenizer, e.g. {pad_token: '<|pad|>', eos_token: '<|im_end|>'}; new "
