@@ -70,6 +70,10 @@ def setup_model(cfg: CoreConfig, pm: pluggy.PluginManager, tokenizer: PreTrained
         apply_gradient_checkpointing(cfg, pm, model)
     if not (placed_by_config(cfg) or placed_by_loader(model)):
         model = model.to(device)
+    if cfg.gemma4_hybrid_attn_impl:  # training, and loading the trained model with the backends it trained with
+        from plait.model.hybrid_attention import apply_hybrid_attention
+
+        say(apply_hybrid_attention(model))
     if for_training:
         if cfg.fix_untrained_tokens not in (None, False):
             # before adapters: lora_modules_to_save copies the fixed rows

@@ -91,8 +91,6 @@ LACKING_KEYS: dict[str, str] = {
                         "weights) are not implemented; the model's own code runs without the key",
     "use_glm_dsa_kernels": "Axolotl's GLM-5 DSA kernels (sparse top-k attention with an fp32 router) are not "
                            "implemented; the model's own attention runs without the key",
-    "gemma4_hybrid_attn_impl": "per-layer attention backends are not implemented; attn_implementation applies to "
-                               "every layer",
     "use_ray": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "ray_num_workers": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "swanlab_log_model": "uploading checkpoints to SwanLab is not implemented (Axolotl's SwanLab plugin only "

@@ -203,6 +203,12 @@ class CoreConfig(StrictModel):
                           "packs like flash_attention_2; another publisher needs use_kernels: true). The booleans flash_attention, sdp_attention, "
                           "flex_attention, eager_attention and varlen_attention are its older form. Unset: sdpa; "
                           "a model that refuses the chosen backend loads with sdpa, else eager (logged).")
+    gemma4_hybrid_attn_impl: Optional[bool] = Field(
+        None, description="Two attention backends in one model (Axolotl's key, for Gemma 4, whose global layers' "
+                          "head dimension of 512 flash-attn cannot run): the sliding-window layers use "
+                          "flash_attention_2 and the global (full_attention) layers SDPA, with the packed rows "
+                          "kept apart. Needs attn_implementation flash_attention_2 (set when unset) and a model "
+                          "with sliding and global layers (layer_types).")
     experts_implementation: Optional[str] = Field(
         None, description="MoE only: the function transformers runs a block's fused experts with (its "
                           "from_pretrained argument): grouped_mm (its default), batched_mm, eager, or a GPU kernel "
@@ -602,10 +608,21 @@ class CoreConfig(StrictModel):
         """One backend from ``attn_implementation`` and the older booleans, kept
         in step both ways (code reads either)."""
         if isinstance(data, dict):
-            from plait.model.names import resolve_attention
+            from plait.model.names import ATTENTION_FLAGS, resolve_attention
 
             data = dict(data)
+            hybrid = data.get("gemma4_hybrid_attn_impl") is True
+            if hybrid and data.get("attn_implementation") is None and not any(
+                    data.get(flag) for flag in ATTENTION_FLAGS.values()):
+                data["attn_implementation"] = "flash_attention_2"  # as in Axolotl: the sliding layers' backend
             data.update(resolve_attention(data))
+            if hybrid and data["attn_implementation"] != "flash_attention_2":
+                from plait.errors import ConfigError
+
+                raise ConfigError(f"config key 'gemma4_hybrid_attn_impl': true runs the sliding-window layers with "
+                                  f"flash_attention_2 and the global ones with SDPA, and attn_implementation is "
+                                  f"{data['attn_implementation']!r}; set attn_implementation: flash_attention_2 "
+                                  f"(or remove gemma4_hybrid_attn_impl)")
         return data
 
     @property
