@@ -106,10 +106,14 @@ def uses_fsdp(cfg) -> bool:
 
 
 def _check_fsdp(cfg) -> None:
-    """FSDP2 shards a layer's parameters as one flat buffer of one dtype."""
+    """FSDP2 shards a layer's parameters as one flat buffer of one dtype; the
+    int8 weights of load_in_8bit stay whole on every rank (plait-parallel
+    leaves frozen integer parameters out of the shards)."""
     if cfg.load_in_8bit:
-        raise ConfigError("load_in_8bit cannot be combined with FSDP (fsdp / fsdp_config / fsdp_version): int8 "
-                          "weights and their scales cannot be sharded; use load_in_4bit with adapter: qlora")
+        cfg.add_note("load_in_8bit with FSDP: the int8 base weights (and their row scales) are not sharded; every "
+                     "rank holds them whole and FSDP2 shards the rest (adapters, norms, embeddings). For a base "
+                     "sharded in memory use load_in_4bit with adapter: qlora")
+        return
     if not cfg.load_in_4bit:
         return
     if cfg.bnb_4bit_quant_storage == "uint8":

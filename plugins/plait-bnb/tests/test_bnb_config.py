@@ -101,11 +101,12 @@ def test_fsdp_with_uint8_storage_refused():
         build_run_config({**QLORA, "fsdp_version": 2, "bnb_4bit_quant_storage": "uint8"})
 
 
-def test_fsdp_with_8bit_refused():
+def test_fsdp_with_8bit_says_the_int8_weights_stay_whole():
     _needs_parallel_keys()
-    with pytest.raises(ConfigError, match="load_in_8bit cannot be combined with FSDP"):
-        build_run_config({**BASE, "adapter": "lora", "load_in_8bit": True, "lora_target_linear": True,
-                          "fsdp": True})
+    cfg, _ = build_run_config({**BASE, "adapter": "lora", "load_in_8bit": True, "lora_target_linear": True,
+                               "fsdp": True})
+    assert any(note.startswith("load_in_8bit with FSDP: the int8 base weights (and their row scales) are not "
+                               "sharded") for note in cfg.notes)
 
 
 def test_unknown_optim_args_for_8bit_optimizer_refused():

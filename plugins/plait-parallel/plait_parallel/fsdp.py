@@ -7,6 +7,9 @@ context-parallel ranks hold different tokens of one batch, so their gradients
 are reduced like data-parallel ones. With ``dp_replicate_size > 1`` the mesh
 is 2-D and FSDP2 shards within a group and replicates across groups (HSDP).
 
+Frozen integer weights (``load_in_8bit``) are not sharded: every rank keeps
+them whole (:func:`whole_parameters`), as FSDP2's ``ignored_params``.
+
 Gradients are *averaged* over that group (FSDP2's default); see
 :func:`plait_parallel.mesh.loss_divisor` for the matching loss scale.
 """
@@ -33,6 +36,35 @@ def param_dtype(cfg, model):
     if getattr(cfg, "fp16", False):
         return torch.float16
     return None
+
+
+def whole_parameters(model) -> set:
+    """Frozen integer parameters (bitsandbytes' LLM.int8 weights, whose
+    row scales live beside them as attributes FSDP2 would drop): left out of
+    the shards, each rank keeps them whole. Nothing trains them, so they need
+    no gradient reduction; the float parameters around them are sharded as
+    usual."""
+    return {param for param in model.parameters() if not param.is_floating_point() and not param.requires_grad}
+
+
+def drop_extra_state(model, whole: set) -> None:
+    """Leave out of the state dict what the modules holding ``whole``
+    parameters add beside their parameters and buffers (bitsandbytes'
+    ``SCB`` row scales and ``weight_format``): torch's state-dict gatherer
+    (``get_model_state_dict``) cannot map such keys to a tensor of the model.
+    They describe frozen base weights, which no save under an adapter (the
+    adapter, a checkpoint's trainable weights) writes."""
+    for module in model.modules():
+        if any(param in whole for param in module.parameters(recurse=False)):
+            module._register_state_dict_hook(_keep_only_own_tensors)
+
+
+def _keep_only_own_tensors(module, state_dict, prefix, local_metadata):
+    own = {prefix + name for name, _ in module.named_parameters(recurse=False)}
+    own |= {prefix + name for name, _ in module.named_buffers(recurse=False)}
+    for key in [key for key in state_dict if key.startswith(prefix) and "." not in key[len(prefix):]]:
+        if key not in own:
+            del state_dict[key]
 
 
 def fsdp_mesh(mesh):
@@ -62,6 +94,10 @@ def apply_fsdp(cfg, model, mesh, layers, options) -> None:
         mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype),
         offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
     )
+    replicated = whole_parameters(model)
+    if replicated:
+        kwargs["ignored_params"] = replicated
+        drop_extra_state(model, replicated)
     for layer in layers:
         fully_shard(layer, **kwargs)
     # the root's parameters are needed again at once by the loss: keep them gathered

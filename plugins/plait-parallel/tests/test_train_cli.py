@@ -98,3 +98,19 @@ def test_qlora_under_fsdp2_logs_the_losses_of_one(setup):
     assert len(expected) == 2 and losses(root / "qlora_fsdp") == pytest.approx(expected, rel=1e-5)
     # the saved adapter is a plain peft one, written once
     assert (root / "qlora_fsdp" / "adapter_model.safetensors").is_file()
+
+
+def test_8bit_lora_under_fsdp2_logs_the_losses_of_one(setup):
+    """LoRA on an LLM.int8 base under FSDP2: the int8 weights stay whole on
+    each rank (FSDP2's ignored_params), the LoRA and float weights are
+    sharded, and the losses equal one process's (1e-5)."""
+    pytest.importorskip("bitsandbytes")
+    root, config = setup
+    lora8 = {"adapter": "lora", "load_in_8bit": True, "lora_target_linear": True, "lora_r": 8, "lora_alpha": 16}
+    single = run_cli(["train", str(config("int8_single", **lora8))])
+    assert single.exit_code == 0, single.stderr[-3000:]
+    result = torchrun_train(config("int8_fsdp", **lora8, micro_batch_size=2, fsdp_version=2))
+    assert "parallel: mesh dp_replicate 1 x dp_shard 2 x cp 1 x tp 1 over 2 processes" in result.stderr
+    expected = losses(root / "int8_single")
+    assert len(expected) == 2 and losses(root / "int8_fsdp") == pytest.approx(expected, rel=1e-5)
+    assert (root / "int8_fsdp" / "adapter_model.safetensors").is_file()
