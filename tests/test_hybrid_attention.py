@@ -75,6 +75,10 @@ def test_the_flash_form_masks_become_sdpa_masks():
     offsets, _ = hybrid_sdpa_forward(module, q, k, v, None, cu_seq_lens_q=torch.tensor([0, 4, 7], dtype=torch.int32),
                                      position_ids=torch.arange(7)[None], scaling=8 ** -0.5)
     torch.testing.assert_close(offsets, packed, rtol=0, atol=0)
+    # a decoding step (one query over the cached keys): the query is the last position, it sees every key
+    step, _ = hybrid_sdpa_forward(module, q[:, :, -1:], k, v, None, scaling=8 ** -0.5)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=8 ** -0.5)
+    torch.testing.assert_close(step[:, 0], full.transpose(1, 2)[:, -1], rtol=1e-5, atol=1e-5)
     # padding on the left: the padded keys are never attended to
     padded, _ = hybrid_sdpa_forward(module, q, k, v, torch.tensor([[0, 0, 1, 1, 1, 1, 1]]), scaling=8 ** -0.5)
     alone = torch.nn.functional.scaled_dot_product_attention(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], is_causal=True,
