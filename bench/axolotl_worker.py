@@ -59,13 +59,13 @@ def main() -> None:
     strategy = load(tokenizer, cfg, ds_cfg)
     strategy.tokenize_prompt(columns(rows[:8]))  # warm up: template compilation
 
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     out = {"input_ids": [], "labels": []}
     for first in range(0, len(rows), args.batch):
         got = strategy.tokenize_prompt(columns(rows[first:first + args.batch]))
         out["input_ids"] += got["input_ids"]
         out["labels"] += got["labels"]
-    strategy_s = time.perf_counter() - start
+    strategy_s, strategy_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
 
     start = time.perf_counter()
     dataset = load_dataset("json", data_files=args.data, split="train")
@@ -74,7 +74,7 @@ def main() -> None:
     assert len(tokenized) == len(rows)
 
     trained = sum(label != -100 for labels in out["labels"] for label in labels)
-    result = {"rows": len(rows), "strategy_s": strategy_s, "pipeline_s": pipeline_s, "trained_tokens": trained,
+    result = {"rows": len(rows), "strategy_s": strategy_s, "strategy_cpu_s": strategy_cpu_s, "pipeline_s": pipeline_s, "trained_tokens": trained,
               "versions": {name: version(name) for name in ("axolotl", "transformers", "tokenizers", "datasets")},
               "check": {"input_ids": out["input_ids"][:args.check], "labels": out["labels"][:args.check]}}
     with open(args.out, "w", encoding="utf-8") as f:
