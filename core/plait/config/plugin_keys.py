@@ -21,7 +21,7 @@ FIRST_PARTY_KEYS: dict[str, tuple[str, ...]] = {
     "plait-preference": ("rl", "rl_beta", "dpo_beta", "dpo_loss_type", "dpo_loss_weights", "dpo_label_smoothing",
                          "dpo_use_weighting", "dpo_padding_free", "orpo_alpha", "simpo_gamma", "cpo_alpha",
                          "kto_desirable_weight", "kto_undesirable_weight", "precompute_ref_log_probs",
-                         "reward_model", "num_labels", "center_rewards_coefficient"),
+                         "reward_model", "process_reward_model", "num_labels", "center_rewards_coefficient"),
     "plait-vision": ("processor_type", "image_size", "image_resize_algorithm", "freeze_mm_modules"),
     "plait-kernels": ("flash_attn_fuse_mlp", "flash_attn_rms_norm"),
     "plait-qat": ("qat", "quantization"),

@@ -45,7 +45,12 @@ class PreferenceKeys(BaseModel):
                           "so no frozen copy of the model is kept and no reference forward runs per step.")
     reward_model: Optional[bool] = Field(
         None, description="Train a Bradley-Terry reward model (a scalar head; loads as AutoModelForSequenceClassification).")
-    num_labels: Optional[int] = Field(None, description="Reward model: Axolotl's head size; only 1 (a scalar reward).")
+    process_reward_model: Optional[bool] = Field(
+        None, description="Train a process reward model: a label per reasoning step (stepwise_supervised rows; loads "
+                          "as AutoModelForTokenClassification).")
+    num_labels: Optional[int] = Field(
+        None, description="Head size: 1 (a scalar) for reward_model; classes per step for process_reward_model "
+                          "(default 2).")
     center_rewards_coefficient: Optional[float] = Field(
         None, ge=0, description="Reward model: weight of the (r_chosen + r_rejected)^2 centring term.")
 
@@ -81,9 +86,11 @@ def validate(cfg) -> None:
     if rl is not None and rl not in METHODS:
         extra = f" ({rl} is Axolotl's online RL, not preference tuning)" if rl in AXOLOTL_ONLY else ""
         raise ConfigError(f"config key 'rl': {rl!r} is not accepted{extra}; accepted: {', '.join(METHODS)}")
+    if cfg.process_reward_model:  # its own rules (plait_preference.process_reward.validate)
+        return
     if cfg.num_labels not in (None, 1) or (cfg.num_labels is not None and not cfg.reward_model):
-        raise ConfigError(f"config key 'num_labels': {cfg.num_labels} is not accepted; only 1, with "
-                          f"reward_model: true (a scalar Bradley-Terry reward)")
+        raise ConfigError(f"config key 'num_labels': {cfg.num_labels} is not accepted; 1 with reward_model: true "
+                          f"(a scalar Bradley-Terry reward), or 2 or more with process_reward_model: true")
     if (rl is not None or cfg.reward_model) and (getattr(cfg, "context_parallel_size", None) or 1) > 1:
         # a context-parallel rank holds a slice of every sequence; the per-sequence sums need them whole
         what = f"rl: {rl}" if rl else "reward_model: true"
@@ -99,7 +106,7 @@ def validate(cfg) -> None:
     if cfg.dpo_use_weighting:
         raise ConfigError("config key 'dpo_use_weighting': true (WPO weighting) is not supported; remove it")
     if rl is None:
-        given = [k for k in PreferenceKeys.model_fields if k not in ("rl", "reward_model")
+        given = [k for k in PreferenceKeys.model_fields if k not in ("rl", "reward_model", "process_reward_model")
                  and getattr(cfg, k, None) is not None and cfg.source_of(k) != "default"]
         if given:
             raise ConfigError(f"{', '.join(given)} set but 'rl' is not; add rl: dpo (or ipo, orpo, kto, simpo), "

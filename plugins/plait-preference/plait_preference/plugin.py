@@ -18,9 +18,18 @@ def config_schema():
 
 
 @hookimpl
+def configure(cfg):
+    from plait_preference import process_reward
+
+    process_reward.configure(cfg)
+
+
+@hookimpl
 def validate_config(cfg):
+    from plait_preference import process_reward
     from plait_preference.config import validate
 
+    process_reward.validate(cfg)
     validate(cfg)
     from plait.errors import ConfigError
     from plait_preference.formats import TYPES
@@ -48,8 +57,9 @@ def validate_config(cfg):
 @hookimpl
 def dataset_formats():
     from plait_preference.formats import registered_formats
+    from plait_preference.stepwise import stepwise_format
 
-    return registered_formats()
+    return registered_formats() + [stepwise_format()]
 
 
 @hookimpl(wrapper=True)
@@ -66,6 +76,10 @@ def collate(cfg, rows, tokenizer):
 
 @hookimpl
 def load_model(cfg, tokenizer):
+    if getattr(cfg, "process_reward_model", None):  # validate_config refused a quantized base
+        from plait_preference.process_reward import load_process_reward_model
+
+        return load_process_reward_model(cfg, tokenizer)
     # a reward model is the backbone with a scalar head; quantized bases stay plait-bnb's
     if not getattr(cfg, "reward_model", None) or getattr(cfg, "load_in_4bit", False) \
             or getattr(cfg, "load_in_8bit", False):
@@ -77,6 +91,10 @@ def load_model(cfg, tokenizer):
 
 @hookimpl
 def build_objective(cfg, model, loss_fn):
+    if getattr(cfg, "process_reward_model", None):
+        from plait_preference.process_reward import ProcessRewardObjective
+
+        return ProcessRewardObjective(model)
     if not _active(cfg):
         return None
     if cfg.reward_model:
