@@ -141,13 +141,13 @@ def test_trains_and_the_saved_model_loads_in_transformers(tmp_path, tiny_model):
 
     rows = step_rows(16, seed=1)
     data = write_jsonl(tmp_path / "steps.jsonl", rows)
-    steps = 15
+    steps = 12
     records = train(tmp_path, prm_keys(tiny_model, data, tmp_path, micro_batch_size=16, max_steps=steps,
                                         learning_rate=5e-3, test_datasets=[{"path": str(data),
                                                                            "type": "stepwise_supervised"}],
                                         eval_steps=steps))
     losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == steps and losses[-1] < losses[0] - 0.2, losses
+    assert len(losses) == steps and losses[-1] < losses[0] - 0.15, losses
     final = [r for r in records if "eval_loss" in r][-1]
     labelled = sum(len(r["labels"]) for r in rows)
     assert records[0]["labelled_steps"] == final["eval_labelled_steps"] == labelled
