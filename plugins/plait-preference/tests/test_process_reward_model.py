@@ -232,3 +232,37 @@ def test_per_step_loss_equals_transformers_trainer(adapter, tmp_path, tiny_model
     theirs = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][:steps]
     assert [r["loss"] for r in ours] == pytest.approx(theirs, rel=1e-5, abs=1e-6)
     assert ours[0]["labelled_steps"] == sum(len(r["labels"]) for r in rows)
+
+
+def test_packed_rows_give_the_loss_of_unpacked_ones(tmp_path, tiny_model):
+    """Rows packed into one bin (positions restart, attention kept inside each
+    row) give the summed loss and labelled count of the same rows padded."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from plait_preference.process_reward import ProcessRewardObjective, load_process_reward_model
+    from plait_preference.stepwise import tokenize_row
+
+    rows = step_rows(5, seed=4)
+    data = write_jsonl(tmp_path / "steps.jsonl", rows)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenized = [tokenize_row(tokenizer, row, i, separator="\n", max_completion_length=None, last_step_only=False,
+                              sequence_len=256, num_labels=2) for i, row in enumerate(rows)]
+    plain = [{"input_ids": ids, "labels": labels} for ids, labels in tokenized]
+    packed = [{"input_ids": sum((r["input_ids"] for r in plain), []), "labels": sum((r["labels"] for r in plain), []),
+               "seq_lens": [len(r["input_ids"]) for r in plain]}]
+    results = []
+    for packing, batch_rows in ((False, plain), (True, packed)):
+        cfg, pm = build_run_config(prm_keys(tiny_model, data, tmp_path, sample_packing=packing))
+        torch.manual_seed(0)  # the same random head on both sides
+        model = load_process_reward_model(cfg, tokenizer).eval()
+        run = SimpleNamespace(model=model, device=torch.device("cpu"), cfg=cfg, pm=pm)
+        batch = pm.hook.collate(cfg=cfg, rows=batch_rows, tokenizer=tokenizer)
+        objective = ProcessRewardObjective(model)
+        with torch.no_grad():
+            loss_sum, metrics = objective.loss(run, batch)
+        results.append((float(loss_sum), objective.count(batch), float(metrics["accuracy"][0])))
+    (plain_loss, plain_count, plain_right), (packed_loss, packed_count, packed_right) = results
+    assert packed_count == plain_count == sum(len(r["labels"]) for r in rows)
+    assert packed_loss == pytest.approx(plain_loss, rel=1e-5) and packed_right == plain_right
