@@ -218,6 +218,18 @@ def keep_adapter_in_compute_dtype(cfg) -> bool:
     return cfg.bf16 == "full"
 
 
+def peft_task_type(model) -> str:
+    """peft's task type for the model's class: a reward model's sequence classifier
+    and a process reward model's token classifier get their own wrappers (a causal
+    LM's wrapper needs generation methods these heads lack), as in Axolotl."""
+    name = type(model).__name__
+    if "SequenceClassification" in name:
+        return "SEQ_CLS"
+    if "TokenClassification" in name:
+        return "TOKEN_CLS"
+    return "CAUSAL_LM"
+
+
 def attach_lora(cfg, model):
     """Return ``model`` wrapped as a ``peft.PeftModel`` with trainable LoRA weights."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -257,7 +269,7 @@ def attach_lora(cfg, model):
         use_dora=cfg.peft_use_dora,
         use_rslora=cfg.peft_use_rslora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=peft_task_type(model),
         **loftq_kwargs(cfg),
     )
     peft_model = get_peft_model(model, lora_config, autocast_adapter_dtype=autocast_adapter)
