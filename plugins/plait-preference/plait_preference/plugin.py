@@ -18,13 +18,6 @@ def config_schema():
 
 
 @hookimpl
-def configure(cfg):
-    from plait_preference import process_reward
-
-    process_reward.configure(cfg)
-
-
-@hookimpl
 def validate_config(cfg):
     from plait_preference import process_reward
     from plait_preference.config import validate

@@ -15,9 +15,10 @@ most likely class is the label (TRL's ``compute_accuracy``). As TRL's
 ``disable_dropout`` default does, the model's dropout modules (the head's
 ``classifier_dropout``) are switched off.
 
-With LoRA the head starts untrained and must train in full: ``score`` is
-added to ``lora_modules_to_save`` (:func:`configure`), as peft's
-``TOKEN_CLS`` task type does in Axolotl.
+With LoRA the head starts untrained and must train in full: plait-peft
+gives the model peft's ``TOKEN_CLS`` task type, which trains and saves
+``score`` beside the adapter (``modules_to_save``), as in Axolotl; a run
+whose head would stay frozen is refused (:func:`check_head_trains`).
 """
 
 from __future__ import annotations
@@ -32,16 +33,6 @@ MODEL_TYPE = "AutoModelForTokenClassification"
 
 def num_labels(cfg) -> int:
     return cfg.num_labels if cfg.num_labels is not None else DEFAULT_NUM_LABELS
-
-
-def configure(cfg) -> None:
-    """With an adapter, train the head in full (add it to ``lora_modules_to_save``)."""
-    if not cfg.process_reward_model or not getattr(cfg, "adapter", None) or "lora_modules_to_save" not in type(
-            cfg).model_fields:
-        return
-    saved = list(cfg.lora_modules_to_save or [])
-    if HEAD not in saved:
-        cfg.set_by_plugin("lora_modules_to_save", saved + [HEAD], "preference")
 
 
 def validate(cfg) -> None:

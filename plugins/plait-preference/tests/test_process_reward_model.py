@@ -107,9 +107,6 @@ def test_process_reward_model_keys_validate(tiny_model, tmp_path):
     keys = prm_keys(tiny_model, data, tmp_path)
     cfg, _ = build_run_config({**keys, "model_type": "AutoModelForTokenClassification"})
     assert cfg.num_labels == 2 and cfg.datasets[0].train_on_last_step_only is False
-    # with an adapter the untrained head trains in full, as peft's TOKEN_CLS task does in Axolotl
-    cfg, _ = build_run_config({**keys, "adapter": "lora", "lora_target_linear": True})
-    assert cfg.lora_modules_to_save == ["score"]
 
     bad = [({"num_labels": 1}, r"'num_labels': 1 is not accepted with process_reward_model"),
            ({"rl": "dpo"}, r"two different trainings"),
@@ -202,7 +199,7 @@ def test_per_step_loss_equals_transformers_trainer(adapter, tmp_path, tiny_model
         from peft import LoraConfig, get_peft_model
 
         start = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
-                                                modules_to_save=["score"]))
+                                                task_type="TOKEN_CLS"))  # the head in modules_to_save
         start.save_pretrained(tmp_path / "adapter")
         extra = {"adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_model_dir": str(tmp_path / "adapter")}
 
@@ -266,3 +263,39 @@ def test_packed_rows_give_the_loss_of_unpacked_ones(tmp_path, tiny_model):
     (plain_loss, plain_count, plain_right), (packed_loss, packed_count, packed_right) = results
     assert packed_count == plain_count == sum(len(r["labels"]) for r in rows)
     assert packed_loss == pytest.approx(plain_loss, rel=1e-5) and packed_right == plain_right
+
+
+def test_lora_trains_the_adapter_and_the_head(tmp_path, tiny_model):
+    """A fresh LoRA run: the adapter and the whole head (peft's TOKEN_CLS
+    modules_to_save) get gradients, the base does not; a frozen head is refused."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from plait_preference.process_reward import ProcessRewardObjective
+    from plait_preference.stepwise import tokenize_row
+
+    rows = step_rows(3, seed=5)
+    data = write_jsonl(tmp_path / "steps.jsonl", rows)
+    cfg, pm = build_run_config(prm_keys(tiny_model, data, tmp_path, adapter="lora", lora_r=4, lora_alpha=8,
+                                        lora_target_linear=True))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = pm.hook.load_adapter(cfg=cfg, model=pm.hook.load_model(cfg=cfg, tokenizer=tokenizer))
+    batch_rows = [dict(zip(("input_ids", "labels"), tokenize_row(
+        tokenizer, row, i, separator="\n", max_completion_length=None, last_step_only=False, sequence_len=256,
+        num_labels=2))) for i, row in enumerate(rows)]
+    batch = pm.hook.collate(cfg=cfg, rows=batch_rows, tokenizer=tokenizer)
+    run = SimpleNamespace(model=model, device=torch.device("cpu"), cfg=cfg, pm=pm)
+    loss_sum, _ = ProcessRewardObjective(model).loss(run, batch, training=True)
+    loss_sum.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or "score.modules_to_save" in name for name in grads)
+    # lora_B starts at zero, so lora_A's first gradient is zero too: B and the head move first
+    moving = [name for name, grad in grads.items() if grad is not None and bool(grad.abs().sum() > 0)]
+    for head_param in ("score.modules_to_save.default.weight", "score.modules_to_save.default.bias"):
+        assert any(name.endswith(head_param) for name in moving), moving
+    assert all(any(name == m for m in moving) for name in grads if "lora_B" in name)
+
+    frozen = pm.hook.load_model(cfg=cfg, tokenizer=tokenizer).requires_grad_(False)
+    with pytest.raises(ConfigError, match=r"head 'score' is frozen"):
+        ProcessRewardObjective(frozen)
