@@ -19,6 +19,8 @@ import torch
 from plait.errors import ConfigError
 from plait.testing import build_run_config, run_cli, write_config, write_jsonl
 
+#: the decoder's linear layers ("all-linear" would also pick the classifier head, which trains in full)
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = "the cat sat on a mat and ran far away with big hat under old green tree".split()
 
 
@@ -198,7 +200,7 @@ def test_per_step_loss_equals_transformers_trainer(adapter, tmp_path, tiny_model
     if adapter:
         from peft import LoraConfig, get_peft_model
 
-        start = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0,
+        start = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR, lora_dropout=0.0,
                                                 task_type="TOKEN_CLS"))  # the head in modules_to_save
         start.save_pretrained(tmp_path / "adapter")
         extra = {"adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_model_dir": str(tmp_path / "adapter")}
