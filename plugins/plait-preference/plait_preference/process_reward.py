@@ -54,6 +54,14 @@ def validate(cfg) -> None:
     if cfg.reward_model:
         raise ConfigError("process_reward_model: true and reward_model: true are two different trainings (a label "
                           "per step, or a scalar per response in pairs); keep one")
+    from plait_preference.config import PreferenceKeys
+
+    # the preference methods' keys (rl_beta, dpo_*, precompute_ref_log_probs, ...) would change nothing here
+    given = [key for key in PreferenceKeys.model_fields if key not in ("process_reward_model", "num_labels")
+             and getattr(cfg, key, None) is not None and cfg.source_of(key) != "default"]
+    if given:
+        raise ConfigError(f"{', '.join(given)} set with process_reward_model: true, which does not use them; "
+                          f"remove them")
     if cfg.num_labels is not None and cfg.num_labels < 2:
         raise ConfigError(f"config key 'num_labels': {cfg.num_labels} is not accepted with process_reward_model: "
                           f"true; accepted: 2 or more classes per step (default 2; 1 is reward_model's scalar)")

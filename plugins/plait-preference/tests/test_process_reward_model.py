@@ -113,6 +113,8 @@ def test_process_reward_model_keys_validate(tiny_model, tmp_path):
     bad = [({"num_labels": 1}, r"'num_labels': 1 is not accepted with process_reward_model"),
            ({"rl": "dpo"}, r"two different trainings"),
            ({"reward_model": True}, r"two different trainings"),
+           ({"rl_beta": 0.1, "precompute_ref_log_probs": True}, r"rl_beta, precompute_ref_log_probs set with "
+                                                                r"process_reward_model: true, which does not use"),
            ({"model_type": "AutoModelForCausalLM"}, r"'model_type': 'AutoModelForCausalLM' .* accepted: "
                                                      r"AutoModelForTokenClassification"),
            ({"datasets": [{"path": str(data), "type": "alpaca"}]}, r"'datasets.0.type': 'alpaca' .* accepted: "
