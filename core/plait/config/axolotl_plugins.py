@@ -11,6 +11,7 @@ integration            in Plait
 cut_cross_entropy      core's loss step (never builds full logits)
 liger                  plait-kernels (the ``liger_*`` keys)
 swanlab                core's trackers (the ``swanlab_*`` keys)
+llm_compressor         plait-sparse (the ``llmcompressor:`` block)
 spectrum               refused: use ``unfrozen_parameters``
 kernels                core: ``use_scattermoe`` / ``use_sonicmoe`` onto
                        transformers' experts functions, ``use_kernels``
@@ -62,7 +63,8 @@ INTEGRATIONS: dict[str, Integration] = {
     "lm_eval": Integration("lm-eval-harness runs are not built in; run lm_eval on the saved model", refused=True),
     "grokfast": Integration("the Grokfast gradient filter is not implemented", refused=True),
     "diffusion": Integration("diffusion language-model training is not implemented", refused=True),
-    "llm_compressor": Integration("llm-compressor sparse fine-tuning is not implemented", refused=True),
+    "llm_compressor": Integration("plait-sparse keeps the llmcompressor: recipe's ConstantPruningModifier targets' "
+                                  "zero weights at zero while training", plugin="sparse"),
     "mora": Integration("MoRA adapters are not implemented; use adapter: lora (plait-peft)", refused=True),
     "densemixer": Integration("DenseMixer MoE routing is not implemented", refused=True),
     "expert_parallel": Integration("expert parallelism is not implemented; plait-parallel shards MoE models with "
