@@ -5,9 +5,6 @@ training exactly zero, everything else trains, and the loss falls."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -84,28 +81,3 @@ def test_pruned_weights_stay_zero_and_the_rest_trains(tmp_path):
     assert len(run_losses) == 6 and run_losses[-1] < run_losses[0] - 0.5, run_losses
     # save_compressed: plain safetensors (compressed-tensors' form of a sparse, unquantized model)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_fsdp2_ranks_mask_their_shards(tmp_path):
-    """Two gloo processes under FSDP2: each rank's parameters are DTensor
-    shards and its masks are taken from them; the gathered, saved model keeps
-    every pruned entry at zero."""
-    pytest.importorskip("plait_parallel")
-    pytest.importorskip("plait_formats")
-    model_dir = make_tiny_model(tmp_path / "model")
-    zeros = prune_two_of_four(model_dir)
-    data = write_jsonl(tmp_path / "data.jsonl", [{"instruction": "add 2 and 3", "input": "", "output": "5"}] * 16)
-    out = tmp_path / "out"
-    config = write_config(
-        tmp_path / "config.yml", base_model=str(model_dir), datasets=[{"path": str(data), "type": "alpaca"}],
-        llmcompressor={"recipe": AXOLOTL_RECIPE}, sequence_len=128, micro_batch_size=2, max_steps=3,
-        learning_rate=3e-3, weight_decay=0.1, lr_scheduler="constant", bf16=False, output_dir=str(out))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "plait.cli", "train", str(config)], capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "dp_shard 2" in result.stderr
-    assert_zeros_kept(out, model_dir, zeros)
