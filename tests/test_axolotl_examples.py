@@ -18,13 +18,14 @@ import pytest
 _CANDIDATES = [Path(__file__).resolve().parents[n] / "shared" / "axolotl-examples" / "configs" for n in (2, 3)]
 EXAMPLES = next((path for path in _CANDIDATES if path.is_dir()), _CANDIDATES[0])
 
-#: share of the examples that must validate unchanged. Measured 102/132 (77%)
-#: with every plugin of this repository installed (plait-vision and
-#: plait-preference included); validate runs the pre-flight too. Most of the
-#: rest are online RL (GRPO, EBFT, ...) or features refused by name (QAT, MoE
-#: expert quantization, hub kernels, per-layer attention). Raise it as those
-#: land; the issue's target is 0.9.
-PASS_FLOOR = 0.77
+#: share of the examples that must validate unchanged. Measured 118/132 (89.4%)
+#: with every plugin of this repository installed; validate runs the pre-flight
+#: too. The rest are refused by name: online RL (GRPO, GDPO, EBFT, NeMo Gym),
+#: diffusion LM training, expert parallelism, Axolotl's DeepSeek-V4 / GLM-DSA /
+#: NVFP4 kernels, Ray launching, a key current Axolotl refuses itself
+#: (max_packed_sequence_len) and a pattern that trains nothing under an adapter.
+#: The issue's target is 0.9.
+PASS_FLOOR = 0.89
 
 
 def _configs() -> list[Path]:
