@@ -21,6 +21,13 @@ def validate_config(cfg):
     check_transformers_kernels(cfg)
     check_generation_keys(cfg)
     check_load_options(cfg)
+    check_ray(cfg)
+
+
+def check_ray(cfg) -> None:
+    from plait.train.ray_launch import check_ray_launch
+
+    check_ray_launch(cfg)
 
 
 def check_generation_keys(cfg) -> None:

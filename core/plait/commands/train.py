@@ -11,6 +11,11 @@ def add_arguments(parser) -> None:
 
 def run(args, pm) -> int:
     cfg, pm = load_run_config(args, pm)
+    from plait.train.ray_launch import in_ray_worker, train_with_ray
+
+    if cfg.use_ray and not in_ray_worker():
+        train_with_ray(args, cfg)  # each worker runs train() below as one process of the run
+        return 0
     from plait.train.loop import train
 
     train(cfg, pm)

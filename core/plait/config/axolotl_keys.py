@@ -90,8 +90,6 @@ LACKING_KEYS: dict[str, str] = {
                         "weights) are not implemented; the model's own code runs without the key",
     "use_glm_dsa_kernels": "Axolotl's GLM-5 DSA kernels (sparse top-k attention with an fp32 router) are not "
                            "implemented; the model's own attention runs without the key",
-    "use_ray": "Ray launching is not supported; launch with torchrun or accelerate launch",
-    "ray_num_workers": "Ray launching is not supported; launch with torchrun or accelerate launch",
     "swanlab_log_model": "uploading checkpoints to SwanLab is not implemented (Axolotl's SwanLab plugin only "
                          "passes it on, 'coming soon'); leave it false",
     "load_best_model_at_end": "the final weights are the last step's",

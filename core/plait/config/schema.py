@@ -414,6 +414,21 @@ class CoreConfig(StrictModel):
         None, ge=1, description="Stop when the eval loss has not improved on its best for this many evaluations "
                                 "in a row.")
 
+    # launching through Ray Train (plait[ray]) instead of torchrun: plait.train.ray_launch
+    use_ray: bool = Field(
+        False, description="Run training on a Ray cluster: plait train starts ray_num_workers Ray Train workers "
+                           "(TorchTrainer), each one process of the distributed run as under torchrun (one GPU each "
+                           "where CUDA is available, else gloo on CPUs). Needs the ray[train] package (plait[ray]); "
+                           "joins the cluster at RAY_ADDRESS, else starts a local one. Not under torchrun.")
+    ray_num_workers: int = Field(
+        1, ge=1, description="How many Ray Train workers (processes of the distributed run) use_ray starts.")
+    resources_per_worker: Optional[dict[str, float]] = Field(
+        None, description="Ray resources each worker reserves, e.g. {GPU: 1, CPU: 4}; default: one GPU each where "
+                          "CUDA is available (Axolotl's {GPU: 1}), else one CPU. Only with use_ray.")
+    ray_run_name: Optional[str] = Field(
+        None, min_length=1, description="Name of the Ray Train run; Ray keeps its run state under "
+                                        "output_dir/ray/<name>. Only with use_ray.")
+
     # evaluation, logging, checkpoints
     output_dir: str = Field(
         "./outputs", min_length=1,
@@ -718,6 +733,7 @@ class CoreConfig(StrictModel):
                               f"tiled_mlp is off; set tiled_mlp: true or remove {key}")
         self._data_order_rules()
         self._strategy_rules()
+        self._ray_rules()
         if self.embedding_lr is not None and self.embedding_lr_scale is not None:
             raise ConfigError(f"embedding_lr ({self.embedding_lr}) and embedding_lr_scale ({self.embedding_lr_scale}) "
                               "are both set; give one of them")
@@ -767,6 +783,23 @@ class CoreConfig(StrictModel):
                 raise ConfigError("config key 'val_set_size' cannot split a streamed pretraining_dataset; set "
                                   "val_set_size: 0 and give test_datasets for evaluation")
         return self
+
+    def _ray_rules(self) -> None:
+        """The Ray keys: only with use_ray, and resources that Ray can count."""
+        from plait.errors import ConfigError
+
+        if not self.use_ray:
+            given = [key for key, unset in (("ray_num_workers", 1), ("resources_per_worker", None),
+                                            ("ray_run_name", None)) if getattr(self, key) != unset]
+            if given:
+                raise ConfigError(f"config key{'s' if len(given) > 1 else ''} {', '.join(repr(k) for k in given)} "
+                                  f"{'configure' if len(given) > 1 else 'configures'} Ray training, and use_ray is "
+                                  f"off; set use_ray: true or remove {' and '.join(given)}")
+        for name, amount in (self.resources_per_worker or {}).items():
+            if not name or amount < 0:
+                raise ConfigError(f"config key 'resources_per_worker': {{{name!r}: {amount!r}}} is not a resource "
+                                  "Ray can reserve; give resource names (CPU, GPU, memory, a custom one) with "
+                                  "amounts >= 0, e.g. {GPU: 1, CPU: 4}")
 
     def _data_order_rules(self) -> None:
         """min_sample_len, dataset_exact_deduplication, curriculum_sampling, group_by_length."""
