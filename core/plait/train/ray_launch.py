@@ -112,6 +112,12 @@ def train_worker(worker_args: dict) -> None:
     from plait.train.loop import train
 
     set_verbose(worker_args["verbose"])
+    # Ray's worker prints every library's INFO records to the console through the root logger; Plait's
+    # handler (below) shows what plait train shows. Ray's session log file handler stays.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "stream", None) is not None and not isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
     show_plait_logs()
     args = argparse.Namespace(config=worker_args["config"], overrides=worker_args["overrides"],
                               allow_unsupported=worker_args["allow_unsupported"],
