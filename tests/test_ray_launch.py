@@ -141,3 +141,23 @@ def test_two_ray_workers_train_as_one_process(tmp_path):
     for name in one:
         assert (one[name] - two[name]).abs().max().item() < 1e-5, name
     assert (tmp_path / "ray" / "ray" / "tiny").is_dir()  # Ray's run state, under output_dir/ray/<ray_run_name>
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_RAY, reason="ray[train] is not installed (pip install 'plait[ray]')")
+def test_workers_a_local_cluster_cannot_hold_are_refused(monkeypatch):
+    """Ray Train would wait forever for resources a local cluster lacks: refused, naming the keys."""
+    import ray
+
+    from plait.errors import MachineFactError
+    from plait.train.ray_launch import check_cluster_room
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        check_cluster_room({"CPU": 1.0})
+        with pytest.raises(MachineFactError) as info:
+            check_cluster_room({"CPU": 2.0, "GPU": 2.0})
+    finally:
+        ray.shutdown()
+    assert "the workers need CPU 2, GPU 2 in all, and the local Ray cluster has CPU 1, GPU 0" in str(info.value)

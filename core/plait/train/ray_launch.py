@@ -93,13 +93,38 @@ def train_with_ray(args, cfg) -> None:
         "extra_plugins": list(getattr(args, "extra_plugins", [])),
         "verbose": bool(getattr(args, "verbose", False)),
     }
+    scaling_config = ScalingConfig(**settings)
+    check_cluster_room(scaling_config.total_resources)
     trainer = TorchTrainer(
-        train_worker, train_loop_config=worker_args, scaling_config=ScalingConfig(**settings),
+        train_worker, train_loop_config=worker_args, scaling_config=scaling_config,
         run_config=RunConfig(name=cfg.ray_run_name, storage_path=str(storage)))
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps a worker's error in its own (TrainingFailedError and kin)
         raise TrainingError(f"Ray training failed: {exc}") from exc
+
+
+def check_cluster_room(needed: dict) -> None:
+    """Refuse what the Ray cluster cannot give: Ray Train would wait for the
+    resources forever. A cluster named by ``RAY_ADDRESS`` may grow
+    (an autoscaler), so there it is only said."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS names a running cluster; without it, a local one on this machine
+    has = ray.cluster_resources()
+    short = {name: amount for name, amount in needed.items() if has.get(name, 0) < amount}
+    if not short:
+        return
+    wanted = ", ".join(f"{name} {amount:g}" for name, amount in needed.items())
+    present = ", ".join(f"{name} {has.get(name, 0):g}" for name in needed)
+    if os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):
+        logger.warning("ray: the workers need %s in all and the cluster at RAY_ADDRESS has %s now; Ray Train waits "
+                       "until it has them", wanted, present)
+        return
+    raise MachineFactError(f"config keys 'ray_num_workers' / 'resources_per_worker': the workers need {wanted} in "
+                           f"all, and the local Ray cluster has {present}; lower ray_num_workers or "
+                           f"resources_per_worker, or join a larger cluster (RAY_ADDRESS)")
 
 
 def train_worker(worker_args: dict) -> None:
