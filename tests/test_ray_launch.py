@@ -161,3 +161,22 @@ def test_workers_a_local_cluster_cannot_hold_are_refused(monkeypatch):
     finally:
         ray.shutdown()
     assert "the workers need CPU 2, GPU 2 in all, and the local Ray cluster has CPU 1, GPU 0" in str(info.value)
+
+
+@pytest.mark.skipif(not HAVE_RAY, reason="ray[train] is not installed (pip install 'plait[ray]')")
+def test_a_workers_plait_error_is_what_plait_train_says():
+    """Ray's WorkerGroupError carries each rank's exception; the lowest rank's
+    Plait error (found through the causes Ray wraps it in) is raised as is, so the
+    message and exit status are those of plait train without Ray."""
+    from ray.train import WorkerGroupError
+
+    from plait.errors import ConfigError
+    from plait.train.ray_launch import worker_plait_error
+
+    bad = ConfigError("config key 'base_model': cannot load the model")
+    wrapped = RuntimeError("worker failed")
+    wrapped.__cause__ = bad
+    found = worker_plait_error(WorkerGroupError("snippet", {1: ValueError("other"), 0: wrapped}))
+    assert found is bad
+    assert worker_plait_error(WorkerGroupError("snippet", {0: ValueError("no plait error")})) is None
+    assert worker_plait_error(ValueError("not Ray's")) is None

@@ -101,7 +101,41 @@ def train_with_ray(args, cfg) -> None:
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps a worker's error in its own (TrainingFailedError and kin)
+        error = worker_plait_error(exc)
+        if error is not None:
+            raise error from exc  # the message plait train gives without Ray, and its exit status
         raise TrainingError(f"Ray training failed: {exc}") from exc
+
+
+def worker_plait_error(exc: BaseException):
+    """The first Plait error a worker raised (lowest rank), from Ray's
+    ``WorkerGroupError.worker_failures``; None for any other failure."""
+    from plait.errors import PlaitError
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        error, seen = failures[rank], set()
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            if isinstance(error, PlaitError):
+                return error
+            error = error.__cause__ or getattr(error, "cause", None)
+    return None
+
+
+def use_this_workers_gpu() -> None:
+    """Plait takes this process's GPU from ``LOCAL_RANK`` (as torchrun sets it);
+    under Ray the GPU Ray gave this worker is the index ``get_device()`` names
+    among the visible ones, which Ray does not promise to equal its local rank."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from ray.train.torch import get_device
+
+    device = get_device()
+    if device.type == "cuda" and device.index is not None:
+        os.environ["LOCAL_RANK"] = str(device.index)
 
 
 def check_cluster_room(needed: dict) -> None:
@@ -136,6 +170,7 @@ def train_worker(worker_args: dict) -> None:
     from plait.logs import set_verbose, show_plait_logs
     from plait.train.loop import train
 
+    use_this_workers_gpu()
     set_verbose(worker_args["verbose"])
     # Ray's worker prints every library's INFO records to the console through the root logger; Plait's
     # handler (below) shows what plait train shows. Ray's session log file handler stays.
