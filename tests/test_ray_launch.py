@@ -98,6 +98,17 @@ def test_axolotl_ray_example_resolves_its_ray_keys(monkeypatch):
     assert all(line.startswith("note: config key 'use_ray': true needs Ray Train") for line in about_ray), output
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster of 2 CPUs for the module (starting one takes seconds);
+    its address, for a plait train that joins it through RAY_ADDRESS."""
+    import ray
+
+    context = ray.init(num_cpus=2, include_dashboard=False)
+    yield context.address_info["address"]
+    ray.shutdown()
+
+
 def losses(output_dir):
     return [r["loss"] for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -105,7 +116,7 @@ def losses(output_dir):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not HAVE_RAY, reason="ray[train] is not installed (pip install 'plait[ray]')")
-def test_two_ray_workers_train_as_one_process(tmp_path):
+def test_two_ray_workers_train_as_one_process(tmp_path, ray_cluster):
     from safetensors.torch import load_file
 
     from plait.quickstart import make_split
@@ -124,7 +135,7 @@ def test_two_ray_workers_train_as_one_process(tmp_path):
     single = run_cli(["train", str(config("single", micro_batch_size=4))])
     assert single.exit_code == 0, single.stderr[-3000:]
     env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", RAY_ADDRESS="local")  # a private local cluster, never a shared one
+    env.update(OMP_NUM_THREADS="1", RAY_ADDRESS=ray_cluster)  # this module's cluster, never a shared one
     result = subprocess.run([sys.executable, "-m", "plait.cli", "train",
                              str(config("ray", micro_batch_size=2, use_ray=True, ray_num_workers=2,
                                         ray_run_name="tiny"))],
@@ -145,22 +156,16 @@ def test_two_ray_workers_train_as_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_RAY, reason="ray[train] is not installed (pip install 'plait[ray]')")
-def test_workers_a_local_cluster_cannot_hold_are_refused(monkeypatch):
+def test_workers_a_local_cluster_cannot_hold_are_refused(monkeypatch, ray_cluster):
     """Ray Train would wait forever for resources a local cluster lacks: refused, naming the keys."""
-    import ray
-
     from plait.errors import MachineFactError
     from plait.train.ray_launch import check_cluster_room
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ray.init(num_cpus=1, include_dashboard=False)
-    try:
-        check_cluster_room({"CPU": 1.0})
-        with pytest.raises(MachineFactError) as info:
-            check_cluster_room({"CPU": 2.0, "GPU": 2.0})
-    finally:
-        ray.shutdown()
-    assert "the workers need CPU 2, GPU 2 in all, and the local Ray cluster has CPU 1, GPU 0" in str(info.value)
+    check_cluster_room({"CPU": 2.0})
+    with pytest.raises(MachineFactError) as info:
+        check_cluster_room({"CPU": 3.0, "GPU": 2.0})
+    assert "the workers need CPU 3, GPU 2 in all, and the local Ray cluster has CPU 2, GPU 0" in str(info.value)
 
 
 @pytest.mark.skipif(not HAVE_RAY, reason="ray[train] is not installed (pip install 'plait[ray]')")
