@@ -61,6 +61,20 @@ def test_bad_ray_values_are_refused_by_key(tmp_path, monkeypatch, keys, named):
     assert named in str(info.value)
 
 
+@pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed: the config is refused for that first")
+def test_parallel_sizes_are_checked_against_ray_num_workers(tmp_path, monkeypatch):
+    """On the driver (one process) plait-parallel's mesh must fit the workers Ray will start."""
+    pytest.importorskip("plait_parallel")
+    from plait.errors import ConfigError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg, _ = build_run_config(base_keys(tmp_path, use_ray=True, ray_num_workers=4, tensor_parallel_size=2))
+    assert cfg.tensor_parallel_size == 2
+    with pytest.raises(ConfigError) as info:
+        build_run_config(base_keys(tmp_path, use_ray=True, ray_num_workers=3, tensor_parallel_size=2))
+    assert "does not divide the world size 3" in str(info.value)
+
+
 def test_use_ray_under_torchrun_is_refused(tmp_path, monkeypatch):
     from plait.errors import ConfigError
 

@@ -227,9 +227,20 @@ def ring_split(cfg) -> str:
     return "zigzag" if cfg.ring_attn in ("batch_zigzag", "zigzag") else "contiguous"
 
 
+def launched_world_size(cfg) -> int:
+    """The processes the run will have: ``ray_num_workers`` where ``plait train``
+    is about to start them through Ray (``use_ray``, checked on the driver, which
+    is one process), else ``WORLD_SIZE``."""
+    from plait.train.ray_launch import in_ray_worker
+
+    if getattr(cfg, "use_ray", False) and not in_ray_worker():
+        return cfg.ray_num_workers
+    return world_size_from_env()
+
+
 def validate(cfg, world_size: int | None = None) -> None:
     """Cross-key checks run by ``validate_config`` before any model work."""
-    world_size = world_size_from_env() if world_size is None else world_size
+    world_size = launched_world_size(cfg) if world_size is None else world_size
     sizes = mesh_sizes(cfg, world_size)
     if cfg.context_parallel_size > 1 and cfg.ring_attn is False:
         raise ConfigError("context_parallel_size > 1 needs the ring attention; ring_attn: false is not accepted "
