@@ -18,14 +18,14 @@ import pytest
 _CANDIDATES = [Path(__file__).resolve().parents[n] / "shared" / "axolotl-examples" / "configs" for n in (2, 3)]
 EXAMPLES = next((path for path in _CANDIDATES if path.is_dir()), _CANDIDATES[0])
 
-#: share of the examples that must validate unchanged. Measured 118/132 (89.4%)
+#: share of the examples that must validate unchanged. Measured 119/132 (90.2%)
 #: with every plugin of this repository installed; validate runs the pre-flight
 #: too. The rest are refused by name: online RL (GRPO, GDPO, EBFT, NeMo Gym),
 #: diffusion LM training, expert parallelism, Axolotl's DeepSeek-V4 / GLM-DSA /
-#: NVFP4 kernels, Ray launching, a key current Axolotl refuses itself
+#: NVFP4 kernels, a key current Axolotl refuses itself
 #: (max_packed_sequence_len) and a pattern that trains nothing under an adapter.
 #: The issue's target is 0.9.
-PASS_FLOOR = 0.89
+PASS_FLOOR = 0.9
 
 
 def _configs() -> list[Path]:
