@@ -36,20 +36,38 @@ class PlaitRMSNorm(nn.Module):
 
 
 #: transformers' gated RMSNorm classes whose forward is exactly one of the two
-#: orders :mod:`plait_kernels.ops.gated_rms_norm` computes (checked against
-#: transformers 5.25 by ``tests/test_gated_rms_norm.py``): class name -> norm
-#: before the gate. The gate-first ones normalise per ``group_size`` columns.
+#: orders :mod:`plait_kernels.ops.gated_rms_norm` computes: class name -> norm
+#: before the gate. Plait supports transformers >=5.17,<6 and the names moved
+#: between releases (5.17's Mamba-2 norm is ``MambaRMSNormGated``, 5.25's
+#: ``Mamba2RMSNormGated``; NemotronH's arrived after 5.17), so the table lists
+#: every release's name and a model only ever holds the ones its version has.
+#: The gate-first ones normalise per ``module.group_size`` columns where the
+#: module has that attribute (5.25's Mamba-2/NemotronH/Zamba2/Bamba/
+#: GraniteMoeHybrid) and over the whole row where it has none (5.17's Bamba and
+#: GraniteMoeHybrid): see :func:`gated_norm_group_size`.
+#: ``tests/test_gated_rms_norm.py`` checks each one the installed version has.
 GATED_NORM_CLASSES = {
     "Qwen3NextRMSNormGated": True,
     "Qwen3_5RMSNormGated": True,
     "Qwen3_5MoeRMSNormGated": True,
     "OlmoHybridRMSNormGated": True,
     "NemotronHRMSNormGated": False,
+    "MambaRMSNormGated": False,
     "Mamba2RMSNormGated": False,
     "Zamba2RMSNormGated": False,
     "BambaRMSNormGated": False,
     "GraniteMoeHybridRMSNormGated": False,
 }
+
+
+def gated_norm_group_size(module: nn.Module) -> int | None:
+    """The column group a gate-first norm normalises over: its ``group_size``
+    when it has one, else its whole width (a gate-first norm without the
+    attribute takes the mean over the last dimension); None for norm-then-gate."""
+    if GATED_NORM_CLASSES[type(module).__name__]:
+        return None
+    group_size = getattr(module, "group_size", None)
+    return int(group_size) if group_size is not None else int(module.weight.shape[-1])
 
 
 class PlaitGatedRMSNorm(nn.Module):

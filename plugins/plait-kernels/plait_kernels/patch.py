@@ -19,7 +19,7 @@ from plait_kernels.backends import get_backend
 from plait_kernels.lora_linear import is_lora
 from plait_kernels.lora_mlp import PlaitLoRAGLUMLP, is_lora_mlp
 from plait_kernels.modules import (GATED_NORM_CLASSES, ROPE_ATTENTION_CLASSES, PlaitGatedRMSNorm, PlaitGLUMLP,
-                                   PlaitRMSNorm, rope_attention_class)
+                                   PlaitRMSNorm, gated_norm_group_size, rope_attention_class)
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def swap_gated_norm(model, name: str, module, backend: str) -> str:
     if getattr(module, "activation", "silu") not in ("silu", "swish"):
         return f"the model's own (its gate is {module.activation}, the kernel's is silu)"
     norm_before_gate = GATED_NORM_CLASSES[type(module).__name__]
-    group_size = None if norm_before_gate else int(module.group_size)
+    group_size = gated_norm_group_size(module)
     new = PlaitGatedRMSNorm(module.weight, _norm_eps(module), group_size, norm_before_gate,
                             get_backend(backend)["rms_norm_gated"], f"{backend} rms_norm_gated")
     _set_child(model, name, new, module)

@@ -8,25 +8,29 @@ bf16 is checked on a GPU only).
 
 import copy
 import importlib
+import inspect
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from plait_kernels import reference
-from plait_kernels.modules import GATED_NORM_CLASSES, PlaitGatedRMSNorm
+from plait_kernels.modules import GATED_NORM_CLASSES, PlaitGatedRMSNorm, gated_norm_group_size
 from plait_kernels.ops.gated_rms_norm import gated_rms_norm
 from plait_kernels.patch import patch
 from plait_kernels.testing import gpu_test, outputs_and_grads
 
-#: the transformers module of each class in GATED_NORM_CLASSES
+#: the transformers module of each class in GATED_NORM_CLASSES (names differ
+#: between the supported transformers releases: each test skips a class the
+#: installed version lacks, so 5.17 and 5.25 each check what they have)
 MODULES = {
     "Qwen3NextRMSNormGated": "qwen3_next",
     "Qwen3_5RMSNormGated": "qwen3_5",
     "Qwen3_5MoeRMSNormGated": "qwen3_5_moe",
     "OlmoHybridRMSNormGated": "olmo_hybrid",
     "NemotronHRMSNormGated": "nemotron_h",
-    "Mamba2RMSNormGated": "mamba2",
+    "MambaRMSNormGated": "mamba2",  # transformers 5.17's name
+    "Mamba2RMSNormGated": "mamba2",  # later releases' name
     "Zamba2RMSNormGated": "zamba2",
     "BambaRMSNormGated": "bamba",
     "GraniteMoeHybridRMSNormGated": "granitemoehybrid",
@@ -37,10 +41,30 @@ WIDTH, GROUP = 24, 8  # three groups of eight for the gate-first order
 FP32 = dict(atol=2e-5, rtol=2e-5)
 
 
+#: gate-first classes present in every supported transformers (5.17 to 5.x),
+#: for the tests that check one of each order
+NORM_FIRST, GATE_FIRST = "Qwen3NextRMSNormGated", "Zamba2RMSNormGated"
+
+
+def transformers_class(name: str) -> type:
+    """The installed transformers' class ``name``; skips the test when this version has none."""
+    import transformers
+
+    try:
+        module = importlib.import_module(f"transformers.models.{MODULES[name]}.modeling_{MODULES[name]}")
+    except ModuleNotFoundError:  # the model family itself arrived in a later release
+        module = None
+    if not hasattr(module, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name} (another release's name)")
+    return getattr(module, name)
+
+
 def transformers_norm(name: str, dtype=torch.float32, eps=1e-5):
-    module = importlib.import_module(f"transformers.models.{MODULES[name]}.modeling_{MODULES[name]}")
-    cls = getattr(module, name)
-    norm = cls(WIDTH, eps=eps) if GATED_NORM_CLASSES[name] else cls(WIDTH, group_size=GROUP, eps=eps)
+    cls = transformers_class(name)
+    # gate-first norms with a group_size argument normalise per GROUP columns;
+    # those without one (transformers 5.17's Mamba/Bamba/GraniteMoeHybrid) over the whole row
+    grouped = "group_size" in inspect.signature(cls.__init__).parameters
+    norm = cls(WIDTH, group_size=GROUP, eps=eps) if grouped else cls(WIDTH, eps=eps)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(WIDTH, generator=torch.Generator().manual_seed(5)) * 0.5 + 1.0)
     return norm.to(dtype)
@@ -48,8 +72,7 @@ def transformers_norm(name: str, dtype=torch.float32, eps=1e-5):
 
 def kernel_of(norm):
     before = GATED_NORM_CLASSES[type(norm).__name__]
-    return lambda x, g, w: gated_rms_norm(x, g, w, norm.variance_epsilon, None if before else norm.group_size,
-                                          before)
+    return lambda x, g, w: gated_rms_norm(x, g, w, norm.variance_epsilon, gated_norm_group_size(norm), before)
 
 
 def _inputs(shape, dtype, device, seed=0):
@@ -73,7 +96,7 @@ def test_kernel_matches_transformers_fp32(name, device):
         torch.testing.assert_close(got, want, **FP32)
 
 
-@pytest.mark.parametrize("name", ["Qwen3NextRMSNormGated", "NemotronHRMSNormGated"])
+@pytest.mark.parametrize("name", [NORM_FIRST, GATE_FIRST])
 @pytest.mark.parametrize("weight_dtype", [torch.float16, torch.float32])
 def test_kernel_matches_transformers_fp16(name, weight_dtype, device):
     """Half-precision inputs: the output rounds where transformers rounds, so it
@@ -92,8 +115,8 @@ def test_kernel_matches_transformers_fp16(name, weight_dtype, device):
 
 
 def test_gate_first_order_without_a_gate_is_a_group_rms_norm(device):
-    """Mamba-2's norm is called without a gate too: then it is RMSNorm per group."""
-    norm = transformers_norm("Mamba2RMSNormGated").to(device)
+    """Mamba-2-style norms are called without a gate too: then it is RMSNorm per group."""
+    norm = transformers_norm(GATE_FIRST).to(device)
     x = _inputs((6, WIDTH), torch.float32, device)[0]
     out, grads = outputs_and_grads(lambda x, w: gated_rms_norm(x, None, w, norm.variance_epsilon, GROUP, False),
                                    [x, norm.weight.detach()])
@@ -105,11 +128,11 @@ def test_gate_first_order_without_a_gate_is_a_group_rms_norm(device):
 
 def test_reference_matches_transformers():
     """The torch backend's reference (what benchmarks compare with) is the same maths."""
-    for name in ("Qwen3NextRMSNormGated", "NemotronHRMSNormGated"):
+    for name in (NORM_FIRST, GATE_FIRST):
         norm = transformers_norm(name)
         x, g = _inputs((4, WIDTH), torch.float32, "cpu")
         before = GATED_NORM_CLASSES[name]
-        got = reference.gated_rms_norm(x, g, norm.weight, norm.variance_epsilon, None if before else GROUP, before)
+        got = reference.gated_rms_norm(x, g, norm.weight, norm.variance_epsilon, gated_norm_group_size(norm), before)
         torch.testing.assert_close(got, norm(x, g), atol=0, rtol=0)
 
 
@@ -182,7 +205,7 @@ def test_a_model_without_gated_norms_is_left_alone_and_says_so(tmp_path):
 
 
 @gpu_test
-@pytest.mark.parametrize("name", ["Qwen3NextRMSNormGated", "NemotronHRMSNormGated"])
+@pytest.mark.parametrize("name", [NORM_FIRST, GATE_FIRST])
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
 def test_kernel_matches_transformers_bf16_gpu(name, weight_dtype):
     norm = transformers_norm(name, weight_dtype).cuda()
