@@ -42,3 +42,19 @@ def dequantized_model(model_dir, quantized):
             with torch.no_grad():
                 target.weight.copy_(weight)
     return reference
+
+
+def model_device(model) -> "torch.device":
+    """Where ``model`` runs: the loader places a quantized model on this
+    process's GPU when there is one, the CPU otherwise."""
+    return next(model.parameters()).device
+
+
+def logits_on_cpu(model, ids: "torch.Tensor") -> "torch.Tensor":
+    """``model``'s float32 logits for ``ids`` (moved to the model's device),
+    brought back to the CPU so a quantized model on a GPU compares with a CPU
+    reference."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids.to(model_device(model))).logits.float().cpu()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from plait.testing import build_run_config
-from plait_bnb.reference import dequantized_model
+from plait_bnb.reference import dequantized_model, logits_on_cpu, model_device
 
 QLORA = {"adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True}
 LORA8 = {"adapter": "lora", "load_in_8bit": True, "lora_target_linear": True}
@@ -37,8 +37,8 @@ def reference(model_dir):
 
 
 def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+    """Float32 logits on the CPU, whatever device the loader put ``model`` on."""
+    return logits_on_cpu(model, ids)
 
 
 def rel_error(a, b):
@@ -117,7 +117,7 @@ def test_gradient_checkpointing_and_input_grads(tiny_model_dir):
     assert not loaded.is_gradient_checkpointing  # the loader prepares; core's model pipeline switches it on
     model = setup_model(cfg, pm, tokenizer, for_training=True, device=torch.device("cpu"))
     assert model.is_gradient_checkpointing
-    hidden = model.get_input_embeddings()(IDS)
+    hidden = model.get_input_embeddings()(IDS.to(model_device(model)))
     assert hidden.requires_grad  # gradients can reach adapters through the frozen embedding
 
 

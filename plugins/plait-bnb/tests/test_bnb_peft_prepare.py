@@ -15,6 +15,7 @@ import torch
 
 from plait.testing import build_run_config
 from plait.model.loading import is_kbit_prepared
+from plait_bnb.reference import model_device
 
 
 def test_qlora_adapter_keeps_vocab_weights_and_norms_in_compute_dtype(tiny_model_dir):
@@ -34,7 +35,7 @@ def test_qlora_adapter_keeps_vocab_weights_and_norms_in_compute_dtype(tiny_model
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
-    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0)).to(model_device(model))
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     # lora_B starts at zero, so only its gradient is non-zero after one backward

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from plait.testing import build_run_config
-from plait_bnb.reference import dequantized_model
+from plait_bnb.reference import dequantized_model, logits_on_cpu, model_device
 
 KEYS = {"adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True, "lora_r": 8, "lora_alpha": 16,
         "gradient_checkpointing": True}
@@ -37,7 +37,7 @@ def train(model, steps=10):
     """Fit one batch of a repeating 8-token pattern (learnable by a rank-8
     adapter in a few steps, unlike random tokens); returns the losses."""
     pattern = torch.randint(10, 500, (4, 8), generator=torch.Generator().manual_seed(1))
-    ids = pattern.repeat(1, 4)
+    ids = pattern.repeat(1, 4).to(model_device(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
@@ -69,8 +69,7 @@ def test_qlora_trains_and_merges(tiny_model_dir, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     ids = torch.randint(10, 500, (2, 24), generator=torch.Generator().manual_seed(2))
     model.eval()
-    with torch.no_grad():
-        qlora_logits = model(input_ids=ids).logits.float()
+    qlora_logits = logits_on_cpu(model, ids)  # the reference models below are float32 on the CPU
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().eval()
