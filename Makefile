@@ -48,7 +48,7 @@ test-floors: install
 	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
 	uv=$$($(FIND_UV)); links=$${PIP_FIND_LINKS:-$$($(PIP) config get global.find-links 2>/dev/null)}; \
 	"$$uv" pip install -q --python $(FLOORS_VENV)/bin/python $${links:+--find-links $$links} --resolution lowest-direct \
-		"$(TORCH_PIN)" pytest==8.4.2 "liger-kernel>=0.8.5" "accelerate>=1.0" $(EDITABLE)
+		"$(TORCH_PIN)" pytest==8.4.2 "liger-kernel>=0.8.5" $(EDITABLE)
 	"$$($(FIND_UV))" pip list --python $(FLOORS_VENV)/bin/python 2>/dev/null | \
 		grep -i -E '^(torch|transformers|peft|datasets|tokenizers|safetensors|pydantic|pluggy|bitsandbytes) '
 	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOORS_TESTS)
