@@ -260,6 +260,10 @@ def _load_file(entry, file: Path, skip_bad_rows: bool = False):
                 return _load_good_lines(file, good, bad)
             if bad:
                 raise bad[0] from None
+            if good and _line_count(file) > len(good):
+                # every non-blank line is an object, so the blank lines stopped it: datasets 4.8 (our floor)
+                # fails on a blank line ("Expected object or value") where later releases skip it
+                return _load_good_lines(file, good, [])
         elif builder == "json":
             validate_json(file)  # raises a DataError naming the line
         raise DataError(f"could not be read as {builder}: {type(exc).__name__}: {_first_line(exc)}",
@@ -292,6 +296,11 @@ def _load_good_lines(file: Path, good: list[int], bad: list[DataError]):
         raise DataError(f"after leaving out {len(bad)} malformed lines, {len(loaded)} rows were read from "
                         f"{len(good)} lines", path=str(file))
     return loaded, good, [str(error) for error in bad]
+
+
+def _line_count(file: Path) -> int:
+    with Path(file).open("rb") as f:
+        return sum(1 for _ in f)
 
 
 def _starts_with(file: Path, prefix: bytes) -> bool:
