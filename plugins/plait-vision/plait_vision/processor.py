@@ -16,6 +16,13 @@ import json
 import os
 
 
+def _read_text(path: str) -> str:
+    """The file's text, closing it at once (a bare ``open().read()`` leaves the
+    handle to the garbage collector: a ResourceWarning in the CLI's output)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def processor_source(cfg) -> str:
     return cfg.tokenizer_config or cfg.base_model
 
@@ -69,7 +76,7 @@ def _class_for_source(source: str, trust_remote_code: bool):
     for name in ("processor_config.json", "preprocessor_config.json"):
         path = os.path.join(source, name)
         if os.path.isfile(path):
-            declared = json.loads(open(path).read()).get("processor_class")
+            declared = json.loads(_read_text(path)).get("processor_class")
             if declared and hasattr(transformers, declared):
                 return getattr(transformers, declared)
     try:
@@ -114,10 +121,10 @@ def image_only_processor(source: str, trust_remote_code: bool = False):
     config_path = os.path.join(source, "processor_config.json")
     if os.path.isfile(config_path):
         accepted = inspect.signature(base.__init__).parameters
-        kwargs = {k: v for k, v in json.loads(open(config_path).read()).items() if k in accepted}
+        kwargs = {k: v for k, v in json.loads(_read_text(config_path)).items() if k in accepted}
     template_path = os.path.join(source, "chat_template.jinja")
     if "chat_template" not in kwargs and os.path.isfile(template_path):
-        kwargs["chat_template"] = open(template_path).read()
+        kwargs["chat_template"] = _read_text(template_path)
     return cls(image_processor=AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code),
                tokenizer=AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
                video_processor=None, **kwargs)
