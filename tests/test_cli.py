@@ -78,7 +78,8 @@ def test_validate_ok(tmp_path):
 def test_plugins_json_lists_core_and_installed_packages():
     result = run_cli(["plugins", "--json"])
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
-    assert plugins["plait.builtin.model"]["hooks"] == ["chat_templates", "load_model", "load_tokenizer", "validate_config"]
+    assert plugins["plait.builtin.model"]["hooks"] == ["chat_templates", "gradient_checkpointing_mode", "load_model",
+                                                       "load_tokenizer", "patch_model", "validate_config"]
     # the contrib example is installed by `make install` and needs no other step
     assert plugins["qa-format"]["distribution"] == "plait-qa-format"
     assert plugins["qa-format"]["version"] == "0.1.0"

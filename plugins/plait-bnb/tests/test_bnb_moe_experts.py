@@ -165,7 +165,8 @@ def test_qlora_over_4bit_experts_trains_the_expert_adapters(tiny_moe, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    trained = {n: p.detach() for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_" in n}
+    # on the CPU: the float base loads there while the trained model may sit on a GPU
+    trained = {n: p.detach().cpu() for n, p in model.named_parameters() if ".mlp.experts." in n and "lora_" in n}
     float_base = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
     on_float = PeftModel.from_pretrained(float_base, str(tmp_path / "adapter"))
     reloaded = {n: p for n, p in on_float.named_parameters() if ".mlp.experts." in n and "lora_" in n}

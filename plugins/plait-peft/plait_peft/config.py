@@ -124,6 +124,11 @@ def check_loftq(cfg) -> None:
     if cfg.lora_model_dir:
         raise ConfigError("config key 'peft.loftq_config' initialises a new adapter, and lora_model_dir continues a "
                           "saved one; remove one of them")
+    if cfg.lora_alpha != cfg.lora_r:
+        # peft fits B @ A to W - Q and the forward multiplies it by alpha / r
+        cfg.add_note(f"peft.loftq_config: LoftQ fits the adapter to the quantization error and the forward scales "
+                     f"it by lora_alpha / lora_r = {cfg.lora_alpha / cfg.lora_r:g}; the model starts at LoftQ's fit "
+                     f"only with lora_alpha equal to lora_r ({cfg.lora_r})")
     import importlib.util
 
     import torch
