@@ -25,7 +25,7 @@ def validate_config(cfg):
 
 
 def check_ray(cfg) -> None:
-    from plait.train.ray_launch import check_ray_launch
+    from plait.config.ray_keys import check_ray_launch
 
     check_ray_launch(cfg)
 

@@ -16,47 +16,14 @@ the fact and ``plait train`` refuses before any model work.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import logging
 import os
 from pathlib import Path
 
-from plait.errors import ConfigError, MachineFactError, TrainingError
+from plait.config.ray_keys import WORKER_ENV, check_ray_launch
+from plait.errors import MachineFactError, TrainingError
 
 logger = logging.getLogger(__name__)
-
-#: set in every Ray Train worker: the worker trains as one process of the run and launches nothing
-WORKER_ENV = "PLAIT_RAY_WORKER"
-
-
-def in_ray_worker() -> bool:
-    return os.environ.get(WORKER_ENV) == "1"
-
-
-def check_ray_launch(cfg) -> None:
-    """What ``use_ray`` conflicts with, and whether this machine has Ray.
-
-    A worker is one process of the run and checks nothing here. Launched by
-    torchrun (``WORLD_SIZE`` set) the processes exist already, and Ray would
-    start N more in each of them.
-    """
-    if not cfg.use_ray or in_ray_worker():
-        return
-    placed = [key for key in ("device_map", "max_memory") if getattr(cfg, key, None) is not None]
-    if placed and cfg.ray_num_workers > 1:
-        raise ConfigError(f"config key {placed[0]!r} places the model within one process, and use_ray starts "
-                          f"ray_num_workers: {cfg.ray_num_workers} processes; remove {' and '.join(placed)} (shard "
-                          f"with fsdp) or set ray_num_workers: 1")
-    world_size = os.environ.get("WORLD_SIZE")
-    if world_size not in (None, "", "1"):
-        raise MachineFactError(f"config key 'use_ray': true starts its own processes through Ray Train, and this "
-                               f"process is already one of {world_size} (WORLD_SIZE, set by torchrun or accelerate "
-                               f"launch); run plait train once, without the launcher, or set use_ray: false")
-    if importlib.util.find_spec("ray") is None:
-        raise MachineFactError("config key 'use_ray': true needs Ray Train, which is not installed here; "
-                               "pip install 'plait[ray]' (ray[train]), or set use_ray: false and launch with torchrun")
-
 
 def scaling(cfg) -> dict:
     """``ScalingConfig`` arguments: a GPU per worker where CUDA is available
@@ -73,9 +40,11 @@ def scaling(cfg) -> dict:
     return {"num_workers": cfg.ray_num_workers, "use_gpu": use_gpu, "resources_per_worker": resources}
 
 
-def train_with_ray(args, cfg) -> None:
+def train_with_ray(args, cfg, worker) -> None:
     """Run ``plait train`` (the already validated ``cfg`` from ``args``) on
-    ``ray_num_workers`` Ray Train workers and wait for them."""
+    ``ray_num_workers`` Ray Train workers and wait for them; ``worker`` (the
+    train command's :func:`plait.commands.train.ray_worker`) is what each runs,
+    given the dict below."""
     check_ray_launch(cfg)  # load_run_config filed it already; here for a caller that skipped it
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -96,7 +65,7 @@ def train_with_ray(args, cfg) -> None:
     scaling_config = ScalingConfig(**settings)
     check_cluster_room(scaling_config.total_resources)
     trainer = TorchTrainer(
-        train_worker, train_loop_config=worker_args, scaling_config=scaling_config,
+        worker, train_loop_config=worker_args, scaling_config=scaling_config,
         run_config=RunConfig(name=cfg.ray_run_name, storage_path=str(storage)))
     try:
         trainer.fit()
@@ -123,21 +92,6 @@ def worker_plait_error(exc: BaseException):
     return None
 
 
-def use_this_workers_gpu() -> None:
-    """Plait takes this process's GPU from ``LOCAL_RANK`` (as torchrun sets it);
-    under Ray the GPU Ray gave this worker is the index ``get_device()`` names
-    among the visible ones, which Ray does not promise to equal its local rank."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    from ray.train.torch import get_device
-
-    device = get_device()
-    if device.type == "cuda" and device.index is not None:
-        os.environ["LOCAL_RANK"] = str(device.index)
-
-
 def check_cluster_room(needed: dict) -> None:
     """Refuse what the Ray cluster cannot give: Ray Train would wait for the
     resources forever. A cluster named by ``RAY_ADDRESS`` may grow
@@ -161,14 +115,28 @@ def check_cluster_room(needed: dict) -> None:
                            f"resources_per_worker, or join a larger cluster (RAY_ADDRESS)")
 
 
-def train_worker(worker_args: dict) -> None:
-    """One Ray Train worker: Plait's training entry as one process of the run
-    (Ray has set the distributed environment and process group)."""
+def use_this_workers_gpu() -> None:
+    """Plait takes this process's GPU from ``LOCAL_RANK`` (as torchrun sets it);
+    under Ray the GPU Ray gave this worker is the index ``get_device()`` names
+    among the visible ones, which Ray does not promise to equal its local rank."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from ray.train.torch import get_device
+
+    device = get_device()
+    if device.type == "cuda" and device.index is not None:
+        os.environ["LOCAL_RANK"] = str(device.index)
+
+
+def become_worker(worker_args: dict) -> None:
+    """Set up this Ray Train worker process as one process of the run: marked
+    as a worker (it launches nothing), in the driver's working directory, on
+    the GPU Ray gave it, with Plait's log lines only."""
     os.environ[WORKER_ENV] = "1"
     os.chdir(worker_args["cwd"])
-    from plait.commands.common import load_run_config
     from plait.logs import set_verbose, show_plait_logs
-    from plait.train.loop import train
 
     use_this_workers_gpu()
     set_verbose(worker_args["verbose"])
@@ -179,8 +147,3 @@ def train_worker(worker_args: dict) -> None:
         if getattr(handler, "stream", None) is not None and not isinstance(handler, logging.FileHandler):
             root.removeHandler(handler)
     show_plait_logs()
-    args = argparse.Namespace(config=worker_args["config"], overrides=worker_args["overrides"],
-                              allow_unsupported=worker_args["allow_unsupported"],
-                              extra_plugins=worker_args["extra_plugins"])
-    cfg, pm = load_run_config(args)
-    train(cfg, pm)

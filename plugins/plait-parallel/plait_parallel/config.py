@@ -229,11 +229,11 @@ def ring_split(cfg) -> str:
 
 def launched_world_size(cfg) -> int:
     """The processes the run will have: ``ray_num_workers`` where ``plait train``
-    is about to start them through Ray (``use_ray``, checked on the driver, which
-    is one process), else ``WORLD_SIZE``."""
-    from plait.train.ray_launch import in_ray_worker
+    is about to start them through Ray (``use_ray`` on the driver, one process
+    without ``WORLD_SIZE``; each worker has it from Ray), else ``WORLD_SIZE``."""
+    import os
 
-    if getattr(cfg, "use_ray", False) and not in_ray_worker():
+    if getattr(cfg, "use_ray", False) and not os.environ.get("WORLD_SIZE"):
         return cfg.ray_num_workers
     return world_size_from_env()
 
