@@ -21,7 +21,8 @@ LACKING_TYPES: dict[str, str] = {
     **dict.fromkeys(("bradley_terry", "chatml", "llama3"),
                     "is a preference (or reward-model) dataset type of plait-preference: pip install "
                     "plait-preference, and set rl: (dpo, ipo, orpo, kto, simpo) or reward_model: true"),
-    "stepwise_supervised": "is Axolotl's process-reward-model training, which Plait does not have",
+    "stepwise_supervised": "is plait-preference's process-reward-model dataset type: pip install plait-preference "
+                           "and set process_reward_model: true",
     "messages": "(Axolotl's older conversation type) is not a Plait format; use type: chat_template",
     "sharegpt": "was removed from Axolotl in favour of chat_template; use type: chat_template (ShareGPT's "
                 "conversations of from/value messages are read as they are)",

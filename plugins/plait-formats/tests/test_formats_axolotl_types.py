@@ -89,7 +89,6 @@ def test_train_on_inputs_trains_the_prompt(tokenizer, run_format):
     ("sharegpt:chat", "use type: chat_template"),
     ("creative_acr.load_answer", "type: user_defined"),
     ("jeopardy:chat", "type: user_defined"),
-    ("stepwise_supervised", "process-reward-model training"),
     ("rwd.gsm8k_transform", "a Python data transform of your own"),
     ("ebft_opencode.transform", "EBFT trainer"),
 ])

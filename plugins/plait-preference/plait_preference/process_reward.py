@@ -94,10 +94,7 @@ def load_process_reward_model(cfg, tokenizer):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if cfg.gradient_checkpointing:
-        from plait.model.recompute import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model, cfg.gradient_checkpointing, cfg.gradient_checkpointing_kwargs)
+    # gradient checkpointing is switched on by core's model pipeline (setup_model), right after this
     return model
 
 
