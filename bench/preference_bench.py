@@ -108,6 +108,7 @@ def worker_plait(args) -> dict:
     gpu = throughput.on_gpu()
     clock = throughput.StepClock(args.warmup + args.steps)
     facts: dict = {"sequence_tokens": []}
+    profiler = Profiled(args, clock)
 
     class BenchPlugin:
         @hookimpl
@@ -120,7 +121,7 @@ def worker_plait(args) -> dict:
             if run.step <= clock.total:
                 clock.tick(metrics["loss"])
                 facts["sequence_tokens"].append(metrics["input_tokens"])
-            if run.step >= clock.total:
+            if profiler.step_ended(run.step):
                 raise throughput._Finished
 
     work = Path(args.work_dir)
@@ -129,7 +130,8 @@ def worker_plait(args) -> dict:
         "datasets": [{"path": pair_rows_for_plait(args.data), "type": "chat_template.default"}],
         "val_set_size": 0, "dataset_prepared_path": str(work / "prepared"), "output_dir": str(work / "plait_out"),
         "sequence_len": args.seq, "micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
-        "num_epochs": 1, "max_steps": args.warmup + args.steps, "learning_rate": LR, "lr_scheduler": "constant",
+        "num_epochs": 1, "max_steps": clock.total + profiler.extra_steps, "learning_rate": LR,
+        "lr_scheduler": "constant",
         "weight_decay": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw_torch_fused" if gpu else "adamw_torch",
         "bf16": gpu, "gradient_checkpointing": True, "plait_kernels": "auto", "logging_steps": 1, "seed": 0,
         "adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0,
@@ -144,10 +146,11 @@ def worker_plait(args) -> dict:
         train(cfg, pm)
     except throughput._Finished:
         pass
+    profiler.write()
     return summary(clock, args, facts["sequence_tokens"], {k: v for k, v in facts.items() if k != "sequence_tokens"})
 
 
-def dpo_trainer(args, model, tokenizer, clock, *, gradient_checkpointing: bool, peft_config=None):
+def dpo_trainer(args, model, tokenizer, clock, profiler, *, gradient_checkpointing: bool, peft_config=None):
     """TRL's DPOTrainer on the pairs, the shared settings; the clock ticks at every step end."""
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -157,15 +160,17 @@ def dpo_trainer(args, model, tokenizer, clock, *, gradient_checkpointing: bool, 
 
     class Clock(TrainerCallback):
         def on_step_end(self, targs, state, control, **kwargs):
-            clock.tick()
+            if state.global_step <= clock.total:
+                clock.tick()
+            profiler.step_ended(state.global_step)
 
         def on_log(self, targs, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
+            if logs and "loss" in logs and state.global_step <= clock.total:
                 clock.losses.append(float(logs["loss"]))
 
     config = DPOConfig(
         output_dir=str(Path(args.work_dir) / "trl_out"), per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=1, max_steps=args.warmup + args.steps, learning_rate=LR, beta=BETA,
+        gradient_accumulation_steps=1, max_steps=clock.total + profiler.extra_steps, learning_rate=LR, beta=BETA,
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch_fused" if gpu else "adamw_torch", bf16=gpu, use_cpu=not gpu, max_length=args.seq,
         gradient_checkpointing=gradient_checkpointing,
@@ -191,15 +196,17 @@ def worker_trl(args) -> dict:
 
     gpu = throughput.on_gpu()
     clock = throughput.StepClock(args.warmup + args.steps)
+    profiler = Profiled(args, clock)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if gpu else torch.float32,
                                                  attn_implementation="sdpa")
-    trainer = dpo_trainer(args, model, tokenizer, clock, gradient_checkpointing=True,
+    trainer = dpo_trainer(args, model, tokenizer, clock, profiler, gradient_checkpointing=True,
                           peft_config=LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     facts = {"trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
              "start_s": time.perf_counter() - throughput.process_start}
     trainer.train()
+    profiler.write()
     return summary(clock, args, step_tokens(args, trainer), facts)
 
 
@@ -225,6 +232,7 @@ def worker_unsloth(args) -> dict:
 
     PatchDPOTrainer()
     clock = throughput.StepClock(args.warmup + args.steps)
+    profiler = Profiled(args, clock)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=args.model_dir, max_seq_length=args.seq, dtype=torch.bfloat16, load_in_4bit=False,
         local_files_only=True, use_exact_model_name=True)
@@ -233,11 +241,35 @@ def worker_unsloth(args) -> dict:
         use_gradient_checkpointing="unsloth", random_state=0)
     # the reference is the adapter switched off (no ref_model), as in the trl case; the
     # Trainer's own checkpointing stays off: Unsloth's ("unsloth", above) does it
-    trainer = dpo_trainer(args, model, tokenizer, clock, gradient_checkpointing=False)
+    trainer = dpo_trainer(args, model, tokenizer, clock, profiler, gradient_checkpointing=False)
     facts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "start_s": time.perf_counter() - throughput.process_start, "versions": _versions()}
     trainer.train()
+    profiler.write()
     return summary(clock, args, step_tokens(args, trainer), facts)
+
+
+class Profiled:
+    """``--profile``: torch's profiler over ``throughput.PROFILE_STEPS`` steps after the
+    timed ones (so its overhead is not in them); the kernel table and the timeline
+    go next to the case's log."""
+
+    def __init__(self, args, clock):
+        self.path = Path(args.profile_path) if args.profile_path else None
+        self.extra_steps = throughput.PROFILE_STEPS if self.path else 0
+        self.clock = clock
+        self.profiler = throughput.make_profiler(throughput.on_gpu()) if self.path else None
+
+    def step_ended(self, step: int) -> bool:
+        """Start after the last timed step; True once the run should end."""
+        if self.profiler is not None and step == self.clock.total:
+            self.profiler.start()
+        return step >= self.clock.total + self.extra_steps
+
+    def write(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+            throughput.write_profile(self.profiler, self.path)
 
 
 def summary(clock, args, step_tokens: list[int], facts: dict) -> dict:
@@ -296,8 +328,12 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for the results (default $OUT)")
     parser.add_argument("--case-timeout", type=float, default=540)
     parser.add_argument("--keep", action="store_true", help="keep the temporary model/data directory")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile 2 steps after the timed ones of every case (kernel table + gzipped timeline "
+                             "beside the logs; bench/trace_gaps.py reads the timeline)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    for hidden in ("--model-dir", "--data", "--work-dir", "--worker-shape", "--case-keys", "--case-name"):
+    for hidden in ("--model-dir", "--data", "--work-dir", "--worker-shape", "--case-keys", "--case-name",
+                   "--profile-path"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--pairs", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)  # throughput's prepare reads it
@@ -340,7 +376,8 @@ def main() -> int:
         return text
 
     try:
-        prep = run_worker("prepare", common + ["--pairs", str((warmup + steps) * micro_batch), "--work-dir",
+        extra_steps = throughput.PROFILE_STEPS if args.profile else 0
+        prep = run_worker("prepare", common + ["--pairs", str((warmup + steps + extra_steps) * micro_batch), "--work-dir",
                                                str(work)], args, log_dir, "prepare")
         if "error" in prep:
             return 1
@@ -349,8 +386,9 @@ def main() -> int:
             label = name + (f"[{','.join(f'{k}={v}' for k, v in keys.items())}]" if keys else "")
             case_dir = work / f"case{index}_{name}"
             case_dir.mkdir()
+            extra = ["--profile-path", str(log_dir / f"{args.stem}_profile{index}_{name}.txt")] if args.profile else []
             result = run_worker(name, common + ["--work-dir", str(case_dir), "--case-keys", json.dumps(keys),
-                                                "--case-name", name], args, log_dir, f"{index}_{name}")
+                                                "--case-name", name] + extra, args, log_dir, f"{index}_{name}")
             result["case"] = label
             results.append(result)
             write()
