@@ -106,6 +106,30 @@ def test_hookimpl_with_unknown_name_is_an_error(fake_distribution):
         build_plugin_manager(env={})
 
 
+def test_hookimpl_specname_names_the_hook_and_a_typo_in_it_is_an_error():
+    # one plugin may give a hook two implementations (a tryfirst one and a wrapper), under other names
+    plugin = types.ModuleType("two_impls_plugin")
+
+    @hookimpl(specname="chat_templates")
+    def more_templates():
+        return {"extra": "{{ messages }}"}
+
+    plugin.more_templates = more_templates
+    pm = build_plugin_manager(entry_points=False, extra=[plugin])
+    assert "two_impls_plugin" in [pm.get_name(p) for p in pm.get_plugins()]
+    assert any(answer == {"extra": "{{ messages }}"} for answer in pm.hook.chat_templates())
+
+    typo = types.ModuleType("typo_specname_plugin")
+
+    @hookimpl(specname="chat_templatez")
+    def templates():
+        return {}
+
+    typo.templates = templates
+    with pytest.raises(PluginError, match="typo_specname_plugin.*'chat_templatez', which is not a Plait hook"):
+        build_plugin_manager(entry_points=False, extra=[typo])
+
+
 def test_hookimpl_with_unknown_argument_is_an_error():
     plugin = types.ModuleType("bad_args_plugin")
 

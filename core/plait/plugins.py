@@ -80,11 +80,15 @@ class PlaitPluginManager(pluggy.PluginManager):
             raise PluginError(f"{owner} declares an invalid hook: {exc}") from None
         except ValueError as exc:  # already registered
             raise PluginError(f"{owner} cannot be registered: {exc}") from None
-        for impl_name in dir(plugin):
-            attr = getattr(plugin, impl_name, None)
+        for attr_name in dir(plugin):
+            attr = getattr(plugin, attr_name, None)
+            if not (callable(attr) and hasattr(attr, "plait_impl")):
+                continue
+            # hookimpl(specname=...) lets one plugin give a hook two implementations
+            impl_name = (attr.plait_impl or {}).get("specname") or attr_name
             caller = getattr(self.hook, impl_name, None)
             # pluggy keeps hookimpls without a spec pending; we refuse them at once
-            if callable(attr) and hasattr(attr, "plait_impl") and (caller is None or not caller.has_spec()):
+            if caller is None or not caller.has_spec():
                 self.unregister(name=name)
                 raise PluginError(f"{owner} implements {impl_name!r}, which is not a Plait hook")
         self.info[name] = PluginInfo(

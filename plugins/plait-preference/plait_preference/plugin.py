@@ -55,12 +55,25 @@ def dataset_formats():
     return registered_formats() + [stepwise_format()]
 
 
+@hookimpl(specname="collate", tryfirst=True)
+def collate_sequences_as_rows(cfg, rows, tokenizer):
+    # one row per sequence unless packing or plait_varlen needs pair rows as bins (core's collate then)
+    if not _active(cfg):
+        return None
+    from plait_preference.collate import collate_as_rows, rows_per_sequence
+
+    if not rows_per_sequence(cfg):
+        return None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return collate_as_rows(cfg, rows, pad_id)
+
+
 @hookimpl(wrapper=True)
 def collate(cfg, rows, tokenizer):
     # around whichever collate answers (core's lays pair rows out as isolated segments):
-    # add which positions belong to which sequence
+    # add which positions belong to which sequence, unless the layout above already did
     batch = yield
-    if not _active(cfg) or batch is None:
+    if not _active(cfg) or batch is None or "segment_index" in batch:
         return batch
     from plait_preference.collate import add_segments
 

@@ -18,8 +18,13 @@ from plait_preference.testing import pair_rows
 CHATML_USER = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture
-def setup(tiny_model):
+#: the two layouts of plait_preference.collate: a row per sequence (the default), and
+#: the pair's sequences as segments of one row (what sample_packing lays out)
+LAYOUTS = {"rows": {}, "segments": {"sample_packing": True}}
+
+
+@pytest.fixture(params=sorted(LAYOUTS))
+def setup(tiny_model, request):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from plait.testing import build_run_config
@@ -27,7 +32,7 @@ def setup(tiny_model):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "dpo"})
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "dpo", **LAYOUTS[request.param]})
     rows, sequences = [], []
     for r in pair_rows(4, seed=11):
         prompt = CHATML_USER.format(r["conversations"][0]["value"])
@@ -36,7 +41,9 @@ def setup(tiny_model):
         row = segments_row(prompt_ids, completions, [CHOSEN, REJECTED])
         rows.append({**row, "seq_lens": row["extras"]["seq_lens"], "extras": [row["extras"]]})
         sequences += [(prompt_ids, c) for c in completions]
-    batch = pm.hook.collate(cfg=cfg, rows=rows, tokenizer=tokenizer)  # core's layout + plait-preference's segments
+    batch = pm.hook.collate(cfg=cfg, rows=rows, tokenizer=tokenizer)
+    # a row per sequence, or a row per pair
+    assert batch["input_ids"].shape[0] == (len(sequences) if request.param == "rows" else len(rows))
     return SimpleNamespace(model=model, batch=batch, sequences=sequences, pm=pm, tokenizer=tokenizer)
 
 
