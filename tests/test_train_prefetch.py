@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from plait.train.loop import without_full_attention_mask
+from plait.model.batch import drop_full_attention_mask
 from plait.train.prefetch import StepPrefetcher
 
 
@@ -65,13 +65,13 @@ def test_a_data_error_in_the_worker_surfaces_at_its_step():
 def test_an_all_ones_mask_is_dropped_and_every_other_mask_kept():
     ids = torch.arange(8).view(2, 4)
     full = {"input_ids": ids, "attention_mask": torch.ones(2, 4, dtype=torch.long)}
-    assert "attention_mask" not in without_full_attention_mask(full)
+    assert "attention_mask" not in drop_full_attention_mask(full)
     padded = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
-    assert without_full_attention_mask(padded) is padded
+    assert drop_full_attention_mask(padded) is padded
     packed = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 2, 2], [1, 1, 1, 2]])}  # segment ids
-    assert without_full_attention_mask(packed) is packed
+    assert drop_full_attention_mask(packed) is packed
     four_d = {"input_ids": ids, "attention_mask": torch.ones(2, 1, 4, 4, dtype=torch.bool)}
-    assert without_full_attention_mask(four_d) is four_d
+    assert drop_full_attention_mask(four_d) is four_d
 
 
 def test_dropping_the_all_ones_mask_leaves_the_logits_unchanged(tmp_path):
@@ -83,6 +83,6 @@ def test_dropping_the_all_ones_mask_leaves_the_logits_unchanged(tmp_path):
     ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         masked = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        unmasked = model(**without_full_attention_mask({"input_ids": ids,
+        unmasked = model(**drop_full_attention_mask({"input_ids": ids,
                                                         "attention_mask": torch.ones_like(ids)})).logits
     assert torch.equal(masked, unmasked)

@@ -66,6 +66,7 @@ from plait.data.batching import materialize, plan_batches, row_lengths, to_devic
 from plait.data.packing import sample_packing_efficiency
 from plait.data.prepare import prepare_datasets
 from plait.errors import ConfigError, TrainingError
+from plait.model.batch import drop_full_attention_mask
 from plait.model.forward import forward_hidden, forward_logits, head_plan
 from plait.model.head import logits_cross_entropy
 from plait.model.loading import compute_dtype
@@ -687,7 +688,7 @@ def loss_of(run: Run, batch, *, training: bool = False):
     """
     labels_key = "shift_labels" if "shift_labels" in batch else "labels"
     # to_device moves anything with .to: tensors and a flex BlockMask; ints stay
-    batch = to_device(without_full_attention_mask(batch), run.input_device or run.device)
+    batch = to_device(drop_full_attention_mask(batch), run.input_device or run.device)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
     labels = batch[labels_key]
     if not head_plan(run.model).fused:
@@ -717,23 +718,6 @@ def loss_of(run: Run, batch, *, training: bool = False):
         loss_sum = loss_sum.to(run.device)
         n_tokens = n_tokens.to(run.device) if hasattr(n_tokens, "to") else n_tokens
     return loss_sum, n_tokens
-
-
-def without_full_attention_mask(batch: dict) -> dict:
-    """``batch`` without its 2-D ``attention_mask`` when that mask is all ones.
-
-    Rows without padding need no mask: the model then runs plain causal
-    attention. With the mask, transformers checks on the device whether it is
-    all ones, a host sync at the start of every forward; here the check is on
-    the CPU tensor, before it moves. Packed batches keep theirs (segment ids
-    above 1, or another layout).
-    """
-    mask = batch.get("attention_mask")
-    if mask is None or not hasattr(mask, "dim") or mask.dim() != 2 or mask.device.type != "cpu":
-        return batch
-    if mask.dtype.is_floating_point or not bool((mask == 1).all()):
-        return batch
-    return {key: value for key, value in batch.items() if key != "attention_mask"}
 
 
 def autocast(run: Run):

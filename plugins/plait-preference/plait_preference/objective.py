@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 
 from plait_preference import config, losses, samples
-from plait_preference.logps import segment_logps
+from plait_preference.logps import scoring_plan, segment_logps
 from plait_preference.rows import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE
 
 REFERENCE_METHODS = ("dpo", "ipo", "kto")
@@ -55,11 +55,14 @@ class PreferenceObjective:
     def loss(self, run, batch, *, training: bool = False):
         from plait_preference.collate import to_device
 
-        batch = to_device(batch, run.device)
+        # what to score and which segment is which, worked out on the host before the batch
+        # moves, so nothing below waits for the device (see logps.ScoringPlan)
         whole = (CHOSEN,) if self.method == "orpo" else ()
-        policy = segment_logps(run.model, batch, whole_roles=whole)
-        ref = self.reference_logps(run.model, batch) if self.reference is not None else None
-        roles = batch["segment_roles"]
+        plan = scoring_plan(batch, whole_roles=whole).to(run.device)
+        roles = Roles(batch["segment_roles"], run.device)
+        batch = to_device(batch, run.device)
+        policy = segment_logps(run.model, batch, plan)
+        ref = self.reference_logps(run.model, batch, plan) if self.reference is not None else None
         if self.method == "kto":
             loss_sum, metrics = self.kto(policy, ref, roles)
         else:
@@ -76,13 +79,13 @@ class PreferenceObjective:
 
     # --------------------------------------------------------------- reference
 
-    def reference_logps(self, model, batch):
+    def reference_logps(self, model, batch, plan):
         import torch
 
         if self.reference == "precomputed":
             return precomputed_logps(batch)
         with torch.no_grad(), self.reference_context(model) as ref_model:
-            return segment_logps(ref_model, batch)
+            return segment_logps(ref_model, batch, plan)
 
     @contextlib.contextmanager
     def reference_context(self, model, *, precomputing: bool = False):
@@ -107,10 +110,10 @@ class PreferenceObjective:
     def pairs(self, policy, ref, roles):
         import torch
 
-        chosen, rejected = roles == CHOSEN, roles == REJECTED
+        chosen, rejected = roles.of(CHOSEN), roles.of(REJECTED)
         c_logps, r_logps = policy.completion[chosen], policy.completion[rejected]
         c_tokens, r_tokens = policy.completion_tokens[chosen], policy.completion_tokens[rejected]
-        n = int(chosen.sum())
+        n = roles.count(CHOSEN)
         cfg, beta = self.cfg, self.beta
         metrics = {}
         if self.method in ("dpo", "ipo"):
@@ -157,9 +160,9 @@ class PreferenceObjective:
     def kto(self, policy, ref, roles):
         import torch
 
-        kl_rows = roles == KL
-        rows = (roles == DESIRABLE) | (roles == UNDESIRABLE)
-        desirable = roles[rows] == DESIRABLE
+        kl_rows = roles.of(KL)
+        rows = roles.of(DESIRABLE, UNDESIRABLE)
+        desirable = roles.among((DESIRABLE, UNDESIRABLE), DESIRABLE)
         # the batch's KL estimate from the mismatched pairs: detached, clamped at 0 (TRL)
         kl = (policy.completion[kl_rows].detach() - ref.completion[kl_rows]).mean().clamp(min=0)
         ratio = policy.completion[rows] - ref.completion[rows]
@@ -170,7 +173,7 @@ class PreferenceObjective:
         rewards = self.beta * ratio.detach()
         self.last_scores = rewards
         logps = policy.completion[rows].detach()
-        n_good, n_bad = int(desirable.sum()), int((~desirable).sum())
+        n_good, n_bad = roles.count(DESIRABLE), roles.count(UNDESIRABLE)
         metrics = {"kl": (kl, 1),
                    "rewards/chosen": (rewards[desirable].sum(), n_good),
                    "rewards/rejected": (rewards[~desirable].sum(), n_bad),
@@ -179,6 +182,34 @@ class PreferenceObjective:
         if n_good and n_bad:  # TRL's: the difference of the two means, one value per micro-batch
             metrics["rewards/margins"] = (rewards[desirable].mean() - rewards[~desirable].mean(), 1)
         return per_row.sum(), metrics
+
+
+class Roles:
+    """The segments' roles of a micro-batch, read on the host: index tensors
+    (on ``device``) and counts, so selecting the chosen or rejected sums takes
+    no boolean mask on the device (each one a host sync)."""
+
+    def __init__(self, roles_on_host, device):
+        from plait_preference.collate import move
+
+        self._roles = roles_on_host
+        self._move = lambda tensor: move(tensor, device)
+
+    def of(self, *names):
+        """Index of the segments holding any of ``names``, in segment order."""
+        import torch
+
+        wanted = torch.isin(self._roles, torch.tensor(names))
+        return self._move(wanted.nonzero()[:, 0])
+
+    def among(self, names, name):
+        """Over the segments holding any of ``names`` (in order): which hold ``name`` (bool, on the device)."""
+        import torch
+
+        return self._move(self._roles[torch.isin(self._roles, torch.tensor(names))] == name)
+
+    def count(self, name) -> int:
+        return int((self._roles == name).sum())
 
 
 def precomputed_logps(batch):

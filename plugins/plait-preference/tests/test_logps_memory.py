@@ -145,3 +145,12 @@ def test_dpo_step_peak_memory_at_most_an_sft_step():
     assert sft_peak >= 2 * logits_bytes  # the measurement sees the logits
     assert dpo_peak <= sft_peak, (dpo_peak / 2**20, sft_peak / 2**20)
     assert dpo_peak <= 1.5 * logits_bytes, (dpo_peak / 2**20, logits_bytes / 2**20)
+
+
+@pytest.mark.parametrize("vocab, tokens", [(128256, 256), (32000, 1024), (151936, 128), (2**20, 32), (10**9, 16)])
+def test_chunks_are_whole_matmul_tiles_within_the_logits_budget(vocab, tokens):
+    from plait_preference.logps import CHUNK_ELEMENTS, chunk_tokens
+
+    assert chunk_tokens(vocab) == tokens
+    # within the float32 budget, except the 16-token floor of an absurd vocabulary
+    assert chunk_tokens(vocab) * vocab <= CHUNK_ELEMENTS or tokens == 16

@@ -59,9 +59,9 @@ def plain_logps(model, sequences):
 
 
 def test_segment_logps_and_gradients_equal_a_plain_forward(setup):
-    from plait_preference.logps import segment_logps
+    from plait_preference.logps import scoring_plan, segment_logps
 
-    ours = segment_logps(setup.model, setup.batch)
+    ours = segment_logps(setup.model, setup.batch, scoring_plan(setup.batch))
     ours.completion.sum().backward()
     got = {n: p.grad.clone() for n, p in setup.model.named_parameters()}
     setup.model.zero_grad()
