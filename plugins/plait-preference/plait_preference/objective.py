@@ -43,6 +43,7 @@ class PreferenceObjective:
             self.reference = "precomputed" if cfg.precompute_ref_log_probs else reference_model(model)
         #: only the starting weights can score as the reference (no adapter to switch off)
         self.needs_starting_weights = not _is_peft(model)
+        self._adapter_switch = None  # made on first use: the model may be wrapped after this
         self.samples = None  # see the module docstring
         self.last_scores = None  # each unit's reward margin (pairs) or reward (KTO rows) of the last micro-batch
 
@@ -99,8 +100,12 @@ class PreferenceObjective:
         elif precomputing:
             yield model
         elif self.reference == "adapter_off":
+            from plait_preference.adapter_switch import AdapterSwitch
+
             inner = unwrap_data_parallel(model)
-            with inner.disable_adapter():
+            if self._adapter_switch is None or self._adapter_switch.model is not inner:
+                self._adapter_switch = AdapterSwitch(inner)
+            with self._adapter_switch.off():
                 yield inner
         else:
             yield self.reference

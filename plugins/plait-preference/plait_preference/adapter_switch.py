@@ -1,0 +1,59 @@
+"""Switch a peft model's adapters off for the reference forward, cheaply.
+
+peft's ``PeftModel.disable_adapter()`` is correct but slow to enter and leave:
+it asks ``get_model_status()`` (several walks over every module and
+parameter) and flips ``requires_grad`` on every adapter weight both ways.
+Measured on this project's 2-core CPU for a 16-layer Llama with LoRA on every
+linear layer: about 45 ms a use. The DPO step uses it once per micro-batch,
+and on a GPU that host time is time the device waits.
+
+:class:`AdapterSwitch` finds the adapter layers once and flips only the flag
+their forward reads (``_disable_adapters``, what peft's own
+``enable_adapters(False)`` sets on LoRA layers and on ``modules_to_save``
+wrappers). ``requires_grad`` is left alone: the reference forward runs under
+``torch.no_grad()``, where it changes nothing. Models this does not cover
+(prompt learning, adaption prompts, layers without the flag) go through
+peft's own context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+class AdapterSwitch:
+    def __init__(self, peft_model):
+        self.model = peft_model
+        self.layers = _flag_layers(peft_model)
+
+    @contextlib.contextmanager
+    def off(self):
+        if self.layers is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        before = [layer._disable_adapters for layer in self.layers]
+        for layer in self.layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, state in zip(self.layers, before):
+                layer._disable_adapters = state
+
+
+def _flag_layers(peft_model):
+    """The modules whose ``_disable_adapters`` flag switches the adapters off,
+    or ``None`` where the flag alone would not do what peft's context does."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # another peft layout: use its own context
+        return None
+    config = peft_model.peft_config.get(peft_model.active_adapter)
+    if config is None or config.is_prompt_learning or getattr(config, "is_adaption_prompt", False):
+        return None
+    layers = [m for m in peft_model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    if not layers or not all(hasattr(layer, "_disable_adapters") for layer in layers):
+        return None
+    return layers
