@@ -599,3 +599,53 @@ def test_hook_build_objective():
 
     cfg, pm = build_run_config({"base_model": "m"}, plugins=[Plugin()])
     assert pm.hook.build_objective(cfg=cfg, model=None, loss_fn=None) == "mine"
+
+
+def test_hook_install_step_hooks(tiny_model_dir, tmp_path):
+    # a plugin's optimizer pre-hook that drops every gradient leaves the weights as they were (the hook
+    # changes what a step does), it reads the step as the step happens, and the loop takes it off at the end
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from plait.train.loop import train
+
+    rows = [{"input_ids": list(range(10 + i, 20 + 2 * i)), "labels": list(range(10 + i, 20 + 2 * i))}
+            for i in range(6)]
+    data = SimpleNamespace(train=Dataset.from_list(rows))
+    seen_steps = []
+
+    class Frozen:
+        @hookimpl
+        def install_step_hooks(cfg, model, optimizer, step_of):
+            def drop_gradients(opt, args, kwargs):
+                seen_steps.append(step_of())
+                for group in opt.param_groups:
+                    for param in group["params"]:
+                        param.grad = None
+
+            return [optimizer.register_step_pre_hook(drop_gradients)]
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"),
+                                "micro_batch_size": 2, "max_steps": 3, "weight_decay": 0.0, "bf16": False,
+                                "learning_rate": 1e-2}, plugins=[Frozen])
+    start = {name: p.detach().clone() for name, p in
+             make_tiny_model_weights(tiny_model_dir).items()}
+    run = train(cfg, pm, data=data)
+    assert seen_steps == [0, 1, 2]
+    after = dict(run.model.named_parameters())
+    assert all(torch.equal(after[name].detach().cpu(), weight) for name, weight in start.items() if name in after)
+    assert not run.optimizer._optimizer_step_pre_hooks and run.step_hooks == []
+
+    # without the plugin the same run moves the weights: the comparison above can fail
+    cfg, pm = build_run_config({"base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "plain"),
+                                "micro_batch_size": 2, "max_steps": 3, "weight_decay": 0.0, "bf16": False,
+                                "learning_rate": 1e-2})
+    moved = dict(train(cfg, pm, data=data).model.named_parameters())
+    assert any(not torch.equal(moved[name].detach().cpu(), weight) for name, weight in start.items() if name in moved)
+
+
+def make_tiny_model_weights(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())

@@ -570,6 +570,37 @@ def build_scheduler(cfg: CoreConfig, optimizer: torch.optim.Optimizer,
     optimizer step, or ``None`` to let the next plugin answer.
     """
 
+
+@hookspec
+def install_step_hooks(cfg: CoreConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       step_of: Callable[[], int]) -> Optional[list[Any]]:
+    """Hang behaviour that acts at optimizer steps on the optimizer or the model.
+
+    Every plugin is called, on every rank, once per run by
+    the training loop (:func:`plait.train.loop.train`), right after
+    :func:`build_scheduler` and before a checkpoint is restored and
+    :func:`on_train_start`. This is the place for torch hooks that change
+    what a step does -- ``optimizer.register_step_pre_hook`` /
+    ``register_step_post_hook`` (plait-sparse keeps pruned entries at zero),
+    a ``model.register_forward_pre_hook`` gated on the step (plait-qat's
+    ``fake_quant_after_n_steps``) -- so that the events stay observers. No
+    default implementation in core.
+
+    ``cfg``
+        The run config; answer only when your keys ask for it.
+    ``model``
+        The model as it trains (adapters attached, possibly wrapped).
+    ``optimizer``
+        The optimizer from :func:`build_optimizer`, whoever built it.
+    ``step_of``
+        A callable returning the optimizer steps done so far. Read it when a
+        hook fires, not now: a resumed run's step is set after this call.
+
+    Returns the handles of the hooks installed (anything with ``remove()``,
+    e.g. torch's ``RemovableHandle``), which the loop removes once training
+    ends (after :func:`on_train_end`), or ``None``.
+    """
+
 # ----------------------------------------------- pipeline: each step
 
 @hookspec(firstresult=True)

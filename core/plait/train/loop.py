@@ -65,7 +65,7 @@ from plait.config.axolotl_keys import NO_OP_KEYS
 from plait.data.batching import materialize, plan_batches, row_lengths, to_device
 from plait.data.packing import sample_packing_efficiency
 from plait.data.prepare import prepare_datasets
-from plait.errors import ConfigError, TrainingError
+from plait.errors import ConfigError, PluginError, TrainingError
 from plait.model.batch import drop_full_attention_mask
 from plait.model.forward import forward_hidden, forward_logits, head_plan
 from plait.model.head import logits_cross_entropy
@@ -181,6 +181,8 @@ class Run:
     high_loss_steps: int = 0
     #: ``(epoch, data ranks, rows) -> sha256`` of the packing plan, for checkpoints (plait.train.checkpoint)
     packing_plan_digest: Optional[tuple[tuple[int, int, int], str]] = None
+    #: the handles of the plugins' ``install_step_hooks``, removed when training ends
+    step_hooks: list[Any] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -253,6 +255,7 @@ def train(cfg, pm, *, data=None) -> Run:
         run.objective = call_required(pm, "build_objective", cfg=cfg, model=run.model, loss_fn=run.loss_fn)
         plan_schedule(run)
         run.optimizer, run.scheduler = build_optimizer_and_scheduler(run)
+        run.step_hooks = install_step_hooks(run)
         if cfg.lisa_n_layers:
             # after the optimizer: it holds every layer, each trains with its own state when chosen
             run.lisa = Lisa(cfg, run.model, run.world_size)
@@ -287,6 +290,7 @@ def train(cfg, pm, *, data=None) -> Run:
         finish(run)
         return run
     finally:
+        remove_step_hooks(run)
         close_distributed(world)
 
 
@@ -370,6 +374,27 @@ def build_optimizer_and_scheduler(run: Run):
     optimizer = call_required(pm, "build_optimizer", cfg=cfg, params=groups)
     scheduler = call_required(pm, "build_scheduler", cfg=cfg, optimizer=optimizer, total_steps=run.total_steps)
     return optimizer, scheduler
+
+
+def install_step_hooks(run: Run) -> list:
+    """Every plugin's ``install_step_hooks`` answer: the handles to remove when training ends."""
+    handles = []
+    for answer in run.pm.hook.install_step_hooks(cfg=run.cfg, model=run.model, optimizer=run.optimizer,
+                                                 step_of=lambda: run.step):
+        for handle in answer or ():
+            if not callable(getattr(handle, "remove", None)):
+                raise PluginError(f"install_step_hooks returned {handle!r}, which has no remove(); return the "
+                                  f"handles torch's register_*_hook calls give back, or None")
+            handles.append(handle)
+    return handles
+
+
+def remove_step_hooks(run: Run) -> None:
+    """Take the plugins' step hooks off the optimizer and model (the model outlives the run in tests and
+    ``plait evaluate``-style reuse; a hook reading a finished run's step must not stay on it)."""
+    for handle in run.step_hooks:
+        handle.remove()
+    run.step_hooks = []
 
 
 # ------------------------------------------------------------------ the loop

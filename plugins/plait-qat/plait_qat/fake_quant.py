@@ -108,10 +108,11 @@ def fake_quantizers(model) -> list:
     return found
 
 
-def start_after(model, steps: int, step_of) -> None:
+def start_after(model, steps: int, step_of):
     """Fake quantization off until ``step_of()`` (optimizer steps done) reaches
     ``steps``, then on: checked before every forward, so a resumed run is in
-    the right state from its first step, on every rank alike."""
+    the right state from its first step, on every rank alike. Returns the
+    forward pre-hook's handle."""
     quantizers = fake_quantizers(model)
 
     def gate(module, args):
@@ -119,7 +120,7 @@ def start_after(model, steps: int, step_of) -> None:
         for quantizer in quantizers:
             quantizer.enabled = enabled
 
-    model.register_forward_pre_hook(gate)
+    return model.register_forward_pre_hook(gate)
 
 
 def convert(model, qat) -> None:

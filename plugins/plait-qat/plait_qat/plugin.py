@@ -6,9 +6,9 @@
 * ``patch_model``: fake-quantizes the linear layers (after adapters are
   attached: peft's LoRA matrices stay in full precision, their base layers are
   fake-quantized), training only.
-* ``on_train_start``: with ``fake_quant_after_n_steps``, keeps fake
-  quantization off until that many optimizer steps are done; says that a
-  ``quantization:`` block waits for ``plait quantize``.
+* ``install_step_hooks``: with ``fake_quant_after_n_steps``, keeps fake
+  quantization off until that many optimizer steps are done.
+* ``on_train_start``: says that a ``quantization:`` block waits for ``plait quantize``.
 * ``on_train_end``: converts the fake-quantized layers back to plain ones.
 * ``register_commands``: ``plait quantize``, post-training quantization of the
   trained model (the ``quantization:`` or ``qat:`` block).
@@ -43,6 +43,17 @@ def patch_model(cfg, model):
 
 
 @hookimpl
+def install_step_hooks(cfg, model, optimizer, step_of):
+    qat = getattr(cfg, "qat", None)
+    if qat is None or not qat.fake_quant_after_n_steps:
+        return None
+    from plait_qat.fake_quant import start_after
+
+    # the switch reads the run's step before every forward: every rank agrees, and a resumed run starts right
+    return [start_after(model, qat.fake_quant_after_n_steps, step_of)]
+
+
+@hookimpl
 def on_train_start(run):
     if getattr(run.cfg, "quantization", None) is not None and getattr(run, "is_main", True):
         import sys
@@ -50,13 +61,6 @@ def on_train_start(run):
         # Axolotl's meaning: the block is read by the quantize command, after training
         print("qat: the quantization: block is applied by `plait quantize` after training, not during it",
               file=sys.stderr, flush=True)
-    qat = getattr(run.cfg, "qat", None)
-    if qat is None or not qat.fake_quant_after_n_steps:
-        return
-    from plait_qat.fake_quant import start_after
-
-    # the switch reads the run's step before every forward: every rank agrees, and a resumed run starts right
-    start_after(run.model, qat.fake_quant_after_n_steps, lambda: run.step)
 
 
 @hookimpl

@@ -60,9 +60,11 @@ class SparsityKeeper:
         self.masks: dict = {}
         self.handles = []
 
-    def attach(self, optimizer) -> None:
+    def attach(self, optimizer) -> list:
+        """Hang on ``optimizer``; returns the hooks' handles (``detach`` removes them too)."""
         self.handles = [optimizer.register_step_pre_hook(self._before_step),
                         optimizer.register_step_post_hook(self._after_step)]
+        return list(self.handles)
 
     def detach(self) -> None:
         for handle in self.handles:

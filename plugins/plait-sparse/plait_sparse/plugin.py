@@ -3,9 +3,10 @@
 * ``config_schema``: the ``llmcompressor:`` block (:class:`plait_sparse.recipe.SparseKeys`).
 * ``validate_config``: the recipe (only ConstantPruningModifier, its targets,
   start and end) and a full fine-tune (no adapter).
-* ``on_train_start``: finds the targeted parameters and hangs a
-  :class:`plait_sparse.masks.SparsityKeeper` on the optimizer, on every rank.
-* ``on_train_end``: takes it off again.
+* ``install_step_hooks``: finds the targeted parameters and hangs a
+  :class:`plait_sparse.masks.SparsityKeeper` on the optimizer, on every rank
+  (the loop takes its hooks off when training ends).
+* ``on_train_start``: says what is kept sparse, on the main rank.
 
 ``save_compressed: true`` changes nothing in the files: compressed-tensors
 dropped its sparse formats after 0.14 (its ``ModelCompressor`` writes a
@@ -44,32 +45,37 @@ def validate_config(cfg):
 
 
 @hookimpl
+def install_step_hooks(cfg, model, optimizer, step_of):
+    block = getattr(cfg, "llmcompressor", None)
+    if block is None:
+        return None
+    from plait_sparse.masks import SparsityKeeper, targeted_parameters
+    from plait_sparse.recipe import parse_recipe
+
+    handles = []
+    for modifier in parse_recipe(block.recipe):
+        keeper = SparsityKeeper(targeted_parameters(model, modifier), modifier, step_of)
+        handles += keeper.attach(optimizer)
+    return handles
+
+
+@hookimpl
 def on_train_start(run):
     block = getattr(run.cfg, "llmcompressor", None)
-    if block is None:
+    if block is None or not run.is_main:
         return
     from plait_sparse.masks import SparsityKeeper, targeted_parameters
     from plait_sparse.recipe import parse_recipe
 
-    keepers = []
+    # after a resume the weights are the checkpoint's: the share of zeros is the one training goes on from
     for modifier in parse_recipe(block.recipe):
         keeper = SparsityKeeper(targeted_parameters(run.model, modifier), modifier, lambda: run.step)
-        keeper.attach(run.optimizer)
-        keepers.append(keeper)
-        if run.is_main:
-            ends = f"until step {modifier.end}" if modifier.end is not None else "to the end"
-            print(f"llmcompressor: {len(keeper.params)} parameters keep their zero entries from step "
-                  f"{modifier.start} {ends} ({keeper.sparsity():.1%} of their entries are zero now)",
-                  file=sys.stderr, flush=True)
-    run.extras["sparsity_keepers"] = keepers
-    if block.save_compressed and run.is_main:
+        ends = f"until step {modifier.end}" if modifier.end is not None else "to the end"
+        print(f"llmcompressor: {len(keeper.params)} parameters keep their zero entries from step "
+              f"{modifier.start} {ends} ({keeper.sparsity():.1%} of their entries are zero now)",
+              file=sys.stderr, flush=True)
+    if block.save_compressed:
         print("llmcompressor: save_compressed: the model is saved as plain safetensors with its zeros, which is what "
               "compressed-tensors writes for a sparse model without quantization (it has no sparse format after "
               "0.14); transformers and vLLM load it as is", file=sys.stderr, flush=True)
-
-
-@hookimpl
-def on_train_end(run):
-    for keeper in run.extras.pop("sparsity_keepers", []):
-        keeper.detach()
 
