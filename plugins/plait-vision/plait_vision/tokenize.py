@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 
 from plait.errors import BadRowError
-from plait_formats.chat import ChatFormat
+from plait_formats.chat import ChatFormat, encode_with_offsets
 from plait_formats.common import IGNORE, batch_size
 
 from plait_vision.images import ImageError, describe, is_image_part, open_image, part_reference, reference
@@ -162,17 +162,22 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch, processor) -> dict:
     conversations = fmt.messages_column(batch)
     column = batch.get("images", batch.get("image"))
     image_ids = image_token_ids(processor)
-    out = {"input_ids": [], "labels": [], "extras": []}
+    rendered = []
     for index in range(batch_size(batch)):
         raw, refs = fmt.split_images(index, conversations[index], column[index] if column is not None else None)
-        images = fmt.load_images(index, refs)
         messages = fmt.normalise(index, raw)
         full, ends, bodies = fmt.render_with_ends(index, messages, fmt.tools(batch, index))
-        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        labels = fmt.labels(index, messages, full, ends, bodies, encoded["input_ids"], encoded["offset_mapping"])
+        rendered.append((refs, messages, full, ends, bodies))
+    # the batch's texts in one call of the Rust tokenizer (plait-formats' path for text chats); the images
+    # are opened row by row below, so a batch never holds more than one row's pixels
+    text_ids, text_offsets = encode_with_offsets(tokenizer, [row[2] for row in rendered])
+    out = {"input_ids": [], "labels": [], "extras": []}
+    for index, (refs, messages, full, ends, bodies) in enumerate(rendered):
+        images = fmt.load_images(index, refs)
+        labels = fmt.labels(index, messages, full, ends, bodies, text_ids[index], text_offsets[index])
         try:
             ids = expanded_ids(processor, full, images)
-            expanded_labels = expand_labels(encoded["input_ids"], labels, ids, image_ids)
+            expanded_labels = expand_labels(text_ids[index], labels, ids, image_ids)
         except (ValueError, IndexError) as exc:
             sources = ", ".join(describe(r) for r in refs) or "none"
             raise BadRowError(index, f"the processor could not place the row's {len(images)} image(s) ({sources}) "

@@ -255,3 +255,19 @@ def test_image_references_paths_base64_and_urls(tmp_path):
     assert open_image({"base64": jpeg}).size == open_image({"path": str(image)}).size == (56, 56)
     with pytest.raises(ImageError, match="is a URL; Plait does not download images"):
         reference("https://example.com/a.png", None)
+
+
+def test_rows_tokenized_as_one_batch_keep_their_own_offsets(qwen2_vl_dir, tmp_path):
+    # the batch's texts are tokenized in one call (plait-formats' encode_with_offsets): every row of
+    # different length must get its own answer trained, never a neighbour's offsets
+    image = make_image(tmp_path / "a.png")
+    answers = ["yes", "a longer answer of several words here", "no image this time", "red"]
+    rows = []
+    for number, answer in enumerate(answers):
+        user = ([{"type": "image", "path": str(image)}] if number != 2 else []) + \
+            [{"type": "text", "text": "question " * (number + 1)}]
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    keys = vision_keys(qwen2_vl_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path, shuffle_merged_datasets=False)
+    data, tokenizer, _, _ = prepare(keys)
+    assert [trained_text(tokenizer, data.train[i]) for i in range(len(answers))] == \
+        [answer + "<|im_end|>" for answer in answers]
