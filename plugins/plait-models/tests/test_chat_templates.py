@@ -6,7 +6,7 @@ The masks are checked token by token with plait-formats' own test helpers
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,24 +16,9 @@ from plait_models.families._common import (ALPACA, CHATML_TOKENS, DEEPSEEK_TOKEN
                                           GEMMA, GEMMA_TOKENS, LLAMA4, LLAMA4_TOKENS, MISTRAL_V1, MISTRAL_V3_TEKKEN, PHI3,
                                           PHI3_TOKENS, PHI35, QWEN3, QWEN25, QWEN25_DEFAULT_SYSTEM)
 
-FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
-
-#: as in plait-formats' chat tests, less the system message for gemma (below)
-CONVERSATION = [
-    {"role": "system", "content": "be brief"},
-    {"role": "user", "content": "sort the words"},
-    {"role": "assistant", "content": "the words are sorted."},
-    {"role": "user", "content": "add 3 and 4"},
-    {"role": "assistant", "content": "the sum is 7"},
-]
-
-
-def _formats_helpers():
-    pytest.importorskip("plait_formats")
-    spec = importlib.util.spec_from_file_location("plait_formats_test_helpers", FORMATS_CONFTEST)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# the shared conversation and helpers (pytest's importlib mode does not put tests/ on sys.path)
+sys.path.insert(0, str(Path(__file__).parent))
+from chat_template_cases import CONVERSATION, formats_helpers  # noqa: E402
 
 
 def _tokenizer_dir(tmp_path, markers, chat_template=None):
@@ -52,7 +37,7 @@ def _tokenizer_dir(tmp_path, markers, chat_template=None):
 def _assert_mask(tokenizer, messages, pieces, **dataset_keys):
     """Format ``messages`` as one ``chat_template`` row and check its tokens and
     labels against ``pieces`` (``(text, trained)`` runs); returns ``(ids, labels)``."""
-    helpers = _formats_helpers()
+    helpers = formats_helpers()
     out = helpers.run_format(tokenizer, {"messages": [messages]}, type="chat_template", **dataset_keys)
     ids, labels = helpers.pieces_to_row(tokenizer, pieces)
     assert out["input_ids"][0] == ids

@@ -5,7 +5,7 @@ train exactly the assistant turns and their end markers."""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +15,10 @@ from plait_models.families._more_templates import (COHERE_TOKENS, COMMAND_A_TOKE
                                                    MORE_CHAT_TEMPLATES)
 from plait_models.families._common import CHATML_TOKENS, LLAMA3_TOKENS
 
-FORMATS_CONFTEST = Path(__file__).resolve().parents[2] / "plait-formats" / "tests" / "conftest.py"
+# the shared conversation and helpers (pytest's importlib mode does not put tests/ on sys.path)
+sys.path.insert(0, str(Path(__file__).parent))
+from chat_template_cases import CONVERSATION, formats_helpers  # noqa: E402
 
-CONVERSATION = [
-    {"role": "system", "content": "be brief"},
-    {"role": "user", "content": "sort the words"},
-    {"role": "assistant", "content": "the words are sorted."},
-    {"role": "user", "content": "add 3 and 4"},
-    {"role": "assistant", "content": "the sum is 7"},
-]
 EOS = "<|end_of_text|>"  # the kit tokenizer's EOS
 
 #: name -> the text of each run of trained tokens, written by hand from the family's format
@@ -48,14 +43,6 @@ TRAINED_RUNS = {
 }
 MARKERS = sorted(set(COHERE_TOKENS + COMMAND_A_TOKENS + EXAONE_TOKENS + GEMMA3N_TOKENS + GEMMA4_TOKENS + JAMBA_TOKENS
                      + METHARME_TOKENS + MISTRAL_V7_TOKENS + CHATML_TOKENS + LLAMA3_TOKENS))
-
-
-def _formats_helpers():
-    pytest.importorskip("plait_formats")
-    spec = importlib.util.spec_from_file_location("plait_formats_test_helpers", FORMATS_CONFTEST)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +136,7 @@ def test_image_parts_render_as_placeholders():
 
 @pytest.mark.parametrize("name", sorted(TRAINED_RUNS))
 def test_labels_train_exactly_the_assistant_turns(tokenizer, name):
-    helpers = _formats_helpers()
+    helpers = formats_helpers()
     out = helpers.run_format(tokenizer, {"messages": [CONVERSATION]}, type="chat_template", chat_template=name)
     ids, labels = out["input_ids"][0], out["labels"][0]
     assert _trained_runs(tokenizer, ids, labels) == TRAINED_RUNS[name]
@@ -159,7 +146,7 @@ def test_labels_train_exactly_the_assistant_turns(tokenizer, name):
 
 
 def test_gemma4_reasoning_is_trained_with_the_answer(tokenizer):
-    helpers = _formats_helpers()
+    helpers = formats_helpers()
     answer = {"role": "assistant", "content": "the sum is 7", "reasoning_content": "3 plus 4"}
     out = helpers.run_format(tokenizer, {"messages": [[*CONVERSATION[:2], answer]]}, type="chat_template",
                              chat_template="gemma4")
@@ -171,7 +158,7 @@ def test_gemma4_reasoning_is_trained_with_the_answer(tokenizer):
 def test_turns_that_do_not_alternate_are_a_bad_row(tokenizer, name):
     from plait.errors import BadRowError
 
-    helpers = _formats_helpers()
+    helpers = formats_helpers()
     with pytest.raises(BadRowError, match=f"{name} takes an optional system message first"):
         helpers.run_format(tokenizer, {"messages": [CONVERSATION[:2] + CONVERSATION[3:4]]}, type="chat_template",
                            chat_template=name)
@@ -180,7 +167,7 @@ def test_turns_that_do_not_alternate_are_a_bad_row(tokenizer, name):
 def test_tools_are_refused_by_name(tokenizer):
     from plait.errors import BadRowError
 
-    helpers = _formats_helpers()
+    helpers = formats_helpers()
     tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
     with pytest.raises(BadRowError, match="cohere here takes conversations without tool definitions"):
         helpers.run_format(tokenizer, {"messages": [CONVERSATION], "tools": [tools]}, type="chat_template",
@@ -189,7 +176,7 @@ def test_tools_are_refused_by_name(tokenizer):
 
 def test_exaone4_reasoning_of_every_turn_is_trained(tokenizer):
     # inline <think> blocks (Axolotl's way of writing reasoning into the content) in two turns
-    helpers = _formats_helpers()
+    helpers = formats_helpers()
     conversation = [CONVERSATION[1], {"role": "assistant", "content": "<think>\nsorting\n</think>\n\nthe words"},
                     CONVERSATION[3], {"role": "assistant", "content": "<think>\nadding\n</think>\n\nseven"}]
     assert _render("exaone4", conversation) == (
@@ -220,7 +207,7 @@ def test_exaone4_tools_calls_and_results(tokenizer):
         '[|assistant|]\n<think>\n\n</think>\n\n<tool_call>{"name": "add", "arguments": {"a": 3}}</tool_call>'
         '[|endofturn|]\n[|tool|]\n<tool_result>{"result": "7"}</tool_result>[|endofturn|]\n'
         "[|assistant|]\n<think>\n\n</think>\n\nthe sum is 7[|endofturn|]\n")
-    helpers = _formats_helpers()
+    helpers = formats_helpers()
     out = helpers.run_format(tokenizer, {"messages": [conversation], "tools": [tools]}, type="chat_template",
                              chat_template="exaone4")
     assert _trained_runs(tokenizer, out["input_ids"][0], out["labels"][0]) == [
