@@ -77,6 +77,18 @@ class HeadPlan:
     reason: str = ""
     #: the probe forward on token ids alone failed with this (the model needs other inputs)
     probe_error: str | None = None
+    #: a sequence or token classifier (a ``score``/``classifier`` head over the hidden states, no LM head)
+    classifier: bool = False
+
+
+def is_classifier(model) -> bool:
+    """Whether ``model`` is transformers' sequence or token classifier: ``num_labels``
+    outputs from a ``score`` or ``classifier`` head instead of a vocabulary."""
+    import torch
+
+    name = type(model).__name__
+    return name.endswith(("ForSequenceClassification", "ForTokenClassification")) and any(
+        isinstance(getattr(model, head, None), torch.nn.Module) for head in ("score", "classifier"))
 
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -106,7 +118,9 @@ def head_plan(model) -> HeadPlan:
                 f"base_model: {type(causal_lm).__name__} does not run on token ids alone ({plan.probe_error}); "
                 "Plait trains causal LMs whose forward takes input_ids (a draft or assistant model that needs "
                 "another model's states cannot be fine-tuned on its own)")
-        if not plan.fused:
+        if plan.classifier:
+            log.info("loss: %s", plan.reason)
+        elif not plan.fused:
             log.warning("loss: %s; the loss uses the model's own logits (its head runs on every position; a fused "
                         "loss kernel does not apply)", plan.reason)
     return plan
@@ -186,6 +200,10 @@ def probe_head(causal_lm, n_tokens: int = 8) -> HeadPlan:
     head = causal_lm.get_output_embeddings()
     weight = getattr(head, "weight", None)
     if head is None or weight is None or weight.dim() != 2:
+        if is_classifier(causal_lm):
+            # a reward or token classifier: its objective reads the model's scores, there is no vocabulary head
+            return HeadPlan(None, False, keep, cache, f"{type(causal_lm).__name__} is a classifier (no vocabulary "
+                            f"head; its objective reads the model's scores)", classifier=True)
         return HeadPlan(None, False, keep, cache, f"{type(causal_lm).__name__} has no linear output layer")
     head_modules = {id(m) for m in head.modules()}
     seen: list[tuple[str, object]] = []

@@ -99,9 +99,8 @@ def validate(cfg) -> None:
     if cfg.reward_model:
         if rl is not None:
             raise ConfigError(f"reward_model: true and rl: {rl} are two different trainings; keep one")
-        if cfg.adapter and "score" not in (getattr(cfg, "lora_modules_to_save", None) or []):
-            raise ConfigError("reward_model: true with adapter: the scalar head starts untrained and must train in "
-                              "full: add lora_modules_to_save: [score]")
+        # with an adapter the scalar head still trains in full: peft's sequence-classification wrapper
+        # (task_type SEQ_CLS, plait-peft's choice for this model) adds score to modules_to_save itself
         return
     if cfg.dpo_use_weighting:
         raise ConfigError("config key 'dpo_use_weighting': true (WPO weighting) is not supported; remove it")
