@@ -25,6 +25,23 @@ class AdapterSwitch:
     def __init__(self, peft_model):
         self.model = peft_model
         self.layers = _flag_layers(peft_model)
+        # what evaluating() flips: every module but bitsandbytes' layers, which stay in training
+        # mode for the reason plait.model.forward.probing gives (an eval forward repacks 4-bit
+        # weights in place on some CPUs); listed once, as a walk of the model costs ~15 ms a step
+        self.modules = [m for m in peft_model.modules() if not type(m).__module__.startswith("bitsandbytes")]
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Eval mode (no dropout, no NEFTune noise) for the reference forward;
+        every module's own training flag comes back afterwards."""
+        before = [m.training for m in self.modules]
+        for m in self.modules:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m, flag in zip(self.modules, before):
+                m.training = flag
 
     @contextlib.contextmanager
     def off(self):

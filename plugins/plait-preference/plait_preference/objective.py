@@ -105,7 +105,10 @@ class PreferenceObjective:
             inner = unwrap_data_parallel(model)
             if self._adapter_switch is None or self._adapter_switch.model is not inner:
                 self._adapter_switch = AdapterSwitch(inner)
-            with self._adapter_switch.off():
+            # the base scores as the starting model, as the precompute pass and a frozen copy do: in eval mode,
+            # so training-only noise (neftune_noise_alpha, dropout) stays out of the reference; the policy
+            # forward around it keeps its training flags
+            with self._adapter_switch.off(), self._adapter_switch.evaluating():
                 yield inner
         else:
             yield self.reference

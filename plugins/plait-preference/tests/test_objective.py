@@ -115,3 +115,38 @@ def test_simpo_loss_equals_trl(setup, gamma, alpha):
     nll = -sum(p[0] for p in plain[0::2]) / sum(p[1] for p in plain[0::2])  # CPO's NLL: chosen responses only
     assert float(ours) == pytest.approx(float(losses.mean() + alpha * nll), rel=1e-5)
     assert metrics["rewards/chosen"][0] / 4 == pytest.approx(float(chosen_rewards.mean()), rel=1e-5)
+
+
+def test_lora_reference_sees_no_neftune_noise(setup):
+    # the policy's training forwards get NEFTune noise; the reference (the base, adapter off) scores as the
+    # starting model in eval mode, so it equals the noiseless base and repeats exactly
+    from peft import LoraConfig, get_peft_model
+
+    from plait.model.neftune import attach_neftune
+    from plait_preference.logps import scoring_plan, segment_logps
+
+    plan = scoring_plan(setup.batch)
+    with torch.no_grad():
+        clean = segment_logps(setup.model.eval(), setup.batch, plan).completion
+    model = get_peft_model(setup.model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                   target_modules=["q_proj", "v_proj"]))
+    attach_neftune(model, 50.0)
+    model.train()
+    with torch.no_grad():
+        noisy = [segment_logps(model, setup.batch, plan).completion for _ in range(2)]
+    assert not torch.allclose(noisy[0], noisy[1])  # the noise is on in training forwards
+
+    objective = objective_for(setup, model, rl="dpo")
+    assert objective.reference == "adapter_off"
+    first, second = (objective.reference_logps(model, setup.batch, plan).completion for _ in range(2))
+    torch.testing.assert_close(first, clean, rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, second)
+    assert model.training and all(m.training for m in model.modules())  # the policy trains on after it
+
+
+def objective_for(setup, model, **keys):
+    from plait.testing import build_run_config
+    from plait_preference.objective import PreferenceObjective
+
+    cfg, _ = build_run_config({"base_model": "unused", **keys})
+    return PreferenceObjective(cfg, model)
