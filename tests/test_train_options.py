@@ -4,7 +4,6 @@ optimizers, and ``saves_per_epoch``. In process, on pre-tokenized rows, a few st
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -67,14 +66,33 @@ def test_max_grad_norm_clips_the_update_and_logs_the_norm_before_clipping(tiny_m
 
 
 def test_warmup_ratio_ramps_the_learning_rate_over_that_share_of_the_steps(tiny_model, tmp_path):
-    # 16 rows / micro_batch_size 2: 8 steps; warmup_ratio 0.3 x 8 = 2.4, rounded up to 3 warmup steps
+    # 16 rows / micro_batch_size 2: 8 steps; warmup_ratio 0.4 x 8 = 3.2, truncated to 3 warmup steps (Axolotl's int())
     run = run_train({"base_model": str(tiny_model), "output_dir": str(tmp_path / "out"), "learning_rate": 1e-3,
-                     "lr_scheduler": "constant", "warmup_ratio": 0.3, "micro_batch_size": 2}, data(16, 0))
+                     "lr_scheduler": "constant", "warmup_ratio": 0.4, "micro_batch_size": 2}, data(16, 0))
     assert run.total_steps == 8
     logged = [r["lr"] for r in run.metrics_log.read() if "lr" in r]
-    warmup = math.ceil(0.3 * 8)
+    warmup = 3
     ramp = [1e-3 * step / warmup for step in range(warmup)]  # transformers' warmup: step i of w gets i / w
     assert logged == pytest.approx(ramp + [1e-3] * (8 - warmup), rel=1e-12)
+
+
+@pytest.mark.parametrize("keys,total,expected", [
+    ({"warmup_ratio": 0.3}, 8, 2),      # 2.4: truncated, where rounding up would give 3
+    ({"warmup_ratio": 0.29}, 100, 28),  # 28.999...: Python's int(), as Axolotl computes it
+    ({"warmup_ratio": 0.15}, 8, 2),     # 1.2 -> 1 -> 2: Axolotl raises a one-step warm-up to two
+    ({"warmup_ratio": 0.1}, 8, 0),      # 0.8 -> 0: no warm-up
+    ({"warmup_steps": 1}, 8, 2),        # the same rule for a count given
+    ({"warmup_steps": 5}, 8, 5),
+    ({"warmup_steps": 20}, 8, 8),
+    ({"warmup_steps": 0.3}, 8, 3),      # a fraction: transformers' reading, rounded up
+    ({}, 8, 0),
+])
+def test_warmup_counts_as_axolotl_counts_them(keys, total, expected):
+    # Axolotl's trainer builder: int(warmup_ratio * total_num_steps); then `if warmup_steps == 1: warmup_steps = 2`
+    from plait.builtin.optim import warmup_steps
+
+    cfg, _ = build_run_config({"base_model": "m", **keys})
+    assert warmup_steps(cfg, total) == expected
 
 
 def test_warmup_steps_below_one_is_a_fraction_of_the_run(tiny_model, tmp_path):

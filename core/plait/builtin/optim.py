@@ -129,16 +129,23 @@ def build_optimizer(cfg, params):
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
-    """Warm-up steps of a run of ``total_steps``: ``warmup_steps`` (below 1: a
-    fraction of the run, rounded up, as transformers' ``get_warmup_steps``
-    reads it), else ``warmup_ratio`` of the run, rounded up."""
+    """Warm-up steps of a run of ``total_steps``, as Axolotl's trainer builder
+    counts them: ``warmup_steps`` as given, else ``warmup_ratio`` of the run
+    truncated (``int(ratio * total_steps)``); a count of 1 becomes 2 (Axolotl
+    raises a one-step warm-up, whose only step would train at learning rate 0,
+    to two). ``warmup_steps`` below 1 is a fraction of the run rounded up, as
+    transformers' ``get_warmup_steps`` reads the value Axolotl passes it."""
     if isinstance(cfg.warmup_steps, float):
         return int(math.ceil(cfg.warmup_steps * total_steps))
     if cfg.warmup_steps is not None:
-        return min(cfg.warmup_steps, total_steps)
-    if cfg.warmup_ratio is not None:
-        return int(math.ceil(cfg.warmup_ratio * total_steps))
-    return 0
+        count = cfg.warmup_steps
+    elif cfg.warmup_ratio is not None:
+        count = int(cfg.warmup_ratio * total_steps)
+    else:
+        return 0
+    if count == 1:
+        count = 2
+    return min(count, total_steps)
 
 
 def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float, num_cycles: float = 0.5, *,

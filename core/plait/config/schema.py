@@ -360,11 +360,13 @@ class CoreConfig(StrictModel):
         description="Arguments of the schedule, checked against what it takes (cosine: num_cycles; polynomial: lr_end, "
                     "power; warmup_stable_decay: num_decay_steps, ...).")
     warmup_steps: Optional[Union[int, float]] = Field(
-        None, ge=0, description="Optimizer steps of linear warm-up from 0 to learning_rate; a number between 0 and 1 "
-                                "is a fraction of the run's steps, rounded up (transformers' warmup_steps, which "
-                                "Axolotl passes it to). Excludes warmup_ratio.")
+        None, ge=0, description="Optimizer steps of linear warm-up from 0 to learning_rate (1 is raised to 2, as "
+                                "Axolotl does); a number between 0 and 1 is a fraction of the run's steps, rounded up "
+                                "(transformers' warmup_steps, which Axolotl passes it to). Excludes warmup_ratio.")
     warmup_ratio: Optional[float] = Field(
-        None, ge=0, lt=1, description="Warm-up as a fraction of the run's steps; excludes warmup_steps.")
+        None, ge=0, lt=1, description="Warm-up as a fraction of the run's steps, truncated to whole steps "
+                                      "(int(ratio x steps), a result of 1 raised to 2, as Axolotl counts it); "
+                                      "excludes warmup_steps.")
     cosine_min_lr_ratio: Optional[float] = Field(
         None, ge=0, le=1,
         description="cosine: the learning rate decays to this fraction of learning_rate instead of 0.")
