@@ -277,6 +277,35 @@ def test_unfrozen_parameters_rules():
         _cfg(unfrozen_parameters=["model.(layers"])
 
 
+def test_unfrozen_parameters_match_as_axolotl_does():
+    # axolotl.utils.freeze.LayerNamePattern: re.match (at the start of the name), every dot not followed by +
+    # literal; a dot the user escaped is literal here too (Axolotl escapes it again and matches nothing)
+    import torch
+
+    from plait.model.unfreeze import can_match_adapted_names, freeze_except
+
+    def trained(patterns):
+        model = torch.nn.Module()
+        model.model = torch.nn.Module()
+        model.model.layers = torch.nn.ModuleList(torch.nn.Linear(1, 1, bias=False) for _ in range(12))
+        model.register_parameter("lm_headXweight", torch.nn.Parameter(torch.zeros(1)))
+        model.lm_head = torch.nn.Linear(1, 1, bias=False)
+        return set(freeze_except(model, patterns))
+
+    assert trained(["model.layers.1."]) == {"model.layers.1.weight"}
+    assert trained(["model.layers.1"]) == {"model.layers.1.weight", "model.layers.10.weight", "model.layers.11.weight"}
+    assert trained(["lm_head.weight"]) == {"lm_head.weight"}  # the dot is literal: not lm_headXweight
+    assert trained(["lm_head.+"]) == {"lm_head.weight", "lm_headXweight"}  # .+ is any text
+    assert trained([r"model\.layers\.2\.weight$"]) == {"model.layers.2.weight"}
+    assert trained(["model.layers.1[01].weight$"]) == {"model.layers.10.weight", "model.layers.11.weight"}
+    with pytest.raises(ConfigError, match="match no parameter"):
+        trained(["layers.1.weight"])  # not at the start of a name: re.search would have matched
+    # under an adapter every name starts with base_model.model.: a pattern must start that way to match
+    assert not can_match_adapted_names("model.layers.1.+lora_")
+    assert can_match_adapted_names("base_model.model.model.layers.1.+lora_")
+    assert can_match_adapted_names("[a-z_]+.model.+lora_")
+
+
 def test_early_stopping_needs_evaluations():
     with pytest.raises(ConfigError, match="early_stopping_patience' watches the eval loss"):
         _cfg(early_stopping_patience=2)

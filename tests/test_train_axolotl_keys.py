@@ -80,7 +80,7 @@ def test_unfrozen_parameters_train_only_the_matching_weights(tiny_model, tmp_pat
     from transformers import AutoModelForCausalLM
 
     run = _train({"base_model": str(tiny_model), "output_dir": str(tmp_path), "max_steps": 2,
-                  "learning_rate": 1e-2, "unfrozen_parameters": ["^lm_head\\.", r"layers\.1\.mlp\.down_proj"]},
+                  "learning_rate": 1e-2, "unfrozen_parameters": ["^lm_head.weight$", "model.layers.1.mlp.down_proj"]},
                  SimpleNamespace(train=_rows(8), eval=None))
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())
     changed = {name for name, param in run.model.named_parameters() if not torch.equal(param.detach(), base[name])}
@@ -95,7 +95,7 @@ def test_unfrozen_parameters_with_an_adapter_choose_among_the_adapted_model_para
     """As in Axolotl: applied after the adapter is attached, to peft's names; what they miss is frozen."""
     lora = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "lora_r": 4,
             "lora_alpha": 8, "max_steps": 2, "learning_rate": 1e-2}
-    run = _train({**lora, "output_dir": str(tmp_path / "one"), "unfrozen_parameters": [r"layers\.1\..*lora_"]},
+    run = _train({**lora, "output_dir": str(tmp_path / "one"), "unfrozen_parameters": ["base_model.model.model.layers.1.+lora_"]},
                  SimpleNamespace(train=_rows(8), eval=None))
     lora_b = {name: param for name, param in run.model.named_parameters() if "lora_B" in name}
     assert lora_b and all(name.startswith("base_model.model.") for name in lora_b)
@@ -108,7 +108,7 @@ def test_unfrozen_parameters_with_an_adapter_choose_among_the_adapted_model_para
         build_run_config({**lora, "unfrozen_parameters": ["^model.language_model.*", "^lm_head.*"]})
     # a base weight trained next to the adapter would not be in the saved adapter
     with pytest.raises(ConfigError, match=r"match base weights of the adapted model \(base_model\.model\.lm_head"):
-        _train({**lora, "output_dir": str(tmp_path / "base"), "unfrozen_parameters": ["lm_head", "lora_"]},
+        _train({**lora, "output_dir": str(tmp_path / "base"), "unfrozen_parameters": ["base_model.model.lm_head", "base_model.+lora_"]},
                SimpleNamespace(train=_rows(4), eval=None))
 
 

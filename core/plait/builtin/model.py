@@ -116,7 +116,8 @@ def check_unfrozen_parameters(cfg) -> None:
                 f"attached, to names that start with {ADAPTED_PREFIX!r}, and every parameter they miss is frozen, "
                 f"the adapter's included (Axolotl warns 'All parameters are frozen' and trains nothing). Remove "
                 f"unfrozen_parameters to train the adapter, or give patterns of adapter parameters "
-                f"(e.g. 'layers\\.1[0-9]\\..*lora_' trains the LoRA weights of layers 10-19 only)")
+                f"(Axolotl's patterns match at the start of the name, a dot being a literal dot and .+ any text: "
+                f"'base_model.model.model.layers.1[0-9].+lora_' trains the LoRA weights of layers 10-19 only)")
         cfg.add_note(f"unfrozen_parameters with adapter: {cfg.adapter}: as in Axolotl, the patterns choose among the "
                      f"adapted model's parameters ({ADAPTED_PREFIX}..., the adapter's lora_A/lora_B included); "
                      f"everything they miss is frozen")

@@ -134,8 +134,9 @@ class CoreConfig(StrictModel):
         False, description="Tokenize with mistral-common (transformers' MistralCommonBackend); needs the "
                            "mistral-common package.")
     unfrozen_parameters: Optional[list[str]] = Field(
-        None, description="Regexes of parameter names to train (re.search on the name); every other parameter is "
-                          "frozen. With an adapter, as in Axolotl, they are matched after the adapter is attached, "
+        None, description="Regexes of parameter names to train, read as Axolotl reads them: matched at the start "
+                          "of the name (re.match; end with $ for the whole name), a dot is a literal dot except in "
+                          ".+ (any text); every other parameter is frozen. With an adapter, as in Axolotl, they are matched after the adapter is attached, "
                           "against the adapted model's names (base_model.model.<name>, the adapter's lora_A/lora_B "
                           "included), so they choose which adapter weights train; a base weight is refused there "
                           "(the saved adapter would not hold it).")
