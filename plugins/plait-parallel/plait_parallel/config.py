@@ -182,12 +182,13 @@ def world_size_from_env(env=None) -> int:
         raise ConfigError(f"environment WORLD_SIZE={env.get('WORLD_SIZE')!r} is not an integer") from None
 
 
-def mesh_sizes(cfg, world_size: int) -> dict[str, int]:
+def mesh_sizes(cfg, world_size: int, source: str = "WORLD_SIZE") -> dict[str, int]:
     """The size of every mesh dimension for ``world_size`` processes.
 
     ``dp_shard_size`` left unset takes what the other sizes leave. Raises
     :class:`ConfigError` naming the keys when the sizes do not multiply to
-    the world size.
+    the world size; ``source`` names where that size came from
+    (``WORLD_SIZE``, ``ray_num_workers``, the process group).
     """
     rep, tp, cp = cfg.dp_replicate_size, cfg.tensor_parallel_size, cfg.context_parallel_size
     others = rep * tp * cp
@@ -196,11 +197,11 @@ def mesh_sizes(cfg, world_size: int) -> dict[str, int]:
                  f"context_parallel_size={cp} x tensor_parallel_size={tp}")
     if shard is None:
         if world_size % others:
-            raise MachineFactError(f"{described} does not divide the world size {world_size} (WORLD_SIZE); "
+            raise MachineFactError(f"{described} does not divide the world size {world_size} ({source}); "
                               f"choose sizes whose product divides {world_size}")
         shard = world_size // others
     elif others * shard != world_size:
-        raise MachineFactError(f"{described} = {others * shard}, but the world size is {world_size} (WORLD_SIZE); "
+        raise MachineFactError(f"{described} = {others * shard}, but the world size is {world_size} ({source}); "
                           f"the product must equal the number of processes")
     return {"dp_replicate": rep, "dp_shard": shard, "cp": cp, "tp": tp}
 
@@ -227,21 +228,20 @@ def ring_split(cfg) -> str:
     return "zigzag" if cfg.ring_attn in ("batch_zigzag", "zigzag") else "contiguous"
 
 
-def launched_world_size(cfg) -> int:
-    """The processes the run will have: ``ray_num_workers`` where ``plait train``
-    is about to start them through Ray (``use_ray`` on the driver, one process
-    without ``WORLD_SIZE``; each worker has it from Ray), else ``WORLD_SIZE``."""
-    import os
-
+def launched_world_size(cfg) -> tuple[int, str]:
+    """The processes the run will have, and where that number comes from:
+    ``ray_num_workers`` where ``plait train`` is about to start them through
+    Ray (``use_ray`` on the driver, one process without ``WORLD_SIZE``; each
+    worker has it from Ray), else ``WORLD_SIZE``."""
     if getattr(cfg, "use_ray", False) and not os.environ.get("WORLD_SIZE"):
-        return cfg.ray_num_workers
-    return world_size_from_env()
+        return cfg.ray_num_workers, "ray_num_workers"
+    return world_size_from_env(), "WORLD_SIZE"
 
 
 def validate(cfg, world_size: int | None = None) -> None:
     """Cross-key checks run by ``validate_config`` before any model work."""
-    world_size = launched_world_size(cfg) if world_size is None else world_size
-    sizes = mesh_sizes(cfg, world_size)
+    world_size, source = launched_world_size(cfg) if world_size is None else (world_size, "WORLD_SIZE")
+    sizes = mesh_sizes(cfg, world_size, source)
     if cfg.context_parallel_size > 1 and cfg.ring_attn is False:
         raise ConfigError("context_parallel_size > 1 needs the ring attention; ring_attn: false is not accepted "
                           "with it (set ring_attn: true or context_parallel_size: 1)")
@@ -253,10 +253,10 @@ def validate(cfg, world_size: int | None = None) -> None:
         raise ConfigError("fsdp: hybrid_shard needs dp_replicate_size > 1 (replicas) and dp_shard_size (ranks per "
                           "shard group); set dp_replicate_size")
     fsdp_options(cfg)  # raises on contradicting fsdp_config values
-    check_generation_in_eval(cfg, world_size)
+    check_generation_in_eval(cfg, world_size, source)
 
 
-def check_generation_in_eval(cfg, world_size: int) -> None:
+def check_generation_in_eval(cfg, world_size: int, source: str = "WORLD_SIZE") -> None:
     """Core's generation in eval (do_causal_lm_eval, eval_table_size) runs the
     whole model on each process; a sharded one would need every rank to
     generate in lockstep, which it does not do. Several processes are always
@@ -266,7 +266,7 @@ def check_generation_in_eval(cfg, world_size: int) -> None:
     sharded = [key for key, on in (("fsdp", fsdp_options(cfg).enabled),
                                    ("tensor_parallel_size", cfg.tensor_parallel_size > 1),
                                    ("context_parallel_size", cfg.context_parallel_size > 1),
-                                   (f"plait-parallel over {world_size} processes (WORLD_SIZE)", world_size > 1)) if on]
+                                   (f"plait-parallel over {world_size} processes ({source})", world_size > 1)) if on]
     if sharded:
         asked = "do_causal_lm_eval" if cfg.do_causal_lm_eval else "eval_table_size"
         raise ConfigError(f"config key {asked!r}: generation during evaluation needs the whole model on each "

@@ -40,7 +40,7 @@ def build_mesh(cfg, world_size: int | None = None, device_type: str | None = Non
     world_size = dist.get_world_size() if world_size is None else world_size
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes = mesh_sizes(cfg, world_size)
+    sizes = mesh_sizes(cfg, world_size, "the process group's world size")
     mesh = init_device_mesh(device_type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
     mesh["dp_shard", "cp"]._flatten("dp_shard_cp")

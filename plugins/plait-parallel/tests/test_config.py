@@ -115,3 +115,23 @@ def test_entry_point_loads_without_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_mesh_size_errors_name_where_the_world_size_came_from(monkeypatch):
+    # on a Ray driver the processes are ray_num_workers, not WORLD_SIZE: the message names that key
+    # (the config is built without use_ray, which needs ray installed, then given the Ray keys)
+    from plait_parallel.config import validate
+
+    cfg = make_cfg(monkeypatch, 1)
+    monkeypatch.delenv("WORLD_SIZE")
+    ray_cfg = cfg.model_copy(update={"use_ray": True, "ray_num_workers": 3, "tensor_parallel_size": 2})
+    with pytest.raises(ConfigError, match=r"does not divide the world size 3 \(ray_num_workers\)"):
+        validate(ray_cfg)
+    fixed = cfg.model_copy(update={"use_ray": True, "ray_num_workers": 4, "tensor_parallel_size": 2,
+                                   "dp_shard_size": 3})
+    with pytest.raises(ConfigError, match=r"= 6, but the world size is 4 \(ray_num_workers\)"):
+        validate(fixed)
+    # under torchrun (WORLD_SIZE set) the same keys are checked against WORLD_SIZE, use_ray or not
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"world size 3 \(WORLD_SIZE\)"):
+        validate(cfg.model_copy(update={"tensor_parallel_size": 2}))
