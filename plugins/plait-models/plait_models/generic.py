@@ -14,14 +14,32 @@ from plait_models.moe import describe_experts
 
 def _class_names(model) -> set[str]:
     """The module classes in ``model``, counting a kernel plugin's swapped-in
-    module as the class it names in ``replaces_class``: that swap happened."""
+    module as the class it names in ``replaces_class``: that swap happened;
+    and a module FSDP2 sharded as the class it had (see :func:`_unsharded_class`)."""
     names = set()
     for module in model.modules():
-        names.add(type(module).__name__)
+        names.add(_unsharded_class(module).__name__)
         replaced = getattr(module, "replaces_class", None)
         if isinstance(replaced, str):
             names.add(replaced)
     return names
+
+
+def _unsharded_class(module) -> type:
+    """The class of ``module`` before FSDP2: ``fully_shard`` swaps a module's
+    class for a generated subclass ``FSDP<Name>`` (bases ``FSDPModule`` and the
+    class), so after plait-parallel shards a run every decoder layer would
+    otherwise look like a class the family does not name."""
+    cls = type(module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return cls
+    if isinstance(module, FSDPModule):
+        own = [base for base in cls.__bases__ if not issubclass(base, FSDPModule)]
+        if own:
+            return own[0]
+    return cls
 
 
 def describe_optimisations(model, family) -> list[str]:

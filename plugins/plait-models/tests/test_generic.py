@@ -74,3 +74,28 @@ def test_family_of_a_peft_model_and_the_override(pm):
     model = get_peft_model(build_model("qwen2"), LoraConfig(r=2, target_modules=["q_proj"]))
     assert family_of_model(pm, model).name == "qwen2"
     assert family_of_model(pm, model, model_config_type="gemma3_text").name == "gemma3"
+
+
+def test_layers_sharded_by_fsdp2_keep_their_family_class(pm):
+    # plait-parallel shards each decoder layer with fully_shard, which renames its class FSDP<Name>; the
+    # log read that as "decoder layer class ... not found" and claimed a _no_split_modules fallback.
+    # One gloo process: fully_shard swaps the classes just as with several.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model("qwen3_moe")
+    family = find_family(pm, "qwen3_moe")
+    before = describe_optimisations(model, family)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert type(model.model.layers[0]).__name__ == "FSDPQwen3MoeDecoderLayer"
+        after = describe_optimisations(model, family)
+    finally:
+        dist.destroy_process_group()
+    assert not any("not found" in line for line in after), after
+    assert after == before
