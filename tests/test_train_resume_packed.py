@@ -45,7 +45,7 @@ def test_packed_sigkill_then_resume_is_bit_identical(setup):
     root, config = setup
     cfg = config("killed", auto_resume_from_checkpoints=True)
     sigkill_once_written(plait_train(cfg, wait=False), root / "killed" / "checkpoint-2")
-    assert (root / "killed" / "checkpoint-2" / "packing_plan.json").is_file()
+    assert (root / "killed" / "checkpoint-2" / "batch_plan.json").is_file()
     resumed = plait_train(cfg)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
@@ -62,7 +62,7 @@ def test_changed_packing_setting_on_resume_is_refused(setup):
 
 
 def test_the_plan_identity_is_the_same_on_every_data_parallel_rank(tmp_path):
-    """Rank 0 writes packing_plan.json for all ranks: its identity must not depend
+    """Rank 0 writes batch_plan.json for all ranks: its identity must not depend
     on the rank reading it, and a change in the number of data-parallel ranks
     mid-epoch is refused by name (at an epoch boundary it is fine)."""
     import json
@@ -70,7 +70,7 @@ def test_the_plan_identity_is_the_same_on_every_data_parallel_rank(tmp_path):
 
     from plait.errors import TrainingError
     from plait.testing import build_run_config
-    from plait.train.checkpoint import check_packing_plan, packing_identity
+    from plait.train.checkpoint import check_batch_plan, plan_identity
 
     cfg, _ = build_run_config({"base_model": "m", "sample_packing": True, "sequence_len": 64, "micro_batch_size": 2})
     lengths = [5 + (i * 37) % 50 for i in range(120)]
@@ -79,10 +79,10 @@ def test_the_plan_identity_is_the_same_on_every_data_parallel_rank(tmp_path):
         return SimpleNamespace(cfg=cfg, train_lengths=lengths, epoch=0, step_in_epoch=step_in_epoch,
                                dp_rank=rank, dp_size=size)
 
-    assert packing_identity(run(0, 2)) == packing_identity(run(1, 2))
-    (tmp_path / "packing_plan.json").write_text(json.dumps(packing_identity(run(0, 2))))
+    assert plan_identity(run(0, 2)) == plan_identity(run(1, 2))
+    (tmp_path / "batch_plan.json").write_text(json.dumps(plan_identity(run(0, 2))))
     position = {"epoch": 0, "step_in_epoch": 3}
-    check_packing_plan(run(1, 2), tmp_path, position)  # rank 1 accepts rank 0's file
+    check_batch_plan(run(1, 2), tmp_path, position)  # rank 1 accepts rank 0's file
     with pytest.raises(TrainingError, match="data-parallel ranks: 2 -> 4"):
-        check_packing_plan(run(0, 4), tmp_path, position)
-    check_packing_plan(run(0, 4), tmp_path, {"epoch": 1, "step_in_epoch": 0})
+        check_batch_plan(run(0, 4), tmp_path, position)
+    check_batch_plan(run(0, 4), tmp_path, {"epoch": 1, "step_in_epoch": 0})

@@ -11,7 +11,7 @@ A checkpoint is a directory ``output_dir/checkpoint-<step>/``::
       grad_scaler.safetensors + .json fp16 loss scale (fp16 runs only)
       rng-<rank>.safetensors + .json  python, numpy and torch (CPU and CUDA) generator states, per rank
       trainer_state.json              step, epoch, step within the epoch plan
-      packing_plan.json               sample_packing runs only: the epoch plan's identity
+      batch_plan.json                 the epoch's batch plan identity (packed bins or row order)
       manifest.json                   size and sha256 of every file above, written last
 
 ``save_only_model: true`` (Axolotl's and transformers' key) leaves the
@@ -31,12 +31,16 @@ deleted file, an empty ``trainer_state.json``, a stray ``checkpoint-99/``) is
 skipped with the reason, and the newest one that verifies is used; an explicit
 ``resume_from_checkpoint`` that fails is an error saying what is damaged.
 
-With ``sample_packing`` the checkpoint records the identity of the current
-epoch's packing plan (a sha256 of every data-parallel rank's bins, the epoch,
-the step within it and the packing settings) rather than the plan itself: resume recomputes the plan
-from the same deterministic inputs and refuses (:class:`TrainingError`) when
-it differs, naming the changed settings, since skipping ``step_in_epoch``
-windows of a different plan would not continue the same epoch.
+The checkpoint records the identity of the current epoch's batch plan (a
+sha256 of every data-parallel rank's micro-batches -- packed bins with
+``sample_packing``, the shuffled, length-grouped or in-order rows without --,
+the epoch, the step within it and the settings that shape the plan) rather
+than the plan itself: resume recomputes the plan from the same deterministic
+inputs and refuses (:class:`TrainingError`) when it differs, naming the changed
+settings (``group_by_length``, ``curriculum_sampling``, ``seed``, ...), since
+skipping ``step_in_epoch`` windows of a different plan would not continue the
+same epoch. A checkpoint of an older Plait holds ``packing_plan.json`` (packed
+runs only), read the same way.
 
 It is written under ``.checkpoint-<step>.tmp`` and renamed into place once
 complete: ``os.rename`` of a directory is atomic on one filesystem, so a kill
@@ -263,8 +267,7 @@ def save_checkpoint(run) -> Path:
         if run.is_main:
             state = {**run.position(), "optimizer_state": not run.cfg.save_only_model}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            if run.cfg.sample_packing:
-                (tmp / "packing_plan.json").write_text(json.dumps(packing_identity(run), indent=2))
+            (tmp / PLAN_FILE).write_text(json.dumps(plan_identity(run), indent=2))
         _barrier()
         if run.is_main:
             write_manifest(tmp)  # last: its presence marks a finished save
@@ -361,26 +364,31 @@ def load_checkpoint(run, path: Path) -> dict:
         run.grad_scaler.load_state_dict(load_state(path, "grad_scaler"))
     if (path / f"rng-{run.rank}.json").exists():
         set_rng_state(load_state(path, f"rng-{run.rank}"))
-    check_packing_plan(run, path, position)
+    check_batch_plan(run, path, position)
     return position
 
 
-PACKING_KEYS = ("sample_packing", "sequence_len", "micro_batch_size", "sample_packing_bin_size", "seed",
-                "curriculum_sampling")
+#: the file holding the epoch plan's identity; older checkpoints: LEGACY_PLAN_FILE, packed runs only
+PLAN_FILE = "batch_plan.json"
+LEGACY_PLAN_FILE = "packing_plan.json"
+
+#: the settings that shape an epoch's batch plan (plait.data.batching.plan_batches), named when it changed
+ORDER_KEYS = ("sample_packing", "sequence_len", "micro_batch_size", "sample_packing_bin_size", "seed",
+              "curriculum_sampling", "group_by_length", "gradient_accumulation_steps")
 
 
-def packing_identity(run, epoch: int | None = None, step_in_epoch: int | None = None) -> dict:
-    """What identifies an epoch's packing plan: a hash of every data-parallel
-    rank's bins (the same on every rank, so rank 0's file serves all) and the
-    settings that shape them."""
+def plan_identity(run, epoch: int | None = None, step_in_epoch: int | None = None) -> dict:
+    """What identifies an epoch's batch plan: a hash of every data-parallel
+    rank's micro-batches (the same on every rank, so rank 0's file serves all)
+    and the settings that shape them."""
     epoch = run.epoch if epoch is None else epoch
     return {"epoch": epoch, "step_in_epoch": run.step_in_epoch if step_in_epoch is None else step_in_epoch,
             "plan_sha256": plan_digest(run, epoch), "rows": len(run.train_lengths), "data_parallel_ranks": run.dp_size,
-            "settings": {key: getattr(run.cfg, key, None) for key in PACKING_KEYS}}
+            "settings": {key: getattr(run.cfg, key, None) for key in ORDER_KEYS}}
 
 
 def plan_digest(run, epoch: int) -> str:
-    """sha256 of every data-parallel rank's packing plan for ``epoch``. Planning
+    """sha256 of every data-parallel rank's batch plan for ``epoch``. Planning
     all ranks is the costly part, and the plan is fixed for an epoch, so a
     run (``run.packing_plan_digest``) computes it once per epoch, not at every save."""
     import hashlib
@@ -397,10 +405,11 @@ def plan_digest(run, epoch: int) -> str:
     return digest
 
 
-def check_packing_plan(run, path: Path, position: dict) -> None:
-    """Refuse to resume a packed run whose epoch plan would differ from the checkpoint's."""
-    stored_file = path / "packing_plan.json"
-    if not stored_file.is_file():
+def check_batch_plan(run, path: Path, position: dict) -> None:
+    """Refuse to resume mid-epoch when the epoch's batch plan would differ from the checkpoint's."""
+    stored_file = next((path / name for name in (PLAN_FILE, LEGACY_PLAN_FILE) if (path / name).is_file()), None)
+    if stored_file is None:
+        # an older Plait's checkpoint: only packed runs recorded their plan
         if run.cfg.sample_packing and position.get("step_in_epoch"):
             raise TrainingError(f"checkpoint {path} was saved without sample_packing; resuming with "
                                 f"sample_packing: true would not continue the same epoch (set sample_packing: false)")
@@ -408,20 +417,24 @@ def check_packing_plan(run, path: Path, position: dict) -> None:
     if not position.get("step_in_epoch"):
         return  # saved at an epoch boundary: the next epoch is planned afresh either way
     stored = json.loads(stored_file.read_text())
-    if not run.cfg.sample_packing:
-        raise TrainingError(f"checkpoint {path} was saved with sample_packing: true; resuming with "
-                            f"sample_packing: false would not continue the same epoch")
-    now = packing_identity(run, position["epoch"], position["step_in_epoch"])
+    was_packed = stored["settings"].get("sample_packing", stored_file.name == LEGACY_PLAN_FILE)
+    if bool(was_packed) != bool(run.cfg.sample_packing):
+        raise TrainingError(f"checkpoint {path} was saved with sample_packing: {str(bool(was_packed)).lower()}; "
+                            f"resuming with sample_packing: {str(bool(run.cfg.sample_packing)).lower()} would not "
+                            f"continue the same epoch (set sample_packing: {str(bool(was_packed)).lower()})")
+    now = plan_identity(run, position["epoch"], position["step_in_epoch"])
     if now["plan_sha256"] == stored["plan_sha256"]:
         return
-    changed = [f"{key}: {stored['settings'].get(key)!r} -> {now['settings'].get(key)!r}"
-               for key in PACKING_KEYS if stored["settings"].get(key) != now["settings"].get(key)]
+    # a key an older checkpoint did not record is not named (its value then is unknown)
+    changed = [f"{key}: {stored['settings'][key]!r} -> {now['settings'].get(key)!r}"
+               for key in ORDER_KEYS if key in stored["settings"] and stored["settings"][key] != now["settings"].get(key)]
     if stored.get("rows") != now["rows"]:
         changed.append(f"training rows: {stored.get('rows')} -> {now['rows']}")
     if stored.get("data_parallel_ranks", now["data_parallel_ranks"]) != now["data_parallel_ranks"]:
         changed.append(f"data-parallel ranks: {stored['data_parallel_ranks']} -> {now['data_parallel_ranks']}")
+    plan = "sample packing plan" if run.cfg.sample_packing else "order of the training rows"
     raise TrainingError(
-        f"checkpoint {path}: the sample packing plan of epoch {position['epoch']} differs from the one the run was "
+        f"checkpoint {path}: the {plan} of epoch {position['epoch']} differs from the one the run was "
         f"trained with, so resuming at step {position['step_in_epoch']} of that epoch would not continue the same "
         f"epoch; changed: {'; '.join(changed) or 'the training data (row lengths)'}; restore them or start a new "
         f"output_dir")
