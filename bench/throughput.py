@@ -91,14 +91,53 @@ SHAPES = {
                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
+    # Qwen3-30B-A3B's layer (hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of 768, 8 per token,
+    # vocab 151936, untied) with 16 of its 48 layers: 10.6B parameters (21 GB in bf16), 1.1B active a token
+    "moe": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "smoke_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=512,
+                      tie_word_embeddings=False),
 }
-DEFAULT_MICRO_BATCH = {"1b": 8, "8b": 4, "smoke": 2}
+#: transformers model type of a shape (llama unless named)
+MODEL_TYPES = {"moe": "qwen3_moe", "smoke_moe": "qwen3_moe"}
+#: the fused 3D expert parameters of the MoE shapes, adapted through peft's target_parameters
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_MICRO_BATCH = {"1b": 8, "8b": 4, "smoke": 2, "moe": 4, "smoke_moe": 2}
 LORA_R, LORA_ALPHA, LR = 16, 32, 1e-4
 #: the hookimpl modules of the plugin packages (their entry points in plugins/*/pyproject.toml)
 PLUGIN_MODULES = ["plait_formats.plugin", "plait_models", "plait_peft.plugin", "plait_kernels.plugin"]
 H200_BF16_DENSE_TFLOPS = 989.4
 #: special tokens of the benchmark's word-level tokenizer; random ids start after them
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<unk>"]
+
+#: Row lengths of real chat data: the 33 quantiles (0%, 3.125%, ..., 100%) of 1,599 rows
+#: (alpaca_en_demo's 999 instruction/input/output rows, glaive_toolcall_en_demo's 300
+#: and dpo_en_demo's 300 ShareGPT conversations with their chosen answer, from
+#: hiyouga/LLaMA-Factory's data/), in tokens estimated as characters / 4 (Llama 3's
+#: tokenizer averages about 4 characters a token on English) plus 5 per turn for the
+#: chat template's markers. Median 253, mean 387, longest 3,955. ``--lengths real``
+#: draws row lengths from it (inverse-CDF sampling, linear between quantiles).
+REAL_LENGTH_QUANTILES = [22, 37, 43, 48, 54, 60, 71, 84, 101, 117, 136, 158, 171, 184, 202, 229, 253, 276, 292,
+                         317, 342, 370, 398, 434, 463, 499, 549, 613, 756, 938, 1261, 1607, 3955]
+
+
+def real_lengths(total_tokens: int, seq: int, seed: int = 0) -> list[int]:
+    """Row lengths drawn from ``REAL_LENGTH_QUANTILES`` (at most ``seq``) until they sum to ``total_tokens``."""
+    import random
+
+    rng, table, lengths = random.Random(seed), REAL_LENGTH_QUANTILES, []
+    while sum(lengths) < total_tokens:
+        position = rng.random() * (len(table) - 1)
+        low = int(position)
+        high = min(low + 1, len(table) - 1)
+        lengths.append(min(seq, round(table[low] + (position - low) * (table[high] - table[low]))))
+    return lengths
+
 
 FLOP_FORMULA = ("full FT: 6*N_matmul*T + 12*L*d*s*T; LoRA: 4*N_matmul*T + 6*N_lora*T + 12*L*d*s*T "
                 "(N_matmul = decoder linear weights + LM head once; causal mask not discounted; "
@@ -129,22 +168,40 @@ def peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def is_moe(shape: str) -> bool:
+    return "num_experts" in SHAPES[shape]
+
+
 def model_counts(dims: dict, lora: bool) -> dict:
-    """Matmul weights and LoRA parameters from the shape alone (same for both cases)."""
+    """Matmul weights and LoRA parameters from the shape alone (same for every case).
+
+    For an MoE shape, ``n_matmul`` and ``n_lora_active`` count what one token
+    runs through (the router and its ``num_experts_per_tok`` experts), while
+    ``n_lora`` counts every trainable LoRA parameter (all experts' factors), the
+    number the cases' trainable counts are checked against."""
     d, layers, inter, vocab = dims["hidden_size"], dims["num_hidden_layers"], dims["intermediate_size"], dims["vocab_size"]
-    kv = dims["num_key_value_heads"] * (d // dims["num_attention_heads"])
-    # (in, out) of q, k, v, o, gate, up, down
-    linears = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]
-    decoder = layers * sum(i * o for i, o in linears)
-    n_matmul = decoder + vocab * d
-    n_lora = layers * sum(LORA_R * (i + o) for i, o in linears) if lora else 0
-    return {"n_matmul": n_matmul, "n_lora": n_lora, "layers": layers, "hidden": d, "vocab": vocab}
+    head_dim = dims.get("head_dim") or d // dims["num_attention_heads"]
+    width, kv = dims["num_attention_heads"] * head_dim, dims["num_key_value_heads"] * head_dim
+    attention = [(d, width), (d, kv), (d, kv), (width, d)]  # (in, out) of q, k, v, o
+    lora_of = lambda linears: sum(LORA_R * (i + o) for i, o in linears) if lora else 0  # noqa: E731
+    if "num_experts" in dims:
+        experts, top_k, moe_inter = dims["num_experts"], dims["num_experts_per_tok"], dims["moe_intermediate_size"]
+        expert = [(d, 2 * moe_inter), (moe_inter, d)]  # gate_up_proj, down_proj of one expert
+        per_layer = sum(i * o for i, o in attention) + d * experts + top_k * sum(i * o for i, o in expert)
+        n_lora = layers * (lora_of(attention) + experts * lora_of(expert))
+        n_lora_active = layers * (lora_of(attention) + top_k * lora_of(expert))
+    else:
+        linears = attention + [(d, inter), (d, inter), (inter, d)]  # + gate, up, down
+        per_layer = sum(i * o for i, o in linears)
+        n_lora = n_lora_active = layers * lora_of(linears)
+    return {"n_matmul": layers * per_layer + vocab * d, "n_lora": n_lora, "n_lora_active": n_lora_active,
+            "layers": layers, "hidden": d, "attention_width": width, "vocab": vocab}
 
 
 def flops_per_token(counts: dict, seq: int, lora: bool) -> float:
-    attention = 12 * counts["layers"] * counts["hidden"] * seq
+    attention = 12 * counts["layers"] * counts["attention_width"] * seq
     if lora:
-        return 4 * counts["n_matmul"] + 6 * counts["n_lora"] + attention
+        return 4 * counts["n_matmul"] + 6 * counts["n_lora_active"] + attention
     return 6 * counts["n_matmul"] + attention
 
 
@@ -201,8 +258,8 @@ def worker_prepare(args) -> dict:
     dims = SHAPES[args.shape]
     model_dir, gpu = Path(args.model_dir), on_gpu()
     started = time.perf_counter()
-    config = AutoConfig.for_model("llama", max_position_embeddings=max(4096, args.seq), bos_token_id=0,
-                                  eos_token_id=1, pad_token_id=2, **dims)
+    config = AutoConfig.for_model(MODEL_TYPES.get(args.shape, "llama"), max_position_embeddings=max(4096, args.seq),
+                                  bos_token_id=0, eos_token_id=1, pad_token_id=2, **dims)
     torch.manual_seed(0)
     with torch.device("cuda" if gpu else "cpu"):  # initialising 8B parameters on the CPU takes minutes
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if gpu else torch.float32)
@@ -223,7 +280,12 @@ def worker_prepare(args) -> dict:
     assert len(tokenizer) == dims["vocab_size"], len(tokenizer)
 
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randint(len(SPECIALS), dims["vocab_size"], (args.rows, args.seq), generator=gen).tolist()
+    if getattr(args, "lengths", "fixed") == "real":
+        # rows of real lengths: 1.5x the tokens the steps need, so neither packer runs out of rows
+        lengths = real_lengths(int(1.5 * args.rows * args.seq), args.seq)
+        rows = [torch.randint(len(SPECIALS), dims["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
+    else:
+        rows = torch.randint(len(SPECIALS), dims["vocab_size"], (args.rows, args.seq), generator=gen).tolist()
     with open(args.data, "w") as f:
         for ids in rows:
             f.write(json.dumps({"input_ids": ids}) + "\n")
@@ -273,29 +335,54 @@ def matmul_ceiling(gpu: bool) -> dict:
             "ceiling_matmul": f"{n}^3 bf16"}
 
 
+#: the driver's wall clock (``time.time()``) when it started a worker, handed over in the
+#: environment, so a worker can report the time from its process start to its first step
+SPAWN_WALL_ENV = "PLAIT_BENCH_SPAWN_WALL"
+
+
+def since_spawn(wall: float | None) -> float | None:
+    """Seconds from the driver starting this worker process to ``wall`` (a ``time.time()``)."""
+    spawned = os.environ.get(SPAWN_WALL_ENV)
+    return wall - float(spawned) if spawned and wall is not None else None
+
+
 class StepClock:
-    """CUDA-synchronized time at the end of every optimizer step."""
+    """CUDA-synchronized time at the end of every optimizer step (and, where a
+    case counts them, the real tokens each step trained on)."""
 
     def __init__(self, total: int):
         self.total = total
         self.times: list[float] = []
         self.losses: list[float] = []
+        self.tokens: list[int] = []
+        self.wall_offset = time.time() - time.perf_counter()  # perf_counter -> wall clock
 
-    def tick(self, loss=None) -> None:
+    def tick(self, loss=None, tokens: int | None = None) -> None:
         self.times.append(synced_clock())
         if loss is not None:
             self.losses.append(float(loss))
+        if tokens is not None:
+            self.tokens.append(int(tokens))
 
     def summary(self, args) -> dict:
+        """tokens/s over the steps after ``args.warmup``; the time to the end of step 1
+        (``first_step_s``, from the driver's start of this process); with ``args.steps``
+        0 (a probe: does it fit?) only the peak memory and the first step."""
+        first = {"first_step_s": since_spawn(self.times[0] + self.wall_offset) if self.times else None,
+                 "peak_gib": peak_gib(), "final_loss": self.losses[-1] if self.losses else None}
+        if args.steps == 0:
+            if not self.times:
+                raise RuntimeError("no step finished")
+            return {"steps": len(self.times), **first}
         warm = args.warmup
         if len(self.times) < warm + 1 + 1:
             raise RuntimeError(f"only {len(self.times)} steps were recorded; need {warm + 2}")
         span = self.times[-1] - self.times[warm - 1] if warm else self.times[-1] - self.times[0]
         timed = len(self.times) - warm if warm else len(self.times) - 1
-        tokens = timed * args.micro_batch * args.seq
+        counted = self.tokens[len(self.times) - timed:] if len(self.tokens) == len(self.times) else None
+        tokens = sum(counted) if counted is not None else timed * args.micro_batch * args.seq
         return {"steps": len(self.times), "timed_steps": timed, "timed_s": span, "tokens_per_s": tokens / span,
-                "step_s": span / timed, "peak_gib": peak_gib(),
-                "final_loss": self.losses[-1] if self.losses else None}
+                "step_s": span / timed, "tokens_per_step": tokens / timed, **first}
 
 
 class _Finished(Exception):
@@ -328,7 +415,7 @@ def worker_plait(args) -> dict:
         @hookimpl
         def on_step_end(self, run, metrics):
             if run.step <= clock.total:
-                clock.tick(metrics["loss"])
+                clock.tick(metrics["loss"], metrics.get("input_tokens"))  # real tokens: packed rows hold fewer
             if run.step == clock.total and profiler is not None:
                 profiler.start()  # after the timed steps, so the profiler's overhead is not in them
             if run.step >= clock.total + (PROFILE_STEPS if profiler is not None else 0):
@@ -339,7 +426,8 @@ def worker_plait(args) -> dict:
         "base_model": args.model_dir, "plugins": PLUGIN_MODULES,
         "datasets": [{"path": args.data, "type": "pretokenized"}], "val_set_size": 0,
         "dataset_prepared_path": str(work / "prepared"), "output_dir": str(work / "plait_out"),
-        "sequence_len": args.seq, "sample_packing": False, "micro_batch_size": args.micro_batch,
+        # rows of real lengths are packed into rows of sequence_len (--lengths real)
+        "sequence_len": args.seq, "sample_packing": args.lengths == "real", "micro_batch_size": args.micro_batch,
         "gradient_accumulation_steps": 1, "num_epochs": 1,
         "max_steps": args.warmup + args.steps + (PROFILE_STEPS if profiler is not None else 0),
         "learning_rate": LR, "lr_scheduler": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0,
@@ -349,6 +437,10 @@ def worker_plait(args) -> dict:
     if args.mode == "lora":
         raw.update({"adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0,
                     "lora_target_linear": True})
+        if is_moe(args.shape):  # LoRA on the fused 3D expert weights too (plait-models' key -> peft target_parameters)
+            raw["lora_target_experts"] = True
+    if is_moe(args.shape):
+        raw["experts_implementation"] = "grouped_mm"  # torch's grouped GEMM, one per projection (transformers' default)
     raw.update(json.loads(args.case_keys or "{}"))
     if raw.get("load_in_4bit") or raw.get("load_in_8bit"):  # a QLoRA case: plait[adapter=qlora,load_in_4bit=true]
         raw["plugins"] = PLUGIN_MODULES + ["plait_bnb.plugin"]
@@ -407,14 +499,23 @@ def worker_hf(args) -> dict:
             if logs and "loss" in logs:
                 clock.losses.append(float(logs["loss"]))
 
+    if args.lengths == "real":
+        raise ValueError("--lengths real: the hf case has no packing; time plait and unsloth")
+    moe = is_moe(args.shape)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if gpu else torch.float32,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation="sdpa",
+                                                 **({"experts_implementation": "grouped_mm"} if moe else {}))
     model.config.use_cache = False
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
+        # on an MoE the fused 3D experts are parameters, not nn.Linear: peft reaches them by target_parameters;
+        # its "all-linear" would also adapt the router and give gate_up_proj a second adapter (peft 0.21), so
+        # the attention projections are named (what Plait's lora_target_linear + lora_target_experts adapt)
         model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+                                                 target_modules=ATTENTION_MODULES if moe else "all-linear",
+                                                 task_type="CAUSAL_LM",
+                                                 target_parameters=EXPERT_PARAMETERS if moe else None))
     facts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
              "total_params": sum(p.numel() for p in model.parameters()),
              "embedding_rows": model.get_input_embeddings().num_embeddings, "loss_fn": "transformers ForCausalLMLoss"}
@@ -440,10 +541,13 @@ def worker_unsloth(args) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from unsloth_worker import train_unsloth
 
-    result = train_unsloth(args.model_dir, args.data, mode=args.mode, load_in_4bit=False, seq=args.seq,
-                           micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps, lora_r=LORA_R,
-                           lora_alpha=LORA_ALPHA, lr=LR, work_dir=args.work_dir)
+    keys = json.loads(args.case_keys or "{}")
+    result = train_unsloth(args.model_dir, args.data, mode=args.mode, load_in_4bit=bool(keys.get("load_in_4bit")),
+                           seq=args.seq, micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps,
+                           lora_r=LORA_R, lora_alpha=LORA_ALPHA, lr=LR, work_dir=args.work_dir,
+                           packing=args.lengths == "real")
     result["start_s"] = result.get("start_s", time.perf_counter() - process_start)
+    result["first_step_s"] = since_spawn(result.pop("first_step_wall", None))
     return result
 
 
@@ -467,32 +571,49 @@ def worker_env(smoke: bool) -> dict:
 
 
 def run_worker(name: str, extra: list[str], opts, log_dir: Path, timeout: float, log_name: str | None = None,
-               script: Path | None = None) -> dict:
+               script: Path | None = None, env: dict | None = None) -> dict:
     """Run one worker process (``script --worker name``; this file by default, another
-    benchmark's for its own workers); its last stdout line starting with '{' is its JSON result."""
+    benchmark's for its own workers); its last stdout line starting with '{' is its JSON result.
+
+    The worker runs in a session of its own: past ``timeout`` seconds the whole group
+    is killed (a compile worker it started must not keep GPU memory for the next case).
+    ``env`` adds variables to ``worker_env``'s. The driver's wall clock at the start goes
+    to the worker in ``PLAIT_BENCH_SPAWN_WALL`` (its time to the first step)."""
+    import signal
+
     cmd = [sys.executable, str(script or Path(__file__).resolve()), "--worker", name, *extra]
     log_path = log_dir / f"{opts.stem}_{log_name or name}.log"
     started = time.perf_counter()
-    print(f"[{name}] started", flush=True)
-    try:
-        with log_path.open("w") as log:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=worker_env(opts.smoke),
-                                  timeout=timeout)
-        stdout, code = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        stdout, code = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or ""), "timeout"
+    print(f"[{log_name or name}] started", flush=True)
+    environment = {**worker_env(opts.smoke), **(env or {}), SPAWN_WALL_ENV: repr(time.time())}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=environment,
+                                start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, _ = proc.communicate()
+            code = "timeout"
+            log.write(f"\nkilled after the case timeout of {timeout:.0f}s\n")
+    if code != "timeout":
+        try:  # whatever it left running in its group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:  # none left
+            pass
     with log_path.open("a") as log:
         log.write("\n--- stdout ---\n" + stdout)
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     wall = time.perf_counter() - started
     if code != 0 or not lines:
         tail = log_path.read_text()[-3000:]
-        print(f"[{name}] FAILED (exit {code}) after {wall:.0f}s; log {log_path}:\n{tail}", flush=True)
+        print(f"[{log_name or name}] FAILED (exit {code}) after {wall:.0f}s; log {log_path}:\n{tail}", flush=True)
         last = [ln for ln in tail.splitlines() if ln.strip()]
-        return {"error": last[-1] if last else f"exit {code}", "wall_s": wall}
+        return {"error": last[-1] if last else f"exit {code}", "wall_s": wall, "timed_out": code == "timeout"}
     result = json.loads(lines[-1])
     result["wall_s"] = wall
-    print(f"[{name}] done in {wall:.0f}s", flush=True)
+    print(f"[{log_name or name}] done in {wall:.0f}s", flush=True)
     return result
 
 
@@ -513,22 +634,25 @@ def add_derived(result: dict, counts: dict, seq: int, lora: bool, ceiling: float
 
 def table(results: list[dict], meta: dict) -> str:
     head = ("| shape | mode | case | micro batch | seq | tokens/s | s/step | peak GiB | model TFLOPS | "
-            "MFU (measured ceiling) | MFU (989 TF spec) | trainable params | final loss | vs hf | vs unsloth |")
+            "MFU (measured ceiling) | MFU (989 TF spec) | trainable params | final loss | vs hf | vs unsloth | "
+            "first step s |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     hf = next((r for r in results if r["case"] == "hf" and "tokens_per_s" in r), None)
     unsloth = next((r for r in results if r["case"] == "unsloth" and "tokens_per_s" in r), None)
     for r in results:
         first = f"| {meta['shape']} | {meta['mode']} | {r['case']} | {meta['micro_batch']} | {meta['seq']} |"
         if "tokens_per_s" not in r:
-            rows.append(first + f" failed: {r.get('error', '?')[:100]} |" + " |" * 9)
+            rows.append(first + f" failed: {r.get('error', '?')[:100]} |" + " |" * 10)
             continue
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "n/a (CPU)"
         mfu = f"{100 * r['mfu_ceiling']:.1f}%" if r.get("mfu_ceiling") is not None else ""
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else ""
         vs_unsloth = f"{r['tokens_per_s'] / unsloth['tokens_per_s']:.2f}x" if unsloth else ""
         loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else ""
+        first_step = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else ""
         rows.append(first + f" {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak} | {r['model_tflops']:.1f} | "
-                            f"{mfu} | {100 * r['mfu_spec']:.1f}% | {r['trainable']:,} | {loss} | {ratio} | {vs_unsloth} |")
+                            f"{mfu} | {100 * r['mfu_spec']:.1f}% | {r['trainable']:,} | {loss} | {ratio} | {vs_unsloth} | "
+                            f"{first_step} |")
     return "\n".join(rows)
 
 
@@ -536,11 +660,19 @@ def main() -> int:
     global process_start
     process_start = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["1b", "8b"], default="1b")
+    parser.add_argument("--shape", choices=["1b", "8b", "moe"], default="1b",
+                        help="1b/8b: Llama shapes; moe: Qwen3-30B-A3B's layers, 16 of them (LoRA on the experts too)")
     parser.add_argument("--mode", choices=["lora", "full"], default="lora")
-    parser.add_argument("--micro-batch", type=int, default=None, help="default: 1b 8, 8b 4 (smoke 2)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: 1b 8, 8b 4, moe 4 (smoke 2)")
     parser.add_argument("--cases", default="plait,hf",
-                        help="comma-separated: plait, hf, unsloth; plait[key=value,...] adds Plait config keys")
+                        help="comma-separated: plait, hf, unsloth; plait[key=value,...] adds Plait config keys; "
+                             "unsloth[load_in_4bit=true] is Unsloth's QLoRA")
+    parser.add_argument("--lengths", choices=["fixed", "real"], default="fixed",
+                        help="fixed: every row --seq tokens; real: rows of real chat-data lengths (median 253), "
+                             "packed into rows of --seq (plait: sample_packing; unsloth: SFTTrainer packing); "
+                             "tokens/s counts real tokens only")
+    parser.add_argument("--cold-caches", action="store_true",
+                        help="each case starts with empty Triton/Inductor caches (time to first step on a fresh machine)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; smoke 64)")
     parser.add_argument("--warmup", type=int, default=None, help="steps not timed (default 5; smoke 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
@@ -566,8 +698,8 @@ def main() -> int:
         print(json.dumps(WORKERS[args.worker](args)), flush=True)
         return 0
 
-    shape = "smoke" if args.smoke else args.shape
-    seq = args.seq or (64 if args.smoke else 2048)
+    shape = ("smoke_moe" if args.shape == "moe" else "smoke") if args.smoke else args.shape
+    seq = args.seq or ((256 if args.lengths == "real" else 64) if args.smoke else 2048)
     warmup = args.warmup if args.warmup is not None else (2 if args.smoke else 5)
     steps = args.steps or (2 if args.smoke else 20)
     micro_batch = args.micro_batch or DEFAULT_MICRO_BATCH[shape]
@@ -577,24 +709,33 @@ def main() -> int:
         parser.error(f"--cases: {exc}")
     if bad := [name for name, _ in cases if name not in WORKERS or name == "prepare"]:
         parser.error(f"--cases: {bad} unknown; accepted: plait, hf, unsloth")
-    if any(keys for name, keys in cases if name != "plait"):
-        parser.error("--cases: only plait cases take [key=value,...]")
+    if any(keys for name, keys in cases if name == "hf"):
+        parser.error("--cases: only plait and unsloth cases take [key=value,...]")
+    if bad := [key for name, keys in cases if name == "unsloth" for key in keys if key != "load_in_4bit"]:
+        parser.error(f"--cases: unsloth[...] takes load_in_4bit only, not {bad}")
+    if args.lengths == "real" and any(name == "hf" for name, _ in cases):
+        parser.error("--lengths real: the hf case has no packing; accepted cases: plait, unsloth")
+    if args.smoke and any(name == "unsloth" for name, _ in cases):
+        print("--smoke: the unsloth cases are left out (Unsloth needs CUDA)", flush=True)
+        cases = [(name, keys) for name, keys in cases if name != "unsloth"]
     if warmup < 1:
         parser.error("--warmup must be at least 1")
     lora = args.mode == "lora"
     counts = model_counts(SHAPES[shape], lora)
-    meta = {"shape": shape, "mode": args.mode, "micro_batch": micro_batch, "seq": seq, "warmup_steps": warmup,
+    meta = {"shape": shape, "model_type": MODEL_TYPES.get(shape, "llama"), "lengths": args.lengths,
+            "mode": args.mode, "micro_batch": micro_batch, "seq": seq, "warmup_steps": warmup,
             "timed_steps": steps, "dims": SHAPES[shape], "lora": {"r": LORA_R, "alpha": LORA_ALPHA} if lora else None,
             "counts": counts, "flops_per_token": flops_per_token(counts, seq, lora), "flop_formula": FLOP_FORMULA,
             "plugins": PLUGIN_MODULES}
     out = Path(args.out) if args.out else None
-    stem = args.stem = f"throughput_{shape}_{args.mode}"
+    stem = args.stem = f"throughput_{shape}_{args.mode}" + ("_packed" if args.lengths == "real" else "")
 
     work = Path(tempfile.mkdtemp(prefix=f"plait_{stem}_", dir="/tmp" if os.path.isdir("/tmp") else None))
     log_dir = out if out else work
     log_dir.mkdir(parents=True, exist_ok=True)
     model_dir, data = work / "model", work / "data.jsonl"
-    common = ["--worker-shape", shape, "--mode", args.mode, "--seq", str(seq), "--micro-batch", str(micro_batch),
+    common = ["--worker-shape", shape, "--mode", args.mode, "--lengths", args.lengths, "--seq", str(seq),
+              "--micro-batch", str(micro_batch),
               "--warmup", str(warmup), "--steps", str(steps), "--model-dir", str(model_dir), "--data", str(data)]
     results: list[dict] = []
 
@@ -620,7 +761,9 @@ def main() -> int:
             extra = common + ["--work-dir", str(case_dir), "--case-keys", json.dumps(keys)]
             if args.profile and name == "plait":
                 extra += ["--profile-path", str(log_dir / f"{stem}_profile{index}.txt")]
-            result = run_worker(name, extra, args, log_dir, args.case_timeout, log_name=f"{index}_{name}")
+            caches = {"TRITON_CACHE_DIR": str(case_dir / "triton_cache"),
+                      "TORCHINDUCTOR_CACHE_DIR": str(case_dir / "inductor_cache")} if args.cold_caches else None
+            result = run_worker(name, extra, args, log_dir, args.case_timeout, log_name=f"{index}_{name}", env=caches)
             result["case"] = label
             add_derived(result, counts, seq, lora, meta["ceiling_tflops"])
             results.append(result)
