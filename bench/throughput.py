@@ -22,7 +22,8 @@ rows, each in its own process so peak memory is per case:
   (``bench/unsloth_worker.py``; LoRA only).
 
 ``plait[key=value,...]`` adds Plait config keys to one plait case, so variants
-time side by side in one call: ``--cases "plait,plait[gradient_checkpointing=offload],hf"``.
+time side by side in one call: ``--cases "plait,plait[gradient_checkpointing=offload],hf"``;
+``plait[adapter=qlora,load_in_4bit=true]`` and ``unsloth[load_in_4bit=true]`` are QLoRA.
 ``--profile`` profiles two more steps of each plait case after its timed ones
 and writes the kernels that took the device's time beside the results.
 
@@ -59,12 +60,42 @@ Measurements (per case):
 Cases: ``--shape 1b`` (hidden 2048, 16 layers, 32 heads, 8 KV heads, MLP 8192,
 vocab 128256, tied head; micro-batch 8 by default) or ``8b`` (4096, 32, 32, 8,
 14336, 128256, untied; micro-batch 4), ``--mode lora|full``, ``--cases
-plait,hf``. Prints a markdown table; with ``$OUT`` set (or ``--out DIR``) also
+plait,hf``.
+
+``--shape moe``: a Qwen3-MoE (``qwen3_moe``) with Qwen3-30B-A3B's layer -- hidden
+2048, 32 heads of 128, 4 KV heads, 128 experts of intermediate 768, 8 experts a
+token, vocab 151936, untied -- and 16 of its 48 layers: 10.6B parameters (21 GB in
+bf16, so the model, LoRA and activations fit one 80 GB card), 1.1B of them active a
+token; micro-batch 4. LoRA goes on q/k/v/o and on the fused 3D expert weights
+(``mlp.experts.gate_up_proj``/``down_proj``, peft ``target_parameters``: Plait's
+``lora_target_experts: true``, the hf case's ``LoraConfig(target_parameters=...)``,
+Unsloth's ``get_peft_model`` adds them itself); the router stays frozen. Both Plait
+and hf run the experts with ``experts_implementation: grouped_mm`` (torch's grouped
+GEMM; transformers 5's default). Its FLOPs count what a token runs through (router +
+8 experts; peft's per-step merge of every expert's LoRA delta is not counted).
+
+``--lengths real``: rows of real chat-data lengths (``REAL_LENGTH_QUANTILES``,
+median 253 tokens) instead of rows of ``--seq`` tokens, packed into rows of
+``--seq``: Plait with ``sample_packing: true`` (add ``plait[varlen_attention=true]``
+for torch's varlen kernel), Unsloth through TRL's ``SFTTrainer(packing=True)``
+(padding-free, its packed attention). tokens/s then counts the real (non-pad) tokens
+of the timed steps (Plait's ``input_tokens``; the Trainer's non-padding
+``num_input_tokens_seen``). No hf case (it would pad). Results go to
+``throughput_<shape>_<mode>_packed.*``.
+
+Time to the first step (``first step s``): from the driver starting the case's
+process to the end of its first optimizer step (imports, model load, data
+preparation, LoRA, compilation/autotuning, step 1), on the wall clock the driver
+hands to the worker. ``--cold-caches`` gives every case empty Triton and Inductor
+caches (a fresh machine's first run; Unsloth's compiled-module cache is always in
+the case's own directory). Prints a markdown table; with ``$OUT`` set (or ``--out DIR``) also
 writes ``throughput_<shape>_<mode>.json`` / ``.md`` and each case's log there.
 
 ``--smoke`` runs everything on the CPU with a tiny model (hidden 64, 2 layers,
-vocab 512, sequence 64, 2 + 2 steps; the Triton kernels run in Triton's
-interpreter, ``TRITON_INTERPRET=1``), to check the script without a GPU.
+vocab 512, sequence 64 (packed: 256), 2 + 2 steps; with ``--shape moe`` a tiny
+Qwen3-MoE of 4 experts; the Triton kernels run in Triton's interpreter,
+``TRITON_INTERPRET=1``), to check the script without a GPU; unsloth cases are left
+out there (Unsloth needs CUDA).
 
 The script puts ``core/`` and ``plugins/*/`` of this repository on the path of
 its workers itself, so it needs no installed plugin entry points.
@@ -141,7 +172,8 @@ def real_lengths(total_tokens: int, seq: int, seed: int = 0) -> list[int]:
 
 FLOP_FORMULA = ("full FT: 6*N_matmul*T + 12*L*d*s*T; LoRA: 4*N_matmul*T + 6*N_lora*T + 12*L*d*s*T "
                 "(N_matmul = decoder linear weights + LM head once; causal mask not discounted; "
-                "checkpointing recompute not counted)")
+                "checkpointing recompute not counted; d = heads * head_dim; MoE: N_matmul and N_lora count the "
+                "router and the experts a token is routed to)")
 
 
 # ---------------------------------------------------------------- helpers
@@ -602,12 +634,12 @@ def run_worker(name: str, extra: list[str], opts, log_dir: Path, timeout: float,
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:  # none left
             pass
+    tail = log_path.read_text()[-3000:]  # the worker's stderr: the error is its last line
     with log_path.open("a") as log:
         log.write("\n--- stdout ---\n" + stdout)
     lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     wall = time.perf_counter() - started
     if code != 0 or not lines:
-        tail = log_path.read_text()[-3000:]
         print(f"[{log_name or name}] FAILED (exit {code}) after {wall:.0f}s; log {log_path}:\n{tail}", flush=True)
         last = [ln for ln in tail.splitlines() if ln.strip()]
         return {"error": last[-1] if last else f"exit {code}", "wall_s": wall, "timed_out": code == "timeout"}
@@ -659,7 +691,9 @@ def table(results: list[dict], meta: dict) -> str:
 def main() -> int:
     global process_start
     process_start = time.perf_counter()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--shape", choices=["1b", "8b", "moe"], default="1b",
                         help="1b/8b: Llama shapes; moe: Qwen3-30B-A3B's layers, 16 of them (LoRA on the experts too)")
     parser.add_argument("--mode", choices=["lora", "full"], default="lora")
