@@ -65,7 +65,7 @@ plait,hf``.
 ``--shape moe``: a Qwen3-MoE (``qwen3_moe``) with Qwen3-30B-A3B's layer -- hidden
 2048, 32 heads of 128, 4 KV heads, 128 experts of intermediate 768, 8 experts a
 token, vocab 151936, untied -- and 16 of its 48 layers: 10.6B parameters (21 GB in
-bf16, so the model, LoRA and activations fit one 80 GB card), 1.1B of them active a
+bf16, so the model, LoRA and activations fit one 80 GB card), 1.2B of them active a
 token; micro-batch 4. LoRA goes on q/k/v/o and on the fused 3D expert weights
 (``mlp.experts.gate_up_proj``/``down_proj``, peft ``target_parameters``: Plait's
 ``lora_target_experts: true``, the hf case's ``LoraConfig(target_parameters=...)``,
@@ -123,7 +123,7 @@ SHAPES = {
     "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
     # Qwen3-30B-A3B's layer (hidden 2048, 32 heads of 128, 4 KV heads, 128 experts of 768, 8 per token,
-    # vocab 151936, untied) with 16 of its 48 layers: 10.6B parameters (21 GB in bf16), 1.1B active a token
+    # vocab 151936, untied) with 16 of its 48 layers: 10.6B parameters (21 GB in bf16), 1.2B active a token
     "moe": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                 intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                 norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
@@ -683,8 +683,8 @@ def table(results: list[dict], meta: dict) -> str:
         loss = f"{r['final_loss']:.3f}" if r.get("final_loss") is not None else ""
         first_step = f"{r['first_step_s']:.1f}" if r.get("first_step_s") is not None else ""
         rows.append(first + f" {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak} | {r['model_tflops']:.1f} | "
-                            f"{mfu} | {100 * r['mfu_spec']:.1f}% | {r['trainable']:,} | {loss} | {ratio} | {vs_unsloth} | "
-                            f"{first_step} |")
+                            f"{mfu} | {100 * r['mfu_spec']:.1f}% | {r['trainable']:,} | {loss} | {ratio} | "
+                            f"{vs_unsloth} | {first_step} |")
     return "\n".join(rows)
 
 
@@ -706,7 +706,8 @@ def main() -> int:
                              "packed into rows of --seq (plait: sample_packing; unsloth: SFTTrainer packing); "
                              "tokens/s counts real tokens only")
     parser.add_argument("--cold-caches", action="store_true",
-                        help="each case starts with empty Triton/Inductor caches (time to first step on a fresh machine)")
+                        help="each case starts with empty Triton/Inductor caches (time to the first step on a "
+                             "fresh machine)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; smoke 64)")
     parser.add_argument("--warmup", type=int, default=None, help="steps not timed (default 5; smoke 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; smoke 2)")
