@@ -9,8 +9,9 @@ One GPU, from the repository root (``throughput.py``'s workers, model and runner
     .venv/bin/python bench/long_context.py --smoke --max-seq-search   # tiny model on the CPU, ~5 minutes
 
 Part 1, throughput: for every length of ``--seqs`` (default 16384,32768) and every case of
-``--cases`` (default ``plait``, ``unsloth``, ``plait[adapter=qlora,load_in_4bit=true]``,
-``unsloth[load_in_4bit=true]``), one process trains micro batch 1 of that many random tokens:
+``--cases`` (default ``plait[gradient_checkpointing=offload]``, ``unsloth``,
+``plait[adapter=qlora,load_in_4bit=true,gradient_checkpointing=offload]``,
+``unsloth[load_in_4bit=true]``: both offload the checkpointed activations), one process trains micro batch 1 of that many random tokens:
 ``--warmup`` (2) untimed steps, then ``--steps`` (3) timed ones. The cases are
 ``throughput.py``'s (same random-init Llama, LoRA r=16 alpha=32 on every linear layer, same
 optimizer; ``plait[key=value,...]`` adds Plait keys; ``unsloth[load_in_4bit=true]`` is
@@ -25,7 +26,8 @@ GPU memory. Each probe is one short process (load, one optimizer step at micro b
 exit) killed after ``--probe-timeout-s`` (180); probes start at ``--search-start`` (65536)
 and double until one fails, then bisect between the longest that passed and the shortest
 that failed, in multiples of 1024, until the two are within 1/16 of each other, the
-length reaches ``--search-max`` (262144), or the case has spent ``--search-budget-s`` (240).
+length reaches ``--search-max`` (262144), or the rest of ``--search-budget-s`` (240) is
+shorter than the next probe would take (the last probe's time scaled by the length).
 Only an out-of-memory error counts as "does not fit"; a probe that runs past its timeout
 ends the search with the length unknown (too slow to tell within the budget), and any other
 error is reported as such. The reason of the first failure (the allocation that did not
@@ -55,7 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402  (shapes, prepare worker, plait/unsloth workers, process runner)
 
 THROUGHPUT_SCRIPT = Path(throughput.__file__).resolve()
-DEFAULT_CASES = "plait,unsloth,plait[adapter=qlora,load_in_4bit=true],unsloth[load_in_4bit=true]"
+#: Plait offloads its checkpointed layer inputs to the host as Unsloth's "unsloth" checkpointing does
+DEFAULT_CASES = ("plait[gradient_checkpointing=offload],unsloth,"
+                 "plait[adapter=qlora,load_in_4bit=true,gradient_checkpointing=offload],unsloth[load_in_4bit=true]")
 DEFAULT_SEARCH_CASES = "plait[gradient_checkpointing=offload],unsloth"
 #: probe lengths are multiples of this (smoke: 16)
 GRANULE = 1024
@@ -86,15 +90,18 @@ def search_max_seq(probe, start: int, cap: int, granule: int, budget_s: float, m
     ``granule``. ``probe`` returns a text starting with ``"pass"`` or ``"oom"`` (details may
     follow), ``"timeout"``, or an error text.
     Stops when the bounds are within 1/16 of the passing one (or one granule), at ``cap``,
-    or when the budget has less than ``min_probe_s`` left. Returns the bounds, why it
+    or when the budget has less left than the next probe needs (``min_probe_s``, or the
+    last probe's time scaled by the length). Returns the bounds, why it
     stopped and every probe."""
     began = clock()
     passed, failed, probes, stop = None, None, [], None
     seq = start
     while True:
         left = budget_s - (clock() - began)
-        if left < min_probe_s:
-            stop = "budget spent"
+        # a longer probe takes at least proportionally longer (the load is fixed, attention grows faster)
+        expected = probes[-1]["s"] * seq / probes[-1]["seq"] if probes and seq > probes[-1]["seq"] else min_probe_s
+        if left < max(min_probe_s, expected):
+            stop = f"budget: {left:.0f}s left, a probe at {seq} needs about {expected:.0f}s"
             break
         t0 = clock()
         outcome = probe(seq, left)
