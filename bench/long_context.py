@@ -3,10 +3,11 @@ Unsloth, and the longest sequence each trains without running out of memory.
 
 One GPU, from the repository root (``throughput.py``'s workers, model and runner):
 
-    python3 bench/long_context.py                                    # 16k and 32k, LoRA + QLoRA, ~7 min
-    python3 bench/long_context.py --seqs 16384 --cases plait,unsloth  # one length, LoRA only, ~2 min
-    python3 bench/long_context.py --seqs none --max-seq-search --search-budget-s 240
-    .venv/bin/python bench/long_context.py --smoke --max-seq-search   # tiny model on the CPU, ~5 minutes
+    python3 bench/long_context.py --seqs 16384      # LoRA + QLoRA, Plait and Unsloth: ~6 min on an H100
+    python3 bench/long_context.py --seqs 32768      # ~7.5 min (both lengths in one command pass 10 minutes)
+    python3 bench/long_context.py --seqs none --max-seq-search --search-start 131072 \
+        --search-budget-s 210 --probe-timeout-s 210   # one 128k probe per case: ~8.5 min
+    .venv/bin/python bench/long_context.py --smoke --max-seq-search   # tiny model on the CPU, ~3-5 minutes
 
 Part 1, throughput: for every length of ``--seqs`` (default 16384,32768) and every case of
 ``--cases`` (default ``plait[gradient_checkpointing=offload]``, ``unsloth``,
