@@ -361,7 +361,9 @@ def check_lora(model_dir, work) -> str:
     run, losses, cfg = _train(model_dir, out, adapter="lora", lora_target_linear=True, lora_r=4, lora_alpha=8)
     vocab = run.model.config.get_text_config().vocab_size
     attn = run.model.config._attn_implementation
-    reloaded = PeftModel.from_pretrained(_reload(model_dir, attn_implementation=attn), out)
+    # a BERT-style base trained as a decoder (Plait's loader sets is_decoder) is reloaded as one, as its note says
+    decoder = {"is_decoder": True} if getattr(run.model.config, "is_decoder", None) else {}
+    reloaded = PeftModel.from_pretrained(_reload(model_dir, attn_implementation=attn, **decoder), out)
     _same_logits(run.model, reloaded, vocab, "base + saved adapter in peft")
     config_path = write_config(Path(work) / "lora.yml", **_keys(model_dir, out, adapter="lora",
                                                                  lora_target_linear=True))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from plait.chat_templates import NAMED_CHAT_TEMPLATES, check_chat_template_names, resolve_chat_template
 from plait.hookspecs import hookimpl
-from plait.model.loading import (check_model_sources, fit_to_tokenizer, looks_like_path, pretrained_kwargs,
-                                 source_error)
+from plait.model.loading import (causal_decoder_kwargs, check_model_sources, fit_to_tokenizer, looks_like_path,
+                                 pretrained_kwargs, source_error)
 
 
 @hookimpl
@@ -134,6 +134,7 @@ def load_model(cfg, tokenizer):
 
     kwargs = pretrained_kwargs(cfg)
     kwargs.pop("attn_implementation")
+    kwargs.update(causal_decoder_kwargs(cfg, kwargs))
     try:
         # a backend the architecture does not implement falls back to one it does (SDPA, then eager)
         model = load_with_supported_attention(

@@ -490,6 +490,10 @@ def check_loaded_model(cfg, model) -> None:
     ``load_model``, with the model on its device."""
     if cfg.sample_packing or cfg.eval_sample_packing:
         check_packing_support(cfg, model)
+        from plait.model.forward import record_position_offset
+
+        # RoBERTa-style models count positions from padding_idx + 1: packed rows must too
+        record_position_offset(model)
         keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
         why = packed_rows_leak(cfg, model)
         if why:

@@ -284,9 +284,58 @@ def _feeds_every_position(causal_lm, feeder: str, ids, kwargs) -> bool:
     return bool(lengths) and lengths[-1] == ids.shape[1]
 
 
+#: where :func:`record_position_offset` keeps its answer on the causal LM
+_POSITION_OFFSET = "_plait_position_offset"
+
+
+def record_position_offset(model) -> int:
+    """Find and remember the position id the model gives its first token.
+
+    Packing restarts ``position_ids`` at 0 per row, which is what a model
+    computes itself for Llama and nearly all decoders. RoBERTa-style
+    embeddings (roberta, xlm-roberta, camembert, data2vec-text, ...) count
+    from ``padding_idx + 1`` instead, so position 0 would be an embedding the
+    model never trained at the first token. Not assumed from the class: one
+    probe compares ``model(ids)`` with ``model(ids, position_ids=k + arange)``
+    for ``k`` = 0, then ``pad_token_id + 1``; the first ``k`` that gives the
+    same logits is added to every ``position_ids`` :func:`_call` passes.
+    Returns ``k`` (0 when neither matches: then the packed isolation check
+    reports the difference).
+    """
+    import torch
+
+    causal_lm = unwrap(model)
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    embeddings = causal_lm.get_input_embeddings()
+    vocab = embeddings.num_embeddings
+    pad = getattr(config, "pad_token_id", None)
+    ids = torch.tensor([[8 + (i * 5) % max(1, vocab - 8) for i in range(6)]], device=embeddings.weight.device)
+    if pad is not None:
+        ids[ids == pad] = 8 if pad != 8 else 9
+    offset = 0
+    with probing(causal_lm):
+        own = causal_lm(input_ids=ids, use_cache=False).logits.float()
+        for k in [0] + ([pad + 1] if isinstance(pad, int) and pad >= 0 else []):
+            try:
+                given = causal_lm(input_ids=ids, position_ids=torch.arange(6, device=ids.device)[None] + k,
+                                  use_cache=False).logits.float()
+            except Exception:  # noqa: BLE001 - positions past the table: not this offset
+                continue
+            if torch.allclose(own, given, rtol=1e-3, atol=1e-3 * (float(own.abs().max()) + 1e-6)):
+                offset = k
+                break
+    setattr(causal_lm, _POSITION_OFFSET, offset)
+    return offset
+
+
 def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
     """``model(**inputs)`` with ``extra`` keyword arguments and forward ``hooks``
-    ``[(module, fn)]``; an MoE's packed mask reaches its decoder only."""
+    ``[(module, fn)]``; an MoE's packed mask reaches its decoder only, and
+    ``position_ids`` are shifted to where the model counts from
+    (:func:`record_position_offset`)."""
+    offset = getattr(unwrap(model), _POSITION_OFFSET, 0)
+    if offset and inputs.get("position_ids") is not None:
+        inputs = {**inputs, "position_ids": inputs["position_ids"] + offset}
     handles = [module.register_forward_hook(fn) for module, fn in hooks]
     packed_mask = inputs.get("attention_mask")
     if _returns_router_logits(model) and packed_mask is not None and getattr(packed_mask, "dim", lambda: 2)() != 2:

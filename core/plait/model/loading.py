@@ -118,6 +118,39 @@ def pretrained_kwargs(cfg) -> dict:
     return kwargs
 
 
+def causal_decoder_kwargs(cfg, kwargs: dict) -> dict:
+    """``{"is_decoder": True}`` when ``base_model``'s config says ``is_decoder: false``.
+
+    BERT-style models (bert, roberta, electra, ernie, ...) have a causal-LM
+    class (``BertLMHeadModel``) that attends causally only when the config
+    says ``is_decoder``; their checkpoints are encoders (false), and loaded
+    as they are they attend both ways, so next-token training would read the
+    token it predicts (transformers only warns). Configs without the field
+    (Llama and nearly every decoder) are left alone, and so is a value the
+    user set through ``model_config`` / ``model_kwargs`` (``kwargs``, the
+    other ``from_pretrained`` arguments). For the causal-LM loaders only: a
+    classifier (reward model) on a BERT encoder stays bidirectional.
+    """
+    if "is_decoder" in kwargs:
+        return {}
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.base_model, revision=cfg.revision_of_model,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable source itself
+        return {}
+    if getattr(config, "is_decoder", None) is False:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: is_decoder set to true (the checkpoint is an encoder; as a causal LM it must attend causally). "
+            "Load the base model with is_decoder=True to use what is trained here outside Plait.",
+            config.model_type)
+        return {"is_decoder": True}
+    return {}
+
+
 def loading_contexts(cfg):
     """One context manager holding every plugin's :func:`~plait.hookspecs.loading_context`
     open (in hook order); loaders enter it around ``from_pretrained``."""

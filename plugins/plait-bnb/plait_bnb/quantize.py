@@ -96,10 +96,11 @@ def load_quantized_model(cfg, tokenizer):
     from transformers import AutoModelForCausalLM
 
     from plait.model.choice import load_with_supported_attention
-    from plait.model.loading import fit_to_tokenizer, pretrained_kwargs
+    from plait.model.loading import causal_decoder_kwargs, fit_to_tokenizer, pretrained_kwargs
 
     kwargs = pretrained_kwargs(cfg)
     kwargs.pop("attn_implementation")
+    kwargs.update(causal_decoder_kwargs(cfg, kwargs))
     # an attention backend the architecture lacks falls back to one it has, as in core's loader
     quantization = quantization_config(cfg)
     # the config's device_map / max_memory (a single-process split) win over this process's device
