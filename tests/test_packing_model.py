@@ -221,9 +221,10 @@ def test_validate_config_refuses_what_cannot_be_isolated(tmp_path, model_dir):
     windowed = tmp_path / "windowed"
     shutil.copytree(model_dir, windowed)
     config = json.loads((windowed / "config.json").read_text())
-    config["sliding_window"] = 16
+    config["layer_types"] = ["full_attention", "linear_attention"]  # recurrent state runs across packed rows
     (windowed / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"sample_packing with sdpa attention.*sliding_window=16.*flash_attention"):
+    with pytest.raises(ConfigError, match=r"sample_packing with sdpa attention: packed rows would not be kept apart "
+                                          r"\(layer_types \['linear_attention'\]: .*recurrent state"):
         build_run_config({"base_model": str(windowed), "sample_packing": True, "sequence_len": 64})
     # fine without packing, and for a plain causal model
     build_run_config({"base_model": str(windowed), "sequence_len": 64})

@@ -368,6 +368,42 @@ def _model_config(source: str) -> dict:
         return {}
 
 
+#: layer types that are causal softmax attention under the mask they are given, so a packed
+#: block-diagonal mask isolates rows exactly; "indexed_attention" is DeepSeek sparse attention
+#: (DSA), whose indexer scores keys under that same mask and picks its top-k among them
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention")
+
+#: layer types whose sequence mixing crosses packed rows whatever mask attention gets
+#: (what the refusal says about them); checked in transformers' modeling code
+CROSSING_LAYER_TYPES = {
+    "linear_attention": "linear-attention layers carry a recurrent state along the sequence, from one packed row "
+                        "into the next",
+    "conv": "short-convolution layers mix each token with the ones before it, across packed row boundaries",
+    "hybrid": "its attention layers run a short convolution over the sequence (on keys/values), which mixes "
+              "tokens across packed row boundaries",
+    "hybrid_sliding": "its attention layers run a short convolution over the sequence (on keys/values), which mixes "
+                      "tokens across packed row boundaries",
+    "compressed_sparse_attention": "compressed attention pools blocks of consecutive tokens into shared keys, "
+                                   "which straddle packed row boundaries",
+    "heavily_compressed_attention": "compressed attention pools blocks of consecutive tokens into shared keys, "
+                                    "which straddle packed row boundaries",
+}
+
+
+def crossing_layers(model_config: dict) -> str | None:
+    """Why some layers of the model mix tokens across packed rows whatever the
+    attention mask (recurrent state, convolutions, pooled keys), or None.
+
+    A layer type Plait has not checked is named as unknown rather than guessed."""
+    text = model_config.get("text_config") or model_config
+    layer_types = sorted(set(text.get("layer_types") or ()) - set(MASKED_LAYER_TYPES))
+    if not layer_types:
+        return None
+    causes = sorted({CROSSING_LAYER_TYPES.get(kind, f"layer type {kind!r} is not one Plait knows to keep packed "
+                                                     f"rows apart") for kind in layer_types})
+    return f"layer_types {layer_types}: {'; '.join(causes)}"
+
+
 def windowed_attention(model_config: dict, sequence_len: int) -> str | None:
     """Why the model's attention is not plain causal over the sequence, or None.
 
@@ -376,11 +412,11 @@ def windowed_attention(model_config: dict, sequence_len: int) -> str | None:
     transformers' mask functions; a packed 4D mask or ``BlockMask`` replaces
     them, which would silently widen the window. A window of at least
     ``sequence_len`` never cuts anything, so the packed mask is exact there.
+    Under SDPA/eager such a model packs through transformers' own masks
+    instead (:func:`masks_from_positions`).
     """
     text = model_config.get("text_config") or model_config
     layer_types = set(text.get("layer_types") or ())
-    if layer_types - {"full_attention", "sliding_attention"}:
-        return f"layer_types {sorted(layer_types)}"
     window = text.get("sliding_window")
     windowed = "sliding_attention" in layer_types or (window and text.get("use_sliding_window", True))
     if windowed and not window:
@@ -389,6 +425,34 @@ def windowed_attention(model_config: dict, sequence_len: int) -> str | None:
         return f"sliding_window={window} < sequence_len={sequence_len}"
     if text.get("attention_chunk_size"):
         return f"attention_chunk_size={text['attention_chunk_size']}"
+    if "chunked_attention" in layer_types:
+        return f"layer_types {sorted(layer_types)} without an attention_chunk_size"
+    return None
+
+
+def masks_from_positions(attn: str, window_why: str) -> str | None:
+    """None when a windowed model can pack under ``attn`` by handing transformers
+    only the restarting ``position_ids`` (no mask), else why not.
+
+    With ``attention_mask=None`` and no cache, transformers' ``masking_utils``
+    finds the packed rows from where ``position_ids`` restart
+    (``find_packed_sequence_indices``) and builds a block-diagonal mask with the
+    model's own sliding or chunked window inside each row, for SDPA and eager.
+    A sliding window compares token distances, which are the same inside a
+    packed row; chunks are counted from the start of the sequence, so they need
+    the per-row positions transformers remaps them to
+    (``remap_positions_for_packed_sequence``, in 5.25 but not in 5.17).
+    Whether the loaded model builds its masks there at all is proved at load
+    (:func:`packed_rows_leak`).
+    """
+    if attn not in ("sdpa", "eager"):
+        return f"{attn} attention takes Plait's packed mask, which would replace the window"
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return "this transformers does not find packed rows from position_ids"
+    if "chunk" in window_why and not hasattr(masking_utils, "remap_positions_for_packed_sequence"):
+        return "this transformers counts attention chunks from the start of the packed sequence, not of each row"
     return None
 
 
@@ -457,12 +521,16 @@ def check_packing_support(cfg, model=None) -> None:
             f"set {' and '.join(k + ': false' for k in keys.split(' / '))}"
         )
     if attn != "flash_attention_2" and not is_varlen_attention(attn):
-        why = windowed_attention(model_config, cfg.sequence_len)
+        why = crossing_layers(model_config)
         if why:
+            raise ConfigError(f"{keys} with {attn} attention: packed rows would not be kept apart ({why}); "
+                              f"set {' and '.join(k + ': false' for k in keys.split(' / '))}")
+        why = windowed_attention(model_config, cfg.sequence_len)
+        cannot = why and masks_from_positions(attn, why)
+        if cannot:
             raise ConfigError(
-                f"{keys} with {attn} attention: the model uses windowed attention ({why}), which a packed "
-                "block-diagonal mask would override; set flash_attention: true (varlen keeps the window per "
-                "row) or sample_packing: false"
+                f"{keys} with {attn} attention: the model uses windowed attention ({why}), and {cannot}; "
+                "set flash_attention: true (varlen keeps the window per row) or sample_packing: false"
             )
 
 
@@ -490,10 +558,14 @@ def check_loaded_model(cfg, model) -> None:
     ``load_model``, with the model on its device."""
     if cfg.sample_packing or cfg.eval_sample_packing:
         check_packing_support(cfg, model)
-        from plait.model.forward import record_position_offset
+        from plait.model.forward import mark_masks_from_positions, record_position_offset
 
         # RoBERTa-style models count positions from padding_idx + 1: packed rows must too
         record_position_offset(model)
+        attn = cfg.attn_implementation
+        if attn in ("sdpa", "eager") and windowed_attention(model.config.to_dict(), cfg.sequence_len):
+            # the window survives only in transformers' own masks: give it position_ids, no mask
+            mark_masks_from_positions(model)
         keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
         why = packed_rows_leak(cfg, model)
         if why:
@@ -551,8 +623,15 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
         return None
     kinds = sorted({type(m).__name__ for m in causal_lm.modules()
                     if any(h.lower() in type(m).__name__.lower() for h in RECURRENT_HINTS)})
-    cause = (f"its {', '.join(kinds[:3])} layers carry state along the sequence" if kinds
-             else "its positions or sequence mixing do not restart per row")
+    from plait.model.forward import masks_from_positions_marked
+
+    if kinds:
+        cause = f"its {', '.join(kinds[:3])} layers carry state along the sequence"
+    elif masks_from_positions_marked(model):
+        cause = ("its windowed attention is packed through transformers' masks built from position_ids, "
+                 "and this model does not build its masks there")
+    else:
+        cause = "its positions or sequence mixing do not restart per row"
     return f"{cause}; logits differ by {diff:.3g} against rows run alone"
 
 

@@ -328,14 +328,37 @@ def record_position_offset(model) -> int:
     return offset
 
 
+#: where :func:`mark_masks_from_positions` leaves its mark on the causal LM
+_MASKS_FROM_POSITIONS = "_plait_masks_from_positions"
+
+
+def mark_masks_from_positions(model) -> None:
+    """Packed batches reach this model as restarting ``position_ids`` without
+    Plait's block-diagonal mask (:func:`_call` drops it), so transformers builds
+    the masks itself, the model's sliding or chunked window included
+    (:func:`plait.data.packing.masks_from_positions`)."""
+    setattr(unwrap(model), _MASKS_FROM_POSITIONS, True)
+
+
+def masks_from_positions_marked(model) -> bool:
+    """Whether :func:`mark_masks_from_positions` was called on ``model``."""
+    return bool(getattr(unwrap(model), _MASKS_FROM_POSITIONS, False))
+
+
 def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
     """``model(**inputs)`` with ``extra`` keyword arguments and forward ``hooks``
-    ``[(module, fn)]``; an MoE's packed mask reaches its decoder only, and
+    ``[(module, fn)]``; an MoE's packed mask reaches its decoder only,
     ``position_ids`` are shifted to where the model counts from
-    (:func:`record_position_offset`)."""
-    offset = getattr(unwrap(model), _POSITION_OFFSET, 0)
-    if offset and inputs.get("position_ids") is not None:
-        inputs = {**inputs, "position_ids": inputs["position_ids"] + offset}
+    (:func:`record_position_offset`), and a windowed model gets no packed mask
+    (:func:`mark_masks_from_positions`)."""
+    causal_lm = unwrap(model)
+    if inputs.get("position_ids") is not None:
+        offset = getattr(causal_lm, _POSITION_OFFSET, 0)
+        if offset:
+            inputs = {**inputs, "position_ids": inputs["position_ids"] + offset}
+        mask = inputs.get("attention_mask")
+        if getattr(causal_lm, _MASKS_FROM_POSITIONS, False) and mask is not None and mask.dim() == 4:
+            inputs = {**inputs, "attention_mask": None}
     handles = [module.register_forward_hook(fn) for module, fn in hooks]
     packed_mask = inputs.get("attention_mask")
     if _returns_router_logits(model) and packed_mask is not None and getattr(packed_mask, "dim", lambda: 2)() != 2:

@@ -148,7 +148,7 @@ def render_markdown(matrix: dict, facts: dict) -> str:
         "or a mismatch.",
         "",
         "Columns: *yes* passed; *refused* Plait declines with a message naming why (packing of models whose",
-        "recurrent state or position offsets cross packed rows, windowed attention under SDPA, ALiBi);",
+        "recurrent state, convolutions or pooled keys cross packed rows, models without position_ids, ALiBi);",
         "*loss input* is *fused head* where Plait computes the loss from the backbone's hidden states and the head",
         "weight (fused loss kernels apply) and *model logits* where the model scales or caps its logits and Plait",
         "uses them as they are. *kernels swapped* and *TP plan* come from the model's family (plait-models);",
