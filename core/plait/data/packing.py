@@ -355,6 +355,10 @@ def flex_document_mask(doc_ids, device=None):
 #: model types whose attention adds ALiBi biases instead of taking position_ids
 ALIBI_MODEL_TYPES = ("bloom", "mpt")
 
+#: ALiBi models whose bias is built from the 2-D padding mask (``build_alibi_tensor``
+#: reads ``attention_mask.shape`` as ``[batch, seq]``), so a packed 4-D mask cannot reach them
+ALIBI_FROM_PADDING_MASK = ("bloom", "falcon")
+
 
 def _model_config(source: str) -> dict:
     """The model's ``config.json`` when ``source`` is a local directory, else {}."""
@@ -396,6 +400,11 @@ def crossing_layers(model_config: dict) -> str | None:
 
     A layer type Plait has not checked is named as unknown rather than guessed."""
     text = model_config.get("text_config") or model_config
+    if text.get("attention_type") == "block_sparse":
+        # BigBird switches to it past (5 + 2 * num_random_blocks) * block_size tokens
+        return ("attention_type 'block_sparse': BigBird's block-sparse attention reads blocks of the whole sequence "
+                "(both ways) and ignores the packed mask; model_config: {attention_type: original_full} keeps it "
+                "exact")
     layer_types = sorted(set(text.get("layer_types") or ()) - set(MASKED_LAYER_TYPES))
     if not layer_types:
         return None
@@ -457,8 +466,14 @@ def masks_from_positions(attn: str, window_why: str) -> str | None:
 
 
 def alibi_attention(model_config: dict) -> str | None:
-    """Why the model's attention is ALiBi (biases from token distances over
-    the whole sequence, not from ``position_ids``), or None."""
+    """Why the model's attention is ALiBi (biases from token distances, not
+    from ``position_ids``), or None.
+
+    ALiBi needs no ``position_ids``: the bias a query gives a key grows with
+    the key's index, and adding the same amount to every key a query may see
+    does not change its softmax, so under a block-diagonal mask each packed
+    row sees exactly what it sees alone (MPT; proved at load by
+    :func:`packed_rows_leak`)."""
     text = model_config.get("text_config") or model_config
     model_type = text.get("model_type") or model_config.get("model_type")
     if model_type in ALIBI_MODEL_TYPES:
@@ -467,6 +482,16 @@ def alibi_attention(model_config: dict) -> str | None:
         return "alibi: true"
     if text.get("position_embedding_type") == "alibi":
         return "position_embedding_type: alibi"
+    return None
+
+
+def alibi_from_padding_mask(model_config: dict) -> str | None:
+    """Why an ALiBi model cannot take a packed mask at all, or None."""
+    text = model_config.get("text_config") or model_config
+    model_type = text.get("model_type") or model_config.get("model_type")
+    why = alibi_attention(model_config)
+    if why and model_type in ALIBI_FROM_PADDING_MASK:
+        return f"{why}, and {model_type} builds the ALiBi bias from a 2-D padding mask, which a packed mask is not"
     return None
 
 
@@ -512,8 +537,9 @@ def check_packing_support(cfg, model=None) -> None:
         model_config = _model_config(getattr(cfg, "base_model_config", None) or cfg.base_model)
     else:
         model_config = model.config.to_dict()
-    why = alibi_attention(model_config)
-    if why is None and model is not None and not takes_position_ids(model):
+    why = alibi_from_padding_mask(model_config)
+    if why is None and model is not None and not takes_position_ids(model) and not alibi_attention(model_config):
+        # (an ALiBi model needs no position_ids: its positions are key distances, per row under the mask)
         why = f"{type(model).__name__}.forward takes no position_ids"
     if why:
         raise ConfigError(
