@@ -10,8 +10,9 @@ and the mechanisms behind it, on tiny random models of transformers' own classes
   that scales its logits (Cohere) trains on its own logits;
 * LoRA targets: GPT-2's ``Conv1D`` is adapted, an MoE router subclassing
   ``nn.Linear`` is not, nor a Mamba ``out_proj`` peft refuses;
-* packing: recurrent state and RoBERTa's position offset are found by a packed
-  test batch and refused.
+* packing: recurrent state is found by a packed test batch and refused;
+  RoBERTa's position offset is found by a probe and packed rows get it;
+* BERT-style causal LMs load as decoders (causal attention).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def loaded(model_dir, **keys):
 
 #: types of the CI sample and the packing outcome each must have
 SAMPLE = {
-    "llama": "pass", "gpt2": "pass", "opt": "pass", "cohere": "pass", "gemma2": "pass", "bert": "refused",
+    "llama": "pass", "gpt2": "pass", "opt": "pass", "cohere": "pass", "gemma2": "pass", "bert": "pass",
     "phi": "pass", "qwen3": "pass", "qwen3_moe": "pass", "jamba": "refused",
 }
 
@@ -127,13 +128,34 @@ def test_generic_lora_targets_adapt_conv1d_but_not_routers_or_refused_mixers(tmp
 
 
 @pytest.mark.parametrize("model_type, why", [
-    ("roberta", "positions or sequence mixing do not restart per row"),  # position ids offset by padding_idx + 1
     ("jamba", "carry state along the sequence"),                         # the Mamba state runs across the boundary
 ])
 def test_packing_that_would_leak_is_refused_after_load(model_type, why, tmp_path, tokenizer_dir):
     model_dir = tiny(model_type, tmp_path, tokenizer_dir)
     with pytest.raises(ConfigError, match=rf"sample_packing: packed rows are not kept apart by this model \(.*{why}"):
         loaded(model_dir, sample_packing=True)
+
+
+def test_roberta_loads_as_a_decoder_and_packs_with_its_position_offset(tmp_path, tokenizer_dir):
+    """RobertaForCausalLM attends both ways unless ``is_decoder``; its positions
+    start at ``pad_token_id + 1``. Packed rows restarting at 0 would leak (the
+    probe finds a difference without the offset)."""
+    import torch
+
+    from plait.data.packing import packed_rows_leak
+    from plait.model.forward import _POSITION_OFFSET
+
+    run = loaded(tiny("roberta", tmp_path, tokenizer_dir), sample_packing=True)
+    assert run.model.config.is_decoder
+    ids = torch.tensor([[9, 10, 11, 12, 13, 14]])
+    changed = ids.clone()
+    changed[0, -1] = 20
+    with torch.no_grad():  # causal: the last token changes nothing before it
+        torch.testing.assert_close(run.model(input_ids=ids).logits[0, :-1], run.model(input_ids=changed).logits[0, :-1])
+    assert getattr(run.model, _POSITION_OFFSET) == run.model.config.pad_token_id + 1
+    assert packed_rows_leak(run.cfg, run.model) is None
+    setattr(run.model, _POSITION_OFFSET, 0)
+    assert "do not restart per row" in packed_rows_leak(run.cfg, run.model)
 
 
 def test_packing_probe_passes_an_isolating_model(tmp_path, tokenizer_dir):
