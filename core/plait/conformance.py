@@ -364,7 +364,10 @@ def check_lora(model_dir, work) -> str:
     # a BERT-style base trained as a decoder (Plait's loader sets is_decoder) is reloaded as one, as its note says
     decoder = {"is_decoder": True} if getattr(run.model.config, "is_decoder", None) else {}
     reloaded = PeftModel.from_pretrained(_reload(model_dir, attn_implementation=attn, **decoder), out)
-    _same_logits(run.model, reloaded, vocab, "base + saved adapter in peft")
+    try:
+        _same_logits(run.model, reloaded, vocab, "base + saved adapter in peft")
+    except Mismatch as exc:
+        raise Mismatch(f"{exc}{_adapter_tensors_lost(run.model, reloaded, out)}") from None
     config_path = write_config(Path(work) / "lora.yml", **_keys(model_dir, out, adapter="lora",
                                                                  lora_target_linear=True))
     result = run_cli(["merge-lora", str(config_path)])
@@ -372,6 +375,30 @@ def check_lora(model_dir, work) -> str:
         raise Mismatch(f"merge-lora exited {result.exit_code}: {result.stderr.strip()[-400:]}")
     _same_logits(run.model, _reload(out / "merged", attn_implementation=attn), vocab, "merged model")
     return f"losses {losses[0]:.3f} -> {losses[1]:.3f}; peft reload and merge-lora match"
+
+
+def _adapter_tensors_lost(trained, reloaded, saved) -> str:
+    """Which LoRA tensors peft did not load back as trained, as a clause to
+    append to a mismatch ("" when all came back), saying whether the saved
+    adapter holds them (then the loss is on peft's load side: peft 0.21 passes
+    adapter keys through transformers' checkpoint renamings, whose patterns
+    can rewrite a module path such as ``shared_experts.`` or ``sconv.weight_proj``)."""
+    import torch
+    from safetensors import safe_open
+
+    got = reloaded.state_dict()
+    lost = [name for name, tensor in trained.state_dict().items()
+            if "lora_" in name and name in got and not torch.equal(tensor.float().cpu(), got[name].float().cpu())]
+    if not lost:
+        return ""
+    try:
+        with safe_open(str(Path(saved) / "adapter_model.safetensors"), "pt") as f:
+            in_file = lost[0].replace(".default.", ".") in set(f.keys())
+    except OSError:
+        in_file = False
+    where = ("the saved adapter holds it, so peft lost it when loading" if in_file
+             else "the saved adapter does not hold it under that name")
+    return f"; {len(lost)} adapter tensors did not load back as trained, e.g. {lost[0]} ({where})"
 
 
 def check_full(model_dir, work) -> str:

@@ -42,7 +42,7 @@ import bisect
 import random
 from typing import Sequence
 
-from plait.errors import ConfigError, DataError, MachineFactError
+from plait.errors import ConfigError, DataError, MachineFactError, PlaitError
 
 #: attention backends whose packed rows this module can isolate
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention", "plait_varlen")
@@ -595,10 +595,13 @@ def check_loaded_model(cfg, model) -> None:
         keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
         why = packed_rows_leak(cfg, model)
         if why:
-            raise ConfigError(
-                f"{keys}: packed rows are not kept apart by this model ({why}): "
-                f"set {' and '.join(k + ': false' for k in keys.split(' / '))}"
-            )
+            what = ("this model cannot run a packed batch (its attention does not take Plait's packed inputs)"
+                    if why.startswith(PACKED_BATCH_FAILED) else "packed rows are not kept apart by this model")
+            raise ConfigError(f"{keys}: {what} ({why}): set {' and '.join(k + ': false' for k in keys.split(' / '))}")
+
+
+#: how :func:`packed_rows_leak` starts its answer when the packed batch raised
+PACKED_BATCH_FAILED = "a packed test batch failed"
 
 
 #: model classes whose sequence mixing is not attention: state carried along the
@@ -640,8 +643,10 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
             together = forward_logits(model, packed).logits[0].float()
             alone = torch.cat([forward_logits(model, _one_row(row, cfg.attn_implementation, dtype, device)).logits[0]
                                for row in rows]).float()
+    except PlaitError:  # the model's own refusal (e.g. it does not run on token ids alone) says it better
+        raise
     except Exception as exc:  # noqa: BLE001 - a model that cannot run a packed batch cannot train on one
-        return f"a packed test batch failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        return f"{PACKED_BATCH_FAILED}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     scale = float(alone.abs().max()) + 1e-6
     diff = float((together - alone).abs().max())

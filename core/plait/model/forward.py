@@ -314,7 +314,11 @@ def record_position_offset(model) -> int:
         ids[ids == pad] = 8 if pad != 8 else 9
     offset = 0
     with probing(causal_lm):
-        own = causal_lm(input_ids=ids, use_cache=False).logits.float()
+        try:
+            own = causal_lm(input_ids=ids, use_cache=False).logits.float()
+        except Exception:  # noqa: BLE001 - a model that does not run on ids alone is refused by the head probe
+            setattr(causal_lm, _POSITION_OFFSET, 0)
+            return 0
         for k in [0] + ([pad + 1] if isinstance(pad, int) and pad >= 0 else []):
             try:
                 given = causal_lm(input_ids=ids, position_ids=torch.arange(6, device=ids.device)[None] + k,
