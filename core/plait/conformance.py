@@ -367,7 +367,8 @@ def check_lora(model_dir, work) -> str:
     try:
         _same_logits(run.model, reloaded, vocab, "base + saved adapter in peft")
     except Mismatch as exc:
-        raise Mismatch(f"{exc}{_adapter_tensors_lost(run.model, reloaded, out)}") from None
+        raise Mismatch(f"{exc}{_tensors_lost(run.model, reloaded, out / 'adapter_model.safetensors', 'lora_')}") \
+            from None
     config_path = write_config(Path(work) / "lora.yml", **_keys(model_dir, out, adapter="lora",
                                                                  lora_target_linear=True))
     result = run_cli(["merge-lora", str(config_path)])
@@ -377,28 +378,36 @@ def check_lora(model_dir, work) -> str:
     return f"losses {losses[0]:.3f} -> {losses[1]:.3f}; peft reload and merge-lora match"
 
 
-def _adapter_tensors_lost(trained, reloaded, saved) -> str:
-    """Which LoRA tensors peft did not load back as trained, as a clause to
-    append to a mismatch ("" when all came back), saying whether the saved
-    adapter holds them (then the loss is on peft's load side: peft 0.21 passes
-    adapter keys through transformers' checkpoint renamings, whose patterns
-    can rewrite a module path such as ``shared_experts.`` or ``sconv.weight_proj``)."""
+def _tensors_lost(trained, reloaded, saved_file, only: str = "") -> str:
+    """Which tensors (names containing ``only``) did not load back as trained,
+    as a clause to append to a mismatch ("" when all came back), saying whether
+    ``saved_file`` holds them as trained: then the loss is on the loading side
+    (peft 0.21 passes adapter keys through transformers' checkpoint renamings,
+    whose patterns can rewrite a module path such as ``shared_experts.`` or
+    ``sconv.weight_proj``; a model's ``_init_weights`` can overwrite a loaded
+    row, as YouTu's zeroes the padding row of its tied embedding)."""
     import torch
     from safetensors import safe_open
 
     got = reloaded.state_dict()
     lost = [name for name, tensor in trained.state_dict().items()
-            if "lora_" in name and name in got and not torch.equal(tensor.float().cpu(), got[name].float().cpu())]
+            if only in name and name in got and not torch.equal(tensor.float().cpu(), got[name].float().cpu())]
     if not lost:
         return ""
+    name = lost[0]
+    where = "the saved file does not hold it under that name"
     try:
-        with safe_open(str(Path(saved) / "adapter_model.safetensors"), "pt") as f:
-            in_file = lost[0].replace(".default.", ".") in set(f.keys())
+        with safe_open(str(saved_file), "pt") as f:
+            keys = set(f.keys())
+            for key in (name.replace(".default.", "."), name):
+                if key in keys:
+                    same = torch.equal(f.get_tensor(key).float(), trained.state_dict()[name].float().cpu())
+                    where = ("the saved file holds it as trained, so it was lost when loading" if same
+                             else "the saved file holds other values")
+                    break
     except OSError:
-        in_file = False
-    where = ("the saved adapter holds it, so peft lost it when loading" if in_file
-             else "the saved adapter does not hold it under that name")
-    return f"; {len(lost)} adapter tensors did not load back as trained, e.g. {lost[0]} ({where})"
+        where = "the saved file could not be read"
+    return f"; {len(lost)} tensors did not load back as trained, e.g. {name} ({where})"
 
 
 def check_full(model_dir, work) -> str:
@@ -406,8 +415,11 @@ def check_full(model_dir, work) -> str:
     out = Path(work) / "full"
     run, losses, _ = _train(model_dir, out)
     vocab = run.model.config.get_text_config().vocab_size
-    _same_logits(run.model, _reload(out, attn_implementation=run.model.config._attn_implementation), vocab,
-                 "saved full model")
+    reloaded = _reload(out, attn_implementation=run.model.config._attn_implementation)
+    try:
+        _same_logits(run.model, reloaded, vocab, "saved full model")
+    except Mismatch as exc:
+        raise Mismatch(f"{exc}{_tensors_lost(run.model, reloaded, out / 'model.safetensors')}") from None
     return f"losses {losses[0]:.3f} -> {losses[1]:.3f}; reload matches"
 
 
