@@ -181,3 +181,15 @@ def test_a_model_that_needs_more_than_token_ids_is_refused_with_its_reason(tmp_p
     model_dir = tiny("gemma4_unified_assistant", tmp_path, tokenizer_dir)
     with pytest.raises(ConfigError, match=r"does not run on token ids alone \(ValueError: .*shared_kv_states"):
         loaded(model_dir)
+
+
+def test_only_a_config_saying_is_decoder_false_is_loaded_as_a_decoder(tmp_path, tokenizer_dir):
+    from plait.model.loading import causal_decoder_kwargs
+    from plait.testing import build_run_config
+
+    bert, llama = tiny("bert", tmp_path, tokenizer_dir), tiny("llama", tmp_path, tokenizer_dir)
+    bert_cfg, _ = build_run_config({"base_model": str(bert)})
+    assert causal_decoder_kwargs(bert_cfg, {}) == {"is_decoder": True}
+    assert causal_decoder_kwargs(bert_cfg, {"is_decoder": False}) == {}  # the user's model_config wins
+    llama_cfg, _ = build_run_config({"base_model": str(llama)})
+    assert causal_decoder_kwargs(llama_cfg, {}) == {}

@@ -126,7 +126,8 @@ def causal_decoder_kwargs(cfg, kwargs: dict) -> dict:
     says ``is_decoder``; their checkpoints are encoders (false), and loaded
     as they are they attend both ways, so next-token training would read the
     token it predicts (transformers only warns). Configs without the field
-    (Llama and nearly every decoder) are left alone, and so is a value the
+    (Llama and nearly every decoder) are left alone (GPT-NeoX has the field
+    and ignores it), and so is a value the
     user set through ``model_config`` / ``model_kwargs`` (``kwargs``, the
     other ``from_pretrained`` arguments). For the causal-LM loaders only: a
     classifier (reward model) on a BERT encoder stays bidirectional.
@@ -144,9 +145,9 @@ def causal_decoder_kwargs(cfg, kwargs: dict) -> dict:
         import logging
 
         logging.getLogger(__name__).warning(
-            "%s: is_decoder set to true (the checkpoint is an encoder; as a causal LM it must attend causally). "
-            "Load the base model with is_decoder=True to use what is trained here outside Plait.",
-            config.model_type)
+            "%s: loading with is_decoder=True (the checkpoint's config says false, and BERT-style causal LMs "
+            "attend both ways unless it is true); pass is_decoder=True when loading the base model for what is "
+            "trained here outside Plait.", config.model_type)
         return {"is_decoder": True}
     return {}
 
