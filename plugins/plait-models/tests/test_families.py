@@ -167,8 +167,9 @@ def test_every_model_type_has_exactly_one_family(pm):
     assert {f.name for f in ours} <= {f.name for f in all_families(pm)}
 
 
-#: families with a sliding window shorter than the packed width: SDPA/eager
-#: packing must be refused (a block-diagonal mask would widen the window)
+#: families with a sliding window shorter than the packed rows: SDPA/eager
+#: pack through transformers' own masks (position_ids only; Plait's
+#: block-diagonal mask would widen the window), and must still be exact
 SHORT_WINDOW = {
     "mistral": dict(sliding_window=8),
     "gemma2": dict(sliding_window=8),
@@ -192,16 +193,16 @@ def test_packed_rows_do_not_attend_across_boundaries(model_type, overrides, attn
     (per-row position_ids and an explicit block-diagonal mask for the
     backend), fed as the loop feeds them (``use_cache=False``, while the model
     config keeps ``use_cache: true``). Every row's logits equal the row run
-    alone within atol=1e-5 (fp32; observed <= ~3e-7). A family/backend that
-    Plait refuses to pack must be refused by the check the loop runs after
-    ``load_model``, naming the keys to change."""
+    alone within atol=1e-5 (fp32; observed <= ~3e-7). The batch goes through
+    Plait's forward (``forward_logits``), which hands a short-window model
+    only the position_ids once the check the loop runs after ``load_model``
+    has marked it."""
     from types import SimpleNamespace
 
     import torch
 
-    from plait.data.packing import collate_packed
-    from plait.data.packing import check_loaded_model
-    from plait.errors import ConfigError
+    from plait.data.packing import check_loaded_model, collate_packed
+    from plait.model.forward import forward_logits, masks_from_positions_marked
 
     model = build_model(model_type, **overrides)
     model.set_attn_implementation(attn)
@@ -209,12 +210,8 @@ def test_packed_rows_do_not_attend_across_boundaries(model_type, overrides, attn
     model.eval()
     cfg = SimpleNamespace(sample_packing=True, eval_sample_packing=None, sequence_len=PACKED_WIDTH,
                           attn_implementation=attn)
-    if overrides:
-        with pytest.raises(ConfigError, match=r"sample_packing with .* attention: the model uses windowed "
-                                              r"attention .*flash_attention: true.*sample_packing: false"):
-            check_loaded_model(cfg, model)
-        return
     check_loaded_model(cfg, model)
+    assert masks_from_positions_marked(model) == bool(overrides)
 
     generator = torch.Generator().manual_seed(0)
     rows = [[torch.randint(3, 300, (n,), generator=generator).tolist() for n in lens] for lens in BINS]
@@ -222,7 +219,7 @@ def test_packed_rows_do_not_attend_across_boundaries(model_type, overrides, attn
                             for bin_, lens in zip(rows, BINS)], 0, attn, pad_to=PACKED_WIDTH, dtype=model.dtype)
     batch.pop("labels")
     with torch.no_grad():
-        packed = model(**batch, use_cache=False).logits
+        packed = forward_logits(model, batch).logits  # (it passes use_cache=False itself)
         for b, bin_ in enumerate(rows):
             start = 0
             for row in bin_:
