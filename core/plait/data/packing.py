@@ -543,7 +543,8 @@ def check_packing_support(cfg, model=None) -> None:
         why = f"{type(model).__name__}.forward takes no position_ids"
     if why:
         raise ConfigError(
-            f"{keys}: the model cannot take packed rows ({why}): its attention cannot restart per row; "
+            f"{keys}: the model cannot take packed rows ({why}): nothing in its inputs can tell it where each "
+            f"packed row starts; "
             f"set {' and '.join(k + ': false' for k in keys.split(' / '))}"
         )
     if attn != "flash_attention_2" and not is_varlen_attention(attn):
