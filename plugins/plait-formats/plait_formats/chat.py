@@ -11,7 +11,10 @@ How the mask is found. The whole conversation is rendered once and tokenized
 once with character offsets. The conversation prefix up to and including
 message *k* is rendered too; its length is where message *k* ends in the full
 text, so message *k* owns the characters between the end of message *k-1* and
-its own end. Inside that span the message's content is located, and:
+its own end. (Rendering each prefix is the exact way; where a conversation's
+shape -- its roles in order and its tools -- has been seen before,
+``chat_boundaries`` reads the same ends off the one whole rendering.) Inside
+that span the message's content is located, and:
 
 * tokens overlapping the content are trained when the role is in
   ``roles_to_train`` (default ``["assistant"]``) or the message says
@@ -56,6 +59,7 @@ import numpy as np
 from jinja2 import TemplateError
 from plait.errors import BadRowError, ConfigError
 
+from plait_formats.chat_boundaries import SENTINEL, boundary_cache, shape_of
 from plait_formats.common import IGNORE, batch_size, train_on_inputs
 
 #: canonical role -> names accepted in data; ``roles:`` in the dataset config adds to these
@@ -218,6 +222,10 @@ class ChatFormat:
         self.template_vars.update(tokenizer.special_tokens_map)
         # Axolotl's chat_template_kwargs (enable_thinking: false, ...) reach the template as variables
         self.template_vars.update(getattr(cfg, "chat_template_kwargs", None) or {})
+        # skeletons of conversation shapes, kept across batches: they depend on the template and the
+        # variables given to it besides the messages (its globals come with the template)
+        self.boundaries = boundary_cache(self.template, {**tokenizer.special_tokens_map,
+                                                         **(getattr(cfg, "chat_template_kwargs", None) or {})})
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("type chat_template needs a fast tokenizer (character offsets); "
                               "set tokenizer_use_fast: true")
@@ -322,18 +330,25 @@ class ChatFormat:
         """The whole conversation's text, where each message ends in it (the
         length of the rendering of the messages up to and including it), and
         for trained assistant messages without text content (tool calls only)
-        where their body starts: after the generation prompt."""
+        where their body starts: after the generation prompt.
+
+        The ends come from one render where the conversation's shape allows
+        (``chat_boundaries``), else from rendering every prefix."""
         last = len(messages) - 1
         plain = self.template_messages(messages)
         full = self.render(messages, tools, index=index, last_index=last, plain=plain)
-        ends, bodies = [], {}
-        for k in range(1, len(messages)):
-            prefix = self.render(messages[:k], tools, index=index, last_index=last, plain=plain[:k])
-            if not full.startswith(prefix):
-                raise BadRowError(index, f"the chat template renders the first {k} messages differently from the "
-                                         f"start of the whole conversation, so turns cannot be masked")
-            ends.append(len(prefix))
-        ends.append(len(full))
+
+        def exact() -> list[int]:
+            return self.prefix_ends(index, messages, tools, plain, full)
+
+        def sentinel_rendering() -> tuple[str, list[int]]:
+            stand_ins = [{**message, "content": SENTINEL.format(k)} for k, message in enumerate(plain)]
+            text = self.render(messages, tools, index=index, last_index=last, plain=stand_ins)
+            return text, self.prefix_ends(index, messages, tools, stand_ins, text)
+
+        ends = self.boundaries.ends(shape_of(messages, tools), full, [m["content"] for m in messages], exact,
+                                    sentinel_rendering)
+        bodies = {}
         for k, message in enumerate(messages):
             if message["train"] and not message["content"].strip() and message["extra"]:
                 start = ends[k - 1] if k else 0
@@ -342,6 +357,21 @@ class ChatFormat:
                 if full.startswith(prompt) and start <= len(prompt) <= ends[k]:
                     bodies[k] = len(prompt)
         return full, ends, bodies
+
+    def prefix_ends(self, index: int, messages: list[dict], tools, plain: list[dict], full: str) -> list[int]:
+        """Where each message ends in ``full`` (the rendering of ``plain``),
+        the exact way: the length of the rendering of the messages up to and
+        including it, each checked to be a prefix of ``full``."""
+        last = len(messages) - 1
+        ends = []
+        for k in range(1, len(messages)):
+            prefix = self.render(messages[:k], tools, index=index, last_index=last, plain=plain[:k])
+            if not full.startswith(prefix):
+                raise BadRowError(index, f"the chat template renders the first {k} messages differently from the "
+                                         f"start of the whole conversation, so turns cannot be masked")
+            ends.append(len(prefix))
+        ends.append(len(full))
+        return ends
 
     def labels(self, index: int, messages: list[dict], full: str, ends: list[int], bodies: dict, ids,
                offsets) -> list[int]:
