@@ -53,7 +53,6 @@ or an undefined value): the error names the row, and ``skip_bad_rows`` skips it.
 from __future__ import annotations
 
 import json
-from itertools import chain
 
 import numpy as np
 from jinja2 import TemplateError
@@ -61,6 +60,7 @@ from plait.errors import BadRowError, ConfigError
 
 from plait_formats.chat_boundaries import SENTINEL, boundary_cache, shape_of
 from plait_formats.common import IGNORE, batch_size, train_on_inputs
+from plait_formats.token_offsets import TokenBatch, encode_with_spans
 
 #: canonical role -> names accepted in data; ``roles:`` in the dataset config adds to these
 DEFAULT_ROLES = {
@@ -418,7 +418,13 @@ class ChatFormat:
         return spans
 
     def label_rows(self, rows: list[tuple[list[dict], list[tuple], list[int], list]]) -> list[list[int]]:
-        """Labels of many rows ``(messages, spans, ids, offsets)`` at once.
+        """Labels of many rows ``(messages, spans, ids, offsets)`` at once (see :meth:`label_batch`)."""
+        tokens = TokenBatch.from_lists([row[2] for row in rows], [row[3] for row in rows])
+        return self.label_batch([row[0] for row in rows], [row[1] for row in rows], tokens)
+
+    def label_batch(self, conversations: list[list[dict]], span_rows: list[list[tuple]],
+                    tokens: TokenBatch) -> list[list[int]]:
+        """Labels of many rows: each row's messages, their spans and its tokens.
 
         The rows are laid one after another on a single character axis and
         their messages on a single index axis, so each rule below is one array
@@ -432,27 +438,26 @@ class ChatFormat:
         * an end marker after the content is trained as ``train_on_eos`` /
           ``train_on_eot`` say (``all``, ``turn``: of trained messages,
           ``last``: of the row's last trained message, ``none``)."""
-        lengths = [len(ids) for _, _, ids, _ in rows]
+        lengths = tokens.lengths
         total = sum(lengths)
-        ids = np.fromiter(chain.from_iterable(row[2] for row in rows), dtype=np.int64, count=total)
-        offsets = np.array(list(chain.from_iterable(row[3] for row in rows)), dtype=np.int64).reshape(total, 2)
+        ids = tokens.flat_ids
+        rows = conversations
         # each row's characters start after the previous row's last span end
-        span_rows = [row[1] for row in rows]
         row_chars = np.cumsum([0] + [spans[-1][3] + 1 for spans in span_rows[:-1]])
         row_messages = np.cumsum([0] + [len(spans) for spans in span_rows[:-1]])
         spans = np.array([span for spans in span_rows for span in spans], dtype=np.int64).reshape(-1, 4)
         spans += np.repeat(row_chars, [len(s) for s in span_rows])[:, None]
-        messages = [message for row in rows for message in row[0]]
+        messages = [message for row in rows for message in row]
         train_of_message = np.array([m["train"] for m in messages], dtype=bool)
         last_trained = np.full(len(rows), -1)
-        for r, (row_msgs, *_) in enumerate(rows):
+        for r, row_msgs in enumerate(rows):
             trained = [k for k, m in enumerate(row_msgs) if m["train"]]
             if trained:
                 last_trained[r] = row_messages[r] + trained[-1]
 
         token_row = np.repeat(np.arange(len(rows)), lengths)
-        t_start = offsets[:, 0] + row_chars[token_row]
-        t_end = offsets[:, 1] + row_chars[token_row]
+        t_start = tokens.starts + row_chars[token_row]
+        t_end = tokens.ends + row_chars[token_row]
         row_last = (row_messages + np.array([len(s) for s in span_rows]) - 1)[token_row]
         owner = np.minimum(np.searchsorted(spans[:, 3], t_start, side="right"), row_last)
         owner = np.maximum.accumulate(owner) if total else owner
@@ -505,26 +510,12 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:
     for index in range(batch_size(batch)):
         messages = fmt.normalise(index, conversations[index])
         rows.append((messages, *fmt.render_with_ends(index, messages, fmt.tools(batch, index))))
-    ids, offsets = encode_with_offsets(tokenizer, [full for _, full, _, _ in rows])
+    tokens = encode_with_spans(tokenizer, [full for _, full, _, _ in rows])
     if fmt.train_all:
-        return {"input_ids": ids, "labels": [list(row) for row in ids]}
-    spans = [fmt.spans(index, messages, full, ends, bodies, ids[index], offsets[index])
+        return {"input_ids": tokens.ids, "labels": [list(row) for row in tokens.ids]}
+    # a row's token spans are only read for its tool-call messages (bodies); the labels take them as arrays
+    spans = [fmt.spans(index, messages, full, ends, bodies, tokens.ids[index],
+                       tokens.row_offsets(index) if bodies else ())
              for index, (messages, full, ends, bodies) in enumerate(rows)]
-    labels = fmt.label_rows([(messages, row_spans, ids[index], offsets[index])
-                             for index, ((messages, *_), row_spans) in enumerate(zip(rows, spans))])
-    return {"input_ids": ids, "labels": labels}
-
-
-def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
-    """Token ids and character offsets of ``texts``, without special tokens,
-    in one call: the Rust tokenizer works through the batch in parallel.
-
-    The Rust tokenizer is called directly when it carries no truncation or
-    padding of its own (then transformers' wrapper only converts its output,
-    a fifth of the tokenizing time); otherwise through the wrapper."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and backend.truncation is None and backend.padding is None:
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        return [e.ids for e in encodings], [e.offsets for e in encodings]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return encoded["input_ids"], encoded["offset_mapping"]
+    labels = fmt.label_batch([messages for messages, *_ in rows], spans, tokens)
+    return {"input_ids": tokens.ids, "labels": labels}
