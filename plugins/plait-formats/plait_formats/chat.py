@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import json
 
+from itertools import chain
+
 import numpy as np
 from jinja2 import TemplateError
 from plait.errors import BadRowError, ConfigError
@@ -95,6 +97,8 @@ def text_and_ranges(index: int, number: int, content) -> tuple[str, list | None]
     """A message's text and, when its parts carry ``train`` / ``weight``
     flags (Axolotl's per-part training), ``[(begin, end, train)]`` character
     ranges of the text (end exclusive); ``None`` when no part says."""
+    if isinstance(content, str):
+        return content, None
     text = text_of(index, number, content)
     if not isinstance(content, list) or not any(isinstance(p, dict) and ("train" in p or "weight" in p)
                                                 for p in content):
@@ -269,7 +273,8 @@ class ChatFormat:
                 content, reasoning = split_reasoning(content)
                 ranges = None  # offsets into the unsplit content no longer apply
             # other keys (tool_calls, name, tool_call_id, ...) go to the template as they are
-            extra = {k: v for k, v in message.items() if k not in self.read_keys and v is not None}
+            extra = {} if message.keys() <= self.read_keys else {
+                k: v for k, v in message.items() if k not in self.read_keys and v is not None}
             if reasoning is not None:
                 extra[self.template_thinking_key] = reasoning
             messages.append({"role": role, "content": content, "train": train, "extra": extra,
@@ -279,7 +284,8 @@ class ChatFormat:
         return messages
 
     def tools(self, batch, index):
-        value = batch.get(self.tools_key, [None] * (index + 1))[index]
+        column = batch.get(self.tools_key)
+        value = column[index] if column is not None else None
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -422,6 +428,16 @@ class ChatFormat:
         tokens = TokenBatch.from_lists([row[2] for row in rows], [row[3] for row in rows])
         return self.label_batch([row[0] for row in rows], [row[1] for row in rows], tokens)
 
+    @staticmethod
+    def last_trained(conversations: list[list[dict]], row_messages) -> np.ndarray:
+        """Each row's last trained message, as an index on the batch's message axis (-1: none)."""
+        last = np.full(len(conversations), -1)
+        for r, messages in enumerate(conversations):
+            trained = [k for k, m in enumerate(messages) if m["train"]]
+            if trained:
+                last[r] = row_messages[r] + trained[-1]
+        return last
+
     def label_batch(self, conversations: list[list[dict]], span_rows: list[list[tuple]],
                     tokens: TokenBatch) -> list[list[int]]:
         """Labels of many rows: each row's messages, their spans and its tokens.
@@ -439,39 +455,33 @@ class ChatFormat:
           ``train_on_eot`` say (``all``, ``turn``: of trained messages,
           ``last``: of the row's last trained message, ``none``)."""
         lengths = tokens.lengths
-        total = sum(lengths)
         ids = tokens.flat_ids
-        rows = conversations
+        messages_per_row = [len(spans) for spans in span_rows]
         # each row's characters start after the previous row's last span end
         row_chars = np.cumsum([0] + [spans[-1][3] + 1 for spans in span_rows[:-1]])
-        row_messages = np.cumsum([0] + [len(spans) for spans in span_rows[:-1]])
-        spans = np.array([span for spans in span_rows for span in spans], dtype=np.int64).reshape(-1, 4)
-        spans += np.repeat(row_chars, [len(s) for s in span_rows])[:, None]
-        messages = [message for row in rows for message in row]
-        train_of_message = np.array([m["train"] for m in messages], dtype=bool)
-        last_trained = np.full(len(rows), -1)
-        for r, row_msgs in enumerate(rows):
-            trained = [k for k, m in enumerate(row_msgs) if m["train"]]
-            if trained:
-                last_trained[r] = row_messages[r] + trained[-1]
+        row_messages = np.cumsum([0] + messages_per_row[:-1])
+        flat_spans = chain.from_iterable(chain.from_iterable(span_rows))
+        spans = np.fromiter(flat_spans, dtype=np.int64, count=4 * sum(messages_per_row)).reshape(-1, 4)
+        spans += np.repeat(row_chars, messages_per_row)[:, None]
+        messages = [message for row in conversations for message in row]
+        train_of_message = np.fromiter((m["train"] for m in messages), dtype=bool, count=len(messages))
 
-        token_row = np.repeat(np.arange(len(rows)), lengths)
-        t_start = tokens.starts + row_chars[token_row]
-        t_end = tokens.ends + row_chars[token_row]
-        row_last = (row_messages + np.array([len(s) for s in span_rows]) - 1)[token_row]
+        token_row = np.repeat(np.arange(len(conversations)), lengths)
+        shift = row_chars[token_row]
+        t_start = tokens.starts + shift
+        t_end = tokens.ends + shift
+        row_last = (row_messages + np.array(messages_per_row) - 1)[token_row]
         owner = np.minimum(np.searchsorted(spans[:, 3], t_start, side="right"), row_last)
-        owner = np.maximum.accumulate(owner) if total else owner
+        owner = np.maximum.accumulate(owner) if len(owner) else owner
         c_start, c_end = spans[owner, 1], spans[owner, 2]
         train = train_of_message[owner]
 
         in_content = train & (t_end > c_start) & (t_start < c_end)
         labelled = in_content.copy()
-        for k, message in enumerate(messages):
-            allowed = message.get("absolute")
-            if allowed is None:
-                continue
+        for k in [k for k, message in enumerate(messages) if "absolute" in message]:
+            allowed = messages[k]["absolute"]
             mine = np.flatnonzero(in_content & (owner == k))
-            base = row_chars[token_row[mine]] if len(mine) else 0
+            base = shift[mine]
             inside = np.zeros(len(mine), dtype=bool)
             for begin, end in allowed:
                 inside |= (t_start[mine] - base >= begin) & (t_end[mine] - base <= end)
@@ -485,10 +495,10 @@ class ChatFormat:
             elif mode == "turn":
                 labelled |= marker & which & train
             elif mode == "last":
-                labelled |= marker & which & (owner == last_trained[token_row])
+                labelled |= marker & which & (owner == self.last_trained(conversations, row_messages)[token_row])
         flat = np.where(labelled, ids, IGNORE).tolist()
         cuts = np.cumsum([0] + lengths).tolist()
-        return [flat[cuts[r]:cuts[r + 1]] for r in range(len(rows))]
+        return [flat[cuts[r]:cuts[r + 1]] for r in range(len(conversations))]
 
 
 def end_of_turn_ids(tokens, tokenizer) -> set[int]:

@@ -28,8 +28,9 @@ reasoning), empty contents -- always take the exact method.
 from __future__ import annotations
 
 import json
-from itertools import chain
+from itertools import accumulate
 from dataclasses import dataclass
+from functools import cached_property
 
 #: a message's content in a skeleton's rendering; ``{}`` is the message's index (the closing
 #: brackets keep message 1's sentinel from being the start of message 10's)
@@ -87,9 +88,14 @@ class Skeleton:
         walked content by content."""
         for texts in (contents, [text.strip() for text in contents]):
             # a reading of the whole text: no other reading has the same length, so it is the only one
-            if "".join(chain.from_iterable(zip(self.literals, texts))) + self.literals[-1] == full:
+            if self.pattern % tuple(texts) == full:
                 return self.place_ends(texts)
         return self.walk(full, contents)
+
+    @cached_property
+    def pattern(self) -> str:
+        """The literals with a ``%s`` for each content (``%`` escaped): one C-level format per row."""
+        return "%s".join(literal.replace("%", "%%") for literal in self.literals)
 
     def walk(self, full: str, contents: list[str]) -> list[int] | None:
         """:meth:`ends_in` one content at a time: exactly one of a content as
@@ -113,10 +119,15 @@ class Skeleton:
 
     def place_ends(self, texts: list[str]) -> list[int]:
         """The ends in the rendering that is the literals with ``texts`` between them."""
-        starts = [0]
-        for literal, text in zip(self.literals, texts):
-            starts.append(starts[-1] + len(literal) + len(text))
-        return [starts[literal] + offset for literal, offset in self.end_places]
+        # message k's end: the literals before its literal, the texts before it, its offset in the literal
+        before = list(accumulate(map(len, texts), initial=0))
+        return [before[literal] + offset for literal, offset in self.end_offsets]
+
+    @cached_property
+    def end_offsets(self) -> tuple[tuple[int, int], ...]:
+        """``end_places`` with each offset counted from the rendering's start, all texts left out."""
+        starts = list(accumulate(map(len, self.literals), initial=0))
+        return tuple((literal, starts[literal] + offset) for literal, offset in self.end_places)
 
 
 def shape_of(messages: list[dict], tools) -> tuple | None:
