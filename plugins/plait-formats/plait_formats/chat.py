@@ -356,7 +356,7 @@ class ChatFormat:
                                     sentinel_rendering)
         bodies = {}
         for k, message in enumerate(messages):
-            if message["train"] and not message["content"].strip() and message["extra"]:
+            if message["extra"] and message["train"] and not message["content"].strip():
                 start = ends[k - 1] if k else 0
                 prompt = self.render(messages[:k], tools, add_generation_prompt=True, index=index, last_index=last,
                                      plain=plain[:k])
@@ -471,7 +471,7 @@ class ChatFormat:
         t_start = tokens.starts + shift
         t_end = tokens.ends + shift
         row_last = (row_messages + np.array(messages_per_row) - 1)[token_row]
-        owner = np.minimum(np.searchsorted(spans[:, 3], t_start, side="right"), row_last)
+        owner = np.minimum(spans_before(spans[:, 3], t_start), row_last)
         owner = np.maximum.accumulate(owner) if len(owner) else owner
         c_start, c_end = spans[owner, 1], spans[owner, 2]
         train = train_of_message[owner]
@@ -499,6 +499,19 @@ class ChatFormat:
         flat = np.where(labelled, ids, IGNORE).tolist()
         cuts = np.cumsum([0] + lengths).tolist()
         return [flat[cuts[r]:cuts[r + 1]] for r in range(len(conversations))]
+
+
+def spans_before(span_ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """For each token start, how many spans end at or before it (the index
+    of the message whose span holds it); ``span_ends`` ascending.
+
+    Token starts are usually ascending too; then each span end is placed
+    among the tokens (one binary search per span, not per token) and the
+    counts are summed up, instead of a binary search per token."""
+    if len(starts) > 1 and np.all(starts[1:] >= starts[:-1]):
+        first_after = np.searchsorted(starts, span_ends, side="left")  # first token starting at or after it
+        return np.cumsum(np.bincount(first_after, minlength=len(starts) + 1))[:len(starts)]
+    return np.searchsorted(span_ends, starts, side="right")
 
 
 def end_of_turn_ids(tokens, tokenizer) -> set[int]:

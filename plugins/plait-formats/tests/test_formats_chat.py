@@ -314,3 +314,16 @@ def test_chat_template_kwargs_reach_the_template(tokenizer, run_format):
     out = run_format(tokenizer, {"messages": [conversation]}, type="chat_template", chat_template_jinja=template,
                      run={"chat_template_kwargs": {"style": "brief"}})
     assert "[brief] hello" in tokenizer.decode(out["input_ids"][0])
+
+
+def test_spans_before_equals_a_binary_search_per_token():
+    """The labels place sorted token starts among the span ends by counting;
+    it must give what a binary search per token gives, sorted or not."""
+    import numpy as np
+    from plait_formats.chat import spans_before
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ends = np.sort(rng.integers(0, 60, rng.integers(1, 8)))
+        for starts in (np.sort(rng.integers(0, 50, rng.integers(0, 30))), rng.integers(0, 50, 10)):
+            assert np.array_equal(spans_before(ends, starts), np.searchsorted(ends, starts, side="right"))
