@@ -393,17 +393,18 @@ class ChatFormat:
         message; a message with trained parts also gets its ``absolute``
         character ranges."""
         spans, start = [], 0
-        for message, end in zip(messages, ends):
+        for k, (message, end) in enumerate(zip(messages, ends)):
             content = message["content"].strip()
             found = full.find(content, start, end) if content else -1
             if content and found < 0 and message["train"]:
                 raise BadRowError(index, f"the chat template does not render the content of message "
-                                         f"{len(spans) + 1} ({message['role']}) verbatim, so it cannot be masked")
+                                         f"{k + 1} ({message['role']}) verbatim, so it cannot be masked")
             # an untrained message a template folds into a later turn (Gemma's and Mistral's system
             # message goes into the first user turn) labels nothing: an empty span is exact
             c_start, c_end = (found, found + len(content)) if found >= 0 else (start, start)
-            reasoning = (message.get("reasoning") or "").strip()
-            if reasoning and message["train"]:
+            reasoning = message.get("reasoning")
+            reasoning = reasoning.strip() if reasoning and message["train"] else None
+            if reasoning:
                 # the reasoning the template renders before the answer is trained with it
                 at = full.find(reasoning, start, found if found >= 0 else end)
                 if at >= 0:
@@ -414,7 +415,7 @@ class ChatFormat:
                 lead = len(message["content"]) - len(message["content"].lstrip())
                 message["absolute"] = [(found - lead + b, found - lead + e) for b, e, keep in message["ranges"]
                                        if keep]
-            if len(spans) in bodies:
+            if k in bodies:
                 # a tool-call message: its body runs from the generation prompt to its first marker
                 c_start = bodies[len(spans)]
                 markers = [a for (a, _), t in zip(offsets, ids) if c_start <= a < end and t in self.marker_ids]
