@@ -8,7 +8,8 @@ recognised unmapped) and its role through ``roles`` (``{user: [human],
 assistant: [gpt]}``, added to the defaults below).
 
 How the mask is found. The whole conversation is rendered once and tokenized
-once with character offsets. The conversation prefix up to and including
+once with character offsets (``token_offsets``: for byte-level tokenizers read
+from the ids, a checked shortcut). The conversation prefix up to and including
 message *k* is rendered too; its length is where message *k* ends in the full
 text, so message *k* owns the characters between the end of message *k-1* and
 its own end. (Rendering each prefix is the exact way; where a conversation's
