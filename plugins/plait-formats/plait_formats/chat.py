@@ -498,9 +498,30 @@ class ChatFormat:
                 labelled |= marker & which & train
             elif mode == "last":
                 labelled |= marker & which & (owner == self.last_trained(conversations, row_messages)[token_row])
-        flat = np.where(labelled, ids, IGNORE).tolist()
-        cuts = np.cumsum([0] + lengths).tolist()
-        return [flat[cuts[r]:cuts[r + 1]] for r in range(len(conversations))]
+        return labels_from_mask(tokens.ids, labelled, lengths)
+
+
+def labels_from_mask(ids: list[list[int]], labelled: np.ndarray, lengths: list[int]) -> list[list[int]]:
+    """Each row's labels: its ids where ``labelled`` (flat over the rows) is
+    set, ``IGNORE`` elsewhere.
+
+    Trained tokens come in a few runs a row (an answer and its end marker), so
+    each row starts as all ``IGNORE`` and gets its runs copied from its ids:
+    half the time of turning one label array into Python ints and cutting it."""
+    cuts = np.cumsum([0] + lengths)
+    row_start = np.zeros(len(labelled) + 1, dtype=bool)
+    row_start[cuts] = True  # runs are cut at row boundaries
+    before = np.concatenate([[False], labelled[:-1]])
+    after = np.concatenate([labelled[1:], [False]])
+    starts = np.flatnonzero(labelled & ~(before & ~row_start[:-1])).tolist()
+    stops = (np.flatnonzero(labelled & ~(after & ~row_start[1:])) + 1).tolist()
+    rows = (np.searchsorted(cuts, starts, side="right") - 1).tolist()
+    labels = [[IGNORE] * n for n in lengths]
+    cuts = cuts.tolist()
+    for row, start, stop in zip(rows, starts, stops):
+        first, last = start - cuts[row], stop - cuts[row]
+        labels[row][first:last] = ids[row][first:last]
+    return labels
 
 
 def spans_before(span_ends: np.ndarray, starts: np.ndarray) -> np.ndarray:

@@ -327,3 +327,20 @@ def test_spans_before_equals_a_binary_search_per_token():
         ends = np.sort(rng.integers(0, 60, rng.integers(1, 8)))
         for starts in (np.sort(rng.integers(0, 50, rng.integers(0, 30))), rng.integers(0, 50, 10)):
             assert np.array_equal(spans_before(ends, starts), np.searchsorted(ends, starts, side="right"))
+
+
+def test_labels_from_mask_equals_masking_each_row():
+    """Rows' labels are their ids where the flat mask is set: copied run by run,
+    never across a row's end, empty rows included."""
+    import numpy as np
+    from plait_formats.chat import IGNORE, labels_from_mask
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.integers(0, 12, rng.integers(1, 6)).tolist()
+        flat = rng.integers(0, 50, sum(lengths))
+        cuts = np.cumsum([0] + lengths)
+        ids = [flat[cuts[r]:cuts[r + 1]].tolist() for r in range(len(lengths))]
+        mask = rng.random(len(flat)) < rng.random()
+        want = [[t if m else IGNORE for t, m in zip(row, mask[cuts[r]:cuts[r + 1]])] for r, row in enumerate(ids)]
+        assert labels_from_mask(ids, mask, lengths) == want
