@@ -62,6 +62,7 @@ from jinja2 import TemplateError
 from plait.errors import BadRowError, ConfigError
 
 from plait_formats.chat_boundaries import SENTINEL, boundary_cache, shape_of
+from plait_formats.collector import collections_of_new_objects_only
 from plait_formats.common import IGNORE, batch_size, train_on_inputs
 from plait_formats.token_offsets import TokenBatch, encode_with_spans
 
@@ -550,6 +551,11 @@ def end_of_turn_ids(tokens, tokenizer) -> set[int]:
 
 
 def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:
+    with collections_of_new_objects_only():
+        return tokenize_batch(cfg, dataset_cfg, tokenizer, batch)
+
+
+def tokenize_batch(cfg, dataset_cfg, tokenizer, batch) -> dict:
     fmt = ChatFormat(cfg, dataset_cfg, tokenizer)
     conversations = fmt.messages_column(batch)
     rows = []
@@ -565,3 +571,11 @@ def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:
              for index, (messages, full, ends, bodies) in enumerate(rows)]
     labels = fmt.label_batch([messages for messages, *_ in rows], spans, tokens)
     return {"input_ids": tokens.ids, "labels": labels}
+
+
+def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple]]]:
+    """Token ids and ``(start, end)`` character offsets of ``texts`` per row,
+    without special tokens, in one call (``token_offsets.encode_with_spans``;
+    plait-vision tokenizes its rendered chats with it)."""
+    tokens = encode_with_spans(tokenizer, texts)
+    return tokens.ids, tokens.offsets()

@@ -19,7 +19,7 @@ ASCII, is tokenized again with the tokenizer's own spans.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 
 import numpy as np
 
@@ -59,6 +59,12 @@ class TokenBatch:
         take = np.concatenate([np.arange(cuts[r], cuts[r + 1]) for r in order]) if order else np.zeros(0, int)
         return TokenBatch([self.ids[r] for r in order], self.flat_ids[take], self.starts[take], self.ends[take],
                           [self.lengths[r] for r in order])
+
+    def offsets(self) -> list[list[tuple[int, int]]]:
+        """Every row's ``(start, end)`` pairs, as tokenizers give them."""
+        pairs = list(zip(self.starts.tolist(), self.ends.tolist()))
+        cuts = list(accumulate(self.lengths, initial=0))
+        return [pairs[cuts[r]:cuts[r + 1]] for r in range(len(self.lengths))]
 
     def row_offsets(self, row: int) -> list[tuple[int, int]]:
         """Row ``row``'s ``(start, end)`` pairs."""

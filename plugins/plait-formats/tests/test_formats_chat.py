@@ -344,3 +344,24 @@ def test_labels_from_mask_equals_masking_each_row():
         mask = rng.random(len(flat)) < rng.random()
         want = [[t if m else IGNORE for t, m in zip(row, mask[cuts[r]:cuts[r + 1]])] for r, row in enumerate(ids)]
         assert labels_from_mask(ids, mask, lengths) == want
+
+
+def test_collections_of_new_objects_only_restores_the_collector():
+    """Older objects are frozen only inside the block, and someone else's
+    frozen objects (plait's training loop freezes its setup) stay frozen."""
+    import gc
+
+    from plait_formats.collector import collections_of_new_objects_only
+
+    assert gc.get_freeze_count() == 0
+    with collections_of_new_objects_only():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with collections_of_new_objects_only():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()

@@ -40,6 +40,7 @@ def test_byte_level_spans_come_from_the_ids(tokenizer):
     reader = token_offsets._READERS[id(backend)]
     assert reader.trusted is True
     assert_same(first, own_spans(backend, TEXTS))
+    assert first.offsets() == [e.offsets for e in backend.encode_batch(TEXTS, add_special_tokens=False)]
     # later batches read the spans from the ids; rows that are not ASCII keep the tokenizer's, in place
     mixed = [NOT_ASCII[0], *TEXTS, NOT_ASCII[1]]
     assert_same(encode_with_spans(tokenizer, mixed), own_spans(backend, mixed))
