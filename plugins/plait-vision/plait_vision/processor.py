@@ -6,6 +6,12 @@ torchvision installed. This plugin trains on images, so where torchvision is
 missing such a processor is built without its video processor
 (:func:`image_only_processor`) instead of failing; asking it for videos then
 fails inside transformers.
+
+Without torchvision the image processor is the PIL one named by the
+checkpoint (:func:`image_processor_for`): transformers 5.17's
+``AutoImageProcessor`` cannot even be imported without torchvision, although
+most models have a PIL image processor. A model whose image processor exists
+only for torchvision gets a ConfigError that names the package to install.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ def load_processor(source: str, processor_type: str, trust_remote_code: bool = F
         return image_only_processor(source, trust_remote_code)
     try:
         processor = cls.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ImportError as exc:
+        raise ConfigError(f"config key 'processor_type': the {processor_type} of {source!r} cannot be built: "
+                          f"{_missing_package_hint(exc)}") from exc
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"config key 'processor_type': cannot load a {processor_type} from {source!r}: "
                           f"{' '.join(str(exc).split())[:300]}") from exc
@@ -55,6 +64,49 @@ def load_processor(source: str, processor_type: str, trust_remote_code: bool = F
                           f"{type(processor).__name__}); base_model must be a vision-language model with a "
                           f"preprocessor_config.json")
     return processor
+
+
+def _missing_package_hint(exc: ImportError) -> str:
+    """What to install, from transformers' ImportError (a screenful of text)."""
+    text = " ".join(str(exc).split())
+    if "torchvision" in text.lower():
+        return f"it needs torchvision, which is not installed (pip install torchvision); transformers said: {text[:200]}"
+    return text[:300]
+
+
+def image_processor_for(source: str, trust_remote_code: bool = False):
+    """The image processor of ``source``.
+
+    With torchvision installed, ``AutoImageProcessor`` picks it. Without it,
+    the PIL class of the type ``preprocessor_config.json`` names
+    (``Qwen2VLImageProcessor`` -> ``Qwen2VLImageProcessorPil``) is loaded
+    directly: transformers 5.17's ``AutoImageProcessor`` module needs
+    torchvision to import at all, even where a PIL class exists.
+    """
+    import transformers
+    from plait.errors import ConfigError
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
+    path = os.path.join(source, "preprocessor_config.json")
+    declared = json.loads(_read_text(path)).get("image_processor_type") if os.path.isfile(path) else None
+    if not declared:
+        raise ConfigError(f"config key 'processor_type': {source!r} names no image_processor_type in a "
+                          f"preprocessor_config.json, and without torchvision (not installed) transformers cannot "
+                          f"pick one; install torchvision (pip install torchvision)")
+    base = declared.removesuffix("Fast").removesuffix("Pil")
+    # the PIL class by its name; then the plain name, which transformers
+    # resolves to the PIL class (with a warning) where torchvision is missing.
+    # A class that needs torchvision is a placeholder marked is_dummy.
+    for name in (base + "Pil", base):
+        cls = getattr(transformers, name, None)
+        if cls is not None and not getattr(cls, "is_dummy", False):
+            return cls.from_pretrained(source)
+    raise ConfigError(f"config key 'processor_type': the image processor of {source!r} ({declared}) exists only for "
+                      f"torchvision, which is not installed: pip install torchvision")
 
 
 def _processor_class(processor_type: str):
@@ -106,7 +158,7 @@ def image_only_processor(source: str, trust_remote_code: bool = False):
     """
     import inspect
 
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     base = _class_for_source(source, trust_remote_code)
 
@@ -125,7 +177,7 @@ def image_only_processor(source: str, trust_remote_code: bool = False):
     template_path = os.path.join(source, "chat_template.jinja")
     if "chat_template" not in kwargs and os.path.isfile(template_path):
         kwargs["chat_template"] = _read_text(template_path)
-    return cls(image_processor=AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code),
+    return cls(image_processor=image_processor_for(source, trust_remote_code),
                tokenizer=AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
                video_processor=None, **kwargs)
 

@@ -271,3 +271,23 @@ def test_rows_tokenized_as_one_batch_keep_their_own_offsets(qwen2_vl_dir, tmp_pa
     data, tokenizer, _, _ = prepare(keys)
     assert [trained_text(tokenizer, data.train[i]) for i in range(len(answers))] == \
         [answer + "<|im_end|>" for answer in answers]
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("torchvision") is not None,
+                    reason="checks the environment without torchvision")
+def test_without_torchvision_the_pil_image_processor_is_loaded_or_the_package_named(qwen2_vl_dir, tmp_path):
+    import shutil
+
+    from plait_vision.processor import image_processor_for
+
+    # the checkpoint names the torchvision class; its PIL twin is loaded without AutoImageProcessor
+    assert json.loads((qwen2_vl_dir / "preprocessor_config.json").read_text())["image_processor_type"] == \
+        "Qwen2VLImageProcessor"
+    assert type(image_processor_for(str(qwen2_vl_dir))).__name__ == "Qwen2VLImageProcessorPil"
+    # an image processor that exists only for torchvision: a ConfigError naming the package
+    model = shutil.copytree(qwen2_vl_dir, tmp_path / "m")
+    settings = json.loads((model / "preprocessor_config.json").read_text())
+    (model / "preprocessor_config.json").write_text(json.dumps({**settings, "image_processor_type":
+                                                                "Llama4ImageProcessor"}))
+    with pytest.raises(ConfigError, match=r"Llama4ImageProcessor.*pip install torchvision"):
+        image_processor_for(str(model))
