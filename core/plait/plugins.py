@@ -22,9 +22,11 @@ arguments' names, the plugins asked in call order, and what came back
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -137,8 +139,8 @@ def build_plugin_manager(
     env_disabled = _names(env.get("PLAIT_DISABLE_PLUGINS")) or []
     disabled = set(disable) | set(env_disabled)
 
-    installed = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
-    ep_names = [ep.name for ep in installed]
+    installed = _installed_entry_points(tuple(sys.path))
+    ep_names = [ep.name for ep, _, _ in installed]
     extra_names = [_extra_name(plugin) for plugin in extra]
     known = [*DEFAULT_PLUGINS, *ep_names, *config_plugins, *extra_names]
     _check_names(allow or [], "environment variable PLAIT_LOAD_PLUGINS", [*DEFAULT_PLUGINS, *ep_names], ep_names)
@@ -152,14 +154,12 @@ def build_plugin_manager(
         if module_name in disabled:
             continue
         pm.register_plugin(importlib.import_module(module_name), module_name, source="builtin", distribution="plait",
-                           version=_version("plait"))
+                           version=_installed_version("plait", tuple(sys.path)))
 
     if entry_points:
-        for ep in installed:
+        for ep, dist, version in installed:
             if ep.name in disabled or (allow is not None and ep.name not in allow):
                 continue
-            dist = ep.dist.name if ep.dist else None
-            version = ep.dist.version if ep.dist else None
             try:
                 plugin = ep.load()
             except Exception as exc:
@@ -271,6 +271,24 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# Discovery reads every installed distribution's metadata files (tens of ms,
+# and a test suite builds a manager hundreds of times), so its answer is kept
+# per sys.path: a distribution put on a new path entry (as the tests' fake
+# distributions are) changes the key and is found.
+@functools.lru_cache(maxsize=8)
+def _installed_entry_points(search_path: tuple[str, ...]) -> tuple:
+    """``(entry point, distribution name, version)`` of each ``plait`` entry
+    point on ``search_path`` (``sys.path`` as a tuple), sorted by name."""
+    found = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+    return tuple((ep, ep.dist.name if ep.dist else None, ep.dist.version if ep.dist else None) for ep in found)
+
+
+@functools.lru_cache(maxsize=8)
+def _installed_version(dist: str, search_path: tuple[str, ...]) -> str | None:
+    """:func:`_version`, kept per ``search_path`` like the entry points."""
+    return _version(dist)
 
 
 def split_plugin_entries(entries: list[str], problems) -> tuple[list[str], list[str]]:
