@@ -18,7 +18,7 @@ EDITABLE := $(foreach p,$(PACKAGES),$(if $(wildcard $(p)/pyproject.toml),-e $(p)
 DEPS := -c $(CONSTRAINTS) -r requirements-dev.txt $(EDITABLE)
 FIND_UV := command -v uv || { $(PIP) install -q uv >/dev/null 2>&1 && echo $(VENV)/bin/uv; }
 
-.PHONY: install quickstart test test-floors docs dist clean
+.PHONY: install quickstart test test-floors test-floors-ci docs dist clean
 
 $(VENV)/.installed: core/pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard contrib/*/pyproject.toml) requirements-dev.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ test-floors: install
 	"$$($(FIND_UV))" pip list --python $(FLOORS_VENV)/bin/python 2>/dev/null | \
 		grep -i -E '^(torch|transformers|peft|datasets|tokenizers|safetensors|pydantic|pluggy|bitsandbytes) '
 	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOORS_TESTS)
+
+# CI's part of the floors (.ci/run, after `make test`): the tests that drive transformers', peft's and
+# datasets' APIs hardest (the training loop, data preparation, LoRA, vision processors), about 3 minutes
+# on 2 cores beside the environment's build; `make test-floors` runs the whole list above
+FLOORS_CI_TESTS := tests/test_train_loop.py tests/test_data_prepare.py plugins/plait-peft plugins/plait-vision
+test-floors-ci:
+	$(MAKE) test-floors FLOORS_TESTS="$(FLOORS_CI_TESTS)"
 
 # the documentation site, into site/ (tests/test_docs.py builds it in CI too)
 docs: install
