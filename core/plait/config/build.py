@@ -50,7 +50,27 @@ def config_class(pm) -> type[CoreConfig]:
                 )
             owners[key] = plugin
         plugin_models.append(model)
-    entries, described = entry_union(pm), entry_description(pm)
+    formats = registry(pm, "dataset_formats")
+    # the class depends only on the plugins' models and each format's name, entry model and untyped flag;
+    # building it is pydantic's schema generation (~0.1 s), so runs with the same plugins share one
+    key = (tuple(plugin_models), tuple((name, fmt.entry_model, bool(fmt.untyped)) for name, fmt in formats.items()))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable model class: build it for this run alone
+        return _compose(key[0], formats)
+    cls = _COMPOSED.get(key)
+    if cls is None:
+        if len(_COMPOSED) >= 32:  # plugin sets made on the fly (tests): keep the cache small
+            _COMPOSED.clear()
+        cls = _COMPOSED[key] = _compose(key[0], formats)
+    return cls
+
+
+_COMPOSED: dict[tuple, type] = {}
+
+
+def _compose(plugin_models: tuple, formats) -> type[CoreConfig]:
+    entries, described = _entry_union(formats), _entry_description(formats)
     return create_model("PlaitConfig", __base__=(CoreConfig, *plugin_models),
                         datasets=(list[entries], Field(default_factory=list, description=described)),
                         test_datasets=(list[entries], Field(default_factory=list, description=described)))
@@ -58,8 +78,12 @@ def config_class(pm) -> type[CoreConfig]:
 
 def entry_description(pm) -> str:
     """Which ``type`` selects which entry model, for ``plait config schema``."""
+    return _entry_description(registry(pm, "dataset_formats"))
+
+
+def _entry_description(formats) -> str:
     by_model: dict[str, list[str]] = {}
-    for name, fmt in registry(pm, "dataset_formats").items():
+    for name, fmt in formats.items():
         by_model.setdefault(fmt.entry_model.__name__, []).append(name)
     listed = "; ".join(f"{', '.join(names)}: {model}" for model, names in by_model.items())
     return (f"Dataset entries; the part of 'type' before the first dot or colon selects the keys "
@@ -71,7 +95,10 @@ def entry_union(pm):
     ``entry_model``, chosen by the entry's ``type`` (see
     :func:`plait.registries.format_key`); an entry without ``type`` takes the
     untyped format's model, or core's :class:`DatasetEntry`."""
-    formats = registry(pm, "dataset_formats")
+    return _entry_union(registry(pm, "dataset_formats"))
+
+
+def _entry_union(formats):
     untyped = untyped_format(formats)
     model_of = {name: fmt.entry_model for name, fmt in formats.items()}
     model_of[""] = untyped.entry_model if untyped else DatasetEntry
