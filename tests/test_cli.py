@@ -229,6 +229,23 @@ def test_plugin_info_lines_are_shown_and_library_warnings_only_with_verbose():
     assert "library chatter" not in result.stderr  # INFO from libraries stays hidden
 
 
+def test_torch_and_torchao_start_up_warnings_only_with_verbose():
+    # they bypass the CLI's handler (torch's logger has its own), so their loggers' levels decide
+    import logging
+    import warnings
+
+    from plait.logs import QUIET_LIBRARY_LOGGERS
+
+    pytree = logging.getLogger("torch.utils._pytree")
+    assert "torch.utils._pytree" in QUIET_LIBRARY_LOGGERS
+    with warnings.catch_warnings():
+        run_cli(["log-something"], plugins=[LoggingCommand()])
+    assert not pytree.isEnabledFor(logging.WARNING) and not logging.getLogger("torchao").isEnabledFor(logging.WARNING)
+    with warnings.catch_warnings():
+        run_cli(["log-something", "--verbose"], plugins=[LoggingCommand()])
+    assert pytree.isEnabledFor(logging.WARNING)
+
+
 def test_validate_refuses_an_unknown_chat_template_name(tmp_path):
     cfg = write_config(tmp_path / "c.yml", base_model="m", chat_template="chatmll",
                        datasets=[{"path": "x.jsonl", "type": "chat_template", "chat_template": "llama3"}])

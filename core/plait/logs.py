@@ -61,11 +61,23 @@ def set_verbose(on: bool) -> None:
     warnings.showwarning = _warning_to_log
     if on:
         warnings.simplefilter("default")  # deprecations included, each once per place
+        for name in QUIET_LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
         return
     warnings.filterwarnings("ignore")
     # inserted in front, so Plait's and its plugins' own warnings still show
     warnings.filterwarnings("default", module=r"plait")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+#: library loggers whose warnings bypass the handler below (torch's logging gives the
+#: ``torch`` logger a handler of its own) or come before it exists, and that speak at
+#: every start: torchao's enum registrations warn through torch's pytree logger, and
+#: torchao reports the optional native libraries it could not load. A level set on
+#: these child loggers now holds after torch's logging sets up its parent's.
+QUIET_LIBRARY_LOGGERS = ("torch.utils._pytree", "torchao")
 
 
 def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
