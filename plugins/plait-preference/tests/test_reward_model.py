@@ -25,15 +25,7 @@ def test_reward_model_trains_and_loads_in_plain_transformers(tmp_path, tiny_mode
     model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", output_loading_info=True)
     assert not info["missing_keys"] and model.config.num_labels == 1
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
-    # score each training pair as a user of the saved model would: one sequence at a time
-    right = 0
-    with torch.no_grad():
-        for row in rows:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["conversations"][0]["value"]}],
-                                                   add_generation_prompt=True, tokenize=False)
-            scores = [model(**tokenizer(prompt + row[k]["value"] + "<|im_end|>" + tokenizer.eos_token,
-                                        return_tensors="pt")).logits[0, 0] for k in ("chosen", "rejected")]
-            right += int(scores[0] > scores[1])
+    right = pairs_ranked_right(model, tokenizer, rows)
     assert right / len(rows) == pytest.approx(steps[-1]["rewards/accuracies"], abs=0.26)
     assert right >= 6
 
@@ -95,6 +87,13 @@ def test_reward_model_with_lora_trains_the_head_without_lora_modules_to_save(tmp
     assert (trained - spy.score).abs().max() > 1e-3  # the head trained, not only the adapter
     tokenizer = AutoTokenizer.from_pretrained(out)
     model.config.pad_token_id = tokenizer.pad_token_id
+    right = pairs_ranked_right(model, tokenizer, rows)
+    assert right >= 6, right
+
+
+def pairs_ranked_right(model, tokenizer, rows) -> int:
+    """How many pairs the saved model scores chosen above rejected, each
+    sequence scored alone, as a user of the saved model would."""
     right = 0
     with torch.no_grad():
         for row in rows:
@@ -103,4 +102,4 @@ def test_reward_model_with_lora_trains_the_head_without_lora_modules_to_save(tmp
             scores = [model(**tokenizer(prompt + row[k]["value"] + "<|im_end|>" + tokenizer.eos_token,
                                         return_tensors="pt")).logits[0, 0] for k in ("chosen", "rejected")]
             right += int(scores[0] > scores[1])
-    assert right >= 6, right
+    return right
