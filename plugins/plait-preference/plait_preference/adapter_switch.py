@@ -34,14 +34,8 @@ class AdapterSwitch:
     def evaluating(self):
         """Eval mode (no dropout, no NEFTune noise) for the reference forward;
         every module's own training flag comes back afterwards."""
-        before = [m.training for m in self.modules]
-        for m in self.modules:
-            m.training = False
-        try:
+        with _set_meanwhile(self.modules, "training", False):
             yield
-        finally:
-            for m, flag in zip(self.modules, before):
-                m.training = flag
 
     @contextlib.contextmanager
     def off(self):
@@ -49,14 +43,22 @@ class AdapterSwitch:
             with self.model.disable_adapter():
                 yield
             return
-        before = [layer._disable_adapters for layer in self.layers]
-        for layer in self.layers:
-            layer._disable_adapters = True
-        try:
+        with _set_meanwhile(self.layers, "_disable_adapters", True):
             yield
-        finally:
-            for layer, state in zip(self.layers, before):
-                layer._disable_adapters = state
+
+
+@contextlib.contextmanager
+def _set_meanwhile(objects, attribute: str, value):
+    """``attribute`` of every one of ``objects`` set to ``value`` inside the
+    block; each object's own value comes back afterwards."""
+    before = [getattr(obj, attribute) for obj in objects]
+    for obj in objects:
+        setattr(obj, attribute, value)
+    try:
+        yield
+    finally:
+        for obj, old in zip(objects, before):
+            setattr(obj, attribute, old)
 
 
 def _flag_layers(peft_model):
