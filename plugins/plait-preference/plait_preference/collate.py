@@ -19,7 +19,8 @@ position belongs to, numbered over the micro-batch; -1 for padding) and
 ``segment_roles`` (``[S]``: chosen, rejected, KTO completion or KL sequence,
 numbered as :data:`plait_preference.rows.SEGMENT_NAMES`) from the
 ``segment_names`` in the rows' extras, and ``ref_logps`` (``[S]``) where the
-rows carry precomputed reference log-probs.
+rows carry precomputed reference log-probs; for ``rl:`` methods also
+``scoring_plan``, the positions the objective scores (:func:`add_scoring_plan`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def collate_as_rows(cfg, rows: list[dict], pad_token_id: int) -> dict:
 def add_segments(batch: dict, rows: list[dict]) -> dict:
     """The segment fields of a batch core laid out as packed bins (one batch row per preference row)."""
     return _with_segments(batch, [_segments(row) for row in rows], _ref_logps(rows))
+
+
+def add_scoring_plan(cfg, batch: dict) -> dict:
+    """``batch`` with its :class:`plait_preference.logps.ScoringPlan` under
+    ``scoring_plan`` (for ``rl:`` methods; a reward model scores last tokens).
+    Worked out here, at collation, so the training loop's collate thread does
+    it while the previous step runs, not the thread that launches the forward;
+    ORPO also scores every chosen token for its NLL."""
+    if not cfg.rl:
+        return batch
+    from plait_preference.logps import scoring_plan
+    from plait_preference.rows import CHOSEN
+
+    whole = (CHOSEN,) if cfg.rl == "orpo" else ()
+    return {**batch, "scoring_plan": scoring_plan(batch, whole_roles=whole)}
 
 
 def _ref_logps(rows: list[dict]) -> list[float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: keys the collator adds for the objective; the model never sees them
-SEGMENT_KEYS = ("segment_index", "segment_roles", "ref_logps")
+SEGMENT_KEYS = ("segment_index", "segment_roles", "ref_logps", "scoring_plan")
 
 
 @dataclass

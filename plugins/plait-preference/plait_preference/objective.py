@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 
 from plait_preference import config, losses, samples
-from plait_preference.logps import scoring_plan, segment_logps
+from plait_preference.logps import segment_logps
 from plait_preference.rows import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE
 
 REFERENCE_METHODS = ("dpo", "ipo", "kto")
@@ -56,12 +56,11 @@ class PreferenceObjective:
     def loss(self, run, batch, *, training: bool = False):
         from plait_preference.collate import to_device
 
-        # what to score and which segment is which, worked out on the host before the batch
-        # moves, so nothing below waits for the device (see logps.ScoringPlan)
-        whole = (CHOSEN,) if self.method == "orpo" else ()
-        plan = scoring_plan(batch, whole_roles=whole).to(run.device)
+        # what to score (collated with the batch) and which segment is which, both read on the
+        # host, so nothing below waits for the device (see logps.ScoringPlan)
         roles = Roles(batch["segment_roles"], run.device)
         batch = to_device(batch, run.device)
+        plan = batch["scoring_plan"]
         policy = segment_logps(run.model, batch, plan)
         ref = self.reference_logps(run.model, batch, plan) if self.reference is not None else None
         if self.method == "kto":

@@ -71,13 +71,16 @@ def collate_sequences_as_rows(cfg, rows, tokenizer):
 @hookimpl(wrapper=True)
 def collate(cfg, rows, tokenizer):
     # around whichever collate answers (core's lays pair rows out as isolated segments):
-    # add which positions belong to which sequence, unless the layout above already did
+    # add which positions belong to which sequence, unless the layout above already did,
+    # and what the objective scores
     batch = yield
-    if not _active(cfg) or batch is None or "segment_index" in batch:
+    if not _active(cfg) or batch is None:
         return batch
-    from plait_preference.collate import add_segments
+    from plait_preference.collate import add_scoring_plan, add_segments
 
-    return add_segments(batch, rows)
+    if "segment_index" not in batch:
+        batch = add_segments(batch, rows)
+    return add_scoring_plan(cfg, batch)
 
 
 @hookimpl

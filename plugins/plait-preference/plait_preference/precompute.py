@@ -79,7 +79,7 @@ def compute(run, dataset) -> tuple:
     from plait.data.batching import materialize
     from plait.model.forward import probing
     from plait_preference.collate import to_device
-    from plait_preference.logps import scoring_plan, segment_logps
+    from plait_preference.logps import segment_logps
 
     objective = run.objective
     size = max(1, int(run.cfg.micro_batch_size or 1))
@@ -87,9 +87,8 @@ def compute(run, dataset) -> tuple:
     with probing(run.model), objective.reference_context(run.model, precomputing=True) as model:
         for start in range(0, len(dataset), size):
             rows = [materialize(dataset, [i]) for i in range(start, min(start + size, len(dataset)))]
-            batch = run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer)
-            plan = scoring_plan(batch).to(run.device)
-            sums = segment_logps(model, to_device(batch, run.device), plan).completion.float().cpu()
+            batch = to_device(run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer), run.device)
+            sums = segment_logps(model, batch, batch["scoring_plan"]).completion.float().cpu()
             values.append(sums)
             for row in rows:
                 offsets.append(offsets[-1] + len(row["seq_lens"]))

@@ -78,11 +78,14 @@ def objective_loss(setup, **keys):
     from plait.testing import build_run_config
     from plait_preference.objective import PreferenceObjective
 
+    from plait_preference.collate import add_scoring_plan
+
     cfg, pm = build_run_config({"base_model": "unused", **keys})
     objective = PreferenceObjective(cfg, setup.model)
     run = SimpleNamespace(model=setup.model, device=torch.device("cpu"), pm=pm, cfg=cfg)
-    loss_sum, metrics = objective.loss(run, setup.batch)
-    return loss_sum / objective.count(setup.batch), metrics
+    batch = add_scoring_plan(cfg, setup.batch)  # what this method scores (ORPO: every chosen token too)
+    loss_sum, metrics = objective.loss(run, batch)
+    return loss_sum / objective.count(batch), metrics
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
