@@ -134,5 +134,25 @@ def row_lengths(dataset) -> list[int]:
 
 def to_device(batch: dict, device) -> dict:
     """Move a collated batch to ``device``: tensors and ``BlockMask`` move
-    (both have ``.to``), ints such as ``max_length_q`` stay as they are."""
-    return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
+    (both have ``.to``), ints such as ``max_length_q`` stay as they are; see
+    :func:`move_to_device`."""
+    return {key: move_to_device(value, device) for key, value in batch.items()}
+
+
+def move_to_device(value, device):
+    """``value`` on ``device`` (anything without ``.to`` is returned as it is).
+
+    A CPU tensor bound for a GPU goes through pinned memory without blocking:
+    a copy from pageable memory makes the host wait until the device has
+    finished all the work queued before it, so every step would start with
+    the GPU idle while the host launches its first kernels. The pinned buffer
+    comes from torch's caching host allocator, which keeps it alive until the
+    copy has run."""
+    if not hasattr(value, "to"):
+        return value
+    import torch
+
+    device = torch.device(device)
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and device.type == "cuda":
+        return value.pin_memory().to(device, non_blocking=True)
+    return value.to(device)

@@ -106,24 +106,11 @@ def _with_segments(batch: dict, layout: list[list[tuple[int, int]]], ref: list[f
 
 
 def to_device(batch: dict, device) -> dict:
-    """Tensors (and a flex ``BlockMask``) moved to ``device``; ints stay as they
-    are; a 2-D ``attention_mask`` of all ones is dropped (core's
-    :func:`plait.model.batch.drop_full_attention_mask`)."""
+    """Tensors (and a flex ``BlockMask``) moved to ``device`` as core moves a
+    training batch (:func:`plait.data.batching.to_device`: pinned, without
+    blocking); ints stay as they are; a 2-D ``attention_mask`` of all ones is
+    dropped (core's :func:`plait.model.batch.drop_full_attention_mask`)."""
+    from plait.data.batching import to_device as move_batch
     from plait.model.batch import drop_full_attention_mask
 
-    return {key: move(value, device) for key, value in drop_full_attention_mask(batch).items()}
-
-
-def move(value, device):
-    """``value`` on ``device``. A CPU tensor bound for a GPU goes through pinned
-    memory without blocking: a copy from pageable memory makes the host wait
-    until the device has finished all its queued work first, so the next
-    kernels would be launched into an idle GPU."""
-    import torch
-
-    if not hasattr(value, "to"):
-        return value
-    device = torch.device(device)
-    if isinstance(value, torch.Tensor) and value.device.type == "cpu" and device.type == "cuda":
-        return value.pin_memory().to(device, non_blocking=True)
-    return value.to(device)
+    return move_batch(drop_full_attention_mask(batch), device)

@@ -184,7 +184,7 @@ class ScoringPlan:
     whole_tokens: object = None
 
     def to(self, device) -> "ScoringPlan":
-        from plait_preference.collate import move
+        from plait.data.batching import move_to_device as move
 
         return ScoringPlan(**{name: move(value, device) for name, value in vars(self).items()})
 

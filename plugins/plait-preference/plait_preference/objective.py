@@ -197,7 +197,7 @@ class Roles:
     no boolean mask on the device (each one a host sync)."""
 
     def __init__(self, roles_on_host, device):
-        from plait_preference.collate import move
+        from plait.data.batching import move_to_device as move
 
         self._roles = roles_on_host
         self._move = lambda tensor: move(tensor, device)
