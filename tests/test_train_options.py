@@ -85,10 +85,15 @@ def test_warmup_ratio_ramps_the_learning_rate_over_that_share_of_the_steps(tiny_
     ({"warmup_steps": 5}, 8, 5),
     ({"warmup_steps": 20}, 8, 8),
     ({"warmup_steps": 0.3}, 8, 3),      # a fraction: transformers' reading, rounded up
-    ({}, 8, 0),
+    ({}, 8, 0),                         # neither key: Axolotl's min(int(0.03 x steps), 100)
+    ({}, 40, 2),                        # 1.2 -> 1 -> 2
+    ({}, 1000, 30),
+    ({}, 10000, 100),
+    ({"warmup_steps": 0}, 1000, 0),     # 0 turns it off
 ])
 def test_warmup_counts_as_axolotl_counts_them(keys, total, expected):
-    # Axolotl's trainer builder: int(warmup_ratio * total_num_steps); then `if warmup_steps == 1: warmup_steps = 2`
+    # Axolotl's trainer builder: int(warmup_ratio * total_num_steps), with neither key
+    # min(int(0.03 * total_num_steps), 100); then `if warmup_steps == 1: warmup_steps = 2`
     from plait.builtin.optim import warmup_steps
 
     cfg, _ = build_run_config({"base_model": "m", **keys})

@@ -128,13 +128,20 @@ def build_optimizer(cfg, params):
 # --------------------------------------------------------------- schedules
 
 
+#: warm-up when a config names none: Axolotl's trainer builder's default
+DEFAULT_WARMUP_RATIO, DEFAULT_WARMUP_CAP = 0.03, 100
+
+
 def warmup_steps(cfg, total_steps: int) -> int:
     """Warm-up steps of a run of ``total_steps``, as Axolotl's trainer builder
     counts them: ``warmup_steps`` as given, else ``warmup_ratio`` of the run
-    truncated (``int(ratio * total_steps)``); a count of 1 becomes 2 (Axolotl
-    raises a one-step warm-up, whose only step would train at learning rate 0,
-    to two). ``warmup_steps`` below 1 is a fraction of the run rounded up, as
-    transformers' ``get_warmup_steps`` reads the value Axolotl passes it."""
+    truncated (``int(ratio * total_steps)``), and with neither key 3% of the
+    run truncated, at most 100 steps (Axolotl's default, so a config that
+    names no warm-up trains on the curve it had there); a count of 1 becomes 2
+    (Axolotl raises a one-step warm-up, whose only step would train at
+    learning rate 0, to two). ``warmup_steps`` below 1 is a fraction of the
+    run rounded up, as transformers' ``get_warmup_steps`` reads the value
+    Axolotl passes it."""
     if isinstance(cfg.warmup_steps, float):
         return int(math.ceil(cfg.warmup_steps * total_steps))
     if cfg.warmup_steps is not None:
@@ -142,7 +149,7 @@ def warmup_steps(cfg, total_steps: int) -> int:
     elif cfg.warmup_ratio is not None:
         count = int(cfg.warmup_ratio * total_steps)
     else:
-        return 0
+        count = min(int(DEFAULT_WARMUP_RATIO * total_steps), DEFAULT_WARMUP_CAP)
     if count == 1:
         count = 2
     return min(count, total_steps)

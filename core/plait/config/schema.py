@@ -363,7 +363,9 @@ class CoreConfig(StrictModel):
     warmup_steps: Optional[Union[int, float]] = Field(
         None, ge=0, description="Optimizer steps of linear warm-up from 0 to learning_rate (1 is raised to 2, as "
                                 "Axolotl does); a number between 0 and 1 is a fraction of the run's steps, rounded up "
-                                "(transformers' warmup_steps, which Axolotl passes it to). Excludes warmup_ratio.")
+                                "(transformers' warmup_steps, which Axolotl passes it to). Excludes warmup_ratio. With "
+                                "neither key: 3% of the run's steps, truncated, at most 100 (Axolotl's default); 0 "
+                                "turns warm-up off.")
     warmup_ratio: Optional[float] = Field(
         None, ge=0, lt=1, description="Warm-up as a fraction of the run's steps, truncated to whole steps "
                                       "(int(ratio x steps), a result of 1 raised to 2, as Axolotl counts it); "
