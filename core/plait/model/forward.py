@@ -126,6 +126,14 @@ def head_plan(model) -> HeadPlan:
     return plan
 
 
+def share_head_plan(copy, original) -> None:
+    """Give ``copy``, a structural copy of ``original`` (a frozen reference
+    model), ``original``'s :class:`HeadPlan` instead of probing it: a copy
+    sharded by FSDP2 before its first forward cannot run the probe on plain
+    tensors, and the same modules give the same plan."""
+    _PLANS[unwrap(copy)] = head_plan(original)
+
+
 def _swapped_head(causal_lm) -> str:
     """Why the fused head no longer applies, or ``""``: the head is a subclass
     of ``nn.Linear`` with its own ``forward`` (torchao's fake-quantized linear

@@ -110,7 +110,17 @@ class PreferenceObjective:
             with self._adapter_switch.off(), self._adapter_switch.evaluating():
                 yield inner
         else:
-            yield self.reference
+            from plait_preference.sharded_reference import PendingReference, free_gathered
+
+            if isinstance(self.reference, PendingReference):
+                from plait.errors import TrainingError
+
+                raise TrainingError("the FSDP2-sharded reference model is built at on_train_start; this run "
+                                    "scored before it (set precompute_ref_log_probs: true to score without one)")
+            try:
+                yield self.reference
+            finally:
+                free_gathered(self.reference)
 
     # ------------------------------------------------------------------ losses
 
@@ -238,16 +248,28 @@ def _is_peft(model) -> bool:
     return hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
 
 
+def needs_frozen_copy(cfg) -> bool:
+    """Whether the run keeps a frozen copy of the starting model as its
+    reference: a method with a reference, every weight training, nothing precomputed."""
+    return cfg.rl in REFERENCE_METHODS and not cfg.adapter and not cfg.precompute_ref_log_probs
+
+
 def reference_model(model):
     """``"adapter_off"`` for a peft model (its base is the reference), else a
-    frozen copy of the starting weights."""
+    frozen copy of the starting weights: under FSDP2 a
+    :class:`~plait_preference.sharded_reference.PendingReference` that
+    ``on_train_start`` shards like the policy."""
     import copy
 
     from plait.model.forward import unwrap_data_parallel
+    from plait_preference.sharded_reference import pending_for
 
     inner = unwrap_data_parallel(model)
     if _is_peft(model):
         return "adapter_off"
+    pending = pending_for(inner)
+    if pending is not None:
+        return pending
     frozen = copy.deepcopy(inner)
     frozen.requires_grad_(False)
     frozen.eval()

@@ -98,6 +98,26 @@ def load_model(cfg, tokenizer):
     return load_reward_model(cfg, tokenizer)
 
 
+@hookimpl(wrapper=True)
+def wrap_parallel(cfg, model, mesh):
+    # full fine-tuning with a frozen reference: copy the model's structure (on meta, no memory) before it
+    # is sharded, since FSDP2 cannot copy a sharded one; the reference is sharded like it at on_train_start
+    from plait_preference.objective import needs_frozen_copy
+
+    wanted = needs_frozen_copy(cfg) and _active(cfg) and not next(model.parameters()).is_meta
+    skeleton = None
+    if wanted:
+        from plait_preference.sharded_reference import meta_copy
+
+        skeleton = meta_copy(model)
+    wrapped = yield
+    if skeleton is not None and wrapped is not None:
+        from plait_preference.sharded_reference import remember
+
+        remember(skeleton, wrapped)
+    return wrapped
+
+
 @hookimpl
 def build_objective(cfg, model, loss_fn):
     if getattr(cfg, "process_reward_model", None):
@@ -117,6 +137,11 @@ def build_objective(cfg, model, loss_fn):
 
 @hookimpl
 def on_train_start(run):
+    from plait_preference.sharded_reference import PendingReference
+
+    # a frozen reference under FSDP2: shard the copy on the run's mesh now (run.pm asks wrap_parallel)
+    if isinstance(getattr(run.objective, "reference", None), PendingReference):
+        run.objective.reference = run.objective.reference.build(run)
     # precompute_ref_log_probs: score the rows with the starting model before the first step
     if getattr(run.objective, "reference", None) == "precomputed":
         from plait_preference.precompute import attach
