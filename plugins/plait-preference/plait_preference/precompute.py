@@ -8,6 +8,11 @@ the rows the loop collates carry them (``ref_logps`` in the row's extras,
 ``batch["ref_logps"]`` after collation). The objective then runs no
 reference forward and keeps no frozen copy of the model.
 
+With several processes each data-parallel rank scores a share of the rows
+and all ranks exchange them; rank 0 decides whether the file exists, reads
+it and writes it, and the others take its answer, so every rank trains on
+the same values.
+
 The file is what makes resuming possible: after a restart the model holds
 trained weights and cannot score for the reference again, so a resumed run
 reads the file its first run wrote (the same key), and refuses, naming the
@@ -73,7 +78,14 @@ def _prepared_dir(dataset):
 
 def compute(run, dataset) -> tuple:
     """``(values [segments] float32, offsets [rows + 1] int64)``: each row's
-    reference log-prob sums over its response tokens, in segment order."""
+    reference log-prob sums over its response tokens, in segment order.
+
+    The rows go in batches of ``micro_batch_size``; with several processes
+    the data-parallel ranks take turns (batch ``b`` on rank ``b % ranks``),
+    so each scores its share, and every rank ends up with all of them
+    (:func:`_exchange`). A rank out of batches scores its first one again and
+    drops the result: an FSDP2 forward is a collective every rank must join.
+    """
     import torch
 
     from plait.data.batching import materialize
@@ -83,17 +95,54 @@ def compute(run, dataset) -> tuple:
 
     objective = run.objective
     size = max(1, int(run.cfg.micro_batch_size or 1))
-    values, offsets = [], [0]
+    batches = [list(range(start, min(start + size, len(dataset)))) for start in range(0, len(dataset), size)]
+    rank, ranks = (run.dp_rank, run.dp_size) if run.world_size > 1 else (0, 1)
+    mine = batches[rank::ranks]
+    turns = -(-len(batches) // ranks)
+    scored = {}  # row index -> its segments' sums
     with probing(run.model), objective.reference_context(run.model, precomputing=True) as model:
-        for start in range(0, len(dataset), size):
-            rows = [materialize(dataset, [i]) for i in range(start, min(start + size, len(dataset)))]
+        for turn in range(turns):
+            indices = mine[turn] if turn < len(mine) else batches[0]
+            rows = [materialize(dataset, [i]) for i in indices]
             batch = to_device(run.pm.hook.collate(cfg=run.cfg, rows=rows, tokenizer=run.tokenizer), run.device)
-            sums = segment_logps(model, batch, batch["scoring_plan"]).completion.float().cpu()
-            values.append(sums)
-            for row in rows:
-                offsets.append(offsets[-1] + len(row["seq_lens"]))
-    values = torch.cat(values) if values else torch.zeros(0)
-    return values, torch.tensor(offsets, dtype=torch.long)
+            sums = segment_logps(model, batch, batch["scoring_plan"]).completion.float().cpu().tolist()
+            if turn >= len(mine):
+                continue
+            for i, row in zip(indices, rows):
+                scored[i], sums = sums[:len(row["seq_lens"])], sums[len(row["seq_lens"]):]
+    if run.world_size > 1:
+        scored = _exchange(scored)
+    values, offsets = [], [0]
+    for i in range(len(dataset)):
+        values += scored[i]
+        offsets.append(len(values))
+    return torch.tensor(values, dtype=torch.float32), torch.tensor(offsets, dtype=torch.long)
+
+
+def _exchange(scored: dict) -> dict:
+    """Every rank's ``{row: sums}`` merged, on every rank (ranks that share a
+    batch, tensor-parallel ones, gave the same values)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, scored)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def _from_main(run, read):
+    """``read()`` on rank 0, its result on every rank: whether the file is
+    there and what it holds must be one answer for all, or a rank would skip
+    the scoring the others wait for in a collective."""
+    if run.world_size <= 1:
+        return read()
+    import torch.distributed as dist
+
+    box = [read() if run.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def attach(run) -> None:
@@ -105,8 +154,8 @@ def attach(run) -> None:
 
     path = cache_file(run.cfg, run.model, run.train_data, run.eval_data)
     splits = {"train": run.train_data, "eval": run.eval_data}
-    if path.exists():
-        stored = load_file(str(path))
+    if _from_main(run, path.exists):
+        stored = _from_main(run, lambda: load_file(str(path)))
         _say(run, f"precompute_ref_log_probs: reference log-probs read from {path}")
     else:
         resumed = run.resumed_at_step
