@@ -79,6 +79,12 @@ def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
         build_run_config({"base_model": "m", "rl": "dpo", "dpo_loss_type": ["sppo"]})
     with pytest.raises(ConfigError, match="context_parallel_size: 2 is not supported"):
         build_run_config({"base_model": "m", "rl": "kto", "context_parallel_size": 2})
+    with pytest.raises(ConfigError, match="'tensor_parallel_size': 2 is not supported with rl: dpo and full "
+                                          "fine-tuning.*accepted: tensor_parallel_size: 1"):
+        build_run_config({"base_model": "m", "rl": "dpo", "tensor_parallel_size": 2})
+    with pytest.raises(ConfigError, match="'tensor_parallel_size': 2 is not supported with rl: kto and "
+                                          "precompute_ref_log_probs: true"):
+        build_run_config({"base_model": "m", "rl": "kto", "tensor_parallel_size": 2, "precompute_ref_log_probs": True})
     with pytest.raises(ConfigError, match="rl_beta set but 'rl' is not"):
         build_run_config({"base_model": "m", "rl_beta": 0.2})
     with pytest.raises(ConfigError, match="'chat_template.default' is a preference dataset type.*set rl: dpo"):
