@@ -1,5 +1,5 @@
 """``plait train`` on each config given, one after another, in one process
-group: run under ``torchrun`` by test_fsdp_reference.py (starting the
+group: run under ``torchrun`` by test_precompute.py (starting the
 processes is most of a small run's time, so one launch trains every case).
 
 Rank 0 (where step events run) also writes ``reference.rank0.json`` into the
