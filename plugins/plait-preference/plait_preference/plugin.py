@@ -104,7 +104,8 @@ def wrap_parallel(cfg, model, mesh):
     # is sharded, since FSDP2 cannot copy a sharded one; the reference is sharded like it at on_train_start
     from plait_preference.objective import needs_frozen_copy
 
-    wanted = needs_frozen_copy(cfg) and _active(cfg) and not next(model.parameters()).is_meta
+    # (not for the meta copy itself, which on_train_start sends through this hook to be sharded)
+    wanted = _active(cfg) and needs_frozen_copy(cfg) and not next(model.parameters()).is_meta
     skeleton = None
     if wanted:
         from plait_preference.sharded_reference import meta_copy
