@@ -56,10 +56,12 @@ class PreferenceObjective:
     def loss(self, run, batch, *, training: bool = False):
         from plait_preference.collate import to_device
 
-        # what to score (collated with the batch) and which segment is which, both read on the
-        # host, so nothing below waits for the device (see logps.ScoringPlan)
-        roles = Roles(batch["segment_roles"], run.device)
-        batch = to_device(batch, run.device)
+        # what to score (collated with the batch), which segment is which and how many units there
+        # are, all read from the host batch, so nothing below waits for the device (see
+        # logps.ScoringPlan); test_objective.py's test_step_waits_for_no_device runs it on the meta device
+        host_batch = batch
+        roles = Roles(host_batch["segment_roles"], run.device)
+        batch = to_device(host_batch, run.device)
         plan = batch["scoring_plan"]
         policy = segment_logps(run.model, batch, plan)
         ref = self.reference_logps(run.model, batch, plan) if self.reference is not None else None
@@ -69,9 +71,9 @@ class PreferenceObjective:
             loss_sum, metrics = self.pairs(policy, ref, roles)
         if training and self.samples is not None:
             describe = samples.row_samples if self.method == "kto" else samples.pair_samples
-            self.samples.extend(describe(batch, self.last_scores))
+            self.samples.extend(describe(host_batch, self.last_scores))
         if training:
-            units = self.count(batch)
+            units = self.count(host_batch)
             for term in run.pm.hook.extra_loss(cfg=run.cfg, model=run.model, outputs=policy.outputs, batch=batch):
                 if term is not None:  # meant for the micro-batch mean: weigh by its units
                     loss_sum = loss_sum + term.to(loss_sum.dtype) * units
@@ -175,36 +177,40 @@ class PreferenceObjective:
         return loss_sum, metrics
 
     def kto(self, policy, ref, roles):
-        import torch
-
         kl_rows = roles.of(KL)
-        rows = roles.of(DESIRABLE, UNDESIRABLE)
+        rows = roles.of(DESIRABLE, UNDESIRABLE)  # the trained rows, in segment order
         desirable = roles.among((DESIRABLE, UNDESIRABLE), DESIRABLE)
+        # where the desirable and the undesirable rows sit among ``rows`` (index tensors, not masks)
+        good, bad = roles.index_among((DESIRABLE, UNDESIRABLE), DESIRABLE), \
+            roles.index_among((DESIRABLE, UNDESIRABLE), UNDESIRABLE)
         # the batch's KL estimate from the mismatched pairs: detached, clamped at 0 (TRL)
-        kl = (policy.completion[kl_rows].detach() - ref.completion[kl_rows]).mean().clamp(min=0)
-        ratio = policy.completion[rows] - ref.completion[rows]
+        kl = (policy.completion.index_select(0, kl_rows).detach()
+              - ref.completion.index_select(0, kl_rows)).mean().clamp(min=0)
+        ratio = policy.completion.index_select(0, rows) - ref.completion.index_select(0, rows)
         cfg = self.cfg
         per_row = losses.kto(ratio, desirable, kl, beta=self.beta,
                              desirable_weight=cfg.kto_desirable_weight or 1.0,
                              undesirable_weight=cfg.kto_undesirable_weight or 1.0)
         rewards = self.beta * ratio.detach()
         self.last_scores = rewards
-        logps = policy.completion[rows].detach()
+        logps = policy.completion.index_select(0, rows).detach()
+        good_rewards, bad_rewards = rewards.index_select(0, good), rewards.index_select(0, bad)
         n_good, n_bad = roles.count(DESIRABLE), roles.count(UNDESIRABLE)
         metrics = {"kl": (kl, 1),
-                   "rewards/chosen": (rewards[desirable].sum(), n_good),
-                   "rewards/rejected": (rewards[~desirable].sum(), n_bad),
-                   "logps/chosen": (logps[desirable].sum(), n_good),
-                   "logps/rejected": (logps[~desirable].sum(), n_bad)}
+                   "rewards/chosen": (good_rewards.sum(), n_good),
+                   "rewards/rejected": (bad_rewards.sum(), n_bad),
+                   "logps/chosen": (logps.index_select(0, good).sum(), n_good),
+                   "logps/rejected": (logps.index_select(0, bad).sum(), n_bad)}
         if n_good and n_bad:  # TRL's: the difference of the two means, one value per micro-batch
-            metrics["rewards/margins"] = (rewards[desirable].mean() - rewards[~desirable].mean(), 1)
+            metrics["rewards/margins"] = (good_rewards.mean() - bad_rewards.mean(), 1)
         return per_row.sum(), metrics
 
 
 class Roles:
     """The segments' roles of a micro-batch, read on the host: index tensors
-    (on ``device``) and counts, so selecting the chosen or rejected sums takes
-    no boolean mask on the device (each one a host sync)."""
+    and flags (moved to ``device``) and counts, so selecting the chosen or
+    rejected sums, or KTO's desirable rows, takes no boolean mask on the
+    device (each one a host sync: the device must count it first)."""
 
     def __init__(self, roles_on_host, device):
         from plait.data.batching import move_to_device as move
@@ -214,19 +220,26 @@ class Roles:
 
     def of(self, *names):
         """Index of the segments holding any of ``names``, in segment order."""
-        import torch
-
-        wanted = torch.isin(self._roles, torch.tensor(names))
-        return self._move(wanted.nonzero()[:, 0])
+        return self._move(self._holding(names).nonzero()[:, 0])
 
     def among(self, names, name):
         """Over the segments holding any of ``names`` (in order): which hold ``name`` (bool, on the device)."""
-        import torch
+        return self._move(self._subset(names) == name)
 
-        return self._move(self._roles[torch.isin(self._roles, torch.tensor(names))] == name)
+    def index_among(self, names, name):
+        """Over the segments holding any of ``names`` (in order): the positions of those holding ``name``."""
+        return self._move((self._subset(names) == name).nonzero()[:, 0])
 
     def count(self, name) -> int:
         return int((self._roles == name).sum())
+
+    def _subset(self, names):
+        return self._roles[self._holding(names)]
+
+    def _holding(self, names):
+        import torch
+
+        return torch.isin(self._roles, torch.tensor(names))
 
 
 def precomputed_logps(batch):
