@@ -25,26 +25,37 @@ LAYOUTS = {"rows": {}, "segments": {"sample_packing": True}}
 
 @pytest.fixture(params=sorted(LAYOUTS))
 def setup(tiny_model, request):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from plait.testing import build_run_config
-    from plait_preference.rows import CHOSEN, REJECTED, segments_row, tokenize_responses
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "dpo", **LAYOUTS[request.param]})
+    batch, sequences, tokenizer = collated_pairs(tiny_model, cfg, pm)
+    # a row per sequence, or a row per pair
+    assert batch["input_ids"].shape[0] == (len(sequences) if request.param == "rows" else len(sequences) // 2)
+    return SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(tiny_model), batch=batch, sequences=sequences,
+                           pm=pm, tokenizer=tokenizer)
+
+
+def collated_pairs(tiny_model, cfg, pm, *, kto: bool = False):
+    """Four generated pairs as ``cfg``'s collator lays them out, the ``(prompt, completion)`` ids of each
+    sequence, and the tokenizer. ``kto``: each row's first sequence is a KTO completion (desirable but
+    for every third row), its second the row's KL sequence."""
+    from transformers import AutoTokenizer
+
+    from plait_preference.rows import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE, segments_row, tokenize_responses
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": "dpo", **LAYOUTS[request.param]})
     rows, sequences = [], []
-    for r in pair_rows(4, seed=11):
+    for i, r in enumerate(pair_rows(4, seed=11)):
         prompt = CHATML_USER.format(r["conversations"][0]["value"])
         responses = [r["chosen"]["value"] + "<|im_end|>", r["rejected"]["value"] + "<|im_end|>"]
         prompt_ids, completions = tokenize_responses(tokenizer, prompt, responses, 0)
-        row = segments_row(prompt_ids, completions, [CHOSEN, REJECTED])
+        roles = [DESIRABLE if i % 3 else UNDESIRABLE, KL] if kto else [CHOSEN, REJECTED]
+        row = segments_row(prompt_ids, completions, roles)
         rows.append({**row, "seq_lens": row["extras"]["seq_lens"], "extras": [row["extras"]]})
         sequences += [(prompt_ids, c) for c in completions]
-    batch = pm.hook.collate(cfg=cfg, rows=rows, tokenizer=tokenizer)
-    # a row per sequence, or a row per pair
-    assert batch["input_ids"].shape[0] == (len(sequences) if request.param == "rows" else len(rows))
-    return SimpleNamespace(model=model, batch=batch, sequences=sequences, pm=pm, tokenizer=tokenizer)
+    return pm.hook.collate(cfg=cfg, rows=rows, tokenizer=tokenizer), sequences, tokenizer
 
 
 def plain_logps(model, sequences):
@@ -153,3 +164,36 @@ def objective_for(setup, model, **keys):
 
     cfg, _ = build_run_config({"base_model": "unused", **keys})
     return PreferenceObjective(cfg, model)
+
+
+@pytest.mark.parametrize("method,adapter", [("kto", None), ("kto", "lora"), ("dpo", None), ("ipo", "lora"),
+                                            ("orpo", None), ("simpo", None)])
+def test_step_waits_for_no_device(tiny_model, method, adapter):
+    # A training step (forward of policy and reference, loss, metrics, backward) on the meta device: a
+    # tensor there has a shape and no data, so whatever would make the host wait for a GPU (.item(),
+    # int() or bool() of a tensor, .cpu(), nonzero, a boolean mask) raises here instead. What to
+    # score, the roles' indices and the unit counts come from the CPU batch (logps.ScoringPlan,
+    # objective.Roles). The pair-bin layout: in the row-per-sequence one, transformers itself checks
+    # the padding mask on the device (its own sync, not the objective's).
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from plait.model.forward import head_plan
+    from plait.testing import build_run_config
+    from plait_preference.objective import PreferenceObjective
+
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": method, "sample_packing": True})
+    batch, _, _ = collated_pairs(tiny_model, cfg, pm, kto=method == "kto")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    if adapter:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    objective = PreferenceObjective(cfg, model)
+    for scorer in (model, objective.reference):
+        if not isinstance(scorer, (str, type(None))):
+            head_plan(scorer)  # probed with real weights, as the loop does right after loading
+            scorer.to("meta")
+    run = SimpleNamespace(model=model, device=torch.device("meta"), pm=pm, cfg=cfg)
+    loss_sum, metrics = objective.loss(run, batch, training=True)
+    loss_sum.backward()
+    assert loss_sum.device.type == "meta" and metrics["rewards/chosen"][0].device.type == "meta"
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
