@@ -83,15 +83,15 @@ def collate(cfg, rows, tokenizer):
     return add_scoring_plan(cfg, batch)
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def load_model(cfg, tokenizer):
+    # before plait-bnb's, which answers every load_in_4bit/8bit run with a causal LM
     if getattr(cfg, "process_reward_model", None):  # validate_config refused a quantized base
         from plait_preference.process_reward import load_process_reward_model
 
         return load_process_reward_model(cfg, tokenizer)
-    # a reward model is the backbone with a scalar head; quantized bases stay plait-bnb's
-    if not getattr(cfg, "reward_model", None) or getattr(cfg, "load_in_4bit", False) \
-            or getattr(cfg, "load_in_8bit", False):
+    # a reward model is the backbone with a scalar head, quantized through plait-bnb's config when asked
+    if not getattr(cfg, "reward_model", None):
         return None
     from plait_preference.reward import load_reward_model
 

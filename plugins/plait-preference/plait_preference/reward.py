@@ -13,18 +13,43 @@ from __future__ import annotations
 
 def load_reward_model(cfg, tokenizer):
     """The sequence-classification model (1 label) on ``base_model``; its pad id set so
-    transformers' own pooling works when the saved model is used outside Plait."""
+    transformers' own pooling works when the saved model is used outside Plait.
+
+    With ``load_in_4bit``/``load_in_8bit`` (QLoRA) the backbone's linear layers are
+    quantized by plait-bnb's config and frozen by its k-bit preparation, as its own
+    loader does for a causal LM; the new ``score`` head stays a plain linear layer
+    (transformers quantizes no output layer), which the adapter plugin trains in full."""
     from transformers import AutoModelForSequenceClassification
 
     from plait.model.loading import check_model_sources, fit_to_tokenizer, pretrained_kwargs
 
     check_model_sources(cfg, ("base_model",))
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.base_model, num_labels=1,
-                                                               **pretrained_kwargs(cfg))
+    kwargs = pretrained_kwargs(cfg)
+    quantized = bool(cfg.load_in_4bit or cfg.load_in_8bit)
+    if quantized:
+        kwargs.update(_quantized_kwargs(cfg, kwargs))
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.base_model, num_labels=1, **kwargs)
     fit_to_tokenizer(cfg, model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if quantized:
+        from plait_bnb.quantize import prepare_for_kbit_training
+
+        model = prepare_for_kbit_training(model, cfg.gradient_checkpointing)
     # gradient_checkpointing is switched on by core's model pipeline (plait.pipeline.setup_model)
     return model
+
+
+def _quantized_kwargs(cfg, kwargs: dict) -> dict:
+    """plait-bnb's ``quantization_config`` and device placement (the config's
+    ``device_map`` wins, as in plait-bnb's loader)."""
+    from plait.errors import ConfigError
+
+    try:
+        from plait_bnb.quantize import device_map, quantization_config
+    except ImportError:
+        raise ConfigError("reward_model: true with load_in_4bit/load_in_8bit needs the plait-bnb plugin "
+                          "(pip install plait-bnb)") from None
+    return {"quantization_config": quantization_config(cfg), "device_map": kwargs.get("device_map") or device_map()}
 
 
 def sequence_rewards(model, batch: dict):

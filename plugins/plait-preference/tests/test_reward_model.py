@@ -38,11 +38,13 @@ def test_reward_model_and_rl_together_are_refused(tiny_model):
         build_run_config({"base_model": str(tiny_model), "reward_model": True, "rl": "dpo"})
 
 
-class HeadAtStart:
-    """Keeps the scalar head's weight as training starts (what the run trains from)."""
+class HeadAndScores:
+    """The scalar head's weight as training starts (what the run trains from),
+    and the trained model's scores of each pair's sequences when it ends (in
+    memory, each sequence alone, as :func:`pair_scores` scores them)."""
 
-    def __init__(self):
-        self.score = None
+    def __init__(self, rows):
+        self.rows, self.score, self.scores = rows, None, None
 
     @hookimpl
     def on_train_start(self, run):
@@ -50,24 +52,34 @@ class HeadAtStart:
 
         self.score = unwrap(run.model).score.weight.detach().clone()
 
+    @hookimpl
+    def on_train_end(self, run):
+        self.scores = pair_scores(run.model, run.tokenizer, self.rows)
 
-def test_reward_model_with_lora_trains_the_head_without_lora_modules_to_save(tmp_path, tiny_model, write_rows):
-    # peft's SEQ_CLS wrapper puts score in modules_to_save itself: no key needed; the head trains in
-    # full and is saved beside the adapter, and the base + adapter loads in transformers + peft
+
+@pytest.mark.slow  # 4-bit matmuls on a CPU: about a second a step on 2 shared cores
+def test_qlora_reward_model_trains_the_head_beside_the_adapter_and_reloads_in_transformers_and_peft(
+        tmp_path, tiny_model, write_rows):
+    # reward_model + load_in_4bit + qlora: the backbone's linear layers in 4 bits (plait-bnb's config), the
+    # score head a plain linear layer. peft's SEQ_CLS wrapper puts score in modules_to_save itself (no key
+    # needed): the head trains in full and is saved beside the adapter. Reloaded in plain transformers +
+    # peft on the same 4-bit base, the model scores every sequence as the trained one did in memory.
+    pytest.importorskip("plait_bnb")
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
     from plait.testing import build_run_config, run_cli, write_config
 
     build_run_config({"base_model": str(tiny_model), "reward_model": True, "adapter": "lora",
                       "lora_target_linear": True, "lora_modules_to_save": ["score"]})  # still allowed
     rows = pair_rows(8, seed=9)
-    out, spy = tmp_path / "rm_lora", HeadAtStart()
-    config = write_config(tmp_path / "rm_lora.yml", base_model=str(tiny_model), output_dir=str(out),
-                          reward_model=True, adapter="lora", lora_r=8, lora_alpha=16, lora_target_linear=True,
+    out, spy = tmp_path / "rm_qlora", HeadAndScores(rows)
+    config = write_config(tmp_path / "rm_qlora.yml", base_model=str(tiny_model), output_dir=str(out),
+                          reward_model=True, adapter="qlora", load_in_4bit=True, lora_r=8, lora_alpha=16,
+                          lora_target_linear=True,
                           datasets=[{"path": str(write_rows(rows)), "type": "chat_template.default"}],
-                          sequence_len=256, micro_batch_size=8, max_steps=6, learning_rate=1e-2,
+                          sequence_len=256, micro_batch_size=8, max_steps=5, learning_rate=1e-2,
                           lr_scheduler="constant", warmup_steps=0, logging_steps=1)
     result = run_cli(["train", str(config)], plugins=[spy])
     assert result.exit_code == 0, result.stderr[-3000:]
@@ -80,26 +92,40 @@ def test_reward_model_with_lora_trains_the_head_without_lora_modules_to_save(tmp
     saved = load_file(out / "adapter_model.safetensors")
     score_keys = [k for k in saved if ".score." in k]
     assert len(score_keys) == 1 and any("lora_" in k for k in saved), sorted(saved)
-    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1),
-                                      out).eval()
-    trained = model.base_model.model.score.modules_to_save["default"].weight.detach()
-    assert torch.equal(trained, saved[score_keys[0]])
-    assert (trained - spy.score).abs().max() > 1e-3  # the head trained, not only the adapter
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # plait-bnb's defaults
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    model = PeftModel.from_pretrained(base, out)
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    head = base.score.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and torch.equal(head.weight.detach(), saved[score_keys[0]])
+    assert (head.weight.detach() - spy.score).abs().max() > 1e-3  # the head trained, not only the adapter
     tokenizer = AutoTokenizer.from_pretrained(out)
     model.config.pad_token_id = tokenizer.pad_token_id
-    right = pairs_ranked_right(model, tokenizer, rows)
-    assert right >= 6, right
+    reloaded = pair_scores(model, tokenizer, rows)
+    torch.testing.assert_close(reloaded, spy.scores, rtol=1e-4, atol=1e-4)
+    assert int((reloaded[:, 0] > reloaded[:, 1]).sum()) >= 6
+
+
+def pair_scores(model, tokenizer, rows):
+    """``[pairs, 2]``: the model's score of each pair's chosen and rejected
+    sequence, each scored alone, as a user of the saved model would."""
+    was_training = model.training
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for row in rows:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["conversations"][0]["value"]}],
+                                                   add_generation_prompt=True, tokenize=False)
+            scores.append([model(**tokenizer(prompt + row[k]["value"] + "<|im_end|>" + tokenizer.eos_token,
+                                             return_tensors="pt")).logits[0, 0].float() for k in ("chosen", "rejected")])
+    model.train(was_training)
+    return torch.tensor(scores)
 
 
 def pairs_ranked_right(model, tokenizer, rows) -> int:
     """How many pairs the saved model scores chosen above rejected, each
     sequence scored alone, as a user of the saved model would."""
-    right = 0
-    with torch.no_grad():
-        for row in rows:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["conversations"][0]["value"]}],
-                                                   add_generation_prompt=True, tokenize=False)
-            scores = [model(**tokenizer(prompt + row[k]["value"] + "<|im_end|>" + tokenizer.eos_token,
-                                        return_tensors="pt")).logits[0, 0] for k in ("chosen", "rejected")]
-            right += int(scores[0] > scores[1])
-    return right
+    scores = pair_scores(model, tokenizer, rows)
+    return int((scores[:, 0] > scores[:, 1]).sum())
