@@ -123,15 +123,20 @@ class ProcessRewardObjective:
         import torch
         import torch.nn.functional as F
 
-        batch = {key: value.to(run.device) if hasattr(value, "to") else value for key, value in batch.items()}
-        labels = batch["labels"]
+        from plait.data.batching import move_to_device as move
+        from plait_preference.collate import to_device
+
+        # the labelled positions, found in the host batch: an index, not a boolean mask on the device
+        # (the device would have to count it before the host goes on)
+        labelled = (batch["labels"] != -100).reshape(-1).nonzero()[:, 0]
+        n = int(labelled.numel())
+        labelled = move(labelled, run.device)
+        batch = to_device(batch, run.device)
         # the outer model, so wrappers (peft, DDP) do their part; no labels: the loss is ours, summed
         outputs = run.model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
-        labelled = labels != -100
-        logits = outputs.logits[labelled].float()
-        targets = labels[labelled]
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1]).index_select(0, labelled).float()
+        targets = batch["labels"].reshape(-1).index_select(0, labelled)
         loss_sum = F.cross_entropy(logits, targets, reduction="sum")
-        n = int(targets.numel())
         correct = (logits.detach().argmax(-1) == targets).to(torch.float32).sum()
         if training:
             for term in run.pm.hook.extra_loss(cfg=run.cfg, model=run.model, outputs=outputs, batch=batch):

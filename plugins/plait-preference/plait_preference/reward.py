@@ -105,17 +105,18 @@ class RewardObjective:
         import torch.nn.functional as F
 
         from plait_preference.collate import to_device
-
+        from plait_preference.objective import Roles
         from plait_preference.rows import CHOSEN, REJECTED
 
+        # which segment is which, from the host batch: index tensors, no boolean mask on the device
+        roles = Roles(batch["segment_roles"], run.device)
+        n = roles.count(CHOSEN)
         batch = to_device(batch, run.device)
         rewards = sequence_rewards(run.model, batch)
-        roles = batch["segment_roles"]
-        chosen, rejected = rewards[roles == CHOSEN], rewards[roles == REJECTED]
+        chosen, rejected = rewards.index_select(0, roles.of(CHOSEN)), rewards.index_select(0, roles.of(REJECTED))
         per_pair = -F.logsigmoid(chosen - rejected)
         if self.center:
             per_pair = per_pair + self.center * (chosen + rejected) ** 2
-        n = int(chosen.numel())
         chosen, rejected = chosen.detach(), rejected.detach()
         return per_pair.sum(), {
             "rewards/chosen": (chosen.sum(), n), "rewards/rejected": (rejected.sum(), n),

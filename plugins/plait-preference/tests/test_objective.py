@@ -167,28 +167,33 @@ def objective_for(setup, model, **keys):
 
 
 @pytest.mark.parametrize("method,adapter", [("kto", None), ("kto", "lora"), ("dpo", None), ("ipo", "lora"),
-                                            ("orpo", None), ("simpo", None)])
+                                            ("orpo", None), ("simpo", None), ("reward_model", None)])
 def test_step_waits_for_no_device(tiny_model, method, adapter):
-    # A training step (forward of policy and reference, loss, metrics, backward) on the meta device: a
-    # tensor there has a shape and no data, so whatever would make the host wait for a GPU (.item(),
-    # int() or bool() of a tensor, .cpu(), nonzero, a boolean mask) raises here instead. What to
-    # score, the roles' indices and the unit counts come from the CPU batch (logps.ScoringPlan,
-    # objective.Roles). The pair-bin layout: in the row-per-sequence one, transformers itself checks
-    # the padding mask on the device (its own sync, not the objective's).
+    # A training step (forward of policy and reference, or of the reward model; loss, metrics, backward)
+    # on the meta device: a tensor there has a shape and no data, so whatever would make the host wait
+    # for a GPU (.item(), int() or bool() of a tensor, .cpu(), nonzero, a boolean mask) raises here
+    # instead. What to score, the roles' indices and the unit counts come from the CPU batch
+    # (logps.ScoringPlan, objective.Roles). The pair-bin layout: in the row-per-sequence one,
+    # transformers itself checks the padding mask on the device (its own sync, not the objective's).
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from plait.model.forward import head_plan
     from plait.testing import build_run_config
     from plait_preference.objective import PreferenceObjective
+    from plait_preference.reward import RewardObjective, load_reward_model
 
-    cfg, pm = build_run_config({"base_model": str(tiny_model), "rl": method, "sample_packing": True})
-    batch, _, _ = collated_pairs(tiny_model, cfg, pm, kto=method == "kto")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    keys = {"reward_model": True} if method == "reward_model" else {"rl": method}
+    cfg, pm = build_run_config({"base_model": str(tiny_model), "sample_packing": True, **keys})
+    batch, _, tokenizer = collated_pairs(tiny_model, cfg, pm, kto=method == "kto")
+    if method == "reward_model":
+        model = load_reward_model(cfg, tokenizer)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
     if adapter:
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    objective = PreferenceObjective(cfg, model)
-    for scorer in (model, objective.reference):
+    objective = RewardObjective(cfg) if method == "reward_model" else PreferenceObjective(cfg, model)
+    for scorer in (model, getattr(objective, "reference", None)):
         if not isinstance(scorer, (str, type(None))):
             head_plan(scorer)  # probed with real weights, as the loop does right after loading
             scorer.to("meta")

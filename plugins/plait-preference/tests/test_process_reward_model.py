@@ -268,6 +268,14 @@ def test_packed_rows_give_the_loss_of_unpacked_ones(tmp_path, tiny_model):
     assert packed_count == plain_count == sum(len(r["labels"]) for r in rows)
     assert packed_loss == pytest.approx(plain_loss, rel=1e-5) and packed_right == plain_right
 
+    # the packed step again on the meta device (shapes, no data): anything that would make the host wait
+    # for a GPU (.item(), a boolean mask, nonzero) raises there; the labelled positions come from the host
+    model.to("meta")
+    loss_sum, metrics = objective.loss(SimpleNamespace(model=model, device=torch.device("meta"), cfg=cfg, pm=pm),
+                                       batch, training=True)
+    loss_sum.backward()
+    assert loss_sum.device.type == "meta" and metrics["accuracy"][1] == packed_count
+
 
 def test_lora_trains_the_adapter_and_the_head(tmp_path, tiny_model):
     """A fresh LoRA run: the adapter and the whole head (peft's TOKEN_CLS
