@@ -18,7 +18,8 @@ def load_reward_model(cfg, tokenizer):
     With ``load_in_4bit``/``load_in_8bit`` (QLoRA) the backbone's linear layers are
     quantized by plait-bnb's config and frozen by its k-bit preparation, as its own
     loader does for a causal LM; the new ``score`` head stays a plain linear layer
-    (transformers quantizes no output layer), which the adapter plugin trains in full."""
+    (transformers keeps a model's last layer out of quantization), which the adapter
+    plugin trains in full."""
     from transformers import AutoModelForSequenceClassification
 
     from plait.model.loading import check_model_sources, fit_to_tokenizer, pretrained_kwargs
