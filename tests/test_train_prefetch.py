@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from plait.model.batch import drop_full_attention_mask
+from plait.model.batch import drop_full_attention_mask, drop_right_padding_mask
 from plait.train.prefetch import StepPrefetcher
 
 
@@ -86,3 +86,33 @@ def test_dropping_the_all_ones_mask_leaves_the_logits_unchanged(tmp_path):
         unmasked = model(**drop_full_attention_mask({"input_ids": ids,
                                                         "attention_mask": torch.ones_like(ids)})).logits
     assert torch.equal(masked, unmasked)
+
+
+def test_a_right_padding_mask_is_dropped_and_every_other_mask_kept():
+    ids = torch.arange(12).view(3, 4)
+    right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])}
+    assert "attention_mask" not in drop_right_padding_mask(right)
+    for mask in ([[1, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]],   # left padding: positions would shift
+                 [[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 1, 1]],   # a hole
+                 [[1, 1, 2, 2], [1, 1, 1, 2], [1, 1, 1, 1]]):  # packed segment ids
+        batch = {"input_ids": ids, "attention_mask": torch.tensor(mask)}
+        assert drop_right_padding_mask(batch) is batch
+    four_d = {"input_ids": ids, "attention_mask": torch.ones(3, 1, 4, 4, dtype=torch.bool)}
+    assert drop_right_padding_mask(four_d) is four_d
+
+
+def test_dropping_a_right_padding_mask_leaves_the_real_tokens_logits_unchanged(tmp_path):
+    # causal attention: no real token looks at the padding after it
+    from transformers import AutoModelForCausalLM
+
+    from plait.testing import make_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"), dtype=torch.float32).eval()
+    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=mask).logits
+        unmasked = model(**drop_right_padding_mask({"input_ids": ids, "attention_mask": mask})).logits
+    real = mask.bool()
+    torch.testing.assert_close(unmasked[real], masked[real], rtol=1e-5, atol=1e-5)

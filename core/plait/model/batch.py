@@ -35,3 +35,30 @@ def drop_full_attention_mask(batch: dict) -> dict:
     if mask.dtype.is_floating_point or not bool((mask == 1).all()):
         return batch
     return {key: value for key, value in batch.items() if key != "attention_mask"}
+
+
+def drop_right_padding_mask(batch: dict) -> dict:
+    """``batch`` without its 2-D ``attention_mask`` when every row is
+    right-padded (its ones, then only zeros).
+
+    Under causal attention no real token attends to the padding after it, so
+    the real tokens' outputs are the same without the mask; the model then
+    runs unmasked causal attention (flash attention under SDPA, and no device
+    check of the mask, a host sync, at the start of every forward). Only for
+    callers that read nothing at the padded positions and whose model reads
+    the mask for nothing else: NEFTune's noise scale and an MoE model's
+    router loss count real tokens through it. Like
+    :func:`drop_full_attention_mask`, the check runs on the CPU tensor.
+    """
+    import torch
+
+    mask = batch.get("attention_mask")
+    if mask is None or not hasattr(mask, "dim") or mask.dim() != 2 or mask.device.type != "cpu":
+        return batch
+    if mask.dtype.is_floating_point:
+        return batch
+    lengths = mask.sum(dim=1, keepdim=True)
+    right_padded = torch.arange(mask.shape[1])[None, :] < lengths
+    if not bool((mask == right_padded).all()):
+        return batch
+    return {key: value for key, value in batch.items() if key != "attention_mask"}

@@ -6,8 +6,9 @@ Two layouts, the same sequences in the same order:
 * **one row per sequence** (:func:`collate_as_rows`, the default): chosen and
   rejected of a pair (or a KTO row's completion and KL sequence) become rows
   of their own, right-padded, as TRL batches them. Attention is plain causal
-  attention over each row, so SDPA takes its flash kernel and no sequence pays
-  for the length of its partner.
+  attention over each row, so no sequence pays for the length of its
+  partner; where nothing else reads the padding mask the objective drops it
+  (``objective.padding_mask_is_read``), and SDPA takes its flash kernel.
 * **segments of one row** (core's collator, under ``sample_packing`` or the
   ``plait_varlen`` attention): each pair row has ``seq_lens``, so it is
   collated like a packed bin; positions restart per sequence and attention

@@ -46,6 +46,8 @@ class PreferenceObjective:
         self._adapter_switch = None  # made on first use: the model may be wrapped after this
         self.samples = None  # see the module docstring
         self.last_scores = None  # each unit's reward margin (pairs) or reward (KTO rows) of the last micro-batch
+        #: right-padded rows (a row per sequence) go without their padding mask where nothing reads it
+        self.drops_padding_mask = not padding_mask_is_read(cfg, model)
 
     # ---------------------------------------------------------------- protocol
 
@@ -54,6 +56,7 @@ class PreferenceObjective:
         return int((roles != KL).sum()) if self.method == "kto" else int((roles == CHOSEN).sum())
 
     def loss(self, run, batch, *, training: bool = False):
+        from plait.model.batch import drop_right_padding_mask
         from plait_preference.collate import to_device
 
         # what to score (collated with the batch), which segment is which and how many units there
@@ -61,7 +64,8 @@ class PreferenceObjective:
         # logps.ScoringPlan); test_objective.py's test_step_waits_for_no_device runs it on the meta device
         host_batch = batch
         roles = Roles(host_batch["segment_roles"], run.device)
-        batch = to_device(host_batch, run.device)
+        inputs = drop_right_padding_mask(host_batch) if self.drops_padding_mask else host_batch
+        batch = to_device(inputs, run.device)
         plan = batch["scoring_plan"]
         policy = segment_logps(run.model, batch, plan)
         ref = self.reference_logps(run.model, batch, plan) if self.reference is not None else None
@@ -252,6 +256,20 @@ def precomputed_logps(batch):
                             "computed for the training and eval rows of plait train); set precompute_ref_log_probs: "
                             "false to score with a reference model here")
     return SegmentLogps(ref, None)
+
+
+def padding_mask_is_read(cfg, model) -> bool:
+    """Whether anything but attention reads the padding mask of a batch of
+    right-padded rows: NEFTune scales its noise by each row's real length, and
+    an MoE model's router loss leaves padding out. Otherwise the mask can go
+    (core's :func:`plait.model.batch.drop_right_padding_mask`): under causal
+    attention no real token looks at the padding after it."""
+    from plait.model.forward import unwrap
+
+    config = getattr(unwrap(model), "config", None)
+    experts = any(getattr(config, name, None) for name in ("num_experts", "num_local_experts", "n_routed_experts",
+                                                            "moe_num_experts", "num_experts_per_tok"))
+    return bool(cfg.neftune_noise_alpha) or experts
 
 
 def _is_peft(model) -> bool:
