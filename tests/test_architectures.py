@@ -12,6 +12,8 @@ and the mechanisms behind it, on tiny random models of transformers' own classes
   ``nn.Linear`` is not, nor a Mamba ``out_proj`` peft refuses;
 * packing: recurrent state is found by a packed test batch and refused;
   RoBERTa's position offset is found by a probe and packed rows get it;
+  BART-style decoders, whose forward takes no position_ids, get them through
+  the position-embedding module a probe finds;
 * BERT-style causal LMs load as decoders (causal attention).
 """
 
@@ -155,6 +157,34 @@ def test_roberta_loads_as_a_decoder_and_packs_with_its_position_offset(tmp_path,
     assert getattr(run.model, _POSITION_OFFSET) == run.model.config.pad_token_id + 1
     assert packed_rows_leak(run.cfg, run.model) is None
     setattr(run.model, _POSITION_OFFSET, 0)
+    assert "do not restart per row" in packed_rows_leak(run.cfg, run.model)
+
+
+def test_bart_packs_through_its_position_embedding_module(tmp_path, tokenizer_dir):
+    """BartForCausalLM.forward takes no position_ids; its decoder hands a shared
+    ``arange`` to ``embed_positions``, which the probe finds and Plait runs once
+    per packed bin with that bin's restarting positions. Three bins of different
+    layouts (one padded) give every row's logits as run alone; without the hook
+    the rows' positions run on across the bin and packing is refused."""
+    import torch
+
+    from plait.data.packing import collate_packed, packed_rows_leak
+    from plait.model.forward import _POSITION_MODULE, PositionModule, forward_logits
+
+    run = loaded(tiny("bart", tmp_path, tokenizer_dir), sample_packing=True)
+    assert getattr(run.model, _POSITION_MODULE) == PositionModule("model.decoder.embed_positions", 0, per_row=True)
+    rows = [list(range(10 + n, 10 + 2 * n)) for n in (5, 7, 6, 3, 9)]
+    bins = [{"input_ids": rows[0] + rows[1], "labels": rows[0] + rows[1], "seq_lens": [5, 7]},
+            {"input_ids": rows[2] + rows[3], "labels": rows[2] + rows[3], "seq_lens": [6, 3]},
+            {"input_ids": rows[4], "labels": rows[4], "seq_lens": [9]}]
+    batch = collate_packed(bins, 2, run.cfg.attn_implementation)
+    del batch["labels"]
+    with torch.no_grad():
+        together = forward_logits(run.model, batch).logits
+        alone = [run.model(input_ids=torch.tensor([row])).logits[0] for row in rows]
+    for b, expected in enumerate([torch.cat(alone[:2]), torch.cat(alone[2:4]), alone[4]]):
+        torch.testing.assert_close(together[b, :len(expected)], expected, rtol=1e-4, atol=1e-5)
+    setattr(run.model, _POSITION_MODULE, None)
     assert "do not restart per row" in packed_rows_leak(run.cfg, run.model)
 
 

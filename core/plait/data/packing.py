@@ -540,7 +540,11 @@ def check_packing_support(cfg, model=None) -> None:
     why = alibi_from_padding_mask(model_config)
     if why is None and model is not None and not takes_position_ids(model) and not alibi_attention(model_config):
         # (an ALiBi model needs no position_ids: its positions are key distances, per row under the mask)
-        why = f"{type(model).__name__}.forward takes no position_ids"
+        from plait.model.forward import position_module
+
+        if position_module(model) is None:
+            why = (f"{type(model).__name__}.forward takes no position_ids, and no module of it takes position_ids "
+                   f"that reproduce its own positions")
     if why:
         raise ConfigError(
             f"{keys}: the model cannot take packed rows ({why}): nothing in its inputs can tell it where each "
@@ -584,8 +588,12 @@ def check_loaded_model(cfg, model) -> None:
     ``model`` when the run packs (train or eval); the loop calls it right after
     ``load_model``, with the model on its device."""
     if cfg.sample_packing or cfg.eval_sample_packing:
+        from plait.model.forward import mark_masks_from_positions, record_position_module, record_position_offset
+
+        if not takes_position_ids(model):
+            # BART-style decoders: the packed positions go to their position-embedding module instead
+            record_position_module(model)
         check_packing_support(cfg, model)
-        from plait.model.forward import mark_masks_from_positions, record_position_offset
 
         # RoBERTa-style models count positions from padding_idx + 1: packed rows must too
         record_position_offset(model)

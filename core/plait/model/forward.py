@@ -340,6 +340,191 @@ def record_position_offset(model) -> int:
     return offset
 
 
+#: where :func:`record_position_module` keeps its answer on the causal LM
+_POSITION_MODULE = "_plait_position_module"
+
+
+@dataclass(frozen=True)
+class PositionModule:
+    """Where a causal LM whose ``forward`` takes no ``position_ids`` computes
+    its positions (:func:`record_position_module`)."""
+
+    #: name, in the causal LM, of the module whose ``position_ids`` argument Plait sets
+    name: str
+    #: added to the packed (0-based, per row) positions, as :func:`record_position_offset`'s offset
+    offset: int
+    #: the model hands the module one ``[seq]`` position vector shared by the batch (the module's
+    #: output is broadcast over it): the module is run once per row with that row's positions and
+    #: the outputs are stacked along the batch; else it takes ``[batch, seq]`` as they are
+    per_row: bool
+
+
+def _set_argument(module, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call of ``module`` with argument ``name`` set to
+    ``value``, where the caller passed it positionally or by keyword or not at all."""
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        names = []
+    index = names.index(name) if name in names else None
+    if index is not None and index < len(args):
+        return args[:index] + (value,) + args[index + 1:], kwargs
+    return args, {**kwargs, name: value}
+
+
+def _argument(module, args: tuple, kwargs: dict, name: str):
+    """The value of argument ``name`` in a call of ``module`` (``None`` when not passed)."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    index = names.index(name) if name in names else None
+    return args[index] if index is not None and index < len(args) else None
+
+
+def install_positions(module, positions, per_row: bool):
+    """Hook ``module`` so that its ``position_ids`` are ``positions``
+    (``[batch, seq]``); returns the hook handle. ``per_row``: see
+    :attr:`PositionModule.per_row` (the module's own output is discarded and
+    recomputed once per row: a position embedding costs a table lookup)."""
+    import torch
+
+    if not per_row:
+        return module.register_forward_pre_hook(
+            lambda mod, args, kwargs: _set_argument(mod, args, kwargs, "position_ids", positions), with_kwargs=True)
+
+    def per_row_outputs(mod, args, kwargs, output):
+        rows = [mod.forward(*a, **k) for a, k in
+                (_set_argument(mod, args, kwargs, "position_ids", row) for row in positions)]
+        if rows[0].dim() == 3 and rows[0].shape[0] == 1:  # [1, seq, dim] each: the module adds the batch axis
+            return torch.cat(rows)
+        return torch.stack(rows)
+
+    return module.register_forward_hook(per_row_outputs, with_kwargs=True)
+
+
+def position_module_candidates(causal_lm) -> list[str]:
+    """Names of the causal LM's submodules whose ``forward`` names a
+    ``position_ids`` argument, outermost first (``named_modules`` order)."""
+    names = []
+    for name, module in causal_lm.named_modules():
+        if not name:
+            continue
+        try:
+            if "position_ids" in inspect.signature(module.forward).parameters:
+                names.append(name)
+        except (TypeError, ValueError):
+            continue
+    return names
+
+
+def _own_calls(causal_lm, names: list[str], ids, extra: dict) -> tuple:
+    """The model's own logits on ``ids``, and for each module of ``names`` the
+    ``position_ids`` it was given and its output, in its first call."""
+    seen = {}
+
+    def record(name):
+        def hook(module, args, kwargs, output):
+            seen.setdefault(name, (_argument(module, args, kwargs, "position_ids"), output))
+        return hook
+
+    handles = [causal_lm.get_submodule(n).register_forward_hook(record(n), with_kwargs=True) for n in names]
+    try:
+        logits = causal_lm(input_ids=ids, **extra).logits.float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits, seen
+
+
+def record_position_module(model, n_tokens: int = 6) -> PositionModule | None:
+    """Find and remember the module through which a causal LM whose
+    ``forward`` takes no ``position_ids`` gets packed rows' positions.
+
+    BART-style decoders (bart, mbart, marian, pegasus, blenderbot, plbart, mvp,
+    trocr, whisper) take no ``position_ids`` in ``forward``, but their decoder
+    computes ``arange(seq_len)`` and hands it to its position-embedding module
+    as ``position_ids``; their attention takes Plait's block-diagonal mask. For
+    packed batches, :func:`_call` hooks that module (:func:`install_positions`)
+    so that it embeds the packed rows' restarting positions plus ``offset``;
+    unpacked batches never see the hook.
+
+    Not assumed from class names: each submodule taking ``position_ids``
+    (:func:`position_module_candidates`, outermost first) is watched in one
+    forward on two rows of ``n_tokens`` tokens. One that gets ``[batch, seq]``
+    positions takes packed ones as they are; one that returns a tensor and
+    gets a shared ``[seq]`` vector (or none: it counts itself) is run per row
+    (:attr:`PositionModule.per_row`). For each such module and each offset 0,
+    then ``pad_token_id + 1``, the hooked model must give its own logits with
+    ``offset + arange(n_tokens)`` and different ones with the positions
+    reversed (so those positions do reach the output). The first that does is
+    recorded on the causal LM and returned; ``None`` when none does (then
+    packing is refused: nothing can tell the model where a row starts).
+    Whether packed rows are then exactly isolated is proved at load by
+    :func:`plait.data.packing.packed_rows_leak`.
+    """
+    import torch
+
+    causal_lm = unwrap(model)
+    setattr(causal_lm, _POSITION_MODULE, None)
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    embeddings = causal_lm.get_input_embeddings()
+    vocab = embeddings.num_embeddings
+    pad = getattr(config, "pad_token_id", None)
+    ids = torch.tensor([[8 + (i * 5 + 3 * row) % max(1, vocab - 8) for i in range(n_tokens)] for row in range(2)],
+                       device=embeddings.weight.device)
+    if pad is not None:
+        ids[ids == pad] = 8 if pad != 8 else 9
+    _, cache = _forward_parameters(causal_lm)
+    extra = {"use_cache": False} if cache else {}
+    arange = torch.arange(n_tokens, device=ids.device)[None].expand(2, n_tokens)
+    names = position_module_candidates(causal_lm)
+    offsets = [0] + ([pad + 1] if isinstance(pad, int) and pad > 0 else [])
+
+    with probing(causal_lm):
+        try:
+            own, seen = _own_calls(causal_lm, names, ids, extra)
+        except Exception:  # noqa: BLE001 - a model that does not run on ids alone is refused by the head probe
+            return None
+        tolerance = 1e-3 * (float(own.abs().max()) + 1e-6)
+
+        def logits_with(name, positions, per_row):
+            handle = install_positions(causal_lm.get_submodule(name), positions, per_row)
+            try:
+                return causal_lm(input_ids=ids, **extra).logits.float()
+            finally:
+                handle.remove()
+
+        for name in names:
+            if name not in seen:
+                continue  # not called on this path
+            given, output = seen[name]
+            if not isinstance(output, torch.Tensor):
+                continue  # a decoder or layer, not a position embedding
+            # batched positions are taken as they are; a shared [seq] vector (or none) means one call per row
+            per_row = not (isinstance(given, torch.Tensor) and given.dim() == 2 and given.shape[0] == ids.shape[0])
+            for offset in offsets:
+                try:
+                    same = logits_with(name, arange + offset, per_row)
+                    reversed_ = logits_with(name, arange.flip(-1) + offset, per_row)
+                except Exception:  # noqa: BLE001 - this module does not take positions this way
+                    continue
+                if same.shape == own.shape and torch.allclose(same, own, rtol=1e-3, atol=tolerance) \
+                        and not torch.allclose(reversed_, own, rtol=1e-3, atol=tolerance):
+                    found = PositionModule(name, offset, per_row)
+                    setattr(causal_lm, _POSITION_MODULE, found)
+                    return found
+    return None
+
+
+def position_module(model) -> PositionModule | None:
+    """What :func:`record_position_module` found for ``model`` (``None`` when
+    it found nothing or was not asked)."""
+    return getattr(unwrap(model), _POSITION_MODULE, None)
+
+
 #: where :func:`mark_masks_from_positions` leaves its mark on the causal LM
 _MASKS_FROM_POSITIONS = "_plait_masks_from_positions"
 
@@ -361,9 +546,18 @@ def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
     """``model(**inputs)`` with ``extra`` keyword arguments and forward ``hooks``
     ``[(module, fn)]``; an MoE's packed mask reaches its decoder only,
     ``position_ids`` are shifted to where the model counts from
-    (:func:`record_position_offset`), and a windowed model gets no packed mask
+    (:func:`record_position_offset`) or, where ``forward`` takes none, handed
+    to the module that computes the model's positions
+    (:func:`record_position_module`), and a windowed model gets no packed mask
     (:func:`mark_masks_from_positions`)."""
     causal_lm = unwrap(model)
+    handles = []
+    positions_at = getattr(causal_lm, _POSITION_MODULE, None)
+    if inputs.get("position_ids") is not None and positions_at is not None:
+        # forward takes no position_ids: they reach the module that computes the model's positions
+        positions = inputs["position_ids"] + positions_at.offset
+        inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+        handles.append(install_positions(causal_lm.get_submodule(positions_at.name), positions, positions_at.per_row))
     if inputs.get("position_ids") is not None:
         offset = getattr(causal_lm, _POSITION_OFFSET, 0)
         if offset:
@@ -371,7 +565,7 @@ def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
         mask = inputs.get("attention_mask")
         if getattr(causal_lm, _MASKS_FROM_POSITIONS, False) and mask is not None and mask.dim() == 4:
             inputs = {**inputs, "attention_mask": None}
-    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    handles += [module.register_forward_hook(fn) for module, fn in hooks]
     packed_mask = inputs.get("attention_mask")
     if _returns_router_logits(model) and packed_mask is not None and getattr(packed_mask, "dim", lambda: 2)() != 2:
         # An MoE causal LM asked for router logits computes its own aux loss from
