@@ -5,8 +5,10 @@
 
 Refused: layers that mix tokens across rows whatever the mask (linear
 attention, convolutions), and models that cannot take Plait's packed inputs at
-all (ALiBi attention, or a forward without ``position_ids``; transformers
-otherwise fails deep inside with ``too many values to unpack``). A sliding or
+all (Falcon's ALiBi folded into its mask, or a forward without ``position_ids``
+and no position module to give them to; transformers otherwise fails deep
+inside with ``too many values to unpack``). BLOOM, whose ALiBi comes from the
+2-D padding mask, packs with the packed mask handed to its layers. A sliding or
 chunked window shorter than ``sequence_len`` packs under SDPA/eager through
 transformers' own masks, built from the restarting ``position_ids``.
 """
@@ -63,7 +65,8 @@ class LoadFrom:
         from transformers import AutoModelForCausalLM
 
         self.loaded += 1
-        return AutoModelForCausalLM.from_pretrained(self.path, attn_implementation=cfg.attn_implementation)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, attn_implementation=cfg.attn_implementation)
+        return self.model
 
     @hookimpl
     def on_step_end(self, run, metrics):
@@ -134,13 +137,25 @@ def test_layers_that_mix_across_rows_are_refused_with_their_cause():
     assert crossing_layers({"layer_types": ["full_attention", "indexed_attention", "sliding_attention"]}) is None
 
 
-@pytest.mark.parametrize("family", ["bloom", "falcon"])
-def test_alibi_models_are_refused_after_load(models, tokenizer_dir, tmp_path, family):
-    # eager: bloom has no SDPA path in transformers
-    loader, run = train_hub_name(models[family], tokenizer_dir, tmp_path / "out", eager_attention=True)
+def test_falcon_alibi_is_refused_after_load(models, tokenizer_dir, tmp_path):
+    loader, run = train_hub_name(models["falcon"], tokenizer_dir, tmp_path / "out", eager_attention=True)
     with pytest.raises(ConfigError, match=UNPACKABLE):
         run()
     assert loader.loaded == 1 and loader.steps == 0
+
+
+def test_bloom_trains_packed_with_the_mask_at_its_layers(models, tokenizer_dir, tmp_path):
+    """BLOOM builds its ALiBi bias from a 2-D padding mask, so its forward gets
+    no mask and its layers get the packed one (isolation proved at load)."""
+    from plait.model.forward import _LAYER_MASKS
+
+    # eager: bloom has no SDPA path in transformers
+    loader, run = train_hub_name(models["bloom"], tokenizer_dir, tmp_path / "out", eager_attention=True)
+    run()
+    assert loader.loaded == 1 and loader.steps == 1
+    layers = getattr(loader.model, _LAYER_MASKS)
+    assert layers and all(name.startswith("transformer.h.") for name in layers)
+    build_run_config({"base_model": str(models["bloom"]), "sample_packing": True})  # nothing refused at validation
 
 
 def test_a_plain_llama_trains_packed_under_a_hub_name(models, tokenizer_dir, tmp_path):
@@ -149,22 +164,21 @@ def test_a_plain_llama_trains_packed_under_a_hub_name(models, tokenizer_dir, tmp
     assert loader.steps == 1
 
 
-@pytest.mark.parametrize("family", ["bloom", "falcon"])
-def test_alibi_models_in_a_local_dir_are_refused_at_validation(models, family):
+def test_falcon_alibi_in_a_local_dir_is_refused_at_validation(models):
     with pytest.raises(ConfigError, match=UNPACKABLE):
-        build_run_config({"base_model": str(models[family]), "sample_packing": True})
-    build_run_config({"base_model": str(models[family])})  # fine without packing
+        build_run_config({"base_model": str(models["falcon"]), "sample_packing": True})
+    build_run_config({"base_model": str(models["falcon"])})  # fine without packing
 
 
 def test_eval_packing_names_both_keys(models):
     with pytest.raises(ConfigError, match="set sample_packing: false and eval_sample_packing: false"):
-        build_run_config({"base_model": str(models["bloom"]), "sample_packing": True, "eval_sample_packing": True})
+        build_run_config({"base_model": str(models["falcon"]), "sample_packing": True, "eval_sample_packing": True})
 
 
 def test_base_model_config_is_read_at_validation(models):
     with pytest.raises(ConfigError, match=UNPACKABLE):
-        build_run_config({"base_model": HUB_NAME, "base_model_config": str(models["bloom"]),
-                          "tokenizer_config": str(models["bloom"]), "sample_packing": True,
+        build_run_config({"base_model": HUB_NAME, "base_model_config": str(models["falcon"]),
+                          "tokenizer_config": str(models["falcon"]), "sample_packing": True,
                           "sequence_len": 64})
 
 

@@ -356,8 +356,10 @@ def flex_document_mask(doc_ids, device=None):
 ALIBI_MODEL_TYPES = ("bloom", "mpt")
 
 #: ALiBi models whose bias is built from the 2-D padding mask (``build_alibi_tensor``
-#: reads ``attention_mask.shape`` as ``[batch, seq]``), so a packed 4-D mask cannot reach them
-ALIBI_FROM_PADDING_MASK = ("bloom", "falcon")
+#: reads ``attention_mask.shape`` as ``[batch, seq]``) and folded into the causal mask their
+#: layers get, so a packed 4-D mask can reach them neither at the top nor at the layers (BLOOM
+#: keeps the bias apart from the mask: its layers take the packed one, see ``record_layer_masks``)
+ALIBI_FROM_PADDING_MASK = ("falcon",)
 
 
 def _model_config(source: str) -> dict:
@@ -588,7 +590,8 @@ def check_loaded_model(cfg, model) -> None:
     ``model`` when the run packs (train or eval); the loop calls it right after
     ``load_model``, with the model on its device."""
     if cfg.sample_packing or cfg.eval_sample_packing:
-        from plait.model.forward import mark_masks_from_positions, record_position_module, record_position_offset
+        from plait.model.forward import (forget_layer_masks, mark_masks_from_positions, record_layer_masks,
+                                         record_position_module, record_position_offset)
 
         if not takes_position_ids(model):
             # BART-style decoders: the packed positions go to their position-embedding module instead
@@ -603,6 +606,13 @@ def check_loaded_model(cfg, model) -> None:
             mark_masks_from_positions(model)
         keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
         why = packed_rows_leak(cfg, model)
+        if why and record_layer_masks(model, attn):
+            # the model's forward could not take the packed mask (BLOOM's ALiBi, GPT-1's own 4-D extension):
+            # its decoder layers get it instead, if that is exact
+            if packed_rows_leak(cfg, model) is None:
+                why = None
+            else:
+                forget_layer_masks(model)
         if why:
             what = ("this model cannot run a packed batch (its attention does not take Plait's packed inputs)"
                     if why.startswith(PACKED_BATCH_FAILED) else "packed rows are not kept apart by this model")

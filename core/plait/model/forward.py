@@ -525,6 +525,113 @@ def position_module(model) -> PositionModule | None:
     return getattr(unwrap(model), _POSITION_MODULE, None)
 
 
+#: where :func:`record_layer_masks` keeps its answer on the causal LM
+_LAYER_MASKS = "_plait_layer_masks"
+
+
+def _takes(module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def decoder_layer_names(causal_lm) -> list[str]:
+    """Names of the causal LM's decoder layers that take an ``attention_mask``:
+    the elements of each ``nn.ModuleList`` whose every element's ``forward``
+    names that argument."""
+    import torch
+
+    names = []
+    for name, module in causal_lm.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) \
+                and all(_takes(layer, "attention_mask") for layer in module):
+            names += [f"{name}.{i}" if name else str(i) for i in range(len(module))]
+    return names
+
+
+def install_layer_masks(causal_lm, names: list[str], mask) -> list:
+    """Forward pre-hooks giving each layer of ``names`` ``attention_mask=mask``; their handles."""
+    def hook(module, args, kwargs):
+        return _set_argument(module, args, kwargs, "attention_mask", mask)
+
+    return [causal_lm.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True) for name in names]
+
+
+def record_layer_masks(model, attn_implementation: str, n_tokens: int = 6) -> list[str] | None:
+    """Find and remember the decoder layers to which packed batches hand
+    Plait's block-diagonal mask directly, for a model whose own ``forward``
+    cannot take it.
+
+    Some causal LMs turn their ``attention_mask`` argument into something
+    else on the way to attention, which only a 2-D padding mask survives:
+    BLOOM builds its ALiBi bias from it (``build_alibi_tensor`` reads
+    ``[batch, seq]``), GPT-1 (``openai-gpt``) extends it to 4-D itself. Their
+    decoder layers still take the causal mask the model built, in the backend's
+    own form (additive under eager, boolean under SDPA), which is exactly what
+    Plait's packed mask is (:func:`plait.data.packing.packed_attention_inputs`).
+    For packed batches, :func:`_call` gives the outer model no mask (BLOOM's
+    ALiBi then counts positions over the whole bin: a per-key bias that grows
+    by the same amount for every key a query may see, which a softmax over that
+    row's keys does not change) and each layer the packed mask.
+
+    Probed on two rows of ``n_tokens`` tokens: with the one-row causal mask at
+    the layers (:func:`decoder_layer_names`), the model must give its own
+    logits, and with the rows split in two it must give different ones past the
+    split (the mask reaches attention). Records and returns the layer names, or
+    ``None`` (backends without a tensor mask, no such layers, or the probe
+    disagrees). The packed isolation check (:func:`plait.data.packing.packed_rows_leak`)
+    then proves the route on a real packed batch.
+    """
+    import torch
+
+    from plait.data.packing import packed_attention_inputs
+
+    causal_lm = unwrap(model)
+    setattr(causal_lm, _LAYER_MASKS, None)
+    if attn_implementation not in ("sdpa", "eager"):
+        return None
+    names = decoder_layer_names(causal_lm)
+    if not names:
+        return None
+    embeddings = causal_lm.get_input_embeddings()
+    device, dtype = embeddings.weight.device, embeddings.weight.dtype
+    vocab = embeddings.num_embeddings
+    ids = torch.tensor([[8 + (i * 5 + 3 * row) % max(1, vocab - 8) for i in range(n_tokens)] for row in range(2)],
+                       device=device)
+    _, cache = _forward_parameters(causal_lm)
+    extra = {"use_cache": False} if cache else {}
+    half = n_tokens // 2
+
+    def logits_with(seq_lens):
+        mask = packed_attention_inputs([seq_lens] * 2, n_tokens, attn_implementation, dtype=dtype,
+                                       device=device)["attention_mask"]
+        handles = install_layer_masks(causal_lm, names, mask)
+        try:
+            return causal_lm(input_ids=ids, **extra).logits.float()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with probing(causal_lm):
+        try:
+            own = causal_lm(input_ids=ids, **extra).logits.float()
+            same, split = logits_with([n_tokens]), logits_with([half, n_tokens - half])
+        except Exception:  # noqa: BLE001 - its layers do not take the mask this way
+            return None
+    tolerance = 1e-3 * (float(own.abs().max()) + 1e-6)
+    if same.shape != own.shape or not torch.allclose(same, own, rtol=1e-3, atol=tolerance) \
+            or torch.allclose(split[:, half:], own[:, half:], rtol=1e-3, atol=tolerance):
+        return None
+    setattr(causal_lm, _LAYER_MASKS, names)
+    return names
+
+
+def forget_layer_masks(model) -> None:
+    """Undo :func:`record_layer_masks` (its route did not isolate packed rows)."""
+    setattr(unwrap(model), _LAYER_MASKS, None)
+
+
 #: where :func:`mark_masks_from_positions` leaves its mark on the causal LM
 _MASKS_FROM_POSITIONS = "_plait_masks_from_positions"
 
@@ -548,7 +655,8 @@ def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
     ``position_ids`` are shifted to where the model counts from
     (:func:`record_position_offset`) or, where ``forward`` takes none, handed
     to the module that computes the model's positions
-    (:func:`record_position_module`), and a windowed model gets no packed mask
+    (:func:`record_position_module`), a model whose forward cannot take the
+    packed mask has it handed to its layers (:func:`record_layer_masks`), and a windowed model gets no packed mask
     (:func:`mark_masks_from_positions`)."""
     causal_lm = unwrap(model)
     handles = []
@@ -558,6 +666,12 @@ def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
         positions = inputs["position_ids"] + positions_at.offset
         inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
         handles.append(install_positions(causal_lm.get_submodule(positions_at.name), positions, positions_at.per_row))
+    layers = getattr(causal_lm, _LAYER_MASKS, None)
+    mask = inputs.get("attention_mask")
+    if layers and getattr(mask, "dim", lambda: 0)() == 4:
+        # the model's forward cannot take the packed mask: its decoder layers get it
+        inputs = {**inputs, "attention_mask": None}
+        handles += install_layer_masks(causal_lm, layers, mask)
     if inputs.get("position_ids") is not None:
         offset = getattr(causal_lm, _POSITION_OFFSET, 0)
         if offset:
