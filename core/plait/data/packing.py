@@ -606,7 +606,7 @@ def check_loaded_model(cfg, model) -> None:
             mark_masks_from_positions(model)
         keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
         why = packed_rows_leak(cfg, model)
-        if why and record_layer_masks(model, attn):
+        if why and record_layer_masks(model, _mask_builder(attn, model)):
             # the model's forward could not take the packed mask (BLOOM's ALiBi, GPT-1's own 4-D extension):
             # its decoder layers get it instead, if that is exact
             if packed_rows_leak(cfg, model) is None:
@@ -617,6 +617,20 @@ def check_loaded_model(cfg, model) -> None:
             what = ("this model cannot run a packed batch (its attention does not take Plait's packed inputs)"
                     if why.startswith(PACKED_BATCH_FAILED) else "packed rows are not kept apart by this model")
             raise ConfigError(f"{keys}: {what} ({why}): set {' and '.join(k + ': false' for k in keys.split(' / '))}")
+
+
+def _mask_builder(attn: str, model):
+    """``packed_mask(seq_lens, width, batch)`` for :func:`plait.model.forward.record_layer_masks`:
+    the run's packed mask (``attn``) on the model's device and dtype, or ``None``
+    for backends that take no tensor mask (varlen offsets, flex's ``BlockMask``)."""
+    if attn not in ("sdpa", "eager"):
+        return lambda seq_lens, width, batch: None
+    weight = model.get_input_embeddings().weight
+
+    def packed_mask(seq_lens, width, batch):
+        return packed_attention_inputs([list(seq_lens)] * batch, width, attn, dtype=weight.dtype,
+                                       device=weight.device)["attention_mask"]
+    return packed_mask
 
 
 #: how :func:`packed_rows_leak` starts its answer when the packed batch raised

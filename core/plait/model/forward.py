@@ -359,14 +359,43 @@ class PositionModule:
     per_row: bool
 
 
-def _set_argument(module, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of a call of ``module`` with argument ``name`` set to
-    ``value``, where the caller passed it positionally or by keyword or not at all."""
+def _probe_ids(causal_lm, rows: int, n_tokens: int):
+    """``[rows, n_tokens]`` distinct token ids for a probe forward, clear of the
+    special tokens and of ``pad_token_id``."""
+    import torch
+
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    embeddings = causal_lm.get_input_embeddings()
+    vocab = embeddings.num_embeddings
+    pad = getattr(config, "pad_token_id", None)
+    ids = torch.tensor([[8 + (i * 5 + 3 * row) % max(1, vocab - 8) for i in range(n_tokens)] for row in range(rows)],
+                       device=embeddings.weight.device)
+    if pad is not None:
+        ids[ids == pad] = 8 if pad != 8 else 9
+    return ids
+
+
+def _takes(module, name: str) -> bool:
+    """Whether ``module.forward`` names an argument ``name``."""
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _parameter_index(module, name: str) -> int | None:
+    """Where argument ``name`` sits among ``module.forward``'s parameters (positional calls)."""
     try:
         names = list(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
-        names = []
-    index = names.index(name) if name in names else None
+        return None
+    return names.index(name) if name in names else None
+
+
+def _set_argument(module, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call of ``module`` with argument ``name`` set to
+    ``value``, where the caller passed it positionally or by keyword or not at all."""
+    index = _parameter_index(module, name)
     if index is not None and index < len(args):
         return args[:index] + (value,) + args[index + 1:], kwargs
     return args, {**kwargs, name: value}
@@ -376,11 +405,7 @@ def _argument(module, args: tuple, kwargs: dict, name: str):
     """The value of argument ``name`` in a call of ``module`` (``None`` when not passed)."""
     if name in kwargs:
         return kwargs[name]
-    try:
-        names = list(inspect.signature(module.forward).parameters)
-    except (TypeError, ValueError):
-        return None
-    index = names.index(name) if name in names else None
+    index = _parameter_index(module, name)
     return args[index] if index is not None and index < len(args) else None
 
 
@@ -408,16 +433,7 @@ def install_positions(module, positions, per_row: bool):
 def position_module_candidates(causal_lm) -> list[str]:
     """Names of the causal LM's submodules whose ``forward`` names a
     ``position_ids`` argument, outermost first (``named_modules`` order)."""
-    names = []
-    for name, module in causal_lm.named_modules():
-        if not name:
-            continue
-        try:
-            if "position_ids" in inspect.signature(module.forward).parameters:
-                names.append(name)
-        except (TypeError, ValueError):
-            continue
-    return names
+    return [name for name, module in causal_lm.named_modules() if name and _takes(module, "position_ids")]
 
 
 def _own_calls(causal_lm, names: list[str], ids, extra: dict) -> tuple:
@@ -470,13 +486,8 @@ def record_position_module(model, n_tokens: int = 6) -> PositionModule | None:
     causal_lm = unwrap(model)
     setattr(causal_lm, _POSITION_MODULE, None)
     config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    embeddings = causal_lm.get_input_embeddings()
-    vocab = embeddings.num_embeddings
     pad = getattr(config, "pad_token_id", None)
-    ids = torch.tensor([[8 + (i * 5 + 3 * row) % max(1, vocab - 8) for i in range(n_tokens)] for row in range(2)],
-                       device=embeddings.weight.device)
-    if pad is not None:
-        ids[ids == pad] = 8 if pad != 8 else 9
+    ids = _probe_ids(causal_lm, 2, n_tokens)
     _, cache = _forward_parameters(causal_lm)
     extra = {"use_cache": False} if cache else {}
     arange = torch.arange(n_tokens, device=ids.device)[None].expand(2, n_tokens)
@@ -529,13 +540,6 @@ def position_module(model) -> PositionModule | None:
 _LAYER_MASKS = "_plait_layer_masks"
 
 
-def _takes(module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def decoder_layer_names(causal_lm) -> list[str]:
     """Names of the causal LM's decoder layers that take an ``attention_mask``:
     the elements of each ``nn.ModuleList`` whose every element's ``forward``
@@ -558,7 +562,7 @@ def install_layer_masks(causal_lm, names: list[str], mask) -> list:
     return [causal_lm.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True) for name in names]
 
 
-def record_layer_masks(model, attn_implementation: str, n_tokens: int = 6) -> list[str] | None:
+def record_layer_masks(model, packed_mask, n_tokens: int = 6) -> list[str] | None:
     """Find and remember the decoder layers to which packed batches hand
     Plait's block-diagonal mask directly, for a model whose own ``forward``
     cannot take it.
@@ -575,37 +579,30 @@ def record_layer_masks(model, attn_implementation: str, n_tokens: int = 6) -> li
     by the same amount for every key a query may see, which a softmax over that
     row's keys does not change) and each layer the packed mask.
 
-    Probed on two rows of ``n_tokens`` tokens: with the one-row causal mask at
-    the layers (:func:`decoder_layer_names`), the model must give its own
-    logits, and with the rows split in two it must give different ones past the
-    split (the mask reaches attention). Records and returns the layer names, or
-    ``None`` (backends without a tensor mask, no such layers, or the probe
-    disagrees). The packed isolation check (:func:`plait.data.packing.packed_rows_leak`)
+    ``packed_mask(seq_lens, width, batch)`` builds the run's packed mask for
+    ``batch`` bins of ``width`` tokens holding rows of ``seq_lens`` (the caller
+    knows the backend; ``None`` where it has no tensor mask). Probed on two rows
+    of ``n_tokens`` tokens: with the one-row causal mask at the layers
+    (:func:`decoder_layer_names`), the model must give its own logits, and with
+    the rows split in two it must give different ones past the split (the mask
+    reaches attention). Records and returns the layer names, or ``None`` (no
+    tensor mask, no such layers, or the probe disagrees). The packed isolation check (:func:`plait.data.packing.packed_rows_leak`)
     then proves the route on a real packed batch.
     """
     import torch
 
-    from plait.data.packing import packed_attention_inputs
-
     causal_lm = unwrap(model)
     setattr(causal_lm, _LAYER_MASKS, None)
-    if attn_implementation not in ("sdpa", "eager"):
-        return None
     names = decoder_layer_names(causal_lm)
-    if not names:
+    if not names or packed_mask([n_tokens], n_tokens, 2) is None:
         return None
-    embeddings = causal_lm.get_input_embeddings()
-    device, dtype = embeddings.weight.device, embeddings.weight.dtype
-    vocab = embeddings.num_embeddings
-    ids = torch.tensor([[8 + (i * 5 + 3 * row) % max(1, vocab - 8) for i in range(n_tokens)] for row in range(2)],
-                       device=device)
+    ids = _probe_ids(causal_lm, 2, n_tokens)
     _, cache = _forward_parameters(causal_lm)
     extra = {"use_cache": False} if cache else {}
     half = n_tokens // 2
 
     def logits_with(seq_lens):
-        mask = packed_attention_inputs([seq_lens] * 2, n_tokens, attn_implementation, dtype=dtype,
-                                       device=device)["attention_mask"]
+        mask = packed_mask(seq_lens, n_tokens, 2)
         handles = install_layer_masks(causal_lm, names, mask)
         try:
             return causal_lm(input_ids=ids, **extra).logits.float()
