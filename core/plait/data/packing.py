@@ -545,8 +545,10 @@ def check_packing_support(cfg, model=None) -> None:
         from plait.model.forward import position_module
 
         if position_module(model) is None:
+            kinds = recurrent_layer_kinds(model)
             why = (f"{type(model).__name__}.forward takes no position_ids, and no module of it takes position_ids "
-                   f"that reproduce its own positions")
+                   f"that reproduce its own positions" + (f"; its {', '.join(kinds[:3])} layers carry state along "
+                                                          f"the sequence" if kinds else ""))
     if why:
         raise ConfigError(
             f"{keys}: the model cannot take packed rows ({why}): nothing in its inputs can tell it where each "
@@ -643,6 +645,16 @@ RECURRENT_HINTS = ("Mamba", "Mixer", "Recurrent", "Rglru", "ShortConv", "LinearA
                    "Rwkv", "Conv1d", "Lightning", "Ssm")
 
 
+def recurrent_layer_kinds(model) -> list[str]:
+    """Class names of the model's modules that look recurrent or convolutional
+    (:data:`RECURRENT_HINTS`): named in a refusal as the likely cause. The
+    models themselves (``MambaForCausalLM``, ``MambaModel``) are not layers."""
+    from transformers import PreTrainedModel
+
+    return sorted({type(m).__name__ for m in model.modules() if not isinstance(m, PreTrainedModel)
+                   and any(h.lower() in type(m).__name__.lower() for h in RECURRENT_HINTS)})
+
+
 def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
     """Why packing is not exact for ``model``, or ``None``: three rows of random
     tokens run one by one and packed into one bin (core's collation, the run's
@@ -685,8 +697,7 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
     diff = float((together - alone).abs().max())
     if diff <= tolerance * scale:
         return None
-    kinds = sorted({type(m).__name__ for m in causal_lm.modules()
-                    if any(h.lower() in type(m).__name__.lower() for h in RECURRENT_HINTS)})
+    kinds = recurrent_layer_kinds(causal_lm)
     from plait.model.forward import masks_from_positions_marked
 
     if kinds:
