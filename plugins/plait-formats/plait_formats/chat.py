@@ -62,7 +62,7 @@ from jinja2 import TemplateError
 from plait.errors import BadRowError, ConfigError
 
 from plait_formats.chat_boundaries import SENTINEL, boundary_cache, shape_of
-from plait_formats.collector import collections_of_new_objects_only
+from plait_formats.collector import collector_paused
 from plait_formats.common import IGNORE, batch_size, train_on_inputs
 from plait_formats.token_offsets import TokenBatch, encode_with_spans
 
@@ -551,7 +551,7 @@ def end_of_turn_ids(tokens, tokenizer) -> set[int]:
 
 
 def tokenize(cfg, dataset_cfg, tokenizer, batch) -> dict:
-    with collections_of_new_objects_only():
+    with collector_paused():
         return tokenize_batch(cfg, dataset_cfg, tokenizer, batch)
 
 

@@ -346,22 +346,31 @@ def test_labels_from_mask_equals_masking_each_row():
         assert labels_from_mask(ids, mask, lengths) == want
 
 
-def test_collections_of_new_objects_only_restores_the_collector():
-    """Older objects are frozen only inside the block, and someone else's
-    frozen objects (plait's training loop freezes its setup) stay frozen."""
+def test_collector_paused_restores_the_collector(tokenizer):
+    """The collector is off inside the block and on again after it (left off
+    when it was off), and a batch of conversations makes no reference cycles,
+    which is what makes pausing it safe: nothing waits for a collection."""
     import gc
 
-    from plait_formats.collector import collections_of_new_objects_only
+    from plait.testing import build_run_config
+    from plait_formats.collector import collector_paused
 
-    assert gc.get_freeze_count() == 0
-    with collections_of_new_objects_only():
-        assert gc.get_freeze_count() > 0
-    assert gc.get_freeze_count() == 0
-    gc.freeze()
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
     try:
-        frozen = gc.get_freeze_count()
-        with collections_of_new_objects_only():
+        with collector_paused():
             pass
-        assert gc.get_freeze_count() == frozen
+        assert not gc.isenabled()
+        cfg, pm = build_run_config({"base_model": "unused", "datasets": [{"path": "x", "type": "chat_template"}]})
+        rows = {"messages": [CONVERSATION, CONVERSATION[1:3], CONVERSATION[:2] + [
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": {"x": 1}}]}]]}
+        for _ in range(3):  # the first batches also fill the caches (compiled template, shapes' skeletons)
+            gc.collect()
+            out = pm.hook.tokenize(cfg=cfg, dataset_cfg=cfg.datasets[0], tokenizer=tokenizer, batch=rows)
+        assert len(out["labels"]) == 3
+        assert gc.collect() == 0  # unreachable objects the last batch left
     finally:
-        gc.unfreeze()
+        gc.enable()
