@@ -467,15 +467,18 @@ class ChatFormat:
         spans = np.fromiter(flat_spans, dtype=np.int64, count=4 * sum(messages_per_row)).reshape(-1, 4)
         spans += np.repeat(row_chars, messages_per_row)[:, None]
         messages = [message for row in conversations for message in row]
-        train_of_message = np.fromiter((m["train"] for m in messages), dtype=bool, count=len(messages))
+        train_of_message = np.array([m["train"] for m in messages], dtype=bool)
 
-        token_row = np.repeat(np.arange(len(conversations)), lengths)
-        shift = row_chars[token_row]
+        # per token, from per-row values: repeating them is one pass, cheaper than indexing by a row array
+        shift = np.repeat(row_chars, lengths)
         t_start = tokens.starts + shift
         t_end = tokens.ends + shift
-        row_last = (row_messages + np.array(messages_per_row) - 1)[token_row]
-        owner = np.minimum(spans_before(spans[:, 3], t_start), row_last)
-        owner = np.maximum.accumulate(owner) if len(owner) else owner
+        row_last = np.repeat(row_messages + np.array(messages_per_row) - 1, lengths)
+        owner, ascending = spans_before(spans[:, 3], t_start)
+        owner = np.minimum(owner, row_last, out=owner)
+        if not ascending and len(owner):
+            # with the starts ascending the counts already are (and so is row_last): nothing to carry
+            owner = np.maximum.accumulate(owner)
         c_start, c_end = spans[owner, 1], spans[owner, 2]
         train = train_of_message[owner]
 
@@ -490,15 +493,22 @@ class ChatFormat:
                 inside |= (t_start[mine] - base >= begin) & (t_end[mine] - base <= end)
             labelled[mine] = inside
 
-        marker = ~in_content & (t_start >= c_end) & np.isin(ids, list(self.marker_ids))
-        is_eos = ids == (self.eos_id if self.eos_id is not None else -1)
+        # markers: tokens after their message's content (a few a message) whose id is a marker's
+        after = np.flatnonzero(~in_content & (t_start >= c_end))
+        after = after[np.isin(ids[after], list(self.marker_ids))]
+        if not len(after):
+            return labels_from_mask(tokens.ids, labelled, lengths)
+        marker_ids = ids[after]
+        is_eos = marker_ids == (self.eos_id if self.eos_id is not None else -1)
         for mode, which in ((self.train_on_eos, is_eos), (self.train_on_eot, ~is_eos)):
             if mode == "all":
-                labelled |= marker & which
+                labelled[after[which]] = True
             elif mode == "turn":
-                labelled |= marker & which & train
+                labelled[after[which & train[after]]] = True
             elif mode == "last":
-                labelled |= marker & which & (owner == self.last_trained(conversations, row_messages)[token_row])
+                token_row = np.searchsorted(np.cumsum(lengths), after, side="right")
+                last = self.last_trained(conversations, row_messages)[token_row]
+                labelled[after[which & (owner[after] == last)]] = True
         return labels_from_mask(tokens.ids, labelled, lengths)
 
 
@@ -525,17 +535,18 @@ def labels_from_mask(ids: list[list[int]], labelled: np.ndarray, lengths: list[i
     return labels
 
 
-def spans_before(span_ends: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def spans_before(span_ends: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, bool]:
     """For each token start, how many spans end at or before it (the index
-    of the message whose span holds it); ``span_ends`` ascending.
+    of the message whose span holds it), ``span_ends`` ascending; and
+    whether ``starts`` ascend (then so do the counts).
 
     Token starts are usually ascending too; then each span end is placed
     among the tokens (one binary search per span, not per token) and the
     counts are summed up, instead of a binary search per token."""
     if len(starts) > 1 and np.all(starts[1:] >= starts[:-1]):
         first_after = np.searchsorted(starts, span_ends, side="left")  # first token starting at or after it
-        return np.cumsum(np.bincount(first_after, minlength=len(starts) + 1))[:len(starts)]
-    return np.searchsorted(span_ends, starts, side="right")
+        return np.cumsum(np.bincount(first_after, minlength=len(starts) + 1))[:len(starts)], True
+    return np.searchsorted(span_ends, starts, side="right"), len(starts) <= 1
 
 
 def end_of_turn_ids(tokens, tokenizer) -> set[int]:

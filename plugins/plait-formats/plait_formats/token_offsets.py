@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate, chain
+from operator import attrgetter
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class SpanReader:
 
     def from_ids(self, encodings) -> TokenBatch:
         """Spans by a running sum of the tokens' widths, restarting at each row."""
-        ids = [e.ids for e in encodings]
+        ids = list(map(_ids_of, encodings))  # a C-level getter: faster than a comprehension's attribute loads
         lengths = [len(row) for row in ids]
         flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=sum(lengths))
         # an id the table lacks gets no width, so its row cannot cover its text and is tokenized again
@@ -145,6 +146,7 @@ class _Ids:
 
 
 _READERS: dict[int, SpanReader] = {}
+_ids_of = attrgetter("ids")
 
 
 def encode_with_spans(tokenizer, texts: list[str]) -> TokenBatch:

@@ -326,7 +326,9 @@ def test_spans_before_equals_a_binary_search_per_token():
     for _ in range(200):
         ends = np.sort(rng.integers(0, 60, rng.integers(1, 8)))
         for starts in (np.sort(rng.integers(0, 50, rng.integers(0, 30))), rng.integers(0, 50, 10)):
-            assert np.array_equal(spans_before(ends, starts), np.searchsorted(ends, starts, side="right"))
+            counts, ascending = spans_before(ends, starts)
+            assert np.array_equal(counts, np.searchsorted(ends, starts, side="right"))
+            assert ascending == bool(np.all(np.diff(starts) >= 0))
 
 
 def test_labels_from_mask_equals_masking_each_row():
