@@ -350,7 +350,8 @@ def test_labels_from_mask_equals_masking_each_row():
 
 def test_collector_paused_restores_the_collector(tokenizer):
     """The collector is off inside the block and on again after it (left off
-    when it was off), and a batch of conversations makes no reference cycles,
+    when it was off; what the block made goes to the oldest generation unless
+    someone else froze objects), and a batch of conversations makes no reference cycles,
     which is what makes pausing it safe: nothing waits for a collection."""
     import gc
 
@@ -360,7 +361,18 @@ def test_collector_paused_restores_the_collector(tokenizer):
     assert gc.isenabled()
     with collector_paused():
         assert not gc.isenabled()
-    assert gc.isenabled()
+        made = [[n] for n in range(1000)]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.get_count()[0] < 100  # what the block made is not counted toward a young collection
+    assert any(made is obj for obj in gc.get_objects(generation=2))
+    gc.freeze()  # someone else's frozen objects (plait's training loop freezes its setup) stay frozen
+    try:
+        frozen = gc.get_freeze_count()
+        with collector_paused():
+            pass
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+    finally:
+        gc.unfreeze()
     gc.disable()
     try:
         with collector_paused():
