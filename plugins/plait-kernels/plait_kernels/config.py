@@ -42,6 +42,11 @@ class KernelsConfig(BaseModel):
         None, description="The fused LoRA q/k/v projections (on by default with Plait's Triton kernels).")
     lora_o_kernel: Optional[bool] = Field(
         None, description="The fused LoRA output projection (on by default with Plait's Triton kernels).")
+    lora_experts_kernel: Optional[bool] = Field(
+        None, description="LoRA on fused MoE experts (lora_target_experts) computed for the routed tokens only: "
+                          "x @ W_e.T + s * (x @ A_e.T) @ B_e.T by grouped matmuls, instead of peft building "
+                          "W + s * B @ A for every expert each step (on by default with Plait's Triton kernels; "
+                          "true turns it on with any plait_kernels but off, false turns it off).")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

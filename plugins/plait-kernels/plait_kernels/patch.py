@@ -100,8 +100,10 @@ def kernel_label(backend: str, op: str) -> str:
     return f"plait {backend} {op}" if backend in ("triton", "torch") else f"{backend} {op}"
 
 
-def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
-    """Apply the backends in ``chosen`` to ``model`` in place; return what changed."""
+def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> dict[str, str]:
+    """Apply the backends in ``chosen`` to ``model`` in place; return what changed.
+    ``experts``: give peft's LoRA on fused MoE experts the routed path
+    (:func:`plait_kernels.lora_experts.install_routed_lora_experts`)."""
     targets = find_targets(cfg, model)
     norm_class, offset, mlp_class, activation = (targets.norm_class, targets.norm_offset, targets.mlp_class,
                                                  targets.activation)
@@ -153,6 +155,12 @@ def patch(cfg, model, chosen: dict[str, str | None]) -> dict[str, str]:
         swapped = swap_layer_norms(model)
         report[("LayerNorm", "liger layer_norm" if swapped else "none in this model: liger_layer_norm changes "
                                                                   "nothing")] = swapped or 1
+    if experts:
+        from plait_kernels.lora_experts import install_routed_lora_experts
+
+        # before compiling: the compiled layers trace the routed forward
+        for kind in install_routed_lora_experts(model):
+            report[(kind, "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)")] += 1
     if cfg.torch_compile:
         compile_backend = cfg.torch_compile_backend or "inductor"
         mode = getattr(cfg, "torch_compile_mode", None)

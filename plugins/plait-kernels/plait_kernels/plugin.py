@@ -26,12 +26,13 @@ def validate_config(cfg):
 @hookimpl
 def patch_model(cfg, model):
     from plait_kernels.patch import patch
-    from plait_kernels.selection import choose
+    from plait_kernels.selection import choose, routes_expert_lora
 
     chosen = choose(cfg)
-    if not any(chosen.values()) and not cfg.torch_compile:
+    experts = routes_expert_lora(cfg)
+    if not any(chosen.values()) and not cfg.torch_compile and not experts:
         return None
-    report = patch(cfg, model, chosen)
+    report = patch(cfg, model, chosen, experts=experts)
     if chosen["loss"]:
         report["loss"] = f"{'plait ' if chosen['loss'] == 'triton' else ''}{chosen['loss']} fused_linear_cross_entropy"
     return report or None

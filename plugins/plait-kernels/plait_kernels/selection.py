@@ -80,12 +80,27 @@ def check_config(cfg) -> None:
             f"config key {lora_keys[0]!r}: the fused LoRA paths are Plait's kernels, but plait_kernels is "
             f"{cfg.plait_kernels!r}; set plait_kernels: auto (or triton), or remove {', '.join(lora_keys)}"
         )
+    if getattr(cfg, "lora_experts_kernel", None) and cfg.plait_kernels == "off":
+        raise ConfigError("config key 'lora_experts_kernel': true asks plait-kernels for the routed LoRA experts "
+                          "path, but plait_kernels is 'off'; set plait_kernels: auto, or remove lora_experts_kernel")
     if (liger_keys or cfg.plait_kernels == "liger") and not liger_installed():
         key = liger_keys[0] if liger_keys else "plait_kernels"
         raise ConfigError(
             f"config key {key!r} asks for liger-kernel, which is not installed; "
             f"pip install liger-kernel, or remove the key (accepted without it: plait_kernels auto, triton, torch, off)"
         )
+
+
+def routes_expert_lora(cfg) -> bool:
+    """Whether the routed LoRA experts path (:mod:`plait_kernels.lora_experts`)
+    is installed: ``lora_experts_kernel`` when set, else with Plait's Triton
+    kernels. It is PyTorch code (grouped matmuls), so it needs no CUDA device."""
+    if cfg.plait_kernels == "off":
+        return False
+    asked = getattr(cfg, "lora_experts_kernel", None)
+    if asked is not None:
+        return bool(asked)
+    return cfg.plait_kernels == "triton" or (cfg.plait_kernels == "auto" and _cuda_available())
 
 
 def runs_llama_mlp_layout(cfg) -> bool:

@@ -1,0 +1,213 @@
+"""LoRA on fused MoE experts, applied to the routed tokens only.
+
+peft reaches the fused 3D expert weights (``mlp.experts.gate_up_proj`` /
+``down_proj``, ``[experts, out, in]``) through ``target_parameters``: a
+``ParamWrapper`` per parameter (nested when both are targeted) that, on every
+forward, parametrizes the weight as ``W + s * B_e @ A_e`` for *all* experts and
+then lets the experts module run. That materializes a full delta weight per
+expert each step (a batched matmul over every expert plus copies the size of
+the whole expert stack), although each token only meets its top-k experts.
+
+Here the outermost ``ParamWrapper`` of an experts module gets a forward that
+sorts the (token, expert) pairs by expert exactly as transformers'
+``grouped_mm`` experts do, and computes per projection::
+
+    y = x @ W_e.T + s * (x @ A_e.T) @ B_e.T
+
+with three grouped matmuls over the same offsets, never forming ``W_e + B_e A_e``.
+The parameters stay peft's (same names, same layout), so adapters save, load
+and merge as before. Any case this path does not cover (several active
+adapters, merged or disabled adapters, biases, expert parallelism, a parameter
+other than the two, another ``experts_implementation``) calls peft's own
+forward, decided per call.
+
+``grouped_matmul`` uses torch's grouped GEMM where it can run (CUDA sm80+, or
+the CPU kernel; both need 16-byte aligned strides) and otherwise an exact
+per-expert loop, :func:`grouped_matmul_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: the fused expert parameters this path computes (transformers' gated experts layout)
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+
+
+def grouped_matmul_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``out[rows of group g] = x[rows of group g] @ weight[g]``, one matmul per
+    group; rows at and past ``offsets[-1]`` are zero. ``x`` is ``[rows, in]``,
+    ``weight`` ``[groups, in, out]``, ``offsets`` the cumulative row counts."""
+    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    ends = offsets.tolist()
+    start = 0
+    for group, end in enumerate(ends):
+        if end > start:
+            out[start:end] = x[start:end] @ weight[group]
+        start = end
+    return out
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # torch's grouped GEMM reads its operands as 16-byte aligned rows or columns
+    strides = [s for s, n in zip(t.stride()[-2:], t.shape[-2:]) if n > 1 and s != 1]
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in strides)
+
+
+def _grouped_mm_function():
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs these operands: it exists, the device
+    has it (CPU, or CUDA sm80+), and both operands and the output rows (which
+    the backward reads as its gradient) are 16-byte aligned."""
+    if _grouped_mm_function() is None or x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cuda":
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    output_row = weight.shape[-1] * weight.element_size()
+    return _aligned(x) and _aligned(weight) and output_row % 16 == 0
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Grouped ``x @ weight[g]`` by torch's grouped GEMM where it applies, else
+    :func:`grouped_matmul_reference` (same result, one matmul per group)."""
+    if grouped_mm_applies(x, weight):
+        return _grouped_mm_function()(x, weight, offs=offsets)
+    return grouped_matmul_reference(x, weight, offsets)
+
+
+def lora_factors(wrapper, adapter: str, dtype: torch.dtype):
+    """peft's ``lora_A`` / ``lora_B`` of one ``ParamWrapper`` as grouped-matmul
+    operands: ``(A [experts, in, r], B [experts, r, out], scaling)`` with
+    ``x @ A[e] @ B[e] * scaling`` the LoRA term of expert ``e``.
+
+    peft stores ``lora_A.weight`` as ``[experts * r, in]`` (expert-major rows)
+    and ``lora_B.weight`` as ``[out, r * experts]`` (rank-major columns); both
+    come out column-major per expert, the layout the grouped GEMM reads."""
+    experts = wrapper.num_experts
+    weight_a = wrapper.lora_A[adapter].weight.to(dtype)
+    weight_b = wrapper.lora_B[adapter].weight.to(dtype)
+    a = weight_a.reshape(experts, -1, weight_a.shape[-1]).transpose(1, 2)  # [E, in, r]
+    b = weight_b.reshape(weight_b.shape[0], -1, experts).permute(2, 0, 1).contiguous().transpose(1, 2)  # [E, r, out]
+    return a, b, wrapper.scaling[adapter]
+
+
+def project(x, weight, factors, offsets, is_transposed: bool):
+    """One expert projection of the sorted rows: base grouped matmul plus the
+    LoRA term through the rank-r bottleneck (``factors`` None: base only)."""
+    base = weight if is_transposed else weight.transpose(-2, -1)  # [E, in, out]
+    x = x.to(base.dtype)
+    out = grouped_matmul(x, base, offsets)
+    if factors is not None:
+        a, b, scaling = factors
+        out = out + scaling * grouped_matmul(grouped_matmul(x, a, offsets), b, offsets)
+    return out
+
+
+def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights):
+    """transformers' grouped_mm experts forward (gated, no bias, no expert
+    parallelism) with the LoRA term added per projection; ``adapters`` maps a
+    parameter name to ``(wrapper, adapter name)``."""
+    num_top_k = top_k_index.size(-1)
+    num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
+    routing_weights = top_k_weights.reshape(-1)
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    rows = hidden_states[perm // num_top_k]
+    # histc, as transformers does (bincount would sync); CPU histc needs floats
+    counted = expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
+    per_expert = torch.histc(counted, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
+    offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
+
+    def factors(name, weight):
+        if name not in adapters:
+            return None
+        wrapper, adapter = adapters[name]
+        return lora_factors(wrapper, adapter, weight.dtype)
+
+    gate_up = experts.gate_up_proj
+    out = project(rows, gate_up, factors("gate_up_proj", gate_up), offsets, experts.is_transposed)
+    out = experts._apply_gate(out)
+    down = experts.down_proj
+    out = project(out, down, factors("down_proj", down), offsets, experts.is_transposed)
+    out = out * routing_weights[perm].unsqueeze(-1).to(out.dtype)
+    restored = torch.empty_like(out)
+    restored[perm] = out  # back to (token, k) order
+    return restored.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+def _param_wrapper_class():
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return ParamWrapper
+
+
+def _low_precision(dtype) -> bool:
+    # peft adds float8 deltas in higher precision; leave those to peft
+    return dtype.itemsize == 1
+
+
+def routed_adapters(outer) -> tuple[object, dict] | None:
+    """``(experts module, {parameter: (wrapper, adapter)})`` when this chain of
+    ``ParamWrapper`` can run the routed path now, else ``None`` (peft's path)."""
+    param_wrapper = _param_wrapper_class()
+    adapters, module = {}, outer
+    while isinstance(module, param_wrapper):
+        name = module.parameter_name
+        if name not in EXPERT_PARAMETERS or name in adapters or module.disable_adapters or module.merged:
+            return None
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) > 1 or any(module.lora_bias.get(a) for a in active):
+            return None
+        if active:
+            adapters[name] = (module, active[0])
+        module = module.base_layer
+    experts = module
+    implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+    if (implementation != "grouped_mm" or not getattr(experts, "has_gate", False)
+            or getattr(experts, "has_bias", True) or getattr(experts, "has_post_expert_norm", True)
+            or getattr(experts, "_is_expert_parallel", True) or not hasattr(experts, "_apply_gate")):
+        return None
+    for name, (wrapper, _) in adapters.items():
+        weight = getattr(experts, name, None)
+        if weight is None or weight.ndim != 3 or wrapper.num_experts != experts.num_experts \
+                or _low_precision(weight.dtype):
+            return None
+    return experts, adapters
+
+
+def _routed_forward(self, *args, **kwargs):
+    """Forward of an outermost expert ``ParamWrapper``: the routed path when it
+    applies to this call, peft's otherwise."""
+    found = routed_adapters(self) if not kwargs.get("adapter_names") else None
+    if found is None or len(args) + len(kwargs) != 3:
+        return type(self).forward(self, *args, **kwargs)
+    experts, adapters = found
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[name] for name in names[len(args):] if name in kwargs]
+    if len(values) != 3:
+        return type(self).forward(self, *args, **kwargs)
+    return routed_lora_experts_forward(experts, adapters, *values)
+
+
+def install_routed_lora_experts(model) -> list[str]:
+    """Give every outermost expert ``ParamWrapper`` of ``model`` the routed
+    forward; returns the class names of the experts modules it covers."""
+    try:
+        param_wrapper = _param_wrapper_class()
+    except ImportError:  # no peft: no expert adapters
+        return []
+    wrappers = [m for m in model.modules() if isinstance(m, param_wrapper)]
+    inner = {id(w.base_layer) for w in wrappers}
+    covered = []
+    for wrapper in wrappers:
+        if id(wrapper) in inner or wrapper.parameter_name not in EXPERT_PARAMETERS:
+            continue
+        # an instance attribute: the module tree, its names and state dict stay peft's
+        wrapper.forward = _routed_forward.__get__(wrapper)
+        covered.append(type(wrapper.get_base_layer()).__name__)
+    return covered

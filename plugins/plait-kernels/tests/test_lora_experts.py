@@ -1,0 +1,172 @@
+"""The routed LoRA experts path (plait_kernels.lora_experts) against peft's own.
+
+peft's ParamWrapper adds ``s * B_e @ A_e`` to every expert's weight and runs the
+experts; the routed path computes ``x @ W_e.T + s * (x @ A_e.T) @ B_e.T`` for
+the routed rows only. Both are the same float32 sums in another order:
+logits agree to 1e-5 absolute and every LoRA gradient to 1e-4 of its largest
+entry. On the CPU, torch's grouped GEMM runs when strides are 16-byte aligned
+(rank 4 in float32); rank 2 is not aligned, so its LoRA matmuls take the
+per-expert reference loop: both dispatches are checked against peft.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plait_kernels import lora_experts
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def tiny_qwen3_moe(seed: int = 0):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    return Qwen3MoeForCausalLM(config).float()
+
+
+def with_lora(model, r: int = 4, targets=EXPERTS):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                                                  target_parameters=targets))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B starts at zero; give it values so the LoRA term is not empty
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return peft_model
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+
+
+def logits_and_grads(model):
+    model.zero_grad()
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def count_calls(monkeypatch, name):
+    calls = []
+    original = getattr(lora_experts, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lora_experts, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("rank, lora_matmul", [(4, "grouped_mm"), (2, "reference loop")])
+def test_routed_path_equals_peft_in_logits_and_every_lora_gradient(rank, lora_matmul, monkeypatch):
+    model = with_lora(tiny_qwen3_moe(), r=rank)
+    assert model.base_model.model.config._experts_implementation == "grouped_mm"
+    peft_logits, peft_grads = logits_and_grads(model)
+
+    assert lora_experts.install_routed_lora_experts(model) == ["Qwen3MoeExperts"] * 2
+    routed = count_calls(monkeypatch, "routed_lora_experts_forward")
+    loops = count_calls(monkeypatch, "grouped_matmul_reference")
+    logits, grads = logits_and_grads(model)
+
+    assert len(routed) == 2  # both MoE layers took the routed path, not peft's
+    # per projection: base + two LoRA matmuls; the base is aligned, rank 2's LoRA operands are not
+    assert len(loops) == (0 if lora_matmul == "grouped_mm" else 2 * 2 * 2)
+    assert torch.allclose(logits, peft_logits, atol=1e-5, rtol=0)
+    expert_grads = [n for n in grads if ".experts." in n]
+    assert len(expert_grads) == 2 * 2 * 2  # A and B of gate_up_proj and down_proj, two layers
+    for name, grad in grads.items():
+        scale = peft_grads[name].abs().max()
+        assert scale > 0, name
+        assert (grad - peft_grads[name]).abs().max() <= 1e-4 * scale, name
+    frozen = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
+    assert frozen and all(p.grad is None for p in frozen)  # the base experts stay frozen
+
+
+def test_grouped_matmul_dispatch_and_reference_agree_with_empty_groups():
+    x = torch.randn(10, 8)
+    weight = torch.randn(4, 8, 12)
+    offsets = torch.tensor([3, 3, 9, 10], dtype=torch.int32)  # group 1 empty
+    expected = torch.cat([x[:3] @ weight[0], x[3:9] @ weight[2], x[9:] @ weight[3]])
+    assert lora_experts.grouped_mm_applies(x, weight)
+    assert torch.allclose(lora_experts.grouped_matmul(x, weight, offsets), expected, atol=1e-6)
+    assert torch.allclose(lora_experts.grouped_matmul_reference(x, weight, offsets), expected, atol=1e-6)
+    unaligned = torch.randn(4, 8, 6)  # rows of 24 bytes: torch's grouped GEMM refuses them
+    assert not lora_experts.grouped_mm_applies(x, unaligned)
+    assert torch.allclose(lora_experts.grouped_matmul(x, unaligned, offsets),
+                          torch.cat([x[:3] @ unaligned[0], x[3:9] @ unaligned[2], x[9:] @ unaligned[3]]), atol=1e-6)
+
+
+def test_cases_the_path_does_not_cover_run_peft(monkeypatch):
+    model = with_lora(tiny_qwen3_moe())
+    base_logits = model.base_model.model(input_ids=IDS).logits.detach()
+    with model.disable_adapter():
+        plain = model(input_ids=IDS).logits.detach()
+    lora_experts.install_routed_lora_experts(model)
+    routed = count_calls(monkeypatch, "routed_lora_experts_forward")
+    with model.disable_adapter():  # disabled adapters: peft's forward, the plain experts
+        assert torch.allclose(model(input_ids=IDS).logits, plain, atol=1e-6)
+    model.base_model.model.config._experts_implementation = "eager"  # another experts implementation
+    assert torch.allclose(model(input_ids=IDS).logits, base_logits, atol=1e-5)
+    assert routed == []
+
+
+def test_only_down_proj_adapted_still_equals_peft():
+    model = with_lora(tiny_qwen3_moe(), targets=["mlp.experts.down_proj"])
+    peft_logits, peft_grads = logits_and_grads(model)
+    lora_experts.install_routed_lora_experts(model)
+    logits, grads = logits_and_grads(model)
+    assert torch.allclose(logits, peft_logits, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        assert (grad - peft_grads[name]).abs().max() <= 1e-4 * peft_grads[name].abs().max(), name
+
+
+def test_training_lowers_the_loss_and_the_adapter_reloads_in_plain_peft(tmp_path):
+    from peft import PeftModel
+
+    model = with_lora(tiny_qwen3_moe())
+    lora_experts.install_routed_lora_experts(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.1, losses
+    model.save_pretrained(tmp_path / "adapter")
+    trained = model(input_ids=IDS).logits.detach()
+
+    reloaded = PeftModel.from_pretrained(tiny_qwen3_moe(), tmp_path / "adapter")  # same seed: same base
+    assert torch.allclose(reloaded(input_ids=IDS).logits, trained, atol=1e-5, rtol=0)
+
+
+def test_the_plugin_installs_it_when_asked_and_reports_it():
+    from plait.testing import build_run_config
+
+    from plait_kernels.plugin import patch_model
+    from plait_kernels.selection import routes_expert_lora
+
+    cfg, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "lora_experts_kernel": True})
+    assert routes_expert_lora(cfg)
+    model = with_lora(tiny_qwen3_moe())
+    report = patch_model(cfg=cfg, model=model)
+    assert report == {"Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"}
+    off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
+    assert not routes_expert_lora(off)  # the model's own code on request: nothing swapped
+
+
+def test_lora_experts_kernel_with_the_plugin_off_is_refused():
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
+
+    with pytest.raises(ConfigError, match=r"'lora_experts_kernel': true .* plait_kernels is 'off'"):
+        build_run_config({"base_model": "m", "plait_kernels": "off", "lora_experts_kernel": True})
