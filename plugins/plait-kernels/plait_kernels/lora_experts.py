@@ -134,7 +134,7 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     out = experts._apply_gate(out)
     down = experts.down_proj
     out = project(out, down, factors("down_proj", down), offsets, experts.is_transposed)
-    out = out * routing_weights[perm].unsqueeze(-1).to(out.dtype)
+    out = out * routing_weights[perm].unsqueeze(-1)  # as transformers: the router weights' dtype (fp32 sums)
     restored = torch.empty_like(out)
     restored[perm] = out  # back to (token, k) order
     return restored.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
