@@ -138,13 +138,17 @@ def test_a_kernels_plugin_run_trains_through_grouped_mm(tiny_moe, tmp_path):
     path = write_config(tmp_path / "c.yml", base_model=str(tiny_moe), plugins=[KERNELS_PLUGIN], use_scattermoe=True,
                         experts_implementation="scattermoe", bf16=False, datasets=[{"path": str(data),
                                                                                     "type": "alpaca"}],
-                        micro_batch_size=2, max_steps=2, learning_rate=1e-3, output_dir=str(tmp_path / "out"))
+                        micro_batch_size=2, max_steps=2, learning_rate=1e-3, output_dir=str(tmp_path / "out"),
+                        # LoRA on the experts too: plait-kernels' routed LoRA experts path (on CPU only when asked)
+                        adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
+                        lora_target_experts=True, lora_experts_kernel=True)
     result = run_cli(["train", str(path)])
     assert result.exit_code == 0, result.stderr[-2000:]
     log = result.stdout + result.stderr
     # what runs, said at the start: the mapping, then what the loaded model dispatches to
     assert "use_scattermoe: true -> experts_implementation: grouped_mm" in log
     assert "experts: 2 MoE blocks run their experts with transformers' grouped_mm function" in log
+    assert re.search(r"Qwen3MoeExperts x2.*plait torch lora_experts", log), log[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
