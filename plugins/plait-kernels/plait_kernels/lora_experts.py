@@ -64,11 +64,13 @@ def grouped_mm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     the backward reads as its gradient) are 16-byte aligned."""
     if _grouped_mm_function() is None or x.dtype != weight.dtype:
         return False
+    if torch.compiler.is_compiling() and weight.dtype != torch.bfloat16:
+        return False  # as transformers: inductor lowers the grouped GEMM for bf16 only
     if x.device.type == "cuda":
         if torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
-    elif x.device.type != "cpu":
-        return False
+    elif x.device.type != "cpu" or not hasattr(torch.nn.functional, "grouped_mm"):
+        return False  # torch < 2.10: the CPU grouped GEMM is missing or unreliable
     output_row = weight.shape[-1] * weight.element_size()
     return _aligned(x) and _aligned(weight) and output_row % 16 == 0
 
