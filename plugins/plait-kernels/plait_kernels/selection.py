@@ -93,14 +93,13 @@ def check_config(cfg) -> None:
 
 def routes_expert_lora(cfg) -> bool:
     """Whether the routed LoRA experts path (:mod:`plait_kernels.lora_experts`)
-    is installed: ``lora_experts_kernel`` when set, else with Plait's Triton
-    kernels. It is PyTorch code (grouped matmuls), so it needs no CUDA device."""
+    is installed: only when ``lora_experts_kernel: true`` asks for it. It is
+    exact against peft on the CPU but has not yet been timed or run on a GPU,
+    so it is not on by default until it has. PyTorch code (grouped matmuls):
+    it needs no CUDA device."""
     if cfg.plait_kernels == "off":
         return False
-    asked = getattr(cfg, "lora_experts_kernel", None)
-    if asked is not None:
-        return bool(asked)
-    return cfg.plait_kernels == "triton" or (cfg.plait_kernels == "auto" and _cuda_available())
+    return bool(getattr(cfg, "lora_experts_kernel", None))
 
 
 def runs_llama_mlp_layout(cfg) -> bool:
