@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -24,9 +25,30 @@ def lora_run(tmp_path_factory):
                           dataset_prepared_path=str(root / "prepared"), sequence_len=256, micro_batch_size=4,
                           max_steps=6, learning_rate=5e-3, val_set_size=4, adapter="lora", lora_r=4, lora_alpha=8,
                           lora_target_linear=True, output_dir=str(root / "out"))
+    show_library_bars_as_a_fresh_process_does()
     result = run_cli(["train", str(config)])
     assert result.exit_code == 0, result.stderr[-3000:]
+    assert_no_library_bars(result.stderr)
     return root, config, model
+
+
+#: transformers' and huggingface_hub's own bars; a quiet run shows Plait's bars only
+LIBRARY_BARS = ("Loading weights", "Writing model shards", "Loading checkpoint shards", "Fetching")
+
+
+def show_library_bars_as_a_fresh_process_does():
+    """An earlier in-process run may have hidden them for the whole process;
+    the check below must see what a new ``plait`` process would print."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    enable_progress_bars()
+    hf_logging.enable_progress_bar()
+
+
+def assert_no_library_bars(stderr: str) -> None:
+    shown = [bar for bar in LIBRARY_BARS if bar in stderr]
+    assert not shown, f"library progress bars in a quiet run: {shown}\n{stderr[-2000:]}"
 
 
 def test_train_command_writes_an_adapter_and_the_run_files(lora_run):
@@ -42,9 +64,13 @@ def test_train_command_writes_an_adapter_and_the_run_files(lora_run):
 
 def test_evaluate_prints_loss_and_perplexity_of_the_trained_model(lora_run):
     root, config, _ = lora_run
+    show_library_bars_as_a_fresh_process_does()
     trained = run_cli(["evaluate", str(config), "--json"])
-    base = run_cli(["evaluate", str(config), "--json", "--base"])
+    with warnings.catch_warnings():  # --verbose changes the process's warning filters
+        base = run_cli(["evaluate", str(config), "--json", "--base", "--verbose"])
     assert trained.exit_code == 0 and base.exit_code == 0, trained.stderr[-2000:] + base.stderr[-2000:]
+    assert_no_library_bars(trained.stderr)  # loading the model showed transformers' bar before
+    assert "Loading weights" in base.stderr  # --verbose shows every library's bars
     trained, base = json.loads(trained.stdout), json.loads(base.stdout)
     assert trained["split"] == "eval" and trained["rows"] == 4
     report = json.loads((root / "out" / "report.json").read_text())
@@ -85,6 +111,7 @@ def test_inference_reads_prompts_from_stdin(lora_run):
     result = subprocess.run([sys.executable, "-m", "plait.cli", "inference", str(config), "--max-new-tokens", "5"],
                             input="Reverse: a b c\nReverse: x y z\n", capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_no_library_bars(result.stderr)  # a new process, as a user runs it
     assert result.stdout.count("\n") == 2  # one answer line per prompt (a barely trained model may say little)
 
 

@@ -81,7 +81,7 @@ def build_parser(pm) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
     from plait.errors import PlaitError
-    from plait.logs import set_verbose, show_plait_logs
+    from plait.logs import set_verbose, show_library_bars, show_plait_logs, verbose
     from plait.plugins import build_plugin_manager
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None, *, extra_plugins=()) -> int:
             parser.print_help()
             return 0
         args.extra_plugins = list(extra_plugins)
+        show_library_bars(verbose())  # after parsing: --help imports no library
         return int(args.func(args, pm) or 0)
     except PlaitError as exc:
         if debug:

@@ -10,9 +10,10 @@ anyway). Other ranks than 0 of a distributed run print warnings only, so
 lines are not repeated once per process.
 
 Quiet by default: without ``--verbose`` the CLI hides other libraries'
-warnings (Python ``warnings`` and transformers' logger) and ``datasets``'
-progress bars other than the one for tokenizing, so a run shows one bar per
-stage. ``--verbose`` shows all of them.
+warnings (Python ``warnings`` and transformers' logger), transformers' and
+huggingface_hub's progress bars ("Loading weights", "Writing model shards")
+and ``datasets``' progress bars other than the one for tokenizing, so a run
+shows one bar per stage. ``--verbose`` shows all of them.
 """
 
 from __future__ import annotations
@@ -78,6 +79,32 @@ def set_verbose(on: bool) -> None:
 #: torchao reports the optional native libraries it could not load. A level set on
 #: these child loggers now holds after torch's logging sets up its parent's.
 QUIET_LIBRARY_LOGGERS = ("torch.utils._pytree", "torchao")
+
+
+def show_library_bars(on: bool) -> None:
+    """Show or hide transformers' and huggingface_hub's own tqdm bars (per-file
+    "Loading weights" and "Writing model shards", downloads); called by the CLI
+    once its arguments are parsed, so ``plait --help`` imports neither library.
+
+    ``datasets``' bars have a switch of their own (:mod:`plait.data.prepare`
+    decides those). transformers copies the hub's setting when it is first
+    imported, so a transformers imported already (by a plugin, or an earlier
+    in-process run) is switched as well. An ``HF_HUB_DISABLE_PROGRESS_BARS``
+    the user exported has priority: the hub keeps to it, and so does this.
+    """
+    import warnings
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    with warnings.catch_warnings():  # the hub warns when the user's variable overrules the call
+        warnings.simplefilter("ignore")
+        (enable_progress_bars if on else disable_progress_bars)()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hidden = are_progress_bars_disabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (hf_logging.disable_progress_bar if hidden else hf_logging.enable_progress_bar)()
 
 
 def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:

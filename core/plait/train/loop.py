@@ -66,6 +66,7 @@ from plait.data.batching import materialize, plan_batches, row_lengths, to_devic
 from plait.data.packing import sample_packing_efficiency
 from plait.data.prepare import prepare_datasets
 from plait.errors import ConfigError, PluginError, TrainingError
+from plait.logs import verbose
 from plait.model.batch import drop_full_attention_mask
 from plait.model.forward import forward_hidden, forward_logits, head_plan
 from plait.model.head import logits_cross_entropy
@@ -223,7 +224,8 @@ def train(cfg, pm, *, data=None) -> Run:
     ``data`` (an object with ``.train`` and ``.eval`` datasets of tokenized
     rows) skips dataset preparation; tests use it.
     """
-    hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
+    if not verbose():
+        hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
     world = init_distributed()
     run = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=world)
     try:
