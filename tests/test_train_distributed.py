@@ -9,6 +9,7 @@ DDP's gradient averaging the weights match within float tolerance.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,8 +93,11 @@ def test_two_process_packed_run_resumed_mid_epoch_ends_like_an_uninterrupted_one
         return result
 
     torchrun(config("whole", 4))
-    torchrun(config("first_half", 2))  # stops after checkpoint-2, mid-epoch
-    resumed = torchrun(config("resumed", 4), f"resume_from_checkpoint={tmp_path / 'first_half' / 'checkpoint-2'}")
+    # the resumed run starts from the uninterrupted run's own checkpoint-2 (save_steps: 2), written mid-epoch
+    # (a run stopped there would write the same one, at one more launch of two processes)
+    state = json.loads((tmp_path / "whole" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2), state
+    resumed = torchrun(config("resumed", 4), f"resume_from_checkpoint={tmp_path / 'whole' / 'checkpoint-2'}")
     assert "resumed from" in resumed.stderr
     whole = load_file(str(tmp_path / "whole" / "model.safetensors"))
     again = load_file(str(tmp_path / "resumed" / "model.safetensors"))
