@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import subprocess
 import sys
 import warnings
 
@@ -106,12 +106,14 @@ def test_merge_lora_of_a_full_finetune_says_there_is_no_adapter(lora_run, tmp_pa
     assert result.exit_code == 2 and "holds no LoRA adapter" in result.stderr
 
 
-def test_inference_reads_prompts_from_stdin(lora_run):
+def test_inference_reads_prompts_from_stdin(lora_run, monkeypatch):
+    # in this process (a new one only adds the imports: the resume tests run `plait train` as one)
     root, config, _ = lora_run
-    result = subprocess.run([sys.executable, "-m", "plait.cli", "inference", str(config), "--max-new-tokens", "5"],
-                            input="Reverse: a b c\nReverse: x y z\n", capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_no_library_bars(result.stderr)  # a new process, as a user runs it
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Reverse: a b c\nReverse: x y z\n"))  # not a terminal
+    show_library_bars_as_a_fresh_process_does()
+    result = run_cli(["inference", str(config), "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert_no_library_bars(result.stderr)
     assert result.stdout.count("\n") == 2  # one answer line per prompt (a barely trained model may say little)
 
 
