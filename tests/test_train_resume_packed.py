@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plait.testing import make_tiny_model, write_config, write_jsonl
+from plait.testing import make_tiny_model, run_cli, write_config, write_jsonl
 
 # reuse the unpacked resume test's helpers (pytest's importlib mode does not put tests/ on sys.path)
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,8 +55,9 @@ def test_packed_sigkill_then_resume_is_bit_identical(setup):
 def test_changed_packing_setting_on_resume_is_refused(setup):
     root, config = setup
     checkpoint = root / "reference" / "checkpoint-2"
-    result = plait_train(config("changed", sequence_len=256), f"resume_from_checkpoint={checkpoint}")
-    assert result.returncode != 0
+    # in this process: a refusal needs no new interpreter (the test above runs real ones)
+    result = run_cli(["train", str(config("changed", sequence_len=256)), f"resume_from_checkpoint={checkpoint}"])
+    assert result.exit_code != 0
     assert "would not continue the same epoch" in result.stderr
     assert "sequence_len: 128 -> 256" in result.stderr
 
