@@ -220,6 +220,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--ckpt-root", default=None, help="save checkpoints of scenarios that save, here")
     parser.add_argument("--load", default=None, help="NAME=DIR: run NAME resuming from DIR for the remaining steps")
+    parser.add_argument("--other-model", action="append", default=[], metavar="LABEL=DIR:SCENARIOS",
+                        help="also run SCENARIOS (comma-separated) on the model in DIR, reported as LABEL/NAME; "
+                             "one launch checks several families (the start-up dominates)")
     args = parser.parse_args(argv)
 
     import torch.distributed as dist
@@ -234,6 +237,12 @@ def main(argv=None) -> None:
         results["layout:" + name] = info["layout"]
         results["checkpointed:" + name] = info["checkpointed"]
         results["norms:" + name] = info["grad_norms"]
+    for other in args.other_model:
+        label, rest = other.split("=", 1)
+        model_dir, names = rest.rsplit(":", 1)
+        for name in names.split(","):
+            keys, lora, _ = SCENARIOS[name]
+            results[f"{label}/{name}"] = train_curve(model_dir, keys, lora, distributed=True)
     if args.load:
         name, load_dir = args.load.split("=", 1)
         keys, lora, _ = SCENARIOS[name]

@@ -49,10 +49,21 @@ def torchrun(nproc, model_dir, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
+def qwen2_dir(tiny_model_dir, tmp_path_factory):
+    """Another family: q/k/v biases and tied embeddings (test_qwen2_with_tied_embeddings_and_biases)."""
+    from plait.testing import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("qwen2") / "model", tiny_model_dir, family="qwen2",
+                               tie_word_embeddings=True))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, qwen2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     ckpt = root / "ckpt"
-    two = torchrun(2, tiny_model_dir, root / "two.json", "--scenarios", ",".join(TWO), "--ckpt-root", str(ckpt))
+    # the qwen2 layouts ride along in the two-process launch: each launch costs seconds of start-up
+    two = torchrun(2, tiny_model_dir, root / "two.json", "--scenarios", ",".join(TWO), "--ckpt-root", str(ckpt),
+                   "--other-model", f"qwen2={qwen2_dir}:tp,fsdp")
     four = torchrun(4, tiny_model_dir, root / "four.json", "--scenarios", ",".join(FOUR),
                     "--load", f"fsdp={ckpt / 'fsdp'}")
     reference, norms = {}, {}
@@ -131,14 +142,11 @@ def test_merge_sharded_rejects_incomplete_checkpoint(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "plait_sharded.json" in result.stderr
 
 
-def test_qwen2_with_tied_embeddings_and_biases(tmp_path, tiny_model_dir):
+def test_qwen2_with_tied_embeddings_and_biases(runs, qwen2_dir):
     """Another family: q/k/v biases split with their weights, and the tied
     embedding/head parameter stays one parameter under TP and FSDP2."""
-    from plait.testing import make_tiny_model
-
-    model_dir = str(make_tiny_model(tmp_path / "qwen2", tiny_model_dir, family="qwen2", tie_word_embeddings=True))
-    got = torchrun(2, model_dir, tmp_path / "qwen.json", "--scenarios", "tp,fsdp")
-    expected = train_curve(model_dir, {}, False, distributed=False)
+    expected = train_curve(qwen2_dir, {}, False, distributed=False)
     for name in ("tp", "fsdp"):
-        assert got[name] == pytest.approx(expected, abs=TOLERANCE)
-        assert got[name][-1] < got[name][0] - 0.02
+        got = runs[f"qwen2/{name}"]
+        assert got == pytest.approx(expected, abs=TOLERANCE)
+        assert got[-1] < got[0] - 0.02
