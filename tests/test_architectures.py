@@ -10,7 +10,8 @@ and the mechanisms behind it, on tiny random models of transformers' own classes
   that scales its logits (Cohere) trains on its own logits;
 * LoRA targets: GPT-2's ``Conv1D`` is adapted, an MoE router subclassing
   ``nn.Linear`` is not, nor a Mamba ``out_proj`` peft refuses;
-* packing: recurrent state is found by a packed test batch and refused;
+* packing: recurrent state is found by a packed test batch, and recurrent layers then run one
+  packed row at a time (refused where that is not exact);
   RoBERTa's position offset is found by a probe and packed rows get it;
   BART-style decoders, whose forward takes no position_ids, get them through
   the position-embedding module a probe finds;
@@ -47,7 +48,7 @@ def loaded(model_dir, **keys):
 #: types of the CI sample and the packing outcome each must have
 SAMPLE = {
     "llama": "pass", "gpt2": "pass", "opt": "pass", "cohere": "pass", "gemma2": "pass", "bert": "pass",
-    "phi": "pass", "qwen3": "pass", "qwen3_moe": "pass", "jamba": "refused",
+    "phi": "pass", "qwen3": "pass", "qwen3_moe": "pass", "jamba": "pass",
 }
 
 
@@ -129,13 +130,36 @@ def test_generic_lora_targets_adapt_conv1d_but_not_routers_or_refused_mixers(tmp
     assert not any(n.endswith("mamba.out_proj") for n in falcon_h1), sorted(falcon_h1)
 
 
-@pytest.mark.parametrize("model_type, why", [
-    ("jamba", "carry state along the sequence"),                         # the Mamba state runs across the boundary
-])
-def test_packing_that_would_leak_is_refused_after_load(model_type, why, tmp_path, tokenizer_dir):
-    model_dir = tiny(model_type, tmp_path, tokenizer_dir)
-    with pytest.raises(ConfigError, match=rf"sample_packing: packed rows are not kept apart by this model \(.*{why}"):
-        loaded(model_dir, sample_packing=True)
+def test_recurrent_layers_run_one_packed_row_at_a_time(tmp_path, tokenizer_dir):
+    """Jamba's Mamba state runs across packed rows; Plait runs its mixers one
+    packed row at a time (right-padded, gathered back into packed order). Three
+    bins of different layouts (one padded) give every row's logits as run
+    alone, gradients reach the mixers, and without the route the load-time
+    probe finds the leak and packing is refused."""
+    import torch
+
+    from plait.data.packing import collate_packed, packed_rows_leak
+    from plait.model.forward import _SEGMENT_MIXERS, forward_logits, segment_mixers
+
+    run = loaded(tiny("jamba", tmp_path, tokenizer_dir), sample_packing=True)
+    mixers = segment_mixers(run.model)
+    assert mixers and all(type(run.model.get_submodule(n)).__name__ == "JambaMambaMixer" for n in mixers), mixers
+    rows = [list(range(10 + n, 10 + 2 * n)) for n in (5, 7, 6, 3, 9)]
+    bins = [{"input_ids": rows[0] + rows[1], "labels": rows[0] + rows[1], "seq_lens": [5, 7]},
+            {"input_ids": rows[2] + rows[3], "labels": rows[2] + rows[3], "seq_lens": [6, 3]},
+            {"input_ids": rows[4], "labels": rows[4], "seq_lens": [9]}]
+    batch = collate_packed(bins, 0, run.cfg.attn_implementation)
+    del batch["labels"]
+    together = forward_logits(run.model, batch).logits
+    with torch.no_grad():
+        alone = [run.model(input_ids=torch.tensor([row])).logits[0] for row in rows]
+    for b, expected in enumerate([torch.cat(alone[:2]), torch.cat(alone[2:4]), alone[4]]):
+        torch.testing.assert_close(together[b, :len(expected)], expected.detach(), rtol=1e-4, atol=1e-5)
+    together.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for n in mixers for p in run.model.get_submodule(n).parameters() if p.requires_grad)
+    setattr(run.model, _SEGMENT_MIXERS, None)
+    assert "carry state along the sequence" in packed_rows_leak(run.cfg, run.model)
 
 
 def test_roberta_loads_as_a_decoder_and_packs_with_its_position_offset(tmp_path, tokenizer_dir):

@@ -4,7 +4,8 @@
 ``config`` right after ``load_model``, so a hub name cannot skip it.
 
 Refused: layers that mix tokens across rows whatever the mask (linear
-attention, convolutions), and models that cannot take Plait's packed inputs at
+attention, convolutions) in a model without recurrent modules that could run
+one packed row at a time, and models that cannot take Plait's packed inputs at
 all (Falcon's ALiBi folded into its mask, or a forward without ``position_ids``
 and no position module to give them to; transformers otherwise fails deep
 inside with ``too many values to unpack``). BLOOM, whose ALiBi comes from the

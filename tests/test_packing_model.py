@@ -223,9 +223,16 @@ def test_validate_config_refuses_what_cannot_be_isolated(tmp_path, model_dir):
     config = json.loads((windowed / "config.json").read_text())
     config["layer_types"] = ["full_attention", "linear_attention"]  # recurrent state runs across packed rows
     (windowed / "config.json").write_text(json.dumps(config))
+    # which modules carry the state is known once loaded (recurrent ones may run one packed row at a time):
+    # a model with none of those is refused then, by the layer types its config names
+    from transformers import AutoModelForCausalLM
+
+    from plait.data.packing import check_loaded_model
+
+    cfg, _ = build_run_config({"base_model": str(windowed), "sample_packing": True, "sequence_len": 64})
     with pytest.raises(ConfigError, match=r"sample_packing with sdpa attention: packed rows would not be kept apart "
                                           r"\(layer_types \['linear_attention'\]: .*recurrent state"):
-        build_run_config({"base_model": str(windowed), "sample_packing": True, "sequence_len": 64})
+        check_loaded_model(cfg, AutoModelForCausalLM.from_pretrained(windowed))
     # fine without packing, and for a plain causal model
     build_run_config({"base_model": str(windowed), "sequence_len": 64})
     build_run_config({"base_model": str(model_dir), "sample_packing": True})

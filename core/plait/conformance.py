@@ -307,7 +307,19 @@ def check_packing(model_dir, work) -> str:
     if packed_n != alone_n or not math.isclose(packed_loss, alone_loss, rel_tol=1e-4, abs_tol=1e-4):
         raise Mismatch(f"packed loss {packed_loss:.6f} ({packed_n} tokens) != rows alone {alone_loss:.6f} "
                        f"({alone_n} tokens): packed rows leak into each other")
+    try:
+        from plait.model.forward import segment_mixers
+    except ImportError:  # a Plait without the per-row route (the sweep's "before" numbers)
+        return f"packed == unpacked ({packed_loss:.4f})"
+    mixers = segment_mixers(run.model)
+    if mixers:
+        kinds = sorted({type(run.model.get_submodule(n)).__name__ for n in mixers})
+        return f"packed == unpacked ({packed_loss:.4f}); {PER_ROW_NOTE}: {', '.join(kinds[:3])}"
     return f"packed == unpacked ({packed_loss:.4f})"
+
+
+#: what a packing pass says when the model's recurrent layers run one packed row at a time (the matrix reads it)
+PER_ROW_NOTE = "recurrent layers run one packed row at a time"
 
 
 def _train(model_dir, out_dir, **extra):

@@ -540,7 +540,12 @@ def check_packing_support(cfg, model=None) -> None:
     else:
         model_config = model.config.to_dict()
     why = alibi_from_padding_mask(model_config)
-    if why is None and model is not None and not takes_position_ids(model) and not alibi_attention(model_config):
+    from plait.model.forward import segment_mixers
+
+    # recurrent layers run one packed row at a time (record_segment_mixers): the rows reach them whatever the inputs
+    per_row = model is not None and segment_mixers(model) is not None
+    if why is None and model is not None and not takes_position_ids(model) and not alibi_attention(model_config) \
+            and not per_row:
         # (an ALiBi model needs no position_ids: its positions are key distances, per row under the mask)
         from plait.model.forward import position_module
 
@@ -556,7 +561,8 @@ def check_packing_support(cfg, model=None) -> None:
             f"set {' and '.join(k + ': false' for k in keys.split(' / '))}"
         )
     if attn != "flash_attention_2" and not is_varlen_attention(attn):
-        why = crossing_layers(model_config)
+        # which modules carry the state is known only once loaded (the load-time check refuses or routes them)
+        why = crossing_layers(model_config) if model is not None and not per_row else None
         if why:
             raise ConfigError(f"{keys} with {attn} attention: packed rows would not be kept apart ({why}); "
                               f"set {' and '.join(k + ': false' for k in keys.split(' / '))}")
@@ -592,13 +598,27 @@ def check_loaded_model(cfg, model) -> None:
     ``model`` when the run packs (train or eval); the loop calls it right after
     ``load_model``, with the model on its device."""
     if cfg.sample_packing or cfg.eval_sample_packing:
-        from plait.model.forward import (forget_layer_masks, mark_masks_from_positions, record_layer_masks,
-                                         record_position_module, record_position_offset)
+        from plait.model.forward import (forget_layer_masks, forget_segment_mixers, mark_masks_from_positions,
+                                         record_layer_masks, record_position_module, record_position_offset,
+                                         record_segment_mixers)
 
         if not takes_position_ids(model):
             # BART-style decoders: the packed positions go to their position-embedding module instead
             record_position_module(model)
-        check_packing_support(cfg, model)
+        forget_segment_mixers(model)
+        try:
+            check_packing_support(cfg, model)
+            refusal = None
+        except ConfigError as exc:
+            # recurrent or convolutional layers: maybe exact when they run one packed row at a time
+            if not record_segment_mixers(model):
+                raise
+            refusal = exc
+            try:
+                check_packing_support(cfg, model)  # what else it refuses still stands
+            except ConfigError:
+                forget_segment_mixers(model)
+                raise
 
         # RoBERTa-style models count positions from padding_idx + 1: packed rows must too
         record_position_offset(model)
@@ -608,6 +628,15 @@ def check_loaded_model(cfg, model) -> None:
             mark_masks_from_positions(model)
         keys = "sample_packing" + (" / eval_sample_packing" if cfg.eval_sample_packing else "")
         why = packed_rows_leak(cfg, model)
+        if refusal is not None:
+            if why:
+                from plait.model.forward import segment_mixers, unwrap
+
+                kinds = sorted({type(unwrap(model).get_submodule(n)).__name__ for n in segment_mixers(model)})
+                forget_segment_mixers(model)
+                raise ConfigError(f"{refusal} (running its {', '.join(kinds[:3])} modules one packed row at a "
+                                  f"time does not make them exact either: {why})") from None
+            return
         if why and record_layer_masks(model, _mask_builder(attn, model)):
             # the model's forward could not take the packed mask (BLOOM's ALiBi, GPT-1's own 4-D extension):
             # its decoder layers get it instead, if that is exact
@@ -615,6 +644,12 @@ def check_loaded_model(cfg, model) -> None:
                 why = None
             else:
                 forget_layer_masks(model)
+        if why and record_segment_mixers(model):
+            # recurrent or convolutional state crosses the rows: run those modules one packed row at a time
+            if packed_rows_leak(cfg, model) is None:
+                why = None
+            else:
+                forget_segment_mixers(model)
         if why:
             what = ("this model cannot run a packed batch (its attention does not take Plait's packed inputs)"
                     if why.startswith(PACKED_BATCH_FAILED) else "packed rows are not kept apart by this model")
@@ -639,17 +674,13 @@ def _mask_builder(attn: str, model):
 PACKED_BATCH_FAILED = "a packed test batch failed"
 
 
-#: model classes whose sequence mixing is not attention: state carried along the
-#: sequence crosses row boundaries whatever the mask says (named in the refusal)
-RECURRENT_HINTS = ("Mamba", "Mixer", "Recurrent", "Rglru", "ShortConv", "LinearAttention", "GatedDeltaNet",
-                   "Rwkv", "Conv1d", "Lightning", "Ssm")
-
-
 def recurrent_layer_kinds(model) -> list[str]:
     """Class names of the model's modules that look recurrent or convolutional
-    (:data:`RECURRENT_HINTS`): named in a refusal as the likely cause. The
+    (:data:`plait.model.forward.RECURRENT_HINTS`): named in a refusal as the likely cause. The
     models themselves (``MambaForCausalLM``, ``MambaModel``) are not layers."""
     from transformers import PreTrainedModel
+
+    from plait.model.forward import RECURRENT_HINTS
 
     return sorted({type(m).__name__ for m in model.modules() if not isinstance(m, PreTrainedModel)
                    and any(h.lower() in type(m).__name__.lower() for h in RECURRENT_HINTS)})

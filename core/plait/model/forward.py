@@ -657,6 +657,15 @@ def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
     (:func:`mark_masks_from_positions`)."""
     causal_lm = unwrap(model)
     handles = []
+    mixers = getattr(causal_lm, _SEGMENT_MIXERS, None)
+    if mixers:
+        # recurrent / convolutional modules run one packed row at a time (record_segment_mixers)
+        packed = inputs.get("position_ids") is not None
+        seg = packed_segments(inputs["position_ids"]) if packed else None
+        handles += [install_segment_runs(causal_lm.get_submodule(name), seg) for name in mixers]
+        if packed and not _takes(causal_lm, "position_ids") and getattr(causal_lm, _POSITION_MODULE, None) is None:
+            # a purely recurrent model (Mamba, RWKV): no positions, no attention; the rows are all it needs
+            inputs = {k: v for k, v in inputs.items() if k not in _PACKED_ATTENTION_KEYS}
     positions_at = getattr(causal_lm, _POSITION_MODULE, None)
     if inputs.get("position_ids") is not None and positions_at is not None:
         # forward takes no position_ids: they reach the module that computes the model's positions
@@ -731,3 +740,236 @@ def forward_logits(model, inputs: dict):
 
 def _returns_router_logits(model) -> bool:
     return bool(getattr(getattr(unwrap(model), "config", None), "output_router_logits", False))
+
+
+#: model classes whose sequence mixing is not attention: state carried along the
+#: sequence crosses row boundaries whatever the mask says (named in the refusal)
+RECURRENT_HINTS = ("Mamba", "Mixer", "Recurrent", "Rglru", "ShortConv", "LinearAttention", "GatedDeltaNet",
+                   "Rwkv", "Conv1d", "Lightning", "Ssm")
+
+
+#: where :func:`record_segment_mixers` keeps its answer on the causal LM
+_SEGMENT_MIXERS = "_plait_segment_mixers"
+
+#: the packed batch's fields a model without positions or attention does not take
+_PACKED_ATTENTION_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                          "max_length_k")
+
+
+def segment_mixer_candidates(causal_lm) -> list[str]:
+    """Names of the modules a packed batch would run one sequence at a time:
+    the outermost modules, inside the decoder layers, whose class looks
+    recurrent or convolutional (:data:`RECURRENT_HINTS`, or
+    the transformers module holding a ``torch.nn.Conv1d``).
+
+    A decoder layer (an element of a ``ModuleList``) is not taken whole: it may
+    return per-batch extras (an MoE's router logits over every token) that
+    could not be put back in packed order. torch's own classes (the
+    ``Conv1d`` itself, whose input is ``[batch, channels, seq]``), norms (per
+    token, named after the family: ``MambaRMSNorm``) and the models are not
+    candidates either. Whether running them per sequence makes
+    packing exact is proved by :func:`plait.data.packing.packed_rows_leak`."""
+    import torch
+    from transformers import PreTrainedModel
+
+    layers = {id(layer) for m in causal_lm.modules() if isinstance(m, torch.nn.ModuleList) for layer in m}
+    holds_conv = {id(m) for m in causal_lm.modules()
+                  if any(isinstance(child, torch.nn.Conv1d) for child in m.children())}
+
+    def candidate(module) -> bool:
+        name = type(module).__name__.lower()
+        if isinstance(module, PreTrainedModel) or type(module).__module__.startswith("torch.") \
+                or id(module) in layers or name.endswith("norm"):  # a norm is per token (MambaRMSNorm: the family)
+            return False
+        return id(module) in holds_conv or any(h.lower() in name for h in RECURRENT_HINTS + ("Lstm",))
+
+    chosen: list[str] = []
+    for name, module in causal_lm.named_modules():
+        if name and candidate(module) and not any(name.startswith(c + ".") for c in chosen):
+            chosen.append(name)
+    return chosen
+
+
+def record_segment_mixers(model) -> list[str] | None:
+    """Remember that packed batches run the model's recurrent or convolutional
+    modules (:func:`segment_mixer_candidates`) one packed row at a time
+    (:func:`install_segment_runs`), and return their names (``None`` when
+    there are none). The caller proves the route with the packed isolation
+    check and calls :func:`forget_segment_mixers` when it fails."""
+    causal_lm = unwrap(model)
+    names = segment_mixer_candidates(causal_lm) or None
+    setattr(causal_lm, _SEGMENT_MIXERS, names)
+    return names
+
+
+def forget_segment_mixers(model) -> None:
+    """Undo :func:`record_segment_mixers`."""
+    causal_lm = unwrap(model)
+    for name in getattr(causal_lm, _SEGMENT_MIXERS, None) or ():
+        remove_segment_runs(causal_lm.get_submodule(name))
+    setattr(causal_lm, _SEGMENT_MIXERS, None)
+
+
+def segment_mixers(model) -> list[str] | None:
+    """What :func:`record_segment_mixers` recorded for ``model`` (``None``: not in use)."""
+    return getattr(unwrap(model), _SEGMENT_MIXERS, None)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Where the packed rows of a ``[batch, seq]`` micro-batch lie, as gather
+    indices (:func:`packed_segments`)."""
+
+    batch: int
+    seq: int
+    #: ``[n, longest]``: bin and position in the packed batch of each segment's token
+    #: (padding slots past a segment's end repeat its last token)
+    bin_index: object
+    pos_index: object
+    #: ``[n, longest]`` bool: a real token of the segment, not right padding
+    real: object
+    #: ``[batch, seq]``: segment and slot of each packed token (the way back)
+    seg_of: object
+    slot_of: object
+
+
+def packed_segments(position_ids) -> Segments:
+    """The packed rows of a micro-batch, found where ``position_ids`` restart
+    at 0 (core's collation restarts them per row and for the padding tail,
+    :func:`plait.data.packing.collate_packed`)."""
+    import torch
+
+    batch, seq = position_ids.shape
+    device = position_ids.device
+    starts = position_ids == 0
+    starts[:, 0] = True
+    bins, begins = starts.nonzero(as_tuple=True)
+    flat_begin = bins * seq + begins
+    flat_end = torch.cat([flat_begin[1:], flat_begin.new_tensor([batch * seq])])
+    flat_end = torch.minimum(flat_end, (bins + 1) * seq)  # a segment ends with its bin
+    lengths = flat_end - flat_begin
+    longest = int(lengths.max())
+    slots = torch.arange(longest, device=device)
+    flat = flat_begin[:, None] + torch.minimum(slots[None], lengths[:, None] - 1)
+    seg_of = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths).view(batch, seq)
+    slot_of = (torch.arange(batch * seq, device=device) - torch.repeat_interleave(flat_begin, lengths)).view(batch, seq)
+    return Segments(batch, seq, flat // seq, flat % seq, slots[None] < lengths[:, None], seg_of, slot_of)
+
+
+def _split_mask(mask, seg: Segments):
+    """A packed attention mask for ``[n, longest]`` segments: a 2-D padding mask
+    is cut like the tokens (right padding masked), a 4-D ``[batch, heads, seq,
+    seq]`` mask keeps each segment's own block (right padding sees only itself)."""
+    import torch
+
+    if mask.dim() == 2:
+        return seg.real.to(mask.dtype) * mask[seg.bin_index, seg.pos_index]
+    rows = mask[seg.bin_index[:, :, None], :, seg.pos_index[:, :, None], seg.pos_index[:, None, :]]
+    rows = rows.permute(0, 3, 1, 2)  # [n, heads, longest, longest]
+    pad = ~(seg.real[:, :, None] & seg.real[:, None, :])
+    eye = torch.eye(rows.shape[-1], dtype=torch.bool, device=rows.device)
+    if rows.dtype == torch.bool:
+        return rows.masked_fill(pad[:, None], False) | (eye & ~seg.real[:, :, None])[:, None]
+    low = torch.finfo(rows.dtype).min
+    return rows.masked_fill(pad[:, None], low).masked_fill((eye & ~seg.real[:, :, None])[:, None], 0)
+
+
+def _split_value(value, seg: Segments, name: str = ""):
+    """An argument of a module call, cut into segments where it is per token."""
+    import torch
+
+    if isinstance(value, (tuple, list)):
+        return type(value)(_split_value(v, seg) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if name == "attention_mask" and value.dim() in (2, 4) and value.shape[-1] == seg.seq:
+        return _split_mask(value, seg)
+    if value.dim() >= 2 and value.shape[1] == seg.seq and value.shape[0] in (seg.batch, 1):
+        return value.expand(seg.batch, *value.shape[1:])[seg.bin_index, seg.pos_index]
+    if value.dim() == 1 and value.shape[0] == seg.seq and not value.is_floating_point() \
+            and torch.equal(value, torch.arange(seg.seq, device=value.device)):
+        return torch.arange(seg.real.shape[1], device=value.device)  # cache_position
+    return value
+
+
+def _join_value(value, seg: Segments):
+    """A module's output put back in packed order where it is per segment token."""
+    import torch
+
+    if isinstance(value, (tuple, list)):
+        return type(value)(_join_value(v, seg) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == seg.real.shape:
+        return value[seg.seg_of, seg.slot_of]
+    return value
+
+
+#: where :func:`install_segment_runs` keeps a module's current packed rows
+_ROWS = "_plait_packed_rows"
+
+
+class _PerSegmentForward:
+    """A module's forward that runs the packed rows of :data:`_ROWS` one at a
+    time (:func:`install_segment_runs`), or the module's own forward when it
+    has none or the input is not that batch."""
+
+    def __init__(self, module, original):
+        self.module, self.original = weakref.ref(module), original
+
+    def __call__(self, *args, **kwargs):
+        import inspect
+
+        import torch
+
+        seg = getattr(self.module(), _ROWS, None)
+        hidden = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        if seg is None or hidden is None or tuple(hidden.shape[:2]) not in ((seg.batch, seg.seq), (1, seg.seq)):
+            return self.original(*args, **kwargs)
+        try:
+            names = list(inspect.signature(self.original).parameters)
+        except (TypeError, ValueError):
+            names = []
+        args = tuple(_split_value(a, seg, names[i] if i < len(names) else "") for i, a in enumerate(args))
+        kwargs = {k: _split_value(v, seg, k) for k, v in kwargs.items()}
+        return _join_value(self.original(*args, **kwargs), seg)
+
+
+class _SegmentRun:
+    """An installed :func:`install_segment_runs`; ``remove()`` gives the module
+    its earlier rows back after a forward without gradients."""
+
+    def __init__(self, module, previous, keep: bool):
+        self.module, self.previous, self.keep = module, previous, keep
+
+    def remove(self) -> None:
+        if not self.keep:
+            setattr(self.module, _ROWS, self.previous)
+
+
+def install_segment_runs(module, seg: "Segments | None") -> _SegmentRun:
+    """Make ``module`` run each packed row of ``seg`` as its own sequence
+    (``None``: an unpacked batch, its own forward as it is).
+
+    Per-token arguments are gathered into ``[rows, longest, ...]`` with right
+    padding, the module's own forward runs once on them, and per-token outputs
+    are gathered back into packed order. A causal module's output at a real
+    token does not depend on the padding after it, so this equals running the
+    rows apart. Cache arguments stay as given (None in training).
+
+    The rows of a forward with gradients stay on the module after it: gradient
+    checkpointing runs the layer again in the backward, which must cut the
+    same rows; the next forward replaces them. A forward without gradients
+    (a reference model's, an eval batch's) puts the earlier rows back."""
+    import torch
+
+    if not isinstance(module.__dict__.get("forward"), _PerSegmentForward):
+        module.forward = _PerSegmentForward(module, module.forward)
+    previous = getattr(module, _ROWS, None)
+    setattr(module, _ROWS, seg)
+    return _SegmentRun(module, previous, keep=torch.is_grad_enabled())
+
+
+def remove_segment_runs(module) -> None:
+    """Give ``module`` its own forward back (:func:`forget_segment_mixers`)."""
+    if isinstance(module.__dict__.get("forward"), _PerSegmentForward):
+        del module.__dict__["forward"]
+    module.__dict__.pop(_ROWS, None)
