@@ -370,7 +370,9 @@ def test_collector_paused_restores_the_collector(tokenizer):
         frozen = gc.get_freeze_count()
         with collector_paused():
             pass
-        assert gc.get_freeze_count() == frozen and gc.isenabled()
+        # an unfreeze would have emptied the permanent generation; frozen objects freed by reference
+        # counting meanwhile (a full suite has such temporaries) only lower the count by a few
+        assert frozen - 1000 < gc.get_freeze_count() <= frozen and gc.isenabled()
     finally:
         gc.unfreeze()
     gc.disable()
