@@ -33,9 +33,13 @@ def test_help_does_not_import_torch_and_is_fast():
         "    cli.main(['--help'])\n"
         "print('torch' in sys.modules, time.time() - start)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[0] == "False", "plait --help imported torch"
-    assert float(out[1]) < 0.5, f"plait --help took {out[1]} s"
+    # the best of three: one run on a busy 2-core machine can take twice as long (0.51 s once in CI
+    # against ~0.3 s quiet), while importing torch by mistake costs seconds in every run
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(3)]
+    assert all(out[0] == "False" for out in runs), "plait --help imported torch"
+    fastest = min(float(out[1]) for out in runs)
+    assert fastest < 0.5, f"plait --help took {fastest} s at best of three"
     start = time.time()
     subprocess.run(PLAIT + ["--help"], capture_output=True, check=True)
     assert time.time() - start < 2.0  # the interpreter start included; the import itself is checked above
