@@ -130,31 +130,46 @@ def test_generic_lora_targets_adapt_conv1d_but_not_routers_or_refused_mixers(tmp
     assert not any(n.endswith("mamba.out_proj") for n in falcon_h1), sorted(falcon_h1)
 
 
+def three_packed_bins(pad_id: int, attn_implementation):
+    """Five rows of token ids and a batch (no labels) of three packed bins of
+    different layouts: rows 0+1, rows 2+3, and row 4 alone (padded)."""
+    from plait.data.packing import collate_packed
+
+    rows = [list(range(10 + n, 10 + 2 * n)) for n in (5, 7, 6, 3, 9)]
+    bins = [{"input_ids": rows[0] + rows[1], "labels": rows[0] + rows[1], "seq_lens": [5, 7]},
+            {"input_ids": rows[2] + rows[3], "labels": rows[2] + rows[3], "seq_lens": [6, 3]},
+            {"input_ids": rows[4], "labels": rows[4], "seq_lens": [9]}]
+    batch = collate_packed(bins, pad_id, attn_implementation)
+    del batch["labels"]
+    return rows, batch
+
+
+def assert_each_bin_is_its_rows_alone(model, together, rows):
+    """Every bin of :func:`three_packed_bins`' logits equals its rows' logits
+    with each row run alone."""
+    import torch
+
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([row])).logits[0] for row in rows]
+    for b, expected in enumerate([torch.cat(alone[:2]), torch.cat(alone[2:4]), alone[4]]):
+        torch.testing.assert_close(together[b, :len(expected)].detach(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_recurrent_layers_run_one_packed_row_at_a_time(tmp_path, tokenizer_dir):
     """Jamba's Mamba state runs across packed rows; Plait runs its mixers one
     packed row at a time (right-padded, gathered back into packed order). Three
     bins of different layouts (one padded) give every row's logits as run
     alone, gradients reach the mixers, and without the route the load-time
     probe finds the leak and packing is refused."""
-    import torch
-
-    from plait.data.packing import collate_packed, packed_rows_leak
+    from plait.data.packing import packed_rows_leak
     from plait.model.forward import _SEGMENT_MIXERS, forward_logits, segment_mixers
 
     run = loaded(tiny("jamba", tmp_path, tokenizer_dir), sample_packing=True)
     mixers = segment_mixers(run.model)
     assert mixers and all(type(run.model.get_submodule(n)).__name__ == "JambaMambaMixer" for n in mixers), mixers
-    rows = [list(range(10 + n, 10 + 2 * n)) for n in (5, 7, 6, 3, 9)]
-    bins = [{"input_ids": rows[0] + rows[1], "labels": rows[0] + rows[1], "seq_lens": [5, 7]},
-            {"input_ids": rows[2] + rows[3], "labels": rows[2] + rows[3], "seq_lens": [6, 3]},
-            {"input_ids": rows[4], "labels": rows[4], "seq_lens": [9]}]
-    batch = collate_packed(bins, 0, run.cfg.attn_implementation)
-    del batch["labels"]
+    rows, batch = three_packed_bins(0, run.cfg.attn_implementation)
     together = forward_logits(run.model, batch).logits
-    with torch.no_grad():
-        alone = [run.model(input_ids=torch.tensor([row])).logits[0] for row in rows]
-    for b, expected in enumerate([torch.cat(alone[:2]), torch.cat(alone[2:4]), alone[4]]):
-        torch.testing.assert_close(together[b, :len(expected)], expected.detach(), rtol=1e-4, atol=1e-5)
+    assert_each_bin_is_its_rows_alone(run.model, together, rows)
     together.float().pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n in mixers for p in run.model.get_submodule(n).parameters() if p.requires_grad)
@@ -192,22 +207,15 @@ def test_bart_packs_through_its_position_embedding_module(tmp_path, tokenizer_di
     the rows' positions run on across the bin and packing is refused."""
     import torch
 
-    from plait.data.packing import collate_packed, packed_rows_leak
+    from plait.data.packing import packed_rows_leak
     from plait.model.forward import _POSITION_MODULE, PositionModule, forward_logits
 
     run = loaded(tiny("bart", tmp_path, tokenizer_dir), sample_packing=True)
     assert getattr(run.model, _POSITION_MODULE) == PositionModule("model.decoder.embed_positions", 0, per_row=True)
-    rows = [list(range(10 + n, 10 + 2 * n)) for n in (5, 7, 6, 3, 9)]
-    bins = [{"input_ids": rows[0] + rows[1], "labels": rows[0] + rows[1], "seq_lens": [5, 7]},
-            {"input_ids": rows[2] + rows[3], "labels": rows[2] + rows[3], "seq_lens": [6, 3]},
-            {"input_ids": rows[4], "labels": rows[4], "seq_lens": [9]}]
-    batch = collate_packed(bins, 2, run.cfg.attn_implementation)
-    del batch["labels"]
+    rows, batch = three_packed_bins(2, run.cfg.attn_implementation)
     with torch.no_grad():
         together = forward_logits(run.model, batch).logits
-        alone = [run.model(input_ids=torch.tensor([row])).logits[0] for row in rows]
-    for b, expected in enumerate([torch.cat(alone[:2]), torch.cat(alone[2:4]), alone[4]]):
-        torch.testing.assert_close(together[b, :len(expected)], expected, rtol=1e-4, atol=1e-5)
+    assert_each_bin_is_its_rows_alone(run.model, together, rows)
     setattr(run.model, _POSITION_MODULE, None)
     assert "do not restart per row" in packed_rows_leak(run.cfg, run.model)
 

@@ -74,13 +74,20 @@ def test_an_all_ones_mask_is_dropped_and_every_other_mask_kept():
     assert drop_full_attention_mask(four_d) is four_d
 
 
-def test_dropping_the_all_ones_mask_leaves_the_logits_unchanged(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny causal LM in eval mode and two rows of 12 random token ids."""
     from transformers import AutoModelForCausalLM
 
     from plait.testing import make_tiny_model
 
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"), dtype=torch.float32).eval()
-    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    path = make_tiny_model(tmp_path_factory.mktemp("mask") / "m")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_dropping_the_all_ones_mask_leaves_the_logits_unchanged(tiny_lm):
+    model, ids = tiny_lm
     with torch.no_grad():
         masked = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         unmasked = model(**drop_full_attention_mask({"input_ids": ids,
@@ -101,14 +108,9 @@ def test_a_right_padding_mask_is_dropped_and_every_other_mask_kept():
     assert drop_right_padding_mask(four_d) is four_d
 
 
-def test_dropping_a_right_padding_mask_leaves_the_real_tokens_logits_unchanged(tmp_path):
+def test_dropping_a_right_padding_mask_leaves_the_real_tokens_logits_unchanged(tiny_lm):
     # causal attention: no real token looks at the padding after it
-    from transformers import AutoModelForCausalLM
-
-    from plait.testing import make_tiny_model
-
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m"), dtype=torch.float32).eval()
-    ids = torch.randint(5, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model, ids = tiny_lm
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     with torch.no_grad():
