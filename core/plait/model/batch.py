@@ -24,17 +24,14 @@ def drop_full_attention_mask(batch: dict) -> dict:
     """``batch`` without its 2-D ``attention_mask`` when that mask is all ones.
 
     Rows without padding need no mask: the model then runs plain causal
-    attention. With the mask, transformers checks on the device whether it is
-    all ones, a host sync at the start of every forward; here the check is on
-    the CPU tensor, before it moves. Packed batches keep theirs (segment ids
-    above 1, or another layout).
+    attention, and skips materializing a mask. The check is on the CPU tensor,
+    before it moves (on the device, reading it would be a host sync).
+    Packed batches keep theirs (segment ids above 1, or another layout).
     """
-    mask = batch.get("attention_mask")
-    if mask is None or not hasattr(mask, "dim") or mask.dim() != 2 or mask.device.type != "cpu":
+    mask = _host_padding_mask(batch)
+    if mask is None or not bool((mask == 1).all()):
         return batch
-    if mask.dtype.is_floating_point or not bool((mask == 1).all()):
-        return batch
-    return {key: value for key, value in batch.items() if key != "attention_mask"}
+    return _without_mask(batch)
 
 
 def drop_right_padding_mask(batch: dict) -> dict:
@@ -43,8 +40,7 @@ def drop_right_padding_mask(batch: dict) -> dict:
 
     Under causal attention no real token attends to the padding after it, so
     the real tokens' outputs are the same without the mask; the model then
-    runs unmasked causal attention (flash attention under SDPA, and no device
-    check of the mask, a host sync, at the start of every forward). Only for
+    runs unmasked causal attention (flash attention under SDPA). Only for
     callers that read nothing at the padded positions and whose model reads
     the mask for nothing else: NEFTune's noise scale and an MoE model's
     router loss count real tokens through it. Like
@@ -52,13 +48,23 @@ def drop_right_padding_mask(batch: dict) -> dict:
     """
     import torch
 
-    mask = batch.get("attention_mask")
-    if mask is None or not hasattr(mask, "dim") or mask.dim() != 2 or mask.device.type != "cpu":
+    mask = _host_padding_mask(batch)
+    if mask is None:
         return batch
-    if mask.dtype.is_floating_point:
-        return batch
-    lengths = mask.sum(dim=1, keepdim=True)
-    right_padded = torch.arange(mask.shape[1])[None, :] < lengths
+    right_padded = torch.arange(mask.shape[1])[None, :] < mask.sum(dim=1, keepdim=True)
     if not bool((mask == right_padded).all()):
         return batch
+    return _without_mask(batch)
+
+
+def _host_padding_mask(batch: dict):
+    """The batch's ``attention_mask`` when it is a 2-D integer tensor still on
+    the CPU (what the two functions above may drop), else ``None``."""
+    mask = batch.get("attention_mask")
+    if mask is None or not hasattr(mask, "dim") or mask.dim() != 2 or mask.device.type != "cpu":
+        return None
+    return None if mask.dtype.is_floating_point else mask
+
+
+def _without_mask(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key != "attention_mask"}

@@ -313,13 +313,8 @@ def record_position_offset(model) -> int:
     import torch
 
     causal_lm = unwrap(model)
-    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    embeddings = causal_lm.get_input_embeddings()
-    vocab = embeddings.num_embeddings
-    pad = getattr(config, "pad_token_id", None)
-    ids = torch.tensor([[8 + (i * 5) % max(1, vocab - 8) for i in range(6)]], device=embeddings.weight.device)
-    if pad is not None:
-        ids[ids == pad] = 8 if pad != 8 else 9
+    pad = getattr(_text_config(causal_lm), "pad_token_id", None)
+    ids = _probe_ids(causal_lm, 1, 6)
     offset = 0
     with probing(causal_lm):
         try:
@@ -359,15 +354,20 @@ class PositionModule:
     per_row: bool
 
 
+def _text_config(causal_lm):
+    """The text part of the causal LM's config (the config itself for text-only models)."""
+    config = causal_lm.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _probe_ids(causal_lm, rows: int, n_tokens: int):
     """``[rows, n_tokens]`` distinct token ids for a probe forward, clear of the
     special tokens and of ``pad_token_id``."""
     import torch
 
-    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
     embeddings = causal_lm.get_input_embeddings()
     vocab = embeddings.num_embeddings
-    pad = getattr(config, "pad_token_id", None)
+    pad = getattr(_text_config(causal_lm), "pad_token_id", None)
     ids = torch.tensor([[8 + (i * 5 + 3 * row) % max(1, vocab - 8) for i in range(n_tokens)] for row in range(rows)],
                        device=embeddings.weight.device)
     if pad is not None:
@@ -485,8 +485,7 @@ def record_position_module(model, n_tokens: int = 6) -> PositionModule | None:
 
     causal_lm = unwrap(model)
     setattr(causal_lm, _POSITION_MODULE, None)
-    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
-    pad = getattr(config, "pad_token_id", None)
+    pad = getattr(_text_config(causal_lm), "pad_token_id", None)
     ids = _probe_ids(causal_lm, 2, n_tokens)
     _, cache = _forward_parameters(causal_lm)
     extra = {"use_cache": False} if cache else {}
@@ -914,20 +913,20 @@ class _PerSegmentForward:
 
     def __init__(self, module, original):
         self.module, self.original = weakref.ref(module), original
+        # the argument names, read once: positional arguments are cut by name (attention_mask)
+        try:
+            self.names = list(inspect.signature(original).parameters)
+        except (TypeError, ValueError):
+            self.names = []
 
     def __call__(self, *args, **kwargs):
-        import inspect
-
         import torch
 
         seg = getattr(self.module(), _ROWS, None)
         hidden = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
         if seg is None or hidden is None or tuple(hidden.shape[:2]) not in ((seg.batch, seg.seq), (1, seg.seq)):
             return self.original(*args, **kwargs)
-        try:
-            names = list(inspect.signature(self.original).parameters)
-        except (TypeError, ValueError):
-            names = []
+        names = self.names
         args = tuple(_split_value(a, seg, names[i] if i < len(names) else "") for i, a in enumerate(args))
         kwargs = {k: _split_value(v, seg, k) for k, v in kwargs.items()}
         return _join_value(self.original(*args, **kwargs), seg)
