@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from plait.hookspecs import hookimpl
@@ -24,25 +23,21 @@ def template_plugin():
     return plait_plugin_template
 
 
-def test_help_does_not_import_torch_and_is_fast():
+def test_help_imports_none_of_the_heavy_libraries():
+    # --help must answer at once: importing torch, transformers or datasets by mistake costs seconds on
+    # every call. Checked by what gets imported, not by a stopwatch, which a busy CI machine defeats.
     code = (
-        "import contextlib, io, sys, time\n"
-        "start = time.time()\n"
+        "import contextlib, io, sys\n"
         "from plait import cli\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    cli.main(['--help'])\n"
-        "print('torch' in sys.modules, time.time() - start)"
+        "heavy = ('torch', 'transformers', 'datasets', 'numpy', 'peft', 'tokenizers', 'safetensors', 'pyarrow')\n"
+        "print(' '.join(name for name in heavy if name in sys.modules) or 'none')"
     )
-    # the best of three: one run on a busy 2-core machine can take twice as long (0.51 s once in CI
-    # against ~0.3 s quiet), while importing torch by mistake costs seconds in every run
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-            for _ in range(3)]
-    assert all(out[0] == "False" for out in runs), "plait --help imported torch"
-    fastest = min(float(out[1]) for out in runs)
-    assert fastest < 0.5, f"plait --help took {fastest} s at best of three"
-    start = time.time()
-    subprocess.run(PLAIT + ["--help"], capture_output=True, check=True)
-    assert time.time() - start < 2.0  # the interpreter start included; the import itself is checked above
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "none", f"plait --help imported: {out}"
+    help_text = subprocess.run(PLAIT + ["--help"], capture_output=True, text=True, check=True).stdout
+    assert "train" in help_text and "preprocess" in help_text
 
 
 def test_misspelled_key_exits_2_with_suggestion_and_no_traceback(tmp_path):
