@@ -115,17 +115,14 @@ def validate(cfg) -> None:
         raise ConfigError(f"config key 'precompute_ref_log_probs': true, but rl: {rl} has no reference model; "
                           f"remove the key (it applies to dpo, ipo and kto)")
     tp = getattr(cfg, "tensor_parallel_size", None) or 1
-    if tp > 1 and rl in ("dpo", "ipo", "kto") and (cfg.precompute_ref_log_probs or not cfg.adapter):
-        # the sharded reference copy and the precompute pass's dealing of rows are built for FSDP2's data-parallel
-        # ranks; a tensor-parallel reference is not built (nor tested) here
-        if cfg.precompute_ref_log_probs:
-            what, accepted = "precompute_ref_log_probs: true", "tensor_parallel_size: 1 (shard with fsdp instead)"
-        else:
-            what = "full fine-tuning (a frozen reference copy)"
-            accepted = ("tensor_parallel_size: 1 (shard with fsdp: the reference is sharded like the model), or "
-                        "adapter: lora (the reference is the base with the adapter off)")
-        raise ConfigError(f"config key 'tensor_parallel_size': {tp} is not supported with rl: {rl} and {what}; "
-                          f"accepted: {accepted}")
+    if tp > 1 and rl in ("dpo", "ipo", "kto") and not cfg.adapter and not cfg.precompute_ref_log_probs:
+        # a frozen copy of a tensor-parallel model is not built here (the sharded copy is FSDP2's);
+        # the adapter-off base and the precompute pass need no copy and run under TP as they do in one process
+        raise ConfigError(f"config key 'tensor_parallel_size': {tp} is not supported with rl: {rl} and full "
+                          f"fine-tuning with a frozen reference copy; accepted: tensor_parallel_size: 1 (shard "
+                          f"with fsdp: the reference is sharded like the model), precompute_ref_log_probs: true "
+                          f"(no copy: the reference is scored once before training), or adapter: lora (the "
+                          f"reference is the base with the adapter off)")
     if (cfg.dpo_loss_type is not None or cfg.dpo_loss_weights is not None) and rl != "dpo":
         raise ConfigError(f"dpo_loss_type / dpo_loss_weights are for rl: dpo, but rl is {rl!r}")
     if rl == "dpo":

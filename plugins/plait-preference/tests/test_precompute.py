@@ -5,9 +5,10 @@ Full fine-tuning of a tiny Llama, 3 DPO steps and an eval: the per-step loss,
 rewards and eval metrics equal the frozen-copy run's within 1e-5 relative
 (the reference sums come from batches of other shapes, so float sums may
 differ in the last bits), no copy of the model is made, and the stored file
-sits beside the prepared dataset. Two processes with FSDP2 (one ``torchrun``
-launch training both references and a resumed run) log the one-process
-runs' values within the same tolerance.
+sits beside the prepared dataset. Two processes (one ``torchrun`` launch:
+FSDP2 with both references and both resumed, tensor parallel with the
+precompute pass and with LoRA's adapter-off base) log the one-process runs'
+values within the same tolerance.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from plait_preference.testing import pair_rows
 
 pytestmark = pytest.mark.slow
 TOL = dict(rel=1e-5, abs=1e-6)
+LORA = dict(adapter="lora", lora_target_linear=True, lora_r=8, lora_alpha=16)
 
 
 class SeeObjective:
@@ -96,52 +98,87 @@ def test_precomputed_reference_equals_the_frozen_copy(one_process):
     assert any("eval_rewards/margins" in r for r in ours)
 
 
+@pytest.fixture(scope="module")
+def one_process_lora(one_process, tiny_model):
+    """DPO with LoRA (the reference is the base with the adapter off), one process."""
+    steps, _ = run_dpo(one_process.root, tiny_model, one_process.data, "lora", **LORA)
+    return steps
+
+
 @pytest.mark.distributed
-def test_fsdp2_on_two_processes_logs_the_losses_of_one(one_process, tiny_model, tmp_path):
-    """Full fine-tuning under FSDP2 over two gloo processes, each with 2 of the
-    4 pairs of one process's micro-batch: with the frozen copy (sharded like
-    the policy) and with precomputed reference log-probs (each rank scores
-    its share), every step's and the evaluation's loss, rewards and log-probs
-    equal the one-process runs' within TOL; a run resumed from the
-    precomputed run's checkpoint reads the same stored values."""
+def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, tiny_model, tmp_path):
+    """One ``torchrun`` launch of two gloo processes trains six runs.
+
+    FSDP2, full fine-tuning, each rank with 2 of the 4 pairs of one process's
+    micro-batch: with the frozen copy (sharded like the policy) and with
+    precomputed reference log-probs (each rank scores its share), every
+    step's and the evaluation's loss, rewards and log-probs equal the
+    one-process runs' within TOL; runs resumed from either run's step-2
+    checkpoint (the frozen copy rebuilt from the starting weights, the stored
+    values read back) log step 3 and the evaluation as the uninterrupted runs.
+
+    Tensor parallel (``tensor_parallel_size: 2``, both ranks on the same 4
+    pairs, every linear split): full fine-tuning with precomputed reference
+    log-probs, and LoRA with the base (adapter off) as the reference, each
+    equal to its one-process run within TOL."""
     from safetensors.torch import load_file
 
-    data, two = one_process.data, dict(micro_batch_size=2, fsdp_version=2)
-    frozen = dpo_config(tmp_path, tiny_model, data, "frozen", **two)
+    data, fsdp, tp = one_process.data, dict(micro_batch_size=2, fsdp_version=2), dict(tensor_parallel_size=2)
+    frozen = dpo_config(tmp_path, tiny_model, data, "frozen", save_steps=2, **fsdp)
     precomputed = dpo_config(tmp_path, tiny_model, data, "precomputed", precompute_ref_log_probs=True,
-                             save_steps=2, **two)
-    resumed = dpo_config(tmp_path, tiny_model, data, "resumed", precompute_ref_log_probs=True, **two)
+                             save_steps=2, **fsdp)
+    resumed = dpo_config(tmp_path, tiny_model, data, "resumed", precompute_ref_log_probs=True, **fsdp)
+    frozen_resumed = dpo_config(tmp_path, tiny_model, data, "frozen_resumed", **fsdp)
+    # its own data cache, so it scores the rows itself rather than read the FSDP2 run's file
+    precomputed_tp = dpo_config(tmp_path, tiny_model, data, "precomputed_tp", precompute_ref_log_probs=True,
+                                dataset_prepared_path=str(tmp_path / "prep_tp"), **tp)
+    lora_tp = dpo_config(tmp_path, tiny_model, data, "lora_tp", **LORA, **tp)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(Path(__file__).with_name("train_in_one_group.py")), str(frozen), str(precomputed),
-                             f"{resumed} resume_from_checkpoint={tmp_path / 'precomputed' / 'checkpoint-2'}"],
+                             f"{resumed} resume_from_checkpoint={tmp_path / 'precomputed' / 'checkpoint-2'}",
+                             f"{frozen_resumed} resume_from_checkpoint={tmp_path / 'frozen' / 'checkpoint-2'}",
+                             str(precomputed_tp), str(lora_tp)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
     assert "parallel: mesh dp_replicate 1 x dp_shard 2 x cp 1 x tp 1 over 2 processes" in result.stderr
+    assert "parallel: mesh dp_replicate 1 x dp_shard 1 x cp 1 x tp 2 over 2 processes" in result.stderr
 
-    for name, expected in (("frozen", one_process.frozen), ("precomputed", one_process.precomputed)):
+    for name, expected in (("frozen", one_process.frozen), ("precomputed", one_process.precomputed),
+                           ("precomputed_tp", one_process.precomputed), ("lora_tp", one_process_lora)):
         got = records(tmp_path / name)
         assert got[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference at step 1
         assert got[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
         assert_same_records(expected, got)
 
-    # the reference is sharded as the policy is, each rank holding half of it, and frozen
-    layout = json.loads((tmp_path / "frozen" / "reference.rank0.json").read_text())
-    assert layout["type"] == "DTensor" and layout["full_shape"] == [64, 64] and layout["local_shape"] == [32, 64]
-    assert layout["local_elements"] == layout["policy_local_elements"] and not layout["requires_grad"]
-    assert json.loads((tmp_path / "precomputed" / "reference.rank0.json").read_text())["reference"] == "precomputed"
+    def layout(name):
+        return json.loads((tmp_path / name / "reference.rank0.json").read_text())
 
-    # both ranks' shares of the scoring, put together, are the one-process values
-    ours = load_file(str(next((tmp_path / "prep").rglob("ref_log_probs/*.safetensors"))))
+    # the reference is sharded as the policy is, each rank holding half of it, and frozen
+    sharded = layout("frozen")
+    assert sharded["type"] == "DTensor" and sharded["full_shape"] == [64, 64] and sharded["local_shape"] == [32, 64]
+    assert sharded["local_elements"] == sharded["policy_local_elements"] and not sharded["requires_grad"]
+    assert layout("precomputed")["reference"] == "precomputed"
+    # under TP each rank holds half of q_proj's rows (column-wise split), the LoRA base too
+    assert layout("precomputed_tp") == {"reference": "precomputed", "policy_local_shape": [32, 64]}
+    assert layout("lora_tp") == {"reference": "adapter_off", "policy_local_shape": [32, 64]}
+
+    # the ranks' shares of the scoring, put together (FSDP2), or each rank's whole scoring (TP),
+    # are the one-process values
     theirs = load_file(str(next((one_process.root / "prep").rglob("ref_log_probs/*.safetensors"))))
-    for key in theirs:
-        assert ours[key].tolist() == pytest.approx(theirs[key].tolist(), **TOL), key
-    # resumed at step 2: the stored values are read, step 3 and the evaluation are the uninterrupted run's
-    assert "resumed from" in result.stderr and "reference log-probs read from" in result.stderr
+    for prep in ("prep", "prep_tp"):
+        ours = load_file(str(next((tmp_path / prep).rglob("ref_log_probs/*.safetensors"))))
+        for key in theirs:
+            assert ours[key].tolist() == pytest.approx(theirs[key].tolist(), **TOL), (prep, key)
+    # resumed at step 2: the stored values are read, or the frozen copy holds the starting weights again;
+    # step 3 and the evaluation are the uninterrupted run's
+    assert result.stderr.count("resumed from") == 2 and "reference log-probs read from" in result.stderr
+
     def timeless(name):  # all but the speed, from step 3 on
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records(tmp_path / name) if r["step"] == 3]
 
     assert timeless("resumed") == timeless("precomputed")
+    assert timeless("frozen_resumed") == timeless("frozen")
 
 
 def test_precompute_refused_without_a_reference(tmp_path, tiny_model):

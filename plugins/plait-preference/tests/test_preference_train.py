@@ -80,11 +80,15 @@ def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
     with pytest.raises(ConfigError, match="context_parallel_size: 2 is not supported"):
         build_run_config({"base_model": "m", "rl": "kto", "context_parallel_size": 2})
     with pytest.raises(ConfigError, match="'tensor_parallel_size': 2 is not supported with rl: dpo and full "
-                                          "fine-tuning.*accepted: tensor_parallel_size: 1"):
+                                          "fine-tuning with a frozen reference copy; accepted: tensor_parallel_size: "
+                                          "1.*precompute_ref_log_probs: true.*adapter: lora"):
         build_run_config({"base_model": "m", "rl": "dpo", "tensor_parallel_size": 2})
-    with pytest.raises(ConfigError, match="'tensor_parallel_size': 2 is not supported with rl: kto and "
-                                          "precompute_ref_log_probs: true"):
+    # no copy to build: the precompute pass and the adapter-off base run under TP (test_precompute.py trains both)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the mesh sizes are checked against it
         build_run_config({"base_model": "m", "rl": "kto", "tensor_parallel_size": 2, "precompute_ref_log_probs": True})
+        build_run_config({"base_model": "m", "rl": "dpo", "tensor_parallel_size": 2, "adapter": "lora",
+                          "lora_target_linear": True})
     with pytest.raises(ConfigError, match="rl_beta set but 'rl' is not"):
         build_run_config({"base_model": "m", "rl_beta": 0.2})
     with pytest.raises(ConfigError, match="'chat_template.default' is a preference dataset type.*set rl: dpo"):

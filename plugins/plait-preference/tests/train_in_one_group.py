@@ -4,7 +4,8 @@ processes is most of a small run's time, so one launch trains every case).
 
 Rank 0 (where step events run) also writes ``reference.rank0.json`` into the
 run's output_dir at its first step: what the objective scores the reference
-with, and for a model, how its parameters are laid out on that rank.
+with, for a model how its parameters are laid out on that rank, and the
+local shape of the policy's first q_proj weight.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class ReferenceLayout:
             return
         reference = run.objective.reference
         seen = {"reference": reference if isinstance(reference, str) else type(reference).__name__}
+        # the policy's layout on this rank: proof that FSDP2 or TP split it (a run left whole logs the same losses)
+        policy_q = next(p for name, p in run.model.named_parameters() if name.endswith("layers.0.self_attn.q_proj.weight")
+                        or name.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
+        seen["policy_local_shape"] = list(policy_q.to_local().shape if hasattr(policy_q, "to_local") else policy_q.shape)
         if not isinstance(reference, str):
             params = dict(reference.named_parameters())
             weight = params["model.layers.0.self_attn.q_proj.weight"]
