@@ -33,8 +33,18 @@ FORMAT = 1
 
 def model_key(cfg, model) -> dict:
     """What decides the reference's log-probabilities besides the data: the
-    starting weights (files, sizes, modification times), their dtype and
-    quantization, the adapter the run starts from."""
+    starting weights (files, sizes, modification times, the revision and the
+    config overrides they load with), their dtype and quantization, the
+    precision the forward computes in, the adapter the run starts from.
+
+    Not the world size, nor how rows are dealt to ranks or batched: each
+    row's values are stored at its index in the prepared dataset, whichever
+    rank scored it in whichever batch (test_precompute.py finds one process's
+    file in two processes' under FSDP2 and under TP), so a file is reused
+    across layouts. What a layout changes in the arithmetic is in the key:
+    FSDP2's mixed precision casts fp32 weights to bf16 for the forward
+    (``bf16: true`` with ``torch_dtype: float32``), where one process computes
+    in fp32 (:func:`precision`)."""
     def files(path):
         if not path or not os.path.isdir(path):
             return path
@@ -45,10 +55,24 @@ def model_key(cfg, model) -> dict:
                 found.append([name, stat.st_size, stat.st_mtime_ns])
         return {"path": os.path.abspath(path), "files": found}
 
-    first = next(iter(model.parameters()), None)
     return {"base_model": files(cfg.base_model), "lora_model_dir": files(getattr(cfg, "lora_model_dir", None)),
-            "dtype": str(getattr(first, "dtype", None)), "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
+            "revision": getattr(cfg, "revision_of_model", None),
+            "overrides": getattr(cfg, "overrides_of_model_config", None) or None,
+            "precision": precision(cfg, model), "load_in_4bit": bool(getattr(cfg, "load_in_4bit", False)),
             "load_in_8bit": bool(getattr(cfg, "load_in_8bit", False)), "format": FORMAT}
+
+
+def precision(cfg, model) -> dict:
+    """The dtypes of the scoring forward: the weights' (as loaded), the one
+    the config asks the loop to compute in (``torch_dtype``/``bf16``/``fp16``,
+    core's autocast on an accelerator), and the one FSDP2 gathers sharded
+    weights in (``None``: not sharded, or no cast)."""
+    from plait.model.loading import compute_dtype
+    from plait_preference.sharded_reference import gathered_dtype
+
+    first = next(iter(model.parameters()), None)
+    return {"weights": str(getattr(first, "dtype", None)), "compute": str(compute_dtype(cfg)),
+            "gathered": gathered_dtype(model)}
 
 
 def data_key(dataset) -> str:

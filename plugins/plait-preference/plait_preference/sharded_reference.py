@@ -57,6 +57,22 @@ def is_fsdp_sharded(model) -> bool:
     return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
+def gathered_dtype(model) -> str | None:
+    """The dtype FSDP2's mixed precision casts ``model``'s gathered
+    parameters to for the forward, as a string; ``None`` when no module is
+    sharded or the policy keeps the stored dtype. Read from the root unit's
+    policy (one policy for every unit: plait-parallel shards them alike)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # no public getter in torch 2.x; an attribute it lacks reads as "not cast"
+            policy = getattr(module._get_fsdp_state(), "_mp_policy", None)
+            dtype = getattr(policy, "param_dtype", None)
+            return None if dtype is None else str(dtype)
+    return None
+
+
 def _local(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
