@@ -205,8 +205,11 @@ class PreferenceObjective:
                    "rewards/rejected": (bad_rewards.sum(), n_bad),
                    "logps/chosen": (logps.index_select(0, good).sum(), n_good),
                    "logps/rejected": (logps.index_select(0, bad).sum(), n_bad)}
-        if n_good and n_bad:  # TRL's: the difference of the two means, one value per micro-batch
-            metrics["rewards/margins"] = (good_rewards.mean() - bad_rewards.mean(), 1)
+        # TRL's: the difference of the two means, one value per micro-batch that has both kinds of row. A
+        # micro-batch without adds nothing (0 of 0) but still names the metric: data-parallel ranks all-reduce
+        # their metrics as one list, so every rank must list the same names (test_precompute.py, KTO under FSDP2)
+        both = bool(n_good and n_bad)
+        metrics["rewards/margins"] = (good_rewards.mean() - bad_rewards.mean() if both else 0.0, int(both))
         return per_row.sum(), metrics
 
 

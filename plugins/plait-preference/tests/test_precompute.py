@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 
 from plait.hookspecs import hookimpl
-from plait_preference.testing import pair_rows
+from plait_preference.testing import kto_rows, pair_rows
 
 pytestmark = pytest.mark.slow
 TOL = dict(rel=1e-5, abs=1e-6)
@@ -63,12 +63,14 @@ def run_dpo(root, tiny_model, data, name, plugins=(), **extra):
     return records(root / name), result.stderr
 
 
-def assert_same_records(expected, got):
+def assert_same_records(expected, got, skip=()):
     """Every step's and evaluation's loss, rewards and log-probs agree within TOL."""
     assert len(got) == len(expected)
     for step, (a, b) in enumerate(zip(expected, got), start=1):
         assert a.keys() == b.keys()
         for key in a:
+            if key.removeprefix("eval_") in skip:
+                continue
             if key.startswith(("loss", "rewards/", "logps/", "eval_")) and isinstance(a[key], float):
                 assert b[key] == pytest.approx(a[key], **TOL), f"record {step} {key}"
 
@@ -105,9 +107,25 @@ def one_process_lora(one_process, tiny_model):
     return steps
 
 
+@pytest.fixture(scope="module")
+def one_process_kto(one_process, tiny_model):
+    """KTO (a frozen copy as the reference), one process: its data file and step records."""
+    data = one_process.root / "kto.json"
+    data.write_text(json.dumps(kto_rows(14, seed=4)))
+    steps, _ = run_dpo(one_process.root, tiny_model, data, "kto", **kto_keys(data))
+    # the KL estimate stays clamped at 0 here, so the loss does not depend on which rows share a
+    # micro-batch (a KTO row's KL sequence is another row's completion, and so is the estimate)
+    assert [r["kl"] for r in steps if "kl" in r] == [0.0, 0.0, 0.0]
+    return SimpleNamespace(data=data, steps=steps)
+
+
+def kto_keys(data):
+    return dict(rl="kto", datasets=[{"path": str(data), "type": "chat_template.default", "field_messages": "messages"}])
+
+
 @pytest.mark.distributed
-def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, tiny_model, tmp_path):
-    """One ``torchrun`` launch of two gloo processes trains six runs.
+def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_process_kto, tiny_model, tmp_path):
+    """One ``torchrun`` launch of two gloo processes trains seven runs.
 
     FSDP2, full fine-tuning, each rank with 2 of the 4 pairs of one process's
     micro-batch: with the frozen copy (sharded like the policy) and with
@@ -116,6 +134,9 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, tiny
     one-process runs' within TOL; runs resumed from either run's step-2
     checkpoint (the frozen copy rebuilt from the starting weights, the stored
     values read back) log step 3 and the evaluation as the uninterrupted runs.
+    KTO with precomputed reference log-probs (two segments a row, the
+    completion and the KL sequence) logs the one-process frozen-copy run's
+    values (all but the per-micro-batch margin, a difference of two means).
 
     Tensor parallel (``tensor_parallel_size: 2``, both ranks on the same 4
     pairs, every linear split): full fine-tuning with precomputed reference
@@ -133,12 +154,14 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, tiny
     precomputed_tp = dpo_config(tmp_path, tiny_model, data, "precomputed_tp", precompute_ref_log_probs=True,
                                 dataset_prepared_path=str(tmp_path / "prep_tp"), **tp)
     lora_tp = dpo_config(tmp_path, tiny_model, data, "lora_tp", **LORA, **tp)
+    kto = dpo_config(tmp_path, tiny_model, one_process_kto.data, "kto", precompute_ref_log_probs=True,
+                     dataset_prepared_path=str(tmp_path / "prep_kto"), **kto_keys(one_process_kto.data), **fsdp)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(Path(__file__).with_name("train_in_one_group.py")), str(frozen), str(precomputed),
                              f"{resumed} resume_from_checkpoint={tmp_path / 'precomputed' / 'checkpoint-2'}",
                              f"{frozen_resumed} resume_from_checkpoint={tmp_path / 'frozen' / 'checkpoint-2'}",
-                             str(precomputed_tp), str(lora_tp)],
+                             str(precomputed_tp), str(lora_tp), str(kto)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
     assert "parallel: mesh dp_replicate 1 x dp_shard 2 x cp 1 x tp 1 over 2 processes" in result.stderr
@@ -150,6 +173,11 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, tiny
         assert got[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference at step 1
         assert got[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
         assert_same_records(expected, got)
+    kto_records = records(tmp_path / "kto")
+    kto_steps = [r for r in kto_records if "loss" in r]
+    assert kto_steps[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) for every row at step 1
+    assert kto_steps[1]["loss"] != kto_steps[0]["loss"] and [r["kl"] for r in kto_steps] == [0.0, 0.0, 0.0]
+    assert_same_records(one_process_kto.steps, kto_records, skip=("rewards/margins",))
 
     def layout(name):
         return json.loads((tmp_path / name / "reference.rank0.json").read_text())
