@@ -93,6 +93,12 @@ class DatasetFormat:
         of ``row`` (a dict of the format's columns) follows, for formats built
         on a prompt, so a trained model can be asked the way it was trained
         (``plait quickstart`` scores with it).
+    ``cache_inputs``
+        Optional ``cache_inputs(cfg) -> JSON-able value``: what else in the
+        config shapes this format's rows, beyond the entry's own keys and the
+        run keys core always hashes (:data:`plait.data.cache.RUN_KEYS`). It
+        joins the prepared data's cache key, so changing it prepares the data
+        again instead of reusing rows made for other settings.
     """
 
     name: str
@@ -102,6 +108,7 @@ class DatasetFormat:
     untyped: bool = False
     description: str = ""
     prompt: Optional[Callable[[str, dict], str]] = None
+    cache_inputs: Optional[Callable[[Any], Any]] = None
 
 
 @dataclass(frozen=True)

@@ -101,10 +101,27 @@ def cache_key(cfg, pm, tokenizer, resolved_paths: dict[str, Path | None]) -> str
     for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
         parts[list_key] = [
             {"settings": entry.model_dump(mode="json"),
-             "data": data_fingerprint(entry, resolved_paths.get(entry.path))}
+             "data": data_fingerprint(entry, resolved_paths.get(entry.path)),
+             **_format_inputs(cfg, pm, entry)}
             for entry in getattr(cfg, list_key, None) or []
         ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _format_inputs(cfg, pm, entry) -> dict:
+    """``{"format": ...}``: the config values the entry's format says shape its
+    rows (``DatasetFormat.cache_inputs``); nothing for a format that names none,
+    so the keys of its existing caches stay as they were."""
+    from plait.errors import ConfigError
+    from plait.registries import find_format
+
+    try:
+        fmt = find_format(pm, getattr(entry, "type", None))
+    except ConfigError:  # refused at validation; a stream's type may be no registered format
+        return {}
+    if fmt is None or fmt.cache_inputs is None:
+        return {}
+    return {"format": fmt.cache_inputs(cfg)}
 
 
 def _data_plugins(pm) -> list[str]:

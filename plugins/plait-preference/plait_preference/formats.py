@@ -252,6 +252,15 @@ def _tokenize(cfg, dataset_cfg, tokenizer, batch):
     return tokenize_pairs(dataset_cfg, tokenizer, batch)
 
 
+def _cache_inputs(cfg) -> dict:
+    """What shapes the rows beyond the entry: ``rl`` (pairs or KTO rows), and for
+    KTO ``micro_batch_size``, the size of the groups a row's KL sequence is drawn
+    from: rows prepared for another size must not be reused (one process with 4
+    rows a micro-batch, then two with 2 each)."""
+    rl = getattr(cfg, "rl", None)
+    return {"rl": rl, "kl_group": cfg.micro_batch_size if rl == "kto" else None}
+
+
 def _check_layout(type_value: str, where: str) -> None:
     if type_value not in TYPES:
         base = type_value.partition(".")[0]
@@ -266,7 +275,9 @@ def registered_formats() -> list:
     described = {"chatml": "preference pairs (or KTO rows) in ChatML", "llama3": "preference pairs in Llama 3's format",
                  "chat_template.default": "preference pairs rendered with the chat template",
                  "bradley_terry": "reward-model pairs (system, input, chosen, rejected)"}
-    return [DatasetFormat(name, _tokenize, PreferenceEntry, check_type=_check_layout, description=text)
+    return [DatasetFormat(name, _tokenize, PreferenceEntry, check_type=_check_layout, description=text,
+                          cache_inputs=_cache_inputs)
             for name, text in described.items()] + [
         DatasetFormat("user_defined.default", _tokenize, UserDefinedPreferenceEntry, check_type=_check_layout,
-                      description="preference pairs (or KTO rows) from format strings written in the config")]
+                      description="preference pairs (or KTO rows) from format strings written in the config",
+                      cache_inputs=_cache_inputs)]

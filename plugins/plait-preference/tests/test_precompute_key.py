@@ -7,6 +7,9 @@ rank scored it in whichever batch, so the world size and the dealing of rows
 the values agree across one process, FSDP2 and TP. What a layout can change
 is the precision: FSDP2 with ``bf16: true`` on fp32 weights computes in bf16
 where one process computes in fp32, so the file of one must not serve the other.
+
+The prepared rows under both are keyed the same way: KTO's rows depend on
+micro_batch_size (its KL groups), so the data cache key holds it for KTO.
 """
 
 from __future__ import annotations
@@ -66,3 +69,29 @@ def test_key_holds_the_scoring_precision_and_model_not_the_layout(tmp_path, tiny
     assert key(plain.to(torch.bfloat16)) != fp32
     assert key(plain, revision_of_model="v2") != fp32
     assert key(plain, overrides_of_model_config={"rope_theta": 20000.0}) != fp32
+
+
+def test_prepared_rows_are_keyed_by_rl_and_the_kto_group(tmp_path, tiny_model):
+    """A KTO row's KL sequence is drawn from its group of micro_batch_size rows,
+    and rl decides pairs or KTO rows: the prepared data's key holds both, so a
+    two-process run with 2 rows a micro-batch does not reuse one process's rows
+    made with 4 (a DPO run keeps its cache across batch sizes)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from plait.data.cache import cache_key
+    from plait.testing import build_run_config
+
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}], "label": True}]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def key(**keys):
+        cfg, pm = build_run_config({"base_model": str(tiny_model), "output_dir": str(tmp_path), **keys,
+                                    "datasets": [{"path": str(data), "type": "chat_template.default"}]})
+        return cache_key(cfg, pm, tokenizer, {str(data): data})
+
+    assert key(rl="kto", micro_batch_size=2) != key(rl="kto", micro_batch_size=4)
+    assert key(rl="dpo", micro_batch_size=2) == key(rl="dpo", micro_batch_size=4)
+    assert key(rl="dpo") != key(rl="kto")
