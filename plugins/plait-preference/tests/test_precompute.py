@@ -113,8 +113,9 @@ def one_process_kto(one_process, tiny_model):
     data = one_process.root / "kto.json"
     data.write_text(json.dumps(kto_rows(14, seed=4)))
     steps, _ = run_dpo(one_process.root, tiny_model, data, "kto", **kto_keys(data))
-    # the KL estimate stays clamped at 0 here, so the loss does not depend on which rows share a
-    # micro-batch (a KTO row's KL sequence is another row's completion, and so is the estimate)
+    # the KL estimate stays clamped at 0 here, so the losses do not depend on the KL sequences, which
+    # differ with micro_batch_size (each pairs a prompt with a completion from its group of that many rows)
+    # nor on which rows share a micro-batch (the estimate is each micro-batch's)
     assert [r["kl"] for r in steps if "kl" in r] == [0.0, 0.0, 0.0]
     return SimpleNamespace(data=data, steps=steps)
 
