@@ -28,9 +28,9 @@ class ReferenceLayout:
         reference = run.objective.reference
         seen = {"reference": reference if isinstance(reference, str) else type(reference).__name__}
         # the policy's layout on this rank: proof that FSDP2 or TP split it (a run left whole logs the same losses)
-        policy_q = next(p for name, p in run.model.named_parameters() if name.endswith("layers.0.self_attn.q_proj.weight")
-                        or name.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
-        seen["policy_local_shape"] = list(policy_q.to_local().shape if hasattr(policy_q, "to_local") else policy_q.shape)
+        q_proj = ("layers.0.self_attn.q_proj.weight", "layers.0.self_attn.q_proj.base_layer.weight")  # LoRA's base
+        policy_q = next(p for name, p in run.model.named_parameters() if name.endswith(q_proj))
+        seen["policy_local_shape"] = list((policy_q.to_local() if hasattr(policy_q, "to_local") else policy_q).shape)
         if not isinstance(reference, str):
             params = dict(reference.named_parameters())
             weight = params["model.layers.0.self_attn.q_proj.weight"]
