@@ -487,7 +487,10 @@ def build_objective(cfg: CoreConfig, model: Optional[torch.nn.Module], loss_fn: 
         dict ``{name: (sum, n)}`` of metrics summed over ``n`` items (tensors
         or numbers; ``rewards/chosen`` summed over the chosen responses), which
         the loop reports as ``sum / n`` over the step (``eval_<name>`` in
-        evaluation). ``run`` is the :class:`plait.train.loop.Run`.
+        evaluation). ``run`` is the :class:`plait.train.loop.Run`. Return the
+        same names in the same order for every micro-batch, with ``(0, 0)``
+        where one does not apply: ranks all-reduce the metrics as one list, so
+        a name that one rank leaves out desynchronises the collectives.
     ``perplexity``
         whether ``exp(eval_loss)`` means something (``eval_ppl`` is reported).
     ``samples`` (optional)
