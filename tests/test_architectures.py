@@ -238,6 +238,37 @@ def test_tiny_config_shrinks_composite_and_hybrid_configs():
     assert jamba.num_hidden_layers <= 3 and kinds == {"mamba", "attention"}  # a hybrid stays hybrid
 
 
+def test_tiny_config_keeps_the_sizes_a_config_derives_from_others_consistent():
+    from plait.conformance import tiny_config
+
+    zamba2 = tiny_config("zamba2", 300)  # its shared attention reads [hidden; embeddings]: twice the hidden size
+    assert zamba2.hidden_size == 64 and zamba2.attention_hidden_size == 2 * zamba2.hidden_size
+    assert zamba2.attention_head_dim == zamba2.attention_hidden_size // zamba2.num_attention_heads
+    longcat = tiny_config("longcat_flash", 300)  # split into its no-position and rotary parts
+    assert longcat.qk_head_dim == longcat.qk_nope_head_dim + longcat.qk_rope_head_dim
+    blt = tiny_config("blt", 300)  # the local encoder and decoder project to and from the global model
+    assert blt.encoder_config.hidden_size_global == blt.decoder_config.hidden_size_global \
+        == blt.global_config.hidden_size == 64
+
+
+def test_a_text_only_checkpoint_of_a_composite_model_loads_with_the_class_it_names(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, LlamaConfig, MllamaForCausalLM, MllamaTextConfig
+
+    from plait.model.loading import causal_lm_class, causal_lm_class_of
+
+    # MllamaForCausalLM saves MllamaTextConfig, which AutoModelForCausalLM does not map (the sweep loads,
+    # trains and reloads such checkpoints of emu3 and mllama); only a causal-LM class taking that config counts
+    MllamaTextConfig(architectures=["MllamaForCausalLM"]).save_pretrained(tmp_path)
+    cfg = SimpleNamespace(base_model=str(tmp_path), revision_of_model=None, trust_remote_code=False)
+    assert causal_lm_class_of(cfg) is MllamaForCausalLM
+    assert causal_lm_class(MllamaTextConfig(architectures=["LlamaForCausalLM"])) is AutoModelForCausalLM
+    assert causal_lm_class(LlamaConfig(architectures=["LlamaForCausalLM"])) is AutoModelForCausalLM
+    cfg.base_model = str(tmp_path / "missing")  # unreadable: AutoModelForCausalLM, whose load says why
+    assert causal_lm_class_of(cfg) is AutoModelForCausalLM
+
+
 def test_a_model_that_needs_more_than_token_ids_is_refused_with_its_reason(tmp_path, tokenizer_dir):
     # Gemma 4's assistant drafts from another model's shared KV states: nothing to fine-tune on its own
     model_dir = tiny("gemma4_unified_assistant", tmp_path, tokenizer_dir)

@@ -88,6 +88,8 @@ def _tiny_int(key: str, value: int, n_layers_default: int | None) -> int | None:
         return TINY["layers"] - 1
     if k in POSITION_KEYS:
         return min(value, TINY["positions"]) if value >= SEQUENCE_LEN else None
+    if "hidden_size" in k and value > 256:
+        return TINY["hidden"]  # BLT's hidden_size_global: another part's hidden size, shrunk alike
     if (k.endswith("_size") or k.startswith(("num_", "n_"))) and value > 256 and any(
             part in k for part in ("hidden", "embed", "proj", "ffn", "mlp", "state", "expert", "head", "layer")):
         return 64
@@ -183,9 +185,35 @@ def tiny_config(model_type: str, vocab_size: int, bos: int = 0, eos: int = 1, pa
     config_class = CONFIG_MAPPING[model_type]
     vocab = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
                  decoder_start_token_id=bos)
-    overrides = tiny_overrides(config_class().to_dict(), vocab)
+    defaults = config_class().to_dict()
+    overrides = tiny_overrides(defaults, vocab)
     overrides.update(EXTRA.get(model_type, {}))
+    for key in derived_keys(config_class, defaults, overrides):
+        del overrides[key]
     return config_class(**overrides)
+
+
+def derived_keys(config_class, defaults: dict, overrides: dict) -> list[str]:
+    """Keys of ``overrides`` that the config computes from the others.
+
+    ``to_dict()`` lists derived values too (Zamba2's ``attention_hidden_size``
+    is twice ``hidden_size``; LongCat's ``qk_head_dim`` the sum of its two
+    parts), and shrinking each by its name breaks the relation a real checkpoint
+    keeps. A key is derived when leaving it out of the tiny overrides still moves
+    it off its default: the config then derives it again from the tiny sizes.
+    """
+    derived = []
+    for key, value in overrides.items():
+        if not isinstance(value, int) or isinstance(value, bool) or key not in defaults:
+            continue
+        rest = {k: v for k, v in overrides.items() if k != key}
+        try:
+            again = getattr(config_class(**rest), key, defaults[key])
+        except Exception:  # noqa: BLE001 - this key is needed for a valid config: keep it
+            continue
+        if again != defaults[key]:
+            derived.append(key)
+    return derived
 
 
 def build_tiny_model(model_type: str, path, tokenizer_dir=None, seed: int = 0) -> Path:
@@ -357,10 +385,15 @@ def _same_logits(expected_model, got_model, vocab: int, what: str, atol: float =
 
 
 def _reload(path, **kwargs):
+    """The saved model in plain transformers: ``AutoModelForCausalLM``, or the
+    class a text-only checkpoint of a composite model names (see
+    :func:`plait.model.loading.causal_lm_class`)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    from plait.model.loading import causal_lm_class
+
+    return causal_lm_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32, **kwargs)
 
 
 def check_lora(model_dir, work) -> str:

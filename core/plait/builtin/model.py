@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from plait.chat_templates import NAMED_CHAT_TEMPLATES, check_chat_template_names, resolve_chat_template
 from plait.hookspecs import hookimpl
-from plait.model.loading import (causal_decoder_kwargs, check_model_sources, fit_to_tokenizer, looks_like_path,
-                                 pretrained_kwargs, source_error)
+from plait.model.loading import (causal_decoder_kwargs, causal_lm_class_of, check_model_sources, fit_to_tokenizer,
+                                 looks_like_path, pretrained_kwargs, source_error)
 
 
 @hookimpl
@@ -127,18 +127,18 @@ def check_unfrozen_parameters(cfg) -> None:
 def load_model(cfg, tokenizer):
     import os
 
-    from transformers import AutoModelForCausalLM
-
     check_model_sources(cfg, ("base_model",))
     from plait.model.choice import load_with_supported_attention
 
     kwargs = pretrained_kwargs(cfg)
     kwargs.pop("attn_implementation")
     kwargs.update(causal_decoder_kwargs(cfg, kwargs))
+    # AutoModelForCausalLM, or the class a text-only checkpoint of a composite model names (Emu3, Mllama)
+    model_class = causal_lm_class_of(cfg)
     try:
         # a backend the architecture does not implement falls back to one it does (SDPA, then eager)
         model = load_with_supported_attention(
-            cfg, lambda **attn: AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs, **attn))
+            cfg, lambda **attn: model_class.from_pretrained(cfg.base_model, **kwargs, **attn))
     except OSError as exc:  # missing config.json or weights, no network
         raise source_error("base_model", cfg.base_model, "model", exc) from exc
     except ValueError as exc:  # a folder whose config.json names no model type transformers knows

@@ -152,6 +152,45 @@ def causal_decoder_kwargs(cfg, kwargs: dict) -> dict:
     return {}
 
 
+def causal_lm_class(config):
+    """The transformers class that loads a checkpoint of ``config`` as a causal LM.
+
+    ``AutoModelForCausalLM`` maps config classes to model classes, and a few
+    causal LMs of composite models are saved with a config class the mapping
+    does not list: ``Emu3ForCausalLM`` and ``MllamaForCausalLM`` hold only the
+    text part, so their ``config.json`` is the text config (``Emu3TextConfig``),
+    and ``AutoModelForCausalLM`` refuses the checkpoint those classes wrote.
+    Such a checkpoint names its class in ``architectures``; when that class is
+    one the causal-LM mapping lists and it takes this config class, it is the
+    answer. Everything else (remote code included) is ``AutoModelForCausalLM``.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    for name in getattr(config, "architectures", None) or []:
+        model_class = getattr(transformers, name, None) if name in causal_names else None
+        if model_class is not None and getattr(model_class, "config_class", None) is type(config):
+            return model_class
+    return AutoModelForCausalLM
+
+
+def causal_lm_class_of(cfg):
+    """:func:`causal_lm_class` of ``base_model``'s config; ``AutoModelForCausalLM``
+    when the config cannot be read (its ``from_pretrained`` then says why)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.base_model, revision=cfg.revision_of_model,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable source itself
+        return AutoModelForCausalLM
+    return causal_lm_class(config)
+
+
 def loading_contexts(cfg):
     """One context manager holding every plugin's :func:`~plait.hookspecs.loading_context`
     open (in hook order); loaders enter it around ``from_pretrained``."""
