@@ -9,7 +9,8 @@ and the mechanisms behind it, on tiny random models of transformers' own classes
 * the head: the module feeding it is found by looking (OPT, BERT), and a model
   that scales its logits (Cohere) trains on its own logits;
 * LoRA targets: GPT-2's ``Conv1D`` is adapted, an MoE router subclassing
-  ``nn.Linear`` is not, nor a Mamba ``out_proj`` peft refuses;
+  ``nn.Linear`` is not, nor a Mamba ``out_proj`` peft refuses, nor a layer whose
+  saved adapter peft's load-time renaming would drop (Laguna's shared experts);
 * packing: recurrent state is found by a packed test batch, and recurrent layers then run one
   packed row at a time (refused where that is not exact);
   RoBERTa's position offset is found by a probe and packed rows get it;
@@ -128,6 +129,9 @@ def test_generic_lora_targets_adapt_conv1d_but_not_routers_or_refused_mixers(tmp
     falcon_h1 = adapted("falcon_h1", tmp_path, tokenizer_dir)
     assert any(n.endswith("mamba.in_proj") for n in falcon_h1)
     assert not any(n.endswith("mamba.out_proj") for n in falcon_h1), sorted(falcon_h1)
+    # peft's load-time renaming (transformers' laguna conversion) would drop shared_experts' saved LoRA weights
+    laguna = adapted("laguna", tmp_path, tokenizer_dir)
+    assert any(n.endswith("self_attn.q_proj") for n in laguna) and not any("shared_experts" in n for n in laguna)
 
 
 def three_packed_bins(pad_id: int, attn_implementation):

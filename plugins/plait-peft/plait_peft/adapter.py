@@ -105,6 +105,38 @@ def linear_layers_run_on_text(model, n_tokens: int = 8) -> set[str] | None:
     return plain
 
 
+def adapters_peft_cannot_reload(model, names) -> set[str]:
+    """The module names among ``names`` whose saved LoRA weights peft would not load back.
+
+    peft (0.21, with transformers 5) passes a saved adapter's keys through the
+    model's checkpoint conversion (``transformers.conversion_mapping``), which
+    renames original checkpoint names to transformers' module names. A pattern
+    that also matches an already-converted name renames it again, and the
+    weights are silently dropped on load: Inkling 2's ``sconv.weight_proj``
+    gains a ``.weight``; Laguna's ``mlp.shared_expert.`` (its dots match any
+    character) turns ``shared_experts.gate_proj`` into ``shared_experts..gate_proj``.
+    Found by converting the keys an adapter of each module would be saved
+    under and seeing which do not come back unchanged; empty for a model with
+    no conversion (nearly all) or a peft without one."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_adapter_state_dict_for_transformers
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return set()
+    if not names or get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None)) is None:
+        return set()
+    import torch
+
+    saved = {f"base_model.model.{name}.lora_{part}.weight": name for name in names for part in "AB"}
+    try:
+        loaded = convert_peft_adapter_state_dict_for_transformers(
+            model, LoraConfig(target_modules=sorted(names)), {key: torch.zeros(1, 1) for key in saved}, "default")
+    except Exception:  # noqa: BLE001 - a conversion that cannot run on this probe: nothing is known lost
+        return set()
+    return {name for key, name in saved.items() if key not in loaded}
+
+
 def generic_linear_targets(model) -> list[str]:
     """Every linear layer (:func:`linear_layer_types`) a text forward runs as
     one (:func:`linear_layers_run_on_text`), except the output head.
@@ -125,6 +157,14 @@ def generic_linear_targets(model) -> list[str]:
         wanted = (isinstance(module, linear) and id(module) not in head_modules and (run is None or name in run)
                   and not refused(name.rsplit(".", 1)[-1]))
         by_leaf.setdefault(name.rsplit(".", 1)[-1], []).append((name, wanted))
+    # an adapter peft would drop when loading it back is not trained at all, and the user is told which
+    lost = adapters_peft_cannot_reload(model, [name for named in by_leaf.values() for name, wanted in named if wanted])
+    if lost:
+        log.warning("lora_target_linear: not adapting %s: peft renames these modules' saved LoRA weights when "
+                    "loading them (the model's checkpoint conversion in transformers matches their names too), "
+                    "so an adapter of them would not load back", ", ".join(sorted(lost)))
+        by_leaf = {leaf: [(name, wanted and name not in lost) for name, wanted in named]
+                   for leaf, named in by_leaf.items()}
     targets: list[str] = []
     for leaf, named in sorted(by_leaf.items()):
         chosen = [name for name, wanted in named if wanted]
