@@ -133,7 +133,11 @@ def test_layers_that_mix_across_rows_are_refused_with_their_cause():
     assert "recurrent state" in crossing_layers({"layer_types": ["full_attention", "linear_attention"]})
     assert "short convolution" in crossing_layers({"text_config": {"layer_types": ["hybrid", "hybrid_sliding"]}})
     assert "'mystery'" in crossing_layers({"layer_types": ["mystery"]})
-    assert "ignores the packed mask" in crossing_layers({"model_type": "big_bird", "attention_type": "block_sparse"})
+    big_bird = {"model_type": "big_bird", "attention_type": "block_sparse", "block_size": 64, "num_random_blocks": 3}
+    assert "ignores the packed mask" in crossing_layers(big_bird)
+    # BigBird attends in full up to (5 + 2 * 3) * 64 tokens, so packed rows that short keep the mask
+    assert crossing_layers(big_bird, sequence_len=704) is None
+    assert "longer than 704 tokens" in crossing_layers(big_bird, sequence_len=705)
     # DeepSeek sparse attention's indexer scores keys under the packed mask: exact (the sweep checks it)
     assert crossing_layers({"layer_types": ["full_attention", "indexed_attention", "sliding_attention"]}) is None
 

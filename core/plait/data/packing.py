@@ -396,23 +396,42 @@ CROSSING_LAYER_TYPES = {
 }
 
 
-def crossing_layers(model_config: dict) -> str | None:
+def crossing_layers(model_config: dict, sequence_len: int | None = None, model=None) -> str | None:
     """Why some layers of the model mix tokens across packed rows whatever the
     attention mask (recurrent state, convolutions, pooled keys), or None.
+    ``sequence_len`` and the loaded ``model``, when given, rule out BigBird's
+    block-sparse attention where it does not run (:func:`block_sparse_limit`).
 
     A layer type Plait has not checked is named as unknown rather than guessed."""
     text = model_config.get("text_config") or model_config
-    if text.get("attention_type") == "block_sparse":
-        # BigBird switches to it past (5 + 2 * num_random_blocks) * block_size tokens
-        return ("attention_type 'block_sparse': BigBird's block-sparse attention reads blocks of the whole sequence "
-                "(both ways) and ignores the packed mask; model_config: {attention_type: original_full} keeps it "
-                "exact")
+    limit = block_sparse_limit(text, model)
+    if limit is not None and (sequence_len is None or sequence_len > limit):
+        return (f"attention_type 'block_sparse': BigBird's block-sparse attention, which it runs on sequences "
+                f"longer than {limit} tokens, reads blocks of the whole sequence (both ways) and ignores the packed "
+                f"mask; sequence_len: {limit} or less, or model_config: {{attention_type: original_full}}, keeps it "
+                f"exact")
     layer_types = sorted(set(text.get("layer_types") or ()) - set(MASKED_LAYER_TYPES))
     if not layer_types:
         return None
     causes = sorted({CROSSING_LAYER_TYPES.get(kind, f"layer type {kind!r} is not one Plait knows to keep packed "
                                                      f"rows apart") for kind in layer_types})
     return f"layer_types {layer_types}: {'; '.join(causes)}"
+
+
+def block_sparse_limit(text_config: dict, model=None) -> int | None:
+    """The longest sequence BigBird attends to in full, when its block-sparse attention is on; else None.
+
+    BigBird runs ``attention_type: block_sparse`` only on sequences longer than
+    ``(5 + 2 * num_random_blocks) * block_size`` tokens (its global, sliding
+    and random blocks), switching itself to full attention below that, where
+    the packed mask applies. A loaded ``model`` with no module set to
+    block-sparse attention has none to run (BigBirdPegasus's causal LM is its
+    decoder, which attends in full whatever the config says)."""
+    if text_config.get("attention_type") != "block_sparse":
+        return None
+    if model is not None and not any(getattr(m, "attention_type", None) == "block_sparse" for m in model.modules()):
+        return None
+    return (5 + 2 * int(text_config.get("num_random_blocks") or 3)) * int(text_config.get("block_size") or 64)
 
 
 def windowed_attention(model_config: dict, sequence_len: int) -> str | None:
@@ -562,7 +581,7 @@ def check_packing_support(cfg, model=None) -> None:
         )
     if attn != "flash_attention_2" and not is_varlen_attention(attn):
         # which modules carry the state is known only once loaded (the load-time check refuses or routes them)
-        why = crossing_layers(model_config) if model is not None and not per_row else None
+        why = crossing_layers(model_config, cfg.sequence_len, model) if model is not None and not per_row else None
         if why:
             raise ConfigError(f"{keys} with {attn} attention: packed rows would not be kept apart ({why}); "
                               f"set {' and '.join(k + ': false' for k in keys.split(' / '))}")
