@@ -253,6 +253,8 @@ def test_tiny_config_keeps_the_sizes_a_config_derives_from_others_consistent():
     blt = tiny_config("blt", 300)  # the local encoder and decoder project to and from the global model
     assert blt.encoder_config.hidden_size_global == blt.decoder_config.hidden_size_global \
         == blt.global_config.hidden_size == 64
+    # defaults that leave a size unset which the model reads as set (every checkpoint sets it)
+    assert tiny_config("ministral", 300).head_dim == 16 and tiny_config("nemotron", 300).num_key_value_heads == 4
 
 
 def test_a_text_only_checkpoint_of_a_composite_model_loads_with_the_class_it_names(tmp_path):

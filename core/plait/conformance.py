@@ -150,6 +150,10 @@ def tiny_overrides(defaults: dict, vocab: dict) -> dict:
             # an MoE config whose defaults leave the expert counts unset
             out[key] = {**dict.fromkeys(EXPERT_KEYS, TINY["experts"]), **dict.fromkeys(TOP_K_KEYS, TINY["top_k"]),
                         "n_shared_experts": 1}[key]
+        elif value is None and key in ("head_dim", "num_key_value_heads") and any(k in defaults for k in HEAD_KEYS):
+            # left unset by defaults whose model reads it as set (Ministral's head_dim, Nemotron's
+            # num_key_value_heads), as every checkpoint has it: the tiny head width, no grouped-query attention
+            out[key] = TINY["head_dim"] if key == "head_dim" else TINY["heads"]
         elif isinstance(value, bool) or value is None:
             continue
         elif isinstance(value, int):
