@@ -187,23 +187,36 @@ def test_base_model_config_is_read_at_validation(models):
                           "sequence_len": 64})
 
 
-def test_a_forward_without_position_ids_is_refused(models):
-    """The generic rule: no ALiBi in the config, but the forward cannot take position_ids."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+def test_a_forward_without_position_ids_packs_only_where_its_positions_are_relative(models, tmp_path,
+                                                                                     tokenizer_dir):
+    """The generic rule: no ALiBi in the config, and the forward cannot take
+    position_ids. A model whose positions are only relative (Llama's rotary,
+    as RoFormer's) gives each packed row's logits under the packed mask as
+    they are, which the packed test batch shows: it packs. One that embeds
+    absolute positions (GPT-2's learned table) is refused."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
-    from plait.data.packing import check_loaded_model
+    from plait.data.packing import check_loaded_model, packed_rows_leak
 
-    class NoPositions(LlamaForCausalLM):
-        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    def without_position_ids(base):
+        class NoPositions(base):
+            def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+                kwargs.pop("position_ids", None)  # the model counts its own positions, as RoFormer's does
+                return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        return NoPositions
 
     cfg, _ = build_run_config({"base_model": HUB_NAME, "sample_packing": True})
     check_loaded_model(cfg, AutoModelForCausalLM.from_pretrained(models["llama"]))
+    rotary = without_position_ids(LlamaForCausalLM).from_pretrained(models["llama"])
+    check_loaded_model(cfg, rotary)
+    assert packed_rows_leak(cfg, rotary) is None
+    gpt2 = without_position_ids(GPT2LMHeadModel).from_pretrained(
+        make_tiny_model(tmp_path / "gpt2", tokenizer_dir, family="gpt2"))
     with pytest.raises(ConfigError, match=r"NoPositions.forward takes no position_ids.*set sample_packing: false"):
-        check_loaded_model(cfg, NoPositions.from_pretrained(models["llama"]))
+        check_loaded_model(cfg, gpt2)
     # without packing nothing is checked
     cfg, _ = build_run_config({"base_model": HUB_NAME})
-    check_loaded_model(cfg, NoPositions.from_pretrained(models["llama"]))
+    check_loaded_model(cfg, gpt2)
 
 
 def test_a_window_no_shorter_than_sequence_len_is_exact(models):

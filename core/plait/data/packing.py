@@ -568,7 +568,9 @@ def check_packing_support(cfg, model=None) -> None:
         # (an ALiBi model needs no position_ids: its positions are key distances, per row under the mask)
         from plait.model.forward import position_module
 
-        if position_module(model) is None:
+        # a model whose positions are only relative (RoFormer's rotary on queries and keys) needs none per row:
+        # under the packed mask its rows are exact as they are, which a packed test batch shows
+        if position_module(model) is None and packed_rows_leak(cfg, model) is not None:
             kinds = recurrent_layer_kinds(model)
             why = (f"{type(model).__name__}.forward takes no position_ids, and no module of it takes position_ids "
                    f"that reproduce its own positions" + (f"; its {', '.join(kinds[:3])} layers carry state along "
