@@ -1,0 +1,281 @@
+"""Host cost of a training step, measured on the CPU: ops per step and wall ms.
+
+On a GPU each aten op that does work is a kernel launch, and the host's time
+launching them (Python, dispatch) is time the device may wait: a profile of
+the 1b DPO bench showed the H100 busy 89% of Plait's step. This script runs
+Plait's real training loop (``plait.train.loop.train``: plait-preference,
+plait-peft's LoRA, plait-kernels ``auto``, non-reentrant gradient
+checkpointing, torch's fused AdamW as on a GPU) on a small Llama whose compute is negligible on the CPU, so a
+step's wall time is mostly host time, and counts per step:
+
+* **launch ops**: aten ops that do work (leaves of the op tree, less views,
+  allocations and no-op ``to``/``contiguous``), on the loop's thread;
+* **all aten ops** on that thread (dispatch cost: every op, views included);
+* **collate ops**: those of the loop's prefetch thread (host work only);
+* **syncs**: ``aten::item``/``aten::_local_scalar_dense`` and ``aten::is_nonzero``
+  (a device-to-host read each on a GPU);
+* **wall ms** per step without the profiler (median of ``--steps``).
+
+Cases: ``dpo`` (LoRA, reference = adapter off), ``sft`` (the chosen
+conversations as chat rows, the same LoRA). ``--top N`` prints the N most
+frequent launch ops; ``--python N`` the N Python functions with the most self
+time (cProfile over the timed steps).
+
+    .venv/bin/python bench/preference_host_cpu.py                 # dpo and sft, 4 layers
+    .venv/bin/python bench/preference_host_cpu.py --cases dpo --top 30 --python 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: ops that launch nothing on a GPU: views, metadata, allocation
+NO_LAUNCH = {"aten::" + name for name in (
+    "empty", "empty_like", "empty_strided", "view", "_unsafe_view", "reshape", "as_strided", "t", "transpose",
+    "permute", "expand", "expand_as", "slice", "select", "unsqueeze", "squeeze", "alias", "detach", "_reshape_alias",
+    "unflatten", "flatten", "split", "split_with_sizes", "chunk", "narrow", "resolve_conj", "resolve_neg",
+    "lift_fresh", "unbind", "view_as", "numpy_T", "result_type", "is_same_size", "_has_compatible_shallow_copy_type",
+    "set_", "resize_", "_nested_tensor_from_mask_left_aligned", "to", "contiguous", "detach_", "requires_grad_",
+    "retain_grad", "output_nr", "_version", "_fw_primal", "movedim", "diagonal", "real", "imag", "view_as_real")}
+SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
+
+
+def prepare(work: Path, args) -> tuple[Path, Path, Path]:
+    from plait.testing import make_tiny_model
+    from plait_preference.testing import pair_rows
+
+    model = make_tiny_model(work / "model", num_hidden_layers=args.layers, hidden_size=args.hidden,
+                            intermediate_size=args.hidden * 2, max_position_embeddings=1024)
+    rows = pair_rows(args.pairs * (args.warmup + args.steps + 2), seed=0)
+    pairs = work / "pairs.json"
+    pairs.write_text(json.dumps(rows))
+    chats = work / "chats.json"
+    chats.write_text(json.dumps([{"messages": [{"role": "user", "content": r["conversations"][0]["value"]},
+                                               {"role": "assistant", "content": r["chosen"]["value"]}]}
+                                 for r in rows]))
+    return model, pairs, chats
+
+
+def run_case(case: str, work: Path, model: Path, pairs: Path, chats: Path, args) -> dict:
+    import cProfile
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from plait.config import build_config
+    from plait.hookspecs import hookimpl
+    from plait.plugins import build_plugin_manager
+    from plait.train.loop import train
+
+    torch.manual_seed(0)
+    total = args.warmup + args.steps + args.profiled
+    raw = {"base_model": str(model), "output_dir": str(work / f"out_{case}"),
+           "dataset_prepared_path": str(work / f"prep_{case}"), "sequence_len": 256, "val_set_size": 0,
+           "micro_batch_size": args.pairs, "gradient_accumulation_steps": 1, "max_steps": total + 1,
+           "learning_rate": 1e-5, "lr_scheduler": "constant", "optimizer": "adamw_torch_fused", "max_grad_norm": 1.0,
+           "gradient_checkpointing": True, "plait_kernels": "auto", "logging_steps": 1, "seed": 0,
+           "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "lora_target_linear": True,
+           "shuffle_merged_datasets": False, "save_steps": 10_000}
+    if case == "dpo":
+        raw.update({"rl": "dpo", "datasets": [{"path": str(pairs), "type": "chat_template.default",
+                                               "field_messages": "conversations"}]})
+    else:
+        raw["datasets"] = [{"path": str(chats), "type": "chat_template"}]
+    raw.update(json.loads(args.keys or "{}"))
+    times: list[float] = []
+    state: dict = {}
+
+    class Measure:
+        @hookimpl(tryfirst=True)
+        def build_optimizer(self, cfg, params):
+            # fused AdamW, as on the GPU (core asks for it on CUDA only): one op per step instead of a
+            # dozen per parameter, and the loop's one-sync step (loop.checks_loss_on_device)
+            return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+
+        @hookimpl
+        def on_step_end(self, run, metrics):
+            now = time.perf_counter()
+            step = run.step
+            if args.warmup < step <= args.warmup + args.steps:
+                times.append(now - state["last"])
+            if step == args.warmup:
+                state["cprofile"] = cProfile.Profile()
+                state["cprofile"].enable()
+            if step == args.warmup + args.steps:
+                state["cprofile"].disable()
+                state["profiler"] = profile(activities=[ProfilerActivity.CPU], with_stack=bool(args.where or args.sources))
+                state["profiler"].__enter__()
+            if step == total:
+                state["profiler"].__exit__(None, None, None)
+                state["losses"] = state.get("losses", []) + [metrics["loss"]]
+                raise _Finished
+            state.setdefault("losses", []).append(metrics["loss"])
+            state["last"] = time.perf_counter()
+
+    pm = build_plugin_manager(config_plugins=["plait_formats.plugin", "plait_models", "plait_peft.plugin",
+                                              "plait_kernels.plugin", "plait_preference.plugin"],
+                              entry_points=False, extra=[Measure()])
+    cfg = build_config(pm, raw, {k: "file" for k in raw})
+    try:
+        train(cfg, pm)
+    except _Finished:
+        pass
+    result = {"case": case, "wall_ms": statistics.median(times) * 1e3, "losses": state["losses"]}
+    result.update(count_ops(state["profiler"], args.profiled, args.top))
+    if args.where or args.sources:
+        result["sources"] = by_source(state["profiler"], args.profiled)
+    if args.where:
+        result["where"] = where(state["profiler"], args.where.split(","), args.profiled)
+    if args.python:
+        stats = pstats.Stats(state["cprofile"])
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:args.python]
+        result["python_self_ms"] = [(f"{Path(f).name}:{line}:{name}", round(tt * 1e3 / args.steps, 3), cc // args.steps)
+                                    for (f, line, name), (cc, nc, tt, ct, callers) in rows]
+    return result
+
+
+class _Finished(Exception):
+    pass
+
+
+def count_ops(prof, steps: int, top: int) -> dict:
+    from collections import Counter
+
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    by_thread = Counter(e.thread for e in events)
+    main = by_thread.most_common(1)[0][0]
+    launches: Counter = Counter()
+    syncs = 0
+    for e in events:
+        if e.thread != main:
+            continue
+        if e.name in SYNC_OPS:
+            syncs += 1
+        leaf = not any(c.name.startswith("aten::") for c in e.cpu_children)
+        if leaf and e.name not in NO_LAUNCH:
+            launches[e.name] += 1
+    # the window the device sits idle in: from the step's last host read (the loop's one sync, then the
+    # metrics) to the first op of the next step's forward (its embedding lookup)
+    gaps, last_read, after_optimizer = [], None, False
+    marks = SYNC_OPS | {"aten::embedding"}
+    for e in sorted((e for e in events if e.thread == main and (e.name in marks or e.name.startswith("aten::_fused_adam"))),
+                    key=lambda e: e.time_range.start):
+        if e.name.startswith("aten::_fused_adam"):
+            after_optimizer = True
+        elif e.name in SYNC_OPS and after_optimizer:
+            last_read = e.time_range.end
+        elif e.name == "aten::embedding" and last_read is not None:
+            gaps.append(e.time_range.start - last_read)
+            last_read, after_optimizer = None, False
+    out = {"idle_window_ms": sum(gaps) / len(gaps) / 1e3 if gaps else None,
+           "launch_ops": sum(launches.values()) / steps, "aten_ops": by_thread[main] / steps,
+           "collate_ops": sum(n for t, n in by_thread.items() if t != main) / steps, "syncs": syncs / steps}
+    if top:
+        out["top_launch_ops"] = [(name, n / steps) for name, n in launches.most_common(top)]
+    return out
+
+
+def where(prof, names: list[str], steps: int) -> list:
+    """For ops named ``names``: how many per step come from each chain of parents
+    (ops, then the Python functions of ``with_stack``)."""
+    from collections import Counter
+
+    places: Counter = Counter()
+    for e in prof.events():
+        if e.name in names or (names == ["plait"] and _source(e) in ("plait core", "plait-preference")
+                                and not _no_launch(e)):
+            parents, parent = [], e.cpu_parent
+            while parent is not None and len(parents) < 4:
+                if not parent.name.startswith("torch/nn/modules/module.py"):
+                    parents.append(parent.name)
+                parent = parent.cpu_parent
+            places[f"{e.name} <- {' < '.join(parents)}"] += 1
+    return [(place, n / steps) for place, n in places.most_common(40)]
+
+
+#: where an op comes from: the innermost Python frame whose file holds one of these
+SOURCES = (("plait-preference", "plait_preference/"), ("plait-kernels", "plait_kernels/"), ("plait core", "core/plait/"),
+           ("peft", "peft/"), ("transformers", "transformers/"), ("optimizer", "torch/optim/"),
+           ("checkpoint", "torch/utils/checkpoint"))
+
+
+def _no_launch(e) -> bool:
+    return not e.name.startswith("aten::") or e.name in NO_LAUNCH \
+        or any(c.name.startswith("aten::") for c in e.cpu_children)
+
+
+def _source(e) -> str:
+    source, parent = None, e.cpu_parent
+    while parent is not None and source is None:
+        if "Backward" in parent.name or parent.name.startswith("autograd::engine"):
+            source = "backward"
+        source = source or next((name for name, part in SOURCES if part in parent.name), None)
+        parent = parent.cpu_parent
+    return source or "other"
+
+
+def by_source(prof, steps: int) -> dict:
+    """Launch ops per step by where they come from: the innermost Python
+    function (the profiler's ``with_stack`` events, parents of the op) in one of
+    :data:`SOURCES`; ops the backward pass runs apart."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for e in prof.events():
+        if not _no_launch(e):
+            counts[_source(e)] += 1
+    return {name: n / steps for name, n in counts.most_common()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="dpo,sft")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=4, help="pairs (dpo) or rows (sft) per step")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (wall ms: their median)")
+    parser.add_argument("--profiled", type=int, default=3, help="steps under torch.profiler (op counts: per step)")
+    parser.add_argument("--top", type=int, default=0)
+    parser.add_argument("--python", type=int, default=0)
+    parser.add_argument("--where", default="", help="comma-separated op names: where they come from (Python)")
+    parser.add_argument("--sources", action="store_true", help="launch ops by where they come from")
+    parser.add_argument("--keys", default=None, help="JSON of extra Plait config keys")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import torch
+
+    # one thread: the ops are tiny, and the machine's other processes make thread pools wait on each other
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="plait_host_") as tmp:
+        work = Path(tmp)
+        model, pairs, chats = prepare(work, args)
+        results = [run_case(case, work, model, pairs, chats, args) for case in args.cases.split(",")]
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for r in results:
+        print(f"{r['case']}: {r['launch_ops']:.0f} launch ops/step, {r['aten_ops']:.0f} aten ops, "
+              f"{r['syncs']:.0f} syncs, {r['collate_ops']:.0f} collate-thread ops, {r['wall_ms']:.1f} ms/step, "
+              f"{r['idle_window_ms'] or 0:.2f} ms from the step's last read to the next forward; "
+              f"losses {[round(x, 6) for x in r['losses']]}")
+        for name, n in r.get("top_launch_ops", []):
+            print(f"    {n:7.1f}  {name}")
+        if "sources" in r:
+            print("    by source: " + ", ".join(f"{name} {n:.0f}" for name, n in r["sources"].items()))
+        for place, n in r.get("where", []):
+            print(f"    {n:7.1f}  {place}")
+        for where, ms, calls in r.get("python_self_ms", []):
+            print(f"    {ms:8.3f} ms  {calls:6d}x  {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
