@@ -287,3 +287,37 @@ def test_flex_packed_loss_and_grads_on_gpu(model_dir):
     rows = random_rows(10, model.config.vocab_size, seed=6)
     assert_same(reference(model, rows), packed(model, rows, "flex_attention", pad_to=SEQUENCE_LEN),
                 tol=dict(rtol=1e-4, atol=1e-5))
+
+
+def test_ids_only_forward_skips_transformers_packed_check_and_keeps_its_logits(model_dir):
+    # a forward of token ids alone (an unpacked batch whose padding mask was dropped on the host): the model
+    # makes arange positions, so transformers' packed-row test (a host sync on a GPU) is answered None without
+    # reading them; the logits are the model's own, bit for bit, and a packed batch is still asked
+    import threading
+
+    from transformers import masking_utils
+
+    from plait.model.forward import forward_logits
+    from plait.model.ids_only import ids_only, takes_ids_only
+
+    model = load(model_dir, "sdpa")
+    ids = torch.tensor([r["input_ids"] for r in random_rows(2, model.config.vocab_size, seed=3, min_len=12, max_len=12)])
+    assert takes_ids_only({"input_ids": ids, "attention_mask": None})
+    assert not takes_ids_only({"input_ids": ids, "position_ids": ids})
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        ours = forward_logits(model, {"input_ids": ids}).logits
+    assert torch.equal(ours, plain)
+
+    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    found = masking_utils.find_packed_sequence_indices(packed_positions)
+    assert found.tolist() == [[0, 0, 0, 1, 1, 2]]
+    in_other_thread = []
+    with ids_only():
+        assert masking_utils.find_packed_sequence_indices(packed_positions) is None
+        worker = threading.Thread(target=lambda: in_other_thread.append(
+            masking_utils.find_packed_sequence_indices(packed_positions)))
+        worker.start()
+        worker.join()
+    assert torch.equal(in_other_thread[0], found)  # the flag is this thread's alone
+    assert torch.equal(masking_utils.find_packed_sequence_indices(packed_positions), found)

@@ -166,15 +166,19 @@ def objective_for(setup, model, **keys):
     return PreferenceObjective(cfg, model)
 
 
-@pytest.mark.parametrize("method,adapter", [("kto", None), ("kto", "lora"), ("dpo", None), ("ipo", "lora"),
-                                            ("orpo", None), ("simpo", None), ("reward_model", None)])
-def test_step_waits_for_no_device(tiny_model, method, adapter):
+@pytest.mark.parametrize("method,adapter,layout", [
+    ("kto", None, "segments"), ("kto", "lora", "segments"), ("dpo", None, "segments"), ("ipo", "lora", "segments"),
+    ("orpo", None, "segments"), ("simpo", None, "segments"), ("reward_model", None, "segments"),
+    ("dpo", "lora", "rows"), ("kto", None, "rows")])
+def test_step_waits_for_no_device(tiny_model, method, adapter, layout):
     # A training step (forward of policy and reference, or of the reward model; loss, metrics, backward)
     # on the meta device: a tensor there has a shape and no data, so whatever would make the host wait
     # for a GPU (.item(), int() or bool() of a tensor, .cpu(), nonzero, a boolean mask) raises here
     # instead. What to score, the roles' indices and the unit counts come from the CPU batch
-    # (logps.ScoringPlan, objective.Roles). The pair-bin layout: in the row-per-sequence one,
-    # transformers itself checks the padding mask on the device (its own sync, not the objective's).
+    # (logps.ScoringPlan, objective.Roles). Both layouts: the pair bins (a block-diagonal mask), and a
+    # row per sequence, whose padding mask is dropped on the host, so the forwards get token ids alone
+    # and transformers' packed-row test on the position ids it made itself is answered without reading
+    # them (plait.model.ids_only).
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -184,7 +188,7 @@ def test_step_waits_for_no_device(tiny_model, method, adapter):
     from plait_preference.reward import RewardObjective, load_reward_model
 
     keys = {"reward_model": True} if method == "reward_model" else {"rl": method}
-    cfg, pm = build_run_config({"base_model": str(tiny_model), "sample_packing": True, **keys})
+    cfg, pm = build_run_config({"base_model": str(tiny_model), **LAYOUTS[layout], **keys})
     batch, _, tokenizer = collated_pairs(tiny_model, cfg, pm, kto=method == "kto")
     if method == "reward_model":
         model = load_reward_model(cfg, tokenizer)
