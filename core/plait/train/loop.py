@@ -602,9 +602,10 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
         # bad loss still never reaches the weights (fused AdamW skips its update)
         flag_bad_loss(run.optimizer, loss_sum, local_tokens, watchdog_threshold_now(run))
         grad_norm, lr = _clip_and_step(run, scaler)
-        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.double()]).tolist()  # the step's one sync
+        # the step's one sync, which reads the objective's metric sums too
+        loss_sum, grad_norm = step_metrics.read_with([loss_sum, grad_norm.double()])
     else:
-        loss_sum = float(loss_sum)
+        loss_sum, = step_metrics.read_with([loss_sum])
 
     # a stop signal on any rank stops every rank after this step (save_on_signals); agreed in the step's one reduce
     signals = run.signals
