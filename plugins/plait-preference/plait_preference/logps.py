@@ -195,11 +195,41 @@ class ScoringPlan:
     n_segments: int
     whole: object = None  # [P] 1.0 where ORPO's whole-sequence NLL counts the token (when asked)
     whole_tokens: object = None
+    #: [C] and [R]: the chosen and the rejected segments, in order (pairs: what the objective compares)
+    chosen: object = None
+    rejected: object = None
+    #: every scored token is a response token (``completion`` all ones): its sums need no mask
+    completion_only: bool = False
 
     def to(self, device) -> "ScoringPlan":
-        from plait.data.batching import move_to_device as move
+        """The plan on ``device``: its tensors in one copy per dtype (each copy
+        is a transfer the device queues, and a launch), split into views there."""
+        tensors = {name: value for name, value in vars(self).items() if hasattr(value, "to")}
+        moved = move_together(list(tensors.values()), device)
+        return ScoringPlan(**{**vars(self), **dict(zip(tensors, moved))})
 
-        return ScoringPlan(**{name: move(value, device) for name, value in vars(self).items()})
+
+def move_together(tensors: list, device) -> list:
+    """``tensors`` on ``device``: those of a dtype concatenated on the host,
+    moved in one copy (core's :func:`plait.data.batching.move_to_device`),
+    and split back into views of their own shapes; the same values."""
+    import torch
+
+    from plait.data.batching import move_to_device as move
+
+    out = list(tensors)
+    by_dtype: dict = {}
+    for i, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(i)
+    for indices in by_dtype.values():
+        if len(indices) == 1:
+            out[indices[0]] = move(tensors[indices[0]], device)
+            continue
+        flat = move(torch.cat([tensors[i].reshape(-1) for i in indices]), device)
+        pieces = flat.split([tensors[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces):
+            out[i] = piece.view(tensors[i].shape)
+    return out
 
 
 def scoring_plan(batch: dict, *, whole_roles=()) -> ScoringPlan:
@@ -209,6 +239,8 @@ def scoring_plan(batch: dict, *, whole_roles=()) -> ScoringPlan:
     scored (``whole``), for ORPO's NLL over prompt and response.
     """
     import torch
+
+    from plait_preference.rows import CHOSEN, REJECTED
 
     input_ids, segments = batch["input_ids"], batch["segment_index"]
     roles = batch["segment_roles"]
@@ -238,7 +270,9 @@ def scoring_plan(batch: dict, *, whole_roles=()) -> ScoringPlan:
     scored_completion = completion.reshape(-1)[positions]
     plan = ScoringPlan(positions=positions, targets=input_ids.reshape(-1)[positions + 1], segment=segment,
                        completion=scored_completion.to(torch.float32),
-                       completion_tokens=counts(scored_completion), n_segments=n_segments)
+                       completion_tokens=counts(scored_completion), n_segments=n_segments,
+                       chosen=(roles == CHOSEN).nonzero()[:, 0], rejected=(roles == REJECTED).nonzero()[:, 0],
+                       completion_only=bool(scored_completion.all()))
     if whole is not None:
         scored_whole = whole.reshape(-1)[positions]
         plan.whole, plan.whole_tokens = scored_whole.to(torch.float32), counts(scored_whole)
@@ -262,9 +296,11 @@ def segment_logps(model, batch: dict, plan: ScoringPlan) -> SegmentLogps:
                                 softcap=options.get("softcap"))
 
     def per_segment(flags):
-        return logps.new_zeros(plan.n_segments).index_add(0, plan.segment, logps * flags)
+        # into zeros in place (one kernel less than index_add's copy); no mask where every token counts
+        return logps.new_zeros(plan.n_segments).index_add_(0, plan.segment, logps if flags is None else logps * flags)
 
-    result = SegmentLogps(per_segment(plan.completion), plan.completion_tokens, outputs=outputs)
+    completion = per_segment(None if plan.completion_only else plan.completion)
+    result = SegmentLogps(completion, plan.completion_tokens, outputs=outputs)
     if plan.whole is not None:
         result.whole, result.whole_tokens = per_segment(plan.whole), plan.whole_tokens
     return result

@@ -21,6 +21,8 @@ def dpo(chosen_ratio, rejected_ratio, chosen_tokens, rejected_tokens, *, beta: f
     import torch.nn.functional as F
 
     delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid" and not label_smoothing:
+        return -F.logsigmoid(beta * delta)  # the line below with e = 0, without its zero term's five kernels
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     if loss_type == "hinge":

@@ -72,7 +72,7 @@ class PreferenceObjective:
         if self.method == "kto":
             loss_sum, metrics = self.kto(policy, ref, roles)
         else:
-            loss_sum, metrics = self.pairs(policy, ref, roles)
+            loss_sum, metrics = self.pairs(policy, ref, roles, plan)
         if training and self.samples is not None:
             describe = samples.row_samples if self.method == "kto" else samples.pair_samples
             self.samples.extend(describe(host_batch, self.last_scores))
@@ -130,21 +130,30 @@ class PreferenceObjective:
 
     # ------------------------------------------------------------------ losses
 
-    def pairs(self, policy, ref, roles):
+    def pairs(self, policy, ref, roles, plan=None):
         import torch
 
-        chosen, rejected = roles.of(CHOSEN), roles.of(REJECTED)
+        if plan is not None and plan.chosen is not None:  # worked out at collation, moved with the plan
+            chosen, rejected, n = plan.chosen, plan.rejected, int(plan.chosen.shape[0])
+        else:
+            chosen, rejected, n = roles.of(CHOSEN), roles.of(REJECTED), roles.count(CHOSEN)
         c_logps, r_logps = policy.completion[chosen], policy.completion[rejected]
-        c_tokens, r_tokens = policy.completion_tokens[chosen], policy.completion_tokens[rejected]
-        n = roles.count(CHOSEN)
         cfg, beta = self.cfg, self.beta
+        dpo_losses = config.dpo_losses(cfg) if self.method in ("dpo", "ipo") else ()
+        # response token counts: for the per-token averages (IPO, ORPO, SimPO); sigmoid DPO reads none
+        if self.method not in ("dpo", "ipo") or any(name == "ipo" for name, _ in dpo_losses):
+            c_tokens, r_tokens = policy.completion_tokens[chosen], policy.completion_tokens[rejected]
+        else:
+            c_tokens = r_tokens = None
         metrics = {}
         if self.method in ("dpo", "ipo"):
             c_ratio = c_logps - ref.completion[chosen]
             r_ratio = r_logps - ref.completion[rejected]
-            per_pair = sum(weight * losses.dpo(c_ratio, r_ratio, c_tokens, r_tokens, beta=beta, loss_type=name,
-                                               label_smoothing=cfg.dpo_label_smoothing or 0.0)
-                           for name, weight in config.dpo_losses(cfg))
+            terms = [(weight, losses.dpo(c_ratio, r_ratio, c_tokens, r_tokens, beta=beta, loss_type=name,
+                                         label_smoothing=cfg.dpo_label_smoothing or 0.0))
+                     for name, weight in dpo_losses]
+            # one loss of weight 1 (the usual case) is itself: no multiply by 1, no add to 0
+            per_pair = terms[0][1] if len(terms) == 1 and terms[0][0] == 1 else sum(w * t for w, t in terms)
             loss_sum = per_pair.sum()
             c_reward, r_reward = beta * c_ratio.detach(), beta * r_ratio.detach()
             shown_c, shown_r = c_logps, r_logps
@@ -169,11 +178,11 @@ class PreferenceObjective:
                     metrics["nll_loss"] = (nll.detach() * n, n)
             c_reward, r_reward = beta * c_avg.detach(), beta * r_avg.detach()
             shown_c, shown_r = c_avg, r_avg
-        self.last_scores = c_reward - r_reward
+        margins = self.last_scores = c_reward - r_reward
         metrics.update({
             "rewards/chosen": (c_reward.sum(), n),
             "rewards/rejected": (r_reward.sum(), n),
-            "rewards/margins": ((c_reward - r_reward).sum(), n),
+            "rewards/margins": (margins.sum(), n),
             "rewards/accuracies": ((c_reward > r_reward).to(torch.float32).sum(), n),
             "logps/chosen": (shown_c.detach().sum(), n),
             "logps/rejected": (shown_r.detach().sum(), n),
