@@ -12,8 +12,10 @@ step's wall time is mostly host time, and counts per step:
   allocations and no-op ``to``/``contiguous``), on the loop's thread;
 * **all aten ops** on that thread (dispatch cost: every op, views included);
 * **collate ops**: those of the loop's prefetch thread (host work only);
-* **syncs**: ``aten::item``/``aten::_local_scalar_dense`` and ``aten::is_nonzero``
-  (a device-to-host read each on a GPU);
+* **host reads**: ``aten::_local_scalar_dense`` (``.item()``, ``bool()`` of a
+  tensor: a device sync each on a GPU; on the CPU also reads of host tensors,
+  which are no sync there; ``.tolist()`` is not counted), less those of the
+  CPU's fused AdamW;
 * **wall ms** per step without the profiler (median of ``--steps``).
 
 Cases: ``dpo`` (LoRA, reference = adapter off), ``sft`` (the chosen
@@ -43,7 +45,9 @@ NO_LAUNCH = {"aten::" + name for name in (
     "lift_fresh", "unbind", "view_as", "numpy_T", "result_type", "is_same_size", "_has_compatible_shallow_copy_type",
     "set_", "resize_", "_nested_tensor_from_mask_left_aligned", "to", "contiguous", "detach_", "requires_grad_",
     "retain_grad", "output_nr", "_version", "_fw_primal", "movedim", "diagonal", "real", "imag", "view_as_real")}
-SYNC_OPS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
+#: a read of a tensor's value on the host (``.item()``, ``bool()``, ``int()``, ``if tensor``): one device sync each
+READ_OP = "aten::_local_scalar_dense"
+SYNC_OPS = {READ_OP}
 
 
 def prepare(work: Path, args) -> tuple[Path, Path, Path]:
@@ -112,11 +116,13 @@ def run_case(case: str, work: Path, model: Path, pairs: Path, chats: Path, args)
                 state["cprofile"].disable()
                 state["profiler"] = profile(activities=[ProfilerActivity.CPU], with_stack=bool(args.where or args.sources))
                 state["profiler"].__enter__()
+            # what the step computed (not how fast): before and after a change these must be equal
+            state.setdefault("metrics", []).append({k: v for k, v in metrics.items()
+                                                    if k not in ("tokens_per_s", "epoch")})
+            state.setdefault("losses", []).append(metrics["loss"])
             if step == total:
                 state["profiler"].__exit__(None, None, None)
-                state["losses"] = state.get("losses", []) + [metrics["loss"]]
                 raise _Finished
-            state.setdefault("losses", []).append(metrics["loss"])
             state["last"] = time.perf_counter()
 
     pm = build_plugin_manager(config_plugins=["plait_formats.plugin", "plait_models", "plait_peft.plugin",
@@ -127,7 +133,8 @@ def run_case(case: str, work: Path, model: Path, pairs: Path, chats: Path, args)
         train(cfg, pm)
     except _Finished:
         pass
-    result = {"case": case, "wall_ms": statistics.median(times) * 1e3, "losses": state["losses"]}
+    result = {"case": case, "wall_ms": statistics.median(times) * 1e3, "losses": state["losses"],
+              "metrics": state["metrics"]}
     result.update(count_ops(state["profiler"], args.profiled, args.top))
     if args.where or args.sources:
         result["sources"] = by_source(state["profiler"], args.profiled)
@@ -156,7 +163,9 @@ def count_ops(prof, steps: int, top: int) -> dict:
     for e in events:
         if e.thread != main:
             continue
-        if e.name in SYNC_OPS:
+        # torch's fused AdamW on the CPU reads its step counts with .item(); its CUDA kernel does not
+        if e.name == READ_OP and not (e.cpu_parent and e.cpu_parent.cpu_parent
+                                      and e.cpu_parent.cpu_parent.name.startswith("aten::_fused_adam")):
             syncs += 1
         leaf = not any(c.name.startswith("aten::") for c in e.cpu_children)
         if leaf and e.name not in NO_LAUNCH:
@@ -249,6 +258,7 @@ def main() -> int:
     parser.add_argument("--sources", action="store_true", help="launch ops by where they come from")
     parser.add_argument("--keys", default=None, help="JSON of extra Plait config keys")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--metrics-out", default=None, help="write every step's metrics (JSON) here, to compare runs")
     args = parser.parse_args()
     import torch
 
@@ -258,12 +268,14 @@ def main() -> int:
         work = Path(tmp)
         model, pairs, chats = prepare(work, args)
         results = [run_case(case, work, model, pairs, chats, args) for case in args.cases.split(",")]
+    if args.metrics_out:
+        Path(args.metrics_out).write_text(json.dumps({r["case"]: r["metrics"] for r in results}, indent=1))
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
     for r in results:
         print(f"{r['case']}: {r['launch_ops']:.0f} launch ops/step, {r['aten_ops']:.0f} aten ops, "
-              f"{r['syncs']:.0f} syncs, {r['collate_ops']:.0f} collate-thread ops, {r['wall_ms']:.1f} ms/step, "
+              f"{r['syncs']:.0f} host reads, {r['collate_ops']:.0f} collate-thread ops, {r['wall_ms']:.1f} ms/step, "
               f"{r['idle_window_ms'] or 0:.2f} ms from the step's last read to the next forward; "
               f"losses {[round(x, 6) for x in r['losses']]}")
         for name, n in r.get("top_launch_ops", []):
