@@ -289,35 +289,51 @@ def test_flex_packed_loss_and_grads_on_gpu(model_dir):
                 tol=dict(rtol=1e-4, atol=1e-5))
 
 
-def test_ids_only_forward_skips_transformers_packed_check_and_keeps_its_logits(model_dir):
-    # a forward of token ids alone (an unpacked batch whose padding mask was dropped on the host): the model
-    # makes arange positions, so transformers' packed-row test (a host sync on a GPU) is answered None without
-    # reading them; the logits are the model's own, bit for bit, and a packed batch is still asked
+def test_mask_checks_answered_on_the_host_keep_the_models_logits(model_dir):
+    # transformers reads device tensors to decide how to mask (a host sync each on a GPU); Plait answers from the
+    # host: token ids alone -> no packed rows (the model made arange positions); a padding mask with a 0 on the
+    # host -> SDPA keeps the mask. The logits are the model's own, bit for bit; other calls still ask.
     import threading
 
     from transformers import masking_utils
 
     from plait.model.forward import forward_logits
-    from plait.model.ids_only import ids_only, takes_ids_only
+    from plait.model.mask_checks import answered_on_host, has_noted_padding, note_host_padding, takes_ids_only
 
     model = load(model_dir, "sdpa")
     ids = torch.tensor([r["input_ids"] for r in random_rows(2, model.config.vocab_size, seed=3, min_len=12, max_len=12)])
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding in the second row
     assert takes_ids_only({"input_ids": ids, "attention_mask": None})
     assert not takes_ids_only({"input_ids": ids, "position_ids": ids})
     with torch.no_grad():
-        plain = model(input_ids=ids).logits
-        ours = forward_logits(model, {"input_ids": ids}).logits
-    assert torch.equal(ours, plain)
+        for inputs in ({"input_ids": ids}, note_host_padding({"attention_mask": mask},
+                                                            {"input_ids": ids, "attention_mask": mask.clone()})):
+            assert torch.equal(forward_logits(model, inputs).logits, model(**inputs).logits)
 
     packed_positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
     found = masking_utils.find_packed_sequence_indices(packed_positions)
     assert found.tolist() == [[0, 0, 0, 1, 1, 2]]
     in_other_thread = []
-    with ids_only():
+    with answered_on_host({"input_ids": ids}):
         assert masking_utils.find_packed_sequence_indices(packed_positions) is None
         worker = threading.Thread(target=lambda: in_other_thread.append(
             masking_utils.find_packed_sequence_indices(packed_positions)))
         worker.start()
         worker.join()
-    assert torch.equal(in_other_thread[0], found)  # the flag is this thread's alone
+    assert torch.equal(in_other_thread[0], found)  # the state is this thread's alone
     assert torch.equal(masking_utils.find_packed_sequence_indices(packed_positions), found)
+
+    # a noted padding mask: the answer comes without reading the mask (on the meta device a read raises)
+    on_meta = {"input_ids": ids, "attention_mask": mask.to("meta").bool()}
+    note_host_padding({"attention_mask": mask}, on_meta)
+    with answered_on_host(on_meta):
+        assert masking_utils._ignore_causal_mask_sdpa(on_meta["attention_mask"], 12, 12, 0, 0) is False
+    with pytest.raises(RuntimeError, match="meta"):
+        masking_utils._ignore_causal_mask_sdpa(on_meta["attention_mask"], 12, 12, 0, 0)
+    # a mask of ones is never noted: transformers decides
+    ones = {"input_ids": ids, "attention_mask": torch.ones_like(mask).bool()}
+    note_host_padding({"attention_mask": torch.ones_like(mask)}, ones)
+    assert not has_noted_padding(ones["attention_mask"])
+    with answered_on_host(ones):
+        assert masking_utils._ignore_causal_mask_sdpa(ones["attention_mask"], 12, 12, 0, 0)

@@ -135,8 +135,12 @@ def row_lengths(dataset) -> list[int]:
 def to_device(batch: dict, device) -> dict:
     """Move a collated batch to ``device``: tensors and ``BlockMask`` move
     (both have ``.to``), ints such as ``max_length_q`` stay as they are; see
-    :func:`move_to_device`."""
-    return {key: move_to_device(value, device) for key, value in batch.items()}
+    :func:`move_to_device`. A 2-D padding mask with padding is noted as such
+    from the host tensor, so transformers' check of it reads nothing on the
+    device (:mod:`plait.model.mask_checks`)."""
+    from plait.model.mask_checks import note_host_padding
+
+    return note_host_padding(batch, {key: move_to_device(value, device) for key, value in batch.items()})
 
 
 def move_to_device(value, device):

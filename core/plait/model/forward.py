@@ -653,14 +653,14 @@ def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
     to the module that computes the model's positions
     (:func:`record_position_module`), a model whose forward cannot take the
     packed mask has it handed to its layers (:func:`record_layer_masks`), and a windowed model gets no packed mask
-    (:func:`mark_masks_from_positions`). A call of token ids alone skips transformers' packed-row check, a host
-    sync (:mod:`plait.model.ids_only`)."""
-    from plait.model.ids_only import ids_only, takes_ids_only
+    (:func:`mark_masks_from_positions`). transformers' mask checks that the host can answer (token ids alone, a
+    padding mask with padding) are answered without a device read (:mod:`plait.model.mask_checks`)."""
+    from plait.model.mask_checks import answered_on_host
 
     causal_lm = unwrap(model)
     handles = []
     # decided on what the caller passed: the routes below may take positions or masks out of ``inputs``
-    plain_ids = takes_ids_only(inputs)
+    host_answers = answered_on_host(inputs)
     mixers = getattr(causal_lm, _SEGMENT_MIXERS, None)
     if mixers:
         # recurrent / convolutional modules run one packed row at a time (record_segment_mixers)
@@ -706,7 +706,7 @@ def _call(model, inputs: dict, plan: HeadPlan, extra: dict, hooks=()):
     if plan.use_cache:
         extra = {"use_cache": False, **extra}
     try:
-        with ids_only(plain_ids):
+        with host_answers:
             return model(**inputs, **extra)
     finally:
         for handle in handles:

@@ -26,6 +26,8 @@ from plait_preference.logps import segment_logps
 from plait_preference.rows import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE
 
 REFERENCE_METHODS = ("dpo", "ipo", "kto")
+#: batch keys the objective reads on the host only; they are not copied to the device
+HOST_ONLY_KEYS = ("segment_index", "segment_roles")
 
 
 class PreferenceObjective:
@@ -65,7 +67,8 @@ class PreferenceObjective:
         host_batch = batch
         roles = Roles(host_batch["segment_roles"], run.device)
         inputs = drop_right_padding_mask(host_batch) if self.drops_padding_mask else host_batch
-        batch = to_device(inputs, run.device)
+        # what only the host reads (the segments' layout and roles, above and in the plan) stays there
+        batch = to_device({k: v for k, v in inputs.items() if k not in HOST_ONLY_KEYS}, run.device)
         plan = batch["scoring_plan"]
         policy = segment_logps(run.model, batch, plan)
         ref = self.reference_logps(run.model, batch, plan) if self.reference is not None else None
