@@ -178,7 +178,7 @@ def test_step_waits_for_no_device(tiny_model, method, adapter, layout):
     # (logps.ScoringPlan, objective.Roles). Both layouts: the pair bins (a block-diagonal mask), and a
     # row per sequence, whose padding mask is dropped on the host, so the forwards get token ids alone
     # and transformers' packed-row test on the position ids it made itself is answered without reading
-    # them (plait.model.ids_only).
+    # them (plait.model.mask_checks).
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
