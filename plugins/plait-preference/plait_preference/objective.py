@@ -221,7 +221,9 @@ class PreferenceObjective:
         # micro-batch without adds nothing (0 of 0) but still names the metric: data-parallel ranks all-reduce
         # their metrics as one list, so every rank must list the same names (test_precompute.py, KTO under FSDP2)
         both = bool(n_good and n_bad)
-        metrics["rewards/margins"] = (good_rewards.mean() - bad_rewards.mean() if both else 0.0, int(both))
+        # (a zero tensor, not 0.0: the loop stacks a micro-batch's tensor sums into one vector, plait.train.metric_sums)
+        margin = good_rewards.mean() - bad_rewards.mean() if both else rewards.new_zeros(())
+        metrics["rewards/margins"] = (margin, int(both))
         return per_row.sum(), metrics
 
 
