@@ -1,0 +1,57 @@
+"""Settings for the whole suite (tests/, plugins/*/tests, contrib/*/tests), serial or under pytest-xdist.
+
+``make test`` runs the suite on two pytest-xdist workers, one test file per worker at a time
+(``--dist loadfile``: a module's fixtures, such as a reference training run, are built once).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# One intra-op thread. The tensors here are tiny, so a second thread saves little, and beside a
+# second worker (or another process) on two cores OpenMP's spinning threads burn the CPU the other
+# one needs: tests/test_quickstart.py took 92 CPU s with two threads and 22 CPU s with one on a
+# busy 2-core machine. The subprocesses a test starts inherit the variable.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:  # imported before this file (by a pytest plugin): its pool is already sized
+        sys.modules["torch"].set_num_threads(1)
+
+# Files that each cost tens of CPU seconds (reference runs, gloo launches, several-step trainings),
+# measured on 2 cores; they are handed out first so that no worker is left with a long file while
+# the other has nothing to do. Only the order depends on this list: a file not named here still
+# runs, after these, in its collected order.
+HEAVIEST_FIRST = [
+    "plugins/plait-parallel/tests/test_distributed.py",
+    "plugins/plait-parallel/tests/test_train_cli.py",
+    "tests/test_train_distributed.py",
+    "plugins/plait-kernels/tests/test_train_e2e.py",
+    "plugins/plait-models/tests/test_family_roundtrip.py",
+    "plugins/plait-models/tests/test_families.py",
+    "tests/test_train_resume.py",
+    "tests/test_architectures.py",
+    "plugins/plait-preference/tests/test_preference_resume.py",
+    "tests/test_multinode.py",
+    "tests/test_train_loop.py",
+    "plugins/plait-preference/tests/test_precompute.py",
+    "tests/test_axolotl_examples_train.py",
+    "tests/test_train_resume_packed.py",
+    "tests/test_quickstart.py",
+    "plugins/plait-kernels/tests/test_lora_attention.py",
+    "plugins/plait-vision/tests/test_vision_train.py",
+    "plugins/plait-preference/tests/test_matches_trl.py",
+    "tests/test_packing_model.py",
+    "tests/test_train_strategies.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest files first (a stable sort: the order within a file and of the rest is kept)."""
+    rank = {path: i for i, path in enumerate(HEAVIEST_FIRST)}
+    root = str(config.rootpath) + os.sep
+
+    def file_rank(item):
+        return rank.get(str(item.path).removeprefix(root), len(rank))
+
+    items.sort(key=file_rank)
