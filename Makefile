@@ -32,8 +32,12 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/plait quickstart examples/quickstart.yml
 
+# The suite on TEST_WORKERS pytest-xdist workers (2: CI's two cores), each taking a whole test file at a
+# time so that a module's fixtures (reference runs) are built once; conftest.py hands out the heaviest
+# files first and gives torch one thread per process. `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The floor environment: every dependency the packages declare at the lowest version its range
 # admits (uv's lowest-direct resolution of the packages themselves, so no second list to drift),
