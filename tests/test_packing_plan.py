@@ -94,3 +94,18 @@ def test_eval_follows_eval_sample_packing():
     assert use_packing(cfg, "train") and use_packing(cfg, "eval")
     cfg.eval_sample_packing = False
     assert use_packing(cfg, "train") and not use_packing(cfg, "eval")
+
+
+def test_a_failed_packed_batch_is_described_even_without_a_message():
+    from plait.data.packing import _describe_failure
+
+    def get_masks(lengths):
+        if lengths is not None:
+            raise AssertionError  # what a bare assert raises outside pytest (XLM's mask check): no message
+
+    try:
+        get_masks([3, 4])
+    except AssertionError as exc:
+        described = _describe_failure(exc)
+    assert described.startswith("AssertionError in get_masks() of test_packing_plan.py, line ")
+    assert _describe_failure(ValueError("mask  of\n rank 3")) == "ValueError: mask of rank 3"

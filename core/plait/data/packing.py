@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import bisect
 import random
+import traceback
+from pathlib import Path
 from typing import Sequence
 
 from plait.errors import ConfigError, DataError, MachineFactError, PlaitError
@@ -695,6 +697,19 @@ def _mask_builder(attn: str, model):
 PACKED_BATCH_FAILED = "a packed test batch failed"
 
 
+def _describe_failure(exc: BaseException) -> str:
+    """The exception's type and message; where the message is empty (a bare ``assert`` in the model's code,
+    as XLM's mask check is), the function and file that raised it, so the refusal still says something."""
+    text = " ".join(str(exc).split())[:200]
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} in {last.name}() of {Path(last.filename).name}, line {last.lineno}"
+
+
 def recurrent_layer_kinds(model) -> list[str]:
     """Class names of the model's modules that look recurrent or convolutional
     (:data:`plait.model.forward.RECURRENT_HINTS`): named in a refusal as the likely cause. The
@@ -743,7 +758,7 @@ def packed_rows_leak(cfg, model, lengths=(5, 7, 6)) -> str | None:
     except PlaitError:  # the model's own refusal (e.g. it does not run on token ids alone) says it better
         raise
     except Exception as exc:  # noqa: BLE001 - a model that cannot run a packed batch cannot train on one
-        return f"{PACKED_BATCH_FAILED}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        return f"{PACKED_BATCH_FAILED}: {_describe_failure(exc)}"
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     scale = float(alone.abs().max()) + 1e-6
     diff = float((together - alone).abs().max())
