@@ -197,6 +197,12 @@ class Run:
     def is_main(self) -> bool:
         return self.world.rank == 0
 
+    def forward_precision(self):
+        """The mixed-precision context the loop's training and eval forwards run under
+        (:func:`autocast`), for a plugin's own forwards outside the step (plait-preference's
+        reference scoring) to compute as the step does."""
+        return autocast(self)
+
     @property
     def device(self) -> torch.device:
         return self.world.device

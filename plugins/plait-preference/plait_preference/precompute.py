@@ -124,7 +124,8 @@ def compute(run, dataset) -> tuple:
     mine = batches[rank::ranks]
     turns = -(-len(batches) // ranks)
     scored = {}  # row index -> its segments' sums
-    with probing(run.model), objective.reference_context(run.model, precomputing=True) as model:
+    # under the step's autocast: a frozen copy scores inside the step, so stored values must be computed the same way
+    with probing(run.model), run.forward_precision(), objective.reference_context(run.model, precomputing=True) as model:
         for turn in range(turns):
             indices = mine[turn] if turn < len(mine) else batches[0]
             rows = [materialize(dataset, [i]) for i in indices]
