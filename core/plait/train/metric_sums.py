@@ -50,9 +50,9 @@ class MetricSums:
         self._names, self._vector, self._counts = (), None, []
 
     def _tensors(self) -> list:
-        tensors = ([self._vector] if self._vector is not None else []) + \
+        """Every tensor sum, in the order :meth:`means` reads them (the vector first)."""
+        return ([self._vector] if self._vector is not None else []) + \
             [total.reshape(1) for total, _ in self.sums.values() if hasattr(total, "reshape")]
-        return [t.to(tensors[0].device) for t in tensors]  # one device for one read (a device_map's head)
 
     def read_with(self, values: list) -> list[float]:
         """``values`` (0-dim float64 tensors on the device) as floats, read in
@@ -77,7 +77,8 @@ class MetricSums:
         read = self._read
         if read is None:
             tensors = self._tensors()
-            read = torch.cat(tensors).tolist() if tensors else []
+            # one device for one read (under a device_map the sums may sit on several)
+            read = torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else []
         read = iter(read)
         totals = [next(read) for _ in self._names] + [
             next(read) if hasattr(total, "reshape") else float(total) for total, _ in self.sums.values()]
