@@ -134,13 +134,7 @@ def causal_decoder_kwargs(cfg, kwargs: dict) -> dict:
     """
     if "is_decoder" in kwargs:
         return {}
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(cfg.base_model, revision=cfg.revision_of_model,
-                                            trust_remote_code=cfg.trust_remote_code)
-    except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable source itself
-        return {}
+    config = base_model_config(cfg)
     if getattr(config, "is_decoder", None) is False:
         import logging
 
@@ -181,14 +175,22 @@ def causal_lm_class(config):
 def causal_lm_class_of(cfg):
     """:func:`causal_lm_class` of ``base_model``'s config; ``AutoModelForCausalLM``
     when the config cannot be read (its ``from_pretrained`` then says why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    config = base_model_config(cfg)
+    return AutoModelForCausalLM if config is None else causal_lm_class(config)
+
+
+def base_model_config(cfg):
+    """``base_model``'s config as ``AutoConfig`` reads it, or ``None`` when it
+    cannot be read: the loaders' own ``from_pretrained`` then reports why."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(cfg.base_model, revision=cfg.revision_of_model,
-                                            trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(cfg.base_model, revision=cfg.revision_of_model,
+                                          trust_remote_code=cfg.trust_remote_code)
     except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable source itself
-        return AutoModelForCausalLM
-    return causal_lm_class(config)
+        return None
 
 
 def loading_contexts(cfg):
