@@ -23,7 +23,7 @@ import contextlib
 
 from plait_preference import config, losses, samples
 from plait_preference.logps import segment_logps
-from plait_preference.rows import CHOSEN, DESIRABLE, KL, REJECTED, UNDESIRABLE
+from plait_preference.rows import CHOSEN, DESIRABLE, KL, UNDESIRABLE
 
 REFERENCE_METHODS = ("dpo", "ipo", "kto")
 #: batch keys the objective reads on the host only; they are not copied to the device
@@ -65,7 +65,6 @@ class PreferenceObjective:
         # are, all read from the host batch, so nothing below waits for the device (see
         # logps.ScoringPlan); test_objective.py's test_step_waits_for_no_device runs it on the meta device
         host_batch = batch
-        roles = Roles(host_batch["segment_roles"], run.device)
         inputs = drop_right_padding_mask(host_batch) if self.drops_padding_mask else host_batch
         # what only the host reads (the segments' layout and roles, above and in the plan) stays there
         batch = to_device({k: v for k, v in inputs.items() if k not in HOST_ONLY_KEYS}, run.device)
@@ -73,9 +72,9 @@ class PreferenceObjective:
         policy = segment_logps(run.model, batch, plan)
         ref = self.reference_logps(run.model, batch, plan) if self.reference is not None else None
         if self.method == "kto":
-            loss_sum, metrics = self.kto(policy, ref, roles)
+            loss_sum, metrics = self.kto(policy, ref, Roles(host_batch["segment_roles"], run.device))
         else:
-            loss_sum, metrics = self.pairs(policy, ref, roles, plan)
+            loss_sum, metrics = self.pairs(policy, ref, plan)
         if training and self.samples is not None:
             describe = samples.row_samples if self.method == "kto" else samples.pair_samples
             self.samples.extend(describe(host_batch, self.last_scores))
@@ -133,13 +132,11 @@ class PreferenceObjective:
 
     # ------------------------------------------------------------------ losses
 
-    def pairs(self, policy, ref, roles, plan=None):
+    def pairs(self, policy, ref, plan):
         import torch
 
-        if plan is not None and plan.chosen is not None:  # worked out at collation, moved with the plan
-            chosen, rejected, n = plan.chosen, plan.rejected, int(plan.chosen.shape[0])
-        else:
-            chosen, rejected, n = roles.of(CHOSEN), roles.of(REJECTED), roles.count(CHOSEN)
+        # the chosen and rejected segments: worked out at collation, moved with the plan
+        chosen, rejected, n = plan.chosen, plan.rejected, int(plan.chosen.shape[0])
         c_logps, r_logps = policy.completion[chosen], policy.completion[rejected]
         cfg, beta = self.cfg, self.beta
         dpo_losses = config.dpo_losses(cfg) if self.method in ("dpo", "ipo") else ()
