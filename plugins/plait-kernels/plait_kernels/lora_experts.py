@@ -111,6 +111,28 @@ def project(x, weight, factors, offsets, is_transposed: bool):
     return out
 
 
+class _RoutedRows(torch.autograd.Function):
+    """``hidden[perm // top_k]``: each token's row once per expert it was
+    routed to, in expert order. Indexing would do the same, but its backward
+    scatter-adds the rows' gradients into their tokens (an accumulating index
+    write: atomics or a sort on CUDA, rounding to bf16 after each add). Each
+    token has exactly ``top_k`` rows, so the backward here puts the gradients
+    back in (token, k) order with the inverse permutation and sums the ``k``
+    of each token, one gather and one reduction (accumulated in float32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, perm, inverse, top_k):
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return hidden[perm // top_k]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        inverse, = ctx.saved_tensors
+        grad = grad_rows[inverse].view(-1, ctx.top_k, grad_rows.shape[-1]).sum(dim=1)
+        return grad, None, None, None
+
+
 def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights):
     """transformers' grouped_mm experts forward (gated, no bias, no expert
     parallelism) with the LoRA term added per projection; ``adapters`` maps a
@@ -119,7 +141,9 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
     routing_weights = top_k_weights.reshape(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    rows = hidden_states[perm // num_top_k]
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    rows = _RoutedRows.apply(hidden_states, perm, inverse, num_top_k)
     # histc, as transformers does (bincount would sync); CPU histc needs floats
     counted = expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
     per_expert = torch.histc(counted, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
@@ -138,7 +162,7 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     out = project(out, down, factors("down_proj", down), offsets, experts.is_transposed)
     out = out * routing_weights[perm].unsqueeze(-1)  # as transformers: the router weights' dtype (fp32 sums)
     restored = torch.empty_like(out)
-    restored[perm] = out  # back to (token, k) order
+    restored[perm] = out  # back to (token, k) order (an index write: its backward is a plain gather)
     return restored.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 
