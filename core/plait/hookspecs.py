@@ -490,7 +490,12 @@ def build_objective(cfg: CoreConfig, model: Optional[torch.nn.Module], loss_fn: 
         evaluation). ``run`` is the :class:`plait.train.loop.Run`. Return the
         same names in the same order for every micro-batch, with ``(0, 0)``
         where one does not apply: ranks all-reduce the metrics as one list, so
-        a name that one rank leaves out desynchronises the collectives.
+        a name that one rank leaves out desynchronises the collectives. A
+        loss that reads a statistic of the whole data-parallel batch (KTO's
+        KL estimate) all-reduces it over ``run.dp_group`` (``None`` with one
+        data rank; tensor-parallel ranks, which hold the same rows, are not
+        in it): every rank calls ``loss`` for the same number of
+        micro-batches, in training and in evaluation.
     ``perplexity``
         whether ``exp(eval_loss)`` means something (``eval_ppl`` is reported).
     ``samples`` (optional)

@@ -70,6 +70,20 @@ def data_parallel_rank_and_size(mesh, world: World) -> tuple[int, int]:
     return world.rank, world.world_size
 
 
+def data_parallel_group(mesh, world: World):
+    """The process group of the ranks that hold different rows of a step
+    (those :func:`data_parallel_rank_and_size` deals the data to: the ``dp``
+    mesh dimension, or every rank without one); ``None`` when there is one
+    such rank, so a statistic over the step's batch needs no collective.
+    Tensor/context-parallel ranks of one data rank are not in it: they hold
+    the same rows, and summing over them would count each row again."""
+    import torch.distributed as dist
+
+    if mesh is not None and "dp" in _dim_names(mesh):
+        return mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
+    return dist.group.WORLD if world.world_size > 1 else None
+
+
 def _dim_names(mesh) -> tuple[str, ...]:
     names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
     flattened = getattr(getattr(mesh, "_get_root_mesh", lambda: mesh)(), "_flatten_mapping", None) or {}

@@ -80,8 +80,8 @@ from plait.train import checkpoint
 from plait.train import generation
 from plait.train.collector import freeze_setup_objects, unfreeze_setup_objects
 from plait.train.generation import ACCEPTED_METRICS, check_unsharded
-from plait.train.distributed import (World, _dim_names, all_reduce_sum, close_distributed, data_parallel_rank_and_size,
-                                     init_distributed, loss_divisor, set_seed)
+from plait.train.distributed import (World, _dim_names, all_reduce_sum, close_distributed, data_parallel_group,
+                                     data_parallel_rank_and_size, init_distributed, loss_divisor, set_seed)
 from plait.train.lisa import Lisa
 from plait.train.metric_sums import MetricSums
 from plait.train.prefetch import StepPrefetcher
@@ -139,6 +139,9 @@ class Run:
     mesh: Optional[DeviceMesh] = None
     dp_rank: int = 0
     dp_size: int = 1
+    #: the process group of the ``dp_size`` ranks holding different rows of a step (for an objective's
+    #: statistic over the step's whole batch, all-reduced over it); None when ``dp_size`` is 1
+    dp_group: Optional[Any] = None
     #: every training row's length, in dataset order (what batches are planned from)
     train_lengths: list[int] = field(default_factory=list)
     total_steps: int = 0
@@ -344,6 +347,7 @@ def build_model(run: Run):
         layout = describe_mesh(run.mesh) if run.mesh is not None else "DistributedDataParallel (replicated)"
         log(run, f"parallel: {layout} over {run.world_size} processes")
     run.dp_rank, run.dp_size = data_parallel_rank_and_size(run.mesh, run.world)
+    run.dp_group = data_parallel_group(run.mesh, run.world)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
