@@ -72,7 +72,7 @@ class PreferenceObjective:
         policy = segment_logps(run.model, batch, plan)
         ref = self.reference_logps(run.model, batch, plan) if self.reference is not None else None
         if self.method == "kto":
-            loss_sum, metrics = self.kto(policy, ref, Roles(host_batch["segment_roles"], run.device))
+            loss_sum, metrics = self.kto(policy, ref, Roles(host_batch["segment_roles"], run.device), run.dp_group)
         else:
             loss_sum, metrics = self.pairs(policy, ref, plan)
         if training and self.samples is not None:
@@ -189,16 +189,17 @@ class PreferenceObjective:
         })
         return loss_sum, metrics
 
-    def kto(self, policy, ref, roles):
+    def kto(self, policy, ref, roles, dp_group=None):
         kl_rows = roles.of(KL)
         rows = roles.of(DESIRABLE, UNDESIRABLE)  # the trained rows, in segment order
         desirable = roles.among((DESIRABLE, UNDESIRABLE), DESIRABLE)
         # where the desirable and the undesirable rows sit among ``rows`` (index tensors, not masks)
         good, bad = roles.index_among((DESIRABLE, UNDESIRABLE), DESIRABLE), \
             roles.index_among((DESIRABLE, UNDESIRABLE), UNDESIRABLE)
-        # the batch's KL estimate from the mismatched pairs: detached, clamped at 0 (TRL)
-        kl = (policy.completion.index_select(0, kl_rows).detach()
-              - ref.completion.index_select(0, kl_rows)).mean().clamp(min=0)
+        # the batch's KL estimate from the mismatched pairs: detached, clamped at 0 (TRL), the mean over this
+        # micro-batch of every data-parallel rank (as TRL gathers it), so N ranks train as one process would
+        kl = mean_over_ranks(policy.completion.index_select(0, kl_rows).detach()
+                             - ref.completion.index_select(0, kl_rows), dp_group).clamp(min=0)
         ratio = policy.completion.index_select(0, rows) - ref.completion.index_select(0, rows)
         cfg = self.cfg
         per_row = losses.kto(ratio, desirable, kl, beta=self.beta,
@@ -222,6 +223,24 @@ class PreferenceObjective:
         margin = good_rewards.mean() - bad_rewards.mean() if both else rewards.new_zeros(())
         metrics["rewards/margins"] = (margin, int(both))
         return per_row.sum(), metrics
+
+
+def mean_over_ranks(values, group):
+    """The mean of ``values`` (1-d, on the device) together with the same
+    micro-batch's values on every rank of ``group``: their sums and counts
+    all-reduced, so it equals one process's mean over all those rows (TRL's
+    mean of the ranks' means differs when their counts do). ``group`` None
+    (one data rank): this rank's mean, no collective. The count is filled on
+    the device, not copied from the host, and the all-reduce is queued like
+    any kernel: nothing here waits for the device."""
+    if group is None:
+        return values.mean()
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.stack([values.sum(), values.new_full((), values.shape[0])])
+    dist.all_reduce(totals, group=group)
+    return totals[0] / totals[1]
 
 
 class Roles:

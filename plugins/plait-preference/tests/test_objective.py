@@ -201,7 +201,7 @@ def test_step_waits_for_no_device(tiny_model, method, adapter, layout):
         if not isinstance(scorer, (str, type(None))):
             head_plan(scorer)  # probed with real weights, as the loop does right after loading
             scorer.to("meta")
-    run = SimpleNamespace(model=model, device=torch.device("meta"), pm=pm, cfg=cfg)
+    run = SimpleNamespace(model=model, device=torch.device("meta"), pm=pm, cfg=cfg, dp_group=None)
     loss_sum, metrics = objective.loss(run, batch, training=True)
     loss_sum.backward()
     assert loss_sum.device.type == "meta" and metrics["rewards/chosen"][0].device.type == "meta"

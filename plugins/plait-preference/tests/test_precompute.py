@@ -71,7 +71,7 @@ def assert_same_records(expected, got, skip=()):
         for key in a:
             if key.removeprefix("eval_") in skip:
                 continue
-            if key.startswith(("loss", "rewards/", "logps/", "eval_")) and isinstance(a[key], float):
+            if key.startswith(("loss", "kl", "rewards/", "logps/", "eval_")) and isinstance(a[key], float):
                 assert b[key] == pytest.approx(a[key], **TOL), f"record {step} {key}"
 
 
@@ -107,16 +107,32 @@ def one_process_lora(one_process, tiny_model):
     return steps
 
 
+def kto_rows_for_groups_of_2_and_4(n: int, seed: int) -> list[dict]:
+    """KTO rows (3 of 4 desirable) whose KL sequences are the same whether
+    they are drawn in groups of 2 or of 4 rows.
+
+    A row's KL sequence is its prompt with the previous completion of its
+    group (``micro_batch_size`` rows in file order, the first taking the
+    last's): in a group of 4 with completions A B C D the rows get D A B C, in
+    two groups of 2 they get B A D C; with D = B both give B A B C."""
+    rows = kto_rows(n, seed=seed)
+    for start in range(0, n - 3, 4):
+        rows[start + 3]["messages"][1] = dict(rows[start + 1]["messages"][1])
+    for i, row in enumerate(rows):
+        row["label"] = i % 4 != 0  # mostly desirable: the completions grow likelier, so the KL estimate above 0
+    return rows
+
+
 @pytest.fixture(scope="module")
 def one_process_kto(one_process, tiny_model):
-    """KTO (a frozen copy as the reference), one process: its data file and step records."""
+    """KTO (a frozen copy as the reference), one process, micro_batch_size 4: its data file and step records."""
     data = one_process.root / "kto.json"
-    data.write_text(json.dumps(kto_rows(14, seed=4)))
+    data.write_text(json.dumps(kto_rows_for_groups_of_2_and_4(14, seed=4)))
     steps, _ = run_dpo(one_process.root, tiny_model, data, "kto", **kto_keys(data))
-    # the KL estimate stays clamped at 0 here, so the losses do not depend on the KL sequences, which
-    # differ with micro_batch_size (each pairs a prompt with a completion from its group of that many rows)
-    # nor on which rows share a micro-batch (the estimate is each micro-batch's)
-    assert [r["kl"] for r in steps if "kl" in r] == [0.0, 0.0, 0.0]
+    # the KL estimate is above 0 from step 2 on (and in the evaluation), so the losses depend on it: two
+    # processes match only when each micro-batch's estimate is over both ranks' rows, as here over all 4
+    kl = [r["kl"] for r in steps if "kl" in r]
+    assert kl[0] == 0.0 and min(kl[1:]) > 0.1 and [r["eval_kl"] for r in steps if "eval_kl" in r][0] > 0.1
     return SimpleNamespace(data=data, steps=steps)
 
 
@@ -137,7 +153,10 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_
     values read back) log step 3 and the evaluation as the uninterrupted runs.
     KTO with precomputed reference log-probs (two segments a row, the
     completion and the KL sequence) logs the one-process frozen-copy run's
-    values (all but the per-micro-batch margin, a difference of two means).
+    values (all but the per-micro-batch margin, a difference of two means),
+    the KL estimate included: each micro-batch's is the mean over both
+    ranks' KL sequences, as one process's over the 4 rows (each rank's own
+    estimate gave other losses from step 2 on).
 
     Tensor parallel (``tensor_parallel_size: 2``, both ranks on the same 4
     pairs, every linear split): full fine-tuning with precomputed reference
@@ -177,8 +196,8 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_
     kto_records = records(tmp_path / "kto")
     kto_steps = [r for r in kto_records if "loss" in r]
     assert kto_steps[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) for every row at step 1
-    assert kto_steps[1]["loss"] != kto_steps[0]["loss"] and [r["kl"] for r in kto_steps] == [0.0, 0.0, 0.0]
-    assert_same_records(one_process_kto.steps, kto_records, skip=("rewards/margins",))
+    assert kto_steps[1]["loss"] != kto_steps[0]["loss"] and min(r["kl"] for r in kto_steps[1:]) > 0.1
+    assert_same_records(one_process_kto.steps, kto_records, skip=("rewards/margins",))  # "kl" and "eval_kl" too
 
     def layout(name):
         return json.loads((tmp_path / name / "reference.rank0.json").read_text())
