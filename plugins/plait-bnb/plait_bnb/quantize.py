@@ -91,12 +91,13 @@ def prepare_for_kbit_training(model, gradient_checkpointing=False):
 
 
 def load_quantized_model(cfg, tokenizer):
-    """``AutoModelForCausalLM.from_pretrained`` with the quantization config,
-    resized embeddings and the k-bit preparation above."""
-    from transformers import AutoModelForCausalLM
-
+    """``from_pretrained`` of core's causal-LM class for ``base_model``
+    (``AutoModelForCausalLM``, or the class a text-only checkpoint of a
+    composite model names, :func:`plait.model.loading.causal_lm_class_of`)
+    with the quantization config, resized embeddings and the k-bit
+    preparation above."""
     from plait.model.choice import load_with_supported_attention
-    from plait.model.loading import causal_decoder_kwargs, fit_to_tokenizer, pretrained_kwargs
+    from plait.model.loading import causal_decoder_kwargs, causal_lm_class_of, fit_to_tokenizer, pretrained_kwargs
 
     kwargs = pretrained_kwargs(cfg)
     kwargs.pop("attn_implementation")
@@ -105,7 +106,9 @@ def load_quantized_model(cfg, tokenizer):
     quantization = quantization_config(cfg)
     # the config's device_map / max_memory (a single-process split) win over this process's device
     placement = kwargs.pop("device_map", None) or device_map()
-    model = load_with_supported_attention(cfg, lambda **attn: AutoModelForCausalLM.from_pretrained(
+    # the class core's loader picks: AutoModelForCausalLM refuses Emu3's and Mllama's text-only checkpoints
+    model_class = causal_lm_class_of(cfg)
+    model = load_with_supported_attention(cfg, lambda **attn: model_class.from_pretrained(
         cfg.base_model, quantization_config=quantization, device_map=placement, **kwargs, **attn))
     if cfg.quantize_moe_experts:
         from plait_bnb.experts import quantize_experts

@@ -30,9 +30,12 @@ def dequantized_model(model_dir, quantized):
     and from the original model's by the weight quantization error.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from plait.model.loading import causal_lm_class
+
+    model_class = causal_lm_class(AutoConfig.from_pretrained(model_dir))  # the loader's class for this checkpoint
+    reference = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     modules = dict(reference.named_modules())
     for name, module in quantized.named_modules():
         weight = dequantized_weight(module)

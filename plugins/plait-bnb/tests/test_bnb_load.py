@@ -129,3 +129,23 @@ def test_4bit_load_on_gpu(tiny_model_dir):
     dequantized = dequantized_model(tiny_model_dir, model)
     out = logits(model, IDS.cuda()).cpu()
     assert rel_error(out, logits(dequantized, IDS)) < 2e-2  # bf16 compute
+
+
+def test_4bit_loads_a_text_only_checkpoint_of_a_composite_model(tiny_model_dir, tmp_path):
+    # MllamaForCausalLM saves MllamaTextConfig, which AutoModelForCausalLM does not map: the quantized
+    # loader takes the class the checkpoint names, as core's loader does (plait.model.loading.causal_lm_class_of)
+    import bitsandbytes as bnb
+    from transformers import AutoTokenizer, MllamaForCausalLM, MllamaTextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MllamaTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                              pad_token_id=tokenizer.pad_token_id, architectures=["MllamaForCausalLM"])
+    torch.manual_seed(0)
+    MllamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    _, _, _, model = load(tmp_path, **QLORA)
+    assert type(model) is MllamaForCausalLM and model.is_loaded_in_4bit
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.layers[1].modules())  # the cross-attention layer
+    dequantized = dequantized_model(tmp_path, model)
+    assert rel_error(logits(model, IDS), logits(dequantized, IDS)) < 1e-2  # the 4-bit CPU kernel's bf16 rounding
