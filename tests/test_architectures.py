@@ -13,7 +13,7 @@ and the mechanisms behind it, on tiny random models of transformers' own classes
   saved adapter peft's load-time renaming would drop (Laguna's shared experts);
 * packing: recurrent state is found by a packed test batch, and recurrent layers then run one
   packed row at a time (refused where that is not exact);
-  RoBERTa's position offset is found by a probe and packed rows get it;
+  RoBERTa's position offset is found by a probe and packed rows get it (a pad id of 0 counts too);
   BART-style decoders, whose forward takes no position_ids, get them through
   the position-embedding module a probe finds;
 * BERT-style causal LMs load as decoders (causal attention).
@@ -201,6 +201,48 @@ def test_roberta_loads_as_a_decoder_and_packs_with_its_position_offset(tmp_path,
     assert packed_rows_leak(run.cfg, run.model) is None
     setattr(run.model, _POSITION_OFFSET, 0)
     assert "do not restart per row" in packed_rows_leak(run.cfg, run.model)
+
+
+def test_a_pad_id_of_0_is_a_padding_idx_to_both_position_probes():
+    """A RoBERTa-style model with ``pad_token_id`` 0 numbers its tokens from 1.
+    Both probes try ``pad_token_id + 1`` for it: the position_ids one on a
+    real RobertaForCausalLM, and the position-module one on a minimal decoder
+    whose forward takes no position_ids and hands the module positions counted
+    from the pad id + 1, as XGLM's and RoBERTa's embeddings count them (no
+    transformers class of the BART family does with pad 0 today; the module
+    probe once skipped a pad id of 0 and found no module)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    from plait.model.forward import PositionModule, record_position_module, record_position_offset
+
+    class PositionEmbedding(torch.nn.Embedding):
+        def forward(self, position_ids):  # the argument name the probe looks for
+            return super().forward(position_ids)
+
+    class CountsFromPad(torch.nn.Module):
+        def __init__(self, pad):
+            super().__init__()
+            self.config = SimpleNamespace(pad_token_id=pad)
+            self.embed, self.positions = torch.nn.Embedding(32, 8), PositionEmbedding(16, 8)
+            self.head = torch.nn.Linear(8, 32)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids, use_cache=None):
+            own = torch.arange(input_ids.shape[1]) + self.config.pad_token_id + 1
+            return SimpleNamespace(logits=self.head(self.embed(input_ids) + self.positions(own.expand_as(input_ids))))
+
+    for pad in (0, 1):
+        torch.manual_seed(0)
+        roberta = RobertaForCausalLM(RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=64, is_decoder=True,
+                                                   max_position_embeddings=40, pad_token_id=pad))
+        assert record_position_offset(roberta) == pad + 1
+        assert record_position_module(CountsFromPad(pad)) == PositionModule("positions", pad + 1, per_row=False)
 
 
 def test_bart_packs_through_its_position_embedding_module(tmp_path, tokenizer_dir):

@@ -305,15 +305,15 @@ def record_position_offset(model) -> int:
     from ``padding_idx + 1`` instead, so position 0 would be an embedding the
     model never trained at the first token. Not assumed from the class: one
     probe compares ``model(ids)`` with ``model(ids, position_ids=k + arange)``
-    for ``k`` = 0, then ``pad_token_id + 1``; the first ``k`` that gives the
-    same logits is added to every ``position_ids`` :func:`_call` passes.
+    for ``k`` = 0, then ``pad_token_id + 1`` (:func:`first_position_candidates`);
+    the first ``k`` that gives the same logits is added to every
+    ``position_ids`` :func:`_call` passes.
     Returns ``k`` (0 when neither matches: then the packed isolation check
     reports the difference).
     """
     import torch
 
     causal_lm = unwrap(model)
-    pad = getattr(_text_config(causal_lm), "pad_token_id", None)
     ids = _probe_ids(causal_lm, 1, 6)
     offset = 0
     with probing(causal_lm):
@@ -322,7 +322,7 @@ def record_position_offset(model) -> int:
         except Exception:  # noqa: BLE001 - a model that does not run on ids alone is refused by the head probe
             setattr(causal_lm, _POSITION_OFFSET, 0)
             return 0
-        for k in [0] + ([pad + 1] if isinstance(pad, int) and pad >= 0 else []):
+        for k in first_position_candidates(causal_lm):
             try:
                 given = causal_lm(input_ids=ids, position_ids=torch.arange(6, device=ids.device)[None] + k,
                                   use_cache=False).logits.float()
@@ -352,6 +352,23 @@ class PositionModule:
     #: output is broadcast over it): the module is run once per row with that row's positions and
     #: the outputs are stacked along the batch; else it takes ``[batch, seq]`` as they are
     per_row: bool
+
+
+def first_position_candidates(causal_lm) -> list[int]:
+    """The position ids of a row's first token that the position probes try,
+    in order: 0 (Llama and nearly every decoder), then ``pad_token_id + 1``
+    (RoBERTa-style embeddings number real tokens from ``padding_idx + 1``).
+
+    A pad id of 0 is a real ``padding_idx`` (several vocabularies put
+    padding first), whose positions then start at 1, so it counts (``>= 0``).
+    Both probes (:func:`record_position_offset`, :func:`record_position_module`)
+    read this one list so they cannot disagree. A wrong candidate costs a
+    forward and is harmless: a probe takes an offset only when it reproduces
+    the model's own logits. A missing, negative or boolean pad id gives no
+    second candidate."""
+    pad = getattr(_text_config(causal_lm), "pad_token_id", None)
+    has_padding_idx = isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0
+    return [0, pad + 1] if has_padding_idx else [0]
 
 
 def _text_config(causal_lm):
@@ -473,7 +490,7 @@ def record_position_module(model, n_tokens: int = 6) -> PositionModule | None:
     positions takes packed ones as they are; one that returns a tensor and
     gets a shared ``[seq]`` vector (or none: it counts itself) is run per row
     (:attr:`PositionModule.per_row`). For each such module and each offset 0,
-    then ``pad_token_id + 1``, the hooked model must give its own logits with
+    then ``pad_token_id + 1`` (:func:`first_position_candidates`), the hooked model must give its own logits with
     ``offset + arange(n_tokens)`` and different ones with the positions
     reversed (so those positions do reach the output). The first that does is
     recorded on the causal LM and returned; ``None`` when none does (then
@@ -485,13 +502,12 @@ def record_position_module(model, n_tokens: int = 6) -> PositionModule | None:
 
     causal_lm = unwrap(model)
     setattr(causal_lm, _POSITION_MODULE, None)
-    pad = getattr(_text_config(causal_lm), "pad_token_id", None)
     ids = _probe_ids(causal_lm, 2, n_tokens)
     _, cache = _forward_parameters(causal_lm)
     extra = {"use_cache": False} if cache else {}
     arange = torch.arange(n_tokens, device=ids.device)[None].expand(2, n_tokens)
     names = position_module_candidates(causal_lm)
-    offsets = [0] + ([pad + 1] if isinstance(pad, int) and pad > 0 else [])
+    offsets = first_position_candidates(causal_lm)
 
     with probing(causal_lm):
         try:
