@@ -142,7 +142,7 @@ def kto_keys(data):
 
 @pytest.mark.distributed
 def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_process_kto, tiny_model, tmp_path):
-    """One ``torchrun`` launch of two gloo processes trains seven runs.
+    """One ``torchrun`` launch of two gloo processes trains eight runs.
 
     FSDP2, full fine-tuning, each rank with 2 of the 4 pairs of one process's
     micro-batch: with the frozen copy (sharded like the policy) and with
@@ -161,7 +161,11 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_
     Tensor parallel (``tensor_parallel_size: 2``, both ranks on the same 4
     pairs, every linear split): full fine-tuning with precomputed reference
     log-probs, and LoRA with the base (adapter off) as the reference, each
-    equal to its one-process run within TOL."""
+    equal to its one-process run within TOL.
+
+    HSDP (``dp_replicate_size: 2``: each rank a whole replica of the policy
+    and of the frozen reference, gradients all-reduced between them) logs
+    the one-process frozen-copy run's values as FSDP2 does."""
     from safetensors.torch import load_file
 
     data, fsdp, tp = one_process.data, dict(micro_batch_size=2, fsdp_version=2), dict(tensor_parallel_size=2)
@@ -174,6 +178,7 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_
     precomputed_tp = dpo_config(tmp_path, tiny_model, data, "precomputed_tp", precompute_ref_log_probs=True,
                                 dataset_prepared_path=str(tmp_path / "prep_tp"), **tp)
     lora_tp = dpo_config(tmp_path, tiny_model, data, "lora_tp", **LORA, **tp)
+    hsdp = dpo_config(tmp_path, tiny_model, data, "hsdp", dp_replicate_size=2, **fsdp)
     kto = dpo_config(tmp_path, tiny_model, one_process_kto.data, "kto", precompute_ref_log_probs=True,
                      dataset_prepared_path=str(tmp_path / "prep_kto"), **kto_keys(one_process_kto.data), **fsdp)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -181,14 +186,16 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_
                              str(Path(__file__).with_name("train_in_one_group.py")), str(frozen), str(precomputed),
                              f"{resumed} resume_from_checkpoint={tmp_path / 'precomputed' / 'checkpoint-2'}",
                              f"{frozen_resumed} resume_from_checkpoint={tmp_path / 'frozen' / 'checkpoint-2'}",
-                             str(precomputed_tp), str(lora_tp), str(kto)],
+                             str(precomputed_tp), str(lora_tp), str(kto), str(hsdp)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
     assert "parallel: mesh dp_replicate 1 x dp_shard 2 x cp 1 x tp 1 over 2 processes" in result.stderr
     assert "parallel: mesh dp_replicate 1 x dp_shard 1 x cp 1 x tp 2 over 2 processes" in result.stderr
+    assert "parallel: mesh dp_replicate 2 x dp_shard 1 x cp 1 x tp 1 over 2 processes" in result.stderr
 
     for name, expected in (("frozen", one_process.frozen), ("precomputed", one_process.precomputed),
-                           ("precomputed_tp", one_process.precomputed), ("lora_tp", one_process_lora)):
+                           ("precomputed_tp", one_process.precomputed), ("lora_tp", one_process_lora),
+                           ("hsdp", one_process.frozen)):
         got = records(tmp_path / name)
         assert got[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference at step 1
         assert got[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
