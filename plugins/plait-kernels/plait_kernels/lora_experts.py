@@ -177,6 +177,20 @@ def _low_precision(dtype) -> bool:
     return dtype.itemsize == 1
 
 
+def expert_parallel(experts) -> bool:
+    """Whether the experts are split over ranks (expert parallelism): other
+    ranks' experts then come as sentinel ids this path does not handle.
+    transformers 5.2x says so in ``_is_expert_parallel``; earlier 5.x releases
+    have no flag (nor ``has_post_expert_norm``, absent meaning none) and shard
+    the fused weights as DTensors when they split the experts."""
+    flag = getattr(experts, "_is_expert_parallel", None)
+    if flag is not None:
+        return bool(flag)
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(getattr(experts, name, None), DTensor) for name in EXPERT_PARAMETERS)
+
+
 def routed_adapters(outer) -> tuple[object, dict] | None:
     """``(experts module, {parameter: (wrapper, adapter)})`` when this chain of
     ``ParamWrapper`` can run the routed path now, else ``None`` (peft's path)."""
@@ -195,8 +209,8 @@ def routed_adapters(outer) -> tuple[object, dict] | None:
     experts = module
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
     if (implementation != "grouped_mm" or not getattr(experts, "has_gate", False)
-            or getattr(experts, "has_bias", True) or getattr(experts, "has_post_expert_norm", True)
-            or getattr(experts, "_is_expert_parallel", True) or not hasattr(experts, "_apply_gate")):
+            or getattr(experts, "has_bias", True) or getattr(experts, "has_post_expert_norm", False)
+            or expert_parallel(experts) or not hasattr(experts, "_apply_gate")):
         return None
     for name, (wrapper, _) in adapters.items():
         weight = getattr(experts, name, None)

@@ -90,6 +90,27 @@ def test_routed_path_equals_peft_in_logits_and_every_lora_gradient(rank, lora_ma
     assert frozen and all(p.grad is None for p in frozen)  # the base experts stay frozen
 
 
+def test_experts_without_the_newer_flags_take_the_routed_path(monkeypatch):
+    """transformers 5.17 builds experts with neither ``has_post_expert_norm``
+    nor ``_is_expert_parallel`` (its grouped_mm forward has no post-expert norm
+    and masks expert-parallel sentinels always): the routed path still runs
+    there, and equals peft."""
+    model = with_lora(tiny_qwen3_moe())
+    peft_logits, _ = logits_and_grads(model)  # before: this transformers' own forward reads the flags
+    removed = 0
+    for module in model.modules():
+        for flag in ("has_post_expert_norm", "_is_expert_parallel"):
+            if flag in vars(module):
+                delattr(module, flag)
+                removed += 1
+    assert removed == 2 * 2
+    lora_experts.install_routed_lora_experts(model)
+    routed = count_calls(monkeypatch, "routed_lora_experts_forward")
+    logits, _ = logits_and_grads(model)
+    assert len(routed) == 2
+    assert torch.allclose(logits, peft_logits, atol=1e-5, rtol=0)
+
+
 def test_grouped_matmul_dispatch_and_reference_agree_with_empty_groups():
     x = torch.randn(10, 8)
     weight = torch.randn(4, 8, 12)
