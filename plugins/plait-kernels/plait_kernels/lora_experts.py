@@ -191,33 +191,46 @@ def expert_parallel(experts) -> bool:
     return any(isinstance(getattr(experts, name, None), DTensor) for name in EXPERT_PARAMETERS)
 
 
-def routed_adapters(outer) -> tuple[object, dict] | None:
+def routing_plan(outer) -> tuple[object, dict] | str:
     """``(experts module, {parameter: (wrapper, adapter)})`` when this chain of
-    ``ParamWrapper`` can run the routed path now, else ``None`` (peft's path)."""
+    ``ParamWrapper`` can run the routed path now, else why not (peft's path)."""
     param_wrapper = _param_wrapper_class()
     adapters, module = {}, outer
     while isinstance(module, param_wrapper):
         name = module.parameter_name
-        if name not in EXPERT_PARAMETERS or name in adapters or module.disable_adapters or module.merged:
-            return None
+        if name not in EXPERT_PARAMETERS or name in adapters:
+            return f"adapts {name!r}, not only {' and '.join(EXPERT_PARAMETERS)} once each"
+        if module.disable_adapters or module.merged:
+            return "its adapter is disabled or merged"
         active = [a for a in module.active_adapters if a in module.lora_A]
         if len(active) > 1 or any(module.lora_bias.get(a) for a in active):
-            return None
+            return "several active adapters, or a LoRA bias"
         if active:
             adapters[name] = (module, active[0])
         module = module.base_layer
     experts = module
     implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    if (implementation != "grouped_mm" or not getattr(experts, "has_gate", False)
-            or getattr(experts, "has_bias", True) or getattr(experts, "has_post_expert_norm", False)
-            or expert_parallel(experts) or not hasattr(experts, "_apply_gate")):
-        return None
+    if implementation != "grouped_mm":
+        return f"experts_implementation is {implementation!r}, not 'grouped_mm'"
+    if not getattr(experts, "has_gate", False) or not hasattr(experts, "_apply_gate"):
+        return "not gated experts (gate_up_proj)"
+    if getattr(experts, "has_bias", True) or getattr(experts, "has_post_expert_norm", False):
+        return "experts with biases or a post-expert norm"
+    if expert_parallel(experts):
+        return "expert parallelism"
     for name, (wrapper, _) in adapters.items():
         weight = getattr(experts, name, None)
-        if weight is None or weight.ndim != 3 or wrapper.num_experts != experts.num_experts \
-                or _low_precision(weight.dtype):
-            return None
+        if weight is None or weight.ndim != 3 or wrapper.num_experts != experts.num_experts:
+            return f"{name} is not a fused [experts, out, in] weight"
+        if _low_precision(weight.dtype):
+            return f"{name} is stored in {weight.dtype} (peft adds the update in higher precision)"
     return experts, adapters
+
+
+def routed_adapters(outer) -> tuple[object, dict] | None:
+    """:func:`routing_plan` when the routed path applies, else ``None``."""
+    plan = routing_plan(outer)
+    return None if isinstance(plan, str) else plan
 
 
 def _routed_forward(self, *args, **kwargs):
@@ -234,20 +247,38 @@ def _routed_forward(self, *args, **kwargs):
     return routed_lora_experts_forward(experts, adapters, *values)
 
 
-def install_routed_lora_experts(model) -> list[str]:
-    """Give every outermost expert ``ParamWrapper`` of ``model`` the routed
-    forward; returns the class names of the experts modules it covers."""
+def outermost_expert_wrappers(model) -> list:
+    """The outermost ``ParamWrapper`` of each adapted experts module (peft
+    nests one per targeted parameter)."""
     try:
         param_wrapper = _param_wrapper_class()
     except ImportError:  # no peft: no expert adapters
         return []
     wrappers = [m for m in model.modules() if isinstance(m, param_wrapper)]
     inner = {id(w.base_layer) for w in wrappers}
+    return [w for w in wrappers if id(w) not in inner and w.parameter_name in EXPERT_PARAMETERS]
+
+
+def install_routed_lora_experts(model) -> list[str]:
+    """Give every outermost expert ``ParamWrapper`` of ``model`` that the
+    routed path covers its forward; returns the class names of the experts
+    modules it covers (:func:`left_to_peft` says why the others are not)."""
     covered = []
-    for wrapper in wrappers:
-        if id(wrapper) in inner or wrapper.parameter_name not in EXPERT_PARAMETERS:
+    for wrapper in outermost_expert_wrappers(model):
+        if routed_adapters(wrapper) is None:
             continue
         # an instance attribute: the module tree, its names and state dict stay peft's
         wrapper.forward = _routed_forward.__get__(wrapper)
         covered.append(type(wrapper.get_base_layer()).__name__)
     return covered
+
+
+def left_to_peft(model) -> list[tuple[str, str]]:
+    """``(experts class, why)`` for each adapted experts module the routed
+    path does not cover: they keep peft's forward."""
+    left = []
+    for wrapper in outermost_expert_wrappers(model):
+        plan = routing_plan(wrapper)
+        if isinstance(plan, str):
+            left.append((type(wrapper.get_base_layer()).__name__, plan))
+    return left

@@ -156,11 +156,13 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
         report[("LayerNorm", "liger layer_norm" if swapped else "none in this model: liger_layer_norm changes "
                                                                   "nothing")] = swapped or 1
     if experts:
-        from plait_kernels.lora_experts import install_routed_lora_experts
+        from plait_kernels.lora_experts import install_routed_lora_experts, left_to_peft
 
         # before compiling: the compiled layers trace the routed forward
         for kind in install_routed_lora_experts(model):
             report[(kind, "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)")] += 1
+        for kind, why in left_to_peft(model):
+            report[(kind, f"peft's LoRA experts, not lora_experts_kernel: {why}")] += 1
     if cfg.torch_compile:
         compile_backend = cfg.torch_compile_backend or "inductor"
         mode = getattr(cfg, "torch_compile_mode", None)

@@ -181,6 +181,11 @@ def test_the_plugin_installs_it_when_asked_and_reports_it():
     model = with_lora(tiny_qwen3_moe())
     report = patch_model(cfg=cfg, model=model)
     assert report == {"Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"}
+    eager = with_lora(tiny_qwen3_moe())
+    eager.base_model.model.config._experts_implementation = "eager"  # a path it does not cover: said, not claimed
+    assert patch_model(cfg=cfg, model=eager) == {
+        "Qwen3MoeExperts x2": "peft's LoRA experts, not lora_experts_kernel: experts_implementation is 'eager', "
+                              "not 'grouped_mm'"}
     off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
     assert not routes_expert_lora(off)  # the model's own code on request: nothing swapped
 
