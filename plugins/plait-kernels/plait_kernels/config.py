@@ -45,8 +45,8 @@ class KernelsConfig(BaseModel):
     lora_experts_kernel: Optional[bool] = Field(
         None, description="LoRA on fused MoE experts (lora_target_experts) computed for the routed tokens only: "
                           "x @ W_e.T + s * (x @ A_e.T) @ B_e.T by grouped matmuls, instead of peft building "
-                          "W + s * B @ A for every expert each step. Off unless true (exact against peft on the CPU, "
-                          "not yet timed on a GPU); true works with any plait_kernels but off.")
+                          "W + s * B @ A for every expert each step. On by default (1.45x peft's speed on an H100, exact "
+                          "against peft); false keeps peft's path; true works with any plait_kernels but off.")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

@@ -184,8 +184,12 @@ def test_the_plugin_installs_it_when_asked_and_reports_it():
     assert patch_model(cfg=cfg, model=eager) == {
         "Qwen3MoeExperts x2": "peft's LoRA experts, not lora_experts_kernel: experts_implementation is 'eager', "
                               "not 'grouped_mm'"}
-    off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
-    assert not routes_expert_lora(off)  # the model's own code on request: nothing swapped
+    default, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
+    assert routes_expert_lora(default)  # on by default
+    off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "lora_experts_kernel": False})
+    assert not routes_expert_lora(off)  # peft's own path on request: nothing swapped
+    kernels_off, _ = build_run_config({"base_model": "m", "plait_kernels": "off"})
+    assert not routes_expert_lora(kernels_off)
 
 
 def test_lora_experts_kernel_with_the_plugin_off_is_refused():
