@@ -135,10 +135,13 @@ class _RoutedRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights):
+def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights,
+                                combine_kernel: bool = False):
     """transformers' grouped_mm experts forward (gated, no bias, no expert
     parallelism) with the LoRA term added per projection; ``adapters`` maps a
-    parameter name to ``(wrapper, adapter name)``."""
+    parameter name to ``(wrapper, adapter name)``. ``combine_kernel``: weight
+    and sum each token's rows with the Triton combine where it applies
+    (:func:`combine_kernel_applies`), else :func:`combine_reference`."""
     num_top_k = top_k_index.size(-1)
     num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
     routing_weights = top_k_weights.reshape(-1)
@@ -162,10 +165,49 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     out = experts._apply_gate(out)
     down = experts.down_proj
     out = project(out, down, factors("down_proj", down), offsets, experts.is_transposed)
-    out = out * routing_weights[perm].unsqueeze(-1)  # as transformers: the router weights' dtype (fp32 sums)
+    if combine_kernel and combine_kernel_applies(out, routing_weights):
+        return _moe_combine()(out, routing_weights, inverse, num_top_k, hidden_states.dtype)
+    return combine_reference(out, routing_weights, perm, num_top_k, hidden_states.dtype)
+
+
+def combine_reference(rows, routing_weights, perm, top_k: int, out_dtype):
+    """The experts' output rows (expert-sorted) times their routing weights,
+    summed per token: ``[tokens, hidden]`` in ``out_dtype``. PyTorch code, the
+    reference for :func:`plait_kernels.ops.moe_combine.moe_combine` (which
+    computes the same without the ``[tokens * k, hidden]`` intermediates)."""
+    out = rows * routing_weights[perm].unsqueeze(-1)  # as transformers: the router weights' dtype (fp32 sums)
     restored = torch.empty_like(out)
     restored[perm] = out  # back to (token, k) order (an index write: its backward is a plain gather)
-    return restored.view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+    return restored.view(-1, top_k, rows.shape[-1]).sum(dim=1).to(out_dtype)
+
+
+_COMBINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def combine_kernel_applies(rows, routing_weights) -> bool:
+    """Whether the Triton combine (``moe_combine_kernel: true``) runs these
+    tensors: CUDA tensors (or the CPU under ``TRITON_INTERPRET=1``, the tests),
+    Triton importable, float dtypes, and not inside ``torch.compile`` (which
+    fuses the PyTorch code itself)."""
+    if rows.dtype not in _COMBINE_DTYPES or routing_weights.dtype not in _COMBINE_DTYPES:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if rows.device.type != "cuda":
+        from plait_kernels.selection import interpreter_enabled
+
+        if rows.device.type != "cpu" or not interpreter_enabled():
+            return False
+    return _moe_combine() is not None
+
+
+def _moe_combine():
+    """:func:`plait_kernels.ops.moe_combine.moe_combine`, or None without Triton."""
+    try:
+        from plait_kernels.ops.moe_combine import moe_combine
+    except ImportError:
+        return None
+    return moe_combine
 
 
 def _param_wrapper_class():
@@ -246,7 +288,8 @@ def _routed_forward(self, *args, **kwargs):
     values = list(args) + [kwargs[name] for name in names[len(args):] if name in kwargs]
     if len(values) != 3:
         return type(self).forward(self, *args, **kwargs)
-    return routed_lora_experts_forward(experts, adapters, *values)
+    return routed_lora_experts_forward(experts, adapters, *values,
+                                       combine_kernel=getattr(self, "_plait_moe_combine", False))
 
 
 def outermost_expert_wrappers(model) -> list:
@@ -261,16 +304,19 @@ def outermost_expert_wrappers(model) -> list:
     return [w for w in wrappers if id(w) not in inner and w.parameter_name in EXPERT_PARAMETERS]
 
 
-def install_routed_lora_experts(model) -> list[str]:
+def install_routed_lora_experts(model, combine_kernel: bool = False) -> list[str]:
     """Give every outermost expert ``ParamWrapper`` of ``model`` that the
     routed path covers its forward; returns the class names of the experts
-    modules it covers (:func:`left_to_peft` says why the others are not)."""
+    modules it covers (:func:`left_to_peft` says why the others are not).
+    ``combine_kernel``: end that forward with the Triton combine
+    (``moe_combine_kernel``), stored on each wrapper."""
     covered = []
     for wrapper in outermost_expert_wrappers(model):
         if routed_adapters(wrapper) is None:
             continue
         # an instance attribute: the module tree, its names and state dict stay peft's
         wrapper.forward = _routed_forward.__get__(wrapper)
+        wrapper._plait_moe_combine = bool(combine_kernel)
         covered.append(type(wrapper.get_base_layer()).__name__)
     return covered
 

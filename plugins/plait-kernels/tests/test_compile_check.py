@@ -4,7 +4,8 @@ The interpreter tests check what the kernels compute; this checks that the
 compiler accepts them (``plait_kernels.compile_check`` says why both are needed).
 The ops run on small tensors in the dtypes a GPU run uses, covering each
 compile-time branch: residual or not, both activations, softcap or not,
-nested NF4 scales or not, copied bases or not.
+nested NF4 scales or not, copied bases or not, MoE combine products
+rounded to bf16 or kept in float32.
 """
 
 import pytest
@@ -19,6 +20,7 @@ def _run_every_op():
     from plait_kernels.ops.cross_entropy import fused_linear_cross_entropy
     from plait_kernels.ops.gated_rms_norm import gated_rms_norm
     from plait_kernels.ops.glu import geglu, glu_backward, glu_forward, swiglu
+    from plait_kernels.ops.moe_combine import moe_combine
     from plait_kernels.ops.rms_norm import rms_norm
     from plait_kernels.ops.rope import apply_rope
     from plait_kernels.ops.stack import copy_rows_, empty_gate_up, fill_gate_up_, gate_up_weight
@@ -47,6 +49,12 @@ def _run_every_op():
     for softcap in (None, 30.0):
         loss, _ = fused_linear_cross_entropy(leaf(8, 32), leaf(64, 32), labels, softcap=softcap)
         loss.backward()
+    inverse = torch.tensor([3, 0, 5, 1, 2, 4])
+    # float32 router weights (float32 products), bf16 ones (products rounded to bf16), a float32 model
+    for rows_dtype, weights_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                      (torch.float32, torch.float32)):
+        moe_combine(leaf(6, 32, dtype=rows_dtype), leaf(6, dtype=weights_dtype), inverse, 2,
+                    rows_dtype).float().sum().backward()
     x = torch.randn(6, 16).to(torch.bfloat16)
     copy_rows_(torch.empty(6, 20, dtype=torch.bfloat16)[:, :16], x)
     w, b = torch.randn(8, 16).to(torch.bfloat16), torch.randn(8, 4)
@@ -67,6 +75,7 @@ def test_every_launch_compiles_for_sm90():
     kernels = {launch["kernel"] for launch in launches}
     # each kernel module took part, so a new kernel in one of them is covered
     assert {"_rms_norm_fwd", "_rms_norm_bwd", "_gated_rms_norm_fwd", "_gated_rms_norm_bwd", "_rope_kernel", "_glu_fwd", "_glu_bwd", "_ce_rows", "_copy_rows",
+            "_moe_combine_fwd", "_moe_combine_bwd",
             "_gate_up_weight", "_dequantize_nf4"} <= kernels, kernels
     assert compile_launches(launches) == []
 
