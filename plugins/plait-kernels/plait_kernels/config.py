@@ -47,6 +47,12 @@ class KernelsConfig(BaseModel):
                           "x @ W_e.T + s * (x @ A_e.T) @ B_e.T by grouped matmuls, instead of peft building "
                           "W + s * B @ A for every expert each step. On by default (1.45x peft's speed on an H100, exact "
                           "against peft); false keeps peft's path; true works with any plait_kernels but off.")
+    moe_combine_kernel: Optional[bool] = Field(
+        None, description="End the routed LoRA experts path (lora_experts_kernel) with a Triton kernel that weights "
+                          "each expert output row by its routing weight and sums each token's top-k rows in one pass "
+                          "(float32 sums, exact against the PyTorch code up to the sum order), instead of a "
+                          "[tokens * top_k, hidden] product, an index write and a sum. Off unless true; not yet timed "
+                          "on a GPU. Runs on CUDA tensors only (elsewhere, and without Triton, the PyTorch code runs).")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

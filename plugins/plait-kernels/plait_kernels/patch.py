@@ -103,7 +103,8 @@ def kernel_label(backend: str, op: str) -> str:
 def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> dict[str, str]:
     """Apply the backends in ``chosen`` to ``model`` in place; return what changed.
     ``experts``: give peft's LoRA on fused MoE experts the routed path
-    (:func:`plait_kernels.lora_experts.install_routed_lora_experts`)."""
+    (:func:`plait_kernels.lora_experts.install_routed_lora_experts`), ending in
+    the Triton combine when ``cfg.moe_combine_kernel`` is true."""
     targets = find_targets(cfg, model)
     norm_class, offset, mlp_class, activation = (targets.norm_class, targets.norm_offset, targets.mlp_class,
                                                  targets.activation)
@@ -158,9 +159,13 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
     if experts:
         from plait_kernels.lora_experts import install_routed_lora_experts, left_to_peft
 
+        combine = bool(getattr(cfg, "moe_combine_kernel", None))
+        label = "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"
+        if combine:
+            label += " + plait triton moe_combine (on CUDA tensors)"
         # before compiling: the compiled layers trace the routed forward
-        for kind in install_routed_lora_experts(model):
-            report[(kind, "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)")] += 1
+        for kind in install_routed_lora_experts(model, combine_kernel=combine):
+            report[(kind, label)] += 1
         for kind, why in left_to_peft(model):
             report[(kind, f"peft's LoRA experts, not lora_experts_kernel: {why}")] += 1
     if cfg.torch_compile:

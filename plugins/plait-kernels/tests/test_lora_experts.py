@@ -238,3 +238,69 @@ def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_at_least_as_well_as_
         if param.requires_grad:
             scale = exact_grads[name].abs().max()
             assert (param.grad.float() - exact_grads[name]).abs().max() <= 0.05 * scale, name
+
+
+def train_steps(model, steps: int = 2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_moe_combine_kernel_routes_the_combine_through_triton_and_trains_as_without(monkeypatch):
+    """``combine_kernel`` (``moe_combine_kernel: true``) ends each routed
+    forward with the Triton combine (here interpreted on the CPU: the tests set
+    TRITON_INTERPRET=1). In float32 it is the same products and sums, so two
+    AdamW steps give the same losses (1e-6) and LoRA weights (1e-5 of their
+    scale) as the PyTorch combine."""
+    import copy
+
+    pytest.importorskip("triton")
+    from plait_kernels.ops import moe_combine as combine_op
+
+    plain = with_lora(tiny_qwen3_moe())
+    fused = copy.deepcopy(plain)
+    lora_experts.install_routed_lora_experts(plain)
+    assert lora_experts.install_routed_lora_experts(fused, combine_kernel=True) == ["Qwen3MoeExperts"] * 2
+    reference = count_calls(monkeypatch, "combine_reference")
+    forwards, backwards = [], []
+    for name, calls in (("moe_combine_forward", forwards), ("moe_combine_backward", backwards)):
+        original = getattr(combine_op, name)
+        monkeypatch.setattr(combine_op, name, lambda *a, _f=original, _c=calls, **k: _c.append(1) or _f(*a, **k))
+
+    plain_losses, plain_weights = train_steps(plain)
+    assert (len(reference), forwards, backwards) == (2 * 2, [], [])  # both layers, two steps
+    fused_losses, fused_weights = train_steps(fused)
+    assert (len(reference), len(forwards), len(backwards)) == (2 * 2, 2 * 2, 2 * 2)  # no more PyTorch combines
+    assert fused_losses[-1] < fused_losses[0]
+    assert torch.allclose(torch.tensor(fused_losses), torch.tensor(plain_losses), atol=1e-6, rtol=0)
+    for name, weight in fused_weights.items():
+        assert (weight - plain_weights[name]).abs().max() <= 1e-5 * plain_weights[name].abs().max(), name
+
+
+def test_moe_combine_kernel_key_reaches_the_routed_forward_and_needs_that_path():
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
+
+    from plait_kernels.plugin import patch_model
+
+    cfg, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "moe_combine_kernel": True})
+    model = with_lora(tiny_qwen3_moe())
+    assert patch_model(cfg=cfg, model=model) == {
+        "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls) + plait triton "
+                              "moe_combine (on CUDA tensors)"}
+    wrappers = lora_experts.outermost_expert_wrappers(model)
+    assert len(wrappers) == 2 and all(w._plait_moe_combine for w in wrappers)
+    default, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
+    unasked = with_lora(tiny_qwen3_moe())
+    patch_model(cfg=default, model=unasked)
+    assert not any(w._plait_moe_combine for w in lora_experts.outermost_expert_wrappers(unasked))  # off unless true
+    with pytest.raises(ConfigError, match=r"'moe_combine_kernel': true .* lora_experts_kernel is false"):
+        build_run_config({"base_model": "m", "lora_experts_kernel": False, "moe_combine_kernel": True})
+    with pytest.raises(ConfigError, match=r"'moe_combine_kernel': true .* plait_kernels is 'off'"):
+        build_run_config({"base_model": "m", "plait_kernels": "off", "moe_combine_kernel": True})
