@@ -4,7 +4,7 @@ Processors of models that also take videos (Qwen2-VL and its successors) have
 a video processor, and transformers builds video processors only with
 torchvision installed. This plugin trains on images, so where torchvision is
 missing such a processor is built without its video processor
-(:func:`image_only_processor`) instead of failing; asking it for videos then
+(:func:`processor_from_parts`) instead of failing; asking it for videos then
 fails inside transformers.
 
 Without torchvision the image processor is the PIL one named by the
@@ -12,6 +12,13 @@ checkpoint (:func:`image_processor_for`): transformers 5.17's
 ``AutoImageProcessor`` cannot even be imported without torchvision, although
 most models have a PIL image processor. A model whose image processor exists
 only for torchvision gets a ConfigError that names the package to install.
+
+A few processor modules of transformers import the torchvision image
+processor's module only for a helper that the PIL image processor's module
+also has (Pixtral's, which Mistral 3 uses, in transformers 5.25): without
+torchvision such a processor class is a placeholder that cannot be built.
+:func:`processor_class_without_torchvision` imports the real class with that
+helper taken from the PIL module, and the processor is built from its parts.
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ def load_processor(source: str, processor_type: str, trust_remote_code: bool = F
     from plait.errors import ConfigError
 
     cls = _processor_class(processor_type)
-    if _needs_image_only(source, cls, trust_remote_code):
-        return image_only_processor(source, trust_remote_code)
+    concrete = _class_for_source(source, trust_remote_code) if cls.__name__ == "AutoProcessor" else cls
+    if _built_from_parts(concrete):
+        return processor_from_parts(concrete, source, trust_remote_code)
     try:
         processor = cls.from_pretrained(source, trust_remote_code=trust_remote_code)
     except ImportError as exc:
@@ -110,11 +118,11 @@ def image_processor_for(source: str, trust_remote_code: bool = False):
 
 
 def _processor_class(processor_type: str):
-    import transformers
     from plait.errors import ConfigError
 
-    cls = getattr(transformers, processor_type, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
+    cls = _transformers_class(processor_type)
+    # a placeholder (a class that needs torchvision) raises ImportError on any attribute: from_pretrained says so
+    if cls is None or not (getattr(cls, "is_dummy", False) or hasattr(cls, "from_pretrained")):
         raise ConfigError(f"config key 'processor_type': {processor_type!r} is not a transformers processor class; "
                           f"give AutoProcessor or a class such as Qwen2VLProcessor")
     return cls
@@ -130,26 +138,80 @@ def _class_for_source(source: str, trust_remote_code: bool):
         if os.path.isfile(path):
             declared = json.loads(_read_text(path)).get("processor_class")
             if declared and hasattr(transformers, declared):
-                return getattr(transformers, declared)
+                return _transformers_class(declared)
     try:
         model_type = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
     except (OSError, ValueError):
         return None
     name = PROCESSOR_MAPPING_NAMES.get(model_type)
-    return getattr(transformers, name, None) if name else None
+    return _transformers_class(name) if name else None
 
 
-def _needs_image_only(source: str, cls, trust_remote_code: bool) -> bool:
+#: processor classes whose module imports the torchvision image processor's
+#: module only for helpers that the PIL image processor's module has too:
+#: class name -> (processor module, torchvision module, PIL module)
+PIL_TWIN_MODULES = {
+    "PixtralProcessor": ("transformers.models.pixtral.processing_pixtral",
+                         "transformers.models.pixtral.image_processing_pixtral",
+                         "transformers.models.pixtral.image_processing_pil_pixtral"),
+}
+
+
+def _transformers_class(name: str):
+    """``transformers.<name>``; without torchvision, the real class of a
+    processor in :data:`PIL_TWIN_MODULES` instead of transformers' placeholder."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is not None and getattr(cls, "is_dummy", False) and name in PIL_TWIN_MODULES:
+        return processor_class_without_torchvision(name) or cls
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def processor_class_without_torchvision(name: str):
+    """The processor class ``name`` imported with its torchvision image
+    module's names taken from the PIL image module (None if that fails).
+
+    The torchvision module is stood in for only while the processor module
+    runs its imports, so nothing else sees it; the names the processor module
+    takes from it are functions the PIL module defines alike.
+    """
+    import importlib
+    import sys
+    import types
+
+    module_name, torchvision_module, pil_module = PIL_TWIN_MODULES[name]
+    if torchvision_module in sys.modules:  # torchvision is there after all: nothing to stand in for
+        return None
+    stand_in = types.ModuleType(torchvision_module)
+    stand_in.__dict__.update({k: v for k, v in vars(importlib.import_module(pil_module)).items()
+                              if not k.startswith("__")})
+    sys.modules[torchvision_module] = stand_in
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    finally:
+        del sys.modules[torchvision_module]
+    return getattr(module, name, None)
+
+
+def _built_from_parts(concrete) -> bool:
+    """Whether the processor is built by :func:`processor_from_parts`: without
+    torchvision, a processor with a video processor, or one whose class
+    transformers cannot build from a checkpoint then (:data:`PIL_TWIN_MODULES`)."""
     from transformers.utils import is_torchvision_available
 
-    if is_torchvision_available():
-        return False
-    concrete = _class_for_source(source, trust_remote_code) if cls.__name__ == "AutoProcessor" else cls
-    return concrete is not None and "video_processor" in concrete.get_attributes()
+    if is_torchvision_available() or concrete is None or getattr(concrete, "is_dummy", False):
+        return False  # a placeholder: from_pretrained raises the ImportError that names torchvision
+    return concrete.__name__ in PIL_TWIN_MODULES or "video_processor" in concrete.get_attributes()
 
 
-def image_only_processor(source: str, trust_remote_code: bool = False):
-    """The processor of ``source`` built with ``video_processor=None``.
+def processor_from_parts(base, source: str, trust_remote_code: bool = False):
+    """The processor class ``base`` built from ``source``'s image processor
+    (:func:`image_processor_for`), tokenizer, settings and chat template; a
+    video processor is left out (``video_processor=None``).
 
     transformers checks each sub-processor's class; a subclass of the
     processor accepts ``None`` for the video processor and checks the rest as
@@ -160,15 +222,17 @@ def image_only_processor(source: str, trust_remote_code: bool = False):
 
     from transformers import AutoTokenizer
 
-    base = _class_for_source(source, trust_remote_code)
+    parts = {}
+    cls = base
+    if "video_processor" in base.get_attributes():
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and "video" in argument_name:
+                return None
+            return base.check_argument_for_proper_class(self, argument_name, argument)
 
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument is None and "video" in argument_name:
-            return None
-        return base.check_argument_for_proper_class(self, argument_name, argument)
-
-    cls = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
-                                         "__module__": base.__module__})
+        cls = type(base.__name__, (base,), {"check_argument_for_proper_class": check_argument_for_proper_class,
+                                             "__module__": base.__module__})
+        parts["video_processor"] = None
     kwargs = {}
     config_path = os.path.join(source, "processor_config.json")
     if os.path.isfile(config_path):
@@ -179,7 +243,7 @@ def image_only_processor(source: str, trust_remote_code: bool = False):
         kwargs["chat_template"] = _read_text(template_path)
     return cls(image_processor=image_processor_for(source, trust_remote_code),
                tokenizer=AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
-               video_processor=None, **kwargs)
+               **parts, **kwargs)
 
 
 def image_token_ids(processor) -> set[int]:

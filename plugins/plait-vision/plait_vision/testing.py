@@ -134,6 +134,51 @@ def make_tiny_gemma3(path, *, seed: int = 0) -> Path:
     return path
 
 
+#: a Mistral-3-style template: [INST] turns with [IMG] per image (the processor expands it)
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST]' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '[IMG]' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[/INST]' }}{% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def make_tiny_mistral3(path, *, seed: int = 0) -> Path:
+    """A Mistral 3 (Pixtral vision tower, patch merger and projector, Mistral
+    decoder): an image of 56x56 pixels is 4 x 4 patches of 14, merged 2 x 2
+    into 2 rows of 2 features, which the processor writes as
+    ``[IMG][IMG][IMG_BREAK][IMG][IMG][IMG_END]``; larger images are scaled to
+    fit 56 pixels on their longest edge."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, PixtralImageProcessorPil
+
+    path = Path(path)
+    tokenizer = _tokenizer(path, ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"])
+    config = AutoConfig.for_model(
+        "mistral3",
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), head_dim=16, sliding_window=None,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **TEXT_SHAPE),
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, head_dim=16, image_size=56, patch_size=14),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+        vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    # the processor passes patch_size x spatial_merge_size (28) to the image processor: sizes are multiples of 28
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size={"height": 14, "width": 14})
+    _save_processor(path, "PixtralProcessor", image_processor, tokenizer, MISTRAL3_TEMPLATE,
+                    dict(patch_size=14, spatial_merge_size=2, image_token="[IMG]", image_break_token="[IMG_BREAK]",
+                         image_end_token="[IMG_END]"))
+    return path
+
+
 def _save_processor(path: Path, class_name: str, image_processor, tokenizer, template: str, settings: dict) -> None:
     """Save the processor's parts the way ``processor.save_pretrained`` lays
     them out (building the processor object itself may need torchvision, for

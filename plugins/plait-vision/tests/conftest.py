@@ -18,3 +18,10 @@ def llava_dir(tmp_path_factory):
 
     return make_tiny_llava(tmp_path_factory.mktemp("vlm") / "llava")
 
+
+
+@pytest.fixture(scope="session")
+def mistral3_dir(tmp_path_factory):
+    from plait_vision.testing import make_tiny_mistral3
+
+    return make_tiny_mistral3(tmp_path_factory.mktemp("vlm") / "mistral3")

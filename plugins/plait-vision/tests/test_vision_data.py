@@ -63,6 +63,49 @@ def test_llava_row_masks_image_tokens_and_prompt(llava_dir, tmp_path):
         assert tokenizer.decode(ids[:next(i for i, t in enumerate(labels) if t != -100)]).endswith("ASSISTANT:")
 
 
+def test_mistral3_row_masks_image_rows_and_prompt_exactly(mistral3_dir, tmp_path):
+    """Pixtral's processor writes an image as rows of [IMG] ended by [IMG_BREAK],
+    the last by [IMG_END]; every one of them and the prompt are masked."""
+    import torch
+    from plait.data.batching import materialize
+
+    wide = make_image(tmp_path / "img" / "wide.png", size=(84, 40))
+    rows = color_rows(tmp_path / "img", 1) + [{"messages": [
+        {"role": "user", "content": [{"type": "image", "path": str(wide)}, {"type": "text", "text": "and this?"}]},
+        {"role": "assistant", "content": "wide"}]}]
+    keys = vision_keys(mistral3_dir, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path, shuffle_merged_datasets=False)
+    data, tokenizer, cfg, pm = prepare(keys)
+    img, brk, end, inst, close = tokenizer.convert_tokens_to_ids(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]",
+                                                                  "[/INST]"])
+
+    def encoded(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # 56x56 pixels: 4 x 4 patches of 14, merged 2 x 2: two rows of two; 84x40 is scaled to 56x26, padded
+    # up to whole merged patches (28): 56x28, one row of two
+    expected_images = ([img, img, brk, img, img, end], [img, img, end])
+    for row, image, question, answer in zip(data.train, expected_images, ("what colour is it?", "and this?"),
+                                            ("it is red", "wide")):
+        prompt = [tokenizer.bos_token_id, inst, *image, *encoded(question), close]
+        target = encoded(answer) + [tokenizer.eos_token_id]
+        assert row["input_ids"] == prompt + target
+        assert row["labels"] == [-100] * len(prompt) + target
+
+    # the two images differ in size: the batch's pixels are zero-padded to the larger, image_sizes keeps each
+    # one's own, and the model gives each row the logits it gives that row alone
+    batch = pm.hook.collate(cfg=cfg, rows=[materialize(data.train, [0]), materialize(data.train, [1])],
+                            tokenizer=tokenizer)
+    assert tuple(batch["pixel_values"].shape) == (2, 3, 56, 56)
+    assert batch["image_sizes"].tolist() == [[56, 56], [28, 56]]
+    model = pm.hook.load_model(cfg=cfg, tokenizer=tokenizer).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    alone = pm.hook.collate(cfg=cfg, rows=[materialize(data.train, [1])], tokenizer=tokenizer)
+    with torch.no_grad():
+        together = model(**inputs, use_cache=False).logits[1, :data.train[1]["length"]]
+        single = model(**{k: v for k, v in alone.items() if k != "labels"}, use_cache=False).logits[0]
+    torch.testing.assert_close(together, single, rtol=1e-4, atol=1e-5)
+
+
 def test_image_size_decides_the_number_of_image_tokens(qwen2_vl_dir, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 1))
     pad_counts = []
@@ -219,7 +262,7 @@ def test_lora_names_stay_in_the_language_model_and_a_regex_reaches_the_projector
         adapted(lora_target_modules=["fc1"])
 
 
-@pytest.mark.parametrize("model_fixture", ["qwen2_vl_dir", "llava_dir"])
+@pytest.mark.parametrize("model_fixture", ["qwen2_vl_dir", "llava_dir", "mistral3_dir"])
 def test_loop_forward_gives_the_models_own_logits_with_images(model_fixture, tmp_path, request):
     """The loop's forward (final hidden states of the language model, then the
     head) must see the images: it matches the model's own full logits, which
@@ -238,9 +281,10 @@ def test_loop_forward_gives_the_models_own_logits_with_images(model_fixture, tmp
     with torch.no_grad():
         hidden, head, _ = forward_hidden(model, inputs)
         reference = model(**inputs, use_cache=False).logits
-        darker = model(**{**inputs, "pixel_values": inputs["pixel_values"] * 0.5}, use_cache=False).logits
+        # mirrored pixels, not scaled ones: Pixtral's bias-free patch convolution and RMSNorm cancel a scale
+        mirrored = model(**{**inputs, "pixel_values": inputs["pixel_values"].flip(-1)}, use_cache=False).logits
     torch.testing.assert_close(head(hidden), reference, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(darker, reference, atol=1e-4)
+    assert not torch.allclose(mirrored, reference, atol=1e-4)
 
 
 def test_image_references_paths_base64_and_urls(tmp_path):
