@@ -99,12 +99,11 @@ def image_processor_for(source: str, trust_remote_code: bool = False):
         from transformers import AutoImageProcessor
 
         return AutoImageProcessor.from_pretrained(source, trust_remote_code=trust_remote_code)
-    path = os.path.join(source, "preprocessor_config.json")
-    declared = json.loads(_read_text(path)).get("image_processor_type") if os.path.isfile(path) else None
+    declared = _declared_image_processor(source)
     if not declared:
         raise ConfigError(f"config key 'processor_type': {source!r} names no image_processor_type in a "
-                          f"preprocessor_config.json, and without torchvision (not installed) transformers cannot "
-                          f"pick one; install torchvision (pip install torchvision)")
+                          f"preprocessor_config.json or processor_config.json, and without torchvision (not "
+                          f"installed) transformers cannot pick one; install torchvision (pip install torchvision)")
     base = declared.removesuffix("Fast").removesuffix("Pil")
     # the PIL class by its name; then the plain name, which transformers
     # resolves to the PIL class (with a warning) where torchvision is missing.
@@ -115,6 +114,23 @@ def image_processor_for(source: str, trust_remote_code: bool = False):
             return cls.from_pretrained(source)
     raise ConfigError(f"config key 'processor_type': the image processor of {source!r} ({declared}) exists only for "
                       f"torchvision, which is not installed: pip install torchvision")
+
+
+def _declared_image_processor(source: str) -> str | None:
+    """The image processor class ``source`` names: in preprocessor_config.json,
+    or under ``image_processor`` in processor_config.json (where a processor's
+    own ``save_pretrained`` puts it in transformers 5)."""
+    path = os.path.join(source, "preprocessor_config.json")
+    if os.path.isfile(path):
+        declared = json.loads(_read_text(path)).get("image_processor_type")
+        if declared:
+            return declared
+    path = os.path.join(source, "processor_config.json")
+    if os.path.isfile(path):
+        nested = json.loads(_read_text(path)).get("image_processor")
+        if isinstance(nested, dict):
+            return nested.get("image_processor_type")
+    return None
 
 
 def _processor_class(processor_type: str):
@@ -236,7 +252,8 @@ def processor_from_parts(base, source: str, trust_remote_code: bool = False):
     kwargs = {}
     config_path = os.path.join(source, "processor_config.json")
     if os.path.isfile(config_path):
-        accepted = inspect.signature(base.__init__).parameters
+        # the processor's settings; its parts (a nested image_processor, ...) are built here
+        accepted = set(inspect.signature(base.__init__).parameters) - set(base.get_attributes())
         kwargs = {k: v for k, v in json.loads(_read_text(config_path)).items() if k in accepted}
     template_path = os.path.join(source, "chat_template.jinja")
     if "chat_template" not in kwargs and os.path.isfile(template_path):

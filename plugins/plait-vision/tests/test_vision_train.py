@@ -23,7 +23,7 @@ def train(keys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_fixture", ["qwen2_vl_dir", "llava_dir"])
+@pytest.mark.parametrize("model_fixture", ["qwen2_vl_dir", "llava_dir", "mistral3_dir"])
 def test_lora_learns_a_repeated_batch_and_loads_in_plain_peft(model_fixture, tmp_path, request):
     import torch
     from peft import PeftModel
@@ -72,7 +72,9 @@ def test_full_fine_tune_keeps_the_vision_tower_frozen(qwen2_vl_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_inference_takes_an_image_and_the_merged_model_keeps_its_processor(llava_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_fixture", ["llava_dir", "mistral3_dir"])
+def test_inference_takes_an_image_and_the_merged_model_keeps_its_processor(model_fixture, tmp_path, monkeypatch,
+                                                                          request):
     import io
 
     import torch
@@ -81,8 +83,11 @@ def test_inference_takes_an_image_and_the_merged_model_keeps_its_processor(llava
     from plait.testing import run_cli, write_config
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from plait_vision.processor import load_processor
+
+    model_dir = request.getfixturevalue(model_fixture)
     data = write_jsonl(tmp_path / "d.jsonl", color_rows(tmp_path / "img", 2))
-    config = write_config(tmp_path / "c.yml", **vision_keys(llava_dir, data, tmp_path, max_steps=2,
+    config = write_config(tmp_path / "c.yml", **vision_keys(model_dir, data, tmp_path, max_steps=2,
                                                              learning_rate=1e-2))
     assert run_cli(["train", str(config)]).exit_code == 0
     image = tmp_path / "img" / "0_red.png"
@@ -96,11 +101,15 @@ def test_inference_takes_an_image_and_the_merged_model_keeps_its_processor(llava
 
     # merge-lora carries the processor over: the merged model answers like base + adapter
     assert run_cli(["merge-lora", str(config), "--out", str(tmp_path / "merged")]).exit_code == 0
-    processor = AutoProcessor.from_pretrained(tmp_path / "merged")
-    inputs = processor(text=["USER: <image>\nwhat colour is it? ASSISTANT:"], images=[Image.open(image)],
-                       return_tensors="pt")
+    # transformers builds Pixtral's processor only with torchvision; Plait's loader builds it without
+    processor = (AutoProcessor.from_pretrained(tmp_path / "merged") if model_fixture == "llava_dir"
+                 else load_processor(str(tmp_path / "merged"), "AutoProcessor"))
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "what colour is it?"}]}], add_generation_prompt=True,
+        tokenize=False)
+    inputs = processor(text=[prompt], images=[Image.open(image)], return_tensors="pt")
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
-    adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(llava_dir), tmp_path / "out")
+    adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model_dir), tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, adapter(**inputs).logits, rtol=1e-4, atol=1e-4)
 
