@@ -181,6 +181,30 @@ def test_recurrent_layers_run_one_packed_row_at_a_time(tmp_path, tokenizer_dir):
     assert "carry state along the sequence" in packed_rows_leak(run.cfg, run.model)
 
 
+def test_packed_rows_for_recurrent_layers_are_found_on_the_host_copy():
+    """On a GPU, finding the packed rows from the position ids reads the
+    device three times a forward (nonzero, a maximum, repeat_interleave).
+    ``to_device`` keeps the batch's host position ids on the moved tensor, and
+    :func:`packed_segments` runs on that copy: here the "device" is ``meta``,
+    which holds no values, so any read of it would fail."""
+    import torch
+
+    from plait.data.batching import to_device
+    from plait.model.forward import packed_segments
+
+    host = {"position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])}
+    moved = to_device(host, "meta")
+    expected = packed_segments(host["position_ids"])
+    got = packed_segments(moved["position_ids"])
+    assert (got.batch, got.seq) == (expected.batch, expected.seq) == (2, 6)
+    for name in ("bin_index", "pos_index", "real", "seg_of", "slot_of"):
+        want, have = getattr(expected, name), getattr(got, name)
+        assert have.device.type == "meta" and have.shape == want.shape and have.dtype == want.dtype, name
+    assert expected.real.shape == (5, 4)  # five packed rows, the longest 4 tokens
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        packed_segments(torch.zeros(2, 6, dtype=torch.long, device="meta"))  # no host copy: it must read the device
+
+
 def test_roberta_loads_as_a_decoder_and_packs_with_its_position_offset(tmp_path, tokenizer_dir):
     """RobertaForCausalLM attends both ways unless ``is_decoder``; its positions
     start at ``pad_token_id + 1``. Packed rows restarting at 0 would leak (the

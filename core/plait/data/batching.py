@@ -137,10 +137,14 @@ def to_device(batch: dict, device) -> dict:
     (both have ``.to``), ints such as ``max_length_q`` stay as they are; see
     :func:`move_to_device`. A 2-D padding mask with padding is noted as such
     from the host tensor, so transformers' check of it reads nothing on the
-    device (:mod:`plait.model.mask_checks`)."""
+    device (:mod:`plait.model.mask_checks`); packed position ids keep their
+    host copy, where recurrent layers find the packed rows
+    (:func:`plait.model.forward.note_host_positions`)."""
+    from plait.model.forward import note_host_positions
     from plait.model.mask_checks import note_host_padding
 
-    return note_host_padding(batch, {key: move_to_device(value, device) for key, value in batch.items()})
+    moved = {key: move_to_device(value, device) for key, value in batch.items()}
+    return note_host_positions(batch, note_host_padding(batch, moved))
 
 
 def move_to_device(value, device):
