@@ -143,7 +143,6 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     and sum each token's rows with the Triton combine where it applies
     (:func:`combine_kernel_applies`), else :func:`combine_reference`."""
     num_top_k = top_k_index.size(-1)
-    num_tokens, hidden_dim = hidden_states.shape[0], hidden_states.shape[-1]
     routing_weights = top_k_weights.reshape(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inverse = torch.empty_like(perm)
