@@ -82,6 +82,11 @@ def product_dtype(rows: torch.Tensor, weights: torch.Tensor) -> torch.dtype:
     return torch.promote_types(rows.dtype, weights.dtype)
 
 
+def _rounds_product(rows: torch.Tensor, weights: torch.Tensor) -> bool:
+    # bf16/fp16 rows with weights of the same or a narrower dtype: torch rounds each product to the rows' dtype
+    return product_dtype(rows, weights) == rows.dtype != torch.float32
+
+
 def _block(cols: int) -> int:
     return min(_MAX_BLOCK, block_size(cols))
 
@@ -95,7 +100,7 @@ def moe_combine_forward(rows: torch.Tensor, weights: torch.Tensor, inverse: torc
         block = _block(cols)
         _moe_combine_fwd[(pairs // top_k, triton.cdiv(cols, block))](
             rows, weights, inverse, out, cols, rows.stride(0), out.stride(0), TOP_K=top_k,
-            ROUND_PRODUCT=product_dtype(rows, weights) == rows.dtype != torch.float32, BLOCK=block,
+            ROUND_PRODUCT=_rounds_product(rows, weights), BLOCK=block,
             num_warps=num_warps(block), enable_fp_fusion=False)
     return out
 
@@ -111,7 +116,7 @@ def moe_combine_backward(grad_out: torch.Tensor, rows: torch.Tensor, weights: to
         block = _block(cols)
         _moe_combine_bwd[(pairs,)](
             grad_out, rows, weights, inverse, d_rows, d_weights, cols, grad_out.stride(0), rows.stride(0),
-            d_rows.stride(0), TOP_K=top_k, ROUND_PRODUCT=product_dtype(rows, weights) == rows.dtype != torch.float32,
+            d_rows.stride(0), TOP_K=top_k, ROUND_PRODUCT=_rounds_product(rows, weights),
             BLOCK=block, num_warps=num_warps(block), enable_fp_fusion=False)
     elif pairs:
         d_weights.zero_()
