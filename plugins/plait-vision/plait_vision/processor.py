@@ -55,10 +55,13 @@ def load_processor(source: str, processor_type: str, trust_remote_code: bool = F
     import transformers
     from plait.errors import ConfigError
 
+    from transformers.utils import is_torchvision_available
+
     cls = _processor_class(processor_type)
-    concrete = _class_for_source(source, trust_remote_code) if cls.__name__ == "AutoProcessor" else cls
-    if _built_from_parts(concrete):
-        return processor_from_parts(concrete, source, trust_remote_code)
+    if not is_torchvision_available():  # with torchvision transformers builds every processor itself
+        concrete = _class_for_source(source, trust_remote_code) if cls.__name__ == "AutoProcessor" else cls
+        if _built_from_parts(concrete):
+            return processor_from_parts(concrete, source, trust_remote_code)
     try:
         processor = cls.from_pretrained(source, trust_remote_code=trust_remote_code)
     except ImportError as exc:
@@ -214,12 +217,10 @@ def processor_class_without_torchvision(name: str):
 
 
 def _built_from_parts(concrete) -> bool:
-    """Whether the processor is built by :func:`processor_from_parts`: without
-    torchvision, a processor with a video processor, or one whose class
-    transformers cannot build from a checkpoint then (:data:`PIL_TWIN_MODULES`)."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available() or concrete is None or getattr(concrete, "is_dummy", False):
+    """Whether the processor is built by :func:`processor_from_parts` (asked
+    without torchvision only): a processor with a video processor, or one whose
+    class transformers cannot build from a checkpoint then (:data:`PIL_TWIN_MODULES`)."""
+    if concrete is None or getattr(concrete, "is_dummy", False):
         return False  # a placeholder: from_pretrained raises the ImportError that names torchvision
     return concrete.__name__ in PIL_TWIN_MODULES or "video_processor" in concrete.get_attributes()
 
