@@ -8,8 +8,10 @@ over the ranks gives ``sum / n`` per metric.
 On a GPU every small op is a kernel launch and every read a host sync, so a
 micro-batch's tensor sums go into one float64 vector (one stack, one add per
 later micro-batch with the same metrics) and the step reads them all at once,
-with its loss where the loop reads that (:meth:`MetricSums.read_with`). Each
-metric is still summed in float64, micro-batch after micro-batch, in order.
+with its loss where the loop reads that (:meth:`MetricSums.read_with`; or
+:meth:`MetricSums.read_later`, then :meth:`MetricSums.read` during the next
+step). Each metric is still summed in float64, micro-batch after micro-batch,
+in order.
 """
 
 from __future__ import annotations
@@ -57,12 +59,28 @@ class MetricSums:
     def read_with(self, values: list) -> list[float]:
         """``values`` (0-dim float64 tensors on the device) as floats, read in
         one transfer together with every sum, which :meth:`means` then uses."""
+        return self._keep(self._gathered(values).tolist(), len(values))
+
+    def read_later(self, values: list) -> PendingRead:
+        """:meth:`read_with`'s values and sums, gathered now and read by
+        :meth:`read` later without waiting for work queued after this call
+        (the training loop's read one step late, ``defer_step_read``)."""
+        return PendingRead(self._gathered(values), len(values))
+
+    def read(self, pending: PendingRead) -> list[float]:
+        """The floats of :meth:`read_later`; :meth:`means` then uses the sums."""
+        return self._keep(pending.values(), pending.count)
+
+    def _gathered(self, values: list):
+        """``values`` and every sum in one float64 tensor on the first value's device."""
         import torch
 
         head = torch.stack(values)
-        flat = torch.cat([head, *(t.to(head.device) for t in self._tensors())]).tolist()
-        self._read = flat[len(values):]
-        return flat[:len(values)]
+        return torch.cat([head, *(t.to(head.device) for t in self._tensors())])
+
+    def _keep(self, flat: list, count: int) -> list[float]:
+        self._read = flat[count:]
+        return flat[:count]
 
     def means(self, prefix: str = "") -> dict:
         """``{prefix + name: sum / n}`` over all ranks (a ratio: ranks holding
@@ -85,6 +103,32 @@ class MetricSums:
         values = all_reduce_sum([v for total, (_, n) in zip(totals, pairs) for v in (total, float(n))], self.run.device)
         return {prefix + name: values[2 * i] / values[2 * i + 1] if values[2 * i + 1] else 0.0
                 for i, (name, _) in enumerate(pairs)}
+
+
+class PendingRead:
+    """A float64 vector on its way to the host: on a CUDA device it is copied
+    into pinned host memory behind the work queued so far, and an event marks
+    the copy's end, so reading it waits for that work only, not for what the
+    host queued since (a plain ``.tolist()`` would wait for the whole stream).
+    Elsewhere the vector is read as is (the CPU has computed it already)."""
+
+    def __init__(self, flat, count: int):
+        import torch
+
+        self.count = count
+        self._ready = None
+        if flat.device.type == "cuda":
+            self._flat = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self._flat.copy_(flat, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(flat.device))
+        else:
+            self._flat = flat
+
+    def values(self) -> list[float]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._flat.tolist()
 
 
 def _stackable(totals: list) -> bool:
