@@ -3,6 +3,8 @@ early_stopping_patience, unfrozen_parameters, model_config, revision_of_model.""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +12,10 @@ import torch
 
 from plait.errors import ConfigError, TrainingError
 from plait.testing import build_run_config, make_tiny_model
+
+# the loop tests' fused optimizer and comparisons (pytest's importlib mode does not put tests/ on sys.path)
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_loop import FusedAdamW, StepOrder, assert_bitwise_equal, deferred_and_eager, state_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,6 @@ def _train(keys: dict, data, plugins=()):
 
 def _steps_logged(output_dir) -> list[int]:
     import json
-    from pathlib import Path
 
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
@@ -60,6 +65,29 @@ def test_loss_watchdog_waits_patience_steps_in_a_row(tiny_model, tmp_path, patie
     with pytest.raises(TrainingError, match=rf"at step {stop_step}; the weights were not updated") as info:
         _train(keys, SimpleNamespace(train=_rows(16), eval=None))
     assert f"({patience or 3} steps in a row, loss_watchdog_patience)" in str(info.value)
+
+
+def test_loss_watchdog_read_one_step_late_stops_as_the_eager_read(tiny_model, tmp_path):
+    """defer_step_read (fused AdamW): steps 3 and 4 have a loss 100 over the
+    rest; with threshold 50 and patience 2, step 3 trains (a warning) and step
+    4 stops the run, which had run step 5's backward before reading step 4:
+    the error and the weights and Adam state are the eager read's, which are
+    those of three plain steps (the added constant has no gradient)."""
+    keys = {"base_model": str(tiny_model), "output_dir": str(tmp_path / "watchdog"), "max_steps": 6,
+            "micro_batch_size": 2, "learning_rate": 1e-3, "lr_scheduler": "constant",
+            "loss_watchdog_threshold": 50.0, "loss_watchdog_patience": 2}
+    rows = SimpleNamespace(train=_rows(16), eval=None)
+    results = deferred_and_eager(keys, rows, terms={3: 100.0, 4: 100.0}, expect=TrainingError)
+    (late, late_error), (eager, eager_error) = results[True], results[False]
+    assert str(late_error) == str(eager_error)
+    assert "at step 4; the weights were not updated" in str(late_error) and "(2 steps in a row" in str(late_error)
+    assert late.forwards == 5 and eager.forwards == 4
+    three = StepOrder()
+    _train({**keys, "output_dir": str(tmp_path / "three"), "max_steps": 3, "loss_watchdog_threshold": None},
+           rows, plugins=[FusedAdamW(), three])
+    for order in (late, eager):
+        assert_bitwise_equal(state_of(order.run)[0], state_of(three.run)[0])
+        assert_bitwise_equal(state_of(order.run)[1], state_of(three.run)[1])
 
 
 def test_early_stopping_stops_when_eval_loss_stops_improving(tiny_model, tmp_path):

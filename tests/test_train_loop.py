@@ -340,3 +340,180 @@ def test_device_side_loss_check_skips_the_fused_update(loss, threshold, updated)
     opt.step()
     assert torch.equal(param.data, torch.ones(3)) != updated
     assert opt.state[param]["step"].item() == (1 if updated else 0)
+
+
+# ------------------------------------------------ defer_step_read: a step read during the next one
+
+
+class FusedAdamW:
+    """torch's fused AdamW on the CPU too (core asks for it on CUDA only): the
+    optimizer whose ``found_inf`` lets the loop check the loss on the device,
+    and so read each step's values during the next step (``defer_step_read``)."""
+
+    @hookimpl(tryfirst=True)
+    def build_optimizer(self, cfg, params):
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+
+
+class StepOrder:
+    """Records the order of forward passes (``extra_loss``, once per training
+    micro-batch), step ends, evaluations and saves, and keeps the run; adds
+    ``terms[k]`` to the loss of the k-th training micro-batch (1-based)."""
+
+    def __init__(self, terms: dict | None = None):
+        self.events, self.terms, self.forwards, self.run = [], terms or {}, 0, None
+
+    @hookimpl
+    def on_train_start(self, run):
+        self.run = run
+
+    @hookimpl
+    def extra_loss(self, cfg, model, outputs, batch):
+        self.forwards += 1
+        self.events.append(("forward", self.forwards))
+        term = self.terms.get(self.forwards)
+        return None if term is None else torch.tensor(term)
+
+    @hookimpl
+    def on_step_end(self, run, metrics):
+        # the run is where the step left it: its number, its weights (no later update applied yet)
+        self.events.append(("step_end", metrics["step"], run.step))
+
+    @hookimpl
+    def on_eval_end(self, run, metrics):
+        self.events.append(("eval", metrics["step"]))
+
+
+def deferred_and_eager(keys: dict, rows, *, terms: dict | None = None, expect=None):
+    """The same run with ``defer_step_read`` true and false (fused AdamW):
+    ``{defer: (StepOrder, error or None)}``; ``expect`` is the exception class
+    the runs are expected to raise."""
+    from plait.train.loop import reads_step_late
+
+    results = {}
+    for defer in (True, False):
+        order = StepOrder(terms)
+        raised = None
+        try:
+            run_train({**keys, "output_dir": keys["output_dir"] + f"-{defer}", "defer_step_read": defer}, rows,
+                      plugins=[FusedAdamW(), order])
+        except Exception as exc:  # noqa: BLE001 - compared below
+            if expect is None or not isinstance(exc, expect):
+                raise
+            raised = exc
+        if expect is not None:
+            assert raised is not None, "the run did not stop"
+        assert reads_step_late(order.run) is defer
+        results[defer] = (order, raised)
+    return results
+
+
+def state_of(run) -> tuple[dict, dict]:
+    return ({name: p.detach().clone() for name, p in run.model.named_parameters()},
+            {name: {k: v.clone() for k, v in run.optimizer.state[p].items()}
+             for name, p in run.model.named_parameters() if p in run.optimizer.state})
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_bitwise_equal(a[key], b[key])
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def logged(run, *, timing: bool = False) -> list[dict]:
+    return [{k: v for k, v in r.items() if timing or k != "tokens_per_s"} for r in run.metrics_log.read()]
+
+
+def test_deferred_read_trains_and_logs_bitwise_as_the_eager_read(tiny_model, tmp_path):
+    """Two epochs with gradient accumulation, evaluations and saves: every
+    logged record (but tokens_per_s), every hook's view and the final weights
+    and Adam state are the same; in between, a step is read after the next
+    step's forward and backward passes, except before an evaluation, a save or
+    an epoch's end, where it is read first."""
+    keys = {"base_model": str(tiny_model), "output_dir": str(tmp_path / "run"), "learning_rate": 3e-3,
+            "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 9, "warmup_steps": 2,
+            "eval_steps": 5, "save_steps": 3}
+    results = deferred_and_eager(keys, data(16, 4))  # 4 steps an epoch: two epoch boundaries
+    (late, _), (eager, _) = results[True], results[False]
+    assert logged(late.run) == logged(eager.run)
+    assert [r["step"] for r in logged(late.run) if "loss" in r] == list(range(1, 10))
+    assert all(r["tokens_per_s"] > 0 for r in logged(late.run, timing=True) if "loss" in r)
+    assert late.run.last_metrics["step"] == 9 and logged(late.run)[-1] == logged(eager.run)[-1]
+    assert_bitwise_equal(state_of(late.run)[0], state_of(eager.run)[0])
+    assert_bitwise_equal(state_of(late.run)[1], state_of(eager.run)[1])
+    assert sorted(p.name for p in (tmp_path / "run-True").glob("checkpoint-*")) == \
+        sorted(p.name for p in (tmp_path / "run-False").glob("checkpoint-*"))
+
+    def reads(order):
+        """Per step end: how many micro-batches had run forward when it was reported."""
+        forwards, seen = 0, {}
+        for event in order.events:
+            if event[0] == "forward":
+                forwards = event[1]
+            elif event[0] == "step_end":
+                assert event[1] == event[2]  # on_step_end sees run.step at the step it reports
+                seen[event[1]] = forwards
+        return seen
+
+    assert reads(eager) == {step: 2 * step for step in range(1, 10)}
+    # read late: during the next step (2 more micro-batches), but at a save (3, 6, 9), an evaluation (5),
+    # an epoch's end (4, 8) and the run's end (9) before the next step
+    assert reads(late) == {step: 2 * step + (0 if step in (3, 4, 5, 6, 8, 9) else 2) for step in range(1, 10)}
+    assert late.events.index(("eval", 5)) < late.events.index(("forward", 11))
+
+
+def test_a_nan_loss_read_late_stops_at_its_step_with_the_weights_of_the_step_before(tiny_model, tmp_path):
+    """Step 3's loss is NaN: the deferred run has already run step 4's forward
+    and backward when it reads step 3, and stops before step 4's update; the
+    error, the logged steps, the weights and Adam's step counts are those of
+    the eager read, and the weights are those after step 2."""
+    keys = {"base_model": str(tiny_model), "output_dir": str(tmp_path / "nan"), "learning_rate": 3e-3,
+            "micro_batch_size": 4, "max_steps": 6, "lr_scheduler": "constant"}
+    rows = data(32, 0)
+    results = deferred_and_eager(keys, rows, terms={3: float("nan")}, expect=TrainingError)
+    (late, late_error), (eager, eager_error) = results[True], results[False]
+    assert str(late_error) == str(eager_error)
+    assert "loss is nan at step 3; the weights were not updated" in str(late_error)
+    assert late.forwards == 4 and eager.forwards == 3  # the deferred run read step 3 during step 4
+    assert [r["step"] for r in logged(late.run)] == [1, 2] and logged(late.run) == logged(eager.run)
+    two = StepOrder()
+    run_train({**keys, "output_dir": str(tmp_path / "two"), "max_steps": 2}, rows, plugins=[FusedAdamW(), two])
+    for order in (late, eager):
+        weights, adam = state_of(order.run)
+        assert_bitwise_equal(weights, state_of(two.run)[0])
+        assert_bitwise_equal(adam, state_of(two.run)[1])
+        assert {float(state["step"]) for state in adam.values()} == {2.0}
+
+
+def test_a_deferred_run_stopped_and_resumed_in_process_saves_the_same_adapter(tiny_model, tmp_path):
+    """As the test above it, with the read one step late: the run stops in the
+    hook of step 4 (reported during step 5), resumes from checkpoint-3 and ends
+    with the uninterrupted run's adapter and metrics."""
+
+    class Stop(Exception):
+        pass
+
+    class StopAtStep4:
+        @hookimpl
+        def on_step_end(self, run, metrics):
+            if metrics["step"] == 4:
+                raise Stop
+
+    keys = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "lora_dropout": 0.2,
+            "learning_rate": 1e-2, "micro_batch_size": 4, "max_steps": 7, "save_steps": 3}
+    rows = data(12, 4)
+    order = StepOrder()
+    whole = run_train({**keys, "output_dir": str(tmp_path / "whole")}, rows, plugins=[FusedAdamW(), order])
+    assert ("forward", 5) in order.events[:order.events.index(("step_end", 4, 4))]  # read during step 5
+    with pytest.raises(Stop):
+        run_train({**keys, "output_dir": str(tmp_path / "stopped")}, rows, plugins=[FusedAdamW(), StopAtStep4()])
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-3"]
+    resumed = run_train({**keys, "output_dir": str(tmp_path / "stopped"), "auto_resume_from_checkpoints": True},
+                        rows, plugins=[FusedAdamW()])
+    assert resumed.step == 7
+    assert (tmp_path / "stopped" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+    assert logged(resumed) == logged(whole)

@@ -415,6 +415,13 @@ class CoreConfig(StrictModel):
     loss_watchdog_patience: Optional[int] = Field(
         None, ge=1, description="High-loss steps in a row that stop the run (default 3, as in Axolotl); the last "
                                 "is not applied.")
+    defer_step_read: bool = Field(
+        True, description="Read a step's loss and metrics on the host during the next step, once that step's "
+                          "backward pass is queued, so the accelerator is not left idle between steps while the "
+                          "host logs and prepares the next one. Applies where the loss check runs on the device "
+                          "(one process, torch's fused Adam/AdamW, no fp16 loss scaler); weights, metrics and "
+                          "stops (NaN, loss_watchdog_threshold) are the same. false: read every step at its end, "
+                          "as every other run does.")
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="Stop when the eval loss has not improved on its best for this many evaluations "
                                 "in a row.")

@@ -65,6 +65,10 @@ class Lisa:
         self.period = None
         self.active: list[int] = []
 
+    def switches_before(self, step: int) -> bool:
+        """Whether :meth:`before_step` would change the trained set before ``step``."""
+        return step // self.interval != self.period
+
     def before_step(self, step: int) -> bool:
         """Choose the layers of ``step``'s period if they are not chosen yet;
         ``True`` when the trained set changed."""

@@ -421,6 +421,17 @@ def train_epochs(run: Run) -> None:
     prefetch = StepPrefetcher(partial(collate_window, run))
     signals = run.signals = StopOnSignals(cfg.save_on_signals)
     signals.install()
+    # defer_step_read: a step's values are read during the next step (train_step's after_backward), so the
+    # device has the next step's work queued while the host reads, logs and prepares; a step the loop does
+    # more with (evaluate, save, stop, an epoch's or the run's end, a LISA switch) is read before the next starts
+    deferred = reads_step_late(run)
+    queued: QueuedStep | None = None  # the step whose values are still to be read
+
+    def read_and_log(step: QueuedStep, ended: float | None = None) -> dict:
+        metrics = read_queued_step(run, step, ended)
+        log_step(run, metrics, progress)
+        return metrics
+
     freeze_setup_objects()  # no full garbage collection walks the model and libraries mid-step
     try:
         while run.step < run.total_steps:
@@ -430,11 +441,28 @@ def train_epochs(run: Run) -> None:
             ga = cfg.gradient_accumulation_steps
             windows = [plan[i:i + ga] for i in range(0, len(plan), ga)]
             for index in range(run.step_in_epoch, len(windows)):
-                switch_lisa_layers(run)
-                metrics = train_step(run, windows[index], prefetch.get(run.epoch, windows, index),
-                                     before_last_backward=partial(prefetch.start, run.epoch, windows, index + 1))
+                earlier = partial(read_and_log, queued, time.perf_counter()) if queued is not None else None
+                try:
+                    switch_lisa_layers(run)
+                    result = train_step(run, windows[index], prefetch.get(run.epoch, windows, index),
+                                        before_last_backward=partial(prefetch.start, run.epoch, windows, index + 1),
+                                        after_backward=earlier, defer=deferred)
+                except Exception:
+                    if queued is not None and not queued.taken:
+                        # this step failed before reading the one before: read that first, as the eager read
+                        # would have (a NaN there is the error to report; else its metrics are logged)
+                        read_and_log(queued)
+                    raise
+                queued = None
                 run.step_in_epoch = index + 1
-                log_step(run, metrics, progress)
+                if isinstance(result, QueuedStep):
+                    if not must_read_now(run, index, len(windows), eval_every, save_every):
+                        queued = result
+                        continue
+                    metrics = read_and_log(result)
+                else:
+                    metrics = result
+                    log_step(run, metrics, progress)
                 improved = False
                 if eval_every and run.step % eval_every == 0 and run.eval_data is not None:
                     metrics = evaluate_and_log(run)
@@ -459,6 +487,20 @@ def train_epochs(run: Run) -> None:
         signals.restore()
         prefetch.close()
         progress.close()
+
+
+def must_read_now(run: Run, index: int, n_windows: int, eval_every, save_every) -> bool:
+    """Whether the step just queued (``defer_step_read``) is read before the
+    next one starts: the loop evaluates, saves or stops after it, the epoch or
+    the run ends with it, or LISA switches layers before the next step; every
+    boundary where the loop or a hook reads the run's state sees it complete,
+    as it would without the deferred read."""
+    step, signals, lisa = run.step, run.signals, run.lisa
+    return bool(step >= run.total_steps or index == n_windows - 1
+                or (eval_every and step % eval_every == 0 and run.eval_data is not None)
+                or (save_every and step % save_every == 0)
+                or run.stop_requested or (signals is not None and signals.received)
+                or (lisa is not None and lisa.switches_before(step)))
 
 
 def switch_lisa_layers(run: Run) -> None:
@@ -575,11 +617,19 @@ def interval(steps, per_epoch, steps_per_epoch: int, total_steps: int) -> int | 
     return None
 
 
-def train_step(run: Run, window, batches: list | None = None, before_last_backward=None) -> dict:
+def train_step(run: Run, window, batches: list | None = None, before_last_backward=None, *,
+               after_backward=None, defer: bool = False) -> dict | QueuedStep:
     """One optimizer step over ``window`` (its micro-batches); ``batches`` are
     those micro-batches already collated (:mod:`plait.train.prefetch`).
     ``before_last_backward`` is called once, as the last backward pass starts:
-    from there to the step's end the host mostly waits on the device."""
+    from there to the step's end the host mostly waits on the device.
+
+    Returns the step's metrics; with ``defer`` (:func:`reads_step_late`), a
+    :class:`QueuedStep` instead: the update is queued and the step counted,
+    its values are read by :func:`read_queued_step` later, during the next
+    step, which calls ``after_backward`` for that once its own backward pass
+    is queued and before its own update is: the host then learns whether the
+    earlier step's loss stops the run before it queues an update after it."""
     cfg, model = run.cfg, run.model
     started = time.perf_counter()
     if batches is None:
@@ -606,17 +656,72 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
             (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += micro_loss.detach().double()  # no host sync per micro-batch
         step_metrics.add(micro_metrics)
+    if after_backward is not None:
+        after_backward()
     skip_on_device = checks_loss_on_device(run, scaler)
     if skip_on_device:
         # the optimizer is queued behind the backward without waiting for it; a
         # bad loss still never reaches the weights (fused AdamW skips its update)
         flag_bad_loss(run.optimizer, loss_sum, local_tokens, watchdog_threshold_now(run))
         grad_norm, lr = _clip_and_step(run, scaler)
+        if defer:
+            read = step_metrics.read_later([loss_sum, grad_norm.double()])
+            queued = QueuedStep(step=run.step + 1, epoch=run.epoch, started=started, lr=lr, local_tokens=local_tokens,
+                                input_tokens=input_tokens, step_metrics=step_metrics, read=read)
+            end_step(run)
+            return queued
         # the step's one sync, which reads the objective's metric sums too
         loss_sum, grad_norm = step_metrics.read_with([loss_sum, grad_norm.double()])
     else:
         loss_sum, = step_metrics.read_with([loss_sum])
 
+    loss, tokens, input_tokens = reduce_and_check(run, loss_sum, local_tokens, input_tokens, step=run.step + 1)
+    if not skip_on_device:
+        grad_norm, lr = _clip_and_step(run, scaler)
+    end_step(run)
+    return step_record(run, step=run.step, epoch=run.epoch, loss=loss, step_metrics=step_metrics, lr=lr,
+                       grad_norm=grad_norm, tokens=tokens, input_tokens=input_tokens,
+                       elapsed=time.perf_counter() - started)
+
+
+@dataclass
+class QueuedStep:
+    """A step whose update is queued and whose values the host has not read yet
+    (:func:`train_step` with ``defer``; read by :func:`read_queued_step`)."""
+
+    step: int  #: its number: ``run.step`` once it is done
+    epoch: int
+    started: float  #: ``time.perf_counter()`` at its start
+    lr: float
+    local_tokens: int
+    input_tokens: int
+    step_metrics: MetricSums
+    read: Any  #: :meth:`MetricSums.read_later`'s answer: loss sum and grad norm, then the metric sums
+    #: whether :func:`read_queued_step` has begun reading it (it is read once, even when that read raises)
+    taken: bool = False
+
+
+def read_queued_step(run: Run, queued: QueuedStep, ended: float | None = None) -> dict:
+    """The metrics of a step :func:`train_step` left queued, read now: the loss
+    check (NaN, ``loss_watchdog_threshold``) runs here and may stop the run with
+    the queued step's number. ``ended``: when the next step started (its
+    ``tokens_per_s`` is then over the time from its start to the next step's
+    start, the host's time for it; the device ran the two back to back), else
+    now (a step read at a boundary: eval, save, the end, as the eager read)."""
+    queued.taken = True
+    loss_sum, grad_norm = queued.step_metrics.read(queued.read)
+    loss, tokens, input_tokens = reduce_and_check(run, loss_sum, queued.local_tokens, queued.input_tokens,
+                                                  step=queued.step)
+    ended = time.perf_counter() if ended is None else ended
+    return step_record(run, step=queued.step, epoch=queued.epoch, loss=loss, step_metrics=queued.step_metrics,
+                       lr=queued.lr, grad_norm=grad_norm, tokens=tokens, input_tokens=input_tokens,
+                       elapsed=ended - queued.started)
+
+
+def reduce_and_check(run: Run, loss_sum: float, local_tokens: int, input_tokens: int, *, step: int):
+    """A step's read loss sum and token counts summed over the ranks, the stop
+    vote of ``save_on_signals`` agreed, and the loss checked
+    (:func:`check_loss`; ``step`` names the step); ``(loss, tokens, input_tokens)``."""
     # a stop signal on any rank stops every rank after this step (save_on_signals); agreed in the step's one reduce
     signals = run.signals
     stop_votes = 1.0 if signals is not None and signals.received else 0.0
@@ -627,14 +732,21 @@ def train_step(run: Run, window, batches: list | None = None, before_last_backwa
     loss_sum, tokens = loss_sum / token_replicas(run), tokens / token_replicas(run)
     input_tokens /= data_replicas(run)
     loss = loss_sum / max(tokens, 1)
-    check_loss(run, loss)
-    if not skip_on_device:
-        grad_norm, lr = _clip_and_step(run, scaler)
+    check_loss(run, loss, step=step)
+    return loss, tokens, input_tokens
+
+
+def end_step(run: Run) -> None:
+    """After a step's update is queued: the schedule moves on, gradients go, the step counts."""
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    elapsed = time.perf_counter() - started
-    return {"step": run.step, "epoch": run.epoch, "loss": loss, **step_metrics.means(), "lr": lr,
+
+
+def step_record(run: Run, *, step: int, epoch: int, loss: float, step_metrics: MetricSums, lr: float, grad_norm,
+                tokens: float, input_tokens: float, elapsed: float) -> dict:
+    """The metrics of a step as the loop logs them (``metrics.jsonl``, ``on_step_end``), in this key order."""
+    return {"step": step, "epoch": epoch, "loss": loss, **step_metrics.means(), "lr": lr,
             "grad_norm": float(grad_norm), run.objective.unit: int(round(tokens)),
             "input_tokens": int(round(input_tokens)), "tokens_per_s": input_tokens / elapsed if elapsed > 0 else 0.0}
 
@@ -670,6 +782,13 @@ def checks_loss_on_device(run: Run, scaler) -> bool:
     opt = run.optimizer
     return (not several and run.mesh is None and scaler is None
             and type(opt) in (torch.optim.Adam, torch.optim.AdamW) and bool(opt.defaults.get("fused")))
+
+
+def reads_step_late(run: Run) -> bool:
+    """Whether the loop reads each step's values during the next step
+    (``defer_step_read``): only where the loss check runs on the device
+    (:func:`checks_loss_on_device`), so the update waits for no read."""
+    return bool(run.cfg.defer_step_read) and checks_loss_on_device(run, run.grad_scaler)
 
 
 def flag_bad_loss(optimizer, loss_sum, tokens: int, threshold) -> None:
@@ -783,10 +902,11 @@ def watchdog_threshold_now(run: Run):
     return None
 
 
-def check_loss(run: Run, loss: float) -> None:
+def check_loss(run: Run, loss: float, *, step: int) -> None:
     """Stop on a NaN/inf loss before it reaches the weights, or when the loss
     has exceeded ``loss_watchdog_threshold`` on ``loss_watchdog_patience``
-    steps in a row (the last of them is not applied)."""
+    steps in a row (the last of them is not applied). ``step``: the number of
+    the step whose loss this is (messages name it)."""
     cfg = run.cfg
     over = math.isfinite(loss) and cfg.loss_watchdog_threshold and loss > cfg.loss_watchdog_threshold
     if math.isfinite(loss) and not over:
@@ -797,7 +917,7 @@ def check_loss(run: Run, loss: float) -> None:
         patience = watchdog_patience(cfg)
         if run.high_loss_steps < patience:
             log(run, f"warning: loss {loss:.4g} exceeds loss_watchdog_threshold {cfg.loss_watchdog_threshold} at "
-                     f"step {run.step + 1} ({run.high_loss_steps} of {patience} steps in a row, "
+                     f"step {step} ({run.high_loss_steps} of {patience} steps in a row, "
                      f"loss_watchdog_patience)")
             return
     what = f"loss is {loss}" if not math.isfinite(loss) else \
@@ -805,7 +925,7 @@ def check_loss(run: Run, loss: float) -> None:
          f"({watchdog_patience(cfg)} steps in a row, loss_watchdog_patience)")
     precision = "fp16: true" if cfg.fp16 else f"bf16: {cfg.bf16}"
     raise TrainingError(
-        f"{what} at step {run.step + 1}; the weights were not updated. Try a lower learning_rate "
+        f"{what} at step {step}; the weights were not updated. Try a lower learning_rate "
         f"(now {cfg.learning_rate}), max_grad_norm (now {cfg.max_grad_norm}), or other precision ({precision}; "
         f"bf16 is steadier than fp16), and check the data for empty or broken rows."
     )
