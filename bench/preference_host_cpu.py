@@ -16,7 +16,15 @@ step's wall time is mostly host time, and counts per step:
   tensor: a device sync each on a GPU; on the CPU also reads of host tensors,
   which are no sync there; ``.tolist()`` is not counted), less those of the
   CPU's fused AdamW;
-* **wall ms** per step without the profiler (median of ``--steps``).
+* **wall ms** per step without the profiler (median of ``--steps``);
+* **idle window**: from the end of the loop's read of a step's values (its
+  one sync on a GPU; ``MetricSums.read_with``/``read``, marked for the profiler
+  here) that comes after the step's update, to the next step's first forward
+  op: on a GPU the device has nothing queued then. A step read during the next
+  one (``defer_step_read``) has no read there, and the script counts those steps;
+* **after the update**: from the end of the update (fused AdamW) to the next
+  forward, the host's work between steps, read or not (which the device
+  overlaps with its queue when no read waits in it).
 
 Cases: ``dpo`` (LoRA, reference = adapter off), ``sft`` (the chosen
 conversations as chat rows, the same LoRA). ``--top N`` prints the N most
@@ -48,6 +56,28 @@ NO_LAUNCH = {"aten::" + name for name in (
 #: a read of a tensor's value on the host (``.item()``, ``bool()``, ``int()``, ``if tensor``): one device sync each
 READ_OP = "aten::_local_scalar_dense"
 SYNC_OPS = {READ_OP}
+#: the profiler's name for the loop's read of a step's values (``.tolist()``, which no aten op shows)
+STEP_READ = "plait.step_read"
+
+
+def mark_step_reads():
+    """Mark the loop's reads of a step's values (:class:`MetricSums`' read_with
+    and read) for the profiler; returns a function that takes the marks off."""
+    import torch
+
+    from plait.train.metric_sums import MetricSums
+
+    originals = {name: getattr(MetricSums, name) for name in ("read_with", "read")}
+
+    def marked(method):
+        def read(self, *args, **kwargs):
+            with torch.profiler.record_function(STEP_READ):
+                return method(self, *args, **kwargs)
+        return read
+
+    for name, method in originals.items():
+        setattr(MetricSums, name, marked(method))
+    return lambda: [setattr(MetricSums, name, method) for name, method in originals.items()]
 
 
 def prepare(work: Path, args) -> tuple[Path, Path, Path]:
@@ -129,10 +159,13 @@ def run_case(case: str, work: Path, model: Path, pairs: Path, chats: Path, args)
                                               "plait_kernels.plugin", "plait_preference.plugin"],
                               entry_points=False, extra=[Measure()])
     cfg = build_config(pm, raw, {k: "file" for k in raw})
+    unmark = mark_step_reads()
     try:
         train(cfg, pm)
     except _Finished:
         pass
+    finally:
+        unmark()
     result = {"case": case, "wall_ms": statistics.median(times) * 1e3, "losses": state["losses"],
               "metrics": state["metrics"]}
     result.update(count_ops(state["profiler"], args.profiled, args.top))
@@ -170,20 +203,27 @@ def count_ops(prof, steps: int, top: int) -> dict:
         leaf = not any(c.name.startswith("aten::") for c in e.cpu_children)
         if leaf and e.name not in NO_LAUNCH:
             launches[e.name] += 1
-    # the window the device sits idle in: from the step's last host read (the loop's one sync, then the
-    # metrics) to the first op of the next step's forward (its embedding lookup)
-    gaps, last_read, after_optimizer = [], None, False
-    marks = SYNC_OPS | {"aten::embedding"}
-    for e in sorted((e for e in events if e.thread == main and (e.name in marks or e.name.startswith("aten::_fused_adam"))),
+    # the window the device sits idle in: from the loop's read of the step's values after its update (the
+    # step's one sync) to the first op of the next step's forward (its embedding lookup); and the host's time
+    # from the update to that forward, with or without a read in it
+    gaps, after_update, unread, update_end, read_end = [], [], 0, None, None
+    marked = [e for e in prof.events() if e.name == STEP_READ]
+    for e in sorted([e for e in events if e.thread == main and (e.name == "aten::embedding"
+                                                                or e.name.startswith("aten::_fused_adam"))] + marked,
                     key=lambda e: e.time_range.start):
         if e.name.startswith("aten::_fused_adam"):
-            after_optimizer = True
-        elif e.name in SYNC_OPS and after_optimizer:
-            last_read = e.time_range.end
-        elif e.name == "aten::embedding" and last_read is not None:
-            gaps.append(e.time_range.start - last_read)
-            last_read, after_optimizer = None, False
-    out = {"idle_window_ms": sum(gaps) / len(gaps) / 1e3 if gaps else None,
+            update_end, read_end = e.time_range.end, None
+        elif e.name == STEP_READ and update_end is not None:
+            read_end = e.time_range.end
+        elif e.name == "aten::embedding" and update_end is not None:
+            after_update.append(e.time_range.start - update_end)
+            if read_end is not None:
+                gaps.append(e.time_range.start - read_end)
+            else:
+                unread += 1
+            update_end = read_end = None
+    out = {"idle_window_ms": sum(gaps) / len(gaps) / 1e3 if gaps else None, "steps_without_read": unread,
+           "after_update_ms": sum(after_update) / len(after_update) / 1e3 if after_update else None,
            "launch_ops": sum(launches.values()) / steps, "aten_ops": by_thread[main] / steps,
            "collate_ops": sum(n for t, n in by_thread.items() if t != main) / steps, "syncs": syncs / steps}
     if top:
@@ -276,7 +316,10 @@ def main() -> int:
     for r in results:
         print(f"{r['case']}: {r['launch_ops']:.0f} launch ops/step, {r['aten_ops']:.0f} aten ops, "
               f"{r['syncs']:.0f} host reads, {r['collate_ops']:.0f} collate-thread ops, {r['wall_ms']:.1f} ms/step, "
-              f"{r['idle_window_ms'] or 0:.2f} ms from the step's last read to the next forward; "
+              + (f"{r['idle_window_ms']:.2f} ms from the step's read to the next forward"
+                 if r["idle_window_ms"] is not None else "no read between the update and the next forward")
+              + (f" ({r['steps_without_read']} steps without one)" if r["steps_without_read"] else "")
+              + f", {r['after_update_ms'] or 0:.2f} ms from the update to the next forward; "
               f"losses {[round(x, 6) for x in r['losses']]}")
         for name, n in r.get("top_launch_ops", []):
             print(f"    {n:7.1f}  {name}")
