@@ -4,6 +4,8 @@ a resumed run continues bit for bit."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +15,10 @@ from plait import hookimpl
 from plait.errors import ConfigError
 from plait.testing import build_run_config, make_tiny_model
 from plait.train.lisa import chosen_layers
+
+# the loop tests' fused AdamW (pytest's importlib mode does not put tests/ on sys.path)
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_loop import FusedAdamW  # noqa: E402
 
 N_LAYERS = 4
 
@@ -58,23 +64,29 @@ def _keys(model, out, **extra):
             "learning_rate": 1e-3, "lisa_n_layers": 1, "lisa_step_interval": 2, "seed": 7, **extra}
 
 
-def test_only_the_chosen_layers_train_and_a_resumed_run_matches_bitwise(tiny_model, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused-read-late"])
+def test_only_the_chosen_layers_train_and_a_resumed_run_matches_bitwise(tiny_model, tmp_path, fused):
     """Each step changes exactly the layers chosen for its period (and the
     embeddings, head and final norm); resuming from step 3 (mid-period: its
     layers were chosen at step 2; the next period's layer never trained
-    before, so it has no optimizer state) ends with the same weights."""
-    from plait.train.loop import train
+    before, so it has no optimizer state) ends with the same weights. With
+    fused AdamW the loop reads each step during the next one
+    (defer_step_read): on_step_end still sees the weights the step left."""
+    from plait.train.loop import reads_step_late, train
 
     recorder = ChangedLayers()
-    cfg, pm = build_run_config(_keys(tiny_model, tmp_path / "whole", save_steps=3), plugins=[recorder])
+    optimizer = [FusedAdamW()] if fused else []
+    cfg, pm = build_run_config(_keys(tiny_model, tmp_path / "whole", save_steps=3), plugins=[recorder, *optimizer])
     reference = train(cfg, pm, data=SimpleNamespace(train=_rows(16), eval=None))
     expected = [chosen_layers(7, step // 2, N_LAYERS, 1) for step in range(5)]
     assert recorder.layers_per_step == expected
     assert all(recorder.others_changed)
     assert len({tuple(layers) for layers in expected}) > 1  # seed 7 moves the choice, so switching is exercised
 
+    assert reads_step_late(reference) is fused
     cfg, pm = build_run_config(_keys(tiny_model, tmp_path / "resumed",
-                                     resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3")))
+                                     resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3")),
+                               plugins=optimizer)
     resumed = train(cfg, pm, data=SimpleNamespace(train=_rows(16), eval=None))
     ours, theirs = dict(resumed.model.named_parameters()), dict(reference.model.named_parameters())
     assert [name for name in theirs if not torch.equal(ours[name], theirs[name])] == []
