@@ -673,7 +673,12 @@ def on_step_end(run: Run, metrics: dict[str, float]) -> None:
     metrics (:func:`build_objective`: ``rewards/margins``, ...).
     Return value ignored.
 
-    ``run`` is the loop's ``Run``. Core's default: ``plait.builtin.tracking``.
+    ``run`` is the loop's ``Run``, with ``run.step`` equal to ``metrics["step"]``
+    and the weights as that step left them. Where the loop reads a step's
+    values one step late (``defer_step_read``: one process, fused Adam/AdamW),
+    the call comes during the next step, after its backward pass and before
+    its update; before an evaluation, a checkpoint, a stop or the run's end it
+    comes before the next step starts. Core's default: ``plait.builtin.tracking``.
     """
 
 
