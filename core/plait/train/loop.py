@@ -39,6 +39,15 @@ printed and written to ``metrics.jsonl`` once per epoch
 (``sample_packing_efficiency``); ``input_tokens``/``tokens_per_s`` count real
 tokens only, from the rows' lengths, never pad slots.
 
+One process with torch's fused Adam/AdamW (and no fp16 scaler) checks each
+step's loss on the device (the optimizer's ``found_inf`` holds a NaN or
+watchdog step's update back) and reads the step's values on the host during
+the next step, once that step's backward pass is queued and before its update
+is (``defer_step_read``): the accelerator then always has work queued while
+the host logs and sets up. Steps before an evaluation, a save, a stop or an
+epoch's end are read before the next one starts; training is bitwise the
+same either way.
+
 Precision: weights come in the dtype ``load_model`` chose (``bf16``/``fp16``
 on a GPU); on a GPU the forward runs under autocast, fp16 keeps float32
 master weights and a ``GradScaler``. The CPU trains in the weights' dtype
