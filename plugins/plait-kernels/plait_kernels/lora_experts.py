@@ -136,22 +136,46 @@ class _RoutedRows(torch.autograd.Function):
 
 
 def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights,
-                                combine_kernel: bool = False):
+                                combine_kernel: bool = False, fold: bool = False):
     """transformers' grouped_mm experts forward (gated, no bias, no expert
     parallelism) with the LoRA term added per projection; ``adapters`` maps a
     parameter name to ``(wrapper, adapter name)``. ``combine_kernel``: weight
     and sum each token's rows with the Triton combine where it applies
-    (:func:`combine_kernel_applies`), else :func:`combine_reference`."""
+    (:func:`combine_kernel_applies`), else :func:`combine_reference`.
+    ``fold``: compute the rows with each LoRA term folded into its
+    projection's grouped GEMM where the module was folded at install
+    (:mod:`plait_kernels.lora_experts_fold`), else as below."""
     num_top_k = top_k_index.size(-1)
     routing_weights = top_k_weights.reshape(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    rows = _RoutedRows.apply(hidden_states, perm, inverse, num_top_k)
     # histc, as transformers does (bincount would sync); CPU histc needs floats
     counted = expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
     per_expert = torch.histc(counted, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
+    folded = _folded_weights(experts, adapters) if fold else None
+    if folded is not None:
+        from plait_kernels.lora_experts_fold import folded_routed_rows
+
+        out = folded_routed_rows(adapters, folded, hidden_states, perm, inverse, num_top_k, offsets)
+    else:
+        out = _unfolded_routed_rows(experts, adapters, hidden_states, perm, inverse, num_top_k, offsets)
+    if combine_kernel and combine_kernel_applies(out, routing_weights):
+        return _moe_combine()(out, routing_weights, inverse, num_top_k, hidden_states.dtype)
+    return combine_reference(out, routing_weights, perm, num_top_k, hidden_states.dtype)
+
+
+def _folded_weights(experts, adapters):
+    from plait_kernels.lora_experts_fold import fold_applies
+
+    return fold_applies(experts, adapters)
+
+
+def _unfolded_routed_rows(experts, adapters, hidden_states, perm, inverse, num_top_k, offsets):
+    """The down projection of every routed row (expert order): per projection
+    a base grouped matmul plus the LoRA term through its bottleneck."""
+    rows = _RoutedRows.apply(hidden_states, perm, inverse, num_top_k)
 
     def factors(name, weight):
         if name not in adapters:
@@ -163,10 +187,7 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     out = project(rows, gate_up, factors("gate_up_proj", gate_up), offsets, experts.is_transposed)
     out = experts._apply_gate(out)
     down = experts.down_proj
-    out = project(out, down, factors("down_proj", down), offsets, experts.is_transposed)
-    if combine_kernel and combine_kernel_applies(out, routing_weights):
-        return _moe_combine()(out, routing_weights, inverse, num_top_k, hidden_states.dtype)
-    return combine_reference(out, routing_weights, perm, num_top_k, hidden_states.dtype)
+    return project(out, down, factors("down_proj", down), offsets, experts.is_transposed)
 
 
 def combine_reference(rows, routing_weights, perm, top_k: int, out_dtype):
@@ -288,7 +309,8 @@ def _routed_forward(self, *args, **kwargs):
     if len(values) != 3:
         return type(self).forward(self, *args, **kwargs)
     return routed_lora_experts_forward(experts, adapters, *values,
-                                       combine_kernel=getattr(self, "_plait_moe_combine", False))
+                                       combine_kernel=getattr(self, "_plait_moe_combine", False),
+                                       fold=getattr(self, "_plait_fold", False))
 
 
 def outermost_expert_wrappers(model) -> list:
@@ -303,21 +325,44 @@ def outermost_expert_wrappers(model) -> list:
     return [w for w in wrappers if id(w) not in inner and w.parameter_name in EXPERT_PARAMETERS]
 
 
-def install_routed_lora_experts(model, combine_kernel: bool = False) -> list[str]:
+def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool = False) -> list[str]:
     """Give every outermost expert ``ParamWrapper`` of ``model`` that the
     routed path covers its forward; returns the class names of the experts
     modules it covers (:func:`left_to_peft` says why the others are not).
     ``combine_kernel``: end that forward with the Triton combine
-    (``moe_combine_kernel``), stored on each wrapper."""
+    (``moe_combine_kernel``), stored on each wrapper. ``fold``
+    (``lora_experts_fold``): move the frozen expert weights of each covered
+    module that can be folded into the folded path's buffers
+    (:func:`plait_kernels.lora_experts_fold.fold_experts`; :func:`not_folded`
+    says why any was not)."""
     covered = []
     for wrapper in outermost_expert_wrappers(model):
-        if routed_adapters(wrapper) is None:
+        found = routed_adapters(wrapper)
+        if found is None:
             continue
         # an instance attribute: the module tree, its names and state dict stay peft's
         wrapper.forward = _routed_forward.__get__(wrapper)
         wrapper._plait_moe_combine = bool(combine_kernel)
+        wrapper._plait_fold = bool(fold)
+        if fold:
+            from plait_kernels.lora_experts_fold import fold_experts
+
+            fold_experts(*found)
         covered.append(type(wrapper.get_base_layer()).__name__)
     return covered
+
+
+def not_folded(model) -> list[tuple[str, str]]:
+    """``(experts class, why)`` for each routed experts module whose LoRA
+    terms are not folded into its grouped GEMMs (``lora_experts_fold``)."""
+    from plait_kernels.lora_experts_fold import foldable
+
+    left = []
+    for wrapper in outermost_expert_wrappers(model):
+        found = routed_adapters(wrapper)
+        if found is not None and (why := foldable(*found)) is not None:
+            left.append((type(wrapper.get_base_layer()).__name__, why))
+    return left
 
 
 def left_to_peft(model) -> list[tuple[str, str]]:
