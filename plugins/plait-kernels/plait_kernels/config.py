@@ -53,6 +53,15 @@ class KernelsConfig(BaseModel):
                           "(float32 sums, exact against the PyTorch code up to the sum order), instead of a "
                           "[tokens * top_k, hidden] product, an index write and a sum. Off unless true; not yet timed "
                           "on a GPU. Runs on CUDA tensors only (elsewhere, and without Triton, the PyTorch code runs).")
+    lora_experts_fold: Optional[bool] = Field(
+        None, description="In the routed LoRA experts path (lora_experts_kernel), fold each projection's LoRA term "
+                          "into its grouped matmul: [x | s * x @ A_e.T] @ [W_e.T ; B_e.T] in one grouped GEMM (and "
+                          "the backward likewise), instead of a base matmul, a rank-r matmul and an add over the "
+                          "[tokens * top_k, out] output. The frozen expert weights move, once, into buffers with "
+                          "rank-r more columns (about r / hidden more memory for them); peft's LoRA parameters and "
+                          "saved adapters are unchanged. Gated SiLU experts with both projections adapted at one "
+                          "rank (others keep the unfolded path); works with moe_combine_kernel. Off unless true; "
+                          "not yet timed on a GPU.")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

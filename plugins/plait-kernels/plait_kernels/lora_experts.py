@@ -335,7 +335,7 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
     module that can be folded into the folded path's buffers
     (:func:`plait_kernels.lora_experts_fold.fold_experts`; :func:`not_folded`
     says why any was not)."""
-    covered = []
+    covered, moved_on_cuda = [], False
     for wrapper in outermost_expert_wrappers(model):
         found = routed_adapters(wrapper)
         if found is None:
@@ -347,8 +347,13 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
         if fold:
             from plait_kernels.lora_experts_fold import fold_experts
 
-            fold_experts(*found)
+            if fold_experts(*found) is not None and found[0].gate_up_proj.is_cuda:
+                moved_on_cuda = True
         covered.append(type(wrapper.get_base_layer()).__name__)
+    if fold and moved_on_cuda:
+        # each buffer is a little larger than the weights it replaced, so the caching allocator
+        # cannot reuse their freed blocks for the next buffer: hand them back to the device
+        torch.cuda.empty_cache()
     return covered
 
 

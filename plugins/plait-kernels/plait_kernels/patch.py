@@ -104,7 +104,8 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
     """Apply the backends in ``chosen`` to ``model`` in place; return what changed.
     ``experts``: give peft's LoRA on fused MoE experts the routed path
     (:func:`plait_kernels.lora_experts.install_routed_lora_experts`), ending in
-    the Triton combine when ``cfg.moe_combine_kernel`` is true."""
+    the Triton combine when ``cfg.moe_combine_kernel`` is true, with the LoRA
+    terms folded into the grouped matmuls when ``cfg.lora_experts_fold`` is."""
     targets = find_targets(cfg, model)
     norm_class, offset, mlp_class, activation = (targets.norm_class, targets.norm_offset, targets.mlp_class,
                                                  targets.activation)
@@ -157,15 +158,21 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
         report[("LayerNorm", "liger layer_norm" if swapped else "none in this model: liger_layer_norm changes "
                                                                   "nothing")] = swapped or 1
     if experts:
-        from plait_kernels.lora_experts import install_routed_lora_experts, left_to_peft
+        from plait_kernels.lora_experts import install_routed_lora_experts, left_to_peft, not_folded
 
         combine = bool(getattr(cfg, "moe_combine_kernel", None))
+        fold = bool(getattr(cfg, "lora_experts_fold", None))
         label = "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"
         if combine:
             label += " + plait triton moe_combine (on CUDA tensors)"
+        unfolded = not_folded(model) if fold else []  # asked before folding: why a module would stay unfolded
+        folded_label = label.replace("grouped matmuls)", "LoRA folded into the grouped matmuls)")
         # before compiling: the compiled layers trace the routed forward
-        for kind in install_routed_lora_experts(model, combine_kernel=combine):
-            report[(kind, label)] += 1
+        for kind in install_routed_lora_experts(model, combine_kernel=combine, fold=fold):
+            report[(kind, folded_label if fold else label)] += 1
+        for kind, why in unfolded:
+            report[(kind, folded_label)] -= 1
+            report[(kind, f"{label}, LoRA not folded: {why}")] += 1
         for kind, why in left_to_peft(model):
             report[(kind, f"peft's LoRA experts, not lora_experts_kernel: {why}")] += 1
     if cfg.torch_compile:
@@ -175,7 +182,7 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
         if compiled:
             label = f"torch.compile ({compile_backend}{', ' + mode if mode else ''}), per layer"
             report[(targets.layer_class, label)] = compiled
-    summary = {f"{kind} x{count}": kernel for (kind, kernel), count in report.items()}
+    summary = {f"{kind} x{count}": kernel for (kind, kernel), count in report.items() if count}
     for what, kernel in summary.items():
         log.debug("plait-kernels: %s -> %s", what, kernel)  # the loop prints the returned report
     return summary

@@ -89,6 +89,13 @@ def check_config(cfg) -> None:
         raise ConfigError(f"config key 'moe_combine_kernel': true ends the routed LoRA experts path with a Triton "
                           f"kernel, but {why} (that path is not installed); set plait_kernels: auto and leave "
                           f"lora_experts_kernel unset or true, or remove moe_combine_kernel")
+    if getattr(cfg, "lora_experts_fold", None) and (cfg.plait_kernels == "off"
+                                                    or getattr(cfg, "lora_experts_kernel", None) is False):
+        why = "plait_kernels is 'off'" if cfg.plait_kernels == "off" else "lora_experts_kernel is false"
+        raise ConfigError(f"config key 'lora_experts_fold': true folds the LoRA terms of the routed LoRA experts "
+                          f"path into its grouped matmuls, but {why} (that path is not installed); set "
+                          f"plait_kernels: auto and leave lora_experts_kernel unset or true, or remove "
+                          f"lora_experts_fold")
     if (liger_keys or cfg.plait_kernels == "liger") and not liger_installed():
         key = liger_keys[0] if liger_keys else "plait_kernels"
         raise ConfigError(

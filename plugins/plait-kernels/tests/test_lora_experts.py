@@ -14,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plait_kernels import lora_experts
+import copy
+
+from plait_kernels import lora_experts, lora_experts_fold
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -216,10 +218,13 @@ def test_in_bf16_the_routed_path_is_closer_to_float32_than_peft():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (torch's grouped GEMM on CUDA)")
-def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_at_least_as_well_as_peft():
+@pytest.mark.parametrize("fold", [False, True])
+def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_at_least_as_well_as_peft(fold):
     """The same check as above on CUDA, where ``_grouped_mm`` runs its own
     kernels, and for the gradients too: every LoRA gradient of the routed path
-    is within 5% (of its largest entry) of the float32 model's."""
+    is within 5% (of its largest entry) of the float32 model's. ``fold``: the
+    folded path (``lora_experts_fold``), whose transposed operands and
+    row-contracting weight-gradient GEMMs only CUDA's grouped GEMM checks here."""
     import copy
 
     model = with_lora(tiny_qwen3_moe().to(torch.bfloat16), r=8).cuda()
@@ -230,7 +235,8 @@ def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_at_least_as_well_as_
     exact_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
     peft_error = (model(input_ids=ids).logits.float() - exact).abs().max()
 
-    assert lora_experts.install_routed_lora_experts(model) == ["Qwen3MoeExperts"] * 2
+    assert lora_experts.install_routed_lora_experts(model, fold=fold) == ["Qwen3MoeExperts"] * 2
+    assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) == fold for m in experts_modules(model))
     routed_error = (model(input_ids=ids).logits.float() - exact).abs().max()
     assert routed_error <= peft_error, (routed_error, peft_error)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -304,3 +310,205 @@ def test_moe_combine_kernel_key_reaches_the_routed_forward_and_needs_that_path()
         build_run_config({"base_model": "m", "lora_experts_kernel": False, "moe_combine_kernel": True})
     with pytest.raises(ConfigError, match=r"'moe_combine_kernel': true .* plait_kernels is 'off'"):
         build_run_config({"base_model": "m", "plait_kernels": "off", "moe_combine_kernel": True})
+
+
+# ---------------------------------------------------------------------------
+# The folded path (plait_kernels.lora_experts_fold, ``lora_experts_fold: true``):
+# each projection as ``[x | s x A^T] @ [W^T ; B^T]``, in float32 the same
+# products summed in another order, so logits agree with peft's to 1e-5
+# absolute and every LoRA gradient to 1e-5 of its largest entry (measured:
+# below 1e-6). Rank 4 in float32 fills the 16-byte rows exactly; rank 2 is
+# padded with zero columns to 4, which must change nothing.
+
+
+def experts_modules(model):
+    return [m for m in model.modules() if type(m).__name__ == "Qwen3MoeExperts"]
+
+
+def count_fold_calls(monkeypatch, name):
+    calls = []
+    original = getattr(lora_experts_fold, name)
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(lora_experts_fold, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("rank", [4, 2])
+def test_folded_path_equals_peft_with_no_gradient_for_the_frozen_weights(rank, monkeypatch):
+    model = with_lora(tiny_qwen3_moe(), r=rank)
+    peft_logits, peft_grads = logits_and_grads(model)
+
+    assert lora_experts.install_routed_lora_experts(model, fold=True) == ["Qwen3MoeExperts"] * 2
+    assert lora_experts.not_folded(model) == []
+    folded = count_calls(monkeypatch, "_unfolded_routed_rows")
+    loops = count_calls(monkeypatch, "grouped_matmul_reference")
+    weight_grads = count_fold_calls(monkeypatch, "_grouped_over_rows")
+    logits, grads = logits_and_grads(model)
+
+    assert folded == []  # both layers took the folded path
+    assert loops == []  # every grouped matmul, padded rank included, ran torch's grouped GEMM
+    assert torch.allclose(logits, peft_logits, atol=1e-5, rtol=0)
+    assert len([n for n in grads if ".experts." in n]) == 2 * 2 * 2
+    for name, grad in grads.items():
+        scale = peft_grads[name].abs().max()
+        assert scale > 0, name
+        assert (grad - peft_grads[name]).abs().max() <= 1e-5 * scale, name
+    frozen = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))]
+    assert len(frozen) == 4 and all(p.grad is None and not p.requires_grad for p in frozen)
+    # the weight-gradient GEMMs are dA and dB of both projections, each rank-sized (padded to 4): none for W
+    padded = 4
+    assert len(weight_grads) == 2 * 4 and all(padded in shape[1:] for shape in weight_grads), weight_grads
+
+
+def test_the_buffers_replace_the_weights_and_hold_the_current_factors():
+    model = with_lora(tiny_qwen3_moe(), r=2)
+    experts = experts_modules(model)[0]
+    before = {name: getattr(experts, name).detach().clone() for name in ("gate_up_proj", "down_proj")}
+    lora_experts.install_routed_lora_experts(model, fold=True)
+    folded = getattr(experts, lora_experts_fold.FOLDED_ATTRIBUTE)
+    num_experts, two_i, hidden = before["gate_up_proj"].shape
+    inter, padded = before["down_proj"].shape[-1], folded.padded
+    # the weights are views of the buffers: same values, and the buffers add only the rank columns
+    assert experts.gate_up_proj.data_ptr() == folded.gate_up.data_ptr()
+    assert experts.down_proj.data_ptr() == folded.down.data_ptr()
+    assert torch.equal(experts.gate_up_proj, before["gate_up_proj"])
+    assert torch.equal(experts.down_proj, before["down_proj"])
+    assert folded.gate_up.shape == (num_experts, two_i + padded, hidden + padded)
+    assert folded.down.shape == (num_experts, hidden, inter + padded)
+    model(input_ids=IDS)  # the forward copies peft's factors in
+    wrapper = lora_experts.outermost_expert_wrappers(model)[0]  # down_proj's (peft nests gate_up_proj's inside)
+    a, b, _ = lora_experts.lora_factors(wrapper, "default", torch.float32)  # [E, in, r], [E, r, out]
+    assert torch.equal(folded.down_a[:, :2], a.transpose(1, 2))
+    assert torch.equal(folded.down[:, :, inter:inter + 2], b.transpose(1, 2))
+    assert not folded.down[:, :, inter + 2:].any() and not folded.down_a[:, 2:].any()  # padding stays zero
+
+
+def test_in_bf16_the_folded_path_is_as_close_to_float32_as_the_unfolded_one():
+    """One GEMM accumulates the base and LoRA terms in float32 and rounds once;
+    the unfolded path rounds both to bf16 and adds them. Against the same
+    weights in float32, the folded logits are no further off (with a little
+    slack for bf16's rounding of the gated activations)."""
+    model = with_lora(tiny_qwen3_moe().to(torch.bfloat16), r=8)
+    exact = copy.deepcopy(model).float()(input_ids=IDS).logits.detach()
+    unfolded = copy.deepcopy(model)
+    lora_experts.install_routed_lora_experts(unfolded)
+    unfolded_error = (unfolded(input_ids=IDS).logits.float() - exact).abs().max()
+    lora_experts.install_routed_lora_experts(model, fold=True)
+    assert lora_experts.not_folded(model) == []
+    folded_error = (model(input_ids=IDS).logits.float() - exact).abs().max()
+    assert folded_error <= 1.25 * unfolded_error, (folded_error, unfolded_error)
+    assert folded_error < 0.05 * exact.abs().max()
+
+
+def test_training_folded_saves_an_adapter_that_reloads_and_merges_in_plain_peft(tmp_path):
+    from peft import PeftModel
+
+    model = with_lora(tiny_qwen3_moe())
+    lora_experts.install_routed_lora_experts(model, fold=True)
+    unfolded = with_lora(tiny_qwen3_moe())
+    lora_experts.install_routed_lora_experts(unfolded)
+    losses, weights = train_steps(model, steps=6)
+    unfolded_losses, unfolded_weights = train_steps(unfolded, steps=6)
+    assert losses[-1] < losses[0] - 0.1, losses
+    # AdamW steps on the folded gradients land in peft's parameters, as the unfolded path's do
+    assert torch.allclose(torch.tensor(losses), torch.tensor(unfolded_losses), atol=1e-5, rtol=0)
+    for name, weight in weights.items():
+        assert (weight - unfolded_weights[name]).abs().max() <= 1e-4 * weight.abs().max(), name
+    model.save_pretrained(tmp_path / "adapter")
+    trained = model(input_ids=IDS).logits.detach()
+
+    reloaded = PeftModel.from_pretrained(tiny_qwen3_moe(), tmp_path / "adapter")  # same seed: same base
+    assert torch.allclose(reloaded(input_ids=IDS).logits, trained, atol=1e-5, rtol=0)
+    merged = reloaded.merge_and_unload()  # what `plait merge-lora` does: base + adapter
+    assert torch.allclose(merged(input_ids=IDS).logits, trained, atol=1e-5, rtol=0)
+    # merging the trained model in place writes W + delta into the buffers' views
+    assert torch.allclose(model.merge_and_unload()(input_ids=IDS).logits, trained, atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_the_folded_layer_exactly(monkeypatch):
+    """The recompute writes the same factors into the buffers again: the
+    gradients are the same bits as without checkpointing."""
+    model = with_lora(tiny_qwen3_moe())
+    lora_experts.install_routed_lora_experts(model, fold=True)
+    _, grads = logits_and_grads(model)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    forwards = count_calls(monkeypatch, "_folded_weights")
+    _, recomputed = logits_and_grads(model)
+    assert len(forwards) == 2 * 2  # each layer's experts ran again in the backward
+    for name, grad in grads.items():
+        assert torch.equal(recomputed[name], grad), name
+
+
+def test_weights_replaced_after_folding_take_the_unfolded_path(monkeypatch):
+    model = with_lora(tiny_qwen3_moe())
+    lora_experts.install_routed_lora_experts(model, fold=True)
+    folded_logits, _ = logits_and_grads(model)
+    for experts in experts_modules(model):
+        experts.gate_up_proj.data = experts.gate_up_proj.data.clone()  # no longer the buffer's view
+    unfolded = count_calls(monkeypatch, "_unfolded_routed_rows")
+    logits, _ = logits_and_grads(model)
+    assert len(unfolded) == 2
+    assert torch.allclose(logits, folded_logits, atol=1e-5, rtol=0)
+
+
+def test_fold_with_the_triton_combine_trains_as_the_unfolded_path(monkeypatch):
+    """``lora_experts_fold`` with ``moe_combine_kernel`` (the combine
+    interpreted on the CPU): two AdamW steps give the unfolded path's losses
+    and LoRA weights."""
+    pytest.importorskip("triton")
+    from plait_kernels.ops import moe_combine as combine_op
+
+    plain = with_lora(tiny_qwen3_moe())
+    both = copy.deepcopy(plain)
+    lora_experts.install_routed_lora_experts(plain)
+    lora_experts.install_routed_lora_experts(both, combine_kernel=True, fold=True)
+    launches = []
+    original = combine_op.moe_combine_forward
+    monkeypatch.setattr(combine_op, "moe_combine_forward", lambda *a, **k: launches.append(1) or original(*a, **k))
+    plain_losses, plain_weights = train_steps(plain)
+    assert launches == []
+    unfolded = count_calls(monkeypatch, "_unfolded_routed_rows")
+    losses, weights = train_steps(both)
+    assert (len(launches), unfolded) == (2 * 2, [])
+    assert torch.allclose(torch.tensor(losses), torch.tensor(plain_losses), atol=1e-5, rtol=0)
+    for name, weight in weights.items():
+        assert (weight - plain_weights[name]).abs().max() <= 1e-4 * plain_weights[name].abs().max(), name
+
+
+def test_lora_experts_fold_key_folds_reports_and_needs_the_routed_path():
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
+
+    from plait_kernels.plugin import patch_model
+
+    cfg, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "lora_experts_fold": True,
+                               "moe_combine_kernel": True})
+    model = with_lora(tiny_qwen3_moe())
+    assert patch_model(cfg=cfg, model=model) == {
+        "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, LoRA folded into the grouped "
+                              "matmuls) + plait triton moe_combine (on CUDA tensors)"}
+    wrappers = lora_experts.outermost_expert_wrappers(model)
+    assert all(w._plait_fold and w._plait_moe_combine for w in wrappers)
+    assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(model))
+
+    only_down = with_lora(tiny_qwen3_moe(), targets=["mlp.experts.down_proj"])
+    assert patch_model(cfg=cfg, model=only_down) == {
+        "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls) + plait triton "
+                              "moe_combine (on CUDA tensors), LoRA not folded: only one of gate_up_proj and "
+                              "down_proj is adapted"}
+    assert not any(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(only_down))
+
+    default, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
+    unasked = with_lora(tiny_qwen3_moe())
+    patch_model(cfg=default, model=unasked)  # off unless true
+    assert not any(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(unasked))
+    with pytest.raises(ConfigError, match=r"'lora_experts_fold': true .* lora_experts_kernel is false"):
+        build_run_config({"base_model": "m", "lora_experts_kernel": False, "lora_experts_fold": True})
+    with pytest.raises(ConfigError, match=r"'lora_experts_fold': true .* plait_kernels is 'off'"):
+        build_run_config({"base_model": "m", "plait_kernels": "off", "lora_experts_fold": True})
