@@ -158,7 +158,8 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     if folded is not None:
         from plait_kernels.lora_experts_fold import folded_routed_rows
 
-        out = folded_routed_rows(adapters, folded, hidden_states, perm, inverse, num_top_k, offsets)
+        out = folded_routed_rows(adapters, folded, hidden_states, perm, inverse, num_top_k, offsets,
+                                 combine_kernel=combine_kernel)
     else:
         out = _unfolded_routed_rows(experts, adapters, hidden_states, perm, inverse, num_top_k, offsets)
     if combine_kernel and combine_kernel_applies(out, routing_weights):

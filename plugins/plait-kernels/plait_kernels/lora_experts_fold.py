@@ -189,7 +189,7 @@ class FoldedExperts(torch.autograd.Function):
     ``[T * k, H]`` in expert order (the combine weights and sums them)."""
 
     @staticmethod
-    def forward(ctx, hidden, perm, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded):
+    def forward(ctx, hidden, perm, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded, combine_kernel):
         buffers = folded
         dtype = buffers.gate_up.dtype
         buffers.load_factors(a1, b1, a2, b2)  # copy_ casts to the buffers' dtype
@@ -212,7 +212,7 @@ class FoldedExperts(torch.autograd.Function):
         torch.mul(xa2, s2, out=x2[:, inter:])
         out = _grouped(x2, buffers.down.transpose(1, 2), offsets)  # [rows, H]
         ctx.save_for_backward(x1, y1, silu_gate, x2, inverse, offsets)
-        ctx.folded, ctx.top_k, ctx.scalings = buffers, top_k, (s1, s2)
+        ctx.folded, ctx.top_k, ctx.scalings, ctx.combine_kernel = buffers, top_k, (s1, s2), combine_kernel
         ctx.dtypes = (hidden.dtype, a1.dtype, b1.dtype, a2.dtype, b2.dtype)
         return out
 
@@ -247,8 +247,7 @@ class FoldedExperts(torch.autograd.Function):
         d_b1 = _grouped_over_rows(x1[:, hidden_size:].t(), dy1[:, :two_i], offsets)  # [E, p, 2I]
         d_a1 = _grouped_over_rows(x1[:, :hidden_size].t(), dy1[:, two_i:], offsets)  # [E, H, p]
 
-        # each token's k rows back in (token, k) order, summed (as _RoutedRows)
-        d_hidden = dx1[inverse].view(-1, ctx.top_k, hidden_size).sum(dim=1).to(hidden_dtype)
+        d_hidden = _sum_token_rows(dx1, inverse, ctx.top_k, hidden_dtype, ctx.combine_kernel)
 
         def a_grad(d_a, dtype):  # [E, in, p] -> peft's lora_A.weight [E * r, in]
             return d_a[:, :, :r].transpose(1, 2).reshape(num_experts * r, -1).to(dtype)
@@ -257,13 +256,29 @@ class FoldedExperts(torch.autograd.Function):
             return d_b[:, :r].permute(2, 1, 0).reshape(d_b.shape[-1], r * num_experts).to(dtype)
 
         return (d_hidden, None, None, None, None, a_grad(d_a1, a1_dtype), b_grad(d_b1, b1_dtype),
-                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None)
+                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None)
 
 
-def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, perm, inverse, top_k: int, offsets):
+def _sum_token_rows(rows, inverse, top_k: int, dtype, combine_kernel: bool):
+    """Each token's ``k`` rows (expert order) summed: the gradient of the gather.
+    With ``combine_kernel`` where it applies, the Triton combine with unit
+    weights (one read of the rows, float32 sums); else, as ``_RoutedRows``, the
+    rows put back in (token, k) order and summed (float32 accumulation)."""
+    if combine_kernel:
+        ones = torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device)
+        if lora_experts.combine_kernel_applies(rows, ones):
+            from plait_kernels.ops.moe_combine import moe_combine_forward
+
+            return moe_combine_forward(rows, ones, inverse, top_k, dtype)
+    return rows[inverse].view(-1, top_k, rows.shape[-1]).sum(dim=1).to(dtype)
+
+
+def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, perm, inverse, top_k: int, offsets,
+                       combine_kernel: bool = False):
     """The down projection of every routed row (expert order) through
-    :class:`FoldedExperts`."""
+    :class:`FoldedExperts`; ``combine_kernel``: its backward sums each token's
+    row gradients with the Triton combine where it applies."""
     (w1, n1), (w2, n2) = adapters["gate_up_proj"], adapters["down_proj"]
     return FoldedExperts.apply(hidden_states, perm, inverse, top_k, offsets,
                                w1.lora_A[n1].weight, w1.lora_B[n1].weight, w2.lora_A[n2].weight,
-                               w2.lora_B[n2].weight, w1.scaling[n1], w2.scaling[n2], folded)
+                               w2.lora_B[n2].weight, w1.scaling[n1], w2.scaling[n2], folded, combine_kernel)
