@@ -242,12 +242,14 @@ class FoldedExperts(torch.autograd.Function):
         torch.ops.aten.silu_backward.grad_input(d_act * y1[:, inter:], y1[:, :inter], grad_input=dy1[:, :inter])
         dxa1 = _grouped(dy1[:, :two_i], buffers.gate_up[:, :two_i, hidden_size:], offsets)
         torch.mul(dxa1, s1, out=dy1[:, two_i:])
-        # gate/up: dx = [dy | s dy B1] @ [W1 ; A1] in one grouped GEMM
-        dx1 = _grouped(dy1, buffers.gate_up[:, :, :hidden_size], offsets)
         d_b1 = _grouped_over_rows(x1[:, hidden_size:].t(), dy1[:, :two_i], offsets)  # [E, p, 2I]
         d_a1 = _grouped_over_rows(x1[:, :hidden_size].t(), dy1[:, two_i:], offsets)  # [E, H, p]
 
-        d_hidden = _sum_token_rows(dx1, inverse, ctx.top_k, hidden_dtype, ctx.combine_kernel)
+        d_hidden = None
+        if ctx.needs_input_grad[0]:
+            # gate/up: dx = [dy | s dy B1] @ [W1 ; A1] in one grouped GEMM, then each token's k rows summed
+            dx1 = _grouped(dy1, buffers.gate_up[:, :, :hidden_size], offsets)
+            d_hidden = _sum_token_rows(dx1, inverse, ctx.top_k, hidden_dtype, ctx.combine_kernel)
 
         def a_grad(d_a, dtype):  # [E, in, p] -> peft's lora_A.weight [E * r, in]
             return d_a[:, :, :r].transpose(1, 2).reshape(num_experts * r, -1).to(dtype)
