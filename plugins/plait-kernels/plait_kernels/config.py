@@ -60,8 +60,9 @@ class KernelsConfig(BaseModel):
                           "[tokens * top_k, out] output. The frozen expert weights move, once, into buffers with "
                           "rank-r more columns (about r / hidden more memory for them); peft's LoRA parameters and "
                           "saved adapters are unchanged. Gated SiLU experts with both projections adapted at one "
-                          "rank (others keep the unfolded path); works with moe_combine_kernel. Off unless true; "
-                          "not yet timed on a GPU.")
+                          "rank (others keep the unfolded path); its SiLU gate is Plait's Triton GLU on CUDA "
+                          "(one pass each way, written into the folded operands) unless plait_kernels is torch; "
+                          "works with moe_combine_kernel. Off unless true; not yet timed on a GPU.")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

@@ -136,7 +136,7 @@ class _RoutedRows(torch.autograd.Function):
 
 
 def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights,
-                                combine_kernel: bool = False, fold: bool = False):
+                                combine_kernel: bool = False, fold: bool = False, triton_glu: bool = False):
     """transformers' grouped_mm experts forward (gated, no bias, no expert
     parallelism) with the LoRA term added per projection; ``adapters`` maps a
     parameter name to ``(wrapper, adapter name)``. ``combine_kernel``: weight
@@ -144,7 +144,8 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     (:func:`combine_kernel_applies`), else :func:`combine_reference`.
     ``fold``: compute the rows with each LoRA term folded into its
     projection's grouped GEMM where the module was folded at install
-    (:mod:`plait_kernels.lora_experts_fold`), else as below."""
+    (:mod:`plait_kernels.lora_experts_fold`; ``triton_glu``: its SiLU gate by
+    Plait's Triton GLU where that applies), else as below."""
     num_top_k = top_k_index.size(-1)
     routing_weights = top_k_weights.reshape(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -159,7 +160,7 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
         from plait_kernels.lora_experts_fold import folded_routed_rows
 
         out = folded_routed_rows(adapters, folded, hidden_states, perm, inverse, num_top_k, offsets,
-                                 combine_kernel=combine_kernel)
+                                 combine_kernel=combine_kernel, triton_glu=triton_glu)
     else:
         out = _unfolded_routed_rows(experts, adapters, hidden_states, perm, inverse, num_top_k, offsets)
     if combine_kernel and combine_kernel_applies(out, routing_weights):
@@ -311,7 +312,8 @@ def _routed_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     return routed_lora_experts_forward(experts, adapters, *values,
                                        combine_kernel=getattr(self, "_plait_moe_combine", False),
-                                       fold=getattr(self, "_plait_fold", False))
+                                       fold=getattr(self, "_plait_fold", False),
+                                       triton_glu=getattr(self, "_plait_triton_glu", False))
 
 
 def outermost_expert_wrappers(model) -> list:
@@ -326,7 +328,8 @@ def outermost_expert_wrappers(model) -> list:
     return [w for w in wrappers if id(w) not in inner and w.parameter_name in EXPERT_PARAMETERS]
 
 
-def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool = False) -> list[str]:
+def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool = False,
+                                triton_glu: bool = False) -> list[str]:
     """Give every outermost expert ``ParamWrapper`` of ``model`` that the
     routed path covers its forward; returns the class names of the experts
     modules it covers (:func:`left_to_peft` says why the others are not).
@@ -335,7 +338,8 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
     (``lora_experts_fold``): move the frozen expert weights of each covered
     module that can be folded into the folded path's buffers
     (:func:`plait_kernels.lora_experts_fold.fold_experts`; :func:`not_folded`
-    says why any was not)."""
+    says why any was not); ``triton_glu``: its SiLU gate by Plait's Triton GLU
+    where that applies (CUDA tensors)."""
     covered, moved_on_cuda = [], False
     for wrapper in outermost_expert_wrappers(model):
         found = routed_adapters(wrapper)
@@ -345,6 +349,7 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
         wrapper.forward = _routed_forward.__get__(wrapper)
         wrapper._plait_moe_combine = bool(combine_kernel)
         wrapper._plait_fold = bool(fold)
+        wrapper._plait_triton_glu = bool(triton_glu)
         if fold:
             from plait_kernels.lora_experts_fold import fold_experts
 

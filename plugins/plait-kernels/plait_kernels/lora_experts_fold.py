@@ -189,7 +189,8 @@ class FoldedExperts(torch.autograd.Function):
     ``[T * k, H]`` in expert order (the combine weights and sums them)."""
 
     @staticmethod
-    def forward(ctx, hidden, perm, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded, combine_kernel):
+    def forward(ctx, hidden, perm, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded, combine_kernel,
+                triton_glu):
         buffers = folded
         dtype = buffers.gate_up.dtype
         buffers.load_factors(a1, b1, a2, b2)  # copy_ casts to the buffers' dtype
@@ -205,9 +206,15 @@ class FoldedExperts(torch.autograd.Function):
         torch.mul(xa1, s1, out=x1[:, hidden_size:])
         y1 = _grouped(x1, buffers.gate_up[:, :two_i].transpose(1, 2), offsets)  # [rows, 2I]: gate | up
         gate, up = y1[:, :inter], y1[:, inter:]
-        silu_gate = torch.nn.functional.silu(gate)
         x2 = hidden.new_empty(rows, inter + p, dtype=dtype)
-        torch.mul(silu_gate, up, out=x2[:, :inter])  # the gate's output, written beside its bottleneck
+        # the gate's output, written beside its bottleneck
+        glu = _triton_glu() if triton_glu and _triton_glu_applies(y1) else None
+        if glu is not None:  # one pass; the backward recomputes silu(gate), so it is not kept
+            glu.glu_forward(gate, up, False, out=x2[:, :inter])
+            silu_gate = None
+        else:
+            silu_gate = torch.nn.functional.silu(gate)
+            torch.mul(silu_gate, up, out=x2[:, :inter])
         xa2 = _grouped(x2[:, :inter], buffers.down_a.transpose(1, 2), offsets)
         torch.mul(xa2, s2, out=x2[:, inter:])
         out = _grouped(x2, buffers.down.transpose(1, 2), offsets)  # [rows, H]
@@ -238,8 +245,12 @@ class FoldedExperts(torch.autograd.Function):
         # SiLU gate (as autograd: the product's two gradients, then SiLU's backward),
         # written into [d gate | d up | d(s xa1)], the operand of gate/up's folded backward
         dy1 = torch.empty(y1.shape[0], two_i + p, dtype=y1.dtype, device=y1.device)
-        torch.mul(d_act, silu_gate, out=dy1[:, inter:two_i])
-        torch.ops.aten.silu_backward.grad_input(d_act * y1[:, inter:], y1[:, :inter], grad_input=dy1[:, :inter])
+        if silu_gate is None:  # the Triton GLU's backward: one pass
+            _triton_glu().glu_backward(d_act, y1[:, :inter], y1[:, inter:], False,
+                                       out=(dy1[:, :inter], dy1[:, inter:two_i]))
+        else:
+            torch.mul(d_act, silu_gate, out=dy1[:, inter:two_i])
+            torch.ops.aten.silu_backward.grad_input(d_act * y1[:, inter:], y1[:, :inter], grad_input=dy1[:, :inter])
         dxa1 = _grouped(dy1[:, :two_i], buffers.gate_up[:, :two_i, hidden_size:], offsets)
         torch.mul(dxa1, s1, out=dy1[:, two_i:])
         d_b1 = _grouped_over_rows(x1[:, hidden_size:].t(), dy1[:, :two_i], offsets)  # [E, p, 2I]
@@ -258,7 +269,7 @@ class FoldedExperts(torch.autograd.Function):
             return d_b[:, :r].permute(2, 1, 0).reshape(d_b.shape[-1], r * num_experts).to(dtype)
 
         return (d_hidden, None, None, None, None, a_grad(d_a1, a1_dtype), b_grad(d_b1, b1_dtype),
-                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None)
+                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None, None)
 
 
 def _sum_token_rows(rows, inverse, top_k: int, dtype, combine_kernel: bool):
@@ -275,12 +286,39 @@ def _sum_token_rows(rows, inverse, top_k: int, dtype, combine_kernel: bool):
     return rows[inverse].view(-1, top_k, rows.shape[-1]).sum(dim=1).to(dtype)
 
 
+def _triton_glu():
+    """:mod:`plait_kernels.ops.glu`, or None without Triton."""
+    try:
+        from plait_kernels.ops import glu
+    except ImportError:
+        return None
+    return glu
+
+
+def _triton_glu_applies(rows) -> bool:
+    """Whether Plait's Triton GLU runs on these rows: CUDA tensors (or the CPU
+    under ``TRITON_INTERPRET=1``, the tests), a float dtype, and not inside
+    ``torch.compile`` (the folded path is not taken there anyway)."""
+    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return False
+    if rows.device.type != "cuda":
+        from plait_kernels.selection import interpreter_enabled
+
+        if rows.device.type != "cpu" or not interpreter_enabled():
+            return False
+    return _triton_glu() is not None
+
+
 def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, perm, inverse, top_k: int, offsets,
-                       combine_kernel: bool = False):
+                       combine_kernel: bool = False, triton_glu: bool = False):
     """The down projection of every routed row (expert order) through
-    :class:`FoldedExperts`; ``combine_kernel``: its backward sums each token's
-    row gradients with the Triton combine where it applies."""
+    :class:`FoldedExperts`. ``combine_kernel``: its backward sums each token's
+    row gradients with the Triton combine where it applies. ``triton_glu``:
+    the SiLU gate (forward and backward) by Plait's Triton GLU where it
+    applies (:func:`_triton_glu_applies`), one pass each way writing straight
+    into the folded operands, else PyTorch's ops."""
     (w1, n1), (w2, n2) = adapters["gate_up_proj"], adapters["down_proj"]
     return FoldedExperts.apply(hidden_states, perm, inverse, top_k, offsets,
                                w1.lora_A[n1].weight, w1.lora_B[n1].weight, w2.lora_A[n2].weight,
-                               w2.lora_B[n2].weight, w1.scaling[n1], w2.scaling[n2], folded, combine_kernel)
+                               w2.lora_B[n2].weight, w1.scaling[n1], w2.scaling[n2], folded, combine_kernel,
+                               triton_glu)

@@ -162,13 +162,17 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
 
         combine = bool(getattr(cfg, "moe_combine_kernel", None))
         fold = bool(getattr(cfg, "lora_experts_fold", None))
+        # the folded path's SiLU gate by Plait's Triton GLU, unless plait_kernels asks for PyTorch code only
+        triton_glu = fold and cfg.plait_kernels != "torch"
         label = "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"
         if combine:
             label += " + plait triton moe_combine (on CUDA tensors)"
         unfolded = not_folded(model) if fold else []  # asked before folding: why a module would stay unfolded
         folded_label = label.replace("grouped matmuls)", "LoRA folded into the grouped matmuls)")
+        if triton_glu:
+            folded_label += " + plait triton swiglu (on CUDA tensors)"
         # before compiling: the compiled layers trace the routed forward
-        for kind in install_routed_lora_experts(model, combine_kernel=combine, fold=fold):
+        for kind in install_routed_lora_experts(model, combine_kernel=combine, fold=fold, triton_glu=triton_glu):
             report[(kind, folded_label if fold else label)] += 1
         for kind, why in unfolded:
             report[(kind, folded_label)] -= 1

@@ -48,7 +48,8 @@ def test_glu_gpu(name, dtype):
 def test_glu_on_the_halves_of_one_buffer(gelu, device):
     """gate and up as row-strided views of one [rows, 2 * cols] matmul output, and
     d_gate / d_up written into the halves of one buffer, give exactly what the
-    contiguous tensors give (fp32)."""
+    contiguous tensors give (fp32); so does the forward written into a
+    view of a wider buffer."""
     from plait_kernels.ops.glu import glu_backward, glu_forward
 
     gen = torch.Generator().manual_seed(1)
@@ -63,6 +64,11 @@ def test_glu_on_the_halves_of_one_buffer(gelu, device):
     grads = torch.full_like(gate_up, float("nan"))
     glu_backward(d_h, gate, up, gelu, out=(grads[:, :cols], grads[:, cols:]))
     torch.testing.assert_close(grads, torch.cat([want_dg, want_du], dim=1), atol=0, rtol=0)
+    # the forward written into the first columns of a wider buffer (the folded LoRA experts' operand)
+    wide = torch.full((rows, cols + 8), float("nan"), device=device)
+    assert glu_forward(gate, up, gelu, out=wide[:, :cols]).data_ptr() == wide.data_ptr()
+    torch.testing.assert_close(wide[:, :cols], want_h, atol=0, rtol=0)
+    assert wide[:, cols:].isnan().all()  # the columns past the view are not written
     torch.testing.assert_close(want_h, KERNELS["geglu" if gelu else "swiglu"][1](gate, up), **FP32)
 
 

@@ -224,7 +224,8 @@ def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_at_least_as_well_as_
     kernels, and for the gradients too: every LoRA gradient of the routed path
     is within 5% (of its largest entry) of the float32 model's. ``fold``: the
     folded path (``lora_experts_fold``), whose transposed operands and
-    row-contracting weight-gradient GEMMs only CUDA's grouped GEMM checks here."""
+    row-contracting weight-gradient GEMMs only CUDA's grouped GEMM checks here,
+    with its SiLU gate by the Triton GLU as plait_kernels: auto runs it."""
     import copy
 
     model = with_lora(tiny_qwen3_moe().to(torch.bfloat16), r=8).cuda()
@@ -235,7 +236,7 @@ def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_at_least_as_well_as_
     exact_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
     peft_error = (model(input_ids=ids).logits.float() - exact).abs().max()
 
-    assert lora_experts.install_routed_lora_experts(model, fold=fold) == ["Qwen3MoeExperts"] * 2
+    assert lora_experts.install_routed_lora_experts(model, fold=fold, triton_glu=fold) == ["Qwen3MoeExperts"] * 2
     assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) == fold for m in experts_modules(model))
     routed_error = (model(input_ids=ids).logits.float() - exact).abs().max()
     assert routed_error <= peft_error, (routed_error, peft_error)
@@ -338,19 +339,30 @@ def count_fold_calls(monkeypatch, name):
     return calls
 
 
-@pytest.mark.parametrize("rank", [4, 2])
-def test_folded_path_equals_peft_with_no_gradient_for_the_frozen_weights(rank, monkeypatch):
+@pytest.mark.parametrize("rank, triton_glu", [(4, False), (2, False), (4, True)])
+def test_folded_path_equals_peft_with_no_gradient_for_the_frozen_weights(rank, triton_glu, monkeypatch):
+    """``triton_glu``: the SiLU gate by Plait's Triton GLU (interpreted on
+    the CPU), writing into the folded operands; float32 math, same bounds."""
     model = with_lora(tiny_qwen3_moe(), r=rank)
     peft_logits, peft_grads = logits_and_grads(model)
 
-    assert lora_experts.install_routed_lora_experts(model, fold=True) == ["Qwen3MoeExperts"] * 2
+    assert lora_experts.install_routed_lora_experts(model, fold=True, triton_glu=triton_glu) == ["Qwen3MoeExperts"] * 2
     assert lora_experts.not_folded(model) == []
     folded = count_calls(monkeypatch, "_unfolded_routed_rows")
     loops = count_calls(monkeypatch, "grouped_matmul_reference")
     weight_grads = count_fold_calls(monkeypatch, "_grouped_over_rows")
+    glu_launches = []
+    if triton_glu:
+        pytest.importorskip("triton")
+        from plait_kernels.ops import glu
+
+        for name in ("glu_forward", "glu_backward"):
+            original = getattr(glu, name)
+            monkeypatch.setattr(glu, name, lambda *a, _f=original, _n=name, **k: glu_launches.append(_n) or _f(*a, **k))
     logits, grads = logits_and_grads(model)
 
     assert folded == []  # both layers took the folded path
+    assert sorted(glu_launches) == (["glu_backward"] * 2 + ["glu_forward"] * 2 if triton_glu else [])
     assert loops == []  # every grouped matmul, padded rank included, ran torch's grouped GEMM
     assert torch.allclose(logits, peft_logits, atol=1e-5, rtol=0)
     assert len([n for n in grads if ".experts." in n]) == 2 * 2 * 2
@@ -460,15 +472,16 @@ def test_weights_replaced_after_folding_take_the_unfolded_path(monkeypatch):
 def test_fold_with_the_triton_combine_trains_as_the_unfolded_path(monkeypatch):
     """``lora_experts_fold`` with ``moe_combine_kernel`` (the combine
     interpreted on the CPU): two AdamW steps give the unfolded path's losses
-    and LoRA weights. The combine kernel also sums each token's row gradients
-    in the folded backward (unit weights)."""
+    and LoRA weights, with the SiLU gate by the Triton GLU too (as
+    plait_kernels: auto runs it). The combine kernel also sums each token's
+    row gradients in the folded backward (unit weights)."""
     pytest.importorskip("triton")
     from plait_kernels.ops import moe_combine as combine_op
 
     plain = with_lora(tiny_qwen3_moe())
     both = copy.deepcopy(plain)
     lora_experts.install_routed_lora_experts(plain)
-    lora_experts.install_routed_lora_experts(both, combine_kernel=True, fold=True)
+    lora_experts.install_routed_lora_experts(both, combine_kernel=True, fold=True, triton_glu=True)
     launches = []
     original = combine_op.moe_combine_forward
     monkeypatch.setattr(combine_op, "moe_combine_forward", lambda *a, **k: launches.append(1) or original(*a, **k))
@@ -495,7 +508,13 @@ def test_lora_experts_fold_key_folds_reports_and_needs_the_routed_path():
         "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, LoRA folded into the grouped "
                               "matmuls) + plait triton moe_combine (on CUDA tensors)"}
     wrappers = lora_experts.outermost_expert_wrappers(model)
-    assert all(w._plait_fold and w._plait_moe_combine for w in wrappers)
+    assert all(w._plait_fold and w._plait_moe_combine and not w._plait_triton_glu for w in wrappers)
+    auto, _ = build_run_config({"base_model": "m", "lora_experts_fold": True})  # Plait's kernels allowed
+    with_triton = with_lora(tiny_qwen3_moe())
+    assert patch_model(cfg=auto, model=with_triton) == {
+        "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, LoRA folded into the grouped "
+                              "matmuls) + plait triton swiglu (on CUDA tensors)"}
+    assert all(w._plait_triton_glu for w in lora_experts.outermost_expert_wrappers(with_triton))
     assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(model))
 
     only_down = with_lora(tiny_qwen3_moe(), targets=["mlp.experts.down_proj"])

@@ -72,17 +72,23 @@ def _grid(rows: int, cols: int):
     return (rows, triton.cdiv(cols, _BLOCK))
 
 
-def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """``act(gate) * up`` without autograd (for callers with their own backward).
 
     ``gate`` and ``up`` may be row-strided views (the halves of one matmul's
-    output); the result is contiguous.
+    output); the result is contiguous, or written into ``out``, a
+    ``[rows, cols]`` view with unit column stride (e.g. the first columns of a
+    wider buffer).
     """
     g, u = _rows(gate), _rows(up)
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out is None:
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     rows, cols = g.shape
+    o = out.view(g.shape) if out.shape != g.shape else out
+    if o.stride(-1) != 1:
+        raise ValueError("glu_forward writes rows with unit column stride")
     if rows and cols:
-        _glu_fwd[_grid(rows, cols)](g, u, out, cols, g.stride(0), u.stride(0), cols, GELU=gelu, BLOCK=_BLOCK)
+        _glu_fwd[_grid(rows, cols)](g, u, o, cols, g.stride(0), u.stride(0), o.stride(0), GELU=gelu, BLOCK=_BLOCK)
     return out
 
 
