@@ -31,7 +31,10 @@ projections, and none for the frozen weights (no weight-gradient GEMM). It
 covers transformers' default gate (``act_fn(gate) * up`` on the concatenated
 halves) with SiLU, ``is_transposed`` false and both projections adapted at
 the rank the buffers were made for; :func:`fold_applies` says when, and the
-unfolded path runs otherwise.
+unfolded path runs otherwise. The gate is PyTorch's ``silu`` and product, or
+(``triton_glu``, on CUDA) Plait's Triton GLU, which writes the gate's output
+straight into the down projection's operand and its gradients straight into
+gate/up's backward operand, one pass each way.
 """
 
 from __future__ import annotations
