@@ -532,3 +532,23 @@ def test_lora_experts_fold_key_folds_reports_and_needs_the_routed_path():
         build_run_config({"base_model": "m", "lora_experts_kernel": False, "lora_experts_fold": True})
     with pytest.raises(ConfigError, match=r"'lora_experts_fold': true .* plait_kernels is 'off'"):
         build_run_config({"base_model": "m", "plait_kernels": "off", "lora_experts_fold": True})
+
+
+def test_folded_lora_gradients_without_a_hidden_state_gradient():
+    """Hidden states that need no gradient (frozen layers below): the folded
+    backward skips the input-gradient GEMM and still gives the unfolded path's
+    LoRA gradients (float32, 1e-5 of their scale)."""
+    grads = []
+    for fold in (False, True):
+        model = with_lora(tiny_qwen3_moe())
+        lora_experts.install_routed_lora_experts(model, fold=fold)
+        wrapper = lora_experts.outermost_expert_wrappers(model)[0]
+        assert hasattr(wrapper.get_base_layer(), lora_experts_fold.FOLDED_ATTRIBUTE) == fold
+        hidden = torch.randn(12, 32, generator=torch.Generator().manual_seed(4))
+        top_k_index = torch.randint(0, 4, (12, 2), generator=torch.Generator().manual_seed(5))
+        weights = torch.rand(12, 2, generator=torch.Generator().manual_seed(6))
+        wrapper(hidden, top_k_index, weights).square().sum().backward()
+        grads.append({n: p.grad for n, p in wrapper.named_parameters() if p.requires_grad})
+    assert len(grads[1]) == 4
+    for name, grad in grads[1].items():
+        assert (grad - grads[0][name]).abs().max() <= 1e-5 * grads[0][name].abs().max(), name
