@@ -290,34 +290,6 @@ def test_interval_reads_steps_fractions_and_per_epoch_counts():
     assert interval(None, None, 10, 100) is None
 
 
-def test_lora_run_stopped_and_resumed_in_process_saves_the_same_adapter(tiny_model, tmp_path):
-    """The subprocess tests kill full fine-tunes; this one stops a LoRA run with
-    dropout (RNG) by an exception from a plugin after checkpoint-3 and resumes it."""
-
-    class Stop(Exception):
-        pass
-
-    class StopAtStep4:
-        @hookimpl
-        def on_step_end(self, run, metrics):
-            if metrics["step"] == 4:
-                raise Stop
-
-    keys = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "lora_dropout": 0.2,
-            "learning_rate": 1e-2, "micro_batch_size": 4, "max_steps": 7, "save_steps": 3}
-    rows = data(12, 4)
-    run_train({**keys, "output_dir": str(tmp_path / "whole")}, rows)
-    with pytest.raises(Stop):
-        run_train({**keys, "output_dir": str(tmp_path / "stopped")}, rows, plugins=[StopAtStep4()])
-    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-3"]
-    ckpt = tmp_path / "stopped" / "checkpoint-3"
-    assert (ckpt / "model" / "adapter_model.safetensors").exists()  # usable as a peft adapter as is
-    resumed = run_train({**keys, "output_dir": str(tmp_path / "stopped"), "auto_resume_from_checkpoints": True}, rows)
-    assert resumed.step == 7
-    whole = (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
-    assert (tmp_path / "stopped" / "adapter_model.safetensors").read_bytes() == whole
-
-
 @pytest.mark.parametrize("loss,threshold,updated", [(2.0, None, True), (float("nan"), None, False),
                                                      (float("inf"), None, False), (9.0, 4.0, False)])
 def test_device_side_loss_check_skips_the_fused_update(loss, threshold, updated):
@@ -488,10 +460,14 @@ def test_a_nan_loss_read_late_stops_at_its_step_with_the_weights_of_the_step_bef
         assert {float(state["step"]) for state in adam.values()} == {2.0}
 
 
-def test_a_deferred_run_stopped_and_resumed_in_process_saves_the_same_adapter(tiny_model, tmp_path):
-    """As the test above it, with the read one step late: the run stops in the
-    hook of step 4 (reported during step 5), resumes from checkpoint-3 and ends
-    with the uninterrupted run's adapter and metrics."""
+@pytest.mark.parametrize("deferred", [False, True], ids=["eager", "deferred"])
+def test_lora_run_stopped_and_resumed_in_process_saves_the_same_adapter(tiny_model, tmp_path, deferred):
+    """The subprocess tests kill full fine-tunes; this one stops a LoRA run with
+    dropout (RNG) by an exception from a plugin after checkpoint-3 and resumes
+    it: the uninterrupted run's adapter and metrics. ``deferred``: with fused
+    AdamW, so each step is read during the next (the hook of step 4 runs in
+    step 5)."""
+    from plait.train.loop import reads_step_late
 
     class Stop(Exception):
         pass
@@ -505,14 +481,19 @@ def test_a_deferred_run_stopped_and_resumed_in_process_saves_the_same_adapter(ti
     keys = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "lora_dropout": 0.2,
             "learning_rate": 1e-2, "micro_batch_size": 4, "max_steps": 7, "save_steps": 3}
     rows = data(12, 4)
+    optimizer = [FusedAdamW()] if deferred else []
     order = StepOrder()
-    whole = run_train({**keys, "output_dir": str(tmp_path / "whole")}, rows, plugins=[FusedAdamW(), order])
-    assert ("forward", 5) in order.events[:order.events.index(("step_end", 4, 4))]  # read during step 5
+    whole = run_train({**keys, "output_dir": str(tmp_path / "whole")}, rows, plugins=[*optimizer, order])
+    assert reads_step_late(order.run) is deferred
+    if deferred:
+        assert ("forward", 5) in order.events[:order.events.index(("step_end", 4, 4))]  # read during step 5
     with pytest.raises(Stop):
-        run_train({**keys, "output_dir": str(tmp_path / "stopped")}, rows, plugins=[FusedAdamW(), StopAtStep4()])
+        run_train({**keys, "output_dir": str(tmp_path / "stopped")}, rows, plugins=[*optimizer, StopAtStep4()])
     assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-3"]
+    ckpt = tmp_path / "stopped" / "checkpoint-3"
+    assert (ckpt / "model" / "adapter_model.safetensors").exists()  # usable as a peft adapter as is
     resumed = run_train({**keys, "output_dir": str(tmp_path / "stopped"), "auto_resume_from_checkpoints": True},
-                        rows, plugins=[FusedAdamW()])
+                        rows, plugins=optimizer)
     assert resumed.step == 7
     assert (tmp_path / "stopped" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
