@@ -128,10 +128,18 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         d_h = d_out @ dense_weight(w_d, q_d, dt)
         d_h.addmm_(d_out_b, a_d, alpha=s_d)
 
-        # activation, into one [d_gate | d_up] buffer; the same pass rebuilds
-        # h = act(gate) * up (not stored by forward) over d_h, which it has read
-        d_gate_up = torch.empty_like(gate_up)
-        glu_backward(d_h, gate, up, ctx.gelu, out=(d_gate_up[:, :inter], d_gate_up[:, inter:]), h_out=d_h)
+        # activation, written over [gate | up] itself: each value of d_gate and d_up is
+        # stored where the same kernel program has just read gate and up, and nothing
+        # after this reads gate or up, so no second [T, 2 * intermediate] buffer exists
+        # (it was the peak of a checkpointed DPO step: bench/preference_peak_cpu.py).
+        # The same pass rebuilds h = act(gate) * up (not stored by forward) over d_h.
+        glu_backward(d_h, gate, up, ctx.gelu, out=(gate, up), h_out=d_h)
+        d_gate_up, gate_up, gate, up = gate_up, None, None, None
+        # a second backward through this graph (retain_graph) would read the overwritten
+        # inputs: the bump makes autograd refuse it instead (a compiled graph tracks the
+        # kernel's writes itself)
+        if not torch.compiler.is_compiling():
+            torch.autograd.graph.increment_version(d_gate_up)
         h, d_h = d_h, None  # the buffer now holds h (one name, so `del h` frees it)
         # down projection's LoRA gradients
         ha = h @ a_d.t()  # [T, r_d], cheaper to redo from h than to keep across a checkpoint

@@ -142,3 +142,37 @@ def test_no_skip_when_the_family_may_save_the_mlp_output(tiny_dir, device):
     _patch_glu_only(model)
     _, flags = _checkpointed_skip_flags(model, device, feeds_residual=False)
     assert flags == [False] * 4
+
+
+def test_backward_writes_the_activation_gradient_over_gate_up(tiny_dir, device):
+    """The backward makes no second ``[tokens, 2 * intermediate]`` buffer: ``[d_gate | d_up]``
+    is written over the saved ``[gate | up]`` (at the 1b DPO bench shape that buffer was
+    256 MiB of the step's peak), and a second backward through the same graph, which would
+    read the overwritten values, is refused. (That the gradients still equal peft's is
+    test_lora_mlp_matches_peft_fp32's and the checkpointed test's.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    patched = lora_model(tiny_dir, torch.float32, device, targets=MLP_ONLY)
+    _patch_glu_only(patched)
+    ids = _ids(patched, device)
+    inter = patched.config.intermediate_size
+
+    class Shapes(TorchDispatchMode):
+        made: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.made.append((func.__name__, tuple(out.shape)))
+            return out
+
+    base = patched.get_base_model()
+    hidden = base.model(input_ids=ids).last_hidden_state
+    loss = hidden.float().square().mean()
+    with Shapes() as shapes:
+        loss.backward(retain_graph=True)
+    wide = [(op, shape) for op, shape in shapes.made if shape[-1:] == (2 * inter,)]
+    assert not wide, f"the backward made [tokens, 2 * intermediate] tensors: {wide}"
+    assert any(shape == (ids.numel(), inter) for _, shape in shapes.made)  # it did run: d_h is [tokens, inter]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -96,7 +96,8 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
     """``(d_gate, d_up)`` of :func:`glu_forward` for the output gradient ``dout``.
 
     ``out``: a ``(d_gate, d_up)`` pair of ``[rows, cols]`` views to write into
-    (the halves of one buffer); new contiguous tensors otherwise. ``h_out``: also
+    (the halves of one buffer), which may be ``(gate, up)`` themselves (each
+    program stores where it has just loaded); new contiguous tensors otherwise. ``h_out``: also
     write the forward's output ``act(gate) * up`` there, in the same pass; it may
     be ``dout`` itself (each value is read before it is overwritten).
     """
