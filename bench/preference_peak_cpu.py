@@ -67,13 +67,14 @@ def main() -> int:
     parser.add_argument("--json", dest="json_out", default=None, help="also write the result here")
     args = parser.parse_args()
 
+    from plait.pipeline import setup_model
     from plait_preference.peak_memory import fake_dpo_peak
 
     import preference_bench
     import throughput
 
     pairs = args.pairs or preference_bench.DEFAULT_MICRO_BATCH[args.shape]
-    result = fake_dpo_peak(throughput.SHAPES[args.shape], pairs=pairs, prompt=args.prompt,
+    result = fake_dpo_peak(throughput.SHAPES[args.shape], setup_model, pairs=pairs, prompt=args.prompt,
                            response=args.response, lora_r=preference_bench.LORA_R,
                            lora_alpha=preference_bench.LORA_ALPHA, keys=json.loads(args.keys), offload=args.offload)
     print(f"shape {args.shape}, {pairs} pairs of {args.prompt} + {args.response} + {args.response}, "

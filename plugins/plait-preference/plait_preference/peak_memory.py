@@ -244,10 +244,15 @@ def _pairs_batch(cfg, pm, *, pairs: int, prompt: int, response: int, vocab: int)
     return pm.hook.collate(cfg=cfg, rows=rows, tokenizer=Tokenizer())
 
 
-def fake_dpo_peak(dims: dict, *, pairs: int, prompt: int, response: int, lora_r: int = 16, lora_alpha: int = 32,
-                  keys: dict | None = None, offload: bool = False, steps: int = 2) -> dict:
+def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response: int, lora_r: int = 16,
+                  lora_alpha: int = 32, keys: dict | None = None, offload: bool = False, steps: int = 2) -> dict:
     """One DPO step's peak (the last of ``steps``: AdamW's state exists then)
     of a Llama of ``dims`` on fake tensors; see the module docstring.
+
+    ``setup_model``: core's ``plait.pipeline.setup_model``, which the caller
+    passes (a bench script or a test: a plugin does not import core's pipeline),
+    so the model is set up for training as a run sets it up; its
+    ``load_model`` is answered here with the fake Llama.
 
     As on the bench's GPU: the base in bf16, LoRA parameters in float32,
     autocast to bf16 (the CPU's autocast here, CUDA's there: the matmuls run
@@ -266,7 +271,6 @@ def fake_dpo_peak(dims: dict, *, pairs: int, prompt: int, response: int, lora_r:
     from plait.hookspecs import hookimpl
     from plait.model.batch import drop_right_padding_mask
     from plait.model.recompute import is_recomputing
-    from plait.pipeline import setup_model
     from plait.testing import build_run_config
     from plait_preference.objective import PreferenceObjective
 

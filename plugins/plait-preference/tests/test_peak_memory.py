@@ -19,9 +19,10 @@ def test_dpo_step_peak_and_what_is_live_there():
     # backward comes after the second's gradients exist) one [tokens, 2 x intermediate] buffer is live, the
     # saved [gate | up] that the backward overwrites with its gradient, not a second one for the gradient
     # (plait_kernels.lora_mlp); its backward's [tokens, intermediate] d_h is there.
+    from plait.pipeline import setup_model
     from plait_preference.peak_memory import fake_dpo_peak
 
-    result = fake_dpo_peak(DIMS, pairs=PAIRS, prompt=PROMPT, response=RESPONSE, lora_r=4, lora_alpha=8)
+    result = fake_dpo_peak(DIMS, setup_model, pairs=PAIRS, prompt=PROMPT, response=RESPONSE, lora_r=4, lora_alpha=8)
     tokens, hidden, inter, layers = (result["tokens"], DIMS["hidden_size"], DIMS["intermediate_size"],
                                      DIMS["num_hidden_layers"])
     assert tokens == PAIRS * 2 * (PROMPT + RESPONSE)
