@@ -86,3 +86,24 @@ def test_glu_backward_rebuilds_h_over_its_input_gradient(gelu, device):
     got_dg, got_du = glu_backward(buffer, gate, up, gelu, h_out=buffer)
     assert torch.equal(got_dg, want_dg) and torch.equal(got_du, want_du)
     assert torch.equal(buffer, glu_forward(gate, up, gelu))
+
+
+def test_glu_with_a_row_scale_matches_autograd_of_the_scaled_product(device):
+    """``row_scale`` (a routed expert row's routing weight): the forward is
+    ``w * act(gate) * up`` and the backward gives d_gate, d_up and d_w as
+    autograd does for that product (float32); 1100 columns span two column
+    blocks, so d_w sums the blocks' partial sums."""
+    from plait_kernels.ops.glu import glu_backward, glu_forward
+
+    gen = torch.Generator().manual_seed(5)
+    gate = (torch.randn(6, 1100, generator=gen) * 4).to(device)
+    up, d_h = torch.randn(6, 1100, generator=gen).to(device), torch.randn(6, 1100, generator=gen).to(device)
+    weights = torch.rand(6, generator=gen).to(device)
+    leaves = [t.clone().requires_grad_() for t in (gate, up, weights)]
+    want = F.silu(leaves[0]) * leaves[1] * leaves[2][:, None]
+    want.backward(d_h)
+    torch.testing.assert_close(glu_forward(gate, up, False, row_scale=weights), want.detach(), **FP32)
+    d_gate, d_up, d_w = glu_backward(d_h, gate, up, False, row_scale=weights)
+    for got, leaf in zip((d_gate, d_up, d_w), leaves):
+        torch.testing.assert_close(got, leaf.grad, atol=1e-4, rtol=1e-5)
+    assert d_w.dtype == torch.float32 and d_w.shape == (6,)

@@ -10,6 +10,12 @@ it, so the pair costs no more activation memory than the two projections::
 with ``silu'(g) = sig(g) * (1 + g * (1 - sig(g)))`` and, for
 ``gelu(g) = 0.5 g (1 + tanh(c (g + 0.044715 g^3)))``,
 ``gelu'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) c (1 + 3 * 0.044715 g^2)``.
+
+A routed MoE expert passes ``row_scale``, each row's routing weight ``w``: the
+forward is then ``w * act(gate) * up`` (the weight applied to the gated
+activation, before the down projection, instead of to the down projection's
+wider output), and the backward also gives ``d_w = sum(d_out * act(gate) * up)``
+per row, in the same pass (float32 sums).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _glu_fwd(G, U, OUT, cols, stride_g, stride_u, stride_out, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _glu_fwd(G, U, OUT, S, cols, stride_g, stride_u, stride_out, GELU: tl.constexpr, SCALED: tl.constexpr,
+             BLOCK: tl.constexpr):
     # one program: BLOCK columns of one row; rows may be strided (gate and up as
     # the two halves of one [tokens, 2 * intermediate] matmul output)
     row = tl.program_id(0).to(tl.int64)
@@ -36,12 +43,15 @@ def _glu_fwd(G, U, OUT, cols, stride_g, stride_u, stride_out, GELU: tl.constexpr
         act = 0.5 * g * (1.0 + tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
     else:
         act = g * tl.sigmoid(g)
-    tl.store(OUT + row * stride_out + offs, (act * u).to(OUT.dtype.element_ty), mask=mask)
+    h = act * u
+    if SCALED:  # the row's routing weight, as torch multiplies: the product rounded to the output dtype first
+        h = h.to(OUT.dtype.element_ty).to(tl.float32) * tl.load(S + row).to(tl.float32)
+    tl.store(OUT + row * stride_out + offs, h.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _glu_bwd(DOUT, G, U, DG, DU, H, cols, stride_dout, stride_g, stride_u, stride_dg, stride_du, stride_h,
-             GELU: tl.constexpr, STORE_H: tl.constexpr, BLOCK: tl.constexpr):
+def _glu_bwd(DOUT, G, U, DG, DU, H, S, DS, cols, stride_dout, stride_g, stride_u, stride_dg, stride_du, stride_h,
+             n_blocks, GELU: tl.constexpr, STORE_H: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < cols
@@ -56,6 +66,11 @@ def _glu_bwd(DOUT, G, U, DG, DU, H, cols, stride_dout, stride_g, stride_u, strid
         sig = tl.sigmoid(g)
         act = g * sig
         dact = sig * (1.0 + g * (1.0 - sig))
+    if SCALED:
+        # d_w: this block's part of the row's sum(d_out * act * up), the unscaled product as the forward rounded it
+        h = (act * u).to(DG.dtype.element_ty).to(tl.float32)
+        tl.store(DS + row * n_blocks + tl.program_id(1), tl.sum(tl.where(mask, dout * h, 0.0), axis=0))
+        dout = (dout * tl.load(S + row).to(tl.float32)).to(DG.dtype.element_ty).to(tl.float32)
     tl.store(DG + row * stride_dg + offs, (dout * u * dact).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_du + offs, (dout * act).to(DU.dtype.element_ty), mask=mask)
     if STORE_H:  # the forward's output, for a caller that did not keep it (may overwrite DOUT in place)
@@ -72,8 +87,10 @@ def _grid(rows: int, cols: int):
     return (rows, triton.cdiv(cols, _BLOCK))
 
 
-def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``act(gate) * up`` without autograd (for callers with their own backward).
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool, out: torch.Tensor | None = None,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(gate) * up`` without autograd (for callers with their own backward);
+    times ``row_scale[row]`` per row when given (``[rows]``, module docstring).
 
     ``gate`` and ``up`` may be row-strided views (the halves of one matmul's
     output); the result is contiguous, or written into ``out``, a
@@ -87,13 +104,27 @@ def glu_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool, out: torch.Ten
     o = out.view(g.shape) if out.shape != g.shape else out
     if o.stride(-1) != 1:
         raise ValueError("glu_forward writes rows with unit column stride")
+    scale = _row_scale(row_scale, rows)
     if rows and cols:
-        _glu_fwd[_grid(rows, cols)](g, u, o, cols, g.stride(0), u.stride(0), o.stride(0), GELU=gelu, BLOCK=_BLOCK)
+        _glu_fwd[_grid(rows, cols)](g, u, o, scale if scale is not None else o, cols, g.stride(0), u.stride(0),
+                                    o.stride(0), GELU=gelu, SCALED=scale is not None, BLOCK=_BLOCK)
     return out
 
 
-def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool, out=None, h_out=None):
-    """``(d_gate, d_up)`` of :func:`glu_forward` for the output gradient ``dout``.
+def _row_scale(row_scale, rows: int):
+    if row_scale is None:
+        return None
+    scale = row_scale.reshape(-1)
+    if scale.numel() != rows:
+        raise ValueError(f"row_scale has {scale.numel()} entries for {rows} rows")
+    return scale.contiguous()
+
+
+def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool, out=None, h_out=None,
+                 row_scale: torch.Tensor | None = None):
+    """``(d_gate, d_up)`` of :func:`glu_forward` for the output gradient ``dout``;
+    with ``row_scale`` (as the forward's) ``(d_gate, d_up, d_row_scale)``,
+    ``d_row_scale`` float32 ``[rows]``.
 
     ``out``: a ``(d_gate, d_up)`` pair of ``[rows, cols]`` views to write into
     (the halves of one buffer), which may be ``(gate, up)`` themselves (each
@@ -111,10 +142,20 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
     if dg.stride(-1) != 1 or du.stride(-1) != 1 or h.stride(-1) != 1:
         raise ValueError("glu_backward writes rows with unit column stride")
     rows, cols = g.shape
+    scale = _row_scale(row_scale, rows)
+    if scale is not None and h_out is not None:
+        raise ValueError("glu_backward: h_out is the unscaled product; not with row_scale")
+    n_blocks = triton.cdiv(cols, _BLOCK)
+    # per (row, column block) partial sums of d_w, summed below (no atomics: the same bits every run)
+    make = torch.empty if rows and cols else torch.zeros  # every entry is written when there is a column
+    d_scale = make(rows, n_blocks, dtype=torch.float32, device=gate.device) if scale is not None else None
     if rows and cols:
-        _glu_bwd[_grid(rows, cols)](d, g, u, dg, du, h, cols, d.stride(0), g.stride(0), u.stride(0),
-                                    dg.stride(0), du.stride(0), h.stride(0), GELU=gelu,
-                                    STORE_H=h_out is not None, BLOCK=_BLOCK)
+        _glu_bwd[_grid(rows, cols)](d, g, u, dg, du, h, scale if scale is not None else dg,
+                                    d_scale if d_scale is not None else dg, cols, d.stride(0), g.stride(0),
+                                    u.stride(0), dg.stride(0), du.stride(0), h.stride(0), n_blocks, GELU=gelu,
+                                    STORE_H=h_out is not None, SCALED=scale is not None, BLOCK=_BLOCK)
+    if scale is not None:
+        return d_gate, d_up, d_scale[:, 0] if n_blocks == 1 else d_scale.sum(dim=1)
     return d_gate, d_up
 
 
