@@ -63,6 +63,14 @@ class KernelsConfig(BaseModel):
                           "rank (others keep the unfolded path); its SiLU gate is Plait's Triton GLU on CUDA "
                           "(one pass each way, written into the folded operands) unless plait_kernels is torch; "
                           "works with moe_combine_kernel. Off unless true; not yet timed on a GPU.")
+    moe_weight_in_gate: Optional[bool] = Field(
+        None, description="In the routed LoRA experts path (lora_experts_kernel), multiply each routed row's routing "
+                          "weight into its gated activation ([tokens * top_k, moe_intermediate], before the down "
+                          "projection, inside the Triton GLU where that runs) instead of into the down projection's "
+                          "output ([tokens * top_k, hidden]); the same sum, as the down projection is linear with no "
+                          "bias. Each token's rows are then summed unweighted, and the backward is one gather of the "
+                          "output gradient, with the weights' gradient from the gate's backward. On by default "
+                          "(fewer bytes and kernels: bench/moe_census.py); false keeps the weighted combine.")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

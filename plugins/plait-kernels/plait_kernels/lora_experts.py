@@ -114,29 +114,131 @@ def project(x, weight, factors, offsets, is_transposed: bool):
 
 
 class _RoutedRows(torch.autograd.Function):
-    """``hidden[perm // top_k]``: each token's row once per expert it was
-    routed to, in expert order. Indexing would do the same, but its backward
-    scatter-adds the rows' gradients into their tokens (an accumulating index
-    write: atomics or a sort on CUDA, rounding to bf16 after each add). Each
-    token has exactly ``top_k`` rows, so the backward here puts the gradients
-    back in (token, k) order with the inverse permutation and sums the ``k``
-    of each token, one gather and one reduction (accumulated in float32)."""
+    """``hidden[token_rows]`` (``token_rows = perm // top_k``): each token's row
+    once per expert it was routed to, in expert order. Indexing would do the
+    same, but its backward scatter-adds the rows' gradients into their tokens
+    (an accumulating index write: atomics or a sort on CUDA, rounding to bf16
+    after each add). Each token has exactly ``top_k`` rows, so the backward
+    here is :func:`sum_token_rows` (float32 sums, no atomics)."""
 
     @staticmethod
-    def forward(ctx, hidden, perm, inverse, top_k):
+    def forward(ctx, hidden, token_rows, inverse, top_k, combine_kernel=False):
         ctx.save_for_backward(inverse)
-        ctx.top_k = top_k
-        return hidden[perm // top_k]
+        ctx.top_k, ctx.dtype, ctx.combine_kernel = top_k, hidden.dtype, combine_kernel
+        return hidden.index_select(0, token_rows)
 
     @staticmethod
     def backward(ctx, grad_rows):
         inverse, = ctx.saved_tensors
-        grad = grad_rows[inverse].view(-1, ctx.top_k, grad_rows.shape[-1]).sum(dim=1)
-        return grad, None, None, None
+        return sum_token_rows(grad_rows, inverse, ctx.top_k, ctx.dtype, ctx.combine_kernel), None, None, None, None
+
+
+class _TokenRowSum(torch.autograd.Function):
+    """Each token's ``k`` rows (expert order) summed, unweighted: the end of
+    the routed forward when the routing weights were already applied to the
+    gated activations (``weight_in_gate``). The adjoint of :class:`_RoutedRows`:
+    its backward is one gather of the output gradient, ``d_out[token_rows]``,
+    where the weighted combine's is a gather, a product with the weights and a
+    product with the saved rows (for the weights' gradient, which the gate's
+    backward gives here from ``[tokens * k, intermediate]`` tensors)."""
+
+    @staticmethod
+    def forward(ctx, rows, token_rows, inverse, top_k, out_dtype, combine_kernel):
+        ctx.save_for_backward(token_rows)
+        ctx.rows_dtype = rows.dtype
+        return sum_token_rows(rows, inverse, top_k, out_dtype, combine_kernel)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        token_rows, = ctx.saved_tensors
+        return grad_out.to(ctx.rows_dtype).index_select(0, token_rows), None, None, None, None, None
+
+
+def sum_token_rows(rows, inverse, top_k: int, dtype, combine_kernel: bool = False):
+    """``out[t] = sum over slot of rows[inverse[t * k + slot]]`` in ``dtype``:
+    each token's ``k`` rows (expert order) summed. With ``combine_kernel`` where
+    it applies, the Triton combine with unit weights (one read of the rows,
+    float32 sums); else the rows put back in (token, k) order by a gather and
+    summed (float32 accumulation)."""
+    if combine_kernel:
+        ones = torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device)
+        if combine_kernel_applies(rows, ones):
+            from plait_kernels.ops.moe_combine import moe_combine_forward
+
+            return moe_combine_forward(rows, ones, inverse, top_k, dtype)
+    return rows.index_select(0, inverse).view(-1, top_k, rows.shape[-1]).sum(dim=1).to(dtype)
+
+
+class _GatedRows(torch.autograd.Function):
+    """transformers' default gate of gated SiLU experts on the gate/up
+    projection's output ``[rows, 2I]``: ``silu(gate) * up`` of its two halves,
+    times each row's routing weight when ``row_weights`` is given. With
+    ``triton`` Plait's Triton GLU does it, one pass each way (the weight in
+    the same pass); else PyTorch's ops. Either way the backward writes
+    ``d_gate`` and ``d_up`` into one ``[rows, 2I]`` buffer, where autograd
+    through the halves would concatenate them, and gives the weights'
+    gradient ``sum(d_out * silu(gate) * up)`` per row."""
+
+    @staticmethod
+    def forward(ctx, gate_up, row_weights, triton):
+        inter = gate_up.shape[-1] // 2
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        ctx.save_for_backward(gate_up, row_weights)
+        ctx.triton = triton
+        if triton:
+            from plait_kernels.ops.glu import glu_forward
+
+            return glu_forward(gate, up, False, row_scale=row_weights)
+        gated = torch.nn.functional.silu(gate) * up
+        return gated if row_weights is None else scale_rows(gated, row_weights)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        gate_up, row_weights = ctx.saved_tensors
+        inter = gate_up.shape[-1] // 2
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        d_gate_up = torch.empty_like(gate_up)
+        d_weights = None
+        if ctx.triton:
+            from plait_kernels.ops.glu import glu_backward
+
+            grads = glu_backward(d_out, gate, up, False, out=(d_gate_up[:, :inter], d_gate_up[:, inter:]),
+                                 row_scale=row_weights)
+            d_weights = grads[2] if row_weights is not None else None
+        else:
+            silu_gate = torch.nn.functional.silu(gate)
+            if row_weights is not None:  # as autograd through the product: the weight's gradient, then the rows'
+                d_weights = (d_out * (silu_gate * up)).sum(dim=-1)
+                d_out = scale_rows(d_out, row_weights)
+            torch.mul(d_out, silu_gate, out=d_gate_up[:, inter:])
+            torch.ops.aten.silu_backward.grad_input(d_out * up, gate, grad_input=d_gate_up[:, :inter])
+        if d_weights is not None:
+            d_weights = d_weights.to(row_weights.dtype)
+        return d_gate_up, d_weights, None
+
+
+def gated_rows(experts, gate_up, row_weights=None, triton_glu: bool = False):
+    """The experts' gate on the gate/up output, times ``row_weights`` when
+    given: :class:`_GatedRows` for transformers' default SiLU gate (the Triton
+    GLU with ``triton_glu`` where it applies), else the module's own
+    ``_apply_gate`` and a product."""
+    from plait_kernels.lora_experts_fold import _is_default_silu_gate, _triton_glu_applies
+
+    if _is_default_silu_gate(experts) and gate_up.shape[-1] % 2 == 0:
+        return _GatedRows.apply(gate_up, row_weights, bool(triton_glu and _triton_glu_applies(gate_up)))
+    out = experts._apply_gate(gate_up)
+    return out if row_weights is None else scale_rows(out, row_weights)
+
+
+def scale_rows(rows, row_weights):
+    """Each routed row times its routing weight, in the rows' dtype (the
+    product rounded once, as torch's multiply of the two dtypes rounds it)."""
+    return (rows * row_weights.unsqueeze(-1)).to(rows.dtype)
 
 
 def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights,
-                                combine_kernel: bool = False, fold: bool = False, triton_glu: bool = False):
+                                combine_kernel: bool = False, fold: bool = False, triton_glu: bool = False,
+                                weight_in_gate: bool = True):
     """transformers' grouped_mm experts forward (gated, no bias, no expert
     parallelism) with the LoRA term added per projection; ``adapters`` maps a
     parameter name to ``(wrapper, adapter name)``. ``combine_kernel``: weight
@@ -145,24 +247,37 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     ``fold``: compute the rows with each LoRA term folded into its
     projection's grouped GEMM where the module was folded at install
     (:mod:`plait_kernels.lora_experts_fold`; ``triton_glu``: its SiLU gate by
-    Plait's Triton GLU where that applies), else as below."""
+    Plait's Triton GLU where that applies), else as below.
+
+    ``weight_in_gate`` (``moe_weight_in_gate``, on by default): each row's
+    routing weight multiplies its gated activation (``[rows, intermediate]``,
+    inside the Triton GLU where that runs) instead of the down projection's
+    output (``[rows, hidden]``): the down projection is linear and has no
+    bias, so ``w * (h @ W2) = (w * h) @ W2``. The rows are then summed per
+    token unweighted (:class:`_TokenRowSum`), whose backward is one gather."""
     num_top_k = top_k_index.size(-1)
     routing_weights = top_k_weights.reshape(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    # each sorted row's token, built once: the gather of the rows and the backward of their sum read it
+    token_rows = perm // num_top_k
     # histc, as transformers does (bincount would sync); CPU histc needs floats
     counted = expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
     per_expert = torch.histc(counted, bins=experts.num_experts, min=0, max=experts.num_experts - 1)
     offsets = torch.cumsum(per_expert, dim=0, dtype=torch.int32)
+    row_weights = routing_weights[perm] if weight_in_gate else None
     folded = _folded_weights(experts, adapters) if fold else None
     if folded is not None:
         from plait_kernels.lora_experts_fold import folded_routed_rows
 
-        out = folded_routed_rows(adapters, folded, hidden_states, perm, inverse, num_top_k, offsets,
-                                 combine_kernel=combine_kernel, triton_glu=triton_glu)
+        out = folded_routed_rows(adapters, folded, hidden_states, token_rows, inverse, num_top_k, offsets,
+                                 combine_kernel=combine_kernel, triton_glu=triton_glu, row_weights=row_weights)
     else:
-        out = _unfolded_routed_rows(experts, adapters, hidden_states, perm, inverse, num_top_k, offsets)
+        out = _unfolded_routed_rows(experts, adapters, hidden_states, token_rows, inverse, num_top_k, offsets,
+                                    row_weights=row_weights, combine_kernel=combine_kernel, triton_glu=triton_glu)
+    if weight_in_gate:
+        return _TokenRowSum.apply(out, token_rows, inverse, num_top_k, hidden_states.dtype, combine_kernel)
     if combine_kernel and combine_kernel_applies(out, routing_weights):
         return _moe_combine()(out, routing_weights, inverse, num_top_k, hidden_states.dtype)
     return combine_reference(out, routing_weights, perm, num_top_k, hidden_states.dtype)
@@ -174,10 +289,13 @@ def _folded_weights(experts, adapters):
     return fold_applies(experts, adapters)
 
 
-def _unfolded_routed_rows(experts, adapters, hidden_states, perm, inverse, num_top_k, offsets):
+def _unfolded_routed_rows(experts, adapters, hidden_states, token_rows, inverse, num_top_k, offsets,
+                          row_weights=None, combine_kernel: bool = False, triton_glu: bool = False):
     """The down projection of every routed row (expert order): per projection
-    a base grouped matmul plus the LoRA term through its bottleneck."""
-    rows = _RoutedRows.apply(hidden_states, perm, inverse, num_top_k)
+    a base grouped matmul plus the LoRA term through its bottleneck;
+    ``row_weights`` (sorted order): the gated activations times them
+    (:func:`gated_rows`, by the Triton GLU with ``triton_glu`` where it applies)."""
+    rows = _RoutedRows.apply(hidden_states, token_rows, inverse, num_top_k, combine_kernel)
 
     def factors(name, weight):
         if name not in adapters:
@@ -187,7 +305,7 @@ def _unfolded_routed_rows(experts, adapters, hidden_states, perm, inverse, num_t
 
     gate_up = experts.gate_up_proj
     out = project(rows, gate_up, factors("gate_up_proj", gate_up), offsets, experts.is_transposed)
-    out = experts._apply_gate(out)
+    out = gated_rows(experts, out, row_weights, triton_glu)
     down = experts.down_proj
     return project(out, down, factors("down_proj", down), offsets, experts.is_transposed)
 
@@ -313,7 +431,8 @@ def _routed_forward(self, *args, **kwargs):
     return routed_lora_experts_forward(experts, adapters, *values,
                                        combine_kernel=getattr(self, "_plait_moe_combine", False),
                                        fold=getattr(self, "_plait_fold", False),
-                                       triton_glu=getattr(self, "_plait_triton_glu", False))
+                                       triton_glu=getattr(self, "_plait_triton_glu", False),
+                                       weight_in_gate=getattr(self, "_plait_weight_in_gate", True))
 
 
 def outermost_expert_wrappers(model) -> list:
@@ -329,7 +448,7 @@ def outermost_expert_wrappers(model) -> list:
 
 
 def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool = False,
-                                triton_glu: bool = False) -> list[str]:
+                                triton_glu: bool = False, weight_in_gate: bool = True) -> list[str]:
     """Give every outermost expert ``ParamWrapper`` of ``model`` that the
     routed path covers its forward; returns the class names of the experts
     modules it covers (:func:`left_to_peft` says why the others are not).
@@ -339,7 +458,9 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
     module that can be folded into the folded path's buffers
     (:func:`plait_kernels.lora_experts_fold.fold_experts`; :func:`not_folded`
     says why any was not); ``triton_glu``: its SiLU gate by Plait's Triton GLU
-    where that applies (CUDA tensors)."""
+    where that applies (CUDA tensors). ``weight_in_gate`` (``moe_weight_in_gate``,
+    on by default): the routing weights multiply the gated activations, not the
+    down projection's output (:func:`routed_lora_experts_forward`)."""
     covered, moved_on_cuda = [], False
     for wrapper in outermost_expert_wrappers(model):
         found = routed_adapters(wrapper)
@@ -350,6 +471,7 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
         wrapper._plait_moe_combine = bool(combine_kernel)
         wrapper._plait_fold = bool(fold)
         wrapper._plait_triton_glu = bool(triton_glu)
+        wrapper._plait_weight_in_gate = bool(weight_in_gate)
         if fold:
             from plait_kernels.lora_experts_fold import fold_experts
 

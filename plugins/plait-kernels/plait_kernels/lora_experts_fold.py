@@ -185,15 +185,18 @@ def _grouped_over_rows(left_t, right, offsets):
 
 class FoldedExperts(torch.autograd.Function):
     """The routed experts of one layer, both LoRA terms folded into the grouped
-    GEMMs (module docstring). Inputs: ``hidden`` ``[T, H]``, the sort ``perm``
-    and its ``inverse``, ``top_k``, the experts' row ``offsets``, peft's
-    ``A``/``B`` weights of gate/up and down, their scalings, the module's
-    :class:`FoldedWeights`. Output: the down projection of every routed row,
-    ``[T * k, H]`` in expert order (the combine weights and sums them)."""
+    GEMMs (module docstring). Inputs: ``hidden`` ``[T, H]``, each sorted
+    row's token ``token_rows`` (``perm // top_k``) and the sort's
+    ``inverse``, ``top_k``, the experts' row ``offsets``, peft's ``A``/``B``
+    weights of gate/up and down, their scalings, the module's
+    :class:`FoldedWeights`, and optionally ``row_weights``, each sorted row's
+    routing weight, applied to its gated activation. Output: the down
+    projection of every routed row, ``[T * k, H]`` in expert order (the
+    combine weights, unless ``row_weights`` did, and sums them)."""
 
     @staticmethod
-    def forward(ctx, hidden, perm, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded, combine_kernel,
-                triton_glu):
+    def forward(ctx, hidden, token_rows, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded, combine_kernel,
+                triton_glu, row_weights=None):
         buffers = folded
         dtype = buffers.gate_up.dtype
         buffers.load_factors(a1, b1, a2, b2)  # copy_ casts to the buffers' dtype
@@ -201,10 +204,10 @@ class FoldedExperts(torch.autograd.Function):
         hidden_size = hidden.shape[-1]
         two_i = buffers.gate_up.shape[1] - p
         inter = two_i // 2
-        rows = perm.numel()
+        rows = token_rows.numel()
         # [x | s * x A1^T]: the gather writes the rows straight into the first H columns
         x1 = hidden.new_empty(rows, hidden_size + p, dtype=dtype)
-        torch.index_select(hidden.to(dtype), 0, perm // top_k, out=x1[:, :hidden_size])
+        torch.index_select(hidden.to(dtype), 0, token_rows, out=x1[:, :hidden_size])
         xa1 = _grouped(x1[:, :hidden_size], buffers.gate_up[:, two_i:, :hidden_size].transpose(1, 2), offsets)
         torch.mul(xa1, s1, out=x1[:, hidden_size:])
         y1 = _grouped(x1, buffers.gate_up[:, :two_i].transpose(1, 2), offsets)  # [rows, 2I]: gate | up
@@ -212,23 +215,26 @@ class FoldedExperts(torch.autograd.Function):
         x2 = hidden.new_empty(rows, inter + p, dtype=dtype)
         # the gate's output, written beside its bottleneck
         glu = _triton_glu() if triton_glu and _triton_glu_applies(y1) else None
-        if glu is not None:  # one pass; the backward recomputes silu(gate), so it is not kept
-            glu.glu_forward(gate, up, False, out=x2[:, :inter])
+        if glu is not None:  # one pass (the routing weight too); the backward recomputes silu(gate), not kept
+            glu.glu_forward(gate, up, False, out=x2[:, :inter], row_scale=row_weights)
             silu_gate = None
         else:
             silu_gate = torch.nn.functional.silu(gate)
-            torch.mul(silu_gate, up, out=x2[:, :inter])
+            if row_weights is None:
+                torch.mul(silu_gate, up, out=x2[:, :inter])
+            else:  # as autograd would: the gated product rounded, then times the weight
+                torch.mul(silu_gate * up, row_weights.unsqueeze(-1), out=x2[:, :inter])
         xa2 = _grouped(x2[:, :inter], buffers.down_a.transpose(1, 2), offsets)
         torch.mul(xa2, s2, out=x2[:, inter:])
         out = _grouped(x2, buffers.down.transpose(1, 2), offsets)  # [rows, H]
-        ctx.save_for_backward(x1, y1, silu_gate, x2, inverse, offsets)
+        ctx.save_for_backward(x1, y1, silu_gate, x2, inverse, offsets, row_weights)
         ctx.folded, ctx.top_k, ctx.scalings, ctx.combine_kernel = buffers, top_k, (s1, s2), combine_kernel
         ctx.dtypes = (hidden.dtype, a1.dtype, b1.dtype, a2.dtype, b2.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x1, y1, silu_gate, x2, inverse, offsets = ctx.saved_tensors
+        x1, y1, silu_gate, x2, inverse, offsets, row_weights = ctx.saved_tensors
         buffers, (s1, s2) = ctx.folded, ctx.scalings
         hidden_dtype, a1_dtype, b1_dtype, a2_dtype, b2_dtype = ctx.dtypes
         r, p = buffers.rank, buffers.padded
@@ -248,10 +254,18 @@ class FoldedExperts(torch.autograd.Function):
         # SiLU gate (as autograd: the product's two gradients, then SiLU's backward),
         # written into [d gate | d up | d(s xa1)], the operand of gate/up's folded backward
         dy1 = torch.empty(y1.shape[0], two_i + p, dtype=y1.dtype, device=y1.device)
-        if silu_gate is None:  # the Triton GLU's backward: one pass
+        d_weights = None
+        if silu_gate is None and row_weights is not None:  # the Triton GLU's backward, the weight's gradient too
+            *_, d_weights = _triton_glu().glu_backward(d_act, y1[:, :inter], y1[:, inter:], False,
+                                                       out=(dy1[:, :inter], dy1[:, inter:two_i]),
+                                                       row_scale=row_weights)
+        elif silu_gate is None:  # the Triton GLU's backward: one pass
             _triton_glu().glu_backward(d_act, y1[:, :inter], y1[:, inter:], False,
                                        out=(dy1[:, :inter], dy1[:, inter:two_i]))
         else:
+            if row_weights is not None:  # the product's two gradients: the weight's, then the gated product's
+                d_weights = (d_act * (silu_gate * y1[:, inter:])).sum(dim=-1)
+                d_act = d_act * row_weights.unsqueeze(-1)
             torch.mul(d_act, silu_gate, out=dy1[:, inter:two_i])
             torch.ops.aten.silu_backward.grad_input(d_act * y1[:, inter:], y1[:, :inter], grad_input=dy1[:, :inter])
         dxa1 = _grouped(dy1[:, :two_i], buffers.gate_up[:, :two_i, hidden_size:], offsets)
@@ -263,7 +277,7 @@ class FoldedExperts(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # gate/up: dx = [dy | s dy B1] @ [W1 ; A1] in one grouped GEMM, then each token's k rows summed
             dx1 = _grouped(dy1, buffers.gate_up[:, :, :hidden_size], offsets)
-            d_hidden = _sum_token_rows(dx1, inverse, ctx.top_k, hidden_dtype, ctx.combine_kernel)
+            d_hidden = lora_experts.sum_token_rows(dx1, inverse, ctx.top_k, hidden_dtype, ctx.combine_kernel)
 
         def a_grad(d_a, dtype):  # [E, in, p] -> peft's lora_A.weight [E * r, in]
             return d_a[:, :, :r].transpose(1, 2).reshape(num_experts * r, -1).to(dtype)
@@ -271,22 +285,10 @@ class FoldedExperts(torch.autograd.Function):
         def b_grad(d_b, dtype):  # [E, p, out] -> peft's lora_B.weight [out, r * E]
             return d_b[:, :r].permute(2, 1, 0).reshape(d_b.shape[-1], r * num_experts).to(dtype)
 
+        if d_weights is not None:
+            d_weights = d_weights.to(row_weights.dtype)
         return (d_hidden, None, None, None, None, a_grad(d_a1, a1_dtype), b_grad(d_b1, b1_dtype),
-                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None, None)
-
-
-def _sum_token_rows(rows, inverse, top_k: int, dtype, combine_kernel: bool):
-    """Each token's ``k`` rows (expert order) summed: the gradient of the gather.
-    With ``combine_kernel`` where it applies, the Triton combine with unit
-    weights (one read of the rows, float32 sums); else, as ``_RoutedRows``, the
-    rows put back in (token, k) order and summed (float32 accumulation)."""
-    if combine_kernel:
-        ones = torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device)
-        if lora_experts.combine_kernel_applies(rows, ones):
-            from plait_kernels.ops.moe_combine import moe_combine_forward
-
-            return moe_combine_forward(rows, ones, inverse, top_k, dtype)
-    return rows[inverse].view(-1, top_k, rows.shape[-1]).sum(dim=1).to(dtype)
+                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None, None, d_weights)
 
 
 def _triton_glu():
@@ -312,16 +314,18 @@ def _triton_glu_applies(rows) -> bool:
     return _triton_glu() is not None
 
 
-def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, perm, inverse, top_k: int, offsets,
-                       combine_kernel: bool = False, triton_glu: bool = False):
+def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, token_rows, inverse, top_k: int,
+                       offsets, combine_kernel: bool = False, triton_glu: bool = False, row_weights=None):
     """The down projection of every routed row (expert order) through
     :class:`FoldedExperts`. ``combine_kernel``: its backward sums each token's
     row gradients with the Triton combine where it applies. ``triton_glu``:
     the SiLU gate (forward and backward) by Plait's Triton GLU where it
     applies (:func:`_triton_glu_applies`), one pass each way writing straight
-    into the folded operands, else PyTorch's ops."""
+    into the folded operands, else PyTorch's ops. ``row_weights`` (sorted
+    order): the gated activations times them (in the Triton GLU's one pass
+    where it runs), and their gradient from the gate's backward."""
     (w1, n1), (w2, n2) = adapters["gate_up_proj"], adapters["down_proj"]
-    return FoldedExperts.apply(hidden_states, perm, inverse, top_k, offsets,
+    return FoldedExperts.apply(hidden_states, token_rows, inverse, top_k, offsets,
                                w1.lora_A[n1].weight, w1.lora_B[n1].weight, w2.lora_A[n2].weight,
                                w2.lora_B[n2].weight, w1.scaling[n1], w2.scaling[n2], folded, combine_kernel,
-                               triton_glu)
+                               triton_glu, row_weights)

@@ -105,7 +105,8 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
     ``experts``: give peft's LoRA on fused MoE experts the routed path
     (:func:`plait_kernels.lora_experts.install_routed_lora_experts`), ending in
     the Triton combine when ``cfg.moe_combine_kernel`` is true, with the LoRA
-    terms folded into the grouped matmuls when ``cfg.lora_experts_fold`` is."""
+    terms folded into the grouped matmuls when ``cfg.lora_experts_fold`` is,
+    the routing weights in the gate unless ``cfg.moe_weight_in_gate`` is false."""
     targets = find_targets(cfg, model)
     norm_class, offset, mlp_class, activation = (targets.norm_class, targets.norm_offset, targets.mlp_class,
                                                  targets.activation)
@@ -162,17 +163,21 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
 
         combine = bool(getattr(cfg, "moe_combine_kernel", None))
         fold = bool(getattr(cfg, "lora_experts_fold", None))
-        # the folded path's SiLU gate by Plait's Triton GLU, unless plait_kernels asks for PyTorch code only
-        triton_glu = fold and cfg.plait_kernels != "torch"
+        weight_in_gate = getattr(cfg, "moe_weight_in_gate", None) is not False
+        # the experts' SiLU gate by Plait's Triton GLU, unless plait_kernels asks for PyTorch code only
+        triton_glu = cfg.plait_kernels != "torch"
         label = "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"
+        if not weight_in_gate:
+            label = label.replace("grouped matmuls)", "grouped matmuls, routing weights on the down projection)")
         if combine:
             label += " + plait triton moe_combine (on CUDA tensors)"
-        unfolded = not_folded(model) if fold else []  # asked before folding: why a module would stay unfolded
-        folded_label = label.replace("grouped matmuls)", "LoRA folded into the grouped matmuls)")
         if triton_glu:
-            folded_label += " + plait triton swiglu (on CUDA tensors)"
+            label += " + plait triton swiglu (on CUDA tensors)"
+        unfolded = not_folded(model) if fold else []  # asked before folding: why a module would stay unfolded
+        folded_label = label.replace("grouped matmuls", "LoRA folded into the grouped matmuls")
         # before compiling: the compiled layers trace the routed forward
-        for kind in install_routed_lora_experts(model, combine_kernel=combine, fold=fold, triton_glu=triton_glu):
+        for kind in install_routed_lora_experts(model, combine_kernel=combine, fold=fold, triton_glu=triton_glu,
+                                                weight_in_gate=weight_in_gate):
             report[(kind, folded_label if fold else label)] += 1
         for kind, why in unfolded:
             report[(kind, folded_label)] -= 1

@@ -96,6 +96,13 @@ def check_config(cfg) -> None:
                           f"path into its grouped matmuls, but {why} (that path is not installed); set "
                           f"plait_kernels: auto and leave lora_experts_kernel unset or true, or remove "
                           f"lora_experts_fold")
+    if getattr(cfg, "moe_weight_in_gate", None) and (cfg.plait_kernels == "off"
+                                                     or getattr(cfg, "lora_experts_kernel", None) is False):
+        why = "plait_kernels is 'off'" if cfg.plait_kernels == "off" else "lora_experts_kernel is false"
+        raise ConfigError(f"config key 'moe_weight_in_gate': true moves the routing weights of the routed LoRA "
+                          f"experts path into its gate, but {why} (that path is not installed); set "
+                          f"plait_kernels: auto and leave lora_experts_kernel unset or true, or remove "
+                          f"moe_weight_in_gate")
     if (liger_keys or cfg.plait_kernels == "liger") and not liger_installed():
         key = liger_keys[0] if liger_keys else "plait_kernels"
         raise ConfigError(

@@ -45,6 +45,10 @@ def _run_every_op():
     gate, up, d_h = (torch.randn(4, 32).to(torch.bfloat16) for _ in range(3))
     glu_forward(gate, up, gelu=False)
     glu_backward(d_h, gate, up, False, out=(torch.empty_like(gate), torch.empty_like(up)), h_out=d_h)
+    # a routed expert row's routing weight (bf16 as Qwen3-MoE's router gives it) in the forward and backward
+    row_weights = torch.rand(4).to(torch.bfloat16)
+    glu_forward(gate, up, gelu=False, row_scale=row_weights)
+    glu_backward(d_h, gate, up, False, row_scale=row_weights)
     labels = torch.tensor([1, -100, 5, 7, -100, 2, 3, 9])
     for softcap in (None, 30.0):
         loss, _ = fused_linear_cross_entropy(leaf(8, 32), leaf(64, 32), labels, softcap=softcap)

@@ -275,8 +275,10 @@ def test_moe_combine_kernel_routes_the_combine_through_triton_and_trains_as_with
 
     plain = with_lora(tiny_qwen3_moe())
     fused = copy.deepcopy(plain)
-    lora_experts.install_routed_lora_experts(plain)
-    assert lora_experts.install_routed_lora_experts(fused, combine_kernel=True) == ["Qwen3MoeExperts"] * 2
+    # the weighted combine: the routing weights multiply the down projection's output (moe_weight_in_gate: false)
+    lora_experts.install_routed_lora_experts(plain, weight_in_gate=False)
+    assert lora_experts.install_routed_lora_experts(fused, combine_kernel=True,
+                                                    weight_in_gate=False) == ["Qwen3MoeExperts"] * 2
     reference = count_calls(monkeypatch, "combine_reference")
     forwards, backwards = [], []
     for name, calls in (("moe_combine_forward", forwards), ("moe_combine_backward", backwards)):
@@ -286,7 +288,8 @@ def test_moe_combine_kernel_routes_the_combine_through_triton_and_trains_as_with
     plain_losses, plain_weights = train_steps(plain)
     assert (len(reference), forwards, backwards) == (2 * 2, [], [])  # both layers, two steps
     fused_losses, fused_weights = train_steps(fused)
-    assert (len(reference), len(forwards), len(backwards)) == (2 * 2, 2 * 2, 2 * 2)  # no more PyTorch combines
+    # no more PyTorch combines; per layer and step the combine and (unit weights) the sum of the rows' gradients
+    assert (len(reference), len(forwards), len(backwards)) == (2 * 2, 2 * 2 * 2, 2 * 2)
     assert fused_losses[-1] < fused_losses[0]
     assert torch.allclose(torch.tensor(fused_losses), torch.tensor(plain_losses), atol=1e-6, rtol=0)
     for name, weight in fused_weights.items():
@@ -342,14 +345,19 @@ def count_fold_calls(monkeypatch, name):
     return calls
 
 
-@pytest.mark.parametrize("rank, triton_glu", [(4, False), (2, False), (4, True)])
-def test_folded_path_equals_peft_with_no_gradient_for_the_frozen_weights(rank, triton_glu, monkeypatch):
+@pytest.mark.parametrize("rank, triton_glu, weight_in_gate", [(4, False, True), (2, False, True), (4, True, True),
+                                                              (4, True, False)])
+def test_folded_path_equals_peft_with_no_gradient_for_the_frozen_weights(rank, triton_glu, weight_in_gate,
+                                                                         monkeypatch):
     """``triton_glu``: the SiLU gate by Plait's Triton GLU (interpreted on
-    the CPU), writing into the folded operands; float32 math, same bounds."""
+    the CPU), writing into the folded operands; ``weight_in_gate``: the
+    routing weights multiplied in the gate (by the GLU's pass), or on the
+    down projection's output by the combine; float32 math, same bounds."""
     model = with_lora(tiny_qwen3_moe(), r=rank)
     peft_logits, peft_grads = logits_and_grads(model)
 
-    assert lora_experts.install_routed_lora_experts(model, fold=True, triton_glu=triton_glu) == ["Qwen3MoeExperts"] * 2
+    assert lora_experts.install_routed_lora_experts(model, fold=True, triton_glu=triton_glu,
+                                                    weight_in_gate=weight_in_gate) == ["Qwen3MoeExperts"] * 2
     assert lora_experts.not_folded(model) == []
     folded = count_calls(monkeypatch, "_unfolded_routed_rows")
     loops = count_calls(monkeypatch, "grouped_matmul_reference")
@@ -403,21 +411,31 @@ def test_the_buffers_replace_the_weights_and_hold_the_current_factors():
     assert not folded.down[:, :, inter + 2:].any() and not folded.down_a[:, 2:].any()  # padding stays zero
 
 
-def test_in_bf16_the_folded_path_is_as_close_to_float32_as_the_unfolded_one():
+@pytest.mark.parametrize("weight_in_gate", [False, True])
+def test_in_bf16_the_folded_path_is_as_close_to_float32_as_the_unfolded_one(weight_in_gate):
     """One GEMM accumulates the base and LoRA terms in float32 and rounds once;
     the unfolded path rounds both to bf16 and adds them. Against the same
-    weights in float32, the folded logits are no further off (with a little
-    slack for bf16's rounding of the gated activations)."""
+    weights in float32, the folded experts' output is no further off (with a
+    little slack for bf16's rounding of the gated activations). Compared on
+    one experts module with a fixed routing: through the whole model, one
+    bf16 rounding can flip a later layer's top-k choice, which says nothing
+    about either path's precision."""
     model = with_lora(tiny_qwen3_moe().to(torch.bfloat16), r=8)
-    exact = copy.deepcopy(model).float()(input_ids=IDS).logits.detach()
-    unfolded = copy.deepcopy(model)
-    lora_experts.install_routed_lora_experts(unfolded)
-    unfolded_error = (unfolded(input_ids=IDS).logits.float() - exact).abs().max()
-    lora_experts.install_routed_lora_experts(model, fold=True)
-    assert lora_experts.not_folded(model) == []
-    folded_error = (model(input_ids=IDS).logits.float() - exact).abs().max()
-    assert folded_error <= 1.25 * unfolded_error, (folded_error, unfolded_error)
-    assert folded_error < 0.05 * exact.abs().max()
+    generator = torch.Generator().manual_seed(4)
+    hidden, weights = torch.randn(64, 32, generator=generator), torch.rand(64, 2, generator=generator)
+    top_k_index = torch.randint(0, 4, (64, 2), generator=generator)
+    exact = lora_experts.outermost_expert_wrappers(copy.deepcopy(model).float())[0](hidden, top_k_index, weights)
+    errors = {}
+    for fold in (False, True):
+        routed = copy.deepcopy(model)
+        lora_experts.install_routed_lora_experts(routed, fold=fold, weight_in_gate=weight_in_gate)
+        assert lora_experts.not_folded(routed) == []
+        wrapper = lora_experts.outermost_expert_wrappers(routed)[0]
+        assert hasattr(wrapper.get_base_layer(), lora_experts_fold.FOLDED_ATTRIBUTE) == fold
+        out = wrapper(hidden.bfloat16(), top_k_index, weights.bfloat16())
+        errors[fold] = (out.float() - exact).abs().max()
+    assert errors[True] <= 1.25 * errors[False], errors
+    assert errors[True] < 0.05 * exact.abs().max()
 
 
 def test_training_folded_saves_an_adapter_that_reloads_and_merges_in_plain_peft(tmp_path):
@@ -555,3 +573,109 @@ def test_folded_lora_gradients_without_a_hidden_state_gradient():
     assert len(grads[1]) == 4
     for name, grad in grads[1].items():
         assert (grad - grads[0][name]).abs().max() <= 1e-5 * grads[0][name].abs().max(), name
+
+
+# ---------------------------------------------------------------------------
+# The routing weights in the gate (``moe_weight_in_gate``, on by default): each
+# routed row's weight multiplies its gated activation, [rows, intermediate],
+# instead of the down projection's output, [rows, hidden]; the rows are summed
+# per token unweighted. The same float32 sums in another order.
+
+
+@pytest.mark.parametrize("weight_in_gate, triton_glu", [(False, False), (True, True)])
+def test_weight_placement_and_the_triton_gate_equal_peft(weight_in_gate, triton_glu, monkeypatch):
+    """The weighted combine (``weight_in_gate`` false), and the default with
+    its gate by the Triton GLU (interpreted on the CPU, the weight in the same
+    pass), give peft's logits (1e-5) and LoRA gradients (1e-4 of their scale),
+    the router's included: its weights' gradient comes from the gate's backward."""
+    if triton_glu:
+        pytest.importorskip("triton")
+    model = with_lora(tiny_qwen3_moe())
+    peft_logits, peft_grads = logits_and_grads(model)
+    lora_experts.install_routed_lora_experts(model, weight_in_gate=weight_in_gate, triton_glu=triton_glu)
+    gated = count_calls(monkeypatch, "scale_rows")
+    combined = count_calls(monkeypatch, "combine_reference")
+    logits, grads = logits_and_grads(model)
+    # per layer: the weighted combine, or (Triton GLU: none) the weights multiplied in the gate
+    assert (len(combined), len(gated)) == ((2, 0) if not weight_in_gate else (0, 0))
+    assert torch.allclose(logits, peft_logits, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        assert (grad - peft_grads[name]).abs().max() <= 1e-4 * peft_grads[name].abs().max(), name
+
+
+def test_the_router_gets_the_same_gradient_with_the_weight_in_the_gate():
+    """A trainable router (not frozen, as under full fine-tuning of the gate):
+    its weight's gradient flows through the routing weights, which the gate's
+    backward differentiates here; it equals the weighted combine's (float32)."""
+    grads = []
+    for weight_in_gate in (False, True):
+        model = with_lora(tiny_qwen3_moe())
+        lora_experts.install_routed_lora_experts(model, weight_in_gate=weight_in_gate)
+        routers = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+        assert len(routers) == 2
+        for router in routers:
+            router.requires_grad_(True)
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append([router.grad.clone() for router in routers])
+    for got, want in zip(grads[1], grads[0]):
+        assert want.abs().max() > 0
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_census_the_weight_in_the_gate_moves_fewer_bytes_and_no_hidden_wide_product():
+    """Counted on the CPU (plait_kernels.census), one checkpointed forward +
+    backward of an experts module: with the weights in the gate no multiply
+    and no index write touches a [rows, hidden] tensor (the weighted combine
+    has a product there forward and backward, and an index write), and the
+    step moves fewer bytes."""
+    from torch.utils.checkpoint import checkpoint
+
+    from plait_kernels.census import counting
+
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(24, 32, generator=generator)
+    top_k_index = torch.randint(0, 4, (24, 2), generator=generator)
+    weights = torch.rand(24, 2, generator=generator)
+    census = {}
+    for weight_in_gate in (False, True):
+        model = with_lora(tiny_qwen3_moe())
+        lora_experts.install_routed_lora_experts(model, weight_in_gate=weight_in_gate)
+        wrapper = lora_experts.outermost_expert_wrappers(model)[0]
+        x, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
+        with counting(big_rows=24 * 2) as counted:
+            checkpoint(wrapper, x, top_k_index, w, use_reentrant=False).sum().backward()
+        census[weight_in_gate] = counted
+    before, after = census[False], census[True]
+    hidden_size = 32
+    assert before.big_widths[("mul", hidden_size)] >= 3 and before.big_widths[("index_put", hidden_size)] >= 1
+    assert after.big_widths[("mul", hidden_size)] == 0 and after.big_widths[("index_put", hidden_size)] == 0
+    assert after.total_bytes < before.total_bytes
+    assert after.flops == before.flops  # the same matmuls
+
+
+def test_moe_weight_in_gate_key_is_on_by_default_false_restores_the_weighted_combine():
+    from plait.errors import ConfigError
+    from plait.testing import build_run_config
+
+    from plait_kernels.plugin import patch_model
+
+    default, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
+    model = with_lora(tiny_qwen3_moe())
+    assert patch_model(cfg=default, model=model) == {
+        "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"}
+    assert all(w._plait_weight_in_gate and not w._plait_triton_glu
+               for w in lora_experts.outermost_expert_wrappers(model))
+    off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "moe_weight_in_gate": False})
+    weighted = with_lora(tiny_qwen3_moe())
+    assert patch_model(cfg=off, model=weighted) == {
+        "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls, routing weights "
+                              "on the down projection)"}
+    assert not any(w._plait_weight_in_gate for w in lora_experts.outermost_expert_wrappers(weighted))
+    auto, _ = build_run_config({"base_model": "m"})  # Plait's kernels allowed: the gate by the Triton GLU
+    with_triton = with_lora(tiny_qwen3_moe())
+    assert patch_model(cfg=auto, model=with_triton) == {
+        "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls) + plait triton "
+                              "swiglu (on CUDA tensors)"}
+    assert all(w._plait_triton_glu for w in lora_experts.outermost_expert_wrappers(with_triton))
+    with pytest.raises(ConfigError, match=r"'moe_weight_in_gate': true .* lora_experts_kernel is false"):
+        build_run_config({"base_model": "m", "lora_experts_kernel": False, "moe_weight_in_gate": True})
