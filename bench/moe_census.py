@@ -38,11 +38,12 @@ SMALL = dict(hidden_size=64, moe_intermediate_size=24, num_experts=8, num_expert
 
 #: name -> install_routed_lora_experts keywords
 VARIANTS = {
-    "before: routed (weight on the down output)": dict(weight_in_gate=False),
+    "before: routed, weight on the down output (stop 21's default)": dict(weight_in_gate=False),
     "before: fold + combine kernel + Triton GLU": dict(weight_in_gate=False, fold=True, combine_kernel=True,
                                                        triton_glu=True),
-    "after: routed (weight in the gate), default": dict(weight_in_gate=True),
-    "after: + combine kernel": dict(weight_in_gate=True, combine_kernel=True),
+    "after: routed, weight in the gate, PyTorch gate": dict(weight_in_gate=True),
+    "after: routed, weight in the Triton GLU (the default on CUDA)": dict(weight_in_gate=True, triton_glu=True),
+    "after: + combine kernel": dict(weight_in_gate=True, triton_glu=True, combine_kernel=True),
     "after: fold + combine kernel + Triton GLU": dict(weight_in_gate=True, fold=True, combine_kernel=True,
                                                       triton_glu=True),
 }

@@ -220,11 +220,12 @@ class _GatedRows(torch.autograd.Function):
 def gated_rows(experts, gate_up, row_weights=None, triton_glu: bool = False):
     """The experts' gate on the gate/up output, times ``row_weights`` when
     given: :class:`_GatedRows` for transformers' default SiLU gate (the Triton
-    GLU with ``triton_glu`` where it applies), else the module's own
-    ``_apply_gate`` and a product."""
+    GLU with ``triton_glu`` where it applies), else (another gate, or inside
+    ``torch.compile``) the module's own ``_apply_gate`` and a product."""
     from plait_kernels.lora_experts_fold import _is_default_silu_gate, _triton_glu_applies
 
-    if _is_default_silu_gate(experts) and gate_up.shape[-1] % 2 == 0:
+    # under torch.compile inductor fuses the module's own gate and product itself
+    if _is_default_silu_gate(experts) and gate_up.shape[-1] % 2 == 0 and not torch.compiler.is_compiling():
         return _GatedRows.apply(gate_up, row_weights, bool(triton_glu and _triton_glu_applies(gate_up)))
     out = experts._apply_gate(gate_up)
     return out if row_weights is None else scale_rows(out, row_weights)
