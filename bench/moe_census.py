@@ -8,7 +8,8 @@ and the backward. For each variant of plait-kernels' routed path
 (``plait_kernels.lora_experts``) it counts with :mod:`plait_kernels.census` the
 aten kernels and interpreted Triton launches, the bytes they read and write (a
 traffic model: every input read once, every output written once), the matmul
-FLOPs, and the launches that touch a ``[tokens * k, ...]`` tensor.
+FLOPs, the launches that touch a ``[tokens * k, ...]`` tensor, and the bytes
+autograd keeps from the layer's forward for its backward (parameters excluded).
 
 The CPU cannot hold a step of 8192 tokens quickly, so each variant runs at two
 small token counts (routing drawn uniformly at random) and every number is
@@ -76,7 +77,7 @@ def experts_wrapper(dims: dict, dtype, seed: int = 0):
 def count_step(model, variant: dict, tokens: int, dims: dict, dtype):
     """One checkpointed forward + backward of the experts module, counted."""
     from plait_kernels import lora_experts
-    from plait_kernels.census import counting
+    from plait_kernels.census import counting, saved_for_backward
 
     model = copy.deepcopy(model)
     assert lora_experts.install_routed_lora_experts(model, **variant) == ["Qwen3MoeExperts"]
@@ -91,6 +92,10 @@ def count_step(model, variant: dict, tokens: int, dims: dict, dtype):
     with counting(big_rows=tokens * k) as census:
         out = checkpoint(wrapper, x, index, weights, use_reentrant=False)
         out.backward(grad)
+    # what the layer keeps from its recompute to its backward (the peak a checkpointed layer adds)
+    with saved_for_backward(exclude=list(model.parameters()) + [x, weights]) as saved:
+        out = wrapper(x, index, weights)
+    census.saved_bytes = saved["bytes"]
     return census
 
 
@@ -116,7 +121,8 @@ def main() -> None:
         at = lambda f: extrapolate(f(a), f(b), t1, t2, args.target)  # noqa: E731
         # launch counts do not grow with the tokens: the larger run's
         rows.append((name, b.total_launches, sum(b.big.values()),
-                     at(lambda c: c.total_bytes) / 1e9, at(lambda c: c.flops) / 1e9))
+                     at(lambda c: c.total_bytes) / 1e9, at(lambda c: c.flops) / 1e9,
+                     at(lambda c: c.saved_bytes) / 1e9))
         per_op = sorted(b.bytes, key=lambda op: -at(lambda c: c.bytes.get(op, 0)))
         tops.append((name, [(op, at(lambda c: c.launches.get(op, 0)), at(lambda c: c.bytes.get(op, 0)) / 1e9)
                             for op in per_op[:args.top]]))
@@ -124,8 +130,9 @@ def main() -> None:
     lines = [f"One MoE layer's routed experts, forward + checkpoint recompute + backward, bf16, {shape}; "
              f"counted at {t1} and {t2} tokens on the CPU, extrapolated to {args.target} tokens "
              f"({args.target * dims['num_experts_per_tok']} routed rows)", "",
-             "| variant | kernels | kernels on [rows, *] | GB moved | GEMM GFLOP |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {k} | {big} | {gb:.2f} | {fl:.0f} |" for n, k, big, gb, fl in rows]
+             "| variant | kernels | kernels on [rows, *] | GB moved | GEMM GFLOP | GB saved for backward |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {k} | {big} | {gb:.2f} | {fl:.0f} | {sv:.2f} |" for n, k, big, gb, fl, sv in rows]
     lines += ["", "Largest ops by bytes (launches, GB):", ""]
     lines += [f"- {n}: " + "; ".join(f"{op} {k:.0f}x {gb:.2f}" for op, k, gb in ops) for n, ops in tops]
     text = "\n".join(lines)

@@ -146,3 +146,22 @@ def _count_triton_launches(census: Census, mode: _Counting):
         InterpretedFunction.run = run
 
     return restore
+
+
+@contextlib.contextmanager
+def saved_for_backward(exclude=()):
+    """Inside: the tensors autograd keeps for the backward are noted; the
+    yielded dict's ``"bytes"`` is their total, each storage counted once, and
+    storages of ``exclude`` (e.g. the model's parameters, kept anyway) left out."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    result = {"bytes": 0}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            result["bytes"] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield result

@@ -626,11 +626,11 @@ def test_census_the_weight_in_the_gate_moves_fewer_bytes_and_no_hidden_wide_prod
     """Counted on the CPU (plait_kernels.census), one checkpointed forward +
     backward of an experts module: with the weights in the gate no multiply
     and no index write touches a [rows, hidden] tensor (the weighted combine
-    has a product there forward and backward, and an index write), and the
-    step moves fewer bytes."""
+    has a product there forward and backward, and an index write), the step
+    moves fewer bytes, and the forward keeps fewer for the backward."""
     from torch.utils.checkpoint import checkpoint
 
-    from plait_kernels.census import counting
+    from plait_kernels.census import counting, saved_for_backward
 
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(24, 32, generator=generator)
@@ -644,13 +644,18 @@ def test_census_the_weight_in_the_gate_moves_fewer_bytes_and_no_hidden_wide_prod
         x, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
         with counting(big_rows=24 * 2) as counted:
             checkpoint(wrapper, x, top_k_index, w, use_reentrant=False).sum().backward()
+        with saved_for_backward(exclude=list(model.parameters()) + [x, w]) as saved:
+            wrapper(x, top_k_index, w)
         census[weight_in_gate] = counted
+        counted.saved_bytes = saved["bytes"]
     before, after = census[False], census[True]
     hidden_size = 32
     assert before.big_widths[("mul", hidden_size)] >= 3 and before.big_widths[("index_put", hidden_size)] >= 1
     assert after.big_widths[("mul", hidden_size)] == 0 and after.big_widths[("index_put", hidden_size)] == 0
     assert after.total_bytes < before.total_bytes
     assert after.flops == before.flops  # the same matmuls
+    # the weight's product keeps the [rows, intermediate] activation for its gradient, not the [rows, hidden] rows
+    assert after.saved_bytes < before.saved_bytes
 
 
 def test_moe_weight_in_gate_key_is_on_by_default_false_restores_the_weighted_combine():
