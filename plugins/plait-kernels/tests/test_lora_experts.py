@@ -218,16 +218,18 @@ def test_in_bf16_the_routed_path_is_closer_to_float32_than_peft():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (torch's grouped GEMM on CUDA)")
-@pytest.mark.parametrize("fold", [False, True])
-def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_as_well_as_peft(fold):
+@pytest.mark.parametrize("fold, weight_in_gate", [(False, True), (True, True), (False, False)])
+def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_as_well_as_peft(fold, weight_in_gate):
     """The check above on CUDA, where ``_grouped_mm`` runs its own kernels:
     there peft's merged weights lose less (its error is bf16 rounding, 0.0031
     on an H100), so the routed path's logits must be within 1.5x of peft's
     error (0.0034-0.0040 measured), and every LoRA gradient of the routed path
     is within 5% (of its largest entry) of the float32 model's. ``fold``: the
     folded path (``lora_experts_fold``), whose transposed operands and
-    row-contracting weight-gradient GEMMs only CUDA's grouped GEMM checks here,
-    with its SiLU gate by the Triton GLU as plait_kernels: auto runs it."""
+    row-contracting weight-gradient GEMMs only CUDA's grouped GEMM checks here;
+    the SiLU gate by the Triton GLU as plait_kernels: auto runs it, with the
+    routing weights in its pass (``weight_in_gate``, the default) or on the
+    down projection's output."""
     import copy
 
     model = with_lora(tiny_qwen3_moe().to(torch.bfloat16), r=8).cuda()
@@ -238,7 +240,8 @@ def test_on_the_gpu_in_bf16_the_routed_path_matches_float32_as_well_as_peft(fold
     exact_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
     peft_error = (model(input_ids=ids).logits.float() - exact).abs().max()
 
-    assert lora_experts.install_routed_lora_experts(model, fold=fold, triton_glu=fold) == ["Qwen3MoeExperts"] * 2
+    assert lora_experts.install_routed_lora_experts(model, fold=fold, triton_glu=True,
+                                                    weight_in_gate=weight_in_gate) == ["Qwen3MoeExperts"] * 2
     assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) == fold for m in experts_modules(model))
     routed_error = (model(input_ids=ids).logits.float() - exact).abs().max()
     assert routed_error <= 1.5 * peft_error, (routed_error, peft_error)
