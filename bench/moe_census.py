@@ -3,8 +3,9 @@
 One Qwen3-MoE experts module at ``throughput.py --shape moe``'s layer (hidden 2048,
 moe_intermediate 768, 128 experts, top-8, LoRA r 16 on gate_up_proj and down_proj
 through peft ``target_parameters``), bf16, under non-reentrant gradient
-checkpointing as the bench trains it: the forward, its recompute in the backward,
-and the backward. For each variant of plait-kernels' routed path
+checkpointing as the bench trains it (Plait's: the recompute pass is marked, so
+what only makes the discarded output is skipped there): the forward, its recompute
+in the backward, and the backward. For each variant of plait-kernels' routed path
 (``plait_kernels.lora_experts``) it counts with :mod:`plait_kernels.census` the
 aten kernels and interpreted Triton launches, the bytes they read and write (a
 traffic model: every input read once, every output written once), the matmul
@@ -77,6 +78,7 @@ def experts_wrapper(dims: dict, dtype, seed: int = 0):
 def count_step(model, variant: dict, tokens: int, dims: dict, dtype):
     """One checkpointed forward + backward of the experts module, counted."""
     from plait_kernels import lora_experts
+    from plait.model.recompute import mark_recompute
     from plait_kernels.census import counting, saved_for_backward
 
     model = copy.deepcopy(model)
@@ -89,8 +91,10 @@ def count_step(model, variant: dict, tokens: int, dims: dict, dtype):
     weights, index = scores.topk(k, dim=-1)
     weights = (weights / weights.sum(-1, keepdim=True)).to(dtype).requires_grad_()
     grad = torch.randn(tokens, hidden, generator=generator).to(dtype)
+    # as Plait checkpoints a layer: non-reentrant, its recompute pass marked (plait.model.recompute.is_recomputing)
+    checkpointed = mark_recompute(lambda function, *args: checkpoint(function, *args, use_reentrant=False))
     with counting(big_rows=tokens * k) as census:
-        out = checkpoint(wrapper, x, index, weights, use_reentrant=False)
+        out = checkpointed(wrapper, x, index, weights)
         out.backward(grad)
     # what the layer keeps from its recompute to its backward (the peak a checkpointed layer adds)
     with saved_for_backward(exclude=list(model.parameters()) + [x, weights]) as saved:

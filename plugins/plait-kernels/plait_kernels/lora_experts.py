@@ -33,6 +33,12 @@ import torch
 #: the fused expert parameters this path computes (transformers' gated experts layout)
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 
+#: sparse MoE blocks whose experts' output reaches only a view and sums (a shared
+#: expert's add) before the decoder layer adds it to the residual and returns:
+#: nothing in the layer saves it for the backward, so a checkpoint's recompute
+#: pass, whose layer output is discarded, may leave it uncomputed
+OUTPUT_FEEDS_RESIDUAL_BLOCKS = ("Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "MixtralSparseMoeBlock")
+
 
 def grouped_matmul_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``out[rows of group g] = x[rows of group g] @ weight[g]``, one matmul per
@@ -143,15 +149,17 @@ class _TokenRowSum(torch.autograd.Function):
     backward gives here from ``[tokens * k, intermediate]`` tensors)."""
 
     @staticmethod
-    def forward(ctx, rows, token_rows, inverse, top_k, out_dtype, combine_kernel):
+    def forward(ctx, rows, token_rows, inverse, top_k, out_dtype, combine_kernel, skip_output=False):
         ctx.save_for_backward(token_rows)
         ctx.rows_dtype = rows.dtype
+        if skip_output:  # a recompute pass that discards the output (routed_lora_experts_forward)
+            return rows.new_empty(rows.shape[0] // top_k, rows.shape[-1], dtype=out_dtype)
         return sum_token_rows(rows, inverse, top_k, out_dtype, combine_kernel)
 
     @staticmethod
     def backward(ctx, grad_out):
         token_rows, = ctx.saved_tensors
-        return grad_out.to(ctx.rows_dtype).index_select(0, token_rows), None, None, None, None, None
+        return grad_out.to(ctx.rows_dtype).index_select(0, token_rows), None, None, None, None, None, None
 
 
 def sum_token_rows(rows, inverse, top_k: int, dtype, combine_kernel: bool = False):
@@ -239,7 +247,7 @@ def scale_rows(rows, row_weights):
 
 def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_index, top_k_weights,
                                 combine_kernel: bool = False, fold: bool = False, triton_glu: bool = False,
-                                weight_in_gate: bool = True):
+                                weight_in_gate: bool = True, skip_output: bool = False):
     """transformers' grouped_mm experts forward (gated, no bias, no expert
     parallelism) with the LoRA term added per projection; ``adapters`` maps a
     parameter name to ``(wrapper, adapter name)``. ``combine_kernel``: weight
@@ -255,7 +263,13 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     inside the Triton GLU where that runs) instead of the down projection's
     output (``[rows, hidden]``): the down projection is linear and has no
     bias, so ``w * (h @ W2) = (w * h) @ W2``. The rows are then summed per
-    token unweighted (:class:`_TokenRowSum`), whose backward is one gather."""
+    token unweighted (:class:`_TokenRowSum`), whose backward is one gather.
+
+    ``skip_output`` (with ``weight_in_gate``: a checkpoint's recompute pass
+    whose output nothing saves, :func:`skips_output`): every tensor the
+    backward needs is saved as usual, and what only makes the output is left
+    out: the token sum, and on the folded path the down projection's grouped
+    GEMM; the returned tensor is uninitialised."""
     num_top_k = top_k_index.size(-1)
     routing_weights = top_k_weights.reshape(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -273,12 +287,14 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
         from plait_kernels.lora_experts_fold import folded_routed_rows
 
         out = folded_routed_rows(adapters, folded, hidden_states, token_rows, inverse, num_top_k, offsets,
-                                 combine_kernel=combine_kernel, triton_glu=triton_glu, row_weights=row_weights)
+                                 combine_kernel=combine_kernel, triton_glu=triton_glu, row_weights=row_weights,
+                                 skip_output=skip_output and weight_in_gate)
     else:
         out = _unfolded_routed_rows(experts, adapters, hidden_states, token_rows, inverse, num_top_k, offsets,
                                     row_weights=row_weights, combine_kernel=combine_kernel, triton_glu=triton_glu)
     if weight_in_gate:
-        return _TokenRowSum.apply(out, token_rows, inverse, num_top_k, hidden_states.dtype, combine_kernel)
+        return _TokenRowSum.apply(out, token_rows, inverse, num_top_k, hidden_states.dtype, combine_kernel,
+                                  skip_output)
     if combine_kernel and combine_kernel_applies(out, routing_weights):
         return _moe_combine()(out, routing_weights, inverse, num_top_k, hidden_states.dtype)
     return combine_reference(out, routing_weights, perm, num_top_k, hidden_states.dtype)
@@ -433,7 +449,20 @@ def _routed_forward(self, *args, **kwargs):
                                        combine_kernel=getattr(self, "_plait_moe_combine", False),
                                        fold=getattr(self, "_plait_fold", False),
                                        triton_glu=getattr(self, "_plait_triton_glu", False),
-                                       weight_in_gate=getattr(self, "_plait_weight_in_gate", True))
+                                       weight_in_gate=getattr(self, "_plait_weight_in_gate", True),
+                                       skip_output=skips_output(self))
+
+
+def skips_output(wrapper) -> bool:
+    """Whether this call of an outermost expert ``ParamWrapper`` may leave its
+    output uncomputed: it sits in a block of :data:`OUTPUT_FEEDS_RESIDUAL_BLOCKS`
+    (noted at install), and this is a non-reentrant checkpoint's recompute pass
+    (``plait.model.recompute.is_recomputing``), outside ``torch.compile``."""
+    if not getattr(wrapper, "_plait_output_feeds_residual", False) or torch.compiler.is_compiling():
+        return False
+    from plait.model.recompute import is_recomputing
+
+    return is_recomputing()
 
 
 def outermost_expert_wrappers(model) -> list:
@@ -463,6 +492,7 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
     on by default): the routing weights multiply the gated activations, not the
     down projection's output (:func:`routed_lora_experts_forward`)."""
     covered, moved_on_cuda = [], False
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     for wrapper in outermost_expert_wrappers(model):
         found = routed_adapters(wrapper)
         if found is None:
@@ -473,6 +503,8 @@ def install_routed_lora_experts(model, combine_kernel: bool = False, fold: bool 
         wrapper._plait_fold = bool(fold)
         wrapper._plait_triton_glu = bool(triton_glu)
         wrapper._plait_weight_in_gate = bool(weight_in_gate)
+        block = parents.get(id(wrapper))
+        wrapper._plait_output_feeds_residual = type(block).__name__ in OUTPUT_FEEDS_RESIDUAL_BLOCKS
         if fold:
             from plait_kernels.lora_experts_fold import fold_experts
 

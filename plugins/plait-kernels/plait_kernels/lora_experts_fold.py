@@ -196,7 +196,7 @@ class FoldedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, token_rows, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded, combine_kernel,
-                triton_glu, row_weights=None):
+                triton_glu, row_weights=None, skip_output=False):
         buffers = folded
         dtype = buffers.gate_up.dtype
         buffers.load_factors(a1, b1, a2, b2)  # copy_ casts to the buffers' dtype
@@ -226,7 +226,10 @@ class FoldedExperts(torch.autograd.Function):
                 torch.mul(silu_gate * up, row_weights.unsqueeze(-1), out=x2[:, :inter])
         xa2 = _grouped(x2[:, :inter], buffers.down_a.transpose(1, 2), offsets)
         torch.mul(xa2, s2, out=x2[:, inter:])
-        out = _grouped(x2, buffers.down.transpose(1, 2), offsets)  # [rows, H]
+        if skip_output:  # a recompute pass that discards the output: everything saved below is made, not it
+            out = x2.new_empty(rows, hidden_size)
+        else:
+            out = _grouped(x2, buffers.down.transpose(1, 2), offsets)  # [rows, H]
         ctx.save_for_backward(x1, y1, silu_gate, x2, inverse, offsets, row_weights)
         ctx.folded, ctx.top_k, ctx.scalings, ctx.combine_kernel = buffers, top_k, (s1, s2), combine_kernel
         ctx.dtypes = (hidden.dtype, a1.dtype, b1.dtype, a2.dtype, b2.dtype)
@@ -288,7 +291,7 @@ class FoldedExperts(torch.autograd.Function):
         if d_weights is not None:
             d_weights = d_weights.to(row_weights.dtype)
         return (d_hidden, None, None, None, None, a_grad(d_a1, a1_dtype), b_grad(d_b1, b1_dtype),
-                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None, None, d_weights)
+                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None, None, d_weights, None)
 
 
 def _triton_glu():
@@ -315,7 +318,8 @@ def _triton_glu_applies(rows) -> bool:
 
 
 def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, token_rows, inverse, top_k: int,
-                       offsets, combine_kernel: bool = False, triton_glu: bool = False, row_weights=None):
+                       offsets, combine_kernel: bool = False, triton_glu: bool = False, row_weights=None,
+                       skip_output: bool = False):
     """The down projection of every routed row (expert order) through
     :class:`FoldedExperts`. ``combine_kernel``: its backward sums each token's
     row gradients with the Triton combine where it applies. ``triton_glu``:
@@ -323,9 +327,11 @@ def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, tok
     applies (:func:`_triton_glu_applies`), one pass each way writing straight
     into the folded operands, else PyTorch's ops. ``row_weights`` (sorted
     order): the gated activations times them (in the Triton GLU's one pass
-    where it runs), and their gradient from the gate's backward."""
+    where it runs), and their gradient from the gate's backward.
+    ``skip_output``: leave the down projection's GEMM out (its output is
+    uninitialised), for a recompute pass whose output is discarded."""
     (w1, n1), (w2, n2) = adapters["gate_up_proj"], adapters["down_proj"]
     return FoldedExperts.apply(hidden_states, token_rows, inverse, top_k, offsets,
                                w1.lora_A[n1].weight, w1.lora_B[n1].weight, w2.lora_A[n2].weight,
                                w2.lora_B[n2].weight, w1.scaling[n1], w2.scaling[n2], folded, combine_kernel,
-                               triton_glu, row_weights)
+                               triton_glu, row_weights, skip_output)

@@ -687,3 +687,42 @@ def test_moe_weight_in_gate_key_is_on_by_default_false_restores_the_weighted_com
     assert all(w._plait_triton_glu for w in lora_experts.outermost_expert_wrappers(with_triton))
     with pytest.raises(ConfigError, match=r"'moe_weight_in_gate': true .* lora_experts_kernel is false"):
         build_run_config({"base_model": "m", "lora_experts_kernel": False, "moe_weight_in_gate": True})
+
+
+@pytest.mark.parametrize("fold, listed", [(False, True), (True, True), (True, False)])
+def test_the_recompute_pass_leaves_the_discarded_output_out_and_gradients_stay_exact(fold, listed, monkeypatch):
+    """Under Plait's (non-reentrant) checkpointing, the recompute pass of a
+    Qwen3-MoE layer discards the experts' output (it only reaches the residual
+    add): the routed forward there skips the token sum (and, folded, the down
+    projection's GEMM), saving all the backward needs. The loss and every
+    gradient equal the run without checkpointing (float32, 1e-6 of scale).
+    A block not known to leave the output unsaved (``listed`` false) recomputes
+    everything."""
+    from plait.model.recompute import enable_gradient_checkpointing
+
+    if not listed:
+        monkeypatch.setattr(lora_experts, "OUTPUT_FEEDS_RESIDUAL_BLOCKS", ())
+
+    plain, checkpointed = with_lora(tiny_qwen3_moe()), with_lora(tiny_qwen3_moe())  # the same seeds: the same model
+    for model in (plain, checkpointed):
+        lora_experts.install_routed_lora_experts(model, fold=fold)
+        assert lora_experts.not_folded(model) == [] and all(
+            hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) == fold for m in experts_modules(model))
+    assert all(w._plait_output_feeds_residual == listed for w in lora_experts.outermost_expert_wrappers(checkpointed))
+    want_logits, want = logits_and_grads(plain)
+    enable_gradient_checkpointing(checkpointed, True)
+    checkpointed.train()
+    skips, sums = [], count_calls(monkeypatch, "sum_token_rows")
+    original = lora_experts.routed_lora_experts_forward
+    monkeypatch.setattr(lora_experts, "routed_lora_experts_forward",
+                        lambda *a, **k: skips.append(k["skip_output"]) or original(*a, **k))
+    grouped = count_fold_calls(monkeypatch, "_grouped")
+    logits, got = logits_and_grads(checkpointed)
+    assert skips == [False, False] + [listed] * 2  # two layers' forwards, then their recomputes
+    # per layer: the forward's token sum and the backward's sum of the rows' gradients (+ the recompute's unlisted)
+    assert len(sums) == 2 * (2 if listed else 3)
+    if fold:  # per layer, row-wise grouped GEMMs: forward 4, recompute 3 (no down projection; 4 unlisted), backward 4
+        assert len(grouped) == 2 * (4 + (3 if listed else 4) + 4)
+    assert torch.allclose(logits, want_logits, atol=1e-6, rtol=0)
+    for name, grad in got.items():
+        assert (grad - want[name]).abs().max() <= 1e-6 * want[name].abs().max(), name
