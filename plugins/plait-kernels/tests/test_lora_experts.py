@@ -180,7 +180,8 @@ def test_the_plugin_installs_it_when_asked_and_reports_it():
     assert routes_expert_lora(cfg)
     model = with_lora(tiny_qwen3_moe())
     report = patch_model(cfg=cfg, model=model)
-    assert report == {"Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"}
+    assert report == {"Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, LoRA folded into the grouped "
+                              "matmuls) + plait triton moe_combine (on CUDA tensors)"}
     eager = with_lora(tiny_qwen3_moe())
     eager.base_model.model.config._experts_implementation = "eager"  # a path it does not cover: said, not claimed
     assert patch_model(cfg=cfg, model=eager) == {
@@ -305,7 +306,8 @@ def test_moe_combine_kernel_key_reaches_the_routed_forward_and_needs_that_path()
 
     from plait_kernels.plugin import patch_model
 
-    cfg, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "moe_combine_kernel": True})
+    cfg, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "moe_combine_kernel": True,
+                               "lora_experts_fold": False})
     model = with_lora(tiny_qwen3_moe())
     assert patch_model(cfg=cfg, model=model) == {
         "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls) + plait triton "
@@ -315,7 +317,11 @@ def test_moe_combine_kernel_key_reaches_the_routed_forward_and_needs_that_path()
     default, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
     unasked = with_lora(tiny_qwen3_moe())
     patch_model(cfg=default, model=unasked)
-    assert not any(w._plait_moe_combine for w in lora_experts.outermost_expert_wrappers(unasked))  # off unless true
+    assert all(w._plait_moe_combine for w in lora_experts.outermost_expert_wrappers(unasked))  # on by default
+    off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "moe_combine_kernel": False})
+    refused = with_lora(tiny_qwen3_moe())
+    patch_model(cfg=off, model=refused)
+    assert not any(w._plait_moe_combine for w in lora_experts.outermost_expert_wrappers(refused))
     with pytest.raises(ConfigError, match=r"'moe_combine_kernel': true .* lora_experts_kernel is false"):
         build_run_config({"base_model": "m", "lora_experts_kernel": False, "moe_combine_kernel": True})
     with pytest.raises(ConfigError, match=r"'moe_combine_kernel': true .* plait_kernels is 'off'"):
@@ -519,7 +525,7 @@ def test_fold_with_the_triton_combine_trains_as_the_unfolded_path(monkeypatch):
         assert (weight - plain_weights[name]).abs().max() <= 1e-4 * plain_weights[name].abs().max(), name
 
 
-def test_lora_experts_fold_key_folds_reports_and_needs_the_routed_path():
+def test_lora_experts_fold_key_folds_reports_and_needs_the_routed_path(monkeypatch):
     from plait.errors import ConfigError
     from plait.testing import build_run_config
 
@@ -537,7 +543,8 @@ def test_lora_experts_fold_key_folds_reports_and_needs_the_routed_path():
     with_triton = with_lora(tiny_qwen3_moe())
     assert patch_model(cfg=auto, model=with_triton) == {
         "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, LoRA folded into the grouped "
-                              "matmuls) + plait triton swiglu (on CUDA tensors)"}
+                              "matmuls) + plait triton moe_combine (on CUDA tensors) + plait triton swiglu (on CUDA "
+                              "tensors)"}
     assert all(w._plait_triton_glu for w in lora_experts.outermost_expert_wrappers(with_triton))
     assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(model))
 
@@ -550,8 +557,19 @@ def test_lora_experts_fold_key_folds_reports_and_needs_the_routed_path():
 
     default, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
     unasked = with_lora(tiny_qwen3_moe())
-    patch_model(cfg=default, model=unasked)  # off unless true
-    assert not any(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(unasked))
+    patch_model(cfg=default, model=unasked)  # on by default in one process
+    assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(unasked))
+    off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "lora_experts_fold": False})
+    refused = with_lora(tiny_qwen3_moe())
+    patch_model(cfg=off, model=refused)
+    assert not any(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(refused))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # several processes: a sharding wrapper may follow, so only when asked
+    several = with_lora(tiny_qwen3_moe())
+    patch_model(cfg=default, model=several)
+    assert not any(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(several))
+    asked = with_lora(tiny_qwen3_moe())
+    patch_model(cfg=cfg, model=asked)
+    assert all(hasattr(m, lora_experts_fold.FOLDED_ATTRIBUTE) for m in experts_modules(asked))
     with pytest.raises(ConfigError, match=r"'lora_experts_fold': true .* lora_experts_kernel is false"):
         build_run_config({"base_model": "m", "lora_experts_kernel": False, "lora_experts_fold": True})
     with pytest.raises(ConfigError, match=r"'lora_experts_fold': true .* plait_kernels is 'off'"):
@@ -667,19 +685,20 @@ def test_moe_weight_in_gate_key_is_on_by_default_false_restores_the_weighted_com
 
     from plait_kernels.plugin import patch_model
 
-    default, _ = build_run_config({"base_model": "m", "plait_kernels": "torch"})
+    unfolded = {"base_model": "m", "lora_experts_fold": False, "moe_combine_kernel": False}  # the weight's own report
+    default, _ = build_run_config({**unfolded, "plait_kernels": "torch"})
     model = with_lora(tiny_qwen3_moe())
     assert patch_model(cfg=default, model=model) == {
         "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls)"}
     assert all(w._plait_weight_in_gate and not w._plait_triton_glu
                for w in lora_experts.outermost_expert_wrappers(model))
-    off, _ = build_run_config({"base_model": "m", "plait_kernels": "torch", "moe_weight_in_gate": False})
+    off, _ = build_run_config({**unfolded, "plait_kernels": "torch", "moe_weight_in_gate": False})
     weighted = with_lora(tiny_qwen3_moe())
     assert patch_model(cfg=off, model=weighted) == {
         "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls, routing weights "
                               "on the down projection)"}
     assert not any(w._plait_weight_in_gate for w in lora_experts.outermost_expert_wrappers(weighted))
-    auto, _ = build_run_config({"base_model": "m"})  # Plait's kernels allowed: the gate by the Triton GLU
+    auto, _ = build_run_config(unfolded)  # Plait's kernels allowed: the gate by the Triton GLU
     with_triton = with_lora(tiny_qwen3_moe())
     assert patch_model(cfg=auto, model=with_triton) == {
         "Qwen3MoeExperts x2": "plait torch lora_experts (LoRA on the routed tokens, grouped matmuls) + plait triton "
