@@ -54,6 +54,13 @@ def asked_for_liger(cfg) -> list[str]:
 #: Axolotl's switches for the fused LoRA paths (on by default with Plait's kernels)
 LORA_KERNEL_KEYS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel")
 
+#: the routed LoRA experts path's options -> what each asks of that path (each needs the path installed)
+ROUTED_PATH_OPTIONS = {
+    "moe_combine_kernel": "ends the routed LoRA experts path with a Triton kernel",
+    "lora_experts_fold": "folds the LoRA terms of the routed LoRA experts path into its grouped matmuls",
+    "moe_weight_in_gate": "moves the routing weights of the routed LoRA experts path into its gate",
+}
+
 
 def check_config(cfg) -> None:
     """Config-only checks (no torch): run at validation, before any model work."""
@@ -83,26 +90,12 @@ def check_config(cfg) -> None:
     if getattr(cfg, "lora_experts_kernel", None) and cfg.plait_kernels == "off":
         raise ConfigError("config key 'lora_experts_kernel': true asks plait-kernels for the routed LoRA experts "
                           "path, but plait_kernels is 'off'; set plait_kernels: auto, or remove lora_experts_kernel")
-    if getattr(cfg, "moe_combine_kernel", None) and (cfg.plait_kernels == "off"
-                                                     or getattr(cfg, "lora_experts_kernel", None) is False):
-        why = "plait_kernels is 'off'" if cfg.plait_kernels == "off" else "lora_experts_kernel is false"
-        raise ConfigError(f"config key 'moe_combine_kernel': true ends the routed LoRA experts path with a Triton "
-                          f"kernel, but {why} (that path is not installed); set plait_kernels: auto and leave "
-                          f"lora_experts_kernel unset or true, or remove moe_combine_kernel")
-    if getattr(cfg, "lora_experts_fold", None) and (cfg.plait_kernels == "off"
-                                                    or getattr(cfg, "lora_experts_kernel", None) is False):
-        why = "plait_kernels is 'off'" if cfg.plait_kernels == "off" else "lora_experts_kernel is false"
-        raise ConfigError(f"config key 'lora_experts_fold': true folds the LoRA terms of the routed LoRA experts "
-                          f"path into its grouped matmuls, but {why} (that path is not installed); set "
-                          f"plait_kernels: auto and leave lora_experts_kernel unset or true, or remove "
-                          f"lora_experts_fold")
-    if getattr(cfg, "moe_weight_in_gate", None) and (cfg.plait_kernels == "off"
-                                                     or getattr(cfg, "lora_experts_kernel", None) is False):
-        why = "plait_kernels is 'off'" if cfg.plait_kernels == "off" else "lora_experts_kernel is false"
-        raise ConfigError(f"config key 'moe_weight_in_gate': true moves the routing weights of the routed LoRA "
-                          f"experts path into its gate, but {why} (that path is not installed); set "
-                          f"plait_kernels: auto and leave lora_experts_kernel unset or true, or remove "
-                          f"moe_weight_in_gate")
+    routed_path_off = cfg.plait_kernels == "off" or getattr(cfg, "lora_experts_kernel", None) is False
+    for key, what in ROUTED_PATH_OPTIONS.items():
+        if getattr(cfg, key, None) and routed_path_off:
+            why = "plait_kernels is 'off'" if cfg.plait_kernels == "off" else "lora_experts_kernel is false"
+            raise ConfigError(f"config key {key!r}: true {what}, but {why} (that path is not installed); set "
+                              f"plait_kernels: auto and leave lora_experts_kernel unset or true, or remove {key}")
     if (liger_keys or cfg.plait_kernels == "liger") and not liger_installed():
         key = liger_keys[0] if liger_keys else "plait_kernels"
         raise ConfigError(
