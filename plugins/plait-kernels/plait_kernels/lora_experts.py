@@ -286,9 +286,12 @@ def routed_lora_experts_forward(experts, adapters: dict, hidden_states, top_k_in
     if folded is not None:
         from plait_kernels.lora_experts_fold import folded_routed_rows
 
+        # with the weights in the gate, the token sum too (its backward then frees the rows' gradient early)
         out = folded_routed_rows(adapters, folded, hidden_states, token_rows, inverse, num_top_k, offsets,
                                  combine_kernel=combine_kernel, triton_glu=triton_glu, row_weights=row_weights,
-                                 skip_output=skip_output and weight_in_gate)
+                                 skip_output=skip_output and weight_in_gate, sum_rows=weight_in_gate)
+        if weight_in_gate:
+            return out
     else:
         out = _unfolded_routed_rows(experts, adapters, hidden_states, token_rows, inverse, num_top_k, offsets,
                                     row_weights=row_weights, combine_kernel=combine_kernel, triton_glu=triton_glu)

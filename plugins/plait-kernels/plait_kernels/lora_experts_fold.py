@@ -192,11 +192,16 @@ class FoldedExperts(torch.autograd.Function):
     :class:`FoldedWeights`, and optionally ``row_weights``, each sorted row's
     routing weight, applied to its gated activation. Output: the down
     projection of every routed row, ``[T * k, H]`` in expert order (the
-    combine weights, unless ``row_weights`` did, and sums them)."""
+    combine weights, unless ``row_weights`` did, and sums them); with
+    ``sum_rows`` (the weights applied in the gate) each token's ``k`` rows
+    summed here, ``[T, H]`` in ``hidden``'s dtype, so that the backward makes
+    the rows' gradient (a gather of the tokens') itself and frees it once the
+    down projection's backward has read it: a separate sum's backward hands it
+    over, and autograd keeps what it handed over until this backward returns."""
 
     @staticmethod
     def forward(ctx, hidden, token_rows, inverse, top_k, offsets, a1, b1, a2, b2, s1, s2, folded, combine_kernel,
-                triton_glu, row_weights=None, skip_output=False):
+                triton_glu, row_weights=None, skip_output=False, sum_rows=False):
         buffers = folded
         dtype = buffers.gate_up.dtype
         buffers.load_factors(a1, b1, a2, b2)  # copy_ casts to the buffers' dtype
@@ -227,32 +232,45 @@ class FoldedExperts(torch.autograd.Function):
         xa2 = _grouped(x2[:, :inter], buffers.down_a.transpose(1, 2), offsets)
         torch.mul(xa2, s2, out=x2[:, inter:])
         if skip_output:  # a recompute pass that discards the output: everything saved below is made, not it
-            out = x2.new_empty(rows, hidden_size)
+            out = x2.new_empty(rows // top_k if sum_rows else rows, hidden_size,
+                               dtype=hidden.dtype if sum_rows else dtype)
         else:
             out = _grouped(x2, buffers.down.transpose(1, 2), offsets)  # [rows, H]
-        ctx.save_for_backward(x1, y1, silu_gate, x2, inverse, offsets, row_weights)
+            if sum_rows:
+                out = lora_experts.sum_token_rows(out, inverse, top_k, hidden.dtype, combine_kernel)
+        ctx.save_for_backward(x1, y1, silu_gate, x2, inverse, offsets, row_weights,
+                              token_rows if sum_rows else None)
         ctx.folded, ctx.top_k, ctx.scalings, ctx.combine_kernel = buffers, top_k, (s1, s2), combine_kernel
         ctx.dtypes = (hidden.dtype, a1.dtype, b1.dtype, a2.dtype, b2.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x1, y1, silu_gate, x2, inverse, offsets, row_weights = ctx.saved_tensors
+        # Each saved tensor is dropped (del) as soon as its last use is done: under a checkpoint's
+        # recompute (how the bench trains) the recomputed tensors are referenced only here once unpacked,
+        # so each is freed then, and the activations of the routed rows are not all live at once.
+        x1, y1, silu_gate, x2, inverse, offsets, row_weights, token_rows = ctx.saved_tensors
         buffers, (s1, s2) = ctx.folded, ctx.scalings
         hidden_dtype, a1_dtype, b1_dtype, a2_dtype, b2_dtype = ctx.dtypes
         r, p = buffers.rank, buffers.padded
         num_experts, two_i_p, hidden_p = buffers.gate_up.shape
         two_i, hidden_size = two_i_p - p, hidden_p - p
         inter = two_i // 2
+        if token_rows is not None:  # the token sum's backward: each row's gradient is its token's
+            grad_out = grad_out.to(x2.dtype).index_select(0, token_rows)
+            del token_rows
         grad_out = grad_out.to(x2.dtype).contiguous()
 
         # down: [d act | d(s xa2)] = dy @ [W2 | B2^T] in one grouped GEMM
         dx2 = _grouped(grad_out, buffers.down, offsets)
         d_b2 = _grouped_over_rows(x2[:, inter:].t(), grad_out, offsets)  # [E, p, H]
+        del grad_out
         dxa2 = dx2[:, inter:] * s2
         d_a2 = _grouped_over_rows(x2[:, :inter].t(), dxa2, offsets)  # [E, I, p]
+        del x2
         d_act = dx2[:, :inter]
         d_act += _grouped(dxa2, buffers.down_a, offsets)
+        del dxa2
 
         # SiLU gate (as autograd: the product's two gradients, then SiLU's backward),
         # written into [d gate | d up | d(s xa1)], the operand of gate/up's folded backward
@@ -271,16 +289,21 @@ class FoldedExperts(torch.autograd.Function):
                 d_act = d_act * row_weights.unsqueeze(-1)
             torch.mul(d_act, silu_gate, out=dy1[:, inter:two_i])
             torch.ops.aten.silu_backward.grad_input(d_act * y1[:, inter:], y1[:, :inter], grad_input=dy1[:, :inter])
+        del d_act, dx2, y1, silu_gate
         dxa1 = _grouped(dy1[:, :two_i], buffers.gate_up[:, :two_i, hidden_size:], offsets)
         torch.mul(dxa1, s1, out=dy1[:, two_i:])
+        del dxa1
         d_b1 = _grouped_over_rows(x1[:, hidden_size:].t(), dy1[:, :two_i], offsets)  # [E, p, 2I]
         d_a1 = _grouped_over_rows(x1[:, :hidden_size].t(), dy1[:, two_i:], offsets)  # [E, H, p]
+        del x1
 
         d_hidden = None
         if ctx.needs_input_grad[0]:
             # gate/up: dx = [dy | s dy B1] @ [W1 ; A1] in one grouped GEMM, then each token's k rows summed
             dx1 = _grouped(dy1, buffers.gate_up[:, :, :hidden_size], offsets)
+            del dy1
             d_hidden = lora_experts.sum_token_rows(dx1, inverse, ctx.top_k, hidden_dtype, ctx.combine_kernel)
+            del dx1
 
         def a_grad(d_a, dtype):  # [E, in, p] -> peft's lora_A.weight [E * r, in]
             return d_a[:, :, :r].transpose(1, 2).reshape(num_experts * r, -1).to(dtype)
@@ -291,7 +314,8 @@ class FoldedExperts(torch.autograd.Function):
         if d_weights is not None:
             d_weights = d_weights.to(row_weights.dtype)
         return (d_hidden, None, None, None, None, a_grad(d_a1, a1_dtype), b_grad(d_b1, b1_dtype),
-                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None, None, d_weights, None)
+                a_grad(d_a2, a2_dtype), b_grad(d_b2, b2_dtype), None, None, None, None, None, d_weights, None,
+                None)
 
 
 def _triton_glu():
@@ -319,7 +343,7 @@ def _triton_glu_applies(rows) -> bool:
 
 def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, token_rows, inverse, top_k: int,
                        offsets, combine_kernel: bool = False, triton_glu: bool = False, row_weights=None,
-                       skip_output: bool = False):
+                       skip_output: bool = False, sum_rows: bool = False):
     """The down projection of every routed row (expert order) through
     :class:`FoldedExperts`. ``combine_kernel``: its backward sums each token's
     row gradients with the Triton combine where it applies. ``triton_glu``:
@@ -329,9 +353,12 @@ def folded_routed_rows(adapters: dict, folded: FoldedWeights, hidden_states, tok
     order): the gated activations times them (in the Triton GLU's one pass
     where it runs), and their gradient from the gate's backward.
     ``skip_output``: leave the down projection's GEMM out (its output is
-    uninitialised), for a recompute pass whose output is discarded."""
+    uninitialised), for a recompute pass whose output is discarded.
+    ``sum_rows``: return each token's rows summed, ``[T, H]`` (the routing
+    weights must then be ``row_weights``); :class:`FoldedExperts` says why
+    here."""
     (w1, n1), (w2, n2) = adapters["gate_up_proj"], adapters["down_proj"]
     return FoldedExperts.apply(hidden_states, token_rows, inverse, top_k, offsets,
                                w1.lora_A[n1].weight, w1.lora_B[n1].weight, w2.lora_A[n2].weight,
                                w2.lora_B[n2].weight, w1.scaling[n1], w2.scaling[n2], folded, combine_kernel,
-                               triton_glu, row_weights, skip_output)
+                               triton_glu, row_weights, skip_output, sum_rows)
