@@ -34,7 +34,9 @@ the rank the buffers were made for; :func:`fold_applies` says when, and the
 unfolded path runs otherwise. The gate is PyTorch's ``silu`` and product, or
 (``triton_glu``, on CUDA) Plait's Triton GLU, which writes the gate's output
 straight into the down projection's operand and its gradients straight into
-gate/up's backward operand, one pass each way.
+gate/up's backward operand, one pass each way; its backward pass also writes
+the gated activations again (the forward's values) over the gradient it has
+read, so the forward keeps only the down projection's bottleneck of them.
 """
 
 from __future__ import annotations
@@ -231,6 +233,9 @@ class FoldedExperts(torch.autograd.Function):
                 torch.mul(silu_gate * up, row_weights.unsqueeze(-1), out=x2[:, :inter])
         xa2 = _grouped(x2[:, :inter], buffers.down_a.transpose(1, 2), offsets)
         torch.mul(xa2, s2, out=x2[:, inter:])
+        # the Triton GLU's backward writes the gated activations again (the same values, in its one pass),
+        # so x2 ([rows, I + p]) is not kept, only the down projection's bottleneck xa2 ([rows, p])
+        kept_x2, kept_xa2 = (None, xa2) if glu is not None else (x2, None)
         if skip_output:  # a recompute pass that discards the output: everything saved below is made, not it
             out = x2.new_empty(rows // top_k if sum_rows else rows, hidden_size,
                                dtype=hidden.dtype if sum_rows else dtype)
@@ -238,7 +243,7 @@ class FoldedExperts(torch.autograd.Function):
             out = _grouped(x2, buffers.down.transpose(1, 2), offsets)  # [rows, H]
             if sum_rows:
                 out = lora_experts.sum_token_rows(out, inverse, top_k, hidden.dtype, combine_kernel)
-        ctx.save_for_backward(x1, y1, silu_gate, x2, inverse, offsets, row_weights,
+        ctx.save_for_backward(x1, y1, silu_gate, kept_x2, kept_xa2, inverse, offsets, row_weights,
                               token_rows if sum_rows else None)
         ctx.folded, ctx.top_k, ctx.scalings, ctx.combine_kernel = buffers, top_k, (s1, s2), combine_kernel
         ctx.dtypes = (hidden.dtype, a1.dtype, b1.dtype, a2.dtype, b2.dtype)
@@ -249,7 +254,7 @@ class FoldedExperts(torch.autograd.Function):
         # Each saved tensor is dropped (del) as soon as its last use is done: under a checkpoint's
         # recompute (how the bench trains) the recomputed tensors are referenced only here once unpacked,
         # so each is freed then, and the activations of the routed rows are not all live at once.
-        x1, y1, silu_gate, x2, inverse, offsets, row_weights, token_rows = ctx.saved_tensors
+        x1, y1, silu_gate, x2, xa2, inverse, offsets, row_weights, token_rows = ctx.saved_tensors
         buffers, (s1, s2) = ctx.folded, ctx.scalings
         hidden_dtype, a1_dtype, b1_dtype, a2_dtype, b2_dtype = ctx.dtypes
         r, p = buffers.rank, buffers.padded
@@ -257,32 +262,36 @@ class FoldedExperts(torch.autograd.Function):
         two_i, hidden_size = two_i_p - p, hidden_p - p
         inter = two_i // 2
         if token_rows is not None:  # the token sum's backward: each row's gradient is its token's
-            grad_out = grad_out.to(x2.dtype).index_select(0, token_rows)
+            grad_out = grad_out.to(y1.dtype).index_select(0, token_rows)
             del token_rows
-        grad_out = grad_out.to(x2.dtype).contiguous()
+        grad_out = grad_out.to(y1.dtype).contiguous()
 
         # down: [d act | d(s xa2)] = dy @ [W2 | B2^T] in one grouped GEMM
+        # (d B2 first: the rows' gradient is then dead once the GEMM has read it)
+        xa2_scaled = x2[:, inter:] if x2 is not None else xa2 * s2  # as the forward wrote it beside the activations
+        d_b2 = _grouped_over_rows(xa2_scaled.t(), grad_out, offsets)  # [E, p, H]
+        del xa2_scaled, xa2
         dx2 = _grouped(grad_out, buffers.down, offsets)
-        d_b2 = _grouped_over_rows(x2[:, inter:].t(), grad_out, offsets)  # [E, p, H]
         del grad_out
         dxa2 = dx2[:, inter:] * s2
-        d_a2 = _grouped_over_rows(x2[:, :inter].t(), dxa2, offsets)  # [E, I, p]
-        del x2
         d_act = dx2[:, :inter]
         d_act += _grouped(dxa2, buffers.down_a, offsets)
-        del dxa2
+        if x2 is not None:
+            d_a2 = _grouped_over_rows(x2[:, :inter].t(), dxa2, offsets)  # [E, I, p]
+            del x2, dxa2
 
         # SiLU gate (as autograd: the product's two gradients, then SiLU's backward),
         # written into [d gate | d up | d(s xa1)], the operand of gate/up's folded backward
         dy1 = torch.empty(y1.shape[0], two_i + p, dtype=y1.dtype, device=y1.device)
         d_weights = None
-        if silu_gate is None and row_weights is not None:  # the Triton GLU's backward, the weight's gradient too
-            *_, d_weights = _triton_glu().glu_backward(d_act, y1[:, :inter], y1[:, inter:], False,
-                                                       out=(dy1[:, :inter], dy1[:, inter:two_i]),
-                                                       row_scale=row_weights)
-        elif silu_gate is None:  # the Triton GLU's backward: one pass
-            _triton_glu().glu_backward(d_act, y1[:, :inter], y1[:, inter:], False,
-                                       out=(dy1[:, :inter], dy1[:, inter:two_i]))
+        if silu_gate is None:  # the Triton GLU's backward: one pass, the weight's gradient too where it scaled
+            # the gated activations (x2's first columns, not kept) are written over d_act, each value read first
+            grads = _triton_glu().glu_backward(d_act, y1[:, :inter], y1[:, inter:], False,
+                                               out=(dy1[:, :inter], dy1[:, inter:two_i]), h_out=d_act,
+                                               row_scale=row_weights)
+            d_weights = grads[2] if row_weights is not None else None
+            d_a2 = _grouped_over_rows(d_act.t(), dxa2, offsets)  # d A2 = h^T (s dy B2^T): [E, I, p]
+            del dxa2
         else:
             if row_weights is not None:  # the product's two gradients: the weight's, then the gated product's
                 d_weights = (d_act * (silu_gate * y1[:, inter:])).sum(dim=-1)

@@ -88,6 +88,26 @@ def test_glu_backward_rebuilds_h_over_its_input_gradient(gelu, device):
     assert torch.equal(buffer, glu_forward(gate, up, gelu))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_glu_backward_rebuilds_the_scaled_h_over_its_input_gradient(dtype, device):
+    """``h_out=dout`` with ``row_scale`` (the folded routed experts keep no gated
+    activations for their backward): the pass writes exactly what
+    :func:`glu_forward` wrote -- the product rounded, then times the row's
+    weight -- and its gradients, the weights' included, are the plain call's."""
+    from plait_kernels.ops.glu import glu_backward, glu_forward
+
+    gen = torch.Generator().manual_seed(4)
+    gate = (torch.randn(6, 1100, generator=gen) * 4).to(device, dtype)
+    up, d_h = (torch.randn(6, 1100, generator=gen).to(device, dtype) for _ in range(2))
+    weights = torch.rand(6, generator=gen).to(device)
+    want = glu_backward(d_h, gate, up, False, row_scale=weights)
+    buffer = d_h.clone()
+    got = glu_backward(buffer, gate, up, False, h_out=buffer, row_scale=weights)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(buffer, glu_forward(gate, up, False, row_scale=weights))
+    assert not torch.equal(buffer, glu_forward(gate, up, False))  # the weights are in it
+
+
 def test_glu_with_a_row_scale_matches_autograd_of_the_scaled_product(device):
     """``row_scale`` (a routed expert row's routing weight): the forward is
     ``w * act(gate) * up`` and the backward gives d_gate, d_up and d_w as

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import copy
+import gc
+import weakref
 
 from plait_kernels import lora_experts, lora_experts_fold
 
@@ -745,3 +748,77 @@ def test_the_recompute_pass_leaves_the_discarded_output_out_and_gradients_stay_e
     assert torch.allclose(logits, want_logits, atol=1e-6, rtol=0)
     for name, grad in got.items():
         assert (grad - want[name]).abs().max() <= 1e-6 * want[name].abs().max(), name
+
+
+class RoutedRowBytes(TorchDispatchMode):
+    """The most bytes of ``[rows, c]`` tensors (``c > small``: the routed rows'
+    activations and gradients, not their rank-sized bottlenecks) live at once
+    among those made while the mode is on; each storage counted once, from
+    the op that made it to its release (a weak reference to it)."""
+
+    def __init__(self, rows: int, small: int):
+        super().__init__()
+        self.rows, self.small, self.live, self.peak = rows, small, 0, 0
+        self.refs = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == self.rows and t.shape[1] > self.small:
+                storage = t.untyped_storage()
+                if id(storage) not in self.refs:
+                    size = storage.nbytes()
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    self.refs[id(storage)] = weakref.ref(storage, lambda _, k=id(storage), n=size: self._free(k, n))
+        return out
+
+    def _free(self, key, size):
+        self.refs.pop(key, None)
+        self.live -= size
+
+
+def test_folded_backward_frees_each_routed_tensor_after_its_last_use(monkeypatch):
+    """Under checkpointing (the recompute is the backward's): the folded path with
+    the Triton GLU keeps no gated activations (its backward writes them again),
+    frees each recomputed tensor after its last read and the rows' gradient after
+    the down projection's backward, so at most the gate/up input and output, the
+    down projection's operand gradient and one of (rows' gradient, gate/up's
+    operand gradient) are live at once; before, the rows' gradient, the gated
+    activations and gate/up's operand and input gradients were live on top.
+    The loss and gradients equal the unchecked model's (float32)."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from plait.model.recompute import enable_gradient_checkpointing
+    from plait_kernels.selection import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("the CPU model's gate takes the Triton GLU only under TRITON_INTERPRET=1")
+    # the interpreter leaves each launch's arguments in a reference cycle: collected at once here, so
+    # that a tensor is released when the code drops it, as on a GPU
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda *a, **k: (run(*a, **k), gc.collect(1))[0])
+    ids = IDS[:1]
+    plain, checkpointed = with_lora(tiny_qwen3_moe()), with_lora(tiny_qwen3_moe())
+    for model in (plain, checkpointed):
+        lora_experts.install_routed_lora_experts(model, fold=True, triton_glu=True)
+    want_loss = plain(input_ids=ids, labels=ids).loss
+    want_loss.backward()
+    enable_gradient_checkpointing(checkpointed, True)
+    checkpointed.train()
+    loss = checkpointed(input_ids=ids, labels=ids).loss
+    config = checkpointed.config
+    rows, p = ids.numel() * config.num_experts_per_tok, 4  # float32: the rank 4 padded to 4
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    counter = RoutedRowBytes(rows, small=p)
+    with counter:
+        loss.backward()
+    bound = rows * 4 * ((hidden + p) + 2 * inter + (inter + p) + max(hidden, 2 * inter + p))
+    assert 0 < counter.peak <= bound, (counter.peak, bound)
+    assert torch.allclose(loss, want_loss, atol=1e-6, rtol=0)
+    plain_params = dict(plain.named_parameters())
+    for name, param in checkpointed.named_parameters():
+        if param.requires_grad:
+            want = plain_params[name].grad
+            assert (param.grad - want).abs().max() <= 1e-6 * want.abs().max(), name

@@ -68,13 +68,17 @@ def _glu_bwd(DOUT, G, U, DG, DU, H, S, DS, cols, stride_dout, stride_g, stride_u
         dact = sig * (1.0 + g * (1.0 - sig))
     if SCALED:
         # d_w: this block's part of the row's sum(d_out * act * up), the unscaled product as the forward rounded it
+        scale = tl.load(S + row).to(tl.float32)
         h = (act * u).to(DG.dtype.element_ty).to(tl.float32)
         tl.store(DS + row * n_blocks + tl.program_id(1), tl.sum(tl.where(mask, dout * h, 0.0), axis=0))
-        dout = (dout * tl.load(S + row).to(tl.float32)).to(DG.dtype.element_ty).to(tl.float32)
+        dout = (dout * scale).to(DG.dtype.element_ty).to(tl.float32)
     tl.store(DG + row * stride_dg + offs, (dout * u * dact).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + row * stride_du + offs, (dout * act).to(DU.dtype.element_ty), mask=mask)
     if STORE_H:  # the forward's output, for a caller that did not keep it (may overwrite DOUT in place)
-        tl.store(H + row * stride_h + offs, (act * u).to(H.dtype.element_ty), mask=mask)
+        h_fwd = act * u
+        if SCALED:  # as the forward scales it: the product rounded first, then times the row's weight
+            h_fwd = h_fwd.to(H.dtype.element_ty).to(tl.float32) * scale
+        tl.store(H + row * stride_h + offs, h_fwd.to(H.dtype.element_ty), mask=mask)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -129,7 +133,8 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
     ``out``: a ``(d_gate, d_up)`` pair of ``[rows, cols]`` views to write into
     (the halves of one buffer), which may be ``(gate, up)`` themselves (each
     program stores where it has just loaded); new contiguous tensors otherwise. ``h_out``: also
-    write the forward's output ``act(gate) * up`` there, in the same pass; it may
+    write the forward's output ``act(gate) * up`` (with ``row_scale``, times it as
+    :func:`glu_forward` does: the same values) there, in the same pass; it may
     be ``dout`` itself (each value is read before it is overwritten).
     """
     d, g, u = _rows(dout), _rows(gate), _rows(up)
@@ -143,8 +148,6 @@ def glu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu:
         raise ValueError("glu_backward writes rows with unit column stride")
     rows, cols = g.shape
     scale = _row_scale(row_scale, rows)
-    if scale is not None and h_out is not None:
-        raise ValueError("glu_backward: h_out is the unscaled product; not with row_scale")
     n_blocks = triton.cdiv(cols, _BLOCK)
     # per (row, column block) partial sums of d_w, summed below (no atomics: the same bits every run)
     make = torch.empty if rows and cols else torch.zeros  # every entry is written when there is a column
