@@ -118,8 +118,9 @@ class PlaitGLUMLP(nn.Module):
 #: attention classes whose training forward is exactly the one below (checked
 #: against transformers 5.x): q/k/v/o projections, rotate-half rotary, the
 #: attention-function registry; Mistral/Qwen2/Qwen3 add a sliding window, Qwen3
-#: per-head q/k norms.
-ROPE_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+#: per-head q/k norms; Qwen3-MoE's attention is Qwen 3's (the same source).
+ROPE_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
+                          "Qwen3MoeAttention")
 
 _rope_classes: dict[type, type] = {}
 

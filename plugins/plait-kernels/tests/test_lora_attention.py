@@ -146,3 +146,28 @@ def test_lora_attention_matches_peft_bf16_gpu(tiny_dir):
 def test_qlora_attention_matches_lora_over_the_dequantized_base_bf16_gpu(tiny_dir):
     pytest.importorskip("bitsandbytes")
     _check(tiny_dir, torch.bfloat16, "cuda", 3e-2, load_in_4bit=True)
+
+
+def test_qwen3_moe_attention_takes_the_fused_projections_and_matches_peft(tmp_path, device):
+    """Qwen3-MoE's attention (Qwen 3's forward: per-head q/k norms) takes Plait's
+    rotary and fused LoRA q/k/v and o, as the MoE bench trains it (LoRA on the
+    attention projections); loss and LoRA gradients equal peft's (float32)."""
+    from plait.families import find_family
+    from plait.testing import make_tiny_model, plugin_manager
+
+    pm = plugin_manager()
+    if find_family(pm, "qwen3_moe") is None:
+        pytest.skip("plait-models (the family registry, which names Qwen3-MoE's classes) is not installed")
+    model_dir = make_tiny_model(tmp_path / "qwen3_moe", family="qwen3_moe", head_dim=16)
+    model = lora_model(model_dir, torch.float32, device, targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    reference = copy.deepcopy(model)
+    cfg = SimpleNamespace(torch_compile=False, plugin_manager=pm)
+    report = patch(cfg, model, dict(rms_norm=None, rope="triton", glu=None, loss=None))
+    assert report == {"Qwen3MoeAttention x2": "plait triton rope + lora_qkv + lora_o"}
+    ids = torch.randint(3, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0)).to(device)
+    with CountCalls(LoRASharedInputFunction) as calls:
+        got = loss_and_lora_grads(model, ids)
+    assert calls.count == 4  # q/k/v and o, in both layers
+    want = loss_and_lora_grads(reference, ids)
+    assert sum("self_attn" in k for k in want[1]) == 16
+    assert_same_loss_and_grads(got, want, 1e-5)
