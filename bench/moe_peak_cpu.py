@@ -139,7 +139,7 @@ def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None =
     ids = torch.randint(4, dims["vocab_size"], (micro_batch, seq), generator=generator)
     batch = {"input_ids": ids, "labels": ids.clone()}  # full rows, as the bench's: no padding, no mask
     tracker = pk.LiveBytes()
-    with pk._env("TRITON_INTERPRET", "1"), pk.triton_launches_skipped(), pk._fake_modules_movable(), \
+    with pk.env_set("TRITON_INTERPRET", "1"), pk.triton_launches_skipped(), pk.fake_modules_movable(), \
             _every_label_trained(), fake:
         model = setup_model(cfg, pm, None, for_training=True, device=torch.device("cpu"))
         model.train()
@@ -175,8 +175,8 @@ def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None =
             for value in state.values():
                 if isinstance(value, torch.Tensor):
                     tracker.known(value, "AdamW state")
-        relabels = pk._grad_labels(trained, tracker)
-        with tracker, pk.module_names(model, tracker), pk._PhaseOfRecompute(tracker, is_recomputing):
+        relabels = pk.grad_labels(trained, tracker)
+        with tracker, pk.module_names(model, tracker), pk.PhaseOfRecompute(tracker, is_recomputing):
             step()
         for handle in relabels:
             handle.remove()

@@ -9,7 +9,8 @@ forward ran, the innermost Plait source line and the op.
 :func:`fake_dpo_peak` runs one DPO step of a Llama (Plait's model set-up,
 plait-preference's objective, backward, clipping, AdamW) on fake tensors, so a
 GPU shape runs on a CPU in seconds, and returns the peak and its composition.
-``bench/preference_peak_cpu.py`` prints it; a test checks cuts with it.
+``bench/preference_peak_cpu.py`` prints it; a test checks cuts with it;
+``bench/moe_peak_cpu.py`` uses the same tracker for the MoE bench's SFT step.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def module_names(model, tracker: LiveBytes):
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str):
+def env_set(name: str, value: str):
     import os
 
     before = os.environ.get(name)
@@ -189,7 +190,7 @@ def triton_launches_skipped():
 
 
 @contextlib.contextmanager
-def _fake_modules_movable():
+def fake_modules_movable():
     """``module.to(...)`` of fake parameters by ``.data`` assignment: torch swaps
     fake parameters instead, which fails on a fake tensor (its mode holds a
     weak reference to each). Everything here is on the CPU; dtypes change."""
@@ -302,7 +303,7 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
     tracker = LiveBytes()
     # Plait picks its Triton paths on the CPU as on CUDA when told the kernels are interpreted
     # (plait_kernels.selection); no kernel runs either way (triton_launches_skipped)
-    with _env("TRITON_INTERPRET", "1"), triton_launches_skipped(), _fake_modules_movable(), fake:
+    with env_set("TRITON_INTERPRET", "1"), triton_launches_skipped(), fake_modules_movable(), fake:
         model = setup_model(cfg, pm, None, for_training=True, device=torch.device("cpu"))
         model.train()
         objective = PreferenceObjective(cfg, model)
@@ -351,8 +352,8 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
             for value in state.values():
                 if isinstance(value, torch.Tensor):
                     tracker.known(value, "AdamW state")
-        relabels = _grad_labels(trained, tracker)
-        phase_of = _PhaseOfRecompute(tracker, is_recomputing)
+        relabels = grad_labels(trained, tracker)
+        phase_of = PhaseOfRecompute(tracker, is_recomputing)
         with tracker, module_names(model, tracker), offloaded, phase_of:
             step()
         for handle in relabels:
@@ -370,7 +371,7 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
             "tokens": int(host_batch["input_ids"].numel())}
 
 
-def _grad_labels(trained, tracker: LiveBytes):
+def grad_labels(trained, tracker: LiveBytes):
     """Gradients made in the step count as ``LoRA gradients``: a hook on each
     parameter relabels its ``.grad`` once accumulated."""
     def relabel(param):
@@ -380,7 +381,7 @@ def _grad_labels(trained, tracker: LiveBytes):
     return [p.register_post_accumulate_grad_hook(relabel) for p in trained]
 
 
-class _PhaseOfRecompute:
+class PhaseOfRecompute:
     """Inside the backward, ``tracker.phase`` tells a checkpoint's recompute pass
     from the backward proper (read from core's :func:`is_recomputing` at each op)."""
 
