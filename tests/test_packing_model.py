@@ -298,7 +298,8 @@ def test_mask_checks_answered_on_the_host_keep_the_models_logits(model_dir):
     from transformers import masking_utils
 
     from plait.model.forward import forward_logits
-    from plait.model.mask_checks import answered_on_host, has_noted_padding, note_host_padding, takes_ids_only
+    from plait.model.host_copies import keep_host_copies
+    from plait.model.mask_checks import answered_on_host, host_has_padding, takes_ids_only
 
     model = load(model_dir, "sdpa")
     ids = torch.tensor([r["input_ids"] for r in random_rows(2, model.config.vocab_size, seed=3, min_len=12, max_len=12)])
@@ -307,8 +308,7 @@ def test_mask_checks_answered_on_the_host_keep_the_models_logits(model_dir):
     assert takes_ids_only({"input_ids": ids, "attention_mask": None})
     assert not takes_ids_only({"input_ids": ids, "position_ids": ids})
     with torch.no_grad():
-        for inputs in ({"input_ids": ids}, note_host_padding({"attention_mask": mask},
-                                                            {"input_ids": ids, "attention_mask": mask.clone()})):
+        for inputs in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": mask.clone()}):
             assert torch.equal(forward_logits(model, inputs).logits, model(**inputs).logits)
 
     packed_positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
@@ -324,16 +324,18 @@ def test_mask_checks_answered_on_the_host_keep_the_models_logits(model_dir):
     assert torch.equal(in_other_thread[0], found)  # the state is this thread's alone
     assert torch.equal(masking_utils.find_packed_sequence_indices(packed_positions), found)
 
-    # a noted padding mask: the answer comes without reading the mask (on the meta device a read raises)
+    # a moved mask whose host copy has padding: the answer comes without reading the mask (on the meta device a
+    # read raises)
     on_meta = {"input_ids": ids, "attention_mask": mask.to("meta").bool()}
-    note_host_padding({"attention_mask": mask}, on_meta)
+    keep_host_copies({"attention_mask": mask}, on_meta)
+    assert host_has_padding(on_meta["attention_mask"])
+    assert not host_has_padding(mask.to("meta"))  # no host copy kept: not known, transformers decides
     with answered_on_host(on_meta):
         assert masking_utils._ignore_causal_mask_sdpa(on_meta["attention_mask"], 12, 12, 0, 0) is False
     with pytest.raises(RuntimeError, match="meta"):
         masking_utils._ignore_causal_mask_sdpa(on_meta["attention_mask"], 12, 12, 0, 0)
-    # a mask of ones is never noted: transformers decides
+    # a mask of ones has no padding: transformers decides
     ones = {"input_ids": ids, "attention_mask": torch.ones_like(mask).bool()}
-    note_host_padding({"attention_mask": torch.ones_like(mask)}, ones)
-    assert not has_noted_padding(ones["attention_mask"])
+    assert not host_has_padding(ones["attention_mask"])
     with answered_on_host(ones):
         assert masking_utils._ignore_causal_mask_sdpa(ones["attention_mask"], 12, 12, 0, 0)

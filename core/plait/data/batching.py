@@ -135,16 +135,15 @@ def row_lengths(dataset) -> list[int]:
 def to_device(batch: dict, device) -> dict:
     """Move a collated batch to ``device``: tensors and ``BlockMask`` move
     (both have ``.to``), ints such as ``max_length_q`` stay as they are; see
-    :func:`move_to_device`. A 2-D padding mask with padding is noted as such
-    from the host tensor, so transformers' check of it reads nothing on the
-    device (:mod:`plait.model.mask_checks`); packed position ids keep their
-    host copy, where recurrent layers find the packed rows
-    (:func:`plait.model.forward.note_host_positions`)."""
-    from plait.model.forward import note_host_positions
-    from plait.model.mask_checks import note_host_padding
+    :func:`move_to_device`. The moved ``attention_mask`` and ``position_ids``
+    keep the CPU tensors they came from (:mod:`plait.model.host_copies`), so
+    transformers' padding check (:mod:`plait.model.mask_checks`) and the search
+    for packed rows (:func:`plait.model.forward.packed_segments`) read nothing
+    on the device."""
+    from plait.model.host_copies import keep_host_copies
 
     moved = {key: move_to_device(value, device) for key, value in batch.items()}
-    return note_host_positions(batch, note_host_padding(batch, moved))
+    return keep_host_copies(batch, moved)
 
 
 def move_to_device(value, device):

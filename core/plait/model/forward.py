@@ -854,22 +854,6 @@ class Segments:
     slot_of: object
 
 
-#: attribute of a device ``position_ids`` tensor holding the CPU tensor it was copied from (:func:`note_host_positions`)
-_HOST_TWIN = "_plait_host_twin"
-
-
-def note_host_positions(host_batch: dict, device_batch: dict) -> dict:
-    """Keep, on ``device_batch``'s ``position_ids``, the CPU tensor it was
-    copied from (``host_batch``'s), so :func:`packed_segments` finds the
-    packed rows on the host instead of reading the device; returns
-    ``device_batch``."""
-    host, moved = host_batch.get("position_ids"), device_batch.get("position_ids")
-    if host is not None and moved is not None and moved is not host and hasattr(host, "device") \
-            and host.device.type == "cpu" and moved.device.type != "cpu" and tuple(host.shape) == tuple(moved.shape):
-        setattr(moved, _HOST_TWIN, host)
-    return device_batch
-
-
 def packed_segments(position_ids) -> Segments:
     """The packed rows of a micro-batch, found where ``position_ids`` restart
     at 0 (core's collation restarts them per row and for the padding tail,
@@ -877,10 +861,12 @@ def packed_segments(position_ids) -> Segments:
 
     Finding them takes ``nonzero``, a maximum and ``repeat_interleave``: on a
     GPU each reads the device (the host waits for everything queued). Where
-    the batch's host copy was kept (:func:`note_host_positions`) they run on
+    the batch's host copy was kept (:mod:`plait.model.host_copies`) they run on
     it and the index tensors are copied to the device without waiting."""
-    host = getattr(position_ids, _HOST_TWIN, None)
-    if host is None:
+    from plait.model.host_copies import host_copy
+
+    host = host_copy(position_ids)
+    if host is None or host is position_ids:
         return _packed_segments(position_ids)
     seg = _packed_segments(host)
     device = position_ids.device

@@ -12,8 +12,8 @@ Plait knows both answers on the host, before the batch moves:
   packed rows (``(packed_sequence_mask[:, -1] == 0).all()``). For such
   positions its answer is ``None`` (one sequence per row), given here without
   reading them.
-* **a padding mask with padding** (a 2-D mask that, on the host, holds a 0:
-  :func:`note_host_padding`): SDPA's ``_ignore_causal_mask_sdpa`` reads the
+* **a padding mask with padding** (a 2-D mask whose host copy holds a 0:
+  :func:`host_has_padding`, :mod:`plait.model.host_copies`): SDPA's ``_ignore_causal_mask_sdpa`` reads the
   mask (``fast_all``, up to twice) to see whether it can drop it for
   ``is_causal``; with a masked position in a ``[batch, seq]`` mask over the
   whole query (no cache, no offset) its answer is ``False`` (keep the mask),
@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
+
+from plait.model.host_copies import host_copy
 
 _state = threading.local()
-#: device masks known (on the host, before they moved) to hold a masked position: id -> tensor
-_PADDED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def takes_ids_only(inputs: dict) -> bool:
@@ -44,21 +43,12 @@ def takes_ids_only(inputs: dict) -> bool:
         value is None for key, value in inputs.items() if key != "input_ids")
 
 
-def note_host_padding(host_batch: dict, device_batch: dict) -> dict:
-    """Remember that ``device_batch``'s ``attention_mask`` has padding when
-    ``host_batch``'s, a 2-D integer mask still on the CPU, holds a 0 (a check
-    on the host tensor); returns ``device_batch``."""
-    host, moved = host_batch.get("attention_mask"), device_batch.get("attention_mask")
-    if host is None or moved is None or not hasattr(host, "dim") or host.dim() != 2 \
-            or host.device.type != "cpu" or host.dtype.is_floating_point or tuple(moved.shape) != tuple(host.shape):
-        return device_batch
-    if bool((host == 0).any()):
-        _PADDED[id(moved)] = moved
-    return device_batch
-
-
-def has_noted_padding(mask) -> bool:
-    return mask is not None and _PADDED.get(id(mask)) is mask
+def host_has_padding(mask) -> bool:
+    """Whether ``mask``, a 2-D integer or bool padding mask, holds a masked
+    position, told by its copy on the host (the mask itself on the CPU, the
+    tensor it was copied from on a device); False where no host copy is known."""
+    host = host_copy(mask)
+    return host is not None and host.dim() == 2 and not host.dtype.is_floating_point and bool((host == 0).any())
 
 
 @contextlib.contextmanager
@@ -68,7 +58,7 @@ def answered_on_host(inputs: dict):
     ids_only = takes_ids_only(inputs)
     mask = inputs.get("attention_mask")
     padded_width = None
-    if has_noted_padding(mask) and mask.dim() == 2 and inputs.get("past_key_values") is None:
+    if host_has_padding(mask) and inputs.get("past_key_values") is None:
         padded_width = mask.shape[-1]
     if not (ids_only or padded_width) or not _install():
         yield
