@@ -10,7 +10,8 @@ forward ran, the innermost Plait source line and the op.
 plait-preference's objective, backward, clipping, AdamW) on fake tensors, so a
 GPU shape runs on a CPU in seconds, and returns the peak and its composition.
 ``bench/preference_peak_cpu.py`` prints it; a test checks cuts with it;
-``bench/moe_peak_cpu.py`` uses the same tracker for the MoE bench's SFT step.
+``bench/train_peak_cpu.py`` uses the same tracker for the SFT step of any bench shape
+(the MoE step, an 8B LoRA at long context).
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
     in bf16 in both), plait-kernels' Triton paths. Not modelled: CUDA's fused
     AdamW (here the per-parameter one; neither makes a large temporary) and
     the caching allocator's rounding. ``offload``: ``gradient_checkpointing:
-    offload``, its copies counted as :func:`_offload_counted` says.
+    offload``, its copies counted as :func:`offload_counted` says.
 
     Returns ``peak_bytes``, ``peak_at`` (the label of the allocation that
     reached it), ``groups`` (``[(name, bytes)]``, largest first, summing to the
@@ -327,7 +328,7 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.0, foreach=False)
         run = SimpleNamespace(model=model, device=torch.device("cpu"), pm=pm, cfg=cfg, dp_group=None)
-        offloaded = _offload_counted(tracker) if offload else contextlib.nullcontext()
+        offloaded = offload_counted(tracker) if offload else contextlib.nullcontext()
 
         def step():
             tracker.phase = "policy forward"
@@ -415,7 +416,7 @@ class _Parked:
 
 
 @contextlib.contextmanager
-def _offload_counted(tracker: LiveBytes):
+def offload_counted(tracker: LiveBytes):
     """``gradient_checkpointing: offload`` as the device sees it: what core's
     offloader copies to the host (a checkpointed layer's saved input, kept
     outputs) stops counting once saved, and comes back as a new device tensor
