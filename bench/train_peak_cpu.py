@@ -19,6 +19,11 @@ tensor's size is ``tokens * k`` rows whatever the experts chosen).
     .venv/bin/python bench/train_peak_cpu.py --shape 8b --micro-batch 1 --offload --max-seq 79
     .venv/bin/python bench/train_peak_cpu.py --shape 8b --calibrate   # the 8B steps measured on the H100
 
+With ``--offload`` the bytes parked in host memory (each checkpointed layer's
+input and the projections kept for its recompute) are not in the peak; their
+highest total is printed beside it (``host_peak_bytes``): the host's pinned
+memory can end a long sequence before the GPU's does.
+
 ``--max-seq GIB`` searches the longest sequence whose counted peak fits GIB
 (powers of two from ``--search-start``, then a bisection to a multiple of
 ``--granule``), as ``bench/long_context.py --max-seq-search`` does on the GPU
@@ -224,7 +229,7 @@ def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None =
     largest = sorted(((nbytes, tracker.labels[sid]) for sid, nbytes in live.items()), reverse=True)
     return {"peak_bytes": peak, "peak_at": tracker.labels[tracker.events[at][0]],
             "groups": sorted(groups.items(), key=lambda item: -item[1]), "largest": largest,
-            "phase_peaks": tracker.phase_peaks(), "tokens": int(ids.numel())}
+            "phase_peaks": tracker.phase_peaks(), "tokens": int(ids.numel()), "host_peak_bytes": tracker.host_peak}
 
 
 def search_max_seq(peak_of, budget_bytes: int, *, start: int = 16384, granule: int = 1024,
@@ -270,6 +275,8 @@ def search_max_seq(peak_of, budget_bytes: int, *, start: int = 16384, granule: i
 
 def report(result: dict, top: int) -> None:
     print(f"peak {result['peak_bytes'] / GiB:.3f} GiB, at: {result['peak_at']}")
+    if result.get("host_peak_bytes"):
+        print(f"  (offloaded to the host at most: {result['host_peak_bytes'] / GiB:.3f} GiB, not counted above)")
     for name, nbytes in result["groups"]:
         print(f"  {nbytes / GiB:7.3f} GiB  {name}")
     print("highest live bytes while each phase allocated:")

@@ -68,3 +68,20 @@ def test_a_quantized_base_is_refused(train_peak_cpu):
     with pytest.raises(ValueError, match="load_in_4bit"):
         train_peak_cpu.fake_sft_peak(throughput.SHAPES["smoke"], micro_batch=1, seq=64,
                                      keys={"adapter": "qlora", "load_in_4bit": True})
+
+
+def test_offload_moves_each_layer_input_off_the_count(train_peak_cpu):
+    # gradient_checkpointing: offload parks every checkpointed layer's input ([seq, hidden] bf16) in host
+    # memory: it is counted as host bytes (at least those inputs), none without offload. (At this 2-layer
+    # shape the device peak is not lower: the fetched copies outweigh the two parked inputs.)
+    pytest.importorskip("plait_kernels")
+    pytest.importorskip("plait_preference")
+    pytest.importorskip("triton")
+    import throughput
+
+    dims, seq = throughput.SHAPES["smoke"], 512
+    kept = train_peak_cpu.fake_sft_peak(dims, micro_batch=1, seq=seq, steps=1)
+    offloaded = train_peak_cpu.fake_sft_peak(dims, micro_batch=1, seq=seq, steps=1, offload=True)
+    layer_input = seq * dims["hidden_size"] * 2
+    assert kept["host_peak_bytes"] == 0
+    assert offloaded["host_peak_bytes"] >= dims["num_hidden_layers"] * layer_input

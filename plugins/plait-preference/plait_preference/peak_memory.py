@@ -48,6 +48,7 @@ class LiveBytes(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._next = 0
         self._host: set[int] = set()
+        self.host_bytes = self.host_peak = 0  # offloaded bytes live now and at most (host memory, not counted)
 
     # ------------------------------------------------------------ counting
 
@@ -68,6 +69,7 @@ class LiveBytes(TorchDispatchMode):
         self._refs.pop(sid, None)
         if sid in self._host:
             self._host.discard(sid)
+            self.host_bytes -= self.sizes[sid]
             return
         self.events.append((sid, -self.sizes[sid]))
 
@@ -80,6 +82,8 @@ class LiveBytes(TorchDispatchMode):
         if sid is not None and sid not in self._host:
             self._host.add(sid)
             self.events.append((sid, -self.sizes[sid]))
+            self.host_bytes += self.sizes[sid]
+            self.host_peak = max(self.host_peak, self.host_bytes)
 
     def label(self, op: str) -> str:
         where = ""
