@@ -17,6 +17,7 @@ tensor's size is ``tokens * k`` rows whatever the experts chosen).
     .venv/bin/python bench/train_peak_cpu.py --shape moe            # the MoE bench step (bench/moe_peak_cpu.py)
     .venv/bin/python bench/train_peak_cpu.py --shape 8b --micro-batch 1 --seq 16384 --offload
     .venv/bin/python bench/train_peak_cpu.py --shape 8b --micro-batch 1 --offload --max-seq 79
+    .venv/bin/python bench/train_peak_cpu.py --shape 8b --micro-batch 1 --offload --max-seq 79 --host-gib 100
     .venv/bin/python bench/train_peak_cpu.py --shape 8b --calibrate   # the 8B steps measured on the H100
 
 With ``--offload`` the bytes parked in host memory (each checkpointed layer's
@@ -232,19 +233,26 @@ def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None =
             "phase_peaks": tracker.phase_peaks(), "tokens": int(ids.numel()), "host_peak_bytes": tracker.host_peak}
 
 
-def search_max_seq(peak_of, budget_bytes: int, *, start: int = 16384, granule: int = 1024,
-                   report=print) -> tuple[int, dict[int, int]]:
+def search_max_seq(peak_of, budget_bytes: int, *, start: int = 16384, granule: int = 1024, report=print,
+                   host_of=None, host_budget_bytes: int | None = None) -> tuple[int, dict[int, int]]:
     """The longest multiple of ``granule`` whose ``peak_of(seq)`` (bytes) fits
     ``budget_bytes``: powers of two from ``start`` (up while they fit, down from
     ``start`` while it does not), then a bisection between the longest fitting
     and the shortest failing probe. Returns it (0 if not even ``granule`` fits)
-    and every probe's peak; ``report(line)`` is told each probe."""
+    and every probe's peak; ``report(line)`` is told each probe. With
+    ``host_of`` (called after ``peak_of``, same ``seq``) the host's bytes must
+    fit ``host_budget_bytes`` too (offloaded activations in pinned memory)."""
     peaks: dict[int, int] = {}
 
     def fits(seq: int) -> bool:
         peaks[seq] = peak_of(seq)
         ok = peaks[seq] <= budget_bytes
-        report(f"  seq {seq:7d}: peak {peaks[seq] / GiB:8.3f} GiB  {'fits' if ok else 'over'}")
+        line = f"  seq {seq:7d}: peak {peaks[seq] / GiB:8.3f} GiB"
+        if host_of is not None:
+            host = host_of(seq)
+            ok = ok and host <= host_budget_bytes
+            line += f", host {host / GiB:8.3f} GiB"
+        report(f"{line}  {'fits' if ok else 'over'}")
         return ok
 
     if fits(start):
@@ -300,6 +308,8 @@ def main(argv: list[str] | None = None, default_shape: str = "8b") -> int:
                         help="the model's max_position_embeddings (default max(4096, seq))")
     parser.add_argument("--max-seq", type=float, default=None, metavar="GIB",
                         help="search the longest sequence whose counted peak fits GIB")
+    parser.add_argument("--host-gib", type=float, default=None,
+                        help="with --max-seq, the offloaded bytes must fit this much host memory too")
     parser.add_argument("--search-start", type=int, default=16384, help="first probe of --max-seq")
     parser.add_argument("--granule", type=int, default=1024, help="--max-seq's answer is a multiple of this")
     parser.add_argument("--calibrate", action="store_true", help="also the configurations measured on the H100")
@@ -318,15 +328,18 @@ def main(argv: list[str] | None = None, default_shape: str = "8b") -> int:
     out = {"args": vars(args)}
     if args.max_seq is not None:
         print(f"shape {args.shape}, micro batch {micro_batch}, {checkpointing} checkpointing, keys {args.keys}: "
-              f"the longest sequence whose counted peak fits {args.max_seq} GiB")
+              f"the longest sequence whose counted peak fits {args.max_seq} GiB"
+              + (f" and whose offloaded bytes fit {args.host_gib} GiB of host memory" if args.host_gib else ""))
         results: dict[int, dict] = {}
 
         def probe(seq: int) -> int:
             results[seq] = peak_of(seq)
             return results[seq]["peak_bytes"]
 
+        host = None if args.host_gib is None else (lambda seq: results[seq]["host_peak_bytes"])  # noqa: E731
         longest, peaks = search_max_seq(probe, int(args.max_seq * GiB), start=args.search_start,
-                                        granule=args.granule)
+                                        granule=args.granule, host_of=host,
+                                        host_budget_bytes=None if args.host_gib is None else int(args.host_gib * GiB))
         print(f"longest fitting: {longest}")
         out.update(max_seq=longest, probe_peaks=peaks)
         if longest:

@@ -36,6 +36,13 @@ def test_search_finds_the_boundary_of_a_growing_peak(train_peak_cpu, budget):
         assert peak(64) > budget
 
 
+def test_search_with_a_host_budget_stops_where_the_host_is_full(train_peak_cpu):
+    # the device fits everything up to 10 MB; the host (2 bytes a token) only up to 3000 bytes: 1472
+    longest, _ = train_peak_cpu.search_max_seq(lambda seq: seq, 10**7, start=1024, granule=64, report=lambda _: None,
+                                               host_of=lambda seq: 2 * seq, host_budget_bytes=3000)
+    assert longest == 1472
+
+
 def test_search_on_counted_peaks_of_a_fake_step(train_peak_cpu):
     # the smoke shape's SFT LoRA step at micro batch 1 (one step: no AdamW state), counted on fake tensors:
     # a budget between the peaks at 512 and 1024 tokens gives 512, and 1024 (the next multiple) does not fit
