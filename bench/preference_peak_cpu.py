@@ -52,8 +52,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # Plait picks its Triton paths o
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-GiB = 2**30
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,6 +70,7 @@ def main() -> int:
 
     import preference_bench
     import throughput
+    import train_peak_cpu
 
     pairs = args.pairs or preference_bench.DEFAULT_MICRO_BATCH[args.shape]
     result = fake_dpo_peak(throughput.SHAPES[args.shape], setup_model, pairs=pairs, prompt=args.prompt,
@@ -79,15 +78,7 @@ def main() -> int:
                            lora_alpha=preference_bench.LORA_ALPHA, keys=json.loads(args.keys), offload=args.offload)
     print(f"shape {args.shape}, {pairs} pairs of {args.prompt} + {args.response} + {args.response}, "
           f"{'offload' if args.offload else 'default'} checkpointing; {result['tokens']} tokens a step")
-    print(f"peak {result['peak_bytes'] / GiB:.3f} GiB, at: {result['peak_at']}")
-    for name, nbytes in result["groups"]:
-        print(f"  {nbytes / GiB:7.3f} GiB  {name}")
-    print("highest live bytes while each phase allocated:")
-    for phase, nbytes in result["phase_peaks"].items():
-        print(f"  {nbytes / GiB:7.3f} GiB  {phase}")
-    print("largest live tensors at the peak:")
-    for nbytes, label in result["largest"][:args.top]:
-        print(f"  {nbytes / 2**20:9.1f} MiB  {label}")
+    train_peak_cpu.report(result, args.top)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"args": vars(args), **result}, indent=2))
     return 0

@@ -141,7 +141,6 @@ def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None =
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from plait.hookspecs import hookimpl
-    from plait.model.recompute import is_recomputing
     from plait.pipeline import setup_model
     from plait.testing import build_run_config
     from plait.train.loop import loss_of
@@ -189,48 +188,11 @@ def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None =
                               loss_fn=pm.hook.build_loss(cfg=cfg, model=model))
 
         def step():
-            tracker.phase = "policy forward"
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss_sum, n_tokens = loss_of(run, batch, training=True)
-            tracker.phase = "backward"
-            (loss_sum / (micro_batch * (seq - 1))).backward()
-            del loss_sum
-            tracker.phase = "optimizer"
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            pk.counted_step(tracker, lambda: loss_of(run, batch, training=True)[0] / (micro_batch * (seq - 1)),
+                            trained, optimizer)
 
-        for _ in range(steps - 1):
-            step()
-        for module in model.modules():
-            for tensor in module.parameters(recurse=False):
-                tracker.known(tensor, "LoRA parameters" if tensor.requires_grad else "weights (frozen)")
-            for tensor in module.buffers(recurse=False):
-                tracker.known(tensor, "buffers (rotary tables)")
-            folded = getattr(module, "_plait_folded_lora", None)
-            if folded is not None:  # the fold's buffers: the frozen expert weights are views of them
-                for tensor in (folded.gate_up, folded.down, folded.down_a):
-                    tracker.known(tensor, "weights (frozen)")
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    tracker.known(value, "AdamW state")
-        relabels = pk.grad_labels(trained, tracker)
-        offloaded = pk.offload_counted(tracker) if offload else contextlib.nullcontext()
-        with tracker, pk.module_names(model, tracker), pk.PhaseOfRecompute(tracker, is_recomputing), offloaded:
-            step()
-        for handle in relabels:
-            handle.remove()
-    peak, at = tracker.peak()
-    live = tracker.live_at(at)
-    groups: dict[str, int] = {}
-    for sid, nbytes in live.items():
-        name = pk.group_of(tracker.labels[sid])
-        groups[name] = groups.get(name, 0) + nbytes
-    largest = sorted(((nbytes, tracker.labels[sid]) for sid, nbytes in live.items()), reverse=True)
-    return {"peak_bytes": peak, "peak_at": tracker.labels[tracker.events[at][0]],
-            "groups": sorted(groups.items(), key=lambda item: -item[1]), "largest": largest,
-            "phase_peaks": tracker.phase_peaks(), "tokens": int(ids.numel()), "host_peak_bytes": tracker.host_peak}
+        result = pk.peak_of_step(tracker, model, optimizer, trained, step, steps, offload)
+    return {**result, "tokens": int(ids.numel())}
 
 
 def search_max_seq(peak_of, budget_bytes: int, *, start: int = 16384, granule: int = 1024, report=print,

@@ -276,7 +276,6 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
 
     from plait.hookspecs import hookimpl
     from plait.model.batch import drop_right_padding_mask
-    from plait.model.recompute import is_recomputing
     from plait.testing import build_run_config
     from plait_preference.objective import PreferenceObjective
 
@@ -332,37 +331,33 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.0, foreach=False)
         run = SimpleNamespace(model=model, device=torch.device("cpu"), pm=pm, cfg=cfg, dp_group=None)
-        offloaded = offload_counted(tracker) if offload else contextlib.nullcontext()
 
         def step():
-            tracker.phase = "policy forward"
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, metrics = objective.loss(run, host_batch, training=True)
-            tracker.phase = "backward"
-            (loss / units).backward()
-            del loss, metrics
-            tracker.phase = "optimizer"
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            counted_step(tracker, lambda: objective.loss(run, host_batch, training=True)[0] / units, trained,
+                         optimizer)
 
-        for _ in range(steps - 1):
-            step()
-        for module in model.modules():
-            for tensor in module.parameters(recurse=False):
-                tracker.known(tensor, "LoRA parameters" if tensor.requires_grad else "weights (frozen)")
-            for tensor in module.buffers(recurse=False):
-                tracker.known(tensor, "buffers (rotary tables)")
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    tracker.known(value, "AdamW state")
-        relabels = grad_labels(trained, tracker)
-        phase_of = PhaseOfRecompute(tracker, is_recomputing)
-        with tracker, module_names(model, tracker), offloaded, phase_of:
-            step()
-        for handle in relabels:
-            handle.remove()
+        result = peak_of_step(tracker, model, optimizer, trained, step, steps, offload)
+    return {**result, "tokens": int(host_batch["input_ids"].numel())}
+
+
+def peak_of_step(tracker: LiveBytes, model, optimizer, trained: list, step, steps: int, offload: bool) -> dict:
+    """Run ``step()`` ``steps - 1`` times uncounted (the optimizer's state
+    then exists), count what exists (:func:`count_model_and_optimizer`), run it
+    once more counted (recompute phases told apart, module names kept, the
+    offloader's host copies modelled with ``offload``), and return the peak,
+    what is live at it grouped and by tensor, each phase's high and the most
+    bytes parked on the host."""
+    from plait.model.recompute import is_recomputing
+
+    for _ in range(steps - 1):
+        step()
+    count_model_and_optimizer(tracker, model, optimizer)
+    relabels = grad_labels(trained, tracker)
+    offloaded = offload_counted(tracker) if offload else contextlib.nullcontext()
+    with tracker, module_names(model, tracker), offloaded, PhaseOfRecompute(tracker, is_recomputing):
+        step()
+    for handle in relabels:
+        handle.remove()
     peak, at = tracker.peak()
     live = tracker.live_at(at)
     groups: dict[str, int] = {}
@@ -372,8 +367,43 @@ def fake_dpo_peak(dims: dict, setup_model, *, pairs: int, prompt: int, response:
     largest = sorted(((nbytes, tracker.labels[sid]) for sid, nbytes in live.items()), reverse=True)
     return {"peak_bytes": peak, "peak_at": tracker.labels[tracker.events[at][0]],
             "groups": sorted(groups.items(), key=lambda item: -item[1]), "largest": largest,
-            "phase_peaks": tracker.phase_peaks(),
-            "tokens": int(host_batch["input_ids"].numel())}
+            "phase_peaks": tracker.phase_peaks(), "host_peak_bytes": tracker.host_peak}
+
+
+def counted_step(tracker: LiveBytes, loss_fn, trained: list, optimizer) -> None:
+    """One training step in the tracker's phases: ``loss_fn()``, the forward
+    under bf16 autocast, gives the loss to backpropagate; then the backward,
+    clipping and the optimizer's update."""
+    tracker.phase = "policy forward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn()
+    tracker.phase = "backward"
+    loss.backward()
+    del loss
+    tracker.phase = "optimizer"
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def count_model_and_optimizer(tracker: LiveBytes, model, optimizer) -> None:
+    """Count the storages a step finds made: the model's parameters (LoRA or
+    frozen) and buffers, the buffers of plait-kernels' folded experts (the
+    frozen expert weights are views of them: ``lora_experts_fold``) and the
+    optimizer's state."""
+    for module in model.modules():
+        for tensor in module.parameters(recurse=False):
+            tracker.known(tensor, "LoRA parameters" if tensor.requires_grad else "weights (frozen)")
+        for tensor in module.buffers(recurse=False):
+            tracker.known(tensor, "buffers (rotary tables)")
+        folded = getattr(module, "_plait_folded_lora", None)
+        if folded is not None:
+            for tensor in (folded.gate_up, folded.down, folded.down_a):
+                tracker.known(tensor, "weights (frozen)")
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                tracker.known(value, "AdamW state")
 
 
 def grad_labels(trained, tracker: LiveBytes):
