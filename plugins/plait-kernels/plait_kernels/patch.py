@@ -176,8 +176,8 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
         # both on by default: together 1.28x the unfolded path on an H100 (bench/RESULTS.md, stop 23); the fold
         # only where one process holds the whole model, as its buffers would outlive a sharding wrapper's
         combine = getattr(cfg, "moe_combine_kernel", None) is not False
-        fold = getattr(cfg, "lora_experts_fold", None) or (getattr(cfg, "lora_experts_fold", None) is None
-                                                           and runs_in_one_process())
+        asked_fold = getattr(cfg, "lora_experts_fold", None)
+        fold = asked_fold or (asked_fold is None and runs_in_one_process())
         weight_in_gate = getattr(cfg, "moe_weight_in_gate", None) is not False
         # the experts' SiLU gate by Plait's Triton GLU, unless plait_kernels asks for PyTorch code only
         triton_glu = cfg.plait_kernels != "torch"
