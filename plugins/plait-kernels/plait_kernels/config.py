@@ -73,6 +73,12 @@ class KernelsConfig(BaseModel):
                           "bias. Each token's rows are then summed unweighted, and the backward is one gather of the "
                           "output gradient, with the weights' gradient from the gate's backward. On by default "
                           "(fewer bytes and kernels: bench/moe_census.py); false keeps the weighted combine.")
+    lora_cast_once: Optional[bool] = Field(
+        None, description="In a training run, cast each float32 LoRA factor to the compute dtype once per optimizer "
+                          "step for the fused LoRA paths (kept until the step's update), instead of at every use: a "
+                          "checkpointed layer used them in its forward, recompute and backward, about 20 tiny "
+                          "kernels a layer a step. Same values. On by default with the fused LoRA paths; false "
+                          "casts at every use.")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

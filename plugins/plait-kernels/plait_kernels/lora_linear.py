@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from plait.model.recompute import keep_for_recompute, keeps_for_recompute, take_kept
+from plait_kernels.factor_casts import in_dtype, stacked
 
 
 def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -49,6 +50,12 @@ def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tens
 
     return dequantize_4bit(w, quant_state).to(dtype)
 
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(a @ b) * scale`` as one GEMM: the scale is applied to the accumulator
+    (``beta=0``: the uninitialised output is not read), no second pass."""
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=scale)
 
 
 def _frozen_base(base):
@@ -110,7 +117,7 @@ class LoRASharedInputFunction(torch.autograd.Function):
         dt = x.dtype
         projections = [parts[i:i + PARTS_PER_PROJECTION] for i in range(0, len(parts), PARTS_PER_PROJECTION)]
         ranks = [a.shape[0] for _, _, a, _, _ in projections]
-        a_all = torch.cat([a for _, _, a, _, _ in projections]).to(dt)
+        a_all = stacked([a for _, _, a, _, _ in projections], dt)
         xa = x @ a_all.t()  # one read of x for every A
         compiling = torch.compiler.is_compiling()
         # a checkpoint's recompute pass gets the outputs the forward parked in
@@ -125,7 +132,7 @@ class LoRASharedInputFunction(torch.autograd.Function):
             outputs, start = [], 0
             for (w, quant_state, _, b, scale), rank in zip(projections, ranks):
                 out = x @ dense_weight(w, quant_state, dt).t()
-                out.addmm_(xa[:, start:start + rank], b.to(dt).t(), alpha=scale)
+                out.addmm_(xa[:, start:start + rank], in_dtype(b, dt).t(), alpha=scale)
                 outputs.append(out)
                 start += rank
             if not compiling and keeps_for_recompute():
@@ -146,19 +153,23 @@ class LoRASharedInputFunction(torch.autograd.Function):
         weights, bs = rest[:n], rest[n:]
         dt = x.dtype
         d_x = None
-        coefs, d_bs, start = [], [], 0
+        # [dq @ B_q * s_q | dk @ B_k * s_k | ...], each block written by its scaled GEMM
+        coef = x.new_empty(x.shape[0], sum(ctx.ranks))
+        d_bs, start = [], 0
         for d_out, w, quant_state, b, scale, rank in zip(d_outs, weights, ctx.quant_states, bs, ctx.scales, ctx.ranks):
             d_out = d_out.contiguous()
             weight = dense_weight(w, quant_state, dt)
             # accumulate in place: no [tokens, in] temporary and add pass per projection
             d_x = d_out @ weight if d_x is None else d_x.addmm_(d_out, weight)
             del weight
-            coefs.append((d_out @ b.to(dt)).mul_(scale))
-            d_bs.append((d_out.t() @ xa[:, start:start + rank]).mul_(scale))
+            coef[:, start:start + rank].addmm_(d_out, in_dtype(b, dt), beta=0, alpha=scale)
+            d_bs.append(scaled_mm(d_out.t(), xa[:, start:start + rank], scale))
             start += rank
-        coef = torch.cat(coefs, dim=1)  # [tokens, sum of ranks]
         d_x.addmm_(coef, a_all)  # every LoRA A term of dx in one matmul
         d_a_all = coef.t() @ x
+        a_dtypes = {a_dtype for a_dtype, _ in ctx.param_dtypes}
+        if len(a_dtypes) == 1:  # one cast for every A's gradient (each a row block of it)
+            d_a_all = d_a_all.to(*a_dtypes)
         grads, start = [], 0
         for d_b, rank, (a_dtype, b_dtype) in zip(d_bs, ctx.ranks, ctx.param_dtypes):
             grads += [None, None, d_a_all[start:start + rank].to(a_dtype), d_b.to(b_dtype), None]

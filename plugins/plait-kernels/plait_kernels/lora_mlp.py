@@ -43,7 +43,8 @@ from __future__ import annotations
 import torch
 
 from plait.model.recompute import is_recomputing
-from plait_kernels.lora_linear import dense_weight, is_lora, lora_parts
+from plait_kernels.factor_casts import in_dtype, stacked
+from plait_kernels.lora_linear import dense_weight, is_lora, lora_parts, scaled_mm
 from plait_kernels.modules import PlaitGLUMLP
 
 
@@ -84,7 +85,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         dt = x.dtype
         tokens, hidden = x.shape
         inter = b_g.shape[0]
-        a_gu = torch.cat([a_g, a_u]).to(dt)
+        a_gu = stacked([a_g, a_u], dt)
         # x_wide = [x | x A_g.T | x A_u.T]: one read of x for both A's, and with
         # the stacked weight one matmul gives gate and up with their LoRA terms
         # (no add pass over the [tokens, 2 * intermediate] output)
@@ -98,7 +99,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         else:
             h = glu_forward(gate_up[:, :inter], gate_up[:, inter:], gelu)
             out = h @ dense_weight(w_d, q_d, dt).t()
-            out.addmm_(h @ a_d.to(dt).t(), b_d.to(dt).t(), alpha=s_d)
+            out.addmm_(h @ in_dtype(a_d, dt).t(), in_dtype(b_d, dt).t(), alpha=s_d)
             del h
         # the same tensors whether or not the output was skipped: a checkpoint's
         # recompute must save what the first forward saved (count, shapes, dtypes)
@@ -120,7 +121,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         hidden = x_wide.shape[1] - a_gu.shape[0]
         inter = gate_up.shape[1] // 2
         gate, up = gate_up[:, :inter], gate_up[:, inter:]
-        a_d, b_d = a_d.to(dt), b_d.to(dt)
+        a_d, b_d = in_dtype(a_d, dt), in_dtype(b_d, dt)
         d_out = d_out.contiguous()
 
         # down projection's input gradient
@@ -143,8 +144,8 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         h, d_h = d_h, None  # the buffer now holds h (one name, so `del h` frees it)
         # down projection's LoRA gradients
         ha = h @ a_d.t()  # [T, r_d], cheaper to redo from h than to keep across a checkpoint
-        d_b_d = (d_out.t() @ ha).mul_(s_d)
-        d_a_d = (d_out_b.t() @ h).mul_(s_d)
+        d_b_d = scaled_mm(d_out.t(), ha, s_d)
+        d_a_d = scaled_mm(d_out_b.t(), h, s_d)
         del h, ha
         # one matmul with the stacked weight: dx's base part, and in the last
         # r_g + r_u columns the LoRA coefficients [d_gate s_g B_g | d_up s_u B_u]
@@ -158,6 +159,8 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         d_b_g = d_b_gu[:inter, :r_g].mul(s_g)
         d_b_u = d_b_gu[inter:, r_g:].mul(s_u)
         dtypes = ctx.param_dtypes
+        if dtypes[0] == dtypes[2]:
+            d_a_gu = d_a_gu.to(dtypes[0])  # both A gradients in one cast
         return (d_x, None, None, d_a_gu[:r_g].to(dtypes[0]), d_b_g.to(dtypes[1]), None,
                 None, None, d_a_gu[r_g:].to(dtypes[2]), d_b_u.to(dtypes[3]), None,
                 None, None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None, None)

@@ -39,6 +39,19 @@ def patch_model(cfg, model):
 
 
 @hookimpl
+def install_step_hooks(cfg, model, optimizer, step_of):
+    """Cast the LoRA factors once per optimizer step while the run trains
+    (:mod:`plait_kernels.factor_casts`), unless ``lora_cast_once: false``. Held
+    whatever else is on: only the fused LoRA paths ask the cache, so without them
+    it stays empty."""
+    if cfg.lora_cast_once is False or cfg.plait_kernels == "off":
+        return None
+    from plait_kernels.factor_casts import hold_for_run
+
+    return [hold_for_run(optimizer)]
+
+
+@hookimpl
 def build_loss(cfg, model):
     """The fused linear + cross-entropy when the loss piece has a kernel backend;
     ``None`` (core's chunked loss) otherwise."""
