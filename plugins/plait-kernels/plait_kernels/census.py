@@ -13,6 +13,7 @@ without a GPU (``bench/moe_census.py``), which is what it is for.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,14 +21,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-#: aten ops that only make views or read metadata: no kernel on a device
-_NO_KERNEL = {
-    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
-    "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes", "chunk", "unbind", "view_as",
-    "_reshape_alias", "lift_fresh", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
-    "size", "stride", "numel", "dim", "is_contiguous", "empty", "empty_like", "empty_strided", "new_empty",
-    "new_empty_strided", "_local_scalar_dense", "item", "result_type", "_to_copy_meta",
-}
+from plait.launches import NO_KERNEL_OPS, triton_runs_replaced
+
+#: aten ops that launch no kernel (views, metadata, allocations), and reads of a value on the host
+#: (``.item()``): on a GPU a copy to the host, no kernel of the device's and no traffic worth comparing
+#: (``bench/preference_host_cpu.py`` counts them, as the syncs they are)
+_NO_KERNEL = NO_KERNEL_OPS | {"_local_scalar_dense", "item"}
 
 #: matmul ops whose FLOPs are counted
 _MATMULS = {"mm", "bmm", "addmm", "matmul", "_grouped_mm", "grouped_mm", "linear", "baddbmm"}
@@ -114,38 +113,20 @@ def counting(big_rows: int = 0):
     the yielded :class:`Census` (``big_rows``: see there)."""
     census = Census(big_rows=big_rows)
     mode = _Counting(census)
-    restore = _count_triton_launches(census, mode)
-    try:
-        with mode:
-            yield census
-    finally:
-        restore()
+    with triton_runs_replaced(functools.partial(_counted_launch, census, mode)), mode:
+        yield census
 
 
-def _count_triton_launches(census: Census, mode: _Counting):
-    """Count each interpreted Triton launch as one kernel (the interpreter's own
+def _counted_launch(census: Census, mode: _Counting, run, kernel, *args, grid, warmup, **kwargs):
+    """An interpreted Triton launch counts as one kernel (the interpreter's own
     tensor copies are not counted: they stand for the kernel's reads)."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    census.record(f"triton:{kernel.fn.__name__}", tensors)
+    mode.paused = True
     try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return lambda: None
-    run = InterpretedFunction.run
-
-    def counted(self, *args, grid, warmup, **kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        census.record(f"triton:{self.fn.__name__}", tensors)
-        mode.paused = True
-        try:
-            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
-        finally:
-            mode.paused = False
-
-    InterpretedFunction.run = counted
-
-    def restore():
-        InterpretedFunction.run = run
-
-    return restore
+        return run(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+    finally:
+        mode.paused = False
 
 
 @contextlib.contextmanager
