@@ -25,6 +25,8 @@ import os
 import subprocess
 import sys
 
+from plait.launches import triton_runs_replaced
+
 #: launch keywords that are compile options, not kernel arguments
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
 
@@ -44,24 +46,18 @@ def _describe(value):
 def recording_launches():
     """Inside: every interpreted kernel launch is run as usual and noted in the
     yielded list as ``{"module", "kernel", "args", "options"}``."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     launches: list[dict] = []
-    run = InterpretedFunction.run
 
-    def recording(self, *args, grid, warmup, **kwargs):
-        named = dict(zip(self.arg_names, args))
+    def recording(run, kernel, *args, grid, warmup, **kwargs):
+        named = dict(zip(kernel.arg_names, args))
         named.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
-        launches.append({"module": self.fn.__module__, "kernel": self.fn.__name__,
+        launches.append({"module": kernel.fn.__module__, "kernel": kernel.fn.__name__,
                          "args": {k: _describe(v) for k, v in named.items()},
                          "options": {k: kwargs[k] for k in _OPTIONS if k in kwargs}})
-        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return run(kernel, *args, grid=grid, warmup=warmup, **kwargs)
 
-    InterpretedFunction.run = recording
-    try:
+    with triton_runs_replaced(recording):
         yield launches
-    finally:
-        InterpretedFunction.run = run
 
 
 #: torch dtype name -> Triton pointer element type
