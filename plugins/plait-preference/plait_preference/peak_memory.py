@@ -26,6 +26,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from plait.launches import triton_runs_replaced
+
 #: frames of these packages name where a tensor was made (the innermost one wins)
 _OWN_CODE = re.compile(r"/(plait|plait_[a-z_]+)/([a-z_/]+)\.py$")
 
@@ -176,22 +178,11 @@ def env_set(name: str, value: str):
             os.environ[name] = before
 
 
-@contextlib.contextmanager
 def triton_launches_skipped():
     """Triton kernels launched as no-ops, interpreted or compiled: on fake
     tensors there is nothing to compute, and a kernel only writes into tensors
     torch has allocated."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    runs = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
-    for cls in runs:
-        cls.run = lambda self, *args, **kwargs: None
-    try:
-        yield
-    finally:
-        for cls, run in runs.items():
-            cls.run = run
+    return triton_runs_replaced(lambda run, kernel, *args, **kwargs: None, compiled=True)
 
 
 @contextlib.contextmanager
