@@ -88,14 +88,19 @@ class LiveBytes(TorchDispatchMode):
             self.host_peak = max(self.host_peak, self.host_bytes)
 
     def label(self, op: str) -> str:
-        where = ""
+        # the innermost frame of Plait's code, and when that is a helper (not a
+        # module's or autograd function's forward/backward) also the one that called it:
+        # "plait_kernels/lora_linear.py:scaled_mm < plait_kernels/lora_mlp.py:backward"
+        places = []
         frame = sys._getframe(2)
-        while frame is not None:
+        while frame is not None and len(places) < 2:
             found = _OWN_CODE.search(frame.f_code.co_filename)
             if found and not frame.f_code.co_filename.endswith("peak_memory.py"):
-                where = f"{found.group(1)}/{found.group(2)}.py:{frame.f_code.co_name}"
-                break
+                places.append(f"{found.group(1)}/{found.group(2)}.py:{frame.f_code.co_name}")
+                if frame.f_code.co_name in ("forward", "backward"):
+                    break
             frame = frame.f_back
+        where = " < ".join(places)
         module = self.modules[-1] if self.modules else ""
         return f"{self.phase} | {module} | {where} | {op}"
 
