@@ -77,8 +77,9 @@ class KernelsConfig(BaseModel):
         None, description="In a training run, cast each float32 LoRA factor to the compute dtype once per optimizer "
                           "step for the fused LoRA paths (kept until the step's update), instead of at every use: a "
                           "checkpointed layer used them in its forward, recompute and backward, about 20 tiny "
-                          "kernels a layer a step. Same values. On by default with the fused LoRA paths; false "
-                          "casts at every use.")
+                          "kernels a layer a step. Same values. On by default in a single-process run (with several "
+                          "processes, where a sharding wrapper may free parameters within a step, each use casts); "
+                          "false casts at every use.")
     torch_compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation).")
     torch_compile_backend: Optional[str] = Field(None, description="torch.compile backend (default inductor).")
     torch_compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune",

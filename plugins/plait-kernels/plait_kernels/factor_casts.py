@@ -9,8 +9,10 @@ launch the host pays for (a slow host left the GPU idle half of a 1B DPO step;
 ``bench/RESULTS.md``). Inside a training run the factors change only at the
 optimizer's update, so one cast per factor per step gives the same values.
 
-The training loop turns the cache on for the run (:func:`hold_for_run`, through
-plait-kernels' ``install_step_hooks``) and every optimizer step empties it;
+The training loop turns the cache on for a single-process run
+(:func:`hold_for_run`, through plait-kernels' ``install_step_hooks``; with
+several processes a sharding wrapper frees and gathers parameters within a
+step, and each use casts as before) and every optimizer step empties it;
 elsewhere (evaluation outside training, tests, a user's own loop) each call
 casts as before. A cached copy is also checked against its source's version
 counter and storage, so an in-place change within a step is never missed, and
@@ -23,7 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-#: cache key (where the sources' values live, the dtype) -> (the sources' versions, the cast or stacked tensor)
+#: cache key (where the sources' values live, the dtype) -> (the sources' versions, the cast or stacked
+#: tensor, the sources)
 _copies: dict[tuple, tuple] = {}
 _holders = 0
 
@@ -54,7 +57,9 @@ def stacked(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     hit = _copies.get(key)
     if hit is not None and hit[0] == state:
         return hit[1]
-    out = _copies[key] = (state, _cast(parts, dtype))
+    # the entry holds its sources: while it lives their memory cannot be handed to
+    # another tensor, so an equal key is the same memory, not a reuse of its address
+    out = _copies[key] = (state, _cast(parts, dtype), tuple(parts))
     return out[1]
 
 

@@ -40,11 +40,15 @@ def patch_model(cfg, model):
 
 @hookimpl
 def install_step_hooks(cfg, model, optimizer, step_of):
-    """Cast the LoRA factors once per optimizer step while the run trains
-    (:mod:`plait_kernels.factor_casts`), unless ``lora_cast_once: false``. Held
-    whatever else is on: only the fused LoRA paths ask the cache, so without them
-    it stays empty."""
-    if cfg.lora_cast_once is False or cfg.plait_kernels == "off":
+    """Cast the LoRA factors once per optimizer step while a single-process run
+    trains (:mod:`plait_kernels.factor_casts`), unless ``lora_cast_once: false``.
+    Held whatever else is on: only the fused LoRA paths ask the cache, so
+    without them it stays empty."""
+    from plait_kernels.patch import runs_in_one_process
+
+    # several processes: a sharding wrapper (FSDP) frees and gathers parameters
+    # within a step, so a factor's memory does not stay its own; each use casts there
+    if cfg.lora_cast_once is False or cfg.plait_kernels == "off" or not runs_in_one_process():
         return None
     from plait_kernels.factor_casts import hold_for_run
 

@@ -91,3 +91,18 @@ def test_a_factor_changed_in_place_within_a_step_is_cast_again():
     assert not factor_casts._holders and not factor_casts._copies
     with torch.no_grad():  # no run holds it: each call casts
         assert factor_casts.in_dtype(w, torch.bfloat16) is not factor_casts.in_dtype(w, torch.bfloat16)
+
+
+@pytest.mark.parametrize("world_size, cast_once, held", [("1", None, True), ("1", False, False), ("2", None, False)])
+def test_the_cache_is_held_by_single_process_runs_that_leave_it_on(monkeypatch, world_size, cast_once, held):
+    # with several processes FSDP frees and gathers parameters within a step: no cache there
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+    cfg = SimpleNamespace(lora_cast_once=cast_once, plait_kernels="auto")
+    handles = kernels_plugin.install_step_hooks(cfg=cfg, model=None, optimizer=opt, step_of=lambda: 0)
+    assert bool(handles) == held and bool(factor_casts._holders) == held
+    for handle in handles or ():
+        handle.remove()
+    assert not factor_casts._holders
