@@ -7,16 +7,29 @@ import torch
 
 from plait.launches import NO_KERNEL_OPS, triton_runs_replaced
 
-triton = pytest.importorskip("triton")
-tl = pytest.importorskip("triton.language")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+# Triton is imported inside the tests, never at collection: Triton picks compiled or interpreted
+# for its own library functions (tl.sum, ...) when it is first imported, and plait-kernels'
+# conftest sets TRITON_INTERPRET=1 while the suite is collected. Imported here first, a worker
+# would get compiled library functions that every interpreted kernel then fails to call.
 
 
-def _add_one(x_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.arange(0, BLOCK)
-    keep = offsets < n
-    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=keep) + 1, mask=keep)
+def _triton():
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return InterpretedFunction, JITFunction
+
+
+def _add_one_kernel():
+    import triton.language as tl
+
+    def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.arange(0, BLOCK)
+        keep = offsets < n
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=keep) + 1, mask=keep)
+
+    return _add_one
 
 
 def test_views_and_allocations_launch_nothing_and_a_matmul_does():
@@ -28,7 +41,8 @@ def test_views_and_allocations_launch_nothing_and_a_matmul_does():
 
 
 def test_an_interpreted_launch_goes_through_the_replacement_and_still_runs():
-    kernel = InterpretedFunction(_add_one)
+    InterpretedFunction, _ = _triton()
+    kernel = InterpretedFunction(_add_one_kernel())
     seen = []
 
     def noting(run, launched, *args, **kwargs):
@@ -44,6 +58,7 @@ def test_an_interpreted_launch_goes_through_the_replacement_and_still_runs():
 
 
 def test_triton_run_is_put_back_when_the_body_raises():
+    InterpretedFunction, JITFunction = _triton()
     interpreted, compiled = InterpretedFunction.run, JITFunction.run
     with pytest.raises(RuntimeError, match="body failed"):
         with triton_runs_replaced(lambda run, kernel, *args, **kwargs: None, compiled=True):
