@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from plait.launches import triton_runs_replaced
 
-#: frames of these packages name where a tensor was made (the innermost one wins)
+#: frames of these packages name where a tensor was made (the innermost one, with its caller when a helper: see label)
 _OWN_CODE = re.compile(r"/(plait|plait_[a-z_]+)/([a-z_/]+)\.py$")
 
 
