@@ -18,6 +18,20 @@ if "OMP_NUM_THREADS" not in os.environ:
     if "torch" in sys.modules:  # imported before this file (by a pytest plugin): its pool is already sized
         sys.modules["torch"].set_num_threads(1)
 
+# Triton kernels run by its interpreter on a machine without CUDA. Triton decides between compiling and
+# interpreting when it defines a kernel, its own library functions (tl.sum, ...) included, at its first
+# import: set here, before any test module is collected, so that no collection order can give a worker
+# compiled library functions that interpreted kernels then cannot call (plait-kernels' conftest sets it
+# too, for its suite run alone). Without CUDA only the interpreter can run a kernel at all.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
+
 # Files that each cost 10 to 80 CPU seconds (gloo launches, kill-and-resume runs, Triton kernels
 # interpreted on the CPU), heaviest first as measured on 2 cores (about 690 CPU s for the whole suite,
 # 400 of them in subprocesses). They are handed out first, so that no worker is left with a long file
