@@ -52,10 +52,12 @@ def dense_weight(w: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tens
 
 
 
-def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``(a @ b) * scale`` as one GEMM: the scale is applied to the accumulator
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(a @ b) * scale`` as one GEMM, into ``out`` (e.g. a block of columns of a
+    wider buffer) or a new tensor: the scale is applied to the accumulator
     (``beta=0``: the uninitialised output is not read), no second pass."""
-    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=scale)
+    out = a.new_empty(a.shape[0], b.shape[1]) if out is None else out
+    return out.addmm_(a, b, beta=0, alpha=scale)
 
 
 def _frozen_base(base):
@@ -162,7 +164,7 @@ class LoRASharedInputFunction(torch.autograd.Function):
             # accumulate in place: no [tokens, in] temporary and add pass per projection
             d_x = d_out @ weight if d_x is None else d_x.addmm_(d_out, weight)
             del weight
-            coef[:, start:start + rank].addmm_(d_out, in_dtype(b, dt), beta=0, alpha=scale)
+            scaled_mm(d_out, in_dtype(b, dt), scale, out=coef[:, start:start + rank])
             d_bs.append(scaled_mm(d_out.t(), xa[:, start:start + rank], scale))
             start += rank
         d_x.addmm_(coef, a_all)  # every LoRA A term of dx in one matmul
