@@ -82,9 +82,8 @@ class _Hold:
     def __init__(self, optimizer: torch.optim.Optimizer):
         global _holders
         _holders += 1
-        # before and after each update: nothing cast from the old factors outlives it
-        self._hooks = [optimizer.register_step_pre_hook(lambda *_: clear()),
-                       optimizer.register_step_post_hook(lambda *_: clear())]
+        # after each update: nothing cast from the old factors reaches the next forward
+        self._hook = optimizer.register_step_post_hook(lambda *_: clear())
         self._held = True
 
     def remove(self) -> None:
@@ -92,8 +91,7 @@ class _Hold:
         if self._held:
             self._held = False
             _holders -= 1
-            for hook in self._hooks:
-                hook.remove()
+            self._hook.remove()
             clear()
 
 
