@@ -29,20 +29,16 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before plait_kernels defines its kernels
 
-    import peft
     import torch
-    from transformers import AutoModelForCausalLM
 
     from plait.testing import make_tiny_model
     from plait_kernels import factor_casts
     from plait_kernels.census import counting
     from plait_kernels.patch import patch
+    from plait_kernels.testing import lora_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = AutoModelForCausalLM.from_pretrained(make_tiny_model(Path(tmp) / "llama"), dtype=torch.bfloat16)
-    model.config.use_cache = False
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+        model = lora_model(make_tiny_model(Path(tmp) / "llama"), torch.bfloat16, "cpu")  # r 4 on every linear
     cfg = type("Cfg", (), {"torch_compile": False, "plugin_manager": None})()
     report = patch(cfg, model, dict(rms_norm="triton", rope="triton", glu="triton", loss=None))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
