@@ -6,9 +6,6 @@ two micro-batches a step): ``lora_cast_once`` on and off give bit-identical
 losses, and on, each factor group is cast once per optimizer step.
 """
 
-import json
-from types import SimpleNamespace
-
 import pytest
 
 pytest.importorskip("omegaconf")
@@ -17,38 +14,25 @@ pytest.importorskip("peft")
 import torch  # noqa: E402
 
 import plait_kernels.plugin as kernels_plugin  # noqa: E402
-from plait.testing import build_run_config, make_tiny_model  # noqa: E402
+from plait.testing import make_tiny_model  # noqa: E402
 from plait_kernels import factor_casts  # noqa: E402
-
-
-def _rows(n=2, length=12, vocab=300):
-    from datasets import Dataset
-
-    gen = torch.Generator().manual_seed(0)
-    ids = [torch.randint(6, vocab, (length // 2,), generator=gen).tolist() * 2 for _ in range(n)]
-    labels = [[-100] * (length // 2) + row[length // 2:] for row in ids]
-    return Dataset.from_dict({"input_ids": ids, "labels": labels, "attention_mask": [[1] * length] * n})
+from plait_kernels.testing import loop_losses  # noqa: E402
 
 
 def _train(model_dir, out_dir, monkeypatch, cast_once):
     """Per-step losses of two steps, and the casts ``factor_casts`` made."""
     import plait_peft.plugin as peft_plugin
-    from plait.train.loop import train
 
     casts = []
     cast = factor_casts._cast
     monkeypatch.setattr(factor_casts, "_cast", lambda parts, dtype: casts.append(len(parts)) or cast(parts, dtype))
     monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
-    cfg, pm = build_run_config({
-        "base_model": str(model_dir), "output_dir": str(out_dir), "plait_kernels": "triton", "torch_dtype": "bfloat16",
-        "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_linear": True,
-        "micro_batch_size": 1, "gradient_accumulation_steps": 2, "gradient_checkpointing": True, "max_steps": 2,
-        "learning_rate": 1e-2, "lr_scheduler": "constant", "sequence_len": 16, "seed": 0, "val_set_size": 0,
-        "lora_cast_once": cast_once,
-    }, plugins=[kernels_plugin, peft_plugin])
-    train(cfg, pm, data=SimpleNamespace(train=_rows(), eval=None))
-    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m["loss"] for m in metrics if "loss" in m], casts
+    losses = loop_losses(model_dir, out_dir, {
+        "plait_kernels": "triton", "torch_dtype": "bfloat16", "adapter": "lora", "lora_r": 4, "lora_alpha": 8,
+        "lora_dropout": 0.0, "lora_target_linear": True, "gradient_accumulation_steps": 2,
+        "gradient_checkpointing": True, "max_steps": 2, "lora_cast_once": cast_once,
+    }, plugins=[peft_plugin], rows=2)
+    return losses, casts
 
 
 @pytest.mark.slow

@@ -6,46 +6,21 @@ per-step losses must match a ``plait_kernels: torch`` run of the same seed and
 data, and go down.
 """
 
-import json
-from types import SimpleNamespace
-
 import pytest
 
 pytest.importorskip("omegaconf")  # core's config stack (absent on bare GPU images)
 
 import torch  # noqa: E402
 
-import plait_kernels.plugin as kernels_plugin  # noqa: E402
-from plait.testing import build_run_config, make_tiny_model  # noqa: E402
-
-
-def _rows(n=1, length=12, vocab=300, seed=0):
-    from datasets import Dataset
-
-    gen = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(6, vocab, (length,), generator=gen).tolist() for _ in range(n)]
-    # a copy task the model can learn: the second half repeats the first. One
-    # short row, seen every step: the interpreter is slow, and
-    # the loss on a fixed batch must fall
-    ids = [row[: length // 2] * 2 for row in ids]
-    labels = [[-100] * (length // 2) + row[length // 2:] for row in ids]
-    return Dataset.from_dict({"input_ids": ids, "labels": labels, "attention_mask": [[1] * length] * n})
+from plait.testing import make_tiny_model  # noqa: E402
+from plait_kernels.testing import loop_losses  # noqa: E402
 
 
 def _train(model_dir, out_dir, mode, monkeypatch, keys=None, plugins=(), rows=1):
     """Per-step losses of three steps through core's loop with ``plait_kernels: mode``;
     ``keys`` add to (or override) the shared config, ``plugins`` to plait-kernels."""
-    from plait.train.loop import train
-
     monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
-    cfg, pm = build_run_config({
-        "base_model": str(model_dir), "output_dir": str(out_dir), "plait_kernels": mode,
-        "micro_batch_size": 1, "max_steps": 3, "learning_rate": 1e-2,
-        "lr_scheduler": "constant", "sequence_len": 16, "seed": 0, "val_set_size": 0, **(keys or {}),
-    }, plugins=[kernels_plugin, *plugins])
-    train(cfg, pm, data=SimpleNamespace(train=_rows(n=rows), eval=None))
-    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m["loss"] for m in metrics if "loss" in m]
+    return loop_losses(model_dir, out_dir, {"plait_kernels": mode, **(keys or {})}, plugins, rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run; the GPU is covered by test_model_patch")
