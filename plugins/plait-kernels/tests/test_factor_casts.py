@@ -16,17 +16,15 @@ import torch  # noqa: E402
 import plait_kernels.plugin as kernels_plugin  # noqa: E402
 from plait.testing import make_tiny_model  # noqa: E402
 from plait_kernels import factor_casts  # noqa: E402
-from plait_kernels.testing import loop_losses  # noqa: E402
 
 
-def _train(model_dir, out_dir, monkeypatch, cast_once):
+def _train(model_dir, out_dir, monkeypatch, loop_losses, cast_once):
     """Per-step losses of two steps, and the casts ``factor_casts`` made."""
     import plait_peft.plugin as peft_plugin
 
     casts = []
     cast = factor_casts._cast
     monkeypatch.setattr(factor_casts, "_cast", lambda parts, dtype: casts.append(len(parts)) or cast(parts, dtype))
-    monkeypatch.setenv("PLAIT_LOAD_PLUGINS", "")
     losses = loop_losses(model_dir, out_dir, {
         "plait_kernels": "triton", "torch_dtype": "bfloat16", "adapter": "lora", "lora_r": 4, "lora_alpha": 8,
         "lora_dropout": 0.0, "lora_target_linear": True, "gradient_accumulation_steps": 2,
@@ -37,10 +35,10 @@ def _train(model_dir, out_dir, monkeypatch, cast_once):
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter run")
-def test_casting_once_a_step_trains_bit_identically(tmp_path, monkeypatch):
+def test_casting_once_a_step_trains_bit_identically(tmp_path, monkeypatch, loop_losses):
     model_dir = make_tiny_model(tmp_path / "model")
-    every_use, casts_every_use = _train(model_dir, tmp_path / "every", monkeypatch, False)
-    once, casts_once = _train(model_dir, tmp_path / "once", monkeypatch, True)
+    every_use, casts_every_use = _train(model_dir, tmp_path / "every", monkeypatch, loop_losses, False)
+    once, casts_once = _train(model_dir, tmp_path / "once", monkeypatch, loop_losses, True)
     assert len(once) == 2 and once == every_use  # the same float32 values, to the bit
     assert not factor_casts._holders and not factor_casts._copies  # the run let go of the cache
     # per layer and step: the stacked q/k/v A, o's A, each B of q/k/v/o, the MLP's stacked
