@@ -38,6 +38,14 @@ class KernelsConfig(BaseModel):
                           "liger's with liger_glu_activation); needs a CUDA device.")
     lora_mlp_kernel: Optional[bool] = Field(
         None, description="The fused LoRA GLU MLP (on by default with Plait's Triton kernels; false turns it off).")
+    lora_mlp_fold: Optional[bool] = Field(
+        None, description="In the fused LoRA MLP (lora_mlp_kernel), keep gate and up's stacked weight "
+                          "[[W_g, s B_g, 0], [W_u, 0, s B_u]] in one persistent buffer whose first columns the frozen "
+                          "base weights become views of (r_g + r_u columns more memory), so each call writes only the "
+                          "LoRA B columns instead of copying both base weights, in the forward, the recompute and the "
+                          "backward. Same values; peft's parameters, saved adapters and merges are unchanged. Dense "
+                          "bases only (a 4-bit base is dequantized per use). On by default in a single-process run "
+                          "(with several processes true asks for it); false builds the weight per call.")
     lora_qkv_kernel: Optional[bool] = Field(
         None, description="The fused LoRA q/k/v projections (on by default with Plait's Triton kernels).")
     lora_o_kernel: Optional[bool] = Field(

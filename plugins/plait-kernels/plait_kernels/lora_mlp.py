@@ -13,9 +13,11 @@ inputs, and for each output a LoRA product, a scaling pass and an add pass over
       [gate | up] = x_wide @ W_wide.T
 
   so no pass over the ``[tokens, intermediate]`` outputs adds a LoRA product.
-  The widened input and weight are built per call (``ops/stack.py``, vectorized
-  row copies), which is cheaper: at Llama shapes ``x`` is a quarter as wide as
-  each output, and the weight is far smaller than the outputs. In backward ``[d_gate | d_up] @ W_wide``
+  The widened input is built per call (``ops/stack.py``, vectorized row
+  copies), which is cheaper: at Llama shapes ``x`` is a quarter as wide as
+  each output. The stacked weight is a persistent buffer whose first columns
+  the base weights are views of (``lora_mlp_fold``, :mod:`plait_kernels.lora_mlp_fold`;
+  each call writes only its ``B`` columns), else built per call. In backward ``[d_gate | d_up] @ W_wide``
   gives ``dx``'s base part and both LoRA coefficients in one matmul, and both
   ``dB`` come from one more read of ``[d_gate | d_up]``;
 - the down projection's LoRA product is accumulated into its output by
@@ -45,16 +47,21 @@ import torch
 from plait.model.recompute import is_recomputing
 from plait_kernels.factor_casts import in_dtype, stacked
 from plait_kernels.lora_linear import dense_weight, is_lora, lora_parts, scaled_mm
+from plait_kernels.lora_mlp_fold import FOLD_ATTRIBUTE
 from plait_kernels.modules import PlaitGLUMLP
 
 
-def _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dtype) -> torch.Tensor:
+def _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dtype, fold=None) -> torch.Tensor:
     """``[[W_g, s_g B_g, 0], [W_u, 0, s_u B_u]]``: gate's and up's base and LoRA ``B``
     weights as one ``[2 * intermediate, hidden + r_g + r_u]`` matrix, so that
-    ``[x | x A_g.T | x A_u.T] @ it.T`` is ``[gate | up]`` with LoRA included."""
+    ``[x | x A_g.T | x A_u.T] @ it.T`` is ``[gate | up]`` with LoRA included. With
+    the MLP's :class:`~plait_kernels.lora_mlp_fold.StackedGateUp` still backing the
+    bases, that buffer with the current ``B`` written in; else a new tensor."""
     from plait_kernels.ops.nf4 import dequantize_nf4_, dequantizes
     from plait_kernels.ops.stack import empty_gate_up, fill_gate_up_, gate_up_weight
 
+    if fold is not None and q_g is None and q_u is None and fold.backs(w_g, w_u, b_g, b_u, dtype):
+        return fold.with_factors(b_g, b_u, s_g, s_u)
     if q_g is not None and dequantizes(w_g, q_g) and dequantizes(w_u, q_u):
         # 4-bit bases dequantized straight into their blocks: no dense temporary, no copy
         inter, hidden = q_g.shape
@@ -73,12 +80,13 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
     ``[out, r]`` and scaling ``s``. ``x`` is ``[tokens, hidden]``. With
     ``skip_output`` (a checkpoint's recompute pass, whose output is discarded)
     neither the activation nor the down projection is computed, and the output
-    is left uninitialised.
+    is left uninitialised. ``fold``: the MLP's persistent stacked gate/up weight
+    (:mod:`plait_kernels.lora_mlp_fold`), used where it still backs the bases.
     """
 
     @staticmethod
     def forward(ctx, x, w_g, q_g, a_g, b_g, s_g, w_u, q_u, a_u, b_u, s_u, w_d, q_d, a_d, b_d, s_d, gelu,
-                skip_output=False):
+                skip_output=False, fold=None):
         from plait_kernels.ops.glu import glu_forward
         from plait_kernels.ops.stack import copy_rows_
 
@@ -92,7 +100,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         x_wide = x.new_empty(tokens, hidden + a_gu.shape[0])
         copy_rows_(x_wide[:, :hidden], x)
         torch.mm(x, a_gu.t(), out=x_wide[:, hidden:])
-        gate_up = x_wide @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt).t()
+        gate_up = x_wide @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt, fold).t()
         if skip_output:
             # nothing of the activation is needed: backward gets h from its GLU kernel
             out = x.new_empty(tokens, b_d.shape[0])
@@ -105,7 +113,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         # recompute must save what the first forward saved (count, shapes, dtypes)
         ctx.save_for_backward(x_wide, gate_up, w_g, b_g, w_u, b_u, w_d, a_gu, a_d, b_d)
         ctx.quant_states = (q_g, q_u, q_d)
-        ctx.scales, ctx.r_g, ctx.gelu = (s_g, s_u, s_d), a_g.shape[0], gelu
+        ctx.scales, ctx.r_g, ctx.gelu, ctx.fold = (s_g, s_u, s_d), a_g.shape[0], gelu, fold
         ctx.param_dtypes = (a_g.dtype, b_g.dtype, a_u.dtype, b_u.dtype, a_d.dtype, b_d.dtype)
         return out
 
@@ -149,7 +157,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
         del h, ha
         # one matmul with the stacked weight: dx's base part, and in the last
         # r_g + r_u columns the LoRA coefficients [d_gate s_g B_g | d_up s_u B_u]
-        d_x_wide = d_gate_up @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt)
+        d_x_wide = d_gate_up @ _gate_up_weight(w_g, q_g, b_g, s_g, w_u, q_u, b_u, s_u, dt, ctx.fold)
         coef = d_x_wide[:, hidden:]
         d_x = torch.addmm(d_x_wide[:, :hidden], coef, a_gu)  # both LoRA A terms of dx in one matmul
         d_a_gu = coef.t() @ x_wide[:, :hidden]
@@ -163,7 +171,7 @@ class LoRAGLUMLPFunction(torch.autograd.Function):
             d_a_gu = d_a_gu.to(dtypes[0])  # both A gradients in one cast
         return (d_x, None, None, d_a_gu[:r_g].to(dtypes[0]), d_b_g.to(dtypes[1]), None,
                 None, None, d_a_gu[r_g:].to(dtypes[2]), d_b_u.to(dtypes[3]), None,
-                None, None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None, None)
+                None, None, d_a_d.to(dtypes[4]), d_b_d.to(dtypes[5]), None, None, None, None)
 
 
 def is_lora_mlp(mlp) -> bool:
@@ -188,5 +196,6 @@ class PlaitLoRAGLUMLP(PlaitGLUMLP):
             return super().forward(x)  # peft's own modules, with the GLU kernel
         flat = x.reshape(-1, x.shape[-1])
         skip = self.output_feeds_residual and is_recomputing() and not torch.compiler.is_compiling()
-        out = LoRAGLUMLPFunction.apply(flat, *parts[0], *parts[1], *parts[2], self.gelu, skip)
+        fold = getattr(self, FOLD_ATTRIBUTE, None)
+        out = LoRAGLUMLPFunction.apply(flat, *parts[0], *parts[1], *parts[2], self.gelu, skip, fold)
         return out.view(*x.shape[:-1], out.shape[-1])

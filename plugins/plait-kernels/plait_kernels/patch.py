@@ -18,6 +18,7 @@ from torch import nn
 from plait_kernels.backends import get_backend
 from plait_kernels.lora_linear import is_lora
 from plait_kernels.lora_mlp import PlaitLoRAGLUMLP, is_lora_mlp
+from plait_kernels.lora_mlp_fold import fold_gate_up
 from plait_kernels.modules import (GATED_NORM_CLASSES, ROPE_ATTENTION_CLASSES, PlaitGatedRMSNorm, PlaitGLUMLP,
                                    PlaitRMSNorm, gated_norm_group_size, rope_attention_class)
 
@@ -123,6 +124,10 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
     norm_class, offset, mlp_class, activation = (targets.norm_class, targets.norm_offset, targets.mlp_class,
                                                  targets.activation)
     report: Counter = Counter()
+    # on by default where one process holds the whole model: a sharding wrapper would copy the
+    # weights out of the kept buffer and leave it holding an unsharded copy
+    asked_mlp_fold = getattr(cfg, "lora_mlp_fold", None)
+    fold_mlp = asked_mlp_fold or (asked_mlp_fold is None and runs_in_one_process())
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
         if chosen.get("rms_norm_gated") and kind in GATED_NORM_CLASSES:
@@ -141,6 +146,8 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
                 new = PlaitLoRAGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu,
                                       f"{backend} lora_{activation}_mlp", gelu=activation == "geglu",
                                       output_feeds_residual=targets.mlp_output_feeds_residual)
+                if fold_mlp:
+                    fold_gate_up(new)  # the stacked gate/up weight kept: no per-call copy of both bases
                 op = f"lora_{activation}_mlp"
             else:
                 new = PlaitGLUMLP(module.gate_proj, module.up_proj, module.down_proj, glu, f"{backend} {activation}")

@@ -118,7 +118,7 @@ def _checkpointed_skip_flags(model, device, feeds_residual=None):
     model.train()
     with CountCalls(lora_mlp.LoRAGLUMLPFunction) as calls:
         result = loss_and_lora_grads(model, _ids(model, device))
-    return result, [args[-1] for args in calls.args]
+    return result, [args[-2] for args in calls.args]  # apply(..., gelu, skip_output, fold)
 
 
 def test_recompute_skips_the_down_projection_and_gradients_stay_exact(tiny_dir, device):
