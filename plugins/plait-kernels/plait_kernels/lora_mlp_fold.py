@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 #: the attribute of a fused LoRA MLP holding its :class:`StackedGateUp`
 FOLD_ATTRIBUTE = "stacked_gate_up"
@@ -52,16 +53,17 @@ class StackedGateUp:
         gate_proj.base_layer.weight = nn.Parameter(self.buffer[:inter, :hidden], requires_grad=w_g.requires_grad)
         up_proj.base_layer.weight = nn.Parameter(self.buffer[inter:, :hidden], requires_grad=w_u.requires_grad)
         self.views = (gate_proj.base_layer.weight, up_proj.base_layer.weight)
+        # what backs() compares, worked out once: it runs twice a layer a call
+        self._fake = is_fake(self.buffer)
+        self._where = tuple(_memory(view, self._fake) for view in self.views)
 
     def backs(self, w_g, w_u, b_g, b_u, dtype) -> bool:
         """Whether this call's gate/up weights are still the buffer's views, at
         the ranks and in the compute dtype it was made for."""
-        buffer = self.buffer
-        inter = buffer.shape[0] // 2
         view_g, view_u = self.views
         return (w_g is view_g and w_u is view_u and (b_g.shape[1], b_u.shape[1]) == self.ranks
-                and buffer.dtype == dtype and w_g.dtype == dtype and w_u.dtype == dtype
-                and _views_of(w_g, buffer, 0) and _views_of(w_u, buffer, inter)
+                and w_g.dtype == dtype and w_u.dtype == dtype
+                and (_memory(w_g, self._fake), _memory(w_u, self._fake)) == self._where
                 and not torch.compiler.is_compiling())
 
     def with_factors(self, b_g, b_u, s_g: float, s_u: float) -> torch.Tensor:
@@ -71,16 +73,13 @@ class StackedGateUp:
         return fill_gate_up_(self.buffer, b_g, b_u, s_g, s_u)
 
 
-def _views_of(weight, buffer, first_row: int) -> bool:
-    """Whether ``weight`` is still the buffer's block of rows from ``first_row``
-    (``param.data = ...`` re-points a parameter without changing its identity)."""
-    if weight.device != buffer.device or weight.stride() != buffer.stride():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-
-    if is_fake(weight):  # a fake tensor has no memory to compare (bench/*_peak_cpu.py count on them)
-        return weight.storage_offset() == buffer.storage_offset() + first_row * buffer.stride(0)
-    return weight.data_ptr() == buffer[first_row:].data_ptr()
+def _memory(weight, fake: bool) -> tuple:
+    """Where ``weight``'s values are: ``param.data = ...`` (a safe merge, a move to
+    another device or dtype) re-points a parameter without changing its identity.
+    A fake tensor (bench/*_peak_cpu.py count on them) has no address: its offset
+    and strides in a storage stand in."""
+    where = weight.storage_offset() if fake else weight.data_ptr()
+    return where, weight.stride(), weight.is_cuda
 
 
 def foldable(mlp) -> str | None:
