@@ -196,6 +196,7 @@ class PlaitLoRAGLUMLP(PlaitGLUMLP):
             return super().forward(x)  # peft's own modules, with the GLU kernel
         flat = x.reshape(-1, x.shape[-1])
         skip = self.output_feeds_residual and is_recomputing() and not torch.compiler.is_compiling()
-        fold = getattr(self, FOLD_ATTRIBUTE, None)
+        # a compiled layer's trace gets the per-call build: the kept buffer is written in place
+        fold = None if torch.compiler.is_compiling() else getattr(self, FOLD_ATTRIBUTE, None)
         out = LoRAGLUMLPFunction.apply(flat, *parts[0], *parts[1], *parts[2], self.gelu, skip, fold)
         return out.view(*x.shape[:-1], out.shape[-1])
