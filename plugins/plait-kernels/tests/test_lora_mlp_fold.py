@@ -66,18 +66,25 @@ def test_the_bases_become_views_of_one_buffer_with_their_values(tiny_dir, device
         assert torch.equal(gate, w_g) and torch.equal(up, w_u)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
 @pytest.mark.parametrize("fold", [None, False])
-def test_no_call_copies_the_bases_when_folded(tiny_dir, device, fold):
-    """Folded, no forward or backward makes a ``[2 * inter, hidden + r_g + r_u]`` tensor;
-    built per call (``lora_mlp_fold: false``) the forward and the backward each make one."""
+def test_no_call_copies_the_bases_when_folded(tiny_dir, device, fold, checkpointed):
+    """Folded, no forward, recompute or backward makes a ``[2 * inter, hidden + r_g + r_u]``
+    tensor (the backward gets the parameters themselves back from autograd, so the buffer's
+    check holds there too); built per call (``lora_mlp_fold: false``) each of them makes one."""
+    from plait.model.recompute import enable_gradient_checkpointing
+
     model = _patched(lora_model(tiny_dir, torch.float32, device, targets=MLP_ONLY), fold)
+    if checkpointed:
+        enable_gradient_checkpointing(model, True)
+        model.train()
     config = model.config
-    layers = config.num_hidden_layers
+    layers, passes = config.num_hidden_layers, 3 if checkpointed else 2
     with StackedWeights((2 * config.intermediate_size, config.hidden_size + 2 * RANK)) as stacked:
         with CountCalls(lora_mlp.LoRAGLUMLPFunction) as calls:
             loss_and_lora_grads(model, _ids(model, device))
-    assert calls.count == layers  # the fused path ran
-    assert stacked.made == (0 if fold is None else 2 * layers)
+    assert calls.count == layers * (passes - 1)  # the fused path ran (forward, and the recompute)
+    assert stacked.made == (0 if fold is None else passes * layers)
 
 
 def test_folded_equals_peft_and_a_replaced_weight_takes_the_per_call_build(tiny_dir, device):
