@@ -134,6 +134,24 @@ def test_exact_backends_plait_lacks_are_substituted_with_a_note(tmp_path):
     assert result.exit_code == 0 and "note: attn_implementation: xformers -> sdpa" in result.stdout
 
 
+def test_xformers_attention_switch_is_sdpa_with_a_note(tmp_path):
+    """Axolotl's boolean xformers_attention asks for the same exact attention as attn_implementation:
+    xformers; together with another backend it is one choice too many."""
+    assert _cfg(xformers_attention=True).attn_implementation == "sdpa"
+    assert _cfg(xformers_attention=False).attn_implementation == "sdpa"  # the default: nothing asked
+    result = _validate(tmp_path, xformers_attention=True)
+    assert result.exit_code == 0 and "note: attn_implementation: xformers -> sdpa" in result.stdout
+    with pytest.raises(ConfigError, match="xformers_attention: true and flash_attention both choose"):
+        _cfg(xformers_attention=True, flash_attention=True)
+
+
+def test_chunked_cross_entropy_is_accepted_as_what_plait_always_does(tmp_path):
+    cfg = _cfg(chunked_cross_entropy=True, chunked_cross_entropy_num_chunks=8)
+    assert sorted(cfg.ignored_keys) == ["chunked_cross_entropy", "chunked_cross_entropy_num_chunks"]
+    result = _validate(tmp_path, chunked_cross_entropy=True)
+    assert result.exit_code == 0, result.stderr
+
+
 def test_dtype_switches_set_torch_dtype():
     assert _cfg(bfloat16=True).torch_dtype == "bfloat16"
     assert _cfg(float16=True).torch_dtype == "float16"

@@ -31,6 +31,10 @@ RENAMED_KEYS: dict[str, str] = {
     "noisy_embedding_alpha": "neftune_noise_alpha",
 }
 
+#: Axolotl's older boolean attention switches Plait has no flag for -> the attn_implementation they ask for
+#: (then substituted like that value: xformers' memory-efficient attention is exact, SDPA computes the same)
+ATTENTION_SWITCHES: dict[str, str] = {"xformers_attention": "xformers"}
+
 #: Axolotl's switches for the dtype the weights load in -> Plait's torch_dtype value
 DTYPE_SWITCHES: dict[str, str] = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -56,6 +60,10 @@ NO_OP_KEYS: dict[str, str] = {
     "flex_attn_compile_kwargs": "Plait compiles flex attention's kernel with its own settings (speed only)",
     "fused_attn_kernel": "a speed-only fusion of q/k norm and rotary in one Triton kernel; Plait runs the model's "
                          "own norm and rotary, which compute the same",
+    "chunked_cross_entropy": "Plait's loss step is always chunked (the head and cross-entropy over chunks of the "
+                             "trained tokens, never the [tokens, vocab] logits): the memory saving it asks for",
+    "chunked_cross_entropy_num_chunks": "Plait's loss step chooses its own chunk size (its memory does not grow "
+                                        "with the vocabulary)",
     "include_tokens_per_second": "Plait logs tokens per second on every step",
     "include_tkps": "Plait logs tokens per second on every step",
     # keys Axolotl's examples still carry but its schema no longer has (Axolotl ignores them too)
@@ -78,7 +86,6 @@ LACKING_KEYS: dict[str, str] = {
     "ebft": "EBFT training is not implemented",
     "relora": "ReLoRA is not implemented",
     "s2_attention": "shifted-sparse attention is not implemented",
-    "xformers_attention": "xformers attention is not used; use attn_implementation: sdpa or flash_attention_2",
     "sage_attention": "SageAttention is not used; use attn_implementation: sdpa or flash_attention_2",
     "lora_on_cpu": "LoRA weights live on the training device",
     "nvfp4_merge_aware": "merge-aware NVFP4 LoRA (fake-quantizing base + LoRA to the NVFP4 grid of a ModelOpt "
@@ -99,7 +106,6 @@ LACKING_KEYS: dict[str, str] = {
     "use_pose": "PoSE is not implemented",
     "max_packed_sequence_len": "Axolotl itself refuses it ('no longer supported'): its old concatenating packing is "
                                "sample_packing: true with sequence_len as the packed length",
-    "chunked_cross_entropy": "Plait's loss is always chunked: leave the key out",
     "layer_offloading": "offloading layer weights is not implemented; fsdp_config offload_params does it under FSDP2",
     "sequence_parallel_degree": "use context_parallel_size (plait-parallel)",
     "liger_use_token_scaling": "liger's token-scaled cross-entropy is not implemented",

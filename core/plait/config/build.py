@@ -14,10 +14,10 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, create_model
 
-from plait.model.names import substitute_attention
+from plait.model.names import ATTENTION_FLAGS, substitute_attention
 from plait.model.transformers_kernels import apply_axolotl_experts_flags
-from plait.config.axolotl_keys import (DTYPE_SWITCHES, NO_OP_KEYS, RENAMED_KEYS, asks_for_nothing, is_axolotl_key,
-                                       lacking_reason)
+from plait.config.axolotl_keys import (ATTENTION_SWITCHES, DTYPE_SWITCHES, NO_OP_KEYS, RENAMED_KEYS, asks_for_nothing,
+                                       is_axolotl_key, lacking_reason)
 from plait.config.plugin_keys import unloaded_key_owners
 from plait.config.problems import Problems
 from plait.config.schema import CoreConfig
@@ -141,6 +141,14 @@ def _sort_keys(raw: dict, cls: type[BaseModel], pm, problems: Problems, allow_un
     known = set(cls.model_fields)
     owners = None
     ignored, unsupported = [], []
+    for switch, backend in ATTENTION_SWITCHES.items():
+        if raw.pop(switch, None):  # Axolotl's xformers_attention: true is attn_implementation: xformers
+            chosen = raw.get("attn_implementation") or next(
+                (flag for flag in ATTENTION_FLAGS.values() if raw.get(flag)), None)
+            if chosen is not None:
+                problems.add("value", f"{switch}: true and {chosen} both choose the attention backend; keep one")
+            else:
+                raw["attn_implementation"] = backend
     backend, note = substitute_attention(raw.get("attn_implementation"))
     if note:
         raw["attn_implementation"] = backend
