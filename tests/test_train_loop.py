@@ -498,3 +498,20 @@ def test_lora_run_stopped_and_resumed_in_process_saves_the_same_adapter(tiny_mod
     assert (tmp_path / "stopped" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
     assert logged(resumed) == logged(whole)
+
+
+def test_save_first_step_writes_a_checkpoint_after_step_one_that_resumes(tiny_model, tmp_path):
+    """Axolotl's save_first_step: a checkpoint after step 1 besides the save_steps ones; with
+    the deferred read (fused AdamW) step 1 is read before it is saved, and a run resumed
+    from checkpoint-1 ends with the uninterrupted run's adapter."""
+    keys = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "learning_rate": 1e-2,
+            "micro_batch_size": 4, "max_steps": 4, "save_steps": 3, "save_first_step": True}
+    rows = data(16, 4)
+    whole = run_train({**keys, "output_dir": str(tmp_path / "whole")}, rows, plugins=[FusedAdamW()])
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-3"]
+    resumed = run_train({**keys, "output_dir": str(tmp_path / "resumed"),
+                         "resume_from_checkpoint": str(tmp_path / "whole" / "checkpoint-1")}, rows,
+                        plugins=[FusedAdamW()])
+    assert resumed.step == 4
+    assert (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()

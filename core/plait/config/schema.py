@@ -455,6 +455,9 @@ class CoreConfig(StrictModel):
     save_steps: Optional[Union[int, float]] = Field(
         None, description="Write a checkpoint every this many steps (a value below 1: that fraction of the run).")
     saves_per_epoch: Optional[int] = Field(None, ge=0, description="Write this many checkpoints per epoch (0: none).")
+    save_first_step: bool = Field(
+        False, description="Also write a checkpoint after the first step, whatever else decides when to save "
+                           "(Axolotl's key: shows within a step that this config's checkpoints save and resume).")
     eval_strategy: Optional[Literal["no", "steps", "epoch"]] = Field(
         None, description="When to evaluate, transformers' meaning: no (never, not even at the end), steps (every "
                           "eval_steps; unset: every logging_steps, as in transformers) or epoch (evals_per_epoch: 1). "

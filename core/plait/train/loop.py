@@ -480,7 +480,7 @@ def train_epochs(run: Run) -> None:
                     if stop_early(run, metrics):
                         return
                 # save_strategy: best saves after an evaluation that beat every earlier one
-                saved = bool(save_every and run.step % save_every == 0) or improved
+                saved = saves_after(cfg, run.step, save_every) or improved
                 if saved:
                     # event plugins (W&B's wandb_log_model: checkpoint) read it at the next on_step_end/on_train_end
                     run.saved_checkpoint = checkpoint.save_checkpoint(run)
@@ -507,9 +507,15 @@ def must_read_now(run: Run, index: int, n_windows: int, eval_every, save_every) 
     step, signals, lisa = run.step, run.signals, run.lisa
     return bool(step >= run.total_steps or index == n_windows - 1
                 or (eval_every and step % eval_every == 0 and run.eval_data is not None)
-                or (save_every and step % save_every == 0)
+                or saves_after(run.cfg, step, save_every)
                 or run.stop_requested or (signals is not None and signals.received)
                 or (lisa is not None and lisa.switches_before(step)))
+
+
+def saves_after(cfg, step: int, save_every) -> bool:
+    """Whether the loop writes a checkpoint after ``step``: every ``save_every``
+    steps, and after the first one with ``save_first_step``."""
+    return bool(save_every and step % save_every == 0) or (cfg.save_first_step and step == 1)
 
 
 def switch_lisa_layers(run: Run) -> None:
