@@ -152,6 +152,18 @@ def test_chunked_cross_entropy_is_accepted_as_what_plait_always_does(tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_axolotl_hints_and_launcher_keys_are_named_no_ops_and_type_of_model_is_model_type():
+    keys = {"is_llama_derived_model": True, "is_mistral_derived_model": False, "gradio_title": "demo",
+            "gradio_server_port": 7860, "world_size": 2, "ddp": True, "sample_packing_eff_est": 0.9,
+            "pad_to_multiple_of": 8, "torch_empty_cache_steps": 10, "gc_steps": 5, "dataset_keep_in_memory": True,
+            "is_preprocess": True, "axolotl_config_path": "c.yml"}
+    cfg = _cfg(**keys, type_of_model="AutoModelForCausalLM")
+    assert sorted(cfg.ignored_keys) == sorted(keys)
+    assert cfg.model_type == "AutoModelForCausalLM"
+    with pytest.raises(ConfigError, match="type_of_model .*model_type.* both set"):
+        _cfg(type_of_model="AutoModelForCausalLM", model_type="LlamaForCausalLM")
+
+
 def test_dtype_switches_set_torch_dtype():
     assert _cfg(bfloat16=True).torch_dtype == "bfloat16"
     assert _cfg(float16=True).torch_dtype == "float16"

@@ -29,6 +29,7 @@ RENAMED_KEYS: dict[str, str] = {
     "model_kwargs": "overrides_of_model_kwargs",
     "liger_swiglu": "liger_glu_activation",
     "noisy_embedding_alpha": "neftune_noise_alpha",
+    "type_of_model": "model_type",
 }
 
 #: Axolotl's older boolean attention switches Plait has no flag for -> the attn_implementation they ask for
@@ -66,6 +67,25 @@ NO_OP_KEYS: dict[str, str] = {
                                         "with the vocabulary)",
     "include_tokens_per_second": "Plait logs tokens per second on every step",
     "include_tkps": "Plait logs tokens per second on every step",
+    "world_size": "set by the launcher (torchrun), read from the environment",
+    "ddp": "Axolotl works it out from the launcher's environment; Plait reads the same",
+    "is_preprocess": "set by Axolotl's preprocess command for its own use; `plait preprocess CONFIG` is Plait's",
+    "axolotl_config_path": "set by Axolotl's CLI to the config file it read",
+    "sample_packing_eff_est": "Axolotl's estimate of the packing efficiency for counting steps; Plait packs first "
+                              "and counts the real bins",
+    "dataset_keep_in_memory": "whether tokenized rows stay in memory or in the memory-mapped cache changes nothing "
+                              "that trains",
+    "pad_to_multiple_of": "a padded length for speed only; Plait pads each batch to its longest row, and padding "
+                          "never trains",
+    "torch_empty_cache_steps": "Plait does not empty the CUDA cache on a schedule: the caching allocator keeps its "
+                               "blocks for reuse, which changes nothing that trains",
+    "gc_steps": "Plait freezes what was built before training out of the garbage collector's walks, so its "
+                "collections stay short; a forced collection every N steps changes nothing that trains",
+    **{f"is_{family}_derived_model": "Axolotl's older hint of the model family; Plait reads the architecture from "
+                                     "the model's config.json"
+       for family in ("llama", "mistral", "qwen", "falcon")},
+    **{f"gradio_{name}": "a setting of Axolotl's Gradio inference UI; training does not read it"
+       for name in ("max_new_tokens", "server_name", "server_port", "share", "temperature", "title")},
     # keys Axolotl's examples still carry but its schema no longer has (Axolotl ignores them too)
     "base_model_ignore_patterns": "Axolotl no longer reads it (a hub download filter)",
     "adam_eps": "Axolotl ignores it too (its key is adam_epsilon)",
