@@ -16,7 +16,8 @@ log = logging.getLogger("plait.peft")
 #: adapter (``lora_model_dir``) brings its own values and these keys are not used
 SAVED_SHAPE_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
                     "lora_target_modules": "target_modules", "peft_use_dora": "use_dora",
-                    "peft_use_rslora": "use_rslora"}
+                    "peft_use_rslora": "use_rslora", "lora_rank_pattern": "rank_pattern",
+                    "lora_alpha_pattern": "alpha_pattern"}
 
 
 def linear_targets(cfg, model) -> list[str]:
@@ -254,7 +255,10 @@ def keys_differing_from_saved_adapter(cfg, adapter_dir) -> list[str]:
 
 def keep_adapter_in_compute_dtype(cfg) -> bool:
     """Adapters stay float32 under autocast, the safe default; with ``bf16: full``
-    the user asked for pure bfloat16, so the adapter follows the base."""
+    the user asked for pure bfloat16, so the adapter follows the base, as it does
+    with ``peft_autocast_adapter_dtype: false``."""
+    if cfg.peft_autocast_adapter_dtype is not None:
+        return not cfg.peft_autocast_adapter_dtype
     return cfg.bf16 == "full"
 
 
@@ -306,6 +310,10 @@ def attach_lora(cfg, model):
         modules_to_save=cfg.lora_modules_to_save,
         fan_in_fan_out=cfg.lora_fan_in_fan_out,
         layers_to_transform=cfg.peft_layers_to_transform,
+        layers_pattern=cfg.peft_layers_pattern,
+        rank_pattern=cfg.lora_rank_pattern or {},
+        alpha_pattern=cfg.lora_alpha_pattern or {},
+        init_lora_weights=True if cfg.peft_init_lora_weights is None else cfg.peft_init_lora_weights,
         use_dora=cfg.peft_use_dora,
         use_rslora=cfg.peft_use_rslora,
         bias="none",

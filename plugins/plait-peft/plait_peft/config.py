@@ -51,6 +51,25 @@ class PeftKeys(BaseModel):
     lora_fan_in_fan_out: bool = Field(
         False, description="peft's fan_in_fan_out: the base layers store weights transposed (GPT-2 style Conv1D).")
     peft_layers_to_transform: Optional[list[int]] = Field(None, description="Only adapt these layer indices.")
+    peft_layers_pattern: Optional[Union[str, list[str]]] = Field(
+        None, description="The name of the module list peft_layers_to_transform indexes (e.g. layers), for a "
+                          "model whose layer list peft does not know (peft's layers_pattern).")
+    lora_rank_pattern: Optional[dict[str, int]] = Field(
+        None, description="Per-module LoRA ranks overriding lora_r, by module name or regex, e.g. {down_proj: 8} "
+                          "(peft's rank_pattern).")
+    lora_alpha_pattern: Optional[dict[str, float]] = Field(
+        None, description="Per-module LoRA alphas overriding lora_alpha, by module name or regex (peft's "
+                          "alpha_pattern).")
+    peft_init_lora_weights: Optional[Union[bool, str]] = Field(
+        None, description="How the adapter starts (peft's init_lora_weights): true (peft's default: A Kaiming, "
+                          "B zero, so training starts from the base model), gaussian (A Gaussian scaled by the "
+                          "rank, B zero) or false (A and B random: the adapter changes the model from the start; "
+                          "for tests). Initialisations that rewrite the base weights (pissa, olora, ...) are not "
+                          "offered: a saved adapter would then not apply to the original base.")
+    peft_autocast_adapter_dtype: Optional[bool] = Field(
+        None, description="Keep the adapter weights in float32 while the base is in bf16/fp16 (peft's "
+                          "autocast_adapter_dtype; unset: true, except with bf16: full). false keeps them in the "
+                          "base's dtype.")
     peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     peft_use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     lora_model_dir: Optional[str] = Field(None, description="A saved adapter to continue training from.")
@@ -93,6 +112,12 @@ def validate(cfg) -> None:
                           f"or lora_target_modules: [q_proj, v_proj, ...] (or lora_target_parameters)")
     if cfg.lora_target_parameters:
         check_target_parameters(cfg)
+    if isinstance(cfg.peft_init_lora_weights, str) and cfg.peft_init_lora_weights != "gaussian":
+        raise ConfigError(f"config key 'peft_init_lora_weights': {cfg.peft_init_lora_weights!r} is not offered: "
+                          f"Plait accepts true, false or gaussian. Initialisations such as pissa, olora or corda "
+                          f"rewrite the base weights, and the adapter Plait saves (and merge-lora applies) would "
+                          f"then not fit the original base; for a quantization-aware start use peft: "
+                          f"{{loftq_config: {{loftq_bits: 4}}}}")
     if cfg.adapter == "qlora" and not getattr(cfg, "load_in_4bit", False):
         raise ConfigError("config key 'adapter': 'qlora' trains LoRA on a 4-bit base; set load_in_4bit: true "
                           "(plait-bnb), or use adapter: lora")

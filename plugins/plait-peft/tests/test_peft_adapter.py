@@ -84,10 +84,36 @@ def test_dora_rslora_dropout_and_modules_to_save_reach_peft(tiny_model):
     assert any("modules_to_save" in n and p.requires_grad for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("bf16,adapter_dtype", [(True, torch.float32), ("full", torch.bfloat16)])
-def test_adapter_dtype_follows_bf16(tiny_model, bf16, adapter_dtype):
+def test_rank_and_alpha_patterns_layers_pattern_and_init_reach_peft(tiny_model):
+    """Axolotl's lora_rank_pattern / lora_alpha_pattern, peft_layers_pattern with
+    peft_layers_to_transform, and peft_init_lora_weights: false (B random, so the
+    adapter changes the model from the start)."""
+    _, model = adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "lora_r": 4,
+                        "lora_alpha": 8, "lora_rank_pattern": {"down_proj": 2}, "lora_alpha_pattern": {"q_proj": 2},
+                        "peft_layers_to_transform": [1], "peft_layers_pattern": "layers",
+                        "peft_init_lora_weights": False})
+    layers = model.base_model.model.model.layers
+    assert not any("lora_" in n for n, _ in layers[0].named_parameters())  # layer 0 not transformed
+    down, q, v = layers[1].mlp.down_proj, layers[1].self_attn.q_proj, layers[1].self_attn.v_proj
+    assert down.r["default"] == 2 and down.scaling["default"] == pytest.approx(8 / 2)
+    assert q.r["default"] == 4 and q.scaling["default"] == pytest.approx(2 / 4)
+    assert v.r["default"] == 4 and v.scaling["default"] == pytest.approx(8 / 4)
+    assert q.lora_B["default"].weight.abs().sum() > 0  # not peft's zero start
+
+
+def test_init_lora_weights_that_rewrite_the_base_are_refused():
+    with pytest.raises(ConfigError, match="peft_init_lora_weights"):
+        build_run_config({"base_model": "m", "adapter": "lora", "lora_target_linear": True,
+                          "peft_init_lora_weights": "pissa"})
+
+
+@pytest.mark.parametrize("bf16,autocast,adapter_dtype", [(True, None, torch.float32), ("full", None, torch.bfloat16),
+                                                          (True, False, torch.bfloat16), ("full", True, torch.float32)])
+def test_adapter_dtype_follows_bf16(tiny_model, bf16, autocast, adapter_dtype):
+    """float32 adapters under autocast, the base's dtype with bf16: full; Axolotl's
+    peft_autocast_adapter_dtype, where set, decides."""
     _, model = adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_modules": ["q_proj"],
-                        "bf16": bf16})
+                        "bf16": bf16, "peft_autocast_adapter_dtype": autocast})
     base = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
     assert base.dtype == torch.bfloat16 and lora_a.dtype == adapter_dtype
