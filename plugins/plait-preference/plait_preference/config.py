@@ -33,6 +33,10 @@ class PreferenceKeys(BaseModel):
                           "unset accepted.")
     dpo_padding_free: Optional[bool] = Field(
         None, description="Accepted: pairs always run without padding between their two sequences.")
+    rpo_alpha: Optional[float] = Field(
+        None, ge=0, description="DPO/IPO: add the chosen responses' negative log-likelihood (a token mean over the "
+                                "micro-batch) times this to the loss (RPO; TRL's loss_type [sigmoid, sft] with "
+                                "loss_weights [1, rpo_alpha]).")
     orpo_alpha: Optional[float] = Field(None, gt=0, description="ORPO: weight of the odds-ratio term (TRL's beta).")
     simpo_gamma: Optional[float] = Field(None, description="SimPO: target reward margin (default 0.5).")
     cpo_alpha: Optional[float] = Field(None, ge=0, description="SimPO/CPO: weight of the chosen NLL term (default 1).")
@@ -123,6 +127,9 @@ def validate(cfg) -> None:
                           f"with fsdp: the reference is sharded like the model), precompute_ref_log_probs: true "
                           f"(no copy: the reference is scored once before training), or adapter: lora (the "
                           f"reference is the base with the adapter off)")
+    if cfg.rpo_alpha is not None and rl not in ("dpo", "ipo"):
+        raise ConfigError(f"config key 'rpo_alpha': {cfg.rpo_alpha} adds the chosen responses' NLL to a DPO loss, "
+                          f"but rl is {rl!r}; use it with rl: dpo or ipo (orpo and simpo have their own NLL term)")
     if (cfg.dpo_loss_type is not None or cfg.dpo_loss_weights is not None) and rl != "dpo":
         raise ConfigError(f"dpo_loss_type / dpo_loss_weights are for rl: dpo, but rl is {rl!r}")
     if rl == "dpo":

@@ -140,8 +140,9 @@ class PreferenceObjective:
         c_logps, r_logps = policy.completion[chosen], policy.completion[rejected]
         cfg, beta = self.cfg, self.beta
         dpo_losses = config.dpo_losses(cfg) if self.method in ("dpo", "ipo") else ()
-        # response token counts: for the per-token averages (IPO, ORPO, SimPO); sigmoid DPO reads none
-        if self.method not in ("dpo", "ipo") or any(name == "ipo" for name, _ in dpo_losses):
+        # response token counts: for the per-token averages (IPO, ORPO, SimPO, RPO's NLL); sigmoid DPO reads none
+        if (self.method not in ("dpo", "ipo") or any(name == "ipo" for name, _ in dpo_losses)
+                or cfg.rpo_alpha):
             c_tokens, r_tokens = policy.completion_tokens[chosen], policy.completion_tokens[rejected]
         else:
             c_tokens = r_tokens = None
@@ -155,6 +156,11 @@ class PreferenceObjective:
             # one loss of weight 1 (the usual case) is itself: no multiply by 1, no add to 0
             per_pair = terms[0][1] if len(terms) == 1 and terms[0][0] == 1 else sum(w * t for w, t in terms)
             loss_sum = per_pair.sum()
+            if cfg.rpo_alpha:
+                # RPO: the chosen responses' NLL, a token mean over the micro-batch (TRL's "sft" loss)
+                nll = -c_logps.sum() / c_tokens.sum().clamp(min=1)
+                loss_sum = loss_sum + cfg.rpo_alpha * nll * n
+                metrics["nll_loss"] = (nll.detach() * n, n)
             c_reward, r_reward = beta * c_ratio.detach(), beta * r_ratio.detach()
             shown_c, shown_r = c_logps, r_logps
         else:

@@ -78,6 +78,23 @@ def test_dpo_full_fine_tuning_matches_trl(loss_type, tmp_path, tiny_model, train
         assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_rpo_matches_trl_sigmoid_plus_sft(tmp_path, tiny_model, train, write_rows):
+    """Axolotl's rpo_alpha: TRL's loss_type [sigmoid, sft] with loss_weights [1, alpha]."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = flat_pairs(4)
+    ours = train("plait", **plait_pairs_keys(write_rows, rows, rpo_alpha=0.5))
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                             args=trl.DPOConfig(**trl_args(tmp_path, beta=0.1, loss_type=["sigmoid", "sft"],
+                                                           loss_weights=[1.0, 0.5])),
+                             train_dataset=Dataset.from_list(pair_texts(rows)),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    theirs = trl_logs(trainer)
+    compare(ours, theirs, DPO_KEYS)
+    assert ours[0]["loss"] > math.log(2) + 0.1  # the NLL term is in the loss
+
+
 def test_dpo_lora_matches_trl(tmp_path, tiny_model, train, write_rows):
     import torch
     from datasets import Dataset

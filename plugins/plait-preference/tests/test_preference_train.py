@@ -77,6 +77,8 @@ def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
         build_run_config({"base_model": "m", "rl": "grpo"})
     with pytest.raises(ConfigError, match="dpo_loss_type.*'sppo'.*sigmoid, hinge, ipo, robust"):
         build_run_config({"base_model": "m", "rl": "dpo", "dpo_loss_type": ["sppo"]})
+    with pytest.raises(ConfigError, match="'rpo_alpha': 0.5 adds the chosen responses' NLL.*rl is 'orpo'"):
+        build_run_config({"base_model": "m", "rl": "orpo", "rpo_alpha": 0.5})
     with pytest.raises(ConfigError, match="context_parallel_size: 2 is not supported"):
         build_run_config({"base_model": "m", "rl": "kto", "context_parallel_size": 2})
     with pytest.raises(ConfigError, match="'tensor_parallel_size': 2 is not supported with rl: dpo and full "
