@@ -65,6 +65,12 @@ NO_OP_KEYS: dict[str, str] = {
                              "trained tokens, never the [tokens, vocab] logits): the memory saving it asks for",
     "chunked_cross_entropy_num_chunks": "Plait's loss step chooses its own chunk size (its memory does not grow "
                                         "with the vocabulary)",
+    "dpo_use_logits_to_keep": "Plait's preference step never builds the [tokens, vocab] logits: log-probabilities "
+                              "come from the hidden states in chunks",
+    "dpo_use_liger_kernel": "Plait's preference step computes its log-probabilities in chunks from the hidden "
+                            "states, the memory saving liger's fused DPO loss is for",
+    "total_num_tokens": "Axolotl fills it in from the data; Plait counts the tokens itself",
+    "total_supervised_tokens": "Axolotl fills it in from the data; Plait counts the trained tokens itself",
     "include_tokens_per_second": "Plait logs tokens per second on every step",
     "include_tkps": "Plait logs tokens per second on every step",
     "world_size": "set by the launcher (torchrun), read from the environment",
