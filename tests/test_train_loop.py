@@ -515,3 +515,36 @@ def test_save_first_step_writes_a_checkpoint_after_step_one_that_resumes(tiny_mo
     assert resumed.step == 4
     assert (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+
+
+def test_load_best_model_at_end_saves_the_best_evaluated_checkpoint(tiny_model, tmp_path):
+    """A constant learning rate too high for the tiny model: its eval loss is lowest after the first
+    step. The final model is that checkpoint's weights; save_total_limit: 1 keeps it beside the newest."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    run = run_train({"base_model": str(tiny_model), "output_dir": str(out), "learning_rate": 0.5,
+                     "lr_scheduler": "constant", "warmup_steps": 0, "micro_batch_size": 4, "max_steps": 5,
+                     "eval_steps": 1, "save_steps": 1, "save_total_limit": 1, "load_best_model_at_end": True,
+                     "val_set_size": 0.2},
+                    data(16, 8))
+    evals = {r["step"]: r["eval_loss"] for r in run.metrics_log.read() if "eval_loss" in r}
+    best = min(evals, key=evals.get)
+    assert best < 5, evals  # the case this test is for: the last step is not the best
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({f"checkpoint-{best}", "checkpoint-5"})
+    final, kept = load_file(out / "model.safetensors"), load_file(out / f"checkpoint-{best}" / "trainable.safetensors")
+    assert kept.keys() == final.keys()
+    assert all(torch.equal(final[k], kept[k]) for k in kept)
+    last = load_file(out / "checkpoint-5" / "trainable.safetensors")
+    assert not all(torch.equal(final[k], last[k]) for k in last)
+
+
+def test_load_best_model_at_end_needs_an_evaluation_at_every_checkpoint(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="does not evaluate during training"):
+        build_run_config({"base_model": "m", "load_best_model_at_end": True, "save_steps": 2})
+    with pytest.raises(ConfigError, match="writes no checkpoints during training"):
+        build_run_config({"base_model": "m", "load_best_model_at_end": True, "val_set_size": 0.1, "eval_steps": 2})
+    with pytest.raises(ConfigError, match="saves every 3 steps and evaluates every 2"):
+        run_train({"base_model": str(tiny_model), "output_dir": str(tmp_path / "out"), "micro_batch_size": 4,
+                   "max_steps": 4, "eval_steps": 2, "save_steps": 3, "val_set_size": 0.1,
+                   "load_best_model_at_end": True}, data(16, 8))

@@ -154,7 +154,7 @@ def save_final(run) -> str:
     import shutil
 
     from plait.plugins import call_required
-    from plait.train.checkpoint import _barrier, write_failed
+    from plait.train.checkpoint import barrier, write_failed
 
     output_dir = Path(run.output_dir)
     tmp = output_dir / FINAL_TMP
@@ -162,9 +162,9 @@ def save_final(run) -> str:
         if run.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         call_required(run.pm, "save_model", cfg=run.cfg, model=run.model, tokenizer=run.tokenizer, path=str(tmp))
-        _barrier()
+        barrier()
         if run.is_main:
             for entry in sorted(tmp.iterdir()):
                 target = output_dir / entry.name

@@ -125,7 +125,6 @@ LACKING_KEYS: dict[str, str] = {
                            "implemented; the model's own attention runs without the key",
     "swanlab_log_model": "uploading checkpoints to SwanLab is not implemented (Axolotl's SwanLab plugin only "
                          "passes it on, 'coming soon'); leave it false",
-    "load_best_model_at_end": "the final weights are the last step's",
     "multimodal": "not used; set processor_type (plait-vision) to train a vision-language model",
     "vllm": "vLLM generation (online RL) is not implemented",
     "torch_compile_options": "torch.compile options are not configurable",

@@ -470,8 +470,14 @@ class CoreConfig(StrictModel):
                           "evaluation whose metric_for_best_model beats every earlier one). Unset: save_steps / "
                           "saves_per_epoch decide.")
     metric_for_best_model: Optional[Literal["eval_loss", "loss"]] = Field(
-        None, description="The metric save_strategy: best compares: eval_loss (loss is the same, transformers "
-                          "adds the eval_ prefix); lower is better.")
+        None, description="The metric save_strategy: best and load_best_model_at_end compare: eval_loss (loss is "
+                          "the same, transformers adds the eval_ prefix); lower is better.")
+    load_best_model_at_end: bool = Field(
+        False, description="At the end of training, load the weights of the checkpoint whose evaluation had the "
+                           "lowest eval_loss and save those as the final model (transformers' meaning). Needs "
+                           "evaluations and checkpoints during training, an evaluation at every checkpoint (the "
+                           "save interval a multiple of the eval interval, or save_strategy: best); "
+                           "save_total_limit never removes that checkpoint.")
     do_causal_lm_eval: Optional[bool] = Field(
         None, description="At each evaluation, also generate a completion (greedy, eval_max_new_tokens) for every "
                           "eval row's prompt (the tokens before its first trained token) and score it against the "
@@ -858,9 +864,19 @@ class CoreConfig(StrictModel):
                 raise ConfigError("config key 'save_strategy': 'best' saves after evaluations that improve "
                                   "metric_for_best_model, and this config does not evaluate during training; set "
                                   "val_set_size (or test_datasets) and eval_strategy, eval_steps or evals_per_epoch")
-        elif self.metric_for_best_model is not None:
-            self.add_note("metric_for_best_model is read by save_strategy: best only (Plait has no "
-                          "load_best_model_at_end); it changes nothing here")
+        if self.load_best_model_at_end:
+            if not has_eval_set or not (self.eval_steps or self.evals_per_epoch) or self.eval_strategy == "no":
+                raise ConfigError("config key 'load_best_model_at_end': true loads the checkpoint with the best "
+                                  "evaluation, and this config does not evaluate during training; set val_set_size "
+                                  "(or test_datasets) and eval_strategy, eval_steps or evals_per_epoch")
+            if self.save_strategy == "no" or not (self.save_steps or self.saves_per_epoch
+                                                  or self.save_strategy == "best"):
+                raise ConfigError("config key 'load_best_model_at_end': true loads the best checkpoint, and this "
+                                  "config writes no checkpoints during training; set save_steps or saves_per_epoch "
+                                  "(a multiple of the eval interval), or save_strategy: best")
+        elif self.save_strategy != "best" and self.metric_for_best_model is not None:
+            self.add_note("metric_for_best_model is read by save_strategy: best and load_best_model_at_end only; it "
+                          "changes nothing here")
 
     # ------------------------------------------------------------ helpers
 

@@ -76,7 +76,8 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
     dist = _dist()
     if dist is not None:
         dist.barrier()
@@ -259,7 +260,7 @@ def save_checkpoint(run) -> Path:
         if run.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         save_state(rng_state(), tmp, f"rng-{run.rank}")
         _write_model_state(run, tmp)
         # every rank: save_model gathers sharded weights collectively
@@ -268,7 +269,7 @@ def save_checkpoint(run) -> Path:
             state = {**run.position(), "optimizer_state": not run.cfg.save_only_model}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             (tmp / PLAN_FILE).write_text(json.dumps(plan_identity(run), indent=2))
-        _barrier()
+        barrier()
         if run.is_main:
             write_manifest(tmp)  # last: its presence marks a finished save
             if final.exists():  # a rerun reaching the same step: replace it
@@ -278,18 +279,24 @@ def save_checkpoint(run) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(final, exc, output_dir) from exc
     if run.is_main:
-        prune(output_dir, run.cfg.save_total_limit)
-    _barrier()
+        keep = None
+        if run.cfg.load_best_model_at_end:  # the checkpoint it will load stays, as transformers keeps it
+            from plait.train.best import best_checkpoint
+
+            keep = (best_checkpoint(output_dir) or (None,))[0]
+        prune(output_dir, run.cfg.save_total_limit, keep=keep)
+    barrier()
     return final
 
 
-def prune(output_dir: Path, limit: int | None) -> None:
-    """Keep the newest ``limit`` complete checkpoints (a stray directory never
-    counts as one, so it cannot push a good checkpoint out)."""
+def prune(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
+    """Keep the newest ``limit`` complete checkpoints, and ``keep`` (a stray
+    directory never counts as one, so it cannot push a good checkpoint out)."""
     if not limit:
         return
     for old in complete_checkpoints(output_dir)[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def resume_path(cfg, say=_say) -> Path | None:
@@ -328,22 +335,32 @@ def resume_path(cfg, say=_say) -> Path | None:
     return None
 
 
-def load_checkpoint(run, path: Path) -> dict:
-    """Restore weights, optimizer (when the checkpoint has it), scheduler and
-    this rank's RNGs; return the position (``step``, ``epoch``,
-    ``step_in_epoch``) and ``optimizer_state``: whether the optimizer was restored."""
+def load_weights(run, path: Path) -> None:
+    """Put a checkpoint's trained weights into ``run.model`` (every rank: sharded
+    weights take their shard); nothing else of the run changes."""
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    refuse_pickles(path)  # again: resume_path may have been skipped by a caller
-    weights = load_file(str(path / "trainable.safetensors"))
     from plait.train.lisa import checkpoint_view
 
+    weights = load_file(str(path / "trainable.safetensors"))
     with checkpoint_view(run):
         result = set_model_state_dict(run.model, weights, options=_state_options(strict=False))
     if result.unexpected_keys:
         raise ConfigError(f"checkpoint {path} holds weights this model does not have (was it saved with other "
                           f"adapter/model keys?): {sorted(result.unexpected_keys)[:5]}")
+
+
+def load_checkpoint(run, path: Path) -> dict:
+    """Restore weights, optimizer (when the checkpoint has it), scheduler and
+    this rank's RNGs; return the position (``step``, ``epoch``,
+    ``step_in_epoch``) and ``optimizer_state``: whether the optimizer was restored."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    from plait.train.lisa import checkpoint_view
+
+    refuse_pickles(path)  # again: resume_path may have been skipped by a caller
+    load_weights(run, path)
     position = json.loads((path / "trainer_state.json").read_text())
     # a verified checkpoint without optimizer files was saved so on purpose (save_only_model): the manifest lists
     # every file a save wrote, so a lost optimizer file fails verification instead of landing here

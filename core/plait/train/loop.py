@@ -87,6 +87,7 @@ from plait.pipeline import placed_by_config, setup_model, setup_tokenizer
 from plait.plugins import call_required, no_result_error
 from plait.train import checkpoint
 from plait.train import generation
+from plait.train.best import best_checkpoint, check_schedule
 from plait.train.collector import freeze_setup_objects, unfreeze_setup_objects
 from plait.train.generation import ACCEPTED_METRICS, check_unsharded
 from plait.train.distributed import (World, _dim_names, all_reduce_sum, close_distributed, data_parallel_group,
@@ -426,6 +427,8 @@ def train_epochs(run: Run) -> None:
     cfg = run.cfg
     eval_every = interval(cfg.eval_steps, cfg.evals_per_epoch, run.steps_per_epoch, run.total_steps)
     save_every = interval(cfg.save_steps, cfg.saves_per_epoch, run.steps_per_epoch, run.total_steps)
+    if cfg.load_best_model_at_end:
+        check_schedule(cfg, eval_every, save_every)
     progress = Progress(run)
     prefetch = StepPrefetcher(partial(collate_window, run))
     signals = run.signals = StopOnSignals(cfg.save_on_signals)
@@ -1028,12 +1031,28 @@ def format_eval(metrics: dict) -> str:
     return line
 
 
+def load_best_weights(run: Run) -> None:
+    """``load_best_model_at_end``: the weights of the checkpoint with the lowest
+    eval_loss become the final model's (every rank loads them)."""
+    checkpoint.barrier()  # rank 0's last save and metrics lines are on disk for every rank
+    best = best_checkpoint(run.output_dir)
+    if best is None:
+        log(run, "load_best_model_at_end: no checkpoint of this run was evaluated; the final weights are the last "
+                 "step's")
+        return
+    path, loss = best
+    checkpoint.load_weights(run, path)
+    log(run, f"load_best_model_at_end: the final model is {path.name}'s weights (eval_loss {loss:.4f})")
+
+
 def finish(run: Run) -> None:
     """Final evaluation, the saved model, the loss plot, ``on_train_end``."""
     # eval_strategy: no evaluates never, not even at the end (transformers' meaning)
     if run.eval_data is not None and len(run.eval_data) and run.last_eval.get("step") != run.step \
             and run.cfg.eval_strategy != "no":
         log(run, format_eval(evaluate_and_log(run)))
+    if run.cfg.load_best_model_at_end:
+        load_best_weights(run)
     save_final(run)  # every rank: sharded weights are gathered collectively
     if run.is_main:
         plot_loss(run.metrics_log.read(), run.output_dir / "loss.png")
