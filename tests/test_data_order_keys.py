@@ -137,6 +137,22 @@ def test_group_by_length_plans_are_per_epoch_and_ranks_get_similar_lengths():
         assert abs(lengths[a[0][0]] - lengths[b[0][0]]) <= 60
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_dataloader_drop_last_leaves_out_a_short_last_micro_batch(packed):
+    """transformers' dataloader_drop_last: 10 rows (packed: 10 one-row bins) in micro-batches
+    of 4 are 4 + 4 + 2; the short one goes, on every rank alike, the full ones stay as they were."""
+    keys = {"base_model": "m", "micro_batch_size": 4, "sample_packing": packed, "sequence_len": 64}
+    lengths = [40] * 10  # two never share a bin of 64
+    kept_cfg, _ = build_run_config(keys)
+    drop_cfg, _ = build_run_config({**keys, "dataloader_drop_last": True})
+    kept, dropped = plan_batches(kept_cfg, lengths, 0), plan_batches(drop_cfg, lengths, 0)
+    assert [len(mb) for mb in kept] == [4, 4, 2] and dropped == kept[:2]
+    # two ranks get 5 rows each: 4 + 1, and both drop their short micro-batch
+    assert [[len(mb) for mb in plan_batches(drop_cfg, lengths, 0, rank, 2)] for rank in (0, 1)] == [[4], [4]]
+    whole, _ = build_run_config({**keys, "dataloader_drop_last": True, "micro_batch_size": 5})
+    assert [len(mb) for mb in plan_batches(whole, lengths, 0)] == [5, 5]  # nothing short: nothing dropped
+
+
 def test_refusals_name_the_keys():
     with pytest.raises(ConfigError, match=r"'curriculum_sampling' .* 'group_by_length'"):
         build_run_config({"base_model": "m", "curriculum_sampling": True, "group_by_length": True})

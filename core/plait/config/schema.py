@@ -455,6 +455,9 @@ class CoreConfig(StrictModel):
     save_steps: Optional[Union[int, float]] = Field(
         None, description="Write a checkpoint every this many steps (a value below 1: that fraction of the run).")
     saves_per_epoch: Optional[int] = Field(None, ge=0, description="Write this many checkpoints per epoch (0: none).")
+    dataloader_drop_last: bool = Field(
+        False, description="Leave out each epoch's last micro-batch when it holds fewer rows (packed: bins) than "
+                           "micro_batch_size, in training and evaluation (transformers' meaning).")
     save_first_step: bool = Field(
         False, description="Also write a checkpoint after the first step, whatever else decides when to save "
                            "(Axolotl's key: shows within a step that this config's checkpoints save and resume).")

@@ -52,9 +52,10 @@ def plan_batches(cfg, lengths: Sequence[int], epoch: int, rank: int = 0, world_s
     if packed:
         from plait.data.packing import plan_packed_batches
 
-        return plan_packed_batches(lengths, cfg.sequence_len, micro_batch_size, cfg.seed, epoch, rank, world_size,
+        plan = plan_packed_batches(lengths, cfg.sequence_len, micro_batch_size, cfg.seed, epoch, rank, world_size,
                                    max_rows_per_bin=cfg.sample_packing_bin_size,
                                    in_order=split == "train" and in_order)
+        return _drop_last_if_short(cfg, plan, micro_batch_size)
 
     order = list(range(len(lengths)))
     if not in_order and getattr(cfg, "group_by_length", False):
@@ -65,7 +66,17 @@ def plan_batches(cfg, lengths: Sequence[int], epoch: int, rank: int = 0, world_s
         _epoch_rng(cfg.seed, epoch).shuffle(order)
     order = order[: len(order) - len(order) % world_size]
     mine = order[rank::world_size]
-    return [[[i] for i in mine[start:start + micro_batch_size]] for start in range(0, len(mine), micro_batch_size)]
+    plan = [[[i] for i in mine[start:start + micro_batch_size]] for start in range(0, len(mine), micro_batch_size)]
+    return _drop_last_if_short(cfg, plan, micro_batch_size)
+
+
+def _drop_last_if_short(cfg, plan: list, micro_batch_size: int) -> list:
+    """``dataloader_drop_last`` (transformers' meaning, train and eval): without the
+    last micro-batch when it holds fewer rows (packed: bins) than the others. Every
+    data rank has the same number of rows (bins), so all drop it together."""
+    if getattr(cfg, "dataloader_drop_last", False) and plan and len(plan[-1]) < micro_batch_size:
+        return plan[:-1]
+    return plan
 
 
 def length_grouped_order(lengths: Sequence[int], batch_size: int, rng: random.Random,
