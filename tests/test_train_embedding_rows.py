@@ -92,3 +92,25 @@ def test_shrink_embeddings_to_the_tokenizer(model_with_zero_rows, keys, rows):
                 "32x": -(-len(tokenizer) // 32) * 32}[rows]
     assert model.get_input_embeddings().num_embeddings == expected
     assert model.get_output_embeddings().weight.shape[0] == expected
+
+
+@pytest.mark.parametrize("mean_resizing", [False, True])
+def test_added_token_rows_start_as_axolotl_starts_them(model_with_zero_rows, mean_resizing):
+    """mean_resizing_embeddings (Axolotl's default false): new rows come from the model's
+    initialiser; true: from the old rows' mean (transformers' mean_resizing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from plait.model.loading import fit_to_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_with_zero_rows)
+    model = AutoModelForCausalLM.from_pretrained(model_with_zero_rows)
+    old_rows = model.get_input_embeddings().num_embeddings
+    tokenizer.add_tokens([f"<new_{i}>" for i in range(old_rows - len(tokenizer) + 4)])
+    cfg, _ = build_run_config({"base_model": str(model_with_zero_rows), "mean_resizing_embeddings": mean_resizing})
+    before = model.get_input_embeddings().weight.detach().clone()
+    fit_to_tokenizer(cfg, model, tokenizer)
+    new = model.get_input_embeddings().weight.detach()[old_rows:]
+    assert new.shape[0] == 4 and torch.equal(model.get_input_embeddings().weight[:old_rows], before)
+    distance = (new - before.mean(0)).norm(dim=1).max().item()
+    spread = before.std(0).norm().item()  # how far a row typically sits from the mean
+    assert (distance < 0.01 * spread) == mean_resizing, (distance, spread)

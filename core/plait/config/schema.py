@@ -169,6 +169,10 @@ class CoreConfig(StrictModel):
                           "or a list of ids also fixes those.")
     resize_token_embeddings_to_32x: bool = Field(
         False, description="When tokens are added, round the embedding rows up to a multiple of 32 (faster matmuls).")
+    mean_resizing_embeddings: bool = Field(
+        False, description="When the embeddings grow for added tokens, start the new rows (input and head) from the "
+                           "old rows' mean and covariance (transformers' mean_resizing) instead of the model's "
+                           "initialiser (Axolotl's default, false).")
 
     # precision and attention
     bf16: Union[bool, Literal["auto", "full"]] = Field(

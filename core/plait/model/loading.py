@@ -224,7 +224,9 @@ def fit_to_tokenizer(cfg, model, tokenizer):
         multiple = 32 if cfg.resize_token_embeddings_to_32x else None
         wanted = math.ceil(len(tokenizer) / 32) * 32 if multiple else len(tokenizer)
         if len(tokenizer) > rows or (cfg.shrink_embeddings and wanted < rows):
-            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
+            # Axolotl's default: new rows from the model's initialiser (transformers' own default is the mean)
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple,
+                                          mean_resizing=cfg.mean_resizing_embeddings)
     # a KV cache changes how transformers builds attention masks; never train with one
     model.config.use_cache = False
     return model
