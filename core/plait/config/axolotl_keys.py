@@ -71,6 +71,11 @@ NO_OP_KEYS: dict[str, str] = {
                             "states, the memory saving liger's fused DPO loss is for",
     "total_num_tokens": "Axolotl fills it in from the data; Plait counts the tokens itself",
     "total_supervised_tokens": "Axolotl fills it in from the data; Plait counts the trained tokens itself",
+    "batch_flattening": "a speed-only layout of each micro-batch (its rows end to end, no padding); Plait pads "
+                        "each batch to its longest row, or packs rows with sample_packing: the trained tokens and "
+                        "the loss are the same",
+    "sample_packing_mp_start_method": "Plait plans its packed bins in its own process, with no worker processes",
+    "lora_embedding_kernel": "a speed-only kernel for LoRA on embeddings; peft's LoRA embedding computes the same",
     "include_tokens_per_second": "Plait logs tokens per second on every step",
     "include_tkps": "Plait logs tokens per second on every step",
     "world_size": "set by the launcher (torchrun), read from the environment",

@@ -314,6 +314,7 @@ def attach_lora(cfg, model):
         rank_pattern=cfg.lora_rank_pattern or {},
         alpha_pattern=cfg.lora_alpha_pattern or {},
         init_lora_weights=True if cfg.peft_init_lora_weights is None else cfg.peft_init_lora_weights,
+        trainable_token_indices=cfg.peft_trainable_token_indices,
         use_dora=cfg.peft_use_dora,
         use_rslora=cfg.peft_use_rslora,
         bias="none",

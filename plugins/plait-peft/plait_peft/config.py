@@ -66,6 +66,10 @@ class PeftKeys(BaseModel):
                           "rank, B zero) or false (A and B random: the adapter changes the model from the start; "
                           "for tests). Initialisations that rewrite the base weights (pissa, olora, ...) are not "
                           "offered: a saved adapter would then not apply to the original base.")
+    peft_trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = Field(
+        None, description="Train only these rows of the token embeddings (new tokens, say) beside the adapter, "
+                          "saved with it: a list of token ids for the input embeddings, or {module name: ids} "
+                          "(peft's trainable_token_indices).")
     peft_autocast_adapter_dtype: Optional[bool] = Field(
         None, description="Keep the adapter weights in float32 while the base is in bf16/fp16 (peft's "
                           "autocast_adapter_dtype; unset: true, except with bf16: full). false keeps them in the "

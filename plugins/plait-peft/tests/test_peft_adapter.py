@@ -101,6 +101,15 @@ def test_rank_and_alpha_patterns_layers_pattern_and_init_reach_peft(tiny_model):
     assert q.lora_B["default"].weight.abs().sum() > 0  # not peft's zero start
 
 
+def test_trainable_token_indices_train_those_embedding_rows_beside_the_adapter(tiny_model):
+    _, model = adapted({"base_model": str(tiny_model), "adapter": "lora", "lora_target_modules": ["q_proj"],
+                        "peft_trainable_token_indices": [5, 7, 9]})
+    rows = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    hidden = model.config.hidden_size
+    assert [tuple(p.shape) for p in rows] == [(3, hidden)]  # three rows of the input embeddings, nothing else
+    assert model.peft_config["default"].trainable_token_indices == [5, 7, 9]
+
+
 def test_init_lora_weights_that_rewrite_the_base_are_refused():
     with pytest.raises(ConfigError, match="peft_init_lora_weights"):
         build_run_config({"base_model": "m", "adapter": "lora", "lora_target_linear": True,
