@@ -283,7 +283,8 @@ def save_checkpoint(run) -> Path:
         if run.cfg.load_best_model_at_end:  # the checkpoint it will load stays, as transformers keeps it
             from plait.train.best import best_checkpoint
 
-            keep = (best_checkpoint(output_dir) or (None,))[0]
+            best = best_checkpoint(output_dir)
+            keep = best[0] if best is not None else None
         prune(output_dir, run.cfg.save_total_limit, keep=keep)
     barrier()
     return final
