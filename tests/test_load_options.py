@@ -297,3 +297,33 @@ def test_merge_lora_refuses_a_gptq_base(tmp_path):
     cfg.gptq = True  # past validation, which needs optimum and gptqmodel
     with pytest.raises(ConfigError, match="'gptq': true; .* is a GPTQ checkpoint, whose packed 4-bit weights cannot"):
         merge(cfg, pm, adapter, tmp_path / "merged")
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "overrides_of_model_config"])
+def test_rope_scaling_is_laid_over_the_base_rotary_parameters(tmp_path, key):
+    """Axolotl's rope_scaling (or model_config: {rope_scaling: ...}): linear scaling by 2 halves
+    every rotary frequency, and the base's rope_theta stays (transformers 5 would drop it if the
+    dict replaced the model's rope_parameters)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from plait.model.loading import pretrained_kwargs
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    scaling = {"type": "linear", "factor": 2.0}
+    keys = {"rope_scaling": scaling} if key == "rope_scaling" else {key: {"rope_scaling": scaling}}
+    cfg, _ = build_run_config({"base_model": str(model_dir), **keys})
+    kwargs = {k: v for k, v in pretrained_kwargs(cfg).items() if k in ("rope_parameters", "rope_scaling")}
+    theta = AutoConfig.from_pretrained(model_dir).rope_parameters["rope_theta"]
+    assert kwargs == {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": theta}}
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    scaled = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    torch.testing.assert_close(scaled.model.rotary_emb.inv_freq * 2, base.model.rotary_emb.inv_freq)
+
+
+def test_rope_scaling_refusals_name_the_key():
+    # refused when the config is read, before any model work
+    with pytest.raises(ConfigError, match="'rope_scaling': rope type 'stretchy' is not accepted.*linear"):
+        build_run_config({"base_model": "m", "rope_scaling": {"type": "stretchy", "factor": 2}})
+    with pytest.raises(ConfigError, match="both set"):
+        build_run_config({"base_model": "m", "rope_scaling": {"type": "linear"},
+                          "overrides_of_model_config": {"rope_scaling": {"type": "yarn"}}})

@@ -100,6 +100,10 @@ class CoreConfig(StrictModel):
     overrides_of_model_config: dict[str, Any] = Field(
         default_factory=dict, description="Values that replace the base model's config entries when it is loaded "
                                           "(Axolotl's model_config), e.g. {output_router_logits: true}.")
+    rope_scaling: Optional[dict[str, Any]] = Field(
+        None, description="Rotary scaling for a longer context (Axolotl's key), laid over the base model's own "
+                          "rotary parameters (its rope_theta is kept): {type: linear | dynamic | yarn | llama3 | "
+                          "longrope, factor: 4.0, ...}, e.g. original_max_position_embeddings for yarn.")
     overrides_of_model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra from_pretrained arguments (Axolotl's model_kwargs).")
     model_quantization_config: Optional[str] = Field(
@@ -762,6 +766,11 @@ class CoreConfig(StrictModel):
         self._data_order_rules()
         self._strategy_rules()
         self._ray_rules()
+        from plait.model.rope_scaling import merged_rope_parameters, scaling_asked
+
+        asked = scaling_asked(self)
+        if asked is not None:  # the rotary type now; its merge with the base's parameters at load
+            merged_rope_parameters(*asked, None)
         if self.embedding_lr is not None and self.embedding_lr_scale is not None:
             raise ConfigError(f"embedding_lr ({self.embedding_lr}) and embedding_lr_scale ({self.embedding_lr_scale}) "
                               "are both set; give one of them")

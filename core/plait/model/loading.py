@@ -115,6 +115,12 @@ def pretrained_kwargs(cfg) -> dict:
     # Axolotl's model_kwargs, then model_config: from_pretrained sets config entries it is given by name
     kwargs.update(cfg.overrides_of_model_kwargs)
     kwargs.update(cfg.overrides_of_model_config)
+    from plait.model.rope_scaling import rope_kwargs
+
+    rope = rope_kwargs(cfg)
+    if rope:  # a scaling dict passed as it is would replace the base's rotary parameters (rope_theta too)
+        kwargs.pop("rope_scaling", None)
+        kwargs.update(rope)
     return kwargs
 
 
