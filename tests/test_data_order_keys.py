@@ -137,6 +137,20 @@ def test_group_by_length_plans_are_per_epoch_and_ranks_get_similar_lengths():
         assert abs(lengths[a[0][0]] - lengths[b[0][0]]) <= 60
 
 
+def test_dataset_shard_keeps_one_contiguous_shard_of_the_shuffled_rows_before_the_eval_split(tmp_path, tok_dir):
+    path = write_jsonl(tmp_path / "a.jsonl", [row(10 + i, 4) for i in range(12)])
+    keys = dict(sequence_len=32, val_set_size=2, dataset_prepared_path=str(tmp_path / "prepared"))
+    whole = prepare(tmp_path, tok_dir, [{"path": str(path)}], **{**keys, "val_set_size": 0})
+    shard = prepare(tmp_path, tok_dir, [{"path": str(path)}], dataset_shard_num=3, dataset_shard_idx=1, **keys)
+    expected = list(whole.train["input_ids"])[4:8]  # the second of three shards of the shuffled 12 rows
+    assert sorted(list(shard.train["input_ids"]) + list(shard.eval["input_ids"])) == sorted(expected)
+    assert len(shard.eval) == 2
+    with pytest.raises(ConfigError, match="'dataset_shard_idx': 3 is not accepted; shards are numbered 0 to 2"):
+        build_run_config({"base_model": "m", "dataset_shard_num": 3, "dataset_shard_idx": 3})
+    with pytest.raises(ConfigError, match="'dataset_shard_num' is set without the other"):
+        build_run_config({"base_model": "m", "dataset_shard_num": 3})
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_dataloader_drop_last_leaves_out_a_short_last_micro_batch(packed):
     """transformers' dataloader_drop_last: 10 rows (packed: 10 one-row bins) in micro-batches

@@ -285,6 +285,11 @@ class CoreConfig(StrictModel):
         None, ge=1, description="Worker processes for tokenizing (datasets' num_proc); default 1.")
     shuffle_merged_datasets: bool = Field(
         True, description="Shuffle the rows of all datasets together after tokenizing (seeded by seed).")
+    dataset_shard_num: Optional[int] = Field(
+        None, ge=1, description="Keep one of this many contiguous shards of the merged (and shuffled) training rows, "
+                                "before val_set_size splits them (Axolotl's key; with dataset_shard_idx).")
+    dataset_shard_idx: Optional[int] = Field(
+        None, ge=0, description="Which shard of dataset_shard_num to keep, from 0.")
     skip_bad_rows: bool = Field(
         False,
         description="Drop rows the format cannot read (missing field, unknown role) and count them, instead of stopping"
@@ -764,6 +769,14 @@ class CoreConfig(StrictModel):
             raise ConfigError(f"config key {key!r}: {getattr(self, key)!r} sets how tiled_mlp tiles the MLP, and "
                               f"tiled_mlp is off; set tiled_mlp: true or remove {key}")
         self._data_order_rules()
+        if (self.dataset_shard_num is None) != (self.dataset_shard_idx is None):
+            given = "dataset_shard_num" if self.dataset_shard_num is not None else "dataset_shard_idx"
+            raise ConfigError(f"config key {given!r} is set without the other of dataset_shard_num / "
+                              f"dataset_shard_idx; set both (keep shard dataset_shard_idx of dataset_shard_num)")
+        if self.dataset_shard_num is not None and self.dataset_shard_idx >= self.dataset_shard_num:
+            raise ConfigError(f"config key 'dataset_shard_idx': {self.dataset_shard_idx} is not accepted; shards "
+                              f"are numbered 0 to {self.dataset_shard_num - 1} (dataset_shard_num: "
+                              f"{self.dataset_shard_num})")
         self._strategy_rules()
         self._ray_rules()
         from plait.model.rope_scaling import merged_rope_parameters, scaling_asked

@@ -316,6 +316,11 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
     in_order = cfg.curriculum_sampling and len(train_parts) == 1
     if cfg.shuffle_merged_datasets and not in_order:
         train = train.shuffle(seed=cfg.seed).flatten_indices()
+    if cfg.dataset_shard_num is not None:  # Axolotl's place for it: merged and shuffled, before the eval split
+        train = train.shard(num_shards=cfg.dataset_shard_num, index=cfg.dataset_shard_idx, contiguous=True)
+        if len(train) == 0:
+            raise DataError(f"dataset_shard_idx {cfg.dataset_shard_idx} of dataset_shard_num "
+                            f"{cfg.dataset_shard_num} holds no training rows")
     eval_set = None
     if eval_parts:
         eval_set = datasets.concatenate_datasets(eval_parts) if len(eval_parts) > 1 else eval_parts[0]
