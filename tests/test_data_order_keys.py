@@ -137,6 +137,19 @@ def test_group_by_length_plans_are_per_epoch_and_ranks_get_similar_lengths():
         assert abs(lengths[a[0][0]] - lengths[b[0][0]]) <= 60
 
 
+def test_shuffle_before_merging_shuffles_each_dataset_on_its_own(tmp_path, tok_dir):
+    first = write_jsonl(tmp_path / "a.jsonl", [row(10 + i, 4) for i in range(8)])
+    second = write_jsonl(tmp_path / "b.jsonl", [row(100 + i, 4) for i in range(8)])
+    entries = [{"path": str(first)}, {"path": str(second)}]
+    keys = dict(sequence_len=32, shuffle_merged_datasets=False, dataset_prepared_path=str(tmp_path / "prepared"))
+    plain = [ids[0] for ids in prepare(tmp_path, tok_dir, entries, **keys).train["input_ids"]]
+    each = [ids[0] for ids in prepare(tmp_path, tok_dir, entries, shuffle_before_merging_datasets=True,
+                                      **keys).train["input_ids"]]
+    assert plain == list(range(10, 18)) + list(range(100, 108))  # as they were, one after the other
+    assert sorted(each[:8]) == list(range(10, 18)) and sorted(each[8:]) == list(range(100, 108))
+    assert each[:8] != plain[:8] and each[8:] != plain[8:]  # each shuffled, still one after the other
+
+
 def test_dataset_shard_keeps_one_contiguous_shard_of_the_shuffled_rows_before_the_eval_split(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "a.jsonl", [row(10 + i, 4) for i in range(12)])
     keys = dict(sequence_len=32, val_set_size=2, dataset_prepared_path=str(tmp_path / "prepared"))

@@ -285,6 +285,9 @@ class CoreConfig(StrictModel):
         None, ge=1, description="Worker processes for tokenizing (datasets' num_proc); default 1.")
     shuffle_merged_datasets: bool = Field(
         True, description="Shuffle the rows of all datasets together after tokenizing (seeded by seed).")
+    shuffle_before_merging_datasets: bool = Field(
+        False, description="Shuffle each training dataset's rows on its own before they are merged (seeded by "
+                           "seed; Axolotl's key); shuffle_merged_datasets then shuffles the merged rows too.")
     dataset_shard_num: Optional[int] = Field(
         None, ge=1, description="Keep one of this many contiguous shards of the merged (and shuffled) training rows, "
                                 "before val_set_size splits them (Axolotl's key; with dataset_shard_idx).")

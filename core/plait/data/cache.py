@@ -93,9 +93,11 @@ def cache_key(cfg, pm, tokenizer, resolved_paths: dict[str, Path | None]) -> str
         "run": {key: getattr(cfg, key, None) for key in RUN_KEYS},
         "plugins": _data_plugins(pm),
     }
+    # only when set: the keys of every other run's existing caches stay as they were
     if getattr(cfg, "dataset_shard_num", None) is not None:
-        # only when set: the keys of every other run's existing caches stay as they were
         parts["shard"] = [cfg.dataset_shard_num, cfg.dataset_shard_idx]
+    if getattr(cfg, "shuffle_before_merging_datasets", False):
+        parts["shuffle_before_merging"] = True
     if getattr(cfg, "pretraining_dataset", None):
         from plait.data.streaming import token_budget
 

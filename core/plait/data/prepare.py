@@ -309,6 +309,8 @@ def _build(cfg, pm, tokenizer, key: str, path: Path) -> PreparedData:
             parts[:] = deduplicate(parts, entry_stats)
         stats.extend(entry_stats)
     train_parts, eval_parts = _same_columns(train_parts, eval_parts)
+    if cfg.shuffle_before_merging_datasets:
+        train_parts = [part.shuffle(seed=cfg.seed).flatten_indices() for part in train_parts]
     train = datasets.concatenate_datasets(train_parts) if len(train_parts) > 1 else train_parts[0]
     if len(train) == 0:
         raise DataError("no training rows are left after filtering: " + _summary(stats))
