@@ -2,14 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from plait.testing import make_tiny_tokenizer, write_jsonl
+from plait.testing import free_port, make_tiny_tokenizer, write_jsonl
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -28,12 +27,6 @@ WORKER = textwrap.dedent("""
         json.dump(result, f)
     dist.destroy_process_group()
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

@@ -138,6 +138,15 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (``MASTER_PORT`` of a test's process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_config(path: str | Path, **keys: Any) -> Path:
     """Write a YAML config with ``keys``."""
     import yaml

@@ -471,6 +471,10 @@ class CoreConfig(StrictModel):
     save_steps: Optional[Union[int, float]] = Field(
         None, description="Write a checkpoint every this many steps (a value below 1: that fraction of the run).")
     saves_per_epoch: Optional[int] = Field(None, ge=0, description="Write this many checkpoints per epoch (0: none).")
+    ddp_timeout: Optional[int] = Field(
+        None, gt=0, description="Seconds a collective waits for the other processes of a multi-process run before "
+                                "it fails (the process group's timeout; Axolotl's key). Unset: torch's default, 10 "
+                                "minutes with NCCL, 30 with gloo; raise it when one rank prepares data for long.")
     dataloader_drop_last: bool = Field(
         False, description="Leave out each epoch's last micro-batch when it holds fewer rows (packed: bins) than "
                            "micro_batch_size, in training and evaluation (transformers' meaning).")

@@ -25,7 +25,13 @@ class World:
     owns_process_group: bool = False
 
 
-def init_distributed() -> World:
+def init_distributed(timeout_s: int | None = None) -> World:
+    """This process's place in the run; joins the default process group when a
+    launcher started several. ``timeout_s`` (``ddp_timeout``): how long a
+    collective waits for the other processes before it fails (torch's default
+    otherwise: 10 minutes for NCCL, 30 for gloo)."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
@@ -39,7 +45,8 @@ def init_distributed() -> World:
         return World(device=device)
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group("nccl" if cuda else "gloo", **timeout)
         owns = True
     return World(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device,
                  owns_process_group=owns)

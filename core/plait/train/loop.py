@@ -245,7 +245,7 @@ def train(cfg, pm, *, data=None) -> Run:
     """
     if not verbose():
         hf_logging.disable_progress_bar()  # per-file load/save bars would bury the training bar
-    world = init_distributed()
+    world = init_distributed(cfg.ddp_timeout)
     run = Run(cfg=cfg, pm=pm, output_dir=Path(cfg.output_dir), world=world)
     try:
         # what `plait config validate` checks too: data files, output dirs, resume, flash-attn;
