@@ -96,9 +96,15 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a step-stamped JSON-lines file (``metrics.jsonl``); none when it is absent."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_loss(records: list[dict], path: Path) -> Path | None:

@@ -9,20 +9,16 @@ of equal losses the earliest, as transformers keeps the first best.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.rsplit("-", 1)[1])
-
-
 def evaluated_checkpoints(output_dir: Path) -> dict[Path, float]:
-    """Each complete checkpoint whose step has an ``eval_loss`` in ``metrics.jsonl``, with it."""
-    from plait.train.checkpoint import complete_checkpoints
+    """Each complete checkpoint whose step has an ``eval_loss`` in ``metrics.jsonl``,
+    with it, oldest first."""
+    from plait.output import read_records
+    from plait.train.checkpoint import checkpoint_step, complete_checkpoints
 
-    log = Path(output_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    records = read_records(Path(output_dir) / "metrics.jsonl")
     losses = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and "step" in r}
     return {path: losses[checkpoint_step(path)] for path in complete_checkpoints(output_dir)
             if checkpoint_step(path) in losses}
@@ -33,7 +29,7 @@ def best_checkpoint(output_dir: Path) -> tuple[Path, float] | None:
     scored = evaluated_checkpoints(output_dir)
     if not scored:
         return None
-    path = min(scored, key=lambda p: (scored[p], checkpoint_step(p)))
+    path = min(scored, key=scored.get)  # oldest first: of equal losses, the earliest
     return path, scored[path]
 
 

@@ -115,6 +115,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``checkpoint-<step>`` directory."""
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """``checkpoint-<step>`` directories in ``output_dir``, oldest first
     (complete or not: :func:`verify` tells)."""
