@@ -31,8 +31,8 @@ def merged_rope_parameters(key: str, scaling: dict, base_parameters: dict | None
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     scaling = dict(scaling)
-    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None)
-    scaling.pop("type", None)
+    legacy_type = scaling.pop("type", None)  # Axolotl's older spelling of rope_type
+    rope_type = scaling.pop("rope_type", None) or legacy_type
     accepted = sorted({"default", *ROPE_INIT_FUNCTIONS})
     if rope_type not in accepted:
         raise ConfigError(f"config key '{key}': rope type {rope_type!r} is not accepted (give it as type or "
