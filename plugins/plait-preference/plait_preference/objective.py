@@ -156,11 +156,8 @@ class PreferenceObjective:
             # one loss of weight 1 (the usual case) is itself: no multiply by 1, no add to 0
             per_pair = terms[0][1] if len(terms) == 1 and terms[0][0] == 1 else sum(w * t for w, t in terms)
             loss_sum = per_pair.sum()
-            if cfg.rpo_alpha:
-                # RPO: the chosen responses' NLL, a token mean over the micro-batch (TRL's "sft" loss)
-                nll = -c_logps.sum() / c_tokens.sum().clamp(min=1)
-                loss_sum = loss_sum + cfg.rpo_alpha * nll * n
-                metrics["nll_loss"] = (nll.detach() * n, n)
+            if cfg.rpo_alpha:  # RPO: TRL's "sft" loss beside the pair losses
+                loss_sum = with_chosen_nll(loss_sum, metrics, c_logps, c_tokens, cfg.rpo_alpha, n)
             c_reward, r_reward = beta * c_ratio.detach(), beta * r_ratio.detach()
             shown_c, shown_r = c_logps, r_logps
         else:
@@ -168,7 +165,7 @@ class PreferenceObjective:
             r_avg = r_logps / r_tokens.clamp(min=1)
             if self.method == "orpo":
                 # TRL's ORPO: the chosen NLL over prompt and response, a token mean over the micro-batch
-                nll = -policy.whole[chosen].sum() / policy.whole_tokens[chosen].sum().clamp(min=1)
+                nll = chosen_nll(policy.whole[chosen], policy.whole_tokens[chosen])
                 ratio, log_odds = losses.orpo_odds_ratio(c_avg, r_avg, beta=beta)
                 loss_sum = nll * n - ratio.sum()
                 metrics["nll_loss"] = (nll.detach() * n, n)
@@ -179,9 +176,7 @@ class PreferenceObjective:
                 per_pair = losses.simpo(c_avg, r_avg, beta=beta, gamma=gamma)
                 loss_sum = per_pair.sum()
                 if alpha:
-                    nll = -c_logps.sum() / c_tokens.sum().clamp(min=1)
-                    loss_sum = loss_sum + alpha * nll * n
-                    metrics["nll_loss"] = (nll.detach() * n, n)
+                    loss_sum = with_chosen_nll(loss_sum, metrics, c_logps, c_tokens, alpha, n)
             c_reward, r_reward = beta * c_avg.detach(), beta * r_avg.detach()
             shown_c, shown_r = c_avg, r_avg
         margins = self.last_scores = c_reward - r_reward
@@ -229,6 +224,20 @@ class PreferenceObjective:
         margin = good_rewards.mean() - bad_rewards.mean() if both else rewards.new_zeros(())
         metrics["rewards/margins"] = (margin, int(both))
         return per_row.sum(), metrics
+
+
+def chosen_nll(logps, tokens):
+    """The chosen sequences' negative log-likelihood, a token mean over the
+    micro-batch (TRL's NLL term of ORPO, CPO/SimPO and RPO)."""
+    return -logps.sum() / tokens.sum().clamp(min=1)
+
+
+def with_chosen_nll(loss_sum, metrics: dict, logps, tokens, weight: float, n: int):
+    """``loss_sum`` (a sum over the micro-batch's ``n`` pairs) plus ``weight`` times the
+    chosen responses' NLL, which ``metrics`` also gets as ``nll_loss``."""
+    nll = chosen_nll(logps, tokens)
+    metrics["nll_loss"] = (nll.detach() * n, n)
+    return loss_sum + weight * nll * n
 
 
 def mean_over_ranks(values, group):
