@@ -47,6 +47,13 @@ def runs_in_one_process() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) == 1
 
 
+def on_in_one_process(cfg, key: str) -> bool:
+    """A switch that is on by default in a single-process run: unset, on when
+    :func:`runs_in_one_process`; ``true`` asks for it anywhere, ``false`` turns it off."""
+    asked = getattr(cfg, key, None)
+    return asked or (asked is None and runs_in_one_process())
+
+
 @dataclass(frozen=True)
 class Targets:
     """What to swap in one model: class names, the norm's offset, the MLP activation."""
@@ -126,8 +133,7 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
     report: Counter = Counter()
     # on by default where one process holds the whole model: a sharding wrapper would copy the
     # weights out of the kept buffer and leave it holding an unsharded copy
-    asked_mlp_fold = getattr(cfg, "lora_mlp_fold", None)
-    fold_mlp = asked_mlp_fold or (asked_mlp_fold is None and runs_in_one_process())
+    fold_mlp = on_in_one_process(cfg, "lora_mlp_fold")
     for name, module in list(model.named_modules()):
         kind = type(module).__name__
         if chosen.get("rms_norm_gated") and kind in GATED_NORM_CLASSES:
@@ -183,8 +189,7 @@ def patch(cfg, model, chosen: dict[str, str | None], experts: bool = False) -> d
         # both on by default: together 1.28x the unfolded path on an H100 (bench/RESULTS.md, stop 23); the fold
         # only where one process holds the whole model, as its buffers would outlive a sharding wrapper's
         combine = getattr(cfg, "moe_combine_kernel", None) is not False
-        asked_fold = getattr(cfg, "lora_experts_fold", None)
-        fold = asked_fold or (asked_fold is None and runs_in_one_process())
+        fold = on_in_one_process(cfg, "lora_experts_fold")
         weight_in_gate = getattr(cfg, "moe_weight_in_gate", None) is not False
         # the experts' SiLU gate by Plait's Triton GLU, unless plait_kernels asks for PyTorch code only
         triton_glu = cfg.plait_kernels != "torch"
