@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from plait.testing import make_tiny_model, run_cli, write_config, write_jsonl
+from plait.testing import launch, make_tiny_model, run_cli, write_config, write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -54,8 +53,8 @@ def test_two_processes_match_one_process(tmp_path, launcher):
     single = run_cli(["train", str(config("single", 4))])
     assert single.exit_code == 0, single.stderr[-3000:]
     env = {**os.environ, "PLAIT_DISABLE_PLUGINS": "parallel", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *LAUNCHERS[launcher], "-m", "plait.cli", "train", str(config("ddp", 2))],
-                            capture_output=True, text=True, env=env, timeout=240)
+    result = launch([sys.executable, *LAUNCHERS[launcher], "-m", "plait.cli", "train", str(config("ddp", 2))],
+                    env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     one = load_file(str(tmp_path / "single" / "model.safetensors"))
     two = load_file(str(tmp_path / "ddp" / "model.safetensors"))
@@ -87,8 +86,8 @@ def test_two_process_packed_run_resumed_mid_epoch_ends_like_an_uninterrupted_one
     env = {**os.environ, "PLAIT_DISABLE_PLUGINS": "parallel", "OMP_NUM_THREADS": "1"}
 
     def torchrun(*args):
-        result = subprocess.run([sys.executable, *LAUNCHERS["torchrun"], "-m", "plait.cli", "train", *map(str, args)],
-                                capture_output=True, text=True, env=env, timeout=240)
+        result = launch([sys.executable, *LAUNCHERS["torchrun"], "-m", "plait.cli", "train", *map(str, args)],
+                        env=env, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 

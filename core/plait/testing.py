@@ -18,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
+import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -145,6 +148,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(args: list[str], *, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``args`` (a launcher such as ``python -m torch.distributed.run ...``) to its end; return its output.
+
+    The launcher runs in a session of its own. On ``timeout`` the whole session is
+    killed, the launcher's worker processes with it (killing only the launcher
+    leaves a hung gloo worker spinning on the CI machine's two cores), and the
+    test fails with the last output each process wrote, which says where it
+    stopped."""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"{' '.join(map(str, args))[:300]}\nran past {timeout:g} s and was killed\n"
+                                 f"--- stdout (end) ---\n{out[-2000:]}\n--- stderr (end) ---\n{err[-6000:]}") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def write_config(path: str | Path, **keys: Any) -> Path:

@@ -22,11 +22,11 @@ order of reductions).
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from plait.testing import launch
 from plait_parallel.equivalence import SAVE_AT, STEPS, batch_loss, make_batch, train_curve
 
 pytestmark = pytest.mark.distributed
@@ -43,7 +43,7 @@ def torchrun(nproc, model_dir, out, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PLAIT_LOAD_PLUGINS": "parallel"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "plait_parallel.equivalence", "--model", model_dir, "--out", str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = launch(cmd, env=env, timeout=300)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 

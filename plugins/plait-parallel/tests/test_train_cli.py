@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from plait.testing import make_tiny_model, run_cli, write_config, write_jsonl
+from plait.testing import launch, make_tiny_model, run_cli, write_config, write_jsonl
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -61,9 +60,8 @@ def setup(tmp_path_factory):
 
 def torchrun_train(config_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "plait.cli", "train", str(config_path)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     "-m", "plait.cli", "train", str(config_path)], env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from plait.hookspecs import hookimpl
+from plait.testing import launch
 from plait_preference.testing import kto_rows, pair_rows
 
 pytestmark = pytest.mark.slow
@@ -182,12 +182,12 @@ def test_two_processes_log_the_losses_of_one(one_process, one_process_lora, one_
     kto = dpo_config(tmp_path, tiny_model, one_process_kto.data, "kto", precompute_ref_log_probs=True,
                      dataset_prepared_path=str(tmp_path / "prep_kto"), **kto_keys(one_process_kto.data), **fsdp)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(Path(__file__).with_name("train_in_one_group.py")), str(frozen), str(precomputed),
-                             f"{resumed} resume_from_checkpoint={tmp_path / 'precomputed' / 'checkpoint-2'}",
-                             f"{frozen_resumed} resume_from_checkpoint={tmp_path / 'frozen' / 'checkpoint-2'}",
-                             str(precomputed_tp), str(lora_tp), str(kto), str(hsdp)],
-                            capture_output=True, text=True, env=env, timeout=300)
+    # alone ~40 s; on CI's two loaded cores it once ran past 300 s (slow or hung: launch's message will say)
+    result = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     str(Path(__file__).with_name("train_in_one_group.py")), str(frozen), str(precomputed),
+                     f"{resumed} resume_from_checkpoint={tmp_path / 'precomputed' / 'checkpoint-2'}",
+                     f"{frozen_resumed} resume_from_checkpoint={tmp_path / 'frozen' / 'checkpoint-2'}",
+                     str(precomputed_tp), str(lora_tp), str(kto), str(hsdp)], env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
     assert "parallel: mesh dp_replicate 1 x dp_shard 2 x cp 1 x tp 1 over 2 processes" in result.stderr
     assert "parallel: mesh dp_replicate 1 x dp_shard 1 x cp 1 x tp 2 over 2 processes" in result.stderr
