@@ -1,7 +1,8 @@
-"""SwanLab, Comet and OpenTelemetry metrics: Axolotl's keys, the message when a
-library is missing, and real runs whose logged values are the run's own losses.
+"""SwanLab, Comet, MLflow and OpenTelemetry metrics: Axolotl's keys, the message
+when a library is missing, and real runs whose logged values are the run's own losses.
 
-OpenTelemetry's packages are test dependencies (requirements-dev.txt). SwanLab
+OpenTelemetry's packages and MLflow's tracking client (mlflow-skinny) are test
+dependencies (requirements-dev.txt). SwanLab
 (which pins protobuf below 7) and comet_ml (a dozen dependencies) are not:
 their training tests skip where they are not installed; the rest runs anyway.
 """
@@ -145,6 +146,20 @@ def test_comet_keys_mean_what_they_mean_in_axolotl():
         _cfg(use_comet=True, comet_mode="append")
 
 
+def test_mlflow_keys_mean_what_they_mean_in_axolotl():
+    from plait.builtin.tracking import wants_mlflow
+
+    assert wants_mlflow(_cfg(mlflow_tracking_uri="http://mlflow:5000"))
+    assert wants_mlflow(_cfg(mlflow_experiment_name="e"))
+    assert wants_mlflow(_cfg(use_mlflow=True))  # MLflow's default location
+    assert not wants_mlflow(_cfg(mlflow_tracking_uri="http://mlflow:5000", use_mlflow=False))
+    assert not wants_mlflow(_cfg())
+    for key, value in (("mlflow_run_name", "r"), ("hf_mlflow_log_artifacts", True)):
+        with pytest.raises(ConfigError, match=f"'{key}': {value!r} needs MLflow on: set mlflow_tracking_uri"):
+            _cfg(**{key: value})
+    assert _cfg(mlflow_experiment_name="e", mlflow_run_name="r", hf_mlflow_log_artifacts=True).mlflow_run_name == "r"
+
+
 def test_otel_keys_need_use_otel_metrics():
     assert _cfg(use_otel_metrics=True, otel_metrics_port=9100).otel_metrics_port == 9100
     assert _cfg(otel_metrics_host="localhost", otel_metrics_port=8000).use_otel_metrics is False  # Axolotl's defaults
@@ -222,9 +237,15 @@ def tracked(tiny_model, tmp_path_factory):
         keys |= {"comet_project_name": "plait-test", "comet_online": False, "comet_experiment_config": {
             "offline_directory": str(tmp / "comet"), "name": "tiny", "log_code": False, "log_git_metadata": False,
             "log_git_patch": False, "log_env_details": False, "auto_output_logging": False}}
+    if installed("mlflow"):
+        found.mlflow = (tmp / "mlruns").as_uri()
+        keys |= {"mlflow_tracking_uri": found.mlflow, "mlflow_experiment_name": "plait-test",
+                 "mlflow_run_name": "tiny", "hf_mlflow_log_artifacts": True, "save_steps": 2}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)  # SwanLab writes ./swanlog, as in Axolotl
         mp.setenv("COMET_ERROR_TRACKING_ENABLE", "false")  # no error reports to Comet's Sentry from a test
+        # MLflow 3 refuses a file store unless asked (a user logs to a server); the test needs no server
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         found.recorder = _train(tiny_model, tmp, keys, plugins)
     return found
 
@@ -273,3 +294,31 @@ def test_comet_offline_archive_holds_the_runs_losses(tracked):
     params = [m["payload"].get("param") or m["payload"]["params"] for m in messages if m["type"] == "parameter_msg"]
     params = {param["paramName"]: param["paramValue"] for param in params}
     assert params["comet_project_name"] == "plait-test"  # the run's config, as the experiment's parameters
+
+
+@pytest.mark.slow
+def test_mlflow_run_holds_the_runs_losses_config_and_artifacts(tracked):
+    if not hasattr(tracked, "mlflow"):
+        pytest.skip("mlflow is not installed")
+    from mlflow.tracking import MlflowClient
+
+    recorder = tracked.recorder
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracked.mlflow)
+        experiment = client.get_experiment_by_name("plait-test")
+        [run] = client.search_runs([experiment.experiment_id])
+        history = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+                   for name in ("train_loss", "eval_loss")}
+        artifacts = {a.path: a for a in client.list_artifacts(run.info.run_id)}
+        checkpoint = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint-2")}
+        model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    assert history["train_loss"] == {step: pytest.approx(m["loss"], rel=1e-6) for step, m in recorder.train.items()}
+    assert history["eval_loss"] == {step: pytest.approx(m["eval_loss"], rel=1e-6)
+                                    for step, m in recorder.eval.items()}
+    assert run.data.params["mlflow_run_name"] == "tiny" and run.data.params["max_steps"] == "3"  # the run's config
+    # hf_mlflow_log_artifacts: the checkpoint saved at step 2 and the final model's files, not its checkpoints
+    assert artifacts["checkpoint-2"].is_dir and {"checkpoint-2/model", "checkpoint-2/manifest.json"} <= checkpoint
+    assert {"model/model.safetensors", "model/config.json"} <= model
+    assert not any(path.startswith("model/checkpoint-") for path in model)

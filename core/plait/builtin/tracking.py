@@ -2,8 +2,9 @@
 Biases / MLflow / trackio when they are installed and configured
 (``wandb_project``, ``mlflow_tracking_uri`` or ``mlflow_experiment_name``,
 ``trackio_project_name``), with Axolotl's keys: ``wandb_watch`` (gradient /
-parameter histograms), ``wandb_log_model`` (the saved model as an artifact),
-``wandb_run_id``, ``use_wandb`` / ``use_trackio`` (false turns one off).
+parameter histograms), ``wandb_log_model`` / ``hf_mlflow_log_artifacts`` (the
+saved checkpoints and model as artifacts), ``wandb_run_id``, ``mlflow_run_name``,
+``use_wandb`` / ``use_mlflow`` / ``use_trackio`` (false turns one off).
 SwanLab, Comet and OpenTelemetry metrics (:data:`OBJECT_TRACKERS`) live in a
 module each.
 
@@ -43,7 +44,11 @@ def _missing_modules(module) -> list[str]:
     return missing
 
 
-def _wants_mlflow(cfg) -> bool:
+def wants_mlflow(cfg) -> bool:
+    """On with a tracking URI or an experiment name, as in Axolotl; ``use_mlflow``
+    true turns it on without either (MLflow's default location), false off."""
+    if cfg.use_mlflow is not None:
+        return cfg.use_mlflow
     return bool(cfg.mlflow_tracking_uri or cfg.mlflow_experiment_name)
 
 
@@ -76,12 +81,16 @@ def validate_config(cfg):
     from plait.errors import ConfigError, MachineFactError
 
     wanted = [("use_tensorboard", cfg.use_tensorboard, "tensorboard"), ("wandb_project", wants_wandb(cfg), "wandb"),
-              ("mlflow_tracking_uri/mlflow_experiment_name", _wants_mlflow(cfg), "mlflow"),
+              ("mlflow_tracking_uri/mlflow_experiment_name/use_mlflow", wants_mlflow(cfg), "mlflow"),
               ("trackio_project_name", wants_trackio(cfg), "trackio")]
     for key in ("wandb_watch", "wandb_log_model", "wandb_run_id"):
         if getattr(cfg, key) not in (None, "false") and not wants_wandb(cfg):
             raise ConfigError(f"config key {key!r}: {getattr(cfg, key)!r} needs W&B on: set wandb_project "
                               f"(use_wandb is {cfg.use_wandb!r})")
+    for key in ("mlflow_run_name", "hf_mlflow_log_artifacts"):
+        if getattr(cfg, key) and not wants_mlflow(cfg):
+            raise ConfigError(f"config key {key!r}: {getattr(cfg, key)!r} needs MLflow on: set mlflow_tracking_uri, "
+                              f"mlflow_experiment_name or use_mlflow: true (use_mlflow is {cfg.use_mlflow!r})")
     for _, module, _ in OBJECT_TRACKERS.values():
         module.check(cfg)
     # the machine's facts last, so a rule above is never hidden behind a missing package
@@ -121,14 +130,14 @@ def on_train_start(run):
 
         run.extras["trackio"] = trackio.init(project=cfg.trackio_project_name, name=cfg.trackio_run_name,
                                              space_id=cfg.trackio_space_id, config=cfg.model_dump(mode="json"))
-    if _wants_mlflow(cfg):
+    if wants_mlflow(cfg):
         import mlflow
 
         if cfg.mlflow_tracking_uri:
             mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
         if cfg.mlflow_experiment_name:
             mlflow.set_experiment(cfg.mlflow_experiment_name)
-        run.extras["mlflow"] = mlflow.start_run()
+        run.extras["mlflow"] = mlflow.start_run(run_name=cfg.mlflow_run_name)
         mlflow.log_params({k: str(v)[:250] for k, v in cfg.model_dump(mode="json").items()})
     for name, (_, module, tracker) in OBJECT_TRACKERS.items():
         if module.wanted(cfg):
@@ -163,17 +172,22 @@ def on_step_end(run, metrics):
 
 
 def upload_saved_checkpoint(run) -> None:
-    """``wandb_log_model: checkpoint``: the checkpoint the loop saved after the
-    previous step (``run.saved_checkpoint``) goes to W&B Artifacts too; a
-    later step's ``on_step_end`` or ``on_train_end`` sends it, since the loop
-    saves after ``on_step_end`` and train does not import builtin. Each
-    checkpoint goes once: the last one sent is kept in ``run.extras``."""
+    """``wandb_log_model: checkpoint`` / ``hf_mlflow_log_artifacts``: the
+    checkpoint the loop saved after the previous step (``run.saved_checkpoint``)
+    goes to W&B Artifacts / the MLflow run too; a later step's ``on_step_end``
+    or ``on_train_end`` sends it, since the loop saves after ``on_step_end`` and
+    train does not import builtin. Each checkpoint goes once: the last one sent
+    is kept in ``run.extras``."""
     path = run.saved_checkpoint
-    if path is None or run.extras.get("wandb_sent_checkpoint") == path:
+    if path is None or run.extras.get("sent_checkpoint") == path:
         return
-    run.extras["wandb_sent_checkpoint"] = path
+    run.extras["sent_checkpoint"] = path
     if "wandb" in run.extras and wandb_model_uploads(run.cfg)[0]:
         upload_model(run.extras["wandb"], str(path), f"checkpoint-{run.extras['wandb'].id}")
+    if "mlflow" in run.extras and run.cfg.hf_mlflow_log_artifacts:
+        import mlflow
+
+        mlflow.log_artifacts(str(path), artifact_path=path.name)
 
 
 @hookimpl
@@ -227,6 +241,10 @@ def on_train_end(run):
         import mlflow
 
         run.extras.pop("mlflow")
+        if run.cfg.hf_mlflow_log_artifacts:  # the final model: output_dir's files, its checkpoints left out
+            for file in sorted(run.output_dir.iterdir()):
+                if file.is_file():
+                    mlflow.log_artifact(str(file), artifact_path="model")
         mlflow.end_run()
     for name in OBJECT_TRACKERS:
         if name in run.extras:

@@ -621,6 +621,13 @@ class CoreConfig(StrictModel):
     mlflow_tracking_uri: Optional[str] = Field(
         None, description="Log to the MLflow server (or path) at this URI (needs plait[mlflow]).")
     mlflow_experiment_name: Optional[str] = Field(None, description="MLflow experiment to log the run under.")
+    use_mlflow: Optional[bool] = Field(
+        None, description="true logs to MLflow at its default location (MLFLOW_TRACKING_URI, else ./mlruns) "
+                          "without a URI or experiment; false turns MLflow off even with them set.")
+    mlflow_run_name: Optional[str] = Field(None, description="Name of the MLflow run (default: MLflow's own).")
+    hf_mlflow_log_artifacts: Optional[bool] = Field(
+        None, description="Copy each saved checkpoint (as checkpoint-<step>) and the final model's files (as "
+                          "model) into the MLflow run's artifacts.")
     strict: bool = Field(False, description="Accepted so Axolotl configs load; has no effect in Plait.")
 
     # where each value came from: key path -> "default" | "file" | "override" | "plugin:<name>"
