@@ -32,5 +32,5 @@ def save_model(cfg, model, tokenizer, path):
             return path
     model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        tokenizer.save_pretrained(path, save_jinja_files=cfg.tokenizer_save_jinja_files)
     return path

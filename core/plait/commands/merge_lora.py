@@ -57,7 +57,7 @@ def merge(cfg, pm, adapter_dir, out_dir):
     model, tokenizer, _ = load_trained(unquantized_fp32(cfg), pm, adapter_dir, device=torch.device("cpu"))
     merged = model.merge_and_unload().to(base_dtype(cfg))
     merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir, save_jinja_files=cfg.tokenizer_save_jinja_files)
     copy_processor_files(adapter_dir, out_dir)
     return merged
 

@@ -158,6 +158,9 @@ class CoreConfig(StrictModel):
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra variables for the chat template, e.g. {enable_thinking: false}; "
                                           "used when rendering conversations for training and by inference.")
+    tokenizer_save_jinja_files: bool = Field(
+        True, description="Save the chat template as chat_template.jinja beside the tokenizer (transformers 5's "
+                          "layout); false keeps it inside tokenizer_config.json, which older transformers read.")
     eot_tokens: Optional[list[str]] = Field(
         None, description="Tokens that end a turn (e.g. [<end_of_turn>]): chat_template datasets treat exactly these "
                           "(and the EOS) as turn ends for train_on_eot, and inference stops at them. Unset: every "
