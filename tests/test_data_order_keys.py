@@ -95,6 +95,30 @@ def test_curriculum_sampling_keeps_the_file_order_in_data_and_plans(tmp_path, to
         [[0, 1]], [[2]], [[3]], [[4, 5]], [[6]]]  # 4 + 5, 6, 7, 8 + 4, 5: next-fit into 12
 
 
+def test_sample_packing_sequentially_packs_the_shuffled_order_next_fit():
+    """Axolotl's sample_packing_sequentially: each row goes into the current bin while it fits, in the
+    sampler's (shuffled, per-epoch) order, and the bins stay in that order; with curriculum_sampling the
+    order is the file's."""
+    rng = random.Random(4)
+    lengths = [rng.randint(1, 12) for _ in range(60)]
+    keys = {"base_model": "m", "sample_packing": True, "sequence_len": 16, "micro_batch_size": 2}
+    cfg, _ = build_run_config({**keys, "sample_packing_sequentially": True})
+    best_fit, _ = build_run_config(keys)
+    for epoch in (0, 1):
+        bins = [b for mb in plan_batches(cfg, lengths, epoch) for b in mb]
+        order = [i for b in bins for i in b]
+        assert sorted(order) == list(range(60))  # every row once, in one process
+        assert order != sorted(order)  # shuffled
+        # next-fit: a bin was closed only because the next row in the order did not fit it
+        for this, following in zip(bins, bins[1:]):
+            assert sum(lengths[i] for i in this) + lengths[following[0]] > 16
+            assert sum(lengths[i] for i in this) <= 16
+        assert bins != [b for mb in plan_batches(best_fit, lengths, epoch) for b in mb]
+    assert plan_batches(cfg, lengths, 0) != plan_batches(cfg, lengths, 1)  # a new order each epoch
+    both, _ = build_run_config({**keys, "sample_packing_sequentially": True, "curriculum_sampling": True})
+    assert [i for mb in plan_batches(both, lengths, 1) for b in mb for i in b] == list(range(60))
+
+
 def test_group_by_length_orders_like_transformers_length_grouped_sampler(monkeypatch):
     rng = random.Random(3)
     lengths = [rng.randint(1, 500) for _ in range(1000)]

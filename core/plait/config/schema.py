@@ -338,6 +338,9 @@ class CoreConfig(StrictModel):
         description="Pad every unpacked micro-batch to sequence_len instead of its longest row (fixed shapes, e.g. for "
                     "torch_compile).")
     sample_packing_bin_size: int = Field(200, ge=1, description="Most rows one packed sequence may hold.")
+    sample_packing_sequentially: bool = Field(
+        False, description="Pack rows next-fit in their shuffled order (each row into the current sequence while it "
+                           "fits) instead of best-fit; with curriculum_sampling the order is the dataset's.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seeds python, numpy and torch (numpy takes 0 to 2**32 - 1).")
 
     # batch and schedule

@@ -54,7 +54,8 @@ def plan_batches(cfg, lengths: Sequence[int], epoch: int, rank: int = 0, world_s
 
         plan = plan_packed_batches(lengths, cfg.sequence_len, micro_batch_size, cfg.seed, epoch, rank, world_size,
                                    max_rows_per_bin=cfg.sample_packing_bin_size,
-                                   in_order=split == "train" and in_order)
+                                   in_order=split == "train" and in_order,
+                                   sequential=split == "train" and getattr(cfg, "sample_packing_sequentially", False))
         return _drop_last_if_short(cfg, plan, micro_batch_size)
 
     order = list(range(len(lengths)))

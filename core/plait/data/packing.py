@@ -146,12 +146,17 @@ def pack_in_order(lengths: Sequence[int], sequence_len: int, *,
 
 def plan_packed_batches(lengths: Sequence[int], sequence_len: int, micro_batch_size: int, seed: int, epoch: int,
                         rank: int = 0, world_size: int = 1, *,
-                        max_rows_per_bin: int | None = None, in_order: bool = False) -> list[list[list[int]]]:
+                        max_rows_per_bin: int | None = None, in_order: bool = False,
+                        sequential: bool = False) -> list[list[list[int]]]:
     """This rank's packed micro-batches for one epoch.
 
     ``in_order`` (``curriculum_sampling``): bins are filled next-fit in row
     order and kept in that order, the same every epoch (Axolotl's sequential
-    packing); the rest below is about the default, shuffled plan.
+    packing). ``sequential`` (``sample_packing_sequentially``): the rows are
+    shuffled with the seed and epoch, then filled next-fit in that order and
+    the bins kept in it, as Axolotl packs its sampler's order (rows that sit
+    together in the shuffle share a bin; no best-fit search). The rest below
+    is about the default, best-fit and shuffled plan.
 
     Returns a list of micro-batches; each is a list of ``micro_batch_size``
     bins (the last may have fewer); each bin is a list of row indices whose
@@ -176,6 +181,11 @@ def plan_packed_batches(lengths: Sequence[int], sequence_len: int, micro_batch_s
     epoch_seed = (int(seed) * 1_000_003 + int(epoch)) & 0xFFFFFFFF
     if in_order:
         bins = pack_in_order(lengths, sequence_len, max_rows_per_bin=max_rows_per_bin)
+    elif sequential:
+        order = list(range(len(lengths)))
+        random.Random(epoch_seed + 2).shuffle(order)
+        bins = [[order[j] for j in b]
+                for b in pack_in_order([lengths[i] for i in order], sequence_len, max_rows_per_bin=max_rows_per_bin)]
     else:
         bins = pack_bins(lengths, sequence_len, seed=epoch_seed, max_rows_per_bin=max_rows_per_bin)
     if len(bins) < world_size:
@@ -190,7 +200,7 @@ def plan_packed_batches(lengths: Sequence[int], sequence_len: int, micro_batch_s
         by_fill = sorted(range(len(bins)), key=lambda b: (fill[b], min(bins[b])))
         dropped = set(by_fill[:remainder])
         bins = [b for i, b in enumerate(bins) if i not in dropped]
-    if not in_order:
+    if not (in_order or sequential):
         random.Random(epoch_seed + 1).shuffle(bins)
     mine = bins[rank::world_size]
     return [mine[start:start + micro_batch_size] for start in range(0, len(mine), micro_batch_size)]

@@ -397,7 +397,8 @@ LEGACY_PLAN_FILE = "packing_plan.json"
 
 #: the settings that shape an epoch's batch plan (plait.data.batching.plan_batches), named when it changed
 ORDER_KEYS = ("sample_packing", "sequence_len", "micro_batch_size", "sample_packing_bin_size", "seed",
-              "curriculum_sampling", "group_by_length", "gradient_accumulation_steps", "dataloader_drop_last")
+              "curriculum_sampling", "group_by_length", "gradient_accumulation_steps", "dataloader_drop_last",
+              "sample_packing_sequentially")
 
 
 def plan_identity(run, epoch: int | None = None, step_in_epoch: int | None = None) -> dict:
