@@ -84,6 +84,10 @@ NO_OP_KEYS: dict[str, str] = {
     "axolotl_config_path": "set by Axolotl's CLI to the config file it read",
     "sample_packing_eff_est": "Axolotl's estimate of the packing efficiency for counting steps; Plait packs first "
                               "and counts the real bins",
+    "sample_packing_group_size": "Axolotl packs this many rows at a time (a larger group packs slightly fuller); "
+                                 "Plait's best-fit packs every row of the epoch at once",
+    "multipack_real_batches": "Plait's packed micro-batches are always micro_batch_size sequences of sequence_len "
+                              "(Axolotl's true); the tokens a micro-batch trains are the same either way",
     "dataset_keep_in_memory": "whether tokenized rows stay in memory or in the memory-mapped cache changes nothing "
                               "that trains",
     "pad_to_multiple_of": "a padded length for speed only; Plait pads each batch to its longest row, and padding "
