@@ -12,7 +12,7 @@ from plait.errors import ConfigError
 METHODS = ("dpo", "ipo", "orpo", "kto", "simpo")
 AXOLOTL_ONLY = ("grpo", "gdpo", "ebft")
 #: ``dpo_loss_type`` values (TRL's names)
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+DPO_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "robust")
 
 
 class PreferenceKeys(BaseModel):
@@ -24,13 +24,17 @@ class PreferenceKeys(BaseModel):
     rl_beta: Optional[float] = Field(None, gt=0, description="beta of the method (TRL's default 0.1).")
     dpo_beta: Optional[float] = Field(None, gt=0, description="Older name of rl_beta.")
     dpo_loss_type: Optional[Union[str, list[str]]] = Field(
-        None, description="DPO losses: sigmoid (default), hinge, ipo, robust; a list adds them up.")
+        None, description="DPO losses: sigmoid (default), sigmoid_norm (sigmoid on per-token average log-ratios), "
+                          "hinge, ipo, robust; a list adds them up.")
     dpo_loss_weights: Optional[list[float]] = Field(None, description="Weight of each dpo_loss_type (default 1).")
     dpo_label_smoothing: Optional[float] = Field(
         None, ge=0, lt=0.5, description="Conservative DPO / robust DPO: the share of flipped preference labels.")
     dpo_use_weighting: Optional[bool] = Field(
         None, description="WPO weighting of pairs by their probability: true is refused (not supported); false or "
                           "unset accepted.")
+    dpo_norm_loss: Optional[bool] = Field(
+        None, description="DPO: the sigmoid loss on log-ratios averaged per response token instead of summed (TRL's "
+                          "sigmoid_norm; ipo is per token already).")
     dpo_padding_free: Optional[bool] = Field(
         None, description="Accepted: pairs always run without padding between their two sequences.")
     rpo_alpha: Optional[float] = Field(
@@ -80,6 +84,8 @@ def dpo_losses(cfg) -> list[tuple[str, float]]:
         return [("ipo", 1.0)]
     types = cfg.dpo_loss_type or ["sigmoid"]
     types = [types] if isinstance(types, str) else list(types)
+    if cfg.dpo_norm_loss:  # Axolotl's switch: the sigmoid loss on per-token averages
+        types = ["sigmoid_norm" if name == "sigmoid" else name for name in types]
     weights = cfg.dpo_loss_weights or [1.0] * len(types)
     return list(zip(types, weights))
 
@@ -139,6 +145,14 @@ def validate(cfg) -> None:
             if name not in DPO_LOSS_TYPES:
                 raise ConfigError(f"config key 'dpo_loss_type': {name!r} is not accepted; accepted: "
                                   f"{', '.join(DPO_LOSS_TYPES)}")
+        if cfg.dpo_norm_loss and not {"sigmoid", "ipo"} & set(types):
+            raise ConfigError(f"config key 'dpo_norm_loss': true averages the sigmoid loss's log-ratios per token, "
+                              f"but dpo_loss_type is {cfg.dpo_loss_type!r}; use it with sigmoid (ipo is per token "
+                              f"already), or remove it")
+        norm = [name for name, _ in dpo_losses(cfg) if name == "sigmoid_norm"]
+        if norm and cfg.dpo_label_smoothing:
+            raise ConfigError(f"config key 'dpo_label_smoothing': {cfg.dpo_label_smoothing} has no per-token form "
+                              f"(sigmoid_norm, or dpo_norm_loss: true); use sigmoid or robust with it")
         if cfg.dpo_loss_weights is not None and len(cfg.dpo_loss_weights) != len(types):
             raise ConfigError(f"config key 'dpo_loss_weights': {cfg.dpo_loss_weights} has {len(cfg.dpo_loss_weights)} "
                               f"weights for {len(types)} dpo_loss_type entries; give one weight per loss")

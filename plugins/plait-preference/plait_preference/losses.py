@@ -14,7 +14,8 @@ def dpo(chosen_ratio, rejected_ratio, chosen_tokens, rejected_tokens, *, beta: f
 
     sigmoid: ``-log sigma(beta d)`` (with ``label_smoothing`` e the
     conservative form ``-(1-e) log sigma(beta d) - e log sigma(-beta d)``);
-    hinge: ``relu(1 - beta d)``; ipo: ``(d_avg - 1/(2 beta))^2`` with the
+    sigmoid_norm: ``-log sigma(beta d_avg)``; hinge: ``relu(1 - beta d)``;
+    ipo: ``(d_avg - 1/(2 beta))^2``, where ``d_avg`` is the difference of the
     log-ratios averaged per response token; robust: the unbiased noisy-label
     loss ``((1-e)(-log sigma(beta d)) + e log sigma(-beta d)) / (1 - 2e)``.
     """
@@ -25,6 +26,9 @@ def dpo(chosen_ratio, rejected_ratio, chosen_tokens, rejected_tokens, *, beta: f
         return -F.logsigmoid(beta * delta)  # the line below with e = 0, without its zero term's five kernels
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    if loss_type == "sigmoid_norm":
+        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        return -F.logsigmoid(beta * per_token)
     if loss_type == "hinge":
         return (1 - beta * delta).relu()
     if loss_type == "ipo":

@@ -140,8 +140,8 @@ class PreferenceObjective:
         c_logps, r_logps = policy.completion[chosen], policy.completion[rejected]
         cfg, beta = self.cfg, self.beta
         dpo_losses = config.dpo_losses(cfg) if self.method in ("dpo", "ipo") else ()
-        # response token counts: for the per-token averages (IPO, ORPO, SimPO, RPO's NLL); sigmoid DPO reads none
-        if (self.method not in ("dpo", "ipo") or any(name == "ipo" for name, _ in dpo_losses)
+        # response token counts: for the per-token averages (IPO, sigmoid_norm, ORPO, SimPO, RPO's NLL)
+        if (self.method not in ("dpo", "ipo") or any(name in ("ipo", "sigmoid_norm") for name, _ in dpo_losses)
                 or cfg.rpo_alpha):
             c_tokens, r_tokens = policy.completion_tokens[chosen], policy.completion_tokens[rejected]
         else:

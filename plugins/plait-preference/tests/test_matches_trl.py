@@ -78,6 +78,21 @@ def test_dpo_full_fine_tuning_matches_trl(loss_type, tmp_path, tiny_model, train
         assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_dpo_norm_loss_matches_trl_sigmoid_norm(tmp_path, tiny_model, train, write_rows):
+    """Axolotl's dpo_norm_loss: the sigmoid loss on per-token average log-ratios, TRL's sigmoid_norm
+    (the rewards and log-probs logged stay the summed ones, as TRL logs them)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = flat_pairs(4)
+    ours = train("plait", **plait_pairs_keys(write_rows, rows, dpo_norm_loss=True))
+    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                             args=trl.DPOConfig(**trl_args(tmp_path, beta=0.1, loss_type=["sigmoid_norm"])),
+                             train_dataset=Dataset.from_list(pair_texts(rows)),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    compare(ours, trl_logs(trainer), DPO_KEYS)
+
+
 def test_rpo_matches_trl_sigmoid_plus_sft(tmp_path, tiny_model, train, write_rows):
     """Axolotl's rpo_alpha: TRL's loss_type [sigmoid, sft] with loss_weights [1, alpha]."""
     from datasets import Dataset

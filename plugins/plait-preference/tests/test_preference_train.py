@@ -75,8 +75,12 @@ def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
 
     with pytest.raises(ConfigError, match="'rl': 'grpo'.*online RL"):
         build_run_config({"base_model": "m", "rl": "grpo"})
-    with pytest.raises(ConfigError, match="dpo_loss_type.*'sppo'.*sigmoid, hinge, ipo, robust"):
+    with pytest.raises(ConfigError, match="dpo_loss_type.*'sppo'.*sigmoid, sigmoid_norm, hinge, ipo, robust"):
         build_run_config({"base_model": "m", "rl": "dpo", "dpo_loss_type": ["sppo"]})
+    with pytest.raises(ConfigError, match="'dpo_norm_loss': true averages the sigmoid loss's log-ratios.*'hinge'"):
+        build_run_config({"base_model": "m", "rl": "dpo", "dpo_norm_loss": True, "dpo_loss_type": "hinge"})
+    with pytest.raises(ConfigError, match="'dpo_label_smoothing': 0.1 has no per-token form"):
+        build_run_config({"base_model": "m", "rl": "dpo", "dpo_norm_loss": True, "dpo_label_smoothing": 0.1})
     with pytest.raises(ConfigError, match="'rpo_alpha': 0.5 adds the chosen responses' NLL.*rl is 'orpo'"):
         build_run_config({"base_model": "m", "rl": "orpo", "rpo_alpha": 0.5})
     with pytest.raises(ConfigError, match="context_parallel_size: 2 is not supported"):
