@@ -4,6 +4,8 @@ attn_implementation and the other keys with Axolotl's meaning."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from plait.errors import ConfigError
@@ -259,10 +261,24 @@ def test_push_output_uploads_the_run_without_checkpoints(tmp_path):
             calls.append(("upload", kwargs))
             return "https://hub/commit/1"
 
+        def create_branch(self, repo_id, **kwargs):
+            calls.append(("branch", repo_id, kwargs))
+
     cfg = _cfg(hub_model_id="me/m", hub_private_repo=True)
     assert push_output(cfg, str(tmp_path), api=RecordingApi()) == "https://hub/commit/1"
     assert calls[0] == ("create", "me/m", {"private": True, "exist_ok": True})
     assert calls[1][1]["repo_id"] == "me/m" and "checkpoint-*" in calls[1][1]["ignore_patterns"]
+    assert calls[1][1]["revision"] is None and len(calls) == 2  # main: no branch made
+    # hub_revision (Axolotl's and transformers' key): the branch is made if missing, and the upload goes there
+    calls.clear()
+    push_output(_cfg(hub_model_id="me/m", hub_revision="run-7"), str(tmp_path), api=RecordingApi())
+    assert calls[1] == ("branch", "me/m", {"branch": "run-7", "exist_ok": True})
+    assert calls[2][0] == "upload" and calls[2][1]["revision"] == "run-7"
+    # the recorder was called as huggingface_hub's own API takes its arguments
+    from huggingface_hub import HfApi
+
+    inspect.signature(HfApi.create_branch).bind(None, calls[1][1], **calls[1][2])
+    inspect.signature(HfApi.upload_folder).bind(None, **calls[2][1])
 
 
 def test_tracker_keys():

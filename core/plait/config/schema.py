@@ -624,6 +624,9 @@ class CoreConfig(StrictModel):
     hub_strategy: Optional[Literal["end"]] = Field(
         None, description="When to push: end (the only strategy Plait has: the final model once).")
     hub_private_repo: Optional[bool] = Field(None, description="Create the hub repository private.")
+    hub_revision: Optional[str] = Field(
+        None, min_length=1, description="Push to this branch of hub_model_id (created from main if missing) instead "
+                                        "of main.")
     mlflow_tracking_uri: Optional[str] = Field(
         None, description="Log to the MLflow server (or path) at this URI (needs plait[mlflow]).")
     mlflow_experiment_name: Optional[str] = Field(None, description="MLflow experiment to log the run under.")
