@@ -117,7 +117,6 @@ FORMER_AXOLOTL_KEYS: dict[str, str] = {}
 
 #: Axolotl key -> what Plait lacks and what to use instead (keys not listed get a generic line)
 LACKING_KEYS: dict[str, str] = {
-    "trl": "TRL's nested options are not read; use the flat keys (rl_beta, dpo_loss_type, ...) of plait-preference",
     "ebft": "EBFT training is not implemented",
     "relora": "ReLoRA is not implemented",
     "s2_attention": "shifted-sparse attention is not implemented",

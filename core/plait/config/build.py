@@ -21,6 +21,7 @@ from plait.config.axolotl_keys import (ATTENTION_SWITCHES, DTYPE_SWITCHES, NO_OP
 from plait.config.plugin_keys import unloaded_key_owners
 from plait.config.problems import Problems
 from plait.config.schema import CoreConfig
+from plait.config.trl_block import read_trl_block
 from plait.errors import ConfigError, did_you_mean
 from plait.registries import DatasetEntry, check_names, check_variant, find_format, format_key, registry, untyped_format
 
@@ -141,6 +142,7 @@ def _sort_keys(raw: dict, cls: type[BaseModel], pm, problems: Problems, allow_un
     known = set(cls.model_fields)
     owners = None
     ignored, unsupported = [], []
+    read_trl_block(raw, problems)  # Axolotl's trl: {beta: ...} is rl_beta
     for switch, backend in ATTENTION_SWITCHES.items():
         if raw.pop(switch, None):  # Axolotl's xformers_attention: true is attn_implementation: xformers
             chosen = raw.get("attn_implementation") or next(

@@ -77,6 +77,15 @@ def test_bad_rows_and_keys_are_named(tmp_path, tiny_model, write_rows):
         build_run_config({"base_model": "m", "rl": "grpo"})
     with pytest.raises(ConfigError, match="dpo_loss_type.*'sppo'.*sigmoid, sigmoid_norm, hinge, ipo, robust"):
         build_run_config({"base_model": "m", "rl": "dpo", "dpo_loss_type": ["sppo"]})
+    # Axolotl's trl block: beta is rl_beta; blank or off options are fine; online RL's options are named
+    cfg, _ = build_run_config({"base_model": "m", "rl": "dpo", "trl": {"beta": 0.05, "use_vllm": False,
+                                                                        "max_completion_length": None}})
+    assert cfg.rl_beta == 0.05
+    with pytest.raises(ConfigError, match="trl.beta .0.05. and rl_beta .0.1. are the same setting"):
+        build_run_config({"base_model": "m", "rl": "dpo", "rl_beta": 0.1, "trl": {"beta": 0.05}})
+    with pytest.raises(ConfigError, match="trl.num_generations, trl.reward_funcs: TRL's generation options for "
+                                          "online RL"):
+        build_run_config({"base_model": "m", "rl": "dpo", "trl": {"num_generations": 2, "reward_funcs": ["f"]}})
     with pytest.raises(ConfigError, match="'dpo_norm_loss': true averages the sigmoid loss's log-ratios.*'hinge'"):
         build_run_config({"base_model": "m", "rl": "dpo", "dpo_norm_loss": True, "dpo_loss_type": "hinge"})
     with pytest.raises(ConfigError, match="'dpo_label_smoothing': 0.1 has no per-token form"):
