@@ -31,6 +31,7 @@ FSDP_CONFIG_KEYS: dict[str, tuple[Any, str]] = {
     "version": ((2,), "FSDP version; only FSDP2 (fully_shard) is implemented"),
     "offload_params": (bool, "keep sharded parameters on the CPU (CPUOffloadPolicy)"),
     "state_dict_type": (("FULL_STATE_DICT", "SHARDED_STATE_DICT"), "how checkpoints are written"),
+    "final_state_dict_type": (("FULL_STATE_DICT",), "the final model's form: always whole, in Hugging Face format"),
     "transformer_layer_cls_to_wrap": (str, "decoder-layer class name to shard one by one"),
     "reshard_after_forward": (bool, "free gathered parameters after forward (full_shard) or keep them"),
     "activation_checkpointing": (bool, "recompute decoder layers in backward"),
@@ -94,7 +95,8 @@ def normalise_fsdp_config(raw: dict) -> dict[str, Any]:
             value = value[0] if len(value) == 1 else value
         if isinstance(accepted, tuple):
             if isinstance(value, str):
-                value_cmp = value.upper() if short in ("state_dict_type", "auto_wrap_policy", "sharding_strategy") else value
+                value_cmp = (value.upper() if short in ("state_dict_type", "final_state_dict_type", "auto_wrap_policy",
+                                                        "sharding_strategy") else value)
             else:
                 value_cmp = value
             if value_cmp not in accepted:
@@ -125,6 +127,9 @@ class ParallelConfig(BaseModel):
         None, description="FSDP on: true, or Axolotl's words, e.g. [full_shard, auto_wrap].")
     fsdp_config: dict[str, Any] = Field(default_factory=dict, description="Axolotl fsdp_config keys (fsdp_ prefix optional).")
     fsdp_version: Optional[int] = Field(None, description="Only 2 (FSDP2, fully_shard) is implemented.")
+    fsdp_final_state_dict_type: Optional[str] = Field(
+        None, description="Form of the final model: FULL_STATE_DICT, the only one (the model is saved whole, in "
+                          "Hugging Face format).")
     ring_attn: Optional[Union[bool, str]] = Field(
         None, description="Context-parallel attention: true or plait_ring/varlen_llama3/batch_ring (contiguous split), "
                           "batch_zigzag (load-balanced split).")
@@ -155,6 +160,15 @@ class ParallelConfig(BaseModel):
     @classmethod
     def _check_fsdp_config(cls, value):
         normalise_fsdp_config(value)
+        return value
+
+    @field_validator("fsdp_final_state_dict_type")
+    @classmethod
+    def _check_final_state_dict_type(cls, value):
+        if value is not None and value.upper() != "FULL_STATE_DICT":
+            raise ConfigError(f"config key 'fsdp_final_state_dict_type': {value!r} is not accepted; accepted: "
+                              f"FULL_STATE_DICT (the final model is always saved whole, in Hugging Face format; "
+                              f"checkpoints are sharded with fsdp_config.state_dict_type)")
         return value
 
     @field_validator("fsdp_version")

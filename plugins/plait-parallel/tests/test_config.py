@@ -59,6 +59,15 @@ def test_fsdp_config_bad_value(monkeypatch):
         make_cfg(monkeypatch, fsdp=True, fsdp_config={"fsdp_state_dict_type": "LOCAL"})
     with pytest.raises(ConfigError, match=r"fsdp_version': 1 is not accepted"):
         make_cfg(monkeypatch, fsdp_version=1)
+    # the final model's form: always whole (Hugging Face format), under either of Axolotl's spellings
+    with pytest.raises(ConfigError, match=r"'fsdp_final_state_dict_type': 'SHARDED_STATE_DICT' is not accepted; "
+                                          r"accepted: FULL_STATE_DICT"):
+        make_cfg(monkeypatch, fsdp=True, fsdp_final_state_dict_type="SHARDED_STATE_DICT")
+    with pytest.raises(ConfigError, match=r"fsdp_final_state_dict_type': 'SHARDED_STATE_DICT' is not accepted; "
+                                          r"accepted: \['FULL_STATE_DICT'\]"):
+        make_cfg(monkeypatch, fsdp=True, fsdp_config={"fsdp_final_state_dict_type": "SHARDED_STATE_DICT"})
+    assert make_cfg(monkeypatch, fsdp=True, fsdp_final_state_dict_type="full_state_dict",
+                    fsdp_config={"final_state_dict_type": "FULL_STATE_DICT"}).fsdp_version is None
 
 
 def test_axolotl_fsdp_config_is_normalised(monkeypatch):
