@@ -31,9 +31,10 @@ def check_ray(cfg) -> None:
 
 
 def check_generation_keys(cfg) -> None:
-    from plait.config.generation_keys import check_generation_keys as check
+    from plait.config.generation_keys import check_generation_keys as check, check_sample_keys
 
     check(cfg)
+    check_sample_keys(cfg)
 
 
 def check_transformers_kernels(cfg) -> None:

@@ -68,3 +68,30 @@ def check_generation_keys(cfg) -> None:
         raise MachineFactError(f"config key 'eval_causal_lm_metrics': {', '.join(needs)} "
                                f"{'is' if len(needs) == 1 else 'are'} computed by the sacrebleu package, which is not "
                                f"installed here; pip install sacrebleu (or 'plait[eval]'), or list only perplexity")
+
+
+#: generate_samples' settings, and Axolotl's defaults for them (a value other than these is a choice)
+SAMPLE_KEYS = {"num_generation_samples": 3, "generation_max_new_tokens": 50, "generation_temperature": 0.7,
+               "generation_top_p": None, "generation_top_k": None, "generation_prompt_ratio": 0.5,
+               "generation_do_sample": True}
+
+
+def check_sample_keys(cfg) -> None:
+    """``generate_samples``: what it needs, and its settings set while it is off."""
+    if not cfg.generate_samples:
+        changed = [key for key, default in SAMPLE_KEYS.items() if getattr(cfg, key) != default]
+        if changed:
+            cfg.add_note(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} read by generate_samples, "
+                         f"which is off; {'it changes' if len(changed) == 1 else 'they change'} nothing here")
+        return
+    method = getattr(cfg, "rl", None) or ("reward_model" if getattr(cfg, "reward_model", None) else None)
+    if method:
+        raise ConfigError(f"config key 'generate_samples' continues a row's own tokens; {method} rows are pairs or "
+                          f"scored sequences; remove generate_samples")
+    if getattr(cfg, "processor_type", None):
+        raise ConfigError("config key 'generate_samples' continues a row's tokens alone, and processor_type trains "
+                          "on images too, which generation here does not pass; remove generate_samples")
+    if not (cfg.val_set_size > 0 or cfg.test_datasets) or cfg.eval_strategy == "no":
+        # Axolotl generates in its evaluation callback too: no evaluation, no samples
+        cfg.add_note("generate_samples generates at each evaluation, and this config does not evaluate (no "
+                     "val_set_size or test_datasets, or eval_strategy: no); it changes nothing here")

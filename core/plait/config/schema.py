@@ -524,6 +524,20 @@ class CoreConfig(StrictModel):
         None, ge=0, description="At each evaluation, generate completions for the first this many eval rows and "
                                 "write prompt, reference and prediction to eval_predictions.jsonl in output_dir "
                                 "(and a table to W&B / MLflow when they log the run); 0 or unset: none.")
+    generate_samples: bool = Field(
+        False, description="At each evaluation, continue num_generation_samples rows (eval rows, else training rows) "
+                           "from their first generation_prompt_ratio of tokens, print them and append them to "
+                           "generation_samples.jsonl in output_dir.")
+    num_generation_samples: int = Field(3, ge=1, description="Rows generate_samples continues at each evaluation.")
+    generation_max_new_tokens: int = Field(50, ge=1, description="Most tokens generate_samples generates a row.")
+    generation_temperature: float = Field(
+        0.7, ge=0, description="Sampling temperature of generate_samples (0: greedy).")
+    generation_top_p: Optional[float] = Field(
+        None, gt=0, le=1, description="Nucleus sampling of generate_samples (unset: off).")
+    generation_top_k: Optional[int] = Field(None, ge=1, description="Top-k sampling of generate_samples (unset: off).")
+    generation_prompt_ratio: float = Field(
+        0.5, ge=0, le=1, description="Share of a row's tokens generate_samples gives as the prompt (at least one).")
+    generation_do_sample: bool = Field(True, description="Sample in generate_samples; false decodes greedily.")
     greater_is_better: Optional[bool] = Field(
         None, description="Whether a higher metric_for_best_model is better; the eval loss is better lower, so only "
                           "false is accepted.")

@@ -86,7 +86,7 @@ from plait.output import MetricsLog, plot_loss, save_final, write_environment, w
 from plait.pipeline import placed_by_config, setup_model, setup_tokenizer
 from plait.plugins import call_required, no_result_error
 from plait.train import checkpoint
-from plait.train import generation
+from plait.train import generation, sample_generation
 from plait.train.best import best_checkpoint, check_schedule
 from plait.train.collector import freeze_setup_objects, unfreeze_setup_objects
 from plait.train.generation import ACCEPTED_METRICS, check_unsharded
@@ -165,6 +165,8 @@ class Run:
     metrics_log: Optional[MetricsLog] = None
     #: ``eval_predictions.jsonl`` (``eval_table_size``), a MetricsLog of table rows; rank 0
     prediction_table: Optional[MetricsLog] = None
+    #: generate_samples' records (generation_samples.jsonl), main rank
+    sample_log: Optional[MetricsLog] = None
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
     #: fp16 on a GPU: the loss scaler (its state is saved in checkpoints)
@@ -272,6 +274,7 @@ def train(cfg, pm, *, data=None) -> Run:
 
         run.model = build_model(run)
         check_unsharded(run)  # generation in eval: refused now, not at the first evaluation
+        sample_generation.check_unsharded(run)
         run.loss_fn = call_required(pm, "build_loss", cfg=cfg, model=run.model)
         run.objective = call_required(pm, "build_objective", cfg=cfg, model=run.model, loss_fn=run.loss_fn)
         plan_schedule(run)
@@ -306,6 +309,9 @@ def train(cfg, pm, *, data=None) -> Run:
 
                 run.prediction_table = MetricsLog(run.output_dir, resume_step=run.step if resume_from else None,
                                                   name=TABLE_FILE)
+            if cfg.generate_samples:
+                run.sample_log = MetricsLog(run.output_dir, resume_step=run.step if resume_from else None,
+                                            name=sample_generation.SAMPLES_FILE)
         pm.hook.on_train_start(run=run)
         train_epochs(run)
         finish(run)
@@ -1018,7 +1024,18 @@ def evaluate_and_log(run: Run) -> dict:
                 run.prediction_table.append(row)
             run.pm.hook.on_eval_predictions(run=run, rows=table)
         run.pm.hook.on_eval_end(run=run, metrics=metrics)
+    if run.cfg.generate_samples:
+        write_samples(run, sample_generation.generate_samples(run))
     return metrics
+
+
+def write_samples(run: Run, samples: list[dict]) -> None:
+    """generate_samples' samples on the console and in output_dir (rank 0's list; empty elsewhere)."""
+    if not samples:
+        return
+    for number, sample in enumerate(samples, start=1):
+        log(run, sample_generation.format_sample(sample, number))
+        run.sample_log.append(sample)
 
 
 def format_eval(metrics: dict) -> str:
