@@ -30,6 +30,9 @@ RENAMED_KEYS: dict[str, str] = {
     "liger_swiglu": "liger_glu_activation",
     "noisy_embedding_alpha": "neftune_noise_alpha",
     "type_of_model": "model_type",
+    # Axolotl's older names of its context-parallel keys (it maps them itself, with a deprecation warning)
+    "sequence_parallel_degree": "context_parallel_size",
+    "ring_attn_func": "ring_attn",
 }
 
 #: Axolotl's older boolean attention switches Plait has no flag for -> the attn_implementation they ask for
@@ -140,7 +143,6 @@ LACKING_KEYS: dict[str, str] = {
     "max_packed_sequence_len": "Axolotl itself refuses it ('no longer supported'): its old concatenating packing is "
                                "sample_packing: true with sequence_len as the packed length",
     "layer_offloading": "offloading layer weights is not implemented; fsdp_config offload_params does it under FSDP2",
-    "sequence_parallel_degree": "use context_parallel_size (plait-parallel)",
     "liger_use_token_scaling": "liger's token-scaled cross-entropy is not implemented",
     "deepcompile": "DeepSpeed is not used; deepspeed: <zero json> translates to FSDP2",
 }

@@ -82,6 +82,17 @@ def test_axolotl_fsdp_config_is_normalised(monkeypatch):
     assert options.state_dict_type == "SHARDED_STATE_DICT"
 
 
+def test_axolotls_older_context_parallel_names(monkeypatch):
+    # Axolotl maps sequence_parallel_degree to context_parallel_size itself; ring_attn_func names the ring kernel
+    cfg = make_cfg(monkeypatch, 2, sequence_parallel_degree=2, ring_attn_func="batch_zigzag")
+    assert (cfg.context_parallel_size, cfg.ring_attn) == (2, "batch_zigzag")
+    with pytest.raises(ConfigError, match="sequence_parallel_degree .Axolotl's name of context_parallel_size. and "
+                                          "context_parallel_size are both set, to 2 and 4"):
+        make_cfg(monkeypatch, 4, sequence_parallel_degree=2, context_parallel_size=4)
+    with pytest.raises(ConfigError, match="ring_attn': 'batch_stripe' is not accepted"):
+        make_cfg(monkeypatch, 2, context_parallel_size=2, ring_attn_func="batch_stripe")
+
+
 def test_ring_attn_values(monkeypatch):
     with pytest.raises(ConfigError, match=r"ring_attn': 'zigzagg' is not accepted; did you mean 'zigzag'"):
         make_cfg(monkeypatch, ring_attn="zigzagg")
