@@ -96,6 +96,38 @@ def test_schedules_match_transformers(keys, reference):
         assert ours[0] == 0.0  # transformers' warmup starts from 0
 
 
+def test_one_cycle_is_torchs_one_cycle_over_the_warmup_share():
+    """Axolotl's one_cycle: OneCycleLR to learning_rate, pct_start = warm-up / total, cosine annealing; beta1
+    cycles too (torch's default, as in Axolotl)."""
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    cfg, pm = build_run_config({"base_model": "m", "learning_rate": 1e-3, "lr_scheduler": "one_cycle",
+                                "warmup_steps": 5})
+    ours_opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    scheduler = pm.hook.build_scheduler(cfg=cfg, optimizer=ours_opt, total_steps=20)
+    betas = []
+    ours = []
+    for _ in range(20):
+        ours.append(ours_opt.param_groups[0]["lr"])
+        betas.append(ours_opt.param_groups[0]["betas"][0])
+        ours_opt.step()
+        scheduler.step()
+    ref_opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    expected = _lrs(OneCycleLR(ref_opt, max_lr=1e-3, total_steps=20, pct_start=5 / 20, anneal_strategy="cos"),
+                    ref_opt, 20)
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert max(ours) == pytest.approx(1e-3) and ours.index(max(ours)) == 4 and ours[0] == pytest.approx(1e-3 / 25)
+    assert min(betas) == pytest.approx(0.85) and betas[0] == pytest.approx(0.95)
+    # lr_scheduler_kwargs reach OneCycleLR; an optimizer without beta1 or momentum cycles the rate alone
+    cfg, pm = build_run_config({"base_model": "m", "lr_scheduler": "one_cycle",
+                                "lr_scheduler_kwargs": {"div_factor": 10.0, "pct_start": 0.5}})
+    plain = torch.optim.Adagrad([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    lrs = _lrs(pm.hook.build_scheduler(cfg=cfg, optimizer=plain, total_steps=20), plain, 20)
+    assert lrs[0] == pytest.approx(1e-4) and lrs.index(max(lrs)) == 9
+    with pytest.raises(ConfigError, match="'cosine_min_lr_ratio' has no effect on lr_scheduler 'one_cycle'"):
+        build_run_config({"base_model": "m", "lr_scheduler": "one_cycle", "cosine_min_lr_ratio": 0.1})
+
+
 def test_schedule_keys_are_checked_at_config_time():
     with pytest.raises(ConfigError, match=r"'lr_scheduler_kwargs': \['power'\] are not arguments of schedule "
                                           r"'cosine'; accepted: num_cycles"):

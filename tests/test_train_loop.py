@@ -517,6 +517,23 @@ def test_save_first_step_writes_a_checkpoint_after_step_one_that_resumes(tiny_mo
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
 
 
+def test_one_cycle_schedule_resumes_to_the_uninterrupted_runs_weights(tiny_model, tmp_path):
+    """Axolotl's one_cycle (torch's OneCycleLR, which also cycles AdamW's beta1): its state goes into the
+    checkpoint and comes back, so a resumed run ends with the uninterrupted run's adapter."""
+    keys = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "learning_rate": 1e-2,
+            "micro_batch_size": 4, "max_steps": 6, "save_steps": 3, "lr_scheduler": "one_cycle",
+            "warmup_steps": 2, "logging_steps": 1}
+    rows = data(16, 4)
+    whole = run_train({**keys, "output_dir": str(tmp_path / "whole")}, rows)
+    lrs = [r["lr"] for r in whole.metrics_log.read() if "lr" in r]
+    assert lrs.index(max(lrs)) == 1 and lrs[0] < lrs[1] > lrs[-1]  # peak at the end of the 2-step warm-up
+    resumed = run_train({**keys, "output_dir": str(tmp_path / "resumed"),
+                         "resume_from_checkpoint": str(tmp_path / "whole" / "checkpoint-3")}, rows)
+    assert resumed.step == 6
+    assert (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+
+
 def test_load_best_model_at_end_saves_the_best_evaluated_checkpoint(tiny_model, tmp_path):
     """A constant learning rate too high for the tiny model: its eval loss is lowest after the first
     step. The final model is that checkpoint's weights; save_total_limit: 1 keeps it beside the newest."""

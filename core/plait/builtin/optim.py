@@ -210,6 +210,36 @@ def _transformers_schedule(cfg, optimizer, total_steps):
                          num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
 
 
+#: lr_scheduler_kwargs of one_cycle: torch's OneCycleLR arguments past the optimizer, max_lr and total_steps
+ONE_CYCLE_KWARGS = ("pct_start", "anneal_strategy", "cycle_momentum", "base_momentum", "max_momentum", "div_factor",
+                    "final_div_factor", "three_phase")
+
+
+def _one_cycle_schedule(cfg, optimizer, total_steps):
+    """Axolotl's ``lr_scheduler: one_cycle``: torch's OneCycleLR peaking at
+    ``learning_rate``, its rise the run's warm-up share (``pct_start``) and its
+    fall a cosine, unless ``lr_scheduler_kwargs`` says otherwise."""
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    kwargs = dict(cfg.lr_scheduler_kwargs)
+    kwargs.setdefault("pct_start", warmup_steps(cfg, total_steps) / total_steps)
+    kwargs.setdefault("anneal_strategy", "cos")
+    defaults = optimizer.defaults
+    if "momentum" not in defaults and "betas" not in defaults:
+        # OneCycleLR cycles beta1 (or momentum) by default, which this optimizer has not: the rate alone cycles
+        kwargs.setdefault("cycle_momentum", False)
+    return OneCycleLR(optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
+                      **kwargs)
+
+
+def _check_one_cycle(cfg) -> None:
+    _check_plait_schedule(cfg)
+    if cfg.cosine_min_lr_ratio is not None:
+        raise ConfigError("config key 'cosine_min_lr_ratio' has no effect on lr_scheduler 'one_cycle' (it ends at "
+                          "learning_rate / (div_factor * final_div_factor)); remove it, or set final_div_factor in "
+                          "lr_scheduler_kwargs")
+
+
 def _check_plait_schedule(cfg) -> None:
     """Axolotl's schedule shapers apply to Plait's own schedules only."""
     name = cfg.lr_scheduler
@@ -246,6 +276,9 @@ def schedulers():
     for name, kwargs in TRANSFORMERS_SCHEDULERS.items():
         records.append(Scheduler(name, _transformers_schedule, kwargs=kwargs, check=_check_schedule,
                                  description=f"transformers' {name}"))
+    records.append(Scheduler("one_cycle", _one_cycle_schedule, kwargs=ONE_CYCLE_KWARGS, check=_check_one_cycle,
+                             description="torch's OneCycleLR up to learning_rate over the warm-up, then a cosine "
+                                         "(Axolotl's one_cycle)"))
     return records
 
 
