@@ -128,6 +128,35 @@ def test_one_cycle_is_torchs_one_cycle_over_the_warmup_share():
         build_run_config({"base_model": "m", "lr_scheduler": "one_cycle", "cosine_min_lr_ratio": 0.1})
 
 
+def _axolotl_rex(step, *, peak, floor, warmup, total):
+    """Axolotl's RexLR at optimizer step ``step`` >= 1, written from its definition (linear warm-up to the
+    peak, then min/max + (1 - min/max) * z / (0.1 + 0.9 z) with z the share of the post-warm-up steps left)."""
+    if 1 <= step <= warmup:
+        return peak * step / warmup
+    after, remaining = step - warmup, total - warmup
+    if after >= remaining:
+        return floor
+    z = (remaining - after) / remaining
+    return peak * (floor / peak + (1 - floor / peak) * z / (0.1 + 0.9 * z))
+
+
+@pytest.mark.parametrize("warmup, min_ratio", [(0, None), (4, None), (3, 0.1)])
+def test_rex_is_axolotls_reflected_exponential(warmup, min_ratio):
+    keys = {"base_model": "m", "learning_rate": 1e-3, "lr_scheduler": "rex", "warmup_steps": warmup}
+    if min_ratio is not None:
+        keys["cosine_min_lr_ratio"] = min_ratio  # Axolotl's rex floor: learning_rate * cosine_min_lr_ratio
+    cfg, pm = build_run_config(keys)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    ours = _lrs(pm.hook.build_scheduler(cfg=cfg, optimizer=opt, total_steps=20), opt, 21)
+    floor = 1e-3 * (min_ratio or 0.0)
+    expected = [_axolotl_rex(step, peak=1e-3, floor=floor, warmup=warmup, total=20) for step in range(1, 21)]
+    assert ours[1:] == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    # step 0: transformers' warm-up starts at 0 (Axolotl's RexLR gives a small rate there); no warm-up: the peak
+    assert ours[0] == (0.0 if warmup else pytest.approx(1e-3))
+    with pytest.raises(ConfigError, match="'lr_quadratic_warmup': true has no effect on lr_scheduler 'rex'"):
+        build_run_config({**keys, "lr_quadratic_warmup": True})
+
+
 def test_schedule_keys_are_checked_at_config_time():
     with pytest.raises(ConfigError, match=r"'lr_scheduler_kwargs': \['power'\] are not arguments of schedule "
                                           r"'cosine'; accepted: num_cycles"):

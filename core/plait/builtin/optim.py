@@ -182,6 +182,10 @@ def lr_factor(name: str, step: int, warmup: int, total: int, min_ratio: float, n
     progress = min(max(progress, 0.0), 1.0)
     if name == "linear":
         return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
+    if name == "rex":
+        # REX (Chen et al. 2021) as Axolotl's RexLR writes it: z, the share of the decay left, as z / (0.1 + 0.9 z)
+        left = 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * left / (0.1 + 0.9 * left)
     # cosine; num_cycles 0.5 is one half-wave from the peak to the floor, as in transformers
     return min_ratio + (1.0 - min_ratio) * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * num_cycles * progress)))
 
@@ -232,6 +236,13 @@ def _one_cycle_schedule(cfg, optimizer, total_steps):
                       **kwargs)
 
 
+def _check_rex(cfg) -> None:
+    if cfg.lr_quadratic_warmup:
+        raise ConfigError("config key 'lr_quadratic_warmup': true has no effect on lr_scheduler 'rex' (as in "
+                          "Axolotl, its warm-up is linear); remove it")
+    _check_plait_schedule(cfg)
+
+
 def _check_one_cycle(cfg) -> None:
     _check_plait_schedule(cfg)
     if cfg.cosine_min_lr_ratio is not None:
@@ -271,6 +282,8 @@ def schedulers():
     records = [Scheduler("cosine", _plait_schedule, kwargs=("num_cycles",), check=check,
                          description="cosine to cosine_min_lr_ratio (held from cosine_constant_lr_ratio of the run)"),
                Scheduler("linear", _plait_schedule, check=check, description="linear to cosine_min_lr_ratio"),
+               Scheduler("rex", _plait_schedule, check=_check_rex,
+                         description="REX (reflected exponential) to cosine_min_lr_ratio, as Axolotl's rex"),
                Scheduler("constant", _plait_schedule, check=check, description="constant after warmup"),
                Scheduler("constant_with_warmup", _plait_schedule, check=check, description="constant after warmup")]
     for name, kwargs in TRANSFORMERS_SCHEDULERS.items():

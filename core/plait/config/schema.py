@@ -376,9 +376,9 @@ class CoreConfig(StrictModel):
     lr_scheduler: str = Field(
         "cosine",
         description="Learning-rate schedule after warm-up, from the schedulers registry: core has cosine, linear, "
-                    "constant, constant_with_warmup, one_cycle (torch's OneCycleLR, as in Axolotl) and transformers' "
-                    "(cosine_with_restarts, polynomial, inverse_sqrt, warmup_stable_decay, ...). An unknown name lists "
-                    "them all.")
+                    "constant, constant_with_warmup, Axolotl's rex and one_cycle (torch's OneCycleLR), and "
+                    "transformers' (cosine_with_restarts, polynomial, inverse_sqrt, warmup_stable_decay, ...). An "
+                    "unknown name lists them all.")
     lr_scheduler_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Arguments of the schedule, checked against what it takes (cosine: num_cycles; polynomial: lr_end, "
