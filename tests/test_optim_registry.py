@@ -179,6 +179,26 @@ def test_torchao_optimizers_need_torchao(name):
         build_run_config({"base_model": "m", "optimizer": name})
 
 
+@pytest.mark.parametrize("old, name", [("ao_adamw_4bit", "adamw_torch_4bit"), ("ao_adamw_8bit", "adamw_torch_8bit")])
+def test_axolotls_torchao_names_build_the_same_optimizer(old, name):
+    pytest.importorskip("torchao")
+    built = {}
+    for optimizer in (old, name):
+        cfg, pm = build_run_config({"base_model": "m", "optimizer": optimizer, "learning_rate": 0.02,
+                                    "weight_decay": 0.1, "adam_beta2": 0.95})
+        param = torch.nn.Parameter(torch.randn(256, 256))
+        built[optimizer] = pm.hook.build_optimizer(cfg=cfg, params=[{"params": [param], "weight_decay": 0.1}])
+    assert type(built[old]) is type(built[name]) and type(built[old]).__module__.startswith("torchao")
+    assert built[old].defaults == built[name].defaults and built[old].defaults["lr"] == 0.02
+
+
+
+def test_axolotls_own_optimizers_are_named_as_such():
+    with pytest.raises(ConfigError, match="'optimizer': 'came_pytorch' is one of Axolotl's own optimizers, which "
+                                          "Plait does not have; use adamw_torch"):
+        build_run_config({"base_model": "m", "optimizer": "came_pytorch"})
+
+
 @pytest.mark.parametrize("name, cls", [("adagrad", torch.optim.Adagrad), ("rmsprop", torch.optim.RMSprop)])
 def test_torch_optimizers_take_the_configured_keys(name, cls):
     cfg, pm = build_run_config({"base_model": "m", "optimizer": name, "learning_rate": 0.05, "weight_decay": 0.01,

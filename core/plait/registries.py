@@ -189,6 +189,11 @@ ELSEWHERE = (
     Elsewhere("optimizers", ("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"),
               "is not supported by Plait: schedule-free optimizers must be switched between train() and eval() "
               "around evaluation, which the training loop does not do"),
+    Elsewhere("optimizers", ("optimi_adamw", "adopt_adamw", "came_pytorch", "muon", "dion", "lion_pytorch",
+                             "flash_adamw", "ao_adamw_fp8"),
+              "is one of Axolotl's own optimizers, which Plait does not have; use adamw_torch (or "
+              "adamw_torch_8bit / adamw_torch_4bit for less memory), or register it from a plugin's optimizers() "
+              "hook"),
     Elsewhere("optimizers", ("adamw_torch_xla",), "needs a TPU (torch_xla); not supported by Plait"),
     Elsewhere("optimizers", ("adamw_torch_npu_fused",), "needs an Ascend NPU (torch_npu); not supported by Plait"),
     Elsewhere("schedulers", ("reduce_lr_on_plateau",),

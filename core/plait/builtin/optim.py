@@ -117,7 +117,23 @@ def optimizers():
     for name, (module, install) in TRANSFORMERS_OPTIMIZERS.items():
         records.append(Optimizer(name, build_transformers_optimizer, requires=(module,), install=install,
                                  description=f"transformers' {name}"))
+    for name, same in AXOLOTL_OPTIMIZER_NAMES.items():
+        module, install = TRANSFORMERS_OPTIMIZERS[same]
+        records.append(Optimizer(name, _named_as(same), requires=(module,), install=install,
+                                 description=f"Axolotl's name of {same}"))
     return records
+
+
+#: Axolotl's older optimizer names -> the transformers name of the same optimizer (torchao's AdamW4bit / AdamW8bit)
+AXOLOTL_OPTIMIZER_NAMES = {"ao_adamw_4bit": "adamw_torch_4bit", "ao_adamw_8bit": "adamw_torch_8bit"}
+
+
+def _named_as(name: str):
+    """A build that makes the optimizer ``name`` with the run's settings."""
+    def build(cfg, params):
+        return build_transformers_optimizer(cfg.model_copy(update={"optimizer": name}), params)
+
+    return build
 
 
 @hookimpl(trylast=True)
