@@ -534,6 +534,36 @@ def test_one_cycle_schedule_resumes_to_the_uninterrupted_runs_weights(tiny_model
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
 
 
+class TouchTrigger:
+    """Creates dynamic_checkpoint's trigger file after the given steps, as a user's `touch` would."""
+
+    def __init__(self, path, after_steps):
+        self.path, self.after_steps = path, after_steps
+
+    @hookimpl
+    def on_step_end(self, run, metrics):
+        if metrics["step"] in self.after_steps:
+            self.path.touch()
+
+
+def test_dynamic_checkpoint_saves_when_the_trigger_file_appears(tiny_model, tmp_path):
+    """Axolotl's dynamic_checkpoint: the file is looked for every check_interval steps, deleted when seen, and a
+    checkpoint is saved after that step; the run goes on to the end."""
+    out = tmp_path / "out"
+    out.mkdir()
+    trigger = out / ".axolotl_save_checkpoint"
+    run = run_train({"base_model": str(tiny_model), "output_dir": str(out), "adapter": "lora",
+                     "lora_target_linear": True, "micro_batch_size": 4, "max_steps": 5,
+                     "dynamic_checkpoint": {"enabled": True, "check_interval": 2}},
+                    data(16, 4), plugins=[TouchTrigger(trigger, after_steps={1, 2})])
+    # touched after step 1: seen at step 2; touched after step 2: step 3 is not looked at, step 4 is
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert run.step == 5 and not trigger.exists()
+    assert all((out / name / "manifest.json").exists() for name in ("checkpoint-2", "checkpoint-4"))
+    with pytest.raises(ConfigError, match="enable_signal"):
+        build_run_config({"base_model": "m", "dynamic_checkpoint": {"enabled": True, "enable_signal": True}})
+
+
 def test_load_best_model_at_end_saves_the_best_evaluated_checkpoint(tiny_model, tmp_path):
     """A constant learning rate too high for the tiny model: its eval loss is lowest after the first
     step. The final model is that checkpoint's weights; save_total_limit: 1 keeps it beside the newest."""

@@ -68,6 +68,27 @@ class LrGroup(StrictModel):
         return modules
 
 
+class DynamicCheckpoint(StrictModel):
+    """``dynamic_checkpoint:`` (Axolotl's): save a checkpoint when asked, while the run goes on."""
+
+    enabled: bool = Field(False, description="Look for the trigger file while training.")
+    trigger_file_path: Optional[str] = Field(
+        None, min_length=1, description="The file to create (touch) to ask for a checkpoint, relative to output_dir "
+                                        "(default: .axolotl_save_checkpoint, Axolotl's name); deleted once seen.")
+    check_interval: int = Field(100, ge=1, description="Look for the trigger file every this many steps.")
+    enable_signal: Optional[bool] = Field(
+        None, description="Axolotl's SIGUSR1 save-and-continue; refused: Plait's SIGUSR1 saves and stops "
+                          "(save_on_signals). Use the trigger file.")
+
+    @field_validator("enable_signal")
+    @classmethod
+    def _no_signal(cls, value):
+        if value:
+            raise ValueError("true is not accepted: in Plait SIGUSR1 saves a checkpoint and stops the run "
+                             "(save_on_signals); to save and go on, touch the trigger file")
+        return value
+
+
 class CoreConfig(StrictModel):
     """Keys core owns. Field descriptions show up in ``plait config schema``."""
 
@@ -557,6 +578,10 @@ class CoreConfig(StrictModel):
                            "run says so.")
     auto_resume_from_checkpoints: bool = Field(
         False, description="Continue from the newest checkpoint in output_dir when there is one.")
+    dynamic_checkpoint: Optional[DynamicCheckpoint] = Field(
+        None, description="Save a checkpoint on request while training: touch output_dir/.axolotl_save_checkpoint "
+                          "(or trigger_file_path); looked for every check_interval steps ({enabled: true, "
+                          "check_interval: 100}).")
     save_on_signals: list[str] = Field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1"],
         description="Signals that save a checkpoint at the next step boundary and stop the run (a scheduler "

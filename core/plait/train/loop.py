@@ -86,7 +86,7 @@ from plait.output import MetricsLog, plot_loss, save_final, write_environment, w
 from plait.pipeline import placed_by_config, setup_model, setup_tokenizer
 from plait.plugins import call_required, no_result_error
 from plait.train import checkpoint
-from plait.train import generation, sample_generation
+from plait.train import generation, sample_generation, save_trigger
 from plait.train.best import best_checkpoint, check_schedule
 from plait.train.collector import freeze_setup_objects, unfreeze_setup_objects
 from plait.train.generation import ACCEPTED_METRICS, check_unsharded
@@ -178,6 +178,8 @@ class Run:
     #: save_on_signals: the installed handlers, and whether any rank received one in the last step
     signals: Optional[StopOnSignals] = None
     stop_requested: bool = False
+    #: dynamic_checkpoint: the trigger file was seen after the step just read (agreed over the ranks)
+    save_requested: bool = False
     #: sample_packing: this epoch's share of packed token slots holding real tokens
     sample_packing_efficiency: Optional[float] = None
     #: the parameters that train, gathered once for gradient clipping
@@ -489,7 +491,9 @@ def train_epochs(run: Run) -> None:
                     if stop_early(run, metrics):
                         return
                 # save_strategy: best saves after an evaluation that beat every earlier one
-                saved = saves_after(cfg, run.step, save_every) or improved
+                saved = saves_after(cfg, run.step, save_every) or improved or run.save_requested
+                if run.save_requested:
+                    log(run, f"dynamic_checkpoint: the trigger file was there after step {run.step}; saving")
                 if saved:
                     # event plugins (W&B's wandb_log_model: checkpoint) read it at the next on_step_end/on_train_end
                     run.saved_checkpoint = checkpoint.save_checkpoint(run)
@@ -516,7 +520,7 @@ def must_read_now(run: Run, index: int, n_windows: int, eval_every, save_every) 
     step, signals, lisa = run.step, run.signals, run.lisa
     return bool(step >= run.total_steps or index == n_windows - 1
                 or (eval_every and step % eval_every == 0 and run.eval_data is not None)
-                or saves_after(run.cfg, step, save_every)
+                or saves_after(run.cfg, step, save_every) or save_trigger.looks_at(run.cfg, step)
                 or run.stop_requested or (signals is not None and signals.received)
                 or (lisa is not None and lisa.switches_before(step)))
 
@@ -749,9 +753,12 @@ def reduce_and_check(run: Run, loss_sum: float, local_tokens: int, input_tokens:
     # a stop signal on any rank stops every rank after this step (save_on_signals); agreed in the step's one reduce
     signals = run.signals
     stop_votes = 1.0 if signals is not None and signals.received else 0.0
-    loss_sum, tokens, input_tokens, stop_votes = all_reduce_sum([loss_sum, local_tokens, input_tokens, stop_votes],
-                                                                run.device)
+    # dynamic_checkpoint: the main rank's sight of the trigger file reaches every rank in the same reduce
+    save_votes = 1.0 if save_trigger.take_request(run, step) else 0.0
+    loss_sum, tokens, input_tokens, stop_votes, save_votes = all_reduce_sum(
+        [loss_sum, local_tokens, input_tokens, stop_votes, save_votes], run.device)
     run.stop_requested = stop_votes > 0
+    run.save_requested = save_votes > 0
     # tensor-parallel ranks repeat their group's tokens (and loss): count them once
     loss_sum, tokens = loss_sum / token_replicas(run), tokens / token_replicas(run)
     input_tokens /= data_replicas(run)
