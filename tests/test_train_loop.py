@@ -564,6 +564,22 @@ def test_dynamic_checkpoint_saves_when_the_trigger_file_appears(tiny_model, tmp_
         build_run_config({"base_model": "m", "dynamic_checkpoint": {"enabled": True, "enable_signal": True}})
 
 
+@pytest.mark.parametrize("start", [0, 1])
+def test_profiler_steps_trace_exactly_the_asked_optimizer_steps(tiny_model, tmp_path, start):
+    """Axolotl's profiler_steps / profiler_steps_start: a Chrome trace of optimizer steps start+1 .. start+2
+    (Axolotl counts from 0), whatever the loop's deferred step read does; counted by torch's own
+    Optimizer.step records in the trace."""
+    out = tmp_path / "out"
+    run_train({"base_model": str(tiny_model), "output_dir": str(out), "micro_batch_size": 4, "max_steps": 4,
+               "profiler_steps": 2, "profiler_steps_start": start}, data(16, 4))
+    trace = json.loads((out / "profiler_trace.json").read_text())
+    steps = [e for e in trace["traceEvents"] if e.get("name", "").startswith("Optimizer.step#")]
+    assert len(steps) == 2
+    assert not (out / "snapshot.pickle").exists()  # the allocator history is a GPU's
+    cfg, _ = build_run_config({"base_model": "m", "profiler_steps_start": 3})
+    assert any("profiler_steps_start is read with profiler_steps" in note for note in cfg.notes)
+
+
 def test_load_best_model_at_end_saves_the_best_evaluated_checkpoint(tiny_model, tmp_path):
     """A constant learning rate too high for the tiny model: its eval loss is lowest after the first
     step. The final model is that checkpoint's weights; save_total_limit: 1 keeps it beside the newest."""

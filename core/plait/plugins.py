@@ -47,10 +47,12 @@ DEFAULT_PLUGINS = (
     "plait.builtin.loss",
     "plait.builtin.tracking",
     "plait.builtin.hub",
+    "plait.builtin.profiler",
 )
 #: core's defaults the pipeline cannot run without (as pytest's ``essential_plugins``):
 #: disabling one is an error. A plugin replaces one by answering its hooks first, never by disabling it.
-ESSENTIAL_PLUGINS = tuple(name for name in DEFAULT_PLUGINS if name != "plait.builtin.tracking")
+ESSENTIAL_PLUGINS = tuple(name for name in DEFAULT_PLUGINS
+                          if name not in ("plait.builtin.tracking", "plait.builtin.profiler"))
 
 
 @dataclass

@@ -578,6 +578,12 @@ class CoreConfig(StrictModel):
                            "run says so.")
     auto_resume_from_checkpoints: bool = Field(
         False, description="Continue from the newest checkpoint in output_dir when there is one.")
+    profiler_steps: Optional[int] = Field(
+        None, ge=1, description="Profile this many optimizer steps with torch.profiler: a Chrome trace in "
+                                "output_dir/profiler_trace.json (and, on a GPU, the CUDA allocator's history in "
+                                "snapshot.pickle).")
+    profiler_steps_start: int = Field(0, ge=0, description="Optimizer steps done before profiling starts (0: the "
+                                                           "first step is profiled).")
     dynamic_checkpoint: Optional[DynamicCheckpoint] = Field(
         None, description="Save a checkpoint on request while training: touch output_dir/.axolotl_save_checkpoint "
                           "(or trigger_file_path); looked for every check_interval steps ({enabled: true, "
