@@ -77,6 +77,10 @@ def load_tokenizer(cfg):
                 **legacy)
     except (OSError, ValueError) as exc:  # missing files, no network, a folder without a tokenizer
         raise source_error(key, source, "tokenizer", exc) from exc
+    if cfg.added_tokens_overrides:
+        from plait.model.added_tokens import override_added_tokens
+
+        override_added_tokens(tokenizer, cfg.added_tokens_overrides)  # before tokens are added, as in Axolotl
     if cfg.special_tokens:
         tokenizer.add_special_tokens(dict(cfg.special_tokens))
     if cfg.tokens:

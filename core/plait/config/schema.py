@@ -170,6 +170,9 @@ class CoreConfig(StrictModel):
         description="Special tokens to set on the tokenizer, e.g. {pad_token: '<|pad|>', eos_token: '<|im_end|>'}; new "
                     "ones grow the embeddings.")
     tokens: list[str] = Field(default_factory=list, description="Extra tokens added to the vocabulary.")
+    added_tokens_overrides: Optional[dict[int, str]] = Field(
+        None, description="Rename added tokens by id, e.g. {128011: '<|eot|>'}: a reserved token becomes your marker "
+                          "without growing the vocabulary (added tokens only, as listed in tokenizer.json).")
     chat_template: Optional[str] = Field(
         None, description="tokenizer_default, a template name from any plugin (core: chatml, llama3; "
         "plait-models: gemma, phi_3, qwen3, mistral_v1, alpaca, deepseek_v3, llama4 and more, listed in its README), "
