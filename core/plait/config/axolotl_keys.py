@@ -89,6 +89,9 @@ NO_OP_KEYS: dict[str, str] = {
                               "and counts the real bins",
     "sample_packing_group_size": "Axolotl packs this many rows at a time (a larger group packs slightly fuller); "
                                  "Plait's best-fit packs every row of the epoch at once",
+    "embeddings_skip_upcast": "Plait never upcasts the embeddings and head to float32 for adapter training "
+                              "(plait-bnb keeps frozen non-quantized weights in the compute dtype), which is what "
+                              "this asks",
     "multipack_real_batches": "Plait's packed micro-batches are always micro_batch_size sequences of sequence_len "
                               "(Axolotl's true); the tokens a micro-batch trains are the same either way",
     "dataset_keep_in_memory": "whether tokenized rows stay in memory or in the memory-mapped cache changes nothing "
