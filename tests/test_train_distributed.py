@@ -67,7 +67,9 @@ def test_two_processes_match_one_process(tmp_path, launcher):
 def test_two_process_packed_run_resumed_mid_epoch_ends_like_an_uninterrupted_one(tmp_path):
     """Two gloo processes, sample_packing, a checkpoint mid-epoch: resuming it on
     both ranks (each checks rank 0's record of the epoch plan) ends with the
-    weights of the run that was never interrupted."""
+    weights of the run that was never interrupted. The uninterrupted run also
+    finds dynamic_checkpoint's trigger file at step 3: rank 0 sees it, and both
+    ranks save (each its own random state) through the step's all-reduce."""
     from safetensors.torch import load_file
 
     from plait.quickstart import make_split
@@ -81,7 +83,8 @@ def test_two_process_packed_run_resumed_mid_epoch_ends_like_an_uninterrupted_one
                             datasets=[{"path": str(data), "type": "alpaca"}], sample_packing=True,
                             dataset_prepared_path=str(tmp_path / "prepared"), sequence_len=128,
                             micro_batch_size=1, max_steps=max_steps, save_steps=2, learning_rate=1e-3,
-                            warmup_steps=0, lr_scheduler="constant", output_dir=str(tmp_path / name))
+                            warmup_steps=0, lr_scheduler="constant", output_dir=str(tmp_path / name),
+                            dynamic_checkpoint={"enabled": True, "check_interval": 3})
 
     env = {**os.environ, "PLAIT_DISABLE_PLUGINS": "parallel", "OMP_NUM_THREADS": "1"}
 
@@ -91,7 +94,14 @@ def test_two_process_packed_run_resumed_mid_epoch_ends_like_an_uninterrupted_one
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
+    (tmp_path / "whole").mkdir()
+    trigger = tmp_path / "whole" / ".axolotl_save_checkpoint"
+    trigger.touch()
     torchrun(config("whole", 4))
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == [
+        "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert not trigger.exists()
+    assert {p.name for p in (tmp_path / "whole" / "checkpoint-3").glob("rng-*.json")} == {"rng-0.json", "rng-1.json"}
     # the resumed run starts from the uninterrupted run's own checkpoint-2 (save_steps: 2), written mid-epoch
     # (a run stopped there would write the same one, at one more launch of two processes)
     state = json.loads((tmp_path / "whole" / "checkpoint-2" / "trainer_state.json").read_text())
