@@ -89,6 +89,10 @@ NO_OP_KEYS: dict[str, str] = {
                               "and counts the real bins",
     "sample_packing_group_size": "Axolotl packs this many rows at a time (a larger group packs slightly fuller); "
                                  "Plait's best-fit packs every row of the epoch at once",
+    "preprocess_iterable": "a memory-saving way for Axolotl to tokenize large datasets; Plait tokenizes in batches "
+                           "into its memory-mapped cache, and the prepared rows are the same",
+    "num_dataset_shards_to_save": "the number of files Axolotl writes its prepared dataset in; Plait's cache has its "
+                                  "own layout, and the rows are the same",
     "embeddings_skip_upcast": "Plait never upcasts the embeddings and head to float32 for adapter training "
                               "(plait-bnb keeps frozen non-quantized weights in the compute dtype), which is what "
                               "this asks",
