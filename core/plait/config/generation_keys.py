@@ -51,16 +51,8 @@ def check_generation_keys(cfg) -> None:
                          f"here")
         return
     keys = "do_causal_lm_eval" if cfg.do_causal_lm_eval else "eval_table_size"
-    method = getattr(cfg, "rl", None) or ("reward_model" if getattr(cfg, "reward_model", None) else None)
-    if method:
-        raise ConfigError(f"config key {keys!r} generates for rows with a prompt and trained completion tokens; "
-                          f"{method} rows are pairs or scored sequences; remove {keys}")
-    if getattr(cfg, "processor_type", None):
-        raise ConfigError(f"config key {keys!r} generates from the prompt's tokens alone, and processor_type trains "
-                          f"on images too, which generation here does not pass; remove {keys}")
-    if not (cfg.val_set_size > 0 or cfg.test_datasets) or cfg.eval_strategy == "no":
-        cfg.add_note(f"{keys} generates at each evaluation, and this config does not evaluate (no val_set_size or "
-                     f"test_datasets, or eval_strategy: no); it changes nothing here")
+    check_generating_at_evaluation(cfg, keys, reads="generates for rows with a prompt and trained completion tokens",
+                                   from_tokens="generates from the prompt's tokens alone")
     if cfg.eval_causal_lm_metrics and not cfg.do_causal_lm_eval:
         cfg.add_note("eval_causal_lm_metrics is read by do_causal_lm_eval: true only; it changes nothing here")
     needs = [name for name in metric_names(cfg) if name in SACREBLEU_METRICS]
@@ -70,28 +62,35 @@ def check_generation_keys(cfg) -> None:
                                f"installed here; pip install sacrebleu (or 'plait[eval]'), or list only perplexity")
 
 
-#: generate_samples' settings, and Axolotl's defaults for them (a value other than these is a choice)
-SAMPLE_KEYS = {"num_generation_samples": 3, "generation_max_new_tokens": 50, "generation_temperature": 0.7,
-               "generation_top_p": None, "generation_top_k": None, "generation_prompt_ratio": 0.5,
-               "generation_do_sample": True}
+def check_generating_at_evaluation(cfg, key: str, *, reads: str, from_tokens: str) -> None:
+    """What generating at each evaluation (``key``) needs, for do_causal_lm_eval /
+    eval_table_size and generate_samples alike: rows of text to continue (not
+    preference pairs or scored sequences), no images, and an evaluation to run at."""
+    method = getattr(cfg, "rl", None) or ("reward_model" if getattr(cfg, "reward_model", None) else None)
+    if method:
+        raise ConfigError(f"config key {key!r} {reads}; {method} rows are pairs or scored sequences; remove {key}")
+    if getattr(cfg, "processor_type", None):
+        raise ConfigError(f"config key {key!r} {from_tokens}, and processor_type trains on images too, which "
+                          f"generation here does not pass; remove {key}")
+    if not (cfg.val_set_size > 0 or cfg.test_datasets) or cfg.eval_strategy == "no":
+        # Axolotl generates in its evaluation callback too: no evaluation, no generation
+        cfg.add_note(f"{key} generates at each evaluation, and this config does not evaluate (no val_set_size or "
+                     f"test_datasets, or eval_strategy: no); it changes nothing here")
+
+
+#: generate_samples' settings (a value other than the schema's default, Axolotl's, is a choice)
+SAMPLE_KEYS = ("num_generation_samples", "generation_max_new_tokens", "generation_temperature", "generation_top_p",
+               "generation_top_k", "generation_prompt_ratio", "generation_do_sample")
 
 
 def check_sample_keys(cfg) -> None:
     """``generate_samples``: what it needs, and its settings set while it is off."""
     if not cfg.generate_samples:
-        changed = [key for key, default in SAMPLE_KEYS.items() if getattr(cfg, key) != default]
+        fields = type(cfg).model_fields
+        changed = [key for key in SAMPLE_KEYS if getattr(cfg, key) != fields[key].default]
         if changed:
             cfg.add_note(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} read by generate_samples, "
                          f"which is off; {'it changes' if len(changed) == 1 else 'they change'} nothing here")
         return
-    method = getattr(cfg, "rl", None) or ("reward_model" if getattr(cfg, "reward_model", None) else None)
-    if method:
-        raise ConfigError(f"config key 'generate_samples' continues a row's own tokens; {method} rows are pairs or "
-                          f"scored sequences; remove generate_samples")
-    if getattr(cfg, "processor_type", None):
-        raise ConfigError("config key 'generate_samples' continues a row's tokens alone, and processor_type trains "
-                          "on images too, which generation here does not pass; remove generate_samples")
-    if not (cfg.val_set_size > 0 or cfg.test_datasets) or cfg.eval_strategy == "no":
-        # Axolotl generates in its evaluation callback too: no evaluation, no samples
-        cfg.add_note("generate_samples generates at each evaluation, and this config does not evaluate (no "
-                     "val_set_size or test_datasets, or eval_strategy: no); it changes nothing here")
+    check_generating_at_evaluation(cfg, "generate_samples", reads="continues a row's own tokens",
+                                   from_tokens="continues a row's tokens alone")
