@@ -193,12 +193,19 @@ class GenerationResult:
 
 
 def check_unsharded(run) -> None:
-    """Refuse a sharded model (a parallel plugin built a device mesh): ranks
-    would have to generate in lockstep. The loop asks before the first step."""
-    if wanted(run.cfg) and run.mesh is not None:
+    """Refuse a sharded model (a parallel plugin built a device mesh) for
+    generation at evaluation (these keys and ``generate_samples``): ranks would
+    have to generate in lockstep. The loop asks before the first step."""
+    if run.mesh is None:
+        return
+    if wanted(run.cfg):
         raise TrainingError("do_causal_lm_eval / eval_table_size generate with the whole model on each process; "
                             "this run shards it over a device mesh (fsdp, tensor or context parallel); remove "
                             "those keys or the sharding")
+    if run.cfg.generate_samples:
+        raise TrainingError("generate_samples generates with the whole model on one process; this run shards it "
+                            "over a device mesh (fsdp, tensor or context parallel); remove generate_samples or the "
+                            "sharding")
 
 
 def generate_and_score(run) -> GenerationResult:

@@ -276,7 +276,6 @@ def train(cfg, pm, *, data=None) -> Run:
 
         run.model = build_model(run)
         check_unsharded(run)  # generation in eval: refused now, not at the first evaluation
-        sample_generation.check_unsharded(run)
         run.loss_fn = call_required(pm, "build_loss", cfg=cfg, model=run.model)
         run.objective = call_required(pm, "build_objective", cfg=cfg, model=run.model, loss_fn=run.loss_fn)
         plan_schedule(run)

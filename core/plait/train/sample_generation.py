@@ -13,28 +13,19 @@ Rows and sampling draw from generators seeded with the run's seed and the
 step, and the global random state is put back afterwards, so turning this on
 changes nothing the run trains (a resumed run generates the same samples).
 Rank 0 generates alone, on the unwrapped model; a sharded model is refused
-(ranks would have to generate in lockstep).
+(:func:`plait.train.generation.check_unsharded`).
 """
 
 from __future__ import annotations
 
 import random
 
-from plait.errors import TrainingError
 from plait.train.generation import generation_model, partial_decode, stop_token_ids
 
 #: where the samples go, a JSON line each
 SAMPLES_FILE = "generation_samples.jsonl"
 #: rows shorter than this are not cut into a prompt (Axolotl's limit)
 MIN_ROW_TOKENS = 5
-
-
-def check_unsharded(run) -> None:
-    """Refuse a sharded model before the first step (ranks would generate in lockstep)."""
-    if run.cfg.generate_samples and run.mesh is not None:
-        raise TrainingError("generate_samples generates with the whole model on one process; this run shards it "
-                            "over a device mesh (fsdp, tensor or context parallel); remove generate_samples or the "
-                            "sharding")
 
 
 def pick_rows(dataset, count: int, seed: int, step: int) -> list[int]:
