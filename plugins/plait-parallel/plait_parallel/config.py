@@ -165,7 +165,7 @@ class ParallelConfig(BaseModel):
     @field_validator("fsdp_final_state_dict_type")
     @classmethod
     def _check_final_state_dict_type(cls, value):
-        if value is not None and value.upper() != "FULL_STATE_DICT":
+        if value is not None and value.upper() not in FSDP_CONFIG_KEYS["final_state_dict_type"][0]:
             raise ConfigError(f"config key 'fsdp_final_state_dict_type': {value!r} is not accepted; accepted: "
                               f"FULL_STATE_DICT (the final model is always saved whole, in Hugging Face format; "
                               f"checkpoints are sharded with fsdp_config.state_dict_type)")

@@ -27,18 +27,21 @@ def dpo(chosen_ratio, rejected_ratio, chosen_tokens, rejected_tokens, *, beta: f
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     if loss_type == "sigmoid_norm":
-        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
-        return -F.logsigmoid(beta * per_token)
+        return -F.logsigmoid(beta * _per_token_delta(chosen_ratio, rejected_ratio, chosen_tokens, rejected_tokens))
     if loss_type == "hinge":
         return (1 - beta * delta).relu()
     if loss_type == "ipo":
-        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
-        return (per_token - 1 / (2 * beta)) ** 2
+        return (_per_token_delta(chosen_ratio, rejected_ratio, chosen_tokens, rejected_tokens) - 1 / (2 * beta)) ** 2
     if loss_type == "robust":
         clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
         flipped = -label_smoothing * F.logsigmoid(-beta * delta)
         return (clean - flipped) / (1 - 2 * label_smoothing)
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
+
+
+def _per_token_delta(chosen_ratio, rejected_ratio, chosen_tokens, rejected_tokens):
+    """``d_avg``: the chosen minus the rejected log-ratio, each averaged over its response tokens."""
+    return chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
 
 
 def orpo_odds_ratio(chosen_avg, rejected_avg, *, beta: float):
