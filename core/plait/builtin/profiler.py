@@ -22,6 +22,12 @@ TRACE_FILE = "profiler_trace.json"
 SNAPSHOT_FILE = "snapshot.pickle"
 
 
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 class StepProfiler:
     """Starts before step ``first`` and stops after step ``last`` (1-based optimizer steps)."""
 
@@ -71,9 +77,7 @@ class StepProfiler:
 
 @hookimpl
 def install_step_hooks(cfg, model, optimizer, step_of):
-    from plait.train.distributed import process_rank
-
-    if not cfg.profiler_steps or process_rank() not in (None, 0):
+    if not cfg.profiler_steps or not _is_main():
         return None
     first = cfg.profiler_steps_start + 1
     cuda = any(p.is_cuda for p in model.parameters())

@@ -5,6 +5,12 @@ from __future__ import annotations
 from plait.hookspecs import hookimpl
 
 
+def _distributed_rank():
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
 @hookimpl(trylast=True)
 def save_model(cfg, model, tokenizer, path):
     """A peft model writes only its adapter; a plain model its full weights.
@@ -14,11 +20,10 @@ def save_model(cfg, model, tokenizer, path):
     writes them.
     """
     from plait.model.forward import unwrap_data_parallel
-    from plait.train.distributed import process_rank
 
     model = unwrap_data_parallel(model)
     state_dict = None
-    rank = process_rank()
+    rank = _distributed_rank()
     if rank is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -52,14 +52,6 @@ def init_distributed(timeout_s: int | None = None) -> World:
                  owns_process_group=owns)
 
 
-def process_rank() -> int | None:
-    """This process's rank in the default process group, or None outside one
-    (for code that gets no Run: a hookimpl given only the config and the model)."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
-
-
 def close_distributed(world: World) -> None:
     import torch.distributed as dist
 
