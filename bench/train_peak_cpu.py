@@ -46,6 +46,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Plait picks its Triton paths on the CPU, as on CUDA
 
@@ -130,17 +131,21 @@ def _every_label_trained():
 
 
 def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None = None, offload: bool = False,
-                  model_type: str = "llama", max_positions: int | None = None, steps: int = 2) -> dict:
+                  model_type: str = "llama", max_positions: int | None = None, steps: int = 2,
+                  host_budget_bytes: int | None = None) -> dict:
     """One SFT step's peak (the last of ``steps``: AdamW's state exists then)
     of the shape ``dims`` (a transformers ``model_type``) on fake tensors; the
     same result dict as :func:`plait_preference.peak_memory.fake_dpo_peak`.
     ``offload``: ``gradient_checkpointing: offload`` (peak_memory's
-    :func:`offload_counted`); ``max_positions``: the model's
+    :func:`offload_counted`), with the offloader's host budget (what the GPU
+    machine's free memory would give it; ``None``: no budget, every layer keeps
+    its projections); ``max_positions``: the model's
     ``max_position_embeddings`` (default ``max(4096, seq)``, as the bench's)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
     from plait.hookspecs import hookimpl
+    from plait.model import recompute
     from plait.pipeline import setup_model
     from plait.testing import build_run_config
     from plait.train.loop import loss_of
@@ -178,8 +183,11 @@ def fake_sft_peak(dims: dict, *, micro_batch: int, seq: int, keys: dict | None =
     ids = torch.randint(4, dims["vocab_size"], (micro_batch, seq), generator=generator)
     batch = {"input_ids": ids, "labels": ids.clone()}  # full rows, as the bench's: no padding, no mask
     tracker = pk.LiveBytes()
+    # the offloader reads its budget from this machine's free memory: the GPU machine's is modelled instead
+    budget = contextlib.nullcontext() if not offload else \
+        mock.patch.object(recompute, "host_budget_from_environment", lambda: host_budget_bytes)
     with pk.env_set("TRITON_INTERPRET", "1"), pk.triton_launches_skipped(), pk.fake_modules_movable(), \
-            _every_label_trained(), fake:
+            _every_label_trained(), budget, fake:
         model = setup_model(cfg, pm, None, for_training=True, device=torch.device("cpu"))
         model.train()
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -271,7 +279,8 @@ def main(argv: list[str] | None = None, default_shape: str = "8b") -> int:
     parser.add_argument("--max-seq", type=float, default=None, metavar="GIB",
                         help="search the longest sequence whose counted peak fits GIB")
     parser.add_argument("--host-gib", type=float, default=None,
-                        help="with --max-seq, the offloaded bytes must fit this much host memory too")
+                        help="the host memory free for offloading: with --max-seq the offloaded bytes must fit "
+                             "it, and the offloader keeps projections within 80%% of it, as on the GPU machine")
     parser.add_argument("--search-start", type=int, default=16384, help="first probe of --max-seq")
     parser.add_argument("--granule", type=int, default=1024, help="--max-seq's answer is a multiple of this")
     parser.add_argument("--calibrate", action="store_true", help="also the configurations measured on the H100")
@@ -283,9 +292,12 @@ def main(argv: list[str] | None = None, default_shape: str = "8b") -> int:
     dims = throughput.SHAPES[args.shape]
     model_type = throughput.MODEL_TYPES.get(args.shape, "llama")
     keys = json.loads(args.keys)
+    # the offloader's own budget (core's host_budget_from_environment): 80% of what the host has free
+    offload_budget = None if args.host_gib is None else int(0.8 * args.host_gib * GiB)
     peak_of = lambda seq, **more: fake_sft_peak(  # noqa: E731
         dims, micro_batch=more.get("micro_batch", micro_batch), seq=seq, keys=more.get("keys", keys),
-        offload=more.get("offload", args.offload), model_type=model_type, max_positions=args.max_positions)
+        offload=more.get("offload", args.offload), model_type=model_type, max_positions=args.max_positions,
+        host_budget_bytes=offload_budget)
     checkpointing = "offload" if args.offload else "default"
     out = {"args": vars(args)}
     if args.max_seq is not None:

@@ -191,14 +191,16 @@ class _SquareKeepingItsOutput(torch.autograd.Function):
         return 2 * x * grad
 
 
-def _keeping_layer_grad(mode, device):
+def _keeping_layer_grad(mode, device, host_budget_bytes=None):
     """The gradient of a two-layer checkpointed stack of ``sin(square(x))`` and
     how many times the square was computed."""
     from torch.utils.checkpoint import checkpoint
 
     from plait.model.recompute import ActivationOffloader, mark_recompute
 
-    offloader = ActivationOffloader() if mode == "offload" else None
+    offloader = ActivationOffloader(host_budget_bytes) if mode == "offload" else None
+    if offloader is not None:
+        offloader.layers = 2
     func = functools.partial(checkpoint, use_reentrant=False)
     if offloader is not None:
         func = offloader.wrap(func)
@@ -223,6 +225,48 @@ def test_outputs_kept_in_the_forward_stand_in_for_the_recompute(device):
     assert torch.allclose(plain_grad.cpu(), _chain_grad(x), atol=1e-12)
     if device == "cuda":  # the two kept [4, 6] float64 outputs went through pinned buffers too
         assert offloader.pool.allocated_bytes >= 2 * 4 * 6 * 8
+
+
+# one layer's input and its kept square are each a [4, 6] float64 tensor
+_TENSOR = 4 * 6 * 8
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+@pytest.mark.parametrize("budget, computed", [
+    (2 * _TENSOR + 2 * _TENSOR, 3),      # both inputs, and room for the first layer's square only
+    (2 * _TENSOR + 2 * _TENSOR - 1, 4),  # not even that: every square is recomputed
+    (2 * _TENSOR + 4 * _TENSOR, 2),      # room for both
+])
+def test_kept_outputs_stop_at_the_host_budget_and_gradients_stay_the_same(device, budget, computed):
+    plain_grad, _, _ = _keeping_layer_grad(True, device)
+    kept_grad, kept_computed, offloader = _keeping_layer_grad("offload", device, host_budget_bytes=budget)
+    assert kept_computed == computed
+    assert torch.equal(kept_grad, plain_grad)
+    assert offloader.input_bytes == _TENSOR
+    assert offloader.kept_bytes == 0  # every kept group was taken back by the backward
+
+
+def test_the_host_budget_is_shared_among_a_nodes_ranks(monkeypatch):
+    from plait.model.recompute import host_budget_from_environment
+
+    alone = host_budget_from_environment()
+    assert alone is not None and alone > 0  # Linux says what it has free
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert host_budget_from_environment() == pytest.approx(alone / 4, rel=0.05)
+
+
+@gpu
+def test_large_pinned_buffers_are_pinned_at_their_exact_size():
+    from plait.model.recompute import EXACT_PIN_MIN_BYTES, pinned_exact
+
+    rows = EXACT_PIN_MIN_BYTES // 4096 + 3  # just over a power of two: torch's allocator would double it
+    host, registered = pinned_exact((rows, 1024), torch.float32)
+    assert registered and host.is_pinned() and host.nbytes == rows * 4096
+    values = torch.randn(rows, 1024, device="cuda")
+    host.copy_(values, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(host.cuda(), values)
+    torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
 
 def _chain_grad(x):

@@ -32,12 +32,21 @@ skips the module's matmuls. It pays where an output is cheap to move and costly
 to rebuild: an attention projection's output is ``tokens x out`` values, rebuilt
 with ``2 x tokens x in x out`` FLOPs, and the host link moves it while the
 device computes. The values are the first forward's, so gradients are unchanged.
+Kept outputs are the first thing host memory runs out of at long sequences (at
+the 8B shape a layer's q/k/v/o outputs are 2.5x its input), so they are kept
+only while the host has room for them beside every layer's input
+(:attr:`ActivationOffloader.host_budget_bytes`); past that, a layer's
+recompute pass redoes its matmuls as plain checkpointing does.
+
+Pinned buffers are pinned at their exact size: torch's pinned allocator rounds
+every request up to a power of two, so a 2.1 GiB layer input would hold 4 GiB.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import weakref
 from contextlib import contextmanager
@@ -69,8 +78,10 @@ def enable_gradient_checkpointing(model, mode, checkpoint_kwargs: dict | None = 
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     offloader = ActivationOffloader() if mode in OFFLOAD_MODES else None
-    if offloader is not None and not wrap_layers(model, offloader.wrap):
-        raise ValueError(f"gradient_checkpointing: offload found no checkpointed layer in {type(model).__name__}")
+    if offloader is not None:
+        offloader.layers = wrap_layers(model, offloader.wrap)
+        if not offloader.layers:
+            raise ValueError(f"gradient_checkpointing: offload found no checkpointed layer in {type(model).__name__}")
     if not kwargs["use_reentrant"]:
         # a reentrant checkpoint backpropagates through the recomputed output, so
         # only the non-reentrant one may tell modules that it is unused
@@ -148,9 +159,17 @@ def keep_for_recompute(tensors) -> None:
     recompute pass call :func:`take_kept` at the same place: groups are matched
     by order. The tensors are copied while the forward goes on, so they must
     not be modified in place afterwards.
+
+    The layer's first group decides for all of its groups whether they are
+    kept (:meth:`ActivationOffloader.may_keep`): a layer keeps everything or
+    nothing, so the order matching holds, and one that keeps nothing simply
+    recomputes (:func:`take_kept` returns ``None`` there).
     """
     layer_call = _recompute_state.layer_call
-    layer_call.kept.append([layer_call.keeper.park(t) for t in tensors])
+    if layer_call.keeping is None:
+        layer_call.keeping = layer_call.keeper.may_keep(tensors)
+    if layer_call.keeping:
+        layer_call.add([layer_call.keeper.park(t) for t in tensors], _nbytes(tensors))
 
 
 def take_kept() -> list | None:
@@ -159,18 +178,39 @@ def take_kept() -> list | None:
     layer_call = _recompute_state.layer_call if _recompute_state.active else None
     if layer_call is None or not layer_call.kept:
         return None
-    return [layer_call.keeper.fetch(handle) for handle in layer_call.kept.popleft()]
+    return [layer_call.keeper.fetch(handle) for handle in layer_call.pop()]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class _LayerCall:
-    """The groups of outputs one checkpointed layer call keeps for its recompute pass."""
+    """The groups of outputs one checkpointed layer call keeps for its recompute
+    pass, counted in its keeper's :attr:`~ActivationOffloader.kept_bytes` while
+    they are held."""
 
-    __slots__ = ("keeper", "kept", "previous", "__weakref__")
+    __slots__ = ("keeper", "kept", "sizes", "keeping", "previous", "__weakref__")
 
     def __init__(self, keeper, previous):
         self.keeper = keeper    # the ActivationOffloader that parks and fetches them
         self.kept: deque = deque()
+        self.sizes: deque = deque()  # bytes of each group in ``kept``
+        self.keeping = None     # decided at the first group (may_keep)
         self.previous = previous  # weakref to the layer call made before this one
+
+    def add(self, group: list, nbytes: int) -> None:
+        self.kept.append(group)
+        self.sizes.append(nbytes)
+        self.keeper.kept_bytes += nbytes
+
+    def pop(self) -> list:
+        self.keeper.kept_bytes -= self.sizes.popleft()
+        return self.kept.popleft()
+
+    def __del__(self):
+        # a forward whose backward never ran (or ran only part of the layers) drops its groups here
+        self.keeper.kept_bytes -= sum(self.sizes)
 
     def prefetch(self) -> None:
         for group in self.kept:
@@ -253,28 +293,83 @@ class _Offloaded:
 
 
 class _PinnedPool:
-    """Pinned host buffers by (shape, dtype), reused across steps."""
+    """Pinned host buffers by (shape, dtype), reused across steps.
+
+    Each buffer is ordinary host memory registered with CUDA at exactly its
+    size (:func:`pinned_exact`); the pool unregisters them when it goes."""
 
     def __init__(self):
         self.free: dict[tuple, list] = defaultdict(list)
         self.allocated_bytes = 0
+        self.registered: list[int] = []  # data pointers to unregister
 
     def take(self, like: torch.Tensor):
         key = (tuple(like.shape), like.dtype)
         if self.free[key]:
             return self.free[key].pop()
         self.allocated_bytes += like.numel() * like.element_size()
-        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True), None
+        host, registered = pinned_exact(like.shape, like.dtype)
+        if registered:
+            self.registered.append(host.data_ptr())
+        return host, None
 
     def give_back(self, host, last_read):
         self.free[(tuple(host.shape), host.dtype)].append((host, last_read))
+
+    def __del__(self):
+        # every buffer is back in ``free`` by now (a parked tensor holds the pool);
+        # their last copies must be done before the memory stops being pinned
+        try:
+            for buffers in self.free.values():
+                for _, last_read in buffers:
+                    if last_read is not None:
+                        last_read.synchronize()
+            for pointer in self.registered:
+                torch.cuda.cudart().cudaHostUnregister(pointer)
+        except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already; the OS unpins then
+            pass
+
+
+def pinned_exact(shape, dtype) -> tuple[torch.Tensor, bool]:
+    """A pinned host tensor holding exactly ``shape`` x ``dtype``, and whether
+    it was registered here (else it comes from torch's pinned allocator).
+
+    torch's pinned allocator rounds each request up to the next power of two,
+    which at long sequences doubles what offloading costs the host (a layer
+    input of 2.1 GiB takes 4); ``cudaHostRegister`` on ordinary memory pins
+    only what is asked for. Small buffers gain nothing from it and keep
+    torch's cached path."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if nbytes >= EXACT_PIN_MIN_BYTES:
+        host = torch.empty(shape, dtype=dtype)
+        if int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0)) == 0:
+            return host, True
+    return torch.empty(shape, dtype=dtype, pin_memory=True), False
+
+
+#: buffers at least this large are pinned at their exact size (:func:`pinned_exact`)
+EXACT_PIN_MIN_BYTES = 16 * 2**20
+
+
+def host_budget_from_environment() -> int | None:
+    """The host bytes this process may park: 80% of the memory the host has
+    available when offloading starts, shared among the node's ranks
+    (``LOCAL_WORLD_SIZE``, as torchrun sets it). ``None`` where the host does
+    not say (no ``/proc/meminfo``), which sets no budget."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    return int(0.8 * available) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class ActivationOffloader:
     """Saved-tensor hooks that park checkpointed layer inputs in host memory, and
     the parking of outputs kept for the recompute pass (:func:`keep_for_recompute`)."""
 
-    def __init__(self):
+    def __init__(self, host_budget_bytes: int | None = None):
         # the device is the first CUDA tensor's: the model is moved there after it
         # is loaded, which is when checkpointing gets enabled
         self.device = None
@@ -282,7 +377,18 @@ class ActivationOffloader:
         self.pool = _PinnedPool()
         self._last = None  # weakref to the most recently packed tensor
         self._last_call = None  # weakref to the most recent layer call's kept outputs
-        self._said_host = False
+        self._said_host = self._said_budget = False
+        #: checkpointed layers routed through this offloader (set by enable_gradient_checkpointing)
+        self.layers = 1
+        #: the most bytes one layer call has saved through :meth:`pack` (its input)
+        self.input_bytes = 0
+        self._packed_in_call = 0
+        #: bytes of outputs kept for recompute passes and not yet taken back
+        self.kept_bytes = 0
+        #: host bytes the parked tensors may reach; kept outputs stop before it.
+        #: ``None``: read from the host when the first output is kept
+        self.host_budget_bytes = host_budget_bytes
+        self._budget_read = host_budget_bytes is not None
 
     def _start(self, device: torch.device) -> None:
         self.device = device
@@ -302,6 +408,7 @@ class ActivationOffloader:
     # ---------------------------------------------------------------- hooks
 
     def pack(self, tensor: torch.Tensor):
+        self.note_input(tensor)
         if tensor.device.type != "cuda":
             if not self._said_host:
                 self._said_host = True
@@ -334,9 +441,39 @@ class ActivationOffloader:
     def new_layer_call(self) -> _LayerCall:
         """Where one checkpointed layer call keeps its outputs; linked to the call
         before it, which the backward reaches next."""
+        self._packed_in_call = 0
         layer_call = _LayerCall(self, self._last_call)
         self._last_call = weakref.ref(layer_call)
         return layer_call
+
+    def note_input(self, tensor: torch.Tensor) -> None:
+        """Count a tensor the checkpoint saves (the layer's input) toward
+        :attr:`input_bytes`, the host room every layer's input needs."""
+        self._packed_in_call += tensor.numel() * tensor.element_size()
+        self.input_bytes = max(self.input_bytes, self._packed_in_call)
+
+    def may_keep(self, first_group) -> bool:
+        """Whether a layer call keeps its outputs, asked at its first group.
+
+        Yes while the outputs kept so far, twice this group (a layer's later
+        groups, an attention's output projection after q/k/v, are no larger)
+        and every layer's input fit :attr:`host_budget_bytes`: the inputs must
+        be parked whatever happens, the kept outputs only save recomputation.
+        """
+        if not self._budget_read:
+            self.host_budget_bytes, self._budget_read = host_budget_from_environment(), True
+        if self.host_budget_bytes is None:
+            return True
+        needed = self.kept_bytes + 2 * _nbytes(first_group) + self.layers * self.input_bytes
+        if needed <= self.host_budget_bytes:
+            return True
+        if not self._said_budget:
+            self._said_budget = True
+            log.info("gradient_checkpointing: offload keeps no more projection outputs for the recompute "
+                     "(%.1f GiB kept, %.1f GiB of layer inputs, host budget %.1f GiB): the remaining layers "
+                     "recompute them", self.kept_bytes / 2**30, self.layers * self.input_bytes / 2**30,
+                     self.host_budget_bytes / 2**30)
+        return False
 
     def _to_host(self, tensor: torch.Tensor, previous) -> _Offloaded:
         if self.device is None:

@@ -470,6 +470,7 @@ def offload_counted(tracker: LiveBytes):
         return handle.device_copy
 
     def pack(self, tensor):
+        self.note_input(tensor)
         handle = to_host(self, tensor, previous=self._last)
         self._last = weakref.ref(handle)
         return handle
