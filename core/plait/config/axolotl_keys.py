@@ -104,8 +104,9 @@ NO_OP_KEYS: dict[str, str] = {
                           "never trains",
     "torch_empty_cache_steps": "Plait does not empty the CUDA cache on a schedule: the caching allocator keeps its "
                                "blocks for reuse, which changes nothing that trains",
-    "gc_steps": "Plait freezes what was built before training out of the garbage collector's walks, so its "
-                "collections stay short; a forced collection every N steps changes nothing that trains",
+    **{key: "Plait freezes what was built before training out of the garbage collector's walks, so its "
+            "collections stay short; a forced collection every N steps changes nothing that trains"
+       for key in ("gc_steps", "gc_collect_steps")},
     **{f"is_{family}_derived_model": "Axolotl's older hint of the model family; Plait reads the architecture from "
                                      "the model's config.json"
        for family in ("llama", "mistral", "qwen", "falcon")},
