@@ -157,6 +157,46 @@ def test_rex_is_axolotls_reflected_exponential(warmup, min_ratio):
         build_run_config({**keys, "lr_quadratic_warmup": True})
 
 
+def _axolotl_jagged(step, *, every, warmup, anneal, floor):
+    """Axolotl's JaggedLRRestartScheduler factor at its step ``step``, written from its definition: untouched
+    before the first fall, then per period a rise from the floor over ``warmup`` steps and a fall to it over the
+    last ``anneal``."""
+    if step < every - anneal:
+        return 1.0
+    at = step % every
+    t = at / warmup if at < warmup else (min(1.0, (every - at) / anneal) if at > every - anneal else 1.0)
+    return t * (1 - floor) + floor
+
+
+@pytest.mark.parametrize("scheduler, keys", [
+    ("cosine", {"jagged_restart_warmup_steps": 3, "jagged_restart_anneal_steps": 2, "cosine_min_lr_ratio": 0.1}),
+    ("constant", {}),  # Axolotl's defaults: warm-up 10, anneal 1, floor 0.001
+    ("one_cycle", {"jagged_restart_warmup_steps": 2, "cosine_min_lr_ratio": 0.2}),
+])
+def test_jagged_restarts_scale_any_schedule_as_axolotls(scheduler, keys):
+    base = {"base_model": "m", "learning_rate": 1e-3, "lr_scheduler": scheduler, "warmup_steps": 4}
+    every = 12 if scheduler == "constant" else 8
+    plain_cfg, pm = build_run_config({**base, **({"cosine_min_lr_ratio": keys["cosine_min_lr_ratio"]}
+                                                 if scheduler == "cosine" else {})})
+    plain_opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    plain = _lrs(pm.hook.build_scheduler(cfg=plain_cfg, optimizer=plain_opt, total_steps=30), plain_opt, 30)
+    cfg, pm = build_run_config({**base, "jagged_restart_steps": every, **keys})
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=1e-3)
+    ours = _lrs(pm.hook.build_scheduler(cfg=cfg, optimizer=opt, total_steps=30), opt, 30)
+    shape = {"every": every, "warmup": keys.get("jagged_restart_warmup_steps", 10),
+             "anneal": keys.get("jagged_restart_anneal_steps", 1), "floor": keys.get("cosine_min_lr_ratio", 0.001)}
+    expected = [rate * _axolotl_jagged(step, **shape) for step, rate in enumerate(plain)]
+    assert ours == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    assert ours[every] == pytest.approx(plain[every] * shape["floor"])  # each restart starts at the floor
+    assert ours[:every - shape["anneal"]] == plain[:every - shape["anneal"]]  # the first period is the schedule's
+
+
+def test_jagged_restart_shape_keys_need_the_period():
+    with pytest.raises(ConfigError, match="'jagged_restart_warmup_steps': 5 has no effect without "
+                                          "jagged_restart_steps"):
+        build_run_config({"base_model": "m", "jagged_restart_warmup_steps": 5})
+
+
 def test_schedule_keys_are_checked_at_config_time():
     with pytest.raises(ConfigError, match=r"'lr_scheduler_kwargs': \['power'\] are not arguments of schedule "
                                           r"'cosine'; accepted: num_cycles"):

@@ -534,6 +534,25 @@ def test_one_cycle_schedule_resumes_to_the_uninterrupted_runs_weights(tiny_model
         (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
 
 
+def test_jagged_restarts_dip_the_rate_and_resume_to_the_uninterrupted_runs_weights(tiny_model, tmp_path):
+    """Axolotl's jagged restarts on a constant schedule: the rate falls to the floor at every period's start and
+    climbs back; the scale follows from the schedule's step, so a resumed run ends with the same adapter."""
+    keys = {"base_model": str(tiny_model), "adapter": "lora", "lora_target_linear": True, "learning_rate": 1e-2,
+            "micro_batch_size": 4, "max_steps": 6, "save_steps": 3, "lr_scheduler": "constant", "warmup_steps": 0,
+            "logging_steps": 1, "jagged_restart_steps": 3, "jagged_restart_warmup_steps": 2,
+            "cosine_min_lr_ratio": 0.1}
+    rows = data(16, 4)
+    whole = run_train({**keys, "output_dir": str(tmp_path / "whole")}, rows)
+    lrs = [r["lr"] for r in whole.metrics_log.read() if "lr" in r]
+    # the first period at the schedule's rate; the restart at step 3 starts at the floor (0.1), half-way up at 4
+    assert lrs == pytest.approx([1e-2, 1e-2, 1e-2, 1e-3, 5.5e-3, 1e-2])
+    resumed = run_train({**keys, "output_dir": str(tmp_path / "resumed"),
+                         "resume_from_checkpoint": str(tmp_path / "whole" / "checkpoint-3")}, rows)
+    assert resumed.step == 6
+    assert (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+
+
 class TouchTrigger:
     """Creates dynamic_checkpoint's trigger file after the given steps, as a user's `touch` would."""
 

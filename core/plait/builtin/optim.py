@@ -261,14 +261,16 @@ def _check_rex(cfg) -> None:
 
 def _check_one_cycle(cfg) -> None:
     _check_plait_schedule(cfg)
-    if cfg.cosine_min_lr_ratio is not None:
+    if cfg.cosine_min_lr_ratio is not None and not cfg.jagged_restart_steps:
         raise ConfigError("config key 'cosine_min_lr_ratio' has no effect on lr_scheduler 'one_cycle' (it ends at "
                           "learning_rate / (div_factor * final_div_factor)); remove it, or set final_div_factor in "
                           "lr_scheduler_kwargs")
 
 
 def _check_plait_schedule(cfg) -> None:
-    """Axolotl's schedule shapers apply to Plait's own schedules only."""
+    """Axolotl's schedule shapers apply to Plait's own schedules only (the
+    jagged restarts, to every schedule: each one's check calls this)."""
+    _check_jagged_restarts(cfg)
     name = cfg.lr_scheduler
     if cfg.cosine_constant_lr_ratio and name != "cosine":
         raise ConfigError(f"config key 'cosine_constant_lr_ratio': {cfg.cosine_constant_lr_ratio} has no effect on "
@@ -287,7 +289,7 @@ def _check_schedule(cfg) -> None:
         raise ConfigError(f"config key 'lr_scheduler': {name!r} needs {' or '.join(required)} in "
                           f"lr_scheduler_kwargs" + (" (or cosine_min_lr_ratio)" if "min_lr_rate" in required else ""))
     if cfg.cosine_min_lr_ratio is not None and name in TRANSFORMERS_SCHEDULERS and "min_lr_rate" not in \
-            TRANSFORMERS_SCHEDULERS[name]:
+            TRANSFORMERS_SCHEDULERS[name] and not cfg.jagged_restart_steps:
         raise ConfigError(f"config key 'cosine_min_lr_ratio' has no effect on lr_scheduler {name!r}; it applies to "
                           f"cosine, linear, cosine_with_min_lr and cosine_warmup_with_min_lr. Remove it")
 
@@ -313,4 +315,84 @@ def schedulers():
 
 @hookimpl(trylast=True)
 def build_scheduler(cfg, optimizer, total_steps):
-    return find_scheduler(cfg.plugin_manager, cfg.lr_scheduler).build(cfg, optimizer, total_steps)
+    scheduler = find_scheduler(cfg.plugin_manager, cfg.lr_scheduler).build(cfg, optimizer, total_steps)
+    if cfg.jagged_restart_steps:
+        scheduler = JaggedRestarts(scheduler, cfg.jagged_restart_steps,
+                                   warmup=cfg.jagged_restart_warmup_steps or JAGGED_DEFAULT_WARMUP,
+                                   anneal=cfg.jagged_restart_anneal_steps or JAGGED_DEFAULT_ANNEAL,
+                                   floor=cfg.cosine_min_lr_ratio or JAGGED_DEFAULT_FLOOR)
+    return scheduler
+
+
+# --------------------------------------------------------------- jagged restarts
+
+#: Axolotl's values when a jagged-restart key is unset (or 0)
+JAGGED_DEFAULT_WARMUP, JAGGED_DEFAULT_ANNEAL, JAGGED_DEFAULT_FLOOR = 10, 1, 0.001
+
+
+def jagged_restart_scale(step: int, every: int, warmup: int, anneal: int, floor: float) -> float:
+    """The factor jagged restarts put on the schedule's rate at scheduler step ``step``.
+
+    Axolotl's shape: 1 until the first restart's fall begins (``every -
+    anneal``); from then on, within each period of ``every`` steps, a linear
+    rise from ``floor`` over the first ``warmup`` steps and a linear fall to
+    ``floor`` over the last ``anneal``, 1 in between.
+    """
+    if step < every - anneal:
+        return 1.0
+    at = step % every
+    if at < warmup:
+        share = at / warmup
+    elif at > every - anneal:
+        share = min(1.0, (every - at) / anneal)
+    else:
+        share = 1.0
+    return floor + (1.0 - floor) * share
+
+
+def _check_jagged_restarts(cfg) -> None:
+    if not cfg.jagged_restart_steps:
+        for key in ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps"):
+            if getattr(cfg, key):
+                raise ConfigError(f"config key '{key}': {getattr(cfg, key)} has no effect without "
+                                  f"jagged_restart_steps; set jagged_restart_steps (the restart period) or remove it")
+
+
+class JaggedRestarts:
+    """A schedule with jagged restarts: each step the wrapped scheduler sets
+    its rates and this scales them by :func:`jagged_restart_scale`.
+
+    The wrapped schedules compute their rates from the base rate and the step
+    (LambdaLR, OneCycleLR: every schedule of core's registry), never from the
+    rate a group holds, so the scaling does not compound. The checkpoint holds
+    the wrapped scheduler's state; the scale follows from its step.
+    """
+
+    def __init__(self, inner, every: int, *, warmup: int, anneal: int, floor: float):
+        self.inner, self.every, self.warmup, self.anneal, self.floor = inner, every, warmup, anneal, floor
+        self.optimizer = inner.optimizer
+        self._scale()
+
+    @property
+    def last_epoch(self) -> int:
+        return self.inner.last_epoch
+
+    def step(self) -> None:
+        self.inner.step()
+        self._scale()
+
+    def _scale(self) -> None:
+        factor = jagged_restart_scale(self.inner.last_epoch, self.every, self.warmup, self.anneal, self.floor)
+        for group, rate in zip(self.optimizer.param_groups, self.inner.get_last_lr()):
+            group["lr"] = rate * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+        self._scale()

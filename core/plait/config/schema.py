@@ -427,6 +427,18 @@ class CoreConfig(StrictModel):
     lr_quadratic_warmup: Optional[bool] = Field(
         None, description="Warm up quadratically, (i / w) ** 2 of learning_rate at step i of w, instead of linearly "
                           "(Axolotl's key; Plait's own schedules: cosine, linear, constant, constant_with_warmup).")
+    jagged_restart_steps: Optional[int] = Field(
+        None, gt=0,
+        description="Jagged restarts (Axolotl): every this many optimizer steps the schedule's learning rate is "
+                    "annealed down to cosine_min_lr_ratio of itself (0.001 when unset) over "
+                    "jagged_restart_anneal_steps and warmed back up over jagged_restart_warmup_steps; the first "
+                    "period runs at the schedule's rate. Multiplies whichever lr_scheduler is chosen.")
+    jagged_restart_warmup_steps: Optional[int] = Field(
+        None, ge=0, description="Jagged restarts: steps of linear warm-up after each restart (unset or 0: 10, as in "
+                                "Axolotl).")
+    jagged_restart_anneal_steps: Optional[int] = Field(
+        None, ge=0, description="Jagged restarts: steps of linear fall before each restart (unset or 0: 1, as in "
+                                "Axolotl).")
     embedding_lr: Optional[float] = Field(
         None, gt=0, description="Learning rate of the trainable input-embedding and output-head parameters (the "
                                 "peak; the schedule scales it like learning_rate); excludes embedding_lr_scale.")
