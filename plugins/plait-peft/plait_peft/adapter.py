@@ -317,6 +317,7 @@ def attach_lora(cfg, model):
         trainable_token_indices=cfg.peft_trainable_token_indices,
         use_dora=cfg.peft_use_dora,
         use_rslora=cfg.peft_use_rslora,
+        ensure_weight_tying=bool(cfg.peft_ensure_weight_tying),
         bias="none",
         task_type=peft_task_type(model),
         **loftq_kwargs(cfg),

@@ -74,6 +74,10 @@ class PeftKeys(BaseModel):
         None, description="Keep the adapter weights in float32 while the base is in bf16/fp16 (peft's "
                           "autocast_adapter_dtype; unset: true, except with bf16: full). false keeps them in the "
                           "base's dtype.")
+    peft_ensure_weight_tying: Optional[bool] = Field(
+        None, description="With tied input and output embeddings (tie_word_embeddings), keep them tied when one of "
+                          "them is in lora_modules_to_save or adapted: the trained copy is shared by both (peft's "
+                          "ensure_weight_tying). Unset or false: only the named module trains and the two part.")
     peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     peft_use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     lora_model_dir: Optional[str] = Field(None, description="A saved adapter to continue training from.")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from plait.errors import ConfigError
-from plait.testing import build_run_config, make_tiny_model
+from plait.testing import build_run_config, make_tiny_model, run_cli
 
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -142,3 +142,35 @@ def test_lora_model_dir_continues_from_a_saved_adapter(tiny_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, first(ids).logits)
     assert any(p.requires_grad for n, p in again.named_parameters() if "lora_" in n)  # trainable again
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_ensure_weight_tying_trains_one_copy_for_tied_embeddings_and_head(tmp_path, tie):
+    """peft_ensure_weight_tying (Axolotl's key for peft's ensure_weight_tying): with tied embeddings and
+    embed_tokens in lora_modules_to_save, the head trains the same copy, so the saved adapter keeps the model
+    tied; without it only the embeddings train and the head stays the base's."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from plait.testing import write_jsonl
+
+    base = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
+    rows = write_jsonl(tmp_path / "d.jsonl", [{"text": " ".join(["one two three four five"] * 6)}] * 8)
+    out = tmp_path / "out"
+    config = tmp_path / "c.yml"
+    config.write_text(yaml.safe_dump({
+        "base_model": str(base), "datasets": [{"path": str(rows), "type": "completion"}], "output_dir": str(out),
+        "adapter": "lora", "lora_target_modules": ["q_proj"], "lora_modules_to_save": ["embed_tokens"],
+        "peft_ensure_weight_tying": tie, "learning_rate": 1e-2, "micro_batch_size": 2, "max_steps": 3,
+        "sequence_len": 64, "warmup_steps": 0}))
+    result = run_cli(["train", str(config)])
+    assert result.exit_code == 0, result.stderr
+    original = AutoModelForCausalLM.from_pretrained(base)
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).merge_and_unload()
+    embed, head = trained.get_input_embeddings().weight, trained.get_output_embeddings().weight
+    assert not torch.equal(embed, original.get_input_embeddings().weight)  # the embeddings trained
+    if tie:
+        assert torch.equal(head, embed)
+    else:
+        assert torch.equal(head, original.get_output_embeddings().weight)
