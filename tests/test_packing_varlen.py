@@ -278,3 +278,83 @@ def test_varlen_kernel_matches_reference_kernel_on_gpu():
     got, _ = plait_varlen_attention(None, q, k, v, None, **kwargs)
     want, _ = plait_varlen_attention(None, q.float(), k.float(), v.float(), None, kernel=reference_varlen, **kwargs)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------ sdpa_varlen
+
+
+def _text_config(**overrides):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **overrides)
+
+
+@pytest.mark.parametrize("keys, config, reason", [
+    ({"bf16": True}, {}, None),
+    ({"bf16": False}, {}, "computes in float32"),
+    ({"bf16": True}, {"head_dim": 512}, "head_dim 512 is above the kernel's 256"),
+    ({"bf16": True}, {"attention_dropout": 0.1}, "attention_dropout is 0.1"),
+    ({"bf16": True}, {"model_type": "gpt_oss"}, "sink logits"),
+])
+def test_sdpa_varlen_is_refused_where_the_kernel_cannot_serve_the_model(model_dir, keys, config, reason):
+    from plait.model.choice import varlen_refusal
+    from plait.testing import build_run_config
+
+    cfg, _ = build_run_config({"base_model": str(model_dir), "sample_packing": True, "sdpa_varlen": True, **keys})
+    model_type = config.pop("model_type", None)
+    model_config = _text_config(**config)
+    if model_type:
+        model_config.model_type = model_type
+    got = varlen_refusal(cfg, model_config, cuda=True)
+    assert got is None if reason is None else reason in got
+    assert "no CUDA GPU" in varlen_refusal(cfg, model_config, cuda=False)
+
+
+def test_sdpa_varlen_keeps_sdpa_on_the_cpu_and_says_why(model_dir, caplog):
+    import logging
+
+    from plait.model.loading import pretrained_kwargs
+    from plait.testing import build_run_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the GPU test below covers it")
+    cfg, _ = build_run_config({"base_model": str(model_dir), "sample_packing": True, "sdpa_varlen": True,
+                               "bf16": True})
+    with caplog.at_level(logging.INFO, logger="plait.model"):
+        assert pretrained_kwargs(cfg)["attn_implementation"] == "sdpa"
+    assert "sdpa_varlen: packed rows keep SDPA with the block mask: there is no CUDA GPU" in caplog.text
+
+
+def test_sdpa_varlen_without_packing_or_sdpa_is_a_note(model_dir):
+    from plait.testing import build_run_config
+
+    cfg, _ = build_run_config({"base_model": str(model_dir), "sdpa_varlen": True})
+    assert any("sdpa_varlen changes nothing without sample_packing" in note for note in cfg.notes)
+    cfg, _ = build_run_config({"base_model": str(model_dir), "sdpa_varlen": True, "sample_packing": True,
+                               "attn_implementation": "eager"})
+    assert any("sdpa_varlen changes nothing with attn_implementation 'eager'" in note for note in cfg.notes)
+
+
+@pytest.mark.gpu
+def test_sdpa_varlen_routes_packed_training_through_the_kernel_on_gpu(model_dir, tmp_path):
+    """On CUDA in bf16, sdpa_varlen: true trains through plait_varlen, with the losses of SDPA's block mask."""
+    if not torch.cuda.is_available() or not _has_varlen():
+        pytest.skip("needs CUDA and torch.nn.attention.varlen")
+    from datasets import Dataset
+    from types import SimpleNamespace
+
+    from plait.testing import build_run_config
+    from plait.train.loop import train
+
+    rows = Dataset.from_list([{**row, "attention_mask": [1] * len(row["input_ids"]), "length": len(row["input_ids"])}
+                              for row in random_rows(32, 500, seed=3)])
+    curves = {}
+    for sdpa_varlen in (False, True):
+        cfg, pm = build_run_config({"base_model": str(model_dir), "output_dir": str(tmp_path / str(sdpa_varlen)),
+                                    "sample_packing": True, "sequence_len": SEQUENCE_LEN, "micro_batch_size": 2,
+                                    "bf16": True, "max_steps": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                                    "sdpa_varlen": sdpa_varlen, "save_strategy": "no"})
+        run = train(cfg, pm, data=SimpleNamespace(train=rows, eval=None))
+        assert cfg.attn_implementation == ("plait_varlen" if sdpa_varlen else "sdpa")
+        curves[sdpa_varlen] = [r["loss"] for r in run.metrics_log.read() if "loss" in r]
+    assert curves[True] == pytest.approx(curves[False], rel=BF16_LOSS_REL)

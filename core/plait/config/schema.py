@@ -228,6 +228,13 @@ class CoreConfig(StrictModel):
         description="PyTorch flex attention; with sample_packing it masks across rows with a document block mask.")
     varlen_attention: bool = Field(False, description="PyTorch's varlen attention (torch.nn.attention.varlen; CUDA, "
                                    "needs sample_packing); attn_implementation 'plait_varlen'.")
+    sdpa_varlen: Optional[bool] = Field(
+        None,
+        description="Axolotl's switch for packed SDPA: true runs the packed rows through torch's varlen kernel "
+                    "(attn_implementation plait_varlen) where it serves the model: a CUDA GPU, bf16/fp16, head_dim "
+                    "up to 256, no attention dropout, soft-capping or attention sinks. Elsewhere it keeps SDPA with "
+                    "the block mask (the same attention) and logs why. Unset or false: SDPA with the block mask "
+                    "(Axolotl's unset chooses for itself).")
     eager_attention: bool = Field(
         False,
         description="transformers' eager attention (plain matmuls and softmax); exact soft-capping for gemma2, slow "
@@ -952,6 +959,12 @@ class CoreConfig(StrictModel):
         if self.curriculum_sampling and self.group_by_length:
             raise ConfigError("config keys 'curriculum_sampling' (rows in dataset order) and 'group_by_length' "
                               "(rows reordered by length) ask for different orders; set one of them to false")
+        if self.sdpa_varlen and not self.sample_packing:
+            self.add_note("sdpa_varlen changes nothing without sample_packing: it routes packed rows only "
+                          "(as in Axolotl)")
+        elif self.sdpa_varlen and self.attn_implementation != "sdpa":
+            self.add_note(f"sdpa_varlen changes nothing with attn_implementation {self.attn_implementation!r}: it "
+                          f"routes packed SDPA only")
         if self.group_by_length and self.sample_packing:
             self.add_note("group_by_length changes nothing with sample_packing: packing plans its own bins of rows "
                           "(as in Axolotl, whose packing sampler replaces the length-grouped one)")

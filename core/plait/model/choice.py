@@ -38,6 +38,62 @@ def is_attention_refusal(exc: BaseException) -> bool:
         or "does not support" in text and "ttention" in text)
 
 
+#: the varlen kernel's largest head (the FlashAttention kernel torch ships)
+VARLEN_MAX_HEAD_DIM = 256
+#: model types whose attention adds per-head sink logits, which the varlen kernel has no input for
+ATTENTION_SINK_MODEL_TYPES = ("gpt_oss",)
+
+
+def varlen_refusal(cfg, model_config, cuda: bool) -> str | None:
+    """Why torch's varlen kernel cannot run this model's packed attention in
+    this run, or ``None`` when it can (what ``plait_varlen`` supports)."""
+    import importlib.util
+
+    import torch
+
+    from plait.model.loading import compute_dtype
+
+    if not cuda:
+        return "there is no CUDA GPU (the kernel is CUDA only)"
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if compute_dtype(cfg) not in (torch.bfloat16, torch.float16) and not (cfg.bf16 or cfg.fp16):
+        return "the run computes in float32 and the kernel runs in bf16/fp16 only"
+    if model_config is None:
+        return "base_model's config could not be read"
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = getattr(text, "num_attention_heads", None)
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    if head_dim and head_dim > VARLEN_MAX_HEAD_DIM:
+        return f"its head_dim {head_dim} is above the kernel's {VARLEN_MAX_HEAD_DIM}"
+    if getattr(text, "attention_dropout", 0.0):
+        return f"its attention_dropout is {text.attention_dropout} and the kernel has no dropout"
+    if getattr(text, "attn_logit_softcapping", None):
+        return "it soft-caps its attention logits (attn_logit_softcapping)"
+    if getattr(text, "model_type", None) in ATTENTION_SINK_MODEL_TYPES:
+        return "its attention has sink logits"
+    return None
+
+
+def route_packed_sdpa_to_varlen(cfg) -> None:
+    """``sdpa_varlen: true``: packed SDPA runs through torch's varlen kernel
+    (``plait_varlen``) where :func:`varlen_refusal` finds nothing against it;
+    elsewhere SDPA keeps the block mask, which isolates packed rows as well, and
+    the log says why. Called by the loaders before ``from_pretrained``."""
+    if not (cfg.sdpa_varlen and cfg.sample_packing and cfg.attn_implementation == "sdpa"):
+        return
+    import torch
+
+    from plait.model.loading import base_model_config
+
+    why = varlen_refusal(cfg, base_model_config(cfg), torch.cuda.is_available())
+    if why:
+        log.info("sdpa_varlen: packed rows keep SDPA with the block mask: %s", why)
+        return
+    log.info("sdpa_varlen: packed rows run through torch's varlen kernel (attn_implementation plait_varlen)")
+    use_attention_backend(cfg, "plait_varlen")
+
+
 def use_attention_backend(cfg, backend: str, plugin: str = "core") -> None:
     """Set the config's attention flags so ``cfg.attn_implementation`` is ``backend``."""
     # keys that name a backend without a flag: they would contradict the new flag on re-validation

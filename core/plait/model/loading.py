@@ -97,6 +97,9 @@ def pretrained_kwargs(cfg) -> dict:
     if cfg.tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    from plait.model.choice import route_packed_sdpa_to_varlen
+
+    route_packed_sdpa_to_varlen(cfg)
     if cfg.varlen_attention:
         # "plait_varlen" must be registered before from_pretrained checks the name;
         # here, so every loader that uses these kwargs (core's, plait-bnb's) gets it
