@@ -158,7 +158,8 @@ def test_axolotl_hints_and_launcher_keys_are_named_no_ops_and_type_of_model_is_m
     keys = {"is_llama_derived_model": True, "is_mistral_derived_model": False, "gradio_title": "demo",
             "gradio_server_port": 7860, "world_size": 2, "ddp": True, "sample_packing_eff_est": 0.9,
             "pad_to_multiple_of": 8, "torch_empty_cache_steps": 10, "gc_steps": 5, "gc_collect_steps": 5,
-            "dataset_keep_in_memory": True,
+            "dataset_keep_in_memory": True, "lr_div_factor": 10.0, "max_prompt_len": 512,
+            "streaming_multipack_buffer_size": 1000, "pretrain_multipack_buffer_size": 1000,
             "is_preprocess": True, "axolotl_config_path": "c.yml", "dpo_use_logits_to_keep": True,
             "dpo_use_liger_kernel": True, "total_num_tokens": 1000, "total_supervised_tokens": 500,
             "batch_flattening": "auto", "sample_packing_mp_start_method": "spawn", "lora_embedding_kernel": True}

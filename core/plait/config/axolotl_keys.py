@@ -112,6 +112,14 @@ NO_OP_KEYS: dict[str, str] = {
        for family in ("llama", "mistral", "qwen", "falcon")},
     **{f"gradio_{name}": "a setting of Axolotl's Gradio inference UI; training does not read it"
        for name in ("max_new_tokens", "server_name", "server_port", "share", "temperature", "title")},
+    # keys Axolotl's schema declares and its code reads nowhere (checked at 067b021)
+    "lr_div_factor": "Axolotl declares it but reads it nowhere (Plait's one_cycle takes div_factor from "
+                     "lr_scheduler_kwargs)",
+    "max_prompt_len": "Axolotl declares it but reads it nowhere",
+    # Axolotl shuffles and packs a streamed dataset a buffer at a time; Plait reads the run's token budget from the
+    # stream and packs and shuffles all of it at once, so the buffer's size changes nothing that trains
+    **{key: "Plait packs and shuffles the streamed rows of a pretraining_dataset all at once, not a buffer at a "
+            "time" for key in ("streaming_multipack_buffer_size", "pretrain_multipack_buffer_size")},
     # keys Axolotl's examples still carry but its schema no longer has (Axolotl ignores them too)
     "base_model_ignore_patterns": "Axolotl no longer reads it (a hub download filter)",
     "adam_eps": "Axolotl ignores it too (its key is adam_epsilon)",
