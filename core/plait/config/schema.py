@@ -68,6 +68,35 @@ class LrGroup(StrictModel):
         return modules
 
 
+class SelectiveCheckpointing(StrictModel):
+    """``selective_checkpointing:`` (Axolotl's): ops whose outputs a checkpointed layer keeps."""
+
+    save: list[str] = Field(
+        default_factory=lambda: ["attention"], min_length=1,
+        description="Ops to keep instead of recomputing: attention (torch's SDPA kernels and the flash-attention "
+                    "ops), or parts of qualified op names (aten::mm). Triton kernels are recomputed as usual.")
+    save_sliding_window: bool = Field(
+        False, description="Keep attention in sliding-window layers too (a hybrid model's layer_types); by default "
+                           "only full-attention layers keep it, a window being cheap to recompute.")
+    recompute_layer_types: Optional[list[str]] = Field(
+        None, description="layer_types whose attention is recomputed (default: sliding_attention, "
+                          "chunked_attention); ignored with save_sliding_window.")
+    offload: bool = Field(
+        False, description="Axolotl's offload of the kept outputs to host memory; not available in Plait (its "
+                           "gradient_checkpointing: offload moves the layer inputs).")
+
+    @field_validator("offload")
+    @classmethod
+    def _no_offload(cls, value):
+        if value:
+            from plait.errors import ConfigError
+
+            raise ConfigError("config key 'selective_checkpointing.offload': true is not available in Plait; the kept "
+                              "outputs stay on the GPU. Remove it (gradient_checkpointing: offload moves the layer "
+                              "inputs to host memory, and combines with selective_checkpointing)")
+        return value
+
+
 class DynamicCheckpoint(StrictModel):
     """``dynamic_checkpoint:`` (Axolotl's): save a checkpoint when asked, while the run goes on."""
 
@@ -286,6 +315,10 @@ class CoreConfig(StrictModel):
         True, description="tiled_mlp runs the model's own MLP forward (true), or the llama layout "
                           "down_proj(act_fn(gate_proj(x)) * up_proj(x)) with the MLP's own modules (false; a "
                           "kernel plugin then leaves the MLP as it is).")
+    selective_checkpointing: Optional[Union[bool, SelectiveCheckpointing]] = Field(
+        None, description="Within each checkpointed layer, keep the outputs of chosen ops instead of recomputing "
+                          "them in backward (Axolotl's): true keeps attention, the costliest part to recompute at long "
+                          "sequences, for tokens x hidden values a layer. Needs gradient_checkpointing (non-reentrant).")
     gradient_checkpointing_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to transformers' gradient_checkpointing_enable, e.g. {use_reentrant: false}; offload needs "
@@ -912,6 +945,7 @@ class CoreConfig(StrictModel):
             # offloading rides on the saved-tensor hooks, which reentrant checkpointing bypasses
             raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing} needs non-reentrant "
                               "checkpointing; remove use_reentrant: true from gradient_checkpointing_kwargs")
+        self._selective_checkpointing_rules()
         if self.pretraining_dataset:
             # a stream has no length: the run's length decides how much of it is read
             if self.max_steps is None:
@@ -972,6 +1006,36 @@ class CoreConfig(StrictModel):
             self.add_note("curriculum_sampling with several datasets: their rows are mixed (shuffle_merged_datasets"
                           " is true, as in Axolotl) and then trained in that order every epoch; set "
                           "shuffle_merged_datasets: false to train them one after the other")
+
+    @field_validator("selective_checkpointing")
+    @classmethod
+    def _selective_checkpointing_block(cls, value):
+        """``true`` is the block's defaults (keep attention); ``false`` is unset."""
+        if value is True:
+            return SelectiveCheckpointing()
+        return None if value is False else value
+
+    def _selective_checkpointing_rules(self) -> None:
+        from plait.errors import ConfigError
+
+        sac = self.selective_checkpointing
+        if sac is None:
+            return
+        if not self.gradient_checkpointing:
+            raise ConfigError("config key 'selective_checkpointing' chooses what a checkpointed layer keeps, and "
+                              "gradient_checkpointing is off; set gradient_checkpointing: true (or remove "
+                              "selective_checkpointing)")
+        if self.gradient_checkpointing_kwargs.get("use_reentrant"):
+            raise ConfigError("config key 'selective_checkpointing' needs non-reentrant checkpointing; remove "
+                              "use_reentrant: true from gradient_checkpointing_kwargs")
+        matmuls = [entry for entry in sac.save if entry != "attention"
+                   and any(entry in op for op in ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"))]
+        if matmuls and self.adapter:
+            # the adapter's update is added to the base projection's output in place (peft, plait-kernels),
+            # which would change an output kept for the recompute
+            raise ConfigError(f"config key 'selective_checkpointing.save': {matmuls} keep matmul outputs, which "
+                              f"adapter: {self.adapter} changes in place; keep [attention] or train without an "
+                              f"adapter")
 
     def _strategy_rules(self) -> None:
         """What save_strategy / eval_strategy need beyond the interval keys (see plait.config.strategies)."""

@@ -105,7 +105,12 @@ def apply_gradient_checkpointing(cfg, pm, model):
     mode = pm.hook.gradient_checkpointing_mode(cfg=cfg)
     if not mode:
         return None
-    return enable_gradient_checkpointing(model, mode, cfg.gradient_checkpointing_kwargs)
+    kwargs = dict(cfg.gradient_checkpointing_kwargs)
+    if getattr(cfg, "selective_checkpointing", None):
+        from plait.model.selective_checkpoint import selective_context_fn
+
+        kwargs["context_fn"] = selective_context_fn(model, cfg.selective_checkpointing)
+    return enable_gradient_checkpointing(model, mode, kwargs)
 
 
 class _PassState(threading.local):
