@@ -30,7 +30,9 @@ class AttentionCalls(TorchDispatchMode):
 def attention_calls_and_grads(model_dir, **keys):
     from plait.pipeline import setup_model
 
-    cfg, pm = build_run_config({"base_model": str(model_dir), "gradient_checkpointing": True, **keys})
+    # the model stays on the CPU, so no Triton kernels even on a machine with a GPU (auto would pick them there)
+    cfg, pm = build_run_config({"base_model": str(model_dir), "gradient_checkpointing": True,
+                                "plait_kernels": "off", **keys})
     torch.manual_seed(0)  # the same adapter initialisation in every call
     model = setup_model(cfg, pm, None, for_training=True, device=torch.device("cpu"))
     model.train()
