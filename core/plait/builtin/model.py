@@ -22,6 +22,9 @@ def validate_config(cfg):
     check_generation_keys(cfg)
     check_load_options(cfg)
     check_ray(cfg)
+    from plait.model.random_init import check_reinit_weights
+
+    check_reinit_weights(cfg)
 
 
 def check_ray(cfg) -> None:
@@ -140,10 +143,15 @@ def load_model(cfg, tokenizer):
     kwargs.update(causal_decoder_kwargs(cfg, kwargs))
     # AutoModelForCausalLM, or the class a text-only checkpoint of a composite model names (Emu3, Mllama)
     model_class = causal_lm_class_of(cfg)
+    if cfg.reinit_weights:
+        from plait.model.random_init import build_randomly_initialised
+
+        load = lambda **attn: build_randomly_initialised(cfg, model_class, kwargs, **attn)  # noqa: E731
+    else:
+        load = lambda **attn: model_class.from_pretrained(cfg.base_model, **kwargs, **attn)  # noqa: E731
     try:
         # a backend the architecture does not implement falls back to one it does (SDPA, then eager)
-        model = load_with_supported_attention(
-            cfg, lambda **attn: model_class.from_pretrained(cfg.base_model, **kwargs, **attn))
+        model = load_with_supported_attention(cfg, load)
     except OSError as exc:  # missing config.json or weights, no network
         raise source_error("base_model", cfg.base_model, "model", exc) from exc
     except ValueError as exc:  # a folder whose config.json names no model type transformers knows

@@ -299,6 +299,10 @@ class CoreConfig(StrictModel):
                           "kernels package; a layer without a kernel for this device keeps its own code). true also "
                           "trusts kernels of any publisher, as in Axolotl; false turns hub kernels off. Unset: "
                           "transformers' default.")
+    reinit_weights: Optional[bool] = Field(
+        None, description="Train base_model's architecture from random weights (Axolotl's key, for pretraining from "
+                          "scratch): the model is built from its config.json (and model_config) and initialised by "
+                          "transformers under seed; no weight file is read.")
     gradient_checkpointing: Union[bool, Literal["unsloth", "offload"]] = Field(
         False, description="Recompute each decoder layer in backward; offload (alias unsloth) also keeps the "
                            "layer inputs in pinned host memory on a GPU, saving layers x tokens x hidden values, "
