@@ -5,7 +5,7 @@ touching model code."""
 from __future__ import annotations
 
 from plait.hookspecs import hookimpl
-from plait.model.head import chunked_linear_cross_entropy, head_options
+from plait.model.head import chunked_linear_cross_entropy, eaft_of, head_options
 
 
 @hookimpl(trylast=True)
@@ -13,6 +13,8 @@ def build_loss(cfg, model):
     import functools
 
     options = head_options(model)
+    if eaft_of(cfg):
+        options["eaft"] = eaft_of(cfg)
     return functools.partial(chunked_linear_cross_entropy, **options) if options else chunked_linear_cross_entropy
 
 

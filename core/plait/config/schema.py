@@ -299,6 +299,12 @@ class CoreConfig(StrictModel):
                           "kernels package; a layer without a kernel for this device keeps its own code). true also "
                           "trusts kernels of any publisher, as in Axolotl; false turns hub kernels off. Unset: "
                           "transformers' default.")
+    use_eaft: Optional[bool] = Field(
+        None, description="Entropy-aware focal training (Axolotl's EAFT): each trained token's cross-entropy is "
+                          "weighted by the entropy of the softmax over its eaft_k largest logits, raised to "
+                          "eaft_alpha (no gradient through the weight). Uses core's chunked loss, not a fused kernel.")
+    eaft_alpha: float = Field(1.0, ge=0, description="EAFT: the exponent on the entropy weight.")
+    eaft_k: int = Field(20, ge=1, description="EAFT: how many of the largest logits the entropy is taken over.")
     reinit_weights: Optional[bool] = Field(
         None, description="Train base_model's architecture from random weights (Axolotl's key, for pretraining from "
                           "scratch): the model is built from its config.json (and model_config) and initialised by "
@@ -950,6 +956,9 @@ class CoreConfig(StrictModel):
             raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing} needs non-reentrant "
                               "checkpointing; remove use_reentrant: true from gradient_checkpointing_kwargs")
         self._selective_checkpointing_rules()
+        if self.use_eaft and (getattr(self, "rl", None) or getattr(self, "reward_model", None)):
+            raise ConfigError("config key 'use_eaft' weights the next-token cross-entropy of supervised training; "
+                              "preference and reward training have their own losses. Remove use_eaft")
         if self.pretraining_dataset:
             # a stream has no length: the run's length decides how much of it is read
             if self.max_steps is None:

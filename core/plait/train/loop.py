@@ -78,7 +78,7 @@ from plait.errors import ConfigError, PluginError, TrainingError
 from plait.logs import verbose
 from plait.model.batch import drop_full_attention_mask
 from plait.model.forward import forward_hidden, forward_logits, head_plan
-from plait.model.head import logits_cross_entropy
+from plait.model.head import eaft_of, logits_cross_entropy
 from plait.model.loading import compute_dtype
 from plait.model.mesh import mesh_of
 from plait.model.params import optimizer_param_groups
@@ -885,7 +885,8 @@ def loss_of(run: Run, batch, *, training: bool = False):
         if labels_key == "labels":
             logits, labels = logits[:, :-1], labels[:, 1:]
         labels = labels.to(logits.device)  # the head's device under a device_map split
-        loss_sum, n_tokens = logits_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss_sum, n_tokens = logits_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                  eaft_of(run.cfg))
     else:
         hidden, head, outputs = forward_hidden(run.model, inputs)
         if labels_key == "labels":

@@ -61,6 +61,8 @@ def build_loss(cfg, model):
     ``None`` (core's chunked loss) otherwise."""
     from plait_kernels.selection import choose
 
+    if getattr(cfg, "use_eaft", None):
+        return None  # entropy-aware focal training weights each token by its logits, which the fused kernel never builds
     backend = choose(cfg)["loss"]
     if backend is None:
         return None
