@@ -25,6 +25,9 @@ def validate_config(cfg):
     from plait.model.random_init import check_reinit_weights
 
     check_reinit_weights(cfg)
+    from plait.model.loading import check_config_class
+
+    check_config_class(cfg)
 
 
 def check_ray(cfg) -> None:

@@ -305,6 +305,10 @@ class CoreConfig(StrictModel):
                           "eaft_alpha (no gradient through the weight). Uses core's chunked loss, not a fused kernel.")
     eaft_alpha: float = Field(1.0, ge=0, description="EAFT: the exponent on the entropy weight.")
     eaft_k: int = Field(20, ge=1, description="EAFT: how many of the largest logits the entropy is taken over.")
+    cls_model_config: Optional[str] = Field(
+        None, description="The transformers config class base_model's config.json is read with, instead of "
+                          "AutoConfig (Axolotl's key), e.g. Gemma3TextConfig for the text model of a composite "
+                          "checkpoint.")
     reinit_weights: Optional[bool] = Field(
         None, description="Train base_model's architecture from random weights (Axolotl's key, for pretraining from "
                           "scratch): the model is built from its config.json (and model_config) and initialised by "

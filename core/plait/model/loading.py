@@ -124,6 +124,15 @@ def pretrained_kwargs(cfg) -> dict:
     if rope:  # a scaling dict passed as it is would replace the base's rotary parameters (rope_theta too)
         kwargs.pop("rope_scaling", None)
         kwargs.update(rope)
+    if getattr(cfg, "cls_model_config", None):
+        config = base_model_config(cfg)
+        if config is not None:  # else from_pretrained says why the source cannot be read
+            # with a config object from_pretrained hands other keywords to the model's __init__: the config
+            # entries (model_config, the rotary scaling) go onto the object here
+            for key in [*cfg.overrides_of_model_config, *rope]:
+                if key in kwargs:
+                    setattr(config, key, kwargs.pop(key))
+            kwargs["config"] = config
     return kwargs
 
 
@@ -193,13 +202,38 @@ def causal_lm_class_of(cfg):
 def base_model_config(cfg):
     """``base_model``'s config as ``AutoConfig`` reads it, or ``None`` when it
     cannot be read: the loaders' own ``from_pretrained`` then reports why."""
-    from transformers import AutoConfig
-
     try:
-        return AutoConfig.from_pretrained(cfg.base_model, revision=cfg.revision_of_model,
-                                          trust_remote_code=cfg.trust_remote_code)
+        return config_class(cfg).from_pretrained(cfg.base_model, revision=cfg.revision_of_model,
+                                                 trust_remote_code=cfg.trust_remote_code)
     except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable source itself
         return None
+
+
+def config_class(cfg):
+    """The class ``base_model``'s config.json is read with: ``AutoConfig``, or
+    the transformers config class ``cls_model_config`` names (Axolotl's key: the
+    text part of a composite checkpoint, say, with ``Gemma3TextConfig``)."""
+    import transformers
+
+    name = getattr(cfg, "cls_model_config", None)
+    return getattr(transformers, name) if name else transformers.AutoConfig
+
+
+def check_config_class(cfg) -> None:
+    """Refuse a ``cls_model_config`` that names no transformers config class."""
+    name = getattr(cfg, "cls_model_config", None)
+    if not name:
+        return
+    import transformers
+
+    from plait.errors import ConfigError, did_you_mean
+
+    found = getattr(transformers, name, None)
+    if not (isinstance(found, type) and issubclass(found, transformers.PretrainedConfig)):
+        known = [n for n in dir(transformers) if n.endswith("Config") and n[0].isupper()]
+        raise ConfigError(f"config key 'cls_model_config': {name!r} is not a config class of transformers "
+                          f"{transformers.__version__}{did_you_mean(name, known)}; give a class name such as "
+                          f"LlamaConfig or Gemma3TextConfig, or remove the key to let AutoConfig choose")
 
 
 def loading_contexts(cfg):
