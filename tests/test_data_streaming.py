@@ -121,3 +121,64 @@ def test_plait_train_on_a_streamed_corpus_with_packing(tmp_path, corpus):
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
     assert any(r.get("sample_packing_efficiency", 0) > 0.9 for r in records)
+
+
+# ------------------------------------------------------- streaming: true (datasets: entries)
+
+
+@pytest.fixture(scope="module")
+def alpaca_rows(tmp_path_factory):
+    """1,000 alpaca rows, each different."""
+    rows = [{"instruction": f"say {WORDS[i % 10]} {i}", "input": "", "output": f"{WORDS[(i * 7) % 10]} {i}"}
+            for i in range(1000)]
+    return write_jsonl(tmp_path_factory.mktemp("alpaca") / "alpaca.jsonl", rows), rows
+
+
+def prepare_sft(tmp_path, tokenizer, path, **keys):
+    from plait.data.prepare import prepare_datasets
+
+    settings = {"base_model": "unused", "datasets": [{"path": str(path), "type": "alpaca"}], "sequence_len": 256,
+                "micro_batch_size": 2, "dataset_prepared_path": str(tmp_path / "prepared"),
+                "output_dir": str(tmp_path / "out"), "streaming": True, **keys}
+    cfg, pm = build_run_config(settings)
+    return prepare_datasets(cfg, pm, tokenizer, show_progress=False)
+
+
+@pytest.mark.parametrize("max_steps, chunks", [(2, 1), (100, 2)])
+def test_streamed_datasets_are_read_only_as_far_as_the_run_trains(tmp_path, tokenizer, alpaca_rows, max_steps,
+                                                                  chunks):
+    """Without packing a run needs max_steps x micro_batch_size x gradient_accumulation_steps rows, read in
+    whole chunks of 256 rows: 8 rows take one chunk, 400 take two."""
+    from plait.data.streaming import STREAM_CHUNK
+
+    path, rows = alpaca_rows
+    prepared = prepare_sft(tmp_path, tokenizer, path, max_steps=max_steps, gradient_accumulation_steps=2)
+    (stats,) = prepared.stats
+    needed = max_steps * 2 * 2
+    assert stats.rows_in == chunks * STREAM_CHUNK and stats.kept >= needed
+    # the streamed rows are the file's first ones, tokenized as a whole-file run tokenizes them
+    first = write_jsonl(tmp_path / "first.jsonl", rows[:chunks * STREAM_CHUNK])
+    whole = prepare_sft(tmp_path / "whole", tokenizer, first, streaming=False, max_steps=max_steps)
+    assert sorted(prepared.train["input_ids"]) == sorted(whole.train["input_ids"])
+
+
+def test_streaming_with_packing_reads_the_runs_tokens(tmp_path, tokenizer, alpaca_rows):
+    from plait.data.streaming import PACKING_SLACK, STREAM_CHUNK
+
+    path, _ = alpaca_rows
+    prepared = prepare_sft(tmp_path, tokenizer, path, max_steps=60, sample_packing=True)
+    (stats,) = prepared.stats
+    budget = 60 * 2 * 256
+    assert stats.tokens >= budget * PACKING_SLACK
+    # and no whole chunk more than it needed
+    assert stats.tokens - stats.tokens // (stats.rows_in // STREAM_CHUNK) < budget * PACKING_SLACK
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({}, "'streaming': true reads the datasets as streams and needs max_steps"),
+    ({"max_steps": 5, "val_set_size": 0.1}, "'val_set_size' cannot split streamed datasets"),
+])
+def test_streaming_rules(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        build_run_config({"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "streaming": True,
+                          **keys})

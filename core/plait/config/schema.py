@@ -355,6 +355,10 @@ class CoreConfig(StrictModel):
     test_datasets: list[DatasetEntry] = Field(
         default_factory=list,
         description="Datasets used only for evaluation (instead of a val_set_size split); same entry keys as datasets.")
+    streaming: Optional[bool] = Field(
+        None, description="Read the datasets: entries as streams (Axolotl's key) and tokenize only as many rows as "
+                          "max_steps can train (with sample_packing, the run's tokens); rows past that are never "
+                          "read. Needs max_steps.")
     pretraining_dataset: list[PretrainingDatasetConfig] = Field(
         default_factory=list, description="Raw text streamed and tokenized up to what max_steps consumes "
                                           "(instead of datasets:).")
@@ -960,6 +964,14 @@ class CoreConfig(StrictModel):
             raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing} needs non-reentrant "
                               "checkpointing; remove use_reentrant: true from gradient_checkpointing_kwargs")
         self._selective_checkpointing_rules()
+        if self.streaming:
+            # a stream has no length: the run's length decides how much of it is read, and it cannot be split
+            if self.max_steps is None:
+                raise ConfigError("config key 'streaming': true reads the datasets as streams and needs max_steps "
+                                  "(how much of them to read); set max_steps")
+            if self.val_set_size > 0:
+                raise ConfigError("config key 'val_set_size' cannot split streamed datasets (streaming: true); give "
+                                  "the eval rows as test_datasets, or set val_set_size: 0")
         if self.use_eaft and (getattr(self, "rl", None) or getattr(self, "reward_model", None)):
             raise ConfigError("config key 'use_eaft' weights the next-token cross-entropy of supervised training; "
                               "preference and reward training have their own losses. Remove use_eaft")

@@ -103,6 +103,12 @@ def cache_key(cfg, pm, tokenizer, resolved_paths: dict[str, Path | None]) -> str
 
         # a stream is read up to the run's budget: more steps or ranks read further
         parts["pretraining_budget"] = [token_budget(cfg), cfg.sample_packing]
+    if getattr(cfg, "streaming", None):
+        from plait.data.streaming import token_budget
+
+        # streamed datasets are read up to the run's length: more steps or ranks read further
+        parts["streaming_budget"] = [token_budget(cfg), cfg.sample_packing, cfg.micro_batch_size,
+                                     cfg.gradient_accumulation_steps]
     for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
         parts[list_key] = [
             {"settings": entry.model_dump(mode="json"),

@@ -215,7 +215,44 @@ def _describe(out) -> str:
 
 def prepare_entry(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, split: str = "train"):
     """Tokenize and filter one dataset entry. Returns ``(dataset, stats)``."""
+    if cfg.streaming and split == "train":
+        return _prepare_streamed(cfg, pm, tokenizer, entry, label, fingerprint=fingerprint, split=split)
     source = load_source(entry, skip_bad_rows=cfg.skip_bad_rows)
+    return _tokenize_source(cfg, pm, tokenizer, entry, source, label, fingerprint=fingerprint, split=split)
+
+
+def _prepare_streamed(cfg, pm, tokenizer, entry, label: str, *, fingerprint: str, split: str):
+    """``streaming: true``: the entry is read as a stream, a chunk at a time, and
+    tokenized only until its kept rows cover the run (:func:`streaming_enough`);
+    rows past that are never read. Row numbers in messages count from the
+    stream's start."""
+    import datasets
+
+    from plait.data.sources import Source
+    from plait.data.streaming import streamed_chunks, streaming_enough
+
+    where = f"{entry.path} (streamed)"
+    parts, stats, read, enough = [], None, 0, False
+    for number, chunk in enumerate(streamed_chunks(entry)):
+        source = Source(datasets.Dataset.from_list(chunk), where, [(where, read + len(chunk))], row_offset=read)
+        kept, one = _tokenize_source(cfg, pm, tokenizer, entry, source, f"{label}.{number}",
+                                     fingerprint=fingerprint, split=split)
+        parts.append(kept)
+        stats = one if stats is None else stats.merged(one, BAD_EXAMPLES)
+        read += len(chunk)
+        enough = streaming_enough(cfg, stats.kept, stats.tokens)
+        if enough:
+            break
+    if not parts:
+        raise DataError("the stream has no rows", path=entry.path)
+    stats.name = f"{label} {entry.path}"
+    log.info("%s: read %d rows of the stream%s", entry.path, read,
+             ", enough for the run's steps" if enough else "; it ended before the run's steps were covered, so "
+                                                            "they are trained again, epoch after epoch")
+    return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), stats
+
+
+def _tokenize_source(cfg, pm, tokenizer, entry, source, label: str, *, fingerprint: str, split: str):
     raw = source.dataset
     workers = min(cfg.dataset_processes or 1, max(1, len(raw)))
     with _progress.tokenizing_bar():

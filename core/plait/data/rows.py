@@ -32,6 +32,15 @@ class DatasetStats:
     trained_tokens: int = 0
     bad_examples: list[str] = field(default_factory=list)
 
+    def merged(self, other: "DatasetStats", examples: int) -> "DatasetStats":
+        """These counts and ``other``'s added up (two parts of one entry), keeping
+        at most ``examples`` bad-row examples; the name is this one's."""
+        from dataclasses import fields, replace
+
+        counts = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
+                  if isinstance(getattr(self, f.name), int)}
+        return replace(self, **counts, bad_examples=(self.bad_examples + other.bad_examples)[:examples])
+
     @property
     def dropped(self) -> int:
         return (self.dropped_too_long + self.dropped_too_short + self.dropped_bad + self.dropped_no_trained

@@ -47,8 +47,9 @@ def token_budget(cfg) -> int:
     return cfg.max_steps * cfg.micro_batch_size * cfg.gradient_accumulation_steps * world * cfg.sequence_len
 
 
-def open_stream(entry):
-    """An iterable over the entry's rows, read lazily (local files and hub names)."""
+def open_stream(entry, key: str = "pretraining_dataset"):
+    """An iterable over the entry's rows, read lazily (local files and hub
+    names); ``key`` is the config list the entry is in, for the message."""
     import datasets
 
     from plait.data.sources import builder_for, local_data_files, resolve_path
@@ -60,15 +61,43 @@ def open_stream(entry):
             builder = builder_for(entry, files[0])
             stream = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
         else:
-            stream = datasets.load_dataset(entry.path, name=entry.name, split=entry.split, data_files=entry.data_files,
+            split = getattr(entry, "train_on_split", None) or entry.split
+            stream = datasets.load_dataset(entry.path, name=entry.name, split=split, data_files=entry.data_files,
                                            revision=entry.revision, streaming=True,
                                            **({"trust_remote_code": True} if entry.trust_remote_code else {}))
     except DataError:
         raise
     except Exception as exc:  # the datasets library's own errors: say which entry, in one line
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"pretraining_dataset {entry.path!r} could not be opened for streaming: {reason}") from exc
-    return stream.skip(entry.skip) if entry.skip else stream
+        raise DataError(f"{key} {entry.path!r} could not be opened for streaming: {reason}") from exc
+    skip = getattr(entry, "skip", 0)
+    return stream.skip(skip) if skip else stream
+
+
+#: rows read from a streamed ``datasets:`` entry at a time (``streaming: true``)
+STREAM_CHUNK = 256
+
+
+def streamed_chunks(entry, size: int = STREAM_CHUNK):
+    """The rows of a ``datasets:`` entry read as a stream, ``size`` at a time (lists of dicts)."""
+    chunk = []
+    for row in open_stream(entry, key="datasets"):
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def streaming_enough(cfg, rows: int, tokens: int) -> bool:
+    """Whether the kept rows of a streamed ``datasets:`` entry cover the run:
+    its token budget (with the packing slack) when packing, else one row per
+    slot of every step."""
+    if cfg.sample_packing:
+        return tokens >= math.ceil(token_budget(cfg) * PACKING_SLACK)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return rows >= cfg.max_steps * cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
 
 
 def documents(entry, stream):
