@@ -46,6 +46,18 @@ def test_every_problem_is_named_in_one_grouped_message(tmp_path):
     assert "Traceback" not in message
 
 
+def test_a_key_near_no_known_key_is_noted_and_ignored_as_axolotl_ignores_it(tmp_path):
+    """Axolotl drops keys it does not know (its examples carry a test marker, test_value); a key near a known
+    one stays an error, since it is most likely a misspelling whose value would otherwise be lost."""
+    cfg = _cfg(test_value=True)
+    assert not hasattr(cfg, "test_value")
+    assert any("config key 'test_value' is not a key of Plait or of Axolotl" in note for note in cfg.notes)
+    result = _validate(tmp_path, test_value=True)
+    assert result.exit_code == 0 and "'test_value' is not a key of Plait or of Axolotl" in result.stdout + result.stderr
+    with pytest.raises(ConfigError, match="unknown config key 'lerning_rate'"):
+        _cfg(lerning_rate=1e-4)
+
+
 def test_preflight_problems_join_the_grouped_message(tmp_path):
     import importlib.util
 

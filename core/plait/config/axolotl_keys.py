@@ -122,6 +122,8 @@ NO_OP_KEYS: dict[str, str] = {
             "time" for key in ("streaming_multipack_buffer_size", "pretrain_multipack_buffer_size")},
     # keys Axolotl's examples still carry but its schema no longer has (Axolotl ignores them too)
     "base_model_ignore_patterns": "Axolotl no longer reads it (a hub download filter)",
+    "sample_packing_seq_len_multiplier": "Axolotl no longer reads it (its older packing's rows per bin; Plait's "
+                                         "packer fills each bin up to sequence_len)",
     "adam_eps": "Axolotl ignores it too (its key is adam_epsilon)",
     "full_finetune": "Axolotl ignores it too: without an adapter every weight trains",
     "eta_min": "Axolotl ignores it too (not in its schema); cosine_min_lr_ratio sets the schedule's floor",

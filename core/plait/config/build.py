@@ -195,7 +195,13 @@ def _sort_keys(raw: dict, cls: type[BaseModel], pm, problems: Problems, allow_un
                 problems.add("lacking", f"{key}: {lacking_reason(key)}")
             continue
         suggestion = _suggest(key, known) or _suggest(key, NO_OP_KEYS)
-        problems.add("unknown", f"unknown config key {key!r}{suggestion}")
+        if suggestion:  # most likely a misspelt key, whose value would otherwise be lost without a word
+            problems.add("unknown", f"unknown config key {key!r}{suggestion}")
+        elif value is not None:
+            # near no key at all: not a typo of one. Axolotl drops keys it does not know, so configs carry
+            # such keys (a test marker, a key of some older release); Plait says so and goes on
+            problems.note(f"config key {key!r} is not a key of Plait or of Axolotl, and near none of them; it is "
+                          f"ignored (as Axolotl ignores keys it does not know)")
     if unsupported:
         # one plain line on stderr (python's warnings would add a file path and a source line)
         print(f"warning: ignoring Axolotl keys Plait does not support (--allow-unsupported): {', '.join(unsupported)}",
