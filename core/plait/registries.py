@@ -120,7 +120,9 @@ class Optimizer:
     import names it needs and ``install`` what to install when one is missing
     (checked at config time). ``check(cfg)`` optionally validates the keys the
     optimizer reads (``optim_args``) at config time, raising
-    :class:`~plait.errors.ConfigError`.
+    :class:`~plait.errors.ConfigError`. ``embeddings_apart``: the input and
+    output embeddings' parameters come in groups of their own, marked
+    ``embeddings: True`` (Muon trains them with AdamW).
     """
 
     name: str
@@ -129,6 +131,7 @@ class Optimizer:
     install: str = ""
     check: Optional[Callable[[Any], None]] = None
     description: str = ""
+    embeddings_apart: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ ELSEWHERE = (
     Elsewhere("optimizers", ("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd"),
               "is not supported by Plait: schedule-free optimizers must be switched between train() and eval() "
               "around evaluation, which the training loop does not do"),
-    Elsewhere("optimizers", ("optimi_adamw", "adopt_adamw", "came_pytorch", "muon", "dion", "lion_pytorch",
+    Elsewhere("optimizers", ("optimi_adamw", "adopt_adamw", "came_pytorch", "dion", "lion_pytorch",
                              "flash_adamw", "ao_adamw_fp8"),
               "is one of Axolotl's own optimizers, which Plait does not have; use adamw_torch (or "
               "adamw_torch_8bit / adamw_torch_4bit for less memory), or register it from a plugin's optimizers() "

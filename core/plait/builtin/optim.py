@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 
+from plait.builtin.muon import build_muon, check_muon
 from plait.errors import ConfigError
 from plait.hookspecs import hookimpl
 from plait.registries import Optimizer, Scheduler, build_transformers_optimizer, find_optimizer, find_scheduler
@@ -117,6 +118,8 @@ def optimizers():
     for name, (module, install) in TRANSFORMERS_OPTIMIZERS.items():
         records.append(Optimizer(name, build_transformers_optimizer, requires=(module,), install=install,
                                  description=f"transformers' {name}"))
+    records.append(Optimizer("muon", build_muon, check=check_muon, embeddings_apart=True,
+                             description="Muon on the weight matrices, AdamW on the embeddings and 1-D parameters"))
     for name, same in AXOLOTL_OPTIMIZER_NAMES.items():
         module, install = TRANSFORMERS_OPTIMIZERS[same]
         records.append(Optimizer(name, _named_as(same), requires=(module,), install=install,
