@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import math
 
-from plait.builtin.muon import build_muon, check_muon
 from plait.errors import ConfigError
 from plait.hookspecs import hookimpl
 from plait.registries import Optimizer, Scheduler, build_transformers_optimizer, find_optimizer, find_scheduler
@@ -118,13 +117,25 @@ def optimizers():
     for name, (module, install) in TRANSFORMERS_OPTIMIZERS.items():
         records.append(Optimizer(name, build_transformers_optimizer, requires=(module,), install=install,
                                  description=f"transformers' {name}"))
-    records.append(Optimizer("muon", build_muon, check=check_muon, embeddings_apart=True,
+    records.append(Optimizer("muon", _muon, check=_check_muon, embeddings_apart=True,
                              description="Muon on the weight matrices, AdamW on the embeddings and 1-D parameters"))
     for name, same in AXOLOTL_OPTIMIZER_NAMES.items():
         module, install = TRANSFORMERS_OPTIMIZERS[same]
         records.append(Optimizer(name, _named_as(same), requires=(module,), install=install,
                                  description=f"Axolotl's name of {same}"))
     return records
+
+
+def _muon(cfg, params):
+    from plait.builtin.muon import build_muon  # torch: imported when a run builds it, not for `plait --help`
+
+    return build_muon(cfg, params)
+
+
+def _check_muon(cfg):
+    from plait.builtin.muon import check_muon
+
+    check_muon(cfg)
 
 
 #: Axolotl's older optimizer names -> the transformers name of the same optimizer (torchao's AdamW4bit / AdamW8bit)
