@@ -17,6 +17,9 @@ Types (the part after the dot selects the layout; the same names serve
                         ``conversations`` with from/value works too), ``field_chosen``,
                         ``field_rejected`` as messages, a message or a string,
                         rendered with the run's chat template
+``chat_template.argilla`` chosen/rejected as [user, assistant, ...] message lists
+                        (prompt, system optional), rendered with the run's chat
+                        template: the turns before the last are the prompt
 ``bradley_terry.chat_template`` (reward models) system (optional), input, chosen,
                         rejected strings, rendered with the run's chat template
 ``user_defined.default`` Axolotl's custom preference type (also written as a mapping
@@ -52,7 +55,7 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user
 
 #: every ``type:`` this plugin declares
 TYPES = tuple(f"{base}.{layout}" for base in TEMPLATES for layout in LAYOUTS) + (
-    "chat_template.default", "bradley_terry.chat_template", "user_defined.default")
+    "chat_template.default", "chat_template.argilla", "bradley_terry.chat_template", "user_defined.default")
 
 
 def _field(row: dict, names, what: str, index: int):
@@ -156,6 +159,44 @@ def chat_template_texts(entry, row: dict, index: int, tokenizer, kto: bool):
     return prompt, texts
 
 
+def argilla_chat_texts(row: dict, index: int, tokenizer, kto: bool):
+    """``chat_template.argilla``: ``chosen`` and ``rejected`` are conversations
+    of user/assistant pairs that differ in the last answer. As Axolotl builds
+    them, the prompt is the optional system text and every turn but the last
+    assistant answer, taken from ``chosen`` (each user turn is the row's
+    ``prompt`` when it has one), rendered with the generation prompt. Each
+    response is the full conversation rendered with the run's chat template,
+    minus the prompt's text."""
+    if kto:
+        raise BadRowError(index, "chat_template.argilla holds chosen/rejected pairs; rl: kto needs a completion "
+                                 "type such as chat_template.default")
+    pairs = {}
+    for name in ("chosen", "rejected"):
+        value = row.get(name)
+        if not (isinstance(value, list) and value and len(value) % 2 == 0
+                and all(isinstance(m, dict) for m in value)):
+            raise BadRowError(index, f"chat_template.argilla: '{name}' must be a list of [user, assistant] "
+                                     f"message pairs (found {type(value).__name__})")
+        pairs[name] = [_last_content([m], f"a message of {name}", index) for m in value]
+    chosen = pairs["chosen"]
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    turns = len(chosen) // 2
+    for turn in range(turns):
+        messages.append({"role": "user", "content": row["prompt"] if "prompt" in row else chosen[2 * turn]})
+        if turn < turns - 1:
+            messages.append({"role": "assistant", "content": chosen[2 * turn + 1]})
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    texts = []
+    for name in ("chosen", "rejected"):
+        whole = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": pairs[name][-1]}],
+                                              tokenize=False)
+        if not whole.startswith(prompt):
+            raise BadRowError(index, "the chat template renders the conversation with a different beginning than "
+                                     "the prompt alone, so the response cannot be cut from it")
+        texts.append(whole[len(prompt):])
+    return prompt, texts
+
+
 def user_defined_texts(entry, row: dict, index: int, kto: bool):
     """``user_defined.default``: the prompt and response strings from the
     entry's field names and format strings (Axolotl's meaning: a prompt format
@@ -186,6 +227,8 @@ def row_texts(entry, row: dict, index: int, tokenizer, kto: bool):
     """``(prompt, [responses])`` of one raw row for the entry's ``type:``."""
     if entry.type == "user_defined.default":
         return user_defined_texts(entry, row, index, kto)
+    if entry.type == "chat_template.argilla":
+        return argilla_chat_texts(row, index, tokenizer, kto)
     base, _, layout = (entry.type or "").partition(".")
     if base in ("chat_template", "bradley_terry"):
         return chat_template_texts(entry, row, index, tokenizer, kto)
@@ -269,11 +312,13 @@ def _check_layout(type_value: str, where: str) -> None:
 
 
 def registered_formats() -> list:
-    """``chatml``, ``llama3`` (with their layouts as variants), ``chat_template.default``
-    and ``user_defined.default`` (full dotted names: plait-formats' ``chat_template``
+    """``chatml``, ``llama3`` (with their layouts as variants), ``chat_template.default``,
+    ``chat_template.argilla`` and ``user_defined.default`` (full dotted names: plait-formats' ``chat_template``
     and ``user_defined`` have no variants) and ``bradley_terry.chat_template``."""
     described = {"chatml": "preference pairs (or KTO rows) in ChatML", "llama3": "preference pairs in Llama 3's format",
                  "chat_template.default": "preference pairs rendered with the chat template",
+                 "chat_template.argilla": "preference pairs as chosen/rejected conversations (Argilla's layout), "
+                                          "rendered with the chat template",
                  "bradley_terry": "reward-model pairs (system, input, chosen, rejected)"}
     return [DatasetFormat(name, _tokenize, PreferenceEntry, check_type=_check_layout, description=text,
                           cache_inputs=_cache_inputs)
