@@ -46,6 +46,14 @@ def test_every_problem_is_named_in_one_grouped_message(tmp_path):
     assert "Traceback" not in message
 
 
+@pytest.mark.parametrize("optimizer", ["came_pytorch", "dion", "q_galore_adamw8bit", "sinkgd"])
+def test_the_settings_of_axolotls_own_optimizers_change_nothing_and_the_optimizers_are_refused(optimizer):
+    cfg = _cfg(adam_beta3=0.9999, dion_lr=0.01)
+    assert {"adam_beta3", "dion_lr"} <= set(cfg.ignored_keys)
+    with pytest.raises(ConfigError, match=f"'optimizer': '{optimizer}' is one of Axolotl's own optimizers"):
+        _cfg(optimizer=optimizer)
+
+
 def test_a_key_near_no_known_key_is_noted_and_ignored_as_axolotl_ignores_it(tmp_path):
     """Axolotl drops keys it does not know (its examples carry a test marker, test_value); a key near a known
     one stays an error, since it is most likely a misspelling whose value would otherwise be lost."""
@@ -172,6 +180,7 @@ def test_axolotl_hints_and_launcher_keys_are_named_no_ops_and_type_of_model_is_m
             "pad_to_multiple_of": 8, "torch_empty_cache_steps": 10, "gc_steps": 5, "gc_collect_steps": 5,
             "dataset_keep_in_memory": True, "lr_div_factor": 10.0, "max_prompt_len": 512,
             "streaming_multipack_buffer_size": 1000, "pretrain_multipack_buffer_size": 1000,
+            "adam_beta3": 0.9999, "dion_lr": 0.01, "qgalore_rank": 256, "optim_target_modules": ["attn"],
             "is_preprocess": True, "axolotl_config_path": "c.yml", "dpo_use_logits_to_keep": True,
             "dpo_use_liger_kernel": True, "total_num_tokens": 1000, "total_supervised_tokens": 500,
             "batch_flattening": "auto", "sample_packing_mp_start_method": "spawn", "lora_embedding_kernel": True}

@@ -193,7 +193,7 @@ ELSEWHERE = (
               "is not supported by Plait: schedule-free optimizers must be switched between train() and eval() "
               "around evaluation, which the training loop does not do"),
     Elsewhere("optimizers", ("optimi_adamw", "adopt_adamw", "came_pytorch", "dion", "lion_pytorch",
-                             "flash_adamw", "ao_adamw_fp8"),
+                             "flash_adamw", "ao_adamw_fp8", "q_galore_adamw8bit", "sinkgd"),
               "is one of Axolotl's own optimizers, which Plait does not have; use adamw_torch (or "
               "adamw_torch_8bit / adamw_torch_4bit for less memory), or register it from a plugin's optimizers() "
               "hook"),

@@ -112,6 +112,15 @@ NO_OP_KEYS: dict[str, str] = {
        for family in ("llama", "mistral", "qwen", "falcon")},
     **{f"gradio_{name}": "a setting of Axolotl's Gradio inference UI; training does not read it"
        for name in ("max_new_tokens", "server_name", "server_port", "share", "temperature", "title")},
+    # settings read only by Axolotl's own optimizers, which Plait refuses by name when optimizer: asks for one
+    # (registries.ELSEWHERE); with any other optimizer Axolotl does not read them either
+    **{key: "read only by Axolotl's CAME optimizer (came_pytorch)" for key in ("adam_beta3", "adam_epsilon2")},
+    **{key: "read only by Axolotl's Dion optimizer (dion)"
+       for key in ("dion_lr", "dion_momentum", "dion_rank_fraction", "dion_rank_multiple_of")},
+    **{f"qgalore_{name}": "read only by Axolotl's Q-GaLore optimizer (q_galore_adamw8bit)"
+       for name in ("rank", "update_proj_gap", "scale", "proj_type", "proj_quant", "proj_bits", "proj_group_size",
+                    "cos_threshold", "gamma_proj", "queue_size")},
+    "optim_target_modules": "read only by the GaLore and Q-GaLore optimizers, which Plait refuses by name",
     # keys Axolotl's schema declares and its code reads nowhere (checked at 067b021)
     "lr_div_factor": "Axolotl declares it but reads it nowhere (Plait's one_cycle takes div_factor from "
                      "lr_scheduler_kwargs)",
