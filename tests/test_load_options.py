@@ -213,6 +213,22 @@ def test_device_map_places_the_model_and_trains(tmp_path, placement):
     assert len(losses(run)) == 2 and all(loss == loss for loss in losses(run))
 
 
+def test_gpu_memory_limit_is_max_memory_for_every_gpu(tmp_path):
+    """Axolotl's gpu_memory_limit: the same limit for each GPU, the rest in host memory, placed as auto."""
+    from plait.model.loading import pretrained_kwargs
+
+    cfg, _ = build_run_config({"base_model": "m", "gpu_memory_limit": 20})
+    gpus = {index: "20GiB" for index in range(torch.cuda.device_count())}  # none on CI: the host entry alone
+    assert pretrained_kwargs(cfg)["max_memory"] == {**gpus, "cpu": "256GiB"}
+    model = make_tiny_model(tmp_path / "model")
+    cfg, run = train_steps({"base_model": str(model), "output_dir": str(tmp_path / "out"), "gpu_memory_limit": "1GiB"})
+    kwargs = pretrained_kwargs(cfg)
+    assert kwargs["device_map"] == "auto" and kwargs["max_memory"]["cpu"] == "256GiB"
+    assert len(losses(run)) == 2 and all(loss == loss for loss in losses(run))
+    with pytest.raises(ConfigError, match="'gpu_memory_limit' and 'max_memory' both set the memory per device"):
+        build_run_config({"base_model": "m", "gpu_memory_limit": 20, "max_memory": {0: "10GiB"}})
+
+
 def test_device_map_refusals(monkeypatch):
     with pytest.raises(ConfigError, match="'device_map' places the model within one process, and fsdp_config, "
                                           "fsdp_version shard it over processes; remove device_map"):

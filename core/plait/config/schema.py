@@ -180,6 +180,10 @@ class CoreConfig(StrictModel):
     max_memory: Optional[dict[Union[int, str], Union[int, str]]] = Field(
         None, description="Most memory per device for device_map's placement, e.g. {0: 20GiB, cpu: 64GiB} (an int is "
                           "bytes); with no device_map the model is placed as device_map: auto within these limits.")
+    gpu_memory_limit: Optional[Union[int, str]] = Field(
+        None, description="Most memory each of this machine's GPUs may hold of the model (an int is GiB, or a string "
+                          "such as 20GiB), placed as device_map: auto; the rest goes to host memory (Axolotl's key: "
+                          "max_memory with this limit for every GPU). Excludes max_memory.")
     flash_optimum: Optional[bool] = Field(
         None, description="Axolotl's BetterTransformer switch: for decoder models it is PyTorch's "
                           "scaled_dot_product_attention, which transformers now runs natively, so true means "

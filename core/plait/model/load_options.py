@@ -177,9 +177,12 @@ def check_placement_keys(cfg) -> None:
 
     from plait.errors import ConfigError, MachineFactError
 
-    given = [key for key in ("device_map", "max_memory") if getattr(cfg, key) is not None]
+    given = [key for key in ("device_map", "max_memory", "gpu_memory_limit") if getattr(cfg, key, None) is not None]
     if not given:
         return
+    if cfg.max_memory is not None and getattr(cfg, "gpu_memory_limit", None) is not None:
+        raise ConfigError("config keys 'gpu_memory_limit' and 'max_memory' both set the memory per device; keep "
+                          "one (gpu_memory_limit is max_memory with the same limit for every GPU)")
     named = " and ".join(given)
     keys = f"config key{'s' if len(given) > 1 else ''} {' and '.join(repr(k) for k in given)}"
     parallel = [key for key in PARALLEL_KEYS if getattr(cfg, key, None) not in (None, False, [], {}, 1, "")]
@@ -237,10 +240,27 @@ def placement_kwargs(cfg) -> dict:
     kwargs = {}
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
-    if cfg.max_memory is not None:
-        kwargs["max_memory"] = dict(cfg.max_memory)
+    max_memory = cfg.max_memory if cfg.max_memory is not None else gpu_memory_limits(cfg)
+    if max_memory is not None:
+        kwargs["max_memory"] = dict(max_memory)
         kwargs.setdefault("device_map", "auto")
     return kwargs
+
+
+#: where ``gpu_memory_limit`` puts what the GPUs do not hold: enough host memory for any model (Axolotl's figure)
+HOST_MEMORY_FOR_THE_REST = "256GiB"
+
+
+def gpu_memory_limits(cfg) -> dict | None:
+    """``gpu_memory_limit`` as ``max_memory``: the limit (an int is GiB) for each GPU this machine has, and the
+    rest in host memory."""
+    limit = getattr(cfg, "gpu_memory_limit", None)
+    if limit is None:
+        return None
+    import torch
+
+    per_gpu = f"{limit}GiB" if isinstance(limit, int) else str(limit)
+    return {**{index: per_gpu for index in range(torch.cuda.device_count())}, "cpu": HOST_MEMORY_FOR_THE_REST}
 
 
 def process_device_map():
