@@ -121,6 +121,10 @@ NO_OP_KEYS: dict[str, str] = {
        for name in ("rank", "update_proj_gap", "scale", "proj_type", "proj_quant", "proj_bits", "proj_group_size",
                     "cos_threshold", "gamma_proj", "queue_size")},
     "optim_target_modules": "read only by the GaLore and Q-GaLore optimizers, which Plait refuses by name",
+    # how Axolotl's merge-lora command runs; `plait merge-lora` merges on the CPU, with the same merged weights
+    "merge_method": "how Axolotl's merge-lora holds the model in memory (by shard or whole); plait merge-lora merges "
+                    "on the CPU and writes the same weights",
+    "merge_lora": "a flag Axolotl's merge-lora command sets for itself; merging is the plait merge-lora command",
     # keys Axolotl's schema declares and its code reads nowhere (checked at 067b021)
     "lr_div_factor": "Axolotl declares it but reads it nowhere (Plait's one_cycle takes div_factor from "
                      "lr_scheduler_kwargs)",
