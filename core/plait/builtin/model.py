@@ -28,6 +28,9 @@ def validate_config(cfg):
     from plait.model.loading import check_config_class
 
     check_config_class(cfg)
+    from plait.config.batch_size_keys import check_auto_find_batch_size
+
+    check_auto_find_batch_size(cfg)
 
 
 def check_ray(cfg) -> None:

@@ -18,9 +18,9 @@ def run(args, pm) -> int:
 
         train_with_ray(args, cfg, ray_worker)  # each worker runs train() below as one process of the run
         return 0
-    from plait.train.loop import train
+    from plait.train.batch_size_search import train_finding_batch_size
 
-    train(cfg, pm)
+    train_finding_batch_size(cfg, pm)
     return 0
 
 

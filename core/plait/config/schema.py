@@ -309,6 +309,11 @@ class CoreConfig(StrictModel):
                           "eaft_alpha (no gradient through the weight). Uses core's chunked loss, not a fused kernel.")
     eaft_alpha: float = Field(1.0, ge=0, description="EAFT: the exponent on the entropy weight.")
     eaft_k: int = Field(20, ge=1, description="EAFT: how many of the largest logits the entropy is taken over.")
+    auto_find_batch_size: Optional[bool] = Field(
+        None, description="After an out-of-memory error, start the run again with a smaller micro_batch_size (its "
+                          "largest proper divisor) and gradient_accumulation_steps raised to match, so each step "
+                          "trains the same rows (Axolotl passes the key to the HF Trainer, which halves the micro-batch "
+                          "alone). One process only.")
     cls_model_config: Optional[str] = Field(
         None, description="The transformers config class base_model's config.json is read with, instead of "
                           "AutoConfig (Axolotl's key), e.g. Gemma3TextConfig for the text model of a composite "
