@@ -177,8 +177,11 @@ def test_streaming_with_packing_reads_the_runs_tokens(tmp_path, tokenizer, alpac
 @pytest.mark.parametrize("keys, message", [
     ({}, "'streaming': true reads the datasets as streams and needs max_steps"),
     ({"max_steps": 5, "val_set_size": 0.1}, "'val_set_size' cannot split streamed datasets"),
+    ({"max_steps": 5, "datasets": [{"path": "d.jsonl", "type": "alpaca", "shards": 4}]},
+     r"'shards' of datasets.0 splits a dataset it has read whole"),
 ])
 def test_streaming_rules(keys, message):
     with pytest.raises(ConfigError, match=message):
+        # a case's own datasets replace the default entry (later keys win)
         build_run_config({"base_model": "m", "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "streaming": True,
                           **keys})

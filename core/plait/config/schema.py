@@ -981,6 +981,10 @@ class CoreConfig(StrictModel):
             if self.val_set_size > 0:
                 raise ConfigError("config key 'val_set_size' cannot split streamed datasets (streaming: true); give "
                                   "the eval rows as test_datasets, or set val_set_size: 0")
+            sharded = [f"datasets.{i}" for i, entry in enumerate(self.datasets) if getattr(entry, "shards", None)]
+            if sharded:
+                raise ConfigError(f"config key 'shards' of {', '.join(sharded)} splits a dataset it has read whole, and "
+                                  f"streaming: true reads the datasets as streams; remove one of them")
         if self.use_eaft and (getattr(self, "rl", None) or getattr(self, "reward_model", None)):
             raise ConfigError("config key 'use_eaft' weights the next-token cross-entropy of supervised training; "
                               "preference and reward training have their own losses. Remove use_eaft")
