@@ -181,7 +181,7 @@ def test_axolotl_hints_and_launcher_keys_are_named_no_ops_and_type_of_model_is_m
             "dataset_keep_in_memory": True, "lr_div_factor": 10.0, "max_prompt_len": 512,
             "streaming_multipack_buffer_size": 1000, "pretrain_multipack_buffer_size": 1000,
             "adam_beta3": 0.9999, "dion_lr": 0.01, "qgalore_rank": 256, "optim_target_modules": ["attn"],
-            "merge_method": "legacy", "merge_lora": True,
+            "merge_method": "legacy", "merge_lora": True, "device": "cuda:0",
             "is_preprocess": True, "axolotl_config_path": "c.yml", "dpo_use_logits_to_keep": True,
             "dpo_use_liger_kernel": True, "total_num_tokens": 1000, "total_supervised_tokens": 500,
             "batch_flattening": "auto", "sample_packing_mp_start_method": "spawn", "lora_embedding_kernel": True}

@@ -121,6 +121,8 @@ NO_OP_KEYS: dict[str, str] = {
        for name in ("rank", "update_proj_gap", "scale", "proj_type", "proj_quant", "proj_bits", "proj_group_size",
                     "cos_threshold", "gamma_proj", "queue_size")},
     "optim_target_modules": "read only by the GaLore and Q-GaLore optimizers, which Plait refuses by name",
+    "device": "the device Axolotl's inference and chat commands move the model to; Plait's commands use this "
+              "process's GPU, or the CPU without one",
     # how Axolotl's merge-lora command runs; `plait merge-lora` merges on the CPU, with the same merged weights
     "merge_method": "how Axolotl's merge-lora holds the model in memory (by shard or whole); plait merge-lora merges "
                     "on the CPU and writes the same weights",
