@@ -309,6 +309,10 @@ class CoreConfig(StrictModel):
                           "eaft_alpha (no gradient through the weight). Uses core's chunked loss, not a fused kernel.")
     eaft_alpha: float = Field(1.0, ge=0, description="EAFT: the exponent on the entropy weight.")
     eaft_k: int = Field(20, ge=1, description="EAFT: how many of the largest logits the entropy is taken over.")
+    accelerator_config: Optional[dict[str, Any]] = Field(
+        None, description="The HF Trainer's accelerate settings (Axolotl passes them on): those about how batches "
+                          "reach the processes and when gradients synchronise change nothing here and are noted; "
+                          "split_batches: true, even_batches: false and other accumulation settings are refused.")
     auto_find_batch_size: Optional[bool] = Field(
         None, description="After an out-of-memory error, start the run again with a smaller micro_batch_size (its "
                           "largest proper divisor) and gradient_accumulation_steps raised to match, so each step "
@@ -973,6 +977,9 @@ class CoreConfig(StrictModel):
             raise ConfigError(f"gradient_checkpointing: {self.gradient_checkpointing} needs non-reentrant "
                               "checkpointing; remove use_reentrant: true from gradient_checkpointing_kwargs")
         self._selective_checkpointing_rules()
+        from plait.config.accelerator_keys import check_accelerator_config
+
+        check_accelerator_config(self)
         if self.streaming:
             # a stream has no length: the run's length decides how much of it is read, and it cannot be split
             if self.max_steps is None:
