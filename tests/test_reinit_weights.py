@@ -43,6 +43,14 @@ def test_model_config_overrides_shape_the_fresh_model(model_dir):
     assert len(model.model.layers) == 1
 
 
+def test_rotary_scaling_is_laid_over_the_base_parameters_as_for_a_loaded_model(model_dir):
+    """rope_scaling merges into the base's rope_parameters (rope_theta kept), with and without reinit_weights."""
+    scaling = {"rope_scaling": {"type": "linear", "factor": 2.0}}
+    pretrained, fresh = loaded(model_dir, **scaling), loaded(model_dir, reinit_weights=True, **scaling)
+    assert fresh.config.rope_parameters == pretrained.config.rope_parameters
+    assert fresh.config.rope_parameters["factor"] == 2.0 and fresh.config.rope_parameters["rope_theta"]
+
+
 @pytest.mark.parametrize("keys, message", [
     ({"load_in_4bit": True, "adapter": "qlora", "lora_target_linear": True}, "load_in_4bit needs the checkpoint's"),
     ({"reward_model": True}, "with reward_model a plugin loads another kind of model"),

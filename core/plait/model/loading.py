@@ -125,15 +125,26 @@ def pretrained_kwargs(cfg) -> dict:
         kwargs.pop("rope_scaling", None)
         kwargs.update(rope)
     if getattr(cfg, "cls_model_config", None):
-        config = base_model_config(cfg)
+        config = config_taking_entries(cfg, kwargs)
         if config is not None:  # else from_pretrained says why the source cannot be read
-            # with a config object from_pretrained hands other keywords to the model's __init__: the config
-            # entries (model_config, the rotary scaling) go onto the object here
-            for key in [*cfg.overrides_of_model_config, *rope]:
-                if key in kwargs:
-                    setattr(config, key, kwargs.pop(key))
             kwargs["config"] = config
     return kwargs
+
+
+def config_taking_entries(cfg, kwargs: dict):
+    """``base_model``'s config (:func:`base_model_config`) with the config entries
+    of ``kwargs`` (``pretrained_kwargs``: the model_config overrides and the merged
+    rotary parameters) moved onto it, or ``None`` when it cannot be read. For
+    building with a config object, which takes no config entries by keyword."""
+    config = base_model_config(cfg)
+    if config is None:
+        return None
+    from plait.model.rope_scaling import ROPE_KEY
+
+    for key in [*cfg.overrides_of_model_config, ROPE_KEY]:
+        if key in kwargs:
+            setattr(config, key, kwargs.pop(key))
+    return config
 
 
 def causal_decoder_kwargs(cfg, kwargs: dict) -> dict:

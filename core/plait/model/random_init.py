@@ -35,16 +35,16 @@ def check_reinit_weights(cfg) -> None:
 
 def build_randomly_initialised(cfg, model_class, kwargs: dict, attn_implementation: str):
     """``model_class`` built from ``base_model``'s config with fresh weights,
-    in the dtype and with the attention ``kwargs`` (``pretrained_kwargs``) ask for."""
+    in the dtype, attention and config entries (model_config, rotary scaling)
+    ``kwargs`` (``pretrained_kwargs``) ask for."""
     from plait.errors import ConfigError
-    from plait.model.loading import base_model_config
+    from plait.model.loading import config_taking_entries
 
-    config = base_model_config(cfg)
+    # cls_model_config: pretrained_kwargs already built it, with the entries on it
+    config = kwargs.get("config") or config_taking_entries(cfg, dict(kwargs))
     if config is None:
         raise ConfigError(f"config key 'base_model': {cfg.base_model!r} has no config.json that transformers can "
                           f"read, which reinit_weights builds the model from")
-    for key, value in cfg.overrides_of_model_config.items():
-        setattr(config, key, value)
     build = getattr(model_class, "from_config", None) or model_class._from_config
     extra = {"trust_remote_code": cfg.trust_remote_code} if hasattr(model_class, "from_config") else {}
     return build(config, dtype=kwargs["dtype"], attn_implementation=attn_implementation, **extra)

@@ -45,6 +45,10 @@ def merged_rope_parameters(key: str, scaling: dict, base_parameters: dict | None
     return {**base, **scaling, "rope_type": rope_type}
 
 
+#: the config entry rotary scaling is passed to from_pretrained as
+ROPE_KEY = "rope_parameters"
+
+
 def rope_kwargs(cfg) -> dict:
     """``{"rope_parameters": ...}`` for ``from_pretrained`` when the config asks for
     rotary scaling (the base model's config is read for its own parameters), else ``{}``."""
@@ -55,4 +59,4 @@ def rope_kwargs(cfg) -> dict:
 
     base = AutoConfig.from_pretrained(cfg.base_model_config or cfg.base_model, trust_remote_code=cfg.trust_remote_code,
                                       revision=cfg.revision_of_model)
-    return {"rope_parameters": merged_rope_parameters(*asked, getattr(base, "rope_parameters", None))}
+    return {ROPE_KEY: merged_rope_parameters(*asked, getattr(base, ROPE_KEY, None))}
