@@ -47,21 +47,21 @@ ATTENTION_SINK_MODEL_TYPES = ("gpt_oss",)
 def varlen_refusal(cfg, model_config, cuda: bool) -> str | None:
     """Why torch's varlen kernel cannot run this model's packed attention in
     this run, or ``None`` when it can (what ``plait_varlen`` supports)."""
-    import importlib.util
-
     import torch
 
+    from plait.model.forward import text_config
     from plait.model.loading import compute_dtype
+    from plait.model.varlen import varlen_module_found
 
     if not cuda:
         return "there is no CUDA GPU (the kernel is CUDA only)"
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+    if not varlen_module_found():
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     if compute_dtype(cfg) not in (torch.bfloat16, torch.float16) and not (cfg.bf16 or cfg.fp16):
         return "the run computes in float32 and the kernel runs in bf16/fp16 only"
     if model_config is None:
         return "base_model's config could not be read"
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     heads = getattr(text, "num_attention_heads", None)
     head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
     if head_dim and head_dim > VARLEN_MAX_HEAD_DIM:

@@ -373,7 +373,11 @@ def first_position_candidates(causal_lm) -> list[int]:
 
 def _text_config(causal_lm):
     """The text part of the causal LM's config (the config itself for text-only models)."""
-    config = causal_lm.config
+    return text_config(causal_lm.config)
+
+
+def text_config(config):
+    """The text part of a model config (the config itself for a text-only model)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

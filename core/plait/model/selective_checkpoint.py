@@ -90,26 +90,25 @@ class SavePolicy:
         return CheckpointPolicy.MUST_SAVE
 
 
-def publish_layer_types(model, policy: SavePolicy) -> int:
-    """Tell ``policy`` the ``layer_types`` entry of each checkpointed layer as
-    it runs; returns how many layers have one."""
+def publish_layer_types(model, policy: SavePolicy) -> None:
+    """Tell ``policy`` the ``layer_types`` entry of each checkpointed layer as it runs."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from plait.model.forward import text_config
+
     config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None)
+    layer_types = getattr(text_config(config), "layer_types", None) if config is not None else None
     if not layer_types:
-        return 0
+        return
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     if len(layers) != len(layer_types):
-        return 0  # not one layer list the config describes (a composite model): every layer's attention is kept
+        return  # not one layer list the config describes (a composite model): every layer's attention is kept
 
     def entering(layer_type, module, args):
         policy.layer_type = layer_type
 
     for layer, layer_type in zip(layers, layer_types):
         layer.register_forward_pre_hook(functools.partial(entering, layer_type))
-    return len(layers)
 
 
 def selective_context_fn(model, settings):

@@ -32,15 +32,19 @@ ATTENTION_NAME = "plait_varlen"
 
 def varlen_available() -> bool:
     """Whether torch ships ``torch.nn.attention.varlen`` and a CUDA GPU is present."""
-    import importlib.util
-
     import torch
 
+    return varlen_module_found() and torch.cuda.is_available()
+
+
+def varlen_module_found() -> bool:
+    """Whether this torch ships ``torch.nn.attention.varlen``."""
+    import importlib.util
+
     try:
-        found = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
     except ModuleNotFoundError:
-        found = False
-    return found and torch.cuda.is_available()
+        return False
 
 
 def _torch_varlen_attn(query, key, value, *args, enable_gqa=False, **kwargs):
