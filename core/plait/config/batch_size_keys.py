@@ -10,9 +10,9 @@ def check_auto_find_batch_size(cfg) -> None:
     import os
 
     from plait.errors import ConfigError, MachineFactError
-    from plait.model.load_options import PARALLEL_KEYS
+    from plait.model.load_options import parallel_keys_set
 
-    parallel = [key for key in PARALLEL_KEYS if getattr(cfg, key, None) not in (None, False, [], {}, 1, "")]
+    parallel = parallel_keys_set(cfg)
     if parallel:
         raise ConfigError(f"config key 'auto_find_batch_size' retries one process with a smaller micro-batch, and "
                           f"{', '.join(parallel)} shard the run over processes; remove auto_find_batch_size and set "

@@ -169,6 +169,11 @@ def check_quantization_environment(key: str, config, cfg) -> None:
                                f"{' '.join(str(exc).split())}") from None
 
 
+def parallel_keys_set(cfg) -> list[str]:
+    """The keys of :data:`PARALLEL_KEYS` the config sets to something that shards the run."""
+    return [key for key in PARALLEL_KEYS if getattr(cfg, key, None) not in (None, False, [], {}, 1, "")]
+
+
 def check_placement_keys(cfg) -> None:
     """``device_map`` / ``max_memory`` place one process's model: refused with
     the parallel keys (ConfigError) and under a multi-process launch
@@ -185,7 +190,7 @@ def check_placement_keys(cfg) -> None:
                           "one (gpu_memory_limit is max_memory with the same limit for every GPU)")
     named = " and ".join(given)
     keys = f"config key{'s' if len(given) > 1 else ''} {' and '.join(repr(k) for k in given)}"
-    parallel = [key for key in PARALLEL_KEYS if getattr(cfg, key, None) not in (None, False, [], {}, 1, "")]
+    parallel = parallel_keys_set(cfg)
     if parallel:
         raise ConfigError(f"{keys} {'places' if len(given) == 1 else 'place'} the model within one process, and "
                           f"{', '.join(parallel)} "
