@@ -980,32 +980,29 @@ class CoreConfig(StrictModel):
         from plait.config.accelerator_keys import check_accelerator_config
 
         check_accelerator_config(self)
+        if self.use_eaft and (getattr(self, "rl", None) or getattr(self, "reward_model", None)):
+            raise ConfigError("config key 'use_eaft' weights the next-token cross-entropy of supervised training; "
+                              "preference and reward training have their own losses. Remove use_eaft")
+        # a stream has no length: the run's length decides how much of it is read, and it cannot be split
+        streamed = None  # (what reads a stream, what cannot be split)
+        if self.pretraining_dataset:
+            streamed = ("'pretraining_dataset' streams its text", "a streamed pretraining_dataset")
+        elif self.streaming:
+            streamed = ("'streaming': true reads the datasets as streams", "streamed datasets (streaming: true)")
+        if streamed and self.max_steps is None:
+            raise ConfigError(f"config key {streamed[0]} and needs max_steps (the number of optimizer steps decides "
+                              f"how much of the stream is read); set max_steps")
+        if self.pretraining_dataset and self.datasets:
+            raise ConfigError("config keys 'pretraining_dataset' and 'datasets' are both set; train on one of "
+                              "them (type: pretraining under datasets: tokenizes a whole local corpus instead)")
+        if streamed and self.val_set_size > 0:
+            raise ConfigError(f"config key 'val_set_size' cannot split {streamed[1]}; set val_set_size: 0 and give "
+                              f"test_datasets for evaluation")
         if self.streaming:
-            # a stream has no length: the run's length decides how much of it is read, and it cannot be split
-            if self.max_steps is None:
-                raise ConfigError("config key 'streaming': true reads the datasets as streams and needs max_steps "
-                                  "(how much of them to read); set max_steps")
-            if self.val_set_size > 0:
-                raise ConfigError("config key 'val_set_size' cannot split streamed datasets (streaming: true); give "
-                                  "the eval rows as test_datasets, or set val_set_size: 0")
             sharded = [f"datasets.{i}" for i, entry in enumerate(self.datasets) if getattr(entry, "shards", None)]
             if sharded:
                 raise ConfigError(f"config key 'shards' of {', '.join(sharded)} splits a dataset it has read whole, and "
                                   f"streaming: true reads the datasets as streams; remove one of them")
-        if self.use_eaft and (getattr(self, "rl", None) or getattr(self, "reward_model", None)):
-            raise ConfigError("config key 'use_eaft' weights the next-token cross-entropy of supervised training; "
-                              "preference and reward training have their own losses. Remove use_eaft")
-        if self.pretraining_dataset:
-            # a stream has no length: the run's length decides how much of it is read
-            if self.max_steps is None:
-                raise ConfigError("config key 'pretraining_dataset' streams its text and needs max_steps (the "
-                                  "number of optimizer steps decides how much of the stream is read); set max_steps")
-            if self.datasets:
-                raise ConfigError("config keys 'pretraining_dataset' and 'datasets' are both set; train on one of "
-                                  "them (type: pretraining under datasets: tokenizes a whole local corpus instead)")
-            if self.val_set_size > 0:
-                raise ConfigError("config key 'val_set_size' cannot split a streamed pretraining_dataset; set "
-                                  "val_set_size: 0 and give test_datasets for evaluation")
         return self
 
     def _ray_rules(self) -> None:

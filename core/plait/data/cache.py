@@ -98,17 +98,12 @@ def cache_key(cfg, pm, tokenizer, resolved_paths: dict[str, Path | None]) -> str
         parts["shard"] = [cfg.dataset_shard_num, cfg.dataset_shard_idx]
     if getattr(cfg, "shuffle_before_merging_datasets", False):
         parts["shuffle_before_merging"] = True
-    if getattr(cfg, "pretraining_dataset", None):
-        from plait.data.streaming import token_budget
+    for streamed, key in (("pretraining_dataset", "pretraining_budget"), ("streaming", "streaming_budget")):
+        if getattr(cfg, streamed, None):
+            from plait.data.streaming import token_budget
 
-        # a stream is read up to the run's budget: more steps or ranks read further
-        parts["pretraining_budget"] = [token_budget(cfg), cfg.sample_packing]
-    if getattr(cfg, "streaming", None):
-        from plait.data.streaming import token_budget
-
-        # streamed datasets are read up to the run's length: more steps or ranks read further
-        parts["streaming_budget"] = [token_budget(cfg), cfg.sample_packing, cfg.micro_batch_size,
-                                     cfg.gradient_accumulation_steps]
+            # a stream is read up to the run's budget: more steps or ranks read further
+            parts[key] = [token_budget(cfg), cfg.sample_packing]
     for list_key in ("datasets", "test_datasets", "pretraining_dataset"):
         parts[list_key] = [
             {"settings": entry.model_dump(mode="json"),

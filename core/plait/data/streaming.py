@@ -96,8 +96,7 @@ def streaming_enough(cfg, rows: int, tokens: int) -> bool:
     slot of every step."""
     if cfg.sample_packing:
         return tokens >= math.ceil(token_budget(cfg) * PACKING_SLACK)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return rows >= cfg.max_steps * cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+    return rows >= token_budget(cfg) // cfg.sequence_len  # the budget is rows of sequence_len slots
 
 
 def documents(entry, stream):
