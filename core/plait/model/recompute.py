@@ -187,7 +187,7 @@ def take_kept() -> list | None:
 
 
 def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.nbytes for t in tensors)
 
 
 class _LayerCall:
@@ -344,7 +344,7 @@ def pinned_exact(shape, dtype) -> tuple[torch.Tensor, bool]:
     input of 2.1 GiB takes 4); ``cudaHostRegister`` on ordinary memory pins
     only what is asked for. Small buffers gain nothing from it and keep
     torch's cached path."""
-    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     if nbytes >= EXACT_PIN_MIN_BYTES:
         host = torch.empty(shape, dtype=dtype)
         if int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0)) == 0:
@@ -454,7 +454,7 @@ class ActivationOffloader:
     def note_input(self, tensor: torch.Tensor) -> None:
         """Count a tensor the checkpoint saves (the layer's input) toward
         :attr:`input_bytes`, the host room every layer's input needs."""
-        self._packed_in_call += tensor.numel() * tensor.element_size()
+        self._packed_in_call += tensor.nbytes
         self.input_bytes = max(self.input_bytes, self._packed_in_call)
 
     def may_keep(self, first_group) -> bool:
