@@ -13,8 +13,9 @@ def build_loss(cfg, model):
     import functools
 
     options = head_options(model)
-    if eaft_of(cfg):
-        options["eaft"] = eaft_of(cfg)
+    eaft = eaft_of(cfg)
+    if eaft:
+        options["eaft"] = eaft
     return functools.partial(chunked_linear_cross_entropy, **options) if options else chunked_linear_cross_entropy
 
 
